@@ -1,0 +1,102 @@
+//! Thin wrappers over the instructions the probe uses from ring 3, and the
+//! `syscall` interface to the ring-0 helpers in `entry.S`.
+use core::arch::asm;
+
+/// Port of the test exit device (`ffmk-vmm --test-exit-port`, QEMU `isa-debug-exit`).
+pub const EXIT_PORT: u16 = 0xf4;
+
+#[allow(dead_code)]
+const SYS_WRMSR: u64 = 0;
+const SYS_RDMSR: u64 = 1;
+const SYS_WRITE32: u64 = 2;
+const SYS_READ32: u64 = 3;
+const SYS_PARK: u64 = 6;
+const SYS_TRIPLE_FAULT: u64 = 7;
+
+fn syscall(op: u64, a: u64, b: u64) -> u64 {
+    let ret: u64;
+    // SAFETY: `syscall_entry` implements exactly these operations and preserves
+    // every register except rax, rcx, rdx and r11, which are declared clobbered.
+    unsafe {
+        asm!("syscall", inlateout("rax") op => ret, in("rdi") a, in("rsi") b,
+             out("rcx") _, out("rdx") _, out("r11") _);
+    }
+    ret
+}
+
+#[allow(dead_code)]
+pub fn wrmsr(msr: u32, value: u64) {
+    syscall(SYS_WRMSR, msr as u64, value);
+}
+
+#[allow(dead_code)]
+pub fn rdmsr(msr: u32) -> u64 {
+    syscall(SYS_RDMSR, msr as u64, 0)
+}
+
+/// 32-bit store done from ring 0 (used for local APIC registers).
+pub fn write32_ring0(addr: u64, value: u32) {
+    syscall(SYS_WRITE32, addr, value as u64);
+}
+
+pub fn read32_ring0(addr: u64) -> u32 {
+    syscall(SYS_READ32, addr, 0) as u32
+}
+
+pub fn park() -> ! {
+    syscall(SYS_PARK, 0, 0);
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
+pub fn triple_fault() -> ! {
+    syscall(SYS_TRIPLE_FAULT, 0, 0);
+    park()
+}
+
+pub fn outb(port: u16, value: u8) {
+    // SAFETY: port I/O has no memory effects; from ring 3 it exits to the VMM.
+    unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack)) }
+}
+
+pub fn inb(port: u16) -> u8 {
+    let v: u8;
+    // SAFETY: as for `outb`.
+    unsafe { asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack)) }
+    v
+}
+
+#[inline(always)]
+pub fn rdtsc() -> u64 {
+    let lo: u32;
+    let hi: u32;
+    // SAFETY: lfence orders the read after earlier instructions; rdtsc is allowed
+    // in ring 3 (CR4.TSD is clear).
+    unsafe { asm!("lfence", "rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack)) }
+    ((hi as u64) << 32) | lo as u64
+}
+
+pub fn cpuid(leaf: u32, sub: u32) -> [u32; 4] {
+    let r = core::arch::x86_64::__cpuid_count(leaf, sub);
+    [r.eax, r.ebx, r.ecx, r.edx]
+}
+
+/// Ends the VM: test exit port first, then an i8042 reset, then park.
+pub fn exit(status: u8) -> ! {
+    outb(EXIT_PORT, status);
+    outb(0x64, 0xfe);
+    park()
+}
+
+mod symbols {
+    extern "C" {
+        pub static fault_record: [u64; 6];
+    }
+}
+
+/// vector, error code, rip, cs, rsp, cr2 of the first exception taken.
+pub fn fault_record() -> [u64; 6] {
+    // SAFETY: written once by `isr_common` before it enters the reporter.
+    unsafe { core::ptr::read_volatile(&raw const symbols::fault_record) }
+}
