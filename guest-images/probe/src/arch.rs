@@ -10,8 +10,6 @@ const SYS_WRMSR: u64 = 0;
 const SYS_RDMSR: u64 = 1;
 const SYS_WRITE32: u64 = 2;
 const SYS_READ32: u64 = 3;
-const SYS_PARK: u64 = 6;
-const SYS_TRIPLE_FAULT: u64 = 7;
 
 fn syscall(op: u64, a: u64, b: u64) -> u64 {
     let ret: u64;
@@ -43,16 +41,22 @@ pub fn read32_ring0(addr: u64) -> u32 {
     syscall(SYS_READ32, addr, 0) as u32
 }
 
+/// Waits for the VMM to stop the VM (spinning in ring 3: a ring-0 `hlt`
+/// would be emulated on PVM hosts).
 pub fn park() -> ! {
-    syscall(SYS_PARK, 0, 0);
     loop {
         core::hint::spin_loop();
     }
 }
 
+/// Clears every IDT gate (the IDT is user-writable) and raises #UD: the
+/// not-present gates escalate to a double fault and then a triple fault.
 pub fn triple_fault() -> ! {
-    syscall(SYS_TRIPLE_FAULT, 0, 0);
-    park()
+    // SAFETY: the probe owns the IDT; nothing else runs on this CPU.
+    unsafe {
+        core::ptr::write_bytes(&raw mut symbols::idt as *mut u8, 0, 32 * 16);
+        asm!("ud2", options(noreturn));
+    }
 }
 
 pub fn outb(port: u16, value: u8) {
@@ -85,6 +89,8 @@ pub fn cpuid(leaf: u32, sub: u32) -> [u32; 4] {
 /// Ends the VM: test exit port first, then an i8042 reset, then park.
 pub fn exit(status: u8) -> ! {
     outb(EXIT_PORT, status);
+    // No test exit device: fall back to an i8042 reset after a grace period.
+    crate::time::delay_us(100_000);
     outb(0x64, 0xfe);
     park()
 }
@@ -92,6 +98,7 @@ pub fn exit(status: u8) -> ! {
 mod symbols {
     extern "C" {
         pub static fault_record: [u64; 6];
+        pub static mut idt: [u8; 512];
     }
 }
 

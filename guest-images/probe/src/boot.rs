@@ -35,7 +35,13 @@ impl BootInfo {
     pub fn read() -> BootInfo {
         // SAFETY: written once by the PVH entry code before ring 3 started.
         let si = unsafe { core::ptr::read_volatile(&raw const pvh_start_info) } as u64;
-        let mut info = BootInfo { cmdline: "", free: [Range::default(); MAX_RANGES], nfree: 0, mem_bytes: 0, rsdp: 0 };
+        let mut info = BootInfo {
+            cmdline: "",
+            free: [Range::default(); MAX_RANGES],
+            nfree: 0,
+            mem_bytes: 0,
+            rsdp: 0,
+        };
         if si == 0 || read::<u32>(si) != PVH_MAGIC {
             return info;
         }
@@ -66,7 +72,10 @@ impl BootInfo {
                 let start = addr.max(floor);
                 let end = (addr + size).min(16 << 30);
                 if end > start && info.nfree < MAX_RANGES {
-                    info.free[info.nfree] = Range { start, len: end - start };
+                    info.free[info.nfree] = Range {
+                        start,
+                        len: end - start,
+                    };
                     info.nfree += 1;
                 }
             }
@@ -81,7 +90,9 @@ impl BootInfo {
     }
 
     pub fn args(&self) -> Args {
-        Args { cmdline: self.cmdline }
+        Args {
+            cmdline: self.cmdline,
+        }
     }
 
     /// Total free RAM in bytes.
@@ -106,7 +117,11 @@ impl BootInfo {
 
     /// Number of enabled local APICs in the MADT, if the ACPI tables are found.
     pub fn madt_cpus(&self) -> Option<usize> {
-        let rsdp = if self.rsdp != 0 { self.rsdp } else { scan_rsdp()? };
+        let rsdp = if self.rsdp != 0 {
+            self.rsdp
+        } else {
+            scan_rsdp()?
+        };
         let revision: u8 = read(rsdp + 15);
         let (table, entry) = if revision >= 2 && read::<u64>(rsdp + 24) != 0 {
             (read::<u64>(rsdp + 24), 8)
@@ -116,7 +131,11 @@ impl BootInfo {
         let len: u32 = read(table + 4);
         let mut p = table + 36;
         while p + entry <= table + len as u64 {
-            let sdt = if entry == 8 { read::<u64>(p) } else { read::<u32>(p) as u64 };
+            let sdt = if entry == 8 {
+                read::<u64>(p)
+            } else {
+                read::<u32>(p) as u64
+            };
             if &read::<[u8; 4]>(sdt) == b"APIC" {
                 return Some(count_lapics(sdt));
             }
@@ -147,7 +166,8 @@ fn count_lapics(madt: u64) -> usize {
             break;
         }
         // type 0: processor local APIC (flags at +4); type 9: local x2APIC (flags at +8)
-        if (kind == 0 && read::<u32>(p + 4) & 1 != 0) || (kind == 9 && read::<u32>(p + 8) & 1 != 0) {
+        if (kind == 0 && read::<u32>(p + 4) & 1 != 0) || (kind == 9 && read::<u32>(p + 8) & 1 != 0)
+        {
             n += 1;
         }
         p += elen as u64;

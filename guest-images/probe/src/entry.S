@@ -210,10 +210,6 @@ syscall_entry:
     je 14f
     cmpq $5, %rax
     je 15f
-    cmpq $6, %rax
-    je park
-    cmpq $7, %rax
-    je 17f
     movq $-1, %rax
     jmp 99f
 10: /* wrmsr(rdi, rsi) */
@@ -245,9 +241,6 @@ syscall_entry:
     ltr %di
     xorl %eax, %eax
     jmp 99f
-17: /* triple fault: no IDT, then an exception */
-    lidt null_idt_ptr
-    ud2
 99: /* return with iretq: sysretq does not come back on PVM hosts */
     popq %r11
     popq %rcx
@@ -345,10 +338,6 @@ gdt_ptr:
     .word gdt_end - gdt - 1
     .long gdt
 .balign 8
-null_idt_ptr:
-    .word 0
-    .quad 0
-.balign 8
 idt_ptr:
     .word 32 * 16 - 1
     .quad idt
@@ -367,6 +356,7 @@ fault_record:
 
 .section .bss
 .balign 4096
+.global idt
 idt:
     .fill 32 * 16, 1, 0
 tss_area:

@@ -35,7 +35,11 @@ pub fn ap_main(idx: usize) -> ! {
         let f = JOB_FN.load(Ordering::Acquire);
         // SAFETY: JOB_FN only ever holds a `Job` stored by `run_on_all`.
         let f: Job = unsafe { core::mem::transmute::<usize, Job>(f) };
-        f(idx, NCPUS.load(Ordering::Acquire), JOB_ARG.load(Ordering::Acquire));
+        f(
+            idx,
+            NCPUS.load(Ordering::Acquire),
+            JOB_ARG.load(Ordering::Acquire),
+        );
         JOB_DONE.fetch_add(1, Ordering::AcqRel);
     }
 }
@@ -59,7 +63,10 @@ fn lapic_write(reg: u64, value: u32) {
 
 /// Picks a free page below 1 MiB for the trampoline (the SIPI vector).
 fn trampoline_page(info: &BootInfo) -> u64 {
-    let avoid = [info.start_info_page(), info.cmdline.as_ptr() as u64 & !0xfff];
+    let avoid = [
+        info.start_info_page(),
+        info.cmdline.as_ptr() as u64 & !0xfff,
+    ];
     [0x8000u64, 0x9000, 0x7000, 0x3000, 0x4000]
         .into_iter()
         .find(|p| !avoid.contains(p))
@@ -91,7 +98,12 @@ pub fn start_aps(info: &BootInfo) -> usize {
     }
     let _ = arch::read32_ring0(LAPIC + 0x300);
     // Wait for the expected count (or a quiet period when the MADT is unknown).
-    let deadline = time::now_us() + if expected.is_some() { 2_000_000 } else { 100_000 };
+    let deadline = time::now_us()
+        + if expected.is_some() {
+            2_000_000
+        } else {
+            100_000
+        };
     let want = expected.unwrap_or(MAX_CPUS).min(MAX_CPUS);
     while time::now_us() < deadline && ONLINE.load(Ordering::Acquire) < want {
         core::hint::spin_loop();

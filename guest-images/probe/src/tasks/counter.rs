@@ -14,7 +14,10 @@ struct Ticker {
 impl Ticker {
     fn new(hz: u64) -> Ticker {
         let period = time::us_to_cycles(1_000_000 / hz.clamp(1, 1_000_000));
-        Ticker { next: rdtsc() + period, period }
+        Ticker {
+            next: rdtsc() + period,
+            period,
+        }
     }
 
     fn wait(&mut self) {

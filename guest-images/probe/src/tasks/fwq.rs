@@ -12,7 +12,9 @@ static WORK: AtomicU64 = AtomicU64::new(0);
 #[inline(never)]
 fn quantum(work: u64) {
     // SAFETY: a register-only countdown loop.
-    unsafe { core::arch::asm!("2:", "dec {0}", "jnz 2b", inout(reg) work.max(1) => _, options(nomem, nostack)) };
+    unsafe {
+        core::arch::asm!("2:", "dec {0}", "jnz 2b", inout(reg) work.max(1) => _, options(nomem, nostack))
+    };
 }
 
 fn sample_all(idx: usize, _n: usize, _arg: u64) {
@@ -45,7 +47,10 @@ pub fn run(info: &mut BootInfo, args: &Args, ncpus: usize) -> u8 {
         // second half of the area is scratch for sorting.
         let (data, sorted) = unsafe {
             let d = core::slice::from_raw_parts(base.add(cpu * samples as usize), samples as usize);
-            let s = core::slice::from_raw_parts_mut(base.add((ncpus + cpu) * samples as usize), samples as usize);
+            let s = core::slice::from_raw_parts_mut(
+                base.add((ncpus + cpu) * samples as usize),
+                samples as usize,
+            );
             (d, s)
         };
         if raw {

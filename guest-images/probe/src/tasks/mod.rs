@@ -63,4 +63,3 @@ pub fn buffer(info: &mut BootInfo, what: &str, bytes: u64) -> u64 {
         }
     }
 }
-

@@ -1,0 +1,193 @@
+//! Legacy PC devices at fixed ports.
+use crate::bus::PioDevice;
+use crate::{EventSink, VmEvent};
+use std::io::Write;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+/// COM1.
+pub const COM1_BASE: u16 = 0x3f8;
+pub const COM1_IRQ: u32 = 4;
+/// i8042 data/command ports.
+pub const I8042_DATA: u16 = 0x60;
+pub const I8042_CMD: u16 = 0x64;
+/// ACPI sleep control (+0) and status (+1) registers (HW-reduced FADT).
+pub const ACPI_SLEEP_BASE: u16 = 0x600;
+/// Default test exit port (same as QEMU's `isa-debug-exit` default).
+pub const DEFAULT_TEST_EXIT_PORT: u16 = 0xf4;
+
+/// Raises the serial interrupt through an eventfd registered as a KVM irqfd.
+pub struct IrqTrigger(pub EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = std::io::Error;
+    fn trigger(&self) -> Result<(), Self::E> {
+        self.0.write(1)
+    }
+}
+
+/// 8250 UART on the port bus, output to any writer (stdout, a file, a sink).
+pub struct SerialPort {
+    inner: Serial<IrqTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
+}
+
+impl SerialPort {
+    pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
+        SerialPort {
+            inner: Serial::new(IrqTrigger(irq), out),
+        }
+    }
+
+    /// Queues console input for the guest (returns how many bytes fit).
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        match self.inner.enqueue_raw_bytes(bytes) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!("serial input dropped: {e:?}");
+                0
+            }
+        }
+    }
+}
+
+impl PioDevice for SerialPort {
+    fn read(&mut self, offset: u16, data: &mut [u8]) {
+        if let Some(b) = data.first_mut() {
+            *b = self.inner.read(offset as u8);
+        }
+    }
+    fn write(&mut self, offset: u16, data: &[u8]) {
+        if let Some(&b) = data.first() {
+            if let Err(e) = self.inner.write(offset as u8, b) {
+                tracing::warn!("serial write failed: {e:?}");
+            }
+            if offset == 0 {
+                let _ = self.inner.writer_mut().flush();
+            }
+        }
+    }
+}
+
+/// The part of an i8042 controller guests use to reset the machine: command
+/// 0xfe on port 0x64 pulses the reset line.
+pub struct I8042 {
+    sink: EventSink,
+}
+
+impl I8042 {
+    pub fn new(sink: EventSink) -> Self {
+        I8042 { sink }
+    }
+}
+
+impl PioDevice for I8042 {
+    fn read(&mut self, offset: u16, data: &mut [u8]) {
+        // Status register (0x64): output buffer empty, input buffer empty.
+        // Data register (0x60): nothing to read.
+        data.fill(0);
+        if offset == 4 {
+            if let Some(b) = data.first_mut() {
+                *b = 0x1c; // keyboard unlocked, command/data, system flag
+            }
+        }
+    }
+    fn write(&mut self, offset: u16, data: &[u8]) {
+        if offset == 4 && data.first() == Some(&0xfe) {
+            self.sink.report(VmEvent::Reset);
+        }
+    }
+}
+
+/// ACPI hardware-reduced sleep registers: writing SLP_EN with any sleep type
+/// (the DSDT only describes S5) powers the VM off.
+pub struct AcpiSleep {
+    sink: EventSink,
+}
+
+impl AcpiSleep {
+    pub const SLP_EN: u8 = 1 << 5;
+
+    pub fn new(sink: EventSink) -> Self {
+        AcpiSleep { sink }
+    }
+}
+
+impl PioDevice for AcpiSleep {
+    fn read(&mut self, _offset: u16, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write(&mut self, offset: u16, data: &[u8]) {
+        if offset == 0 && data.first().is_some_and(|v| v & Self::SLP_EN != 0) {
+            self.sink.report(VmEvent::PowerOff);
+        }
+    }
+}
+
+/// Test exit port: the first byte written ends the VM with that status.
+pub struct TestExitPort {
+    sink: EventSink,
+}
+
+impl TestExitPort {
+    pub fn new(sink: EventSink) -> Self {
+        TestExitPort { sink }
+    }
+}
+
+impl PioDevice for TestExitPort {
+    fn read(&mut self, _offset: u16, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write(&mut self, _offset: u16, data: &[u8]) {
+        if let Some(&status) = data.first() {
+            self.sink.report(VmEvent::TestExit(status));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn sink() -> EventSink {
+        EventSink::new(Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()))
+    }
+
+    #[test]
+    fn i8042_reset_and_acpi_poweroff_and_exit_port_report_events() {
+        let s = sink();
+        I8042::new(s.clone()).write(0, &[0xfe]);
+        assert_eq!(s.take(), None, "data port 0x60 does not reset");
+        I8042::new(s.clone()).write(4, &[0xfe]);
+        assert_eq!(s.take(), Some(VmEvent::Reset));
+        AcpiSleep::new(s.clone()).write(0, &[5 << 2]);
+        assert_eq!(s.take(), None, "no SLP_EN, no poweroff");
+        AcpiSleep::new(s.clone()).write(0, &[(5 << 2) | AcpiSleep::SLP_EN]);
+        assert_eq!(s.take(), Some(VmEvent::PowerOff));
+        TestExitPort::new(s.clone()).write(0, &[42]);
+        TestExitPort::new(s.clone()).write(0, &[7]);
+        assert_eq!(s.take(), Some(VmEvent::TestExit(42)), "first event wins");
+    }
+
+    #[test]
+    fn serial_transmits_bytes_to_its_writer() {
+        #[derive(Clone, Default)]
+        struct Shared(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl Write for Shared {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let out = Shared::default();
+        let mut port = SerialPort::new(EventFd::new(0).unwrap(), Box::new(out.clone()));
+        for b in b"ok\n" {
+            port.write(0, &[*b]);
+        }
+        assert_eq!(&*out.0.lock().unwrap(), b"ok\n");
+    }
+}

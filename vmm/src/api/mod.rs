@@ -1,0 +1,150 @@
+//! The REST API over a Unix socket (see docs/api.yaml).
+//!
+//! A server thread accepts connections and parses HTTP/1.1 requests; each
+//! request is handed to the control thread through a channel plus an eventfd
+//! (so the control loop wakes up), and the answer goes back to the client.
+pub mod http;
+
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+use vmm_sys_util::eventfd::EventFd;
+
+/// What the control thread is asked to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiRequest {
+    GetVm,
+    Pause,
+    Resume,
+    Shutdown,
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiResponse {
+    pub status: u16,
+    pub body: String,
+}
+
+impl ApiResponse {
+    pub fn json(status: u16, value: &serde_json::Value) -> Self {
+        ApiResponse {
+            status,
+            body: value.to_string(),
+        }
+    }
+    pub fn error(status: u16, msg: impl Into<String>) -> Self {
+        Self::json(status, &serde_json::json!({ "error": msg.into() }))
+    }
+}
+
+pub type ApiMessage = (ApiRequest, Sender<ApiResponse>);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("API socket {0} is already in use by a running process")]
+    InUse(PathBuf),
+    #[error("API socket path {0} exists and is not a socket")]
+    NotASocket(PathBuf),
+    #[error("cannot bind API socket {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Binds the socket (refusing a path that is in use) before the VM exists.
+pub fn bind(path: &Path) -> Result<UnixListener, Error> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(Error::NotASocket(path.into()));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(Error::InUse(path.into()));
+        }
+        // A stale socket from a process that is gone: replace it.
+        let _ = std::fs::remove_file(path);
+    }
+    UnixListener::bind(path).map_err(|source| Error::Bind {
+        path: path.into(),
+        source,
+    })
+}
+
+/// Serves requests until the process ends; returns the control side.
+pub fn start_server(
+    listener: UnixListener,
+    wake: Arc<EventFd>,
+) -> std::io::Result<Receiver<ApiMessage>> {
+    let (tx, rx) = channel::<ApiMessage>();
+    std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut stream) = conn else { continue };
+                let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+                let response = match http::read_request(&mut stream) {
+                    Ok(req) => match route(&req.method, &req.path) {
+                        Ok(api) => {
+                            let (rtx, rrx) = channel();
+                            if tx.send((api, rtx)).is_err() || wake.write(1).is_err() {
+                                break;
+                            }
+                            rrx.recv().unwrap_or_else(|_| {
+                                ApiResponse::error(503, "the VM is shutting down")
+                            })
+                        }
+                        Err(r) => r,
+                    },
+                    Err(e) => ApiResponse::error(400, e.to_string()),
+                };
+                let _ = http::write_response(&mut stream, response.status, &response.body);
+            }
+        })?;
+    Ok(rx)
+}
+
+/// Maps method and path to a request (or an HTTP error).
+pub fn route(method: &str, path: &str) -> Result<ApiRequest, ApiResponse> {
+    let path = path.split('?').next().unwrap_or("").trim_end_matches('/');
+    let req = match path {
+        "/vm" => [("GET", ApiRequest::GetVm)].as_slice(),
+        "/vm/pause" => [("PUT", ApiRequest::Pause)].as_slice(),
+        "/vm/resume" => [("PUT", ApiRequest::Resume)].as_slice(),
+        "/vm/shutdown" => [("PUT", ApiRequest::Shutdown)].as_slice(),
+        _ => return Err(ApiResponse::error(404, format!("no such endpoint: {path}"))),
+    };
+    req.iter()
+        .find(|(m, _)| *m == method)
+        .map(|(_, r)| *r)
+        .ok_or_else(|| ApiResponse::error(405, format!("{method} is not allowed on {path}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        assert_eq!(route("GET", "/vm").unwrap(), ApiRequest::GetVm);
+        assert_eq!(route("PUT", "/vm/pause/").unwrap(), ApiRequest::Pause);
+        assert_eq!(route("GET", "/vm/pause").unwrap_err().status, 405);
+        assert_eq!(route("GET", "/nope").unwrap_err().status, 404);
+    }
+
+    #[test]
+    fn bind_refuses_live_sockets_and_non_sockets_and_replaces_stale_ones() {
+        let dir = std::env::temp_dir().join(format!("ffmk-api-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("api.sock");
+        let live = bind(&p).unwrap();
+        assert!(matches!(bind(&p), Err(Error::InUse(_))));
+        drop(live);
+        bind(&p).expect("stale socket is replaced");
+        let f = dir.join("file");
+        std::fs::write(&f, "x").unwrap();
+        assert!(matches!(bind(&f), Err(Error::NotASocket(_))));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

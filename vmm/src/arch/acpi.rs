@@ -1,0 +1,213 @@
+//! A small ACPI table writer: RSDP, XSDT, FADT (hardware-reduced, with sleep
+//! and reset registers), MADT (local APICs, IOAPIC, ISA overrides) and a DSDT
+//! that describes S5. Linux finds the RSDP in the BIOS area or through PVH.
+use super::layout::*;
+use devices::legacy::{ACPI_SLEEP_BASE, I8042_CMD};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
+
+const OEM_ID: &[u8; 6] = b"FFMK  ";
+const OEM_TABLE_ID: &[u8; 8] = b"FFMKVMM ";
+const CREATOR_ID: &[u8; 4] = b"FFMK";
+
+fn checksum(bytes: &[u8]) -> u8 {
+    0u8.wrapping_sub(bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)))
+}
+
+/// A system description table under construction.
+pub struct Sdt {
+    bytes: Vec<u8>,
+}
+
+impl Sdt {
+    pub fn new(signature: &[u8; 4], revision: u8) -> Sdt {
+        let mut bytes = Vec::with_capacity(256);
+        bytes.extend_from_slice(signature);
+        bytes.extend_from_slice(&0u32.to_le_bytes()); // length, patched in finish()
+        bytes.push(revision);
+        bytes.push(0); // checksum
+        bytes.extend_from_slice(OEM_ID);
+        bytes.extend_from_slice(OEM_TABLE_ID);
+        bytes.extend_from_slice(&1u32.to_le_bytes());
+        bytes.extend_from_slice(CREATOR_ID);
+        bytes.extend_from_slice(&1u32.to_le_bytes());
+        Sdt { bytes }
+    }
+
+    pub fn push(&mut self, data: &[u8]) -> &mut Self {
+        self.bytes.extend_from_slice(data);
+        self
+    }
+
+    pub fn put_at(&mut self, offset: usize, data: &[u8]) -> &mut Self {
+        if self.bytes.len() < offset + data.len() {
+            self.bytes.resize(offset + data.len(), 0);
+        }
+        self.bytes[offset..offset + data.len()].copy_from_slice(data);
+        self
+    }
+
+    pub fn finish(mut self) -> Vec<u8> {
+        let len = self.bytes.len() as u32;
+        self.bytes[4..8].copy_from_slice(&len.to_le_bytes());
+        self.bytes[9] = 0;
+        self.bytes[9] = checksum(&self.bytes);
+        self.bytes
+    }
+}
+
+/// Generic address structure for a system-I/O register.
+fn gas_io(port: u16, bits: u8) -> [u8; 12] {
+    let mut g = [0u8; 12];
+    g[0] = 1; // system I/O
+    g[1] = bits;
+    g[3] = 1; // byte access
+    g[4..12].copy_from_slice(&u64::from(port).to_le_bytes());
+    g
+}
+
+/// DSDT: `Name (_S5_, Package () { 5, 0, 0, 0 })`.
+pub fn dsdt() -> Vec<u8> {
+    let mut t = Sdt::new(b"DSDT", 2);
+    t.push(&[
+        0x08, b'_', b'S', b'5', b'_', 0x12, 0x07, 0x04, 0x0a, 0x05, 0x00, 0x00, 0x00,
+    ]);
+    t.finish()
+}
+
+const FADT_HW_REDUCED: u32 = 1 << 20;
+const FADT_RESET_REG_SUP: u32 = 1 << 10;
+const FADT_PWR_BUTTON: u32 = 1 << 4;
+const FADT_SLP_BUTTON: u32 = 1 << 5;
+
+pub fn fadt(dsdt_addr: u64) -> Vec<u8> {
+    let mut t = Sdt::new(b"FACP", 6);
+    t.put_at(40, &(dsdt_addr as u32).to_le_bytes());
+    t.put_at(46, &9u16.to_le_bytes()); // SCI_INT
+    t.put_at(109, &0x0004u16.to_le_bytes()); // IAPC_BOOT_ARCH: VGA not present
+    let flags = FADT_HW_REDUCED | FADT_RESET_REG_SUP | FADT_PWR_BUTTON | FADT_SLP_BUTTON;
+    t.put_at(112, &flags.to_le_bytes());
+    t.put_at(116, &gas_io(I8042_CMD, 8)); // RESET_REG: i8042 command port
+    t.put_at(128, &[0xfe]); // RESET_VALUE
+    t.put_at(131, &[5]); // FADT minor version
+    t.put_at(140, &dsdt_addr.to_le_bytes()); // X_DSDT
+    t.put_at(244, &gas_io(ACPI_SLEEP_BASE, 8)); // SLEEP_CONTROL_REG
+    t.put_at(256, &gas_io(ACPI_SLEEP_BASE + 1, 8)); // SLEEP_STATUS_REG
+    t.put_at(268, b"FFMKVMM\0"); // hypervisor vendor identity
+    t.finish()
+}
+
+pub fn madt(nvcpus: u8) -> Vec<u8> {
+    let mut t = Sdt::new(b"APIC", 4);
+    t.push(&LAPIC_ADDR.to_le_bytes());
+    t.push(&1u32.to_le_bytes()); // PCAT_COMPAT: dual 8259 present
+    for id in 0..nvcpus {
+        t.push(&[0, 8, id, id, 1, 0, 0, 0]); // processor local APIC, enabled
+    }
+    let mut ioapic = vec![1, 12, 0, 0];
+    ioapic.extend_from_slice(&IOAPIC_ADDR.to_le_bytes());
+    ioapic.extend_from_slice(&0u32.to_le_bytes());
+    t.push(&ioapic);
+    // ISA IRQ0 (PIT) is wired to GSI 2 on the IOAPIC.
+    t.push(&[2, 10, 0, 0, 2, 0, 0, 0, 0, 0]);
+    // LINT1 of every local APIC is NMI.
+    t.push(&[4, 6, 0xff, 0, 0, 1]);
+    t.finish()
+}
+
+pub fn xsdt(tables: &[u64]) -> Vec<u8> {
+    let mut t = Sdt::new(b"XSDT", 1);
+    for a in tables {
+        t.push(&a.to_le_bytes());
+    }
+    t.finish()
+}
+
+pub fn rsdp(xsdt_addr: u64) -> Vec<u8> {
+    let mut r = Vec::with_capacity(36);
+    r.extend_from_slice(b"RSD PTR ");
+    r.push(0);
+    r.extend_from_slice(OEM_ID);
+    r.push(2);
+    r.extend_from_slice(&0u32.to_le_bytes()); // no RSDT
+    r.extend_from_slice(&36u32.to_le_bytes());
+    r.extend_from_slice(&xsdt_addr.to_le_bytes());
+    r.extend_from_slice(&[0, 0, 0, 0]);
+    r[8] = checksum(&r[..20]);
+    r[32] = checksum(&r);
+    r
+}
+
+/// Writes all tables at `ACPI_START` (RSDP first) and returns the RSDP address.
+pub fn write_tables<M: GuestMemory>(
+    mem: &M,
+    nvcpus: u8,
+) -> Result<GuestAddress, vm_memory::GuestMemoryError> {
+    let rsdp_addr = ACPI_START;
+    let mut next = rsdp_addr.unchecked_add(64);
+    let mut place = |bytes: &[u8]| -> Result<u64, vm_memory::GuestMemoryError> {
+        let at = next;
+        mem.write_slice(bytes, at)?;
+        next = at.unchecked_add((bytes.len() as u64 + 15) & !15);
+        Ok(at.0)
+    };
+    let dsdt_addr = place(&dsdt())?;
+    let fadt_addr = place(&fadt(dsdt_addr))?;
+    let madt_addr = place(&madt(nvcpus))?;
+    let xsdt_addr = place(&xsdt(&[fadt_addr, madt_addr]))?;
+    mem.write_slice(&rsdp(xsdt_addr), rsdp_addr)?;
+    Ok(rsdp_addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sums_to_zero(b: &[u8]) -> bool {
+        b.iter().fold(0u8, |a, x| a.wrapping_add(*x)) == 0
+    }
+
+    #[test]
+    fn tables_have_valid_lengths_and_checksums() {
+        for t in [dsdt(), fadt(0xe0100), madt(4), xsdt(&[1, 2])] {
+            assert_eq!(
+                u32::from_le_bytes(t[4..8].try_into().unwrap()) as usize,
+                t.len()
+            );
+            assert!(sums_to_zero(&t), "{:?}", &t[..4]);
+        }
+        assert_eq!(fadt(0).len(), 276);
+        let r = rsdp(0xe0200);
+        assert_eq!(r.len(), 36);
+        assert!(sums_to_zero(&r[..20]) && sums_to_zero(&r));
+    }
+
+    #[test]
+    fn madt_lists_one_enabled_lapic_per_vcpu() {
+        let m = madt(3);
+        let mut p = 44;
+        let mut lapics = vec![];
+        while p < m.len() {
+            if m[p] == 0 {
+                lapics.push((m[p + 3], m[p + 4]));
+            }
+            p += m[p + 1] as usize;
+        }
+        assert_eq!(p, m.len());
+        assert_eq!(lapics, vec![(0, 1), (1, 1), (2, 1)]);
+    }
+
+    #[test]
+    fn written_tables_are_linked_from_the_rsdp() {
+        let mem =
+            vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let rsdp = write_tables(&mem, 2).unwrap();
+        let mut sig = [0u8; 8];
+        mem.read_slice(&mut sig, rsdp).unwrap();
+        assert_eq!(&sig, b"RSD PTR ");
+        let xsdt: u64 = mem.read_obj(rsdp.unchecked_add(24)).unwrap();
+        let madt: u64 = mem.read_obj(GuestAddress(xsdt + 36 + 8)).unwrap();
+        let mut s = [0u8; 4];
+        mem.read_slice(&mut s, GuestAddress(madt)).unwrap();
+        assert_eq!(&s, b"APIC");
+    }
+}

@@ -1,0 +1,107 @@
+//! Guest-physical memory layout.
+//!
+//! ```text
+//! 0x0000_0500  GDT (boot)            0x0000_6000  PVH start_info + memmap + modlist
+//! 0x0000_7000  Linux zero page       0x0000_9000  boot page tables (64-bit protocol)
+//! 0x0002_0000  kernel command line   0x0009_fc00  EBDA (reserved)
+//! 0x000e_0000  ACPI tables (RSDP first; reserved up to 1 MiB)
+//! 0x0010_0000  kernel                ...          RAM up to 3 GiB
+//! 0xc000_0000  MMIO hole (PCI, IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000) up to 4 GiB
+//! 0x1_0000_0000  RAM above the hole
+//! ```
+use vm_memory::GuestAddress;
+
+pub const GDT_START: GuestAddress = GuestAddress(0x500);
+pub const PVH_INFO_START: GuestAddress = GuestAddress(0x6000);
+pub const ZERO_PAGE_START: GuestAddress = GuestAddress(0x7000);
+pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
+pub const PML4_START: GuestAddress = GuestAddress(0x9000);
+pub const PDPTE_START: GuestAddress = GuestAddress(0xa000);
+pub const PDE_START: GuestAddress = GuestAddress(0xb000);
+pub const CMDLINE_START: GuestAddress = GuestAddress(0x20000);
+pub const CMDLINE_MAX_SIZE: usize = 4096;
+pub const EBDA_START: u64 = 0x9fc00;
+pub const ACPI_START: GuestAddress = GuestAddress(0xe0000);
+pub const HIGH_MEMORY_START: GuestAddress = GuestAddress(0x10_0000);
+pub const MMIO_HOLE_START: u64 = 0xc000_0000;
+pub const MMIO_HOLE_END: u64 = 1 << 32;
+pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
+pub const LAPIC_ADDR: u32 = 0xfee0_0000;
+/// KVM needs three pages for the TSS and one for the identity map, below 4 GiB.
+pub const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+
+pub const E820_RAM: u32 = 1;
+pub const E820_RESERVED: u32 = 2;
+
+/// RAM regions (guest address, size) for `mem_bytes` of guest memory.
+pub fn ram_regions(mem_bytes: u64) -> Vec<(GuestAddress, usize)> {
+    let low = mem_bytes.min(MMIO_HOLE_START);
+    let mut regions = vec![(GuestAddress(0), low as usize)];
+    if mem_bytes > MMIO_HOLE_START {
+        regions.push((
+            GuestAddress(MMIO_HOLE_END),
+            (mem_bytes - MMIO_HOLE_START) as usize,
+        ));
+    }
+    regions
+}
+
+/// The e820 map given to the guest: (address, size, type).
+pub fn e820_map(mem_bytes: u64) -> Vec<(u64, u64, u32)> {
+    let mut map = vec![
+        (0, EBDA_START, E820_RAM),
+        (EBDA_START, 0xa0000 - EBDA_START, E820_RESERVED),
+        (
+            ACPI_START.0,
+            HIGH_MEMORY_START.0 - ACPI_START.0,
+            E820_RESERVED,
+        ),
+    ];
+    let low_end = mem_bytes.min(MMIO_HOLE_START);
+    map.push((HIGH_MEMORY_START.0, low_end - HIGH_MEMORY_START.0, E820_RAM));
+    if mem_bytes > MMIO_HOLE_START {
+        map.push((MMIO_HOLE_END, mem_bytes - MMIO_HOLE_START, E820_RAM));
+    }
+    map
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_guest_has_one_region_and_a_low_map() {
+        let mib = 1 << 20;
+        assert_eq!(
+            ram_regions(256 * mib),
+            vec![(GuestAddress(0), 256 * mib as usize)]
+        );
+        let map = e820_map(256 * mib);
+        assert_eq!(
+            map.last(),
+            Some(&(HIGH_MEMORY_START.0, 255 * mib, E820_RAM))
+        );
+        let ram: u64 = map.iter().filter(|e| e.2 == E820_RAM).map(|e| e.1).sum();
+        assert_eq!(ram, 256 * mib - (0x100000 - EBDA_START));
+    }
+
+    #[test]
+    fn large_guest_skips_the_mmio_hole() {
+        let gib = 1u64 << 30;
+        let regions = ram_regions(5 * gib);
+        assert_eq!(
+            regions,
+            vec![
+                (GuestAddress(0), 3 * gib as usize),
+                (GuestAddress(4 * gib), 2 * gib as usize)
+            ]
+        );
+        let map = e820_map(5 * gib);
+        assert!(map.contains(&(4 * gib, 2 * gib, E820_RAM)));
+        // no RAM entry overlaps the hole
+        assert!(map
+            .iter()
+            .all(|(a, s, t)| *t != E820_RAM || a + s <= MMIO_HOLE_START || *a >= MMIO_HOLE_END));
+    }
+}

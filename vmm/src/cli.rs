@@ -1,0 +1,114 @@
+//! Command line of `ffmk-vmm`.
+use crate::config::FileConfig;
+use crate::host::CpuProfile;
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ffmk-vmm",
+    version,
+    about = "KVM virtual machine monitor for HPC compute nodes"
+)]
+pub struct Cli {
+    /// Log level for the monitor's own messages (error, warn, info, debug, trace).
+    #[arg(long, global = true, default_value = "warn")]
+    pub log_level: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Boot a guest (ELF vmlinux with or without PVH note, bzImage, or the probe guest).
+    Run(RunArgs),
+    /// Print the host kind, KVM capabilities and the CPU profile that would be used.
+    HostInfo {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// Show this profile instead of the host's default.
+        #[arg(long, value_enum)]
+        cpu_profile: Option<CpuProfile>,
+    },
+    /// Print the state of a running VM (GET /vm).
+    Info(ClientArgs),
+    /// Pause all vCPUs of a running VM.
+    Pause(ClientArgs),
+    /// Resume a paused VM.
+    Resume(ClientArgs),
+    /// Stop a running VM.
+    Shutdown(ClientArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ClientArgs {
+    /// The VM's API socket.
+    #[arg(long)]
+    pub api_socket: PathBuf,
+}
+
+#[derive(Args, Debug, Default)]
+pub struct RunArgs {
+    /// Kernel image: ELF vmlinux (PVH entry used when present) or bzImage.
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Initramfs to load.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line [default: "console=ttyS0 reboot=k panic=-1"].
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    /// Number of vCPUs (1-254) [default: 1].
+    #[arg(long)]
+    pub cpus: Option<u32>,
+    /// Guest memory, e.g. 512M, 2G (plain numbers are MiB) [default: 256M].
+    #[arg(long)]
+    pub memory: Option<String>,
+    /// Back guest memory with 2 MiB huge pages (hugetlbfs).
+    #[arg(long)]
+    pub hugepages: bool,
+    /// Serial console: stdio, none or file=PATH [default: stdio].
+    #[arg(long)]
+    pub console: Option<String>,
+    /// Serve the REST API on this Unix socket.
+    #[arg(long)]
+    pub api_socket: Option<PathBuf>,
+    /// TOML file with any of the settings above (flags override it).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Let the guest end the VM by writing a status byte to this port (default 0xf4);
+    /// the status becomes ffmk-vmm's exit code.
+    #[arg(long, value_name = "PORT", num_args = 0..=1, default_missing_value = "0xf4", value_parser = parse_port)]
+    pub test_exit_port: Option<u16>,
+    /// CPU profile: pvm hides what PVM hosts cannot emulate, host exposes everything
+    /// [default: chosen from the host kind].
+    #[arg(long, value_enum)]
+    pub cpu_profile: Option<CpuProfile>,
+}
+
+fn parse_port(s: &str) -> Result<u16, String> {
+    let r = match s.strip_prefix("0x") {
+        Some(h) => u16::from_str_radix(h, 16),
+        None => s.parse(),
+    };
+    r.map_err(|_| format!("'{s}' is not a port number (0-65535, decimal or 0x-hex)"))
+}
+
+impl RunArgs {
+    /// The flags as a partial configuration, to lay over the config file.
+    pub fn as_file_config(&self) -> FileConfig {
+        FileConfig {
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            cmdline: self.cmdline.clone(),
+            cpus: self.cpus,
+            memory: self.memory.clone(),
+            hugepages: self.hugepages.then_some(true),
+            console: self.console.clone(),
+            api_socket: self.api_socket.clone(),
+            test_exit_port: self.test_exit_port,
+            cpu_profile: self.cpu_profile,
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! VM configuration: a TOML file and/or command-line flags (flags win).
+use crate::host::CpuProfile;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {msg}")]
+    Parse { path: PathBuf, msg: String },
+    #[error("invalid memory size '{0}' (examples: 512M, 2G, 1024 = MiB)")]
+    MemorySize(String),
+    #[error("invalid console '{0}' (stdio, none or file=PATH)")]
+    Console(String),
+    #[error("no kernel given: use --kernel PATH or `kernel = \"PATH\"` in the config file")]
+    NoKernel,
+    #[error("--cpus must be between 1 and {max} (got {got})")]
+    Cpus { got: u32, max: u32 },
+}
+
+/// Everything `run` accepts, as it appears in a TOML file.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: Option<String>,
+    pub cpus: Option<u32>,
+    pub memory: Option<String>,
+    pub hugepages: Option<bool>,
+    pub console: Option<String>,
+    pub api_socket: Option<PathBuf>,
+    pub test_exit_port: Option<u16>,
+    pub cpu_profile: Option<CpuProfile>,
+}
+
+impl FileConfig {
+    /// Reads a TOML file; relative paths are taken relative to its directory.
+    pub fn load(path: &Path) -> Result<FileConfig, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.into(),
+            source,
+        })?;
+        let mut c: FileConfig = toml::from_str(&text).map_err(|e| Error::Parse {
+            path: path.into(),
+            msg: e.message().to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut c.kernel, &mut c.initrd, &mut c.api_socket]
+            .into_iter()
+            .flatten()
+        {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        Ok(c)
+    }
+
+    /// `self` with every field that `over` sets replaced.
+    pub fn merged(self, over: FileConfig) -> FileConfig {
+        FileConfig {
+            kernel: over.kernel.or(self.kernel),
+            initrd: over.initrd.or(self.initrd),
+            cmdline: over.cmdline.or(self.cmdline),
+            cpus: over.cpus.or(self.cpus),
+            memory: over.memory.or(self.memory),
+            hugepages: over.hugepages.or(self.hugepages),
+            console: over.console.or(self.console),
+            api_socket: over.api_socket.or(self.api_socket),
+            test_exit_port: over.test_exit_port.or(self.test_exit_port),
+            cpu_profile: over.cpu_profile.or(self.cpu_profile),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Console {
+    Stdio,
+    None,
+    File(PathBuf),
+}
+
+impl std::str::FromStr for Console {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s {
+            "stdio" => Ok(Console::Stdio),
+            "none" | "off" => Ok(Console::None),
+            _ => match s.strip_prefix("file=") {
+                Some(p) if !p.is_empty() => Ok(Console::File(p.into())),
+                _ => Err(Error::Console(s.into())),
+            },
+        }
+    }
+}
+
+/// A complete, validated VM configuration.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub cpus: u8,
+    pub memory_bytes: u64,
+    pub hugepages: bool,
+    pub console: Console,
+    pub api_socket: Option<PathBuf>,
+    pub test_exit_port: Option<u16>,
+    pub cpu_profile: Option<CpuProfile>,
+}
+
+pub const DEFAULT_MEMORY: &str = "256M";
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+pub const MAX_VCPUS: u32 = 254;
+
+impl RunConfig {
+    pub fn from_file_config(c: FileConfig) -> Result<RunConfig, Error> {
+        let cpus = c.cpus.unwrap_or(1);
+        if cpus == 0 || cpus > MAX_VCPUS {
+            return Err(Error::Cpus {
+                got: cpus,
+                max: MAX_VCPUS,
+            });
+        }
+        Ok(RunConfig {
+            kernel: c.kernel.ok_or(Error::NoKernel)?,
+            initrd: c.initrd,
+            cmdline: c.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.into()),
+            cpus: cpus as u8,
+            memory_bytes: parse_size(c.memory.as_deref().unwrap_or(DEFAULT_MEMORY))?,
+            hugepages: c.hugepages.unwrap_or(false),
+            console: c.console.as_deref().unwrap_or("stdio").parse()?,
+            api_socket: c.api_socket,
+            test_exit_port: c.test_exit_port,
+            cpu_profile: c.cpu_profile,
+        })
+    }
+}
+
+/// Parses "512M", "2G", "1GiB", "1024" (MiB), "65536K" into bytes.
+pub fn parse_size(s: &str) -> Result<u64, Error> {
+    let err = || Error::MemorySize(s.into());
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| err())?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "m" | "mb" | "mib" => 20,
+        "k" | "kb" | "kib" => 10,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(err()),
+    };
+    n.checked_mul(1 << shift).filter(|b| *b > 0).ok_or_else(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_size("2G").unwrap(), 2 << 30);
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_size("1024").unwrap(), 1 << 30);
+        assert_eq!(parse_size("65536K").unwrap(), 64 << 20);
+        for bad in ["", "M", "12X", "-1G", "0", "99999999999999999999T", "1.5G"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn consoles() {
+        assert_eq!("stdio".parse::<Console>().unwrap(), Console::Stdio);
+        assert_eq!("none".parse::<Console>().unwrap(), Console::None);
+        assert_eq!(
+            "file=/tmp/x".parse::<Console>().unwrap(),
+            Console::File("/tmp/x".into())
+        );
+        assert!("file=".parse::<Console>().is_err());
+        assert!("tty".parse::<Console>().is_err());
+    }
+
+    #[test]
+    fn toml_rejects_unknown_keys_and_flags_override_file() {
+        let e = toml::from_str::<FileConfig>("kernel = \"k\"\nmemroy = \"1G\"\n").unwrap_err();
+        assert!(
+            e.message().contains("unknown field `memroy`"),
+            "{}",
+            e.message()
+        );
+        let file: FileConfig = toml::from_str("kernel = \"k\"\ncpus = 2\nmemory = \"1G\"\ntest_exit_port = 0xf4\ncpu_profile = \"host\"\n").unwrap();
+        let flags = FileConfig {
+            cpus: Some(4),
+            ..Default::default()
+        };
+        let c = RunConfig::from_file_config(file.merged(flags)).unwrap();
+        assert_eq!(
+            (c.cpus, c.memory_bytes, c.test_exit_port),
+            (4, 1 << 30, Some(0xf4))
+        );
+        assert_eq!(c.cpu_profile, Some(CpuProfile::Host));
+        assert_eq!(c.cmdline, DEFAULT_CMDLINE);
+    }
+
+    #[test]
+    fn validation() {
+        assert!(matches!(
+            RunConfig::from_file_config(FileConfig::default()),
+            Err(Error::NoKernel)
+        ));
+        let c = FileConfig {
+            kernel: Some("k".into()),
+            cpus: Some(0),
+            ..Default::default()
+        };
+        assert!(matches!(
+            RunConfig::from_file_config(c),
+            Err(Error::Cpus { .. })
+        ));
+        let c = FileConfig {
+            kernel: Some("k".into()),
+            cpus: Some(255),
+            ..Default::default()
+        };
+        assert!(matches!(
+            RunConfig::from_file_config(c),
+            Err(Error::Cpus { .. })
+        ));
+    }
+
+    #[test]
+    fn file_paths_are_relative_to_the_file() {
+        let dir = std::env::temp_dir().join(format!("ffmk-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("vm.toml");
+        std::fs::write(&f, "kernel = \"probe.elf\"\n").unwrap();
+        assert_eq!(
+            FileConfig::load(&f).unwrap().kernel.unwrap(),
+            dir.join("probe.elf")
+        );
+        std::fs::write(&f, "kernel = 3\n").unwrap();
+        assert!(FileConfig::load(&f)
+            .unwrap_err()
+            .to_string()
+            .contains("invalid config file"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

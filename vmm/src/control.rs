@@ -1,0 +1,254 @@
+//! The control thread: one event-manager loop that waits for the VM to stop
+//! (device or vCPU events), for SIGINT/SIGTERM, for API requests and for
+//! console input, and turns all of them into one [`ExitReason`].
+use crate::api::{ApiMessage, ApiRequest, ApiResponse};
+use crate::vm::Vm;
+use devices::VmEvent;
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::vcpu::VcpuStop;
+
+/// How a VM ended, and what `ffmk-vmm` exits with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitReason {
+    PowerOff,
+    Reset,
+    TestExit(u8),
+    ApiShutdown,
+    Signal(i32),
+    TripleFault { vcpu: u8 },
+    GuestCrash { vcpu: u8, detail: String },
+}
+
+/// Exit code for a guest crash (triple fault, KVM internal error).
+pub const EXIT_GUEST_CRASH: i32 = 3;
+
+impl ExitReason {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ExitReason::TestExit(s) => i32::from(*s),
+            ExitReason::TripleFault { .. } | ExitReason::GuestCrash { .. } => EXIT_GUEST_CRASH,
+            _ => 0,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            ExitReason::PowerOff => "guest powered off".into(),
+            ExitReason::Reset => "guest requested a reset".into(),
+            ExitReason::TestExit(s) => format!("guest wrote exit status {s} to the test exit port"),
+            ExitReason::ApiShutdown => "shutdown requested through the API".into(),
+            ExitReason::Signal(s) => format!(
+                "received {}",
+                if *s == libc::SIGINT {
+                    "SIGINT"
+                } else {
+                    "SIGTERM"
+                }
+            ),
+            ExitReason::TripleFault { vcpu } => {
+                format!("guest triple fault on vCPU {vcpu} (KVM_EXIT_SHUTDOWN)")
+            }
+            ExitReason::GuestCrash { vcpu, detail } => format!("vCPU {vcpu} stopped: {detail}"),
+        }
+    }
+}
+
+/// Blocks SIGINT/SIGTERM in this thread (and every thread started after) and
+/// returns a signalfd that receives them.
+pub fn signal_fd() -> std::io::Result<OwnedFd> {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset/sigaddset
+    // before use; pthread_sigmask and signalfd only read it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from_raw_fd(fd))
+    }
+}
+
+const EV_EXIT: u32 = 1;
+const EV_SIGNAL: u32 = 2;
+const EV_API: u32 = 3;
+const EV_STDIN: u32 = 4;
+
+struct Control {
+    vm: Vm,
+    signals: OwnedFd,
+    api: Option<(Receiver<ApiMessage>, Arc<EventFd>)>,
+    stdin: bool,
+    done: Arc<Mutex<Option<ExitReason>>>,
+}
+
+impl Control {
+    fn finish(&self, r: ExitReason) {
+        if let Ok(mut d) = self.done.lock() {
+            d.get_or_insert(r);
+        }
+    }
+
+    fn on_exit_event(&mut self) {
+        let _ = self.vm.exit_evt.read();
+        if let Some(e) = self.vm.device_events.take() {
+            self.finish(match e {
+                VmEvent::Reset => ExitReason::Reset,
+                VmEvent::PowerOff => ExitReason::PowerOff,
+                VmEvent::TestExit(s) => ExitReason::TestExit(s),
+            });
+        }
+        let stop = self.vm.vcpu_stop.lock().ok().and_then(|mut s| s.take());
+        if let Some((vcpu, reason)) = stop {
+            self.finish(match reason {
+                VcpuStop::TripleFault => ExitReason::TripleFault { vcpu },
+                VcpuStop::SystemEvent(kind) if kind == kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
+                    ExitReason::Reset
+                }
+                VcpuStop::SystemEvent(_) => ExitReason::PowerOff,
+                VcpuStop::Failure(detail) => ExitReason::GuestCrash { vcpu, detail },
+            });
+        }
+    }
+
+    fn on_signal(&mut self) {
+        let mut info = [0u8; 128]; // struct signalfd_siginfo
+                                   // SAFETY: reads at most 128 bytes into a 128-byte buffer from our signalfd.
+        let n = unsafe {
+            libc::read(
+                self.signals.as_raw_fd(),
+                info.as_mut_ptr().cast(),
+                info.len(),
+            )
+        };
+        if n == 128 {
+            let signo = i32::from_ne_bytes([info[0], info[1], info[2], info[3]]);
+            self.finish(ExitReason::Signal(signo));
+        }
+    }
+
+    fn on_api(&mut self) {
+        let Some((rx, evt)) = &self.api else { return };
+        let _ = evt.read();
+        let msgs: Vec<ApiMessage> = rx.try_iter().collect();
+        for (req, reply) in msgs {
+            let resp = self.handle(req);
+            let _ = reply.send(resp);
+        }
+    }
+
+    fn handle(&mut self, req: ApiRequest) -> ApiResponse {
+        match req {
+            ApiRequest::GetVm => ApiResponse::json(200, &crate::info::vm_info(&self.vm)),
+            ApiRequest::Pause if self.vm.is_paused() => {
+                ApiResponse::error(409, "the VM is already paused")
+            }
+            ApiRequest::Pause => match self.vm.pause() {
+                Ok(()) => ApiResponse::json(200, &serde_json::json!({ "state": "paused" })),
+                Err(e) => ApiResponse::error(500, e),
+            },
+            ApiRequest::Resume if !self.vm.is_paused() => {
+                ApiResponse::error(409, "the VM is not paused")
+            }
+            ApiRequest::Resume => match self.vm.resume() {
+                Ok(()) => ApiResponse::json(200, &serde_json::json!({ "state": "running" })),
+                Err(e) => ApiResponse::error(500, e),
+            },
+            ApiRequest::Shutdown => {
+                self.finish(ExitReason::ApiShutdown);
+                ApiResponse::json(200, &serde_json::json!({ "state": "shutting_down" }))
+            }
+        }
+    }
+
+    fn on_stdin(&mut self, ops: &mut EventOps) {
+        let mut buf = [0u8; 256];
+        // SAFETY: reads into a local buffer of the given length from fd 0.
+        let n = unsafe { libc::read(0, buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            let _ = ops.remove(Events::with_data_raw(0, EV_STDIN, EventSet::IN));
+            self.stdin = false;
+            return;
+        }
+        if let Ok(mut s) = self.vm.serial.lock() {
+            s.enqueue_input(&buf[..n as usize]);
+        }
+    }
+}
+
+impl MutEventSubscriber for Control {
+    fn init(&mut self, ops: &mut EventOps) {
+        let mut add = |fd: RawFd, data: u32| {
+            if let Err(e) = ops.add(Events::with_data_raw(fd, data, EventSet::IN)) {
+                tracing::error!("cannot watch fd {fd}: {e:?}");
+            }
+        };
+        add(self.vm.exit_evt.as_raw_fd(), EV_EXIT);
+        add(self.signals.as_raw_fd(), EV_SIGNAL);
+        if let Some((_, evt)) = &self.api {
+            add(evt.as_raw_fd(), EV_API);
+        }
+        if self.stdin {
+            add(0, EV_STDIN);
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match events.data() {
+            EV_EXIT => self.on_exit_event(),
+            EV_SIGNAL => self.on_signal(),
+            EV_API => self.on_api(),
+            EV_STDIN => self.on_stdin(ops),
+            _ => {}
+        }
+    }
+}
+
+/// Runs the control loop until the VM ends, then stops the vCPUs.
+pub fn run(
+    vm: Vm,
+    signals: OwnedFd,
+    api: Option<(Receiver<ApiMessage>, Arc<EventFd>)>,
+) -> Result<ExitReason, event_manager::Error> {
+    let stdin = vm.config.console == crate::config::Console::Stdio && stdin_is_readable();
+    let done = Arc::new(Mutex::new(None));
+    let control = Arc::new(Mutex::new(Control {
+        vm,
+        signals,
+        api,
+        stdin,
+        done: done.clone(),
+    }));
+    let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()?;
+    em.add_subscriber(control.clone());
+    loop {
+        em.run()?;
+        if let Some(r) = done.lock().ok().and_then(|d| d.clone()) {
+            if let Ok(mut c) = control.lock() {
+                c.vm.stop();
+            }
+            return Ok(r);
+        }
+    }
+}
+
+/// Console input is read only from a terminal or a pipe, never from /dev/null.
+fn stdin_is_readable() -> bool {
+    // SAFETY: fstat on fd 0 into a zeroed stat buffer.
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        libc::fstat(0, &mut st) == 0
+            && (st.st_mode & libc::S_IFMT == libc::S_IFIFO || libc::isatty(0) == 1)
+    }
+}

@@ -1,0 +1,32 @@
+//! The VM description served by `GET /vm`.
+use crate::vm::Vm;
+use serde_json::json;
+use std::sync::atomic::Ordering;
+
+pub fn vm_info(vm: &Vm) -> serde_json::Value {
+    let state = if vm.is_paused() { "paused" } else { "running" };
+    let vcpus: Vec<_> = vm
+        .vcpus
+        .iter()
+        .map(|v| {
+            json!({
+                "id": v.shared.id,
+                "state": v.shared.state(),
+                "exits": v.shared.exits.load(Ordering::Relaxed),
+                "io_exits": v.shared.io_exits.load(Ordering::Relaxed),
+                "mmio_exits": v.shared.mmio_exits.load(Ordering::Relaxed),
+            })
+        })
+        .collect();
+    json!({
+        "state": state,
+        "uptime_ms": vm.started.elapsed().as_millis() as u64,
+        "config": vm.config,
+        "host_kind": vm.host_kind,
+        "cpu_profile": vm.profile,
+        "tsc_khz": vm.tsc_khz,
+        "boot": vm.boot,
+        "memory": { "bytes": vm.config.memory_bytes, "hugepages": vm.config.hugepages },
+        "vcpus": vcpus,
+    })
+}

@@ -1,0 +1,15 @@
+//! ffmk-vmm, the monitor. Read top-down: `cli` (what the user asks) →
+//! `config` (validated VM configuration) → `vm` (memory, KVM VM, boot,
+//! devices, vCPU threads) → `vcpu` (the `KVM_RUN` loop) → `control` (the
+//! event loop that ends the VM) and `api` (REST over a Unix socket).
+pub mod api;
+pub mod arch;
+pub mod boot;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod host;
+pub mod info;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;

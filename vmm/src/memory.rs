@@ -1,0 +1,125 @@
+//! Guest memory: anonymous (or hugetlbfs-backed) mappings with a dirty bitmap
+//! that records the pages the VMM itself writes (for snapshots and migration).
+use crate::arch::layout;
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{GuestRegionMmap, MmapRegion};
+
+/// Guest memory as used everywhere in ffmk-vmm.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+
+pub const PAGE_SIZE: usize = 4096;
+pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
+const PAGE_NONZERO: std::num::NonZeroUsize = match std::num::NonZeroUsize::new(PAGE_SIZE) {
+    Some(n) => n,
+    None => panic!("page size is not zero"),
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("memory size must be at least {min} MiB (got {got} MiB)", min = MIN_MEMORY >> 20, got = .0 >> 20)]
+    TooSmall(u64),
+    #[error("with --hugepages the memory size must be a multiple of 2 MiB")]
+    HugeAlignment,
+    #[error("the host cannot give {mib} MiB of guest memory{hint}: {source}", mib = .size >> 20)]
+    Map {
+        size: u64,
+        hint: &'static str,
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    #[error("the host cannot give {mib} MiB of guest memory: it has {host_mib} MiB of RAM", mib = .size >> 20, host_mib = .host >> 20)]
+    HostTooSmall { size: u64, host: u64 },
+    #[error("cannot build the guest memory map: {0}")]
+    Layout(#[from] vm_memory::GuestRegionCollectionError),
+}
+
+pub const MIN_MEMORY: u64 = 16 << 20;
+
+/// Maps `size` bytes of guest RAM at the addresses of [`layout::ram_regions`].
+/// Memory is not reserved with MAP_NORESERVE, so a size the host cannot back
+/// fails here, before the VM exists.
+pub fn create(size: u64, hugepages: bool) -> Result<GuestMemoryMmap, Error> {
+    if size < MIN_MEMORY {
+        return Err(Error::TooSmall(size));
+    }
+    if hugepages && size % HUGE_PAGE_SIZE != 0 {
+        return Err(Error::HugeAlignment);
+    }
+    let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+    if hugepages {
+        flags |= libc::MAP_HUGETLB;
+    }
+    let host = host_memory_bytes();
+    if size > host {
+        return Err(Error::HostTooSmall { size, host });
+    }
+    let hint = if hugepages {
+        " as 2 MiB huge pages (see /proc/sys/vm/nr_hugepages)"
+    } else {
+        ""
+    };
+    let mut regions = Vec::new();
+    for (addr, len) in layout::ram_regions(size) {
+        let region = MmapRegionBuilder::new_with_bitmap(len, AtomicBitmap::new(len, PAGE_NONZERO))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(flags)
+            .build()
+            .map_err(|source| Error::Map { size, hint, source })?;
+        regions.push(GuestRegionMmap::new(region, addr).ok_or(Error::Map {
+            size,
+            hint: " (region does not fit the address space)",
+            source: vm_memory::mmap::MmapRegionError::InvalidPointer,
+        })?);
+    }
+    Ok(GuestMemoryMmap::from_regions(regions)?)
+}
+
+/// Physical memory of the host (the most a guest could ever be given).
+fn host_memory_bytes() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let (pages, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    if pages <= 0 || page <= 0 {
+        return u64::MAX;
+    }
+    (pages as u64).saturating_mul(page as u64)
+}
+
+/// Host address of a region, for `KVM_SET_USER_MEMORY_REGION`.
+pub fn host_addr(region: &GuestRegionMmap<AtomicBitmap>) -> u64 {
+    let r: &MmapRegion<AtomicBitmap> = region;
+    r.as_ptr() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+    #[test]
+    fn creates_regions_and_tracks_vmm_writes() {
+        let mem = create(64 << 20, false).unwrap();
+        assert_eq!(mem.num_regions(), 1);
+        mem.write_obj(0xdead_beef_u32, GuestAddress(0x5000))
+            .unwrap();
+        let region = mem.find_region(GuestAddress(0x5000)).unwrap();
+        use vm_memory::bitmap::Bitmap;
+        assert!(region.bitmap().dirty_at(0x5000));
+        assert!(!region.bitmap().dirty_at(0x9000));
+    }
+
+    #[test]
+    fn refuses_bad_sizes() {
+        assert!(matches!(create(1 << 20, false), Err(Error::TooSmall(_))));
+        assert!(matches!(
+            create((64 << 20) + 4096, true),
+            Err(Error::HugeAlignment)
+        ));
+        let msg = create(1 << 50, false).unwrap_err().to_string();
+        assert!(msg.contains("cannot give"), "{msg}");
+    }
+}

@@ -1,0 +1,279 @@
+//! One thread per vCPU, running `KVM_RUN` under a small state machine.
+//!
+//! The control thread steers a vCPU by setting its [`Request`] and kicking
+//! it: a real-time signal whose handler sets `immediate_exit` in the vCPU's
+//! `kvm_run`, so `KVM_RUN` returns `EINTR` whether the signal arrived inside
+//! or just before the ioctl. The vCPU then honours the request (pause: park
+//! on a condition variable and acknowledge; exit: leave the loop).
+use crate::memory::GuestMemoryMmap;
+use devices::bus::PioBus;
+use kvm_bindings::kvm_run;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+use vm_memory::{Bytes, GuestAddress};
+
+/// The signal used to kick vCPU threads out of `KVM_RUN`.
+pub fn kick_signal() -> i32 {
+    libc::SIGRTMIN()
+}
+
+thread_local! {
+    static KVM_RUN_PTR: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let p = KVM_RUN_PTR.with(|c| c.get());
+    if !p.is_null() {
+        // SAFETY: the pointer is this thread's own kvm_run mapping, valid for
+        // the thread's lifetime; a single byte store is async-signal-safe.
+        unsafe { std::ptr::write_volatile(&raw mut (*p).immediate_exit, 1) };
+    }
+}
+
+/// Installs the kick handler (once per process).
+pub fn register_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VcpuState {
+    Created,
+    Running,
+    Paused,
+    Exited,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Request {
+    Run = 0,
+    Pause = 1,
+    Exit = 2,
+}
+
+/// Why a vCPU stopped the VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuStop {
+    /// KVM_EXIT_SHUTDOWN: triple fault (or a guest-requested shutdown).
+    TripleFault,
+    /// KVM_EXIT_SYSTEM_EVENT shutdown/reset.
+    SystemEvent(u32),
+    /// KVM could not run or emulate the guest.
+    Failure(String),
+}
+
+/// State shared between a vCPU thread and the control thread.
+pub struct VcpuShared {
+    pub id: u8,
+    request: AtomicU8,
+    state: Mutex<VcpuState>,
+    changed: Condvar,
+    pub exits: AtomicU64,
+    pub io_exits: AtomicU64,
+    pub mmio_exits: AtomicU64,
+}
+
+impl VcpuShared {
+    pub fn new(id: u8) -> Self {
+        VcpuShared {
+            id,
+            request: AtomicU8::new(Request::Run as u8),
+            state: Mutex::new(VcpuState::Created),
+            changed: Condvar::new(),
+            exits: AtomicU64::new(0),
+            io_exits: AtomicU64::new(0),
+            mmio_exits: AtomicU64::new(0),
+        }
+    }
+
+    pub fn state(&self) -> VcpuState {
+        self.state.lock().map(|s| *s).unwrap_or(VcpuState::Exited)
+    }
+
+    fn set_state(&self, s: VcpuState) {
+        if let Ok(mut g) = self.state.lock() {
+            *g = s;
+        }
+        self.changed.notify_all();
+    }
+
+    /// Sets the request; the caller kicks the thread afterwards.
+    pub fn request(&self, r: Request) {
+        // Exit is final: a later pause/resume must not undo it.
+        let _ = self
+            .request
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                (cur != Request::Exit as u8).then_some(r as u8)
+            });
+        if let Ok(_g) = self.state.lock() {
+            self.changed.notify_all();
+        }
+    }
+
+    /// Waits until the vCPU is in one of `states` (or has exited).
+    pub fn wait_for(&self, states: &[VcpuState], timeout: Duration) -> bool {
+        let Ok(g) = self.state.lock() else {
+            return false;
+        };
+        match self.changed.wait_timeout_while(g, timeout, |s| {
+            !states.contains(s) && *s != VcpuState::Exited
+        }) {
+            Ok((g, _)) => states.contains(&g),
+            Err(_) => false,
+        }
+    }
+
+    fn current_request(&self) -> Request {
+        match self.request.load(Ordering::Acquire) {
+            0 => Request::Run,
+            1 => Request::Pause,
+            _ => Request::Exit,
+        }
+    }
+
+    /// Parks while paused; returns false when the vCPU must exit.
+    fn honour_requests(&self) -> bool {
+        loop {
+            match self.current_request() {
+                Request::Run => {
+                    self.set_state(VcpuState::Running);
+                    return true;
+                }
+                Request::Exit => return false,
+                Request::Pause => {
+                    let Ok(mut g) = self.state.lock() else {
+                        return false;
+                    };
+                    if *g != VcpuState::Paused {
+                        *g = VcpuState::Paused;
+                        self.changed.notify_all();
+                    }
+                    let _g = self
+                        .changed
+                        .wait_while(g, |_| self.current_request() == Request::Pause)
+                        .ok();
+                }
+            }
+        }
+    }
+}
+
+/// Everything a vCPU thread owns.
+pub struct Vcpu {
+    pub fd: VcpuFd,
+    pub shared: Arc<VcpuShared>,
+    pub pio: Arc<PioBus>,
+    pub mem: GuestMemoryMmap,
+    /// Called once with the reason when this vCPU stops the VM.
+    pub on_stop: Box<dyn Fn(u8, VcpuStop) + Send>,
+}
+
+enum Step {
+    Continue,
+    Stop(VcpuStop),
+    /// KVM_EXIT_INTERNAL_ERROR: described with registers and instruction bytes.
+    InternalError,
+}
+
+impl Vcpu {
+    /// The thread body.
+    pub fn run(mut self) {
+        let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
+        KVM_RUN_PTR.with(|c| c.set(run_ptr));
+        let id = self.shared.id;
+        while self.shared.honour_requests() {
+            let step = match self.fd.run() {
+                Ok(exit) => {
+                    self.shared.exits.fetch_add(1, Ordering::Relaxed);
+                    Self::handle_exit(&self.shared, &self.pio, exit)
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.fd.set_kvm_immediate_exit(0);
+                    Step::Continue
+                }
+                Err(e) => Step::Stop(VcpuStop::Failure(format!("KVM_RUN failed: {e}"))),
+            };
+            let reason = match step {
+                Step::Continue => continue,
+                Step::Stop(reason) => reason,
+                Step::InternalError => VcpuStop::Failure(self.describe_internal_error()),
+            };
+            (self.on_stop)(id, reason);
+            break;
+        }
+        KVM_RUN_PTR.with(|c| c.set(std::ptr::null_mut()));
+        self.shared.set_state(VcpuState::Exited);
+    }
+
+    fn handle_exit(shared: &VcpuShared, pio: &PioBus, exit: VcpuExit) -> Step {
+        match exit {
+            VcpuExit::IoOut(port, data) => {
+                shared.io_exits.fetch_add(1, Ordering::Relaxed);
+                pio.write(port, data);
+                Step::Continue
+            }
+            VcpuExit::IoIn(port, data) => {
+                shared.io_exits.fetch_add(1, Ordering::Relaxed);
+                pio.read(port, data);
+                Step::Continue
+            }
+            VcpuExit::MmioRead(_, data) => {
+                shared.mmio_exits.fetch_add(1, Ordering::Relaxed);
+                data.fill(0xff);
+                Step::Continue
+            }
+            VcpuExit::MmioWrite(..) => {
+                shared.mmio_exits.fetch_add(1, Ordering::Relaxed);
+                Step::Continue
+            }
+            VcpuExit::Hlt => Step::Continue,
+            VcpuExit::Shutdown => Step::Stop(VcpuStop::TripleFault),
+            VcpuExit::SystemEvent(kind, _) => Step::Stop(VcpuStop::SystemEvent(kind)),
+            VcpuExit::InternalError => Step::InternalError,
+            VcpuExit::FailEntry(reason, cpu) => Step::Stop(VcpuStop::Failure(format!(
+                "KVM could not enter the guest (hardware entry failure reason {reason:#x} on host CPU {cpu})"
+            ))),
+            other => Step::Stop(VcpuStop::Failure(format!("unexpected VM exit: {other:?}"))),
+        }
+    }
+
+    /// "KVM internal error (suberror N) at RIP ...: instruction bytes ..."
+    fn describe_internal_error(&mut self) -> String {
+        let suberror = {
+            let run = self.fd.get_kvm_run();
+            // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so the
+            // `internal` member of the union is the one KVM filled in.
+            unsafe { run.__bindgen_anon_1.internal.suberror }
+        };
+        let mut msg = format!("KVM internal error (suberror {suberror})");
+        if let (Ok(regs), Ok(sregs)) = (self.fd.get_regs(), self.fd.get_sregs()) {
+            msg += &format!(
+                " at RIP {:#x} (CS base {:#x}, CR0 {:#x})",
+                regs.rip, sregs.cs.base, sregs.cr0
+            );
+            let linear = sregs.cs.base.wrapping_add(regs.rip);
+            let gpa = if sregs.cr0 & (1 << 31) != 0 {
+                self.fd
+                    .translate_gva(linear)
+                    .ok()
+                    .filter(|t| t.valid != 0)
+                    .map(|t| t.physical_address)
+            } else {
+                Some(linear)
+            };
+            let mut bytes = [0u8; 15];
+            match gpa.map(|a| self.mem.read_slice(&mut bytes, GuestAddress(a))) {
+                Some(Ok(())) => {
+                    let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
+                    msg += &format!(": instruction bytes {}", hex.join(" "));
+                }
+                _ => msg += ": instruction bytes unavailable",
+            }
+        }
+        msg
+    }
+}

@@ -1,0 +1,360 @@
+//! Building a VM: memory, the KVM VM (irqchip, PIT, memory slots), the
+//! guest image, legacy devices and the vCPUs with their threads.
+use crate::arch::{cpuid, msr, regs};
+use crate::boot::{self, BootInfo, BootSpec};
+use crate::config::{Console, RunConfig};
+use crate::host::{CpuProfile, HostKind};
+use crate::memory::{self, GuestMemoryMmap};
+use crate::vcpu::{self, Request, Vcpu, VcpuShared, VcpuState, VcpuStop};
+use devices::bus::PioBus;
+use devices::legacy::{self, AcpiSleep, SerialPort, TestExitPort, I8042};
+use devices::EventSink;
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, VmFd};
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::Killable;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Memory(#[from] memory::Error),
+    #[error(transparent)]
+    Boot(#[from] boot::Error),
+    #[error("KVM: {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot open console file {path}: {source}")]
+    ConsoleFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Setup(String),
+}
+
+impl Error {
+    pub fn is_user_error(&self) -> bool {
+        match self {
+            Error::Memory(_) | Error::ConsoleFile { .. } => true,
+            Error::Boot(b) => b.is_user_error(),
+            _ => false,
+        }
+    }
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    move |source| Error::Kvm { what, source }
+}
+
+/// Why the VM stopped: recorded by vCPUs or devices, read by the control loop.
+pub type StopSlot = Arc<Mutex<Option<(u8, VcpuStop)>>>;
+
+pub struct VcpuHandle {
+    pub shared: Arc<VcpuShared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl VcpuHandle {
+    fn kick(&self) {
+        if let Some(t) = &self.thread {
+            if let Err(e) = t.kill(vcpu::kick_signal()) {
+                tracing::debug!("kick of vCPU {} failed: {e}", self.shared.id);
+            }
+        }
+    }
+}
+
+pub struct Vm {
+    _vm_fd: VmFd,
+    pub mem: GuestMemoryMmap,
+    pub vcpus: Vec<VcpuHandle>,
+    pub serial: Arc<Mutex<SerialPort>>,
+    pub boot: BootInfo,
+    pub host_kind: HostKind,
+    pub profile: CpuProfile,
+    pub tsc_khz: u32,
+    pub device_events: EventSink,
+    pub vcpu_stop: StopSlot,
+    pub exit_evt: Arc<EventFd>,
+    pub started: Instant,
+    pub config: RunConfig,
+}
+
+fn console_writer(console: &Console) -> Result<Box<dyn Write + Send>, Error> {
+    Ok(match console {
+        Console::Stdio => Box::new(std::io::stdout()),
+        Console::None => Box::new(std::io::sink()),
+        Console::File(path) => Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| Error::ConsoleFile {
+                    path: path.clone(),
+                    source,
+                })?,
+        ),
+    })
+}
+
+impl Vm {
+    /// Builds the VM and starts its vCPUs.
+    pub fn create(kvm: &Kvm, config: RunConfig) -> Result<Vm, Error> {
+        let host_kind = HostKind::detect();
+        let profile = config.cpu_profile.unwrap_or(host_kind.default_profile());
+        let console = console_writer(&config.console)?;
+        let mem = memory::create(config.memory_bytes, config.hugepages)?;
+
+        let vm_fd = kvm.create_vm().map_err(kvm_err("create VM"))?;
+        vm_fd
+            .set_tss_address(crate::arch::layout::KVM_TSS_ADDRESS)
+            .map_err(kvm_err("set TSS address"))?;
+        vm_fd
+            .set_identity_map_address(crate::arch::layout::KVM_IDENTITY_MAP_ADDRESS)
+            .map_err(kvm_err("set identity map address"))?;
+        vm_fd
+            .create_irq_chip()
+            .map_err(kvm_err("create in-kernel irqchip"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm_fd
+            .create_pit2(pit)
+            .map_err(kvm_err("create in-kernel PIT"))?;
+        for (slot, region) in mem.iter().enumerate() {
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: memory::host_addr(region),
+                flags: 0,
+            };
+            // SAFETY: the region is a live mapping owned by `mem`, which the
+            // returned Vm keeps for as long as the VM fd exists.
+            unsafe { vm_fd.set_user_memory_region(r) }
+                .map_err(kvm_err("set guest memory region"))?;
+        }
+
+        let boot = boot::load(
+            &mem,
+            &BootSpec {
+                kernel: &config.kernel,
+                initrd: config.initrd.as_deref(),
+                cmdline: &config.cmdline,
+                mem_bytes: config.memory_bytes,
+                nvcpus: config.cpus,
+            },
+        )?;
+
+        // Devices.
+        let exit_evt = Arc::new(
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Setup(format!("eventfd: {e}")))?,
+        );
+        let device_events = EventSink::new(exit_evt.clone());
+        let serial_irq =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Setup(format!("eventfd: {e}")))?;
+        vm_fd
+            .register_irqfd(&serial_irq, legacy::COM1_IRQ)
+            .map_err(kvm_err("register serial irqfd"))?;
+        let serial = Arc::new(Mutex::new(SerialPort::new(serial_irq, console)));
+        let mut pio = PioBus::new();
+        let bus_err = |e: devices::bus::BusError| Error::Setup(e.to_string());
+        pio.insert(legacy::COM1_BASE, 8, serial.clone())
+            .map_err(bus_err)?;
+        pio.insert(
+            legacy::I8042_DATA,
+            5,
+            Arc::new(Mutex::new(I8042::new(device_events.clone()))),
+        )
+        .map_err(bus_err)?;
+        pio.insert(
+            legacy::ACPI_SLEEP_BASE,
+            2,
+            Arc::new(Mutex::new(AcpiSleep::new(device_events.clone()))),
+        )
+        .map_err(bus_err)?;
+        if let Some(port) = config.test_exit_port {
+            pio.insert(
+                port,
+                1,
+                Arc::new(Mutex::new(TestExitPort::new(device_events.clone()))),
+            )
+            .map_err(|e| Error::Setup(format!("test exit port {port:#x}: {e}")))?;
+        }
+        let pio = Arc::new(pio);
+
+        // vCPUs.
+        let supported_msrs = kvm
+            .get_msr_index_list()
+            .map_err(kvm_err("get MSR index list"))?;
+        let boot_msrs = msr::boot_msrs(supported_msrs.as_slice());
+        let base_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("get supported CPUID"))?;
+        let mut fds = Vec::new();
+        let mut tsc_khz = 0;
+        for id in 0..config.cpus {
+            let fd = vm_fd
+                .create_vcpu(u64::from(id))
+                .map_err(kvm_err("create vCPU"))?;
+            if id == 0 {
+                tsc_khz = fd.get_tsc_khz().unwrap_or(0);
+            }
+            let mut entries = base_cpuid.as_slice().to_vec();
+            cpuid::filter(&mut entries, profile, tsc_khz);
+            cpuid::set_vcpu_topology(&mut entries, id, config.cpus);
+            let cpuid = kvm_bindings::CpuId::from_entries(&entries)
+                .map_err(|e| Error::Setup(format!("CPUID table: {e:?}")))?;
+            fd.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
+            let msrs = Msrs::from_entries(&boot_msrs)
+                .map_err(|e| Error::Setup(format!("MSR table: {e:?}")))?;
+            fd.set_msrs(&msrs).map_err(kvm_err("set MSRs"))?;
+            fd.set_fpu(&regs::boot_fpu()).map_err(kvm_err("set FPU"))?;
+            let mut lapic = fd.get_lapic().map_err(kvm_err("get LAPIC"))?;
+            regs::set_lint(&mut lapic);
+            fd.set_lapic(&lapic).map_err(kvm_err("set LAPIC"))?;
+            if id == 0 {
+                let sregs = fd.get_sregs().map_err(kvm_err("get sregs"))?;
+                let sregs = regs::boot_sregs(&mem, boot.mode, sregs)
+                    .map_err(|e| Error::Setup(e.to_string()))?;
+                fd.set_sregs(&sregs).map_err(kvm_err("set sregs"))?;
+                fd.set_regs(&regs::boot_regs(
+                    boot.mode,
+                    vm_memory::GuestAddress(boot.entry),
+                ))
+                .map_err(kvm_err("set regs"))?;
+            }
+            fds.push(fd);
+        }
+
+        vcpu::register_kick_handler()
+            .map_err(|e| Error::Setup(format!("vCPU kick signal handler: {e}")))?;
+        let vcpu_stop: StopSlot = Arc::new(Mutex::new(None));
+        let mut vcpus = Vec::new();
+        for (id, fd) in fds.into_iter().enumerate() {
+            let shared = Arc::new(VcpuShared::new(id as u8));
+            let stop = vcpu_stop.clone();
+            let evt = exit_evt.clone();
+            let vcpu = Vcpu {
+                fd,
+                shared: shared.clone(),
+                pio: pio.clone(),
+                mem: mem.clone(),
+                on_stop: Box::new(move |id, reason| {
+                    if let Ok(mut s) = stop.lock() {
+                        s.get_or_insert((id, reason));
+                    }
+                    let _ = evt.write(1);
+                }),
+            };
+            let thread = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || vcpu.run())
+                .map_err(|e| Error::Setup(format!("cannot start vCPU thread: {e}")))?;
+            vcpus.push(VcpuHandle {
+                shared,
+                thread: Some(thread),
+            });
+        }
+
+        Ok(Vm {
+            _vm_fd: vm_fd,
+            mem,
+            vcpus,
+            serial,
+            boot,
+            host_kind,
+            profile,
+            tsc_khz,
+            device_events,
+            vcpu_stop,
+            exit_evt,
+            started: Instant::now(),
+            config,
+        })
+    }
+
+    fn request_all(&self, r: Request) {
+        for v in &self.vcpus {
+            v.shared.request(r);
+            v.kick();
+        }
+    }
+
+    /// Pauses every vCPU and waits until each acknowledged.
+    pub fn pause(&self) -> Result<(), String> {
+        self.request_all(Request::Pause);
+        for v in &self.vcpus {
+            if !v
+                .shared
+                .wait_for(&[VcpuState::Paused], Duration::from_secs(5))
+            {
+                return Err(format!(
+                    "vCPU {} did not pause (state {:?})",
+                    v.shared.id,
+                    v.shared.state()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn resume(&self) -> Result<(), String> {
+        self.request_all(Request::Run);
+        for v in &self.vcpus {
+            if !v
+                .shared
+                .wait_for(&[VcpuState::Running], Duration::from_secs(5))
+            {
+                return Err(format!(
+                    "vCPU {} did not resume (state {:?})",
+                    v.shared.id,
+                    v.shared.state()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.vcpus
+            .iter()
+            .all(|v| v.shared.state() == VcpuState::Paused)
+    }
+
+    /// Stops and joins every vCPU thread.
+    pub fn stop(&mut self) {
+        self.request_all(Request::Exit);
+        for v in &mut self.vcpus {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while v.shared.state() != VcpuState::Exited && Instant::now() < deadline {
+                v.kick();
+                v.shared
+                    .wait_for(&[VcpuState::Exited], Duration::from_millis(20));
+            }
+            if let Some(t) = v.thread.take() {
+                if v.shared.state() == VcpuState::Exited {
+                    let _ = t.join();
+                } else {
+                    tracing::warn!("vCPU {} did not stop; leaving its thread", v.shared.id);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
