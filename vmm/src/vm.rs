@@ -291,16 +291,13 @@ impl Vm {
         }
     }
 
-    /// Pauses every vCPU and waits until each acknowledged.
-    pub fn pause(&self) -> Result<(), String> {
-        self.request_all(Request::Pause);
+    /// Sets `r` on every vCPU and waits until each reached `state`.
+    fn request_and_wait(&self, r: Request, state: VcpuState, verb: &str) -> Result<(), String> {
+        self.request_all(r);
         for v in &self.vcpus {
-            if !v
-                .shared
-                .wait_for(&[VcpuState::Paused], Duration::from_secs(5))
-            {
+            if !v.shared.wait_for(&[state], Duration::from_secs(5)) {
                 return Err(format!(
-                    "vCPU {} did not pause (state {:?})",
+                    "vCPU {} did not {verb} (state {:?})",
                     v.shared.id,
                     v.shared.state()
                 ));
@@ -309,21 +306,13 @@ impl Vm {
         Ok(())
     }
 
+    /// Pauses every vCPU and waits until each acknowledged.
+    pub fn pause(&self) -> Result<(), String> {
+        self.request_and_wait(Request::Pause, VcpuState::Paused, "pause")
+    }
+
     pub fn resume(&self) -> Result<(), String> {
-        self.request_all(Request::Run);
-        for v in &self.vcpus {
-            if !v
-                .shared
-                .wait_for(&[VcpuState::Running], Duration::from_secs(5))
-            {
-                return Err(format!(
-                    "vCPU {} did not resume (state {:?})",
-                    v.shared.id,
-                    v.shared.state()
-                ));
-            }
-        }
-        Ok(())
+        self.request_and_wait(Request::Run, VcpuState::Running, "resume")
     }
 
     pub fn is_paused(&self) -> bool {
