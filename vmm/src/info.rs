@@ -15,6 +15,7 @@ pub fn vm_info(vm: &Vm) -> serde_json::Value {
                 "exits": v.shared.exits.load(Ordering::Relaxed),
                 "io_exits": v.shared.io_exits.load(Ordering::Relaxed),
                 "mmio_exits": v.shared.mmio_exits.load(Ordering::Relaxed),
+                "pvm_assists": v.shared.pvm_assists.load(Ordering::Relaxed),
             })
         })
         .collect();
@@ -25,6 +26,7 @@ pub fn vm_info(vm: &Vm) -> serde_json::Value {
         "host_kind": vm.host_kind,
         "cpu_profile": vm.profile,
         "tsc_khz": vm.tsc_khz,
+        "kvm_forced_features": vm.kvm_forced_features,
         "boot": vm.boot,
         "memory": { "bytes": vm.config.memory_bytes, "hugepages": vm.config.hugepages },
         "vcpus": vcpus,

@@ -5,9 +5,10 @@
 //! `kvm_run`, so `KVM_RUN` returns `EINTR` whether the signal arrived inside
 //! or just before the ioctl. The vCPU then honours the request (pause: park
 //! on a condition variable and acknowledge; exit: leave the loop).
+use crate::arch::pvm_assist::{self, Assist};
 use crate::memory::GuestMemoryMmap;
 use devices::bus::PioBus;
-use kvm_bindings::kvm_run;
+use kvm_bindings::{kvm_regs, kvm_run, kvm_sregs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -75,6 +76,8 @@ pub struct VcpuShared {
     pub exits: AtomicU64,
     pub io_exits: AtomicU64,
     pub mmio_exits: AtomicU64,
+    /// Instructions run for a PVM host's ring-0 emulator (see `pvm_assist`).
+    pub pvm_assists: AtomicU64,
 }
 
 impl VcpuShared {
@@ -87,6 +90,7 @@ impl VcpuShared {
             exits: AtomicU64::new(0),
             io_exits: AtomicU64::new(0),
             mmio_exits: AtomicU64::new(0),
+            pvm_assists: AtomicU64::new(0),
         }
     }
 
@@ -168,6 +172,8 @@ pub struct Vcpu {
     pub shared: Arc<VcpuShared>,
     pub pio: Arc<PioBus>,
     pub mem: GuestMemoryMmap,
+    /// On a PVM host: run instructions the ring-0 emulator lacks (`pvm_assist`).
+    pub pvm_assist_enabled: bool,
     /// Called once with the reason when this vCPU stops the VM.
     pub on_stop: Box<dyn Fn(u8, VcpuStop) + Send>,
 }
@@ -200,6 +206,7 @@ impl Vcpu {
             let reason = match step {
                 Step::Continue => continue,
                 Step::Stop(reason) => reason,
+                Step::InternalError if self.pvm_assist_enabled && self.pvm_assist() => continue,
                 Step::InternalError => VcpuStop::Failure(self.describe_internal_error()),
             };
             (self.on_stop)(id, reason);
@@ -241,6 +248,63 @@ impl Vcpu {
         }
     }
 
+    /// The registers and the 15 bytes at the guest's RIP (None where RIP
+    /// does not translate to guest memory).
+    fn code_at_rip(&self) -> Option<(kvm_regs, kvm_sregs, Option<[u8; 15]>)> {
+        let regs = self.fd.get_regs().ok()?;
+        let sregs = self.fd.get_sregs().ok()?;
+        let linear = sregs.cs.base.wrapping_add(regs.rip);
+        let gpa = if sregs.cr0 & (1 << 31) != 0 {
+            self.fd
+                .translate_gva(linear)
+                .ok()
+                .filter(|t| t.valid != 0)
+                .map(|t| t.physical_address)
+        } else {
+            Some(linear)
+        };
+        let mut bytes = [0u8; 15];
+        let bytes = gpa
+            .and_then(|a| self.mem.read_slice(&mut bytes, GuestAddress(a)).ok())
+            .map(|()| bytes);
+        Some((regs, sregs, bytes))
+    }
+
+    /// Runs, on the emulator's behalf, an instruction that a PVM host's ring-0
+    /// emulator reports as an internal error (`arch::pvm_assist`: `int3`,
+    /// `popcnt`). Returns false when the instruction is not one we know.
+    fn pvm_assist(&mut self) -> bool {
+        let Some((regs, _, Some(code))) = self.code_at_rip() else {
+            return false;
+        };
+        let Some(assist) = pvm_assist::assist(&regs, &code) else {
+            return false;
+        };
+        let ok = match &assist {
+            Assist::Done(r) => self.fd.set_regs(r).is_ok(),
+            Assist::Inject(r, vector) => match self.fd.get_vcpu_events() {
+                Ok(mut events) => {
+                    events.exception.injected = 1;
+                    events.exception.nr = *vector;
+                    events.exception.has_error_code = 0;
+                    events.exception.error_code = 0;
+                    self.fd.set_regs(r).is_ok() && self.fd.set_vcpu_events(&events).is_ok()
+                }
+                Err(_) => false,
+            },
+        };
+        if ok {
+            tracing::trace!(
+                "vCPU {}: ran {} at {:#x}",
+                self.shared.id,
+                assist.mnemonic(),
+                regs.rip
+            );
+            self.shared.pvm_assists.fetch_add(1, Ordering::Relaxed);
+        }
+        ok
+    }
+
     /// "KVM internal error (suberror N) at RIP ...: instruction bytes ..."
     fn describe_internal_error(&mut self) -> String {
         let suberror = {
@@ -250,28 +314,17 @@ impl Vcpu {
             unsafe { run.__bindgen_anon_1.internal.suberror }
         };
         let mut msg = format!("KVM internal error (suberror {suberror})");
-        if let (Ok(regs), Ok(sregs)) = (self.fd.get_regs(), self.fd.get_sregs()) {
+        if let Some((regs, sregs, bytes)) = self.code_at_rip() {
             msg += &format!(
                 " at RIP {:#x} (CS base {:#x}, CR0 {:#x})",
                 regs.rip, sregs.cs.base, sregs.cr0
             );
-            let linear = sregs.cs.base.wrapping_add(regs.rip);
-            let gpa = if sregs.cr0 & (1 << 31) != 0 {
-                self.fd
-                    .translate_gva(linear)
-                    .ok()
-                    .filter(|t| t.valid != 0)
-                    .map(|t| t.physical_address)
-            } else {
-                Some(linear)
-            };
-            let mut bytes = [0u8; 15];
-            match gpa.map(|a| self.mem.read_slice(&mut bytes, GuestAddress(a))) {
-                Some(Ok(())) => {
-                    let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            match bytes {
+                Some(b) => {
+                    let hex: Vec<String> = b.iter().map(|b| format!("{b:02x}")).collect();
                     msg += &format!(": instruction bytes {}", hex.join(" "));
                 }
-                _ => msg += ": instruction bytes unavailable",
+                None => msg += ": instruction bytes unavailable",
             }
         }
         msg

@@ -82,6 +82,8 @@ pub struct Vm {
     pub host_kind: HostKind,
     pub profile: CpuProfile,
     pub tsc_khz: u32,
+    /// Features the CPU profile hides that KVM shows the guest anyway.
+    pub kvm_forced_features: Vec<&'static str>,
     pub device_events: EventSink,
     pub vcpu_stop: StopSlot,
     pub exit_evt: Arc<EventFd>,
@@ -104,6 +106,24 @@ fn console_writer(console: &Console) -> Result<Box<dyn Write + Send>, Error> {
                 })?,
         ),
     })
+}
+
+/// KVM may add back features the profile hides: on PVM hosts, features that
+/// guest ring 3 can use natively (XSAVE, AVX, ...) are always reported.
+/// Reads the vCPU's table back and returns (and logs) what KVM kept.
+fn forced_features(fd: &kvm_ioctls::VcpuFd, profile: CpuProfile) -> Vec<&'static str> {
+    let Ok(back) = fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES) else {
+        return vec![];
+    };
+    let forced = cpuid::still_visible(back.as_slice(), profile);
+    if forced.contains(&"xsave") {
+        tracing::info!(
+            "KVM keeps CPU features the {profile:?} profile hides: {}; a Linux guest \
+             needs `noxsave` on its command line (docs/pvm-hosts.md)",
+            forced.join(" ")
+        );
+    }
+    forced
 }
 
 impl Vm {
@@ -203,6 +223,7 @@ impl Vm {
             .map_err(kvm_err("get supported CPUID"))?;
         let mut fds = Vec::new();
         let mut tsc_khz = 0;
+        let mut kvm_forced = vec![];
         for id in 0..config.cpus {
             let fd = vm_fd
                 .create_vcpu(u64::from(id))
@@ -216,6 +237,9 @@ impl Vm {
             let cpuid = kvm_bindings::CpuId::from_entries(&entries)
                 .map_err(|e| Error::Setup(format!("CPUID table: {e:?}")))?;
             fd.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
+            if id == 0 {
+                kvm_forced = forced_features(&fd, profile);
+            }
             let msrs = Msrs::from_entries(&boot_msrs)
                 .map_err(|e| Error::Setup(format!("MSR table: {e:?}")))?;
             fd.set_msrs(&msrs).map_err(kvm_err("set MSRs"))?;
@@ -250,6 +274,7 @@ impl Vm {
                 shared: shared.clone(),
                 pio: pio.clone(),
                 mem: mem.clone(),
+                pvm_assist_enabled: host_kind == HostKind::Pvm,
                 on_stop: Box::new(move |id, reason| {
                     if let Ok(mut s) = stop.lock() {
                         s.get_or_insert((id, reason));
@@ -276,6 +301,7 @@ impl Vm {
             host_kind,
             profile,
             tsc_khz,
+            kvm_forced_features: kvm_forced,
             device_events,
             vcpu_stop,
             exit_evt,

@@ -1,29 +1,15 @@
 //! End-to-end tests: the real `ffmk-vmm` binary boots the probe guest under
 //! real KVM. Build the guest first: `guest-images/build probe` (ci/test does).
-use std::io::{BufRead, BufReader, Read, Write};
-use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+mod common;
 
-fn vmm() -> &'static str {
-    env!("CARGO_BIN_EXE_ffmk-vmm")
-}
+use common::{tmpdir, vmm, Running};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 fn probe() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../guest-images/out/probe.elf");
-    assert!(
-        p.exists(),
-        "{} is missing: run guest-images/build probe",
-        p.display()
-    );
-    p
-}
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("ffmk-test-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::image("probe.elf", "guest-images/build probe")
 }
 
 fn run_probe(task: &str, cpus: u32, memory: &str) -> Output {
@@ -62,6 +48,39 @@ fn hello_reports_every_vcpu() {
             "{out:?}"
         );
         assert_eq!(value(&out, "hello").as_deref(), Some("ffmk-probe"));
+    }
+}
+
+#[test]
+fn cpu_profile_decides_what_cpuid_shows_the_guest() {
+    let run = |profile: &str| {
+        let out = Command::new(vmm())
+            .args(["run", "--kernel"])
+            .arg(probe())
+            .args([
+                "--cmdline",
+                "task=hello",
+                "--memory",
+                "64M",
+                "--test-exit-port",
+            ])
+            .args(["--cpu-profile", profile])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        out
+    };
+    // CX16 is hidden by the pvm profile on every host (KVM honours it even
+    // on PVM hosts, unlike XSAVE: docs/pvm-hosts.md).
+    assert_eq!(value(&run("pvm"), "cpu_cx16").as_deref(), Some("0"));
+    let host_has_cx16 = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "cx16"));
+    let expect = if host_has_cx16 { "1" } else { "0" };
+    assert_eq!(value(&run("host"), "cpu_cx16").as_deref(), Some(expect));
+    if !std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        assert_eq!(value(&run("pvm"), "cpu_xsave").as_deref(), Some("0"));
     }
 }
 
@@ -113,68 +132,27 @@ fn crashes_and_resets_end_the_vm_cleanly_and_are_reported() {
     assert_eq!(out.status.code(), Some(42));
 }
 
-/// A running VM whose console lines arrive on a channel.
-struct Running {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Running {
-    fn start(args: &[&str]) -> Running {
-        let mut child = Command::new(vmm())
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let (tx, rx) = mpsc::channel();
-        let out = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        Running { child, lines: rx }
-    }
-
-    fn next_counter(&self, within: Duration) -> Option<u64> {
-        let deadline = Instant::now() + within;
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match self.lines.recv_timeout(left) {
-                Ok(l) => {
-                    if let Some(n) = l.strip_prefix("counter=") {
-                        return n.trim().parse().ok();
-                    }
-                }
-                Err(_) => return None,
-            }
-        }
-        None
-    }
-
-    fn wait(mut self, within: Duration) -> (Option<i32>, String) {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                let mut err = String::new();
-                self.child
-                    .stderr
-                    .take()
-                    .unwrap()
-                    .read_to_string(&mut err)
-                    .unwrap();
-                return (s.code(), err);
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("ffmk-vmm did not exit in time");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
+/// The `required:` list of a schema in docs/api.yaml (kept true by the test
+/// that reads GET /vm).
+fn documented_required(schema: &str) -> Vec<String> {
+    let yaml = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/api.yaml"))
+        .expect("docs/api.yaml");
+    let from = yaml
+        .find(&format!("\n    {schema}:\n"))
+        .unwrap_or_else(|| panic!("schema {schema} in docs/api.yaml"));
+    let line = yaml[from..]
+        .lines()
+        .find(|l| l.trim_start().starts_with("required:"))
+        .expect("required list");
+    let list = line.split_once('[').and_then(|(_, r)| r.split_once(']'));
+    let keys: Vec<String> = list
+        .expect("required: [a, b]")
+        .0
+        .split(',')
+        .map(|k| k.trim().to_string())
+        .collect();
+    assert!(keys.len() > 3, "{keys:?}");
+    keys
 }
 
 fn api(sock: &PathBuf, cmd: &str) -> Output {
@@ -190,7 +168,7 @@ fn counter_survives_pause_and_resume_through_the_api() {
     let dir = tmpdir("pause");
     let sock = dir.join("api.sock");
     let probe = probe();
-    let vm = Running::start(&[
+    let mut vm = Running::start(&[
         "run",
         "--kernel",
         probe.to_str().unwrap(),
@@ -223,6 +201,12 @@ fn counter_survives_pause_and_resume_through_the_api() {
     let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
     assert_eq!(v["state"], "paused");
     assert_eq!(v["vcpus"].as_array().unwrap().len(), 2);
+    for key in documented_required("VmInfo") {
+        assert!(
+            v.get(&key).is_some(),
+            "GET /vm lacks {key}, which docs/api.yaml requires"
+        );
+    }
     let again = api(&sock, "pause");
     assert_eq!(again.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&again.stderr).contains("already paused"));
@@ -242,7 +226,7 @@ fn counter_survives_pause_and_resume_through_the_api() {
 #[test]
 fn sigterm_stops_the_vm_cleanly() {
     let probe = probe();
-    let vm = Running::start(&[
+    let mut vm = Running::start(&[
         "run",
         "--kernel",
         probe.to_str().unwrap(),

@@ -32,6 +32,8 @@ pub extern "C" fn probe_cpu_main(idx: u64) -> ! {
     if idx != 0 {
         smp::ap_main(idx);
     }
+    // The first thing the boot CPU does in ring 3; ci/bench-boot times it.
+    println!("probe=ring3");
     let mut info = boot::BootInfo::read();
     time::init();
     let args = info.args();

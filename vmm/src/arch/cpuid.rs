@@ -15,6 +15,7 @@ pub const PVM_HIDDEN: &[(u32, u32, Reg, u32, &str)] = &[
     (7, 0, Reg::Ebx, 5, "avx2"),
     (7, 0, Reg::Ebx, 14, "mpx"),
     (7, 0, Reg::Ebx, 16, "avx512f"),
+    (7, 0, Reg::Ebx, 20, "smap"),
     (7, 0, Reg::Ebx, 17, "avx512dq"),
     (7, 0, Reg::Ebx, 21, "avx512ifma"),
     (7, 0, Reg::Ebx, 26, "avx512pf"),
@@ -63,6 +64,27 @@ pub fn hidden_features(profile: CpuProfile) -> Vec<&'static str> {
         CpuProfile::Pvm => PVM_HIDDEN.iter().map(|h| h.4).collect(),
         CpuProfile::Host => vec![],
     }
+}
+
+/// The features `profile` hides that are still set in `entries` (a vCPU's
+/// table read back from KVM).
+pub fn still_visible(entries: &[kvm_cpuid_entry2], profile: CpuProfile) -> Vec<&'static str> {
+    if profile != CpuProfile::Pvm {
+        return vec![];
+    }
+    PVM_HIDDEN
+        .iter()
+        .filter(|&&(leaf, sub, r, bit, _)| {
+            entries
+                .iter()
+                .filter(|e| e.function == leaf && e.index == sub)
+                .any(|e| {
+                    let mut e = *e;
+                    *reg(&mut e, r) & (1 << bit) != 0
+                })
+        })
+        .map(|h| h.4)
+        .collect()
 }
 
 /// Applies the host profile and the VM-wide leaves (TSC frequency).
@@ -187,6 +209,16 @@ mod tests {
                 .eax,
             TSC_FREQ_LEAF
         );
+    }
+
+    #[test]
+    fn reports_hidden_features_that_kvm_set_again() {
+        let mut e = sample();
+        filter(&mut e, CpuProfile::Pvm, 0);
+        assert!(still_visible(&e, CpuProfile::Pvm).is_empty());
+        e[0].ecx |= 1 << 26;
+        assert_eq!(still_visible(&e, CpuProfile::Pvm), vec!["xsave"]);
+        assert!(still_visible(&e, CpuProfile::Host).is_empty());
     }
 
     #[test]

@@ -4,4 +4,5 @@ pub mod acpi;
 pub mod cpuid;
 pub mod layout;
 pub mod msr;
+pub mod pvm_assist;
 pub mod regs;

@@ -37,6 +37,11 @@ fn hello(info: &BootInfo, ncpus: usize) -> u8 {
     println!("cpus={ncpus}");
     println!("mem_mib={}", info.mem_bytes >> 20);
     println!("tsc_khz={}", time::tsc_khz());
+    // What CPUID shows the guest (ring 3): the VMM's CPU profile decides.
+    let ecx1 = arch::cpuid(1, 0)[2];
+    println!("cpu_cx16={}", (ecx1 >> 13) & 1);
+    println!("cpu_xsave={}", (ecx1 >> 26) & 1);
+    println!("cpu_xsave_leaf_eax={:#x}", arch::cpuid(0xd, 0)[0]);
     println!("cmdline={}", info.cmdline);
     0
 }
