@@ -1,43 +1,45 @@
-//! The port-I/O bus: maps port ranges to devices.
+//! Address buses: map address ranges to devices. One [`Bus`] routes a vCPU's
+//! port I/O (`in`/`out`), another its MMIO exits; both use the same
+//! [`BusDevice`] interface.
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-/// A device on the port-I/O bus. `offset` is relative to the range's base.
-pub trait PioDevice: Send {
-    fn read(&mut self, offset: u16, data: &mut [u8]);
-    fn write(&mut self, offset: u16, data: &[u8]);
+/// A device on a bus. `offset` is relative to the base of its range.
+pub trait BusDevice: Send {
+    fn read(&mut self, offset: u64, data: &mut [u8]);
+    fn write(&mut self, offset: u64, data: &[u8]);
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BusError {
-    #[error("port range {base:#x}+{len} overlaps an existing device")]
-    Overlap { base: u16, len: u16 },
-    #[error("port range {base:#x}+{len} is empty or wraps around")]
-    BadRange { base: u16, len: u16 },
+    #[error("address range {base:#x}+{len:#x} overlaps an existing device")]
+    Overlap { base: u64, len: u64 },
+    #[error("address range {base:#x}+{len:#x} is empty or wraps around")]
+    BadRange { base: u64, len: u64 },
 }
 
-type Slot = (u16, Arc<Mutex<dyn PioDevice>>);
+pub type SharedDevice = Arc<Mutex<dyn BusDevice>>;
 
-/// Port-I/O bus shared by every vCPU thread.
+/// A bus shared by every vCPU thread.
 #[derive(Default, Clone)]
-pub struct PioBus {
+pub struct Bus {
     /// base -> (len, device)
-    devices: BTreeMap<u16, Slot>,
+    devices: BTreeMap<u64, (u64, SharedDevice)>,
 }
 
-impl PioBus {
+/// The port-I/O bus (ports are addresses below 0x10000).
+pub type PioBus = Bus;
+/// The MMIO bus (guest-physical addresses no RAM backs).
+pub type MmioBus = Bus;
+
+impl Bus {
     pub fn new() -> Self {
         Self::default()
     }
 
-    pub fn insert(
-        &mut self,
-        base: u16,
-        len: u16,
-        dev: Arc<Mutex<dyn PioDevice>>,
-    ) -> Result<(), BusError> {
+    pub fn insert(&mut self, base: u64, len: u64, dev: SharedDevice) -> Result<(), BusError> {
         let end = base
-            .checked_add(len - 1)
+            .checked_add(len.wrapping_sub(1))
             .filter(|_| len > 0)
             .ok_or(BusError::BadRange { base, len })?;
         let overlaps = self
@@ -52,14 +54,15 @@ impl PioBus {
         Ok(())
     }
 
-    fn find(&self, port: u16) -> Option<(u16, &Arc<Mutex<dyn PioDevice>>)> {
-        let (base, (len, dev)) = self.devices.range(..=port).next_back()?;
-        (port - base < *len).then_some((port - base, dev))
+    fn find(&self, addr: u64) -> Option<(u64, &SharedDevice)> {
+        let (base, (len, dev)) = self.devices.range(..=addr).next_back()?;
+        (addr - base < *len).then_some((addr - base, dev))
     }
 
-    /// Reads from the device at `port`; unclaimed ports read as all ones, as on a PC.
-    pub fn read(&self, port: u16, data: &mut [u8]) -> bool {
-        match self.find(port) {
+    /// Reads from the device at `addr`; unclaimed addresses read as all
+    /// ones, as on a PC. Returns whether a device claimed the access.
+    pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
+        match self.find(addr) {
             Some((off, dev)) => {
                 if let Ok(mut d) = dev.lock() {
                     d.read(off, data);
@@ -73,9 +76,9 @@ impl PioBus {
         }
     }
 
-    /// Writes to the device at `port`; writes to unclaimed ports are dropped.
-    pub fn write(&self, port: u16, data: &[u8]) -> bool {
-        match self.find(port) {
+    /// Writes to the device at `addr`; writes to unclaimed addresses are dropped.
+    pub fn write(&self, addr: u64, data: &[u8]) -> bool {
+        match self.find(addr) {
             Some((off, dev)) => {
                 if let Ok(mut d) = dev.lock() {
                     d.write(off, data);
@@ -91,19 +94,19 @@ impl PioBus {
 mod tests {
     use super::*;
 
-    struct Latch(Vec<(u16, u8)>);
-    impl PioDevice for Latch {
-        fn read(&mut self, offset: u16, data: &mut [u8]) {
+    struct Latch(Vec<(u64, u8)>);
+    impl BusDevice for Latch {
+        fn read(&mut self, offset: u64, data: &mut [u8]) {
             data.fill(offset as u8);
         }
-        fn write(&mut self, offset: u16, data: &[u8]) {
+        fn write(&mut self, offset: u64, data: &[u8]) {
             self.0.push((offset, data[0]));
         }
     }
 
     #[test]
     fn routes_by_range_and_rejects_overlaps() {
-        let mut bus = PioBus::new();
+        let mut bus = Bus::new();
         let dev = Arc::new(Mutex::new(Latch(vec![])));
         bus.insert(0x3f8, 8, dev.clone()).unwrap();
         assert_eq!(
@@ -122,12 +125,16 @@ mod tests {
         );
         bus.insert(0x3f0, 8, dev.clone()).unwrap();
         assert_eq!(
-            bus.insert(0xffff, 2, dev.clone()),
+            bus.insert(u64::MAX, 2, dev.clone()),
             Err(BusError::BadRange {
-                base: 0xffff,
+                base: u64::MAX,
                 len: 2
             })
         );
+        assert!(matches!(
+            bus.insert(0x1000, 0, dev.clone()),
+            Err(BusError::BadRange { .. })
+        ));
         let mut b = [0u8; 1];
         assert!(bus.read(0x3fd, &mut b));
         assert_eq!(b[0], 5);
@@ -135,5 +142,9 @@ mod tests {
         assert_eq!(b[0], 0xff);
         assert!(bus.write(0x3f9, &[7]));
         assert_eq!(dev.lock().unwrap().0, vec![(1, 7)]);
+        // MMIO-sized addresses.
+        bus.insert(0xfeb0_0000, 0x1000, dev.clone()).unwrap();
+        assert!(bus.read(0xfeb0_0fff, &mut b));
+        assert_eq!(b[0], 0xff);
     }
 }

@@ -1,5 +1,5 @@
 //! Legacy PC devices at fixed ports.
-use crate::bus::PioDevice;
+use crate::bus::BusDevice;
 use crate::{EventSink, VmEvent};
 use std::io::Write;
 use vm_superio::{Serial, Trigger};
@@ -50,13 +50,13 @@ impl SerialPort {
     }
 }
 
-impl PioDevice for SerialPort {
-    fn read(&mut self, offset: u16, data: &mut [u8]) {
+impl BusDevice for SerialPort {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
         if let Some(b) = data.first_mut() {
             *b = self.inner.read(offset as u8);
         }
     }
-    fn write(&mut self, offset: u16, data: &[u8]) {
+    fn write(&mut self, offset: u64, data: &[u8]) {
         if let Some(&b) = data.first() {
             if let Err(e) = self.inner.write(offset as u8, b) {
                 tracing::warn!("serial write failed: {e:?}");
@@ -80,8 +80,8 @@ impl I8042 {
     }
 }
 
-impl PioDevice for I8042 {
-    fn read(&mut self, offset: u16, data: &mut [u8]) {
+impl BusDevice for I8042 {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
         // Status register (0x64): output buffer empty, input buffer empty.
         // Data register (0x60): nothing to read.
         data.fill(0);
@@ -91,7 +91,7 @@ impl PioDevice for I8042 {
             }
         }
     }
-    fn write(&mut self, offset: u16, data: &[u8]) {
+    fn write(&mut self, offset: u64, data: &[u8]) {
         if offset == 4 && data.first() == Some(&0xfe) {
             self.sink.report(VmEvent::Reset);
         }
@@ -112,11 +112,11 @@ impl AcpiSleep {
     }
 }
 
-impl PioDevice for AcpiSleep {
-    fn read(&mut self, _offset: u16, data: &mut [u8]) {
+impl BusDevice for AcpiSleep {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
     }
-    fn write(&mut self, offset: u16, data: &[u8]) {
+    fn write(&mut self, offset: u64, data: &[u8]) {
         if offset == 0 && data.first().is_some_and(|v| v & Self::SLP_EN != 0) {
             self.sink.report(VmEvent::PowerOff);
         }
@@ -134,11 +134,11 @@ impl TestExitPort {
     }
 }
 
-impl PioDevice for TestExitPort {
-    fn read(&mut self, _offset: u16, data: &mut [u8]) {
+impl BusDevice for TestExitPort {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
     }
-    fn write(&mut self, _offset: u16, data: &[u8]) {
+    fn write(&mut self, _offset: u64, data: &[u8]) {
         if let Some(&status) = data.first() {
             self.sink.report(VmEvent::TestExit(status));
         }

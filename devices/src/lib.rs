@@ -1,6 +1,7 @@
 //! Devices of ffmk-vmm.
 //!
-//! - [`bus`]: the port-I/O bus that routes a vCPU's `in`/`out` exit to a device;
+//! - [`bus`]: the port-I/O and MMIO buses that route a vCPU's exits to a device;
+//! - [`pci`]: the PCI root bus (config mechanism #1, ECAM, BAR windows);
 //! - [`legacy`]: the PC devices a guest expects at fixed ports: 8250 serial
 //!   (through vm-superio), the i8042 reset line, an ACPI sleep register
 //!   (poweroff) and the opt-in test exit port.
@@ -9,6 +10,7 @@
 //! [`EventSink`], and the monitor decides what to do with it.
 pub mod bus;
 pub mod legacy;
+pub mod pci;
 
 use std::sync::{Arc, Mutex};
 use vmm_sys_util::eventfd::EventFd;

@@ -360,8 +360,11 @@ mod tests {
         write_zero_page(&mem, &e820, Some((0x3000000, 0x1234)), None, 10).unwrap();
         let p: boot_params = mem.read_obj(ZERO_PAGE_START).unwrap();
         assert_eq!(p.e820_entries as usize, e820.len());
-        let last = p.e820_table[e820.len() - 1];
-        assert_eq!({ last.addr }, HIGH_MEMORY_START.0);
+        let ram = p.e820_table[e820.len() - 2];
+        assert_eq!({ ram.addr }, HIGH_MEMORY_START.0);
+        let ecam = p.e820_table[e820.len() - 1];
+        assert_eq!({ ecam.addr }, PCI_ECAM_START);
+        assert_eq!({ ecam.r#type }, E820_RESERVED);
         assert_eq!({ p.hdr.ramdisk_image }, 0x3000000);
         assert_eq!({ p.hdr.cmd_line_ptr }, CMDLINE_START.0 as u32);
         assert_eq!({ p.hdr.boot_flag }, KERNEL_BOOT_FLAG_MAGIC);

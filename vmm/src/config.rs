@@ -20,7 +20,20 @@ pub enum Error {
     NoKernel,
     #[error("--cpus must be between 1 and {max} (got {got})")]
     Cpus { got: u32, max: u32 },
+    #[error("test exit port {0:#x} is taken by a device ({1}); pick another port")]
+    ExitPortTaken(u16, &'static str),
 }
+
+/// Ports the VMM's own devices use (a test exit port must avoid them).
+pub const RESERVED_PORTS: &[(u16, u16, &str)] = &[
+    (0x20, 0x21, "PIC"),
+    (0x40, 0x43, "PIT"),
+    (0x60, 0x64, "i8042"),
+    (0xa0, 0xa1, "PIC"),
+    (0x3f8, 0x3ff, "COM1"),
+    (0x600, 0x601, "ACPI sleep registers"),
+    (0xcf8, 0xcff, "PCI configuration"),
+];
 
 /// Everything `run` accepts, as it appears in a TOML file.
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -128,6 +141,14 @@ impl RunConfig {
                 max: MAX_VCPUS,
             });
         }
+        if let Some(port) = c.test_exit_port {
+            if let Some(&(_, _, what)) = RESERVED_PORTS
+                .iter()
+                .find(|(lo, hi, _)| (*lo..=*hi).contains(&port))
+            {
+                return Err(Error::ExitPortTaken(port, what));
+            }
+        }
         Ok(RunConfig {
             kernel: c.kernel.ok_or(Error::NoKernel)?,
             initrd: c.initrd,
@@ -233,6 +254,15 @@ mod tests {
         assert!(matches!(
             RunConfig::from_file_config(c),
             Err(Error::Cpus { .. })
+        ));
+        let c = FileConfig {
+            kernel: Some("k".into()),
+            test_exit_port: Some(0xcfc),
+            ..Default::default()
+        };
+        assert!(matches!(
+            RunConfig::from_file_config(c),
+            Err(Error::ExitPortTaken(0xcfc, "PCI configuration"))
         ));
     }
 

@@ -19,8 +19,15 @@ pub fn vm_info(vm: &Vm) -> serde_json::Value {
             })
         })
         .collect();
+    let pci: Vec<_> = vm
+        .pci
+        .list()
+        .into_iter()
+        .map(|(slot, name)| json!({ "bdf": format!("00:{slot:02x}.0"), "device": name }))
+        .collect();
     json!({
         "state": state,
+        "pci": pci,
         "uptime_ms": vm.started.elapsed().as_millis() as u64,
         "config": vm.config,
         "host_kind": vm.host_kind,

@@ -7,7 +7,7 @@
 //! on a condition variable and acknowledge; exit: leave the loop).
 use crate::arch::pvm_assist::{self, Assist};
 use crate::memory::GuestMemoryMmap;
-use devices::bus::PioBus;
+use devices::bus::{MmioBus, PioBus};
 use kvm_bindings::{kvm_regs, kvm_run, kvm_sregs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use std::cell::Cell;
@@ -166,11 +166,17 @@ impl VcpuShared {
     }
 }
 
+/// The buses a vCPU's I/O exits go to.
+pub struct Buses {
+    pub pio: PioBus,
+    pub mmio: MmioBus,
+}
+
 /// Everything a vCPU thread owns.
 pub struct Vcpu {
     pub fd: VcpuFd,
     pub shared: Arc<VcpuShared>,
-    pub pio: Arc<PioBus>,
+    pub buses: Arc<Buses>,
     pub mem: GuestMemoryMmap,
     /// On a PVM host: run instructions the ring-0 emulator lacks (`pvm_assist`).
     pub pvm_assist_enabled: bool,
@@ -195,7 +201,7 @@ impl Vcpu {
             let step = match self.fd.run() {
                 Ok(exit) => {
                     self.shared.exits.fetch_add(1, Ordering::Relaxed);
-                    Self::handle_exit(&self.shared, &self.pio, exit)
+                    Self::handle_exit(&self.shared, &self.buses, exit)
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.fd.set_kvm_immediate_exit(0);
@@ -216,25 +222,26 @@ impl Vcpu {
         self.shared.set_state(VcpuState::Exited);
     }
 
-    fn handle_exit(shared: &VcpuShared, pio: &PioBus, exit: VcpuExit) -> Step {
+    fn handle_exit(shared: &VcpuShared, buses: &Buses, exit: VcpuExit) -> Step {
         match exit {
             VcpuExit::IoOut(port, data) => {
                 shared.io_exits.fetch_add(1, Ordering::Relaxed);
-                pio.write(port, data);
+                buses.pio.write(u64::from(port), data);
                 Step::Continue
             }
             VcpuExit::IoIn(port, data) => {
                 shared.io_exits.fetch_add(1, Ordering::Relaxed);
-                pio.read(port, data);
+                buses.pio.read(u64::from(port), data);
                 Step::Continue
             }
-            VcpuExit::MmioRead(_, data) => {
+            VcpuExit::MmioRead(addr, data) => {
                 shared.mmio_exits.fetch_add(1, Ordering::Relaxed);
-                data.fill(0xff);
+                buses.mmio.read(addr, data);
                 Step::Continue
             }
-            VcpuExit::MmioWrite(..) => {
+            VcpuExit::MmioWrite(addr, data) => {
                 shared.mmio_exits.fetch_add(1, Ordering::Relaxed);
+                buses.mmio.write(addr, data);
                 Step::Continue
             }
             VcpuExit::Hlt => Step::Continue,

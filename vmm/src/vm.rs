@@ -1,13 +1,14 @@
 //! Building a VM: memory, the KVM VM (irqchip, PIT, memory slots), the
 //! guest image, legacy devices and the vCPUs with their threads.
-use crate::arch::{cpuid, msr, regs};
+use crate::arch::{cpuid, layout, msr, regs};
 use crate::boot::{self, BootInfo, BootSpec};
 use crate::config::{Console, RunConfig};
 use crate::host::{CpuProfile, HostKind};
 use crate::memory::{self, GuestMemoryMmap};
-use crate::vcpu::{self, Request, Vcpu, VcpuShared, VcpuState, VcpuStop};
-use devices::bus::PioBus;
+use crate::vcpu::{self, Buses, Request, Vcpu, VcpuShared, VcpuState, VcpuStop};
+use devices::bus::{MmioBus, PioBus};
 use devices::legacy::{self, AcpiSleep, SerialPort, TestExitPort, I8042};
+use devices::pci::{PciConfigIo, PciEcam, PciRoot, PciWindow};
 use devices::EventSink;
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
@@ -78,6 +79,7 @@ pub struct Vm {
     pub mem: GuestMemoryMmap,
     pub vcpus: Vec<VcpuHandle>,
     pub serial: Arc<Mutex<SerialPort>>,
+    pub pci: Arc<PciRoot>,
     pub boot: BootInfo,
     pub host_kind: HostKind,
     pub profile: CpuProfile,
@@ -124,6 +126,39 @@ fn forced_features(fd: &kvm_ioctls::VcpuFd, profile: CpuProfile) -> Vec<&'static
         );
     }
     forced
+}
+
+/// The PCI root bus: config mechanism #1 on the port bus, ECAM and the two
+/// BAR windows on the MMIO bus.
+fn attach_pci(
+    pio: &mut PioBus,
+    mmio: &mut MmioBus,
+    mem_bytes: u64,
+) -> Result<Arc<PciRoot>, String> {
+    let high = layout::pci_high_window(mem_bytes);
+    let root = Arc::new(PciRoot::new(layout::PCI_LOW_WINDOW, high).map_err(|e| e.to_string())?);
+    let err = |what: &str, e: devices::bus::BusError| format!("{what}: {e}");
+    pio.insert(
+        u64::from(PciConfigIo::BASE),
+        8,
+        Arc::new(Mutex::new(PciConfigIo::new(root.clone()))),
+    )
+    .map_err(|e| err("PCI config ports", e))?;
+    mmio.insert(
+        layout::PCI_ECAM_START,
+        layout::PCI_ECAM_SIZE,
+        Arc::new(Mutex::new(PciEcam::new(root.clone()))),
+    )
+    .map_err(|e| err("PCI ECAM", e))?;
+    for (base, size) in [layout::PCI_LOW_WINDOW, high] {
+        mmio.insert(
+            base,
+            size,
+            Arc::new(Mutex::new(PciWindow::new(root.clone(), base))),
+        )
+        .map_err(|e| err("PCI window", e))?;
+    }
+    Ok(root)
 }
 
 impl Vm {
@@ -188,30 +223,32 @@ impl Vm {
             .map_err(kvm_err("register serial irqfd"))?;
         let serial = Arc::new(Mutex::new(SerialPort::new(serial_irq, console)));
         let mut pio = PioBus::new();
-        let bus_err = |e: devices::bus::BusError| Error::Setup(e.to_string());
-        pio.insert(legacy::COM1_BASE, 8, serial.clone())
-            .map_err(bus_err)?;
+        let bus_err = |e: String| Error::Setup(e);
+        pio.insert(u64::from(legacy::COM1_BASE), 8, serial.clone())
+            .map_err(|e| bus_err(e.to_string()))?;
         pio.insert(
-            legacy::I8042_DATA,
+            u64::from(legacy::I8042_DATA),
             5,
             Arc::new(Mutex::new(I8042::new(device_events.clone()))),
         )
-        .map_err(bus_err)?;
+        .map_err(|e| bus_err(e.to_string()))?;
         pio.insert(
-            legacy::ACPI_SLEEP_BASE,
+            u64::from(legacy::ACPI_SLEEP_BASE),
             2,
             Arc::new(Mutex::new(AcpiSleep::new(device_events.clone()))),
         )
-        .map_err(bus_err)?;
+        .map_err(|e| bus_err(e.to_string()))?;
         if let Some(port) = config.test_exit_port {
             pio.insert(
-                port,
+                u64::from(port),
                 1,
                 Arc::new(Mutex::new(TestExitPort::new(device_events.clone()))),
             )
             .map_err(|e| Error::Setup(format!("test exit port {port:#x}: {e}")))?;
         }
-        let pio = Arc::new(pio);
+        let mut mmio = MmioBus::new();
+        let pci = attach_pci(&mut pio, &mut mmio, config.memory_bytes).map_err(bus_err)?;
+        let buses = Arc::new(Buses { pio, mmio });
 
         // vCPUs.
         let supported_msrs = kvm
@@ -272,7 +309,7 @@ impl Vm {
             let vcpu = Vcpu {
                 fd,
                 shared: shared.clone(),
-                pio: pio.clone(),
+                buses: buses.clone(),
                 mem: mem.clone(),
                 pvm_assist_enabled: host_kind == HostKind::Pvm,
                 on_stop: Box::new(move |id, reason| {
@@ -297,6 +334,7 @@ impl Vm {
             mem,
             vcpus,
             serial,
+            pci,
             boot,
             host_kind,
             profile,

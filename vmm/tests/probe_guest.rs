@@ -85,6 +85,20 @@ fn cpu_profile_decides_what_cpuid_shows_the_guest() {
 }
 
 #[test]
+fn pci_root_bus_is_seen_through_ports_and_ecam() {
+    let out = run_probe("task=pci", 1, "64M");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(value(&out, "pci_ecam").as_deref(), Some("0xe0000000"));
+    assert_eq!(
+        value(&out, "pci").as_deref(),
+        Some("00:00.0 id=8086:0d57 class=060000"),
+        "host bridge first"
+    );
+    assert_eq!(value(&out, "pci_ecam_agrees").as_deref(), Some("1"));
+    assert_eq!(value(&out, "pci_config_writes").as_deref(), Some("1"));
+}
+
+#[test]
 fn memtouch_checksum_is_stable_across_runs_sizes_and_vcpus() {
     let mut seen = vec![];
     for (cpus, memory) in [(1, "64M"), (2, "512M"), (4, "512M"), (2, "5G")] {

@@ -71,6 +71,30 @@ pub fn inb(port: u16) -> u8 {
     v
 }
 
+pub fn outl(port: u16, value: u32) {
+    // SAFETY: as for `outb`.
+    unsafe { asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack)) }
+}
+
+pub fn inl(port: u16) -> u32 {
+    let v: u32;
+    // SAFETY: as for `outb`.
+    unsafe { asm!("in eax, dx", in("dx") port, out("eax") v, options(nomem, nostack)) }
+    v
+}
+
+/// A 32-bit MMIO read from ring 3 (the identity map is user-accessible).
+pub fn mmio_read32(addr: u64) -> u32 {
+    // SAFETY: `addr` is a device register in the identity-mapped guest
+    // physical space; a volatile read has no other effect on probe memory.
+    unsafe { core::ptr::read_volatile(addr as *const u32) }
+}
+
+pub fn mmio_write32(addr: u64, value: u32) {
+    // SAFETY: as for `mmio_read32`.
+    unsafe { core::ptr::write_volatile(addr as *mut u32, value) }
+}
+
 #[inline(always)]
 pub fn rdtsc() -> u64 {
     let lo: u32;

@@ -117,6 +117,19 @@ impl BootInfo {
 
     /// Number of enabled local APICs in the MADT, if the ACPI tables are found.
     pub fn madt_cpus(&self) -> Option<usize> {
+        self.acpi_table(b"APIC").map(count_lapics)
+    }
+
+    /// The ECAM base of PCI segment 0, bus 0 from the MCFG table.
+    pub fn ecam_base(&self) -> Option<u64> {
+        let mcfg = self.acpi_table(b"MCFG")?;
+        let len: u32 = read(mcfg + 4);
+        // header (36) + reserved (8), then 16-byte allocations
+        (len >= 60).then(|| read::<u64>(mcfg + 44))
+    }
+
+    /// The address of the ACPI table with `signature` (through XSDT or RSDT).
+    pub fn acpi_table(&self, signature: &[u8; 4]) -> Option<u64> {
         let rsdp = if self.rsdp != 0 {
             self.rsdp
         } else {
@@ -136,8 +149,8 @@ impl BootInfo {
             } else {
                 read::<u32>(p) as u64
             };
-            if &read::<[u8; 4]>(sdt) == b"APIC" {
-                return Some(count_lapics(sdt));
+            if &read::<[u8; 4]>(sdt) == signature {
+                return Some(sdt);
             }
             p += entry;
         }

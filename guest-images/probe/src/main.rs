@@ -11,6 +11,7 @@
 mod arch;
 mod boot;
 mod mem;
+mod pci;
 mod serial;
 mod smp;
 mod tasks;

@@ -1,6 +1,6 @@
 //! A small ACPI table writer: RSDP, XSDT, FADT (hardware-reduced, with sleep
-//! and reset registers), MADT (local APICs, IOAPIC, ISA overrides) and a DSDT
-//! that describes S5. Linux finds the RSDP in the BIOS area or through PVH.
+//! and reset registers), MADT (local APICs, IOAPIC, ISA overrides), MCFG (PCI
+//! ECAM) and a DSDT that describes S5. Linux finds the RSDP in the BIOS area or through PVH.
 use super::layout::*;
 use devices::legacy::{ACPI_SLEEP_BASE, I8042_CMD};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
@@ -114,6 +114,17 @@ pub fn madt(nvcpus: u8) -> Vec<u8> {
     t.finish()
 }
 
+/// MCFG: one ECAM region for segment 0, bus 0.
+pub fn mcfg() -> Vec<u8> {
+    let mut t = Sdt::new(b"MCFG", 1);
+    t.push(&[0u8; 8]); // reserved
+    t.push(&PCI_ECAM_START.to_le_bytes());
+    t.push(&0u16.to_le_bytes()); // PCI segment group
+    t.push(&[0, ((PCI_ECAM_SIZE >> 20) - 1) as u8]); // start, end bus
+    t.push(&[0u8; 4]);
+    t.finish()
+}
+
 pub fn xsdt(tables: &[u64]) -> Vec<u8> {
     let mut t = Sdt::new(b"XSDT", 1);
     for a in tables {
@@ -153,7 +164,8 @@ pub fn write_tables<M: GuestMemory>(
     let dsdt_addr = place(&dsdt())?;
     let fadt_addr = place(&fadt(dsdt_addr))?;
     let madt_addr = place(&madt(nvcpus))?;
-    let xsdt_addr = place(&xsdt(&[fadt_addr, madt_addr]))?;
+    let mcfg_addr = place(&mcfg())?;
+    let xsdt_addr = place(&xsdt(&[fadt_addr, madt_addr, mcfg_addr]))?;
     mem.write_slice(&rsdp(xsdt_addr), rsdp_addr)?;
     Ok(rsdp_addr)
 }
@@ -168,7 +180,7 @@ mod tests {
 
     #[test]
     fn tables_have_valid_lengths_and_checksums() {
-        for t in [dsdt(), fadt(0xe0100), madt(4), xsdt(&[1, 2])] {
+        for t in [dsdt(), fadt(0xe0100), madt(4), mcfg(), xsdt(&[1, 2])] {
             assert_eq!(
                 u32::from_le_bytes(t[4..8].try_into().unwrap()) as usize,
                 t.len()
@@ -176,6 +188,13 @@ mod tests {
             assert!(sums_to_zero(&t), "{:?}", &t[..4]);
         }
         assert_eq!(fadt(0).len(), 276);
+        let m = mcfg();
+        assert_eq!(m.len(), 60);
+        assert_eq!(
+            u64::from_le_bytes(m[44..52].try_into().unwrap()),
+            PCI_ECAM_START
+        );
+        assert_eq!(&m[54..56], &[0, 0], "bus 0 only");
         let r = rsdp(0xe0200);
         assert_eq!(r.len(), 36);
         assert!(sums_to_zero(&r[..20]) && sums_to_zero(&r));

@@ -6,8 +6,12 @@
 //! 0x0002_0000  kernel command line   0x0009_fc00  EBDA (reserved)
 //! 0x000e_0000  ACPI tables (RSDP first; reserved up to 1 MiB)
 //! 0x0010_0000  kernel                ...          RAM up to 3 GiB
-//! 0xc000_0000  MMIO hole (PCI, IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000) up to 4 GiB
+//! 0xc000_0000  MMIO hole up to 4 GiB:
+//!              0xc000_0000  PCI 32-bit BAR window (512 MiB)
+//!              0xe000_0000  PCI ECAM, bus 0 (1 MiB; reserved in e820, MCFG)
+//!              0xfec0_0000  IOAPIC, 0xfee0_0000 LAPIC
 //! 0x1_0000_0000  RAM above the hole
+//! top of RAM rounded up to 1 GiB: PCI 64-bit BAR window (64 GiB)
 //! ```
 use vm_memory::GuestAddress;
 
@@ -25,6 +29,11 @@ pub const ACPI_START: GuestAddress = GuestAddress(0xe0000);
 pub const HIGH_MEMORY_START: GuestAddress = GuestAddress(0x10_0000);
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 pub const MMIO_HOLE_END: u64 = 1 << 32;
+pub const PCI_LOW_WINDOW: (u64, u64) = (MMIO_HOLE_START, 0x2000_0000);
+pub const PCI_ECAM_START: u64 = 0xe000_0000;
+/// ECAM for bus 0 only (MCFG says buses 0-0).
+pub const PCI_ECAM_SIZE: u64 = 1 << 20;
+pub const PCI_HIGH_WINDOW_SIZE: u64 = 1 << 36;
 pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
 pub const LAPIC_ADDR: u32 = 0xfee0_0000;
 /// KVM needs three pages for the TSS and one for the identity map, below 4 GiB.
@@ -47,6 +56,18 @@ pub fn ram_regions(mem_bytes: u64) -> Vec<(GuestAddress, usize)> {
     regions
 }
 
+/// The 64-bit PCI window: above all RAM, 1 GiB aligned.
+pub fn pci_high_window(mem_bytes: u64) -> (u64, u64) {
+    let top = ram_regions(mem_bytes)
+        .iter()
+        .map(|(a, l)| a.0 + *l as u64)
+        .max()
+        .unwrap_or(0)
+        .max(MMIO_HOLE_END);
+    let gib = 1u64 << 30;
+    (top.div_ceil(gib) * gib, PCI_HIGH_WINDOW_SIZE)
+}
+
 /// The e820 map given to the guest: (address, size, type).
 pub fn e820_map(mem_bytes: u64) -> Vec<(u64, u64, u32)> {
     let mut map = vec![
@@ -60,6 +81,9 @@ pub fn e820_map(mem_bytes: u64) -> Vec<(u64, u64, u32)> {
     ];
     let low_end = mem_bytes.min(MMIO_HOLE_START);
     map.push((HIGH_MEMORY_START.0, low_end - HIGH_MEMORY_START.0, E820_RAM));
+    // ECAM must be reserved, or Linux refuses MMCONFIG and falls back to
+    // ports 0xCF8/0xCFC for the standard 256 bytes only.
+    map.push((PCI_ECAM_START, PCI_ECAM_SIZE, E820_RESERVED));
     if mem_bytes > MMIO_HOLE_START {
         map.push((MMIO_HOLE_END, mem_bytes - MMIO_HOLE_START, E820_RAM));
     }
@@ -78,10 +102,9 @@ mod tests {
             vec![(GuestAddress(0), 256 * mib as usize)]
         );
         let map = e820_map(256 * mib);
-        assert_eq!(
-            map.last(),
-            Some(&(HIGH_MEMORY_START.0, 255 * mib, E820_RAM))
-        );
+        assert!(map.contains(&(HIGH_MEMORY_START.0, 255 * mib, E820_RAM)));
+        assert!(map.contains(&(PCI_ECAM_START, PCI_ECAM_SIZE, E820_RESERVED)));
+        assert_eq!(pci_high_window(256 * mib).0, 4 << 30);
         let ram: u64 = map.iter().filter(|e| e.2 == E820_RAM).map(|e| e.1).sum();
         assert_eq!(ram, 256 * mib - (0x100000 - EBDA_START));
     }
@@ -97,6 +120,8 @@ mod tests {
                 (GuestAddress(4 * gib), 2 * gib as usize)
             ]
         );
+        assert_eq!(pci_high_window(5 * gib).0, 6 * gib);
+        assert_eq!(pci_high_window(5 * gib + 1).0, 7 * gib);
         let map = e820_map(5 * gib);
         assert!(map.contains(&(4 * gib, 2 * gib, E820_RAM)));
         // no RAM entry overlaps the hole

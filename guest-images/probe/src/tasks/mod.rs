@@ -5,6 +5,7 @@ use crate::{arch, println, time, STATUS_PROBE_ERROR};
 mod counter;
 mod fwq;
 mod memtouch;
+mod pci;
 
 pub fn run(info: &mut BootInfo, args: &crate::boot::Args, ncpus: usize) -> u8 {
     let task = args.get("task").unwrap_or("hello");
@@ -14,6 +15,7 @@ pub fn run(info: &mut BootInfo, args: &crate::boot::Args, ncpus: usize) -> u8 {
         "counter" => counter::counter(args),
         "dirty" => counter::dirty(info, args),
         "fwq" => fwq::run(info, args, ncpus),
+        "pci" => pci::run(info),
         "exit" => args.num("status", 0) as u8,
         "fault" => {
             // SAFETY: deliberately raises #UD to exercise the exception path.
@@ -26,7 +28,7 @@ pub fn run(info: &mut BootInfo, args: &crate::boot::Args, ncpus: usize) -> u8 {
             arch::park()
         }
         other => {
-            println!("probe: error: unknown task '{other}' (hello, memtouch, counter, dirty, fwq, exit, fault, triplefault, reset)");
+            println!("probe: error: unknown task '{other}' (hello, memtouch, counter, dirty, fwq, pci, exit, fault, triplefault, reset)");
             STATUS_PROBE_ERROR
         }
     }

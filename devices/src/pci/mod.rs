@@ -1,0 +1,36 @@
+//! PCI: one root bus (segment 0, bus 0) whose functions are reached through
+//! configuration mechanism #1 (ports 0xCF8/0xCFC) and through ECAM (MMIO,
+//! described to the guest by the ACPI MCFG table), with memory BARs placed by
+//! the VMM (acting as firmware) in the PCI windows of the guest address space.
+//!
+//! - [`config`]: a function's configuration space with write masks, BARs and
+//!   capabilities;
+//! - [`root`]: the root bus (host bridge at 00:00.0), BAR allocation and the
+//!   bus devices that route config and BAR accesses to functions.
+//!
+//! A device is anything implementing [`PciDevice`]: emulated (virtio) devices
+//! today, VFIO passthrough later. Functions live at `00:DD.0`; the slot
+//! table can take devices after boot (hotplug).
+pub mod config;
+pub mod root;
+
+pub use config::{Bar, BarKind, ConfigSpace, PciIds};
+pub use root::{PciConfigIo, PciEcam, PciRoot, PciWindow};
+
+/// A PCI function on the root bus.
+pub trait PciDevice: Send {
+    fn config(&self) -> &ConfigSpace;
+    fn config_mut(&mut self) -> &mut ConfigSpace;
+
+    /// The guest wrote `data` at `offset` of the configuration space (after
+    /// the write masks were applied): react to control bits (MSI-X enable,
+    /// ...). Default: nothing to do.
+    fn config_written(&mut self, _offset: usize, _data: &[u8]) {}
+
+    /// Guest access to BAR `bar` at `offset`.
+    fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]);
+    fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]);
+
+    /// Short name for logs and `GET /vm`.
+    fn name(&self) -> String;
+}

@@ -1,0 +1,522 @@
+//! The PCI root bus and the bus devices that reach it.
+//!
+//! ```text
+//! vCPU port I/O 0xCF8..0xCFF ─▶ PciConfigIo ─┐
+//! vCPU MMIO in the ECAM area  ─▶ PciEcam     ─┼─▶ PciRoot ─▶ slot DD ─▶ PciDevice
+//! vCPU MMIO in a PCI window   ─▶ PciWindow   ─┘   (config space / BAR access)
+//! ```
+use super::config::{BarKind, PciIds};
+use super::{ConfigSpace, PciDevice};
+use crate::bus::BusDevice;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, RwLock};
+use vm_allocator::{AddressAllocator, AllocPolicy};
+
+pub const SLOTS: u8 = 32;
+/// ECAM bytes per bus: 32 devices × 8 functions × 4 KiB.
+pub const ECAM_BUS_SIZE: u64 = 1 << 20;
+
+pub type SharedPciDevice = Arc<Mutex<dyn PciDevice>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PciError {
+    #[error("the PCI bus is full ({SLOTS} slots)")]
+    NoSlot,
+    #[error("PCI slot {0} is taken")]
+    SlotTaken(u8),
+    #[error("no room in the {window} PCI window for a BAR of {size:#x} bytes")]
+    NoBarSpace { window: &'static str, size: u64 },
+    #[error("bad PCI window {base:#x}+{size:#x}")]
+    BadWindow { base: u64, size: u64 },
+}
+
+/// The host bridge at 00:00.0: identifies the root complex, has no BARs.
+struct HostBridge {
+    config: ConfigSpace,
+}
+
+impl PciDevice for HostBridge {
+    fn config(&self) -> &ConfigSpace {
+        &self.config
+    }
+    fn config_mut(&mut self) -> &mut ConfigSpace {
+        &mut self.config
+    }
+    fn bar_read(&mut self, _bar: usize, _offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn bar_write(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {}
+    fn name(&self) -> String {
+        "host-bridge".into()
+    }
+}
+
+/// IDs of the host bridge: Intel, a PCIe root complex ID used by several
+/// VMMs; class 06.00 (host bridge).
+pub const HOST_BRIDGE_IDS: PciIds = PciIds {
+    vendor: 0x8086,
+    device: 0x0d57,
+    class: (0x06, 0x00, 0x00),
+    revision: 0,
+    subsystem_vendor: 0,
+    subsystem: 0,
+};
+
+/// Where BARs go: a 32-bit window below 4 GiB and a 64-bit one above RAM.
+struct Windows {
+    low: AddressAllocator,
+    high: AddressAllocator,
+}
+
+pub struct PciRoot {
+    slots: RwLock<BTreeMap<u8, SharedPciDevice>>,
+    windows: Mutex<Windows>,
+}
+
+impl PciRoot {
+    /// A root bus with its host bridge; BARs are allocated in
+    /// `low` = (base, size) below 4 GiB and `high` above RAM.
+    pub fn new(low: (u64, u64), high: (u64, u64)) -> Result<Self, PciError> {
+        let window = |(base, size): (u64, u64)| {
+            AddressAllocator::new(base, size).map_err(|_| PciError::BadWindow { base, size })
+        };
+        let root = PciRoot {
+            slots: RwLock::new(BTreeMap::new()),
+            windows: Mutex::new(Windows {
+                low: window(low)?,
+                high: window(high)?,
+            }),
+        };
+        let bridge = HostBridge {
+            config: ConfigSpace::new(HOST_BRIDGE_IDS),
+        };
+        root.insert(0, Arc::new(Mutex::new(bridge)))?;
+        Ok(root)
+    }
+
+    fn insert(&self, slot: u8, dev: SharedPciDevice) -> Result<(), PciError> {
+        let mut slots = self.slots.write().map_err(|_| PciError::NoSlot)?;
+        if slots.contains_key(&slot) {
+            return Err(PciError::SlotTaken(slot));
+        }
+        slots.insert(slot, dev);
+        Ok(())
+    }
+
+    /// Adds a device at the first free slot, places its BARs (32-bit BARs in
+    /// the low window, 64-bit ones in the high window) and returns the slot.
+    pub fn add(&self, dev: SharedPciDevice) -> Result<u8, PciError> {
+        let slot = {
+            let slots = self.slots.read().map_err(|_| PciError::NoSlot)?;
+            (0..SLOTS)
+                .find(|s| !slots.contains_key(s))
+                .ok_or(PciError::NoSlot)?
+        };
+        self.place_bars(&dev)?;
+        self.insert(slot, dev)?;
+        Ok(slot)
+    }
+
+    fn place_bars(&self, dev: &SharedPciDevice) -> Result<(), PciError> {
+        let mut d = dev.lock().map_err(|_| PciError::NoSlot)?;
+        let mut windows = self.windows.lock().map_err(|_| PciError::NoSlot)?;
+        let bars: Vec<_> = d.config().bars().collect();
+        let mut placed = vec![];
+        for (i, bar) in bars {
+            let wide = matches!(bar.kind, BarKind::Mem64 { .. });
+            let alloc = if wide {
+                &mut windows.high
+            } else {
+                &mut windows.low
+            };
+            match alloc.allocate(bar.size, bar.size, AllocPolicy::FirstMatch) {
+                Ok(range) => {
+                    d.config_mut().set_bar_address(i, range.start());
+                    placed.push((wide, range));
+                }
+                Err(_) => {
+                    // Leave nothing behind: give back what this device got.
+                    for (wide, range) in placed {
+                        let alloc = if wide {
+                            &mut windows.high
+                        } else {
+                            &mut windows.low
+                        };
+                        let _ = alloc.free(&range);
+                    }
+                    return Err(PciError::NoBarSpace {
+                        window: if wide { "64-bit" } else { "32-bit" },
+                        size: bar.size,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn device(&self, slot: u8) -> Option<SharedPciDevice> {
+        self.slots.read().ok()?.get(&slot).cloned()
+    }
+
+    /// (slot, name) of every function, for `GET /vm`.
+    pub fn list(&self) -> Vec<(u8, String)> {
+        let Ok(slots) = self.slots.read() else {
+            return vec![];
+        };
+        slots
+            .iter()
+            .map(|(s, d)| (*s, d.lock().map(|d| d.name()).unwrap_or_default()))
+            .collect()
+    }
+
+    /// Configuration read of bus/device/function at `offset`. Only bus 0,
+    /// function 0 exist; everything else reads as all ones ("no device").
+    pub fn config_read(&self, bus: u8, dev: u8, func: u8, offset: usize, data: &mut [u8]) {
+        match self.function(bus, dev, func) {
+            Some(d) => match d.lock() {
+                Ok(d) => d.config().read(offset, data),
+                Err(_) => data.fill(0xff),
+            },
+            None => data.fill(0xff),
+        }
+    }
+
+    pub fn config_write(&self, bus: u8, dev: u8, func: u8, offset: usize, data: &[u8]) {
+        if let Some(d) = self.function(bus, dev, func) {
+            if let Ok(mut d) = d.lock() {
+                d.config_mut().write(offset, data);
+                d.config_written(offset, data);
+            }
+        }
+    }
+
+    fn function(&self, bus: u8, dev: u8, func: u8) -> Option<SharedPciDevice> {
+        if bus != 0 || func != 0 {
+            return None;
+        }
+        self.device(dev)
+    }
+
+    /// A memory access at guest-physical `addr`: routed to the function
+    /// whose enabled BAR decodes it. Returns false when none does.
+    fn bar_access(&self, addr: u64, access: impl FnOnce(&mut dyn PciDevice, usize, u64)) -> bool {
+        let Ok(slots) = self.slots.read() else {
+            return false;
+        };
+        for dev in slots.values() {
+            let Ok(mut d) = dev.lock() else { continue };
+            if let Some((bar, off)) = d.config().bar_containing(addr) {
+                access(&mut *d, bar, off);
+                return true;
+            }
+        }
+        false
+    }
+}
+
+/// Configuration mechanism #1: address register at 0xCF8, data at 0xCFC-0xCFF.
+/// Insert on the port bus at 0xCF8 with length 8.
+pub struct PciConfigIo {
+    root: Arc<PciRoot>,
+    address: u32,
+}
+
+impl PciConfigIo {
+    pub const BASE: u16 = 0xcf8;
+
+    pub fn new(root: Arc<PciRoot>) -> Self {
+        PciConfigIo { root, address: 0 }
+    }
+
+    /// (bus, device, function, register offset) when the enable bit is set.
+    fn target(&self, data_offset: u64) -> Option<(u8, u8, u8, usize)> {
+        let a = self.address;
+        if a & (1 << 31) == 0 {
+            return None;
+        }
+        Some((
+            (a >> 16) as u8,
+            ((a >> 11) & 0x1f) as u8,
+            ((a >> 8) & 0x7) as u8,
+            (a & 0xfc) as usize + data_offset as usize,
+        ))
+    }
+}
+
+impl BusDevice for PciConfigIo {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        match offset {
+            0..=3 => {
+                let bytes = self.address.to_le_bytes();
+                let o = offset as usize;
+                for (i, b) in data.iter_mut().enumerate() {
+                    *b = bytes.get(o + i).copied().unwrap_or(0xff);
+                }
+            }
+            4..=7 => match self.target(offset - 4) {
+                Some((bus, dev, func, reg)) if reg + data.len() <= 256 => {
+                    self.root.config_read(bus, dev, func, reg, data)
+                }
+                _ => data.fill(0xff),
+            },
+            _ => data.fill(0xff),
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        match offset {
+            0 if data.len() == 4 => {
+                let mut b = [0u8; 4];
+                b.copy_from_slice(data);
+                self.address = u32::from_le_bytes(b);
+            }
+            4..=7 => {
+                if let Some((bus, dev, func, reg)) = self.target(offset - 4) {
+                    if reg + data.len() <= 256 {
+                        self.root.config_write(bus, dev, func, reg, data);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// ECAM: 4 KiB of configuration space per function, memory-mapped.
+/// Insert on the MMIO bus at the ECAM base with length `buses * 1 MiB`.
+pub struct PciEcam {
+    root: Arc<PciRoot>,
+}
+
+impl PciEcam {
+    pub fn new(root: Arc<PciRoot>) -> Self {
+        PciEcam { root }
+    }
+
+    fn target(offset: u64) -> (u8, u8, u8, usize) {
+        (
+            (offset >> 20) as u8,
+            ((offset >> 15) & 0x1f) as u8,
+            ((offset >> 12) & 0x7) as u8,
+            (offset & 0xfff) as usize,
+        )
+    }
+}
+
+impl BusDevice for PciEcam {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let (bus, dev, func, reg) = Self::target(offset);
+        if reg + data.len() > 4096 {
+            data.fill(0xff);
+            return;
+        }
+        self.root.config_read(bus, dev, func, reg, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let (bus, dev, func, reg) = Self::target(offset);
+        if reg + data.len() <= 4096 {
+            self.root.config_write(bus, dev, func, reg, data);
+        }
+    }
+}
+
+/// A PCI memory window: accesses go to whichever function's BAR decodes the
+/// address, wherever the guest moved it within the window. Insert on the
+/// MMIO bus at `base`.
+pub struct PciWindow {
+    root: Arc<PciRoot>,
+    base: u64,
+}
+
+impl PciWindow {
+    pub fn new(root: Arc<PciRoot>, base: u64) -> Self {
+        PciWindow { root, base }
+    }
+}
+
+impl BusDevice for PciWindow {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let addr = self.base + offset;
+        let mut out = vec![0xff; data.len()];
+        let hit = self
+            .root
+            .bar_access(addr, |d, bar, off| d.bar_read(bar, off, &mut out));
+        if hit {
+            data.copy_from_slice(&out);
+        } else {
+            data.fill(0xff);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let addr = self.base + offset;
+        self.root
+            .bar_access(addr, |d, bar, off| d.bar_write(bar, off, data));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pci::config::{Bar, COMMAND, COMMAND_MEMORY};
+
+    /// A device with one 32-bit and one 64-bit BAR that records BAR writes.
+    struct Dummy {
+        config: ConfigSpace,
+        writes: Vec<(usize, u64, Vec<u8>)>,
+    }
+
+    impl Dummy {
+        fn new() -> Self {
+            let mut config = ConfigSpace::new(PciIds {
+                vendor: 0x1af4,
+                device: 0x1041,
+                class: (0x02, 0x00, 0x00),
+                revision: 1,
+                subsystem_vendor: 0x1af4,
+                subsystem: 1,
+            });
+            config
+                .add_bar(
+                    0,
+                    Bar {
+                        kind: BarKind::Mem32,
+                        size: 0x1000,
+                    },
+                )
+                .unwrap();
+            config
+                .add_bar(
+                    2,
+                    Bar {
+                        kind: BarKind::Mem64 {
+                            prefetchable: false,
+                        },
+                        size: 0x4000,
+                    },
+                )
+                .unwrap();
+            Dummy {
+                config,
+                writes: vec![],
+            }
+        }
+    }
+
+    impl PciDevice for Dummy {
+        fn config(&self) -> &ConfigSpace {
+            &self.config
+        }
+        fn config_mut(&mut self) -> &mut ConfigSpace {
+            &mut self.config
+        }
+        fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+            data.fill((bar as u8) << 4 | offset as u8);
+        }
+        fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+            self.writes.push((bar, offset, data.to_vec()));
+        }
+        fn name(&self) -> String {
+            "dummy".into()
+        }
+    }
+
+    const LOW: (u64, u64) = (0xc000_0000, 0x2000_0000);
+    const HIGH: (u64, u64) = (0x40_0000_0000, 0x40_0000_0000);
+
+    fn cf8(io: &mut PciConfigIo, dev: u8, reg: u32) {
+        let a = (1u32 << 31) | (u32::from(dev) << 11) | reg;
+        io.write(0, &a.to_le_bytes());
+    }
+
+    fn io_read32(io: &mut PciConfigIo, dev: u8, reg: u32) -> u32 {
+        cf8(io, dev, reg);
+        let mut b = [0u8; 4];
+        io.read(4, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    #[test]
+    fn config_mechanism_1_and_ecam_see_the_same_functions() {
+        let root = Arc::new(PciRoot::new(LOW, HIGH).unwrap());
+        let slot = root.add(Arc::new(Mutex::new(Dummy::new()))).unwrap();
+        assert_eq!(slot, 1, "slot 0 is the host bridge");
+        let mut io = PciConfigIo::new(root.clone());
+        let mut ecam = PciEcam::new(root.clone());
+        assert_eq!(io_read32(&mut io, 0, 0), 0x0d57_8086);
+        assert_eq!(io_read32(&mut io, 1, 0), 0x1041_1af4);
+        assert_eq!(io_read32(&mut io, 2, 0), 0xffff_ffff, "empty slot");
+        let mut b = [0u8; 4];
+        ecam.read(1 << 15, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 0x1041_1af4);
+        ecam.read((1 << 15) | (1 << 12), &mut b);
+        assert_eq!(b, [0xff; 4], "function 1 does not exist");
+        ecam.read(1 << 20, &mut b);
+        assert_eq!(b, [0xff; 4], "bus 1 does not exist");
+        // Byte access through 0xCFC + 2 reads the device ID.
+        cf8(&mut io, 1, 0);
+        let mut w = [0u8; 2];
+        io.read(6, &mut w);
+        assert_eq!(u16::from_le_bytes(w), 0x1041);
+        // Enable bit clear: no access.
+        io.write(0, &(1u32 << 11).to_le_bytes());
+        io.read(4, &mut b);
+        assert_eq!(b, [0xff; 4]);
+        assert_eq!(
+            root.list(),
+            vec![(0, "host-bridge".into()), (1, "dummy".into())]
+        );
+    }
+
+    #[test]
+    fn bars_are_placed_in_their_windows_and_routed_when_enabled() {
+        let root = Arc::new(PciRoot::new(LOW, HIGH).unwrap());
+        let dev = Arc::new(Mutex::new(Dummy::new()));
+        root.add(dev.clone()).unwrap();
+        let (b0, b2) = {
+            let d = dev.lock().unwrap();
+            (
+                d.config.bar_address(0).unwrap(),
+                d.config.bar_address(2).unwrap(),
+            )
+        };
+        assert!((LOW.0..LOW.0 + LOW.1).contains(&b0));
+        assert!((HIGH.0..HIGH.0 + HIGH.1).contains(&b2));
+        assert_eq!(b2 % 0x4000, 0, "naturally aligned");
+        let mut low = PciWindow::new(root.clone(), LOW.0);
+        let mut high = PciWindow::new(root.clone(), HIGH.0);
+        let mut b = [0u8; 4];
+        low.read(b0 - LOW.0 + 4, &mut b);
+        assert_eq!(b, [0xff; 4], "memory decoding is off");
+        let mut ecam = PciEcam::new(root.clone());
+        ecam.write((1 << 15) | COMMAND as u64, &COMMAND_MEMORY.to_le_bytes());
+        low.read(b0 - LOW.0 + 4, &mut b);
+        assert_eq!(b, [0x04; 4]);
+        high.write(b2 - HIGH.0 + 8, &[1, 2]);
+        assert_eq!(dev.lock().unwrap().writes, vec![(2, 8, vec![1, 2])]);
+        // The guest moves BAR 0: accesses follow it.
+        ecam.write((1 << 15) | 0x10, &0xd000_0000u32.to_le_bytes());
+        low.read(0xd000_0000 - LOW.0, &mut b);
+        assert_eq!(b, [0x00; 4]);
+        low.read(b0 - LOW.0 + 4, &mut b);
+        assert_eq!(b, [0xff; 4], "old address no longer decodes");
+    }
+
+    #[test]
+    fn windows_run_out_with_an_error() {
+        let root = PciRoot::new((0xc000_0000, 0x2000), HIGH).unwrap();
+        root.add(Arc::new(Mutex::new(Dummy::new()))).unwrap();
+        root.add(Arc::new(Mutex::new(Dummy::new()))).unwrap();
+        assert!(matches!(
+            root.add(Arc::new(Mutex::new(Dummy::new()))),
+            Err(PciError::NoBarSpace { .. })
+        ));
+        assert_eq!(root.list().len(), 3, "the refused device was not added");
+        // The high window still has room: the refused device's 64-bit BAR
+        // was not allocated, or was given back.
+        let mut big = Dummy::new();
+        big.config = ConfigSpace::new(HOST_BRIDGE_IDS);
+        root.add(Arc::new(Mutex::new(big))).unwrap();
+    }
+}
