@@ -9,6 +9,7 @@
 //! Devices never end the VM themselves: they report a [`VmEvent`] through an
 //! [`EventSink`], and the monitor decides what to do with it.
 pub mod bus;
+pub mod interrupt;
 pub mod legacy;
 pub mod pci;
 

@@ -10,6 +10,7 @@ pub mod config;
 pub mod control;
 pub mod host;
 pub mod info;
+pub mod irq;
 pub mod memory;
 pub mod vcpu;
 pub mod vm;

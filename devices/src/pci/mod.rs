@@ -12,9 +12,11 @@
 //! today, VFIO passthrough later. Functions live at `00:DD.0`; the slot
 //! table can take devices after boot (hotplug).
 pub mod config;
+pub mod msix;
 pub mod root;
 
 pub use config::{Bar, BarKind, ConfigSpace, PciIds};
+pub use msix::Msix;
 pub use root::{PciConfigIo, PciEcam, PciRoot, PciWindow};
 
 /// A PCI function on the root bus.

@@ -31,7 +31,7 @@ pub fn run(info: &mut BootInfo, args: &Args, ncpus: usize) -> u8 {
     let base = super::buffer(info, "memtouch", mib << 20);
     BASE.store(base, Ordering::Release);
     let t0 = time::now_us();
-    smp::run_on_all(|i, n, w| touch(i, n, w), (mib << 20) / 8);
+    smp::run_on_all(touch, (mib << 20) / 8);
     let us = time::now_us() - t0;
     println!("mib={mib}");
     println!("cpus_used={ncpus}");
