@@ -87,6 +87,10 @@ impl Msix {
         u64::from(n).div_ceil(64) * 8
     }
 
+    pub fn vector_count(&self) -> u16 {
+        self.table.len() as u16
+    }
+
     pub fn enabled(&self) -> bool {
         self.enabled
     }
