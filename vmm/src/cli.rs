@@ -1,5 +1,5 @@
 //! Command line of `ffmk-vmm`.
-use crate::config::FileConfig;
+use crate::config::{DiskEntry, FileConfig};
 use crate::host::CpuProfile;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -85,6 +85,14 @@ pub struct RunArgs {
     /// [default: chosen from the host kind].
     #[arg(long, value_enum)]
     pub cpu_profile: Option<CpuProfile>,
+    /// A virtio-blk disk: path=FILE[,readonly][,direct][,serial=ID][,queues=N]
+    /// (raw image; repeat for more disks).
+    #[arg(long, value_name = "SPEC", value_parser = parse_disk)]
+    pub disk: Vec<DiskEntry>,
+}
+
+fn parse_disk(s: &str) -> Result<DiskEntry, String> {
+    s.parse().map_err(|e: crate::config::Error| e.to_string())
 }
 
 fn parse_port(s: &str) -> Result<u16, String> {
@@ -109,6 +117,7 @@ impl RunArgs {
             api_socket: self.api_socket.clone(),
             test_exit_port: self.test_exit_port,
             cpu_profile: self.cpu_profile,
+            disk: (!self.disk.is_empty()).then(|| self.disk.clone()),
         }
     }
 }

@@ -1,5 +1,6 @@
 //! VM configuration: a TOML file and/or command-line flags (flags win).
 use crate::host::CpuProfile;
+pub use devices::virtio::block::DiskConfig;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -22,6 +23,84 @@ pub enum Error {
     Cpus { got: u32, max: u32 },
     #[error("test exit port {0:#x} is taken by a device ({1}); pick another port")]
     ExitPortTaken(u16, &'static str),
+    #[error(
+        "invalid --disk '{spec}': {why} (path=FILE[,readonly][,direct][,serial=ID][,queues=N])"
+    )]
+    Disk { spec: String, why: String },
+}
+
+/// One `--disk` (or `[[disk]]` in TOML).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskEntry {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub readonly: bool,
+    #[serde(default)]
+    pub direct: bool,
+    pub serial: Option<String>,
+    pub queues: Option<u16>,
+}
+
+pub const MAX_DISK_QUEUES: u16 = 16;
+
+impl std::str::FromStr for DiskEntry {
+    type Err = Error;
+    /// `path=FILE[,readonly][,direct][,serial=ID][,queues=N]` (or `FILE,...`).
+    fn from_str(spec: &str) -> Result<Self, Error> {
+        let bad = |why: String| Error::Disk {
+            spec: spec.into(),
+            why,
+        };
+        let mut d = DiskEntry {
+            path: PathBuf::new(),
+            readonly: false,
+            direct: false,
+            serial: None,
+            queues: None,
+        };
+        for (i, part) in spec.split(',').enumerate() {
+            match part.split_once('=') {
+                Some(("path", p)) => d.path = p.into(),
+                Some(("serial", id)) if id.len() <= 20 => d.serial = Some(id.into()),
+                Some(("serial", _)) => return Err(bad("a serial has at most 20 bytes".into())),
+                Some(("queues", n)) => {
+                    d.queues = Some(
+                        n.parse()
+                            .map_err(|_| bad(format!("'{n}' is not a number")))?,
+                    )
+                }
+                Some((k, _)) => return Err(bad(format!("unknown key '{k}'"))),
+                None if part == "readonly" || part == "ro" => d.readonly = true,
+                None if part == "direct" => d.direct = true,
+                None if i == 0 && !part.is_empty() => d.path = part.into(),
+                None => return Err(bad(format!("unknown option '{part}'"))),
+            }
+        }
+        if d.path.as_os_str().is_empty() {
+            return Err(bad("no path".into()));
+        }
+        Ok(d)
+    }
+}
+
+impl DiskEntry {
+    fn validated(self) -> Result<DiskConfig, Error> {
+        let queues = self.queues.unwrap_or(1);
+        if queues == 0 || queues > MAX_DISK_QUEUES {
+            return Err(Error::Disk {
+                spec: self.path.display().to_string(),
+                why: format!("queues must be 1-{MAX_DISK_QUEUES}"),
+            });
+        }
+        Ok(DiskConfig {
+            path: self.path,
+            readonly: self.readonly,
+            direct: self.direct,
+            serial: self.serial,
+            queues,
+        })
+    }
 }
 
 /// Ports the VMM's own devices use (a test exit port must avoid them).
@@ -49,6 +128,7 @@ pub struct FileConfig {
     pub api_socket: Option<PathBuf>,
     pub test_exit_port: Option<u16>,
     pub cpu_profile: Option<CpuProfile>,
+    pub disk: Option<Vec<DiskEntry>>,
 }
 
 impl FileConfig {
@@ -63,9 +143,11 @@ impl FileConfig {
             msg: e.message().to_string(),
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
+        let disks = c.disk.iter_mut().flatten().map(|d| &mut d.path);
         for p in [&mut c.kernel, &mut c.initrd, &mut c.api_socket]
             .into_iter()
             .flatten()
+            .chain(disks)
         {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -87,6 +169,8 @@ impl FileConfig {
             api_socket: over.api_socket.or(self.api_socket),
             test_exit_port: over.test_exit_port.or(self.test_exit_port),
             cpu_profile: over.cpu_profile.or(self.cpu_profile),
+            // Disks given on the command line replace the file's list.
+            disk: over.disk.or(self.disk),
         }
     }
 }
@@ -126,6 +210,7 @@ pub struct RunConfig {
     pub api_socket: Option<PathBuf>,
     pub test_exit_port: Option<u16>,
     pub cpu_profile: Option<CpuProfile>,
+    pub disks: Vec<DiskConfig>,
 }
 
 pub const DEFAULT_MEMORY: &str = "256M";
@@ -160,6 +245,12 @@ impl RunConfig {
             api_socket: c.api_socket,
             test_exit_port: c.test_exit_port,
             cpu_profile: c.cpu_profile,
+            disks: c
+                .disk
+                .unwrap_or_default()
+                .into_iter()
+                .map(DiskEntry::validated)
+                .collect::<Result<_, _>>()?,
         })
     }
 }
@@ -264,6 +355,35 @@ mod tests {
             RunConfig::from_file_config(c),
             Err(Error::ExitPortTaken(0xcfc, "PCI configuration"))
         ));
+    }
+
+    #[test]
+    fn disk_specs() {
+        let d: DiskEntry = "path=/img/a.raw,readonly,serial=abc,queues=4"
+            .parse()
+            .unwrap();
+        assert_eq!(d.path, PathBuf::from("/img/a.raw"));
+        assert!(d.readonly && !d.direct);
+        assert_eq!((d.serial.as_deref(), d.queues), (Some("abc"), Some(4)));
+        let d: DiskEntry = "b.raw,direct".parse().unwrap();
+        assert_eq!(d.path, PathBuf::from("b.raw"));
+        assert!(d.direct);
+        for bad in [
+            "",
+            "readonly",
+            "path=a,colour=red",
+            "a,fast",
+            "a,queues=x",
+            "a,serial=123456789012345678901",
+        ] {
+            assert!(bad.parse::<DiskEntry>().is_err(), "{bad}");
+        }
+        let zero = DiskEntry {
+            queues: Some(0),
+            ..d.clone()
+        };
+        assert!(zero.validated().is_err());
+        assert_eq!(d.validated().unwrap().queues, 1);
     }
 
     #[test]

@@ -62,10 +62,27 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(f) => {
-            eprintln!("ffmk-vmm: error: {:#}", f.err);
+            eprintln!("ffmk-vmm: error: {}", one_line(&f.err));
             ExitCode::from(f.code)
         }
     }
+}
+
+/// The error and its causes on one line, without repeating a cause that an
+/// outer message already quotes (typed errors often embed their source).
+fn one_line(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 fn open_kvm() -> Result<kvm_ioctls::Kvm, Failure> {

@@ -4,16 +4,20 @@ use crate::arch::{cpuid, layout, msr, regs};
 use crate::boot::{self, BootInfo, BootSpec};
 use crate::config::{Console, RunConfig};
 use crate::host::{CpuProfile, HostKind};
+use crate::irq::IrqRouting;
 use crate::memory::{self, GuestMemoryMmap};
 use crate::vcpu::{self, Buses, Request, Vcpu, VcpuShared, VcpuState, VcpuStop};
 use devices::bus::{MmioBus, PioBus};
 use devices::legacy::{self, AcpiSleep, SerialPort, TestExitPort, I8042};
-use devices::pci::{PciConfigIo, PciEcam, PciRoot, PciWindow};
+use devices::pci::{PciConfigIo, PciDevice, PciEcam, PciRoot, PciWindow};
+use devices::virtio::block::Block;
+use devices::virtio::pci::VirtioPci;
+use devices::virtio::{IoThread, VirtioDevice};
 use devices::EventSink;
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VmFd};
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -38,6 +42,8 @@ pub enum Error {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Disk(#[from] devices::virtio::block::DiskError),
     #[error("{0}")]
     Setup(String),
 }
@@ -45,7 +51,7 @@ pub enum Error {
 impl Error {
     pub fn is_user_error(&self) -> bool {
         match self {
-            Error::Memory(_) | Error::ConsoleFile { .. } => true,
+            Error::Memory(_) | Error::ConsoleFile { .. } | Error::Disk(_) => true,
             Error::Boot(b) => b.is_user_error(),
             _ => false,
         }
@@ -75,11 +81,13 @@ impl VcpuHandle {
 }
 
 pub struct Vm {
-    _vm_fd: VmFd,
+    _vm_fd: Arc<VmFd>,
     pub mem: GuestMemoryMmap,
     pub vcpus: Vec<VcpuHandle>,
     pub serial: Arc<Mutex<SerialPort>>,
     pub pci: Arc<PciRoot>,
+    /// Runs the virtio queue handlers; dropped after the vCPUs stopped.
+    _io_thread: IoThread,
     pub boot: BootInfo,
     pub host_kind: HostKind,
     pub profile: CpuProfile,
@@ -161,6 +169,39 @@ fn attach_pci(
     Ok(root)
 }
 
+/// Puts a virtio device on the PCI bus: MSI-X vectors (one per queue and
+/// one for configuration changes), BAR placement, and a KVM ioeventfd on each
+/// queue's notify address so notifications skip the exit to user space.
+fn add_virtio(
+    vm_fd: &VmFd,
+    routing: &Arc<IrqRouting>,
+    pci: &PciRoot,
+    mem: &GuestMemoryMmap,
+    device: Box<dyn VirtioDevice>,
+    queues: u16,
+) -> Result<(), Error> {
+    let name = device.describe();
+    let vectors = routing
+        .msi_vectors(queues + 1)
+        .map_err(|e| Error::Setup(format!("{name}: interrupts: {e}")))?;
+    let transport = VirtioPci::new(device, vectors, mem.clone())
+        .map_err(|e| Error::Setup(format!("{name}: {e}")))?;
+    let transport = Arc::new(Mutex::new(transport));
+    pci.add(transport.clone())
+        .map_err(|e| Error::Setup(format!("{name}: {e}")))?;
+    let t = transport
+        .lock()
+        .map_err(|_| Error::Setup(format!("{name}: lock poisoned")))?;
+    let bar0 = t.config().bar_address(0).unwrap_or(0);
+    for (offset, fd) in t.notifiers() {
+        let addr = IoEventAddress::Mmio(bar0 + offset);
+        vm_fd
+            .register_ioevent(fd, &addr, NoDatamatch)
+            .map_err(kvm_err("register queue notification"))?;
+    }
+    Ok(())
+}
+
 impl Vm {
     /// Builds the VM and starts its vCPUs.
     pub fn create(kvm: &Kvm, config: RunConfig) -> Result<Vm, Error> {
@@ -169,7 +210,7 @@ impl Vm {
         let console = console_writer(&config.console)?;
         let mem = memory::create(config.memory_bytes, config.hugepages)?;
 
-        let vm_fd = kvm.create_vm().map_err(kvm_err("create VM"))?;
+        let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_err("create VM"))?);
         vm_fd
             .set_tss_address(crate::arch::layout::KVM_TSS_ADDRESS)
             .map_err(kvm_err("set TSS address"))?;
@@ -249,6 +290,13 @@ impl Vm {
         let mut mmio = MmioBus::new();
         let pci = attach_pci(&mut pio, &mut mmio, config.memory_bytes).map_err(bus_err)?;
         let buses = Arc::new(Buses { pio, mmio });
+        let routing = Arc::new(IrqRouting::new(vm_fd.clone()));
+        let io_thread = IoThread::spawn("io")
+            .map_err(|e| Error::Setup(format!("cannot start the I/O thread: {e}")))?;
+        for disk in &config.disks {
+            let block = Block::new(disk.clone(), io_thread.endpoint())?;
+            add_virtio(&vm_fd, &routing, &pci, &mem, Box::new(block), disk.queues)?;
+        }
 
         // vCPUs.
         let supported_msrs = kvm
@@ -335,6 +383,7 @@ impl Vm {
             vcpus,
             serial,
             pci,
+            _io_thread: io_thread,
             boot,
             host_kind,
             profile,

@@ -273,11 +273,10 @@ impl VirtioPci {
     fn enable_queue(&mut self, enable: bool) {
         let mem = self.mem.clone();
         if let Some(q) = self.selected() {
-            if !enable {
+            // is_valid() looks at the ready flag too: set it, then check.
+            q.queue.set_ready(enable);
+            if enable && !q.queue.is_valid(&mem) {
                 q.queue.set_ready(false);
-            } else if q.queue.is_valid(&mem) {
-                q.queue.set_ready(true);
-            } else {
                 tracing::warn!("virtio: driver enabled an invalid queue; ignored");
             }
         }

@@ -12,6 +12,7 @@ mod arch;
 mod boot;
 mod mem;
 mod pci;
+mod virtio;
 mod serial;
 mod smp;
 mod tasks;

@@ -2,6 +2,7 @@
 use crate::boot::BootInfo;
 use crate::{arch, println, time, STATUS_PROBE_ERROR};
 
+mod blk;
 mod counter;
 mod fwq;
 mod memtouch;
@@ -16,6 +17,7 @@ pub fn run(info: &mut BootInfo, args: &crate::boot::Args, ncpus: usize) -> u8 {
         "dirty" => counter::dirty(info, args),
         "fwq" => fwq::run(info, args, ncpus),
         "pci" => pci::run(info),
+        "blk" => blk::run(info, args),
         "exit" => args.num("status", 0) as u8,
         "fault" => {
             // SAFETY: deliberately raises #UD to exercise the exception path.
@@ -28,7 +30,7 @@ pub fn run(info: &mut BootInfo, args: &crate::boot::Args, ncpus: usize) -> u8 {
             arch::park()
         }
         other => {
-            println!("probe: error: unknown task '{other}' (hello, memtouch, counter, dirty, fwq, pci, exit, fault, triplefault, reset)");
+            println!("probe: error: unknown task '{other}' (hello, memtouch, counter, dirty, fwq, pci, blk, exit, fault, triplefault, reset)");
             STATUS_PROBE_ERROR
         }
     }

@@ -1,0 +1,159 @@
+//! virtio-blk end to end: the probe guest's ring-3 virtio driver reads,
+//! copies and fails to write real image files through `--disk`.
+mod common;
+
+use common::{image, tmpdir, vmm, Running};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+fn probe() -> PathBuf {
+    image("probe.elf", "guest-images/build probe")
+}
+
+/// A raw image of `sectors` 512-byte sectors with a pattern seeded by `seed`.
+fn disk_image(dir: &Path, name: &str, sectors: usize, seed: u8) -> PathBuf {
+    let p = dir.join(name);
+    let data: Vec<u8> = (0..sectors * 512)
+        .map(|i| {
+            (i as u32)
+                .wrapping_mul(2_654_435_761)
+                .rotate_left(u32::from(seed)) as u8
+        })
+        .collect();
+    std::fs::write(&p, data).unwrap();
+    p
+}
+
+fn run(task: &str, disks: &[String]) -> Output {
+    let mut c = Command::new(vmm());
+    c.args(["run", "--kernel"]).arg(probe());
+    c.args(["--cmdline", task, "--memory", "64M", "--test-exit-port"]);
+    for d in disks {
+        c.args(["--disk", d]);
+    }
+    c.stdin(Stdio::null()).output().unwrap()
+}
+
+fn value(out: &Output, key: &str) -> Option<String> {
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        l.strip_prefix(&format!("{key}="))
+            .map(|v| v.trim().to_string())
+    })
+}
+
+fn spec(p: &Path) -> String {
+    format!("path={}", p.display())
+}
+
+#[test]
+fn guest_reads_the_whole_disk_and_its_crc32_matches_the_host() {
+    let dir = tmpdir("blk-read");
+    let a = disk_image(&dir, "a.raw", 6144, 3);
+    let b = disk_image(&dir, "b.raw", 2048, 9);
+    let disks = [spec(&a), format!("{},readonly,queues=2", spec(&b))];
+    for (index, img) in [(0, &a), (1, &b)] {
+        let out = run(&format!("task=blk op=read disk={index}"), &disks);
+        assert!(out.status.success(), "{out:?}");
+        let data = std::fs::read(img).unwrap();
+        assert_eq!(value(&out, "bytes"), Some(data.len().to_string()));
+        assert_eq!(
+            value(&out, "crc32"),
+            Some(format!("{:08x}", crc32fast::hash(&data))),
+            "disk {index}"
+        );
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn guest_copies_the_first_half_over_the_second() {
+    let dir = tmpdir("blk-copy");
+    let img = disk_image(&dir, "c.raw", 4096, 5);
+    let before = std::fs::read(&img).unwrap();
+    let out = run("task=blk op=copy", &[spec(&img)]);
+    assert!(out.status.success(), "{out:?}");
+    let after = std::fs::read(&img).unwrap();
+    let half = after.len() / 2;
+    assert_eq!(&after[..half], &before[..half], "first half untouched");
+    assert!(after[half..] == after[..half], "second half is a copy");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn read_only_disk_fails_guest_writes_and_keeps_the_image() {
+    let dir = tmpdir("blk-ro");
+    let img = disk_image(&dir, "r.raw", 2048, 7);
+    let before = std::fs::read(&img).unwrap();
+    let out = run("task=blk op=copy", &[format!("{},readonly", spec(&img))]);
+    assert_eq!(out.status.code(), Some(102), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("blk_error=status 1"));
+    assert_eq!(std::fs::read(&img).unwrap(), before);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn disks_show_in_the_api_and_on_the_pci_bus() {
+    let dir = tmpdir("blk-api");
+    let img = disk_image(&dir, "api.raw", 64, 1);
+    let sock = dir.join("api.sock");
+    let probe = probe();
+    let disk = format!("{},serial=ffmk0", spec(&img));
+    let mut vm = Running::start(&[
+        "run",
+        "--kernel",
+        probe.to_str().unwrap(),
+        "--cmdline",
+        "task=counter hz=20",
+        "--memory",
+        "64M",
+        "--disk",
+        &disk,
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ]);
+    vm.next_counter(Duration::from_secs(10)).expect("running");
+    let info = Command::new(vmm())
+        .args(["info", "--api-socket"])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    let pci = v["pci"].as_array().unwrap();
+    assert_eq!(pci.len(), 2, "{v}");
+    assert_eq!(pci[1]["bdf"], "00:01.0");
+    assert!(pci[1]["device"].as_str().unwrap().starts_with("virtio-blk"));
+    assert_eq!(v["config"]["disks"][0]["serial"], "ffmk0");
+    let _ = Command::new(vmm())
+        .args(["shutdown", "--api-socket"])
+        .arg(&sock)
+        .output();
+    let (code, err) = vm.wait(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn bad_disks_are_refused_with_one_line_and_exit_code_2() {
+    let dir = tmpdir("blk-bad");
+    let odd = dir.join("odd.raw");
+    std::fs::write(&odd, [1u8; 1000]).unwrap();
+    let empty = dir.join("empty.raw");
+    std::fs::write(&empty, b"").unwrap();
+    let good = disk_image(&dir, "good.raw", 8, 2);
+    let cases = [
+        (spec(&dir.join("missing.raw")), "cannot open disk image"),
+        (spec(&odd), "not a whole number of 512-byte sectors"),
+        (spec(&empty), "is empty"),
+        (format!("{},fast", spec(&good)), "unknown option 'fast'"),
+        (format!("{},queues=99", spec(&good)), "queues must be"),
+    ];
+    for (disk, want) in cases {
+        let out = run("task=hello", std::slice::from_ref(&disk));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{disk}: {err}");
+        assert_eq!(err.lines().count(), 1, "{disk}: {err}");
+        assert!(err.contains(want), "{disk}: {err}");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
