@@ -384,6 +384,26 @@ mod tests {
         };
         assert!(zero.validated().is_err());
         assert_eq!(d.validated().unwrap().queues, 1);
+        // TOML: [[disk]] tables, paths relative to the file.
+        let dir = std::env::temp_dir().join(format!("ffmk-cfg-disk-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("vm.toml");
+        std::fs::write(
+            &f,
+            "kernel = \"k\"\n[[disk]]\npath = \"a.raw\"\nreadonly = true\n[[disk]]\npath = \"/b.raw\"\nqueues = 2\n",
+        )
+        .unwrap();
+        let c = RunConfig::from_file_config(FileConfig::load(&f).unwrap()).unwrap();
+        assert_eq!(c.disks.len(), 2);
+        assert_eq!(c.disks[0].path, dir.join("a.raw"));
+        assert!(c.disks[0].readonly);
+        assert_eq!(
+            (c.disks[1].path.as_path(), c.disks[1].queues),
+            (Path::new("/b.raw"), 2)
+        );
+        std::fs::write(&f, "kernel = \"k\"\n[[disk]]\npath = \"a\"\nspeed = 1\n").unwrap();
+        assert!(matches!(FileConfig::load(&f), Err(Error::Parse { .. })));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
