@@ -1,5 +1,5 @@
 //! Command line of `ffmk-vmm`.
-use crate::config::{DiskEntry, FileConfig};
+use crate::config::{DiskEntry, FileConfig, NetEntry};
 use crate::host::CpuProfile;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -21,7 +21,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Boot a guest (ELF vmlinux with or without PVH note, bzImage, or the probe guest).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the host kind, KVM capabilities and the CPU profile that would be used.
     HostInfo {
         /// Machine-readable output.
@@ -89,6 +89,14 @@ pub struct RunArgs {
     /// (raw image; repeat for more disks).
     #[arg(long, value_name = "SPEC", value_parser = parse_disk)]
     pub disk: Vec<DiskEntry>,
+    /// A virtio-net device on a TAP interface: tap=NAME[,mac=52:54:00:12:34:56]
+    /// (the TAP is created if it does not exist; repeat for more).
+    #[arg(long, value_name = "SPEC", value_parser = parse_net)]
+    pub net: Vec<NetEntry>,
+}
+
+fn parse_net(s: &str) -> Result<NetEntry, String> {
+    s.parse().map_err(|e: crate::config::Error| e.to_string())
 }
 
 fn parse_disk(s: &str) -> Result<DiskEntry, String> {
@@ -118,6 +126,7 @@ impl RunArgs {
             test_exit_port: self.test_exit_port,
             cpu_profile: self.cpu_profile,
             disk: (!self.disk.is_empty()).then(|| self.disk.clone()),
+            net: (!self.net.is_empty()).then(|| self.net.clone()),
         }
     }
 }

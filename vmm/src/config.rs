@@ -1,6 +1,7 @@
 //! VM configuration: a TOML file and/or command-line flags (flags win).
 use crate::host::CpuProfile;
 pub use devices::virtio::block::DiskConfig;
+pub use devices::virtio::net::NetConfig;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -27,6 +28,72 @@ pub enum Error {
         "invalid --disk '{spec}': {why} (path=FILE[,readonly][,direct][,serial=ID][,queues=N])"
     )]
     Disk { spec: String, why: String },
+    #[error("invalid --net '{spec}': {why} (tap=NAME[,mac=52:54:00:12:34:56])")]
+    Net { spec: String, why: String },
+}
+
+/// One `--net` (or `[[net]]` in TOML).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetEntry {
+    pub tap: String,
+    pub mac: Option<String>,
+}
+
+impl std::str::FromStr for NetEntry {
+    type Err = Error;
+    /// `tap=NAME[,mac=XX:XX:XX:XX:XX:XX]`.
+    fn from_str(spec: &str) -> Result<Self, Error> {
+        let bad = |why: String| Error::Net {
+            spec: spec.into(),
+            why,
+        };
+        let mut n = NetEntry {
+            tap: String::new(),
+            mac: None,
+        };
+        for part in spec.split(',') {
+            match part.split_once('=') {
+                Some(("tap", t)) => n.tap = t.into(),
+                Some(("mac", m)) => n.mac = Some(m.into()),
+                _ => return Err(bad(format!("unknown option '{part}'"))),
+            }
+        }
+        if n.tap.is_empty() {
+            return Err(bad("no tap name".into()));
+        }
+        Ok(n)
+    }
+}
+
+/// Parses `52:54:00:12:34:56`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in mac.iter_mut() {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+impl NetEntry {
+    fn validated(self) -> Result<NetConfig, Error> {
+        let bad = |why: &str| Error::Net {
+            spec: self.tap.clone(),
+            why: why.into(),
+        };
+        if self.tap.len() > 15 {
+            return Err(bad("a TAP name has at most 15 bytes"));
+        }
+        let mac = match &self.mac {
+            Some(m) => parse_mac(m).ok_or_else(|| bad("bad MAC address"))?,
+            None => devices::virtio::net::default_mac(&self.tap),
+        };
+        if mac[0] & 1 != 0 {
+            return Err(bad("a multicast MAC cannot be a device address"));
+        }
+        Ok(NetConfig { tap: self.tap, mac })
+    }
 }
 
 /// One `--disk` (or `[[disk]]` in TOML).
@@ -129,6 +196,7 @@ pub struct FileConfig {
     pub test_exit_port: Option<u16>,
     pub cpu_profile: Option<CpuProfile>,
     pub disk: Option<Vec<DiskEntry>>,
+    pub net: Option<Vec<NetEntry>>,
 }
 
 impl FileConfig {
@@ -171,6 +239,7 @@ impl FileConfig {
             cpu_profile: over.cpu_profile.or(self.cpu_profile),
             // Disks given on the command line replace the file's list.
             disk: over.disk.or(self.disk),
+            net: over.net.or(self.net),
         }
     }
 }
@@ -211,6 +280,7 @@ pub struct RunConfig {
     pub test_exit_port: Option<u16>,
     pub cpu_profile: Option<CpuProfile>,
     pub disks: Vec<DiskConfig>,
+    pub nets: Vec<NetConfig>,
 }
 
 pub const DEFAULT_MEMORY: &str = "256M";
@@ -250,6 +320,12 @@ impl RunConfig {
                 .unwrap_or_default()
                 .into_iter()
                 .map(DiskEntry::validated)
+                .collect::<Result<_, _>>()?,
+            nets: c
+                .net
+                .unwrap_or_default()
+                .into_iter()
+                .map(NetEntry::validated)
                 .collect::<Result<_, _>>()?,
         })
     }
@@ -404,6 +480,36 @@ mod tests {
         std::fs::write(&f, "kernel = \"k\"\n[[disk]]\npath = \"a\"\nspeed = 1\n").unwrap();
         assert!(matches!(FileConfig::load(&f), Err(Error::Parse { .. })));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn net_specs() {
+        let n: NetEntry = "tap=ffmk0,mac=52:54:00:aa:bb:cc".parse().unwrap();
+        let c = n.validated().unwrap();
+        assert_eq!(
+            (c.tap.as_str(), c.mac),
+            ("ffmk0", [0x52, 0x54, 0, 0xaa, 0xbb, 0xcc])
+        );
+        let d: NetEntry = "tap=t1".parse().unwrap();
+        assert_eq!(
+            d.validated().unwrap().mac,
+            devices::virtio::net::default_mac("t1")
+        );
+        for bad in ["", "ffmk0", "tap=x,speed=1", "mac=52:54:00:00:00:01"] {
+            assert!(bad.parse::<NetEntry>().is_err(), "{bad}");
+        }
+        for mac in ["52:54:00:00:00", "zz:54:00:00:00:01", "01:00:5e:00:00:01"] {
+            let e = NetEntry {
+                tap: "t".into(),
+                mac: Some(mac.into()),
+            };
+            assert!(e.validated().is_err(), "{mac}");
+        }
+        let long = NetEntry {
+            tap: "a-very-long-tap-name".into(),
+            mac: None,
+        };
+        assert!(long.validated().is_err());
     }
 
     #[test]

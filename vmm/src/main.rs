@@ -52,7 +52,7 @@ fn main() -> ExitCode {
         .init();
 
     let result = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::HostInfo { json, cpu_profile } => host_info(json, cpu_profile),
         Command::Info(c) => client(c, "GET", "/vm"),
         Command::Pause(c) => client(c, "PUT", "/vm/pause"),

@@ -11,6 +11,7 @@ use devices::bus::{MmioBus, PioBus};
 use devices::legacy::{self, AcpiSleep, SerialPort, TestExitPort, I8042};
 use devices::pci::{PciConfigIo, PciDevice, PciEcam, PciRoot, PciWindow};
 use devices::virtio::block::Block;
+use devices::virtio::net::Net;
 use devices::virtio::pci::VirtioPci;
 use devices::virtio::{IoThread, VirtioDevice};
 use devices::EventSink;
@@ -44,6 +45,8 @@ pub enum Error {
     },
     #[error(transparent)]
     Disk(#[from] devices::virtio::block::DiskError),
+    #[error(transparent)]
+    Tap(#[from] devices::tap::TapError),
     #[error("{0}")]
     Setup(String),
 }
@@ -51,7 +54,7 @@ pub enum Error {
 impl Error {
     pub fn is_user_error(&self) -> bool {
         match self {
-            Error::Memory(_) | Error::ConsoleFile { .. } | Error::Disk(_) => true,
+            Error::Memory(_) | Error::ConsoleFile { .. } | Error::Disk(_) | Error::Tap(_) => true,
             Error::Boot(b) => b.is_user_error(),
             _ => false,
         }
@@ -296,6 +299,10 @@ impl Vm {
         for disk in &config.disks {
             let block = Block::new(disk.clone(), io_thread.endpoint())?;
             add_virtio(&vm_fd, &routing, &pci, &mem, Box::new(block), disk.queues)?;
+        }
+        for net in &config.nets {
+            let dev = Net::new(net.clone(), io_thread.endpoint())?;
+            add_virtio(&vm_fd, &routing, &pci, &mem, Box::new(dev), 2)?;
         }
 
         // vCPUs.

@@ -4,6 +4,7 @@
 //!   notify, ISR and device-specific configuration structures and the MSI-X
 //!   table; it negotiates features, sets queues up and activates the device;
 //! - [`block`]: virtio-blk over a raw image file;
+//! - [`net`]: virtio-net over a TAP interface;
 //! - [`IoThread`]: the thread that runs activated devices' queue handlers
 //!   (never a vCPU thread), driven by the queues' notification eventfds.
 //!
@@ -11,6 +12,7 @@
 //! registers a handler on the I/O thread and raises interrupts through
 //! [`VirtioInterrupt`].
 pub mod block;
+pub mod net;
 pub mod pci;
 
 use crate::pci::Msix;

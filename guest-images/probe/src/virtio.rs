@@ -192,6 +192,42 @@ impl Queue {
         }
     }
 
+    /// Posts a one-buffer chain in descriptor `slot` (for receive rings,
+    /// where many buffers wait at once). Call [`Queue::kick`] afterwards.
+    pub fn post(&mut self, slot: u16, addr: u64, len: u32, writable: bool) {
+        let d = self.desc + 16 * u64::from(slot);
+        wr::<u64>(d, addr);
+        wr::<u32>(d + 8, len);
+        wr::<u16>(d + 12, if writable { DESC_WRITE } else { 0 });
+        wr::<u16>(d + 14, 0);
+        let at = u64::from(self.avail_idx % self.size);
+        wr::<u16>(self.avail + 4 + 2 * at, slot);
+        fence(Ordering::SeqCst);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        wr::<u16>(self.avail + 2, self.avail_idx);
+    }
+
+    pub fn kick(&self) {
+        fence(Ordering::SeqCst);
+        wr::<u16>(self.notify, self.index);
+    }
+
+    /// The next used (descriptor id, length), if the device returned one.
+    pub fn poll_used(&mut self) -> Option<(u16, u32)> {
+        fence(Ordering::SeqCst);
+        if rd::<u16>(self.used + 2) == self.used_seen {
+            return None;
+        }
+        let at = u64::from(self.used_seen % self.size);
+        self.used_seen = self.used_seen.wrapping_add(1);
+        let id = rd::<u32>(self.used + 4 + 8 * at) as u16;
+        Some((id, rd::<u32>(self.used + 4 + 8 * at + 4)))
+    }
+
+    pub fn size(&self) -> u16 {
+        self.size
+    }
+
     /// Submits one chain of (address, length, device-writable) buffers,
     /// notifies the device and polls until it is used. Returns the length
     /// the device reports, or None after `timeout_us`.
@@ -216,11 +252,8 @@ impl Queue {
         wr::<u16>(self.notify, self.index);
         let deadline = crate::time::now_us() + timeout_us;
         while crate::time::now_us() < deadline {
-            fence(Ordering::SeqCst);
-            if rd::<u16>(self.used + 2) != self.used_seen {
-                let slot = u64::from(self.used_seen % self.size);
-                self.used_seen = self.used_seen.wrapping_add(1);
-                return Some(rd::<u32>(self.used + 4 + 8 * slot + 4));
+            if let Some((_, len)) = self.poll_used() {
+                return Some(len);
             }
             core::hint::spin_loop();
         }

@@ -35,7 +35,12 @@ pub struct Running {
 
 impl Running {
     pub fn start(args: &[&str]) -> Running {
-        let mut child = Command::new(vmm())
+        Self::start_with(vmm(), args)
+    }
+
+    /// Starts `program` (e.g. `ip netns exec NS ffmk-vmm ...`).
+    pub fn start_with(program: &str, args: &[&str]) -> Running {
+        let mut child = Command::new(program)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -6,6 +6,7 @@ mod blk;
 mod counter;
 mod fwq;
 mod memtouch;
+mod net;
 mod pci;
 
 pub fn run(info: &mut BootInfo, args: &crate::boot::Args, ncpus: usize) -> u8 {
@@ -18,6 +19,7 @@ pub fn run(info: &mut BootInfo, args: &crate::boot::Args, ncpus: usize) -> u8 {
         "fwq" => fwq::run(info, args, ncpus),
         "pci" => pci::run(info),
         "blk" => blk::run(info, args),
+        "net" => net::run(info, args),
         "exit" => args.num("status", 0) as u8,
         "fault" => {
             // SAFETY: deliberately raises #UD to exercise the exception path.
@@ -30,7 +32,7 @@ pub fn run(info: &mut BootInfo, args: &crate::boot::Args, ncpus: usize) -> u8 {
             arch::park()
         }
         other => {
-            println!("probe: error: unknown task '{other}' (hello, memtouch, counter, dirty, fwq, pci, blk, exit, fault, triplefault, reset)");
+            println!("probe: error: unknown task '{other}' (hello, memtouch, counter, dirty, fwq, pci, blk, net, exit, fault, triplefault, reset)");
             STATUS_PROBE_ERROR
         }
     }

@@ -1,0 +1,368 @@
+//! virtio-net over a TAP interface (virtio spec 5.1): one receive and one
+//! transmit queue, mergeable receive buffers, checksum and TSO offloads
+//! passed through to the TAP (which speaks the same 12-byte header).
+//!
+//! Receive: when the TAP has a frame and the guest has posted buffers, the
+//! frame is copied into as many receive chains as it needs (`num_buffers`).
+//! Without buffers the frame waits and the TAP is not watched until the
+//! guest posts more, so a guest that stops receiving costs nothing.
+//! Transmit: each chain (header + frame) is written to the TAP as one frame.
+use super::{Activation, ActiveQueue, GuestMemory, Handler, VirtioDevice, VirtioInterrupt};
+use super::{VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1};
+use crate::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
+use event_manager::{EventOps, Events, MutEventSubscriber, RemoteEndpoint, SubscriberId};
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use virtio_queue::{QueueOwnedT, QueueT};
+use vmm_sys_util::epoll::EventSet;
+
+const F_CSUM: u64 = 1 << 0;
+const F_GUEST_CSUM: u64 = 1 << 1;
+const F_MAC: u64 = 1 << 5;
+const F_GUEST_TSO4: u64 = 1 << 7;
+const F_GUEST_TSO6: u64 = 1 << 8;
+const F_HOST_TSO4: u64 = 1 << 11;
+const F_HOST_TSO6: u64 = 1 << 12;
+const F_MRG_RXBUF: u64 = 1 << 15;
+const F_STATUS: u64 = 1 << 16;
+const STATUS_LINK_UP: u16 = 1;
+
+pub const QUEUE_SIZE: u16 = 256;
+/// Largest frame with its header: 64 KiB of TSO payload plus headers.
+const MAX_FRAME: usize = 65_562;
+
+const RX: u32 = 0;
+const TX: u32 = 1;
+const TAP: u32 = 2;
+
+/// `--net tap=NAME[,mac=52:54:00:12:34:56]`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct NetConfig {
+    pub tap: String,
+    pub mac: [u8; 6],
+}
+
+/// A locally administered MAC derived from the TAP name (stable across runs).
+pub fn default_mac(tap: &str) -> [u8; 6] {
+    let h = tap.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    [0x52, 0x54, 0x00, (h >> 16) as u8, (h >> 8) as u8, h as u8]
+}
+
+#[derive(Default, Debug)]
+pub struct NetStats {
+    pub rx_frames: AtomicU64,
+    pub rx_bytes: AtomicU64,
+    pub tx_frames: AtomicU64,
+    pub tx_bytes: AtomicU64,
+    pub dropped: AtomicU64,
+}
+
+pub struct Net {
+    config: NetConfig,
+    tap: Option<Tap>,
+    endpoint: RemoteEndpoint<Handler>,
+    handler: Option<SubscriberId>,
+    pub stats: Arc<NetStats>,
+}
+
+impl Net {
+    pub fn new(
+        config: NetConfig,
+        endpoint: RemoteEndpoint<Handler>,
+    ) -> Result<Net, crate::tap::TapError> {
+        let tap = Tap::open(&config.tap)?;
+        Ok(Net {
+            config,
+            tap: Some(tap),
+            endpoint,
+            handler: None,
+            stats: Arc::new(NetStats::default()),
+        })
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u16 {
+        1
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+            | VIRTIO_F_RING_INDIRECT_DESC
+            | VIRTIO_F_RING_EVENT_IDX
+            | F_MAC
+            | F_STATUS
+            | F_MRG_RXBUF
+            | F_CSUM
+            | F_GUEST_CSUM
+            | F_HOST_TSO4
+            | F_HOST_TSO6
+            | F_GUEST_TSO4
+            | F_GUEST_TSO6
+    }
+
+    fn config_read(&self, offset: u64, data: &mut [u8]) {
+        let mut c = [0u8; 10];
+        c[..6].copy_from_slice(&self.config.mac);
+        c[6..8].copy_from_slice(&STATUS_LINK_UP.to_le_bytes());
+        c[8..10].copy_from_slice(&1u16.to_le_bytes()); // max_virtqueue_pairs
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = c.get(offset as usize + i).copied().unwrap_or(0);
+        }
+    }
+
+    fn config_write(&mut self, _offset: u64, _data: &[u8]) {}
+
+    fn activate(&mut self, a: Activation) -> Result<(), String> {
+        let tap = self
+            .tap
+            .take()
+            .ok_or("the TAP is in use by an earlier activation")?;
+        let mut offload = 0;
+        if a.features & F_GUEST_CSUM != 0 {
+            offload |= TUN_F_CSUM;
+            if a.features & F_GUEST_TSO4 != 0 {
+                offload |= TUN_F_TSO4;
+            }
+            if a.features & F_GUEST_TSO6 != 0 {
+                offload |= TUN_F_TSO6;
+            }
+        }
+        if let Err(e) = tap.set_offload(offload) {
+            self.tap = Some(tap);
+            return Err(e.to_string());
+        }
+        let mut queues = a.queues.into_iter();
+        let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
+            self.tap = Some(tap);
+            return Err("the driver did not enable both queues".into());
+        };
+        let handler = NetHandler {
+            tap,
+            mem: a.mem,
+            rx,
+            tx,
+            interrupt: a.interrupt,
+            mergeable: a.features & F_MRG_RXBUF != 0,
+            pending: None,
+            watching_tap: false,
+            frame: vec![0u8; MAX_FRAME],
+            stats: self.stats.clone(),
+        };
+        let id = self
+            .endpoint
+            .call_blocking(move |ops| -> Result<SubscriberId, event_manager::Error> {
+                Ok(ops.add_subscriber(Box::new(handler)))
+            })
+            .map_err(|e| format!("cannot start the network handler: {e:?}"))?;
+        self.handler = Some(id);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        let Some(id) = self.handler.take() else {
+            return;
+        };
+        // Take the handler back to get the TAP back for the next activation.
+        let r = self
+            .endpoint
+            .call_blocking(move |ops| ops.remove_subscriber(id));
+        match r {
+            Ok(_) => match Tap::open(&self.config.tap) {
+                Ok(t) => self.tap = Some(t),
+                Err(e) => tracing::warn!("virtio-net: cannot reopen {}: {e}", self.config.tap),
+            },
+            Err(e) => tracing::warn!("virtio-net: cannot stop the handler: {e:?}"),
+        }
+    }
+
+    fn describe(&self) -> String {
+        let m = self.config.mac;
+        format!(
+            "virtio-net tap={} mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            self.config.tap, m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+struct NetHandler {
+    tap: Tap,
+    mem: GuestMemory,
+    rx: ActiveQueue,
+    tx: ActiveQueue,
+    interrupt: Arc<VirtioInterrupt>,
+    mergeable: bool,
+    /// A frame read from the TAP that found no receive buffers yet.
+    pending: Option<usize>,
+    watching_tap: bool,
+    frame: Vec<u8>,
+    stats: Arc<NetStats>,
+}
+
+impl NetHandler {
+    /// Copies the frame (`len` bytes of `self.frame`) into receive chains.
+    /// false: not enough buffers posted (nothing consumed, the frame waits).
+    fn deliver(&mut self, len: usize) -> bool {
+        let mem = &self.mem;
+        let q = &mut self.rx.queue;
+        let frame = &mut self.frame[..len];
+        // First find enough chains; give them back if there are not.
+        let mut chains = Vec::new();
+        let mut room = 0usize;
+        while room < len {
+            let Some(chain) = q.pop_descriptor_chain(mem) else {
+                for _ in 0..chains.len() {
+                    q.go_to_previous_position();
+                }
+                return false;
+            };
+            let cap: usize = chain.clone().writable().map(|d| d.len() as usize).sum();
+            room += cap;
+            chains.push(chain);
+            if !self.mergeable {
+                break;
+            }
+        }
+        if room < len {
+            // One chain without mergeable buffers and it is too small: the
+            // driver broke the contract; drop the frame, return the buffer.
+            for chain in chains {
+                let _ = q.add_used(mem, chain.head_index(), 0);
+            }
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        // num_buffers lives in the header (bytes 10-11).
+        if len >= VNET_HDR_LEN {
+            frame[10..12].copy_from_slice(&(chains.len() as u16).to_le_bytes());
+        }
+        let mut at = 0;
+        for chain in chains {
+            let head = chain.head_index();
+            let written = match chain.writer(mem) {
+                Ok(mut w) => {
+                    let n = w.available_bytes().min(len - at);
+                    match w.write_all(&frame[at..at + n]) {
+                        Ok(()) => n,
+                        Err(_) => 0,
+                    }
+                }
+                Err(_) => 0,
+            };
+            at += written;
+            let _ = q.add_used(mem, head, written as u32);
+        }
+        self.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .rx_bytes
+            .fetch_add((len - VNET_HDR_LEN.min(len)) as u64, Ordering::Relaxed);
+        true
+    }
+
+    /// Moves frames from the TAP into the guest until one of them runs dry.
+    fn receive(&mut self) {
+        let mut delivered = false;
+        loop {
+            let len = match self.pending.take() {
+                Some(l) => l,
+                None => match self.tap.read_frame(&mut self.frame) {
+                    Ok(n) => n,
+                    Err(_) => break, // WouldBlock (or an error): nothing more
+                },
+            };
+            if !self.deliver(len) {
+                self.pending = Some(len);
+                break;
+            }
+            delivered = true;
+        }
+        if delivered && self.rx.queue.needs_notification(&self.mem).unwrap_or(true) {
+            self.interrupt.signal_queue(self.rx.vector);
+        }
+    }
+
+    fn transmit(&mut self) {
+        let mem = &self.mem;
+        let mut sent = false;
+        while let Some(chain) = self.tx.queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let mut len = 0;
+            if let Ok(mut r) = chain.reader(mem) {
+                let mut limited = (&mut r).take(MAX_FRAME as u64);
+                let mut buf = Vec::with_capacity(1600);
+                if limited.read_to_end(&mut buf).is_ok() && buf.len() > VNET_HDR_LEN {
+                    len = buf.len();
+                    match self.tap.write_frame(&buf) {
+                        Ok(_) => {
+                            self.stats.tx_frames.fetch_add(1, Ordering::Relaxed);
+                            self.stats
+                                .tx_bytes
+                                .fetch_add((len - VNET_HDR_LEN) as u64, Ordering::Relaxed);
+                        }
+                        Err(_) => {
+                            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+            if len == 0 {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            let _ = self.tx.queue.add_used(mem, head, 0);
+            sent = true;
+        }
+        if sent && self.tx.queue.needs_notification(mem).unwrap_or(true) {
+            self.interrupt.signal_queue(self.tx.vector);
+        }
+    }
+
+    /// Watch the TAP only while there is somewhere to put its frames.
+    fn update_tap_watch(&mut self, ops: &mut EventOps) {
+        let want = self.pending.is_none();
+        if want == self.watching_tap {
+            return;
+        }
+        let ev = Events::with_data(&self.tap, TAP, EventSet::IN);
+        let r = if want { ops.add(ev) } else { ops.remove(ev) };
+        match r {
+            Ok(()) => self.watching_tap = want,
+            Err(e) => tracing::warn!("virtio-net: cannot change the TAP watch: {e:?}"),
+        }
+    }
+}
+
+impl MutEventSubscriber for NetHandler {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match events.data() {
+            RX => {
+                let _ = self.rx.notify.read();
+                self.receive();
+            }
+            TX => {
+                let _ = self.tx.notify.read();
+                self.transmit();
+            }
+            TAP => self.receive(),
+            _ => {}
+        }
+        self.update_tap_watch(ops);
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        for (fd, tag) in [(&self.rx.notify, RX), (&self.tx.notify, TX)] {
+            if let Err(e) = ops.add(Events::with_data(fd, tag, EventSet::IN)) {
+                tracing::error!("virtio-net: cannot watch queue {tag}: {e:?}");
+            }
+        }
+        self.transmit();
+        self.receive();
+        self.update_tap_watch(ops);
+    }
+}

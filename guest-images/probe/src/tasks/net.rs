@@ -1,0 +1,150 @@
+//! `task=net op=echo count=N [ip=10.0.0.2]`: answers ARP for `ip` and sends
+//! every UDP datagram addressed to it back to its sender (addresses and
+//! ports swapped, so the checksums stay valid), until N were echoed. Prints
+//! `mac=`, then `echoed=N`.
+use crate::boot::{Args, BootInfo};
+use crate::virtio::{self, Device, Queue};
+use crate::{println, time, STATUS_PROBE_ERROR};
+
+const HDR: usize = 12; // virtio-net header
+const BUF: u64 = 2048;
+const RX_BUFFERS: u16 = 64;
+const ETH_ARP: u16 = 0x0806;
+const ETH_IP: u16 = 0x0800;
+
+fn parse_ip(s: &str) -> Option<[u8; 4]> {
+    let mut ip = [0u8; 4];
+    let mut parts = s.split('.');
+    for b in ip.iter_mut() {
+        *b = parts.next()?.parse().ok()?;
+    }
+    parts.next().is_none().then_some(ip)
+}
+
+fn frame(addr: u64, len: usize) -> &'static mut [u8] {
+    // SAFETY: `addr` is one of the task's own 2 KiB buffers; the device is
+    // done with it (it came back on the used ring) until we post it again.
+    unsafe { core::slice::from_raw_parts_mut(addr as *mut u8, len) }
+}
+
+fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+/// Turns a received frame into the reply in place; false if there is none.
+fn reply(f: &mut [u8], mac: [u8; 6], ip: [u8; 4]) -> bool {
+    if f.len() < 14 {
+        return false;
+    }
+    let mut peer_mac = [0u8; 6];
+    peer_mac.copy_from_slice(&f[6..12]);
+    match be16(f, 12) {
+        ETH_ARP if f.len() >= 42 && be16(f, 20) == 1 && f[38..42] == ip => {
+            f[0..6].copy_from_slice(&peer_mac);
+            f[6..12].copy_from_slice(&mac);
+            f[21] = 2; // reply
+            f.copy_within(22..32, 32); // sender becomes target
+
+            f[22..28].copy_from_slice(&mac);
+            f[28..32].copy_from_slice(&ip);
+            true
+        }
+        ETH_IP if f.len() >= 42 && f[23] == 17 && f[30..34] == ip => {
+            let ihl = usize::from(f[14] & 0xf) * 4;
+            if ihl < 20 || f.len() < 14 + ihl + 8 {
+                return false;
+            }
+            f[0..6].copy_from_slice(&peer_mac);
+            f[6..12].copy_from_slice(&mac);
+            for i in 0..4 {
+                f.swap(26 + i, 30 + i); // IP addresses
+            }
+            let udp = 14 + ihl;
+            f.swap(udp, udp + 2); // ports
+            f.swap(udp + 1, udp + 3);
+            true
+        }
+        _ => false,
+    }
+}
+
+pub fn run(info: &mut BootInfo, args: &Args) -> u8 {
+    let Some(ip) = parse_ip(args.get("ip").unwrap_or("10.0.0.2")) else {
+        println!("probe: error: bad ip=");
+        return STATUS_PROBE_ERROR;
+    };
+    let count = args.num("count", 1);
+    let Some(f) = virtio::find(info.ecam_base(), 1, 0) else {
+        println!("probe: error: no virtio-net device");
+        return STATUS_PROBE_ERROR;
+    };
+    let Ok(dev) = Device::open(f, 0) else {
+        println!("probe: error: virtio-net did not accept the driver");
+        return STATUS_PROBE_ERROR;
+    };
+    let ring = Queue::bytes(RX_BUFFERS);
+    let Some(mem) = info.take(2 * ring + u64::from(RX_BUFFERS + 1) * BUF) else {
+        println!("probe: error: no memory for the rings");
+        return STATUS_PROBE_ERROR;
+    };
+    let (Ok(mut rx), Ok(mut tx)) = (
+        dev.setup_queue(0, RX_BUFFERS, mem),
+        dev.setup_queue(1, 16, mem + ring),
+    ) else {
+        println!("probe: error: virtio-net queues");
+        return STATUS_PROBE_ERROR;
+    };
+    dev.driver_ok();
+    let mut mac = [0u8; 6];
+    for (i, b) in mac.iter_mut().enumerate() {
+        // SAFETY: the device configuration starts with the MAC address.
+        *b = unsafe { core::ptr::read_volatile((dev.device_cfg + i as u64) as *const u8) };
+    }
+    println!(
+        "mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]
+    );
+    let bufs = mem + 2 * ring;
+    let slots = RX_BUFFERS.min(rx.size());
+    for s in 0..slots {
+        rx.post(s, bufs + u64::from(s) * BUF, BUF as u32, true);
+    }
+    rx.kick();
+    let txbuf = bufs + u64::from(RX_BUFFERS) * BUF;
+    let mut echoed = 0;
+    let deadline_idle_us = args.num("timeout_ms", 30_000) * 1000;
+    let mut last = time::now_us();
+    while echoed < count {
+        let Some((slot, len)) = rx.poll_used() else {
+            if time::now_us() - last > deadline_idle_us {
+                println!("probe: error: no frame for {} ms", deadline_idle_us / 1000);
+                println!("echoed={echoed}");
+                return STATUS_PROBE_ERROR;
+            }
+            core::hint::spin_loop();
+            continue;
+        };
+        last = time::now_us();
+        let addr = bufs + u64::from(slot) * BUF;
+        let len = (len as usize).min(BUF as usize);
+        if len > HDR {
+            let out = frame(txbuf, len);
+            out.copy_from_slice(frame(addr, len));
+            let is_udp = be16(out, HDR + 12) == ETH_IP;
+            if reply(&mut out[HDR..], mac, ip) {
+                out[..HDR].fill(0); // no offloads on the way back
+                if tx.submit(&[(txbuf, len as u32, false)], 1_000_000).is_none() {
+                    println!("probe: error: transmit timed out");
+                    return STATUS_PROBE_ERROR;
+                }
+                if is_udp {
+                    echoed += 1;
+                }
+            }
+        }
+        rx.post(slot, addr, BUF as u32, true);
+        rx.kick();
+    }
+    println!("echoed={echoed}");
+    0
+}

@@ -1,0 +1,140 @@
+//! virtio-net end to end: the probe guest's ring-3 driver answers ARP and
+//! echoes UDP datagrams that a host-side socket sends through a TAP. The
+//! VMM and the host side run in a network namespace of their own (a separate
+//! "host"), so the test touches none of the machine's interfaces.
+mod common;
+
+use common::{image, tmpdir, vmm, Running};
+use std::net::UdpSocket;
+use std::os::fd::AsRawFd;
+use std::process::Command;
+use std::time::Duration;
+
+/// A network namespace deleted on drop.
+struct NetNs(String);
+
+impl NetNs {
+    fn new(tag: &str) -> Option<NetNs> {
+        let name = format!("ffmk-{tag}-{}", std::process::id());
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        ok.then_some(NetNs(name))
+    }
+
+    fn ip(&self, args: &[&str]) -> bool {
+        Command::new("ip")
+            .args(["netns", "exec", &self.0, "ip"])
+            .args(args)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    }
+
+    /// Runs `f` on a thread that entered the namespace (sockets it opens
+    /// live there).
+    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.0);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).expect("netns file");
+            // SAFETY: setns on a namespace fd we opened; it only changes this
+            // thread's network namespace.
+            let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("netns thread")
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+#[test]
+fn guest_echoes_udp_datagrams_through_a_tap_byte_for_byte() {
+    let Some(ns) = NetNs::new("net") else {
+        eprintln!("skipped: cannot create a network namespace (needs root and iproute2)");
+        return;
+    };
+    let dir = tmpdir("net");
+    let probe = image("probe.elf", "guest-images/build probe");
+    let count = 32;
+    let task = format!("task=net op=echo count={count} ip=10.0.0.2 timeout_ms=20000");
+    let vmm = vmm();
+    let mut vm = Running::start_with(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &ns.0,
+            vmm,
+            "run",
+            "--kernel",
+            probe.to_str().unwrap(),
+            "--cmdline",
+            &task,
+            "--memory",
+            "64M",
+            "--test-exit-port",
+            "--net",
+            "tap=ffmk0,mac=52:54:00:12:34:56",
+        ],
+    );
+    let mac = vm
+        .next_line(Duration::from_secs(10), |l| l.starts_with("mac="))
+        .expect("the guest found its NIC");
+    assert_eq!(mac, "mac=52:54:00:12:34:56");
+    // ffmk-vmm created the TAP: give it an address on the guest's subnet.
+    assert!(ns.ip(&["addr", "add", "10.0.0.1/24", "dev", "ffmk0"]));
+    assert!(ns.ip(&["link", "set", "ffmk0", "up"]));
+    let echoed = ns.run(move || {
+        let s = UdpSocket::bind("10.0.0.1:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut ok = 0;
+        for i in 0..count {
+            // Sizes from tiny to a full 1472-byte payload, varied contents.
+            let len = 1 + (i * 97) % 1472;
+            let msg: Vec<u8> = (0..len).map(|j| (j * 31 + i * 7) as u8).collect();
+            s.send_to(&msg, "10.0.0.2:7777").unwrap();
+            let mut buf = [0u8; 2048];
+            let (n, from) = s.recv_from(&mut buf).expect("echo arrives");
+            assert_eq!(from.to_string(), "10.0.0.2:7777");
+            assert_eq!(&buf[..n], &msg[..], "datagram {i} came back changed");
+            ok += 1;
+        }
+        ok
+    });
+    assert_eq!(echoed, count);
+    let (code, err) = vm.wait(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn bad_net_specs_are_refused_with_one_line_and_exit_code_2() {
+    let probe = image("probe.elf", "guest-images/build probe");
+    for (spec, want) in [
+        ("tap=", "no tap name"),
+        ("tap=x,mac=01:00:5e:00:00:01", "multicast"),
+        ("tap=x,mac=nonsense", "bad MAC"),
+        ("tap=a-very-long-tap-name", "at most 15 bytes"),
+        ("ifname=x", "unknown option"),
+    ] {
+        let out = Command::new(vmm())
+            .args(["run", "--kernel"])
+            .arg(&probe)
+            .args(["--net", spec])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{spec}: {err}");
+        assert_eq!(err.lines().count(), 1, "{spec}: {err}");
+        assert!(err.contains(want), "{spec}: {err}");
+    }
+}
