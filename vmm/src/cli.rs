@@ -93,6 +93,9 @@ pub struct RunArgs {
     /// (the TAP is created if it does not exist; repeat for more).
     #[arg(long, value_name = "SPEC", value_parser = parse_net)]
     pub net: Vec<NetEntry>,
+    /// A virtio-rng device fed by the host's getrandom.
+    #[arg(long)]
+    pub rng: bool,
 }
 
 fn parse_net(s: &str) -> Result<NetEntry, String> {
@@ -127,6 +130,7 @@ impl RunArgs {
             cpu_profile: self.cpu_profile,
             disk: (!self.disk.is_empty()).then(|| self.disk.clone()),
             net: (!self.net.is_empty()).then(|| self.net.clone()),
+            rng: self.rng.then_some(true),
         }
     }
 }

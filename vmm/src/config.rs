@@ -197,6 +197,7 @@ pub struct FileConfig {
     pub cpu_profile: Option<CpuProfile>,
     pub disk: Option<Vec<DiskEntry>>,
     pub net: Option<Vec<NetEntry>>,
+    pub rng: Option<bool>,
 }
 
 impl FileConfig {
@@ -240,6 +241,7 @@ impl FileConfig {
             // Disks given on the command line replace the file's list.
             disk: over.disk.or(self.disk),
             net: over.net.or(self.net),
+            rng: over.rng.or(self.rng),
         }
     }
 }
@@ -281,6 +283,7 @@ pub struct RunConfig {
     pub cpu_profile: Option<CpuProfile>,
     pub disks: Vec<DiskConfig>,
     pub nets: Vec<NetConfig>,
+    pub rng: bool,
 }
 
 pub const DEFAULT_MEMORY: &str = "256M";
@@ -327,6 +330,7 @@ impl RunConfig {
                 .into_iter()
                 .map(NetEntry::validated)
                 .collect::<Result<_, _>>()?,
+            rng: c.rng.unwrap_or(false),
         })
     }
 }

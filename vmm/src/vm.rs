@@ -13,6 +13,7 @@ use devices::pci::{PciConfigIo, PciDevice, PciEcam, PciRoot, PciWindow};
 use devices::virtio::block::Block;
 use devices::virtio::net::Net;
 use devices::virtio::pci::VirtioPci;
+use devices::virtio::rng::Rng;
 use devices::virtio::{IoThread, VirtioDevice};
 use devices::EventSink;
 use kvm_bindings::{
@@ -303,6 +304,10 @@ impl Vm {
         for net in &config.nets {
             let dev = Net::new(net.clone(), io_thread.endpoint())?;
             add_virtio(&vm_fd, &routing, &pci, &mem, Box::new(dev), 2)?;
+        }
+        if config.rng {
+            let dev = Rng::new(io_thread.endpoint());
+            add_virtio(&vm_fd, &routing, &pci, &mem, Box::new(dev), 1)?;
         }
 
         // vCPUs.

@@ -99,6 +99,32 @@ fn pci_root_bus_is_seen_through_ports_and_ecam() {
 }
 
 #[test]
+fn virtio_rng_gives_fresh_random_bytes() {
+    let out = Command::new(vmm())
+        .args(["run", "--kernel"])
+        .arg(probe())
+        .args([
+            "--cmdline",
+            "task=rng",
+            "--memory",
+            "64M",
+            "--test-exit-port",
+            "--rng",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(value(&out, "rng_bytes").as_deref(), Some("64"));
+    assert_eq!(value(&out, "rng_distinct").as_deref(), Some("1"));
+    let hex = value(&out, "rng_hex").unwrap();
+    assert_eq!(hex.len(), 128);
+    assert_ne!(hex, "0".repeat(128));
+    // Without --rng the guest finds no device.
+    let none = run_probe("task=rng", 1, "64M");
+    assert_eq!(none.status.code(), Some(100), "{none:?}");
+}
+
+#[test]
 fn memtouch_checksum_is_stable_across_runs_sizes_and_vcpus() {
     let mut seen = vec![];
     for (cpus, memory) in [(1, "64M"), (2, "512M"), (4, "512M"), (2, "5G")] {

@@ -5,6 +5,7 @@
 //!   table; it negotiates features, sets queues up and activates the device;
 //! - [`block`]: virtio-blk over a raw image file;
 //! - [`net`]: virtio-net over a TAP interface;
+//! - [`rng`]: virtio-rng from the host's getrandom;
 //! - [`IoThread`]: the thread that runs activated devices' queue handlers
 //!   (never a vCPU thread), driven by the queues' notification eventfds.
 //!
@@ -14,6 +15,7 @@
 pub mod block;
 pub mod net;
 pub mod pci;
+pub mod rng;
 
 use crate::pci::Msix;
 use event_manager::{EventManager, MutEventSubscriber, RemoteEndpoint};

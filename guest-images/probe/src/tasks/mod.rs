@@ -8,6 +8,7 @@ mod fwq;
 mod memtouch;
 mod net;
 mod pci;
+mod rng;
 
 pub fn run(info: &mut BootInfo, args: &crate::boot::Args, ncpus: usize) -> u8 {
     let task = args.get("task").unwrap_or("hello");
@@ -20,6 +21,7 @@ pub fn run(info: &mut BootInfo, args: &crate::boot::Args, ncpus: usize) -> u8 {
         "pci" => pci::run(info),
         "blk" => blk::run(info, args),
         "net" => net::run(info, args),
+        "rng" => rng::run(info),
         "exit" => args.num("status", 0) as u8,
         "fault" => {
             // SAFETY: deliberately raises #UD to exercise the exception path.
@@ -32,7 +34,7 @@ pub fn run(info: &mut BootInfo, args: &crate::boot::Args, ncpus: usize) -> u8 {
             arch::park()
         }
         other => {
-            println!("probe: error: unknown task '{other}' (hello, memtouch, counter, dirty, fwq, pci, blk, net, exit, fault, triplefault, reset)");
+            println!("probe: error: unknown task '{other}' (hello, memtouch, counter, dirty, fwq, pci, blk, net, rng, exit, fault, triplefault, reset)");
             STATUS_PROBE_ERROR
         }
     }
