@@ -96,6 +96,10 @@ pub struct RunArgs {
     /// A virtio-rng device fed by the host's getrandom.
     #[arg(long)]
     pub rng: bool,
+    /// A virtio-console whose output is appended to this file (bulk guest
+    /// output; the 8250 stays the kernel console).
+    #[arg(long, value_name = "PATH")]
+    pub virtio_console: Option<PathBuf>,
 }
 
 fn parse_net(s: &str) -> Result<NetEntry, String> {
@@ -131,6 +135,7 @@ impl RunArgs {
             disk: (!self.disk.is_empty()).then(|| self.disk.clone()),
             net: (!self.net.is_empty()).then(|| self.net.clone()),
             rng: self.rng.then_some(true),
+            virtio_console: self.virtio_console.clone(),
         }
     }
 }

@@ -198,6 +198,7 @@ pub struct FileConfig {
     pub disk: Option<Vec<DiskEntry>>,
     pub net: Option<Vec<NetEntry>>,
     pub rng: Option<bool>,
+    pub virtio_console: Option<PathBuf>,
 }
 
 impl FileConfig {
@@ -213,10 +214,15 @@ impl FileConfig {
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         let disks = c.disk.iter_mut().flatten().map(|d| &mut d.path);
-        for p in [&mut c.kernel, &mut c.initrd, &mut c.api_socket]
-            .into_iter()
-            .flatten()
-            .chain(disks)
+        for p in [
+            &mut c.kernel,
+            &mut c.initrd,
+            &mut c.api_socket,
+            &mut c.virtio_console,
+        ]
+        .into_iter()
+        .flatten()
+        .chain(disks)
         {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -242,6 +248,7 @@ impl FileConfig {
             disk: over.disk.or(self.disk),
             net: over.net.or(self.net),
             rng: over.rng.or(self.rng),
+            virtio_console: over.virtio_console.or(self.virtio_console),
         }
     }
 }
@@ -284,6 +291,7 @@ pub struct RunConfig {
     pub disks: Vec<DiskConfig>,
     pub nets: Vec<NetConfig>,
     pub rng: bool,
+    pub virtio_console: Option<PathBuf>,
 }
 
 pub const DEFAULT_MEMORY: &str = "256M";
@@ -331,6 +339,7 @@ impl RunConfig {
                 .map(NetEntry::validated)
                 .collect::<Result<_, _>>()?,
             rng: c.rng.unwrap_or(false),
+            virtio_console: c.virtio_console,
         })
     }
 }

@@ -11,6 +11,7 @@ use devices::bus::{MmioBus, PioBus};
 use devices::legacy::{self, AcpiSleep, SerialPort, TestExitPort, I8042};
 use devices::pci::{PciConfigIo, PciDevice, PciEcam, PciRoot, PciWindow};
 use devices::virtio::block::Block;
+use devices::virtio::console::Console as VirtioConsole;
 use devices::virtio::net::Net;
 use devices::virtio::pci::VirtioPci;
 use devices::virtio::rng::Rng;
@@ -303,6 +304,15 @@ impl Vm {
         }
         for net in &config.nets {
             let dev = Net::new(net.clone(), io_thread.endpoint())?;
+            add_virtio(&vm_fd, &routing, &pci, &mem, Box::new(dev), 2)?;
+        }
+        if let Some(path) = &config.virtio_console {
+            let dev = VirtioConsole::new(path, io_thread.endpoint()).map_err(|source| {
+                Error::ConsoleFile {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
             add_virtio(&vm_fd, &routing, &pci, &mem, Box::new(dev), 2)?;
         }
         if config.rng {

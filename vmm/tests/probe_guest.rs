@@ -125,6 +125,35 @@ fn virtio_rng_gives_fresh_random_bytes() {
 }
 
 #[test]
+fn virtio_console_output_lands_in_the_host_file() {
+    let dir = tmpdir("vcon");
+    let log = dir.join("job.log");
+    let out = Command::new(vmm())
+        .args(["run", "--kernel"])
+        .arg(probe())
+        .args([
+            "--cmdline",
+            "task=vcon lines=50",
+            "--memory",
+            "64M",
+            "--test-exit-port",
+        ])
+        .arg("--virtio-console")
+        .arg(&log)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(value(&out, "vcon_lines").as_deref(), Some("50"));
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 50, "{text}");
+    assert_eq!(lines[49], "vcon line 49 from the probe");
+    // The serial console does not carry it.
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("vcon line"));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
 fn memtouch_checksum_is_stable_across_runs_sizes_and_vcpus() {
     let mut seen = vec![];
     for (cpus, memory) in [(1, "64M"), (2, "512M"), (4, "512M"), (2, "5G")] {

@@ -6,6 +6,7 @@
 //! - [`block`]: virtio-blk over a raw image file;
 //! - [`net`]: virtio-net over a TAP interface;
 //! - [`rng`]: virtio-rng from the host's getrandom;
+//! - [`console`]: virtio-console, guest output appended to a host file;
 //! - [`IoThread`]: the thread that runs activated devices' queue handlers
 //!   (never a vCPU thread), driven by the queues' notification eventfds.
 //!
@@ -13,6 +14,7 @@
 //! registers a handler on the I/O thread and raises interrupts through
 //! [`VirtioInterrupt`].
 pub mod block;
+pub mod console;
 pub mod net;
 pub mod pci;
 pub mod rng;

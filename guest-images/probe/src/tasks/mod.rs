@@ -9,6 +9,7 @@ mod memtouch;
 mod net;
 mod pci;
 mod rng;
+mod vcon;
 
 pub fn run(info: &mut BootInfo, args: &crate::boot::Args, ncpus: usize) -> u8 {
     let task = args.get("task").unwrap_or("hello");
@@ -22,6 +23,7 @@ pub fn run(info: &mut BootInfo, args: &crate::boot::Args, ncpus: usize) -> u8 {
         "blk" => blk::run(info, args),
         "net" => net::run(info, args),
         "rng" => rng::run(info),
+        "vcon" => vcon::run(info, args),
         "exit" => args.num("status", 0) as u8,
         "fault" => {
             // SAFETY: deliberately raises #UD to exercise the exception path.
@@ -34,7 +36,7 @@ pub fn run(info: &mut BootInfo, args: &crate::boot::Args, ncpus: usize) -> u8 {
             arch::park()
         }
         other => {
-            println!("probe: error: unknown task '{other}' (hello, memtouch, counter, dirty, fwq, pci, blk, net, rng, exit, fault, triplefault, reset)");
+            println!("probe: error: unknown task '{other}' (hello, memtouch, counter, dirty, fwq, pci, blk, net, rng, vcon, exit, fault, triplefault, reset)");
             STATUS_PROBE_ERROR
         }
     }

@@ -1,0 +1,149 @@
+//! virtio-console (virtio spec 5.3), one port, output only: a channel for
+//! bulk guest output (job logs) next to the 8250, which stays the kernel
+//! console. What the guest transmits is appended to a host file (or
+//! discarded); the receive queue is offered but never filled.
+use super::{Activation, ActiveQueue, GuestMemory, Handler, VirtioDevice, VirtioInterrupt};
+use super::{VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1};
+use event_manager::{EventOps, Events, MutEventSubscriber, RemoteEndpoint, SubscriberId};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use virtio_queue::QueueT;
+use vmm_sys_util::epoll::EventSet;
+
+/// Largest chunk taken from one transmit chain.
+const MAX_CHUNK: u64 = 64 << 10;
+
+pub struct Console {
+    path: PathBuf,
+    output: Option<File>,
+    endpoint: RemoteEndpoint<Handler>,
+    handler: Option<SubscriberId>,
+    pub bytes_out: Arc<AtomicU64>,
+}
+
+impl Console {
+    /// A console whose output is appended to `path` (created if missing).
+    pub fn new(path: &Path, endpoint: RemoteEndpoint<Handler>) -> std::io::Result<Console> {
+        let output = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        Ok(Console {
+            path: path.into(),
+            output: Some(output),
+            endpoint,
+            handler: None,
+            bytes_out: Arc::new(AtomicU64::new(0)),
+        })
+    }
+}
+
+impl VirtioDevice for Console {
+    fn device_type(&self) -> u16 {
+        3
+    }
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![64, 64]
+    }
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | VIRTIO_F_RING_EVENT_IDX
+    }
+    fn config_read(&self, offset: u64, data: &mut [u8]) {
+        // cols, rows, max_nr_ports (1), emerg_wr: all zero but the port count.
+        let mut c = [0u8; 12];
+        c[4..8].copy_from_slice(&1u32.to_le_bytes());
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = c.get(offset as usize + i).copied().unwrap_or(0);
+        }
+    }
+    fn config_write(&mut self, _offset: u64, _data: &[u8]) {}
+
+    fn activate(&mut self, a: Activation) -> Result<(), String> {
+        let output = self
+            .output
+            .as_ref()
+            .ok_or("no output file")?
+            .try_clone()
+            .map_err(|e| format!("output file: {e}"))?;
+        let tx = a
+            .queues
+            .into_iter()
+            .find(|q| q.index == 1)
+            .ok_or("the driver did not enable the transmit queue")?;
+        let handler = ConsoleHandler {
+            mem: a.mem,
+            tx,
+            interrupt: a.interrupt,
+            output,
+            bytes_out: self.bytes_out.clone(),
+        };
+        let id = self
+            .endpoint
+            .call_blocking(move |ops| -> Result<SubscriberId, event_manager::Error> {
+                Ok(ops.add_subscriber(Box::new(handler)))
+            })
+            .map_err(|e| format!("cannot start the console handler: {e:?}"))?;
+        self.handler = Some(id);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(id) = self.handler.take() {
+            let _ = self
+                .endpoint
+                .call_blocking(move |ops| ops.remove_subscriber(id).map(|_| ()));
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!("virtio-console > {}", self.path.display())
+    }
+}
+
+struct ConsoleHandler {
+    mem: GuestMemory,
+    tx: ActiveQueue,
+    interrupt: Arc<VirtioInterrupt>,
+    output: File,
+    bytes_out: Arc<AtomicU64>,
+}
+
+impl ConsoleHandler {
+    fn drain(&mut self) {
+        let mem = &self.mem;
+        let mut any = false;
+        while let Some(chain) = self.tx.queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            if let Ok(r) = chain.reader(mem) {
+                let mut buf = Vec::new();
+                if r.take(MAX_CHUNK).read_to_end(&mut buf).is_ok()
+                    && self.output.write_all(&buf).is_ok()
+                {
+                    self.bytes_out
+                        .fetch_add(buf.len() as u64, Ordering::Relaxed);
+                }
+            }
+            let _ = self.tx.queue.add_used(mem, head, 0);
+            any = true;
+        }
+        if any && self.tx.queue.needs_notification(mem).unwrap_or(true) {
+            self.interrupt.signal_queue(self.tx.vector);
+        }
+    }
+}
+
+impl MutEventSubscriber for ConsoleHandler {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.tx.notify.read();
+        self.drain();
+    }
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.tx.notify, EventSet::IN)) {
+            tracing::error!("virtio-console: cannot watch the transmit queue: {e:?}");
+        }
+        self.drain();
+    }
+}
