@@ -1,5 +1,5 @@
 //! Command line of `ffmk-vmm`.
-use crate::config::{DiskEntry, FileConfig, NetEntry};
+use crate::config::{DiskEntry, FileConfig, NetEntry, VsockEntry};
 use crate::host::CpuProfile;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -100,6 +100,15 @@ pub struct RunArgs {
     /// output; the 8250 stays the kernel console).
     #[arg(long, value_name = "PATH")]
     pub virtio_console: Option<PathBuf>,
+    /// A virtio-vsock device: cid=N,socket=PATH. Host programs reach guest
+    /// port P by connecting to PATH and writing "CONNECT P\n"; the guest
+    /// reaches host port P through the Unix socket PATH_P.
+    #[arg(long, value_name = "SPEC", value_parser = parse_vsock)]
+    pub vsock: Option<VsockEntry>,
+}
+
+fn parse_vsock(s: &str) -> Result<VsockEntry, String> {
+    s.parse().map_err(|e: crate::config::Error| e.to_string())
 }
 
 fn parse_net(s: &str) -> Result<NetEntry, String> {
@@ -136,6 +145,7 @@ impl RunArgs {
             net: (!self.net.is_empty()).then(|| self.net.clone()),
             rng: self.rng.then_some(true),
             virtio_console: self.virtio_console.clone(),
+            vsock: self.vsock.clone(),
         }
     }
 }

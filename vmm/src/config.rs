@@ -2,6 +2,7 @@
 use crate::host::CpuProfile;
 pub use devices::virtio::block::DiskConfig;
 pub use devices::virtio::net::NetConfig;
+pub use devices::virtio::vsock::VsockConfig;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -30,6 +31,40 @@ pub enum Error {
     Disk { spec: String, why: String },
     #[error("invalid --net '{spec}': {why} (tap=NAME[,mac=52:54:00:12:34:56])")]
     Net { spec: String, why: String },
+    #[error("invalid --vsock '{spec}': {why} (cid=N,socket=PATH)")]
+    Vsock { spec: String, why: String },
+}
+
+/// `--vsock cid=N,socket=PATH` (or `[vsock]` in TOML).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockEntry {
+    pub cid: u64,
+    pub socket: PathBuf,
+}
+
+impl std::str::FromStr for VsockEntry {
+    type Err = Error;
+    fn from_str(spec: &str) -> Result<Self, Error> {
+        let bad = |why: String| Error::Vsock {
+            spec: spec.into(),
+            why,
+        };
+        let (mut cid, mut socket) = (None, None);
+        for part in spec.split(',') {
+            match part.split_once('=') {
+                Some(("cid", n)) => {
+                    cid = Some(n.parse().map_err(|_| bad(format!("'{n}' is not a CID")))?)
+                }
+                Some(("socket", p)) if !p.is_empty() => socket = Some(PathBuf::from(p)),
+                _ => return Err(bad(format!("unknown option '{part}'"))),
+            }
+        }
+        match (cid, socket) {
+            (Some(cid), Some(socket)) => Ok(VsockEntry { cid, socket }),
+            _ => Err(bad("both cid= and socket= are needed".into())),
+        }
+    }
 }
 
 /// One `--net` (or `[[net]]` in TOML).
@@ -199,6 +234,7 @@ pub struct FileConfig {
     pub net: Option<Vec<NetEntry>>,
     pub rng: Option<bool>,
     pub virtio_console: Option<PathBuf>,
+    pub vsock: Option<VsockEntry>,
 }
 
 impl FileConfig {
@@ -214,6 +250,7 @@ impl FileConfig {
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         let disks = c.disk.iter_mut().flatten().map(|d| &mut d.path);
+        let vsock = c.vsock.iter_mut().map(|v| &mut v.socket);
         for p in [
             &mut c.kernel,
             &mut c.initrd,
@@ -223,6 +260,7 @@ impl FileConfig {
         .into_iter()
         .flatten()
         .chain(disks)
+        .chain(vsock)
         {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -249,6 +287,7 @@ impl FileConfig {
             net: over.net.or(self.net),
             rng: over.rng.or(self.rng),
             virtio_console: over.virtio_console.or(self.virtio_console),
+            vsock: over.vsock.or(self.vsock),
         }
     }
 }
@@ -292,6 +331,7 @@ pub struct RunConfig {
     pub nets: Vec<NetConfig>,
     pub rng: bool,
     pub virtio_console: Option<PathBuf>,
+    pub vsock: Option<VsockConfig>,
 }
 
 pub const DEFAULT_MEMORY: &str = "256M";
@@ -340,6 +380,10 @@ impl RunConfig {
                 .collect::<Result<_, _>>()?,
             rng: c.rng.unwrap_or(false),
             virtio_console: c.virtio_console,
+            vsock: c.vsock.map(|v| VsockConfig {
+                cid: v.cid,
+                socket: v.socket,
+            }),
         })
     }
 }
@@ -523,6 +567,21 @@ mod tests {
             mac: None,
         };
         assert!(long.validated().is_err());
+    }
+
+    #[test]
+    fn vsock_specs() {
+        let v: VsockEntry = "cid=7,socket=/run/v.sock".parse().unwrap();
+        assert_eq!((v.cid, v.socket.as_path()), (7, Path::new("/run/v.sock")));
+        for bad in [
+            "cid=7",
+            "socket=/x",
+            "cid=x,socket=/x",
+            "cid=3,socket=/x,port=1",
+            "",
+        ] {
+            assert!(bad.parse::<VsockEntry>().is_err(), "{bad}");
+        }
     }
 
     #[test]

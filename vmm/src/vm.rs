@@ -15,6 +15,7 @@ use devices::virtio::console::Console as VirtioConsole;
 use devices::virtio::net::Net;
 use devices::virtio::pci::VirtioPci;
 use devices::virtio::rng::Rng;
+use devices::virtio::vsock::Vsock;
 use devices::virtio::{IoThread, VirtioDevice};
 use devices::EventSink;
 use kvm_bindings::{
@@ -49,6 +50,8 @@ pub enum Error {
     Disk(#[from] devices::virtio::block::DiskError),
     #[error(transparent)]
     Tap(#[from] devices::tap::TapError),
+    #[error(transparent)]
+    Vsock(#[from] devices::virtio::vsock::VsockError),
     #[error("{0}")]
     Setup(String),
 }
@@ -56,7 +59,11 @@ pub enum Error {
 impl Error {
     pub fn is_user_error(&self) -> bool {
         match self {
-            Error::Memory(_) | Error::ConsoleFile { .. } | Error::Disk(_) | Error::Tap(_) => true,
+            Error::Memory(_)
+            | Error::ConsoleFile { .. }
+            | Error::Disk(_)
+            | Error::Tap(_)
+            | Error::Vsock(_) => true,
             Error::Boot(b) => b.is_user_error(),
             _ => false,
         }
@@ -314,6 +321,10 @@ impl Vm {
                 }
             })?;
             add_virtio(&vm_fd, &routing, &pci, &mem, Box::new(dev), 2)?;
+        }
+        if let Some(v) = &config.vsock {
+            let dev = Vsock::new(v.clone(), io_thread.endpoint())?;
+            add_virtio(&vm_fd, &routing, &pci, &mem, Box::new(dev), 3)?;
         }
         if config.rng {
             let dev = Rng::new(io_thread.endpoint());

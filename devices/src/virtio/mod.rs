@@ -7,6 +7,7 @@
 //! - [`net`]: virtio-net over a TAP interface;
 //! - [`rng`]: virtio-rng from the host's getrandom;
 //! - [`console`]: virtio-console, guest output appended to a host file;
+//! - [`vsock`]: virtio-vsock with the host side on Unix sockets;
 //! - [`IoThread`]: the thread that runs activated devices' queue handlers
 //!   (never a vCPU thread), driven by the queues' notification eventfds.
 //!
@@ -18,6 +19,7 @@ pub mod console;
 pub mod net;
 pub mod pci;
 pub mod rng;
+pub mod vsock;
 
 use crate::pci::Msix;
 use event_manager::{EventManager, MutEventSubscriber, RemoteEndpoint};

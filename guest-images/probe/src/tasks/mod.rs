@@ -10,6 +10,7 @@ mod net;
 mod pci;
 mod rng;
 mod vcon;
+mod vsock;
 
 pub fn run(info: &mut BootInfo, args: &crate::boot::Args, ncpus: usize) -> u8 {
     let task = args.get("task").unwrap_or("hello");
@@ -24,6 +25,7 @@ pub fn run(info: &mut BootInfo, args: &crate::boot::Args, ncpus: usize) -> u8 {
         "net" => net::run(info, args),
         "rng" => rng::run(info),
         "vcon" => vcon::run(info, args),
+        "vsock" => vsock::run(info, args),
         "exit" => args.num("status", 0) as u8,
         "fault" => {
             // SAFETY: deliberately raises #UD to exercise the exception path.
@@ -36,7 +38,7 @@ pub fn run(info: &mut BootInfo, args: &crate::boot::Args, ncpus: usize) -> u8 {
             arch::park()
         }
         other => {
-            println!("probe: error: unknown task '{other}' (hello, memtouch, counter, dirty, fwq, pci, blk, net, rng, vcon, exit, fault, triplefault, reset)");
+            println!("probe: error: unknown task '{other}' (hello, memtouch, counter, dirty, fwq, pci, blk, net, rng, vcon, vsock, exit, fault, triplefault, reset)");
             STATUS_PROBE_ERROR
         }
     }
