@@ -3,7 +3,8 @@
 //! its status through the test exit port and powers off. With stock Linux
 //! drivers: an ext4 image on virtio-blk (built with `mkfs.ext4 -d`, read and
 //! written, checked on the host with debugfs) and virtio-net on a TAP in a
-//! network namespace (ping, and a 1 MiB TCP transfer checked by MD5).
+//! network namespace (ping, and a 1 MiB TCP transfer checked by MD5), and
+//! vsock both ways (the initramfs's `vsock-tool` against Unix sockets).
 //!
 //! Guest ring 0 must run at native speed for this: on a PVM-backed KVM host
 //! (see docs/pvm-hosts.md) these tests print "skipped: PVM host" and pass
@@ -267,4 +268,73 @@ fn linux_pings_and_fetches_a_file_over_virtio_net() {
 
 fn tempfile_path(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("ffmk-{}-{name}", std::process::id()))
+}
+
+#[test]
+fn linux_vsock_connections_round_trip_both_ways() {
+    let Some((_, bzimage, initrd)) = images() else {
+        return;
+    };
+    use std::io::{BufRead, BufReader, Read, Write};
+    let dir = tmpdir("linux-vsock");
+    let sock = dir.join("v.sock");
+    let vsock = format!("cid=3,socket={}", sock.display());
+    let start = |cmd: &str| {
+        let cmdline = format!("{} ffmk_exit_port=244 -- {cmd}", base_cmdline());
+        Running::start(&[
+            "run",
+            "--kernel",
+            bzimage.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--memory",
+            "512M",
+            "--test-exit-port",
+            "--vsock",
+            &vsock,
+            "--cmdline",
+            &cmdline,
+        ])
+    };
+    // Host -> guest: the guest echoes on port 1234.
+    let mut vm = start("vsock-tool echo 1234");
+    vm.next_line(timeout(), |l| l.contains("vsock-tool: listening on 1234"))
+        .expect("the guest listens");
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    s.write_all(b"CONNECT 1234\n").unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut ok = String::new();
+    r.read_line(&mut ok).unwrap();
+    assert!(ok.starts_with("OK "), "{ok:?}");
+    let data: Vec<u8> = (0..256 * 1024u32)
+        .map(|i| (i * 13 + i / 977) as u8)
+        .collect();
+    let sent = data.clone();
+    let writer = std::thread::spawn(move || {
+        s.write_all(&sent).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let mut got = vec![0u8; data.len()];
+    r.read_exact(&mut got).unwrap();
+    writer.join().unwrap();
+    assert!(got == data, "echo differs");
+    let (code, err) = vm.wait(timeout());
+    assert_eq!(code, Some(0), "{err}");
+    // Guest -> host: a host program listens on port 5000.
+    let listener =
+        std::os::unix::net::UnixListener::bind(format!("{}_5000", sock.display())).unwrap();
+    let host = std::thread::spawn(move || {
+        let (mut c, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 64];
+        let n = c.read(&mut buf).unwrap();
+        c.write_all(b"hello linux\n").unwrap();
+        String::from_utf8_lossy(&buf[..n]).to_string()
+    });
+    let mut vm = start("vsock-tool send 2 5000 hello-from-linux");
+    let reply = vm.next_line(timeout(), |l| l.contains("vsock-tool: reply"));
+    assert_eq!(host.join().unwrap(), "hello-from-linux");
+    assert!(reply.unwrap_or_default().contains("hello linux"));
+    let (code, err) = vm.wait(timeout());
+    assert_eq!(code, Some(0), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
 }
