@@ -192,6 +192,19 @@ impl VirtioDevice for Net {
     }
 }
 
+/// The frame (virtio-net header first) a transmit chain carries, or None
+/// for a chain that is unreadable or too short to hold a frame. At most
+/// [`MAX_FRAME`] bytes are taken.
+pub fn tx_frame<M>(mem: &GuestMemory, chain: virtio_queue::DescriptorChain<M>) -> Option<Vec<u8>>
+where
+    M: std::ops::Deref<Target = GuestMemory> + Clone,
+{
+    let r = chain.reader(mem).ok()?;
+    let mut buf = Vec::with_capacity(1600);
+    r.take(MAX_FRAME as u64).read_to_end(&mut buf).ok()?;
+    (buf.len() > VNET_HDR_LEN).then_some(buf)
+}
+
 struct NetHandler {
     tap: Tap,
     mem: GuestMemory,
@@ -293,26 +306,16 @@ impl NetHandler {
         let mut sent = false;
         while let Some(chain) = self.tx.queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
-            let mut len = 0;
-            if let Ok(mut r) = chain.reader(mem) {
-                let mut limited = (&mut r).take(MAX_FRAME as u64);
-                let mut buf = Vec::with_capacity(1600);
-                if limited.read_to_end(&mut buf).is_ok() && buf.len() > VNET_HDR_LEN {
-                    len = buf.len();
-                    match self.tap.write_frame(&buf) {
-                        Ok(_) => {
-                            self.stats.tx_frames.fetch_add(1, Ordering::Relaxed);
-                            self.stats
-                                .tx_bytes
-                                .fetch_add((len - VNET_HDR_LEN) as u64, Ordering::Relaxed);
-                        }
-                        Err(_) => {
-                            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
+            let sent_ok = tx_frame(mem, chain).is_some_and(|buf| {
+                let ok = self.tap.write_frame(&buf).is_ok();
+                if ok {
+                    self.stats.tx_frames.fetch_add(1, Ordering::Relaxed);
+                    let bytes = (buf.len() - VNET_HDR_LEN) as u64;
+                    self.stats.tx_bytes.fetch_add(bytes, Ordering::Relaxed);
                 }
-            }
-            if len == 0 {
+                ok
+            });
+            if !sent_ok {
                 self.stats.dropped.fetch_add(1, Ordering::Relaxed);
             }
             let _ = self.tx.queue.add_used(mem, head, 0);

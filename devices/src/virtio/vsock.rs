@@ -301,6 +301,26 @@ impl VirtioDevice for Vsock {
     }
 }
 
+/// The packet a transmit chain carries: its header and at most `len`
+/// (and at most [`MAX_PAYLOAD`]) payload bytes; None for a chain without a
+/// whole header.
+pub fn tx_packet<M>(
+    mem: &GuestMemory,
+    chain: virtio_queue::DescriptorChain<M>,
+) -> Option<(Header, Vec<u8>)>
+where
+    M: std::ops::Deref<Target = GuestMemory> + Clone,
+{
+    let mut r = chain.reader(mem).ok()?;
+    let mut hdr = [0u8; HDR_LEN];
+    r.read_exact(&mut hdr).ok()?;
+    let h = Header::parse(&hdr)?;
+    let len = (h.len as usize).min(MAX_PAYLOAD).min(r.available_bytes());
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload).ok()?;
+    Some((h, payload))
+}
+
 /// A host connection that sent nothing yet (we wait for `CONNECT <port>`).
 struct Accepting {
     stream: UnixStream,
@@ -679,17 +699,8 @@ impl VsockHandler {
         let mut any = false;
         while let Some(chain) = self.tx.queue.pop_descriptor_chain(&mem) {
             let head = chain.head_index();
-            if let Ok(mut r) = chain.reader(&mem) {
-                let mut hdr = [0u8; HDR_LEN];
-                if r.read_exact(&mut hdr).is_ok() {
-                    if let Some(h) = Header::parse(&hdr) {
-                        let len = (h.len as usize).min(MAX_PAYLOAD).min(r.available_bytes());
-                        let mut payload = vec![0u8; len];
-                        if r.read_exact(&mut payload).is_ok() {
-                            packets.push((h, payload));
-                        }
-                    }
-                }
+            if let Some(p) = tx_packet(&mem, chain) {
+                packets.push(p);
             }
             let _ = self.tx.queue.add_used(&mem, head, 0);
             any = true;
