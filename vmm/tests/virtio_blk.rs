@@ -67,11 +67,11 @@ fn guest_reads_the_whole_disk_and_its_crc32_matches_the_host() {
 }
 
 #[test]
-fn guest_copies_the_first_half_over_the_second() {
+fn guest_copies_the_first_half_over_the_second_with_o_direct() {
     let dir = tmpdir("blk-copy");
     let img = disk_image(&dir, "c.raw", 4096, 5);
     let before = std::fs::read(&img).unwrap();
-    let out = run("task=blk op=copy", &[spec(&img)]);
+    let out = run("task=blk op=copy", &[format!("{},direct", spec(&img))]);
     assert!(out.status.success(), "{out:?}");
     let after = std::fs::read(&img).unwrap();
     let half = after.len() / 2;

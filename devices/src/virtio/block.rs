@@ -164,14 +164,45 @@ impl Disk {
             return Err(e);
         }
         // No ZERO_RANGE on this filesystem: write zeroes.
-        let chunk = vec![0u8; (len as usize).min(1 << 20)];
+        let chunk = Bounce::new((len as usize).min(1 << 20));
         let mut done = 0;
         while done < len {
-            let n = (len - done).min(chunk.len() as u64) as usize;
-            self.file.write_all_at(&chunk[..n], offset + done)?;
+            let n = (len - done).min(chunk.len as u64) as usize;
+            self.file
+                .write_all_at(&chunk.as_ref()[..n], offset + done)?;
             done += n as u64;
         }
         Ok(())
+    }
+}
+
+/// A zeroed buffer of `len` bytes whose start is 4 KiB aligned, as
+/// `O_DIRECT` needs (the same buffer works for buffered I/O).
+struct Bounce {
+    storage: Vec<u8>,
+    offset: usize,
+    len: usize,
+}
+
+impl Bounce {
+    const ALIGN: usize = 4096;
+
+    fn new(len: usize) -> Bounce {
+        let storage = vec![0u8; len + Self::ALIGN];
+        let offset = storage.as_ptr().align_offset(Self::ALIGN);
+        Bounce {
+            storage,
+            offset,
+            len,
+        }
+    }
+
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.storage[self.offset..self.offset + self.len]
+    }
+
+    fn as_ref(&self) -> &[u8] {
+        &self.storage[self.offset..self.offset + self.len]
     }
 }
 
@@ -204,7 +235,10 @@ where
 fn execute(
     disk: &Disk,
     h: RequestHeader,
-    reader: &mut impl Read,
+    reader: &mut virtio_queue::Reader<
+        '_,
+        vm_memory::bitmap::BS<'_, vm_memory::bitmap::AtomicBitmap>,
+    >,
     writer: &mut virtio_queue::Writer<
         '_,
         vm_memory::bitmap::BS<'_, vm_memory::bitmap::AtomicBitmap>,
@@ -224,27 +258,28 @@ fn execute(
             let Some(offset) = disk.range(h.sector, len as u64) else {
                 return (S_IOERR, 0);
             };
-            let mut buf = vec![0u8; len];
-            if disk.file.read_exact_at(&mut buf, offset).is_err() {
+            let mut buf = Bounce::new(len);
+            if disk.file.read_exact_at(buf.as_mut(), offset).is_err() {
                 return (S_IOERR, 0);
             }
-            match writer.write_all(&buf) {
+            match writer.write_all(buf.as_ref()) {
                 Ok(()) => (S_OK, len),
                 Err(_) => (S_IOERR, 0),
             }
         }
         T_OUT => {
-            let data = readable(reader);
-            if disk.readonly
-                || data.len() > MAX_REQUEST_BYTES
-                || data.len() as u64 % SECTOR_SIZE != 0
-            {
+            let len = reader.available_bytes();
+            if disk.readonly || len > MAX_REQUEST_BYTES || len as u64 % SECTOR_SIZE != 0 {
                 return (S_IOERR, 0);
             }
-            let Some(offset) = disk.range(h.sector, data.len() as u64) else {
+            let Some(offset) = disk.range(h.sector, len as u64) else {
                 return (S_IOERR, 0);
             };
-            match disk.file.write_all_at(&data, offset) {
+            let mut buf = Bounce::new(len);
+            if reader.read_exact(buf.as_mut()).is_err() {
+                return (S_IOERR, 0);
+            }
+            match disk.file.write_all_at(buf.as_ref(), offset) {
                 Ok(()) => (S_OK, 0),
                 Err(_) => (S_IOERR, 0),
             }
@@ -721,6 +756,59 @@ mod tests {
             16 * SECTOR_SIZE,
             "size kept"
         );
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn direct_io_reads_and_writes_through_aligned_buffers() {
+        // O_DIRECT needs a filesystem that supports it; /var/tmp usually does.
+        let dir = std::path::Path::new("/var/tmp");
+        let p = dir.join(format!("ffmk-blk-{}-direct", std::process::id()));
+        let data: Vec<u8> = (0..8 * SECTOR_SIZE).map(|i| (i % 241) as u8).collect();
+        std::fs::write(&p, &data).unwrap();
+        let cfg = DiskConfig {
+            path: p.clone(),
+            readonly: false,
+            direct: true,
+            serial: None,
+            queues: 1,
+        };
+        let d = match Disk::open(&cfg) {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("skipped: O_DIRECT not available here: {e}");
+                let _ = std::fs::remove_file(&p);
+                return;
+            }
+        };
+        let m = mem();
+        header(&m, 0x8000, T_IN, 0);
+        serve(
+            &m,
+            &d,
+            &[
+                (0x8000, 16, NEXT, 1),
+                (0x9000, 4096, WRITE | NEXT, 2),
+                (0xb000, 1, WRITE, 0),
+            ],
+        );
+        assert_eq!(status(&m, 0xb000), S_OK);
+        let mut got = vec![0u8; 4096];
+        m.read_slice(&mut got, GuestAddress(0x9000)).unwrap();
+        assert_eq!(&got[..], &data[..4096]);
+        header(&m, 0x8000, T_OUT, 1);
+        m.write_slice(&[0x77; 512], GuestAddress(0xa000)).unwrap();
+        serve(
+            &m,
+            &d,
+            &[
+                (0x8000, 16, NEXT, 1),
+                (0xa000, 512, NEXT, 2),
+                (0xb000, 1, WRITE, 0),
+            ],
+        );
+        assert_eq!(status(&m, 0xb000), S_OK);
+        assert_eq!(&std::fs::read(&p).unwrap()[512..1024], &[0x77; 512]);
         std::fs::remove_file(p).unwrap();
     }
 
