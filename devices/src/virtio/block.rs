@@ -7,9 +7,11 @@
 //! read-only disk refuses every write. A malformed chain is completed with
 //! no bytes written (the driver sees a missing status); the device and the
 //! VM go on.
-use super::{Activation, ActiveQueue, GuestMemory, Handler, VirtioDevice, VirtioInterrupt};
+use super::{
+    Activation, ActiveQueue, GuestMemory, Handler, Handlers, VirtioDevice, VirtioInterrupt,
+};
 use super::{VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1};
-use event_manager::{EventOps, Events, MutEventSubscriber, RemoteEndpoint, SubscriberId};
+use event_manager::{EventOps, Events, MutEventSubscriber, RemoteEndpoint};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
@@ -324,8 +326,7 @@ fn execute(
 pub struct Block {
     disk: Arc<Disk>,
     config: DiskConfig,
-    endpoint: RemoteEndpoint<Handler>,
-    handlers: Vec<SubscriberId>,
+    handlers: Handlers,
 }
 
 impl Block {
@@ -333,8 +334,7 @@ impl Block {
         Ok(Block {
             disk: Arc::new(Disk::open(&config)?),
             config,
-            endpoint,
-            handlers: vec![],
+            handlers: Handlers::new(endpoint),
         })
     }
 
@@ -383,9 +383,7 @@ impl VirtioDevice for Block {
 
     fn config_read(&self, offset: u64, data: &mut [u8]) {
         let c = self.config_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = c.get(offset as usize + i).copied().unwrap_or(0);
-        }
+        super::read_config(&c, offset, data);
     }
 
     fn config_write(&mut self, _offset: u64, _data: &[u8]) {}
@@ -398,26 +396,13 @@ impl VirtioDevice for Block {
                 queue: q,
                 interrupt: a.interrupt.clone(),
             };
-            let id = self
-                .endpoint
-                .call_blocking(move |ops| -> Result<SubscriberId, event_manager::Error> {
-                    Ok(ops.add_subscriber(Box::new(handler)))
-                })
-                .map_err(|e| format!("cannot start queue handler: {e:?}"))?;
-            self.handlers.push(id);
+            self.handlers.start(Box::new(handler))?;
         }
         Ok(())
     }
 
     fn reset(&mut self) {
-        for id in self.handlers.drain(..) {
-            let r = self
-                .endpoint
-                .call_blocking(move |ops| ops.remove_subscriber(id).map(|_| ()));
-            if let Err(e) = r {
-                tracing::warn!("virtio-blk: cannot stop queue handler: {e:?}");
-            }
-        }
+        self.handlers.stop_all();
     }
 
     fn describe(&self) -> String {

@@ -2,9 +2,11 @@
 //! bulk guest output (job logs) next to the 8250, which stays the kernel
 //! console. What the guest transmits is appended to a host file (or
 //! discarded); the receive queue is offered but never filled.
-use super::{Activation, ActiveQueue, GuestMemory, Handler, VirtioDevice, VirtioInterrupt};
+use super::{
+    Activation, ActiveQueue, GuestMemory, Handler, Handlers, VirtioDevice, VirtioInterrupt,
+};
 use super::{VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1};
-use event_manager::{EventOps, Events, MutEventSubscriber, RemoteEndpoint, SubscriberId};
+use event_manager::{EventOps, Events, MutEventSubscriber, RemoteEndpoint};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -19,8 +21,7 @@ const MAX_CHUNK: u64 = 64 << 10;
 pub struct Console {
     path: PathBuf,
     output: Option<File>,
-    endpoint: RemoteEndpoint<Handler>,
-    handler: Option<SubscriberId>,
+    handlers: Handlers,
     pub bytes_out: Arc<AtomicU64>,
 }
 
@@ -34,8 +35,7 @@ impl Console {
         Ok(Console {
             path: path.into(),
             output: Some(output),
-            endpoint,
-            handler: None,
+            handlers: Handlers::new(endpoint),
             bytes_out: Arc::new(AtomicU64::new(0)),
         })
     }
@@ -55,9 +55,7 @@ impl VirtioDevice for Console {
         // cols, rows, max_nr_ports (1), emerg_wr: all zero but the port count.
         let mut c = [0u8; 12];
         c[4..8].copy_from_slice(&1u32.to_le_bytes());
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = c.get(offset as usize + i).copied().unwrap_or(0);
-        }
+        super::read_config(&c, offset, data);
     }
     fn config_write(&mut self, _offset: u64, _data: &[u8]) {}
 
@@ -80,22 +78,12 @@ impl VirtioDevice for Console {
             output,
             bytes_out: self.bytes_out.clone(),
         };
-        let id = self
-            .endpoint
-            .call_blocking(move |ops| -> Result<SubscriberId, event_manager::Error> {
-                Ok(ops.add_subscriber(Box::new(handler)))
-            })
-            .map_err(|e| format!("cannot start the console handler: {e:?}"))?;
-        self.handler = Some(id);
+        self.handlers.start(Box::new(handler))?;
         Ok(())
     }
 
     fn reset(&mut self) {
-        if let Some(id) = self.handler.take() {
-            let _ = self
-                .endpoint
-                .call_blocking(move |ops| ops.remove_subscriber(id).map(|_| ()));
-        }
+        self.handlers.stop_all();
     }
 
     fn describe(&self) -> String {

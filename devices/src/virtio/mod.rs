@@ -22,7 +22,7 @@ pub mod rng;
 pub mod vsock;
 
 use crate::pci::Msix;
-use event_manager::{EventManager, MutEventSubscriber, RemoteEndpoint};
+use event_manager::{EventManager, MutEventSubscriber, RemoteEndpoint, SubscriberId};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -110,6 +110,59 @@ impl VirtioInterrupt {
 
 /// A subscriber the I/O thread runs.
 pub type Handler = Box<dyn MutEventSubscriber + Send>;
+
+/// The handlers a device runs on the I/O thread: started when the driver
+/// activates the device, stopped when it resets it.
+pub struct Handlers {
+    endpoint: RemoteEndpoint<Handler>,
+    running: Vec<SubscriberId>,
+}
+
+impl Handlers {
+    pub fn new(endpoint: RemoteEndpoint<Handler>) -> Handlers {
+        Handlers {
+            endpoint,
+            running: Vec::new(),
+        }
+    }
+
+    pub fn start(&mut self, handler: Handler) -> Result<(), String> {
+        let id = self
+            .endpoint
+            .call_blocking(move |ops| -> Result<SubscriberId, event_manager::Error> {
+                Ok(ops.add_subscriber(handler))
+            })
+            .map_err(|e| format!("cannot start an I/O handler: {e:?}"))?;
+        self.running.push(id);
+        Ok(())
+    }
+
+    /// Stops every handler; returns whether any was running.
+    pub fn stop_all(&mut self) -> bool {
+        let any = !self.running.is_empty();
+        for id in self.running.drain(..) {
+            let r = self
+                .endpoint
+                .call_blocking(move |ops| ops.remove_subscriber(id).map(|_| ()));
+            if let Err(e) = r {
+                tracing::warn!("cannot stop an I/O handler: {e:?}");
+            }
+        }
+        any
+    }
+}
+
+/// Copies the device-configuration bytes at `offset` into `data` (zero past
+/// the end), for `VirtioDevice::config_read`.
+pub fn read_config(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| config.get(o + i))
+            .copied()
+            .unwrap_or(0);
+    }
+}
 
 /// The I/O thread: an event loop over the queue eventfds of every active
 /// device. Devices add and remove their handlers through [`IoThread::endpoint`].

@@ -7,10 +7,12 @@
 //! Without buffers the frame waits and the TAP is not watched until the
 //! guest posts more, so a guest that stops receiving costs nothing.
 //! Transmit: each chain (header + frame) is written to the TAP as one frame.
-use super::{Activation, ActiveQueue, GuestMemory, Handler, VirtioDevice, VirtioInterrupt};
+use super::{
+    Activation, ActiveQueue, GuestMemory, Handler, Handlers, VirtioDevice, VirtioInterrupt,
+};
 use super::{VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1};
 use crate::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
-use event_manager::{EventOps, Events, MutEventSubscriber, RemoteEndpoint, SubscriberId};
+use event_manager::{EventOps, Events, MutEventSubscriber, RemoteEndpoint};
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -63,8 +65,7 @@ pub struct NetStats {
 pub struct Net {
     config: NetConfig,
     tap: Option<Tap>,
-    endpoint: RemoteEndpoint<Handler>,
-    handler: Option<SubscriberId>,
+    handlers: Handlers,
     pub stats: Arc<NetStats>,
 }
 
@@ -77,8 +78,7 @@ impl Net {
         Ok(Net {
             config,
             tap: Some(tap),
-            endpoint,
-            handler: None,
+            handlers: Handlers::new(endpoint),
             stats: Arc::new(NetStats::default()),
         })
     }
@@ -113,9 +113,7 @@ impl VirtioDevice for Net {
         c[..6].copy_from_slice(&self.config.mac);
         c[6..8].copy_from_slice(&STATUS_LINK_UP.to_le_bytes());
         c[8..10].copy_from_slice(&1u16.to_le_bytes()); // max_virtqueue_pairs
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = c.get(offset as usize + i).copied().unwrap_or(0);
-        }
+        super::read_config(&c, offset, data);
     }
 
     fn config_write(&mut self, _offset: u64, _data: &[u8]) {}
@@ -156,30 +154,17 @@ impl VirtioDevice for Net {
             frame: vec![0u8; MAX_FRAME],
             stats: self.stats.clone(),
         };
-        let id = self
-            .endpoint
-            .call_blocking(move |ops| -> Result<SubscriberId, event_manager::Error> {
-                Ok(ops.add_subscriber(Box::new(handler)))
-            })
-            .map_err(|e| format!("cannot start the network handler: {e:?}"))?;
-        self.handler = Some(id);
+        self.handlers.start(Box::new(handler))?;
         Ok(())
     }
 
     fn reset(&mut self) {
-        let Some(id) = self.handler.take() else {
-            return;
-        };
-        // Take the handler back to get the TAP back for the next activation.
-        let r = self
-            .endpoint
-            .call_blocking(move |ops| ops.remove_subscriber(id));
-        match r {
-            Ok(_) => match Tap::open(&self.config.tap) {
+        // The handler took the TAP with it: attach again for the next activation.
+        if self.handlers.stop_all() {
+            match Tap::open(&self.config.tap) {
                 Ok(t) => self.tap = Some(t),
                 Err(e) => tracing::warn!("virtio-net: cannot reopen {}: {e}", self.config.tap),
-            },
-            Err(e) => tracing::warn!("virtio-net: cannot stop the handler: {e:?}"),
+            }
         }
     }
 

@@ -1,8 +1,10 @@
 //! virtio-rng (virtio spec 5.4): fills the guest's buffers from the host's
 //! `getrandom(2)`, at most [`MAX_BYTES_PER_REQUEST`] per request.
-use super::{Activation, ActiveQueue, GuestMemory, Handler, VirtioDevice, VirtioInterrupt};
+use super::{
+    Activation, ActiveQueue, GuestMemory, Handler, Handlers, VirtioDevice, VirtioInterrupt,
+};
 use super::{VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1};
-use event_manager::{EventOps, Events, MutEventSubscriber, RemoteEndpoint, SubscriberId};
+use event_manager::{EventOps, Events, MutEventSubscriber, RemoteEndpoint};
 use std::io::Write;
 use std::sync::Arc;
 use virtio_queue::QueueT;
@@ -11,15 +13,13 @@ use vmm_sys_util::epoll::EventSet;
 pub const MAX_BYTES_PER_REQUEST: usize = 64 << 10;
 
 pub struct Rng {
-    endpoint: RemoteEndpoint<Handler>,
-    handler: Option<SubscriberId>,
+    handlers: Handlers,
 }
 
 impl Rng {
     pub fn new(endpoint: RemoteEndpoint<Handler>) -> Rng {
         Rng {
-            endpoint,
-            handler: None,
+            handlers: Handlers::new(endpoint),
         }
     }
 }
@@ -65,22 +65,12 @@ impl VirtioDevice for Rng {
             queue,
             interrupt: a.interrupt,
         };
-        let id = self
-            .endpoint
-            .call_blocking(move |ops| -> Result<SubscriberId, event_manager::Error> {
-                Ok(ops.add_subscriber(Box::new(handler)))
-            })
-            .map_err(|e| format!("cannot start the rng handler: {e:?}"))?;
-        self.handler = Some(id);
+        self.handlers.start(Box::new(handler))?;
         Ok(())
     }
 
     fn reset(&mut self) {
-        if let Some(id) = self.handler.take() {
-            let _ = self
-                .endpoint
-                .call_blocking(move |ops| ops.remove_subscriber(id).map(|_| ()));
-        }
+        self.handlers.stop_all();
     }
 
     fn describe(&self) -> String {

@@ -11,9 +11,11 @@
 //! Stream connections only. Flow control follows the spec's credit scheme:
 //! we advertise [`BUF_ALLOC`] bytes of receive space per connection and never
 //! send the guest more than it advertised.
-use super::{Activation, ActiveQueue, GuestMemory, Handler, VirtioDevice, VirtioInterrupt};
+use super::{
+    Activation, ActiveQueue, GuestMemory, Handler, Handlers, VirtioDevice, VirtioInterrupt,
+};
 use super::{VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1};
-use event_manager::{EventOps, Events, MutEventSubscriber, RemoteEndpoint, SubscriberId};
+use event_manager::{EventOps, Events, MutEventSubscriber, RemoteEndpoint};
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -168,8 +170,7 @@ impl Conn {
 pub struct Vsock {
     config: VsockConfig,
     listener: Option<UnixListener>,
-    endpoint: RemoteEndpoint<Handler>,
-    handler: Option<SubscriberId>,
+    handlers: Handlers,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -197,8 +198,7 @@ impl Vsock {
         Ok(Vsock {
             config,
             listener: Some(listener),
-            endpoint,
-            handler: None,
+            handlers: Handlers::new(endpoint),
         })
     }
 }
@@ -238,9 +238,7 @@ impl VirtioDevice for Vsock {
     }
     fn config_read(&self, offset: u64, data: &mut [u8]) {
         let c = self.config.cid.to_le_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = c.get(offset as usize + i).copied().unwrap_or(0);
-        }
+        super::read_config(&c, offset, data);
     }
     fn config_write(&mut self, _offset: u64, _data: &[u8]) {}
 
@@ -269,21 +267,12 @@ impl VirtioDevice for Vsock {
             next_port: FIRST_LOCAL_PORT,
             next_tag: TAG_CONN,
         };
-        let id = self
-            .endpoint
-            .call_blocking(move |ops| -> Result<SubscriberId, event_manager::Error> {
-                Ok(ops.add_subscriber(Box::new(handler)))
-            })
-            .map_err(|e| format!("cannot start the vsock handler: {e:?}"))?;
-        self.handler = Some(id);
+        self.handlers.start(Box::new(handler))?;
         Ok(())
     }
 
     fn reset(&mut self) {
-        if let Some(id) = self.handler.take() {
-            let _ = self
-                .endpoint
-                .call_blocking(move |ops| ops.remove_subscriber(id).map(|_| ()));
+        if self.handlers.stop_all() {
             // The handler (and its listener) are gone: listen again.
             match bind(&self.config.socket) {
                 Ok(l) => self.listener = Some(l),
