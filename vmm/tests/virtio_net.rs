@@ -117,6 +117,70 @@ fn guest_echoes_udp_datagrams_through_a_tap_byte_for_byte() {
 }
 
 #[test]
+fn guest_measures_transmit_throughput_and_every_datagram_arrives() {
+    let Some(ns) = NetNs::new("nbench") else {
+        eprintln!("skipped: cannot create a network namespace (needs root and iproute2)");
+        return;
+    };
+    let probe = image("probe.elf", "guest-images/build probe");
+    let count = 2000;
+    let task = format!("task=net op=bench count={count} size=1000");
+    let mut vm = Running::start_with(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &ns.0,
+            vmm(),
+            "run",
+            "--kernel",
+            probe.to_str().unwrap(),
+            "--cmdline",
+            &task,
+            "--memory",
+            "64M",
+            "--test-exit-port",
+            "--net",
+            "tap=ffmk1",
+        ],
+    );
+    vm.next_line(Duration::from_secs(10), |l| l.starts_with("mac="))
+        .expect("the guest found its NIC");
+    assert!(ns.ip(&["addr", "add", "10.0.0.1/24", "dev", "ffmk1"]));
+    assert!(ns.ip(&["link", "set", "ffmk1", "up"]));
+    let received = ns.run(move || {
+        let s = UdpSocket::bind("10.0.0.1:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        s.send_to(b"start", "10.0.0.2:7777").unwrap();
+        let mut n = 0;
+        let mut buf = [0u8; 2048];
+        while n < count {
+            match s.recv_from(&mut buf) {
+                Ok((len, _)) => {
+                    assert_eq!(len, 1000);
+                    assert!(buf[..len].iter().enumerate().all(|(i, b)| *b == i as u8));
+                    n += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        n
+    });
+    assert_eq!(
+        received, count,
+        "every datagram the guest sent arrived intact"
+    );
+    let mib_s: u64 = vm
+        .next_line(Duration::from_secs(5), |l| l.starts_with("tx_mib_s="))
+        .and_then(|l| l["tx_mib_s=".len()..].parse().ok())
+        .expect("the guest reports its rate");
+    assert!(mib_s > 0);
+    // The receive phase ends 2 s after the last datagram (none are sent here).
+    let (code, err) = vm.wait(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{err}");
+}
+
+#[test]
 fn bad_net_specs_are_refused_with_one_line_and_exit_code_2() {
     let probe = image("probe.elf", "guest-images/build probe");
     for (spec, want) in [

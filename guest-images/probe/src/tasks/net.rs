@@ -2,6 +2,12 @@
 //! every UDP datagram addressed to it back to its sender (addresses and
 //! ports swapped, so the checksums stay valid), until N were echoed. Prints
 //! `mac=`, then `echoed=N`.
+//!
+//! `task=net op=bench count=N size=S`: throughput. The first UDP datagram
+//! from the host names the peer; the probe then sends N datagrams of S
+//! payload bytes to it as fast as the device takes them (`tx_mib_s=`), then
+//! counts the datagrams the host sends until N arrived or 2 s pass without
+//! one (`rx_frames=`, `rx_mib_s=`).
 use crate::boot::{Args, BootInfo};
 use crate::virtio::{self, Device, Queue};
 use crate::{println, time, STATUS_PROBE_ERROR};
@@ -68,6 +74,120 @@ fn reply(f: &mut [u8], mac: [u8; 6], ip: [u8; 4]) -> bool {
     }
 }
 
+/// Turns the echo reply of a UDP frame in `f` into a datagram of `size`
+/// payload bytes to the same peer (lengths fixed, UDP checksum off).
+fn shape_udp(f: &mut [u8], size: usize) -> usize {
+    let ihl = usize::from(f[14] & 0xf) * 4;
+    let udp = 14 + ihl;
+    let ip_len = (ihl + 8 + size) as u16;
+    f[16..18].copy_from_slice(&ip_len.to_be_bytes());
+    f[24..26].copy_from_slice(&[0, 0]);
+    let mut sum = 0u32;
+    for i in (14..14 + ihl).step_by(2) {
+        sum += u32::from(u16::from_be_bytes([f[i], f[i + 1]]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    f[24..26].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    f[udp + 4..udp + 6].copy_from_slice(&((8 + size) as u16).to_be_bytes());
+    f[udp + 6..udp + 8].copy_from_slice(&[0, 0]); // no UDP checksum
+    for (i, b) in f[udp + 8..udp + 8 + size].iter_mut().enumerate() {
+        *b = i as u8;
+    }
+    udp + 8 + size
+}
+
+fn bench(rx: &mut Queue, tx: &mut Queue, bufs: u64, txbuf: u64, mac: [u8; 6], ip: [u8; 4], args: &Args) -> u8 {
+    let count = args.num("count", 10_000);
+    let size = (args.num("size", 1400) as usize).min(1472);
+    // Wait for the host's first datagram (answering ARP meanwhile).
+    loop {
+        let Some((slot, len)) = rx.poll_used() else {
+            core::hint::spin_loop();
+            continue;
+        };
+        let addr = bufs + u64::from(slot) * BUF;
+        let len = (len as usize).min(BUF as usize);
+        let out = frame(txbuf, len);
+        out.copy_from_slice(frame(addr, len));
+        rx.post(slot, addr, BUF as u32, true);
+        rx.kick();
+        let is_ip = len > HDR + 14 && be16(out, HDR + 12) == ETH_IP;
+        if reply(&mut out[HDR..], mac, ip) {
+            if is_ip {
+                break; // `out` now holds the reply: our datagrams' template
+            }
+            out[..HDR].fill(0);
+            let _ = tx.submit(&[(txbuf, len as u32, false)], 1_000_000);
+        }
+    }
+    // Transmit phase.
+    let out = frame(txbuf, BUF as usize);
+    out[..HDR].fill(0);
+    let frame_len = HDR + shape_udp(&mut out[HDR..], size);
+    // Keep the transmit ring full: every descriptor points at the same
+    // frame (the device copies it out), completions free slots.
+    let t0 = time::now_us();
+    let (mut posted, mut done, mut free) = (0u64, 0u64, tx.size());
+    let mut next_slot = 0u16;
+    while done < count {
+        let mut kicked = false;
+        while free > 0 && posted < count {
+            tx.post(next_slot, txbuf, frame_len as u32, false);
+            next_slot = (next_slot + 1) % tx.size();
+            free -= 1;
+            posted += 1;
+            kicked = true;
+        }
+        if kicked {
+            tx.kick();
+        }
+        let stall = time::now_us();
+        loop {
+            if tx.poll_used().is_some() {
+                done += 1;
+                free += 1;
+                break;
+            }
+            if time::now_us() - stall > 1_000_000 {
+                println!("probe: error: transmit timed out");
+                return STATUS_PROBE_ERROR;
+            }
+            core::hint::spin_loop();
+        }
+    }
+    let us = (time::now_us() - t0).max(1);
+    println!("tx_frames={count}");
+    println!("tx_mib_s={}", (count * size as u64 * 1_000_000 / us) >> 20);
+    // Receive phase.
+    let (mut frames, mut bytes) = (0u64, 0u64);
+    let mut first = 0;
+    let mut last = time::now_us();
+    while frames < count && time::now_us() - last < 2_000_000 {
+        let Some((slot, len)) = rx.poll_used() else {
+            core::hint::spin_loop();
+            continue;
+        };
+        last = time::now_us();
+        if frames == 0 {
+            first = last;
+        }
+        let addr = bufs + u64::from(slot) * BUF;
+        let f = frame(addr, (len as usize).min(BUF as usize));
+        if f.len() > HDR + 42 && be16(f, HDR + 12) == ETH_IP && f[HDR + 23] == 17 {
+            frames += 1;
+            bytes += (f.len() - HDR - 42) as u64;
+        }
+        rx.post(slot, addr, BUF as u32, true);
+        rx.kick();
+    }
+    let us = (last - first).max(1);
+    println!("rx_frames={frames}");
+    println!("rx_mib_s={}", (bytes * 1_000_000 / us) >> 20);
+    0
+}
+
 pub fn run(info: &mut BootInfo, args: &Args) -> u8 {
     let Some(ip) = parse_ip(args.get("ip").unwrap_or("10.0.0.2")) else {
         println!("probe: error: bad ip=");
@@ -111,6 +231,9 @@ pub fn run(info: &mut BootInfo, args: &Args) -> u8 {
     }
     rx.kick();
     let txbuf = bufs + u64::from(RX_BUFFERS) * BUF;
+    if args.get("op") == Some("bench") {
+        return bench(&mut rx, &mut tx, bufs, txbuf, mac, ip, args);
+    }
     let mut echoed = 0;
     let deadline_idle_us = args.num("timeout_ms", 30_000) * 1000;
     let mut last = time::now_us();
