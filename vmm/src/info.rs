@@ -21,9 +21,15 @@ pub fn vm_info(vm: &Vm) -> serde_json::Value {
         .collect();
     let pci: Vec<_> = vm
         .pci
-        .list()
+        .describe()
         .into_iter()
-        .map(|(slot, name)| json!({ "bdf": format!("00:{slot:02x}.0"), "device": name }))
+        .map(|(slot, name, counters)| {
+            let counters: serde_json::Map<String, serde_json::Value> = counters
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), json!(v)))
+                .collect();
+            json!({ "bdf": format!("00:{slot:02x}.0"), "device": name, "counters": counters })
+        })
         .collect();
     json!({
         "state": state,

@@ -123,6 +123,10 @@ fn disks_show_in_the_api_and_on_the_pci_bus() {
     assert_eq!(pci.len(), 2, "{v}");
     assert_eq!(pci[1]["bdf"], "00:01.0");
     assert!(pci[1]["device"].as_str().unwrap().starts_with("virtio-blk"));
+    // The probe never drives this disk: no requests, and the driver never
+    // touched the device (status 0).
+    assert_eq!(pci[1]["counters"]["requests"], 0, "{v}");
+    assert_eq!(pci[1]["counters"]["status"], 0, "{v}");
     assert_eq!(v["config"]["disks"][0]["serial"], "ffmk0");
     let _ = Command::new(vmm())
         .args(["shutdown", "--api-socket"])

@@ -19,6 +19,9 @@ pub use config::{Bar, BarKind, ConfigSpace, PciIds};
 pub use msix::Msix;
 pub use root::{PciConfigIo, PciEcam, PciRoot, PciWindow};
 
+/// A device's activity counters: (name, value).
+pub type Counters = Vec<(&'static str, u64)>;
+
 /// A PCI function on the root bus.
 pub trait PciDevice: Send {
     fn config(&self) -> &ConfigSpace;
@@ -35,4 +38,9 @@ pub trait PciDevice: Send {
 
     /// Short name for logs and `GET /vm`.
     fn name(&self) -> String;
+
+    /// Activity counters for `GET /vm` (name, value). Default: none.
+    fn counters(&self) -> Counters {
+        Vec::new()
+    }
 }

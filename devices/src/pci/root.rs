@@ -160,12 +160,20 @@ impl PciRoot {
 
     /// (slot, name) of every function, for `GET /vm`.
     pub fn list(&self) -> Vec<(u8, String)> {
+        self.describe()
+            .into_iter()
+            .map(|(s, n, _)| (s, n))
+            .collect()
+    }
+
+    /// (slot, name, counters) of every function, for `GET /vm`.
+    pub fn describe(&self) -> Vec<(u8, String, super::Counters)> {
         let Ok(slots) = self.slots.read() else {
             return vec![];
         };
         slots
             .iter()
-            .map(|(s, d)| (*s, d.lock().map(|d| d.name()).unwrap_or_default()))
+            .filter_map(|(s, d)| d.lock().ok().map(|d| (*s, d.name(), d.counters())))
             .collect()
     }
 

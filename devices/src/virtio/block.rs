@@ -17,6 +17,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::ByteValued;
@@ -90,12 +91,22 @@ pub enum DiskError {
     NotSectors { path: PathBuf, size: u64 },
 }
 
+/// What a disk did, for `GET /vm`.
+#[derive(Default, Debug)]
+pub struct BlockStats {
+    pub requests: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub write_bytes: AtomicU64,
+    pub errors: AtomicU64,
+}
+
 /// The backing file and what the guest is told about it.
 pub struct Disk {
     file: File,
     sectors: u64,
     readonly: bool,
     id: [u8; ID_BYTES],
+    pub stats: BlockStats,
 }
 
 impl Disk {
@@ -130,6 +141,7 @@ impl Disk {
             sectors: size / SECTOR_SIZE,
             readonly: c.readonly,
             id,
+            stats: BlockStats::default(),
         })
     }
 
@@ -230,6 +242,18 @@ where
     }
     let mut status_writer = writer.split_at(writable - 1).ok()?;
     let (status, data_written) = execute(disk, header, &mut reader, &mut writer);
+    let s = &disk.stats;
+    s.requests.fetch_add(1, Ordering::Relaxed);
+    match (status, header.kind) {
+        (S_OK, T_IN) => s
+            .read_bytes
+            .fetch_add(data_written as u64, Ordering::Relaxed),
+        (S_OK, T_OUT) => s
+            .write_bytes
+            .fetch_add(reader.bytes_read() as u64 - 16, Ordering::Relaxed),
+        (S_OK, _) => 0,
+        _ => s.errors.fetch_add(1, Ordering::Relaxed),
+    };
     status_writer.write_all(&[status]).ok()?;
     Some(data_written as u32 + 1)
 }
@@ -403,6 +427,16 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         self.handlers.stop_all();
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let s = &self.disk.stats;
+        vec![
+            ("requests", s.requests.load(Ordering::Relaxed)),
+            ("read_bytes", s.read_bytes.load(Ordering::Relaxed)),
+            ("write_bytes", s.write_bytes.load(Ordering::Relaxed)),
+            ("errors", s.errors.load(Ordering::Relaxed)),
+        ]
     }
 
     fn describe(&self) -> String {

@@ -89,6 +89,10 @@ impl VirtioDevice for Console {
     fn describe(&self) -> String {
         format!("virtio-console > {}", self.path.display())
     }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        vec![("bytes_out", self.bytes_out.load(Ordering::Relaxed))]
+    }
 }
 
 struct ConsoleHandler {

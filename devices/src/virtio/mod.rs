@@ -58,6 +58,11 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
     /// Short description for logs and `GET /vm`.
     fn describe(&self) -> String;
+
+    /// Activity counters for `GET /vm` (name, value). Default: none.
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
 }
 
 /// What a device gets when the driver is ready.

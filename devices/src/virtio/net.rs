@@ -168,6 +168,17 @@ impl VirtioDevice for Net {
         }
     }
 
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let s = &self.stats;
+        vec![
+            ("rx_frames", s.rx_frames.load(Ordering::Relaxed)),
+            ("rx_bytes", s.rx_bytes.load(Ordering::Relaxed)),
+            ("tx_frames", s.tx_frames.load(Ordering::Relaxed)),
+            ("tx_bytes", s.tx_bytes.load(Ordering::Relaxed)),
+            ("dropped", s.dropped.load(Ordering::Relaxed)),
+        ]
+    }
+
     fn describe(&self) -> String {
         let m = self.config.mac;
         format!(

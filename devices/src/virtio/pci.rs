@@ -459,4 +459,10 @@ impl PciDevice for VirtioPci {
     fn name(&self) -> String {
         self.device.describe()
     }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let mut c = vec![("status", u64::from(self.status))];
+        c.extend(self.device.counters());
+        c
+    }
 }
