@@ -12,6 +12,7 @@ pub mod bus;
 pub mod interrupt;
 pub mod legacy;
 pub mod pci;
+pub mod rate_limiter;
 pub mod tap;
 pub mod virtio;
 

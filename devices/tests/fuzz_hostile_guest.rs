@@ -171,6 +171,8 @@ fn virtio_blk_survives_hostile_queues() {
         direct: false,
         serial: None,
         queues: 1,
+        bandwidth: None,
+        iops: None,
     };
     let rw = Disk::open(&cfg(&rw_path, false)).unwrap();
     let ro = Disk::open(&cfg(&ro_path, true)).unwrap();

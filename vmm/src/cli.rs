@@ -86,7 +86,8 @@ pub struct RunArgs {
     #[arg(long, value_enum)]
     pub cpu_profile: Option<CpuProfile>,
     /// A virtio-blk disk: path=FILE[,readonly][,direct][,serial=ID][,queues=N]
-    /// (raw image; repeat for more disks).
+    /// [,bw=RATE][,iops=N] (raw image; bw in bytes/s with K/M/G, bare = MiB/s;
+    /// repeat for more disks).
     #[arg(long, value_name = "SPEC", value_parser = parse_disk)]
     pub disk: Vec<DiskEntry>,
     /// A virtio-net device on a TAP interface: tap=NAME[,mac=52:54:00:12:34:56]

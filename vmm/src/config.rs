@@ -26,7 +26,7 @@ pub enum Error {
     #[error("test exit port {0:#x} is taken by a device ({1}); pick another port")]
     ExitPortTaken(u16, &'static str),
     #[error(
-        "invalid --disk '{spec}': {why} (path=FILE[,readonly][,direct][,serial=ID][,queues=N])"
+        "invalid --disk '{spec}': {why} (path=FILE[,readonly][,direct][,serial=ID][,queues=N][,bw=RATE][,iops=N])"
     )]
     Disk { spec: String, why: String },
     #[error("invalid --net '{spec}': {why} (tap=NAME[,mac=52:54:00:12:34:56])")]
@@ -142,6 +142,10 @@ pub struct DiskEntry {
     pub direct: bool,
     pub serial: Option<String>,
     pub queues: Option<u16>,
+    /// Bandwidth limit: bytes per second with K/M/G suffix (bare = MiB/s).
+    pub bw: Option<String>,
+    /// Requests per second.
+    pub iops: Option<u64>,
 }
 
 pub const MAX_DISK_QUEUES: u16 = 16;
@@ -160,12 +164,21 @@ impl std::str::FromStr for DiskEntry {
             direct: false,
             serial: None,
             queues: None,
+            bw: None,
+            iops: None,
         };
         for (i, part) in spec.split(',').enumerate() {
             match part.split_once('=') {
                 Some(("path", p)) => d.path = p.into(),
                 Some(("serial", id)) if id.len() <= 20 => d.serial = Some(id.into()),
                 Some(("serial", _)) => return Err(bad("a serial has at most 20 bytes".into())),
+                Some(("bw", r)) => d.bw = Some(r.into()),
+                Some(("iops", n)) => {
+                    d.iops = Some(
+                        n.parse()
+                            .map_err(|_| bad(format!("'{n}' is not a number")))?,
+                    )
+                }
                 Some(("queues", n)) => {
                     d.queues = Some(
                         n.parse()
@@ -195,12 +208,27 @@ impl DiskEntry {
                 why: format!("queues must be 1-{MAX_DISK_QUEUES}"),
             });
         }
+        let bandwidth = match &self.bw {
+            Some(r) => Some(parse_size(r).map_err(|_| Error::Disk {
+                spec: self.path.display().to_string(),
+                why: format!("bad bandwidth '{r}' (e.g. bw=100M for 100 MiB/s)"),
+            })?),
+            None => None,
+        };
+        if self.iops == Some(0) {
+            return Err(Error::Disk {
+                spec: self.path.display().to_string(),
+                why: "iops must be at least 1".into(),
+            });
+        }
         Ok(DiskConfig {
             path: self.path,
             readonly: self.readonly,
             direct: self.direct,
             serial: self.serial,
             queues,
+            bandwidth,
+            iops: self.iops,
         })
     }
 }
@@ -498,6 +526,11 @@ mod tests {
         assert_eq!(d.path, PathBuf::from("/img/a.raw"));
         assert!(d.readonly && !d.direct);
         assert_eq!((d.serial.as_deref(), d.queues), (Some("abc"), Some(4)));
+        let l: DiskEntry = "c.raw,bw=4M,iops=100".parse().unwrap();
+        let l = l.validated().unwrap();
+        assert_eq!((l.bandwidth, l.iops), (Some(4 << 20), Some(100)));
+        let bad_bw: DiskEntry = "c.raw,bw=fast".parse().unwrap();
+        assert!(bad_bw.validated().is_err());
         let d: DiskEntry = "b.raw,direct".parse().unwrap();
         assert_eq!(d.path, PathBuf::from("b.raw"));
         assert!(d.direct);

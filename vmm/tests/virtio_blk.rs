@@ -138,6 +138,35 @@ fn disks_show_in_the_api_and_on_the_pci_bus() {
 }
 
 #[test]
+fn rate_limits_pace_the_guest_and_keep_the_data_right() {
+    let dir = tmpdir("blk-rate");
+    let img = disk_image(&dir, "rate.raw", 16384, 4); // 8 MiB
+    let want = format!("{:08x}", crc32fast::hash(&std::fs::read(&img).unwrap()));
+    let timed = |extra: &str| {
+        let t = std::time::Instant::now();
+        let out = run("task=blk op=read", &[format!("{}{extra}", spec(&img))]);
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(value(&out, "crc32"), Some(want.clone()), "{extra}");
+        t.elapsed()
+    };
+    let free = timed("");
+    // 8 MiB at 4 MiB/s with one second of burst: about 1 s more.
+    let bw = timed(",bw=4M");
+    // 32 requests of 256 KiB at 16/s with one second of burst: about 1 s.
+    let iops = timed(",iops=16");
+    assert!(
+        bw >= Duration::from_millis(900),
+        "bw: {bw:?} (free: {free:?})"
+    );
+    assert!(
+        iops >= Duration::from_millis(900),
+        "iops: {iops:?} (free: {free:?})"
+    );
+    assert!(bw < Duration::from_secs(5) && iops < Duration::from_secs(5));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
 fn bad_disks_are_refused_with_one_line_and_exit_code_2() {
     let dir = tmpdir("blk-bad");
     let odd = dir.join("odd.raw");
@@ -151,6 +180,8 @@ fn bad_disks_are_refused_with_one_line_and_exit_code_2() {
         (spec(&empty), "is empty"),
         (format!("{},fast", spec(&good)), "unknown option 'fast'"),
         (format!("{},queues=99", spec(&good)), "queues must be"),
+        (format!("{},bw=lots", spec(&good)), "bad bandwidth"),
+        (format!("{},iops=0", spec(&good)), "iops must be at least 1"),
     ];
     for (disk, want) in cases {
         let out = run("task=hello", std::slice::from_ref(&disk));

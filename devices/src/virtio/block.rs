@@ -11,6 +11,7 @@ use super::{
     Activation, ActiveQueue, GuestMemory, Handler, Handlers, VirtioDevice, VirtioInterrupt,
 };
 use super::{VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1};
+use crate::rate_limiter::RateLimiter;
 use event_manager::{EventOps, Events, MutEventSubscriber, RemoteEndpoint};
 use std::fs::File;
 use std::io::{Read, Write};
@@ -18,10 +19,12 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use virtio_queue::{DescriptorChain, QueueT};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::ByteValued;
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::timerfd::TimerFd;
 
 pub const SECTOR_SIZE: u64 = 512;
 /// Largest data transfer of one request (bounds the bounce buffer).
@@ -68,7 +71,7 @@ struct DiscardSegment {
 // SAFETY: as for RequestHeader.
 unsafe impl ByteValued for DiscardSegment {}
 
-/// `--disk path=FILE[,readonly][,direct][,serial=ID][,queues=N]`.
+/// `--disk path=FILE[,readonly][,direct][,serial=ID][,queues=N][,bw=RATE][,iops=N]`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct DiskConfig {
     pub path: PathBuf,
@@ -76,6 +79,10 @@ pub struct DiskConfig {
     pub direct: bool,
     pub serial: Option<String>,
     pub queues: u16,
+    /// Bandwidth limit in bytes/s (token bucket, one second of burst).
+    pub bandwidth: Option<u64>,
+    /// Operations limit in requests/s.
+    pub iops: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -413,12 +420,21 @@ impl VirtioDevice for Block {
     fn config_write(&mut self, _offset: u64, _data: &[u8]) {}
 
     fn activate(&mut self, a: Activation) -> Result<(), String> {
+        let limiter = RateLimiter::new(self.config.bandwidth, self.config.iops);
+        let limiter = (!limiter.is_unlimited()).then(|| Arc::new(Mutex::new(limiter)));
         for q in a.queues {
+            let timer = match &limiter {
+                Some(_) => Some(TimerFd::new().map_err(|e| format!("rate-limit timer: {e}"))?),
+                None => None,
+            };
             let handler = QueueHandler {
                 disk: self.disk.clone(),
                 mem: a.mem.clone(),
                 queue: q,
                 interrupt: a.interrupt.clone(),
+                limiter: limiter.clone(),
+                timer,
+                throttled: false,
             };
             self.handlers.start(Box::new(handler))?;
         }
@@ -458,17 +474,58 @@ struct QueueHandler {
     mem: GuestMemory,
     queue: ActiveQueue,
     interrupt: Arc<VirtioInterrupt>,
+    /// Shared by the device's queues; `None` when the disk is unlimited.
+    limiter: Option<Arc<Mutex<RateLimiter>>>,
+    /// Armed while the limiter holds requests back.
+    timer: Option<TimerFd>,
+    throttled: bool,
 }
 
+const TAG_NOTIFY: u32 = 0;
+const TAG_TIMER: u32 = 1;
+
 impl QueueHandler {
+    /// Asks the rate limiter for `bytes`; on "wait", arms the timer.
+    fn admit(&mut self, bytes: u64) -> bool {
+        let Some(limiter) = &self.limiter else {
+            return true;
+        };
+        let wait = match limiter.lock() {
+            Ok(mut l) => l.consume(bytes),
+            Err(_) => Ok(()),
+        };
+        match wait {
+            Ok(()) => true,
+            Err(d) => {
+                if let Some(t) = self.timer.as_mut() {
+                    if t.reset(d.max(Duration::from_micros(50)), None).is_ok() {
+                        self.throttled = true;
+                        return false;
+                    }
+                }
+                true // no timer: do not stall the guest forever
+            }
+        }
+    }
+
     fn drain(&mut self) {
-        let mem = &self.mem;
-        let q = &mut self.queue.queue;
+        if self.throttled {
+            return;
+        }
+        let mem = self.mem.clone();
         loop {
-            if q.disable_notification(mem).is_err() {
+            if self.queue.queue.disable_notification(&mem).is_err() {
                 return;
             }
-            while let Some(chain) = q.pop_descriptor_chain(mem) {
+            while let Some(chain) = self.queue.queue.pop_descriptor_chain(&mem) {
+                let bytes: u64 = chain.clone().map(|d| u64::from(d.len())).sum();
+                if !self.admit(bytes) {
+                    // Put the request back; the timer brings us here again.
+                    self.queue.queue.go_to_previous_position();
+                    return;
+                }
+                let mem = &mem;
+                let q = &mut self.queue.queue;
                 let head = chain.head_index();
                 let len = serve_request(&self.disk, mem, chain).unwrap_or_else(|| {
                     tracing::warn!("virtio-blk: malformed request chain (head {head})");
@@ -477,29 +534,44 @@ impl QueueHandler {
                 if q.add_used(mem, head, len).is_err() {
                     tracing::warn!("virtio-blk: cannot complete request {head}");
                 }
+                if q.needs_notification(mem).unwrap_or(true) {
+                    self.interrupt.signal_queue(self.queue.vector);
+                }
             }
-            match q.enable_notification(mem) {
+            match self.queue.queue.enable_notification(&mem) {
                 Ok(true) => continue, // more arrived meanwhile
                 _ => break,
             }
-        }
-        if q.needs_notification(mem).unwrap_or(true) {
-            self.interrupt.signal_queue(self.queue.vector);
         }
     }
 }
 
 impl MutEventSubscriber for QueueHandler {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        if events.event_set().contains(EventSet::IN) {
-            let _ = self.queue.notify.read();
-            self.drain();
+        match events.data() {
+            TAG_TIMER => {
+                if let Some(t) = self.timer.as_mut() {
+                    let _ = t.wait();
+                }
+                self.throttled = false;
+            }
+            _ => {
+                let _ = self.queue.notify.read();
+            }
         }
+        self.drain();
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.queue.notify, EventSet::IN)) {
+        let notify = Events::with_data(&self.queue.notify, TAG_NOTIFY, EventSet::IN);
+        if let Err(e) = ops.add(notify) {
             tracing::error!("virtio-blk: cannot watch queue {}: {e:?}", self.queue.index);
+        }
+        if let Some(t) = &self.timer {
+            if let Err(e) = ops.add(Events::with_data(t, TAG_TIMER, EventSet::IN)) {
+                tracing::error!("virtio-blk: cannot watch the rate-limit timer: {e:?}");
+                self.timer = None;
+            }
         }
         // Requests queued before activation (or a notification we missed).
         self.drain();
@@ -572,6 +644,8 @@ mod tests {
             direct: false,
             serial: Some("ffmk-serial".into()),
             queues: 1,
+            bandwidth: None,
+            iops: None,
         })
         .unwrap()
     }
@@ -791,6 +865,8 @@ mod tests {
             direct: true,
             serial: None,
             queues: 1,
+            bandwidth: None,
+            iops: None,
         };
         let d = match Disk::open(&cfg) {
             Ok(d) => d,
@@ -840,6 +916,8 @@ mod tests {
             direct: false,
             serial: None,
             queues: 1,
+            bandwidth: None,
+            iops: None,
         };
         let empty = dir.join(format!("ffmk-blk-{}-empty", std::process::id()));
         std::fs::write(&empty, b"").unwrap();
