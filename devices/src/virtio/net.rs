@@ -195,10 +195,14 @@ pub fn tx_frame<M>(mem: &GuestMemory, chain: virtio_queue::DescriptorChain<M>) -
 where
     M: std::ops::Deref<Target = GuestMemory> + Clone,
 {
-    let r = chain.reader(mem).ok()?;
-    let mut buf = Vec::with_capacity(1600);
-    r.take(MAX_FRAME as u64).read_to_end(&mut buf).ok()?;
-    (buf.len() > VNET_HDR_LEN).then_some(buf)
+    let mut r = chain.reader(mem).ok()?;
+    let len = r.available_bytes().min(MAX_FRAME);
+    if len <= VNET_HDR_LEN {
+        return None;
+    }
+    let mut buf = vec![0u8; len];
+    r.read_exact(&mut buf).ok()?;
+    Some(buf)
 }
 
 struct NetHandler {
