@@ -205,6 +205,76 @@ where
     Some(buf)
 }
 
+/// What happened to a frame offered to the receive queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RxOutcome {
+    /// Copied into one chain, or several with mergeable buffers.
+    Delivered,
+    /// The driver's buffer cannot hold it (a contract breach without
+    /// mergeable buffers): the buffer goes back empty, the frame is lost.
+    Dropped,
+    /// Not enough buffers posted: nothing was consumed, try again later.
+    NoBuffers,
+}
+
+/// Copies `frame` (virtio-net header first) into receive chains of `q`,
+/// setting the header's `num_buffers`. Chains the guest made unwritable
+/// complete with length 0; nothing here trusts the guest's lengths.
+pub fn write_rx_frame(
+    mem: &GuestMemory,
+    q: &mut virtio_queue::Queue,
+    frame: &mut [u8],
+    mergeable: bool,
+) -> RxOutcome {
+    let len = frame.len();
+    // First find enough chains; give them back if there are not.
+    let mut chains = Vec::new();
+    let mut room = 0usize;
+    while room < len {
+        let Some(chain) = q.pop_descriptor_chain(mem) else {
+            for _ in 0..chains.len() {
+                q.go_to_previous_position();
+            }
+            return RxOutcome::NoBuffers;
+        };
+        room += chain
+            .clone()
+            .writable()
+            .map(|d| d.len() as usize)
+            .sum::<usize>();
+        chains.push(chain);
+        if !mergeable {
+            break;
+        }
+    }
+    if room < len {
+        for chain in chains {
+            let _ = q.add_used(mem, chain.head_index(), 0);
+        }
+        return RxOutcome::Dropped;
+    }
+    if len >= VNET_HDR_LEN {
+        frame[10..12].copy_from_slice(&(chains.len() as u16).to_le_bytes());
+    }
+    let mut at = 0;
+    for chain in chains {
+        let head = chain.head_index();
+        let written = match chain.writer(mem) {
+            Ok(mut w) => {
+                let n = w.available_bytes().min(len - at);
+                match w.write_all(&frame[at..at + n]) {
+                    Ok(()) => n,
+                    Err(_) => 0,
+                }
+            }
+            Err(_) => 0,
+        };
+        at += written;
+        let _ = q.add_used(mem, head, written as u32);
+    }
+    RxOutcome::Delivered
+}
+
 struct NetHandler {
     tap: Tap,
     mem: GuestMemory,
@@ -220,62 +290,21 @@ struct NetHandler {
 }
 
 impl NetHandler {
-    /// Copies the frame (`len` bytes of `self.frame`) into receive chains.
+    /// Offers the frame (`len` bytes of `self.frame`) to the receive queue.
     /// false: not enough buffers posted (nothing consumed, the frame waits).
     fn deliver(&mut self, len: usize) -> bool {
-        let mem = &self.mem;
-        let q = &mut self.rx.queue;
         let frame = &mut self.frame[..len];
-        // First find enough chains; give them back if there are not.
-        let mut chains = Vec::new();
-        let mut room = 0usize;
-        while room < len {
-            let Some(chain) = q.pop_descriptor_chain(mem) else {
-                for _ in 0..chains.len() {
-                    q.go_to_previous_position();
-                }
-                return false;
-            };
-            let cap: usize = chain.clone().writable().map(|d| d.len() as usize).sum();
-            room += cap;
-            chains.push(chain);
-            if !self.mergeable {
-                break;
+        match write_rx_frame(&self.mem, &mut self.rx.queue, frame, self.mergeable) {
+            RxOutcome::NoBuffers => return false,
+            RxOutcome::Dropped => {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            RxOutcome::Delivered => {
+                self.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
+                let payload = (len - VNET_HDR_LEN.min(len)) as u64;
+                self.stats.rx_bytes.fetch_add(payload, Ordering::Relaxed);
             }
         }
-        if room < len {
-            // One chain without mergeable buffers and it is too small: the
-            // driver broke the contract; drop the frame, return the buffer.
-            for chain in chains {
-                let _ = q.add_used(mem, chain.head_index(), 0);
-            }
-            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-            return true;
-        }
-        // num_buffers lives in the header (bytes 10-11).
-        if len >= VNET_HDR_LEN {
-            frame[10..12].copy_from_slice(&(chains.len() as u16).to_le_bytes());
-        }
-        let mut at = 0;
-        for chain in chains {
-            let head = chain.head_index();
-            let written = match chain.writer(mem) {
-                Ok(mut w) => {
-                    let n = w.available_bytes().min(len - at);
-                    match w.write_all(&frame[at..at + n]) {
-                        Ok(()) => n,
-                        Err(_) => 0,
-                    }
-                }
-                Err(_) => 0,
-            };
-            at += written;
-            let _ = q.add_used(mem, head, written as u32);
-        }
-        self.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .rx_bytes
-            .fetch_add((len - VNET_HDR_LEN.min(len)) as u64, Ordering::Relaxed);
         true
     }
 
