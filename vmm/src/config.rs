@@ -489,33 +489,27 @@ mod tests {
             RunConfig::from_file_config(FileConfig::default()),
             Err(Error::NoKernel)
         ));
-        let c = FileConfig {
-            kernel: Some("k".into()),
-            cpus: Some(0),
-            ..Default::default()
+        let with = |f: fn(&mut FileConfig)| {
+            let mut c = FileConfig {
+                kernel: Some("k".into()),
+                ..Default::default()
+            };
+            f(&mut c);
+            RunConfig::from_file_config(c)
         };
         assert!(matches!(
-            RunConfig::from_file_config(c),
+            with(|c| c.cpus = Some(0)),
             Err(Error::Cpus { .. })
         ));
-        let c = FileConfig {
-            kernel: Some("k".into()),
-            cpus: Some(255),
-            ..Default::default()
-        };
         assert!(matches!(
-            RunConfig::from_file_config(c),
+            with(|c| c.cpus = Some(255)),
             Err(Error::Cpus { .. })
         ));
-        let c = FileConfig {
-            kernel: Some("k".into()),
-            test_exit_port: Some(0xcfc),
-            ..Default::default()
-        };
         assert!(matches!(
-            RunConfig::from_file_config(c),
+            with(|c| c.test_exit_port = Some(0xcfc)),
             Err(Error::ExitPortTaken(0xcfc, "PCI configuration"))
         ));
+        assert!(with(|c| c.test_exit_port = Some(0xf4)).is_ok());
     }
 
     #[test]

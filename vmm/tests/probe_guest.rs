@@ -13,6 +13,11 @@ fn probe() -> PathBuf {
 }
 
 fn run_probe(task: &str, cpus: u32, memory: &str) -> Output {
+    run_probe_with(task, cpus, memory, &[])
+}
+
+/// `run_probe` with extra `ffmk-vmm run` flags.
+fn run_probe_with(task: &str, cpus: u32, memory: &str, extra: &[&str]) -> Output {
     Command::new(vmm())
         .args(["run", "--kernel"])
         .arg(probe())
@@ -25,6 +30,7 @@ fn run_probe(task: &str, cpus: u32, memory: &str) -> Output {
             memory,
             "--test-exit-port",
         ])
+        .args(extra)
         .stdin(Stdio::null())
         .output()
         .unwrap()
@@ -54,19 +60,7 @@ fn hello_reports_every_vcpu() {
 #[test]
 fn cpu_profile_decides_what_cpuid_shows_the_guest() {
     let run = |profile: &str| {
-        let out = Command::new(vmm())
-            .args(["run", "--kernel"])
-            .arg(probe())
-            .args([
-                "--cmdline",
-                "task=hello",
-                "--memory",
-                "64M",
-                "--test-exit-port",
-            ])
-            .args(["--cpu-profile", profile])
-            .output()
-            .unwrap();
+        let out = run_probe_with("task=hello", 1, "64M", &["--cpu-profile", profile]);
         assert!(out.status.success(), "{out:?}");
         out
     };
@@ -100,19 +94,7 @@ fn pci_root_bus_is_seen_through_ports_and_ecam() {
 
 #[test]
 fn virtio_rng_gives_fresh_random_bytes() {
-    let out = Command::new(vmm())
-        .args(["run", "--kernel"])
-        .arg(probe())
-        .args([
-            "--cmdline",
-            "task=rng",
-            "--memory",
-            "64M",
-            "--test-exit-port",
-            "--rng",
-        ])
-        .output()
-        .unwrap();
+    let out = run_probe_with("task=rng", 1, "64M", &["--rng"]);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(value(&out, "rng_bytes").as_deref(), Some("64"));
     assert_eq!(value(&out, "rng_distinct").as_deref(), Some("1"));
@@ -128,20 +110,13 @@ fn virtio_rng_gives_fresh_random_bytes() {
 fn virtio_console_output_lands_in_the_host_file() {
     let dir = tmpdir("vcon");
     let log = dir.join("job.log");
-    let out = Command::new(vmm())
-        .args(["run", "--kernel"])
-        .arg(probe())
-        .args([
-            "--cmdline",
-            "task=vcon lines=50",
-            "--memory",
-            "64M",
-            "--test-exit-port",
-        ])
-        .arg("--virtio-console")
-        .arg(&log)
-        .output()
-        .unwrap();
+    let log_arg = log.to_str().unwrap();
+    let out = run_probe_with(
+        "task=vcon lines=50",
+        1,
+        "64M",
+        &["--virtio-console", log_arg],
+    );
     assert!(out.status.success(), "{out:?}");
     assert_eq!(value(&out, "vcon_lines").as_deref(), Some("50"));
     let text = std::fs::read_to_string(&log).unwrap();

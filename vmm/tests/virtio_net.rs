@@ -33,6 +33,29 @@ impl NetNs {
             .unwrap_or(false)
     }
 
+    /// Boots the probe with `task` and `--net net` inside the namespace.
+    fn start_probe(&self, probe: &std::path::Path, task: &str, net: &str) -> Running {
+        Running::start_with(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.0,
+                vmm(),
+                "run",
+                "--kernel",
+                probe.to_str().unwrap(),
+                "--cmdline",
+                task,
+                "--memory",
+                "64M",
+                "--test-exit-port",
+                "--net",
+                net,
+            ],
+        )
+    }
+
     /// Runs `f` on a thread that entered the namespace (sockets it opens
     /// live there).
     fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
@@ -66,26 +89,7 @@ fn guest_echoes_udp_datagrams_through_a_tap_byte_for_byte() {
     let probe = image("probe.elf", "guest-images/build probe");
     let count = 32;
     let task = format!("task=net op=echo count={count} ip=10.0.0.2 timeout_ms=20000");
-    let vmm = vmm();
-    let mut vm = Running::start_with(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            &ns.0,
-            vmm,
-            "run",
-            "--kernel",
-            probe.to_str().unwrap(),
-            "--cmdline",
-            &task,
-            "--memory",
-            "64M",
-            "--test-exit-port",
-            "--net",
-            "tap=ffmk0,mac=52:54:00:12:34:56",
-        ],
-    );
+    let mut vm = ns.start_probe(&probe, &task, "tap=ffmk0,mac=52:54:00:12:34:56");
     let mac = vm
         .next_line(Duration::from_secs(10), |l| l.starts_with("mac="))
         .expect("the guest found its NIC");
@@ -125,25 +129,7 @@ fn guest_measures_transmit_throughput_and_every_datagram_arrives() {
     let probe = image("probe.elf", "guest-images/build probe");
     let count = 2000;
     let task = format!("task=net op=bench count={count} size=1000");
-    let mut vm = Running::start_with(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            &ns.0,
-            vmm(),
-            "run",
-            "--kernel",
-            probe.to_str().unwrap(),
-            "--cmdline",
-            &task,
-            "--memory",
-            "64M",
-            "--test-exit-port",
-            "--net",
-            "tap=ffmk1",
-        ],
-    );
+    let mut vm = ns.start_probe(&probe, &task, "tap=ffmk1");
     vm.next_line(Duration::from_secs(10), |l| l.starts_with("mac="))
         .expect("the guest found its NIC");
     assert!(ns.ip(&["addr", "add", "10.0.0.1/24", "dev", "ffmk1"]));
