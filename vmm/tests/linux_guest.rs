@@ -3,7 +3,7 @@
 //! its status through the test exit port and powers off. With stock Linux
 //! drivers: an ext4 image on virtio-blk (built with `mkfs.ext4 -d`, read and
 //! written, checked on the host with debugfs) and virtio-net on a TAP in a
-//! network namespace (ping, and a 1 MiB TCP transfer checked by MD5), and
+//! network namespace (ping, and a 1 MiB HTTP/TCP transfer checked by MD5), and
 //! vsock both ways (the initramfs's `vsock-tool` against Unix sockets).
 //!
 //! Guest ring 0 must run at native speed for this: on a PVM-backed KVM host
@@ -243,8 +243,22 @@ fn linux_pings_and_fetches_a_file_over_virtio_net() {
         }
         assert!(ip(&["addr", "add", "10.0.0.1/24", "dev", "ffmkl0"]));
         assert!(ip(&["link", "set", "ffmkl0", "up"]));
+        // A minimal HTTP server: busybox wget is the guest's client.
         let l = std::net::TcpListener::bind("10.0.0.1:5000").unwrap();
         let (mut c, _) = l.accept().unwrap();
+        let mut req = Vec::new();
+        let mut byte = [0u8; 1];
+        while !req.ends_with(b"\r\n\r\n") {
+            match std::io::Read::read(&mut c, &mut byte) {
+                Ok(1) => req.push(byte[0]),
+                _ => break,
+            }
+        }
+        let head = format!(
+            "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            blob.len()
+        );
+        std::io::Write::write_all(&mut c, head.as_bytes()).unwrap();
         std::io::Write::write_all(&mut c, &blob).unwrap();
     });
     let b = boot_with(
@@ -252,7 +266,7 @@ fn linux_pings_and_fetches_a_file_over_virtio_net() {
         &initrd,
         2,
         "ffmk_exit_port=244 -- ip link set eth0 up && ip addr add 10.0.0.2/24 dev eth0 && \
-         ping -c 2 -W 5 10.0.0.1 && nc 10.0.0.1 5000 </dev/null | md5sum",
+         ping -c 2 -W 5 10.0.0.1 && wget -q -O - http://10.0.0.1:5000/blob | md5sum",
         &["--net", "tap=ffmkl0"],
         Some(&ns),
     );
