@@ -42,8 +42,9 @@ fn host_connects_to_a_guest_port_and_gets_its_bytes_back() {
     let dir = tmpdir("vsock-h2g");
     let sock = dir.join("v.sock");
     let total = 2_000_000usize;
+    // The guest echoes until the host half-closes (bytes= is larger).
     let mut vm = start(
-        &format!("task=vsock op=echo port=1234 bytes={total}"),
+        &format!("task=vsock op=echo port=1234 bytes={}", 2 * total),
         &sock,
     );
     vm.next_line(Duration::from_secs(10), |l| l == "vsock_cid=3")
@@ -56,13 +57,22 @@ fn host_connects_to_a_guest_port_and_gets_its_bytes_back() {
     assert!(line.starts_with("OK "), "{line:?}");
     let data: Vec<u8> = (0..total).map(|i| (i * 7 + i / 4096) as u8).collect();
     let sent = data.clone();
-    let writer = std::thread::spawn(move || s.write_all(&sent).unwrap());
-    let mut got = vec![0u8; total];
+    let writer = std::thread::spawn(move || {
+        s.write_all(&sent).unwrap();
+        // Half close: we send no more but still read the echo.
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let mut got = Vec::new();
     r.get_mut()
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    r.read_exact(&mut got).expect("all bytes come back");
+    r.read_to_end(&mut got).expect("the echo, then EOF");
     writer.join().unwrap();
+    assert_eq!(
+        got.len(),
+        total,
+        "every byte came back, then the stream closed"
+    );
     assert!(got == data, "echo differs");
     let (code, err) = vm.wait(Duration::from_secs(10));
     assert_eq!(code, Some(0), "{err}");

@@ -39,7 +39,10 @@ pub const OP_SHUTDOWN: u16 = 4;
 pub const OP_RW: u16 = 5;
 pub const OP_CREDIT_UPDATE: u16 = 6;
 pub const OP_CREDIT_REQUEST: u16 = 7;
-const SHUTDOWN_BOTH: u32 = 3;
+/// SHUTDOWN flags: the sender will receive no more / send no more.
+const SHUTDOWN_RCV: u32 = 1;
+const SHUTDOWN_SEND: u32 = 2;
+const SHUTDOWN_BOTH: u32 = SHUTDOWN_RCV | SHUTDOWN_SEND;
 
 /// First local port for host-initiated connections.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
@@ -139,6 +142,9 @@ struct Conn {
     watched: EventSet,
     /// The host closed its end (SHUTDOWN sent to the guest).
     host_eof: bool,
+    /// The guest will send no more: shut the stream's write side once
+    /// `to_host` is flushed.
+    guest_eof: bool,
     credit_requested: bool,
 }
 
@@ -156,6 +162,7 @@ impl Conn {
             peer_fwd_cnt: 0,
             watched: EventSet::IN,
             host_eof: false,
+            guest_eof: false,
             credit_requested: false,
         }
     }
@@ -438,9 +445,21 @@ impl VsockHandler {
                 if h.flags & SHUTDOWN_BOTH == SHUTDOWN_BOTH {
                     self.send(key, OP_RST, 0, Vec::new());
                     self.close(key, ops);
-                } else if let Some(c) = self.conns.get(&key) {
-                    if h.flags & 2 != 0 {
-                        let _ = c.stream.shutdown(std::net::Shutdown::Write);
+                } else if h.flags & SHUTDOWN_SEND != 0 {
+                    let both_done = match self.conns.get_mut(&key) {
+                        Some(c) => {
+                            c.guest_eof = true;
+                            c.host_eof
+                        }
+                        None => false,
+                    };
+                    if both_done {
+                        // Neither side sends any more: flush, then reset.
+                        self.flush_to_host(key, ops);
+                        self.send(key, OP_RST, 0, Vec::new());
+                        self.close(key, ops);
+                    } else {
+                        self.flush_to_host(key, ops);
                     }
                 }
             }
@@ -505,6 +524,9 @@ impl VsockHandler {
                 }
             }
         }
+        if c.guest_eof && c.to_host.is_empty() {
+            let _ = c.stream.shutdown(std::net::Shutdown::Write);
+        }
         let owe_update = c.fwd_cnt.wrapping_sub(c.fwd_cnt_told) >= BUF_ALLOC / 4;
         if broken {
             self.send(key, OP_RST, 0, Vec::new());
@@ -562,7 +584,9 @@ impl VsockHandler {
                 Ok(0) => {
                     // The host closed its end: stop watching, tell the guest.
                     c.host_eof = true;
-                    self.send(key, OP_SHUTDOWN, SHUTDOWN_BOTH, Vec::new());
+                    // Half close: the host sends no more, but may still
+                    // read what the guest sends back.
+                    self.send(key, OP_SHUTDOWN, SHUTDOWN_SEND, Vec::new());
                     self.watch(key, ops);
                     return;
                 }
