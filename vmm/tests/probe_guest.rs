@@ -2,15 +2,10 @@
 //! real KVM. Build the guest first: `guest-images/build probe` (ci/test does).
 mod common;
 
-use common::{tmpdir, vmm, Running};
+use common::{api, probe, probe_argv, tmpdir, value, vmm, Running};
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
-
-fn probe() -> PathBuf {
-    common::image("probe.elf", "guest-images/build probe")
-}
 
 fn run_probe(task: &str, cpus: u32, memory: &str) -> Output {
     run_probe_with(task, cpus, memory, &[])
@@ -34,13 +29,6 @@ fn run_probe_with(task: &str, cpus: u32, memory: &str, extra: &[&str]) -> Output
         .stdin(Stdio::null())
         .output()
         .unwrap()
-}
-
-fn value(out: &Output, key: &str) -> Option<String> {
-    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
-        l.strip_prefix(&format!("{key}="))
-            .map(|v| v.trim().to_string())
-    })
 }
 
 #[test]
@@ -154,26 +142,26 @@ fn guest_memory_size_is_what_was_asked() {
 
 #[test]
 fn crashes_and_resets_end_the_vm_cleanly_and_are_reported() {
-    let out = run_probe("task=triplefault", 2, "64M");
-    assert_eq!(out.status.code(), Some(3));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("triple fault"),
-        "{out:?}"
-    );
-    let out = run_probe("task=reset", 1, "64M");
-    assert_eq!(out.status.code(), Some(0));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("reset"),
-        "{out:?}"
-    );
-    let out = run_probe("task=fault", 1, "64M");
-    assert_eq!(out.status.code(), Some(101));
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("fault vector=6"),
-        "{out:?}"
-    );
-    let out = run_probe("task=exit status=42", 1, "64M");
-    assert_eq!(out.status.code(), Some(42));
+    // (task, vCPUs, exit code, where the report goes, what it says)
+    let cases = [
+        ("task=triplefault", 2, 3, "stderr", "triple fault"),
+        ("task=reset", 1, 0, "stderr", "reset"),
+        ("task=fault", 1, 101, "stdout", "fault vector=6"),
+        ("task=exit status=42", 1, 42, "stdout", ""),
+    ];
+    for (task, cpus, code, stream, says) in cases {
+        let out = run_probe(task, cpus, "64M");
+        assert_eq!(out.status.code(), Some(code), "{task}: {out:?}");
+        let text = if stream == "stderr" {
+            &out.stderr
+        } else {
+            &out.stdout
+        };
+        assert!(
+            String::from_utf8_lossy(text).contains(says),
+            "{task}: {out:?}"
+        );
+    }
 }
 
 /// The `required:` list of a schema in docs/api.yaml (kept true by the test
@@ -199,32 +187,14 @@ fn documented_required(schema: &str) -> Vec<String> {
     keys
 }
 
-fn api(sock: &PathBuf, cmd: &str) -> Output {
-    Command::new(vmm())
-        .args([cmd, "--api-socket"])
-        .arg(sock)
-        .output()
-        .unwrap()
-}
-
 #[test]
 fn counter_survives_pause_and_resume_through_the_api() {
     let dir = tmpdir("pause");
     let sock = dir.join("api.sock");
-    let probe = probe();
-    let mut vm = Running::start(&[
-        "run",
-        "--kernel",
-        probe.to_str().unwrap(),
-        "--cmdline",
+    let mut vm = Running::start_owned(&probe_argv(
         "task=counter hz=20",
-        "--cpus",
-        "2",
-        "--memory",
-        "64M",
-        "--api-socket",
-        sock.to_str().unwrap(),
-    ]);
+        &["--cpus", "2", "--api-socket", sock.to_str().unwrap()],
+    ));
     let first = vm
         .next_counter(Duration::from_secs(10))
         .expect("counter runs");
@@ -269,14 +239,7 @@ fn counter_survives_pause_and_resume_through_the_api() {
 
 #[test]
 fn sigterm_stops_the_vm_cleanly() {
-    let probe = probe();
-    let mut vm = Running::start(&[
-        "run",
-        "--kernel",
-        probe.to_str().unwrap(),
-        "--cmdline",
-        "task=counter hz=50",
-    ]);
+    let mut vm = Running::start_owned(&probe_argv("task=counter hz=50", &[]));
     vm.next_counter(Duration::from_secs(10))
         .expect("counter runs");
     // SAFETY: sending a signal to our own child process.

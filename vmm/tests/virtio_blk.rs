@@ -2,14 +2,10 @@
 //! copies and fails to write real image files through `--disk`.
 mod common;
 
-use common::{image, tmpdir, vmm, Running};
+use common::{api, probe_argv, tmpdir, value, vmm, Running};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
-
-fn probe() -> PathBuf {
-    image("probe.elf", "guest-images/build probe")
-}
 
 /// A raw image of `sectors` 512-byte sectors with a pattern seeded by `seed`.
 fn disk_image(dir: &Path, name: &str, sectors: usize, seed: u8) -> PathBuf {
@@ -26,20 +22,15 @@ fn disk_image(dir: &Path, name: &str, sectors: usize, seed: u8) -> PathBuf {
 }
 
 fn run(task: &str, disks: &[String]) -> Output {
-    let mut c = Command::new(vmm());
-    c.args(["run", "--kernel"]).arg(probe());
-    c.args(["--cmdline", task, "--memory", "64M", "--test-exit-port"]);
+    let mut extra = vec!["--test-exit-port"];
     for d in disks {
-        c.args(["--disk", d]);
+        extra.extend(["--disk", d.as_str()]);
     }
-    c.stdin(Stdio::null()).output().unwrap()
-}
-
-fn value(out: &Output, key: &str) -> Option<String> {
-    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
-        l.strip_prefix(&format!("{key}="))
-            .map(|v| v.trim().to_string())
-    })
+    Command::new(vmm())
+        .args(probe_argv(task, &extra))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
 }
 
 fn spec(p: &Path) -> String {
@@ -97,27 +88,14 @@ fn disks_show_in_the_api_and_on_the_pci_bus() {
     let dir = tmpdir("blk-api");
     let img = disk_image(&dir, "api.raw", 64, 1);
     let sock = dir.join("api.sock");
-    let probe = probe();
     let disk = format!("{},serial=ffmk0", spec(&img));
-    let mut vm = Running::start(&[
-        "run",
-        "--kernel",
-        probe.to_str().unwrap(),
-        "--cmdline",
+    let sock_arg = sock.to_str().unwrap();
+    let mut vm = Running::start_owned(&probe_argv(
         "task=counter hz=20",
-        "--memory",
-        "64M",
-        "--disk",
-        &disk,
-        "--api-socket",
-        sock.to_str().unwrap(),
-    ]);
+        &["--disk", &disk, "--api-socket", sock_arg],
+    ));
     vm.next_counter(Duration::from_secs(10)).expect("running");
-    let info = Command::new(vmm())
-        .args(["info", "--api-socket"])
-        .arg(&sock)
-        .output()
-        .unwrap();
+    let info = api(&sock, "info");
     let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
     let pci = v["pci"].as_array().unwrap();
     assert_eq!(pci.len(), 2, "{v}");
@@ -128,10 +106,7 @@ fn disks_show_in_the_api_and_on_the_pci_bus() {
     assert_eq!(pci[1]["counters"]["requests"], 0, "{v}");
     assert_eq!(pci[1]["counters"]["status"], 0, "{v}");
     assert_eq!(v["config"]["disks"][0]["serial"], "ffmk0");
-    let _ = Command::new(vmm())
-        .args(["shutdown", "--api-socket"])
-        .arg(&sock)
-        .output();
+    let _ = api(&sock, "shutdown");
     let (code, err) = vm.wait(Duration::from_secs(10));
     assert_eq!(code, Some(0), "{err}");
     std::fs::remove_dir_all(dir).unwrap();

@@ -4,7 +4,7 @@
 //! "host"), so the test touches none of the machine's interfaces.
 mod common;
 
-use common::{image, tmpdir, vmm, Running};
+use common::{probe, probe_argv, tmpdir, vmm, Running};
 use std::net::UdpSocket;
 use std::os::fd::AsRawFd;
 use std::process::Command;
@@ -34,26 +34,16 @@ impl NetNs {
     }
 
     /// Boots the probe with `task` and `--net net` inside the namespace.
-    fn start_probe(&self, probe: &std::path::Path, task: &str, net: &str) -> Running {
-        Running::start_with(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &self.0,
-                vmm(),
-                "run",
-                "--kernel",
-                probe.to_str().unwrap(),
-                "--cmdline",
-                task,
-                "--memory",
-                "64M",
-                "--test-exit-port",
-                "--net",
-                net,
-            ],
-        )
+    fn start_probe(&self, task: &str, net: &str) -> Running {
+        let mut argv = vec![
+            "netns".to_string(),
+            "exec".into(),
+            self.0.clone(),
+            vmm().into(),
+        ];
+        argv.extend(probe_argv(task, &["--test-exit-port", "--net", net]));
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        Running::start_with("ip", &argv)
     }
 
     /// Runs `f` on a thread that entered the namespace (sockets it opens
@@ -86,10 +76,9 @@ fn guest_echoes_udp_datagrams_through_a_tap_byte_for_byte() {
         return;
     };
     let dir = tmpdir("net");
-    let probe = image("probe.elf", "guest-images/build probe");
     let count = 32;
     let task = format!("task=net op=echo count={count} ip=10.0.0.2 timeout_ms=20000");
-    let mut vm = ns.start_probe(&probe, &task, "tap=ffmk0,mac=52:54:00:12:34:56");
+    let mut vm = ns.start_probe(&task, "tap=ffmk0,mac=52:54:00:12:34:56");
     let mac = vm
         .next_line(Duration::from_secs(10), |l| l.starts_with("mac="))
         .expect("the guest found its NIC");
@@ -126,10 +115,9 @@ fn guest_measures_transmit_throughput_and_every_datagram_arrives() {
         eprintln!("skipped: cannot create a network namespace (needs root and iproute2)");
         return;
     };
-    let probe = image("probe.elf", "guest-images/build probe");
     let count = 2000;
     let task = format!("task=net op=bench count={count} size=1000");
-    let mut vm = ns.start_probe(&probe, &task, "tap=ffmk1");
+    let mut vm = ns.start_probe(&task, "tap=ffmk1");
     vm.next_line(Duration::from_secs(10), |l| l.starts_with("mac="))
         .expect("the guest found its NIC");
     assert!(ns.ip(&["addr", "add", "10.0.0.1/24", "dev", "ffmk1"]));
@@ -168,7 +156,6 @@ fn guest_measures_transmit_throughput_and_every_datagram_arrives() {
 
 #[test]
 fn bad_net_specs_are_refused_with_one_line_and_exit_code_2() {
-    let probe = image("probe.elf", "guest-images/build probe");
     for (spec, want) in [
         ("tap=", "no tap name"),
         ("tap=x,mac=01:00:5e:00:00:01", "multicast"),
@@ -178,7 +165,7 @@ fn bad_net_specs_are_refused_with_one_line_and_exit_code_2() {
     ] {
         let out = Command::new(vmm())
             .args(["run", "--kernel"])
-            .arg(&probe)
+            .arg(probe())
             .args(["--net", spec])
             .output()
             .unwrap();

@@ -3,27 +3,15 @@
 //! and the guest reaches a host program listening on `<socket>_<port>`.
 mod common;
 
-use common::{image, tmpdir, Running};
+use common::{probe_argv, tmpdir, Running};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 fn start(task: &str, sock: &Path) -> Running {
-    let probe = image("probe.elf", "guest-images/build probe");
     let vsock = format!("cid=3,socket={}", sock.display());
-    Running::start(&[
-        "run",
-        "--kernel",
-        probe.to_str().unwrap(),
-        "--cmdline",
-        task,
-        "--memory",
-        "64M",
-        "--test-exit-port",
-        "--vsock",
-        &vsock,
-    ])
+    Running::start_owned(&probe_argv(task, &["--test-exit-port", "--vsock", &vsock]))
 }
 
 fn connect(sock: &Path) -> UnixStream {

@@ -2,8 +2,8 @@
 //! module; not every binary uses every helper).
 #![allow(dead_code)]
 use std::io::{BufRead, BufReader, Read};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,37 @@ pub fn image(name: &str, build: &str) -> PathBuf {
     p
 }
 
+/// The probe guest image.
+pub fn probe() -> PathBuf {
+    image("probe.elf", "guest-images/build probe")
+}
+
+/// `run --kernel probe.elf --cmdline TASK --memory 64M EXTRA...`.
+pub fn probe_argv(task: &str, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = vec!["run".into(), "--kernel".into()];
+    v.push(probe().to_string_lossy().into_owned());
+    v.extend(["--cmdline", task, "--memory", "64M"].map(String::from));
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+/// The value of the first `key=value` line the guest printed.
+pub fn value(out: &Output, key: &str) -> Option<String> {
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        l.strip_prefix(&format!("{key}="))
+            .map(|v| v.trim().to_string())
+    })
+}
+
+/// `ffmk-vmm CMD --api-socket SOCK` (info, pause, resume, shutdown).
+pub fn api(sock: &Path, cmd: &str) -> Output {
+    Command::new(vmm())
+        .args([cmd, "--api-socket"])
+        .arg(sock)
+        .output()
+        .unwrap()
+}
+
 pub fn tmpdir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("ffmk-test-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
@@ -36,6 +67,11 @@ pub struct Running {
 impl Running {
     pub fn start(args: &[&str]) -> Running {
         Self::start_with(vmm(), args)
+    }
+
+    pub fn start_owned(args: &[String]) -> Running {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Self::start(&args)
     }
 
     /// Starts `program` (e.g. `ip netns exec NS ffmk-vmm ...`).
