@@ -39,6 +39,17 @@ pub enum Command {
     Resume(ClientArgs),
     /// Stop a running VM.
     Shutdown(ClientArgs),
+    /// Grow a running VM's disk; the guest gets a configuration-change interrupt.
+    ResizeDisk {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Index of the disk (order of --disk flags, from 0).
+        #[arg(long, default_value_t = 0)]
+        disk: usize,
+        /// New size, e.g. 2G, 1536M (plain numbers are MiB); never smaller than now.
+        #[arg(long)]
+        size: String,
+    },
 }
 
 #[derive(Args, Debug)]

@@ -15,7 +15,7 @@ pub enum Error {
     },
     #[error("invalid config file {path}: {msg}")]
     Parse { path: PathBuf, msg: String },
-    #[error("invalid memory size '{0}' (examples: 512M, 2G, 1024 = MiB)")]
+    #[error("invalid size '{0}' (examples: 512M, 2G, 1024 = MiB)")]
     MemorySize(String),
     #[error("invalid console '{0}' (stdio, none or file=PATH)")]
     Console(String),

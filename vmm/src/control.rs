@@ -165,6 +165,16 @@ impl Control {
                 Ok(()) => ApiResponse::json(200, &serde_json::json!({ "state": "running" })),
                 Err(e) => ApiResponse::error(500, e),
             },
+            ApiRequest::ResizeDisk { index, bytes } => match self.vm.resize_disk(index, bytes) {
+                Ok(()) => ApiResponse::json(
+                    200,
+                    &serde_json::json!({ "disk": index, "size_bytes": bytes }),
+                ),
+                Err(e @ crate::vm::ResizeFailure::NoSuchDisk(..)) => {
+                    ApiResponse::error(404, e.to_string())
+                }
+                Err(e) => ApiResponse::error(409, format!("disk {index}: {e}")),
+            },
             ApiRequest::Shutdown => {
                 self.finish(ExitReason::ApiShutdown);
                 ApiResponse::json(200, &serde_json::json!({ "state": "shutting_down" }))

@@ -31,9 +31,25 @@ pub fn vm_info(vm: &Vm) -> serde_json::Value {
             json!({ "bdf": format!("00:{slot:02x}.0"), "device": name, "counters": counters })
         })
         .collect();
+    let disks: Vec<_> = vm
+        .config
+        .disks
+        .iter()
+        .zip(&vm.disks)
+        .enumerate()
+        .map(|(i, (c, d))| {
+            json!({
+                "index": i,
+                "path": c.path,
+                "size_bytes": d.disk.sectors() * devices::virtio::block::SECTOR_SIZE,
+                "readonly": c.readonly,
+            })
+        })
+        .collect();
     json!({
         "state": state,
         "pci": pci,
+        "disks": disks,
         "uptime_ms": vm.started.elapsed().as_millis() as u64,
         "config": vm.config,
         "host_kind": vm.host_kind,

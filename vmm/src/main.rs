@@ -54,10 +54,23 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(*args),
         Command::HostInfo { json, cpu_profile } => host_info(json, cpu_profile),
-        Command::Info(c) => client(c, "GET", "/vm"),
-        Command::Pause(c) => client(c, "PUT", "/vm/pause"),
-        Command::Resume(c) => client(c, "PUT", "/vm/resume"),
-        Command::Shutdown(c) => client(c, "PUT", "/vm/shutdown"),
+        Command::Info(c) => client(c, "GET", "/vm", ""),
+        Command::Pause(c) => client(c, "PUT", "/vm/pause", ""),
+        Command::Resume(c) => client(c, "PUT", "/vm/resume", ""),
+        Command::Shutdown(c) => client(c, "PUT", "/vm/shutdown", ""),
+        Command::ResizeDisk {
+            client: c,
+            disk,
+            size,
+        } => match vmm::config::parse_size(&size) {
+            Ok(bytes) => client(
+                c,
+                "PUT",
+                &format!("/vm/disks/{disk}/resize"),
+                &serde_json::json!({ "size_bytes": bytes }).to_string(),
+            ),
+            Err(e) => Err(usage(anyhow::anyhow!("--size: {e}"))),
+        },
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -170,11 +183,11 @@ fn host_info(json: bool, profile: Option<vmm::host::CpuProfile>) -> Result<u8, F
     Ok(0)
 }
 
-fn client(args: ClientArgs, method: &str, path: &str) -> Result<u8, Failure> {
+fn client(args: ClientArgs, method: &str, path: &str, body: &str) -> Result<u8, Failure> {
     let mut s = std::os::unix::net::UnixStream::connect(&args.api_socket)
         .with_context(|| format!("cannot connect to API socket {}", args.api_socket.display()))
         .map_err(usage)?;
-    let (status, body) = vmm::api::http::call(&mut s, method, path, "").map_err(runtime)?;
+    let (status, body) = vmm::api::http::call(&mut s, method, path, body).map_err(runtime)?;
     if (200..300).contains(&status) {
         match serde_json::from_str::<serde_json::Value>(&body) {
             Ok(v) => println!("{}", serde_json::to_string_pretty(&v).unwrap_or(body)),

@@ -98,6 +98,7 @@ pub struct Vm {
     pub vcpus: Vec<VcpuHandle>,
     pub serial: Arc<Mutex<SerialPort>>,
     pub pci: Arc<PciRoot>,
+    pub disks: Vec<DiskSlot>,
     /// Runs the virtio queue handlers; dropped after the vCPUs stopped.
     _io_thread: IoThread,
     pub boot: BootInfo,
@@ -191,7 +192,7 @@ fn add_virtio(
     mem: &GuestMemoryMmap,
     device: Box<dyn VirtioDevice>,
     queues: u16,
-) -> Result<(), Error> {
+) -> Result<Arc<Mutex<VirtioPci>>, Error> {
     let name = device.describe();
     let vectors = routing
         .msi_vectors(queues + 1)
@@ -211,7 +212,22 @@ fn add_virtio(
             .register_ioevent(fd, &addr, NoDatamatch)
             .map_err(kvm_err("register queue notification"))?;
     }
-    Ok(())
+    drop(t);
+    Ok(transport)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResizeFailure {
+    #[error("no disk {0} (the VM has {1})")]
+    NoSuchDisk(usize, usize),
+    #[error(transparent)]
+    Refused(devices::virtio::block::ResizeError),
+}
+
+/// A virtio-blk disk as the VMM sees it: the image and its PCI function.
+pub struct DiskSlot {
+    pub disk: Arc<devices::virtio::block::Disk>,
+    transport: Arc<Mutex<VirtioPci>>,
 }
 
 impl Vm {
@@ -305,9 +321,15 @@ impl Vm {
         let routing = Arc::new(IrqRouting::new(vm_fd.clone()));
         let io_thread = IoThread::spawn("io")
             .map_err(|e| Error::Setup(format!("cannot start the I/O thread: {e}")))?;
+        let mut disks = Vec::new();
         for disk in &config.disks {
             let block = Block::new(disk.clone(), io_thread.endpoint())?;
-            add_virtio(&vm_fd, &routing, &pci, &mem, Box::new(block), disk.queues)?;
+            let handle = block.disk();
+            let transport = add_virtio(&vm_fd, &routing, &pci, &mem, Box::new(block), disk.queues)?;
+            disks.push(DiskSlot {
+                disk: handle,
+                transport,
+            });
         }
         for net in &config.nets {
             let dev = Net::new(net.clone(), io_thread.endpoint())?;
@@ -416,6 +438,7 @@ impl Vm {
             vcpus,
             serial,
             pci,
+            disks,
             _io_thread: io_thread,
             boot,
             host_kind,
@@ -459,6 +482,20 @@ impl Vm {
 
     pub fn resume(&self) -> Result<(), String> {
         self.request_and_wait(Request::Run, VcpuState::Running, "resume")
+    }
+
+    /// Grows disk `index` to `bytes` and tells the guest's driver through a
+    /// configuration-change interrupt.
+    pub fn resize_disk(&self, index: usize, bytes: u64) -> Result<(), ResizeFailure> {
+        let slot = self
+            .disks
+            .get(index)
+            .ok_or(ResizeFailure::NoSuchDisk(index, self.disks.len()))?;
+        slot.disk.grow(bytes).map_err(ResizeFailure::Refused)?;
+        if let Ok(mut t) = slot.transport.lock() {
+            t.config_changed();
+        }
+        Ok(())
     }
 
     pub fn is_paused(&self) -> bool {

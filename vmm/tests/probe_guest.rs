@@ -288,7 +288,7 @@ fn bad_input_gives_one_line_and_exit_code_2() {
         ),
         (
             vec!["run", "--kernel", probe, "--memory", "lots"],
-            "invalid memory size",
+            "invalid size",
         ),
         (vec!["run", "--kernel", probe, "--cpus", "0"], "--cpus"),
         (

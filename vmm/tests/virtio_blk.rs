@@ -106,6 +106,8 @@ fn disks_show_in_the_api_and_on_the_pci_bus() {
     assert_eq!(pci[1]["counters"]["requests"], 0, "{v}");
     assert_eq!(pci[1]["counters"]["status"], 0, "{v}");
     assert_eq!(v["config"]["disks"][0]["serial"], "ffmk0");
+    assert_eq!(v["disks"][0]["size_bytes"], 64 * 512, "{v}");
+    assert_eq!(v["disks"][0]["readonly"], false, "{v}");
     let _ = api(&sock, "shutdown");
     let (code, err) = vm.wait(Duration::from_secs(10));
     assert_eq!(code, Some(0), "{err}");
@@ -165,5 +167,74 @@ fn bad_disks_are_refused_with_one_line_and_exit_code_2() {
         assert_eq!(err.lines().count(), 1, "{disk}: {err}");
         assert!(err.contains(want), "{disk}: {err}");
     }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// `ffmk-vmm resize-disk --api-socket S ARGS...`.
+fn resize(sock: &Path, args: &[&str]) -> Output {
+    Command::new(vmm())
+        .args(["resize-disk", "--api-socket"])
+        .arg(sock)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn growing_a_disk_interrupts_the_driver_and_the_new_end_is_readable() {
+    let dir = tmpdir("blk-resize");
+    let img = disk_image(&dir, "grow.raw", 2048, 6); // 1 MiB
+    let ro = disk_image(&dir, "ro.raw", 64, 8);
+    let before = std::fs::read(&img).unwrap();
+    let sock = dir.join("api.sock");
+    let disks = [spec(&img), format!("{},readonly", spec(&ro))];
+    let mut vm = Running::start_owned(&probe_argv(
+        "task=blk op=watch timeout_ms=20000",
+        &[
+            "--test-exit-port",
+            "--disk",
+            &disks[0],
+            "--disk",
+            &disks[1],
+            "--api-socket",
+            sock.to_str().unwrap(),
+        ],
+    ));
+    vm.next_line(Duration::from_secs(10), |l| l.starts_with("watching"))
+        .expect("the probe drives the disk");
+    // Refusals first: each one clear, nothing changes.
+    for (args, want) in [
+        (vec!["--size", "512K"], "shrinking is refused"),
+        (vec!["--disk", "1", "--size", "2M"], "read-only"),
+        (vec!["--disk", "7", "--size", "2M"], "no disk 7"),
+        (vec!["--size", "huge"], "invalid size"),
+    ] {
+        let out = resize(&sock, &args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+    assert_eq!(
+        std::fs::read(&img).unwrap(),
+        before,
+        "refusals change nothing"
+    );
+    let out = resize(&sock, &["--size", "3M"]);
+    assert!(out.status.success(), "{out:?}");
+    let line = vm
+        .next_line(Duration::from_secs(10), |l| {
+            l.starts_with("resized_sectors=")
+        })
+        .expect("the guest sees the configuration change");
+    assert!(line.contains("resized_sectors=6144"), "{line}");
+    assert!(line.contains("isr=2") || line.contains("isr=3"), "{line}");
+    vm.next_line(Duration::from_secs(10), |l| l == "read_new_end=ok")
+        .expect("the new end is readable");
+    let (code, err) = vm.wait(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{err}");
+    let after = std::fs::read(&img).unwrap();
+    assert_eq!(after.len(), 3 << 20);
+    assert_eq!(&after[..before.len()], &before[..], "old data kept");
     std::fs::remove_dir_all(dir).unwrap();
 }

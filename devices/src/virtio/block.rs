@@ -85,6 +85,21 @@ pub struct DiskConfig {
     pub iops: Option<u64>,
 }
 
+/// Why a disk could not be resized.
+#[derive(Debug, thiserror::Error)]
+pub enum ResizeError {
+    #[error("the disk is read-only")]
+    ReadOnly,
+    #[error("{0} bytes is not a positive whole number of 512-byte sectors")]
+    NotSectors(u64),
+    #[error(
+        "shrinking is refused ({bytes} < current {current} bytes): the guest may have data there"
+    )]
+    Shrink { current: u64, bytes: u64 },
+    #[error("cannot grow the image file: {0}")]
+    Io(std::io::Error),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
     #[error("cannot open disk image {path}: {source}")]
@@ -110,7 +125,8 @@ pub struct BlockStats {
 /// The backing file and what the guest is told about it.
 pub struct Disk {
     file: File,
-    sectors: u64,
+    /// Capacity in sectors; grows when the operator resizes the disk.
+    sectors: AtomicU64,
     readonly: bool,
     id: [u8; ID_BYTES],
     pub stats: BlockStats,
@@ -145,7 +161,7 @@ impl Disk {
         id[..n].copy_from_slice(&serial.as_bytes()[..n]);
         Ok(Disk {
             file,
-            sectors: size / SECTOR_SIZE,
+            sectors: AtomicU64::new(size / SECTOR_SIZE),
             readonly: c.readonly,
             id,
             stats: BlockStats::default(),
@@ -153,13 +169,32 @@ impl Disk {
     }
 
     pub fn sectors(&self) -> u64 {
-        self.sectors
+        self.sectors.load(Ordering::Acquire)
+    }
+
+    /// Grows the image file to `bytes` and the capacity the guest sees with
+    /// it. Read-only disks, sizes that are not whole sectors and shrinking
+    /// (the guest may have data there) are refused; nothing changes then.
+    pub fn grow(&self, bytes: u64) -> Result<(), ResizeError> {
+        if self.readonly {
+            return Err(ResizeError::ReadOnly);
+        }
+        if bytes == 0 || bytes % SECTOR_SIZE != 0 {
+            return Err(ResizeError::NotSectors(bytes));
+        }
+        let current = self.sectors() * SECTOR_SIZE;
+        if bytes < current {
+            return Err(ResizeError::Shrink { current, bytes });
+        }
+        self.file.set_len(bytes).map_err(ResizeError::Io)?;
+        self.sectors.store(bytes / SECTOR_SIZE, Ordering::Release);
+        Ok(())
     }
 
     /// Byte offset of `len` bytes at `sector`, if the range is inside the disk.
     fn range(&self, sector: u64, len: u64) -> Option<u64> {
         let end = sector.checked_mul(SECTOR_SIZE)?.checked_add(len)?;
-        (end <= self.sectors * SECTOR_SIZE).then_some(sector * SECTOR_SIZE)
+        (end <= self.sectors() * SECTOR_SIZE).then_some(sector * SECTOR_SIZE)
     }
 
     fn punch(&self, offset: u64, len: u64, zero: bool) -> std::io::Result<()> {
@@ -369,9 +404,14 @@ impl Block {
         })
     }
 
+    /// The disk, shared with the VMM (resize, statistics).
+    pub fn disk(&self) -> Arc<Disk> {
+        self.disk.clone()
+    }
+
     fn config_bytes(&self) -> [u8; 60] {
         let mut c = [0u8; 60];
-        c[0..8].copy_from_slice(&self.disk.sectors.to_le_bytes());
+        c[0..8].copy_from_slice(&self.disk.sectors().to_le_bytes());
         c[12..16].copy_from_slice(&(u32::from(QUEUE_SIZE) - 2).to_le_bytes()); // seg_max
         c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
         c[34..36].copy_from_slice(&self.config.queues.to_le_bytes());
@@ -904,6 +944,27 @@ mod tests {
         );
         assert_eq!(status(&m, 0xb000), S_OK);
         assert_eq!(&std::fs::read(&p).unwrap()[512..1024], &[0x77; 512]);
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn disks_grow_but_never_shrink_and_read_only_ones_stay() {
+        let p = image("grow", 8);
+        let d = disk(&p, false);
+        for (bytes, refused) in [(2048, true), (4097, true), (0, true), (8192, false)] {
+            let r = d.grow(bytes);
+            assert_eq!(r.is_err(), refused, "{bytes}: {r:?}");
+        }
+        assert_eq!(d.sectors(), 16);
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 8192);
+        assert_eq!(
+            d.range(15, 512),
+            Some(15 * 512),
+            "the new end is addressable"
+        );
+        let ro = disk(&p, true);
+        assert!(matches!(ro.grow(1 << 20), Err(ResizeError::ReadOnly)));
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 8192);
         std::fs::remove_file(p).unwrap();
     }
 

@@ -338,11 +338,7 @@ impl VirtioPci {
                 vector: slot.vector,
             });
         }
-        let interrupt = Arc::new(VirtioInterrupt {
-            msix: self.msix.clone(),
-            isr: self.isr.clone(),
-            config_vector: self.config_vector,
-        });
+        let interrupt = Arc::new(self.interrupt());
         let activation = Activation {
             mem: self.mem.clone(),
             features: self.driver_features,
@@ -356,6 +352,25 @@ impl VirtioPci {
                 self.status |= STATUS_NEEDS_RESET;
                 interrupt.signal_config();
             }
+        }
+    }
+
+    /// The device's configuration changed on the host side (a disk grew):
+    /// bumps `config_generation` so the driver re-reads it and, once the
+    /// driver is running, raises the configuration-change interrupt (ISR
+    /// bit 1 plus the config MSI-X vector).
+    pub fn config_changed(&mut self) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        if self.status & STATUS_DRIVER_OK != 0 {
+            self.interrupt().signal_config();
+        }
+    }
+
+    fn interrupt(&self) -> VirtioInterrupt {
+        VirtioInterrupt {
+            msix: self.msix.clone(),
+            isr: self.isr.clone(),
+            config_vector: self.config_vector,
         }
     }
 

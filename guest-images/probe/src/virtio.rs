@@ -32,6 +32,7 @@ pub struct Device {
     common: u64,
     notify: u64,
     notify_mult: u32,
+    isr: u64,
     pub device_cfg: u64,
 }
 
@@ -67,7 +68,7 @@ impl Device {
         // Memory space + bus master.
         let cmd = f.read32(4);
         f.write32(4, cmd | 0x6);
-        let (mut common, mut notify, mut notify_mult, mut device_cfg) = (0, 0, 0, 0);
+        let (mut common, mut notify, mut notify_mult, mut isr, mut device_cfg) = (0, 0, 0, 0, 0);
         let mut cap = (f.read32(0x34) & 0xfc) as u16;
         let mut guard = 0;
         while cap != 0 && guard < 48 {
@@ -82,6 +83,7 @@ impl Device {
                         notify = addr;
                         notify_mult = f.read32(cap + 16);
                     }
+                    3 => isr = addr,
                     4 => device_cfg = addr,
                     _ => {}
                 }
@@ -96,6 +98,7 @@ impl Device {
             common,
             notify,
             notify_mult,
+            isr,
             device_cfg,
         };
         d.set_status(0);
@@ -120,6 +123,19 @@ impl Device {
 
     pub fn status(&self) -> u8 {
         rd::<u8>(self.common + 0x14)
+    }
+
+    /// The device's configuration generation (changes with its configuration).
+    pub fn config_generation(&self) -> u8 {
+        rd::<u8>(self.common + 0x15)
+    }
+
+    /// Reads (and thereby clears) the ISR status: bit 0 queue, bit 1 config change.
+    pub fn take_isr(&self) -> u8 {
+        if self.isr == 0 {
+            return 0;
+        }
+        rd::<u8>(self.isr)
     }
 
     fn set_status(&self, s: u8) {

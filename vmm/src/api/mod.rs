@@ -12,12 +12,24 @@ use std::sync::Arc;
 use vmm_sys_util::eventfd::EventFd;
 
 /// What the control thread is asked to do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ApiRequest {
     GetVm,
     Pause,
     Resume,
     Shutdown,
+    /// Grow disk `index` to `bytes` (`PUT /vm/disks/{index}/resize`).
+    ResizeDisk {
+        index: usize,
+        bytes: u64,
+    },
+}
+
+/// Body of `PUT /vm/disks/{index}/resize`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResizeBody {
+    pub size_bytes: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -85,7 +97,7 @@ pub fn start_server(
                 let Ok(mut stream) = conn else { continue };
                 let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(5)));
                 let response = match http::read_request(&mut stream) {
-                    Ok(req) => match route(&req.method, &req.path) {
+                    Ok(req) => match route(&req.method, &req.path, &req.body) {
                         Ok(api) => {
                             let (rtx, rrx) = channel();
                             if tx.send((api, rtx)).is_err() || wake.write(1).is_err() {
@@ -105,9 +117,33 @@ pub fn start_server(
     Ok(rx)
 }
 
-/// Maps method and path to a request (or an HTTP error).
-pub fn route(method: &str, path: &str) -> Result<ApiRequest, ApiResponse> {
+/// Maps method, path and body to a request (or an HTTP error).
+pub fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, ApiResponse> {
     let path = path.split('?').next().unwrap_or("").trim_end_matches('/');
+    if let Some(index) = path
+        .strip_prefix("/vm/disks/")
+        .and_then(|rest| rest.strip_suffix("/resize"))
+    {
+        if method != "PUT" {
+            return Err(ApiResponse::error(
+                405,
+                format!("{method} is not allowed on {path}"),
+            ));
+        }
+        let index = index
+            .parse::<usize>()
+            .map_err(|_| ApiResponse::error(404, format!("no such disk: {index}")))?;
+        let b: ResizeBody = serde_json::from_slice(body).map_err(|e| {
+            ApiResponse::error(
+                400,
+                format!("bad resize request (want {{\"size_bytes\": N}}): {e}"),
+            )
+        })?;
+        return Ok(ApiRequest::ResizeDisk {
+            index,
+            bytes: b.size_bytes,
+        });
+    }
     let req = match path {
         "/vm" => [("GET", ApiRequest::GetVm)].as_slice(),
         "/vm/pause" => [("PUT", ApiRequest::Pause)].as_slice(),
@@ -117,7 +153,7 @@ pub fn route(method: &str, path: &str) -> Result<ApiRequest, ApiResponse> {
     };
     req.iter()
         .find(|(m, _)| *m == method)
-        .map(|(_, r)| *r)
+        .map(|(_, r)| r.clone())
         .ok_or_else(|| ApiResponse::error(405, format!("{method} is not allowed on {path}")))
 }
 
@@ -127,10 +163,30 @@ mod tests {
 
     #[test]
     fn routes() {
-        assert_eq!(route("GET", "/vm").unwrap(), ApiRequest::GetVm);
-        assert_eq!(route("PUT", "/vm/pause/").unwrap(), ApiRequest::Pause);
-        assert_eq!(route("GET", "/vm/pause").unwrap_err().status, 405);
-        assert_eq!(route("GET", "/nope").unwrap_err().status, 404);
+        assert_eq!(route("GET", "/vm", b"").unwrap(), ApiRequest::GetVm);
+        assert_eq!(route("PUT", "/vm/pause/", b"").unwrap(), ApiRequest::Pause);
+        assert_eq!(route("GET", "/vm/pause", b"").unwrap_err().status, 405);
+        assert_eq!(route("GET", "/nope", b"").unwrap_err().status, 404);
+        assert_eq!(
+            route("PUT", "/vm/disks/1/resize", br#"{"size_bytes": 4096}"#).unwrap(),
+            ApiRequest::ResizeDisk {
+                index: 1,
+                bytes: 4096
+            }
+        );
+        for (method, path, body, status) in [
+            ("GET", "/vm/disks/0/resize", "{}", 405),
+            ("PUT", "/vm/disks/x/resize", r#"{"size_bytes": 1}"#, 404),
+            ("PUT", "/vm/disks/0/resize", "{}", 400),
+            ("PUT", "/vm/disks/0/resize", r#"{"size_bytes": -1}"#, 400),
+            ("PUT", "/vm/disks/0/resize", r#"{"size": 1}"#, 400),
+        ] {
+            assert_eq!(
+                route(method, path, body.as_bytes()).unwrap_err().status,
+                status,
+                "{method} {path} {body}"
+            );
+        }
     }
 
     #[test]

@@ -3,7 +3,10 @@
 //! - read: reads the whole disk, prints `bytes=N crc32=XXXXXXXX` (zlib's CRC-32);
 //! - copy: copies the first half of the disk over the second half;
 //! - bench: reads the disk `passes=P` times, prints `read_mib_s=` and
-//!   `requests=`, then writes it once, prints `write_mib_s=`.
+//!   `requests=`, then writes it once, prints `write_mib_s=`;
+//! - watch: waits (up to `timeout_ms=`, default 30000) for a
+//!   configuration-change interrupt (ISR bit 1) that grows the disk, prints
+//!   `resized_sectors=N isr=I generation=G`, then reads the new last sector.
 //!
 //! A request the device fails ends the task with status 102.
 use crate::boot::{Args, BootInfo};
@@ -19,6 +22,7 @@ const T_OUT: u32 = 1;
 const TIMEOUT_US: u64 = 5_000_000;
 
 struct Blk {
+    dev: Device,
     queue: Queue,
     header: u64,
     status: u64,
@@ -82,6 +86,7 @@ fn open(info: &mut BootInfo, args: &Args) -> Result<Blk, u8> {
     let sectors = unsafe { core::ptr::read_volatile(dev.device_cfg as *const u64) };
     let header = mem + Queue::bytes(16);
     Ok(Blk {
+        dev,
         queue,
         header,
         status: header + 64,
@@ -159,10 +164,49 @@ pub fn run(info: &mut BootInfo, args: &Args) -> u8 {
             println!("write_mib_s={}", (bytes * 1_000_000 / us) >> 20);
             0
         }
+        "watch" => watch(&mut blk, args.num("timeout_ms", 30_000)),
         other => {
-            println!("probe: error: unknown blk op '{other}' (read, copy, bench)");
+            println!("probe: error: unknown blk op '{other}' (read, copy, bench, watch)");
             STATUS_PROBE_ERROR
         }
+    }
+}
+
+/// Polls the ISR for a configuration change, then re-reads the capacity and
+/// proves the new end is readable.
+fn watch(blk: &mut Blk, timeout_ms: u64) -> u8 {
+    let generation = blk.dev.config_generation();
+    println!("watching generation={generation}");
+    let deadline = time::now_us() + timeout_ms * 1000;
+    loop {
+        let isr = blk.dev.take_isr();
+        if isr & 2 != 0 {
+            // Re-read until the generation is stable (virtio 1.x 4.1.4.3.1).
+            let (sectors, generation) = loop {
+                let g = blk.dev.config_generation();
+                // SAFETY: the device configuration starts with the capacity.
+                let s = unsafe { core::ptr::read_volatile(blk.dev.device_cfg as *const u64) };
+                if g == blk.dev.config_generation() {
+                    break (s, g);
+                }
+            };
+            println!("resized_sectors={sectors} isr={isr} generation={generation}");
+            if sectors <= blk.sectors {
+                println!("probe: error: the capacity did not grow");
+                return STATUS_PROBE_ERROR;
+            }
+            blk.sectors = sectors;
+            if !blk.request(T_IN, sectors - 1, SECTOR) {
+                return STATUS_IO_ERROR;
+            }
+            println!("read_new_end=ok");
+            return 0;
+        }
+        if time::now_us() > deadline {
+            println!("probe: error: no configuration change within {timeout_ms} ms");
+            return STATUS_PROBE_ERROR;
+        }
+        time::delay_us(200);
     }
 }
 
