@@ -26,6 +26,14 @@ impl Trigger for IrqTrigger {
     }
 }
 
+/// Saved 8250 state: DLL, DLM, IER, IIR, LCR, LSR, MCR, MSR, SCR and the
+/// receive FIFO.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialSnapshot {
+    pub registers: [u8; 9],
+    pub in_buffer: Vec<u8>,
+}
+
 /// 8250 UART on the port bus, output to any writer (stdout, a file, a sink).
 pub struct SerialPort {
     inner: Serial<IrqTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
@@ -36,6 +44,49 @@ impl SerialPort {
         SerialPort {
             inner: Serial::new(IrqTrigger(irq), out),
         }
+    }
+
+    /// The UART's registers and receive FIFO, for snapshots.
+    pub fn save(&self) -> SerialSnapshot {
+        let s = self.inner.state();
+        SerialSnapshot {
+            registers: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// A UART in a saved state, writing to `out`.
+    pub fn restored(
+        irq: EventFd,
+        out: Box<dyn Write + Send>,
+        saved: &SerialSnapshot,
+    ) -> Result<Self, String> {
+        let r = saved.registers;
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: r[0],
+            baud_divisor_high: r[1],
+            interrupt_enable: r[2],
+            interrupt_identification: r[3],
+            line_control: r[4],
+            line_status: r[5],
+            modem_control: r[6],
+            modem_status: r[7],
+            scratch: r[8],
+            in_buffer: saved.in_buffer.clone(),
+        };
+        let inner = Serial::from_state(&state, IrqTrigger(irq), vm_superio::serial::NoEvents, out)
+            .map_err(|e| format!("serial state: {e:?}"))?;
+        Ok(SerialPort { inner })
     }
 
     /// Queues console input for the guest (returns how many bytes fit).

@@ -71,7 +71,7 @@ impl Error {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum KernelFormat {
     Elf,
@@ -79,7 +79,7 @@ pub enum KernelFormat {
 }
 
 /// What was loaded, and how the boot vCPU must enter it.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct BootInfo {
     pub format: KernelFormat,
     pub mode: EntryMode,

@@ -39,6 +39,10 @@ pub enum Command {
     Resume(ClientArgs),
     /// Stop a running VM.
     Shutdown(ClientArgs),
+    /// Snapshot a running VM (full or incremental), or inspect/compact a snapshot.
+    Snapshot(SnapshotArgs),
+    /// Start a VM from a snapshot directory (the chain's newest state).
+    Restore(RestoreArgs),
     /// Grow a running VM's disk; the guest gets a configuration-change interrupt.
     ResizeDisk {
         #[command(flatten)]
@@ -50,6 +54,58 @@ pub enum Command {
         #[arg(long)]
         size: String,
     },
+}
+
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct SnapshotArgs {
+    #[command(subcommand)]
+    pub action: Option<SnapshotAction>,
+    /// The running VM's API socket.
+    #[arg(long)]
+    pub api_socket: Option<PathBuf>,
+    /// Snapshot directory: created for a full snapshot; for --incremental,
+    /// the chain this VM last wrote (or was restored from).
+    #[arg(long)]
+    pub dest: Option<PathBuf>,
+    /// Add a layer with the pages dirtied since the previous snapshot.
+    #[arg(long)]
+    pub incremental: bool,
+    /// Replace an existing snapshot at --dest (full snapshots only).
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SnapshotAction {
+    /// Print a snapshot's manifest summary (layers, sizes, pause times).
+    Inspect {
+        dir: PathBuf,
+        /// Also check every checksum.
+        #[arg(long)]
+        verify: bool,
+        /// Print the manifest as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fold an incremental chain into one full layer, in place.
+    Compact { dir: PathBuf },
+}
+
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// Snapshot directory to restore from.
+    #[arg(long)]
+    pub from: PathBuf,
+    /// Serve the REST API on this Unix socket.
+    #[arg(long)]
+    pub api_socket: Option<PathBuf>,
+    /// Serial console: stdio, none or file=PATH [default: stdio].
+    #[arg(long)]
+    pub console: Option<String>,
+    /// Start with the vCPUs paused (resume through the API).
+    #[arg(long)]
+    pub paused: bool,
 }
 
 #[derive(Args, Debug)]

@@ -175,6 +175,10 @@ impl Control {
                 }
                 Err(e) => ApiResponse::error(409, format!("disk {index}: {e}")),
             },
+            ApiRequest::Snapshot(r) => match crate::checkpoint::take(&self.vm, &r) {
+                Ok(summary) => ApiResponse::json(200, &summary),
+                Err(e) => ApiResponse::error(e.http_status(), e.to_string()),
+            },
             ApiRequest::Shutdown => {
                 self.finish(ExitReason::ApiShutdown);
                 ApiResponse::json(200, &serde_json::json!({ "state": "shutting_down" }))

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod arch;
 pub mod boot;
+pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -4,7 +4,7 @@
 use anyhow::Context;
 use clap::Parser;
 use std::process::ExitCode;
-use vmm::cli::{Cli, ClientArgs, Command, RunArgs};
+use vmm::cli::{Cli, ClientArgs, Command, RestoreArgs, RunArgs, SnapshotAction, SnapshotArgs};
 use vmm::config::{FileConfig, RunConfig};
 
 /// An error with the exit code it maps to.
@@ -58,6 +58,8 @@ fn main() -> ExitCode {
         Command::Pause(c) => client(c, "PUT", "/vm/pause", ""),
         Command::Resume(c) => client(c, "PUT", "/vm/resume", ""),
         Command::Shutdown(c) => client(c, "PUT", "/vm/shutdown", ""),
+        Command::Snapshot(a) => snapshot(a),
+        Command::Restore(a) => restore(a),
         Command::ResizeDisk {
             client: c,
             disk,
@@ -128,13 +130,22 @@ fn run(args: RunArgs) -> Result<u8, Failure> {
     // From here on the socket file exists: remove it on every way out.
     let _socket_guard = SocketGuard(listener.as_ref().map(|(_, p)| p.clone()));
 
-    let vm = vmm::vm::Vm::create(&kvm, config).map_err(|e| {
+    let vm = vmm::vm::Vm::create(&kvm, config, None).map_err(|e| {
         if e.is_user_error() {
             usage(e)
         } else {
             runtime(e)
         }
     })?;
+    serve(vm, signals, listener)
+}
+
+/// Runs the control loop (and the API server, if any) until the VM ends.
+fn serve(
+    vm: vmm::vm::Vm,
+    signals: std::os::fd::OwnedFd,
+    listener: Option<(std::os::unix::net::UnixListener, std::path::PathBuf)>,
+) -> Result<u8, Failure> {
     let api = match listener {
         Some((l, _)) => {
             let wake = std::sync::Arc::new(
@@ -158,6 +169,119 @@ fn run(args: RunArgs) -> Result<u8, Failure> {
         reason.exit_code()
     );
     Ok(reason.exit_code() as u8)
+}
+
+fn restore(args: RestoreArgs) -> Result<u8, Failure> {
+    let t0 = std::time::Instant::now();
+    let console: vmm::config::Console = args
+        .console
+        .as_deref()
+        .unwrap_or("stdio")
+        .parse()
+        .map_err(usage)?;
+    let restoring = vmm::checkpoint::Restoring::open(&args.from, args.paused).map_err(usage)?;
+    let config = restoring.run_config(console, args.api_socket.clone());
+    let signals = vmm::control::signal_fd()
+        .context("cannot set up signal handling")
+        .map_err(runtime)?;
+    let kvm = open_kvm()?;
+    let listener = match &config.api_socket {
+        Some(p) => Some((vmm::api::bind(p).map_err(usage)?, p.clone())),
+        None => None,
+    };
+    let _socket_guard = SocketGuard(listener.as_ref().map(|(_, p)| p.clone()));
+    let m = &restoring.snapshot.manifest;
+    let summary = format!(
+        "generation {}, {} layer(s), {:.1} MiB stored",
+        m.generation,
+        m.layers.len(),
+        m.stored_bytes() as f64 / f64::from(1 << 20)
+    );
+    let vm = vmm::vm::Vm::create(&kvm, config, Some(&restoring)).map_err(runtime)?;
+    eprintln!(
+        "ffmk-vmm: restored {} ({summary}) in {:.1} ms{}",
+        args.from.display(),
+        t0.elapsed().as_secs_f64() * 1e3,
+        if args.paused { ", paused" } else { "" }
+    );
+    drop(restoring);
+    serve(vm, signals, listener)
+}
+
+fn snapshot(a: SnapshotArgs) -> Result<u8, Failure> {
+    match a.action {
+        Some(SnapshotAction::Inspect { dir, verify, json }) => inspect(&dir, verify, json),
+        Some(SnapshotAction::Compact { dir }) => {
+            let m = snapshot::store::compact(&dir).map_err(usage)?;
+            println!(
+                "compacted {} into one full layer: {} pages, {:.1} MiB",
+                dir.display(),
+                m.layers[0].pages_defined,
+                m.layers[0].data_bytes as f64 / f64::from(1 << 20)
+            );
+            Ok(0)
+        }
+        None => {
+            let (Some(sock), Some(dest)) = (a.api_socket, a.dest) else {
+                return Err(usage(anyhow::anyhow!(
+                    "snapshot needs --api-socket and --dest (or: snapshot inspect|compact DIR)"
+                )));
+            };
+            let dest = std::path::absolute(&dest)
+                .with_context(|| format!("bad --dest {}", dest.display()))
+                .map_err(usage)?;
+            let body = serde_json::json!({
+                "dest": dest,
+                "kind": if a.incremental { "incremental" } else { "full" },
+                "force": a.force,
+            });
+            client(
+                ClientArgs { api_socket: sock },
+                "PUT",
+                "/vm/snapshot",
+                &body.to_string(),
+            )
+        }
+    }
+}
+
+fn inspect(dir: &std::path::Path, verify: bool, json: bool) -> Result<u8, Failure> {
+    let s = snapshot::Snapshot::open(dir).map_err(usage)?;
+    if verify {
+        s.verify().map_err(usage)?;
+    }
+    let m = &s.manifest;
+    if json {
+        println!("{}", serde_json::to_string_pretty(m).map_err(runtime)?);
+        return Ok(0);
+    }
+    let mib = |b: u64| b as f64 / f64::from(1 << 20);
+    println!("snapshot     {}", dir.display());
+    println!("format       {} v{}", m.format, m.version);
+    println!("chain        {} generation {}", m.chain_id, m.generation);
+    println!(
+        "taken on     {} CPU, {} host, profile {}, TSC {} kHz",
+        m.host.cpu_vendor, m.host.host_kind, m.host.cpu_profile, m.host.tsc_khz
+    );
+    println!("memory       {:.0} MiB", mib(m.memory_bytes));
+    println!("stored       {:.1} MiB", mib(m.stored_bytes()));
+    println!("state        {} ({} bytes)", m.state.name, m.state.bytes);
+    println!("layers       kind         pages   data MiB  pause ms  file");
+    for l in &m.layers {
+        println!(
+            "             {:<11} {:>7} {:>10.1} {:>9.2}  {}{}",
+            format!("{:?}", l.kind).to_lowercase(),
+            l.pages_defined,
+            mib(l.data_bytes),
+            l.pause_ms,
+            l.memory.name,
+            if l.live { " (live)" } else { "" }
+        );
+    }
+    if verify {
+        println!("checksums    ok");
+    }
+    Ok(0)
 }
 
 struct SocketGuard(Option<std::path::PathBuf>);

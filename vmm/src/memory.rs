@@ -74,6 +74,42 @@ pub fn create(size: u64, hugepages: bool) -> Result<GuestMemoryMmap, Error> {
     Ok(GuestMemoryMmap::from_regions(regions)?)
 }
 
+/// Maps `size` bytes of guest RAM from a snapshot's full memory layer,
+/// `MAP_PRIVATE`: pages are read from the file when the guest first touches
+/// them and the guest's writes stay in this process, so restoring takes the
+/// same time whatever the memory size, and the snapshot is never changed.
+pub fn map_snapshot(size: u64, file: &std::path::Path) -> Result<GuestMemoryMmap, Error> {
+    if size < MIN_MEMORY {
+        return Err(Error::TooSmall(size));
+    }
+    let f = std::sync::Arc::new(std::fs::File::open(file).map_err(|e| Error::Map {
+        size,
+        hint: " from the snapshot's memory file",
+        source: vm_memory::mmap::MmapRegionError::Mmap(e),
+    })?);
+    let mut regions = Vec::new();
+    let mut offset = 0u64;
+    for (addr, len) in layout::ram_regions(size) {
+        let region = MmapRegionBuilder::new_with_bitmap(len, AtomicBitmap::new(len, PAGE_NONZERO))
+            .with_file_offset(vm_memory::FileOffset::from_arc(f.clone(), offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE)
+            .build()
+            .map_err(|source| Error::Map {
+                size,
+                hint: " from the snapshot's memory file",
+                source,
+            })?;
+        regions.push(GuestRegionMmap::new(region, addr).ok_or(Error::Map {
+            size,
+            hint: " (region does not fit the address space)",
+            source: vm_memory::mmap::MmapRegionError::InvalidPointer,
+        })?);
+        offset += len as u64;
+    }
+    Ok(GuestMemoryMmap::from_regions(regions)?)
+}
+
 /// Physical memory of the host (the most a guest could ever be given).
 fn host_memory_bytes() -> u64 {
     // SAFETY: sysconf has no memory-safety preconditions.
@@ -87,6 +123,12 @@ fn host_memory_bytes() -> u64 {
         return u64::MAX;
     }
     (pages as u64).saturating_mul(page as u64)
+}
+
+/// The pages of a region the VMM itself wrote (device DMA, boot loading).
+pub fn vmm_written(region: &GuestRegionMmap<AtomicBitmap>) -> &AtomicBitmap {
+    let r: &MmapRegion<AtomicBitmap> = region;
+    r.bitmap()
 }
 
 /// Host address of a region, for `KVM_SET_USER_MEMORY_REGION`.

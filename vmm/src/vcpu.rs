@@ -67,12 +67,17 @@ pub enum VcpuStop {
     Failure(String),
 }
 
+/// Work the control thread hands a paused vCPU thread (which owns the
+/// vCPU fd): saving or inspecting its KVM state.
+pub type Job = Box<dyn FnOnce(&VcpuFd) + Send>;
+
 /// State shared between a vCPU thread and the control thread.
 pub struct VcpuShared {
     pub id: u8,
     request: AtomicU8,
     state: Mutex<VcpuState>,
     changed: Condvar,
+    jobs: Mutex<Vec<Job>>,
     pub exits: AtomicU64,
     pub io_exits: AtomicU64,
     pub mmio_exits: AtomicU64,
@@ -87,6 +92,7 @@ impl VcpuShared {
             request: AtomicU8::new(Request::Run as u8),
             state: Mutex::new(VcpuState::Created),
             changed: Condvar::new(),
+            jobs: Mutex::new(Vec::new()),
             exits: AtomicU64::new(0),
             io_exits: AtomicU64::new(0),
             mmio_exits: AtomicU64::new(0),
@@ -139,16 +145,39 @@ impl VcpuShared {
         }
     }
 
-    /// Parks while paused; returns false when the vCPU must exit.
-    fn honour_requests(&self) -> bool {
+    /// Runs `job` on the vCPU thread once it is paused (or as soon as it
+    /// pauses). The caller pauses the vCPU and collects the job's result.
+    pub fn run_paused(&self, job: Job) {
+        if let Ok(mut j) = self.jobs.lock() {
+            j.push(job);
+        }
+        if let Ok(_g) = self.state.lock() {
+            self.changed.notify_all();
+        }
+    }
+
+    fn has_jobs(&self) -> bool {
+        self.jobs.lock().map(|j| !j.is_empty()).unwrap_or(false)
+    }
+
+    /// Parks while paused (running the jobs it is handed); returns false
+    /// when the vCPU must exit. After a pause the guest is told it was
+    /// stopped (KVMCLOCK_CTRL), so its soft-lockup watchdog stays quiet.
+    fn honour_requests(&self, fd: &VcpuFd) -> bool {
+        let mut paused = false;
         loop {
             match self.current_request() {
                 Request::Run => {
+                    if paused {
+                        // EINVAL when the guest does not use kvmclock: fine.
+                        let _ = fd.kvmclock_ctrl();
+                    }
                     self.set_state(VcpuState::Running);
                     return true;
                 }
                 Request::Exit => return false,
                 Request::Pause => {
+                    paused = true;
                     let Ok(mut g) = self.state.lock() else {
                         return false;
                     };
@@ -156,10 +185,21 @@ impl VcpuShared {
                         *g = VcpuState::Paused;
                         self.changed.notify_all();
                     }
-                    let _g = self
+                    let g = self
                         .changed
-                        .wait_while(g, |_| self.current_request() == Request::Pause)
+                        .wait_while(g, |_| {
+                            self.current_request() == Request::Pause && !self.has_jobs()
+                        })
                         .ok();
+                    drop(g);
+                    let jobs: Vec<Job> = self
+                        .jobs
+                        .lock()
+                        .map(|mut j| j.drain(..).collect())
+                        .unwrap_or_default();
+                    for job in jobs {
+                        job(fd);
+                    }
                 }
             }
         }
@@ -197,7 +237,7 @@ impl Vcpu {
         let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
         KVM_RUN_PTR.with(|c| c.set(run_ptr));
         let id = self.shared.id;
-        while self.shared.honour_requests() {
+        while self.shared.honour_requests(&self.fd) {
             let step = match self.fd.run() {
                 Ok(exit) => {
                     self.shared.exits.fetch_add(1, Ordering::Relaxed);

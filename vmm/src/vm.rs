@@ -1,6 +1,6 @@
 //! Building a VM: memory, the KVM VM (irqchip, PIT, memory slots), the
 //! guest image, legacy devices and the vCPUs with their threads.
-use crate::arch::{cpuid, layout, msr, regs};
+use crate::arch::{cpuid, layout, msr, regs, state};
 use crate::boot::{self, BootInfo, BootSpec};
 use crate::config::{Console, RunConfig};
 use crate::host::{CpuProfile, HostKind};
@@ -93,7 +93,7 @@ impl VcpuHandle {
 }
 
 pub struct Vm {
-    _vm_fd: Arc<VmFd>,
+    pub(crate) vm_fd: Arc<VmFd>,
     pub mem: GuestMemoryMmap,
     pub vcpus: Vec<VcpuHandle>,
     pub serial: Arc<Mutex<SerialPort>>,
@@ -112,6 +112,10 @@ pub struct Vm {
     pub exit_evt: Arc<EventFd>,
     pub started: Instant,
     pub config: RunConfig,
+    /// MSRs saved with each vCPU (KVM's list, TSC first).
+    pub msr_indices: Arc<Vec<u32>>,
+    /// Dirty-page tracking and the snapshot chain this VM's memory follows.
+    pub tracking: Mutex<crate::checkpoint::Tracking>,
 }
 
 fn console_writer(console: &Console) -> Result<Box<dyn Write + Send>, Error> {
@@ -147,6 +151,32 @@ fn forced_features(fd: &kvm_ioctls::VcpuFd, profile: CpuProfile) -> Vec<&'static
         );
     }
     forced
+}
+
+/// Registers guest RAM with KVM, one slot per region, with or without
+/// dirty-page logging (turning it on starts with a clean log).
+pub(crate) fn set_memory_slots(
+    vm_fd: &VmFd,
+    mem: &GuestMemoryMmap,
+    log_dirty: bool,
+) -> Result<(), Error> {
+    for (slot, region) in mem.iter().enumerate() {
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: memory::host_addr(region),
+            flags: if log_dirty {
+                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
+        };
+        // SAFETY: the region is a live mapping owned by `mem`, which the
+        // Vm keeps for as long as the VM fd exists.
+        unsafe { vm_fd.set_user_memory_region(r) }.map_err(kvm_err("set guest memory region"))?;
+    }
+    Ok(())
 }
 
 /// The PCI root bus: config mechanism #1 on the port bus, ECAM and the two
@@ -231,12 +261,20 @@ pub struct DiskSlot {
 }
 
 impl Vm {
-    /// Builds the VM and starts its vCPUs.
-    pub fn create(kvm: &Kvm, config: RunConfig) -> Result<Vm, Error> {
+    /// Builds the VM and starts its vCPUs: booting `config.kernel`, or
+    /// continuing from a snapshot when `restore` is given.
+    pub fn create(
+        kvm: &Kvm,
+        config: RunConfig,
+        restore: Option<&crate::checkpoint::Restoring>,
+    ) -> Result<Vm, Error> {
         let host_kind = HostKind::detect();
         let profile = config.cpu_profile.unwrap_or(host_kind.default_profile());
         let console = console_writer(&config.console)?;
-        let mem = memory::create(config.memory_bytes, config.hugepages)?;
+        let mem = match restore {
+            None => memory::create(config.memory_bytes, config.hugepages)?,
+            Some(r) => r.memory(&config).map_err(|e| Error::Setup(e.to_string()))?,
+        };
 
         let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_err("create VM"))?);
         vm_fd
@@ -255,30 +293,23 @@ impl Vm {
         vm_fd
             .create_pit2(pit)
             .map_err(kvm_err("create in-kernel PIT"))?;
-        for (slot, region) in mem.iter().enumerate() {
-            let r = kvm_userspace_memory_region {
-                slot: slot as u32,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: memory::host_addr(region),
-                flags: 0,
-            };
-            // SAFETY: the region is a live mapping owned by `mem`, which the
-            // returned Vm keeps for as long as the VM fd exists.
-            unsafe { vm_fd.set_user_memory_region(r) }
-                .map_err(kvm_err("set guest memory region"))?;
-        }
+        // A restored VM follows its snapshot chain: track dirty pages from
+        // the start so the next incremental snapshot can extend it.
+        set_memory_slots(&vm_fd, &mem, restore.is_some())?;
 
-        let boot = boot::load(
-            &mem,
-            &BootSpec {
-                kernel: &config.kernel,
-                initrd: config.initrd.as_deref(),
-                cmdline: &config.cmdline,
-                mem_bytes: config.memory_bytes,
-                nvcpus: config.cpus,
-            },
-        )?;
+        let boot = match restore {
+            None => boot::load(
+                &mem,
+                &BootSpec {
+                    kernel: &config.kernel,
+                    initrd: config.initrd.as_deref(),
+                    cmdline: &config.cmdline,
+                    mem_bytes: config.memory_bytes,
+                    nvcpus: config.cpus,
+                },
+            )?,
+            Some(r) => r.machine.boot.clone(),
+        };
 
         // Devices.
         let exit_evt = Arc::new(
@@ -290,7 +321,11 @@ impl Vm {
         vm_fd
             .register_irqfd(&serial_irq, legacy::COM1_IRQ)
             .map_err(kvm_err("register serial irqfd"))?;
-        let serial = Arc::new(Mutex::new(SerialPort::new(serial_irq, console)));
+        let serial = Arc::new(Mutex::new(match restore {
+            None => SerialPort::new(serial_irq, console),
+            Some(r) => SerialPort::restored(serial_irq, console, &r.machine.serial)
+                .map_err(Error::Setup)?,
+        }));
         let mut pio = PioBus::new();
         let bus_err = |e: String| Error::Setup(e);
         pio.insert(u64::from(legacy::COM1_BASE), 8, serial.clone())
@@ -358,6 +393,7 @@ impl Vm {
             .get_msr_index_list()
             .map_err(kvm_err("get MSR index list"))?;
         let boot_msrs = msr::boot_msrs(supported_msrs.as_slice());
+        let msr_indices = Arc::new(state::msrs_to_save(supported_msrs.as_slice()));
         let base_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("get supported CPUID"))?;
@@ -370,6 +406,14 @@ impl Vm {
                 .map_err(kvm_err("create vCPU"))?;
             if id == 0 {
                 tsc_khz = fd.get_tsc_khz().unwrap_or(0);
+            }
+            if let Some(r) = restore {
+                tsc_khz = r.restore_vcpu(&fd, id, tsc_khz).map_err(Error::Setup)?;
+                if id == 0 {
+                    kvm_forced = forced_features(&fd, profile);
+                }
+                fds.push(fd);
+                continue;
             }
             let mut entries = base_cpuid.as_slice().to_vec();
             cpuid::filter(&mut entries, profile, tsc_khz);
@@ -401,12 +445,18 @@ impl Vm {
             fds.push(fd);
         }
 
+        if let Some(r) = restore {
+            state::restore_vm(&vm_fd, &r.machine.vm).map_err(|e| Error::Setup(e.to_string()))?;
+        }
         vcpu::register_kick_handler()
             .map_err(|e| Error::Setup(format!("vCPU kick signal handler: {e}")))?;
         let vcpu_stop: StopSlot = Arc::new(Mutex::new(None));
         let mut vcpus = Vec::new();
         for (id, fd) in fds.into_iter().enumerate() {
             let shared = Arc::new(VcpuShared::new(id as u8));
+            if restore.is_some_and(|r| r.paused) {
+                shared.request(Request::Pause);
+            }
             let stop = vcpu_stop.clone();
             let evt = exit_evt.clone();
             let vcpu = Vcpu {
@@ -432,8 +482,12 @@ impl Vm {
             });
         }
 
+        let tracking = Mutex::new(crate::checkpoint::Tracking::new(
+            restore.is_some(),
+            restore.map(|r| r.chain()),
+        ));
         Ok(Vm {
-            _vm_fd: vm_fd,
+            vm_fd,
             mem,
             vcpus,
             serial,
@@ -450,6 +504,8 @@ impl Vm {
             exit_evt,
             started: Instant::now(),
             config,
+            msr_indices,
+            tracking,
         })
     }
 

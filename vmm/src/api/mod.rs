@@ -23,6 +23,8 @@ pub enum ApiRequest {
         index: usize,
         bytes: u64,
     },
+    /// Take a snapshot (`PUT /vm/snapshot`).
+    Snapshot(crate::checkpoint::SnapshotRequest),
 }
 
 /// Body of `PUT /vm/disks/{index}/resize`.
@@ -143,6 +145,24 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, ApiRes
             index,
             bytes: b.size_bytes,
         });
+    }
+    if path == "/vm/snapshot" {
+        if method != "PUT" {
+            return Err(ApiResponse::error(
+                405,
+                format!("{method} is not allowed on {path}"),
+            ));
+        }
+        let r: crate::checkpoint::SnapshotRequest = serde_json::from_slice(body).map_err(|e| {
+            ApiResponse::error(
+                400,
+                format!("bad snapshot request (want {{\"dest\": DIR, \"kind\": \"full\"|\"incremental\", \"force\": bool}}): {e}"),
+            )
+        })?;
+        if !r.dest.is_absolute() {
+            return Err(ApiResponse::error(400, "dest must be an absolute path"));
+        }
+        return Ok(ApiRequest::Snapshot(r));
     }
     let req = match path {
         "/vm" => [("GET", ApiRequest::GetVm)].as_slice(),

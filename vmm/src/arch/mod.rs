@@ -6,3 +6,4 @@ pub mod layout;
 pub mod msr;
 pub mod pvm_assist;
 pub mod regs;
+pub mod state;

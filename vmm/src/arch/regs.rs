@@ -22,7 +22,7 @@ pub enum Error {
 }
 
 /// How the boot vCPU enters the kernel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EntryMode {
     /// PVH: 32-bit entry, RBX = start_info.

@@ -1,0 +1,247 @@
+//! The KVM state of vCPUs and of the VM (clock, PIT, PIC/IOAPIC), saved
+//! and restored in the order KVM needs. This is the one state path for
+//! snapshots and (later) migration.
+//!
+//! Save order per vCPU: MP state, regs, sregs, XSAVE, XCRs, debug regs,
+//! LAPIC, MSRs, vCPU events (events last: reading the others must not
+//! change pending exceptions). Restore order: CPUID first (MSR and XSAVE
+//! checks depend on it), MP state, regs, sregs, XSAVE, XCRs, debug regs,
+//! LAPIC, MSRs with IA32_TSC before IA32_TSC_DEADLINE (the deadline is
+//! relative to the TSC), vCPU events last. KVMCLOCK_CTRL is sent when the
+//! vCPU resumes (see `vcpu.rs`).
+use kvm_bindings::{
+    kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
+    kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    CpuId, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_MAX_CPUID_ENTRIES,
+};
+use kvm_ioctls::{VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
+
+const MSR_IA32_TSC: u32 = 0x10;
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+/// MSRs per KVM_GET/SET_MSRS call.
+const MSR_CHUNK: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("vCPU {vcpu}: cannot {what}: {source}")]
+    Kvm {
+        vcpu: u8,
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("vCPU {vcpu}: KVM refused MSR {index:#x} on restore")]
+    MsrRefused { vcpu: u8, index: u32 },
+    #[error("VM: cannot {what}: {source}")]
+    Vm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("{0}")]
+    Table(String),
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct VcpuSnapshot {
+    pub id: u8,
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    pub mp_state: kvm_mp_state,
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub xsave: kvm_xsave,
+    pub xcrs: kvm_xcrs,
+    pub debug_regs: kvm_debugregs,
+    pub lapic: kvm_lapic_state,
+    pub msrs: Vec<kvm_msr_entry>,
+    pub events: kvm_vcpu_events,
+}
+
+/// The MSRs to save, from KVM_GET_MSR_INDEX_LIST: IA32_TSC first and
+/// IA32_TSC_DEADLINE last.
+pub fn msrs_to_save(index_list: &[u32]) -> Vec<u32> {
+    let mut v: Vec<u32> = index_list
+        .iter()
+        .copied()
+        .filter(|&i| i != MSR_IA32_TSC && i != MSR_IA32_TSC_DEADLINE)
+        .collect();
+    if index_list.contains(&MSR_IA32_TSC) {
+        v.insert(0, MSR_IA32_TSC);
+    }
+    if index_list.contains(&MSR_IA32_TSC_DEADLINE) {
+        v.push(MSR_IA32_TSC_DEADLINE);
+    }
+    v
+}
+
+fn msr_table(entries: &[kvm_msr_entry]) -> Result<Msrs, Error> {
+    Msrs::from_entries(entries).map_err(|e| Error::Table(format!("MSR table: {e:?}")))
+}
+
+/// Reads the MSRs in `indices`, skipping the ones this host's KVM will not
+/// read (KVM_GET_MSRS stops at the first failure and says where).
+fn read_msrs(fd: &VcpuFd, id: u8, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, Error> {
+    let mut out = Vec::with_capacity(indices.len());
+    let mut rest: Vec<u32> = indices.to_vec();
+    while !rest.is_empty() {
+        let chunk: Vec<kvm_msr_entry> = rest
+            .iter()
+            .take(MSR_CHUNK)
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = msr_table(&chunk)?;
+        let n = fd.get_msrs(&mut msrs).map_err(|source| Error::Kvm {
+            vcpu: id,
+            what: "get MSRs",
+            source,
+        })?;
+        out.extend_from_slice(&msrs.as_slice()[..n]);
+        // Entry n (if any) could not be read: drop it and go on after it.
+        let consumed = if n < chunk.len() { n + 1 } else { n };
+        if n < chunk.len() {
+            tracing::debug!(
+                "vCPU {id}: MSR {:#x} not readable, not saved",
+                chunk[n].index
+            );
+        }
+        rest.drain(..consumed);
+    }
+    Ok(out)
+}
+
+pub fn save_vcpu(fd: &VcpuFd, id: u8, msr_indices: &[u32]) -> Result<VcpuSnapshot, Error> {
+    let k = |what: &'static str| {
+        move |source| Error::Kvm {
+            vcpu: id,
+            what,
+            source,
+        }
+    };
+    let cpuid = fd
+        .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+        .map_err(k("get CPUID"))?
+        .as_slice()
+        .to_vec();
+    let mp_state = fd.get_mp_state().map_err(k("get MP state"))?;
+    let regs = fd.get_regs().map_err(k("get registers"))?;
+    let sregs = fd.get_sregs().map_err(k("get special registers"))?;
+    let xsave = fd.get_xsave().map_err(k("get XSAVE state"))?;
+    let xcrs = fd.get_xcrs().map_err(k("get XCRs"))?;
+    let debug_regs = fd.get_debug_regs().map_err(k("get debug registers"))?;
+    let lapic = fd.get_lapic().map_err(k("get LAPIC"))?;
+    let msrs = read_msrs(fd, id, msr_indices)?;
+    let events = fd.get_vcpu_events().map_err(k("get vCPU events"))?;
+    Ok(VcpuSnapshot {
+        id,
+        cpuid,
+        mp_state,
+        regs,
+        sregs,
+        xsave,
+        xcrs,
+        debug_regs,
+        lapic,
+        msrs,
+        events,
+    })
+}
+
+pub fn restore_vcpu(fd: &VcpuFd, s: &VcpuSnapshot) -> Result<(), Error> {
+    let id = s.id;
+    let k = |what: &'static str| {
+        move |source| Error::Kvm {
+            vcpu: id,
+            what,
+            source,
+        }
+    };
+    let cpuid = CpuId::from_entries(&s.cpuid).map_err(|e| Error::Table(format!("CPUID: {e:?}")))?;
+    fd.set_cpuid2(&cpuid).map_err(k("set CPUID"))?;
+    fd.set_mp_state(s.mp_state).map_err(k("set MP state"))?;
+    fd.set_regs(&s.regs).map_err(k("set registers"))?;
+    fd.set_sregs(&s.sregs).map_err(k("set special registers"))?;
+    // SAFETY: the buffer is a kvm_xsave read from KVM (legacy 4 KiB
+    // layout, which is what KVM_SET_XSAVE reads).
+    unsafe { fd.set_xsave(&s.xsave) }.map_err(k("set XSAVE state"))?;
+    fd.set_xcrs(&s.xcrs).map_err(k("set XCRs"))?;
+    fd.set_debug_regs(&s.debug_regs)
+        .map_err(k("set debug registers"))?;
+    fd.set_lapic(&s.lapic).map_err(k("set LAPIC"))?;
+    for chunk in s.msrs.chunks(MSR_CHUNK) {
+        let n = fd.set_msrs(&msr_table(chunk)?).map_err(k("set MSRs"))?;
+        if n < chunk.len() {
+            return Err(Error::MsrRefused {
+                vcpu: id,
+                index: chunk[n].index,
+            });
+        }
+    }
+    fd.set_vcpu_events(&s.events)
+        .map_err(k("set vCPU events"))?;
+    Ok(())
+}
+
+/// VM-wide KVM state: the clock, the PIT and the three irqchips.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct VmSnapshot {
+    pub clock: kvm_clock_data,
+    pub pit: kvm_pit_state2,
+    pub irqchips: Vec<kvm_irqchip>,
+}
+
+const CHIPS: [u32; 3] = [
+    KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE,
+    KVM_IRQCHIP_IOAPIC,
+];
+
+pub fn save_vm(vm: &VmFd) -> Result<VmSnapshot, Error> {
+    let k = |what: &'static str| move |source| Error::Vm { what, source };
+    let clock = vm.get_clock().map_err(k("get the KVM clock"))?;
+    let pit = vm.get_pit2().map_err(k("get the PIT"))?;
+    let mut irqchips = Vec::new();
+    for chip_id in CHIPS {
+        let mut chip = kvm_irqchip {
+            chip_id,
+            ..Default::default()
+        };
+        vm.get_irqchip(&mut chip).map_err(k("get the irqchip"))?;
+        irqchips.push(chip);
+    }
+    Ok(VmSnapshot {
+        clock,
+        pit,
+        irqchips,
+    })
+}
+
+pub fn restore_vm(vm: &VmFd, s: &VmSnapshot) -> Result<(), Error> {
+    let k = |what: &'static str| move |source| Error::Vm { what, source };
+    vm.set_pit2(&s.pit).map_err(k("set the PIT"))?;
+    // The guest's clock continues from the saved value (no flags: neither
+    // realtime nor host TSC adjustments are requested).
+    let clock = kvm_clock_data {
+        clock: s.clock.clock,
+        ..Default::default()
+    };
+    vm.set_clock(&clock).map_err(k("set the KVM clock"))?;
+    for chip in &s.irqchips {
+        vm.set_irqchip(chip).map_err(k("set the irqchip"))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tsc_is_saved_first_and_the_deadline_last() {
+        let v = msrs_to_save(&[0x6e0, 0x174, 0x10, 0xc000_0080]);
+        assert_eq!(v, vec![0x10, 0x174, 0xc000_0080, 0x6e0]);
+        assert_eq!(msrs_to_save(&[0x174]), vec![0x174]);
+    }
+}

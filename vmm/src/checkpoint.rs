@@ -1,0 +1,498 @@
+//! Snapshots of a running VM, and restoring a VM from one.
+//!
+//! Taking one (`PUT /vm/snapshot`): pause the vCPUs (unless paused), save
+//! every vCPU's KVM state on its own thread, the VM's clock/PIT/irqchips and
+//! the serial port ([`MachineState`], the one state path), write the memory
+//! layer (full: pages with content; incremental: pages dirtied since the
+//! previous snapshot, from KVM's dirty log OR the pages the VMM wrote),
+//! resume, then commit the layer, state and manifest (`snapshot` crate).
+//! The guest pauses only for state and memory, not for the commit.
+//!
+//! Dirty logging is off until the first full snapshot (it costs the guest
+//! write-protection faults and large pages), then stays on so incremental
+//! snapshots can follow. Pages fetched from the dirty log for a snapshot
+//! that then fails are carried over to the next one, so a failure never
+//! makes a later incremental layer miss pages.
+use crate::arch::state::{self, VcpuSnapshot, VmSnapshot};
+use crate::boot::BootInfo;
+use crate::config::{Console, RunConfig};
+use crate::host::CpuProfile;
+use crate::memory::{self, GuestMemoryMmap};
+use crate::vm::Vm;
+use devices::legacy::SerialSnapshot;
+use serde::{Deserialize, Serialize};
+use snapshot::memory::{write_layer, Selection};
+use snapshot::{Commit, HostProfile, PageBitmap, Pending, Snapshot, PAGE_SIZE};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+/// Version of [`MachineState`]'s layout inside the state file.
+pub const STATE_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Unsupported(String),
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::Error),
+    #[error("{0}")]
+    Chain(String),
+    #[error("cannot {what}: {detail}")]
+    Failed { what: &'static str, detail: String },
+    #[error("snapshot {dir} cannot be restored here: {why}")]
+    Incompatible { dir: PathBuf, why: String },
+}
+
+impl Error {
+    /// HTTP status for the API: the request was wrong (4xx) or the host failed (500).
+    pub fn http_status(&self) -> u16 {
+        match self {
+            Error::Unsupported(_) | Error::Chain(_) => 409,
+            Error::Snapshot(snapshot::Error::Exists(_))
+            | Error::Snapshot(snapshot::Error::Chain(_))
+            | Error::Snapshot(snapshot::Error::NotASnapshot(_)) => 409,
+            _ => 500,
+        }
+    }
+}
+
+fn failed(what: &'static str) -> impl FnOnce(String) -> Error {
+    move |detail| Error::Failed { what, detail }
+}
+
+/// The configuration a restored VM must have (the rest of `RunConfig`, such
+/// as console and API socket, is chosen at restore time).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MachineConfig {
+    pub kernel: PathBuf,
+    pub cmdline: String,
+    pub cpus: u8,
+    pub memory_bytes: u64,
+    pub hugepages: bool,
+    pub test_exit_port: Option<u16>,
+    pub cpu_profile: CpuProfile,
+}
+
+/// Everything but memory: what the state file holds.
+#[derive(Serialize, Deserialize)]
+pub struct MachineState {
+    pub version: u32,
+    pub config: MachineConfig,
+    pub boot: BootInfo,
+    pub tsc_khz: u32,
+    pub vm: VmSnapshot,
+    pub vcpus: Vec<VcpuSnapshot>,
+    pub serial: SerialSnapshot,
+}
+
+/// The chain a VM's memory follows: its last snapshot.
+#[derive(Debug, Clone)]
+pub struct ChainRef {
+    pub dir: PathBuf,
+    pub chain_id: String,
+    pub generation: u64,
+}
+
+/// Dirty-page tracking state of a VM.
+pub struct Tracking {
+    logging: bool,
+    chain: Option<ChainRef>,
+    /// Dirty pages fetched for a snapshot that failed.
+    carry: Option<PageBitmap>,
+}
+
+impl Tracking {
+    pub fn new(logging: bool, chain: Option<ChainRef>) -> Tracking {
+        Tracking {
+            logging,
+            chain,
+            carry: None,
+        }
+    }
+
+    pub fn chain(&self) -> Option<&ChainRef> {
+        self.chain.as_ref()
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    #[default]
+    Full,
+    Incremental,
+}
+
+/// Body of `PUT /vm/snapshot`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    pub dest: PathBuf,
+    #[serde(default)]
+    pub kind: Kind,
+    /// Replace an existing snapshot at `dest` (full snapshots only).
+    #[serde(default)]
+    pub force: bool,
+}
+
+fn host_vendor() -> String {
+    let r = core::arch::x86_64::__cpuid(0);
+    let bytes: Vec<u8> = [r.ebx, r.edx, r.ecx]
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+fn refuse_virtio(vm: &Vm) -> Result<(), Error> {
+    let c = &vm.config;
+    if !c.disks.is_empty()
+        || !c.nets.is_empty()
+        || c.vsock.is_some()
+        || c.rng
+        || c.virtio_console.is_some()
+    {
+        return Err(Error::Unsupported(
+            "snapshots of VMs with virtio devices (--disk, --net, --vsock, --rng, \
+             --virtio-console) are not supported yet: their queue state is not saved"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+fn save_vcpus(vm: &Vm) -> Result<Vec<VcpuSnapshot>, Error> {
+    let mut pending = Vec::new();
+    for v in &vm.vcpus {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let msrs = vm.msr_indices.clone();
+        let id = v.shared.id;
+        v.shared.run_paused(Box::new(move |fd| {
+            let _ = tx.send(state::save_vcpu(fd, id, &msrs));
+        }));
+        pending.push((id, rx));
+    }
+    pending
+        .into_iter()
+        .map(|(id, rx)| {
+            rx.recv_timeout(Duration::from_secs(10))
+                .map_err(|_| format!("vCPU {id} did not hand over its state"))
+                .and_then(|r| r.map_err(|e| e.to_string()))
+                .map_err(failed("save vCPU state"))
+        })
+        .collect()
+}
+
+fn machine_state(vm: &Vm) -> Result<MachineState, Error> {
+    let c = &vm.config;
+    let serial = vm
+        .serial
+        .lock()
+        .map_err(|_| failed("save the serial port")("lock poisoned".into()))?
+        .save();
+    Ok(MachineState {
+        version: STATE_VERSION,
+        config: MachineConfig {
+            kernel: c.kernel.clone(),
+            cmdline: c.cmdline.clone(),
+            cpus: c.cpus,
+            memory_bytes: c.memory_bytes,
+            hugepages: c.hugepages,
+            test_exit_port: c.test_exit_port,
+            cpu_profile: vm.profile,
+        },
+        boot: vm.boot.clone(),
+        tsc_khz: vm.tsc_khz,
+        vm: state::save_vm(&vm.vm_fd).map_err(|e| failed("save VM state")(e.to_string()))?,
+        vcpus: save_vcpus(vm)?,
+        serial,
+    })
+}
+
+fn total_pages(mem: &GuestMemoryMmap) -> u64 {
+    mem.iter().map(|r| r.len() / PAGE_SIZE).sum()
+}
+
+/// Pages dirtied since the last fetch: KVM's dirty log OR the pages the
+/// VMM wrote. Clears both.
+fn fetch_dirty(vm: &Vm) -> Result<PageBitmap, Error> {
+    let mut bits = PageBitmap::new(total_pages(&vm.mem));
+    let mut first = 0;
+    for (slot, region) in vm.mem.iter().enumerate() {
+        let log = vm
+            .vm_fd
+            .get_dirty_log(slot as u32, region.len() as usize)
+            .map_err(|e| failed("read the dirty log")(e.to_string()))?;
+        bits.or_words(first, &log);
+        bits.or_words(first, &memory::vmm_written(region).get_and_reset());
+        first += region.len() / PAGE_SIZE;
+    }
+    Ok(bits)
+}
+
+fn start_logging(vm: &Vm) -> Result<(), Error> {
+    crate::vm::set_memory_slots(&vm.vm_fd, &vm.mem, true)
+        .map_err(|e| failed("turn on dirty-page logging")(e.to_string()))?;
+    for region in vm.mem.iter() {
+        memory::vmm_written(region).reset();
+    }
+    Ok(())
+}
+
+/// Takes a snapshot as `req` asks; returns its summary for the API.
+pub fn take(vm: &Vm, req: &SnapshotRequest) -> Result<serde_json::Value, Error> {
+    refuse_virtio(vm)?;
+    let started = Instant::now();
+    let mut tracking = vm
+        .tracking
+        .lock()
+        .map_err(|_| failed("snapshot")("tracking state poisoned".into()))?;
+    let mut pending = match req.kind {
+        Kind::Full => Pending::full(&req.dest, req.force)?,
+        Kind::Incremental => {
+            if req.force {
+                return Err(Error::Chain(
+                    "force replaces full snapshots only; an incremental one adds a layer".into(),
+                ));
+            }
+            let Some(chain) = tracking.chain.clone().filter(|_| tracking.logging) else {
+                return Err(Error::Chain(
+                    "an incremental snapshot needs a previous snapshot of this VM: take a full \
+                     one first"
+                        .into(),
+                ));
+            };
+            Pending::extend(&req.dest, &chain.chain_id, chain.generation)?
+        }
+    };
+    let file = pending.memory_file()?;
+
+    let was_paused = vm.is_paused();
+    let pause_start = Instant::now();
+    if !was_paused {
+        vm.pause().map_err(failed("pause the VM"))?;
+    }
+    let mut fetched: Option<PageBitmap> = None;
+    let captured = (|| -> Result<_, Error> {
+        let machine = machine_state(vm)?;
+        let selection = if tracking.logging {
+            let mut dirty = fetch_dirty(vm)?;
+            if let Some(c) = tracking.carry.take() {
+                dirty.union(&c);
+            }
+            fetched = Some(dirty.clone());
+            match req.kind {
+                Kind::Full => Selection::Full,
+                Kind::Incremental => Selection::Pages(dirty),
+            }
+        } else {
+            start_logging(vm)?;
+            tracking.logging = true;
+            Selection::Full
+        };
+        let written = write_layer(&vm.mem, &selection, &file)
+            .map_err(|e| failed("write guest memory")(e.to_string()))?;
+        Ok((machine, written))
+    })();
+    let pause = pause_start.elapsed();
+    if !was_paused {
+        if let Err(e) = vm.resume() {
+            tracing::error!("snapshot: cannot resume the VM: {e}");
+        }
+    }
+    let carry_back = |tracking: &mut Tracking, fetched: Option<PageBitmap>| {
+        if let Some(f) = fetched {
+            match &mut tracking.carry {
+                Some(c) => c.union(&f),
+                None => tracking.carry = Some(f),
+            }
+        }
+    };
+    let (machine, written) = match captured {
+        Ok(x) => x,
+        Err(e) => {
+            carry_back(&mut tracking, fetched);
+            return Err(e);
+        }
+    };
+    let state = serde_json::to_vec(&machine).map_err(|e| failed("encode state")(e.to_string()))?;
+    let pages = written.defined.count();
+    let data_bytes = written.data_bytes;
+    let commit = Commit {
+        written,
+        live: false,
+        pause_ms: pause.as_secs_f64() * 1e3,
+        state,
+        vm_config: serde_json::to_value(&vm.config).unwrap_or_default(),
+        host: HostProfile {
+            cpu_vendor: host_vendor(),
+            cpu_profile: format!("{:?}", vm.profile).to_lowercase(),
+            host_kind: format!("{:?}", vm.host_kind).to_lowercase(),
+            tsc_khz: vm.tsc_khz,
+        },
+        memory_bytes: vm.config.memory_bytes,
+        regions: vm.mem.iter().map(|r| (r.start_addr().0, r.len())).collect(),
+    };
+    let manifest = match pending.commit(commit) {
+        Ok(m) => m,
+        Err(e) => {
+            carry_back(&mut tracking, fetched);
+            return Err(e.into());
+        }
+    };
+    tracking.chain = Some(ChainRef {
+        dir: req.dest.clone(),
+        chain_id: manifest.chain_id.clone(),
+        generation: manifest.generation,
+    });
+    Ok(serde_json::json!({
+        "dest": req.dest,
+        "kind": req.kind,
+        "chain_id": manifest.chain_id,
+        "generation": manifest.generation,
+        "layers": manifest.layers.len(),
+        "pause_ms": pause.as_secs_f64() * 1e3,
+        "total_ms": started.elapsed().as_secs_f64() * 1e3,
+        "pages_written": pages,
+        "data_bytes": data_bytes,
+        "memory_bytes": vm.config.memory_bytes,
+    }))
+}
+
+/// A snapshot opened, verified and checked against this host, ready for
+/// `Vm::create`.
+pub struct Restoring {
+    pub snapshot: Snapshot,
+    pub machine: MachineState,
+    /// Start with the vCPUs paused (resume through the API).
+    pub paused: bool,
+}
+
+impl Restoring {
+    pub fn open(dir: &Path, paused: bool) -> Result<Restoring, Error> {
+        let snapshot = Snapshot::open(dir)?;
+        snapshot.verify()?;
+        let incompatible = |why: String| Error::Incompatible {
+            dir: dir.into(),
+            why,
+        };
+        let state = snapshot.read_state()?;
+        let machine: MachineState = serde_json::from_slice(&state)
+            .map_err(|e| incompatible(format!("unreadable state file: {e}")))?;
+        let m = &snapshot.manifest;
+        if machine.version != STATE_VERSION {
+            return Err(incompatible(format!(
+                "state version {} (this ffmk-vmm reads {STATE_VERSION})",
+                machine.version
+            )));
+        }
+        if machine.config.memory_bytes != m.memory_bytes {
+            return Err(incompatible(format!(
+                "the state is for {} MiB of memory, the memory layers hold {} MiB",
+                machine.config.memory_bytes >> 20,
+                m.memory_bytes >> 20
+            )));
+        }
+        let layout: Vec<(u64, u64)> = crate::arch::layout::ram_regions(m.memory_bytes)
+            .into_iter()
+            .map(|(a, l)| (a.0, l as u64))
+            .collect();
+        if layout != m.regions {
+            return Err(incompatible(
+                "its memory regions do not match this VMM's layout".into(),
+            ));
+        }
+        if machine.vcpus.len() != usize::from(machine.config.cpus) || machine.config.cpus == 0 {
+            return Err(incompatible("vCPU count and saved vCPUs differ".into()));
+        }
+        let vendor = host_vendor();
+        if m.host.cpu_vendor != vendor {
+            return Err(incompatible(format!(
+                "it was taken on a {} CPU, this host is {vendor}",
+                m.host.cpu_vendor
+            )));
+        }
+        Ok(Restoring {
+            snapshot,
+            machine,
+            paused,
+        })
+    }
+
+    /// The run configuration of the restored VM.
+    pub fn run_config(&self, console: Console, api_socket: Option<PathBuf>) -> RunConfig {
+        let c = &self.machine.config;
+        RunConfig {
+            kernel: c.kernel.clone(),
+            initrd: None,
+            cmdline: c.cmdline.clone(),
+            cpus: c.cpus,
+            memory_bytes: c.memory_bytes,
+            hugepages: c.hugepages,
+            console,
+            api_socket,
+            test_exit_port: c.test_exit_port,
+            cpu_profile: Some(c.cpu_profile),
+            disks: vec![],
+            nets: vec![],
+            rng: false,
+            virtio_console: None,
+            vsock: None,
+        }
+    }
+
+    /// Guest memory: the full layer mapped lazily (`MAP_PRIVATE`), the
+    /// incremental layers copied over it. With huge pages, every layer is
+    /// copied into fresh huge-page memory instead.
+    pub fn memory(&self, config: &RunConfig) -> Result<GuestMemoryMmap, Error> {
+        let size = config.memory_bytes;
+        let s = &self.snapshot;
+        let mem = if config.hugepages {
+            let m = memory::create(size, true).map_err(|e| failed("map memory")(e.to_string()))?;
+            s.apply_layers(0, &m)?;
+            m
+        } else {
+            let m = memory::map_snapshot(size, &s.layer_path(0))
+                .map_err(|e| failed("map the memory layer")(e.to_string()))?;
+            s.apply_layers(1, &m)?;
+            m
+        };
+        Ok(mem)
+    }
+
+    /// Restores vCPU `id` (TSC frequency first); returns the TSC kHz it runs at.
+    pub fn restore_vcpu(
+        &self,
+        fd: &kvm_ioctls::VcpuFd,
+        id: u8,
+        host_tsc_khz: u32,
+    ) -> Result<u32, String> {
+        let saved = self.machine.tsc_khz;
+        let mut khz = host_tsc_khz;
+        if saved != 0 && saved != host_tsc_khz {
+            match fd.set_tsc_khz(saved) {
+                Ok(()) => khz = saved,
+                Err(e) => tracing::warn!(
+                    "vCPU {id}: the snapshot's TSC ran at {saved} kHz, this host's at \
+                     {host_tsc_khz} kHz, and KVM cannot scale it ({e}); guest time will drift"
+                ),
+            }
+        }
+        let s = self
+            .machine
+            .vcpus
+            .get(usize::from(id))
+            .ok_or_else(|| format!("no saved state for vCPU {id}"))?;
+        state::restore_vcpu(fd, s).map_err(|e| e.to_string())?;
+        Ok(khz)
+    }
+
+    pub fn chain(&self) -> ChainRef {
+        ChainRef {
+            dir: self.snapshot.dir.clone(),
+            chain_id: self.snapshot.manifest.chain_id.clone(),
+            generation: self.snapshot.manifest.generation,
+        }
+    }
+}

@@ -1,0 +1,480 @@
+//! Snapshots end to end: the probe guest is snapshotted (full and
+//! incremental), its VMM killed, and a new VMM restores it; the guest's
+//! counter must continue without a gap or repeat, and its memory must be
+//! exactly what it would have been without the interruption. Corrupted
+//! snapshots and refused requests get one clear line each.
+mod common;
+
+use common::{probe, tmpdir, vmm};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A VMM whose console goes to a file.
+struct Vm {
+    child: Child,
+    console: PathBuf,
+    sock: PathBuf,
+}
+
+impl Vm {
+    fn spawn(args: &[&str], console: &Path, sock: &Path) -> Vm {
+        let child = Command::new(vmm())
+            .args(args)
+            .arg("--console")
+            .arg(format!("file={}", console.display()))
+            .arg("--api-socket")
+            .arg(sock)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        Vm {
+            child,
+            console: console.into(),
+            sock: sock.into(),
+        }
+    }
+
+    fn boot(dir: &Path, name: &str, task: &str) -> Vm {
+        let p = probe();
+        Vm::spawn(
+            &[
+                "run",
+                "--kernel",
+                p.to_str().unwrap(),
+                "--cmdline",
+                task,
+                "--memory",
+                "128M",
+                "--test-exit-port",
+            ],
+            &dir.join(format!("{name}.console")),
+            &dir.join(format!("{name}.sock")),
+        )
+    }
+
+    fn restore(dir: &Path, name: &str, from: &Path, extra: &[&str]) -> Vm {
+        let mut args = vec!["restore", "--from", from.to_str().unwrap()];
+        args.extend(extra);
+        Vm::spawn(
+            &args,
+            &dir.join(format!("{name}.console")),
+            &dir.join(format!("{name}.sock")),
+        )
+    }
+
+    fn console(&self) -> String {
+        std::fs::read_to_string(&self.console).unwrap_or_default()
+    }
+
+    /// Waits until the guest printed `counter=N` with N >= `n`.
+    fn wait_counter(&self, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if counters(&self.console()).last().is_some_and(|&c| c >= n) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("counter {n} not reached: {}", self.console());
+    }
+
+    fn api(&self, args: &[&str]) -> Output {
+        Command::new(vmm())
+            .args(args)
+            .arg("--api-socket")
+            .arg(&self.sock)
+            .output()
+            .unwrap()
+    }
+
+    fn snapshot(&self, dest: &Path, extra: &[&str]) -> serde_json::Value {
+        let mut args = vec!["snapshot", "--dest", dest.to_str().unwrap()];
+        args.extend(extra);
+        let out = self.api(&args);
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn wait_exit(mut self) -> (Option<i32>, String) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                let out = self.child.wait_with_output().unwrap();
+                return (s.code(), String::from_utf8_lossy(&out.stderr).into_owned());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "VM did not exit: {}",
+                self.console()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The values of complete `counter=N` lines.
+fn counters(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("counter="))
+        .filter_map(|v| v.trim().parse().ok())
+        .collect()
+}
+
+/// The console of a VM and of its restored continuation, joined: a line
+/// cut by the snapshot is completed by the restored guest.
+fn assert_consecutive(joined: &str, last: u64) {
+    let c = counters(joined);
+    let want: Vec<u64> = (1..=last).collect();
+    assert_eq!(c, want, "counter with a gap or a repeat:\n{joined}");
+}
+
+fn value(text: &str, key: &str) -> Option<String> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(&format!("{key}="))
+            .map(|v| v.trim().to_string())
+    })
+}
+
+#[test]
+fn counter_continues_after_snapshot_kill_and_restore() {
+    let dir = tmpdir("snap-counter");
+    let vm = Vm::boot(&dir, "a", "task=counter hz=50 max=100");
+    vm.wait_counter(10);
+    assert!(vm.api(&["pause"]).status.success());
+    let snap = dir.join("snap");
+    let s = vm.snapshot(&snap, &[]);
+    assert_eq!(s["kind"], "full");
+    assert!(s["pause_ms"].as_f64().unwrap() >= 0.0, "{s}");
+    // Untouched memory is not written: far less than the 128 MiB guest.
+    assert!(s["data_bytes"].as_u64().unwrap() < 4 << 20, "{s}");
+    let before = vm.console();
+    vm.kill();
+    // Restore paused, check it is, then resume through the API.
+    let r = Vm::restore(&dir, "b", &snap, &["--paused"]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(r.console(), "", "a paused restore runs nothing");
+    let info = r.api(&["info"]);
+    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(v["state"], "paused", "{v}");
+    assert!(r.api(&["resume"]).status.success());
+    let (code, err) = r.wait_exit();
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("restored"), "{err}");
+    assert_consecutive(
+        &(before + &std::fs::read_to_string(dir.join("b.console")).unwrap()),
+        100,
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn incremental_chain_and_compact_restore_memory_exactly() {
+    let dir = tmpdir("snap-chain");
+    let task = "task=dirty mib=16 rate=32 hz=20 max=60";
+    // Reference: the same guest without interruption.
+    let reference = Vm::boot(&dir, "ref", task);
+    let reference_console = {
+        let c = reference.console.clone();
+        let (code, err) = reference.wait_exit();
+        assert_eq!(code, Some(0), "{err}");
+        std::fs::read_to_string(c).unwrap()
+    };
+    let want = value(&reference_console, "checksum").expect("reference checksum");
+
+    let vm = Vm::boot(&dir, "a", task);
+    let snap = dir.join("chain");
+    vm.wait_counter(5);
+    let full = vm.snapshot(&snap, &[]);
+    vm.wait_counter(12);
+    let inc1 = vm.snapshot(&snap, &["--incremental"]);
+    vm.wait_counter(18);
+    assert!(vm.api(&["pause"]).status.success());
+    let inc2 = vm.snapshot(&snap, &["--incremental"]);
+    assert_eq!(inc2["generation"], 3);
+    assert_eq!(inc2["layers"], 3);
+    // An increment holds the dirtied pages, not all of them.
+    let (f, i) = (
+        full["pages_written"].as_u64().unwrap(),
+        inc1["pages_written"].as_u64().unwrap(),
+    );
+    assert!(i > 0 && i < f, "full {f} pages, incremental {i}");
+    let before = vm.console();
+    vm.kill();
+
+    let r = Vm::restore(&dir, "b", &snap, &[]);
+    let (code, err) = r.wait_exit();
+    assert_eq!(code, Some(0), "{err}");
+    let after = std::fs::read_to_string(dir.join("b.console")).unwrap();
+    assert_eq!(
+        value(&after, "dirty_verify")
+            .as_deref()
+            .map(|v| v.starts_with("ok")),
+        Some(true),
+        "{after}"
+    );
+    assert_eq!(value(&after, "checksum"), Some(want.clone()));
+    assert_consecutive(&(before.clone() + &after), 60);
+
+    // Compact into one full layer: same memory, one layer left.
+    let out = Command::new(vmm())
+        .args(["snapshot", "compact"])
+        .arg(&snap)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(snap.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["layers"].as_array().unwrap().len(), 1, "{m}");
+    assert_eq!(m["generation"], 3);
+    let names: Vec<String> = std::fs::read_dir(&snap)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names.len(),
+        4,
+        "manifest, state, one memory file, one bitmap: {names:?}"
+    );
+    let r = Vm::restore(&dir, "c", &snap, &[]);
+    let (code, err) = r.wait_exit();
+    assert_eq!(code, Some(0), "{err}");
+    let after = std::fs::read_to_string(dir.join("c.console")).unwrap();
+    assert_eq!(value(&after, "checksum"), Some(want));
+    assert_consecutive(&(before + &after), 60);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Copies a snapshot directory.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+fn edit_manifest(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let p = dir.join("manifest.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    f(&mut m);
+    std::fs::write(&p, serde_json::to_vec(&m).unwrap()).unwrap();
+}
+
+#[test]
+fn damaged_snapshots_are_refused_with_one_clear_line() {
+    let dir = tmpdir("snap-bad");
+    let vm = Vm::boot(&dir, "a", "task=dirty mib=4 rate=8 hz=20");
+    vm.wait_counter(3);
+    let good = dir.join("good");
+    vm.snapshot(&good, &[]);
+    vm.wait_counter(6);
+    vm.snapshot(&good, &["--incremental"]);
+    vm.kill();
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(good.join("manifest.json")).unwrap()).unwrap();
+    // A byte inside a page the full layer stored.
+    let bits = std::fs::read(good.join("pages-1.bin")).unwrap();
+    let first_page = bits
+        .iter()
+        .enumerate()
+        .find(|(_, b)| **b != 0)
+        .map(|(i, b)| i as u64 * 8 + u64::from(b.trailing_zeros()))
+        .unwrap();
+    type Damage = Box<dyn Fn(&Path)>;
+    let cases: Vec<(&str, Damage, &str)> = vec![
+        (
+            "version",
+            Box::new(|d| edit_manifest(d, |m| m["version"] = 99.into())),
+            "format version 99",
+        ),
+        (
+            "memory-checksum",
+            Box::new(move |d| {
+                use std::os::unix::fs::FileExt;
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(d.join("mem-1.bin"))
+                    .unwrap();
+                let mut b = [0u8; 1];
+                std::fs::File::open(d.join("mem-1.bin"))
+                    .unwrap()
+                    .read_exact_at(&mut b, first_page * 4096 + 100)
+                    .unwrap();
+                f.write_all_at(&[b[0] ^ 0xff], first_page * 4096 + 100)
+                    .unwrap();
+            }),
+            "fails its checksum",
+        ),
+        (
+            "state-checksum",
+            Box::new(|d| {
+                let p = d.join("state-2.json");
+                let mut s = std::fs::read(&p).unwrap();
+                let n = s.len() / 2;
+                s[n] ^= 1;
+                std::fs::write(p, s).unwrap();
+            }),
+            "fails its checksum",
+        ),
+        (
+            "truncated",
+            Box::new(|d| {
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(d.join("mem-2.bin"))
+                    .unwrap();
+                f.set_len(4096).unwrap();
+            }),
+            "truncated",
+        ),
+        (
+            "missing-layer",
+            Box::new(|d| std::fs::remove_file(d.join("mem-2.bin")).unwrap()),
+            "is missing",
+        ),
+        (
+            "memory-size",
+            Box::new(|d| edit_manifest(d, |m| m["memory_bytes"] = (256u64 << 20).into())),
+            "memory is 268435456 bytes",
+        ),
+        (
+            "cpu",
+            Box::new(|d| edit_manifest(d, |m| m["host"]["cpu_vendor"] = "AuthenticAMD".into())),
+            "taken on a AuthenticAMD CPU",
+        ),
+        (
+            "garbage-manifest",
+            Box::new(|d| std::fs::write(d.join("manifest.json"), b"{not json").unwrap()),
+            "is corrupt",
+        ),
+        (
+            "no-manifest",
+            Box::new(|d| std::fs::remove_file(d.join("manifest.json")).unwrap()),
+            "is not a snapshot",
+        ),
+    ];
+    assert_eq!(m["layers"].as_array().unwrap().len(), 2);
+    for (name, damage, want) in cases {
+        let d = dir.join(name);
+        copy_dir(&good, &d);
+        damage(&d);
+        let out = Command::new(vmm())
+            .args(["restore", "--console", "none", "--from"])
+            .arg(&d)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {err}");
+        assert_eq!(err.lines().count(), 1, "{name}: {err}");
+        assert!(err.contains(want), "{name}: want '{want}' in: {err}");
+    }
+    // The undamaged original still restores and runs.
+    let r = Vm::restore(&dir, "ok", &good, &[]);
+    r.wait_counter(8);
+    r.kill();
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn refused_or_failed_snapshots_leave_the_vm_running_and_nothing_half_written() {
+    let dir = tmpdir("snap-refuse");
+    let vm = Vm::boot(&dir, "a", "task=counter hz=50");
+    vm.wait_counter(3);
+    let snap = dir.join("s");
+    let refusals: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "--dest".into(),
+                snap.display().to_string(),
+                "--incremental".into(),
+            ],
+            "take a full one first",
+        ),
+        (
+            vec!["--dest".into(), "/proc/ffmk-no-such/s".into()],
+            "cannot create",
+        ),
+    ];
+    for (args, want) in &refusals {
+        let mut a = vec!["snapshot"];
+        a.extend(args.iter().map(String::as_str));
+        let out = vm.api(&a);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    vm.snapshot(&snap, &[]);
+    let manifest = std::fs::read(snap.join("manifest.json")).unwrap();
+    // An existing snapshot is not replaced unless asked.
+    let out = vm.api(&["snapshot", "--dest", snap.to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already exists"),
+        "{out:?}"
+    );
+    assert_eq!(std::fs::read(snap.join("manifest.json")).unwrap(), manifest);
+    let s = vm.snapshot(&snap, &["--force"]);
+    assert_ne!(
+        std::fs::read(snap.join("manifest.json")).unwrap(),
+        manifest,
+        "{s}"
+    );
+    // An incremental snapshot into a different chain is refused.
+    let other = dir.join("other");
+    copy_dir(&snap, &other);
+    edit_manifest(&other, |m| m["chain_id"] = "0000000000000000".into());
+    let out = vm.api(&[
+        "snapshot",
+        "--incremental",
+        "--dest",
+        other.to_str().unwrap(),
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("holds chain"),
+        "{out:?}"
+    );
+    // Still running, and no partial directories were left behind.
+    let n = counters(&vm.console()).last().copied().unwrap();
+    vm.wait_counter(n + 5);
+    let leftovers: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("partial") || n.contains(".old-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    vm.kill();
+
+    // Devices whose state is not saved yet: refused, VM unharmed.
+    let p = probe();
+    let rng = Vm::spawn(
+        &[
+            "run",
+            "--kernel",
+            p.to_str().unwrap(),
+            "--cmdline",
+            "task=counter hz=50",
+            "--rng",
+        ],
+        &dir.join("rng.console"),
+        &dir.join("rng.sock"),
+    );
+    rng.wait_counter(2);
+    let out = rng.api(&["snapshot", "--dest", dir.join("rng-snap").to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not supported yet"),
+        "{out:?}"
+    );
+    assert!(!dir.join("rng-snap").exists());
+    let n = counters(&rng.console()).last().copied().unwrap();
+    rng.wait_counter(n + 3);
+    rng.kill();
+    std::fs::remove_dir_all(dir).unwrap();
+}
