@@ -250,6 +250,9 @@ pub fn write_layer(
                     defined.set(first + page0 + i);
                     crc.update(page);
                     if zero {
+                        // A page that became zero: a hole, also where an
+                        // earlier round of a live snapshot wrote data.
+                        punch_page(file, (first + page0 + i) * PAGE_SIZE)?;
                         i += 1;
                         continue;
                     }
@@ -277,6 +280,24 @@ pub fn write_layer(
         data_bytes,
         crc32: crc.finalize(),
     })
+}
+
+fn punch_page(file: &File, offset: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fallocate on our own descriptor, one page inside the file.
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            PAGE_SIZE as libc::off_t,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    // No hole punching on this filesystem: write the zeros.
+    file.write_all_at(&[0u8; PAGE_SIZE as usize], offset)
 }
 
 /// CRC-32 of the pages `defined` selects in `file` (holes read as zero).

@@ -6,7 +6,10 @@
 //! layer (full: pages with content; incremental: pages dirtied since the
 //! previous snapshot, from KVM's dirty log OR the pages the VMM wrote),
 //! resume, then commit the layer, state and manifest (`snapshot` crate).
-//! The guest pauses only for state and memory, not for the commit.
+//! The guest pauses only for state and memory, not for the commit. A live
+//! snapshot copies memory while the guest runs, in dirty-log rounds until
+//! what is left is small (or stops shrinking), and pauses only for the
+//! last dirty pages and the state.
 //!
 //! Dirty logging is off until the first full snapshot (it costs the guest
 //! write-protection faults and large pages), then stays on so incremental
@@ -134,7 +137,16 @@ pub struct SnapshotRequest {
     /// Replace an existing snapshot at `dest` (full snapshots only).
     #[serde(default)]
     pub force: bool,
+    /// Copy memory while the guest runs (dirty-log rounds), pausing only for
+    /// the last dirty pages and the device/vCPU state.
+    #[serde(default)]
+    pub live: bool,
 }
+
+/// Live snapshots: at most this many copy rounds, and the guest is paused
+/// once fewer pages than this (1 MiB) are left dirty.
+const LIVE_MAX_ROUNDS: u32 = 10;
+const LIVE_FINAL_PAGES: u64 = 256;
 
 fn host_vendor() -> String {
     let r = core::arch::x86_64::__cpuid(0);
@@ -267,21 +279,26 @@ pub fn take(vm: &Vm, req: &SnapshotRequest) -> Result<serde_json::Value, Error> 
         }
     };
     let file = pending.memory_file()?;
-
     let was_paused = vm.is_paused();
-    let pause_start = Instant::now();
-    if !was_paused {
-        vm.pause().map_err(failed("pause the VM"))?;
-    }
-    let mut fetched: Option<PageBitmap> = None;
+    let live = req.live && !was_paused;
+    // Everything taken from the dirty log in this attempt: handed to the
+    // next snapshot if this one fails.
+    let mut fetched = PageBitmap::new(total_pages(&vm.mem));
+    let mut pause = Duration::ZERO;
+    let mut rounds = 0;
     let captured = (|| -> Result<_, Error> {
-        let machine = machine_state(vm)?;
-        let selection = if tracking.logging {
+        let mut pause_start = Instant::now();
+        if !live && !was_paused {
+            vm.pause().map_err(failed("pause the VM"))?;
+        }
+        // The first round: all pages with content, or those dirtied since
+        // the previous snapshot. Dirty logging is on from here on.
+        let first = if tracking.logging {
             let mut dirty = fetch_dirty(vm)?;
             if let Some(c) = tracking.carry.take() {
                 dirty.union(&c);
             }
-            fetched = Some(dirty.clone());
+            fetched.union(&dirty);
             match req.kind {
                 Kind::Full => Selection::Full,
                 Kind::Incremental => Selection::Pages(dirty),
@@ -291,23 +308,69 @@ pub fn take(vm: &Vm, req: &SnapshotRequest) -> Result<serde_json::Value, Error> 
             tracking.logging = true;
             Selection::Full
         };
-        let written = write_layer(&vm.mem, &selection, &file)
-            .map_err(|e| failed("write guest memory")(e.to_string()))?;
-        Ok((machine, written))
+        let write = |sel: &Selection| {
+            write_layer(&vm.mem, sel, &file)
+                .map_err(|e| failed("write guest memory")(e.to_string()))
+        };
+        let mut written = write(&first)?;
+        rounds = 1;
+        if live {
+            // Copy what the guest dirtied meanwhile until the rest is small
+            // or stops shrinking, then pause for the remainder.
+            let mut previous = u64::MAX;
+            let mut last = None;
+            while rounds < LIVE_MAX_ROUNDS {
+                let dirty = fetch_dirty(vm)?;
+                fetched.union(&dirty);
+                let n = dirty.count();
+                if n <= LIVE_FINAL_PAGES || n >= previous {
+                    last = Some(dirty);
+                    break;
+                }
+                let w = write(&Selection::Pages(dirty))?;
+                written.defined.union(&w.defined);
+                previous = n;
+                rounds += 1;
+            }
+            pause_start = Instant::now();
+            vm.pause().map_err(failed("pause the VM"))?;
+            let mut dirty = fetch_dirty(vm)?;
+            fetched.union(&dirty);
+            if let Some(l) = last {
+                dirty.union(&l);
+            }
+            let w = write(&Selection::Pages(dirty))?;
+            written.defined.union(&w.defined);
+            rounds += 1;
+        }
+        let machine = machine_state(vm);
+        pause = pause_start.elapsed();
+        if !was_paused {
+            if let Err(e) = vm.resume() {
+                tracing::error!("snapshot: cannot resume the VM: {e}");
+            }
+        }
+        if live {
+            // Pages were rewritten across rounds: checksum the final file,
+            // and count what it really stores.
+            written.crc32 = snapshot::memory::checksum_layer(&file, &written.defined)
+                .map_err(|e| failed("checksum guest memory")(e.to_string()))?;
+            use std::os::unix::fs::MetadataExt;
+            written.data_bytes = file
+                .metadata()
+                .map(|m| m.blocks() * 512)
+                .unwrap_or(written.data_bytes);
+        }
+        Ok((machine?, written))
     })();
-    let pause = pause_start.elapsed();
-    if !was_paused {
+    if captured.is_err() && !was_paused && vm.is_paused() {
         if let Err(e) = vm.resume() {
             tracing::error!("snapshot: cannot resume the VM: {e}");
         }
     }
-    let carry_back = |tracking: &mut Tracking, fetched: Option<PageBitmap>| {
-        if let Some(f) = fetched {
-            match &mut tracking.carry {
-                Some(c) => c.union(&f),
-                None => tracking.carry = Some(f),
-            }
-        }
+    let carry_back = |tracking: &mut Tracking, fetched: PageBitmap| match &mut tracking.carry {
+        Some(c) => c.union(&fetched),
+        None => tracking.carry = Some(fetched),
     };
     let (machine, written) = match captured {
         Ok(x) => x,
@@ -321,7 +384,7 @@ pub fn take(vm: &Vm, req: &SnapshotRequest) -> Result<serde_json::Value, Error> 
     let data_bytes = written.data_bytes;
     let commit = Commit {
         written,
-        live: false,
+        live,
         pause_ms: pause.as_secs_f64() * 1e3,
         state,
         vm_config: serde_json::to_value(&vm.config).unwrap_or_default(),
@@ -353,6 +416,8 @@ pub fn take(vm: &Vm, req: &SnapshotRequest) -> Result<serde_json::Value, Error> 
         "generation": manifest.generation,
         "layers": manifest.layers.len(),
         "pause_ms": pause.as_secs_f64() * 1e3,
+        "live": live,
+        "rounds": rounds,
         "total_ms": started.elapsed().as_secs_f64() * 1e3,
         "pages_written": pages,
         "data_bytes": data_bytes,

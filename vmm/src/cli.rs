@@ -74,6 +74,9 @@ pub struct SnapshotArgs {
     /// Replace an existing snapshot at --dest (full snapshots only).
     #[arg(long)]
     pub force: bool,
+    /// Copy memory while the guest runs; pause only for the last dirty pages.
+    #[arg(long)]
+    pub live: bool,
 }
 
 #[derive(Subcommand, Debug)]

@@ -234,6 +234,7 @@ fn snapshot(a: SnapshotArgs) -> Result<u8, Failure> {
                 "dest": dest,
                 "kind": if a.incremental { "incremental" } else { "full" },
                 "force": a.force,
+                "live": a.live,
             });
             client(
                 ClientArgs { api_socket: sock },

@@ -478,3 +478,40 @@ fn refused_or_failed_snapshots_leave_the_vm_running_and_nothing_half_written() {
     rng.kill();
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn live_snapshot_of_a_dirtying_guest_restores_consistently() {
+    let dir = tmpdir("snap-live");
+    let task = "task=dirty mib=32 rate=32 hz=20 max=50";
+    let reference = Vm::boot(&dir, "ref", task);
+    let c = reference.console.clone();
+    let (code, err) = reference.wait_exit();
+    assert_eq!(code, Some(0), "{err}");
+    let want = value(&std::fs::read_to_string(c).unwrap(), "checksum").unwrap();
+
+    let vm = Vm::boot(&dir, "a", task);
+    vm.wait_counter(5);
+    let snap = dir.join("live");
+    let s = vm.snapshot(&snap, &["--live"]);
+    assert_eq!(s["live"], true, "{s}");
+    assert!(s["rounds"].as_u64().unwrap() >= 2, "{s}");
+    let pause = s["pause_ms"].as_f64().unwrap();
+    let total = s["total_ms"].as_f64().unwrap();
+    assert!(pause < total, "{s}");
+    // The guest kept running during the copy; kill it well before its end.
+    vm.kill();
+    let r = Vm::restore(&dir, "b", &snap, &[]);
+    let (code, err) = r.wait_exit();
+    assert_eq!(code, Some(0), "{err}");
+    let after = std::fs::read_to_string(dir.join("b.console")).unwrap();
+    assert!(after.contains("dirty_verify=ok"), "{after}");
+    assert_eq!(value(&after, "checksum"), Some(want));
+    let out = Command::new(vmm())
+        .args(["snapshot", "inspect", "--verify"])
+        .arg(&snap)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("(live)"), "{text}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -156,7 +156,7 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, ApiRes
         let r: crate::checkpoint::SnapshotRequest = serde_json::from_slice(body).map_err(|e| {
             ApiResponse::error(
                 400,
-                format!("bad snapshot request (want {{\"dest\": DIR, \"kind\": \"full\"|\"incremental\", \"force\": bool}}): {e}"),
+                format!("bad snapshot request (want {{\"dest\": DIR, \"kind\": \"full\"|\"incremental\", \"force\": bool, \"live\": bool}}): {e}"),
             )
         })?;
         if !r.dest.is_absolute() {
