@@ -1,7 +1,9 @@
 //! ffmk-vmm, the monitor. Read top-down: `cli` (what the user asks) →
 //! `config` (validated VM configuration) → `vm` (memory, KVM VM, boot,
 //! devices, vCPU threads) → `vcpu` (the `KVM_RUN` loop) → `control` (the
-//! event loop that ends the VM) and `api` (REST over a Unix socket).
+//! event loop that ends the VM) and `api` (REST over a Unix socket);
+//! `checkpoint` takes snapshots and restores from them (`arch::state` holds
+//! the KVM state path).
 pub mod api;
 pub mod arch;
 pub mod boot;

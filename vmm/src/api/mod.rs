@@ -194,7 +194,27 @@ mod tests {
                 bytes: 4096
             }
         );
+        match route(
+            "PUT",
+            "/vm/snapshot",
+            br#"{"dest": "/s", "kind": "incremental"}"#,
+        ) {
+            Ok(ApiRequest::Snapshot(r)) => {
+                assert_eq!(r.kind, crate::checkpoint::Kind::Incremental);
+                assert!(!r.live && !r.force);
+            }
+            other => panic!("{other:?}"),
+        }
         for (method, path, body, status) in [
+            ("GET", "/vm/snapshot", "{}", 405),
+            ("PUT", "/vm/snapshot", r#"{"dest": "rel"}"#, 400),
+            (
+                "PUT",
+                "/vm/snapshot",
+                r#"{"dest": "/s", "kind": "half"}"#,
+                400,
+            ),
+            ("PUT", "/vm/snapshot", r#"{"dest": "/s", "extra": 1}"#, 400),
             ("GET", "/vm/disks/0/resize", "{}", 405),
             ("PUT", "/vm/disks/x/resize", r#"{"size_bytes": 1}"#, 404),
             ("PUT", "/vm/disks/0/resize", "{}", 400),
