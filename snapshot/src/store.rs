@@ -269,6 +269,16 @@ fn sync_dir(dir: &Path) {
     }
 }
 
+/// A new file, never one that exists (nothing is written over).
+fn create_new(path: &Path) -> Result<File> {
+    File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(io("create", path))
+}
+
 fn write_synced(path: &Path, data: &[u8]) -> Result<()> {
     let mut f = File::create(path).map_err(io("create", path))?;
     f.write_all(data).map_err(io("write", path))?;
@@ -334,12 +344,7 @@ impl Pending {
 
     fn new_file(&mut self, name: &str) -> Result<(PathBuf, File)> {
         let path = self.work.join(name);
-        let f = File::options()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(io("create", &path))?;
+        let f = create_new(&path)?;
         self.created.push(path.clone());
         Ok((path, f))
     }
@@ -508,12 +513,7 @@ pub fn compact(dir: &Path) -> Result<Manifest> {
     let pages = s.pages();
     let name = format!("mem-{}c.bin", m.generation);
     let path = dir.join(&name);
-    let out = File::options()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&path)
-        .map_err(io("create", &path))?;
+    let out = create_new(&path)?;
     let cleanup = |e: Error| {
         let _ = std::fs::remove_file(&path);
         e

@@ -118,17 +118,7 @@ fn run(args: RunArgs) -> Result<u8, Failure> {
             .with_context(|| format!("cannot open initramfs {}", initrd.display()))
             .map_err(usage)?;
     }
-    // Block SIGINT/SIGTERM before any thread starts, so only the control loop sees them.
-    let signals = vmm::control::signal_fd()
-        .context("cannot set up signal handling")
-        .map_err(runtime)?;
-    let kvm = open_kvm()?;
-    let listener = match &config.api_socket {
-        Some(p) => Some((vmm::api::bind(p).map_err(usage)?, p.clone())),
-        None => None,
-    };
-    // From here on the socket file exists: remove it on every way out.
-    let _socket_guard = SocketGuard(listener.as_ref().map(|(_, p)| p.clone()));
+    let (signals, kvm, listener, _socket_guard) = prepare(&config)?;
 
     let vm = vmm::vm::Vm::create(&kvm, config, None).map_err(|e| {
         if e.is_user_error() {
@@ -140,11 +130,31 @@ fn run(args: RunArgs) -> Result<u8, Failure> {
     serve(vm, signals, listener)
 }
 
+type Listener = Option<(std::os::unix::net::UnixListener, std::path::PathBuf)>;
+
+/// What every VM start needs before the VM exists: SIGINT/SIGTERM blocked
+/// before any thread starts (only the control loop sees them), /dev/kvm, and
+/// the API socket bound (removed again on every way out by the guard).
+fn prepare(
+    config: &vmm::config::RunConfig,
+) -> Result<(std::os::fd::OwnedFd, kvm_ioctls::Kvm, Listener, SocketGuard), Failure> {
+    let signals = vmm::control::signal_fd()
+        .context("cannot set up signal handling")
+        .map_err(runtime)?;
+    let kvm = open_kvm()?;
+    let listener = match &config.api_socket {
+        Some(p) => Some((vmm::api::bind(p).map_err(usage)?, p.clone())),
+        None => None,
+    };
+    let guard = SocketGuard(listener.as_ref().map(|(_, p)| p.clone()));
+    Ok((signals, kvm, listener, guard))
+}
+
 /// Runs the control loop (and the API server, if any) until the VM ends.
 fn serve(
     vm: vmm::vm::Vm,
     signals: std::os::fd::OwnedFd,
-    listener: Option<(std::os::unix::net::UnixListener, std::path::PathBuf)>,
+    listener: Listener,
 ) -> Result<u8, Failure> {
     let api = match listener {
         Some((l, _)) => {
@@ -181,15 +191,7 @@ fn restore(args: RestoreArgs) -> Result<u8, Failure> {
         .map_err(usage)?;
     let restoring = vmm::checkpoint::Restoring::open(&args.from, args.paused).map_err(usage)?;
     let config = restoring.run_config(console, args.api_socket.clone());
-    let signals = vmm::control::signal_fd()
-        .context("cannot set up signal handling")
-        .map_err(runtime)?;
-    let kvm = open_kvm()?;
-    let listener = match &config.api_socket {
-        Some(p) => Some((vmm::api::bind(p).map_err(usage)?, p.clone())),
-        None => None,
-    };
-    let _socket_guard = SocketGuard(listener.as_ref().map(|(_, p)| p.clone()));
+    let (signals, kvm, listener, _socket_guard) = prepare(&config)?;
     let m = &restoring.snapshot.manifest;
     let summary = format!(
         "generation {}, {} layer(s), {:.1} MiB stored",
