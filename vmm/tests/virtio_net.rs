@@ -125,6 +125,20 @@ fn guest_measures_transmit_throughput_and_every_datagram_arrives() {
     let received = ns.run(move || {
         let s = UdpSocket::bind("10.0.0.1:0").unwrap();
         s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        // Room for every datagram even when this thread is slow to run (the
+        // guest sends as fast as it can; UDP has no flow control).
+        let size: libc::c_int = 16 << 20;
+        // SAFETY: setsockopt reads one c_int from a live local.
+        let r = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&s),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0, "SO_RCVBUFFORCE: {}", std::io::Error::last_os_error());
         s.send_to(b"start", "10.0.0.2:7777").unwrap();
         let mut n = 0;
         let mut buf = [0u8; 2048];
