@@ -13,7 +13,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap, MemoryRe
 pub type GuestMemory = vm_memory::GuestMemoryMmap<AtomicBitmap>;
 
 /// Pages copied per read or write (1 MiB).
-const CHUNK_PAGES: u64 = 256;
+pub(crate) const CHUNK_PAGES: u64 = 256;
 
 /// One bit per guest page of the memory file (the regions back to back).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,7 +163,7 @@ fn resident(region: &GuestRegionMmap<AtomicBitmap>) -> Option<Vec<u8>> {
     (r == 0).then_some(vec)
 }
 
-fn is_zero(page: &[u8]) -> bool {
+pub(crate) fn is_zero(page: &[u8]) -> bool {
     // SAFETY: reinterpreting initialised bytes as u64 words is valid for any
     // bit pattern; align_to puts misaligned ends into prefix/suffix.
     let (pre, words, post) = unsafe { page.align_to::<u64>() };
@@ -282,7 +282,8 @@ pub fn write_layer(
     })
 }
 
-fn punch_page(file: &File, offset: u64) -> std::io::Result<()> {
+/// Makes the page at `offset` a hole (or zeros where holes are not supported).
+pub(crate) fn punch_page(file: &File, offset: u64) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     // SAFETY: fallocate on our own descriptor, one page inside the file.
     let r = unsafe {
@@ -369,6 +370,16 @@ mod tests {
         std::env::temp_dir().join(format!("ffmk-snapmem-{}-{name}", std::process::id()))
     }
 
+    fn fresh_file(p: &std::path::Path) -> File {
+        File::options()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(p)
+            .unwrap()
+    }
+
     #[test]
     fn bitmaps_round_trip_and_list_runs() {
         let mut b = PageBitmap::new(130);
@@ -394,13 +405,7 @@ mod tests {
         m.write_obj(0x55u8, GuestAddress((1 << 32) + 0x1fff))
             .unwrap();
         let p = tmp("full");
-        let f = File::options()
-            .create(true)
-            .truncate(true)
-            .read(true)
-            .write(true)
-            .open(&p)
-            .unwrap();
+        let f = fresh_file(&p);
         let w = write_layer(&m, &Selection::Full, &f).unwrap();
         assert_eq!(w.defined.count(), 4, "{:?}", w.defined.runs());
         assert_eq!(w.data_bytes, 4 * PAGE_SIZE);
@@ -429,13 +434,7 @@ mod tests {
         dirty.set(5); // non-zero
         dirty.set(6); // zero: defined, a hole
         let p = tmp("incr");
-        let f = File::options()
-            .create(true)
-            .truncate(true)
-            .read(true)
-            .write(true)
-            .open(&p)
-            .unwrap();
+        let f = fresh_file(&p);
         let w = write_layer(&m, &Selection::Pages(dirty), &f).unwrap();
         assert_eq!(w.defined.count(), 2);
         assert_eq!(w.data_bytes, PAGE_SIZE);

@@ -3,7 +3,7 @@
 //! and synced first, and a failure removes what it wrote, so an existing
 //! snapshot is never damaged and a half snapshot never looks complete.
 use crate::manifest::{now_unix_ms, FileEntry, HostProfile, Layer, LayerKind, Manifest};
-use crate::memory::{self, PageBitmap, Written};
+use crate::memory::{self, PageBitmap, Written, CHUNK_PAGES};
 use crate::{FORMAT_NAME, FORMAT_VERSION, PAGE_SIZE};
 use std::fs::File;
 use std::io::Write;
@@ -269,6 +269,26 @@ fn sync_dir(dir: &Path) {
     }
 }
 
+/// Writes `m` as `dir`'s manifest: to a temporary file, synced, then
+/// renamed over the old one (the commit point), then the directory synced.
+/// On failure the old manifest is untouched and the temporary file gone.
+fn publish_manifest(dir: &Path, m: &Manifest) -> Result<()> {
+    let path = dir.join(MANIFEST);
+    let text = serde_json::to_vec_pretty(m).map_err(|e| Error::BadManifest {
+        path: path.clone(),
+        detail: e.to_string(),
+    })?;
+    let tmp = dir.join(format!(".{MANIFEST}.tmp"));
+    let done = write_synced(&tmp, &text)
+        .and_then(|()| std::fs::rename(&tmp, &path).map_err(io("rename", &tmp)));
+    if done.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    done?;
+    sync_dir(dir);
+    Ok(())
+}
+
 /// A new file, never one that exists (nothing is written over).
 fn create_new(path: &Path) -> Result<File> {
     File::options()
@@ -437,18 +457,7 @@ impl Pending {
     }
 
     fn write_manifest(&mut self, m: &Manifest) -> Result<()> {
-        let text = serde_json::to_vec_pretty(m).map_err(|e| Error::BadManifest {
-            path: self.work.join(MANIFEST),
-            detail: e.to_string(),
-        })?;
-        let tmp = self.work.join(format!(".{MANIFEST}.tmp"));
-        self.created.push(tmp.clone());
-        write_synced(&tmp, &text)?;
-        let path = self.work.join(MANIFEST);
-        std::fs::rename(&tmp, &path).map_err(io("rename", &tmp))?;
-        self.created.pop();
-        sync_dir(&self.work);
-        Ok(())
+        publish_manifest(&self.work, m)
     }
 
     /// Moves the finished work directory to its name (swapping out an old
@@ -500,6 +509,16 @@ impl Drop for Pending {
     }
 }
 
+/// The set runs of `bits`, cut into pieces of at most [`CHUNK_PAGES`].
+fn chunks(bits: &PageBitmap) -> impl Iterator<Item = (u64, u64)> {
+    bits.runs().into_iter().flat_map(|(start, count)| {
+        (0..count.div_ceil(CHUNK_PAGES)).map(move |k| {
+            let s = start + k * CHUNK_PAGES;
+            (s, CHUNK_PAGES.min(start + count - s))
+        })
+    })
+}
+
 /// Folds the chain in `dir` into one full layer, in place: the new layer
 /// and manifest are written first, then the old layers are removed. Chain
 /// id and generation stay, so the VM that wrote the chain can extend it.
@@ -514,8 +533,12 @@ pub fn compact(dir: &Path) -> Result<Manifest> {
     let name = format!("mem-{}c.bin", m.generation);
     let path = dir.join(&name);
     let out = create_new(&path)?;
+    let pages_name = format!("pages-{}c.bin", m.generation);
+    let ppath = dir.join(&pages_name);
+    // Until the manifest names them, the new files are removed on failure.
     let cleanup = |e: Error| {
         let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(&ppath);
         e
     };
     out.set_len(m.memory_bytes)
@@ -523,18 +546,17 @@ pub fn compact(dir: &Path) -> Result<Manifest> {
         .map_err(cleanup)?;
     // Newest layer wins: copy layers oldest first, defined pages only.
     let mut union = PageBitmap::new(pages);
-    let mut buf = vec![0u8; PAGE_SIZE as usize];
+    let mut buf = vec![0u8; (CHUNK_PAGES * PAGE_SIZE) as usize];
     for i in 0..m.layers.len() {
         let (file, bits) = s.layer(i).map_err(cleanup)?;
-        for (start, count) in bits.runs() {
-            for p in start..start + count {
-                file.read_exact_at(&mut buf, p * PAGE_SIZE)
-                    .map_err(io("read", &s.layer_path(i)))
-                    .map_err(cleanup)?;
-                out.write_all_at(&buf, p * PAGE_SIZE)
-                    .map_err(io("write", &path))
-                    .map_err(cleanup)?;
-            }
+        for (start, count) in chunks(&bits) {
+            let len = (count * PAGE_SIZE) as usize;
+            file.read_exact_at(&mut buf[..len], start * PAGE_SIZE)
+                .map_err(io("read", &s.layer_path(i)))
+                .map_err(cleanup)?;
+            out.write_all_at(&buf[..len], start * PAGE_SIZE)
+                .map_err(io("write", &path))
+                .map_err(cleanup)?;
         }
         union.union(&bits);
     }
@@ -542,32 +564,26 @@ pub fn compact(dir: &Path) -> Result<Manifest> {
     let mut defined = PageBitmap::new(pages);
     let mut crc = crc32fast::Hasher::new();
     let mut data_bytes = 0;
-    for (start, count) in union.runs() {
-        for p in start..start + count {
-            out.read_exact_at(&mut buf, p * PAGE_SIZE)
-                .map_err(io("read", &path))
-                .map_err(cleanup)?;
-            if buf.iter().all(|&b| b == 0) {
-                // SAFETY: fallocate on our own fd within the file's size.
-                unsafe {
-                    libc::fallocate(
-                        std::os::fd::AsRawFd::as_raw_fd(&out),
-                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                        (p * PAGE_SIZE) as libc::off_t,
-                        PAGE_SIZE as libc::off_t,
-                    )
-                };
+    for (start, count) in chunks(&union) {
+        let len = (count * PAGE_SIZE) as usize;
+        out.read_exact_at(&mut buf[..len], start * PAGE_SIZE)
+            .map_err(io("read", &path))
+            .map_err(cleanup)?;
+        for (i, page) in buf[..len].chunks_exact(PAGE_SIZE as usize).enumerate() {
+            let p = start + i as u64;
+            if memory::is_zero(page) {
+                memory::punch_page(&out, p * PAGE_SIZE)
+                    .map_err(io("write", &path))
+                    .map_err(cleanup)?;
                 continue;
             }
             defined.set(p);
-            crc.update(&buf);
+            crc.update(page);
             data_bytes += PAGE_SIZE;
         }
     }
     out.sync_all().map_err(io("sync", &path)).map_err(cleanup)?;
     let bits = defined.to_bytes();
-    let pages_name = format!("pages-{}c.bin", m.generation);
-    let ppath = dir.join(&pages_name);
     write_synced(&ppath, &bits).map_err(cleanup)?;
     let old_files: Vec<String> = m
         .layers
@@ -593,17 +609,7 @@ pub fn compact(dir: &Path) -> Result<Manifest> {
         pause_ms: last.map(|l| l.pause_ms).unwrap_or(0.0),
         created_unix_ms: now_unix_ms(),
     }];
-    let text = serde_json::to_vec_pretty(&m).map_err(|e| Error::BadManifest {
-        path: dir.join(MANIFEST),
-        detail: e.to_string(),
-    })?;
-    let tmp = dir.join(format!(".{MANIFEST}.tmp"));
-    write_synced(&tmp, &text).map_err(|e| {
-        let _ = std::fs::remove_file(&ppath);
-        cleanup(e)
-    })?;
-    std::fs::rename(&tmp, dir.join(MANIFEST)).map_err(io("rename", &tmp))?;
-    sync_dir(dir);
+    publish_manifest(dir, &m).map_err(cleanup)?;
     for f in old_files {
         let _ = std::fs::remove_file(dir.join(f));
     }

@@ -252,6 +252,14 @@ fn start_logging(vm: &Vm) -> Result<(), Error> {
     Ok(())
 }
 
+/// Lets the guest run again; a failure is logged (the snapshot's own
+/// outcome is what the caller reports).
+fn resume_after_snapshot(vm: &Vm) {
+    if let Err(e) = vm.resume() {
+        tracing::error!("snapshot: cannot resume the VM: {e}");
+    }
+}
+
 /// Takes a snapshot as `req` asks; returns its summary for the API.
 pub fn take(vm: &Vm, req: &SnapshotRequest) -> Result<serde_json::Value, Error> {
     refuse_virtio(vm)?;
@@ -346,9 +354,7 @@ pub fn take(vm: &Vm, req: &SnapshotRequest) -> Result<serde_json::Value, Error> 
         let machine = machine_state(vm);
         pause = pause_start.elapsed();
         if !was_paused {
-            if let Err(e) = vm.resume() {
-                tracing::error!("snapshot: cannot resume the VM: {e}");
-            }
+            resume_after_snapshot(vm);
         }
         if live {
             // Pages were rewritten across rounds: checksum the final file,
@@ -364,9 +370,7 @@ pub fn take(vm: &Vm, req: &SnapshotRequest) -> Result<serde_json::Value, Error> 
         Ok((machine?, written))
     })();
     if captured.is_err() && !was_paused && vm.is_paused() {
-        if let Err(e) = vm.resume() {
-            tracing::error!("snapshot: cannot resume the VM: {e}");
-        }
+        resume_after_snapshot(vm);
     }
     let carry_back = |tracking: &mut Tracking, fetched: PageBitmap| match &mut tracking.carry {
         Some(c) => c.union(&fetched),
