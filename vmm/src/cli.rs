@@ -43,6 +43,13 @@ pub enum Command {
     Snapshot(SnapshotArgs),
     /// Start a VM from a snapshot directory (the chain's newest state).
     Restore(RestoreArgs),
+    /// Multi-level checkpoints: take one (local first, slower levels filled
+    /// while the guest runs), restore the newest valid copy, list, plan
+    /// intervals, or serve as a host's endpoint for partner/XOR levels.
+    Checkpoint {
+        #[command(subcommand)]
+        action: CheckpointAction,
+    },
     /// Grow a running VM's disk; the guest gets a configuration-change interrupt.
     ResizeDisk {
         #[command(flatten)]
@@ -93,6 +100,81 @@ pub enum SnapshotAction {
     },
     /// Fold an incremental chain into one full layer, in place.
     Compact { dir: PathBuf },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CheckpointAction {
+    /// Checkpoint a running VM into the local level, then fill the slower
+    /// levels from it while the guest runs (progress bars on a terminal,
+    /// JSON lines otherwise). Extends the local chain with an incremental
+    /// layer when it can, else starts a new chain.
+    Take {
+        /// Level configuration (TOML; see docs/checkpoints.md).
+        #[arg(long)]
+        config: PathBuf,
+        /// The running VM's API socket.
+        #[arg(long)]
+        api_socket: PathBuf,
+        /// Start a new chain (full snapshot) even if the local one could be extended.
+        #[arg(long)]
+        full: bool,
+        /// Fill only these slower levels (names, comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        levels: Option<Vec<String>>,
+        /// XOR epoch (default: the last one + 1).
+        #[arg(long)]
+        epoch: Option<u64>,
+        /// JSON lines on stdout even on a terminal.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start the VM from the newest complete, checksum-valid copy found at
+    /// any level (remote copies are fetched or rebuilt into the local level
+    /// first) and say which one was used.
+    Restore {
+        #[arg(long)]
+        config: PathBuf,
+        /// Serve the REST API on this Unix socket.
+        #[arg(long)]
+        api_socket: Option<PathBuf>,
+        /// Serial console: stdio, none or file=PATH [default: stdio].
+        #[arg(long)]
+        console: Option<String>,
+        /// Start with the vCPUs paused.
+        #[arg(long)]
+        paused: bool,
+        /// Only say which copy would be used (it is still fetched and verified).
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// List the copies every level holds, newest first.
+    List {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print per-level checkpoint intervals (Young and Daly) from the
+    /// measured (or configured) cost and the configured MTTI.
+    Plan {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve as this host's checkpoint endpoint: keep partner copies and XOR
+    /// parts for other hosts and hand them back for restores and rebuilds.
+    Serve {
+        /// Address to listen on, e.g. 0.0.0.0:7070 (tcp:// optional).
+        #[arg(long)]
+        listen: String,
+        /// Directory for what other hosts store here.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Copies (partner) and complete epochs (XOR) kept per job/group.
+        #[arg(long, default_value_t = 2)]
+        keep: usize,
+    },
 }
 
 #[derive(Args, Debug)]

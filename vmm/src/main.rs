@@ -4,7 +4,9 @@
 use anyhow::Context;
 use clap::Parser;
 use std::process::ExitCode;
-use vmm::cli::{Cli, ClientArgs, Command, RestoreArgs, RunArgs, SnapshotAction, SnapshotArgs};
+use vmm::cli::{
+    CheckpointAction, Cli, ClientArgs, Command, RestoreArgs, RunArgs, SnapshotAction, SnapshotArgs,
+};
 use vmm::config::{FileConfig, RunConfig};
 
 /// An error with the exit code it maps to.
@@ -60,6 +62,7 @@ fn main() -> ExitCode {
         Command::Shutdown(c) => client(c, "PUT", "/vm/shutdown", ""),
         Command::Snapshot(a) => snapshot(a),
         Command::Restore(a) => restore(a),
+        Command::Checkpoint { action } => checkpoint(action),
         Command::ResizeDisk {
             client: c,
             disk,
@@ -285,6 +288,204 @@ fn inspect(dir: &std::path::Path, verify: bool, json: bool) -> Result<u8, Failur
         println!("checksums    ok");
     }
     Ok(0)
+}
+
+/// Asks the VMM behind `sock` for a snapshot (the local level's write).
+fn snapshot_call(
+    sock: &std::path::Path,
+    call: checkpoint_levels::service::SnapshotCall,
+) -> Result<serde_json::Value, String> {
+    let mut s = std::os::unix::net::UnixStream::connect(sock)
+        .map_err(|e| format!("cannot connect to API socket {}: {e}", sock.display()))?;
+    let body = serde_json::json!({
+        "dest": call.dest,
+        "kind": if call.incremental { "incremental" } else { "full" },
+        "live": call.live,
+    });
+    let (status, text) = vmm::api::http::call(&mut s, "PUT", "/vm/snapshot", &body.to_string())
+        .map_err(|e| format!("API call failed: {e}"))?;
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
+    if (200..300).contains(&status) {
+        Ok(v)
+    } else {
+        Err(v
+            .get("error")
+            .and_then(|e| e.as_str())
+            .map(String::from)
+            .unwrap_or(text))
+    }
+}
+
+fn checkpoint(action: CheckpointAction) -> Result<u8, Failure> {
+    use checkpoint_levels::{config::Config, progress::Reporter, service};
+    let load = |p: &std::path::Path| Config::load(p).map_err(usage);
+    match action {
+        CheckpointAction::Serve { listen, dir, keep } => {
+            let addr = checkpoint_levels::config::parse_addr(&listen)
+                .map_err(|e| usage(anyhow::anyhow!("--listen: {e}")))?;
+            if keep == 0 {
+                return Err(usage(anyhow::anyhow!("--keep must be at least 1")));
+            }
+            let l = checkpoint_levels::server::bind(addr).map_err(usage)?;
+            let local = l.local_addr().map_err(runtime)?;
+            eprintln!(
+                "ffmk-vmm: checkpoint endpoint on {local}, storing in {}",
+                dir.display()
+            );
+            checkpoint_levels::server::serve(l, dir, keep).map_err(runtime)?;
+            Ok(0)
+        }
+        CheckpointAction::Take {
+            config,
+            api_socket,
+            full,
+            levels,
+            epoch,
+            json,
+        } => {
+            let cfg = load(&config)?;
+            let rep = Reporter::new(json);
+            let opts = service::TakeOptions {
+                only: levels,
+                full,
+                epoch,
+            };
+            let out = service::take(
+                &cfg,
+                &mut |call| snapshot_call(&api_socket, call),
+                &opts,
+                &rep,
+            )
+            .map_err(|e| match e {
+                checkpoint_levels::Error::Refused(_) | checkpoint_levels::Error::Config { .. } => {
+                    usage(e)
+                }
+                e => runtime(e),
+            })?;
+            let failed: Vec<_> = out.levels.iter().filter(|l| !l.ok).collect();
+            if rep.is_json() {
+                rep.event(serde_json::json!({ "event": "done", "checkpoint": out }));
+            } else {
+                println!(
+                    "checkpoint {} of job {}: {} of {} level(s) written",
+                    out.name,
+                    cfg.job,
+                    1 + out.levels.len() - failed.len(),
+                    1 + out.levels.len()
+                );
+            }
+            if failed.is_empty() {
+                Ok(0)
+            } else {
+                Err(runtime(anyhow::anyhow!(
+                    "checkpoint {} is only partly placed: {}",
+                    out.name,
+                    failed
+                        .iter()
+                        .map(|l| format!("{} failed ({})", l.level, l.detail))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                )))
+            }
+        }
+        CheckpointAction::Restore {
+            config,
+            api_socket,
+            console,
+            paused,
+            dry_run,
+        } => {
+            let cfg = load(&config)?;
+            let rep = Reporter::new(false);
+            let p = service::pick(&cfg, &rep).map_err(usage)?;
+            for s in &p.skipped {
+                eprintln!("ffmk-vmm: skipped {s}");
+            }
+            eprintln!(
+                "ffmk-vmm: checkpoint restore: using level {}: {} generation {} (taken {} ms ago{}){}",
+                p.level,
+                p.info.name,
+                p.info.generation,
+                snapshot::manifest::now_unix_ms().saturating_sub(p.info.taken_unix_ms),
+                if p.rebuilt { ", rebuilt from XOR parity" } else { "" },
+                if p.level == cfg.levels[0].name {
+                    String::new()
+                } else {
+                    format!(", placed in {}", p.dir.display())
+                }
+            );
+            if dry_run {
+                println!("{}", serde_json::to_string_pretty(&p).map_err(runtime)?);
+                return Ok(0);
+            }
+            restore(RestoreArgs {
+                from: p.dir,
+                api_socket,
+                console,
+                paused,
+            })
+        }
+        CheckpointAction::List { config, json } => {
+            let cfg = load(&config)?;
+            let (cands, notes) = service::candidates(&cfg);
+            if json {
+                let v = serde_json::json!({ "copies": cands, "notes": notes });
+                println!("{}", serde_json::to_string_pretty(&v).map_err(runtime)?);
+                return Ok(0);
+            }
+            println!("job {}: {} copies", cfg.job, cands.len());
+            println!("  level          copy                    gen  taken (s ago)  stored MiB");
+            let now = snapshot::manifest::now_unix_ms();
+            for c in &cands {
+                println!(
+                    "  {:<14} {:<22} {:>4} {:>14.1} {:>11.1}{}",
+                    c.level,
+                    c.info.name,
+                    c.info.generation,
+                    now.saturating_sub(c.info.taken_unix_ms) as f64 / 1e3,
+                    c.info.stored_bytes as f64 / f64::from(1 << 20),
+                    match (c.epoch, c.rebuild) {
+                        (Some(e), true) => format!("  epoch {e}, needs rebuild"),
+                        (Some(e), false) => format!("  epoch {e}"),
+                        _ => String::new(),
+                    }
+                );
+            }
+            for n in &notes {
+                println!("  note: {n}");
+            }
+            Ok(0)
+        }
+        CheckpointAction::Plan { config, json } => {
+            let cfg = load(&config)?;
+            let rows = service::plan(&cfg);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows).map_err(runtime)?);
+                return Ok(0);
+            }
+            use checkpoint_levels::interval::human;
+            println!("job {}: checkpoint interval per level", cfg.job);
+            println!(
+                "  level          cost (from)            MTTI        Young       Daly        waste"
+            );
+            let opt = |v: Option<f64>| v.map(human).unwrap_or_else(|| "-".into());
+            for r in rows {
+                println!(
+                    "  {:<14} {:<22} {:<11} {:<11} {:<11} {}",
+                    r.level,
+                    format!("{} ({})", opt(r.cost_s), r.cost_from),
+                    opt(r.mtti_s),
+                    opt(r.young_s),
+                    opt(r.daly_s),
+                    r.waste
+                        .map(|w| format!("{:.2}%", w * 100.0))
+                        .unwrap_or_else(|| "-".into())
+                );
+            }
+            println!("  (Young: sqrt(2*cost*MTTI); Daly: higher-order; waste: expected time lost at Daly's interval)");
+            Ok(0)
+        }
+    }
 }
 
 struct SocketGuard(Option<std::path::PathBuf>);

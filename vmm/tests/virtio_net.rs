@@ -4,69 +4,22 @@
 //! "host"), so the test touches none of the machine's interfaces.
 mod common;
 
-use common::{probe, probe_argv, tmpdir, vmm, Running};
+use common::{probe, probe_argv, tmpdir, vmm, NetNs, Running};
 use std::net::UdpSocket;
-use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::time::Duration;
 
-/// A network namespace deleted on drop.
-struct NetNs(String);
-
-impl NetNs {
-    fn new(tag: &str) -> Option<NetNs> {
-        let name = format!("ffmk-{tag}-{}", std::process::id());
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        ok.then_some(NetNs(name))
-    }
-
-    fn ip(&self, args: &[&str]) -> bool {
-        Command::new("ip")
-            .args(["netns", "exec", &self.0, "ip"])
-            .args(args)
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-    }
-
-    /// Boots the probe with `task` and `--net net` inside the namespace.
-    fn start_probe(&self, task: &str, net: &str) -> Running {
-        let mut argv = vec![
-            "netns".to_string(),
-            "exec".into(),
-            self.0.clone(),
-            vmm().into(),
-        ];
-        argv.extend(probe_argv(task, &["--test-exit-port", "--net", net]));
-        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-        Running::start_with("ip", &argv)
-    }
-
-    /// Runs `f` on a thread that entered the namespace (sockets it opens
-    /// live there).
-    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/run/netns/{}", self.0);
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(&path).expect("netns file");
-            // SAFETY: setns on a namespace fd we opened; it only changes this
-            // thread's network namespace.
-            let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .expect("netns thread")
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
+/// Boots the probe with `task` and `--net net` inside the namespace.
+fn start_probe(ns: &NetNs, task: &str, net: &str) -> Running {
+    let mut argv = vec![
+        "netns".to_string(),
+        "exec".into(),
+        ns.0.clone(),
+        vmm().into(),
+    ];
+    argv.extend(probe_argv(task, &["--test-exit-port", "--net", net]));
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    Running::start_with("ip", &argv)
 }
 
 #[test]
@@ -78,7 +31,7 @@ fn guest_echoes_udp_datagrams_through_a_tap_byte_for_byte() {
     let dir = tmpdir("net");
     let count = 32;
     let task = format!("task=net op=echo count={count} ip=10.0.0.2 timeout_ms=20000");
-    let mut vm = ns.start_probe(&task, "tap=ffmk0,mac=52:54:00:12:34:56");
+    let mut vm = start_probe(&ns, &task, "tap=ffmk0,mac=52:54:00:12:34:56");
     let mac = vm
         .next_line(Duration::from_secs(10), |l| l.starts_with("mac="))
         .expect("the guest found its NIC");
@@ -117,7 +70,7 @@ fn guest_measures_transmit_throughput_and_every_datagram_arrives() {
     };
     let count = 2000;
     let task = format!("task=net op=bench count={count} size=1000");
-    let mut vm = ns.start_probe(&task, "tap=ffmk1");
+    let mut vm = start_probe(&ns, &task, "tap=ffmk1");
     vm.next_line(Duration::from_secs(10), |l| l.starts_with("mac="))
         .expect("the guest found its NIC");
     assert!(ns.ip(&["addr", "add", "10.0.0.1/24", "dev", "ffmk1"]));

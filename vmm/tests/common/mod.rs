@@ -2,6 +2,7 @@
 //! module; not every binary uses every helper).
 #![allow(dead_code)]
 use std::io::{BufRead, BufReader, Read};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
@@ -141,5 +142,243 @@ impl Running {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+/// A network namespace deleted on drop.
+pub struct NetNs(pub String);
+
+impl NetNs {
+    pub fn new(tag: &str) -> Option<NetNs> {
+        let name = format!("ffmk-{tag}-{}", std::process::id());
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        ok.then_some(NetNs(name))
+    }
+
+    /// `ip netns exec NS PROGRAM` (add the arguments).
+    pub fn exec(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0, program]);
+        c
+    }
+
+    pub fn ip(&self, args: &[&str]) -> bool {
+        Command::new("ip")
+            .args(["netns", "exec", &self.0, "ip"])
+            .args(args)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    }
+
+    /// Runs `f` on a thread that entered the namespace (sockets it opens
+    /// live there).
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.0);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).expect("netns file");
+            // SAFETY: setns on a namespace fd we opened; it only changes this
+            // thread's network namespace.
+            let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("netns thread")
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// A VMM whose console goes to a file.
+pub struct Vm {
+    pub child: Child,
+    pub console: PathBuf,
+    pub sock: PathBuf,
+}
+
+impl Vm {
+    pub fn spawn(args: &[&str], console: &Path, sock: &Path) -> Vm {
+        Vm::spawn_in(None, args, console, sock)
+    }
+
+    /// Like `spawn`, inside network namespace `ns` when given.
+    pub fn spawn_in(ns: Option<&NetNs>, args: &[&str], console: &Path, sock: &Path) -> Vm {
+        let mut cmd = match ns {
+            Some(ns) => ns.exec(vmm()),
+            None => Command::new(vmm()),
+        };
+        let child = cmd
+            .args(args)
+            .arg("--console")
+            .arg(format!("file={}", console.display()))
+            .arg("--api-socket")
+            .arg(sock)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        Vm {
+            child,
+            console: console.into(),
+            sock: sock.into(),
+        }
+    }
+
+    pub fn boot(dir: &Path, name: &str, task: &str) -> Vm {
+        let p = probe();
+        Vm::spawn(
+            &[
+                "run",
+                "--kernel",
+                p.to_str().unwrap(),
+                "--cmdline",
+                task,
+                "--memory",
+                "128M",
+                "--test-exit-port",
+            ],
+            &dir.join(format!("{name}.console")),
+            &dir.join(format!("{name}.sock")),
+        )
+    }
+
+    pub fn restore(dir: &Path, name: &str, from: &Path, extra: &[&str]) -> Vm {
+        let mut args = vec!["restore", "--from", from.to_str().unwrap()];
+        args.extend(extra);
+        Vm::spawn(
+            &args,
+            &dir.join(format!("{name}.console")),
+            &dir.join(format!("{name}.sock")),
+        )
+    }
+
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(&self.console).unwrap_or_default()
+    }
+
+    /// Waits until the guest printed `counter=N` with N >= `n`.
+    pub fn wait_counter(&self, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if counters(&self.console()).last().is_some_and(|&c| c >= n) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("counter {n} not reached: {}", self.console());
+    }
+
+    pub fn api(&self, args: &[&str]) -> Output {
+        Command::new(vmm())
+            .args(args)
+            .arg("--api-socket")
+            .arg(&self.sock)
+            .output()
+            .unwrap()
+    }
+
+    pub fn snapshot(&self, dest: &Path, extra: &[&str]) -> serde_json::Value {
+        let mut args = vec!["snapshot", "--dest", dest.to_str().unwrap()];
+        args.extend(extra);
+        let out = self.api(&args);
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn wait_exit(mut self) -> (Option<i32>, String) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                let out = self.child.wait_with_output().unwrap();
+                return (s.code(), String::from_utf8_lossy(&out.stderr).into_owned());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "VM did not exit: {}",
+                self.console()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The values of complete `counter=N` lines.
+pub fn counters(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("counter="))
+        .filter_map(|v| v.trim().parse().ok())
+        .collect()
+}
+
+/// The console of a VM and of its restored continuation, joined: a line
+/// cut by the snapshot is completed by the restored guest.
+pub fn assert_consecutive(joined: &str, last: u64) {
+    let c = counters(joined);
+    let want: Vec<u64> = (1..=last).collect();
+    assert_eq!(c, want, "counter with a gap or a repeat:\n{joined}");
+}
+
+/// Hosts on one machine: a network namespace per host, joined by veth pairs
+/// to a bridge in a "switch" namespace; host i has 10.77.0.(i+1)/24. All of
+/// it disappears when dropped.
+pub struct Cluster {
+    pub hosts: Vec<NetNs>,
+    _switch: NetNs,
+}
+
+impl Cluster {
+    /// `None` where namespaces cannot be made (not root, no iproute2).
+    pub fn new(tag: &str, n: usize) -> Option<Cluster> {
+        let switch = NetNs::new(&format!("{tag}sw"))?;
+        let mut hosts = Vec::new();
+        let ok = switch.ip(&["link", "add", "br0", "type", "bridge"])
+            && switch.ip(&["link", "set", "br0", "up"]);
+        if !ok {
+            return None;
+        }
+        for i in 0..n {
+            let h = NetNs::new(&format!("{tag}{i}"))?;
+            let (p, v) = (format!("p{i}"), format!("h{i}"));
+            let ok = switch.ip(&[
+                "link", "add", &p, "type", "veth", "peer", "name", &v, "netns", &h.0,
+            ]) && switch.ip(&["link", "set", &p, "master", "br0"])
+                && switch.ip(&["link", "set", &p, "up"])
+                && h.ip(&[
+                    "addr",
+                    "add",
+                    &format!("{}/24", Cluster::addr(i)),
+                    "dev",
+                    &v,
+                ])
+                && h.ip(&["link", "set", &v, "up"])
+                && h.ip(&["link", "set", "lo", "up"]);
+            if !ok {
+                return None;
+            }
+            hosts.push(h);
+        }
+        Some(Cluster {
+            hosts,
+            _switch: switch,
+        })
+    }
+
+    pub fn addr(i: usize) -> String {
+        format!("10.77.0.{}", i + 1)
     }
 }

@@ -1,0 +1,430 @@
+//! Multi-level checkpoints end to end: real VMMs and checkpoint endpoints
+//! on separate "hosts" (network namespaces joined by a bridge), real TCP
+//! between them. A guest is checkpointed, its host loses the VM and its
+//! local storage, and `checkpoint restore` brings the guest back from the
+//! newest copy that survived: the partner's, one rebuilt from XOR parity,
+//! or a slower level's when a faster one is damaged.
+mod common;
+
+use common::{assert_consecutive, counters, probe, tmpdir, vmm, Cluster, NetNs, Vm};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+/// `ffmk-vmm checkpoint serve` on a host; killed on drop.
+struct Endpoint {
+    child: Child,
+    addr: String,
+}
+
+impl Endpoint {
+    fn start(ns: Option<&NetNs>, listen: &str, store: &Path) -> Endpoint {
+        let mut cmd = match ns {
+            Some(ns) => ns.exec(vmm()),
+            None => Command::new(vmm()),
+        };
+        let mut child = cmd
+            .args(["checkpoint", "serve", "--listen", listen, "--dir"])
+            .arg(store)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // It says where it listens once the socket is bound.
+        let mut line = String::new();
+        let mut err = BufReader::new(child.stderr.take().unwrap());
+        err.read_line(&mut line).unwrap();
+        // Keep reading what it reports so its stderr never closes.
+        std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+        let addr = line
+            .split("endpoint on ")
+            .nth(1)
+            .and_then(|r| r.split(',').next())
+            .unwrap_or_else(|| panic!("endpoint did not start: {line}"))
+            .to_string();
+        Endpoint { child, addr }
+    }
+}
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `ffmk-vmm checkpoint ARGS`, in `ns` when given.
+fn checkpoint(ns: Option<&NetNs>, args: &[&str]) -> Output {
+    let mut cmd = match ns {
+        Some(ns) => ns.exec(vmm()),
+        None => Command::new(vmm()),
+    };
+    cmd.arg("checkpoint").args(args).output().unwrap()
+}
+
+/// `checkpoint take`; returns the final JSON event (the outcome).
+fn take(ns: Option<&NetNs>, config: &Path, vm: &Vm, extra: &[&str]) -> (Output, serde_json::Value) {
+    let mut args = vec![
+        "take",
+        "--config",
+        config.to_str().unwrap(),
+        "--api-socket",
+        vm.sock.to_str().unwrap(),
+        "--json",
+    ];
+    args.extend(extra);
+    let out = checkpoint(ns, &args);
+    let last = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .unwrap_or(serde_json::Value::Null);
+    (out, last["checkpoint"].clone())
+}
+
+fn level<'a>(outcome: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    outcome["levels"]
+        .as_array()
+        .and_then(|l| l.iter().find(|x| x["level"] == name))
+        .unwrap_or_else(|| panic!("no level {name} in {outcome}"))
+}
+
+fn boot(ns: Option<&NetNs>, dir: &Path, name: &str, max: u64) -> Vm {
+    let task = format!("task=counter hz=50 max={max}");
+    let p = probe();
+    Vm::spawn_in(
+        ns,
+        &[
+            "run",
+            "--kernel",
+            p.to_str().unwrap(),
+            "--cmdline",
+            &task,
+            "--memory",
+            "64M",
+            "--test-exit-port",
+        ],
+        &dir.join(format!("{name}.console")),
+        &dir.join(format!("{name}.sock")),
+    )
+}
+
+/// Pauses the VM and returns its console so far (the checkpoint's point).
+fn pause(vm: &Vm) -> String {
+    assert!(vm.api(&["pause"]).status.success());
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    vm.console()
+}
+
+fn restore(ns: Option<&NetNs>, dir: &Path, name: &str, config: &Path) -> Vm {
+    Vm::spawn_in(
+        ns,
+        &[
+            "checkpoint",
+            "restore",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        &dir.join(format!("{name}.console")),
+        &dir.join(format!("{name}.sock")),
+    )
+}
+
+fn write_config(path: &Path, text: &str) -> PathBuf {
+    std::fs::write(path, text).unwrap();
+    path.to_path_buf()
+}
+
+#[test]
+fn partner_copy_over_tcp_restores_a_host_that_lost_its_local_copy() {
+    let Some(c) = Cluster::new("ckp", 2) else {
+        eprintln!("skipped: cannot create network namespaces (needs root and iproute2)");
+        return;
+    };
+    let (a, b) = (&c.hosts[0], &c.hosts[1]);
+    let dir = tmpdir("ck-partner");
+    let ep = Endpoint::start(
+        Some(b),
+        &format!("{}:7070", Cluster::addr(1)),
+        &dir.join("b-store"),
+    );
+    let cfg = write_config(
+        &dir.join("a.toml"),
+        &format!(
+            "job = \"rank0\"\nmtti_s = 3600\n[[level]]\nkind = \"local\"\ndir = \"{}\"\n\
+             [[level]]\nkind = \"partner\"\npeer = \"{}\"\n",
+            dir.join("a-local").display(),
+            ep.addr
+        ),
+    );
+    let vm = boot(Some(a), &dir, "a", 150);
+    vm.wait_counter(10);
+    // A live checkpoint of the running guest: a new chain, sent whole.
+    let (out, first) = take(Some(a), &cfg, &vm, &[]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(first["local"]["kind"], "full", "{first}");
+    assert_eq!(level(&first, "partner")["ok"], true, "{first}");
+    vm.wait_counter(30);
+    // The next one extends the chain; only the new layer crosses the wire.
+    let before = pause(&vm);
+    let (out, second) = take(Some(a), &cfg, &vm, &[]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(second["local"]["kind"], "incremental", "{second}");
+    let sent = |o: &serde_json::Value| level(o, "partner")["bytes"].as_u64().unwrap();
+    assert!(
+        sent(&second) * 2 < sent(&first),
+        "incremental copy sent {} bytes, the full one {}",
+        sent(&second),
+        sent(&first)
+    );
+    // Host A loses the VM and its node-local storage.
+    vm.kill();
+    std::fs::remove_dir_all(dir.join("a-local")).unwrap();
+    let r = restore(Some(a), &dir, "a2", &cfg);
+    let (code, err) = r.wait_exit();
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("using level partner: ") && err.contains("generation 2"),
+        "{err}"
+    );
+    assert_consecutive(
+        &(before + &std::fs::read_to_string(dir.join("a2.console")).unwrap()),
+        150,
+    );
+    drop(ep);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn xor_group_of_three_rebuilds_the_member_whose_host_was_lost() {
+    let Some(c) = Cluster::new("ckx", 3) else {
+        eprintln!("skipped: cannot create network namespaces (needs root and iproute2)");
+        return;
+    };
+    let dir = tmpdir("ck-xor");
+    let members: Vec<String> = (0..3)
+        .map(|i| format!("{}:7070", Cluster::addr(i)))
+        .collect();
+    let mut eps: Vec<Option<Endpoint>> = (0..3)
+        .map(|i| {
+            Some(Endpoint::start(
+                Some(&c.hosts[i]),
+                &members[i],
+                &dir.join(format!("store{i}")),
+            ))
+        })
+        .collect();
+    let cfgs: Vec<PathBuf> = (0..3)
+        .map(|i| {
+            write_config(
+                &dir.join(format!("m{i}.toml")),
+                &format!(
+                    "job = \"rank{i}\"\n[[level]]\nkind = \"local\"\ndir = \"{}\"\n\
+                     [[level]]\nkind = \"xor\"\ngroup = \"job7\"\nmembers = {:?}\nindex = {i}\n",
+                    dir.join(format!("local{i}")).display(),
+                    members
+                ),
+            )
+        })
+        .collect();
+    // Different guests: each member's archive differs in content and length.
+    let vms: Vec<Vm> = (0..3)
+        .map(|i| {
+            boot(
+                Some(&c.hosts[i]),
+                &dir,
+                &format!("v{i}"),
+                120 + 10 * i as u64,
+            )
+        })
+        .collect();
+    for (i, vm) in vms.iter().enumerate() {
+        vm.wait_counter(10 + 5 * i as u64);
+    }
+    let mut before = Vec::new();
+    for (i, vm) in vms.iter().enumerate() {
+        before.push(pause(vm));
+        let (out, o) = take(Some(&c.hosts[i]), &cfgs[i], vm, &["--epoch", "1"]);
+        assert!(out.status.success(), "member {i}: {out:?}");
+        assert_eq!(level(&o, "xor")["ok"], true, "{o}");
+    }
+    // The job is lost; host 1 is lost with all it stored. A replacement
+    // host comes up with the same address and empty storage.
+    for vm in vms {
+        vm.kill();
+    }
+    eps[1] = None;
+    std::fs::remove_dir_all(dir.join("store1")).unwrap();
+    std::fs::remove_dir_all(dir.join("local1")).unwrap();
+    eps[1] = Some(Endpoint::start(
+        Some(&c.hosts[1]),
+        &members[1],
+        &dir.join("store1"),
+    ));
+    let list = checkpoint(
+        Some(&c.hosts[1]),
+        &["list", "--config", cfgs[1].to_str().unwrap()],
+    );
+    let text = String::from_utf8_lossy(&list.stdout);
+    assert!(text.contains("epoch 1, needs rebuild"), "{text}");
+    for i in 0..3 {
+        let r = restore(Some(&c.hosts[i]), &dir, &format!("r{i}"), &cfgs[i]);
+        let (code, err) = r.wait_exit();
+        assert_eq!(code, Some(0), "member {i}: {err}");
+        if i == 1 {
+            assert!(
+                err.contains("using level xor") && err.contains("rebuilt from XOR parity"),
+                "{err}"
+            );
+        } else {
+            assert!(err.contains("using level local"), "{err}");
+        }
+        assert_consecutive(
+            &(before[i].clone()
+                + &std::fs::read_to_string(dir.join(format!("r{i}.console"))).unwrap()),
+            120 + 10 * i as u64,
+        );
+    }
+    drop(eps);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Flips one byte of a copy's state file: its checksum no longer matches.
+fn damage(copy: &Path) {
+    let state = std::fs::read_dir(copy)
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("state-"))
+        .unwrap()
+        .path();
+    let mut bytes = std::fs::read(&state).unwrap();
+    bytes[5] ^= 0x20;
+    std::fs::write(&state, bytes).unwrap();
+}
+
+#[test]
+fn restore_takes_the_newest_copy_that_is_valid_at_any_level() {
+    let dir = tmpdir("ck-newest");
+    let cfg = write_config(
+        &dir.join("c.toml"),
+        &format!(
+            "job = \"solo\"\nlive = false\n[[level]]\nkind = \"local\"\ndir = \"{}\"\nkeep = 3\n\
+             [[level]]\nkind = \"pfs\"\ndir = \"{}\"\nkeep = 3\n",
+            dir.join("local").display(),
+            dir.join("pfs").display()
+        ),
+    );
+    let vm = boot(None, &dir, "a", 200);
+    vm.wait_counter(10);
+    let older = pause(&vm);
+    let (out, c1) = take(None, &cfg, &vm, &["--full"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(vm.api(&["resume"]).status.success());
+    vm.wait_counter(30);
+    let newer = pause(&vm);
+    let (out, c2) = take(None, &cfg, &vm, &["--full"]);
+    assert!(out.status.success(), "{out:?}");
+    vm.kill();
+    let (n1, n2) = (c1["name"].as_str().unwrap(), c2["name"].as_str().unwrap());
+    assert_ne!(n1, n2);
+    // The newest local copy is damaged: the same checkpoint at the slower
+    // level is used (and placed back in the local level).
+    damage(&dir.join("local/solo").join(n2));
+    let dry = checkpoint(
+        None,
+        &["restore", "--config", cfg.to_str().unwrap(), "--dry-run"],
+    );
+    let err = String::from_utf8_lossy(&dry.stderr);
+    assert!(dry.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("skipped local {n2} generation 1")),
+        "{err}"
+    );
+    assert!(err.contains(&format!("using level pfs: {n2}")), "{err}");
+    // Damaged at both levels: the older checkpoint is the newest valid one.
+    damage(&dir.join("local/solo").join(n2));
+    damage(&dir.join("pfs/solo").join(n2));
+    let r = restore(None, &dir, "b", &cfg);
+    let (code, err) = r.wait_exit();
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains(&format!("using level local: {n1}")), "{err}");
+    let after = std::fs::read_to_string(dir.join("b.console")).unwrap();
+    assert_consecutive(&(older.clone() + &after), 200);
+    assert!(counters(&newer).len() > counters(&older).len());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn unreachable_levels_and_garbage_fail_clearly_and_harm_nothing() {
+    let dir = tmpdir("ck-bad");
+    let ep = Endpoint::start(None, "127.0.0.1:0", &dir.join("store"));
+    // Garbage and a wrong protocol version: refused, the endpoint serves on.
+    for junk in [b"GET / HTTP/1.0\r\n\r\n".to_vec(), {
+        let msg =
+            br#"{"protocol":"ffmk-checkpoint","version":99,"request":{"op":"list","job":"x"}}"#;
+        let mut f = b"FFCK\x01".to_vec();
+        f.extend((msg.len() as u32).to_le_bytes());
+        f.extend(msg);
+        f
+    }] {
+        let mut s = std::net::TcpStream::connect(&ep.addr).unwrap();
+        s.write_all(&junk).unwrap();
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer);
+        let text = String::from_utf8_lossy(&answer);
+        assert!(
+            text.contains("bad frame magic") || text.contains("v99 is not spoken here"),
+            "{text}"
+        );
+    }
+    // A dead partner: the local copy is written, the level fails with one
+    // line, the exit status says so, the VM runs on.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let cfg = write_config(
+        &dir.join("c.toml"),
+        &format!(
+            "job = \"j\"\n[[level]]\nkind = \"local\"\ndir = \"{}\"\n[[level]]\nkind = \"partner\"\npeer = \"{dead_addr}\"\n\
+             [[level]]\nkind = \"partner\"\nname = \"alive\"\npeer = \"{}\"\n",
+            dir.join("local").display(),
+            ep.addr
+        ),
+    );
+    let vm = boot(None, &dir, "a", 100000);
+    vm.wait_counter(5);
+    let (out, o) = take(None, &cfg, &vm, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("only partly placed")
+            && err.contains(&format!("partner failed ({dead_addr}: cannot connect")),
+        "{err}"
+    );
+    assert_eq!(level(&o, "alive")["ok"], true, "{o}");
+    let list = checkpoint(None, &["list", "--config", cfg.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&list.stdout);
+    assert!(text.contains("local ") && text.contains("alive "), "{text}");
+    assert!(text.contains("note: partner: "), "{text}");
+    let n = counters(&vm.console()).len();
+    vm.wait_counter(n as u64 + 5);
+    // Bad configurations and unknown levels: one line, exit 2.
+    for (text, want) in [
+        ("job = \"j\"\n", "at least a local"),
+        ("job = \"j\"\n[[level]]\nkind = \"local\"\n", "needs dir"),
+    ] {
+        let bad = write_config(&dir.join("bad.toml"), text);
+        let (out, _) = take(None, &bad, &vm, &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains(want) && err.lines().count() == 1, "{err}");
+    }
+    let (out, _) = take(None, &cfg, &vm, &["--levels", "tape"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no level named 'tape'"));
+    vm.kill();
+    drop(ep);
+    std::fs::remove_dir_all(dir).unwrap();
+}
