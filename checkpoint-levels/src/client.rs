@@ -207,7 +207,23 @@ pub struct Group<'a> {
     pub index: usize,
 }
 
-impl Group<'_> {
+impl<'a> Group<'a> {
+    /// The group of an `xor` level's target (`None` for other kinds).
+    pub fn of(target: &'a crate::config::Target) -> Option<Group<'a>> {
+        match target {
+            crate::config::Target::Xor {
+                group,
+                members,
+                index,
+            } => Some(Group {
+                name: group,
+                members,
+                index: *index,
+            }),
+            _ => None,
+        }
+    }
+
     fn n(&self) -> u32 {
         self.members.len() as u32
     }

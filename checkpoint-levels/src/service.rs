@@ -241,27 +241,21 @@ fn fill(
             client::partner_put(*addr, &cfg.job, name, src, &mut |n, t| task.progress(n, t))
                 .map(|(files, bytes)| (bytes, format!("{files} file(s) to {addr}")))
         }
-        Target::Xor {
-            group,
-            members,
-            index,
-        } => {
-            let g = Group {
-                name: group,
-                members,
-                index: *index,
-            };
-            client::xor_put(&g, epoch, &cfg.job, name, src, scratch, &mut |n, t| {
-                task.progress(n, t)
-            })
-            .map(|bytes| {
-                (
-                    bytes,
-                    format!(
-                        "epoch {epoch}: archive + parity chunks to {} members",
-                        members.len()
-                    ),
-                )
+        Target::Xor { members, .. } => {
+            let g = Group::of(&l.target).ok_or(Error::Refused("not an xor level".into()));
+            g.and_then(|g| {
+                client::xor_put(&g, epoch, &cfg.job, name, src, scratch, &mut |n, t| {
+                    task.progress(n, t)
+                })
+                .map(|bytes| {
+                    (
+                        bytes,
+                        format!(
+                            "epoch {epoch}: archive + parity chunks to {} members",
+                            members.len()
+                        ),
+                    )
+                })
             })
         }
     };
@@ -363,15 +357,9 @@ pub fn candidates(cfg: &Config) -> (Vec<Candidate>, Vec<String>) {
                 }
                 Err(e) => notes.push(format!("{}: {e}", l.name)),
             },
-            Target::Xor {
-                group,
-                members,
-                index,
-            } => {
-                let g = Group {
-                    name: group,
-                    members,
-                    index: *index,
+            Target::Xor { .. } => {
+                let Some(g) = Group::of(&l.target) else {
+                    continue;
                 };
                 let mut skipped = Vec::new();
                 for c in client::xor_candidates(&g, &mut skipped) {
@@ -458,19 +446,8 @@ pub fn pick(cfg: &Config, rep: &Reporter) -> Result<Picked> {
                 r.map(|_| (into.root.join(&c.info.name), false))
             }
             Source::Xor(epoch, rebuildable, meta) => {
-                let level = &cfg.levels[c.order];
-                let Target::Xor {
-                    group,
-                    members,
-                    index,
-                } = &level.target
-                else {
+                let Some(g) = Group::of(&cfg.levels[c.order].target) else {
                     continue;
-                };
-                let g = Group {
-                    name: group,
-                    members,
-                    index: *index,
                 };
                 let cand = client::XorCandidate {
                     epoch: *epoch,
@@ -554,4 +531,88 @@ pub fn plan(cfg: &Config) -> Vec<PlanRow> {
             }
         })
         .collect()
+}
+
+/// How `run` paces itself.
+#[derive(Debug, Clone, Default)]
+pub struct Schedule {
+    /// Seconds between local checkpoints (default: Daly's interval for the
+    /// local level).
+    pub every_s: Option<f64>,
+    /// Stop after this many checkpoints.
+    pub count: Option<u64>,
+}
+
+/// Checkpoints periodically: a local checkpoint every local interval, and
+/// each slower level filled when its own interval (Daly's, never shorter
+/// than the local one) has passed since its last fill. Intervals are
+/// recomputed after every checkpoint from the costs just measured. Ends
+/// when `count` checkpoints were taken or the VM is gone; returns how many
+/// were taken.
+pub fn run(
+    cfg: &Config,
+    snap: &mut dyn FnMut(SnapshotCall) -> std::result::Result<serde_json::Value, String>,
+    sched: &Schedule,
+    rep: &Reporter,
+) -> Result<u64> {
+    let local_interval = |rows: &[PlanRow]| sched.every_s.or(rows[0].daly_s);
+    if local_interval(&plan(cfg)).is_none() && cfg.levels[0].cost_s.is_none() {
+        // The first checkpoint measures the cost; without an MTTI there is
+        // still no interval to follow.
+        if cfg.levels[0].mtti_s.is_none() {
+            return Err(Error::Refused(
+                "no interval: set mtti_s in the configuration (Young/Daly) or give --every".into(),
+            ));
+        }
+    }
+    let mut last_fill: BTreeMap<String, Instant> = BTreeMap::new();
+    let mut taken = 0u64;
+    loop {
+        let rows = plan(cfg);
+        let local_iv = local_interval(&rows).unwrap_or(0.0);
+        let due: Vec<String> = cfg.levels[1..]
+            .iter()
+            .zip(&rows[1..])
+            .filter(|(l, r)| {
+                let iv = r.daly_s.unwrap_or(local_iv).max(local_iv);
+                last_fill
+                    .get(&l.name)
+                    .is_none_or(|t| t.elapsed().as_secs_f64() + 1e-3 >= iv)
+            })
+            .map(|(l, _)| l.name.clone())
+            .collect();
+        let opts = TakeOptions {
+            only: Some(due),
+            ..TakeOptions::default()
+        };
+        match take(cfg, snap, &opts, rep) {
+            Ok(out) => {
+                taken += 1;
+                for l in out.levels.iter().filter(|l| l.ok) {
+                    last_fill.insert(l.level.clone(), Instant::now());
+                }
+            }
+            Err(e) if e.to_string().contains("cannot connect to API socket") => {
+                rep.event(serde_json::json!({
+                    "event": "stopped", "checkpoints": taken,
+                    "message": format!("the VM is gone ({e}); {taken} checkpoint(s) taken"),
+                }));
+                return Ok(taken);
+            }
+            Err(e) => rep.event(serde_json::json!({
+                "event": "take_failed", "detail": e.to_string(),
+                "message": format!("checkpoint failed: {e}; next try in one interval"),
+            })),
+        }
+        if sched.count.is_some_and(|c| taken >= c) {
+            return Ok(taken);
+        }
+        let rows = plan(cfg);
+        let wait = local_interval(&rows).unwrap_or(60.0);
+        rep.event(serde_json::json!({
+            "event": "next", "in_s": wait,
+            "message": format!("next checkpoint in {}", interval::human(wait)),
+        }));
+        std::thread::sleep(std::time::Duration::from_secs_f64(wait));
+    }
 }

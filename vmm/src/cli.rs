@@ -147,6 +147,24 @@ pub enum CheckpointAction {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Checkpoint periodically: locally every local interval (Daly's from
+    /// the measured cost and mtti_s, or --every), each slower level when
+    /// its own interval has passed. Ends when the VM does (or after --count).
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        api_socket: PathBuf,
+        /// Seconds between local checkpoints (overrides the computed interval).
+        #[arg(long)]
+        every: Option<f64>,
+        /// Stop after this many checkpoints.
+        #[arg(long)]
+        count: Option<u64>,
+        /// JSON lines on stdout even on a terminal.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the copies every level holds, newest first.
     List {
         #[arg(long)]

@@ -425,6 +425,36 @@ fn checkpoint(action: CheckpointAction) -> Result<u8, Failure> {
                 paused,
             })
         }
+        CheckpointAction::Run {
+            config,
+            api_socket,
+            every,
+            count,
+            json,
+        } => {
+            let cfg = load(&config)?;
+            if every.is_some_and(|e| !(e.is_finite() && e > 0.0)) {
+                return Err(usage(anyhow::anyhow!(
+                    "--every must be a positive number of seconds"
+                )));
+            }
+            let rep = Reporter::new(json);
+            let sched = service::Schedule {
+                every_s: every,
+                count,
+            };
+            let n = service::run(
+                &cfg,
+                &mut |call| snapshot_call(&api_socket, call),
+                &sched,
+                &rep,
+            )
+            .map_err(usage)?;
+            if !rep.is_json() {
+                println!("{n} checkpoint(s) of job {} taken", cfg.job);
+            }
+            Ok(0)
+        }
         CheckpointAction::List { config, json } => {
             let cfg = load(&config)?;
             let (cands, notes) = service::candidates(&cfg);

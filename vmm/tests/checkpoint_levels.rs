@@ -428,3 +428,62 @@ fn unreachable_levels_and_garbage_fail_clearly_and_harm_nothing() {
     drop(ep);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn run_checkpoints_at_the_local_interval_and_fills_slower_levels_at_theirs() {
+    let dir = tmpdir("ck-run");
+    let cfg = write_config(
+        &dir.join("c.toml"),
+        &format!(
+            "job = \"periodic\"\nmtti_s = 3600\n[[level]]\nkind = \"local\"\ndir = \"{}\"\n\
+             [[level]]\nkind = \"pfs\"\ndir = \"{}\"\n",
+            dir.join("local").display(),
+            dir.join("pfs").display()
+        ),
+    );
+    let vm = boot(None, &dir, "a", 100000);
+    vm.wait_counter(5);
+    let run = |sock: &Path, extra: &[&str]| {
+        let mut args = vec!["run", "--config", cfg.to_str().unwrap(), "--api-socket"];
+        args.push(sock.to_str().unwrap());
+        args.extend(["--every", "0.2"]);
+        args.extend(extra);
+        checkpoint(None, &args)
+    };
+    let out = run(&vm.sock, &["--count", "3", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let done = |level: &str| {
+        events
+            .iter()
+            .filter(|e| e["event"] == "level_done" && e["level"] == level)
+            .count()
+    };
+    // Three local checkpoints (one chain, extended); the pfs level's Daly
+    // interval for a cost of milliseconds and a 1 h MTTI is far longer than
+    // the run, so it was filled once, at the start.
+    assert_eq!(done("local"), 3, "{events:?}");
+    assert_eq!(done("pfs"), 1, "{events:?}");
+    let plan = checkpoint(None, &["plan", "--config", cfg.to_str().unwrap(), "--json"]);
+    let rows: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
+    for row in rows.as_array().unwrap() {
+        assert_eq!(row["cost_from"], "measured", "{rows}");
+        let (y, d) = (
+            row["young_s"].as_f64().unwrap(),
+            row["daly_s"].as_f64().unwrap(),
+        );
+        assert!(d > 0.0 && d <= y, "{rows}");
+    }
+    // A VM that is gone ends the run cleanly.
+    vm.kill();
+    let out = run(&dir.join("a.sock"), &[]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("0 checkpoint(s)"),
+        "{out:?}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
