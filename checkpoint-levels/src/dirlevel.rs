@@ -263,7 +263,7 @@ fn stale_pid(name: &str) -> Option<i32> {
     let _n = parts.next()?;
     let pid = parts.next()?.parse().ok()?;
     let rest = parts.next()?;
-    ["incoming", "old", "frozen", "fetch"]
+    ["incoming", "old", "frozen", "fetch", "xor-archive"]
         .iter()
         .any(|t| rest.ends_with(&format!(".{t}")))
         .then_some(pid)
