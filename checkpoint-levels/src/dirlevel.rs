@@ -236,6 +236,7 @@ impl DirLevel {
                     // SAFETY: kill with signal 0 only checks whether the pid exists.
                     if unsafe { libc::kill(pid, 0) } != 0 {
                         let _ = std::fs::remove_dir_all(e.path());
+                        let _ = std::fs::remove_file(e.path());
                     }
                 }
             }
