@@ -53,6 +53,9 @@ pub enum Error {
     Archive(String),
     #[error("{0}")]
     Refused(String),
+    /// The VM to checkpoint is gone (its VMM cannot be reached).
+    #[error("the VM is gone: {0}")]
+    VmGone(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

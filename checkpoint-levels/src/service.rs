@@ -57,6 +57,23 @@ pub struct SnapshotCall<'a> {
     pub live: bool,
 }
 
+/// Why the VMM did not take a snapshot.
+#[derive(Debug, Clone)]
+pub enum CallError {
+    /// The VMM cannot be reached (its API socket is gone): the VM ended.
+    Gone(String),
+    /// The VMM refused or failed the request.
+    Failed(String),
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::Gone(m) | CallError::Failed(m) => f.write_str(m),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct TakeOptions {
     /// Fill only these slower levels (default: all).
@@ -97,7 +114,7 @@ fn extendable(cfg: &Config) -> Option<String> {
 /// view of it, concurrently, with progress on `rep`.
 pub fn take(
     cfg: &Config,
-    snap: &mut dyn FnMut(SnapshotCall) -> std::result::Result<serde_json::Value, String>,
+    snap: &mut dyn FnMut(SnapshotCall) -> std::result::Result<serde_json::Value, CallError>,
     opts: &TakeOptions,
     rep: &Reporter,
 ) -> Result<TakeOutcome> {
@@ -124,6 +141,7 @@ pub fn take(
             live: cfg.live,
         }) {
             Ok(v) => done = Some((name, v)),
+            Err(CallError::Gone(m)) => return Err(Error::VmGone(m)),
             Err(e) => rep.event(serde_json::json!({
                 "event": "note",
                 "message": format!("local: cannot extend {name} ({e}); starting a new chain"),
@@ -140,7 +158,10 @@ pub fn take(
                 incremental: false,
                 live: cfg.live,
             })
-            .map_err(|e| Error::Refused(format!("local level: {e}")))?;
+            .map_err(|e| match e {
+                CallError::Gone(m) => Error::VmGone(m),
+                CallError::Failed(m) => Error::Refused(format!("local level: {m}")),
+            })?;
             (name, v)
         }
     };
@@ -551,7 +572,7 @@ pub struct Schedule {
 /// were taken.
 pub fn run(
     cfg: &Config,
-    snap: &mut dyn FnMut(SnapshotCall) -> std::result::Result<serde_json::Value, String>,
+    snap: &mut dyn FnMut(SnapshotCall) -> std::result::Result<serde_json::Value, CallError>,
     sched: &Schedule,
     rep: &Reporter,
 ) -> Result<u64> {
@@ -592,7 +613,7 @@ pub fn run(
                     last_fill.insert(l.level.clone(), Instant::now());
                 }
             }
-            Err(e) if e.to_string().contains("cannot connect to API socket") => {
+            Err(e @ Error::VmGone(_)) => {
                 rep.event(serde_json::json!({
                     "event": "stopped", "checkpoints": taken,
                     "message": format!("the VM is gone ({e}); {taken} checkpoint(s) taken"),

@@ -294,25 +294,31 @@ fn inspect(dir: &std::path::Path, verify: bool, json: bool) -> Result<u8, Failur
 fn snapshot_call(
     sock: &std::path::Path,
     call: checkpoint_levels::service::SnapshotCall,
-) -> Result<serde_json::Value, String> {
-    let mut s = std::os::unix::net::UnixStream::connect(sock)
-        .map_err(|e| format!("cannot connect to API socket {}: {e}", sock.display()))?;
+) -> Result<serde_json::Value, checkpoint_levels::service::CallError> {
+    use checkpoint_levels::service::CallError;
+    let mut s = std::os::unix::net::UnixStream::connect(sock).map_err(|e| {
+        CallError::Gone(format!(
+            "cannot connect to API socket {}: {e}",
+            sock.display()
+        ))
+    })?;
     let body = serde_json::json!({
         "dest": call.dest,
         "kind": if call.incremental { "incremental" } else { "full" },
         "live": call.live,
     });
     let (status, text) = vmm::api::http::call(&mut s, "PUT", "/vm/snapshot", &body.to_string())
-        .map_err(|e| format!("API call failed: {e}"))?;
+        .map_err(|e| CallError::Failed(format!("API call failed: {e}")))?;
     let v: serde_json::Value = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
     if (200..300).contains(&status) {
         Ok(v)
     } else {
-        Err(v
-            .get("error")
-            .and_then(|e| e.as_str())
-            .map(String::from)
-            .unwrap_or(text))
+        Err(CallError::Failed(
+            v.get("error")
+                .and_then(|e| e.as_str())
+                .map(String::from)
+                .unwrap_or(text),
+        ))
     }
 }
 
@@ -357,9 +363,9 @@ fn checkpoint(action: CheckpointAction) -> Result<u8, Failure> {
                 &rep,
             )
             .map_err(|e| match e {
-                checkpoint_levels::Error::Refused(_) | checkpoint_levels::Error::Config { .. } => {
-                    usage(e)
-                }
+                checkpoint_levels::Error::Refused(_)
+                | checkpoint_levels::Error::Config { .. }
+                | checkpoint_levels::Error::VmGone(_) => usage(e),
                 e => runtime(e),
             })?;
             let failed: Vec<_> = out.levels.iter().filter(|l| !l.ok).collect();

@@ -242,9 +242,10 @@ fn xor_group_of_three_rebuilds_the_member_whose_host_was_lost() {
     for (i, vm) in vms.iter().enumerate() {
         vm.wait_counter(10 + 5 * i as u64);
     }
-    let mut before = Vec::new();
+    // All paused first: a busy machine must not let a guest run to its end
+    // while another member's checkpoint is being taken.
+    let before: Vec<String> = vms.iter().map(pause).collect();
     for (i, vm) in vms.iter().enumerate() {
-        before.push(pause(vm));
         let (out, o) = take(Some(&c.hosts[i]), &cfgs[i], vm, &["--epoch", "1"]);
         assert!(out.status.success(), "member {i}: {out:?}");
         assert_eq!(level(&o, "xor")["ok"], true, "{o}");
