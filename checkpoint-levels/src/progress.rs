@@ -94,6 +94,13 @@ impl Task<'_> {
         }));
     }
 
+    /// Text next to the bar (nothing in JSON mode).
+    pub fn message(&self, message: &str) {
+        if let Some(b) = &self.bar {
+            b.set_message(message.to_string());
+        }
+    }
+
     pub fn finish(&self, message: &str) {
         if let Some(b) = &self.bar {
             b.finish_with_message(message.to_string());

@@ -163,7 +163,62 @@ fn resident(region: &GuestRegionMmap<AtomicBitmap>) -> Option<Vec<u8>> {
     (r == 0).then_some(vec)
 }
 
-pub(crate) fn is_zero(page: &[u8]) -> bool {
+/// Guest RAM in pages (the regions back to back).
+pub fn total_pages(mem: &GuestMemory) -> u64 {
+    mem.iter().map(|r| r.len() / PAGE_SIZE).sum()
+}
+
+/// The pages (memory-file numbering) the host has resident: the only ones
+/// that can hold anything but zeros. All pages where `mincore` fails.
+pub fn resident_pages(mem: &GuestMemory) -> PageBitmap {
+    let mut bits = PageBitmap::new(total_pages(mem));
+    for (first, region) in regions(mem) {
+        match resident(region) {
+            Some(v) => v
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| *r & 1 != 0)
+                .for_each(|(i, _)| bits.set(first + i as u64)),
+            None => (0..region.len() / PAGE_SIZE).for_each(|i| bits.set(first + i)),
+        }
+    }
+    bits
+}
+
+/// The region holding page `page` (memory-file numbering) and the page's
+/// index in it.
+fn locate(mem: &GuestMemory, page: u64) -> Option<(&GuestRegionMmap<AtomicBitmap>, u64)> {
+    let mut first = 0;
+    for r in mem.iter() {
+        let n = r.len() / PAGE_SIZE;
+        if page < first + n {
+            return Some((r, page - first));
+        }
+        first += n;
+    }
+    None
+}
+
+/// Copies page `page` (memory-file numbering) into `buf` (PAGE_SIZE bytes).
+pub fn read_page(mem: &GuestMemory, page: u64, buf: &mut [u8]) -> std::io::Result<()> {
+    let (region, at) = locate(mem, page)
+        .ok_or_else(|| std::io::Error::other(format!("page {page} is past guest RAM")))?;
+    read_guest(region, at, 1, buf)
+}
+
+/// Writes `data` (PAGE_SIZE bytes) to page `page` (memory-file numbering).
+pub fn write_page(mem: &GuestMemory, page: u64, data: &[u8]) -> std::io::Result<()> {
+    let (region, at) = locate(mem, page)
+        .ok_or_else(|| std::io::Error::other(format!("page {page} is past guest RAM")))?;
+    let slice = region
+        .get_slice(MemoryRegionAddress(at * PAGE_SIZE), PAGE_SIZE as usize)
+        .map_err(|e| std::io::Error::other(format!("guest memory: {e}")))?;
+    slice.copy_from(&data[..PAGE_SIZE as usize]);
+    Ok(())
+}
+
+/// Whether `page` is all zero bytes.
+pub fn is_zero(page: &[u8]) -> bool {
     // SAFETY: reinterpreting initialised bytes as u64 words is valid for any
     // bit pattern; align_to puts misaligned ends into prefix/suffix.
     let (pre, words, post) = unsafe { page.align_to::<u64>() };

@@ -1,8 +1,11 @@
 //! Snapshots of a running VM, and restoring a VM from one.
 //!
-//! Taking one (`PUT /vm/snapshot`): pause the vCPUs (unless paused), save
-//! every vCPU's KVM state on its own thread, the VM's clock/PIT/irqchips and
-//! the serial port ([`MachineState`], the one state path), write the memory
+//! Taking one (`PUT /vm/snapshot`): pause the vCPUs (unless paused) and
+//! freeze the I/O thread (no virtio device touches memory or its queues),
+//! save every vCPU's KVM state on its own thread, the VM's
+//! clock/PIT/irqchips, the serial port, every PCI function's configuration
+//! space and every virtio transport with its queue positions and MSI-X
+//! table ([`MachineState`], the one state path), write the memory
 //! layer (full: pages with content; incremental: pages dirtied since the
 //! previous snapshot, from KVM's dirty log OR the pages the VMM wrote),
 //! resume, then commit the layer, state and manifest (`snapshot` crate).
@@ -23,6 +26,12 @@ use crate::host::CpuProfile;
 use crate::memory::{self, GuestMemoryMmap};
 use crate::vm::Vm;
 use devices::legacy::SerialSnapshot;
+use devices::pci::root::FunctionState;
+use devices::virtio::block::DiskConfig;
+use devices::virtio::net::NetConfig;
+use devices::virtio::pci::{VirtioPci, VirtioPciState};
+use devices::virtio::vsock::VsockConfig;
+use devices::virtio::Frozen;
 use serde::{Deserialize, Serialize};
 use snapshot::memory::{write_layer, Selection};
 use snapshot::{Commit, HostProfile, PageBitmap, Pending, Snapshot, PAGE_SIZE};
@@ -31,7 +40,11 @@ use std::time::{Duration, Instant};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 /// Version of [`MachineState`]'s layout inside the state file.
-pub const STATE_VERSION: u32 = 1;
+pub const STATE_VERSION: u32 = 2;
+
+/// How long the I/O thread may take to finish the event it is serving
+/// before a snapshot gives up.
+const IO_FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -43,8 +56,8 @@ pub enum Error {
     Chain(String),
     #[error("cannot {what}: {detail}")]
     Failed { what: &'static str, detail: String },
-    #[error("snapshot {dir} cannot be restored here: {why}")]
-    Incompatible { dir: PathBuf, why: String },
+    #[error("{origin} cannot be restored here: {why}")]
+    Incompatible { origin: String, why: String },
 }
 
 impl Error {
@@ -75,6 +88,14 @@ pub struct MachineConfig {
     pub hugepages: bool,
     pub test_exit_port: Option<u16>,
     pub cpu_profile: CpuProfile,
+    /// Devices: the same ones are built again on restore, then continue
+    /// from their saved state. Disk images are not part of a snapshot;
+    /// the restored VM opens the same paths.
+    pub disks: Vec<DiskConfig>,
+    pub nets: Vec<NetConfig>,
+    pub rng: bool,
+    pub virtio_console: Option<PathBuf>,
+    pub vsock: Option<VsockConfig>,
 }
 
 /// Everything but memory: what the state file holds.
@@ -87,6 +108,10 @@ pub struct MachineState {
     pub vm: VmSnapshot,
     pub vcpus: Vec<VcpuSnapshot>,
     pub serial: SerialSnapshot,
+    /// Configuration space of every PCI function, by slot.
+    pub pci: Vec<FunctionState>,
+    /// Every virtio transport, in `Vm::virtio` order.
+    pub virtio: Vec<VirtioPciState>,
 }
 
 /// The chain a VM's memory follows: its last snapshot.
@@ -116,6 +141,24 @@ impl Tracking {
 
     pub fn chain(&self) -> Option<&ChainRef> {
         self.chain.as_ref()
+    }
+
+    /// Turns dirty logging on if it is off (a migration needs it too).
+    pub(crate) fn ensure_logging(&mut self, vm: &Vm) -> Result<(), Error> {
+        if !self.logging {
+            start_logging(vm)?;
+            self.logging = true;
+        }
+        Ok(())
+    }
+
+    /// Dirty pages someone fetched but did not save anywhere (a failed
+    /// snapshot or migration): the next incremental snapshot takes them.
+    pub(crate) fn carry_back(&mut self, fetched: &PageBitmap) {
+        match &mut self.carry {
+            Some(c) => c.union(fetched),
+            None => self.carry = Some(fetched.clone()),
+        }
     }
 }
 
@@ -148,7 +191,7 @@ pub struct SnapshotRequest {
 const LIVE_MAX_ROUNDS: u32 = 10;
 const LIVE_FINAL_PAGES: u64 = 256;
 
-fn host_vendor() -> String {
+pub(crate) fn host_vendor() -> String {
     let r = core::arch::x86_64::__cpuid(0);
     let bytes: Vec<u8> = [r.ebx, r.edx, r.ecx]
         .iter()
@@ -157,21 +200,29 @@ fn host_vendor() -> String {
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
-fn refuse_virtio(vm: &Vm) -> Result<(), Error> {
-    let c = &vm.config;
-    if !c.disks.is_empty()
-        || !c.nets.is_empty()
-        || c.vsock.is_some()
-        || c.rng
-        || c.virtio_console.is_some()
-    {
-        return Err(Error::Unsupported(
-            "snapshots of VMs with virtio devices (--disk, --net, --vsock, --rng, \
-             --virtio-console) are not supported yet: their queue state is not saved"
-                .into(),
-        ));
+/// Freezes the I/O thread when the VM has virtio devices: from here until
+/// the guard drops, no device writes guest memory or moves a queue.
+pub(crate) fn freeze_devices(vm: &Vm) -> Result<Option<Frozen>, Error> {
+    if vm.virtio.is_empty() {
+        return Ok(None);
     }
-    Ok(())
+    vm.io_thread
+        .freeze(IO_FREEZE_TIMEOUT)
+        .map(Some)
+        .map_err(failed("stop device I/O"))
+}
+
+fn save_virtio(
+    virtio: &[std::sync::Arc<std::sync::Mutex<VirtioPci>>],
+) -> Result<Vec<VirtioPciState>, Error> {
+    virtio
+        .iter()
+        .map(|t| {
+            t.lock()
+                .map(|t| t.save())
+                .map_err(|_| failed("save virtio state")("lock poisoned".into()))
+        })
+        .collect()
 }
 
 fn save_vcpus(vm: &Vm) -> Result<Vec<VcpuSnapshot>, Error> {
@@ -196,7 +247,7 @@ fn save_vcpus(vm: &Vm) -> Result<Vec<VcpuSnapshot>, Error> {
         .collect()
 }
 
-fn machine_state(vm: &Vm) -> Result<MachineState, Error> {
+pub(crate) fn machine_state(vm: &Vm) -> Result<MachineState, Error> {
     let c = &vm.config;
     let serial = vm
         .serial
@@ -213,12 +264,22 @@ fn machine_state(vm: &Vm) -> Result<MachineState, Error> {
             hugepages: c.hugepages,
             test_exit_port: c.test_exit_port,
             cpu_profile: vm.profile,
+            disks: c.disks.clone(),
+            nets: c.nets.clone(),
+            rng: c.rng,
+            virtio_console: c.virtio_console.clone(),
+            vsock: c.vsock.clone(),
         },
         boot: vm.boot.clone(),
         tsc_khz: vm.tsc_khz,
         vm: state::save_vm(&vm.vm_fd).map_err(|e| failed("save VM state")(e.to_string()))?,
         vcpus: save_vcpus(vm)?,
         serial,
+        pci: vm
+            .pci
+            .save()
+            .map_err(|e| failed("save PCI state")(e.to_string()))?,
+        virtio: save_virtio(&vm.virtio)?,
     })
 }
 
@@ -228,7 +289,7 @@ fn total_pages(mem: &GuestMemoryMmap) -> u64 {
 
 /// Pages dirtied since the last fetch: KVM's dirty log OR the pages the
 /// VMM wrote. Clears both.
-fn fetch_dirty(vm: &Vm) -> Result<PageBitmap, Error> {
+pub(crate) fn fetch_dirty(vm: &Vm) -> Result<PageBitmap, Error> {
     let mut bits = PageBitmap::new(total_pages(&vm.mem));
     let mut first = 0;
     for (slot, region) in vm.mem.iter().enumerate() {
@@ -262,12 +323,16 @@ fn resume_after_snapshot(vm: &Vm) {
 
 /// Takes a snapshot as `req` asks; returns its summary for the API.
 pub fn take(vm: &Vm, req: &SnapshotRequest) -> Result<serde_json::Value, Error> {
-    refuse_virtio(vm)?;
     let started = Instant::now();
-    let mut tracking = vm
-        .tracking
-        .lock()
-        .map_err(|_| failed("snapshot")("tracking state poisoned".into()))?;
+    let mut tracking = match vm.tracking.try_lock() {
+        Ok(t) => t,
+        Err(std::sync::TryLockError::WouldBlock) => {
+            return Err(Error::Unsupported(
+                "a migration of this VM is in progress".into(),
+            ))
+        }
+        Err(_) => return Err(failed("snapshot")("tracking state poisoned".into())),
+    };
     let mut pending = match req.kind {
         Kind::Full => Pending::full(&req.dest, req.force)?,
         Kind::Incremental => {
@@ -299,6 +364,9 @@ pub fn take(vm: &Vm, req: &SnapshotRequest) -> Result<serde_json::Value, Error> 
         if !live && !was_paused {
             vm.pause().map_err(failed("pause the VM"))?;
         }
+        // Devices stop with the vCPUs (and run during live rounds; what
+        // they write is in the VMM's dirty bitmap).
+        let mut frozen = if live { None } else { freeze_devices(vm)? };
         // The first round: all pages with content, or those dirtied since
         // the previous snapshot. Dirty logging is on from here on.
         let first = if tracking.logging {
@@ -342,6 +410,7 @@ pub fn take(vm: &Vm, req: &SnapshotRequest) -> Result<serde_json::Value, Error> 
             }
             pause_start = Instant::now();
             vm.pause().map_err(failed("pause the VM"))?;
+            frozen = freeze_devices(vm)?;
             let mut dirty = fetch_dirty(vm)?;
             fetched.union(&dirty);
             if let Some(l) = last {
@@ -352,6 +421,7 @@ pub fn take(vm: &Vm, req: &SnapshotRequest) -> Result<serde_json::Value, Error> 
             rounds += 1;
         }
         let machine = machine_state(vm);
+        drop(frozen);
         pause = pause_start.elapsed();
         if !was_paused {
             resume_after_snapshot(vm);
@@ -372,10 +442,7 @@ pub fn take(vm: &Vm, req: &SnapshotRequest) -> Result<serde_json::Value, Error> 
     if captured.is_err() && !was_paused && vm.is_paused() {
         resume_after_snapshot(vm);
     }
-    let carry_back = |tracking: &mut Tracking, fetched: PageBitmap| match &mut tracking.carry {
-        Some(c) => c.union(&fetched),
-        None => tracking.carry = Some(fetched),
-    };
+    let carry_back = |tracking: &mut Tracking, fetched: PageBitmap| tracking.carry_back(&fetched);
     let (machine, written) = match captured {
         Ok(x) => x,
         Err(e) => {
@@ -429,33 +496,84 @@ pub fn take(vm: &Vm, req: &SnapshotRequest) -> Result<serde_json::Value, Error> 
     }))
 }
 
-/// A snapshot opened, verified and checked against this host, ready for
+/// Where a VM being restored comes from.
+pub enum Origin {
+    Snapshot(Box<Snapshot>),
+    /// A live migration: memory already received, state from the stream.
+    Migration {
+        from: String,
+        mem: GuestMemoryMmap,
+    },
+}
+
+/// A machine state checked against this host, with its memory, ready for
 /// `Vm::create`.
 pub struct Restoring {
-    pub snapshot: Snapshot,
+    pub origin: Origin,
     pub machine: MachineState,
     /// Start with the vCPUs paused (resume through the API).
     pub paused: bool,
 }
 
+/// Parses a state file and checks what does not depend on where it came
+/// from: its version and vCPU count.
+pub fn parse_state(bytes: &[u8]) -> Result<MachineState, String> {
+    let machine: MachineState =
+        serde_json::from_slice(bytes).map_err(|e| format!("unreadable machine state: {e}"))?;
+    if machine.version != STATE_VERSION {
+        return Err(format!(
+            "state version {} (this ffmk-vmm reads {STATE_VERSION})",
+            machine.version
+        ));
+    }
+    if machine.vcpus.len() != usize::from(machine.config.cpus) || machine.config.cpus == 0 {
+        return Err("vCPU count and saved vCPUs differ".into());
+    }
+    Ok(machine)
+}
+
 impl Restoring {
+    /// A VM arriving by migration: `state` as received, `mem` filled.
+    pub fn migrated(
+        from: &str,
+        state: &[u8],
+        mem: GuestMemoryMmap,
+        expect: &RunConfig,
+    ) -> Result<Restoring, Error> {
+        let origin = format!("the VM migrating from {from}");
+        let incompatible = |why: String| Error::Incompatible {
+            origin: origin.clone(),
+            why,
+        };
+        let machine = parse_state(state).map_err(incompatible)?;
+        let c = &machine.config;
+        if c.memory_bytes != expect.memory_bytes || c.cpus != expect.cpus {
+            return Err(incompatible(format!(
+                "its state is for {} vCPUs and {} MiB",
+                c.cpus,
+                c.memory_bytes >> 20
+            )));
+        }
+        Ok(Restoring {
+            origin: Origin::Migration {
+                from: from.into(),
+                mem,
+            },
+            machine,
+            paused: true,
+        })
+    }
+
     pub fn open(dir: &Path, paused: bool) -> Result<Restoring, Error> {
         let snapshot = Snapshot::open(dir)?;
         snapshot.verify()?;
         let incompatible = |why: String| Error::Incompatible {
-            dir: dir.into(),
+            origin: format!("snapshot {}", dir.display()),
             why,
         };
         let state = snapshot.read_state()?;
-        let machine: MachineState = serde_json::from_slice(&state)
-            .map_err(|e| incompatible(format!("unreadable state file: {e}")))?;
+        let machine = parse_state(&state).map_err(incompatible)?;
         let m = &snapshot.manifest;
-        if machine.version != STATE_VERSION {
-            return Err(incompatible(format!(
-                "state version {} (this ffmk-vmm reads {STATE_VERSION})",
-                machine.version
-            )));
-        }
         if machine.config.memory_bytes != m.memory_bytes {
             return Err(incompatible(format!(
                 "the state is for {} MiB of memory, the memory layers hold {} MiB",
@@ -472,9 +590,6 @@ impl Restoring {
                 "its memory regions do not match this VMM's layout".into(),
             ));
         }
-        if machine.vcpus.len() != usize::from(machine.config.cpus) || machine.config.cpus == 0 {
-            return Err(incompatible("vCPU count and saved vCPUs differ".into()));
-        }
         let vendor = host_vendor();
         if m.host.cpu_vendor != vendor {
             return Err(incompatible(format!(
@@ -483,10 +598,18 @@ impl Restoring {
             )));
         }
         Ok(Restoring {
-            snapshot,
+            origin: Origin::Snapshot(Box::new(snapshot)),
             machine,
             paused,
         })
+    }
+
+    /// What the VM is restored from, for messages.
+    pub fn describe(&self) -> String {
+        match &self.origin {
+            Origin::Snapshot(s) => format!("snapshot {}", s.dir.display()),
+            Origin::Migration { from, .. } => format!("the VM migrating from {from}"),
+        }
     }
 
     /// The run configuration of the restored VM.
@@ -503,12 +626,46 @@ impl Restoring {
             api_socket,
             test_exit_port: c.test_exit_port,
             cpu_profile: Some(c.cpu_profile),
-            disks: vec![],
-            nets: vec![],
-            rng: false,
-            virtio_console: None,
-            vsock: None,
+            disks: c.disks.clone(),
+            nets: c.nets.clone(),
+            rng: c.rng,
+            virtio_console: c.virtio_console.clone(),
+            vsock: c.vsock.clone(),
         }
+    }
+
+    /// Continues the devices `Vm::create` built from the saved
+    /// configuration: PCI configuration spaces first (all checked before
+    /// any changes), then each virtio transport (MSI-X routes, queues, and
+    /// activation if the driver was running).
+    pub fn restore_devices(
+        &self,
+        pci: &devices::pci::PciRoot,
+        virtio: &[std::sync::Arc<std::sync::Mutex<VirtioPci>>],
+    ) -> Result<(), Error> {
+        let m = &self.machine;
+        let incompatible = |why: String| Error::Incompatible {
+            origin: self.describe(),
+            why,
+        };
+        if m.virtio.len() != virtio.len() {
+            return Err(incompatible(format!(
+                "{} virtio devices saved, {} built",
+                m.virtio.len(),
+                virtio.len()
+            )));
+        }
+        pci.restore(&m.pci)
+            .map_err(|e| incompatible(e.to_string()))?;
+        for (i, (t, s)) in virtio.iter().zip(&m.virtio).enumerate() {
+            let mut t = t
+                .lock()
+                .map_err(|_| failed("restore virtio state")("lock poisoned".into()))?;
+            let name = devices::pci::PciDevice::name(&*t);
+            t.restore(s)
+                .map_err(|e| incompatible(format!("virtio device {i} ({name}): {e}")))?;
+        }
+        Ok(())
     }
 
     /// Guest memory: the full layer mapped lazily (`MAP_PRIVATE`), the
@@ -516,7 +673,10 @@ impl Restoring {
     /// copied into fresh huge-page memory instead.
     pub fn memory(&self, config: &RunConfig) -> Result<GuestMemoryMmap, Error> {
         let size = config.memory_bytes;
-        let s = &self.snapshot;
+        let s = match &self.origin {
+            Origin::Snapshot(s) => s,
+            Origin::Migration { mem, .. } => return Ok(mem.clone()),
+        };
         let mem = if config.hugepages {
             let m = memory::create(size, true).map_err(|e| failed("map memory")(e.to_string()))?;
             s.apply_layers(0, &m)?;
@@ -557,11 +717,16 @@ impl Restoring {
         Ok(khz)
     }
 
-    pub fn chain(&self) -> ChainRef {
-        ChainRef {
-            dir: self.snapshot.dir.clone(),
-            chain_id: self.snapshot.manifest.chain_id.clone(),
-            generation: self.snapshot.manifest.generation,
+    /// The snapshot chain the restored VM's memory follows (none after a
+    /// migration).
+    pub fn chain(&self) -> Option<ChainRef> {
+        match &self.origin {
+            Origin::Snapshot(s) => Some(ChainRef {
+                dir: s.dir.clone(),
+                chain_id: s.manifest.chain_id.clone(),
+                generation: s.manifest.generation,
+            }),
+            Origin::Migration { .. } => None,
         }
     }
 }

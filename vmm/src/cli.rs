@@ -50,6 +50,12 @@ pub enum Command {
         #[command(subcommand)]
         action: CheckpointAction,
     },
+    /// Live-migrate a running VM to a destination started with
+    /// `ffmk-vmm run --incoming tcp://ADDR:PORT` (same memory, vCPUs, CPU
+    /// profile and devices). Shows rounds, bytes, dirty rate and predicted
+    /// downtime (a bar on a terminal, JSON lines otherwise); Ctrl-C cancels
+    /// and the VM keeps running here.
+    Migrate(MigrateArgs),
     /// Grow a running VM's disk; the guest gets a configuration-change interrupt.
     ResizeDisk {
         #[command(flatten)]
@@ -212,6 +218,28 @@ pub struct RestoreArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct MigrateArgs {
+    /// The running VM's API socket.
+    #[arg(long)]
+    pub api_socket: PathBuf,
+    /// The destination: tcp://HOST:PORT.
+    #[arg(long)]
+    pub to: String,
+    /// Pause the guest only once the rest is predicted to take this long.
+    #[arg(long, default_value_t = 50)]
+    pub max_downtime_ms: u64,
+    /// Give up (the VM runs on here) after this many copy rounds.
+    #[arg(long, default_value_t = 30)]
+    pub max_rounds: u32,
+    /// Do not throttle the vCPUs when the guest dirties memory faster than the link.
+    #[arg(long)]
+    pub no_throttle: bool,
+    /// JSON lines on stdout even on a terminal.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
 pub struct ClientArgs {
     /// The VM's API socket.
     #[arg(long)]
@@ -276,6 +304,11 @@ pub struct RunArgs {
     /// reaches host port P through the Unix socket PATH_P.
     #[arg(long, value_name = "SPEC", value_parser = parse_vsock)]
     pub vsock: Option<VsockEntry>,
+    /// Instead of booting, wait for a live migration on tcp://ADDR:PORT and
+    /// run the VM that arrives (memory, vCPUs, CPU profile and devices must
+    /// match the source; --kernel is not needed).
+    #[arg(long, value_name = "tcp://ADDR:PORT")]
+    pub incoming: Option<String>,
 }
 
 fn parse_vsock(s: &str) -> Result<VsockEntry, String> {

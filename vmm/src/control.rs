@@ -21,8 +21,18 @@ pub enum ExitReason {
     TestExit(u8),
     ApiShutdown,
     Signal(i32),
-    TripleFault { vcpu: u8 },
-    GuestCrash { vcpu: u8, detail: String },
+    TripleFault {
+        vcpu: u8,
+    },
+    GuestCrash {
+        vcpu: u8,
+        detail: String,
+    },
+    /// The VM moved to another host and runs there.
+    Migrated {
+        to: String,
+        downtime_us: u64,
+    },
 }
 
 /// Exit code for a guest crash (triple fault, KVM internal error).
@@ -55,6 +65,10 @@ impl ExitReason {
                 format!("guest triple fault on vCPU {vcpu} (KVM_EXIT_SHUTDOWN)")
             }
             ExitReason::GuestCrash { vcpu, detail } => format!("vCPU {vcpu} stopped: {detail}"),
+            ExitReason::Migrated { to, downtime_us } => format!(
+                "migrated to {to} (downtime {:.1} ms)",
+                *downtime_us as f64 / 1e3
+            ),
         }
     }
 }
@@ -86,7 +100,8 @@ const EV_API: u32 = 3;
 const EV_STDIN: u32 = 4;
 
 struct Control {
-    vm: Vm,
+    migration: crate::migration::Migration,
+    vm: Arc<Vm>,
     signals: OwnedFd,
     api: Option<(Receiver<ApiMessage>, Arc<EventFd>)>,
     stdin: bool,
@@ -102,6 +117,13 @@ impl Control {
 
     fn on_exit_event(&mut self) {
         let _ = self.vm.exit_evt.read();
+        if let Some(o) = self.migration.completed() {
+            self.finish(ExitReason::Migrated {
+                to: o.to,
+                downtime_us: (o.downtime_ms * 1e3) as u64,
+            });
+            return;
+        }
         if let Some(e) = self.vm.device_events.take() {
             self.finish(match e {
                 VmEvent::Reset => ExitReason::Reset,
@@ -149,7 +171,40 @@ impl Control {
     }
 
     fn handle(&mut self, req: ApiRequest) -> ApiResponse {
+        // While migrating, and once the VM has moved (the source lingers a
+        // moment), nothing may pause, resume or change it here.
+        let migrating = self.migration.running() || self.migration.completed().is_some();
         match req {
+            ApiRequest::MigrationStatus => {
+                ApiResponse::json(200, &serde_json::json!(self.migration.report()))
+            }
+            ApiRequest::MigrationCancel => {
+                if self.migration.cancel() {
+                    ApiResponse::json(200, &serde_json::json!({ "state": "cancelling" }))
+                } else {
+                    ApiResponse::error(409, "no migration is running")
+                }
+            }
+            ApiRequest::Migrate(r) => {
+                match self
+                    .migration
+                    .start(self.vm.clone(), &r, self.vm.exit_evt.clone())
+                {
+                    Ok(()) => ApiResponse::json(
+                        202,
+                        &serde_json::json!({ "state": "running", "to": r.to }),
+                    ),
+                    Err(e) => ApiResponse::error(409, e),
+                }
+            }
+            ApiRequest::Pause
+            | ApiRequest::Resume
+            | ApiRequest::ResizeDisk { .. }
+            | ApiRequest::Snapshot(_)
+                if migrating =>
+            {
+                ApiResponse::error(409, "a migration of this VM is in progress or done")
+            }
             ApiRequest::GetVm => ApiResponse::json(200, &crate::info::vm_info(&self.vm)),
             ApiRequest::Pause if self.vm.is_paused() => {
                 ApiResponse::error(409, "the VM is already paused")
@@ -231,13 +286,14 @@ impl MutEventSubscriber for Control {
 
 /// Runs the control loop until the VM ends, then stops the vCPUs.
 pub fn run(
-    vm: Vm,
+    vm: Arc<Vm>,
     signals: OwnedFd,
     api: Option<(Receiver<ApiMessage>, Arc<EventFd>)>,
 ) -> Result<ExitReason, event_manager::Error> {
     let stdin = vm.config.console == crate::config::Console::Stdio && stdin_is_readable();
     let done = Arc::new(Mutex::new(None));
     let control = Arc::new(Mutex::new(Control {
+        migration: crate::migration::Migration::default(),
         vm,
         signals,
         api,
@@ -250,6 +306,9 @@ pub fn run(
         em.run()?;
         if let Some(r) = done.lock().ok().and_then(|d| d.clone()) {
             if let Ok(mut c) = control.lock() {
+                // A migration still running ends first (the VM stays here).
+                c.migration.cancel();
+                c.migration.wait();
                 c.vm.stop();
             }
             return Ok(r);

@@ -15,5 +15,6 @@ pub mod host;
 pub mod info;
 pub mod irq;
 pub mod memory;
+pub mod migration;
 pub mod vcpu;
 pub mod vm;

@@ -63,6 +63,7 @@ fn main() -> ExitCode {
         Command::Snapshot(a) => snapshot(a),
         Command::Restore(a) => restore(a),
         Command::Checkpoint { action } => checkpoint(action),
+        Command::Migrate(a) => migrate(a),
         Command::ResizeDisk {
             client: c,
             disk,
@@ -114,7 +115,16 @@ fn run(args: RunArgs) -> Result<u8, Failure> {
         Some(p) => FileConfig::load(p).map_err(usage)?,
         None => FileConfig::default(),
     };
-    let config = RunConfig::from_file_config(file.merged(args.as_file_config())).map_err(usage)?;
+    let mut file = file.merged(args.as_file_config());
+    if let Some(addr) = &args.incoming {
+        let addr = vmm::migration::parse_tcp(addr)
+            .map_err(|e| usage(anyhow::anyhow!("--incoming: {e}")))?;
+        // The kernel comes with the migrating VM.
+        file.kernel.get_or_insert_with(|| "(incoming)".into());
+        let config = RunConfig::from_file_config(file).map_err(usage)?;
+        return incoming(&addr, config);
+    }
+    let config = RunConfig::from_file_config(file).map_err(usage)?;
     vmm::boot::probe_kernel(&config.kernel).map_err(usage)?;
     if let Some(initrd) = &config.initrd {
         std::fs::File::open(initrd)
@@ -131,6 +141,147 @@ fn run(args: RunArgs) -> Result<u8, Failure> {
         }
     })?;
     serve(vm, signals, listener)
+}
+
+/// `run --incoming`: waits for a migration that fits `config`, then runs
+/// the VM that arrived.
+fn incoming(addr: &str, config: RunConfig) -> Result<u8, Failure> {
+    let (signals, kvm, listener, _socket_guard) = prepare(&config)?;
+    let tcp = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("cannot listen on {addr}"))
+        .map_err(usage)?;
+    eprintln!("ffmk-vmm: waiting for a migration on {addr}");
+    let (vm, received) =
+        vmm::migration::receive(&kvm, &tcp, &config, &mut |m| eprintln!("ffmk-vmm: {m}"))
+            .with_context(|| format!("listening on {addr}"))
+            .map_err(runtime)?;
+    drop(tcp);
+    eprintln!(
+        "ffmk-vmm: migrated in from {}: {} pages in {:.0} ms; running",
+        received.from, received.pages, received.total_ms
+    );
+    serve(vm, signals, listener)
+}
+
+/// `ffmk-vmm migrate`: starts the migration through the API and follows it.
+fn migrate(a: vmm::cli::MigrateArgs) -> Result<u8, Failure> {
+    use checkpoint_levels::progress::Reporter;
+    let call =
+        |method: &str, path: &str, body: &str| -> Result<(u16, serde_json::Value), Failure> {
+            let mut s = std::os::unix::net::UnixStream::connect(&a.api_socket)
+                .with_context(|| format!("cannot connect to API socket {}", a.api_socket.display()))
+                .map_err(runtime)?;
+            let (status, text) = vmm::api::http::call(&mut s, method, path, body)
+                .context("API call failed")
+                .map_err(runtime)?;
+            Ok((
+                status,
+                serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+            ))
+        };
+    let body = serde_json::json!({
+        "to": a.to,
+        "max_downtime_ms": a.max_downtime_ms,
+        "max_rounds": a.max_rounds,
+        "throttle": !a.no_throttle,
+    });
+    let (status, v) = call("PUT", "/vm/migrate", &body.to_string())?;
+    if !(200..300).contains(&status) {
+        let e = v["error"].as_str().unwrap_or("refused").to_string();
+        return Err(if status < 500 {
+            usage(anyhow::anyhow!(e))
+        } else {
+            runtime(anyhow::anyhow!(e))
+        });
+    }
+    interrupt::install();
+    let reporter = Reporter::new(a.json);
+    let task = reporter.task("migrate");
+    let mut cancelled = false;
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        if interrupt::seen() && !cancelled {
+            cancelled = true;
+            let _ = call("DELETE", "/vm/migration", "");
+        }
+        // An error here: the source VMM ended before we saw the outcome.
+        let (_, s) = call("GET", "/vm/migration", "").map_err(|f| {
+            runtime(anyhow::anyhow!(
+                "the source VMM ended before reporting the outcome (check the destination): {}",
+                one_line(&f.err)
+            ))
+        })?;
+        match s["state"].as_str() {
+            Some("running") => {
+                let p = &s["progress"];
+                if p.is_null() {
+                    continue;
+                }
+                if reporter.is_json() {
+                    reporter.event(serde_json::json!({ "event": "progress", "progress": p }));
+                } else {
+                    let mem = p["memory_bytes"].as_u64();
+                    task.progress(
+                        p["sent_bytes"].as_u64().unwrap_or(0),
+                        mem.unwrap_or(0).max(p["sent_bytes"].as_u64().unwrap_or(0)),
+                    );
+                    task.message(&format!(
+                        "{} round {}, dirty {:.0} MiB/s, link {:.0} MiB/s, predicted downtime {:.1} ms{}",
+                        p["phase"].as_str().unwrap_or(""),
+                        p["round"],
+                        p["dirty_mib_s"].as_f64().unwrap_or(0.0),
+                        p["link_mib_s"].as_f64().unwrap_or(0.0),
+                        p["predicted_downtime_ms"].as_f64().unwrap_or(0.0),
+                        match p["throttle_pct"].as_u64() {
+                            Some(t) if t > 0 => format!(", vCPUs throttled {t}%"),
+                            _ => String::new(),
+                        }
+                    ));
+                }
+            }
+            Some("completed") => {
+                task.finish("done");
+                println!("{s}");
+                return Ok(0);
+            }
+            Some("failed") => {
+                task.finish("failed");
+                let e = s["error"].as_str().unwrap_or("failed").to_string();
+                return Err(runtime(anyhow::anyhow!(
+                    "{e}{}",
+                    if s["vm_running_here"] == true {
+                        " (the VM runs on here)"
+                    } else {
+                        ""
+                    }
+                )));
+            }
+            _ => return Err(runtime(anyhow::anyhow!("unexpected migration state: {s}"))),
+        }
+    }
+}
+
+/// Ctrl-C during `ffmk-vmm migrate`: noted, then the migration is cancelled.
+mod interrupt {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    static SEEN: AtomicBool = AtomicBool::new(false);
+
+    extern "C" fn on_signal(_: libc::c_int) {
+        SEEN.store(true, Ordering::SeqCst);
+    }
+
+    pub fn install() {
+        // SAFETY: the handler only stores to an atomic (async-signal-safe).
+        unsafe {
+            libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+            libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+        }
+    }
+
+    pub fn seen() -> bool {
+        SEEN.load(Ordering::SeqCst)
+    }
 }
 
 type Listener = Option<(std::os::unix::net::UnixListener, std::path::PathBuf)>;
@@ -173,7 +324,7 @@ fn serve(
         }
         None => None,
     };
-    let reason = vmm::control::run(vm, signals, api)
+    let reason = vmm::control::run(std::sync::Arc::new(vm), signals, api)
         .context("control loop failed")
         .map_err(runtime)?;
     eprintln!(
@@ -195,13 +346,15 @@ fn restore(args: RestoreArgs) -> Result<u8, Failure> {
     let restoring = vmm::checkpoint::Restoring::open(&args.from, args.paused).map_err(usage)?;
     let config = restoring.run_config(console, args.api_socket.clone());
     let (signals, kvm, listener, _socket_guard) = prepare(&config)?;
-    let m = &restoring.snapshot.manifest;
-    let summary = format!(
-        "generation {}, {} layer(s), {:.1} MiB stored",
-        m.generation,
-        m.layers.len(),
-        m.stored_bytes() as f64 / f64::from(1 << 20)
-    );
+    let summary = match &restoring.origin {
+        vmm::checkpoint::Origin::Snapshot(s) => format!(
+            "generation {}, {} layer(s), {:.1} MiB stored",
+            s.manifest.generation,
+            s.manifest.layers.len(),
+            s.manifest.stored_bytes() as f64 / f64::from(1 << 20)
+        ),
+        vmm::checkpoint::Origin::Migration { .. } => String::new(),
+    };
     let vm = vmm::vm::Vm::create(&kvm, config, Some(&restoring)).map_err(runtime)?;
     eprintln!(
         "ffmk-vmm: restored {} ({summary}) in {:.1} ms{}",

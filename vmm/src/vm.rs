@@ -79,12 +79,13 @@ pub type StopSlot = Arc<Mutex<Option<(u8, VcpuStop)>>>;
 
 pub struct VcpuHandle {
     pub shared: Arc<VcpuShared>,
-    thread: Option<JoinHandle<()>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl VcpuHandle {
     fn kick(&self) {
-        if let Some(t) = &self.thread {
+        let Ok(t) = self.thread.lock() else { return };
+        if let Some(t) = &*t {
             if let Err(e) = t.kill(vcpu::kick_signal()) {
                 tracing::debug!("kick of vCPU {} failed: {e}", self.shared.id);
             }
@@ -99,8 +100,11 @@ pub struct Vm {
     pub serial: Arc<Mutex<SerialPort>>,
     pub pci: Arc<PciRoot>,
     pub disks: Vec<DiskSlot>,
+    /// Every virtio device's transport, in the order they were created
+    /// (the order their state is saved and restored in).
+    pub virtio: Vec<Arc<Mutex<VirtioPci>>>,
     /// Runs the virtio queue handlers; dropped after the vCPUs stopped.
-    _io_thread: IoThread,
+    pub io_thread: IoThread,
     pub boot: BootInfo,
     pub host_kind: HostKind,
     pub profile: CpuProfile,
@@ -295,7 +299,8 @@ impl Vm {
             .map_err(kvm_err("create in-kernel PIT"))?;
         // A restored VM follows its snapshot chain: track dirty pages from
         // the start so the next incremental snapshot can extend it.
-        set_memory_slots(&vm_fd, &mem, restore.is_some())?;
+        let follows_chain = restore.is_some_and(|r| r.chain().is_some());
+        set_memory_slots(&vm_fd, &mem, follows_chain)?;
 
         let boot = match restore {
             None => boot::load(
@@ -357,10 +362,12 @@ impl Vm {
         let io_thread = IoThread::spawn("io")
             .map_err(|e| Error::Setup(format!("cannot start the I/O thread: {e}")))?;
         let mut disks = Vec::new();
+        let mut virtio = Vec::new();
         for disk in &config.disks {
             let block = Block::new(disk.clone(), io_thread.endpoint())?;
             let handle = block.disk();
             let transport = add_virtio(&vm_fd, &routing, &pci, &mem, Box::new(block), disk.queues)?;
+            virtio.push(transport.clone());
             disks.push(DiskSlot {
                 disk: handle,
                 transport,
@@ -368,7 +375,7 @@ impl Vm {
         }
         for net in &config.nets {
             let dev = Net::new(net.clone(), io_thread.endpoint())?;
-            add_virtio(&vm_fd, &routing, &pci, &mem, Box::new(dev), 2)?;
+            virtio.push(add_virtio(&vm_fd, &routing, &pci, &mem, Box::new(dev), 2)?);
         }
         if let Some(path) = &config.virtio_console {
             let dev = VirtioConsole::new(path, io_thread.endpoint()).map_err(|source| {
@@ -377,15 +384,15 @@ impl Vm {
                     source,
                 }
             })?;
-            add_virtio(&vm_fd, &routing, &pci, &mem, Box::new(dev), 2)?;
+            virtio.push(add_virtio(&vm_fd, &routing, &pci, &mem, Box::new(dev), 2)?);
         }
         if let Some(v) = &config.vsock {
             let dev = Vsock::new(v.clone(), io_thread.endpoint())?;
-            add_virtio(&vm_fd, &routing, &pci, &mem, Box::new(dev), 3)?;
+            virtio.push(add_virtio(&vm_fd, &routing, &pci, &mem, Box::new(dev), 3)?);
         }
         if config.rng {
             let dev = Rng::new(io_thread.endpoint());
-            add_virtio(&vm_fd, &routing, &pci, &mem, Box::new(dev), 1)?;
+            virtio.push(add_virtio(&vm_fd, &routing, &pci, &mem, Box::new(dev), 1)?);
         }
 
         // vCPUs.
@@ -447,6 +454,8 @@ impl Vm {
 
         if let Some(r) = restore {
             state::restore_vm(&vm_fd, &r.machine.vm).map_err(|e| Error::Setup(e.to_string()))?;
+            r.restore_devices(&pci, &virtio)
+                .map_err(|e| Error::Setup(e.to_string()))?;
         }
         vcpu::register_kick_handler()
             .map_err(|e| Error::Setup(format!("vCPU kick signal handler: {e}")))?;
@@ -478,13 +487,13 @@ impl Vm {
                 .map_err(|e| Error::Setup(format!("cannot start vCPU thread: {e}")))?;
             vcpus.push(VcpuHandle {
                 shared,
-                thread: Some(thread),
+                thread: Mutex::new(Some(thread)),
             });
         }
 
         let tracking = Mutex::new(crate::checkpoint::Tracking::new(
-            restore.is_some(),
-            restore.map(|r| r.chain()),
+            follows_chain,
+            restore.and_then(|r| r.chain()),
         ));
         Ok(Vm {
             vm_fd,
@@ -493,7 +502,8 @@ impl Vm {
             serial,
             pci,
             disks,
-            _io_thread: io_thread,
+            virtio,
+            io_thread,
             boot,
             host_kind,
             profile,
@@ -561,16 +571,17 @@ impl Vm {
     }
 
     /// Stops and joins every vCPU thread.
-    pub fn stop(&mut self) {
+    pub fn stop(&self) {
         self.request_all(Request::Exit);
-        for v in &mut self.vcpus {
+        for v in &self.vcpus {
             let deadline = Instant::now() + Duration::from_secs(5);
             while v.shared.state() != VcpuState::Exited && Instant::now() < deadline {
                 v.kick();
                 v.shared
                     .wait_for(&[VcpuState::Exited], Duration::from_millis(20));
             }
-            if let Some(t) = v.thread.take() {
+            let thread = v.thread.lock().ok().and_then(|mut t| t.take());
+            if let Some(t) = thread {
                 if v.shared.state() == VcpuState::Exited {
                     let _ = t.join();
                 } else {

@@ -352,3 +352,69 @@ fn linux_vsock_connections_round_trip_both_ways() {
     assert_eq!(code, Some(0), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn linux_snapshot_restore_keeps_answering_on_vsock() {
+    let Some((_, bzimage, initrd)) = images() else {
+        return;
+    };
+    use std::io::{BufRead, BufReader, Read, Write};
+    let dir = tmpdir("linux-snap");
+    let sock = dir.join("v.sock");
+    let vsock = format!("cid=3,socket={}", sock.display());
+    let cmdline = format!(
+        "{} ffmk_exit_port=244 -- vsock-tool echo 1234",
+        base_cmdline()
+    );
+    let vm = common::Vm::spawn(
+        &[
+            "run",
+            "--kernel",
+            bzimage.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--memory",
+            "512M",
+            "--test-exit-port",
+            "--vsock",
+            &vsock,
+            "--cmdline",
+            &cmdline,
+        ],
+        &dir.join("a.console"),
+        &dir.join("a.sock"),
+    );
+    let deadline = std::time::Instant::now() + timeout();
+    while !vm.console().contains("vsock-tool: listening on 1234") {
+        assert!(std::time::Instant::now() < deadline, "{}", vm.console());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Snapshot the booted guest, lose its VMM, restore it in a new one.
+    assert!(vm.api(&["pause"]).status.success());
+    let snap = dir.join("snap");
+    vm.snapshot(&snap, &[]);
+    vm.kill();
+    let r = common::Vm::restore(&dir, "b", &snap, &[]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut s = loop {
+        match std::os::unix::net::UnixStream::connect(&sock) {
+            Ok(s) => break s,
+            Err(e) if std::time::Instant::now() > deadline => panic!("{e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    s.write_all(b"CONNECT 1234\n").unwrap();
+    let mut rd = BufReader::new(s.try_clone().unwrap());
+    let mut ok = String::new();
+    rd.read_line(&mut ok).unwrap();
+    assert!(ok.starts_with("OK "), "{ok:?}");
+    let data: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 7) as u8).collect();
+    s.write_all(&data).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut got = vec![0u8; data.len()];
+    rd.read_exact(&mut got).unwrap();
+    assert!(got == data, "echo differs after restore");
+    let (code, err) = r.wait_exit();
+    assert_eq!(code, Some(0), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -54,6 +54,8 @@ pub enum ConfigError {
     BarSize(u64),
     #[error("no room left for a capability of {0} bytes")]
     NoCapabilityRoom(usize),
+    #[error("saved configuration does not fit: {0}")]
+    Mismatch(String),
 }
 
 /// The identity of a function: what `lspci -n` shows.
@@ -237,6 +239,40 @@ impl ConfigSpace {
             let b = &mut self.bytes[offset + i];
             *b = (*b & !mask) | (v & mask);
         }
+    }
+
+    /// All of the function's configuration bytes, for a snapshot.
+    pub fn save(&self) -> Vec<u8> {
+        self.bytes.to_vec()
+    }
+
+    /// Takes back saved bytes. Refused (nothing changed) unless they have
+    /// the right length and every bit the guest cannot write (IDs, BAR
+    /// types, capabilities) is what this function has: a snapshot of
+    /// another device does not fit.
+    pub fn restore(&mut self, saved: &[u8]) -> Result<(), ConfigError> {
+        self.check(saved)?;
+        self.bytes.copy_from_slice(saved);
+        Ok(())
+    }
+
+    /// Whether [`ConfigSpace::restore`] would take `saved`.
+    pub fn check(&self, saved: &[u8]) -> Result<(), ConfigError> {
+        if saved.len() != CONFIG_SPACE_SIZE {
+            return Err(ConfigError::Mismatch(format!(
+                "{} configuration bytes (expected {CONFIG_SPACE_SIZE})",
+                saved.len()
+            )));
+        }
+        let differs =
+            (0..CONFIG_SPACE_SIZE).find(|&i| (saved[i] ^ self.bytes[i]) & !self.writable[i] != 0);
+        if let Some(i) = differs {
+            return Err(ConfigError::Mismatch(format!(
+                "read-only configuration byte {i:#x} is {:#04x}, this function has {:#04x}",
+                saved[i], self.bytes[i]
+            )));
+        }
+        Ok(())
     }
 
     /// Device-side access to the raw bytes (capability state the device owns).

@@ -7,6 +7,7 @@
 //! is unmasked (PCI spec 6.8.2).
 use super::config::{ConfigError, ConfigSpace};
 use crate::interrupt::{MsiMessage, MsiVectors};
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
 pub const CAP_ID: u8 = 0x11;
@@ -33,6 +34,14 @@ impl Entry {
             data: self.data,
         }
     }
+}
+
+/// The table (address low, address high, data, control per vector) and
+/// the pending bits; enable and function mask live in configuration space.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsixState {
+    pub table: Vec<[u32; 4]>,
+    pub pending: Vec<bool>,
 }
 
 pub struct Msix {
@@ -189,6 +198,46 @@ impl Msix {
         }
     }
 
+    pub fn save(&self) -> MsixState {
+        MsixState {
+            table: self
+                .table
+                .iter()
+                .map(|e| [e.addr_lo, e.addr_hi, e.data, e.control])
+                .collect(),
+            pending: self.pending.clone(),
+        }
+    }
+
+    /// Takes back the table and pending bits, reads enable/mask from
+    /// `config` (restored first), and routes every vector again. Refused
+    /// (nothing changed) if the vector count differs.
+    pub fn restore(&mut self, s: &MsixState, config: &ConfigSpace) -> Result<(), String> {
+        if s.table.len() != self.table.len() || s.pending.len() != self.pending.len() {
+            return Err(format!(
+                "{} MSI-X vectors saved, this function has {}",
+                s.table.len(),
+                self.table.len()
+            ));
+        }
+        for (e, w) in self.table.iter_mut().zip(&s.table) {
+            *e = Entry {
+                addr_lo: w[0],
+                addr_hi: w[1],
+                data: w[2],
+                control: w[3] & ENTRY_MASKED,
+            };
+        }
+        self.pending.clone_from(&s.pending);
+        let control = config.u16_at(self.cap_offset + 2);
+        self.enabled = control & CONTROL_ENABLE != 0;
+        self.function_masked = control & CONTROL_FUNCTION_MASK != 0;
+        for v in 0..self.table.len() {
+            self.update(v);
+        }
+        Ok(())
+    }
+
     pub fn pba_read(&self, offset: u64, data: &mut [u8]) {
         for (i, b) in data.iter_mut().enumerate() {
             let first = (offset as usize + i) * 8;
@@ -311,5 +360,49 @@ mod tests {
         let mut far = [0xaau8; 4];
         msix.table_read(1 << 20, &mut far);
         assert_eq!(far, [0; 4]);
+    }
+
+    #[test]
+    fn saved_state_restores_on_a_fresh_function_and_routes_again() {
+        let (mut config, mut msix, _) = setup();
+        msix.table_write(16, &0xfee0_1000u32.to_le_bytes());
+        msix.table_write(24, &0x4051u32.to_le_bytes());
+        msix.table_write(28, &0u32.to_le_bytes());
+        set_control(&mut config, &mut msix, CONTROL_ENABLE);
+        msix.trigger(2); // masked: pending
+        let saved = msix.save();
+        let bytes = config.save();
+
+        let (mut config2, mut msix2, rec2) = setup();
+        config2.restore(&bytes).unwrap();
+        msix2.restore(&saved, &config2).unwrap();
+        let msg = MsiMessage {
+            addr: 0xfee0_1000,
+            data: 0x4051,
+        };
+        assert!(rec2.routes.lock().unwrap().contains(&(1, Some(msg))));
+        assert!(msix2.enabled());
+        let mut pba = [0u8; 1];
+        msix2.pba_read(0, &mut pba);
+        assert_eq!(pba[0], 0b100, "pending bit carried over");
+        msix2.trigger(1);
+        assert_eq!(*rec2.fired.lock().unwrap(), vec![1]);
+
+        // Another vector count, or another function's bytes: refused.
+        let mut short = saved.clone();
+        short.table.pop();
+        assert!(msix2.restore(&short, &config2).is_err());
+        let other = ConfigSpace::new(PciIds {
+            vendor: 0x8086,
+            device: 0x1234,
+            class: (2, 0, 0),
+            revision: 0,
+            subsystem_vendor: 0,
+            subsystem: 0,
+        });
+        let err = config2.restore(&other.save()).unwrap_err().to_string();
+        assert!(err.contains("read-only configuration byte 0x0"), "{err}");
+        assert!(config2.restore(&bytes[..100]).is_err());
+        assert_eq!(config2.save(), bytes, "a refused restore changes nothing");
     }
 }

@@ -28,6 +28,16 @@ pub enum PciError {
     NoBarSpace { window: &'static str, size: u64 },
     #[error("bad PCI window {base:#x}+{size:#x}")]
     BadWindow { base: u64, size: u64 },
+    #[error("saved PCI functions do not match this VM's: {0}")]
+    Mismatch(String),
+}
+
+/// One function's configuration space in a snapshot.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct FunctionState {
+    pub slot: u8,
+    pub name: String,
+    pub config: Vec<u8>,
 }
 
 /// The host bridge at 00:00.0: identifies the root complex, has no BARs.
@@ -175,6 +185,63 @@ impl PciRoot {
             .iter()
             .filter_map(|(s, d)| d.lock().ok().map(|d| (*s, d.name(), d.counters())))
             .collect()
+    }
+
+    /// Every function's configuration space (BARs, command register,
+    /// capability state such as the MSI-X enable bit), for a snapshot.
+    pub fn save(&self) -> Result<Vec<FunctionState>, PciError> {
+        let slots = self.slots.read().map_err(|_| PciError::NoSlot)?;
+        slots
+            .iter()
+            .map(|(slot, d)| {
+                let d = d
+                    .lock()
+                    .map_err(|_| PciError::Mismatch(format!("slot {slot}: lock poisoned")))?;
+                Ok(FunctionState {
+                    slot: *slot,
+                    name: d.name(),
+                    config: d.config().save(),
+                })
+            })
+            .collect()
+    }
+
+    /// Takes back saved configuration spaces: the same slots must hold
+    /// functions of the same kind. Checked for every function before any
+    /// changes. Device state kept outside configuration space (MSI-X
+    /// tables, virtio queues) is restored by the devices afterwards.
+    pub fn restore(&self, saved: &[FunctionState]) -> Result<(), PciError> {
+        let slots = self.slots.read().map_err(|_| PciError::NoSlot)?;
+        let here: Vec<u8> = slots.keys().copied().collect();
+        let there: Vec<u8> = saved.iter().map(|f| f.slot).collect();
+        if here != there {
+            return Err(PciError::Mismatch(format!(
+                "the snapshot has functions in slots {there:?}, this VM in {here:?}"
+            )));
+        }
+        let mismatch = |f: &FunctionState, e: String| {
+            PciError::Mismatch(format!("slot {} ({}): {e}", f.slot, f.name))
+        };
+        let mut locked = Vec::new();
+        for f in saved {
+            let dev = slots.get(&f.slot).ok_or(PciError::NoSlot)?;
+            let d = dev
+                .lock()
+                .map_err(|_| mismatch(f, "lock poisoned".into()))?;
+            locked.push((f, d));
+        }
+        // Check every function first: all or nothing.
+        for (f, d) in &locked {
+            d.config()
+                .check(&f.config)
+                .map_err(|e| mismatch(f, e.to_string()))?;
+        }
+        for (f, d) in &mut locked {
+            d.config_mut()
+                .restore(&f.config)
+                .map_err(|e| mismatch(f, e.to_string()))?;
+        }
+        Ok(())
     }
 
     /// Configuration read of bus/device/function at `offset`. Only bus 0,

@@ -8,11 +8,12 @@
 //! no bytes written (the driver sees a missing status); the device and the
 //! VM go on.
 use super::{
-    Activation, ActiveQueue, GuestMemory, Handler, Handlers, VirtioDevice, VirtioInterrupt,
+    Activation, ActiveQueue, Endpoint, GuestMemory, Handlers, QueueWorker, VirtioDevice,
+    VirtioInterrupt,
 };
 use super::{VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1};
 use crate::rate_limiter::RateLimiter;
-use event_manager::{EventOps, Events, MutEventSubscriber, RemoteEndpoint};
+use event_manager::{EventOps, Events, MutEventSubscriber};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
@@ -72,7 +73,7 @@ struct DiscardSegment {
 unsafe impl ByteValued for DiscardSegment {}
 
 /// `--disk path=FILE[,readonly][,direct][,serial=ID][,queues=N][,bw=RATE][,iops=N]`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskConfig {
     pub path: PathBuf,
     pub readonly: bool,
@@ -396,7 +397,7 @@ pub struct Block {
 }
 
 impl Block {
-    pub fn new(config: DiskConfig, endpoint: RemoteEndpoint<Handler>) -> Result<Block, DiskError> {
+    pub fn new(config: DiskConfig, endpoint: Endpoint) -> Result<Block, DiskError> {
         Ok(Block {
             disk: Arc::new(Disk::open(&config)?),
             config,
@@ -583,6 +584,12 @@ impl QueueHandler {
                 _ => break,
             }
         }
+    }
+}
+
+impl QueueWorker for QueueHandler {
+    fn each_queue(&self, f: &mut dyn FnMut(&ActiveQueue)) {
+        f(&self.queue);
     }
 }
 

@@ -3,10 +3,11 @@
 //! console. What the guest transmits is appended to a host file (or
 //! discarded); the receive queue is offered but never filled.
 use super::{
-    Activation, ActiveQueue, GuestMemory, Handler, Handlers, VirtioDevice, VirtioInterrupt,
+    Activation, ActiveQueue, Endpoint, GuestMemory, Handlers, QueueWorker, VirtioDevice,
+    VirtioInterrupt,
 };
 use super::{VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1};
-use event_manager::{EventOps, Events, MutEventSubscriber, RemoteEndpoint};
+use event_manager::{EventOps, Events, MutEventSubscriber};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -27,7 +28,7 @@ pub struct Console {
 
 impl Console {
     /// A console whose output is appended to `path` (created if missing).
-    pub fn new(path: &Path, endpoint: RemoteEndpoint<Handler>) -> std::io::Result<Console> {
+    pub fn new(path: &Path, endpoint: Endpoint) -> std::io::Result<Console> {
         let output = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -124,6 +125,12 @@ impl ConsoleHandler {
         if any && self.tx.queue.needs_notification(mem).unwrap_or(true) {
             self.interrupt.signal_queue(self.tx.vector);
         }
+    }
+}
+
+impl QueueWorker for ConsoleHandler {
+    fn each_queue(&self, f: &mut dyn FnMut(&ActiveQueue)) {
+        f(&self.tx);
     }
 }
 

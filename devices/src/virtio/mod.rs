@@ -14,6 +14,11 @@
 //! A device sees its queues only after the driver set DRIVER_OK; it then
 //! registers a handler on the I/O thread and raises interrupts through
 //! [`VirtioInterrupt`].
+//!
+//! Snapshots and migration: after every event a handler served, the I/O
+//! thread publishes where each of its queues stands ([`QueueProgress`]);
+//! [`IoThread::freeze`] parks the thread between events, so the transport
+//! can save queue positions that match guest memory exactly.
 pub mod block;
 pub mod console;
 pub mod net;
@@ -23,10 +28,10 @@ pub mod vsock;
 
 use crate::pci::Msix;
 use event_manager::{EventManager, MutEventSubscriber, RemoteEndpoint, SubscriberId};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 pub type GuestMemory = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
@@ -71,6 +76,10 @@ pub struct Activation {
     pub features: u64,
     pub queues: Vec<ActiveQueue>,
     pub interrupt: Arc<VirtioInterrupt>,
+    /// The device continues in a new VMM from a snapshot or a migration:
+    /// host-side state it kept outside guest memory (vsock connections) is
+    /// gone, and the device tells the driver so.
+    pub restored: bool,
 }
 
 pub struct ActiveQueue {
@@ -80,6 +89,46 @@ pub struct ActiveQueue {
     pub notify: EventFd,
     /// MSI-X vector for used-buffer notifications (or [`NO_VECTOR`]).
     pub vector: u16,
+    /// Where the queue stands, shared with the transport.
+    pub progress: Arc<QueueProgress>,
+}
+
+impl ActiveQueue {
+    /// Publishes the queue's position for the transport.
+    fn publish(&self) {
+        self.progress
+            .next_avail
+            .store(self.queue.next_avail(), Ordering::Release);
+        self.progress
+            .next_used
+            .store(self.queue.next_used(), Ordering::Release);
+    }
+}
+
+/// A queue's position as of the last event its handler served: the next
+/// available-ring entry the device reads and the next used-ring entry it
+/// writes. Together with the ring addresses in the transport and guest
+/// memory, this is all of a queue's state.
+#[derive(Debug, Default)]
+pub struct QueueProgress {
+    pub next_avail: AtomicU16,
+    pub next_used: AtomicU16,
+}
+
+impl QueueProgress {
+    pub fn new(next_avail: u16, next_used: u16) -> Arc<QueueProgress> {
+        Arc::new(QueueProgress {
+            next_avail: AtomicU16::new(next_avail),
+            next_used: AtomicU16::new(next_used),
+        })
+    }
+
+    pub fn get(&self) -> (u16, u16) {
+        (
+            self.next_avail.load(Ordering::Acquire),
+            self.next_used.load(Ordering::Acquire),
+        )
+    }
 }
 
 /// How a device interrupts its driver: MSI-X when enabled, else the ISR
@@ -113,18 +162,50 @@ impl VirtioInterrupt {
     }
 }
 
-/// A subscriber the I/O thread runs.
-pub type Handler = Box<dyn MutEventSubscriber + Send>;
+/// A device's queue handler: an event subscriber that can show the
+/// queues it serves.
+pub trait QueueWorker: MutEventSubscriber + Send {
+    /// Calls `f` with every queue this handler serves.
+    fn each_queue(&self, f: &mut dyn FnMut(&ActiveQueue));
+}
+
+/// What devices hand to the I/O thread.
+pub type Handler = Box<dyn QueueWorker>;
+
+/// A handler as the I/O thread runs it: after every event (and after
+/// `init`), the positions of its queues are published.
+pub struct Worker(Handler);
+
+impl Worker {
+    fn publish(&self) {
+        self.0.each_queue(&mut |q| q.publish());
+    }
+}
+
+impl MutEventSubscriber for Worker {
+    fn process(&mut self, events: event_manager::Events, ops: &mut event_manager::EventOps) {
+        self.0.process(events, ops);
+        self.publish();
+    }
+
+    fn init(&mut self, ops: &mut event_manager::EventOps) {
+        self.0.init(ops);
+        self.publish();
+    }
+}
+
+/// How devices reach the I/O thread.
+pub type Endpoint = RemoteEndpoint<Worker>;
 
 /// The handlers a device runs on the I/O thread: started when the driver
 /// activates the device, stopped when it resets it.
 pub struct Handlers {
-    endpoint: RemoteEndpoint<Handler>,
+    endpoint: Endpoint,
     running: Vec<SubscriberId>,
 }
 
 impl Handlers {
-    pub fn new(endpoint: RemoteEndpoint<Handler>) -> Handlers {
+    pub fn new(endpoint: Endpoint) -> Handlers {
         Handlers {
             endpoint,
             running: Vec::new(),
@@ -135,7 +216,7 @@ impl Handlers {
         let id = self
             .endpoint
             .call_blocking(move |ops| -> Result<SubscriberId, event_manager::Error> {
-                Ok(ops.add_subscriber(handler))
+                Ok(ops.add_subscriber(Worker(handler)))
             })
             .map_err(|e| format!("cannot start an I/O handler: {e:?}"))?;
         self.running.push(id);
@@ -172,8 +253,10 @@ pub fn read_config(config: &[u8], offset: u64, data: &mut [u8]) {
 /// The I/O thread: an event loop over the queue eventfds of every active
 /// device. Devices add and remove their handlers through [`IoThread::endpoint`].
 pub struct IoThread {
-    endpoint: RemoteEndpoint<Handler>,
+    endpoint: Endpoint,
     stop: Arc<AtomicBool>,
+    /// Parked for good ([`Frozen::keep`]): never joined.
+    kept: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -185,7 +268,7 @@ impl IoThread {
         let thread = std::thread::Builder::new()
             .name(name.into())
             .spawn(move || {
-                let mut manager = match EventManager::<Handler>::new() {
+                let mut manager = match EventManager::<Worker>::new() {
                     Ok(m) => m,
                     Err(e) => {
                         let _ = tx.send(Err(format!("{e:?}")));
@@ -207,18 +290,65 @@ impl IoThread {
         Ok(IoThread {
             endpoint,
             stop,
+            kept: Arc::new(AtomicBool::new(false)),
             thread: Some(thread),
         })
     }
 
-    pub fn endpoint(&self) -> RemoteEndpoint<Handler> {
+    pub fn endpoint(&self) -> Endpoint {
         self.endpoint.clone()
+    }
+
+    /// Parks the thread between two events until the returned guard is
+    /// dropped: no handler runs, so no device touches guest memory or its
+    /// queues, and every queue's published position is final. Fails if
+    /// the thread does not stop within `within`.
+    pub fn freeze(&self, within: std::time::Duration) -> Result<Frozen, String> {
+        let (parked_tx, parked_rx) = std::sync::mpsc::channel::<()>();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        self.endpoint
+            .fire(move |_ops| {
+                let _ = parked_tx.send(());
+                // Returns when the guard is dropped (the sender goes away).
+                let _ = release_rx.recv();
+            })
+            .map_err(|e| format!("cannot reach the I/O thread: {e:?}"))?;
+        match parked_rx.recv_timeout(within) {
+            Ok(()) => Ok(Frozen {
+                release: release_tx,
+                kept: self.kept.clone(),
+            }),
+            // The guard is dropped here, so the thread goes on once it
+            // gets to the request.
+            Err(_) => Err(format!(
+                "the I/O thread did not stop within {} ms",
+                within.as_millis()
+            )),
+        }
+    }
+}
+
+/// The I/O thread stays parked while this lives.
+pub struct Frozen {
+    release: std::sync::mpsc::Sender<()>,
+    kept: Arc<AtomicBool>,
+}
+
+impl Frozen {
+    /// Keeps the I/O thread parked until the process ends (the VM moved to
+    /// another host: no device here may touch a disk or a network again).
+    pub fn keep(self) {
+        self.kept.store(true, Ordering::Release);
+        std::mem::forget(self.release);
     }
 }
 
 impl Drop for IoThread {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
+        if self.kept.load(Ordering::Acquire) {
+            return; // parked for good; it ends with the process
+        }
         let _ = self.endpoint.kick();
         if let Some(t) = self.thread.take() {
             let _ = t.join();

@@ -8,11 +8,12 @@
 //! guest posts more, so a guest that stops receiving costs nothing.
 //! Transmit: each chain (header + frame) is written to the TAP as one frame.
 use super::{
-    Activation, ActiveQueue, GuestMemory, Handler, Handlers, VirtioDevice, VirtioInterrupt,
+    Activation, ActiveQueue, Endpoint, GuestMemory, Handlers, QueueWorker, VirtioDevice,
+    VirtioInterrupt,
 };
 use super::{VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1};
 use crate::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
-use event_manager::{EventOps, Events, MutEventSubscriber, RemoteEndpoint};
+use event_manager::{EventOps, Events, MutEventSubscriber};
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -39,7 +40,7 @@ const TX: u32 = 1;
 const TAP: u32 = 2;
 
 /// `--net tap=NAME[,mac=52:54:00:12:34:56]`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetConfig {
     pub tap: String,
     pub mac: [u8; 6],
@@ -70,10 +71,7 @@ pub struct Net {
 }
 
 impl Net {
-    pub fn new(
-        config: NetConfig,
-        endpoint: RemoteEndpoint<Handler>,
-    ) -> Result<Net, crate::tap::TapError> {
+    pub fn new(config: NetConfig, endpoint: Endpoint) -> Result<Net, crate::tap::TapError> {
         let tap = Tap::open(&config.tap)?;
         Ok(Net {
             config,
@@ -367,6 +365,13 @@ impl NetHandler {
             Ok(()) => self.watching_tap = want,
             Err(e) => tracing::warn!("virtio-net: cannot change the TAP watch: {e:?}"),
         }
+    }
+}
+
+impl QueueWorker for NetHandler {
+    fn each_queue(&self, f: &mut dyn FnMut(&ActiveQueue)) {
+        f(&self.rx);
+        f(&self.tx);
     }
 }
 

@@ -12,12 +12,14 @@
 //! ioeventfd the monitor registers on the notify address (no exit to user
 //! space) or, if the guest moved the BAR, through a write here.
 use super::{
-    Activation, ActiveQueue, GuestMemory, VirtioDevice, VirtioInterrupt, NO_VECTOR,
+    Activation, ActiveQueue, GuestMemory, QueueProgress, VirtioDevice, VirtioInterrupt, NO_VECTOR,
     VIRTIO_F_VERSION_1,
 };
 use crate::interrupt::MsiVectors;
 use crate::pci::config::{Bar, BarKind, ConfigError, PciIds};
+use crate::pci::msix::MsixState;
 use crate::pci::{ConfigSpace, Msix, PciDevice};
+use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use virtio_queue::{Queue, QueueT};
@@ -52,6 +54,41 @@ struct QueueSlot {
     queue: Queue,
     vector: u16,
     notify: EventFd,
+    /// Published by the queue's handler while the device is active.
+    progress: Arc<QueueProgress>,
+}
+
+/// One queue in a snapshot: what the driver set up and where the device
+/// stands in the rings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueState {
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    pub vector: u16,
+    pub next_avail: u16,
+    pub next_used: u16,
+}
+
+/// The transport in a snapshot: feature negotiation, status, queues and
+/// MSI-X (configuration space is saved with the PCI bus). Taken while the
+/// I/O thread is frozen ([`super::IoThread::freeze`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioPciState {
+    pub device_type: u16,
+    pub device_feature_select: u32,
+    pub driver_feature_select: u32,
+    pub driver_features: u64,
+    pub status: u8,
+    pub config_generation: u8,
+    pub config_vector: u16,
+    pub queue_select: u16,
+    pub isr: u8,
+    pub active: bool,
+    pub queues: Vec<QueueState>,
+    pub msix: MsixState,
 }
 
 pub struct VirtioPci {
@@ -145,6 +182,7 @@ impl VirtioPci {
                     vector: NO_VECTOR,
                     notify: EventFd::new(libc::EFD_NONBLOCK)
                         .map_err(|_| ConfigError::NoCapabilityRoom(0))?,
+                    progress: QueueProgress::new(0, 0),
                 })
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
@@ -303,11 +341,15 @@ impl VirtioPci {
         let newly_ok = status & STATUS_DRIVER_OK != 0 && self.status & STATUS_DRIVER_OK == 0;
         self.status = status;
         if newly_ok && status & STATUS_FEATURES_OK != 0 && !self.active {
-            self.activate();
+            if let Err(e) = self.activate(false) {
+                tracing::error!("virtio: {}: {e}", self.device.describe());
+                self.status |= STATUS_NEEDS_RESET;
+                self.interrupt().signal_config();
+            }
         }
     }
 
-    fn activate(&mut self) {
+    fn activate(&mut self, restored: bool) -> Result<(), String> {
         let event_idx = self.driver_features & super::VIRTIO_F_RING_EVENT_IDX != 0;
         let mut queues = Vec::new();
         for (i, slot) in self.queues.iter_mut().enumerate() {
@@ -315,44 +357,158 @@ impl VirtioPci {
                 continue;
             }
             slot.queue.set_event_idx(event_idx);
-            let notify = match slot.notify.try_clone() {
-                Ok(fd) => fd,
-                Err(e) => {
-                    tracing::error!("virtio: cannot clone queue eventfd: {e}");
-                    self.status |= STATUS_NEEDS_RESET;
-                    return;
-                }
-            };
-            let queue = match Queue::try_from(slot.queue.state()) {
-                Ok(q) => q,
-                Err(e) => {
-                    tracing::warn!("virtio: queue {i} cannot be used: {e:?}");
-                    self.status |= STATUS_NEEDS_RESET;
-                    return;
-                }
-            };
+            let notify = slot
+                .notify
+                .try_clone()
+                .map_err(|e| format!("cannot clone queue eventfd: {e}"))?;
+            let queue = Queue::try_from(slot.queue.state())
+                .map_err(|e| format!("queue {i} cannot be used: {e:?}"))?;
+            slot.progress = QueueProgress::new(queue.next_avail(), queue.next_used());
             queues.push(ActiveQueue {
                 index: i as u16,
                 queue,
                 notify,
                 vector: slot.vector,
+                progress: slot.progress.clone(),
             });
         }
-        let interrupt = Arc::new(self.interrupt());
         let activation = Activation {
             mem: self.mem.clone(),
             features: self.driver_features,
             queues,
-            interrupt: interrupt.clone(),
+            interrupt: Arc::new(self.interrupt()),
+            restored,
         };
-        match self.device.activate(activation) {
-            Ok(()) => self.active = true,
-            Err(e) => {
-                tracing::error!("virtio: {}: activation failed: {e}", self.device.describe());
-                self.status |= STATUS_NEEDS_RESET;
-                interrupt.signal_config();
-            }
+        self.device
+            .activate(activation)
+            .map_err(|e| format!("activation failed: {e}"))?;
+        self.active = true;
+        Ok(())
+    }
+
+    /// The transport's state. Call with the I/O thread frozen so that the
+    /// queue positions match guest memory.
+    pub fn save(&self) -> VirtioPciState {
+        let queues = self
+            .queues
+            .iter()
+            .map(|slot| {
+                let q = &slot.queue;
+                let (next_avail, next_used) = if self.active && q.ready() {
+                    slot.progress.get()
+                } else {
+                    (q.next_avail(), q.next_used())
+                };
+                QueueState {
+                    size: q.size(),
+                    ready: q.ready(),
+                    desc_table: q.desc_table(),
+                    avail_ring: q.avail_ring(),
+                    used_ring: q.used_ring(),
+                    vector: slot.vector,
+                    next_avail,
+                    next_used,
+                }
+            })
+            .collect();
+        VirtioPciState {
+            device_type: self.device.device_type(),
+            device_feature_select: self.device_feature_select,
+            driver_feature_select: self.driver_feature_select,
+            driver_features: self.driver_features,
+            status: self.status,
+            config_generation: self.config_generation,
+            config_vector: self.config_vector,
+            queue_select: self.queue_select,
+            isr: self.isr.load(Ordering::Acquire),
+            active: self.active,
+            queues,
+            msix: match self.msix.lock() {
+                Ok(m) => m.save(),
+                Err(p) => p.into_inner().save(),
+            },
         }
+    }
+
+    /// Continues from a saved transport state on a freshly built device
+    /// (configuration space restored first). Everything is checked before
+    /// anything changes; then MSI-X routes are set up again and, if the
+    /// driver was running, the device is activated with its queues where
+    /// they stood.
+    pub fn restore(&mut self, s: &VirtioPciState) -> Result<(), String> {
+        if self.active || self.status != 0 {
+            return Err("the device is already in use".into());
+        }
+        let kind = self.device.device_type();
+        if s.device_type != kind {
+            return Err(format!(
+                "saved virtio device type {}, this one is {kind}",
+                s.device_type
+            ));
+        }
+        if s.queues.len() != self.queues.len() {
+            return Err(format!(
+                "{} queues saved, this device has {}",
+                s.queues.len(),
+                self.queues.len()
+            ));
+        }
+        let offered = self.device.features();
+        if s.driver_features & !offered != 0 {
+            return Err(format!(
+                "the driver uses features {:#x} this device does not offer",
+                s.driver_features & !offered
+            ));
+        }
+        let nvec = self.msix.lock().map(|m| m.vector_count()).unwrap_or(0);
+        let vector_ok = |v: u16| v == NO_VECTOR || v < nvec;
+        if !vector_ok(s.config_vector) || s.queues.iter().any(|q| !vector_ok(q.vector)) {
+            return Err("a saved MSI-X vector is out of range".into());
+        }
+        let mut rebuilt = Vec::new();
+        for (i, (slot, q)) in self.queues.iter().zip(&s.queues).enumerate() {
+            let mut queue =
+                Queue::new(slot.queue.max_size()).map_err(|e| format!("queue {i}: {e:?}"))?;
+            queue.set_size(q.size);
+            if queue.size() != q.size {
+                return Err(format!("queue {i}: size {} is not allowed", q.size));
+            }
+            let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
+            let (l, h) = split(q.desc_table);
+            queue.set_desc_table_address(l, h);
+            let (l, h) = split(q.avail_ring);
+            queue.set_avail_ring_address(l, h);
+            let (l, h) = split(q.used_ring);
+            queue.set_used_ring_address(l, h);
+            queue.set_next_avail(q.next_avail);
+            queue.set_next_used(q.next_used);
+            queue.set_ready(q.ready);
+            if q.ready && !queue.is_valid(&self.mem) {
+                return Err(format!("queue {i}: its rings do not fit in guest memory"));
+            }
+            rebuilt.push(queue);
+        }
+        match self.msix.lock() {
+            Ok(mut m) => m.restore(&s.msix, &self.config)?,
+            Err(_) => return Err("MSI-X state lock poisoned".into()),
+        }
+        for ((slot, q), queue) in self.queues.iter_mut().zip(&s.queues).zip(rebuilt) {
+            slot.queue = queue;
+            slot.vector = q.vector;
+            slot.progress = QueueProgress::new(q.next_avail, q.next_used);
+        }
+        self.device_feature_select = s.device_feature_select;
+        self.driver_feature_select = s.driver_feature_select;
+        self.driver_features = s.driver_features;
+        self.status = s.status;
+        self.config_generation = s.config_generation;
+        self.config_vector = s.config_vector;
+        self.queue_select = s.queue_select;
+        self.isr.store(s.isr, Ordering::Release);
+        if s.active {
+            self.activate(true)?;
+        }
+        Ok(())
     }
 
     /// The device's configuration changed on the host side (a disk grew):
@@ -382,6 +538,7 @@ impl VirtioPci {
         for q in &mut self.queues {
             q.queue.reset();
             q.vector = NO_VECTOR;
+            q.progress = QueueProgress::new(0, 0);
             let _ = q.notify.read(); // drop a stale notification
         }
         self.status = 0;

@@ -1,10 +1,11 @@
 //! virtio-rng (virtio spec 5.4): fills the guest's buffers from the host's
 //! `getrandom(2)`, at most [`MAX_BYTES_PER_REQUEST`] per request.
 use super::{
-    Activation, ActiveQueue, GuestMemory, Handler, Handlers, VirtioDevice, VirtioInterrupt,
+    Activation, ActiveQueue, Endpoint, GuestMemory, Handlers, QueueWorker, VirtioDevice,
+    VirtioInterrupt,
 };
 use super::{VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1};
-use event_manager::{EventOps, Events, MutEventSubscriber, RemoteEndpoint};
+use event_manager::{EventOps, Events, MutEventSubscriber};
 use std::io::Write;
 use std::sync::Arc;
 use virtio_queue::QueueT;
@@ -17,7 +18,7 @@ pub struct Rng {
 }
 
 impl Rng {
-    pub fn new(endpoint: RemoteEndpoint<Handler>) -> Rng {
+    pub fn new(endpoint: Endpoint) -> Rng {
         Rng {
             handlers: Handlers::new(endpoint),
         }
@@ -103,6 +104,12 @@ impl RngHandler {
         if used_any && self.queue.queue.needs_notification(mem).unwrap_or(true) {
             self.interrupt.signal_queue(self.queue.vector);
         }
+    }
+}
+
+impl QueueWorker for RngHandler {
+    fn each_queue(&self, f: &mut dyn FnMut(&ActiveQueue)) {
+        f(&self.queue);
     }
 }
 

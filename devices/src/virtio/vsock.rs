@@ -12,10 +12,11 @@
 //! we advertise [`BUF_ALLOC`] bytes of receive space per connection and never
 //! send the guest more than it advertised.
 use super::{
-    Activation, ActiveQueue, GuestMemory, Handler, Handlers, VirtioDevice, VirtioInterrupt,
+    Activation, ActiveQueue, Endpoint, GuestMemory, Handlers, QueueWorker, VirtioDevice,
+    VirtioInterrupt,
 };
 use super::{VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1};
-use event_manager::{EventOps, Events, MutEventSubscriber, RemoteEndpoint};
+use event_manager::{EventOps, Events, MutEventSubscriber};
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -30,6 +31,8 @@ pub const HDR_LEN: usize = 44;
 pub const BUF_ALLOC: u32 = 256 << 10;
 /// Largest payload we put in one packet to the guest.
 const MAX_PAYLOAD: usize = 64 << 10;
+/// The event-queue event telling the driver its connections are gone.
+const EVENT_TRANSPORT_RESET: u32 = 0;
 const TYPE_STREAM: u16 = 1;
 
 pub const OP_REQUEST: u16 = 1;
@@ -55,7 +58,7 @@ const TAG_LISTENER: u32 = 3;
 const TAG_CONN: u32 = 16;
 
 /// `--vsock cid=N,socket=PATH`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VsockConfig {
     pub cid: u64,
     pub socket: PathBuf,
@@ -194,10 +197,7 @@ pub enum VsockError {
 }
 
 impl Vsock {
-    pub fn new(
-        config: VsockConfig,
-        endpoint: RemoteEndpoint<Handler>,
-    ) -> Result<Vsock, VsockError> {
+    pub fn new(config: VsockConfig, endpoint: Endpoint) -> Result<Vsock, VsockError> {
         if config.cid < 3 || config.cid > u64::from(u32::MAX) {
             return Err(VsockError::Cid(config.cid));
         }
@@ -273,6 +273,7 @@ impl VirtioDevice for Vsock {
             to_guest: VecDeque::new(),
             next_port: FIRST_LOCAL_PORT,
             next_tag: TAG_CONN,
+            announce_reset: a.restored,
         };
         self.handlers.start(Box::new(handler))?;
         Ok(())
@@ -339,6 +340,10 @@ struct VsockHandler {
     to_guest: VecDeque<(Header, Vec<u8>)>,
     next_port: u32,
     next_tag: u32,
+    /// Restored from a snapshot: the guest's connections have no host side
+    /// any more; tell the driver (transport reset event) once it posted an
+    /// event buffer.
+    announce_reset: bool,
 }
 
 impl VsockHandler {
@@ -674,6 +679,31 @@ impl VsockHandler {
     /// larger than the buffer at hand is split (drivers post small buffers:
     /// Linux uses 4 KiB); a buffer too small even for a header is returned
     /// empty.
+    /// Posts VIRTIO_VSOCK_EVENT_TRANSPORT_RESET on the event queue, if one
+    /// is due and the driver gave us a buffer for it: the driver then drops
+    /// its connections and re-reads the guest CID.
+    fn announce(&mut self) {
+        let Some(evq) = self.evq.as_mut().filter(|_| self.announce_reset) else {
+            return;
+        };
+        let mem = &self.mem;
+        let Some(chain) = evq.queue.pop_descriptor_chain(mem) else {
+            return;
+        };
+        let head = chain.head_index();
+        let mut written = 0;
+        if let Ok(mut w) = chain.writer(mem) {
+            if w.write_all(&EVENT_TRANSPORT_RESET.to_le_bytes()).is_ok() {
+                written = 4;
+            }
+        }
+        let _ = evq.queue.add_used(mem, head, written);
+        self.announce_reset = false;
+        if evq.queue.needs_notification(mem).unwrap_or(true) {
+            self.interrupt.signal_queue(evq.vector);
+        }
+    }
+
     fn fill_rx(&mut self) {
         let mem = &self.mem;
         let mut any = false;
@@ -734,6 +764,16 @@ impl VsockHandler {
     }
 }
 
+impl QueueWorker for VsockHandler {
+    fn each_queue(&self, f: &mut dyn FnMut(&ActiveQueue)) {
+        f(&self.rx);
+        f(&self.tx);
+        if let Some(q) = &self.evq {
+            f(q);
+        }
+    }
+}
+
 impl MutEventSubscriber for VsockHandler {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         match events.data() {
@@ -748,6 +788,7 @@ impl MutEventSubscriber for VsockHandler {
                 if let Some(q) = &self.evq {
                     let _ = q.notify.read();
                 }
+                self.announce();
             }
             TAG_LISTENER => self.accept(ops),
             tag => {
@@ -787,6 +828,7 @@ impl MutEventSubscriber for VsockHandler {
                 tracing::error!("virtio-vsock: cannot watch fd (tag {tag}): {e:?}");
             }
         }
+        self.announce();
         self.drain_tx(ops);
         self.fill_rx();
     }

@@ -12,11 +12,11 @@ mod arch;
 mod boot;
 mod mem;
 mod pci;
-mod virtio;
 mod serial;
 mod smp;
 mod tasks;
 mod time;
+mod virtio;
 
 use core::panic::PanicInfo;
 

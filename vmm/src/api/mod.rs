@@ -25,6 +25,12 @@ pub enum ApiRequest {
     },
     /// Take a snapshot (`PUT /vm/snapshot`).
     Snapshot(crate::checkpoint::SnapshotRequest),
+    /// Start a live migration (`PUT /vm/migrate`).
+    Migrate(crate::migration::MigrateRequest),
+    /// `GET /vm/migration`.
+    MigrationStatus,
+    /// `DELETE /vm/migration`: cancel.
+    MigrationCancel,
 }
 
 /// Body of `PUT /vm/disks/{index}/resize`.
@@ -164,8 +170,29 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, ApiRes
         }
         return Ok(ApiRequest::Snapshot(r));
     }
+    if path == "/vm/migrate" {
+        if method != "PUT" {
+            return Err(ApiResponse::error(
+                405,
+                format!("{method} is not allowed on {path}"),
+            ));
+        }
+        let r: crate::migration::MigrateRequest = serde_json::from_slice(body).map_err(|e| {
+            ApiResponse::error(
+                400,
+                format!("bad migrate request (want {{\"to\": \"tcp://HOST:PORT\", \"max_downtime_ms\": N, \"max_rounds\": N, \"throttle\": bool}}): {e}"),
+            )
+        })?;
+        r.address().map_err(|e| ApiResponse::error(400, e))?;
+        return Ok(ApiRequest::Migrate(r));
+    }
     let req = match path {
         "/vm" => [("GET", ApiRequest::GetVm)].as_slice(),
+        "/vm/migration" => [
+            ("GET", ApiRequest::MigrationStatus),
+            ("DELETE", ApiRequest::MigrationCancel),
+        ]
+        .as_slice(),
         "/vm/pause" => [("PUT", ApiRequest::Pause)].as_slice(),
         "/vm/resume" => [("PUT", ApiRequest::Resume)].as_slice(),
         "/vm/shutdown" => [("PUT", ApiRequest::Shutdown)].as_slice(),
@@ -205,6 +232,20 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        match route("PUT", "/vm/migrate", br#"{"to": "tcp://10.0.0.2:7000"}"#) {
+            Ok(ApiRequest::Migrate(r)) => {
+                assert_eq!(r.address().unwrap(), "10.0.0.2:7000");
+                assert_eq!(
+                    (r.max_downtime_ms, r.max_rounds, r.throttle),
+                    (50, 30, true)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            route("DELETE", "/vm/migration", b"").unwrap(),
+            ApiRequest::MigrationCancel
+        );
         for (method, path, body, status) in [
             ("GET", "/vm/snapshot", "{}", 405),
             ("PUT", "/vm/snapshot", r#"{"dest": "rel"}"#, 400),
@@ -220,6 +261,10 @@ mod tests {
             ("PUT", "/vm/disks/0/resize", "{}", 400),
             ("PUT", "/vm/disks/0/resize", r#"{"size_bytes": -1}"#, 400),
             ("PUT", "/vm/disks/0/resize", r#"{"size": 1}"#, 400),
+            ("GET", "/vm/migrate", "{}", 405),
+            ("PUT", "/vm/migrate", r#"{"to": "nowhere"}"#, 400),
+            ("PUT", "/vm/migrate", r#"{"to": "tcp://h:1", "x": 1}"#, 400),
+            ("PUT", "/vm/migration", "", 405),
         ] {
             assert_eq!(
                 route(method, path, body.as_bytes()).unwrap_err().status,

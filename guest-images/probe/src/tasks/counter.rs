@@ -6,13 +6,13 @@ use crate::boot::{Args, BootInfo};
 use crate::{arch::rdtsc, println, time};
 
 /// Paces a loop at `hz` ticks per second without bursts after a pause.
-struct Ticker {
+pub struct Ticker {
     next: u64,
     period: u64,
 }
 
 impl Ticker {
-    fn new(hz: u64) -> Ticker {
+    pub fn new(hz: u64) -> Ticker {
         let period = time::us_to_cycles(1_000_000 / hz.clamp(1, 1_000_000));
         Ticker {
             next: rdtsc() + period,
@@ -20,7 +20,7 @@ impl Ticker {
         }
     }
 
-    fn wait(&mut self) {
+    pub fn wait(&mut self) {
         while rdtsc() < self.next {
             core::hint::spin_loop();
         }

@@ -98,7 +98,15 @@ fn shape_udp(f: &mut [u8], size: usize) -> usize {
     udp + 8 + size
 }
 
-fn bench(rx: &mut Queue, tx: &mut Queue, bufs: u64, txbuf: u64, mac: [u8; 6], ip: [u8; 4], args: &Args) -> u8 {
+fn bench(
+    rx: &mut Queue,
+    tx: &mut Queue,
+    bufs: u64,
+    txbuf: u64,
+    mac: [u8; 6],
+    ip: [u8; 4],
+    args: &Args,
+) -> u8 {
     let count = args.num("count", 10_000);
     let size = (args.num("size", 1400) as usize).min(1472);
     // Wait for the host's first datagram (answering ARP meanwhile).
@@ -256,7 +264,10 @@ pub fn run(info: &mut BootInfo, args: &Args) -> u8 {
             let is_udp = be16(out, HDR + 12) == ETH_IP;
             if reply(&mut out[HDR..], mac, ip) {
                 out[..HDR].fill(0); // no offloads on the way back
-                if tx.submit(&[(txbuf, len as u32, false)], 1_000_000).is_none() {
+                if tx
+                    .submit(&[(txbuf, len as u32, false)], 1_000_000)
+                    .is_none()
+                {
                     println!("probe: error: transmit timed out");
                     return STATUS_PROBE_ERROR;
                 }

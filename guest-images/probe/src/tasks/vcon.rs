@@ -24,7 +24,10 @@ pub fn run(info: &mut BootInfo, args: &Args) -> u8 {
     let buf = mem + Queue::bytes(16);
     for i in 0..lines {
         let mut line = [0u8; 64];
-        let mut w = Cursor { buf: &mut line, at: 0 };
+        let mut w = Cursor {
+            buf: &mut line,
+            at: 0,
+        };
         let _ = core::fmt::write(&mut w, format_args!("vcon line {i} from the probe\n"));
         let n = w.at;
         // SAFETY: `buf` is task memory; the device reads it only while the

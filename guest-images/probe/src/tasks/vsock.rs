@@ -1,7 +1,8 @@
 //! `task=vsock`: a tiny ring-3 vsock stack (stream sockets, polling).
-//! - `op=echo port=P bytes=N`: accepts one host connection on port P and
-//!   echoes what arrives until N bytes went back (or the host closes);
-//!   prints `vsock_cid=`, then `echoed=N`;
+//! - `op=echo port=P bytes=N [conns=C]`: accepts a host connection on port
+//!   P and echoes what arrives until N bytes went back in all (or the host
+//!   closes), up to C connections one after the other (`conn_done=K` after
+//!   each); prints `vsock_cid=`, then `echoed=N`;
 //! - `op=connect port=P msg=TEXT`: connects to host port P, sends TEXT,
 //!   prints the reply as `reply=...`, then closes.
 use crate::boot::{Args, BootInfo};
@@ -99,7 +100,10 @@ impl Stack {
             wr(self.txbuf + (HDR + i) as u64, *b);
         }
         self.tx
-            .submit(&[(self.txbuf, (HDR + payload.len()) as u32, false)], 2_000_000)
+            .submit(
+                &[(self.txbuf, (HDR + payload.len()) as u32, false)],
+                2_000_000,
+            )
             .is_some()
     }
 
@@ -120,7 +124,8 @@ impl Stack {
     }
 
     fn repost(&mut self, slot: u16) {
-        self.rx.post(slot, self.bufs + u64::from(slot) * BUF, BUF as u32, true);
+        self.rx
+            .post(slot, self.bufs + u64::from(slot) * BUF, BUF as u32, true);
         self.rx.kick();
     }
 }
@@ -135,8 +140,12 @@ fn open(info: &mut BootInfo) -> Result<Stack, u8> {
     let mem = info
         .take(2 * ring + u64::from(RX_BUFS + 1) * BUF)
         .ok_or(STATUS_PROBE_ERROR)?;
-    let rx = dev.setup_queue(0, RX_BUFS, mem).map_err(|_| STATUS_PROBE_ERROR)?;
-    let tx = dev.setup_queue(1, 16, mem + ring).map_err(|_| STATUS_PROBE_ERROR)?;
+    let rx = dev
+        .setup_queue(0, RX_BUFS, mem)
+        .map_err(|_| STATUS_PROBE_ERROR)?;
+    let tx = dev
+        .setup_queue(1, 16, mem + ring)
+        .map_err(|_| STATUS_PROBE_ERROR)?;
     dev.driver_ok();
     let cid: u64 = rd(dev.device_cfg);
     let bufs = mem + 2 * ring;
@@ -168,7 +177,24 @@ pub fn run(info: &mut BootInfo, args: &Args) -> u8 {
             let Some(ring) = info.take(u64::from(OUR_BUF_ALLOC)) else {
                 return STATUS_PROBE_ERROR;
             };
-            echo(&mut s, ring, port, args.num("bytes", 1 << 20), timeout)
+            let want = args.num("bytes", 1 << 20);
+            let mut echoed = 0;
+            for conn in 1..=args.num("conns", 1) {
+                s.fwd_cnt = 0; // counters are per connection
+                match echo(&mut s, ring, port, want - echoed, timeout) {
+                    Ok(n) => echoed += n,
+                    Err(status) => {
+                        println!("echoed={echoed}");
+                        return status;
+                    }
+                }
+                println!("conn_done={conn}");
+                if echoed >= want {
+                    break;
+                }
+            }
+            println!("echoed={echoed}");
+            0
         }
         "connect" => connect(&mut s, port, args.get("msg").unwrap_or("hello"), timeout),
         other => {
@@ -182,7 +208,7 @@ pub fn run(info: &mut BootInfo, args: &Args) -> u8 {
 /// `OUR_BUF_ALLOC` bytes (the credit we advertise, so it cannot overflow) and
 /// counted as forwarded only once echoed; we send only within the host's
 /// credit, asking for more when it runs out.
-fn echo(s: &mut Stack, info_ring: u64, port: u32, want: u64, timeout: u64) -> u8 {
+fn echo(s: &mut Stack, info_ring: u64, port: u32, want: u64, timeout: u64) -> Result<u64, u8> {
     let ring = info_ring;
     let cap = OUR_BUF_ALLOC as u64;
     let (mut head, mut tail) = (0u64, 0u64); // bytes queued = tail - head
@@ -196,7 +222,8 @@ fn echo(s: &mut Stack, info_ring: u64, port: u32, want: u64, timeout: u64) -> u8
         // Send what we can.
         if let Some(p) = peer {
             loop {
-                let credit = host_buf_alloc.saturating_sub(tx_cnt.wrapping_sub(host_fwd_cnt)) as u64;
+                let credit =
+                    host_buf_alloc.saturating_sub(tx_cnt.wrapping_sub(host_fwd_cnt)) as u64;
                 let n = (tail - head).min(credit).min(out.len() as u64) as usize;
                 if n == 0 {
                     if tail > head && credit == 0 && !asked {
@@ -213,7 +240,7 @@ fn echo(s: &mut Stack, info_ring: u64, port: u32, want: u64, timeout: u64) -> u8
                 s.fwd_cnt = s.fwd_cnt.wrapping_add(n as u32);
                 if !s.send(p, port, OP_RW, 0, &out[..n]) {
                     println!("probe: error: vsock transmit timed out");
-                    return STATUS_PROBE_ERROR;
+                    return Err(STATUS_PROBE_ERROR);
                 }
                 echoed += n as u64;
             }
@@ -223,8 +250,7 @@ fn echo(s: &mut Stack, info_ring: u64, port: u32, want: u64, timeout: u64) -> u8
         }
         let Some((h, data, slot)) = s.recv(timeout) else {
             println!("probe: error: vsock: nothing for {} ms", timeout / 1000);
-            println!("echoed={echoed}");
-            return STATUS_PROBE_ERROR;
+            return Err(STATUS_PROBE_ERROR);
         };
         let len = (h.len as usize).min(BUF as usize - HDR) as u64;
         if h.dst_port != port || h.src_cid != HOST_CID {
@@ -265,8 +291,7 @@ fn echo(s: &mut Stack, info_ring: u64, port: u32, want: u64, timeout: u64) -> u8
     if let Some(p) = peer {
         s.send(p, port, OP_RST, 0, &[]);
     }
-    println!("echoed={echoed}");
-    0
+    Ok(echoed)
 }
 
 fn connect(s: &mut Stack, port: u32, msg: &str, timeout: u64) -> u8 {

@@ -1,0 +1,432 @@
+//! The wire format. Every message is one frame:
+//!
+//! ```text
+//! "FFMG" | version u16 | kind u8 | 0 u8 | length u32 | crc32 u32 | payload
+//! ```
+//!
+//! (little endian). The conversation:
+//!
+//! ```text
+//! source                         destination
+//! HELLO (json) ----------------->  checks memory, CPU, devices
+//!              <----------------- ACCEPT | REFUSE (reason)
+//! PAGES ... (rounds, guest runs) ->  written into guest memory
+//! PAGES ... (guest paused)       ->
+//! STATE (machine state) -------->  builds the VM, paused
+//!              <----------------- READY | ABORT (reason)
+//! GO ---------------------------->  starts the vCPUs
+//!              <----------------- RUNNING
+//! ```
+//!
+//! ABORT may come from either side at any point before GO. A connection
+//! that breaks before GO leaves the source running and the destination
+//! discarding what it received. Everything received is checked: frame
+//! magic, version, kind, length limits, CRC, page numbers and batch shape.
+use crate::Error;
+use serde::{Deserialize, Serialize};
+use snapshot::PAGE_SIZE;
+use std::io::{Read, Write};
+
+pub const MAGIC: [u8; 4] = *b"FFMG";
+pub const VERSION: u16 = 1;
+const HEADER: usize = 16;
+/// The largest payload either side accepts (a page batch is ~1 MiB, the
+/// machine state well under this).
+pub const MAX_PAYLOAD: u32 = 64 << 20;
+/// Pages per PAGES frame.
+pub const BATCH_PAGES: usize = 256;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    Hello = 1,
+    Accept = 2,
+    Refuse = 3,
+    Pages = 4,
+    State = 5,
+    Ready = 6,
+    Go = 7,
+    Running = 8,
+    Abort = 9,
+}
+
+impl Kind {
+    fn from_u8(v: u8) -> Option<Kind> {
+        Some(match v {
+            1 => Kind::Hello,
+            2 => Kind::Accept,
+            3 => Kind::Refuse,
+            4 => Kind::Pages,
+            5 => Kind::State,
+            6 => Kind::Ready,
+            7 => Kind::Go,
+            8 => Kind::Running,
+            9 => Kind::Abort,
+            _ => return None,
+        })
+    }
+}
+
+/// What the source tells the destination first, and what the destination
+/// compares with its own configuration before anything else moves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Version of the machine-state layout the source sends.
+    pub state_version: u32,
+    pub memory_bytes: u64,
+    /// Guest RAM regions (guest-physical start, length).
+    pub regions: Vec<(u64, u64)>,
+    pub cpus: u8,
+    pub cpu_vendor: String,
+    pub cpu_profile: String,
+    /// One line per device, in the order their state is saved.
+    pub devices: Vec<String>,
+}
+
+impl Hello {
+    /// Why a VM described by `theirs` cannot continue in one configured as
+    /// `self` (each difference on its own line), or Ok.
+    pub fn check(&self, theirs: &Hello) -> Result<(), String> {
+        let mut why = Vec::new();
+        if theirs.state_version != self.state_version {
+            why.push(format!(
+                "machine-state version {} (this VMM reads {})",
+                theirs.state_version, self.state_version
+            ));
+        }
+        if theirs.memory_bytes != self.memory_bytes || theirs.regions != self.regions {
+            why.push(format!(
+                "memory {} MiB (this VM has {} MiB)",
+                theirs.memory_bytes >> 20,
+                self.memory_bytes >> 20
+            ));
+        }
+        if theirs.cpus != self.cpus {
+            why.push(format!("{} vCPUs (this VM has {})", theirs.cpus, self.cpus));
+        }
+        if theirs.cpu_vendor != self.cpu_vendor {
+            why.push(format!(
+                "a {} CPU (this host is {})",
+                theirs.cpu_vendor, self.cpu_vendor
+            ));
+        }
+        if theirs.cpu_profile != self.cpu_profile {
+            why.push(format!(
+                "CPU profile {} (this VM uses {})",
+                theirs.cpu_profile, self.cpu_profile
+            ));
+        }
+        if theirs.devices != self.devices {
+            why.push(format!(
+                "devices [{}] (this VM has [{}])",
+                theirs.devices.join(", "),
+                self.devices.join(", ")
+            ));
+        }
+        if why.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("the VM has {}", why.join("; ")))
+        }
+    }
+}
+
+/// One batch of pages: page numbers (memory-file numbering: RAM regions
+/// back to back) with a flag for all-zero pages, and the data of the rest.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Pages {
+    pub entries: Vec<(u64, bool)>,
+    pub data: Vec<u8>,
+}
+
+impl Pages {
+    pub fn clear(&mut self) {
+        self.entries.clear();
+        self.data.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Adds a page; `data` is None for an all-zero page.
+    pub fn push(&mut self, page: u64, data: Option<&[u8]>) {
+        self.entries.push((page, data.is_none()));
+        if let Some(d) = data {
+            self.data.extend_from_slice(&d[..PAGE_SIZE as usize]);
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(4 + self.entries.len() * 8 + self.data.len());
+        out.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
+        for &(page, zero) in &self.entries {
+            out.extend_from_slice(&(page << 1 | u64::from(zero)).to_le_bytes());
+        }
+        out.extend_from_slice(&self.data);
+        out
+    }
+
+    /// Parses and checks a batch: its shape, and every page below `pages`.
+    pub fn decode(payload: &[u8], pages: u64) -> Result<Pages, Error> {
+        let bad = |why: String| Error::Protocol(format!("bad page batch: {why}"));
+        let count = payload
+            .get(..4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+            .ok_or_else(|| bad("shorter than its count".into()))?;
+        if count > BATCH_PAGES {
+            return Err(bad(format!("{count} pages (at most {BATCH_PAGES})")));
+        }
+        let index_end = 4 + count * 8;
+        let index = payload
+            .get(4..index_end)
+            .ok_or_else(|| bad("index cut short".into()))?;
+        let entries: Vec<(u64, bool)> = index
+            .chunks_exact(8)
+            .map(|c| {
+                let mut w = [0u8; 8];
+                w.copy_from_slice(c);
+                let v = u64::from_le_bytes(w);
+                (v >> 1, v & 1 == 1)
+            })
+            .collect();
+        if let Some(&(p, _)) = entries.iter().find(|(p, _)| *p >= pages) {
+            return Err(bad(format!("page {p} is past guest RAM ({pages} pages)")));
+        }
+        let with_data = entries.iter().filter(|(_, zero)| !zero).count();
+        let data = &payload[index_end..];
+        if data.len() != with_data * PAGE_SIZE as usize {
+            return Err(bad(format!(
+                "{} data bytes for {with_data} pages",
+                data.len()
+            )));
+        }
+        Ok(Pages {
+            entries,
+            data: data.to_vec(),
+        })
+    }
+
+    /// (page, data or None for zero) in order.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, Option<&[u8]>)> {
+        let mut at = 0;
+        self.entries.iter().map(move |&(page, zero)| {
+            if zero {
+                (page, None)
+            } else {
+                let d = &self.data[at..at + PAGE_SIZE as usize];
+                at += PAGE_SIZE as usize;
+                (page, Some(d))
+            }
+        })
+    }
+}
+
+/// A framed connection (a `TcpStream` in practice).
+pub struct Conn<S> {
+    stream: S,
+    /// Bytes written, for bandwidth estimates and reports.
+    pub sent: u64,
+}
+
+impl<S: Read + Write> Conn<S> {
+    pub fn new(stream: S) -> Conn<S> {
+        Conn { stream, sent: 0 }
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.stream
+    }
+
+    pub fn send(&mut self, kind: Kind, payload: &[u8]) -> Result<(), Error> {
+        let mut h = [0u8; HEADER];
+        h[0..4].copy_from_slice(&MAGIC);
+        h[4..6].copy_from_slice(&VERSION.to_le_bytes());
+        h[6] = kind as u8;
+        h[8..12].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        h[12..16].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        self.stream.write_all(&h)?;
+        self.stream.write_all(payload)?;
+        self.sent += (HEADER + payload.len()) as u64;
+        Ok(())
+    }
+
+    pub fn send_hello(&mut self, hello: &Hello) -> Result<(), Error> {
+        let body = serde_json::to_vec(hello).map_err(|e| Error::Protocol(e.to_string()))?;
+        self.send(Kind::Hello, &body)
+    }
+
+    pub fn send_pages(&mut self, pages: &Pages) -> Result<(), Error> {
+        self.send(Kind::Pages, &pages.encode())
+    }
+
+    pub fn abort(&mut self, why: &str) {
+        let _ = self.send(Kind::Abort, why.as_bytes());
+    }
+
+    /// The next frame, checked. ABORT from the peer becomes
+    /// [`Error::Aborted`].
+    pub fn recv(&mut self) -> Result<(Kind, Vec<u8>), Error> {
+        let mut h = [0u8; HEADER];
+        self.stream.read_exact(&mut h)?;
+        if h[0..4] != MAGIC {
+            return Err(Error::Protocol(
+                "not an ffmk-vmm migration stream (bad magic)".into(),
+            ));
+        }
+        let version = u16::from_le_bytes([h[4], h[5]]);
+        if version != VERSION {
+            return Err(Error::Protocol(format!(
+                "protocol version {version} (this VMM speaks {VERSION})"
+            )));
+        }
+        let kind = Kind::from_u8(h[6])
+            .ok_or_else(|| Error::Protocol(format!("unknown message kind {}", h[6])))?;
+        let len = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
+        if len > MAX_PAYLOAD {
+            return Err(Error::Protocol(format!(
+                "a {len}-byte message (at most {MAX_PAYLOAD})"
+            )));
+        }
+        let crc = u32::from_le_bytes([h[12], h[13], h[14], h[15]]);
+        let mut payload = vec![0u8; len as usize];
+        self.stream.read_exact(&mut payload)?;
+        if crc32fast::hash(&payload) != crc {
+            return Err(Error::Protocol(format!(
+                "checksum mismatch in a {kind:?} message"
+            )));
+        }
+        if kind == Kind::Abort {
+            return Err(Error::Aborted(String::from_utf8_lossy(&payload).into()));
+        }
+        Ok((kind, payload))
+    }
+
+    /// The next frame, which must be of kind `want`.
+    pub fn expect(&mut self, want: Kind) -> Result<Vec<u8>, Error> {
+        let (kind, payload) = self.recv()?;
+        if kind != want {
+            return Err(Error::Protocol(format!("expected {want:?}, got {kind:?}")));
+        }
+        Ok(payload)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    struct Pipe(Cursor<Vec<u8>>);
+    impl Read for Pipe {
+        fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+            self.0.read(b)
+        }
+    }
+    impl Write for Pipe {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.get_mut().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn pipe() -> Conn<Pipe> {
+        Conn::new(Pipe(Cursor::new(Vec::new())))
+    }
+
+    fn hello() -> Hello {
+        Hello {
+            state_version: 2,
+            memory_bytes: 256 << 20,
+            regions: vec![(0, 256 << 20)],
+            cpus: 2,
+            cpu_vendor: "GenuineIntel".into(),
+            cpu_profile: "portable".into(),
+            devices: vec!["virtio-blk queues=1".into()],
+        }
+    }
+
+    #[test]
+    fn frames_round_trip_and_page_batches_keep_zero_pages_dataless() {
+        let mut c = pipe();
+        c.send_hello(&hello()).unwrap();
+        let mut p = Pages::default();
+        let page = vec![7u8; PAGE_SIZE as usize];
+        p.push(3, Some(&page));
+        p.push(9, None);
+        c.send_pages(&p).unwrap();
+        c.abort("operator cancelled");
+        let (k, body) = c.recv().unwrap();
+        assert_eq!(k, Kind::Hello);
+        assert_eq!(serde_json::from_slice::<Hello>(&body).unwrap(), hello());
+        let body = c.expect(Kind::Pages).unwrap();
+        assert_eq!(
+            body.len(),
+            4 + 16 + PAGE_SIZE as usize,
+            "zero page: no data"
+        );
+        let got = Pages::decode(&body, 10).unwrap();
+        assert_eq!(got, p);
+        let v: Vec<_> = got.iter().map(|(n, d)| (n, d.map(|d| d[0]))).collect();
+        assert_eq!(v, vec![(3, Some(7)), (9, None)]);
+        assert!(matches!(c.recv(), Err(Error::Aborted(m)) if m == "operator cancelled"));
+    }
+
+    #[test]
+    fn damaged_frames_and_batches_are_refused() {
+        let frame = |edit: &dyn Fn(&mut Vec<u8>)| {
+            let mut c = pipe();
+            c.send(Kind::Ready, b"abc").unwrap();
+            edit(c.stream.0.get_mut());
+            c.recv().unwrap_err().to_string()
+        };
+        assert!(frame(&|b| b[0] = b'X').contains("bad magic"));
+        assert!(frame(&|b| b[4] = 9).contains("protocol version 9"));
+        assert!(frame(&|b| b[6] = 77).contains("unknown message kind 77"));
+        assert!(frame(&|b| b[8..12].copy_from_slice(&u32::MAX.to_le_bytes())).contains("at most"));
+        assert!(frame(&|b| b[17] ^= 1).contains("checksum mismatch"));
+        assert!(frame(&|b| b.truncate(18)).contains("connection lost"));
+
+        let mut p = Pages::default();
+        p.push(5, None);
+        let enc = p.encode();
+        assert!(Pages::decode(&enc, 5)
+            .unwrap_err()
+            .to_string()
+            .contains("past guest RAM"));
+        let mut extra = enc.clone();
+        extra.push(0);
+        assert!(Pages::decode(&extra, 10)
+            .unwrap_err()
+            .to_string()
+            .contains("data bytes"));
+        let mut many = enc.clone();
+        many[0..4].copy_from_slice(&100_000u32.to_le_bytes());
+        assert!(Pages::decode(&many, 10).is_err());
+        assert!(Pages::decode(&[1, 0], 10).is_err());
+    }
+
+    #[test]
+    fn hello_check_names_every_difference() {
+        let mine = hello();
+        assert!(mine.check(&mine.clone()).is_ok());
+        let mut theirs = hello();
+        theirs.memory_bytes = 512 << 20;
+        theirs.regions = vec![(0, 512 << 20)];
+        theirs.cpu_profile = "host".into();
+        let why = mine.check(&theirs).unwrap_err();
+        assert!(
+            why.contains("memory 512 MiB (this VM has 256 MiB)"),
+            "{why}"
+        );
+        assert!(why.contains("CPU profile host"), "{why}");
+        assert!(!why.contains("vCPUs"), "{why}");
+    }
+}

@@ -1,0 +1,427 @@
+//! The sending side: pre-copy with a downtime target.
+//!
+//! 1. Hello; the destination accepts or refuses (the guest never paused).
+//! 2. Dirty tracking on; round 1 sends every resident page (all-zero ones
+//!    skipped: the destination's memory starts zeroed).
+//! 3. Each further round takes the pages dirtied meanwhile. From the last
+//!    round's link rate and the dirtied bytes, the downtime a stop now would
+//!    cost is predicted; once it is under the target (or nothing is dirty),
+//!    the guest and its devices pause, the last dirty pages and the machine
+//!    state go, and the switch-over handshake runs.
+//! 4. If rounds stop shrinking the dirty set, the vCPUs are throttled
+//!    (paused for a growing share of each 50 ms period while pages go);
+//!    after `max_rounds` the migration gives up and the guest runs on.
+//!
+//! Any failure before GO resumes the guest (if it was paused) and returns
+//! the error; the VM on the source is intact. After GO the source waits for
+//! RUNNING and, without it, stays paused ([`Error::Unconfirmed`]) - never
+//! two running copies.
+use crate::protocol::{Conn, Hello, Kind, Pages, BATCH_PAGES};
+use crate::{Error, GuestMemory};
+use serde::Serialize;
+use snapshot::memory::{is_zero, read_page, resident_pages, total_pages};
+use snapshot::{PageBitmap, PAGE_SIZE};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// What the engine needs from the VMM.
+pub trait Source {
+    fn memory(&self) -> &GuestMemory;
+    /// Starts (or restarts) dirty tracking: `dirty` reports from here on.
+    fn start_tracking(&self) -> Result<(), String>;
+    /// Pages dirtied since the last call (or since `start_tracking`).
+    fn dirty(&self) -> Result<PageBitmap, String>;
+    /// Stops the vCPUs and device I/O.
+    fn pause(&self) -> Result<(), String>;
+    fn resume(&self) -> Result<(), String>;
+    /// The machine state (vCPUs, clocks, devices), taken while paused.
+    fn state(&self) -> Result<Vec<u8>, String>;
+    /// Called with every page set fetched from `dirty` when the migration
+    /// failed and the guest runs on here, so that nothing is lost for
+    /// whoever else tracks dirty pages (incremental snapshots).
+    fn give_back(&self, fetched: PageBitmap);
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub max_downtime: Duration,
+    pub max_rounds: u32,
+    /// Throttle the vCPUs when rounds stop converging.
+    pub throttle: bool,
+    /// Socket timeouts (a silent peer or a dead link ends the migration).
+    pub io_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            max_downtime: Duration::from_millis(50),
+            max_rounds: 30,
+            throttle: true,
+            io_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    Connecting,
+    Precopy,
+    StopAndCopy,
+    SwitchOver,
+}
+
+/// A progress report, after every round and every few batches.
+#[derive(Debug, Clone, Serialize)]
+pub struct Progress {
+    pub phase: Phase,
+    pub memory_bytes: u64,
+    pub round: u32,
+    pub sent_bytes: u64,
+    pub pages_sent: u64,
+    pub zero_pages: u64,
+    /// Pages left to send in this round.
+    pub remaining_pages: u64,
+    pub dirty_pages: u64,
+    pub dirty_mib_s: f64,
+    pub link_mib_s: f64,
+    pub predicted_downtime_ms: f64,
+    pub throttle_pct: u32,
+}
+
+/// A finished migration.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    pub to: String,
+    pub rounds: u32,
+    /// From the guest's pause here to the destination's RUNNING.
+    pub downtime_ms: f64,
+    pub total_ms: f64,
+    pub sent_bytes: u64,
+    pub pages_sent: u64,
+    pub zero_pages: u64,
+    pub memory_bytes: u64,
+    pub throttle_pct: u32,
+}
+
+/// Pauses the vCPUs for `pct`% of every period while pages are sent.
+struct Throttle {
+    pct: u32,
+    period: Duration,
+    start: Instant,
+    paused: bool,
+}
+
+impl Throttle {
+    fn new() -> Throttle {
+        Throttle {
+            pct: 0,
+            period: Duration::from_millis(50),
+            start: Instant::now(),
+            paused: false,
+        }
+    }
+
+    /// Pauses or resumes the guest as the duty cycle says now.
+    fn tick(&mut self, vm: &dyn Source) -> Result<(), Error> {
+        if self.pct == 0 && !self.paused {
+            return Ok(());
+        }
+        let period = self.period.as_nanos();
+        let at = self.start.elapsed().as_nanos() % period;
+        let want_paused = at < period * u128::from(self.pct) / 100;
+        if want_paused != self.paused {
+            if want_paused {
+                vm.pause().map_err(Error::Vm)?;
+            } else {
+                vm.resume().map_err(Error::Vm)?;
+            }
+            self.paused = want_paused;
+        }
+        Ok(())
+    }
+
+    /// Leaves the guest running.
+    fn release(&mut self, vm: &dyn Source) -> Result<(), Error> {
+        if self.paused {
+            vm.resume().map_err(Error::Vm)?;
+            self.paused = false;
+        }
+        Ok(())
+    }
+}
+
+struct Engine<'a> {
+    vm: &'a dyn Source,
+    conn: Conn<TcpStream>,
+    opts: Options,
+    cancel: &'a AtomicBool,
+    report: &'a mut dyn FnMut(&Progress),
+    progress: Progress,
+    fetched: PageBitmap,
+    throttle: Throttle,
+    batch: Pages,
+    page: Vec<u8>,
+}
+
+impl Engine<'_> {
+    fn check_cancel(&mut self) -> Result<(), Error> {
+        if self.cancel.load(Ordering::Acquire) {
+            self.conn.abort("cancelled on the source");
+            return Err(Error::Cancelled);
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), Error> {
+        if !self.batch.is_empty() {
+            self.conn.send_pages(&self.batch)?;
+            self.batch.clear();
+        }
+        Ok(())
+    }
+
+    /// Sends `pages`; `skip_zero` drops all-zero pages instead of sending
+    /// them as zero (the first round: the destination starts zeroed).
+    fn send_pages(&mut self, pages: &PageBitmap, skip_zero: bool, live: bool) -> Result<(), Error> {
+        let mem = self.vm.memory();
+        let mut left = pages.count();
+        let mut since_report = 0;
+        for (first, count) in pages.runs() {
+            for p in first..first + count {
+                read_page(mem, p, &mut self.page)?;
+                left -= 1;
+                if is_zero(&self.page) {
+                    if skip_zero {
+                        continue;
+                    }
+                    self.batch.push(p, None);
+                    self.progress.zero_pages += 1;
+                } else {
+                    self.batch.push(p, Some(&self.page));
+                }
+                self.progress.pages_sent += 1;
+                if self.batch.len() == BATCH_PAGES {
+                    self.flush()?;
+                    if live {
+                        self.check_cancel()?;
+                        self.throttle.tick(self.vm)?;
+                    }
+                    since_report += 1;
+                    if since_report == 64 {
+                        since_report = 0;
+                        self.progress.remaining_pages = left;
+                        self.progress.sent_bytes = self.conn.sent;
+                        (self.report)(&self.progress);
+                    }
+                }
+            }
+        }
+        self.flush()
+    }
+
+    fn fetch_dirty(&mut self) -> Result<PageBitmap, Error> {
+        let d = self.vm.dirty().map_err(Error::Vm)?;
+        self.fetched.union(&d);
+        Ok(d)
+    }
+
+    fn precopy(&mut self) -> Result<PageBitmap, Error> {
+        self.vm.start_tracking().map_err(Error::Vm)?;
+        self.progress.phase = Phase::Precopy;
+        self.progress.round = 1;
+        let first = resident_pages(self.vm.memory());
+        let mut round_start = Instant::now();
+        let mut sent_before = self.conn.sent;
+        self.send_pages(&first, true, true)?;
+        let mut previous = u64::MAX;
+        let mut stalled = 0;
+        loop {
+            let elapsed = round_start.elapsed().as_secs_f64().max(1e-6);
+            let link = (self.conn.sent - sent_before) as f64 / elapsed; // bytes/s
+                                                                        // The throttle's pauses hold pages back too: the dirtying rate
+                                                                        // is per second of the round.
+            let dirty = self.fetch_dirty()?;
+            let n = dirty.count();
+            let dirty_bytes = n * PAGE_SIZE;
+            let p = &mut self.progress;
+            p.dirty_pages = n;
+            p.dirty_mib_s = dirty_bytes as f64 / elapsed / f64::from(1 << 20);
+            p.link_mib_s = link / f64::from(1 << 20);
+            p.predicted_downtime_ms = if link > 0.0 {
+                dirty_bytes as f64 / link * 1e3
+            } else {
+                f64::INFINITY
+            };
+            p.remaining_pages = 0;
+            p.sent_bytes = self.conn.sent;
+            (self.report)(&self.progress);
+            self.check_cancel()?;
+            let predicted =
+                Duration::from_secs_f64((self.progress.predicted_downtime_ms / 1e3).min(3600.0));
+            if n == 0 || predicted <= self.opts.max_downtime {
+                return Ok(dirty);
+            }
+            if self.progress.round >= self.opts.max_rounds {
+                return Err(Error::NoConvergence {
+                    rounds: self.progress.round,
+                    dirty_mib_s: self.progress.dirty_mib_s,
+                    link_mib_s: self.progress.link_mib_s,
+                    throttle_pct: self.throttle.pct,
+                });
+            }
+            // Not shrinking: throttle harder (from the third round on).
+            if n >= previous / 10 * 9 {
+                stalled += 1;
+            } else {
+                stalled = 0;
+            }
+            previous = n;
+            if self.opts.throttle && stalled >= 2 && self.throttle.pct < 90 {
+                self.throttle.pct = (self.throttle.pct + 30).min(90);
+                self.progress.throttle_pct = self.throttle.pct;
+                stalled = 0;
+                tracing::info!("migration: vCPUs throttled to {}%", 100 - self.throttle.pct);
+            }
+            self.progress.round += 1;
+            round_start = Instant::now();
+            sent_before = self.conn.sent;
+            self.send_pages(&dirty, false, true)?;
+        }
+    }
+
+    /// The guest is paused: last pages, state, handshake.
+    fn stop_and_copy(&mut self, last: PageBitmap) -> Result<(), Error> {
+        self.progress.phase = Phase::StopAndCopy;
+        let mut dirty = self.fetch_dirty()?;
+        dirty.union(&last);
+        self.progress.round += 1;
+        self.send_pages(&dirty, false, false)?;
+        let state = self.vm.state().map_err(Error::Vm)?;
+        self.conn.send(Kind::State, &state)?;
+        self.progress.phase = Phase::SwitchOver;
+        self.progress.sent_bytes = self.conn.sent;
+        (self.report)(&self.progress);
+        self.conn.expect(Kind::Ready)?;
+        if self.cancel.load(Ordering::Acquire) {
+            self.conn.abort("cancelled on the source");
+            return Err(Error::Cancelled);
+        }
+        Ok(())
+    }
+}
+
+/// Connects to `to` (HOST:PORT) and migrates. `cancel` is polled between
+/// page batches; `report` gets progress. On error the guest runs on here.
+pub fn migrate(
+    vm: &dyn Source,
+    to: &str,
+    hello: &Hello,
+    opts: &Options,
+    cancel: &AtomicBool,
+    report: &mut dyn FnMut(&Progress),
+) -> Result<Outcome, Error> {
+    let started = Instant::now();
+    let connect_err = |source| Error::Connect {
+        to: to.to_string(),
+        source,
+    };
+    let addr = to
+        .to_socket_addrs()
+        .map_err(connect_err)?
+        .next()
+        .ok_or_else(|| connect_err(std::io::Error::other("no address")))?;
+    let stream = TcpStream::connect_timeout(&addr, opts.io_timeout).map_err(connect_err)?;
+    stream.set_read_timeout(Some(opts.io_timeout))?;
+    stream.set_write_timeout(Some(opts.io_timeout))?;
+    let mut conn = Conn::new(stream);
+    conn.send_hello(hello)?;
+    match conn.recv()? {
+        (Kind::Accept, _) => {}
+        (Kind::Refuse, why) => return Err(Error::Refused(String::from_utf8_lossy(&why).into())),
+        (k, _) => return Err(Error::Protocol(format!("expected Accept, got {k:?}"))),
+    }
+    let total = total_pages(vm.memory());
+    let mut e = Engine {
+        vm,
+        conn,
+        opts: opts.clone(),
+        cancel,
+        report,
+        progress: Progress {
+            phase: Phase::Connecting,
+            memory_bytes: total * PAGE_SIZE,
+            round: 0,
+            sent_bytes: 0,
+            pages_sent: 0,
+            zero_pages: 0,
+            remaining_pages: 0,
+            dirty_pages: 0,
+            dirty_mib_s: 0.0,
+            link_mib_s: 0.0,
+            predicted_downtime_ms: 0.0,
+            throttle_pct: 0,
+        },
+        fetched: PageBitmap::new(total),
+        throttle: Throttle::new(),
+        batch: Pages::default(),
+        page: vec![0u8; PAGE_SIZE as usize],
+    };
+    let mut paused_at = None;
+    let result = (|| {
+        let last = e.precopy()?;
+        e.throttle.release(e.vm)?;
+        paused_at = Some(Instant::now());
+        e.vm.pause().map_err(Error::Vm)?;
+        e.stop_and_copy(last)
+    })();
+    if let Err(err) = result {
+        // Before GO: the guest runs on here, and the pages fetched from
+        // the dirty log go back to whoever else tracks them.
+        if !matches!(err, Error::Aborted(_) | Error::Cancelled) {
+            e.conn.abort(&err.to_string());
+        }
+        let _ = e.throttle.release(e.vm);
+        if paused_at.is_some() {
+            if let Err(r) = e.vm.resume() {
+                tracing::error!("migration failed and the VM cannot resume: {r}");
+            }
+        }
+        let fetched = std::mem::replace(&mut e.fetched, PageBitmap::new(0));
+        e.vm.give_back(fetched);
+        return Err(err);
+    }
+    // The point of no return: once GO is out, the destination may run the
+    // VM. A GO that could not be written whole cannot have been acted on,
+    // and a destination that answers ABORT did not start.
+    let resume = |e: &mut Engine, err: Error| {
+        if let Err(r) = e.vm.resume() {
+            tracing::error!("migration failed and the VM cannot resume: {r}");
+        }
+        let fetched = std::mem::replace(&mut e.fetched, PageBitmap::new(0));
+        e.vm.give_back(fetched);
+        Err(err)
+    };
+    if let Err(err) = e.conn.send(Kind::Go, &[]) {
+        return resume(&mut e, err);
+    }
+    match e.conn.expect(Kind::Running) {
+        Ok(_) => {}
+        Err(err @ Error::Aborted(_)) => return resume(&mut e, err),
+        Err(err) => return Err(Error::Unconfirmed(err.to_string())),
+    }
+    let downtime = paused_at.map(|t| t.elapsed()).unwrap_or_default();
+    Ok(Outcome {
+        to: to.to_string(),
+        rounds: e.progress.round,
+        downtime_ms: downtime.as_secs_f64() * 1e3,
+        total_ms: started.elapsed().as_secs_f64() * 1e3,
+        sent_bytes: e.conn.sent,
+        pages_sent: e.progress.pages_sent,
+        zero_pages: e.progress.zero_pages,
+        memory_bytes: total * PAGE_SIZE,
+        throttle_pct: e.throttle.pct,
+    })
+}
