@@ -353,12 +353,36 @@ fn linux_vsock_connections_round_trip_both_ways() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// Connects to guest port 1234 (`vsock-tool echo 1234`) through `sock`
+/// and checks 64 KiB come back unchanged.
+fn assert_vsock_echo(sock: &Path) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut s = loop {
+        match std::os::unix::net::UnixStream::connect(sock) {
+            Ok(s) => break s,
+            Err(e) if std::time::Instant::now() > deadline => panic!("{e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    s.write_all(b"CONNECT 1234\n").unwrap();
+    let mut rd = BufReader::new(s.try_clone().unwrap());
+    let mut ok = String::new();
+    rd.read_line(&mut ok).unwrap();
+    assert!(ok.starts_with("OK "), "{ok:?}");
+    let data: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 7) as u8).collect();
+    s.write_all(&data).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut got = vec![0u8; data.len()];
+    rd.read_exact(&mut got).unwrap();
+    assert!(got == data, "echo differs");
+}
+
 #[test]
 fn linux_snapshot_restore_keeps_answering_on_vsock() {
     let Some((_, bzimage, initrd)) = images() else {
         return;
     };
-    use std::io::{BufRead, BufReader, Read, Write};
     let dir = tmpdir("linux-snap");
     let sock = dir.join("v.sock");
     let vsock = format!("cid=3,socket={}", sock.display());
@@ -395,26 +419,72 @@ fn linux_snapshot_restore_keeps_answering_on_vsock() {
     vm.snapshot(&snap, &[]);
     vm.kill();
     let r = common::Vm::restore(&dir, "b", &snap, &[]);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let mut s = loop {
-        match std::os::unix::net::UnixStream::connect(&sock) {
-            Ok(s) => break s,
-            Err(e) if std::time::Instant::now() > deadline => panic!("{e}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
-        }
-    };
-    s.write_all(b"CONNECT 1234\n").unwrap();
-    let mut rd = BufReader::new(s.try_clone().unwrap());
-    let mut ok = String::new();
-    rd.read_line(&mut ok).unwrap();
-    assert!(ok.starts_with("OK "), "{ok:?}");
-    let data: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 7) as u8).collect();
-    s.write_all(&data).unwrap();
-    s.shutdown(std::net::Shutdown::Write).unwrap();
-    let mut got = vec![0u8; data.len()];
-    rd.read_exact(&mut got).unwrap();
-    assert!(got == data, "echo differs after restore");
+    assert_vsock_echo(&sock);
     let (code, err) = r.wait_exit();
+    assert_eq!(code, Some(0), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn linux_migrated_after_boot_keeps_answering_on_vsock() {
+    let Some((_, bzimage, initrd)) = images() else {
+        return;
+    };
+    let dir = tmpdir("linux-migrate");
+    let vsock = |name: &str| format!("cid=3,socket={}", dir.join(name).display());
+    let cmdline = format!(
+        "{} ffmk_exit_port=244 -- vsock-tool echo 1234",
+        base_cmdline()
+    );
+    let src = common::Vm::spawn(
+        &[
+            "run",
+            "--kernel",
+            bzimage.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--memory",
+            "512M",
+            "--test-exit-port",
+            "--vsock",
+            &vsock("src.vsock"),
+            "--cmdline",
+            &cmdline,
+        ],
+        &dir.join("src.console"),
+        &dir.join("src.sock"),
+    );
+    let dst = common::Vm::spawn(
+        &[
+            "run",
+            "--incoming",
+            "tcp://127.0.0.1:7399",
+            "--memory",
+            "512M",
+            "--test-exit-port",
+            "--vsock",
+            &vsock("dst.vsock"),
+        ],
+        &dir.join("dst.console"),
+        &dir.join("dst.sock"),
+    );
+    let deadline = std::time::Instant::now() + timeout();
+    while !src.console().contains("vsock-tool: listening on 1234") {
+        assert!(std::time::Instant::now() < deadline, "{}", src.console());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = std::process::Command::new(common::vmm())
+        .args(["migrate", "--api-socket"])
+        .arg(&src.sock)
+        .args(["--to", "tcp://127.0.0.1:7399", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let (code, err) = src.wait_exit();
+    assert_eq!(code, Some(0), "{err}");
+    // The guest answers on the destination's vsock socket.
+    assert_vsock_echo(&dir.join("dst.vsock"));
+    let (code, err) = dst.wait_exit();
     assert_eq!(code, Some(0), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
 }

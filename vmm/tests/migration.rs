@@ -6,7 +6,7 @@
 //! running and intact, and the destination refusing or listening again.
 mod common;
 
-use common::{assert_consecutive, counters, probe, tmpdir, vmm, Cluster, NetNs, Vm};
+use common::{assert_consecutive, counters, probe_argv_mem, tmpdir, vmm, Cluster, NetNs, Vm};
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -15,36 +15,34 @@ use std::time::{Duration, Instant};
 const PORT: u16 = 7300;
 
 fn source(ns: &NetNs, dir: &Path, name: &str, task: &str, memory: &str) -> Vm {
-    let p = probe();
+    let args = probe_argv_mem(task, memory, &["--test-exit-port"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Vm::spawn_in(
         Some(ns),
-        &[
-            "run",
-            "--kernel",
-            p.to_str().unwrap(),
-            "--cmdline",
-            task,
-            "--memory",
-            memory,
-            "--test-exit-port",
-        ],
+        &args,
         &dir.join(format!("{name}.console")),
         &dir.join(format!("{name}.sock")),
     )
 }
 
 fn destination(ns: &NetNs, dir: &Path, name: &str, memory: &str) -> Vm {
+    destination_with(ns, dir, name, memory, &[])
+}
+
+fn destination_with(ns: &NetNs, dir: &Path, name: &str, memory: &str, extra: &[&str]) -> Vm {
     let listen = format!("tcp://{}:{PORT}", Cluster::addr(1));
+    let mut args = vec![
+        "run",
+        "--incoming",
+        &listen,
+        "--memory",
+        memory,
+        "--test-exit-port",
+    ];
+    args.extend(extra);
     let vm = Vm::spawn_in(
         Some(ns),
-        &[
-            "run",
-            "--incoming",
-            &listen,
-            "--memory",
-            memory,
-            "--test-exit-port",
-        ],
+        &args,
         &dir.join(format!("{name}.console")),
         &dir.join(format!("{name}.sock")),
     );
@@ -222,6 +220,33 @@ fn every_abort_path_leaves_the_source_running() {
         err.contains("refused") && err.contains("memory 256 MiB"),
         "{err}"
     );
+    assert_source_runs(&src);
+    dst.child.kill().unwrap();
+    let _ = dst.child.wait();
+    // ... and so does one with another CPU profile.
+    let profile = serde_json::from_slice::<serde_json::Value>(
+        &Command::new(vmm())
+            .args(["host-info", "--json"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()["profile"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let other = if profile == "host" { "pvm" } else { "host" };
+    let mut dst = destination_with(
+        &c.hosts[1],
+        &dir,
+        "profile",
+        "256M",
+        &["--cpu-profile", other],
+    );
+    let out = migrate(&src, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains(&format!("CPU profile {profile}")), "{err}");
     assert_source_runs(&src);
     dst.child.kill().unwrap();
     let _ = dst.child.wait();

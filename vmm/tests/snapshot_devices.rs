@@ -5,7 +5,7 @@
 //! sees a timeout, a stale completion or a gap in its counter.
 mod common;
 
-use common::{assert_consecutive, probe, tmpdir, NetNs, Vm};
+use common::{assert_consecutive, probe_argv_mem, tmpdir, NetNs, Vm};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::UdpSocket;
 use std::os::unix::net::UnixStream;
@@ -13,22 +13,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 fn probe_run(task: &str, devices: &[&str]) -> Vec<String> {
-    let p = probe();
-    let mut args: Vec<String> = [
-        "run",
-        "--kernel",
-        p.to_str().unwrap(),
-        "--cmdline",
-        task,
-        "--memory",
-        "128M",
-        "--test-exit-port",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(devices.iter().map(|s| s.to_string()));
-    args
+    let mut extra = vec!["--test-exit-port"];
+    extra.extend(devices);
+    probe_argv_mem(task, "128M", &extra)
 }
 
 fn spawn(ns: Option<&NetNs>, dir: &Path, name: &str, args: &[String]) -> Vm {

@@ -29,9 +29,15 @@ pub fn probe() -> PathBuf {
 
 /// `run --kernel probe.elf --cmdline TASK --memory 64M EXTRA...`.
 pub fn probe_argv(task: &str, extra: &[&str]) -> Vec<String> {
+    probe_argv_mem(task, "64M", extra)
+}
+
+/// `run --kernel probe.elf --cmdline TASK --memory MEMORY EXTRA...`.
+#[allow(dead_code)] // not every test binary uses every helper
+pub fn probe_argv_mem(task: &str, memory: &str, extra: &[&str]) -> Vec<String> {
     let mut v: Vec<String> = vec!["run".into(), "--kernel".into()];
     v.push(probe().to_string_lossy().into_owned());
-    v.extend(["--cmdline", task, "--memory", "64M"].map(String::from));
+    v.extend(["--cmdline", task, "--memory", memory].map(String::from));
     v.extend(extra.iter().map(|s| s.to_string()));
     v
 }
