@@ -378,14 +378,17 @@ fn assert_vsock_echo(sock: &Path) {
     assert!(got == data, "echo differs");
 }
 
-#[test]
-fn linux_snapshot_restore_keeps_answering_on_vsock() {
-    let Some((_, bzimage, initrd)) = images() else {
-        return;
-    };
-    let dir = tmpdir("linux-snap");
-    let sock = dir.join("v.sock");
-    let vsock = format!("cid=3,socket={}", sock.display());
+/// Boots the bzImage with a vsock device on `vsock_sock` running
+/// `vsock-tool echo 1234`, console and API socket in `dir` under `name`,
+/// and waits until the guest listens.
+fn boot_vsock_echo(
+    dir: &Path,
+    name: &str,
+    bzimage: &Path,
+    initrd: &Path,
+    vsock_sock: &Path,
+) -> common::Vm {
+    let vsock = format!("cid=3,socket={}", vsock_sock.display());
     let cmdline = format!(
         "{} ffmk_exit_port=244 -- vsock-tool echo 1234",
         base_cmdline()
@@ -405,14 +408,25 @@ fn linux_snapshot_restore_keeps_answering_on_vsock() {
             "--cmdline",
             &cmdline,
         ],
-        &dir.join("a.console"),
-        &dir.join("a.sock"),
+        &dir.join(format!("{name}.console")),
+        &dir.join(format!("{name}.sock")),
     );
     let deadline = std::time::Instant::now() + timeout();
     while !vm.console().contains("vsock-tool: listening on 1234") {
         assert!(std::time::Instant::now() < deadline, "{}", vm.console());
         std::thread::sleep(Duration::from_millis(100));
     }
+    vm
+}
+
+#[test]
+fn linux_snapshot_restore_keeps_answering_on_vsock() {
+    let Some((_, bzimage, initrd)) = images() else {
+        return;
+    };
+    let dir = tmpdir("linux-snap");
+    let sock = dir.join("v.sock");
+    let vm = boot_vsock_echo(&dir, "a", &bzimage, &initrd, &sock);
     // Snapshot the booted guest, lose its VMM, restore it in a new one.
     assert!(vm.api(&["pause"]).status.success());
     let snap = dir.join("snap");
@@ -432,28 +446,6 @@ fn linux_migrated_after_boot_keeps_answering_on_vsock() {
     };
     let dir = tmpdir("linux-migrate");
     let vsock = |name: &str| format!("cid=3,socket={}", dir.join(name).display());
-    let cmdline = format!(
-        "{} ffmk_exit_port=244 -- vsock-tool echo 1234",
-        base_cmdline()
-    );
-    let src = common::Vm::spawn(
-        &[
-            "run",
-            "--kernel",
-            bzimage.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--memory",
-            "512M",
-            "--test-exit-port",
-            "--vsock",
-            &vsock("src.vsock"),
-            "--cmdline",
-            &cmdline,
-        ],
-        &dir.join("src.console"),
-        &dir.join("src.sock"),
-    );
     let dst = common::Vm::spawn(
         &[
             "run",
@@ -468,11 +460,7 @@ fn linux_migrated_after_boot_keeps_answering_on_vsock() {
         &dir.join("dst.console"),
         &dir.join("dst.sock"),
     );
-    let deadline = std::time::Instant::now() + timeout();
-    while !src.console().contains("vsock-tool: listening on 1234") {
-        assert!(std::time::Instant::now() < deadline, "{}", src.console());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let src = boot_vsock_echo(&dir, "src", &bzimage, &initrd, &dir.join("src.vsock"));
     let out = std::process::Command::new(common::vmm())
         .args(["migrate", "--api-socket"])
         .arg(&src.sock)
