@@ -238,10 +238,6 @@ impl<S: Read + Write> Conn<S> {
         Conn { stream, sent: 0 }
     }
 
-    pub fn get_ref(&self) -> &S {
-        &self.stream
-    }
-
     pub fn send(&mut self, kind: Kind, payload: &[u8]) -> Result<(), Error> {
         let mut h = [0u8; HEADER];
         h[0..4].copy_from_slice(&MAGIC);

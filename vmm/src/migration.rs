@@ -159,11 +159,22 @@ impl Source for VmSource<'_> {
         checkpoint::fetch_dirty(self.vm).map_err(|e| e.to_string())
     }
 
+    /// All or nothing: if device I/O cannot be frozen, the vCPUs run again.
     fn pause(&self) -> Result<(), String> {
         if !self.user_paused {
             self.vm.pause()?;
         }
-        let f = checkpoint::freeze_devices(self.vm).map_err(|e| e.to_string())?;
+        let f = match checkpoint::freeze_devices(self.vm) {
+            Ok(f) => f,
+            Err(e) => {
+                if !self.user_paused {
+                    if let Err(r) = self.vm.resume() {
+                        tracing::error!("migration: cannot resume after a failed pause: {r}");
+                    }
+                }
+                return Err(e.to_string());
+            }
+        };
         if let Ok(mut slot) = self.frozen.lock() {
             *slot = f;
         }

@@ -6,7 +6,10 @@
 //! running and intact, and the destination refusing or listening again.
 mod common;
 
-use common::{assert_consecutive, counters, probe_argv_mem, tmpdir, vmm, Cluster, NetNs, Vm};
+use common::{
+    assert_consecutive, counters, probe_argv_mem, text_value as value, tmpdir, vmm, Cluster, NetNs,
+    Vm,
+};
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -89,20 +92,20 @@ fn migrate_in_background(src: &Vm, extra: &[&str]) -> std::thread::JoinHandle<Ou
     })
 }
 
-fn migration_state(vm: &Vm) -> serde_json::Value {
-    let out = Command::new(vmm())
-        .args(["info", "--api-socket"])
-        .arg(&vm.sock)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+/// One API request to `vm` (through the VMM's own HTTP client); the
+/// JSON body of a 2xx answer.
+fn api_call(vm: &Vm, method: &str, path: &str) -> serde_json::Value {
     let mut s = std::os::unix::net::UnixStream::connect(&vm.sock).unwrap();
-    s.write_all(b"GET /vm/migration HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
-        .unwrap();
-    let mut text = String::new();
-    std::io::Read::read_to_string(&mut s, &mut text).unwrap();
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
-    serde_json::from_str(body).unwrap_or(serde_json::Value::Null)
+    let (status, body) = vmm::api::http::call(&mut s, method, path, "").unwrap();
+    assert!(
+        (200..300).contains(&status),
+        "{method} {path}: {status} {body}"
+    );
+    serde_json::from_str(&body).unwrap()
+}
+
+fn migration_state(vm: &Vm) -> serde_json::Value {
+    api_call(vm, "GET", "/vm/migration")
 }
 
 /// Waits until the migration has sent something (it is mid-stream).
@@ -116,11 +119,6 @@ fn wait_streaming(vm: &Vm) {
         assert!(Instant::now() < deadline, "no migration progress: {s}");
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-fn value(text: &str, key: &str) -> Option<String> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{key}=")).map(|v| v.trim().into()))
 }
 
 /// The source is running and its counter moves on.
@@ -266,9 +264,10 @@ fn every_abort_path_leaves_the_source_running() {
     // 3. Cancel through the API mid-stream.
     let m = migrate_in_background(&src, &endless);
     wait_streaming(&src);
-    let mut s = std::os::unix::net::UnixStream::connect(&src.sock).unwrap();
-    s.write_all(b"DELETE /vm/migration HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
-        .unwrap();
+    assert_eq!(
+        api_call(&src, "DELETE", "/vm/migration")["state"],
+        "cancelling"
+    );
     let out = m.join().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("cancelled"), "{err}");

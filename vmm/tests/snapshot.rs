@@ -5,17 +5,10 @@
 //! snapshots and refused requests get one clear line each.
 mod common;
 
-use common::{assert_consecutive, counters, tmpdir, vmm, Vm};
+use common::{assert_consecutive, counters, text_value as value, tmpdir, vmm, Vm};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
-
-fn value(text: &str, key: &str) -> Option<String> {
-    text.lines().find_map(|l| {
-        l.strip_prefix(&format!("{key}="))
-            .map(|v| v.trim().to_string())
-    })
-}
 
 #[test]
 fn counter_continues_after_snapshot_kill_and_restore() {

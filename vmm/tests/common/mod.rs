@@ -44,7 +44,12 @@ pub fn probe_argv_mem(task: &str, memory: &str, extra: &[&str]) -> Vec<String> {
 
 /// The value of the first `key=value` line the guest printed.
 pub fn value(out: &Output, key: &str) -> Option<String> {
-    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+    text_value(&String::from_utf8_lossy(&out.stdout), key)
+}
+
+/// The value of the first `key=value` line in `text` (a console).
+pub fn text_value(text: &str, key: &str) -> Option<String> {
+    text.lines().find_map(|l| {
         l.strip_prefix(&format!("{key}="))
             .map(|v| v.trim().to_string())
     })
