@@ -1,11 +1,13 @@
 //! The receiving side, one connection at a time: the VMM listens, and for
-//! each connection calls [`Incoming::hello`], [`Incoming::memory`], builds
-//! the VM (paused) from the state, then [`Incoming::switch_over`]. Any error
+//! each connection calls [`Incoming::hello`] (which builds the VM without
+//! its state), [`Incoming::memory`], loads the state into the VM (paused),
+//! then [`Incoming::switch_over`]. Any error
 //! before GO means: drop what was received, listen again.
-use crate::protocol::{Conn, Hello, Kind, Pages};
+use crate::postcopy::Postcopy;
+use crate::protocol::{decode_postcopy, Conn, Hello, Kind, Pages};
 use crate::{Error, GuestMemory};
 use snapshot::memory::{total_pages, write_page};
-use snapshot::PAGE_SIZE;
+use snapshot::{PageBitmap, PAGE_SIZE};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
@@ -14,6 +16,14 @@ pub struct Incoming {
     pub peer: SocketAddr,
     pub pages_received: u64,
     started: Instant,
+}
+
+/// How the machine state came.
+pub enum Arrival {
+    /// Every page is here (pre-copy).
+    State(Vec<u8>),
+    /// The VM runs here before the `missing` pages are (post-copy).
+    Postcopy { state: Vec<u8>, missing: PageBitmap },
 }
 
 /// What the destination received.
@@ -37,23 +47,35 @@ impl Incoming {
         })
     }
 
-    /// Reads the source's hello and accepts it if it fits `mine`, else
-    /// answers REFUSE with the reason and returns it as an error.
-    pub fn hello(&mut self, mine: &Hello) -> Result<Hello, Error> {
+    /// Reads the source's hello; if it fits `mine`, `prepare` gets ready
+    /// for the VM (on this side, before any page arrives) and ACCEPT goes
+    /// back. A hello that does not fit, or a `prepare` that fails, is
+    /// answered REFUSE with the reason (the source never paused) and
+    /// returned as an error.
+    pub fn hello<T>(
+        &mut self,
+        mine: &Hello,
+        prepare: impl FnOnce(&Hello) -> Result<T, String>,
+    ) -> Result<T, Error> {
         let body = self.conn.expect(Kind::Hello)?;
         let theirs: Hello = serde_json::from_slice(&body)
             .map_err(|e| Error::Protocol(format!("unreadable hello: {e}")))?;
-        if let Err(why) = mine.check(&theirs) {
-            let _ = self.conn.send(Kind::Refuse, why.as_bytes());
-            return Err(Error::Refused(why));
+        let ready = mine.check(&theirs).and_then(|()| prepare(&theirs));
+        match ready {
+            Ok(t) => {
+                self.conn.send(Kind::Accept, &[])?;
+                Ok(t)
+            }
+            Err(why) => {
+                let _ = self.conn.send(Kind::Refuse, why.as_bytes());
+                Err(Error::Refused(why))
+            }
         }
-        self.conn.send(Kind::Accept, &[])?;
-        Ok(theirs)
     }
 
-    /// Writes incoming pages into `mem` until the machine state arrives;
-    /// returns the state.
-    pub fn memory(&mut self, mem: &GuestMemory) -> Result<Vec<u8>, Error> {
+    /// Writes incoming pages into `mem` (answering SYNC after each round)
+    /// until the machine state arrives, alone or with post-copy.
+    pub fn memory(&mut self, mem: &GuestMemory) -> Result<Arrival, Error> {
         let total = total_pages(mem);
         let zero = vec![0u8; PAGE_SIZE as usize];
         loop {
@@ -65,13 +87,38 @@ impl Incoming {
                     }
                     self.pages_received += pages.len() as u64;
                 }
-                (Kind::State, state) => return Ok(state),
+                (Kind::Sync, _) => self.conn.send(Kind::Synced, &[])?,
+                (Kind::State, state) => return Ok(Arrival::State(state)),
+                (Kind::Postcopy, body) => {
+                    let (state, missing) = decode_postcopy(&body, total)?;
+                    return Ok(Arrival::Postcopy { state, missing });
+                }
                 (k, _) => {
                     return Err(Error::Protocol(format!(
-                        "expected Pages or State, got {k:?}"
+                        "expected Pages, Sync, State or Postcopy, got {k:?}"
                     )))
                 }
             }
+        }
+    }
+
+    /// Switches to post-copy: `missing` pages of `mem` are trapped and
+    /// fetched from here on ([`Postcopy`]).
+    pub fn postcopy(
+        self,
+        mem: &GuestMemory,
+        missing: PageBitmap,
+    ) -> Result<(Postcopy, Received), Error> {
+        let received = self.received();
+        let conn = self.conn;
+        Ok((Postcopy::start(mem, missing, conn)?, received))
+    }
+
+    fn received(&self) -> Received {
+        Received {
+            from: self.peer.to_string(),
+            pages: self.pages_received,
+            total_ms: self.started.elapsed().as_secs_f64() * 1e3,
         }
     }
 
@@ -90,11 +137,7 @@ impl Incoming {
             return Err(Error::Vm(e));
         }
         self.conn.send(Kind::Running, &[])?;
-        Ok(Received {
-            from: self.peer.to_string(),
-            pages: self.pages_received,
-            total_ms: self.started.elapsed().as_secs_f64() * 1e3,
-        })
+        Ok(self.received())
     }
 
     /// Tells the source why this destination gives up.

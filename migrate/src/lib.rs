@@ -10,13 +10,16 @@
 //!   target, vCPU throttling when the guest dirties faster than the link,
 //!   and giving up cleanly after a round limit;
 //! - [`dest`]: the receiving side: checks the hello against its own
-//!   configuration, writes pages into guest memory, hands the state over.
+//!   configuration, writes pages into guest memory, hands the state over;
+//! - [`postcopy`]: the destination's side of post-copy (userfaultfd): the
+//!   VM runs while its missing pages arrive, faulted-on pages first.
 //!
 //! The engine knows no KVM: the VMM gives it guest memory and a
 //! [`source::Source`] (dirty pages, pause/resume, the machine state) and
 //! builds the VM on the destination from the state it receives, through the
 //! same path as a snapshot restore.
 pub mod dest;
+pub mod postcopy;
 pub mod protocol;
 pub mod source;
 
@@ -55,4 +58,11 @@ pub enum Error {
          stays paused; resume it through the API only if the destination is not running it"
     )]
     Unconfirmed(String),
+    #[error(
+        "post-copy failed after the switch-over ({why}) with {left} pages not yet sent: the \
+         destination cannot run the VM without them and stops it; this source keeps the VM as \
+         of the switch-over, paused - resuming it through the API rolls the VM back to that \
+         point"
+    )]
+    Postcopy { left: u64, why: String },
 }

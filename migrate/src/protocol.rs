@@ -10,25 +10,40 @@
 //! source                         destination
 //! HELLO (json) ----------------->  checks memory, CPU, devices
 //!              <----------------- ACCEPT | REFUSE (reason)
-//! PAGES ... (rounds, guest runs) ->  written into guest memory
+//! PAGES ... (a round, guest runs) -> written into guest memory
+//! SYNC ------------------------->  (after each round)
+//!              <----------------- SYNCED (every page before it is written)
 //! PAGES ... (guest paused)       ->
-//! STATE (machine state) -------->  builds the VM, paused
+//! STATE (machine state) -------->  loads it into the VM, paused
 //!              <----------------- READY | ABORT (reason)
 //! GO ---------------------------->  starts the vCPUs
 //!              <----------------- RUNNING
 //! ```
 //!
+//! Post-copy (when the source asks for it and the rounds do not converge)
+//! replaces the last PAGES and STATE:
+//!
+//! ```text
+//! POSTCOPY (state + missing pages) -> drops the missing pages, traps them
+//!              <----------------- REQUEST (pages a fault needs) ...
+//! PAGES (requested first, then the rest, guest runs there) ->
+//!              <----------------- READY, then after GO: RUNNING
+//! COMPLETE ---------------------->  (every missing page sent)
+//!              <----------------- DONE (every missing page in place)
+//! ```
+//!
 //! ABORT may come from either side at any point before GO. A connection
 //! that breaks before GO leaves the source running and the destination
-//! discarding what it received. Everything received is checked: frame
+//! discarding what it received. After RUNNING in post-copy, a broken
+//! connection loses the VM (see `postcopy`). Everything received is checked: frame
 //! magic, version, kind, length limits, CRC, page numbers and batch shape.
 use crate::Error;
 use serde::{Deserialize, Serialize};
-use snapshot::PAGE_SIZE;
+use snapshot::{PageBitmap, PAGE_SIZE};
 use std::io::{Read, Write};
 
 pub const MAGIC: [u8; 4] = *b"FFMG";
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 const HEADER: usize = 16;
 /// The largest payload either side accepts (a page batch is ~1 MiB, the
 /// machine state well under this).
@@ -48,6 +63,12 @@ pub enum Kind {
     Go = 7,
     Running = 8,
     Abort = 9,
+    Sync = 10,
+    Synced = 11,
+    Postcopy = 12,
+    Request = 13,
+    Complete = 14,
+    Done = 15,
 }
 
 impl Kind {
@@ -62,6 +83,12 @@ impl Kind {
             7 => Kind::Go,
             8 => Kind::Running,
             9 => Kind::Abort,
+            10 => Kind::Sync,
+            11 => Kind::Synced,
+            12 => Kind::Postcopy,
+            13 => Kind::Request,
+            14 => Kind::Complete,
+            15 => Kind::Done,
             _ => return None,
         })
     }
@@ -81,6 +108,10 @@ pub struct Hello {
     pub cpu_profile: String,
     /// One line per device, in the order their state is saved.
     pub devices: Vec<String>,
+    /// The source may switch to post-copy (the destination must be able
+    /// to trap missing pages).
+    #[serde(default)]
+    pub postcopy: bool,
 }
 
 impl Hello {
@@ -226,11 +257,72 @@ impl Pages {
     }
 }
 
+/// Page numbers a destination asks for (post-copy faults), at most this
+/// many per REQUEST.
+pub const MAX_REQUEST: usize = 1024;
+
+pub fn encode_request(pages: &[u64]) -> Vec<u8> {
+    pages.iter().flat_map(|p| p.to_le_bytes()).collect()
+}
+
+/// Parses a REQUEST: 1..=[`MAX_REQUEST`] page numbers, each below `pages`.
+pub fn decode_request(payload: &[u8], pages: u64) -> Result<Vec<u64>, Error> {
+    let bad = |why: String| Error::Protocol(format!("bad page request: {why}"));
+    if payload.is_empty() || payload.len() % 8 != 0 || payload.len() / 8 > MAX_REQUEST {
+        return Err(bad(format!("{} bytes", payload.len())));
+    }
+    // chunks_exact(8) gives 8-byte slices only.
+    let list: Vec<u64> = payload
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+        .collect();
+    if let Some(p) = list.iter().find(|&&p| p >= pages) {
+        return Err(bad(format!("page {p} is past guest RAM ({pages} pages)")));
+    }
+    Ok(list)
+}
+
+/// POSTCOPY: the machine state and the pages the destination does not have
+/// (dirtied since they were sent), as a bitmap.
+pub fn encode_postcopy(state: &[u8], missing: &PageBitmap) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + state.len() + (missing.pages() / 8) as usize);
+    out.extend_from_slice(&(state.len() as u32).to_le_bytes());
+    out.extend_from_slice(state);
+    out.extend_from_slice(&missing.to_bytes());
+    out
+}
+
+pub fn decode_postcopy(payload: &[u8], pages: u64) -> Result<(Vec<u8>, PageBitmap), Error> {
+    let bad = |why: &str| Error::Protocol(format!("bad post-copy message: {why}"));
+    let len = payload
+        .get(..4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .ok_or_else(|| bad("too short"))?;
+    let state = payload
+        .get(4..4 + len)
+        .ok_or_else(|| bad("state cut short"))?;
+    let missing = PageBitmap::from_bytes(pages, &payload[4 + len..])
+        .ok_or_else(|| bad("the page bitmap does not fit guest RAM"))?;
+    Ok((state.to_vec(), missing))
+}
+
 /// A framed connection (a `TcpStream` in practice).
 pub struct Conn<S> {
     stream: S,
     /// Bytes written, for bandwidth estimates and reports.
     pub sent: u64,
+}
+
+impl Conn<std::net::TcpStream> {
+    /// A second handle on the same connection (one side reads, the other
+    /// writes).
+    pub fn try_clone(&self) -> Result<Self, Error> {
+        Ok(Conn::new(self.stream.try_clone()?))
+    }
+
+    pub fn stream(&self) -> &std::net::TcpStream {
+        &self.stream
+    }
 }
 
 impl<S: Read + Write> Conn<S> {
@@ -346,6 +438,7 @@ mod tests {
             cpu_vendor: "GenuineIntel".into(),
             cpu_profile: "portable".into(),
             devices: vec!["virtio-blk queues=1".into()],
+            postcopy: false,
         }
     }
 
@@ -407,6 +500,31 @@ mod tests {
         many[0..4].copy_from_slice(&100_000u32.to_le_bytes());
         assert!(Pages::decode(&many, 10).is_err());
         assert!(Pages::decode(&[1, 0], 10).is_err());
+    }
+
+    #[test]
+    fn requests_and_postcopy_messages_are_checked() {
+        assert_eq!(decode_request(&encode_request(&[3, 7]), 8).unwrap(), [3, 7]);
+        assert!(decode_request(&encode_request(&[3, 8]), 8)
+            .unwrap_err()
+            .to_string()
+            .contains("past guest RAM"));
+        assert!(decode_request(&[], 8).is_err());
+        assert!(decode_request(&[1, 2, 3], 8).is_err());
+        assert!(decode_request(&encode_request(&vec![1; MAX_REQUEST + 1]), 8).is_err());
+
+        let mut missing = PageBitmap::new(100);
+        missing.set(4);
+        missing.set(99);
+        let enc = encode_postcopy(b"{state}", &missing);
+        let (state, got) = decode_postcopy(&enc, 100).unwrap();
+        assert_eq!(state, b"{state}");
+        assert_eq!(got, missing);
+        assert!(decode_postcopy(&enc, 1000).is_err(), "other memory size");
+        assert!(decode_postcopy(&enc[..6], 100).is_err());
+        let mut long = enc.clone();
+        long[0..4].copy_from_slice(&1000u32.to_le_bytes());
+        assert!(decode_postcopy(&long, 100).is_err());
     }
 
     #[test]

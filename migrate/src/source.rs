@@ -11,18 +11,29 @@
 //! 4. If rounds stop shrinking the dirty set, the vCPUs are throttled
 //!    (paused for a growing share of each 50 ms period while pages go);
 //!    after `max_rounds` the migration gives up and the guest runs on.
+//! 5. With post-copy allowed, a round that does not meet the target ends
+//!    pre-copy instead: the guest pauses, the state and the list of pages
+//!    still to send go at once, and the VM runs on the destination while
+//!    those pages follow - the ones it faults on first, then the rest
+//!    (see `postcopy` for the destination's side and the trade-off).
+//!
+//! Each round ends with SYNC/SYNCED, so the rates and the predicted
+//! downtime count what the destination has taken in, not what sits in
+//! socket buffers.
 //!
 //! Any failure before GO resumes the guest (if it was paused) and returns
 //! the error; the VM on the source is intact. After GO the source waits for
 //! RUNNING and, without it, stays paused ([`Error::Unconfirmed`]) - never
 //! two running copies.
-use crate::protocol::{Conn, Hello, Kind, Pages, BATCH_PAGES};
+use crate::protocol::{decode_request, encode_postcopy, Conn, Hello, Kind, Pages, BATCH_PAGES};
 use crate::{Error, GuestMemory};
 use serde::Serialize;
 use snapshot::memory::{is_zero, read_page, resident_pages, total_pages};
 use snapshot::{PageBitmap, PAGE_SIZE};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
 
 /// What the engine needs from the VMM.
@@ -51,6 +62,8 @@ pub struct Options {
     pub throttle: bool,
     /// Socket timeouts (a silent peer or a dead link ends the migration).
     pub io_timeout: Duration,
+    /// Switch to post-copy when a round does not meet the downtime target.
+    pub postcopy: bool,
 }
 
 impl Default for Options {
@@ -60,6 +73,7 @@ impl Default for Options {
             max_rounds: 30,
             throttle: true,
             io_timeout: Duration::from_secs(10),
+            postcopy: false,
         }
     }
 }
@@ -71,6 +85,8 @@ pub enum Phase {
     Precopy,
     StopAndCopy,
     SwitchOver,
+    /// The VM runs on the destination; its missing pages follow.
+    Postcopy,
 }
 
 /// A progress report, after every round and every few batches.
@@ -104,6 +120,81 @@ pub struct Outcome {
     pub zero_pages: u64,
     pub memory_bytes: u64,
     pub throttle_pct: u32,
+    /// Set when the migration finished in post-copy.
+    pub postcopy: Option<PostcopyOutcome>,
+}
+
+/// The post-copy part of a migration, as the source saw it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PostcopyOutcome {
+    /// Pages missing on the destination at the switch-over.
+    pub missing_pages: u64,
+    /// Pages the destination faulted on and asked for.
+    pub requested_pages: u64,
+    /// From RUNNING to DONE.
+    pub postcopy_ms: f64,
+}
+
+/// How pre-copy ended.
+enum Next {
+    /// These pages are left: pause and send them.
+    StopAndCopy(PageBitmap),
+    /// These pages are left, too many for the target: post-copy.
+    Postcopy(PageBitmap),
+}
+
+/// Pages pushed per frame in post-copy (small frames: a requested page
+/// never waits behind much).
+const PUSH_PAGES: usize = 32;
+/// Pages after a requested one that go with it (guests touch memory in
+/// runs).
+const PREFETCH: u64 = 7;
+/// Send buffer in post-copy, for the same reason.
+const POSTCOPY_SNDBUF: libc::c_int = 256 << 10;
+
+/// Post-copy on the source: what is still missing there, and the
+/// destination's messages (read on their own thread).
+struct Serving {
+    missing: PageBitmap,
+    missing_pages: u64,
+    left: u64,
+    /// The next page to push in order.
+    cursor: u64,
+    total: u64,
+    rx: Receiver<Result<(Kind, Vec<u8>), Error>>,
+    stream: TcpStream,
+    thread: Option<std::thread::JoinHandle<()>>,
+    requested: u64,
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Caps the socket's send buffer (best effort).
+fn set_send_buffer(stream: &TcpStream, bytes: libc::c_int) {
+    // SAFETY: sets an int socket option on a descriptor `stream` owns,
+    // from a local of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&bytes as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(
+            "post-copy: cannot cap the send buffer: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 /// Pauses the vCPUs for `pct`% of every period while pages are sent.
@@ -228,7 +319,14 @@ impl Engine<'_> {
         Ok(d)
     }
 
-    fn precopy(&mut self) -> Result<PageBitmap, Error> {
+    /// Waits until the destination has taken in everything sent so far.
+    fn sync(&mut self) -> Result<(), Error> {
+        self.conn.send(Kind::Sync, &[])?;
+        self.conn.expect(Kind::Synced)?;
+        Ok(())
+    }
+
+    fn precopy(&mut self) -> Result<Next, Error> {
         self.vm.start_tracking().map_err(Error::Vm)?;
         self.progress.phase = Phase::Precopy;
         self.progress.round = 1;
@@ -236,6 +334,7 @@ impl Engine<'_> {
         let mut round_start = Instant::now();
         let mut sent_before = self.conn.sent;
         self.send_pages(&first, true, true)?;
+        self.sync()?;
         let mut previous = u64::MAX;
         let mut stalled = 0;
         loop {
@@ -262,7 +361,10 @@ impl Engine<'_> {
             let predicted =
                 Duration::from_secs_f64((self.progress.predicted_downtime_ms / 1e3).min(3600.0));
             if n == 0 || predicted <= self.opts.max_downtime {
-                return Ok(dirty);
+                return Ok(Next::StopAndCopy(dirty));
+            }
+            if self.opts.postcopy {
+                return Ok(Next::Postcopy(dirty));
             }
             if self.progress.round >= self.opts.max_rounds {
                 return Err(Error::NoConvergence {
@@ -289,6 +391,7 @@ impl Engine<'_> {
             round_start = Instant::now();
             sent_before = self.conn.sent;
             self.send_pages(&dirty, false, true)?;
+            self.sync()?;
         }
     }
 
@@ -310,6 +413,155 @@ impl Engine<'_> {
             return Err(Error::Cancelled);
         }
         Ok(())
+    }
+
+    /// The guest is paused: the state and the pages still to send go as
+    /// POSTCOPY; the destination may ask for pages from here on. Returns
+    /// once it is READY (pages it asked for meanwhile served).
+    fn start_postcopy(&mut self, last: PageBitmap) -> Result<Serving, Error> {
+        self.progress.phase = Phase::SwitchOver;
+        let mut missing = self.fetch_dirty()?;
+        missing.union(&last);
+        let state = self.vm.state().map_err(Error::Vm)?;
+        self.conn
+            .send(Kind::Postcopy, &encode_postcopy(&state, &missing))?;
+        set_send_buffer(self.conn.stream(), POSTCOPY_SNDBUF);
+        let mut reader = self.conn.try_clone()?;
+        let (tx, rx) = channel();
+        let thread = std::thread::Builder::new()
+            .name("postcopy-requests".into())
+            .spawn(move || loop {
+                let m = reader.recv();
+                let end = m.is_err();
+                if tx.send(m).is_err() || end {
+                    return;
+                }
+            })?;
+        let total = missing.pages();
+        let mut srv = Serving {
+            left: missing.count(),
+            missing_pages: missing.count(),
+            missing,
+            cursor: 0,
+            total,
+            rx,
+            stream: self.conn.stream().try_clone()?,
+            thread: Some(thread),
+            requested: 0,
+        };
+        self.serve_until(&mut srv, Some(Kind::Ready), false)?;
+        if self.cancel.load(Ordering::Acquire) {
+            self.conn.abort("cancelled on the source");
+            return Err(Error::Cancelled);
+        }
+        Ok(srv)
+    }
+
+    /// Sends page `p` if the destination still misses it.
+    fn push_page(&mut self, srv: &mut Serving, p: u64) -> Result<(), Error> {
+        if !srv.missing.get(p) {
+            return Ok(());
+        }
+        srv.missing.clear(p);
+        srv.left -= 1;
+        read_page(self.vm.memory(), p, &mut self.page)?;
+        if is_zero(&self.page) {
+            self.batch.push(p, None);
+            self.progress.zero_pages += 1;
+        } else {
+            self.batch.push(p, Some(&self.page));
+        }
+        self.progress.pages_sent += 1;
+        Ok(())
+    }
+
+    /// Serves the destination's requests until `want` arrives (None: until
+    /// every page is sent); with `push`, sends the missing pages in order
+    /// in between. (Before RUNNING nothing is pushed: the pages the
+    /// destination needs to load the state and start never wait behind
+    /// others.)
+    fn serve_until(
+        &mut self,
+        srv: &mut Serving,
+        want: Option<Kind>,
+        push: bool,
+    ) -> Result<(), Error> {
+        let mut batches = 0u32;
+        loop {
+            if want.is_none() && srv.left == 0 {
+                return self.flush();
+            }
+            // Requests first, each with the pages after it.
+            let msg = if srv.left == 0 || !push {
+                match srv.rx.recv_timeout(self.opts.io_timeout) {
+                    Ok(m) => Some(m),
+                    Err(_) => {
+                        return Err(Error::Protocol(format!(
+                            "the destination went silent for {:?}",
+                            self.opts.io_timeout
+                        )))
+                    }
+                }
+            } else {
+                srv.rx.try_recv().ok()
+            };
+            if let Some(m) = msg {
+                match m? {
+                    (k, _) if Some(k) == want => {
+                        self.flush()?;
+                        return Ok(());
+                    }
+                    (Kind::Request, body) => {
+                        for p in decode_request(&body, srv.total)? {
+                            srv.requested += 1;
+                            for q in p..(p + 1 + PREFETCH).min(srv.total) {
+                                self.push_page(srv, q)?;
+                                if self.batch.len() == BATCH_PAGES {
+                                    self.flush()?;
+                                }
+                            }
+                        }
+                        self.flush()?;
+                    }
+                    (k, _) => {
+                        return Err(Error::Protocol(format!(
+                            "expected Request or {want:?}, got {k:?}"
+                        )))
+                    }
+                }
+                continue;
+            }
+            // Then the next few pages in order.
+            while self.batch.len() < PUSH_PAGES && srv.cursor < srv.total {
+                let p = srv.cursor;
+                srv.cursor += 1;
+                self.push_page(srv, p)?;
+            }
+            self.flush()?;
+            batches += 1;
+            if batches % 256 == 0 {
+                self.progress.remaining_pages = srv.left;
+                self.progress.sent_bytes = self.conn.sent;
+                (self.report)(&self.progress);
+            }
+        }
+    }
+
+    /// After RUNNING: every missing page, then COMPLETE, then DONE.
+    fn finish_postcopy(&mut self, srv: &mut Serving) -> Result<PostcopyOutcome, Error> {
+        let started = Instant::now();
+        self.progress.phase = Phase::Postcopy;
+        self.serve_until(srv, None, true)?;
+        self.conn.send(Kind::Complete, &[])?;
+        self.serve_until(srv, Some(Kind::Done), true)?;
+        self.progress.remaining_pages = 0;
+        self.progress.sent_bytes = self.conn.sent;
+        (self.report)(&self.progress);
+        Ok(PostcopyOutcome {
+            missing_pages: srv.missing_pages,
+            requested_pages: srv.requested,
+            postcopy_ms: started.elapsed().as_secs_f64() * 1e3,
+        })
     }
 }
 
@@ -371,28 +623,34 @@ pub fn migrate(
     };
     let mut paused_at = None;
     let result = (|| {
-        let last = e.precopy()?;
+        let next = e.precopy()?;
         e.throttle.release(e.vm)?;
         paused_at = Some(Instant::now());
         e.vm.pause().map_err(Error::Vm)?;
-        e.stop_and_copy(last)
+        match next {
+            Next::StopAndCopy(last) => e.stop_and_copy(last).map(|()| None),
+            Next::Postcopy(last) => e.start_postcopy(last).map(Some),
+        }
     })();
-    if let Err(err) = result {
-        // Before GO: the guest runs on here, and the pages fetched from
-        // the dirty log go back to whoever else tracks them.
-        if !matches!(err, Error::Aborted(_) | Error::Cancelled) {
-            e.conn.abort(&err.to_string());
-        }
-        let _ = e.throttle.release(e.vm);
-        if paused_at.is_some() {
-            if let Err(r) = e.vm.resume() {
-                tracing::error!("migration failed and the VM cannot resume: {r}");
+    let mut serving = match result {
+        Ok(s) => s,
+        Err(err) => {
+            // Before GO: the guest runs on here, and the pages fetched from
+            // the dirty log go back to whoever else tracks them.
+            if !matches!(err, Error::Aborted(_) | Error::Cancelled) {
+                e.conn.abort(&err.to_string());
             }
+            let _ = e.throttle.release(e.vm);
+            if paused_at.is_some() {
+                if let Err(r) = e.vm.resume() {
+                    tracing::error!("migration failed and the VM cannot resume: {r}");
+                }
+            }
+            let fetched = std::mem::replace(&mut e.fetched, PageBitmap::new(0));
+            e.vm.give_back(fetched);
+            return Err(err);
         }
-        let fetched = std::mem::replace(&mut e.fetched, PageBitmap::new(0));
-        e.vm.give_back(fetched);
-        return Err(err);
-    }
+    };
     // The point of no return: once GO is out, the destination may run the
     // VM. A GO that could not be written whole cannot have been acted on,
     // and a destination that answers ABORT did not start.
@@ -407,12 +665,47 @@ pub fn migrate(
     if let Err(err) = e.conn.send(Kind::Go, &[]) {
         return resume(&mut e, err);
     }
-    match e.conn.expect(Kind::Running) {
-        Ok(_) => {}
+    let running = match serving.as_mut() {
+        None => e.conn.expect(Kind::Running).map(|_| ()),
+        Some(srv) => e.serve_until(srv, Some(Kind::Running), false),
+    };
+    // Past GO the VM may run there, so it stays paused here; if the
+    // operator resumes it after all, dirty tracking must still know every
+    // page fetched.
+    let hold = |e: &mut Engine, err: Error| {
+        let fetched = std::mem::replace(&mut e.fetched, PageBitmap::new(0));
+        e.vm.give_back(fetched);
+        Err(err)
+    };
+    match running {
+        Ok(()) => {}
         Err(err @ Error::Aborted(_)) => return resume(&mut e, err),
-        Err(err) => return Err(Error::Unconfirmed(err.to_string())),
+        Err(err) => return hold(&mut e, Error::Unconfirmed(err.to_string())),
     }
     let downtime = paused_at.map(|t| t.elapsed()).unwrap_or_default();
+    let postcopy = match serving.as_mut() {
+        None => None,
+        Some(srv) => {
+            (e.report)(&Progress {
+                phase: Phase::Postcopy,
+                remaining_pages: srv.left,
+                ..e.progress.clone()
+            });
+            match e.finish_postcopy(srv) {
+                Ok(o) => Some(o),
+                Err(err) => {
+                    let left = srv.left;
+                    return hold(
+                        &mut e,
+                        Error::Postcopy {
+                            left,
+                            why: err.to_string(),
+                        },
+                    );
+                }
+            }
+        }
+    };
     Ok(Outcome {
         to: to.to_string(),
         rounds: e.progress.round,
@@ -423,5 +716,6 @@ pub fn migrate(
         zero_pages: e.progress.zero_pages,
         memory_bytes: total * PAGE_SIZE,
         throttle_pct: e.throttle.pct,
+        postcopy,
     })
 }

@@ -40,6 +40,12 @@ impl PageBitmap {
         }
     }
 
+    pub fn clear(&mut self, page: u64) {
+        if page < self.pages {
+            self.words[(page / 64) as usize] &= !(1 << (page % 64));
+        }
+    }
+
     pub fn get(&self, page: u64) -> bool {
         page < self.pages && self.words[(page / 64) as usize] & (1 << (page % 64)) != 0
     }

@@ -499,10 +499,10 @@ pub fn take(vm: &Vm, req: &SnapshotRequest) -> Result<serde_json::Value, Error> 
 /// Where a VM being restored comes from.
 pub enum Origin {
     Snapshot(Box<Snapshot>),
-    /// A live migration: memory already received, state from the stream.
+    /// A live migration: state from the stream, memory received into the
+    /// prepared VM ([`crate::vm::Prepared`]).
     Migration {
         from: String,
-        mem: GuestMemoryMmap,
     },
 }
 
@@ -533,13 +533,8 @@ pub fn parse_state(bytes: &[u8]) -> Result<MachineState, String> {
 }
 
 impl Restoring {
-    /// A VM arriving by migration: `state` as received, `mem` filled.
-    pub fn migrated(
-        from: &str,
-        state: &[u8],
-        mem: GuestMemoryMmap,
-        expect: &RunConfig,
-    ) -> Result<Restoring, Error> {
+    /// A VM arriving by migration: `state` as received.
+    pub fn migrated(from: &str, state: &[u8], expect: &RunConfig) -> Result<Restoring, Error> {
         let origin = format!("the VM migrating from {from}");
         let incompatible = |why: String| Error::Incompatible {
             origin: origin.clone(),
@@ -555,10 +550,7 @@ impl Restoring {
             )));
         }
         Ok(Restoring {
-            origin: Origin::Migration {
-                from: from.into(),
-                mem,
-            },
+            origin: Origin::Migration { from: from.into() },
             machine,
             paused: true,
         })
@@ -675,7 +667,11 @@ impl Restoring {
         let size = config.memory_bytes;
         let s = match &self.origin {
             Origin::Snapshot(s) => s,
-            Origin::Migration { mem, .. } => return Ok(mem.clone()),
+            Origin::Migration { from } => {
+                return Err(failed("map memory")(format!(
+                    "the memory of the VM migrating from {from} is in the prepared VM"
+                )))
+            }
         };
         let mem = if config.hugepages {
             let m = memory::create(size, true).map_err(|e| failed("map memory")(e.to_string()))?;

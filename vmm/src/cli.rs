@@ -234,6 +234,13 @@ pub struct MigrateArgs {
     /// Do not throttle the vCPUs when the guest dirties memory faster than the link.
     #[arg(long)]
     pub no_throttle: bool,
+    /// When a copy round does not meet the downtime target, switch over at
+    /// once and send the rest after the VM runs on the destination (pages
+    /// it touches first). Short pause whatever the dirty rate, but until
+    /// the last page arrives a failure of either host or the link loses
+    /// the VM (docs/migration.md).
+    #[arg(long)]
+    pub postcopy: bool,
     /// JSON lines on stdout even on a terminal.
     #[arg(long)]
     pub json: bool,

@@ -170,6 +170,13 @@ impl Control {
         }
     }
 
+    fn resume(&self) -> Result<(), String> {
+        // After a switch-over that was not confirmed or a failed post-copy,
+        // the operator decided the VM runs here: device I/O thaws too.
+        self.migration.release_hold();
+        self.vm.resume()
+    }
+
     fn handle(&mut self, req: ApiRequest) -> ApiResponse {
         // While migrating, and once the VM has moved (the source lingers a
         // moment), nothing may pause, resume or change it here.
@@ -178,12 +185,17 @@ impl Control {
             ApiRequest::MigrationStatus => {
                 ApiResponse::json(200, &serde_json::json!(self.migration.report()))
             }
-            ApiRequest::MigrationCancel => {
-                if self.migration.cancel() {
-                    ApiResponse::json(200, &serde_json::json!({ "state": "cancelling" }))
-                } else {
-                    ApiResponse::error(409, "no migration is running")
-                }
+            ApiRequest::MigrationCancel => match self.migration.cancel() {
+                Ok(()) => ApiResponse::json(200, &serde_json::json!({ "state": "cancelling" })),
+                Err(why) => ApiResponse::error(409, why),
+            },
+            ApiRequest::Migrate(_) | ApiRequest::Snapshot(_)
+                if self.vm.memory_arriving.load(std::sync::atomic::Ordering::Acquire) =>
+            {
+                ApiResponse::error(
+                    409,
+                    "part of the VM's memory is still arriving (post-copy); try again when it is all here",
+                )
             }
             ApiRequest::Migrate(r) => {
                 match self
@@ -216,7 +228,7 @@ impl Control {
             ApiRequest::Resume if !self.vm.is_paused() => {
                 ApiResponse::error(409, "the VM is not paused")
             }
-            ApiRequest::Resume => match self.vm.resume() {
+            ApiRequest::Resume => match self.resume() {
                 Ok(()) => ApiResponse::json(200, &serde_json::json!({ "state": "running" })),
                 Err(e) => ApiResponse::error(500, e),
             },
@@ -307,7 +319,9 @@ pub fn run(
         if let Some(r) = done.lock().ok().and_then(|d| d.clone()) {
             if let Ok(mut c) = control.lock() {
                 // A migration still running ends first (the VM stays here).
-                c.migration.cancel();
+                // One in post-copy cannot be cancelled: it is waited for,
+                // the destination needs the pages still here.
+                let _ = c.migration.cancel();
                 c.migration.wait();
                 c.vm.stop();
             }

@@ -151,16 +151,56 @@ fn incoming(addr: &str, config: RunConfig) -> Result<u8, Failure> {
         .with_context(|| format!("cannot listen on {addr}"))
         .map_err(usage)?;
     eprintln!("ffmk-vmm: waiting for a migration on {addr}");
-    let (vm, received) =
-        vmm::migration::receive(&kvm, &tcp, &config, &mut |m| eprintln!("ffmk-vmm: {m}"))
-            .with_context(|| format!("listening on {addr}"))
-            .map_err(runtime)?;
+    let arrived = vmm::migration::receive(&kvm, &tcp, &config, &mut |m| eprintln!("ffmk-vmm: {m}"))
+        .with_context(|| format!("listening on {addr}"))
+        .map_err(runtime)?;
     drop(tcp);
+    let received = &arrived.received;
     eprintln!(
         "ffmk-vmm: migrated in from {}: {} pages in {:.0} ms; running",
         received.from, received.pages, received.total_ms
     );
-    serve(vm, signals, listener)
+    if let Some(pc) = arrived.postcopy {
+        let from = received.from.clone();
+        eprintln!(
+            "ffmk-vmm: post-copy: {} pages follow from {from}",
+            pc.left()
+        );
+        let arriving = arrived.vm.memory_arriving.clone();
+        arriving.store(true, std::sync::atomic::Ordering::Release);
+        let socket = config.api_socket.clone();
+        pc.finish(move |end, left| match end {
+            Ok(s) => {
+                arriving.store(false, std::sync::atomic::Ordering::Release);
+                eprintln!(
+                    "ffmk-vmm: post-copy from {from} complete: {} pages in {:.0} ms; {} faults \
+                     on missing pages, {} pages asked for (mean wait {:.2} ms, max {:.2} ms), \
+                     {} untouched pages zero-filled, {} present",
+                    s.missing_pages,
+                    s.total_ms,
+                    s.faults,
+                    s.requested,
+                    s.mean_fault_ms,
+                    s.max_fault_ms,
+                    s.zero_filled,
+                    s.already_present
+                );
+            }
+            Err(e) => {
+                // A fault on a missing page can never be served now: the
+                // VM cannot go on. Stop here, before it runs on holes.
+                eprintln!(
+                    "ffmk-vmm: post-copy from {from} failed: {e}; {left} pages of the VM's \
+                     memory never arrived, so it cannot continue: stopping (exit 1)"
+                );
+                if let Some(p) = socket {
+                    let _ = std::fs::remove_file(p);
+                }
+                std::process::exit(1);
+            }
+        });
+    }
+    serve(arrived.vm, signals, listener)
 }
 
 /// `ffmk-vmm migrate`: starts the migration through the API and follows it.
@@ -184,6 +224,7 @@ fn migrate(a: vmm::cli::MigrateArgs) -> Result<u8, Failure> {
         "max_downtime_ms": a.max_downtime_ms,
         "max_rounds": a.max_rounds,
         "throttle": !a.no_throttle,
+        "postcopy": a.postcopy,
     });
     let (status, v) = call("PUT", "/vm/migrate", &body.to_string())?;
     if !(200..300).contains(&status) {
@@ -225,6 +266,13 @@ fn migrate(a: vmm::cli::MigrateArgs) -> Result<u8, Failure> {
                         p["sent_bytes"].as_u64().unwrap_or(0),
                         mem.unwrap_or(0).max(p["sent_bytes"].as_u64().unwrap_or(0)),
                     );
+                    if p["phase"] == "postcopy" {
+                        task.message(&format!(
+                            "post-copy: the VM runs on the destination, {} pages to send",
+                            p["remaining_pages"]
+                        ));
+                        continue;
+                    }
                     task.message(&format!(
                         "{} round {}, dirty {:.0} MiB/s, link {:.0} MiB/s, predicted downtime {:.1} ms{}",
                         p["phase"].as_str().unwrap_or(""),

@@ -23,6 +23,8 @@ use crate::host::{CpuProfile, HostKind};
 use crate::memory::{self, GuestMemoryMmap};
 use crate::vm::Vm;
 use devices::virtio::Frozen;
+use migrate::dest::Arrival;
+use migrate::postcopy::Postcopy;
 use migrate::source::{Options, Outcome, Progress, Source};
 use migrate::Hello;
 use serde::{Deserialize, Serialize};
@@ -67,6 +69,7 @@ pub fn hello(config: &RunConfig, profile: CpuProfile) -> Hello {
         cpu_vendor: checkpoint::host_vendor(),
         cpu_profile: format!("{profile:?}").to_lowercase(),
         devices,
+        postcopy: false,
     }
 }
 
@@ -83,6 +86,10 @@ pub struct MigrateRequest {
     /// Throttle the vCPUs when the guest dirties faster than the link.
     #[serde(default = "yes")]
     pub throttle: bool,
+    /// Switch to post-copy when a pre-copy round does not meet the
+    /// downtime target (instead of more rounds and throttling).
+    #[serde(default)]
+    pub postcopy: bool,
 }
 
 fn default_downtime() -> u64 {
@@ -212,6 +219,10 @@ pub struct Migration {
     cancel: Arc<AtomicBool>,
     /// A client read the final status (the source may exit now).
     reported: Arc<AtomicBool>,
+    /// Device I/O stays frozen while the VM may run elsewhere (switch-over
+    /// unconfirmed, post-copy failed); resuming here through the API
+    /// thaws it.
+    held: Arc<Mutex<Option<Frozen>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -268,6 +279,7 @@ impl Migration {
             max_downtime: Duration::from_millis(req.max_downtime_ms),
             max_rounds: req.max_rounds.max(1),
             throttle: req.throttle,
+            postcopy: req.postcopy,
             ..Options::default()
         };
         self.cancel.store(false, Ordering::Release);
@@ -281,10 +293,11 @@ impl Migration {
         let status = self.status.clone();
         let cancel = self.cancel.clone();
         let reported = self.reported.clone();
+        let held = self.held.clone();
         let thread = std::thread::Builder::new()
             .name("migrate".into())
             .spawn(move || {
-                let end = run(&vm, &to, &opts, &cancel, &status);
+                let end = run(&vm, &to, &opts, &cancel, &status, &held);
                 let moved = matches!(end, Status::Completed(_));
                 if let Ok(mut s) = status.lock() {
                     *s = end;
@@ -313,17 +326,40 @@ impl Migration {
         }
     }
 
-    /// Asks a running migration to stop; the VM keeps running here.
-    pub fn cancel(&self) -> bool {
-        if !self.running() {
-            return false;
+    /// Before resuming a VM whose migration ended unconfirmed or failed in
+    /// post-copy (the operator decided it runs here): thaws device I/O.
+    pub fn release_hold(&self) {
+        if let Ok(mut h) = self.held.lock() {
+            h.take();
         }
-        self.cancel.store(true, Ordering::Release);
-        true
+    }
+
+    /// Asks a running migration to stop; the VM keeps running here. A
+    /// migration in post-copy cannot stop: the VM runs on the destination.
+    pub fn cancel(&self) -> Result<(), &'static str> {
+        match self.status() {
+            Status::Running {
+                progress: Some(p), ..
+            } if p.phase == migrate::source::Phase::Postcopy => {
+                Err("the migration is in post-copy: the VM runs on the destination and its memory follows; it cannot be cancelled")
+            }
+            Status::Running { .. } => {
+                self.cancel.store(true, Ordering::Release);
+                Ok(())
+            }
+            _ => Err("no migration is running"),
+        }
     }
 }
 
-fn run(vm: &Vm, to: &str, opts: &Options, cancel: &AtomicBool, status: &Mutex<Status>) -> Status {
+fn run(
+    vm: &Vm,
+    to: &str,
+    opts: &Options,
+    cancel: &AtomicBool,
+    status: &Mutex<Status>,
+    held: &Mutex<Option<Frozen>>,
+) -> Status {
     let failed = |error: String, vm_running_here: bool| Status::Failed {
         to: to.to_string(),
         error,
@@ -339,7 +375,8 @@ fn run(vm: &Vm, to: &str, opts: &Options, cancel: &AtomicBool, status: &Mutex<St
         frozen: Mutex::new(None),
         tracking: Mutex::new(Some(tracking)),
     };
-    let hello = hello(&vm.config, vm.profile);
+    let mut hello = hello(&vm.config, vm.profile);
+    hello.postcopy = opts.postcopy;
     let mut report = |p: &Progress| {
         if let Ok(mut s) = status.lock() {
             *s = Status::Running {
@@ -361,12 +398,12 @@ fn run(vm: &Vm, to: &str, opts: &Options, cancel: &AtomicBool, status: &Mutex<St
             tracing::info!("migrated to {to}: {outcome:?}");
             Status::Completed(outcome)
         }
-        Err(e @ migrate::Error::Unconfirmed(_)) => {
-            if let Ok(mut f) = source.frozen.lock() {
-                if let Some(f) = f.take() {
-                    f.keep();
-                }
+        Err(e @ (migrate::Error::Unconfirmed(_) | migrate::Error::Postcopy { .. })) => {
+            let frozen = source.frozen.lock().ok().and_then(|mut f| f.take());
+            if let Ok(mut h) = held.lock() {
+                *h = frozen;
             }
+            tracing::error!("migration to {to}: {e}");
             failed(e.to_string(), false)
         }
         Err(e) => failed(e.to_string(), true),
@@ -382,8 +419,14 @@ pub enum IncomingError {
     Restore(#[from] checkpoint::Error),
     #[error(transparent)]
     Vm(#[from] crate::vm::Error),
-    #[error("cannot allocate guest memory: {0}")]
-    Memory(String),
+}
+
+/// A VM that arrived: running, with its post-copy still going if the
+/// source switched to post-copy.
+pub struct Arrived {
+    pub vm: Vm,
+    pub received: migrate::dest::Received,
+    pub postcopy: Option<Postcopy>,
 }
 
 /// Waits on `listener` for a migration that fits `config`, builds the VM
@@ -394,7 +437,7 @@ pub fn receive(
     listener: &TcpListener,
     config: &RunConfig,
     log: &mut dyn FnMut(String),
-) -> Result<(Vm, migrate::dest::Received), std::io::Error> {
+) -> Result<Arrived, std::io::Error> {
     let profile = config
         .cpu_profile
         .unwrap_or(HostKind::detect().default_profile());
@@ -410,40 +453,94 @@ pub fn receive(
     }
 }
 
+/// Whether this destination can take a VM whose source asks for `theirs`.
+fn can_receive(config: &RunConfig, theirs: &Hello) -> Result<(), String> {
+    if theirs.postcopy {
+        if config.hugepages {
+            return Err("post-copy needs 4 KiB guest pages; this VM uses --hugepages".into());
+        }
+        drop(migrate::postcopy::open_uffd()?);
+    }
+    Ok(())
+}
+
 fn receive_one(
     kvm: &kvm_ioctls::Kvm,
     stream: std::net::TcpStream,
     config: &RunConfig,
     mine: &Hello,
-) -> Result<(Vm, migrate::dest::Received), IncomingError> {
+) -> Result<Arrived, IncomingError> {
     let mut inc = migrate::dest::Incoming::new(stream, Duration::from_secs(30))?;
-    inc.hello(mine)?;
-    let mem: GuestMemoryMmap = memory::create(config.memory_bytes, config.hugepages)
-        .map_err(|e| IncomingError::Memory(e.to_string()))?;
-    let state = inc.memory(&mem)?;
+    // Everything that does not need the state is built before the first
+    // page: the source's pause then covers only loading the state.
+    let prepared = inc.hello(mine, |theirs| {
+        can_receive(config, theirs)?;
+        let mem: GuestMemoryMmap = memory::create(config.memory_bytes, config.hugepages)
+            .map_err(|e| format!("the destination cannot allocate guest memory: {e}"))?;
+        Vm::prepare(kvm, config.clone(), mem, false)
+            .map_err(|e| format!("the destination cannot build the VM: {e}"))
+    })?;
     let from = inc.peer.to_string();
-    let restoring = match Restoring::migrated(&from, &state, mem, config) {
-        Ok(r) => r,
-        Err(e) => {
-            inc.abort(&e.to_string());
-            return Err(e.into());
-        }
+    let (state, missing) = match inc.memory(prepared.memory())? {
+        Arrival::State(state) => (state, None),
+        Arrival::Postcopy { state, missing } => (state, Some(missing)),
     };
-    // The machine's own settings come with it; devices, console and API
-    // socket are this host's.
-    let mut config = config.clone();
-    let m = &restoring.machine.config;
-    config.kernel = m.kernel.clone();
-    config.cmdline = m.cmdline.clone();
-    config.test_exit_port = m.test_exit_port;
-    let vm = match Vm::create(kvm, config, Some(&restoring)) {
-        Ok(vm) => vm,
-        Err(e) => {
-            inc.abort(&format!("the destination cannot build the VM: {e}"));
-            return Err(e.into());
-        }
+    let loading = std::time::Instant::now();
+    let Some(missing) = missing else {
+        let vm = load(&from, &state, prepared, config, &mut |why| inc.abort(why))?;
+        log_loaded(&from, loading);
+        let received = inc.switch_over(|| vm.resume())?;
+        return Ok(Arrived {
+            vm,
+            received,
+            postcopy: None,
+        });
     };
-    drop(restoring);
-    let received = inc.switch_over(|| vm.resume())?;
-    Ok((vm, received))
+    // Post-copy: missing pages are trapped before anything (the state
+    // load itself) can touch them; faults are served from here on.
+    let (pc, received) = inc.postcopy(prepared.memory(), missing)?;
+    let mut abort = |why: &str| {
+        let _ = pc.send(migrate::protocol::Kind::Abort, why.as_bytes());
+    };
+    let vm = load(&from, &state, prepared, config, &mut abort)?;
+    log_loaded(&from, loading);
+    pc.send(migrate::protocol::Kind::Ready, &[])?;
+    pc.wait_go(Duration::from_secs(30))?;
+    if let Err(e) = vm.resume() {
+        pc.abort(&format!("the destination could not start the VM: {e}"));
+        return Err(migrate::Error::Vm(e).into());
+    }
+    pc.send(migrate::protocol::Kind::Running, &[])?;
+    Ok(Arrived {
+        vm,
+        received,
+        postcopy: Some(pc),
+    })
+}
+
+/// Loads the received state into the prepared VM (paused); on failure
+/// `abort` tells the source why.
+fn load(
+    from: &str,
+    state: &[u8],
+    prepared: crate::vm::Prepared,
+    config: &RunConfig,
+    abort: &mut dyn FnMut(&str),
+) -> Result<Vm, IncomingError> {
+    let restoring = Restoring::migrated(from, state, config).inspect_err(|e| {
+        abort(&e.to_string());
+    })?;
+    // The machine's kernel, command line and test port come with it;
+    // devices, console and API socket are this host's.
+    prepared.start(Some(&restoring)).map_err(|e| {
+        abort(&format!("the destination cannot load the VM's state: {e}"));
+        e.into()
+    })
+}
+
+fn log_loaded(from: &str, since: std::time::Instant) {
+    tracing::debug!(
+        "migration from {from}: state loaded in {:.2} ms",
+        since.elapsed().as_secs_f64() * 1e3
+    );
 }

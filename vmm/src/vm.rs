@@ -120,6 +120,9 @@ pub struct Vm {
     pub msr_indices: Arc<Vec<u32>>,
     /// Dirty-page tracking and the snapshot chain this VM's memory follows.
     pub tracking: Mutex<crate::checkpoint::Tracking>,
+    /// Part of guest memory is still on its way (incoming post-copy):
+    /// snapshots and migrations wait until it is all here.
+    pub memory_arriving: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn console_writer(console: &Console) -> Result<Box<dyn Write + Send>, Error> {
@@ -264,6 +267,35 @@ pub struct DiskSlot {
     transport: Arc<Mutex<VirtioPci>>,
 }
 
+/// A VM built up to the point where it needs its guest: the KVM VM with
+/// irqchip, PIT and memory slots, the devices, the I/O thread and the vCPU
+/// fds. [`Prepared::start`] loads a kernel or a saved state into it and
+/// runs the vCPUs. An incoming migration prepares the VM while the pages
+/// arrive, so that the pause covers only the state load.
+pub struct Prepared {
+    vm_fd: Arc<VmFd>,
+    mem: GuestMemoryMmap,
+    host_kind: HostKind,
+    profile: CpuProfile,
+    console: Box<dyn Write + Send>,
+    serial_irq: EventFd,
+    pio: PioBus,
+    mmio: MmioBus,
+    pci: Arc<PciRoot>,
+    disks: Vec<DiskSlot>,
+    virtio: Vec<Arc<Mutex<VirtioPci>>>,
+    io_thread: IoThread,
+    device_events: EventSink,
+    exit_evt: Arc<EventFd>,
+    fds: Vec<kvm_ioctls::VcpuFd>,
+    host_tsc_khz: u32,
+    boot_msrs: Vec<kvm_bindings::kvm_msr_entry>,
+    msr_indices: Arc<Vec<u32>>,
+    base_cpuid: kvm_bindings::CpuId,
+    log_dirty: bool,
+    config: RunConfig,
+}
+
 impl Vm {
     /// Builds the VM and starts its vCPUs: booting `config.kernel`, or
     /// continuing from a snapshot when `restore` is given.
@@ -272,13 +304,27 @@ impl Vm {
         config: RunConfig,
         restore: Option<&crate::checkpoint::Restoring>,
     ) -> Result<Vm, Error> {
-        let host_kind = HostKind::detect();
-        let profile = config.cpu_profile.unwrap_or(host_kind.default_profile());
-        let console = console_writer(&config.console)?;
         let mem = match restore {
             None => memory::create(config.memory_bytes, config.hugepages)?,
             Some(r) => r.memory(&config).map_err(|e| Error::Setup(e.to_string()))?,
         };
+        // A restored VM follows its snapshot chain: track dirty pages from
+        // the start so the next incremental snapshot can extend it.
+        let follows_chain = restore.is_some_and(|r| r.chain().is_some());
+        Vm::prepare(kvm, config, mem, follows_chain)?.start(restore)
+    }
+
+    /// Builds everything that does not depend on the guest's image or
+    /// state, on `mem` (registered with dirty logging if `log_dirty`).
+    pub fn prepare(
+        kvm: &Kvm,
+        config: RunConfig,
+        mem: GuestMemoryMmap,
+        log_dirty: bool,
+    ) -> Result<Prepared, Error> {
+        let host_kind = HostKind::detect();
+        let profile = config.cpu_profile.unwrap_or(host_kind.default_profile());
+        let console = console_writer(&config.console)?;
 
         let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_err("create VM"))?);
         vm_fd
@@ -297,26 +343,9 @@ impl Vm {
         vm_fd
             .create_pit2(pit)
             .map_err(kvm_err("create in-kernel PIT"))?;
-        // A restored VM follows its snapshot chain: track dirty pages from
-        // the start so the next incremental snapshot can extend it.
-        let follows_chain = restore.is_some_and(|r| r.chain().is_some());
-        set_memory_slots(&vm_fd, &mem, follows_chain)?;
+        set_memory_slots(&vm_fd, &mem, log_dirty)?;
 
-        let boot = match restore {
-            None => boot::load(
-                &mem,
-                &BootSpec {
-                    kernel: &config.kernel,
-                    initrd: config.initrd.as_deref(),
-                    cmdline: &config.cmdline,
-                    mem_bytes: config.memory_bytes,
-                    nvcpus: config.cpus,
-                },
-            )?,
-            Some(r) => r.machine.boot.clone(),
-        };
-
-        // Devices.
+        // Devices (the serial port comes with the guest's state in `start`).
         let exit_evt = Arc::new(
             EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Setup(format!("eventfd: {e}")))?,
         );
@@ -326,15 +355,8 @@ impl Vm {
         vm_fd
             .register_irqfd(&serial_irq, legacy::COM1_IRQ)
             .map_err(kvm_err("register serial irqfd"))?;
-        let serial = Arc::new(Mutex::new(match restore {
-            None => SerialPort::new(serial_irq, console),
-            Some(r) => SerialPort::restored(serial_irq, console, &r.machine.serial)
-                .map_err(Error::Setup)?,
-        }));
         let mut pio = PioBus::new();
         let bus_err = |e: String| Error::Setup(e);
-        pio.insert(u64::from(legacy::COM1_BASE), 8, serial.clone())
-            .map_err(|e| bus_err(e.to_string()))?;
         pio.insert(
             u64::from(legacy::I8042_DATA),
             5,
@@ -347,17 +369,8 @@ impl Vm {
             Arc::new(Mutex::new(AcpiSleep::new(device_events.clone()))),
         )
         .map_err(|e| bus_err(e.to_string()))?;
-        if let Some(port) = config.test_exit_port {
-            pio.insert(
-                u64::from(port),
-                1,
-                Arc::new(Mutex::new(TestExitPort::new(device_events.clone()))),
-            )
-            .map_err(|e| Error::Setup(format!("test exit port {port:#x}: {e}")))?;
-        }
         let mut mmio = MmioBus::new();
         let pci = attach_pci(&mut pio, &mut mmio, config.memory_bytes).map_err(bus_err)?;
-        let buses = Arc::new(Buses { pio, mmio });
         let routing = Arc::new(IrqRouting::new(vm_fd.clone()));
         let io_thread = IoThread::spawn("io")
             .map_err(|e| Error::Setup(format!("cannot start the I/O thread: {e}")))?;
@@ -395,7 +408,7 @@ impl Vm {
             virtio.push(add_virtio(&vm_fd, &routing, &pci, &mem, Box::new(dev), 1)?);
         }
 
-        // vCPUs.
+        // vCPU fds (their registers are set in `start`).
         let supported_msrs = kvm
             .get_msr_index_list()
             .map_err(kvm_err("get MSR index list"))?;
@@ -405,21 +418,121 @@ impl Vm {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("get supported CPUID"))?;
         let mut fds = Vec::new();
-        let mut tsc_khz = 0;
-        let mut kvm_forced = vec![];
         for id in 0..config.cpus {
-            let fd = vm_fd
-                .create_vcpu(u64::from(id))
-                .map_err(kvm_err("create vCPU"))?;
-            if id == 0 {
-                tsc_khz = fd.get_tsc_khz().unwrap_or(0);
-            }
+            fds.push(
+                vm_fd
+                    .create_vcpu(u64::from(id))
+                    .map_err(kvm_err("create vCPU"))?,
+            );
+        }
+        let host_tsc_khz = fds
+            .first()
+            .and_then(|fd| fd.get_tsc_khz().ok())
+            .unwrap_or(0);
+        Ok(Prepared {
+            vm_fd,
+            mem,
+            host_kind,
+            profile,
+            console,
+            serial_irq,
+            pio,
+            mmio,
+            pci,
+            disks,
+            virtio,
+            io_thread,
+            device_events,
+            exit_evt,
+            fds,
+            host_tsc_khz,
+            boot_msrs,
+            msr_indices,
+            base_cpuid,
+            log_dirty,
+            config,
+        })
+    }
+}
+
+impl Prepared {
+    /// Guest memory, to fill before `start`.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// Loads the guest - `config.kernel`, or the saved state when `restore`
+    /// is given (whose kernel, command line and test exit port the VM takes
+    /// on) - and starts the vCPUs.
+    pub fn start(mut self, restore: Option<&crate::checkpoint::Restoring>) -> Result<Vm, Error> {
+        if let Some(r) = restore {
+            let m = &r.machine.config;
+            self.config.kernel = m.kernel.clone();
+            self.config.cmdline = m.cmdline.clone();
+            self.config.test_exit_port = m.test_exit_port;
+        }
+        let Prepared {
+            vm_fd,
+            mem,
+            host_kind,
+            profile,
+            console,
+            serial_irq,
+            mut pio,
+            mmio,
+            pci,
+            disks,
+            virtio,
+            io_thread,
+            device_events,
+            exit_evt,
+            fds,
+            host_tsc_khz,
+            boot_msrs,
+            msr_indices,
+            base_cpuid,
+            log_dirty,
+            config,
+        } = self;
+        let boot = match restore {
+            None => boot::load(
+                &mem,
+                &BootSpec {
+                    kernel: &config.kernel,
+                    initrd: config.initrd.as_deref(),
+                    cmdline: &config.cmdline,
+                    mem_bytes: config.memory_bytes,
+                    nvcpus: config.cpus,
+                },
+            )?,
+            Some(r) => r.machine.boot.clone(),
+        };
+        let serial = Arc::new(Mutex::new(match restore {
+            None => SerialPort::new(serial_irq, console),
+            Some(r) => SerialPort::restored(serial_irq, console, &r.machine.serial)
+                .map_err(Error::Setup)?,
+        }));
+        pio.insert(u64::from(legacy::COM1_BASE), 8, serial.clone())
+            .map_err(|e| Error::Setup(e.to_string()))?;
+        if let Some(port) = config.test_exit_port {
+            pio.insert(
+                u64::from(port),
+                1,
+                Arc::new(Mutex::new(TestExitPort::new(device_events.clone()))),
+            )
+            .map_err(|e| Error::Setup(format!("test exit port {port:#x}: {e}")))?;
+        }
+        let buses = Arc::new(Buses { pio, mmio });
+
+        let mut tsc_khz = host_tsc_khz;
+        let mut kvm_forced = vec![];
+        for (id, fd) in fds.iter().enumerate() {
+            let id = id as u8;
             if let Some(r) = restore {
-                tsc_khz = r.restore_vcpu(&fd, id, tsc_khz).map_err(Error::Setup)?;
+                tsc_khz = r.restore_vcpu(fd, id, host_tsc_khz).map_err(Error::Setup)?;
                 if id == 0 {
-                    kvm_forced = forced_features(&fd, profile);
+                    kvm_forced = forced_features(fd, profile);
                 }
-                fds.push(fd);
                 continue;
             }
             let mut entries = base_cpuid.as_slice().to_vec();
@@ -429,7 +542,7 @@ impl Vm {
                 .map_err(|e| Error::Setup(format!("CPUID table: {e:?}")))?;
             fd.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
             if id == 0 {
-                kvm_forced = forced_features(&fd, profile);
+                kvm_forced = forced_features(fd, profile);
             }
             let msrs = Msrs::from_entries(&boot_msrs)
                 .map_err(|e| Error::Setup(format!("MSR table: {e:?}")))?;
@@ -449,7 +562,6 @@ impl Vm {
                 ))
                 .map_err(kvm_err("set regs"))?;
             }
-            fds.push(fd);
         }
 
         if let Some(r) = restore {
@@ -492,7 +604,7 @@ impl Vm {
         }
 
         let tracking = Mutex::new(crate::checkpoint::Tracking::new(
-            follows_chain,
+            log_dirty,
             restore.and_then(|r| r.chain()),
         ));
         Ok(Vm {
@@ -516,9 +628,12 @@ impl Vm {
             config,
             msr_indices,
             tracking,
+            memory_arriving: Arc::default(),
         })
     }
+}
 
+impl Vm {
     fn request_all(&self, r: Request) {
         for v in &self.vcpus {
             v.shared.request(r);

@@ -130,6 +130,66 @@ fn assert_source_runs(vm: &Vm) {
     assert_eq!(v["state"], "running", "{v}");
 }
 
+/// Migrates a probe guest rewriting `mib` MiB at `rate` MiB/s, with
+/// `extra` flags to `ffmk-vmm migrate`: its counter must continue without
+/// a gap or repeat and its memory end exactly as an uninterrupted run's.
+/// Returns the outcome line.
+fn migrate_dirtying(
+    c: &Cluster,
+    dir: &Path,
+    name: &str,
+    (mib, rate): (u32, u32),
+    extra: &[&str],
+) -> serde_json::Value {
+    let max = 80;
+    let task = format!("task=dirty mib={mib} rate={rate} hz=20 max={max}");
+    // Reference: the same guest without migration.
+    let reference = {
+        let r = source(&c.hosts[0], dir, &format!("ref-{name}"), &task, "128M");
+        let console = r.console.clone();
+        let (code, err) = r.wait_exit();
+        assert_eq!(code, Some(0), "{err}");
+        std::fs::read_to_string(console).unwrap()
+    };
+    let want = value(&reference, "checksum").expect("reference checksum");
+
+    let dst = destination(&c.hosts[1], dir, &format!("dst-{name}"), "128M");
+    let src = source(&c.hosts[0], dir, &format!("src-{name}"), &task, "128M");
+    src.wait_counter(15);
+    let out = migrate(&src, extra);
+    assert!(out.status.success(), "{name}: {out:?}");
+    let last: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!(last["state"], "completed", "{last}");
+    let downtime = last["downtime_ms"].as_f64().unwrap();
+    eprintln!(
+        "{name}: downtime {downtime:.1} ms, {} rounds, {} MiB sent, total {:.0} ms, post-copy {}",
+        last["rounds"],
+        last["sent_bytes"].as_u64().unwrap() >> 20,
+        last["total_ms"].as_f64().unwrap(),
+        last["postcopy"]
+    );
+    assert!(downtime < 2000.0, "{last}");
+    let before = src.console();
+    let (code, err) = src.wait_exit();
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("migrated to"), "{err}");
+    let (code, err) = dst.wait_exit();
+    assert_eq!(code, Some(0), "{name}: {err}");
+    let after = std::fs::read_to_string(dir.join(format!("dst-{name}.console"))).unwrap();
+    assert_consecutive(&(before + &after), max);
+    assert!(
+        value(&after, "dirty_verify").is_some_and(|v| v.starts_with("ok")),
+        "{after}"
+    );
+    assert_eq!(
+        value(&after, "checksum"),
+        Some(want),
+        "{name}: memory differs"
+    );
+    last
+}
+
 #[test]
 fn dirtying_guests_migrate_with_their_counter_and_memory_intact() {
     let Some(c) = Cluster::new("mig", 2) else {
@@ -138,49 +198,41 @@ fn dirtying_guests_migrate_with_their_counter_and_memory_intact() {
     };
     let dir = tmpdir("migrate");
     for rate in [0, 8, 64] {
-        let max = 80;
-        let task = format!("task=dirty mib=32 rate={rate} hz=20 max={max}");
-        // Reference: the same guest without migration.
-        let reference = {
-            let r = source(&c.hosts[0], &dir, &format!("ref{rate}"), &task, "128M");
-            let console = r.console.clone();
-            let (code, err) = r.wait_exit();
-            assert_eq!(code, Some(0), "{err}");
-            std::fs::read_to_string(console).unwrap()
-        };
-        let want = value(&reference, "checksum").expect("reference checksum");
-
-        let dst = destination(&c.hosts[1], &dir, &format!("dst{rate}"), "128M");
-        let src = source(&c.hosts[0], &dir, &format!("src{rate}"), &task, "128M");
-        src.wait_counter(15);
-        let out = migrate(&src, &[]);
-        assert!(out.status.success(), "rate {rate}: {out:?}");
-        let last: serde_json::Value =
-            serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap())
-                .unwrap();
-        assert_eq!(last["state"], "completed", "{last}");
-        let downtime = last["downtime_ms"].as_f64().unwrap();
-        eprintln!(
-            "rate {rate} MiB/s: downtime {downtime:.1} ms, {} rounds, {} MiB sent, total {:.0} ms",
-            last["rounds"],
-            last["sent_bytes"].as_u64().unwrap() >> 20,
-            last["total_ms"].as_f64().unwrap()
-        );
-        assert!(downtime < 2000.0, "{last}");
-        let before = src.console();
-        let (code, err) = src.wait_exit();
-        assert_eq!(code, Some(0), "{err}");
-        assert!(err.contains("migrated to"), "{err}");
-        let (code, err) = dst.wait_exit();
-        assert_eq!(code, Some(0), "rate {rate}: {err}");
-        let after = std::fs::read_to_string(dir.join(format!("dst{rate}.console"))).unwrap();
-        assert_consecutive(&(before + &after), max);
-        assert!(
-            value(&after, "dirty_verify").is_some_and(|v| v.starts_with("ok")),
-            "{after}"
-        );
-        assert_eq!(value(&after, "checksum"), Some(want), "memory differs");
+        let last = migrate_dirtying(&c, &dir, &format!("pre{rate}"), (32, rate), &[]);
+        assert!(last["postcopy"].is_null(), "{last}");
     }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn post_copy_moves_a_dirtying_guest_with_its_memory_intact() {
+    let Some(c) = Cluster::new("mpc", 2) else {
+        eprintln!("skipped: cannot create network namespaces (needs root and iproute2)");
+        return;
+    };
+    let dir = tmpdir("migrate-postcopy");
+    // A target no round meets: post-copy after the first round, with the
+    // pages dirtied meanwhile fetched on demand and pushed.
+    let postcopy = ["--postcopy", "--max-downtime-ms", "0"];
+    for rate in [8, 256] {
+        let last = migrate_dirtying(&c, &dir, &format!("post{rate}"), (32, rate), &postcopy);
+        let pc = &last["postcopy"];
+        assert!(pc["missing_pages"].as_u64().unwrap() > 0, "{last}");
+    }
+    // Over a 40 Mbit/s link the guest rewrites its 8 MiB several times
+    // during the first round: all of it is missing at the switch-over, and
+    // the guest runs into missing pages, which it waits for.
+    assert!(c.hosts[0]
+        .exec("tc")
+        .args(["qdisc", "add", "dev", "h0", "root", "tbf", "rate", "40mbit"])
+        .args(["burst", "64kb", "latency", "100ms"])
+        .status()
+        .unwrap()
+        .success());
+    let last = migrate_dirtying(&c, &dir, "post-slow", (8, 64), &postcopy);
+    let pc = &last["postcopy"];
+    assert!(pc["missing_pages"].as_u64().unwrap() >= 2048, "{last}");
+    assert!(pc["requested_pages"].as_u64().unwrap() > 0, "{last}");
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -210,7 +262,7 @@ fn every_abort_path_leaves_the_source_running() {
     src.wait_counter(5);
 
     // 1. A destination with other memory refuses before the source pauses.
-    let mut dst = destination(&c.hosts[1], &dir, "small", "128M");
+    let dst = destination(&c.hosts[1], &dir, "small", "128M");
     let out = migrate(&src, &[]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
@@ -219,8 +271,7 @@ fn every_abort_path_leaves_the_source_running() {
         "{err}"
     );
     assert_source_runs(&src);
-    dst.child.kill().unwrap();
-    let _ = dst.child.wait();
+    dst.kill();
     // ... and so does one with another CPU profile.
     let profile = serde_json::from_slice::<serde_json::Value>(
         &Command::new(vmm())
@@ -234,7 +285,7 @@ fn every_abort_path_leaves_the_source_running() {
         .unwrap()
         .to_string();
     let other = if profile == "host" { "pvm" } else { "host" };
-    let mut dst = destination_with(
+    let dst = destination_with(
         &c.hosts[1],
         &dir,
         "profile",
@@ -246,8 +297,7 @@ fn every_abort_path_leaves_the_source_running() {
     assert!(!out.status.success());
     assert!(err.contains(&format!("CPU profile {profile}")), "{err}");
     assert_source_runs(&src);
-    dst.child.kill().unwrap();
-    let _ = dst.child.wait();
+    dst.kill();
 
     // 2. Garbage to a listening destination: refused, it listens on, and
     //    then takes part in (3).
@@ -304,5 +354,107 @@ fn every_abort_path_leaves_the_source_running() {
     // The destination logs: garbage and the cancel were refused/cleaned up
     // and it kept listening.
     src.kill();
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Starts a post-copy migration of `src` through the API (so that the
+/// status read next is this migration's) and waits until the VM runs on
+/// the destination while pages follow; if it ends first, fails with both
+/// sides' words.
+fn start_postcopy(src: &Vm, dst: Vm) -> Vm {
+    let body = serde_json::json!({
+        "to": format!("tcp://{}:{PORT}", Cluster::addr(1)),
+        "postcopy": true,
+        "max_downtime_ms": 0,
+    });
+    let mut s = std::os::unix::net::UnixStream::connect(&src.sock).unwrap();
+    let (status, answer) =
+        vmm::api::http::call(&mut s, "PUT", "/vm/migrate", &body.to_string()).unwrap();
+    assert_eq!(status, 202, "{answer}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = migration_state(src);
+        if s["progress"]["phase"] == "postcopy" {
+            return dst;
+        }
+        if s["state"] != "running" || Instant::now() > deadline {
+            std::thread::sleep(Duration::from_millis(500));
+            let (ended, err) = dst.stop();
+            panic!("no post-copy phase: {s}\ndestination ({ended:?}): {err}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Waits for the migration to end; its final status.
+fn migration_end(src: &Vm) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = migration_state(src);
+        if s["state"] != "running" {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "the migration does not end: {s}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn post_copy_failures_are_reported_and_never_leave_two_copies() {
+    let Some(c) = Cluster::new("mpf", 2) else {
+        eprintln!("skipped: cannot create network namespaces (needs root and iproute2)");
+        return;
+    };
+    let dir = tmpdir("migrate-postcopy-fail");
+    // The guest rewrites its 512 MiB faster than the first round sends
+    // them: nearly all of it is missing at the switch-over, and the guest
+    // faults on page after page there, so post-copy lasts long enough to
+    // break it.
+    let task = "task=dirty mib=512 rate=4000 hz=20";
+    let src = source(&c.hosts[0], &dir, "src", task, "1G");
+    src.wait_counter(3);
+
+    // 1. The destination dies in post-copy: the source says so, keeps the
+    //    VM paused (never two copies), and resuming it rolls back to the
+    //    switch-over.
+    let dst = destination(&c.hosts[1], &dir, "dst1", "1G");
+    let dst = start_postcopy(&src, dst);
+    // It cannot be cancelled any more.
+    let mut s = std::os::unix::net::UnixStream::connect(&src.sock).unwrap();
+    let (status, body) = vmm::api::http::call(&mut s, "DELETE", "/vm/migration", "").unwrap();
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("post-copy"), "{body}");
+    dst.kill();
+    let end = migration_end(&src);
+    assert_eq!(end["state"], "failed", "{end}");
+    assert_eq!(end["vm_running_here"], false, "{end}");
+    let err = end["error"].as_str().unwrap();
+    assert!(
+        err.contains("post-copy failed after the switch-over"),
+        "{err}"
+    );
+    let info: serde_json::Value = serde_json::from_slice(&src.api(&["info"]).stdout).unwrap();
+    assert_eq!(info["state"], "paused", "{info}");
+    let n = counters(&src.console()).last().copied().unwrap_or(0);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        counters(&src.console()).last().copied().unwrap_or(0),
+        n,
+        "paused"
+    );
+    assert!(src.api(&["resume"]).status.success());
+    src.wait_counter(n + 3);
+
+    // 2. The source dies in post-copy: the destination cannot go on
+    //    without the missing pages, says so and exits 1.
+    let dst = destination(&c.hosts[1], &dir, "dst2", "1G");
+    let dst = start_postcopy(&src, dst);
+    src.kill();
+    let (code, err) = dst.wait_exit();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("post-copy from") && err.contains("cannot continue"),
+        "{err}"
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -311,12 +311,29 @@ impl Vm {
         let _ = self.child.wait();
     }
 
+    /// Everything the VMM wrote to stderr (once it has ended).
+    fn stderr(&mut self) -> String {
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        err
+    }
+
+    /// Kills the VMM if it still runs; how it had ended (None: it was
+    /// running) and its stderr.
+    pub fn stop(mut self) -> (Option<std::process::ExitStatus>, String) {
+        let ended = self.child.try_wait().unwrap();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        (ended, self.stderr())
+    }
+
     pub fn wait_exit(mut self) -> (Option<i32>, String) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(s) = self.child.try_wait().unwrap() {
-                let out = self.child.wait_with_output().unwrap();
-                return (s.code(), String::from_utf8_lossy(&out.stderr).into_owned());
+                return (s.code(), self.stderr());
             }
             assert!(
                 Instant::now() < deadline,
@@ -324,6 +341,16 @@ impl Vm {
                 self.console()
             );
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Vm {
+    /// A test that fails half-way must not leave its VMs running.
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
     }
 }
