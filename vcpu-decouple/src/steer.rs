@@ -192,7 +192,7 @@ mod tests {
     fn ioapic_audit_finds_pins_on_compute_vcpus() {
         let t = Topology::new(1, 1).unwrap();
         let routes = [
-            IoapicRoute::decode(4, 0x24 | (0u64 << 56)),
+            IoapicRoute::decode(4, 0x24),
             IoapicRoute::decode(9, 0x29 | (1u64 << 56)),
             IoapicRoute::decode(10, 0x2a | (1u64 << 56) | (1 << 16)),
             IoapicRoute::decode(11, 0x2b | (0b11u64 << 56) | (1 << 11)),

@@ -84,6 +84,9 @@ pub struct MachineConfig {
     pub kernel: PathBuf,
     pub cmdline: String,
     pub cpus: u8,
+    /// How many of the vCPUs are compute vCPUs (the last ones).
+    #[serde(default)]
+    pub compute: u8,
     pub memory_bytes: u64,
     pub hugepages: bool,
     pub test_exit_port: Option<u16>,
@@ -96,6 +99,17 @@ pub struct MachineConfig {
     pub rng: bool,
     pub virtio_console: Option<PathBuf>,
     pub vsock: Option<VsockConfig>,
+}
+
+impl MachineState {
+    /// Service and compute vCPUs (`parse_state` checked that they add up).
+    pub fn topology(&self) -> vcpu_decouple::Topology {
+        let c = &self.config;
+        vcpu_decouple::Topology {
+            service: c.cpus.saturating_sub(c.compute),
+            compute: c.compute,
+        }
+    }
 }
 
 /// Everything but memory: what the state file holds.
@@ -260,6 +274,7 @@ pub(crate) fn machine_state(vm: &Vm) -> Result<MachineState, Error> {
             kernel: c.kernel.clone(),
             cmdline: c.cmdline.clone(),
             cpus: c.cpus,
+            compute: c.topology.compute,
             memory_bytes: c.memory_bytes,
             hugepages: c.hugepages,
             test_exit_port: c.test_exit_port,
@@ -529,6 +544,9 @@ pub fn parse_state(bytes: &[u8]) -> Result<MachineState, String> {
     if machine.vcpus.len() != usize::from(machine.config.cpus) || machine.config.cpus == 0 {
         return Err("vCPU count and saved vCPUs differ".into());
     }
+    if machine.config.compute >= machine.config.cpus {
+        return Err("more compute vCPUs than vCPUs".into());
+    }
     Ok(machine)
 }
 
@@ -542,10 +560,10 @@ impl Restoring {
         };
         let machine = parse_state(state).map_err(incompatible)?;
         let c = &machine.config;
-        if c.memory_bytes != expect.memory_bytes || c.cpus != expect.cpus {
+        let topology = machine.topology();
+        if c.memory_bytes != expect.memory_bytes || topology != expect.topology {
             return Err(incompatible(format!(
-                "its state is for {} vCPUs and {} MiB",
-                c.cpus,
+                "its state is for --cpus {topology} and {} MiB",
                 c.memory_bytes >> 20
             )));
         }
@@ -604,14 +622,24 @@ impl Restoring {
         }
     }
 
-    /// The run configuration of the restored VM.
-    pub fn run_config(&self, console: Console, api_socket: Option<PathBuf>) -> RunConfig {
+    /// The run configuration of the restored VM; `pin` places it on this host.
+    pub fn run_config(
+        &self,
+        console: Console,
+        api_socket: Option<PathBuf>,
+        pin: Option<vcpu_decouple::PinSpec>,
+    ) -> RunConfig {
         let c = &self.machine.config;
         RunConfig {
             kernel: c.kernel.clone(),
             initrd: None,
             cmdline: c.cmdline.clone(),
             cpus: c.cpus,
+            topology: self.machine.topology(),
+            pin,
+            exits: Default::default(),
+            halt_poll_ns: None,
+            realtime: None,
             memory_bytes: c.memory_bytes,
             hugepages: c.hugepages,
             console,

@@ -3,6 +3,8 @@ use crate::config::{DiskEntry, FileConfig, NetEntry, VsockEntry};
 use crate::host::CpuProfile;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
+use vcpu_decouple::exits::ExitsRequest;
+use vcpu_decouple::{CpuList, PinSpec, Topology};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -30,6 +32,22 @@ pub enum Command {
         /// Show this profile instead of the host's default.
         #[arg(long, value_enum)]
         cpu_profile: Option<CpuProfile>,
+    },
+    /// Audit this host for what would disturb compute cores: isolcpus,
+    /// nohz_full, rcu_nocbs, IRQ affinities, cpufreq governor, THP, huge
+    /// pages, SMT siblings, tasks allowed on those cores, NMI watchdog,
+    /// workqueues. A verdict (ok, info, warn) and a suggestion per item.
+    HostCheck {
+        /// Host cores meant for compute vCPUs [default: the isolated cores,
+        /// else the last online core].
+        #[arg(long, value_name = "LIST")]
+        compute: Option<CpuList>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// Read /proc and /sys below this directory (a captured tree).
+        #[arg(long, default_value = "/", hide = true)]
+        root: PathBuf,
     },
     /// Print the state of a running VM (GET /vm).
     Info(ClientArgs),
@@ -215,6 +233,10 @@ pub struct RestoreArgs {
     /// Start with the vCPUs paused (resume through the API).
     #[arg(long)]
     pub paused: bool,
+    /// Host cores for the restored VM's threads, as for `run --pin`
+    /// (its service/compute split comes with the snapshot).
+    #[arg(long, value_name = "SPEC")]
+    pub pin: Option<PinSpec>,
 }
 
 #[derive(Args, Debug)]
@@ -264,9 +286,32 @@ pub struct RunArgs {
     /// Kernel command line [default: "console=ttyS0 reboot=k panic=-1"].
     #[arg(long)]
     pub cmdline: Option<String>,
-    /// Number of vCPUs (1-254) [default: 1].
-    #[arg(long)]
-    pub cpus: Option<u32>,
+    /// vCPUs: N (1-254), or service=S,compute=C for S service vCPUs (the
+    /// guest OS, its interrupts and daemons) and C compute vCPUs, each alone
+    /// on a host core, kept free of guest ticks, RCU and device interrupts
+    /// (isolcpus=/nohz_full=/rcu_nocbs=/irqaffinity= are added to the guest
+    /// command line) [default: 1].
+    #[arg(long, value_name = "N|service=S,compute=C")]
+    pub cpus: Option<Topology>,
+    /// Host cores: service=LIST,compute=LIST[,io=LIST] (lists like 0-3,8).
+    /// Compute vCPU k runs alone on the k-th compute core; service vCPUs and
+    /// the control thread share the service cores; device I/O threads run on
+    /// the io cores [default io: the service cores]. Without it, compute
+    /// vCPUs get the last online cores and the rest are service cores.
+    #[arg(long, value_name = "SPEC")]
+    pub pin: Option<PinSpec>,
+    /// VM exits KVM may skip: auto (pause for decoupled VMs), none, or a
+    /// list of hlt,pause,mwait,cstate (KVM applies it to every vCPU of the
+    /// VM: only for layouts where each vCPU has a core to itself).
+    #[arg(long, value_name = "auto|none|LIST")]
+    pub exits: Option<ExitsRequest>,
+    /// Halt polling for this VM in ns (KVM_CAP_HALT_POLL) [default: the host's].
+    #[arg(long, value_name = "NS")]
+    pub halt_poll_ns: Option<u64>,
+    /// Run compute vCPU threads with SCHED_FIFO at this priority (1-99;
+    /// needs CAP_SYS_NICE or RLIMIT_RTPRIO).
+    #[arg(long, value_name = "PRIO")]
+    pub realtime: Option<i32>,
     /// Guest memory, e.g. 512M, 2G (plain numbers are MiB) [default: 256M].
     #[arg(long)]
     pub memory: Option<String>,
@@ -346,6 +391,10 @@ impl RunArgs {
             initrd: self.initrd.clone(),
             cmdline: self.cmdline.clone(),
             cpus: self.cpus,
+            pin: self.pin.clone(),
+            exits: self.exits,
+            halt_poll_ns: self.halt_poll_ns,
+            realtime: self.realtime,
             memory: self.memory.clone(),
             hugepages: self.hugepages.then_some(true),
             console: self.console.clone(),

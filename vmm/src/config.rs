@@ -5,6 +5,8 @@ pub use devices::virtio::net::NetConfig;
 pub use devices::virtio::vsock::VsockConfig;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
+use vcpu_decouple::exits::ExitsRequest;
+use vcpu_decouple::{PinSpec, Topology};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -21,8 +23,10 @@ pub enum Error {
     Console(String),
     #[error("no kernel given: use --kernel PATH or `kernel = \"PATH\"` in the config file")]
     NoKernel,
-    #[error("--cpus must be between 1 and {max} (got {got})")]
-    Cpus { got: u32, max: u32 },
+    #[error(transparent)]
+    Cpus(#[from] vcpu_decouple::topology::Error),
+    #[error("--realtime priority must be 1-99 (got {0})")]
+    Realtime(i32),
     #[error("test exit port {0:#x} is taken by a device ({1}); pick another port")]
     ExitPortTaken(u16, &'static str),
     #[error(
@@ -251,7 +255,18 @@ pub struct FileConfig {
     pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
     pub cmdline: Option<String>,
-    pub cpus: Option<u32>,
+    /// `4` or `"service=1,compute=3"`.
+    #[serde(default, deserialize_with = "de_cpus")]
+    pub cpus: Option<Topology>,
+    /// `"service=0,compute=1-3,io=0"`.
+    #[serde(default, deserialize_with = "de_parsed")]
+    pub pin: Option<PinSpec>,
+    /// `"auto"`, `"none"` or `"hlt,pause"`.
+    #[serde(default, deserialize_with = "de_parsed")]
+    pub exits: Option<ExitsRequest>,
+    pub halt_poll_ns: Option<u64>,
+    /// SCHED_FIFO priority for compute vCPU threads.
+    pub realtime: Option<i32>,
     pub memory: Option<String>,
     pub hugepages: Option<bool>,
     pub console: Option<String>,
@@ -304,6 +319,10 @@ impl FileConfig {
             initrd: over.initrd.or(self.initrd),
             cmdline: over.cmdline.or(self.cmdline),
             cpus: over.cpus.or(self.cpus),
+            pin: over.pin.or(self.pin),
+            exits: over.exits.or(self.exits),
+            halt_poll_ns: over.halt_poll_ns.or(self.halt_poll_ns),
+            realtime: over.realtime.or(self.realtime),
             memory: over.memory.or(self.memory),
             hugepages: over.hugepages.or(self.hugepages),
             console: over.console.or(self.console),
@@ -348,7 +367,16 @@ pub struct RunConfig {
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
     pub cmdline: String,
+    /// All vCPUs (`topology.total()`).
     pub cpus: u8,
+    /// Service and compute vCPUs (see the `vcpu-decouple` crate).
+    pub topology: Topology,
+    /// Host cores for the VM's threads (`--pin`).
+    pub pin: Option<PinSpec>,
+    pub exits: ExitsRequest,
+    pub halt_poll_ns: Option<u64>,
+    /// SCHED_FIFO priority for compute vCPU threads.
+    pub realtime: Option<i32>,
     pub memory_bytes: u64,
     pub hugepages: bool,
     pub console: Console,
@@ -364,16 +392,41 @@ pub struct RunConfig {
 
 pub const DEFAULT_MEMORY: &str = "256M";
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
-pub const MAX_VCPUS: u32 = 254;
+pub const MAX_VCPUS: u32 = vcpu_decouple::topology::MAX_VCPUS;
+
+/// `cpus = 4` or `cpus = "service=1,compute=3"` in TOML.
+fn de_cpus<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Topology>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Cpus {
+        Count(u32),
+        Spec(String),
+    }
+    let spec = match Cpus::deserialize(d)? {
+        Cpus::Count(n) => n.to_string(),
+        Cpus::Spec(s) => s,
+    };
+    spec.parse().map(Some).map_err(serde::de::Error::custom)
+}
+
+/// A TOML string parsed the way the command-line flag is.
+fn de_parsed<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    let s = String::deserialize(d)?;
+    s.parse().map(Some).map_err(serde::de::Error::custom)
+}
 
 impl RunConfig {
     pub fn from_file_config(c: FileConfig) -> Result<RunConfig, Error> {
-        let cpus = c.cpus.unwrap_or(1);
-        if cpus == 0 || cpus > MAX_VCPUS {
-            return Err(Error::Cpus {
-                got: cpus,
-                max: MAX_VCPUS,
-            });
+        let topology = c.cpus.unwrap_or(Topology::plain(1));
+        if let Some(p) = c.realtime {
+            if !(1..=99).contains(&p) {
+                return Err(Error::Realtime(p));
+            }
         }
         if let Some(port) = c.test_exit_port {
             if let Some(&(_, _, what)) = RESERVED_PORTS
@@ -386,8 +439,13 @@ impl RunConfig {
         Ok(RunConfig {
             kernel: c.kernel.ok_or(Error::NoKernel)?,
             initrd: c.initrd,
-            cmdline: c.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.into()),
-            cpus: cpus as u8,
+            cmdline: topology.guest_cmdline(c.cmdline.as_deref().unwrap_or(DEFAULT_CMDLINE)),
+            cpus: topology.total(),
+            topology,
+            pin: c.pin,
+            exits: c.exits.unwrap_or_default(),
+            halt_poll_ns: c.halt_poll_ns,
+            realtime: c.realtime,
             memory_bytes: parse_size(c.memory.as_deref().unwrap_or(DEFAULT_MEMORY))?,
             hugepages: c.hugepages.unwrap_or(false),
             console: c.console.as_deref().unwrap_or("stdio").parse()?,
@@ -471,7 +529,7 @@ mod tests {
         );
         let file: FileConfig = toml::from_str("kernel = \"k\"\ncpus = 2\nmemory = \"1G\"\ntest_exit_port = 0xf4\ncpu_profile = \"host\"\n").unwrap();
         let flags = FileConfig {
-            cpus: Some(4),
+            cpus: Some(Topology::plain(4)),
             ..Default::default()
         };
         let c = RunConfig::from_file_config(file.merged(flags)).unwrap();
@@ -498,18 +556,41 @@ mod tests {
             RunConfig::from_file_config(c)
         };
         assert!(matches!(
-            with(|c| c.cpus = Some(0)),
-            Err(Error::Cpus { .. })
-        ));
-        assert!(matches!(
-            with(|c| c.cpus = Some(255)),
-            Err(Error::Cpus { .. })
+            with(|c| c.realtime = Some(0)),
+            Err(Error::Realtime(0))
         ));
         assert!(matches!(
             with(|c| c.test_exit_port = Some(0xcfc)),
             Err(Error::ExitPortTaken(0xcfc, "PCI configuration"))
         ));
         assert!(with(|c| c.test_exit_port = Some(0xf4)).is_ok());
+    }
+
+    #[test]
+    fn toml_takes_decoupled_topologies() {
+        for bad in ["cpus = 0", "cpus = 255", "cpus = \"service=0,compute=1\""] {
+            assert!(toml::from_str::<FileConfig>(bad).is_err(), "{bad}");
+        }
+        let file: FileConfig = toml::from_str(
+            "kernel = \"k\"\ncpus = \"service=1,compute=2\"\npin = \"service=0,compute=1,2\"\nexits = \"hlt,pause\"\nrealtime = 10\n",
+        )
+        .unwrap();
+        let c = RunConfig::from_file_config(file).unwrap();
+        assert_eq!((c.cpus, c.topology.compute), (3, 2));
+        assert_eq!(c.pin.unwrap().compute.unwrap().as_slice(), &[1, 2]);
+        assert_eq!(c.exits, ExitsRequest::Mask(6));
+        assert!(
+            c.cmdline
+                .ends_with("nohz_full=1-2 rcu_nocbs=1-2 irqaffinity=0"),
+            "{}",
+            c.cmdline
+        );
+        let e = toml::from_str::<FileConfig>("pin = \"compute=1,1\"").unwrap_err();
+        assert!(
+            e.message().contains("CPU 1 is listed twice"),
+            "{}",
+            e.message()
+        );
     }
 
     #[test]

@@ -218,6 +218,8 @@ impl Control {
                 ApiResponse::error(409, "a migration of this VM is in progress or done")
             }
             ApiRequest::GetVm => ApiResponse::json(200, &crate::info::vm_info(&self.vm)),
+            ApiRequest::Vcpus => ApiResponse::json(200, &crate::info::vcpus_info(&self.vm)),
+            ApiRequest::Interrupts => ApiResponse::json(200, &self.vm.routing.describe()),
             ApiRequest::Pause if self.vm.is_paused() => {
                 ApiResponse::error(409, "the VM is already paused")
             }

@@ -1,7 +1,9 @@
 //! The VM description served by `GET /vm`.
 use crate::vm::Vm;
 use serde_json::json;
+use std::path::Path;
 use std::sync::atomic::Ordering;
+use vcpu_decouple::affinity;
 
 pub fn vm_info(vm: &Vm) -> serde_json::Value {
     let state = if vm.is_paused() { "paused" } else { "running" };
@@ -11,6 +13,7 @@ pub fn vm_info(vm: &Vm) -> serde_json::Value {
         .map(|v| {
             json!({
                 "id": v.shared.id,
+                "role": v.shared.role,
                 "state": v.shared.state(),
                 "exits": v.shared.exits.load(Ordering::Relaxed),
                 "io_exits": v.shared.io_exits.load(Ordering::Relaxed),
@@ -58,6 +61,53 @@ pub fn vm_info(vm: &Vm) -> serde_json::Value {
         "kvm_forced_features": vm.kvm_forced_features,
         "boot": vm.boot,
         "memory": { "bytes": vm.config.memory_bytes, "hugepages": vm.config.hugepages },
+        "vcpus": vcpus,
+    })
+}
+
+/// `GET /vm/vcpus`: per vCPU its role, where its thread runs on the host
+/// (read back from /proc, not from what was asked), what exit control
+/// applies, and its exit counters (the VMM's and KVM's own).
+pub fn vcpus_info(vm: &Vm) -> serde_json::Value {
+    let d = &vm.decoupling;
+    let pid = std::process::id();
+    let vcpus: Vec<_> = vm
+        .vcpus
+        .iter()
+        .map(|v| {
+            let s = &v.shared;
+            let thread = s
+                .tid()
+                .and_then(|tid| affinity::thread_info(Path::new("/proc"), pid, tid));
+            let kvm = s.kvm_stats.as_ref().and_then(|k| k.read().ok());
+            json!({
+                "id": s.id,
+                "role": s.role,
+                "state": s.state(),
+                "tid": s.tid(),
+                "placement": d.vcpu_cores(s.id).map(|c| c.to_string()),
+                "host_cpus_allowed": thread.as_ref().map(|t| t.cpus_allowed.to_string()),
+                "last_host_cpu": thread.as_ref().and_then(|t| t.last_cpu),
+                "sched_fifo": thread.as_ref().map(|t| t.policy == Some(1)),
+                "involuntary_switches": thread.as_ref().and_then(|t| t.involuntary_switches),
+                "exits_disabled": d.exits_disabled,
+                "halt_poll_ns": d.halt_poll_ns,
+                "vmm_exits": {
+                    "total": s.exits.load(Ordering::Relaxed),
+                    "io": s.io_exits.load(Ordering::Relaxed),
+                    "mmio": s.mmio_exits.load(Ordering::Relaxed),
+                    "pvm_assists": s.pvm_assists.load(Ordering::Relaxed),
+                },
+                "kvm_stats": kvm,
+            })
+        })
+        .collect();
+    json!({
+        "topology": d.topology.to_string(),
+        "placement": d.placement,
+        "exits_disabled": d.exits_disabled,
+        "halt_poll_ns": d.halt_poll_ns,
+        "realtime": d.realtime,
         "vcpus": vcpus,
     })
 }

@@ -6,13 +6,17 @@
 //! PICs and the IOAPIC, 16-23 to the IOAPIC) and the MSI routes, and commits
 //! all of them on every change.
 use devices::interrupt::{MsiMessage, MsiVectors};
+use kvm_bindings::kvm_irqchip;
 use kvm_bindings::{
     kvm_irq_routing_entry, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
     KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
 };
 use kvm_ioctls::VmFd;
+use serde_json::json;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
+use vcpu_decouple::steer::{self, IoapicRoute, Msi, Steered};
+use vcpu_decouple::Topology;
 use vmm_sys_util::eventfd::EventFd;
 
 /// GSIs below this are the IOAPIC's pins.
@@ -22,12 +26,24 @@ const MAX_GSI: u32 = 4096;
 
 pub struct IrqRouting {
     vm: Arc<VmFd>,
+    /// Compute vCPUs never get a device interrupt (`vcpu_decouple::steer`).
+    topology: Topology,
     msi: Mutex<MsiRoutes>,
 }
 
+/// One MSI route: the message the guest wrote, and the one committed to
+/// KVM (different when it was steered away from a compute vCPU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Route {
+    guest: MsiMessage,
+    committed: MsiMessage,
+}
+
 struct MsiRoutes {
-    routes: BTreeMap<u32, MsiMessage>,
+    routes: BTreeMap<u32, Route>,
     next_gsi: u32,
+    /// Routes rewritten so far.
+    steered: u64,
 }
 
 fn irqchip(gsi: u32, chip: u32, pin: u32) -> kvm_irq_routing_entry {
@@ -71,19 +87,21 @@ fn default_routes() -> Vec<kvm_irq_routing_entry> {
 }
 
 impl IrqRouting {
-    pub fn new(vm: Arc<VmFd>) -> Self {
+    pub fn new(vm: Arc<VmFd>, topology: Topology) -> Self {
         IrqRouting {
             vm,
+            topology,
             msi: Mutex::new(MsiRoutes {
                 routes: BTreeMap::new(),
                 next_gsi: FIRST_MSI_GSI,
+                steered: 0,
             }),
         }
     }
 
-    fn commit(&self, routes: &BTreeMap<u32, MsiMessage>) -> std::io::Result<()> {
+    fn commit(&self, routes: &BTreeMap<u32, Route>) -> std::io::Result<()> {
         let mut entries = default_routes();
-        entries.extend(routes.iter().map(|(gsi, m)| msi(*gsi, m)));
+        entries.extend(routes.iter().map(|(gsi, r)| msi(*gsi, &r.committed)));
         let table = KvmIrqRouting::from_entries(&entries)
             .map_err(|e| std::io::Error::other(format!("routing table: {e:?}")))?;
         self.vm
@@ -97,13 +115,104 @@ impl IrqRouting {
             .lock()
             .map_err(|_| std::io::Error::other("routing lock poisoned"))?;
         let changed = match m {
-            Some(m) => msi.routes.insert(gsi, m) != Some(m),
+            Some(guest) => {
+                let (to, steered) = steer::steer(
+                    &self.topology,
+                    Msi {
+                        addr: guest.addr,
+                        data: guest.data,
+                    },
+                );
+                let committed = MsiMessage {
+                    addr: to.addr,
+                    data: to.data,
+                };
+                let route = Route { guest, committed };
+                let changed = msi.routes.insert(gsi, route) != Some(route);
+                if let (true, Steered::Moved { from, to }) = (changed, steered) {
+                    msi.steered += 1;
+                    tracing::warn!(
+                        "the guest routed MSI vector {:#x} (GSI {gsi}) to APIC destination {from:#x}, \
+                         which includes compute vCPUs; delivering it to service vCPU(s) {to:#x} instead",
+                        guest.data & 0xff
+                    );
+                }
+                changed
+            }
             None => msi.routes.remove(&gsi).is_some(),
         };
         if changed {
             self.commit(&msi.routes)?;
         }
         Ok(())
+    }
+
+    /// Every interrupt route and where it lands (`GET /vm/interrupts`): MSI
+    /// routes as the guest wrote them and as committed, and the in-kernel
+    /// IOAPIC's redirection entries with the ones that reach compute vCPUs.
+    pub fn describe(&self) -> serde_json::Value {
+        let total = self.topology.total();
+        let dests = |m: &MsiMessage| {
+            steer::destinations(
+                &Msi {
+                    addr: m.addr,
+                    data: m.data,
+                },
+                total,
+            )
+        };
+        let (msi, steered) = match self.msi.lock() {
+            Ok(g) => (
+                g.routes
+                    .iter()
+                    .map(|(gsi, r)| {
+                        json!({
+                            "gsi": gsi,
+                            "vector": r.committed.data & 0xff,
+                            "guest_vcpus": dests(&r.guest),
+                            "vcpus": dests(&r.committed),
+                            "steered": r.guest != r.committed,
+                        })
+                    })
+                    .collect::<Vec<_>>(),
+                g.steered,
+            ),
+            Err(_) => (Vec::new(), 0),
+        };
+        let mut chip = kvm_irqchip {
+            chip_id: KVM_IRQCHIP_IOAPIC,
+            ..Default::default()
+        };
+        let ioapic: Vec<IoapicRoute> = match self.vm.get_irqchip(&mut chip) {
+            // SAFETY: chip_id IOAPIC makes KVM fill the `ioapic` member.
+            Ok(()) => unsafe { chip.chip.ioapic }
+                .redirtbl
+                .iter()
+                .enumerate()
+                // SAFETY: every redirection entry is a plain 64-bit value.
+                .map(|(pin, e)| IoapicRoute::decode(pin as u8, unsafe { e.bits }))
+                .collect(),
+            Err(e) => {
+                tracing::debug!("cannot read the IOAPIC: {e}");
+                Vec::new()
+            }
+        };
+        let on_compute: Vec<u8> = steer::ioapic_targets_compute(&self.topology, &ioapic)
+            .iter()
+            .map(|r| r.pin)
+            .collect();
+        let pins: Vec<_> = ioapic
+            .iter()
+            .filter(|r| !r.masked)
+            .map(|r| json!({ "pin": r.pin, "vector": r.vector, "vcpus": r.destinations(total) }))
+            .collect();
+        json!({
+            "compute_vcpus": self.topology.compute_cpus().as_slice(),
+            "msi": msi,
+            "msi_steered": steered,
+            "ioapic": pins,
+            "ioapic_pins_on_compute_vcpus": on_compute,
+        })
     }
 
     /// `n` MSI vectors: one GSI and one irqfd each.
@@ -193,7 +302,7 @@ mod tests {
         let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
         let vm = Arc::new(kvm.create_vm().unwrap());
         vm.create_irq_chip().unwrap();
-        let routing = Arc::new(IrqRouting::new(vm));
+        let routing = Arc::new(IrqRouting::new(vm, Topology::plain(1)));
         let vectors = routing.msi_vectors(2).unwrap();
         assert_eq!(vectors.len(), 2);
         let m = MsiMessage {

@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod decouple;
 pub mod host;
 pub mod info;
 pub mod irq;

@@ -56,6 +56,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(*args),
         Command::HostInfo { json, cpu_profile } => host_info(json, cpu_profile),
+        Command::HostCheck {
+            compute,
+            json,
+            root,
+        } => host_check(compute, json, &root),
         Command::Info(c) => client(c, "GET", "/vm", ""),
         Command::Pause(c) => client(c, "PUT", "/vm/pause", ""),
         Command::Resume(c) => client(c, "PUT", "/vm/resume", ""),
@@ -400,7 +405,7 @@ fn restore(args: RestoreArgs) -> Result<u8, Failure> {
         .parse()
         .map_err(usage)?;
     let restoring = vmm::checkpoint::Restoring::open(&args.from, args.paused).map_err(usage)?;
-    let config = restoring.run_config(console, args.api_socket.clone());
+    let config = restoring.run_config(console, args.api_socket.clone(), args.pin.clone());
     let (signals, kvm, listener, _socket_guard) = prepare(&config)?;
     let summary = match &restoring.origin {
         vmm::checkpoint::Origin::Snapshot(s) => format!(
@@ -638,6 +643,7 @@ fn checkpoint(action: CheckpointAction) -> Result<u8, Failure> {
                 api_socket,
                 console,
                 paused,
+                pin: None,
             })
         }
         CheckpointAction::Run {
@@ -743,7 +749,56 @@ impl Drop for SocketGuard {
     }
 }
 
+/// Report commands end quietly when their reader goes away (`| head`).
+fn quiet_on_closed_stdout() {
+    // SAFETY: restores the default action for SIGPIPE; only called by
+    // commands that write a report and no sockets.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}
+
+fn host_check(
+    compute: Option<vcpu_decouple::CpuList>,
+    json: bool,
+    root: &std::path::Path,
+) -> Result<u8, Failure> {
+    quiet_on_closed_stdout();
+    let report = vcpu_decouple::hostcheck::check(root, compute.as_ref()).map_err(runtime)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).map_err(runtime)?
+        );
+        return Ok(0);
+    }
+    println!(
+        "compute cores: {} ({})",
+        report.compute, report.compute_from
+    );
+    for f in &report.findings {
+        let v = match f.verdict {
+            vcpu_decouple::hostcheck::Verdict::Ok => "ok",
+            vcpu_decouple::hostcheck::Verdict::Info => "info",
+            vcpu_decouple::hostcheck::Verdict::Warn => "WARN",
+        };
+        println!("{v:>4}  {:<13} {}", f.item, f.detail);
+        if let Some(s) = &f.suggestion {
+            println!("      {:<13} -> {s}", "");
+        }
+    }
+    println!(
+        "{} warning(s): {}",
+        report.warnings(),
+        if report.warnings() == 0 {
+            "the compute cores look quiet"
+        } else {
+            "expect host noise on the compute cores until they are fixed"
+        }
+    );
+    Ok(0)
+}
+
 fn host_info(json: bool, profile: Option<vmm::host::CpuProfile>) -> Result<u8, Failure> {
+    quiet_on_closed_stdout();
     let kvm = open_kvm()?;
     let info = vmm::host::HostInfo::gather(&kvm, profile)
         .context("cannot query KVM")

@@ -74,6 +74,12 @@ pub type Job = Box<dyn FnOnce(&VcpuFd) + Send>;
 /// State shared between a vCPU thread and the control thread.
 pub struct VcpuShared {
     pub id: u8,
+    /// Service or compute vCPU.
+    pub role: vcpu_decouple::Role,
+    /// The thread's kernel id, once it started (0 before).
+    tid: std::sync::atomic::AtomicI32,
+    /// KVM's own counters for this vCPU (None where KVM has none).
+    pub kvm_stats: Option<vcpu_decouple::kvmstats::VcpuStats>,
     request: AtomicU8,
     state: Mutex<VcpuState>,
     changed: Condvar,
@@ -86,9 +92,16 @@ pub struct VcpuShared {
 }
 
 impl VcpuShared {
-    pub fn new(id: u8) -> Self {
+    pub fn new(
+        id: u8,
+        role: vcpu_decouple::Role,
+        kvm_stats: Option<vcpu_decouple::kvmstats::VcpuStats>,
+    ) -> Self {
         VcpuShared {
             id,
+            role,
+            tid: std::sync::atomic::AtomicI32::new(0),
+            kvm_stats,
             request: AtomicU8::new(Request::Run as u8),
             state: Mutex::new(VcpuState::Created),
             changed: Condvar::new(),
@@ -98,6 +111,15 @@ impl VcpuShared {
             mmio_exits: AtomicU64::new(0),
             pvm_assists: AtomicU64::new(0),
         }
+    }
+
+    pub fn set_tid(&self, tid: i32) {
+        self.tid.store(tid, Ordering::Release);
+    }
+
+    /// The vCPU thread's kernel id (None before it started).
+    pub fn tid(&self) -> Option<i32> {
+        Some(self.tid.load(Ordering::Acquire)).filter(|t| *t != 0)
     }
 
     pub fn state(&self) -> VcpuState {

@@ -3,6 +3,7 @@
 use crate::arch::{cpuid, layout, msr, regs, state};
 use crate::boot::{self, BootInfo, BootSpec};
 use crate::config::{Console, RunConfig};
+use crate::decouple::Decoupling;
 use crate::host::{CpuProfile, HostKind};
 use crate::irq::IrqRouting;
 use crate::memory::{self, GuestMemoryMmap};
@@ -23,9 +24,11 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VmFd};
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use vcpu_decouple::kvmstats::VcpuStats;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
@@ -53,6 +56,8 @@ pub enum Error {
     #[error(transparent)]
     Vsock(#[from] devices::virtio::vsock::VsockError),
     #[error("{0}")]
+    Decouple(String),
+    #[error("{0}")]
     Setup(String),
 }
 
@@ -63,7 +68,8 @@ impl Error {
             | Error::ConsoleFile { .. }
             | Error::Disk(_)
             | Error::Tap(_)
-            | Error::Vsock(_) => true,
+            | Error::Vsock(_)
+            | Error::Decouple(_) => true,
             Error::Boot(b) => b.is_user_error(),
             _ => false,
         }
@@ -123,6 +129,22 @@ pub struct Vm {
     /// Part of guest memory is still on its way (incoming post-copy):
     /// snapshots and migrations wait until it is all here.
     pub memory_arriving: Arc<std::sync::atomic::AtomicBool>,
+    /// Topology, host placement and exit control (`GET /vm/vcpus`).
+    pub decoupling: Arc<Decoupling>,
+    /// MSI routes as the guest asked for them and as committed (`GET /vm/interrupts`).
+    pub routing: Arc<IrqRouting>,
+}
+
+/// Ends vCPU threads that never ran guest code (a failed start).
+fn stop_threads(vcpus: &[VcpuHandle]) {
+    for v in vcpus {
+        v.shared.request(Request::Exit);
+        if let Ok(mut t) = v.thread.lock() {
+            if let Some(t) = t.take() {
+                let _ = t.join();
+            }
+        }
+    }
 }
 
 fn console_writer(console: &Console) -> Result<Box<dyn Write + Send>, Error> {
@@ -294,6 +316,8 @@ pub struct Prepared {
     base_cpuid: kvm_bindings::CpuId,
     log_dirty: bool,
     config: RunConfig,
+    decoupling: Arc<Decoupling>,
+    routing: Arc<IrqRouting>,
 }
 
 impl Vm {
@@ -325,8 +349,12 @@ impl Vm {
         let host_kind = HostKind::detect();
         let profile = config.cpu_profile.unwrap_or(host_kind.default_profile());
         let console = console_writer(&config.console)?;
+        let decoupling = Arc::new(Decoupling::plan(kvm, &config).map_err(Error::Decouple)?);
 
         let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_err("create VM"))?);
+        decoupling
+            .configure_vm(kvm, &vm_fd)
+            .map_err(Error::Decouple)?;
         vm_fd
             .set_tss_address(crate::arch::layout::KVM_TSS_ADDRESS)
             .map_err(kvm_err("set TSS address"))?;
@@ -371,8 +399,9 @@ impl Vm {
         .map_err(|e| bus_err(e.to_string()))?;
         let mut mmio = MmioBus::new();
         let pci = attach_pci(&mut pio, &mut mmio, config.memory_bytes).map_err(bus_err)?;
-        let routing = Arc::new(IrqRouting::new(vm_fd.clone()));
-        let io_thread = IoThread::spawn("io")
+        let routing = Arc::new(IrqRouting::new(vm_fd.clone(), config.topology));
+        let io_thread = decoupling
+            .spawn_io_thread()
             .map_err(|e| Error::Setup(format!("cannot start the I/O thread: {e}")))?;
         let mut disks = Vec::new();
         let mut virtio = Vec::new();
@@ -451,6 +480,8 @@ impl Vm {
             base_cpuid,
             log_dirty,
             config,
+            decoupling,
+            routing,
         })
     }
 }
@@ -493,6 +524,8 @@ impl Prepared {
             base_cpuid,
             log_dirty,
             config,
+            decoupling,
+            routing,
         } = self;
         let boot = match restore {
             None => boot::load(
@@ -572,12 +605,17 @@ impl Prepared {
         vcpu::register_kick_handler()
             .map_err(|e| Error::Setup(format!("vCPU kick signal handler: {e}")))?;
         let vcpu_stop: StopSlot = Arc::new(Mutex::new(None));
-        let mut vcpus = Vec::new();
+        let mut vcpus: Vec<VcpuHandle> = Vec::new();
+        // Every vCPU thread first takes its place on the host (pinning,
+        // SCHED_FIFO) and only then runs guest code; if one cannot, none runs.
+        let (placed_tx, placed_rx) = std::sync::mpsc::channel();
         for (id, fd) in fds.into_iter().enumerate() {
-            let shared = Arc::new(VcpuShared::new(id as u8));
-            if restore.is_some_and(|r| r.paused) {
-                shared.request(Request::Pause);
-            }
+            let id = id as u8;
+            let stats = VcpuStats::open(fd.as_raw_fd())
+                .map_err(|e| tracing::debug!("vCPU {id}: no KVM statistics: {e}"))
+                .ok();
+            let shared = Arc::new(VcpuShared::new(id, config.topology.role(id), stats));
+            shared.request(Request::Pause);
             let stop = vcpu_stop.clone();
             let evt = exit_evt.clone();
             let vcpu = Vcpu {
@@ -593,14 +631,47 @@ impl Prepared {
                     let _ = evt.write(1);
                 }),
             };
+            let placed = placed_tx.clone();
+            let plan = decoupling.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || vcpu.run())
-                .map_err(|e| Error::Setup(format!("cannot start vCPU thread: {e}")))?;
+                .spawn(move || {
+                    let r = plan.enter_vcpu_thread(id);
+                    vcpu.shared.set_tid(vcpu_decouple::affinity::current_tid());
+                    let ok = r.is_ok();
+                    let _ = placed.send(r);
+                    if ok {
+                        vcpu.run();
+                    }
+                })
+                .map_err(|e| Error::Setup(format!("cannot start vCPU thread: {e}")));
+            let thread = match thread {
+                Ok(t) => t,
+                Err(e) => {
+                    stop_threads(&vcpus);
+                    return Err(e);
+                }
+            };
             vcpus.push(VcpuHandle {
                 shared,
                 thread: Mutex::new(Some(thread)),
             });
+        }
+        drop(placed_tx);
+        for _ in 0..vcpus.len() {
+            let placed = placed_rx
+                .recv()
+                .map_err(|_| Error::Setup("a vCPU thread ended before it started".into()))
+                .and_then(|r| r.map_err(Error::Decouple));
+            if let Err(e) = placed {
+                stop_threads(&vcpus);
+                return Err(e);
+            }
+        }
+        if !restore.is_some_and(|r| r.paused) {
+            for v in &vcpus {
+                v.shared.request(Request::Run);
+            }
         }
 
         let tracking = Mutex::new(crate::checkpoint::Tracking::new(
@@ -629,6 +700,8 @@ impl Prepared {
             msr_indices,
             tracking,
             memory_arriving: Arc::default(),
+            decoupling,
+            routing,
         })
     }
 }

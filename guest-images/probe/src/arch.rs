@@ -10,6 +10,7 @@ const SYS_WRMSR: u64 = 0;
 const SYS_RDMSR: u64 = 1;
 const SYS_WRITE32: u64 = 2;
 const SYS_READ32: u64 = 3;
+const SYS_SET_IF: u64 = 6;
 
 fn syscall(op: u64, a: u64, b: u64) -> u64 {
     let ret: u64;
@@ -41,6 +42,12 @@ pub fn read32_ring0(addr: u64) -> u32 {
     syscall(SYS_READ32, addr, 0) as u32
 }
 
+/// Lets this CPU take interrupts in ring 3 (sets IF on the way back from
+/// the syscall; ring 3 cannot `sti` with IOPL 0).
+pub fn set_interrupts(on: bool) {
+    syscall(SYS_SET_IF, u64::from(on), 0);
+}
+
 /// Waits for the VMM to stop the VM (spinning in ring 3: a ring-0 `hlt`
 /// would be emulated on PVM hosts).
 pub fn park() -> ! {
@@ -54,7 +61,7 @@ pub fn park() -> ! {
 pub fn triple_fault() -> ! {
     // SAFETY: the probe owns the IDT; nothing else runs on this CPU.
     unsafe {
-        core::ptr::write_bytes(&raw mut symbols::idt as *mut u8, 0, 32 * 16);
+        core::ptr::write_bytes(&raw mut symbols::idt as *mut u8, 0, 256 * 16);
         asm!("ud2", options(noreturn));
     }
 }
@@ -122,7 +129,7 @@ pub fn exit(status: u8) -> ! {
 mod symbols {
     extern "C" {
         pub static fault_record: [u64; 6];
-        pub static mut idt: [u8; 512];
+        pub static mut idt: [u8; 4096];
     }
 }
 

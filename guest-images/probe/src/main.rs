@@ -10,6 +10,7 @@
 
 mod arch;
 mod boot;
+mod irq;
 mod mem;
 mod pci;
 mod serial;

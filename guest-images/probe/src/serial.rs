@@ -34,3 +34,10 @@ macro_rules! println {
         $crate::serial::print(format_args!("{}\n", format_args!($($arg)*)))
     };
 }
+
+#[macro_export]
+macro_rules! print {
+    ($($arg:tt)*) => {
+        $crate::serial::print(format_args!($($arg)*))
+    };
+}

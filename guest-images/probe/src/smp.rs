@@ -44,6 +44,11 @@ pub fn ap_main(idx: usize) -> ! {
     }
 }
 
+/// How many CPUs are online.
+pub fn online() -> usize {
+    NCPUS.load(Ordering::Acquire)
+}
+
 /// Runs `f` on every online CPU (CPU 0 included) and waits for all of them.
 pub fn run_on_all(f: Job, arg: u64) {
     let n = NCPUS.load(Ordering::Acquire);

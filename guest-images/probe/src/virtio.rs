@@ -143,8 +143,20 @@ impl Device {
     }
 
     /// Sets queue `index` up with `size` entries in the memory at `mem`
-    /// (needs [`Queue::bytes`] bytes, 4 KiB aligned).
+    /// (needs [`Queue::bytes`] bytes, 4 KiB aligned); polled, no interrupt.
     pub fn setup_queue(&self, index: u16, size: u16, mem: u64) -> Result<Queue, Error> {
+        self.setup_queue_msix(index, size, mem, 0xffff)
+    }
+
+    /// As [`Device::setup_queue`], signalling used buffers on MSI-X table
+    /// entry `vector` (0xffff: none).
+    pub fn setup_queue_msix(
+        &self,
+        index: u16,
+        size: u16,
+        mem: u64,
+        vector: u16,
+    ) -> Result<Queue, Error> {
         wr::<u16>(self.common + 0x16, index);
         let max = rd::<u16>(self.common + 0x18);
         if max == 0 {
@@ -153,7 +165,7 @@ impl Device {
         let size = size.min(max);
         let q = Queue::at(mem, size);
         wr::<u16>(self.common + 0x18, size);
-        wr::<u16>(self.common + 0x1a, 0xffff); // no MSI-X vector: we poll
+        wr::<u16>(self.common + 0x1a, vector);
         for (off, addr) in [(0x20, q.desc), (0x28, q.avail), (0x30, q.used)] {
             wr::<u32>(self.common + off, addr as u32);
             wr::<u32>(self.common + off + 4, (addr >> 32) as u32);
@@ -274,5 +286,48 @@ impl Queue {
             core::hint::spin_loop();
         }
         None
+    }
+}
+
+/// A function's MSI-X table, enabled.
+pub struct Msix {
+    table: u64,
+    entries: u16,
+}
+
+impl Msix {
+    /// Finds the MSI-X capability, enables MSI-X (function unmasked) and
+    /// returns the table (None: the function has no MSI-X).
+    pub fn enable(f: Function) -> Option<Msix> {
+        let mut cap = (f.read32(0x34) & 0xfc) as u16;
+        let mut guard = 0;
+        while cap != 0 && guard < 48 {
+            let head = f.read32(cap);
+            if head as u8 == 0x11 {
+                let table_reg = f.read32(cap + 4);
+                let table = bar_address(f, (table_reg & 7) as u8) + u64::from(table_reg & !7);
+                let entries = ((head >> 16) & 0x7ff) as u16 + 1;
+                // Message control (upper half): enable, function mask off.
+                f.write32(cap, (head & !(1 << 30)) | (1 << 31));
+                return Some(Msix { table, entries });
+            }
+            cap = ((head >> 8) & 0xfc) as u16;
+            guard += 1;
+        }
+        None
+    }
+
+    /// Points table entry `entry` at the CPU with APIC ID `apic` (physical
+    /// destination, fixed delivery) on `vector`, unmasked.
+    pub fn route(&self, entry: u16, apic: u32, vector: u8) {
+        if entry >= self.entries {
+            return;
+        }
+        let e = self.table + 16 * u64::from(entry);
+        wr::<u32>(e + 12, 1); // mask while changing
+        wr::<u32>(e, 0xfee0_0000 | ((apic & 0xff) << 12));
+        wr::<u32>(e + 4, 0);
+        wr::<u32>(e + 8, u32::from(vector));
+        wr::<u32>(e + 12, 0);
     }
 }

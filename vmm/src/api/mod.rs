@@ -15,6 +15,10 @@ use vmm_sys_util::eventfd::EventFd;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ApiRequest {
     GetVm,
+    /// `GET /vm/vcpus`: roles, host placement, exit control and counters.
+    Vcpus,
+    /// `GET /vm/interrupts`: where every device interrupt goes.
+    Interrupts,
     Pause,
     Resume,
     Shutdown,
@@ -188,6 +192,8 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, ApiRes
     }
     let req = match path {
         "/vm" => [("GET", ApiRequest::GetVm)].as_slice(),
+        "/vm/vcpus" => [("GET", ApiRequest::Vcpus)].as_slice(),
+        "/vm/interrupts" => [("GET", ApiRequest::Interrupts)].as_slice(),
         "/vm/migration" => [
             ("GET", ApiRequest::MigrationStatus),
             ("DELETE", ApiRequest::MigrationCancel),

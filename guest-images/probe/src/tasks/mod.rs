@@ -5,6 +5,7 @@ use crate::{arch, println, time, STATUS_PROBE_ERROR};
 mod blk;
 mod counter;
 mod fwq;
+mod irqroute;
 mod memtouch;
 mod net;
 mod pci;
@@ -20,6 +21,7 @@ pub fn run(info: &mut BootInfo, args: &crate::boot::Args, ncpus: usize) -> u8 {
         "counter" => counter::counter(args),
         "dirty" => counter::dirty(info, args),
         "fwq" => fwq::run(info, args, ncpus),
+        "irqroute" => irqroute::run(info, ncpus),
         "pci" => pci::run(info),
         "blk" => blk::run(info, args),
         "net" => net::run(info, args),
@@ -38,7 +40,7 @@ pub fn run(info: &mut BootInfo, args: &crate::boot::Args, ncpus: usize) -> u8 {
             arch::park()
         }
         other => {
-            println!("probe: error: unknown task '{other}' (hello, memtouch, counter, dirty, fwq, pci, blk, net, rng, vcon, vsock, exit, fault, triplefault, reset)");
+            println!("probe: error: unknown task '{other}' (hello, memtouch, counter, dirty, fwq, irqroute, pci, blk, net, rng, vcon, vsock, exit, fault, triplefault, reset)");
             STATUS_PROBE_ERROR
         }
     }

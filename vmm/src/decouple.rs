@@ -1,0 +1,125 @@
+//! Decoupled vCPUs in the monitor: the plan for one VM (topology, host
+//! placement, exits, halt polling, real-time compute threads) and the
+//! points where it is applied.
+//!
+//! Order matters, as in KVM itself:
+//! 1. [`Decoupling::plan`] (start of `Vm::prepare`): validates `--pin`
+//!    against the host, claims the compute cores, pins the calling
+//!    (control) thread to the service cores, so every thread the VMM starts
+//!    afterwards - API, migration - inherits them;
+//! 2. [`Decoupling::spawn_io_thread`]: the device I/O thread on the io cores;
+//! 3. [`Decoupling::configure_vm`]: `KVM_CAP_X86_DISABLE_EXITS` and
+//!    `KVM_CAP_HALT_POLL`, before the first vCPU is created;
+//! 4. [`Decoupling::enter_vcpu_thread`]: first thing on each vCPU thread,
+//!    before it runs guest code (compute vCPU k alone on core k, SCHED_FIFO
+//!    when asked).
+use crate::config::RunConfig;
+use kvm_ioctls::{Kvm, VmFd};
+use std::path::Path;
+use vcpu_decouple::affinity::{self, CoreClaims};
+use vcpu_decouple::exits;
+use vcpu_decouple::{CpuList, HostCpus, Placement, Role, Topology};
+
+/// Everything the VM was given and what of it took effect (`GET /vm/vcpus`).
+#[derive(Debug, serde::Serialize)]
+pub struct Decoupling {
+    pub topology: Topology,
+    /// None: threads float over all host cores (plain `--cpus N`, no `--pin`).
+    pub placement: Option<Placement>,
+    /// Exits KVM no longer takes for this VM (all vCPUs: KVM applies it per VM).
+    pub exits_disabled: String,
+    pub halt_poll_ns: Option<u64>,
+    /// SCHED_FIFO priority of compute vCPU threads.
+    pub realtime: Option<i32>,
+    #[serde(skip)]
+    exits_mask: u64,
+    #[serde(skip)]
+    _claims: Option<CoreClaims>,
+}
+
+impl Decoupling {
+    pub fn plan(kvm: &Kvm, config: &RunConfig) -> Result<Decoupling, String> {
+        let topology = config.topology;
+        let placement = if config.pin.is_some() || topology.is_decoupled() {
+            let host = HostCpus::read(Path::new("/")).map_err(|e| e.to_string())?;
+            let p =
+                Placement::new(&topology, config.pin.as_ref(), &host).map_err(|e| e.to_string())?;
+            for w in &p.warnings {
+                tracing::warn!("{w}");
+            }
+            Some(p)
+        } else {
+            None
+        };
+        if config.realtime.is_some() && !topology.is_decoupled() {
+            return Err(
+                "--realtime applies to compute vCPUs: use --cpus service=S,compute=C".into(),
+            );
+        }
+        let exits_mask = exits::resolve(config.exits, topology.is_decoupled(), exits::offered(kvm))
+            .map_err(|e| e.to_string())?;
+        let claims = match &placement {
+            Some(p) if !p.compute.is_empty() => Some(
+                CoreClaims::claim(&affinity::claims_dir(), &p.compute)
+                    .map_err(|e| e.to_string())?,
+            ),
+            _ => None,
+        };
+        if let Some(p) = &placement {
+            affinity::pin_current_thread(&p.service, "the control thread")
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(Decoupling {
+            topology,
+            placement,
+            exits_disabled: exits::names(exits_mask),
+            halt_poll_ns: config.halt_poll_ns,
+            realtime: config.realtime,
+            exits_mask,
+            _claims: claims,
+        })
+    }
+
+    /// Starts the device I/O thread on the io cores (it inherits the
+    /// affinity of the thread that creates it).
+    pub fn spawn_io_thread(&self) -> std::io::Result<devices::virtio::IoThread> {
+        let Some(p) = &self.placement else {
+            return devices::virtio::IoThread::spawn("io");
+        };
+        let pin = |cores: &CpuList, what: &str| {
+            affinity::pin_current_thread(cores, what).map_err(std::io::Error::other)
+        };
+        pin(&p.io, "the device I/O thread")?;
+        let io = devices::virtio::IoThread::spawn("io");
+        pin(&p.service, "the control thread")?;
+        io
+    }
+
+    pub fn configure_vm(&self, kvm: &Kvm, vm: &VmFd) -> Result<(), String> {
+        exits::disable_exits(vm, self.exits_mask).map_err(|e| e.to_string())?;
+        if let Some(ns) = self.halt_poll_ns {
+            exits::set_halt_poll(kvm, vm, ns).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Host cores vCPU `id` runs on (None: anywhere).
+    pub fn vcpu_cores(&self, id: u8) -> Option<CpuList> {
+        self.placement
+            .as_ref()
+            .map(|p| p.vcpu_cores(&self.topology, id))
+    }
+
+    /// Runs on vCPU thread `id` before any guest code.
+    pub fn enter_vcpu_thread(&self, id: u8) -> Result<(), String> {
+        if let Some(cores) = self.vcpu_cores(id) {
+            affinity::pin_current_thread(&cores, &format!("vCPU {id}"))
+                .map_err(|e| e.to_string())?;
+        }
+        if let (Some(prio), Role::Compute) = (self.realtime, self.topology.role(id)) {
+            affinity::make_current_thread_realtime(prio, &format!("compute vCPU {id}"))
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}
