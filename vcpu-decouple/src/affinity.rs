@@ -30,24 +30,25 @@ pub enum Error {
     },
 }
 
-/// Pins the calling thread to `cores`.
+/// Pins the calling thread to `cores` (a core beyond what the kernel's
+/// CPU set can name leaves the set empty, which the kernel refuses).
 pub fn pin_current_thread(cores: &CpuList, what: &str) -> Result<(), Error> {
+    pin_thread(0, cores, what)
+}
+
+/// Pins thread `tid` (of any process we may change) to `cores`.
+pub fn pin_thread(tid: i32, cores: &CpuList, what: &str) -> Result<(), Error> {
     // SAFETY: cpu_set_t is plain data; all-zero is the empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    let limit = 8 * std::mem::size_of::<libc::cpu_set_t>();
-    for c in cores.iter() {
-        if c as usize >= limit {
-            return Err(Error::Affinity {
-                what: what.into(),
-                cores: cores.clone(),
-                source: std::io::Error::from_raw_os_error(libc::EINVAL),
-            });
-        }
-        // SAFETY: `c` is below the set's capacity (checked above).
+    for c in cores
+        .iter()
+        .filter(|c| (*c as usize) < 8 * std::mem::size_of::<libc::cpu_set_t>())
+    {
+        // SAFETY: `c` is below the set's capacity (filtered above).
         unsafe { libc::CPU_SET(c as usize, &mut set) };
     }
-    // SAFETY: pid 0 is the calling thread; `set` is a valid cpu_set_t of the given size.
-    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    // SAFETY: `set` is a valid cpu_set_t of the given size; `tid` a thread id.
+    let rc = unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) };
     if rc != 0 {
         return Err(Error::Affinity {
             what: what.into(),

@@ -16,6 +16,7 @@
 use crate::config::RunConfig;
 use kvm_ioctls::{Kvm, VmFd};
 use std::path::Path;
+use std::time::Duration;
 use vcpu_decouple::affinity::{self, CoreClaims};
 use vcpu_decouple::exits;
 use vcpu_decouple::{CpuList, HostCpus, Placement, Role, Topology};
@@ -108,6 +109,48 @@ impl Decoupling {
         self.placement
             .as_ref()
             .map(|p| p.vcpu_cores(&self.topology, id))
+    }
+
+    /// KVM starts kernel workers of its own inside the VMM process (the NX
+    /// huge-page recovery thread `kvm-nx-lpage-recovery`, created by the
+    /// first `KVM_RUN`, which inherits the affinity of whichever vCPU ran
+    /// first - possibly a compute vCPU). A watcher thread moves every such
+    /// worker to the service cores as soon as it appears, then ends.
+    pub fn watch_kvm_workers(&self) {
+        let Some(service) = self.placement.as_ref().map(|p| p.service.clone()) else {
+            return;
+        };
+        let spawned = std::thread::Builder::new()
+            .name("placement".into())
+            .spawn(move || {
+                let proc_root = Path::new("/proc");
+                let pid = std::process::id();
+                for i in 0..600u32 {
+                    let workers: Vec<_> = affinity::threads(proc_root, pid)
+                        .into_iter()
+                        .filter(|t| t.name.starts_with("kvm-"))
+                        .collect();
+                    for w in &workers {
+                        if w.cpus_allowed != service {
+                            match affinity::pin_thread(w.tid, &service, &w.name) {
+                                Ok(()) => {
+                                    tracing::info!("moved KVM worker {} to cores {service}", w.name)
+                                }
+                                Err(e) => tracing::warn!("{e}"),
+                            }
+                        }
+                    }
+                    if !workers.is_empty() {
+                        return;
+                    }
+                    // Often for the first seconds, then once a second (a
+                    // VM restored paused starts running later).
+                    std::thread::sleep(Duration::from_millis(if i < 100 { 10 } else { 1000 }));
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start the placement watcher: {e}");
+        }
     }
 
     /// Runs on vCPU thread `id` before any guest code.

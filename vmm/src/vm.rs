@@ -673,6 +673,7 @@ impl Prepared {
                 v.shared.request(Request::Run);
             }
         }
+        decoupling.watch_kvm_workers();
 
         let tracking = Mutex::new(crate::checkpoint::Tracking::new(
             log_dirty,
