@@ -94,7 +94,7 @@ pub fn check(root: &Path, compute: Option<&CpuList>) -> Result<Report, crate::pl
         f.push(finding(
             "online",
             Verdict::Warn,
-            format!("cores {offline} are not online (online: {})", host.online),
+            format!("core(s) {offline} are not online (online: {})", host.online),
             Some("pick compute cores from the online list".into()),
         ));
     }
@@ -119,7 +119,7 @@ pub fn check(root: &Path, compute: Option<&CpuList>) -> Result<Report, crate::pl
             finding(
                 key,
                 Verdict::Ok,
-                format!("compute cores {list} are {what}"),
+                format!("compute core(s) {list} are {what}"),
                 None,
             )
         } else {

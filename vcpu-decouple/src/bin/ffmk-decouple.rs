@@ -15,7 +15,7 @@ use vcpu_decouple::guest::{local_rank, GuestCpus, CPU_VAR};
     about = "Put processes on the compute CPUs of an ffmk-vmm guest"
 )]
 struct Cli {
-    /// Read /proc and /sys below this directory instead of / (for tests).
+    /// Read the CPU view (/sys, /proc/cmdline) below this directory instead of / (for tests).
     #[arg(long, default_value = "/", hide = true)]
     root: PathBuf,
     #[command(subcommand)]
@@ -169,8 +169,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 let tids: Vec<i32> = if threads_only {
                     vec![id]
                 } else {
-                    let proc_root = cli.root.join("proc");
-                    let t: Vec<i32> = affinity::threads(&proc_root, id as u32)
+                    let t: Vec<i32> = affinity::threads(std::path::Path::new("/proc"), id as u32)
                         .into_iter()
                         .map(|t| t.tid)
                         .collect();
