@@ -99,14 +99,20 @@ impl Topology {
         ]
     }
 
-    /// `cmdline` with [`Topology::guest_params`] appended; a parameter the
-    /// user already set is left as the user wrote it.
+    /// `cmdline` with [`Topology::guest_params`] added to the kernel's part
+    /// (before a ` -- `, after which everything goes to init); a parameter
+    /// the user already set is left as the user wrote it.
     pub fn guest_cmdline(&self, cmdline: &str) -> String {
-        let set: Vec<&str> = cmdline
+        let (kernel, init) = match cmdline.find(" -- ") {
+            Some(i) => (&cmdline[..i], Some(&cmdline[i + 1..])),
+            None if cmdline.trim_start().starts_with("-- ") => ("", Some(cmdline.trim_start())),
+            None => (cmdline, None),
+        };
+        let set: Vec<&str> = kernel
             .split_whitespace()
             .map(|w| w.split('=').next().unwrap_or(w))
             .collect();
-        let mut out = cmdline.trim().to_string();
+        let mut out = kernel.trim().to_string();
         for p in self.guest_params() {
             let key = p.split('=').next().unwrap_or(&p);
             if !set.contains(&key) {
@@ -115,6 +121,12 @@ impl Topology {
                 }
                 out.push_str(&p);
             }
+        }
+        if let Some(init) = init {
+            if !out.is_empty() {
+                out.push(' ');
+            }
+            out.push_str(init);
         }
         out
     }
@@ -213,5 +225,12 @@ mod tests {
         assert!(user.starts_with("nohz_full=3 console=ttyS0 isolcpus="));
         assert_eq!(user.matches("nohz_full").count(), 1);
         assert_eq!(Topology::plain(4).guest_cmdline("a b"), "a b");
+        // Everything after ` -- ` belongs to init and stays last.
+        let t = Topology::new(1, 1).unwrap();
+        assert_eq!(
+            t.guest_cmdline("console=ttyS0 -- echo nohz_full=x"),
+            "console=ttyS0 isolcpus=nohz,domain,managed_irq,1 nohz_full=1 rcu_nocbs=1 irqaffinity=0 -- echo nohz_full=x"
+        );
+        assert!(t.guest_cmdline("-- true").ends_with("irqaffinity=0 -- true"));
     }
 }

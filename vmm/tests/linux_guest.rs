@@ -56,7 +56,7 @@ fn base_cmdline() -> &'static str {
     }
 }
 
-fn boot(kernel: &Path, initrd: &Path, cpus: u32, args: &str) -> Boot {
+fn boot(kernel: &Path, initrd: &Path, cpus: &str, args: &str) -> Boot {
     boot_with(kernel, initrd, cpus, args, &[], None)
 }
 
@@ -65,7 +65,7 @@ fn boot(kernel: &Path, initrd: &Path, cpus: u32, args: &str) -> Boot {
 fn boot_with(
     kernel: &Path,
     initrd: &Path,
-    cpus: u32,
+    cpus: &str,
     args: &str,
     extra: &[&str],
     netns: Option<&str>,
@@ -73,7 +73,6 @@ fn boot_with(
     let cmdline = format!("{} {args}", base_cmdline());
     let kernel = kernel.to_string_lossy();
     let initrd = initrd.to_string_lossy();
-    let cpus = cpus.to_string();
     let mut argv: Vec<&str> = vec![
         "run",
         "--kernel",
@@ -81,7 +80,7 @@ fn boot_with(
         "--initrd",
         &initrd,
         "--cpus",
-        &cpus,
+        cpus,
         "--memory",
         "512M",
         "--test-exit-port",
@@ -117,7 +116,7 @@ fn vmlinux_boots_through_pvh_to_init_and_reports_the_command_status() {
     let b = boot(
         &vmlinux,
         &initrd,
-        2,
+        "2",
         "ffmk_exit_port=244 -- echo ffmk-marker-$((6*7)); exit 7",
     );
     let ctx = format!("stderr: {}\nconsole:\n{}", b.stderr, b.console.join("\n"));
@@ -134,7 +133,7 @@ fn bzimage_boots_with_the_64bit_protocol_and_powers_off_cleanly() {
     };
     // No exit port write: /init's poweroff goes through the ACPI sleep
     // registers, which ffmk-vmm reports as a clean stop (exit code 0).
-    let b = boot(&bzimage, &initrd, 4, "-- grep -c ^processor /proc/cpuinfo");
+    let b = boot(&bzimage, &initrd, "4", "-- grep -c ^processor /proc/cpuinfo");
     let ctx = format!("stderr: {}\nconsole:\n{}", b.stderr, b.console.join("\n"));
     assert!(has_line(&b, "ffmk-init: up"), "{ctx}");
     assert!(b.console.iter().any(|l| l.trim() == "4"), "{ctx}");
@@ -166,7 +165,7 @@ fn linux_mounts_a_virtio_blk_ext4_image_reads_and_writes_it() {
     let b = boot_with(
         &bzimage,
         &initrd,
-        2,
+        "2",
         "ffmk_exit_port=244 -- mkdir -p /mnt && mount -t ext4 /dev/vda /mnt && \
          cat /mnt/hello.txt && echo ffmk-written-by-the-guest > /mnt/new.txt && umount /mnt",
         &["--disk", &disk],
@@ -264,7 +263,7 @@ fn linux_pings_and_fetches_a_file_over_virtio_net() {
     let b = boot_with(
         &bzimage,
         &initrd,
-        2,
+        "2",
         "ffmk_exit_port=244 -- ip link set eth0 up && ip addr add 10.0.0.2/24 dev eth0 && \
          ping -c 2 -W 5 10.0.0.1 && wget -q -O - http://10.0.0.1:5000/blob | md5sum",
         &["--net", "tap=ffmkl0"],
@@ -475,4 +474,37 @@ fn linux_migrated_after_boot_keeps_answering_on_vsock() {
     let (code, err) = dst.wait_exit();
     assert_eq!(code, Some(0), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn linux_keeps_its_noise_off_the_compute_cpu_and_decouples_a_process() {
+    let Some((vmlinux, _, initrd)) = images() else {
+        return;
+    };
+    if std::thread::available_parallelism().map_or(0, |n| n.get()) < 2 {
+        eprintln!("skipped: needs two host cores");
+        return;
+    }
+    let b = boot(
+        &vmlinux,
+        &initrd,
+        "service=1,compute=1",
+        "ffmk_exit_port=244 -- echo isolated=$(cat /sys/devices/system/cpu/isolated); \
+         echo nohz_full=$(cat /sys/devices/system/cpu/nohz_full); \
+         for f in /proc/irq/*/smp_affinity_list; do echo irq-affinity=$(cat $f); done; \
+         ffmk-decouple list; ffmk-decouple run -- grep Cpus_allowed_list /proc/self/status; \
+         ffmk-fwq fwq --cpus 1 --samples 2000",
+    );
+    let ctx = format!("stderr: {}\nconsole:\n{}", b.stderr, b.console.join("\n"));
+    assert_eq!(b.code, Some(0), "{ctx}");
+    assert!(has_line(&b, "isolated=1"), "{ctx}");
+    assert!(has_line(&b, "nohz_full=1"), "{ctx}");
+    let affinities: Vec<&String> = b.console.iter().filter(|l| l.contains("irq-affinity=")).collect();
+    assert!(!affinities.is_empty(), "{ctx}");
+    for a in affinities {
+        assert!(a.trim_end().ends_with("irq-affinity=0"), "an IRQ may reach the compute CPU: {a}\n{ctx}");
+    }
+    assert!(has_line(&b, "compute CPUs: 1"), "{ctx}");
+    assert!(b.console.iter().any(|l| l.contains("Cpus_allowed_list:") && l.trim_end().ends_with('1')), "{ctx}");
+    assert!(has_line(&b, "fwq cpu=1"), "{ctx}");
 }
