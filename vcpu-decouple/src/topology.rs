@@ -231,6 +231,8 @@ mod tests {
             t.guest_cmdline("console=ttyS0 -- echo nohz_full=x"),
             "console=ttyS0 isolcpus=nohz,domain,managed_irq,1 nohz_full=1 rcu_nocbs=1 irqaffinity=0 -- echo nohz_full=x"
         );
-        assert!(t.guest_cmdline("-- true").ends_with("irqaffinity=0 -- true"));
+        assert!(t
+            .guest_cmdline("-- true")
+            .ends_with("irqaffinity=0 -- true"));
     }
 }

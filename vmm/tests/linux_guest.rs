@@ -133,7 +133,12 @@ fn bzimage_boots_with_the_64bit_protocol_and_powers_off_cleanly() {
     };
     // No exit port write: /init's poweroff goes through the ACPI sleep
     // registers, which ffmk-vmm reports as a clean stop (exit code 0).
-    let b = boot(&bzimage, &initrd, "4", "-- grep -c ^processor /proc/cpuinfo");
+    let b = boot(
+        &bzimage,
+        &initrd,
+        "4",
+        "-- grep -c ^processor /proc/cpuinfo",
+    );
     let ctx = format!("stderr: {}\nconsole:\n{}", b.stderr, b.console.join("\n"));
     assert!(has_line(&b, "ffmk-init: up"), "{ctx}");
     assert!(b.console.iter().any(|l| l.trim() == "4"), "{ctx}");
@@ -499,12 +504,24 @@ fn linux_keeps_its_noise_off_the_compute_cpu_and_decouples_a_process() {
     assert_eq!(b.code, Some(0), "{ctx}");
     assert!(has_line(&b, "isolated=1"), "{ctx}");
     assert!(has_line(&b, "nohz_full=1"), "{ctx}");
-    let affinities: Vec<&String> = b.console.iter().filter(|l| l.contains("irq-affinity=")).collect();
+    let affinities: Vec<&String> = b
+        .console
+        .iter()
+        .filter(|l| l.contains("irq-affinity="))
+        .collect();
     assert!(!affinities.is_empty(), "{ctx}");
     for a in affinities {
-        assert!(a.trim_end().ends_with("irq-affinity=0"), "an IRQ may reach the compute CPU: {a}\n{ctx}");
+        assert!(
+            a.trim_end().ends_with("irq-affinity=0"),
+            "an IRQ may reach the compute CPU: {a}\n{ctx}"
+        );
     }
     assert!(has_line(&b, "compute CPUs: 1"), "{ctx}");
-    assert!(b.console.iter().any(|l| l.contains("Cpus_allowed_list:") && l.trim_end().ends_with('1')), "{ctx}");
+    assert!(
+        b.console
+            .iter()
+            .any(|l| l.contains("Cpus_allowed_list:") && l.trim_end().ends_with('1')),
+        "{ctx}"
+    );
     assert!(has_line(&b, "fwq cpu=1"), "{ctx}");
 }

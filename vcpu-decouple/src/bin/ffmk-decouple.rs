@@ -146,15 +146,11 @@ fn run(cli: Cli) -> Result<(), String> {
                     serde_json::to_string(&cpus).map_err(|e| e.to_string())?
                 );
             } else {
-                println!(
-                    "compute CPUs: {} (from {})",
-                    if cpus.compute.is_empty() {
-                        "none".into()
-                    } else {
-                        cpus.compute.to_string()
-                    },
-                    cpus.source
-                );
+                if cpus.compute.is_empty() {
+                    println!("compute CPUs: none ({})", cpus.source);
+                } else {
+                    println!("compute CPUs: {} (from {})", cpus.compute, cpus.source);
+                }
                 println!("service CPUs: {}", cpus.service);
             }
             Ok(())
