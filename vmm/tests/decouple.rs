@@ -6,7 +6,7 @@ mod common;
 
 use common::{probe, tmpdir, vmm, Vm};
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 use vcpu_decouple::affinity;
 
@@ -45,34 +45,24 @@ fn probe_run(claims: &Path, task: &str, args: &[&str]) -> Output {
 }
 
 fn spawn(claims: &Path, dir: &Path, name: &str, args: &[&str]) -> Vm {
-    let console = dir.join(format!("{name}.console"));
-    let sock = dir.join(format!("{name}.sock"));
-    let child = ffmk(claims)
-        .args([
-            "run",
-            "--kernel",
-            probe().to_str().unwrap(),
-            "--memory",
-            "64M",
-            "--test-exit-port",
-            "--cmdline",
-            "task=counter",
-        ])
-        .args(args)
-        .arg("--console")
-        .arg(format!("file={}", console.display()))
-        .arg("--api-socket")
-        .arg(&sock)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    Vm {
-        child,
-        console,
-        sock,
-    }
+    let probe = probe();
+    let mut argv = vec![
+        "run",
+        "--kernel",
+        probe.to_str().unwrap(),
+        "--memory",
+        "64M",
+        "--test-exit-port",
+        "--cmdline",
+        "task=counter",
+    ];
+    argv.extend_from_slice(args);
+    Vm::spawn_cmd(
+        ffmk(claims),
+        &argv,
+        &dir.join(format!("{name}.console")),
+        &dir.join(format!("{name}.sock")),
+    )
 }
 
 /// `irqroute target=T vector=V arrived=LIST` lines as (T, LIST).

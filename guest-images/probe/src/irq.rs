@@ -3,7 +3,8 @@
 use crate::arch::{cpuid, read32_ring0, set_interrupts, write32_ring0};
 use core::sync::atomic::{AtomicU32, Ordering};
 
-const LAPIC: u64 = 0xfee0_0000;
+/// The local APIC's registers (xAPIC MMIO; each CPU sees its own).
+pub const LAPIC: u64 = 0xfee0_0000;
 const SVR: u64 = 0xf0;
 const TPR: u64 = 0x80;
 const LVT_TIMER: u64 = 0x320;

@@ -1,10 +1,10 @@
 //! AP start-up through the local APIC (INIT/SIPI),
 //! and a tiny "run this on every CPU" dispatcher.
+use crate::irq::LAPIC;
 use crate::{arch, boot::BootInfo, time};
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 pub const MAX_CPUS: usize = 64;
-const LAPIC: u64 = 0xfee0_0000;
 
 extern "C" {
     static ap_tramp_start: u8;

@@ -223,10 +223,15 @@ impl Vm {
 
     /// Like `spawn`, inside network namespace `ns` when given.
     pub fn spawn_in(ns: Option<&NetNs>, args: &[&str], console: &Path, sock: &Path) -> Vm {
-        let mut cmd = match ns {
+        let cmd = match ns {
             Some(ns) => ns.exec(vmm()),
             None => Command::new(vmm()),
         };
+        Vm::spawn_cmd(cmd, args, console, sock)
+    }
+
+    /// Like `spawn`, from a prepared command (e.g. with its own environment).
+    pub fn spawn_cmd(mut cmd: Command, args: &[&str], console: &Path, sock: &Path) -> Vm {
         let child = cmd
             .args(args)
             .arg("--console")
