@@ -398,3 +398,22 @@ fn compute_vcpus_can_run_real_time_where_permitted() {
     );
     vm.stop();
 }
+
+#[test]
+fn step_sync_fwq_runs_in_lockstep_on_several_vcpus() {
+    let dir = tmpdir("decouple-step");
+    // Plain VM (no pinning needed): CPUs 1 and 2 measure with a barrier
+    // after every sample, CPU 0 makes timer noise; FTQ the same way.
+    for mode in ["fwq", "ftq interval_us=20"] {
+        let task = format!("task=fwq samples=300 fwq_cpus=1-2 sync=step noise=timer mode={mode}");
+        let out = probe_run(&dir, &task, &["--cpus", "3"]);
+        assert!(out.status.success(), "{out:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("fwq_cpus=2 samples=300"), "{text}");
+        assert!(text.contains("sync=step"), "{text}");
+        for cpu in [1, 2] {
+            assert!(text.contains(&format!("fwq cpu={cpu} ")), "{text}");
+        }
+        assert!(!text.contains("fwq cpu=0 "), "CPU 0 makes noise: {text}");
+    }
+}
