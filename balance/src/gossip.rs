@@ -1,0 +1,317 @@
+//! The gossip bulletin board (design brief, "Gossip bulletin board").
+//!
+//! Every node keeps one entry per node: what that node last said about
+//! itself (its [`NodeInfo`] in the daemon) and when it said it. Time is the
+//! node's own clock in gossip intervals ("time units"); an entry's *age*
+//! is the time since its origin produced it. Once per time unit, at its own
+//! phase, a node refreshes its own entry (age 0), selects every entry whose
+//! age is at most the window T (or all of them: [`Window::Whole`]) and
+//! sends them to one node chosen uniformly at random. A receiver keeps, per
+//! entry, the fresher copy (a newer incarnation always wins: a restarted
+//! node is not mistaken for a stale one). Messages carry ages, not
+//! timestamps, so clocks need not agree; the receiver adds the transit time
+//! it assumes.
+//!
+//! Entries live in *slots*. In the daemon slot = node index; the simulator
+//! may track a sample of origins only (a slot per tracked origin), which
+//! keeps 1,048,576-node colonies in memory with the same code.
+
+/// Time in gossip intervals (the node's own clock).
+pub type Time = f64;
+
+/// Which entries a node sends.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub enum Window {
+    /// Entries of age at most this many time units.
+    Age(f64),
+    /// The whole vector.
+    Whole,
+}
+
+impl Window {
+    pub fn admits(&self, age: Time) -> bool {
+        match self {
+            Window::Age(t) => age <= *t,
+            Window::Whole => true,
+        }
+    }
+}
+
+impl std::str::FromStr for Window {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Window, String> {
+        match s {
+            "whole" | "inf" | "all" => Ok(Window::Whole),
+            _ => s
+                .parse::<f64>()
+                .ok()
+                .filter(|t| *t >= 0.0 && t.is_finite())
+                .map(Window::Age)
+                .ok_or_else(|| format!("'{s}' is not a window (a number of time units >= 0, or whole)")),
+        }
+    }
+}
+
+impl std::fmt::Display for Window {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Window::Age(t) => write!(f, "{t}"),
+            Window::Whole => f.write_str("whole"),
+        }
+    }
+}
+
+/// One entry as held by a node.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Entry<I> {
+    /// When its origin produced it, on this node's clock (-inf: never heard).
+    pub produced: Time,
+    pub incarnation: u32,
+    pub info: I,
+    /// On the fresh list (may be within the window).
+    fresh: bool,
+}
+
+/// One entry on the wire: its slot, its age when sent, and the payload.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sent<I> {
+    pub slot: u32,
+    pub age: f32,
+    pub incarnation: u32,
+    pub info: I,
+}
+
+/// A node's bulletin board.
+pub struct Board<I> {
+    entries: Vec<Entry<I>>,
+    /// This node's own slot (None: a simulator node whose origin is not tracked).
+    me: Option<usize>,
+    window: Window,
+    /// Slots that may be within the window; pruned when selecting, so a
+    /// send costs the window's size, not the vector's.
+    fresh: Vec<u32>,
+}
+
+impl<I: Copy + Default> Board<I> {
+    /// A board with `slots` unknown entries.
+    pub fn new(slots: usize, me: Option<usize>, window: Window) -> Self {
+        Board {
+            entries: vec![
+                Entry {
+                    produced: Time::NEG_INFINITY,
+                    incarnation: 0,
+                    info: I::default(),
+                    fresh: false,
+                };
+                slots
+            ],
+            me,
+            window,
+            fresh: Vec::new(),
+        }
+    }
+
+    pub fn entries(&self) -> &[Entry<I>] {
+        &self.entries
+    }
+
+    pub fn entry(&self, slot: usize) -> Option<&Entry<I>> {
+        self.entries.get(slot).filter(|e| e.produced.is_finite())
+    }
+
+    pub fn me(&self) -> Option<usize> {
+        self.me
+    }
+
+    fn mark_fresh(&mut self, slot: usize) {
+        let e = &mut self.entries[slot];
+        if !e.fresh {
+            e.fresh = true;
+            self.fresh.push(slot as u32);
+        }
+    }
+
+    /// Sets every entry as known at `at` (a colony that starts with
+    /// everyone knowing everyone).
+    pub fn know_all(&mut self, at: Time) {
+        for slot in 0..self.entries.len() {
+            self.entries[slot].produced = at;
+            self.mark_fresh(slot);
+        }
+    }
+
+    /// Refreshes this node's own entry at `now`. Returns the previous
+    /// `produced` of the slot (for callers that keep sums).
+    pub fn refresh(&mut self, now: Time, incarnation: u32, info: I) -> Option<(usize, Time)> {
+        let me = self.me?;
+        let old = self.entries[me].produced;
+        let e = &mut self.entries[me];
+        e.produced = now;
+        e.incarnation = incarnation;
+        e.info = info;
+        self.mark_fresh(me);
+        Some((me, old))
+    }
+
+    /// The entries to send at `now`: every one within the window.
+    pub fn select(&mut self, now: Time, out: &mut Vec<Sent<I>>) {
+        out.clear();
+        if self.window == Window::Whole {
+            for (slot, e) in self.entries.iter().enumerate() {
+                if e.produced.is_finite() {
+                    out.push(Sent {
+                        slot: slot as u32,
+                        age: (now - e.produced) as f32,
+                        incarnation: e.incarnation,
+                        info: e.info,
+                    });
+                }
+            }
+            return;
+        }
+        let window = self.window;
+        let entries = &mut self.entries;
+        self.fresh.retain(|&slot| {
+            let e = &mut entries[slot as usize];
+            let age = now - e.produced;
+            if window.admits(age) {
+                out.push(Sent {
+                    slot,
+                    age: age as f32,
+                    incarnation: e.incarnation,
+                    info: e.info,
+                });
+                true
+            } else {
+                e.fresh = false;
+                false
+            }
+        });
+    }
+
+    /// Takes in a message received at `now` that spent `transit` time units
+    /// on the way. For every entry that changed, `changed(slot, old, new)`
+    /// is told the old and new `produced`. The node's own entry is only
+    /// ever replaced by a newer incarnation (someone remembers a later life
+    /// of this node: it must not go back in time).
+    pub fn merge(&mut self, now: Time, transit: Time, msg: &[Sent<I>], mut changed: impl FnMut(usize, Time, Time)) {
+        for s in msg {
+            let slot = s.slot as usize;
+            let Some(e) = self.entries.get_mut(slot) else {
+                continue;
+            };
+            let produced = now - transit - f64::from(s.age);
+            let newer = s.incarnation > e.incarnation
+                || (s.incarnation == e.incarnation && produced > e.produced && Some(slot) != self.me);
+            if newer {
+                let old = e.produced;
+                e.produced = produced;
+                e.incarnation = s.incarnation;
+                e.info = s.info;
+                changed(slot, old, produced);
+                if self.window.admits(now - produced) {
+                    self.mark_fresh(slot);
+                }
+            }
+        }
+    }
+
+    /// Age of `slot` at `now` (None: never heard of).
+    pub fn age(&self, slot: usize, now: Time) -> Option<Time> {
+        self.entry(slot).map(|e| now - e.produced)
+    }
+}
+
+/// The wire format of a gossip message (UDP datagram): a header, then
+/// fixed-size entries. Little-endian.
+pub mod wire {
+    /// magic "FFGB", version, sender slot, sender incarnation, entry count.
+    pub const HEADER_BYTES: usize = 20;
+    /// slot, incarnation, age (f32 time units), load (f32), free memory
+    /// (MiB), VMs, health, 3 bytes padding.
+    pub const ENTRY_BYTES: usize = 28;
+    pub const MAGIC: u32 = 0x4247_4646;
+    pub const VERSION: u32 = 1;
+
+    /// Bytes of a message with `n` entries.
+    pub fn message_bytes(n: usize) -> usize {
+        HEADER_BYTES + n * ENTRY_BYTES
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sent(slot: u32, age: f32, inc: u32) -> Sent<()> {
+        Sent {
+            slot,
+            age,
+            incarnation: inc,
+            info: (),
+        }
+    }
+
+    #[test]
+    fn receivers_keep_the_fresher_copy() {
+        let mut b: Board<()> = Board::new(3, Some(0), Window::Age(4.0));
+        b.merge(10.0, 0.0, &[sent(1, 2.0, 0)], |_, _, _| {});
+        assert_eq!(b.age(1, 10.0), Some(2.0));
+        // An older copy does not replace it; a fresher one does.
+        b.merge(11.0, 0.0, &[sent(1, 5.0, 0)], |_, _, _| panic!("older copy taken"));
+        assert_eq!(b.age(1, 11.0), Some(3.0));
+        let mut seen = vec![];
+        b.merge(11.0, 0.0, &[sent(1, 1.0, 0)], |s, old, new| seen.push((s, old, new)));
+        assert_eq!(seen, vec![(1, 8.0, 10.0)]);
+        // Transit time counts: a copy 0.5 units on the way is that much older.
+        b.merge(12.0, 0.5, &[sent(2, 1.0, 0)], |_, _, _| {});
+        assert_eq!(b.age(2, 12.0), Some(1.5));
+        // Ages keep growing everywhere.
+        assert_eq!(b.age(1, 20.0), Some(10.0));
+        assert_eq!(b.age(0, 20.0), None);
+    }
+
+    #[test]
+    fn a_newer_incarnation_wins_even_when_older_looking() {
+        let mut b: Board<()> = Board::new(2, Some(0), Window::Whole);
+        b.merge(5.0, 0.0, &[sent(1, 0.5, 3)], |_, _, _| {});
+        // The restarted node (incarnation 4) has an entry that looks older.
+        b.merge(5.0, 0.0, &[sent(1, 2.0, 4)], |_, _, _| {});
+        assert_eq!(b.entry(1).unwrap().incarnation, 4);
+        // A stale copy of the old life never comes back.
+        b.merge(6.0, 0.0, &[sent(1, 0.0, 3)], |_, _, _| panic!("old incarnation taken"));
+        // Nobody overwrites a node's own entry with an older life of it.
+        b.refresh(6.0, 7, ());
+        b.merge(6.0, 0.0, &[sent(0, 0.0, 7)], |_, _, _| panic!("own entry replaced"));
+    }
+
+    #[test]
+    fn the_window_selects_entries_by_age() {
+        let mut b: Board<()> = Board::new(4, Some(0), Window::Age(2.0));
+        b.merge(0.0, 0.0, &[sent(1, 0.0, 0), sent(2, 1.5, 0), sent(3, 5.0, 0)], |_, _, _| {});
+        b.refresh(0.5, 0, ());
+        let mut out = vec![];
+        b.select(0.5, &mut out);
+        let mut slots: Vec<u32> = out.iter().map(|s| s.slot).collect();
+        slots.sort();
+        // Slot 2 is exactly 2.0 old at 0.5 (admitted); slot 3 never was fresh.
+        assert_eq!(slots, vec![0, 1, 2]);
+        let ages: Vec<f32> = out.iter().map(|s| s.age).collect();
+        assert!(ages.contains(&0.0) && ages.contains(&0.5) && ages.contains(&2.0));
+        b.select(3.0, &mut out);
+        assert_eq!(out.iter().map(|s| s.slot).collect::<Vec<_>>(), Vec::<u32>::new());
+        let mut whole: Board<()> = Board::new(3, Some(0), Window::Whole);
+        whole.know_all(0.0);
+        whole.select(100.0, &mut out);
+        assert_eq!(out.len(), 3);
+        assert_eq!(wire::message_bytes(3), 20 + 3 * 28);
+    }
+
+    #[test]
+    fn windows_parse() {
+        assert_eq!("whole".parse::<Window>(), Ok(Window::Whole));
+        assert_eq!("4".parse::<Window>(), Ok(Window::Age(4.0)));
+        assert!("-1".parse::<Window>().is_err());
+        assert!("x".parse::<Window>().is_err());
+    }
+}
