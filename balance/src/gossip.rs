@@ -47,7 +47,9 @@ impl std::str::FromStr for Window {
                 .ok()
                 .filter(|t| *t >= 0.0 && t.is_finite())
                 .map(Window::Age)
-                .ok_or_else(|| format!("'{s}' is not a window (a number of time units >= 0, or whole)")),
+                .ok_or_else(|| {
+                    format!("'{s}' is not a window (a number of time units >= 0, or whole)")
+                }),
         }
     }
 }
@@ -194,7 +196,13 @@ impl<I: Copy + Default> Board<I> {
     /// is told the old and new `produced`. The node's own entry is only
     /// ever replaced by a newer incarnation (someone remembers a later life
     /// of this node: it must not go back in time).
-    pub fn merge(&mut self, now: Time, transit: Time, msg: &[Sent<I>], mut changed: impl FnMut(usize, Time, Time)) {
+    pub fn merge(
+        &mut self,
+        now: Time,
+        transit: Time,
+        msg: &[Sent<I>],
+        mut changed: impl FnMut(usize, Time, Time),
+    ) {
         for s in msg {
             let slot = s.slot as usize;
             let Some(e) = self.entries.get_mut(slot) else {
@@ -202,7 +210,9 @@ impl<I: Copy + Default> Board<I> {
             };
             let produced = now - transit - f64::from(s.age);
             let newer = s.incarnation > e.incarnation
-                || (s.incarnation == e.incarnation && produced > e.produced && Some(slot) != self.me);
+                || (s.incarnation == e.incarnation
+                    && produced > e.produced
+                    && Some(slot) != self.me);
             if newer {
                 let old = e.produced;
                 e.produced = produced;
@@ -258,10 +268,14 @@ mod tests {
         b.merge(10.0, 0.0, &[sent(1, 2.0, 0)], |_, _, _| {});
         assert_eq!(b.age(1, 10.0), Some(2.0));
         // An older copy does not replace it; a fresher one does.
-        b.merge(11.0, 0.0, &[sent(1, 5.0, 0)], |_, _, _| panic!("older copy taken"));
+        b.merge(11.0, 0.0, &[sent(1, 5.0, 0)], |_, _, _| {
+            panic!("older copy taken")
+        });
         assert_eq!(b.age(1, 11.0), Some(3.0));
         let mut seen = vec![];
-        b.merge(11.0, 0.0, &[sent(1, 1.0, 0)], |s, old, new| seen.push((s, old, new)));
+        b.merge(11.0, 0.0, &[sent(1, 1.0, 0)], |s, old, new| {
+            seen.push((s, old, new))
+        });
         assert_eq!(seen, vec![(1, 8.0, 10.0)]);
         // Transit time counts: a copy 0.5 units on the way is that much older.
         b.merge(12.0, 0.5, &[sent(2, 1.0, 0)], |_, _, _| {});
@@ -279,16 +293,25 @@ mod tests {
         b.merge(5.0, 0.0, &[sent(1, 2.0, 4)], |_, _, _| {});
         assert_eq!(b.entry(1).unwrap().incarnation, 4);
         // A stale copy of the old life never comes back.
-        b.merge(6.0, 0.0, &[sent(1, 0.0, 3)], |_, _, _| panic!("old incarnation taken"));
+        b.merge(6.0, 0.0, &[sent(1, 0.0, 3)], |_, _, _| {
+            panic!("old incarnation taken")
+        });
         // Nobody overwrites a node's own entry with an older life of it.
         b.refresh(6.0, 7, ());
-        b.merge(6.0, 0.0, &[sent(0, 0.0, 7)], |_, _, _| panic!("own entry replaced"));
+        b.merge(6.0, 0.0, &[sent(0, 0.0, 7)], |_, _, _| {
+            panic!("own entry replaced")
+        });
     }
 
     #[test]
     fn the_window_selects_entries_by_age() {
         let mut b: Board<()> = Board::new(4, Some(0), Window::Age(2.0));
-        b.merge(0.0, 0.0, &[sent(1, 0.0, 0), sent(2, 1.5, 0), sent(3, 5.0, 0)], |_, _, _| {});
+        b.merge(
+            0.0,
+            0.0,
+            &[sent(1, 0.0, 0), sent(2, 1.5, 0), sent(3, 5.0, 0)],
+            |_, _, _| {},
+        );
         b.refresh(0.5, 0, ());
         let mut out = vec![];
         b.select(0.5, &mut out);
@@ -299,7 +322,10 @@ mod tests {
         let ages: Vec<f32> = out.iter().map(|s| s.age).collect();
         assert!(ages.contains(&0.0) && ages.contains(&0.5) && ages.contains(&2.0));
         b.select(3.0, &mut out);
-        assert_eq!(out.iter().map(|s| s.slot).collect::<Vec<_>>(), Vec::<u32>::new());
+        assert_eq!(
+            out.iter().map(|s| s.slot).collect::<Vec<_>>(),
+            Vec::<u32>::new()
+        );
         let mut whole: Board<()> = Board::new(3, Some(0), Window::Whole);
         whole.know_all(0.0);
         whole.select(100.0, &mut out);

@@ -237,7 +237,8 @@ pub fn run(c: &SimConfig) -> Result<SimResult, Error> {
             if measuring {
                 msgs += 1;
                 entries_sent += buf.len() as f64 * scale;
-                bytes += wire::HEADER_BYTES as f64 + buf.len() as f64 * scale * wire::ENTRY_BYTES as f64;
+                bytes +=
+                    wire::HEADER_BYTES as f64 + buf.len() as f64 * scale * wire::ENTRY_BYTES as f64;
             }
             if c.loss > 0.0 && rng.gen::<f64>() < c.loss {
                 continue;
@@ -342,7 +343,10 @@ mod tests {
     fn the_same_seed_gives_the_same_result() {
         let a = run(&cfg(64, Window::Age(3.0))).unwrap();
         let b = run(&cfg(64, Window::Age(3.0))).unwrap();
-        assert_eq!((a.avg_age, a.bytes_per_node_step), (b.avg_age, b.bytes_per_node_step));
+        assert_eq!(
+            (a.avg_age, a.bytes_per_node_step),
+            (b.avg_age, b.bytes_per_node_step)
+        );
         let mut other = cfg(64, Window::Age(3.0));
         other.seed = 8;
         assert_ne!(run(&other).unwrap().avg_age, a.avg_age);
@@ -377,7 +381,8 @@ mod tests {
         let sampled = run(&s).unwrap();
         let rel = (sampled.avg_age - full.avg_age).abs() / full.avg_age;
         assert!(rel < 0.25, "{full:?} {sampled:?}");
-        let relb = (sampled.bytes_per_node_step - full.bytes_per_node_step).abs() / full.bytes_per_node_step;
+        let relb = (sampled.bytes_per_node_step - full.bytes_per_node_step).abs()
+            / full.bytes_per_node_step;
         assert!(relb < 0.25, "{full:?} {sampled:?}");
     }
 
@@ -400,7 +405,20 @@ mod tests {
         // The live colony stays fresh; the dead nodes' entries age out.
         assert!(f.avg_age < 15.0, "{f:?}");
         assert!(f.failed_entry_age.unwrap() > 80.0, "{f:?}");
-        for bad in [SimConfig { nodes: 1, ..cfg(2, Window::Whole) }, SimConfig { loss: 1.0, ..cfg(8, Window::Whole) }, SimConfig { track: 0, ..cfg(8, Window::Whole) }] {
+        for bad in [
+            SimConfig {
+                nodes: 1,
+                ..cfg(2, Window::Whole)
+            },
+            SimConfig {
+                loss: 1.0,
+                ..cfg(8, Window::Whole)
+            },
+            SimConfig {
+                track: 0,
+                ..cfg(8, Window::Whole)
+            },
+        ] {
             assert!(run(&bad).is_err());
         }
     }

@@ -5,7 +5,11 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "ffmk-node", version, about = "ffmk-vmm cluster load balancing: gossip, diffusion, node daemon")]
+#[command(
+    name = "ffmk-node",
+    version,
+    about = "ffmk-vmm cluster load balancing: gossip, diffusion, node daemon"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
