@@ -61,11 +61,16 @@ pub fn pin_thread(tid: i32, cores: &CpuList, what: &str) -> Result<(), Error> {
 
 /// Switches the calling thread to SCHED_FIFO at `prio` (1-99).
 pub fn make_current_thread_realtime(prio: i32, what: &str) -> Result<(), Error> {
+    make_thread_realtime(0, prio, what)
+}
+
+/// Switches thread `tid` (0: the caller) to SCHED_FIFO at `prio`.
+pub fn make_thread_realtime(tid: i32, prio: i32, what: &str) -> Result<(), Error> {
     let param = libc::sched_param {
         sched_priority: prio,
     };
-    // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param.
-    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+    // SAFETY: `tid` is a thread id (0: the caller); `param` is a valid sched_param.
+    let rc = unsafe { libc::sched_setscheduler(tid, libc::SCHED_FIFO, &param) };
     if rc != 0 {
         return Err(Error::RealtimeRefused {
             what: what.into(),

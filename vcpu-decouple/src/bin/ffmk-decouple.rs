@@ -5,8 +5,8 @@ use clap::{Parser, Subcommand};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use vcpu_decouple::affinity;
 use vcpu_decouple::guest::{local_rank, GuestCpus, CPU_VAR};
+use vcpu_decouple::{affinity, CpuList};
 
 #[derive(Parser)]
 #[command(
@@ -109,29 +109,16 @@ fn choose(cpus: &GuestCpus, t: &Target) -> Result<(u32, String), String> {
     )
 }
 
-fn set_affinity(tid: i32, cpu: u32) -> std::io::Result<()> {
-    // SAFETY: zeroed cpu_set_t is the empty set; CPU_SET stays in bounds for
-    // cpu < 1024, which CpuList parsing and the kernel's lists guarantee here.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    if cpu as usize >= 8 * std::mem::size_of::<libc::cpu_set_t>() {
-        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
-    }
-    // SAFETY: bounds checked above.
-    unsafe { libc::CPU_SET(cpu as usize, &mut set) };
-    // SAFETY: `set` is a valid cpu_set_t; `tid` is a thread id (0 = caller).
-    if unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-fn set_fifo(tid: i32, prio: i32) -> std::io::Result<()> {
-    let p = libc::sched_param {
-        sched_priority: prio,
+/// Puts thread `tid` (0: this one) on `cpu`, with SCHED_FIFO `fifo` if given.
+fn place(tid: i32, cpu: u32, fifo: Option<i32>) -> Result<(), String> {
+    let what = if tid == 0 {
+        "this process".to_string()
+    } else {
+        format!("thread {tid}")
     };
-    // SAFETY: `p` is a valid sched_param; `tid` is a thread id (0 = caller).
-    if unsafe { libc::sched_setscheduler(tid, libc::SCHED_FIFO, &p) } != 0 {
-        return Err(std::io::Error::last_os_error());
+    affinity::pin_thread(tid, &CpuList::new(vec![cpu]), &what).map_err(|e| e.to_string())?;
+    if let Some(p) = fifo {
+        affinity::make_thread_realtime(tid, p, &what).map_err(|e| e.to_string())?;
     }
     Ok(())
 }
@@ -175,13 +162,7 @@ fn run(cli: Cli) -> Result<(), String> {
                     t
                 };
                 for tid in tids {
-                    set_affinity(tid, cpu)
-                        .map_err(|e| format!("cannot move thread {tid} to CPU {cpu}: {e}"))?;
-                    if let Some(p) = target.fifo {
-                        set_fifo(tid, p).map_err(|e| {
-                            format!("SCHED_FIFO {p} for thread {tid}: {e} (needs CAP_SYS_NICE)")
-                        })?;
-                    }
+                    place(tid, cpu, target.fifo)?;
                 }
                 println!("{id} -> CPU {cpu} ({why})");
             }
@@ -189,10 +170,7 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Cmd::Run { target, command } => {
             let (cpu, _why) = choose(&cpus, &target)?;
-            set_affinity(0, cpu).map_err(|e| format!("cannot move to CPU {cpu}: {e}"))?;
-            if let Some(p) = target.fifo {
-                set_fifo(0, p).map_err(|e| format!("SCHED_FIFO {p}: {e} (needs CAP_SYS_NICE)"))?;
-            }
+            place(0, cpu, target.fifo)?;
             let err = std::process::Command::new(&command[0])
                 .args(&command[1..])
                 .env(CPU_VAR, cpu.to_string())
