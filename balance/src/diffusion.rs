@@ -173,16 +173,21 @@ pub struct Params {
     /// Refinement keeps every partition within (1 + tolerance) x mean load.
     pub tolerance: f64,
     pub refine_passes: usize,
+    /// Flow + selection rounds per step (a round only runs while the
+    /// imbalance is above the tolerance): a later round realises what the
+    /// border of an earlier one could not.
+    pub rounds: usize,
 }
 
 impl Default for Params {
     fn default() -> Self {
         Params {
             beta: 1.6,
-            threshold: 1e-3,
+            threshold: 1e-4,
             max_iterations: 2000,
             tolerance: 0.03,
             refine_passes: 4,
+            rounds: 3,
         }
     }
 }
@@ -281,15 +286,43 @@ impl Ord for Cand {
     }
 }
 
+/// A pair's view of the two partitions' current loads, so that a move
+/// never leaves the receiver heavier than the sender unless the receiver
+/// stays within the limit.
+struct PairLoads<'a> {
+    loads: &'a mut [f64],
+    limit: f64,
+}
+
+/// Whether moving a task between two loaded partitions (or hosts) is
+/// allowed: the receiver (load `to`, gaining `into`) must end within
+/// `limit` or no heavier than the sender (load `from`, losing `out`).
+/// Pass `limit = f64::NEG_INFINITY` for "never heavier than the sender".
+pub fn admits(from: f64, to: f64, out: f64, into: f64, limit: f64) -> bool {
+    to + into <= limit.max(from - out)
+}
+
+impl PairLoads<'_> {
+    fn admits(&self, from: u32, to: u32, load: f64) -> bool {
+        let (f, t) = (self.loads[from as usize], self.loads[to as usize]);
+        admits(f, t, load, load, self.limit)
+    }
+
+    fn shift(&mut self, from: u32, to: u32, load: f64) {
+        self.loads[from as usize] -= load;
+        self.loads[to as usize] += load;
+    }
+}
+
 /// Moves border tasks from `from` to `to` until `amount` load has moved
 /// (or no border task is left), best gain first. Returns the load moved.
 fn move_border(
     g: &TaskGraph,
     part: &mut [u32],
     members: &[usize],
-    from: u32,
-    to: u32,
+    (from, to): (u32, u32),
     amount: f64,
+    pl: &mut PairLoads,
 ) -> f64 {
     let mut heap = BinaryHeap::new();
     for &t in members {
@@ -307,12 +340,14 @@ fn move_border(
             heap.push(Cand(now, t)); // stale: re-queue with the current gain
             continue;
         }
-        // Do not overshoot by more than half of this task.
-        if moved + g.load[t] > amount + g.load[t] / 2.0 {
+        // Do not overshoot by more than half of this task, nor overload
+        // the receiver.
+        if moved + g.load[t] > amount + g.load[t] / 2.0 || !pl.admits(from, to, g.load[t]) {
             continue;
         }
         part[t] = to;
         moved += g.load[t];
+        pl.shift(from, to, g.load[t]);
         for (u, _) in g.edges(t) {
             if part[u] == from {
                 heap.push(Cand(gain(g, part, u, to), u));
@@ -322,36 +357,96 @@ fn move_border(
     moved
 }
 
-/// Realises `flows` by moving border tasks. Works pair by pair, each pair
-/// touching only the tasks of its two partitions.
+/// Realises `flows` by moving border tasks. Every partition handles its own
+/// outflows, largest first, touching only its tasks and the border with
+/// the receiving neighbour. What one pair could not realise (flows smaller
+/// than a task) carries over to the next pair of the same partition, so
+/// many small outflows still add up to whole tasks.
 pub fn select(
     g: &TaskGraph,
     part: &mut [u32],
     nparts: usize,
     flows: &BTreeMap<(usize, usize), f64>,
+    p: &Params,
 ) {
     let mut members: Vec<Vec<usize>> = vec![Vec::new(); nparts];
     for (t, p) in part.iter().enumerate() {
         members[*p as usize].push(t);
     }
+    let mut l = loads(g, part, nparts);
+    let limit = (1.0 + p.tolerance) * l.iter().sum::<f64>() / nparts as f64;
+    let mut pl = PairLoads {
+        loads: &mut l,
+        limit,
+    };
+    let mut out: Vec<Vec<(usize, f64)>> = vec![Vec::new(); nparts];
     for (&(i, j), &f) in flows {
-        let (from, to, amount) = if f >= 0.0 { (i, j, f) } else { (j, i, -f) };
-        if amount < 0.5 * g.load.iter().copied().fold(f64::INFINITY, f64::min) {
-            continue;
+        if f > 0.0 {
+            out[i].push((j, f));
+        } else if f < 0.0 {
+            out[j].push((i, -f));
         }
-        move_border(g, part, &members[from], from as u32, to as u32, amount);
+    }
+    for (from, mut targets) in out.into_iter().enumerate() {
+        targets.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        let (mut wanted, mut moved) = (0.0, 0.0);
+        for (to, amount) in targets {
+            wanted += amount;
+            if wanted - moved <= 0.0 {
+                continue;
+            }
+            moved += move_border(
+                g,
+                part,
+                &members[from],
+                (from as u32, to as u32),
+                wanted - moved,
+                &mut pl,
+            );
+        }
     }
 }
 
-/// FM-style refinement: between every pair of neighbouring partitions,
-/// move single border tasks with positive gain while both partitions stay
-/// within the tolerance. Every move lowers the edge-cut.
+/// FM-style refinement between neighbouring partitions, in passes. First
+/// a partition above the tolerance hands border tasks to its lightest
+/// neighbour (best gain first) while that neighbour stays within the
+/// tolerance or lighter than the sender; then single border tasks move
+/// where that lowers the edge-cut and both sides stay within the
+/// tolerance. The second kind of move never raises the edge-cut.
 pub fn refine(g: &TaskGraph, part: &mut [u32], nparts: usize, p: &Params) {
     let mut l = loads(g, part, nparts);
     let mean = l.iter().sum::<f64>() / nparts as f64;
     let limit = (1.0 + p.tolerance) * mean;
     for _ in 0..p.refine_passes {
         let mut moved = false;
+        // Balance: overloaded partitions shed border tasks.
+        for t in 0..g.tasks() {
+            let home = part[t];
+            if l[home as usize] <= limit {
+                continue;
+            }
+            let mut best: Option<(f64, f64, u32)> = None; // (load, -gain, to)
+            for (u, _) in g.edges(t) {
+                let to = part[u];
+                if to == home {
+                    continue;
+                }
+                let key = (l[to as usize], -gain(g, part, t, to), to);
+                if best.is_none_or(|b| (key.0, key.1) < (b.0, b.1)) {
+                    best = Some(key);
+                }
+            }
+            if let Some((lt, _, to)) = best {
+                let lf = l[home as usize];
+                if lt + g.load[t] <= limit.max(lf - g.load[t]) {
+                    part[t] = to;
+                    l[home as usize] -= g.load[t];
+                    l[to as usize] += g.load[t];
+                    moved = true;
+                }
+            }
+        }
+        // Cut: single moves with positive gain within the tolerance.
         for t in 0..g.tasks() {
             let home = part[t];
             // The best neighbouring partition for t.
@@ -384,10 +479,18 @@ pub fn refine(g: &TaskGraph, part: &mut [u32], nparts: usize, p: &Params) {
 /// One balancing step: neighbours, flows, task selection, refinement.
 /// Returns the new assignment and the diffusion iterations used.
 pub fn balance(g: &TaskGraph, part: &[u32], nparts: usize, p: &Params) -> (Vec<u32>, usize) {
-    let q = Quotient::new(g, part, nparts);
-    let (f, iterations) = flows(&q, &loads(g, part, nparts), p);
     let mut next = part.to_vec();
-    select(g, &mut next, nparts, &f);
+    let mut iterations = 0;
+    for _ in 0..p.rounds.max(1) {
+        let l = loads(g, &next, nparts);
+        if imbalance(&l) <= p.tolerance {
+            break;
+        }
+        let q = Quotient::new(g, &next, nparts);
+        let (f, its) = flows(&q, &l, p);
+        iterations += its;
+        select(g, &mut next, nparts, &f, p);
+    }
     refine(g, &mut next, nparts, p);
     (next, iterations)
 }

@@ -235,17 +235,165 @@ impl<I: Copy + Default> Board<I> {
 /// The wire format of a gossip message (UDP datagram): a header, then
 /// fixed-size entries. Little-endian.
 pub mod wire {
+    use super::Sent;
+
     /// magic "FFGB", version, sender slot, sender incarnation, entry count.
     pub const HEADER_BYTES: usize = 20;
     /// slot, incarnation, age (f32 time units), load (f32), free memory
-    /// (MiB), VMs, health, 3 bytes padding.
+    /// (MiB), VMs, health (u8), 1 byte reserved, cores (u16).
     pub const ENTRY_BYTES: usize = 28;
     pub const MAGIC: u32 = 0x4247_4646;
     pub const VERSION: u32 = 1;
+    /// Entries per datagram, so a message fits a 1500-byte MTU.
+    pub const MAX_ENTRIES: usize = 49;
 
     /// Bytes of a message with `n` entries.
     pub fn message_bytes(n: usize) -> usize {
         HEADER_BYTES + n * ENTRY_BYTES
+    }
+
+    /// How a node says it is doing.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+    #[serde(rename_all = "lowercase")]
+    pub enum Health {
+        /// Unknown (never heard).
+        #[default]
+        Unknown,
+        Ok,
+        /// Its own checks fail (VMM API, KVM, memory): send it nothing.
+        Degraded,
+        /// The operator drains it: it takes no VMs.
+        Draining,
+    }
+
+    impl Health {
+        fn code(self) -> u8 {
+            match self {
+                Health::Unknown => 0,
+                Health::Ok => 1,
+                Health::Degraded => 2,
+                Health::Draining => 3,
+            }
+        }
+        fn from_code(c: u8) -> Option<Health> {
+            Some(match c {
+                0 => Health::Unknown,
+                1 => Health::Ok,
+                2 => Health::Degraded,
+                3 => Health::Draining,
+                _ => return None,
+            })
+        }
+    }
+
+    /// What a node says about itself.
+    #[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize)]
+    pub struct NodeInfo {
+        /// Runnable vCPU demand of its VMs (vCPUs that want to run).
+        pub load: f32,
+        pub free_mib: u32,
+        pub vms: u32,
+        pub health: Health,
+        /// Host cores its VMs may use.
+        pub cores: u16,
+    }
+
+    /// A decoded datagram.
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct Message {
+        pub sender: u32,
+        pub incarnation: u32,
+        pub entries: Vec<Sent<NodeInfo>>,
+    }
+
+    #[derive(Debug, thiserror::Error, PartialEq)]
+    pub enum WireError {
+        #[error("{0} bytes is not a gossip message (header {HEADER_BYTES} + n x {ENTRY_BYTES})")]
+        Length(usize),
+        #[error("bad magic {0:#x}")]
+        Magic(u32),
+        #[error("unsupported version {0}")]
+        Version(u32),
+        #[error("entry count {count} does not match {len} bytes")]
+        Count { count: u32, len: usize },
+        #[error("entry {0}: bad value (age, load or health)")]
+        Value(usize),
+    }
+
+    /// Encodes `entries` (at most [`MAX_ENTRIES`] are taken).
+    pub fn encode(sender: u32, incarnation: u32, entries: &[Sent<NodeInfo>]) -> Vec<u8> {
+        let entries = &entries[..entries.len().min(MAX_ENTRIES)];
+        let mut b = Vec::with_capacity(message_bytes(entries.len()));
+        for v in [MAGIC, VERSION, sender, incarnation, entries.len() as u32] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        for e in entries {
+            b.extend_from_slice(&e.slot.to_le_bytes());
+            b.extend_from_slice(&e.incarnation.to_le_bytes());
+            b.extend_from_slice(&e.age.to_le_bytes());
+            b.extend_from_slice(&e.info.load.to_le_bytes());
+            b.extend_from_slice(&e.info.free_mib.to_le_bytes());
+            b.extend_from_slice(&e.info.vms.to_le_bytes());
+            b.push(e.info.health.code());
+            b.push(0);
+            b.extend_from_slice(&e.info.cores.to_le_bytes());
+        }
+        b
+    }
+
+    fn u32_at(b: &[u8], at: usize) -> u32 {
+        let mut w = [0u8; 4];
+        w.copy_from_slice(&b[at..at + 4]);
+        u32::from_le_bytes(w)
+    }
+
+    /// Decodes one datagram, checking every field; never panics.
+    pub fn decode(b: &[u8]) -> Result<Message, WireError> {
+        if b.len() < HEADER_BYTES || (b.len() - HEADER_BYTES) % ENTRY_BYTES != 0 {
+            return Err(WireError::Length(b.len()));
+        }
+        let magic = u32_at(b, 0);
+        if magic != MAGIC {
+            return Err(WireError::Magic(magic));
+        }
+        let version = u32_at(b, 4);
+        if version != VERSION {
+            return Err(WireError::Version(version));
+        }
+        let count = u32_at(b, 16);
+        if message_bytes(count as usize) != b.len() {
+            return Err(WireError::Count {
+                count,
+                len: b.len(),
+            });
+        }
+        let mut entries = Vec::with_capacity(count as usize);
+        for i in 0..count as usize {
+            let e = &b[HEADER_BYTES + i * ENTRY_BYTES..HEADER_BYTES + (i + 1) * ENTRY_BYTES];
+            let age = f32::from_bits(u32_at(e, 8));
+            let load = f32::from_bits(u32_at(e, 12));
+            let health = Health::from_code(e[24]).ok_or(WireError::Value(i))?;
+            if !(age.is_finite() && age >= 0.0 && load.is_finite() && load >= 0.0) {
+                return Err(WireError::Value(i));
+            }
+            entries.push(Sent {
+                slot: u32_at(e, 0),
+                incarnation: u32_at(e, 4),
+                age,
+                info: NodeInfo {
+                    load,
+                    free_mib: u32_at(e, 16),
+                    vms: u32_at(e, 20),
+                    health,
+                    cores: u16::from_le_bytes([e[26], e[27]]),
+                },
+            });
+        }
+        Ok(Message {
+            sender: u32_at(b, 8),
+            incarnation: u32_at(b, 12),
+            entries,
+        })
     }
 }
 
@@ -339,5 +487,44 @@ mod tests {
         assert_eq!("4".parse::<Window>(), Ok(Window::Age(4.0)));
         assert!("-1".parse::<Window>().is_err());
         assert!("x".parse::<Window>().is_err());
+    }
+
+    #[test]
+    fn wire_round_trip_and_rejects_garbage() {
+        use wire::*;
+        let e = Sent {
+            slot: 2,
+            age: 1.5,
+            incarnation: 7,
+            info: NodeInfo {
+                load: 2.25,
+                free_mib: 4096,
+                vms: 3,
+                health: Health::Ok,
+                cores: 16,
+            },
+        };
+        let b = encode(1, 9, &[e, e]);
+        assert_eq!(b.len(), message_bytes(2));
+        let m = decode(&b).expect("decodes");
+        assert_eq!((m.sender, m.incarnation), (1, 9));
+        assert_eq!(m.entries, vec![e, e]);
+        assert_eq!(
+            decode(&b[..b.len() - 1]),
+            Err(WireError::Length(b.len() - 1))
+        );
+        let mut bad = b.clone();
+        bad[0] ^= 1;
+        assert!(matches!(decode(&bad), Err(WireError::Magic(_))));
+        let mut bad = b.clone();
+        bad[16] = 3; // count 3, 2 entries
+        assert!(matches!(decode(&bad), Err(WireError::Count { .. })));
+        let mut bad = b.clone();
+        bad[HEADER_BYTES + 8..HEADER_BYTES + 12].copy_from_slice(&f32::NAN.to_le_bytes());
+        assert_eq!(decode(&bad), Err(WireError::Value(0)));
+        let mut bad = b;
+        bad[HEADER_BYTES + 24] = 9;
+        assert_eq!(decode(&bad), Err(WireError::Value(0)));
+        assert!(encode(0, 0, &vec![e; 100]).len() == message_bytes(MAX_ENTRIES));
     }
 }

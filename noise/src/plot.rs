@@ -17,7 +17,8 @@ pub enum Error {
     Empty,
 }
 
-fn register_font() -> Result<(), Error> {
+/// Registers the DejaVu font as "sans-serif" for plotters (other crates' plots use it too).
+pub fn register_font() -> Result<(), Error> {
     let bytes = std::fs::read(FONT).map_err(Error::Font)?;
     let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
     plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)

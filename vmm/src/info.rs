@@ -51,6 +51,7 @@ pub fn vm_info(vm: &Vm) -> serde_json::Value {
         .collect();
     json!({
         "state": state,
+        "pid": std::process::id(),
         "pci": pci,
         "disks": disks,
         "uptime_ms": vm.started.elapsed().as_millis() as u64,

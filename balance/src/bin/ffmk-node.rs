@@ -1,6 +1,11 @@
 //! `ffmk-node`: the per-host balancing daemon and its simulators.
+use balance::diffusion::Params;
+use balance::evaluate::{self, EvalConfig};
 use balance::gossip::Window;
+use balance::node::config::Config;
+use balance::node::control;
 use balance::sim::{self, SimConfig};
+use balance::workload::Kind;
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
@@ -20,6 +25,165 @@ enum Cmd {
     /// Simulate a gossiping colony and print the average age of the
     /// information at steady state and the traffic per node and step.
     GossipSim(GossipSimArgs),
+    /// Compare diffusion repartitioning with METIS from scratch on a
+    /// synthetic workload over many time steps: imbalance, migration,
+    /// edge-cut and run time per method.
+    BalanceSim(BalanceSimArgs),
+    /// Run the node daemon: learn the local VMs from their VMM APIs,
+    /// gossip with the other hosts over UDP, and move VMs by live
+    /// migration when this host is overloaded.
+    Run(RunArgs),
+    /// Show the bulletin board, VMs and migrations a daemon holds now.
+    Status(StatusArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// TOML settings (hosts, me, vm_dir, ports, thresholds; see docs/balance.md).
+    #[arg(long)]
+    config: std::path::PathBuf,
+    /// Slurm-style host list, overriding the file (node[01-16]).
+    #[arg(long)]
+    hosts: Option<String>,
+    /// This host's name in the list, overriding the file.
+    #[arg(long)]
+    me: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct StatusArgs {
+    /// Ask the daemon configured by this file (its own control address).
+    #[arg(long, conflicts_with = "connect")]
+    config: Option<std::path::PathBuf>,
+    /// Or ask the daemon at HOST:PORT.
+    #[arg(long)]
+    connect: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+fn load_config(
+    path: &std::path::Path,
+    hosts: Option<String>,
+    me: Option<String>,
+) -> Result<balance::node::config::Resolved, String> {
+    let mut c = Config::load(path).map_err(|e| e.to_string())?;
+    if let Some(h) = hosts {
+        c.hosts = h;
+    }
+    if let Some(m) = me {
+        c.me = m;
+    }
+    c.resolve().map_err(|e| e.to_string())
+}
+
+fn run_daemon(a: RunArgs) -> Result<(), String> {
+    let r = load_config(&a.config, a.hosts, a.me)?;
+    balance::node::run(r).map_err(|e| e.to_string())
+}
+
+fn show_status(a: StatusArgs) -> Result<(), String> {
+    use std::net::ToSocketAddrs;
+    let addr = match (&a.config, &a.connect) {
+        (Some(p), _) => {
+            let r = load_config(p, None, None)?;
+            r.control[r.slot]
+        }
+        (None, Some(c)) => c
+            .to_socket_addrs()
+            .map_err(|e| format!("--connect {c}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("--connect {c}: no address"))?,
+        (None, None) => return Err("say which daemon: --config FILE or --connect HOST:PORT".into()),
+    };
+    let reply = control::call(
+        addr,
+        &control::Request::Status {},
+        std::time::Duration::from_secs(5),
+    )?;
+    let st = match (reply.ok, reply.status) {
+        (true, Some(s)) => s,
+        _ => {
+            return Err(reply
+                .error
+                .unwrap_or_else(|| "no status in the reply".into()))
+        }
+    };
+    if a.json {
+        println!("{st}");
+        return Ok(());
+    }
+    let s = |v: &serde_json::Value| {
+        v.as_str()
+            .map(String::from)
+            .unwrap_or_else(|| v.to_string())
+    };
+    println!(
+        "host {} (slot {}), incarnation {}, up {:.0} s, health {}, window {}, period {} ms",
+        s(&st["host"]),
+        st["slot"],
+        st["incarnation"],
+        st["uptime_s"].as_f64().unwrap_or(0.0),
+        s(&st["health"]),
+        s(&st["window"]),
+        st["period_ms"]
+    );
+    println!(
+        "{:>4} {:<20} {:>8} {:>7} {:>6} {:>5} {:>9} {:>4} {:<9}",
+        "slot", "host", "age", "state", "load", "cores", "free MiB", "VMs", "health"
+    );
+    for e in st["board"].as_array().into_iter().flatten() {
+        let info = &e["info"];
+        let age = e["age"].as_f64().map_or("-".into(), |a| format!("{a:.1}"));
+        let state = if info.is_null() {
+            "unknown"
+        } else if e["alive"] == true {
+            "alive"
+        } else {
+            "dead"
+        };
+        println!(
+            "{:>4} {:<20} {:>8} {:>7} {:>6} {:>5} {:>9} {:>4} {:<9}",
+            e["slot"],
+            s(&e["host"]),
+            age,
+            state,
+            info["load"]
+                .as_f64()
+                .map_or("-".into(), |l| format!("{l:.2}")),
+            s(&info["cores"]),
+            s(&info["free_mib"]),
+            s(&info["vms"]),
+            s(&info["health"])
+        );
+    }
+    for v in st["vms"].as_array().into_iter().flatten() {
+        println!(
+            "vm {:<16} load {:.2} cpus {} memory {} MiB {}{}",
+            s(&v["name"]),
+            v["load"].as_f64().unwrap_or(0.0),
+            s(&v["cpus"]),
+            v["memory_mib"],
+            s(&v["state"]),
+            v["unmovable"]
+                .as_str()
+                .map(|u| format!(" (stays: {u})"))
+                .unwrap_or_default()
+        );
+    }
+    for (k, label) in [
+        ("incoming", "incoming"),
+        ("backoff", "backing off"),
+        ("unreachable_vms", "unreachable"),
+    ] {
+        for x in st[k].as_array().into_iter().flatten() {
+            println!("{label}: {x}");
+        }
+    }
+    if !st["outgoing"].is_null() {
+        println!("outgoing: {}", st["outgoing"]);
+    }
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -51,6 +215,115 @@ struct GossipSimArgs {
     max_warmup: u64,
     #[arg(long)]
     json: bool,
+}
+
+#[derive(clap::Args)]
+struct BalanceSimArgs {
+    /// shock (a moving front of 4x load), cloud (drifting hot spots), or both.
+    #[arg(long, default_value = "both")]
+    workload: String,
+    /// Partitions (nodes), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "96,512,2048,8192")]
+    parts: Vec<usize>,
+    /// Tasks per partition (the grid has about parts x this many tasks).
+    #[arg(long, default_value_t = 64)]
+    tasks_per_part: usize,
+    /// Time steps after the initial partition.
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Imbalance tolerance of the refinement and of METIS (0.03 = 3%).
+    #[arg(long, default_value_t = 0.03)]
+    tolerance: f64,
+    /// One JSON object per (workload, parts) with every step.
+    #[arg(long)]
+    json: bool,
+    /// Draw the four metrics over the partitions into this PNG.
+    #[arg(long)]
+    plot: Option<std::path::PathBuf>,
+    /// Also write the JSON objects (every step) to this file.
+    #[arg(long)]
+    json_out: Option<std::path::PathBuf>,
+}
+
+fn balance_sim(a: BalanceSimArgs) -> Result<(), String> {
+    let kinds: Vec<Kind> = match a.workload.as_str() {
+        "both" => vec![Kind::Shock, Kind::Cloud],
+        w => vec![w.parse()?],
+    };
+    if !(0.0..1.0).contains(&a.tolerance) {
+        return Err(format!("--tolerance {} is not in [0, 1)", a.tolerance));
+    }
+    let params = Params {
+        tolerance: a.tolerance,
+        ..Params::default()
+    };
+    if !a.json {
+        println!(
+            "{:<6} {:>6} {:>8} {:<10} {:>9} {:>9} {:>9} {:>10} {:>10} {:>11} {:>6}",
+            "load",
+            "parts",
+            "tasks",
+            "method",
+            "imb.mean",
+            "imb.max",
+            "migr.",
+            "edge-cut",
+            "time[s]",
+            "time/node",
+            "iters"
+        );
+    }
+    let mut all = Vec::new();
+    let mut json_out = match &a.json_out {
+        Some(p) => Some(
+            std::fs::File::create(p).map_err(|e| format!("cannot create {}: {e}", p.display()))?,
+        ),
+        None => None,
+    };
+    for kind in kinds {
+        for &parts in &a.parts {
+            let cfg = EvalConfig {
+                workload: kind,
+                parts,
+                tasks_per_part: a.tasks_per_part,
+                steps: a.steps,
+                seed: a.seed,
+                params,
+            };
+            let r = evaluate::run(&cfg).map_err(|e| e.to_string())?;
+            if let Some(f) = json_out.as_mut() {
+                use std::io::Write;
+                let line = serde_json::to_string(&r).map_err(|e| e.to_string())?;
+                writeln!(f, "{line}").map_err(|e| format!("cannot write the JSON: {e}"))?;
+            }
+            if a.json {
+                println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);
+            } else {
+                for m in &r.methods {
+                    let iters = if m.method == "diffusion" {
+                        format!("{:.0}", r.diffusion_iterations_mean)
+                    } else {
+                        "-".into()
+                    };
+                    println!(
+                        "{:<6} {:>6} {:>8} {:<10} {:>9.4} {:>9.4} {:>9.3} {:>10.0} {:>10.4} {:>11.2e} {:>6}",
+                        kind, parts, r.tasks, m.method, m.imbalance_mean, m.imbalance_max,
+                        m.migration_mean, m.edge_cut_mean, m.seconds_median, m.seconds_per_node, iters
+                    );
+                }
+            }
+            all.push(r);
+        }
+    }
+    if let Some(path) = &a.plot {
+        balance::plot::draw(path, &all).map_err(|e| e.to_string())?;
+        if !a.json {
+            println!("plot: {}", path.display());
+        }
+    }
+    Ok(())
 }
 
 fn gossip_sim(a: GossipSimArgs) -> Result<(), String> {
@@ -88,6 +361,9 @@ fn gossip_sim(a: GossipSimArgs) -> Result<(), String> {
 fn main() -> ExitCode {
     let r = match Cli::parse().cmd {
         Cmd::GossipSim(a) => gossip_sim(a),
+        Cmd::BalanceSim(a) => balance_sim(a),
+        Cmd::Run(a) => run_daemon(a),
+        Cmd::Status(a) => show_status(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,8 +8,28 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+/// The ffmk-vmm binary: Cargo's path in vmm's own tests; from other
+/// crates' tests (which include this module) the binary next to the test
+/// executable's directory (target/PROFILE/), built by `cargo test --workspace`.
 pub fn vmm() -> &'static str {
-    env!("CARGO_BIN_EXE_ffmk-vmm")
+    if let Some(p) = option_env!("CARGO_BIN_EXE_ffmk-vmm") {
+        return p;
+    }
+    static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test executable path");
+        let p = exe
+            .parent()
+            .and_then(Path::parent)
+            .map(|d| d.join("ffmk-vmm"))
+            .expect("target directory");
+        assert!(
+            p.exists(),
+            "{} is missing: build it (cargo build -p vmm) or run cargo test --workspace",
+            p.display()
+        );
+        p.to_string_lossy().into_owned()
+    })
 }
 
 /// A built guest image under guest-images/out/, or a panic naming the

@@ -1,0 +1,271 @@
+//! The daemon's settings: a TOML file (`ffmk-node run --config FILE`),
+//! with `--hosts` and `--me` able to override the file. Every host runs
+//! the same host list; its slot on the bulletin board is its position in it.
+use crate::gossip::Window;
+use crate::hostlist;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Slurm-style host list, the same on every host (`node[01-16]`).
+    #[serde(default)]
+    pub hosts: String,
+    /// This host's name as it appears in `hosts`.
+    #[serde(default)]
+    pub me: String,
+    #[serde(default = "d_gossip_port")]
+    pub gossip_port: u16,
+    /// TCP port of the daemon's control service (peers, `ffmk-node status`).
+    #[serde(default = "d_control_port")]
+    pub control_port: u16,
+    /// Ports the destination VMMs listen on for incoming migrations.
+    #[serde(default = "d_migration_ports")]
+    pub migration_ports: [u16; 2],
+    /// Where this host's VMMs put their API sockets (`NAME.sock`); incoming
+    /// VMs get theirs (and `NAME.console`, `NAME.vmm.log`) here too.
+    pub vm_dir: PathBuf,
+    /// The `ffmk-vmm` binary that receives incoming VMs.
+    #[serde(default = "d_vmm")]
+    pub vmm: PathBuf,
+    /// JSON decision log (one object per line) [default: stderr only].
+    #[serde(default)]
+    pub log: Option<PathBuf>,
+    /// Gossip period (one time unit of the board).
+    #[serde(default = "d_period_ms")]
+    pub period_ms: u64,
+    /// Gossip window: entries of age <= T periods, or "whole".
+    #[serde(default = "d_window")]
+    pub window: String,
+    /// Ring neighbours the diffusion balances with.
+    #[serde(default = "d_neighbours")]
+    pub neighbours: usize,
+    /// Act when per-core load exceeds the neighbourhood mean by this share.
+    #[serde(default = "d_threshold")]
+    pub threshold: f64,
+    /// A host whose entry is older than this many periods is dead.
+    #[serde(default = "d_dead_after")]
+    pub dead_after: f64,
+    /// Cores VMs may use here [default: the online CPUs].
+    #[serde(default)]
+    pub cores: Option<u16>,
+    /// Memory kept free beyond an incoming VM.
+    #[serde(default = "d_reserve_mib")]
+    pub reserve_mib: u64,
+    /// At least this long between two migrations this host starts.
+    #[serde(default = "d_min_interval_s")]
+    pub min_interval_s: f64,
+    /// A VM that arrived stays at least this long.
+    #[serde(default = "d_settle_s")]
+    pub settle_s: f64,
+    /// Back-off after a failed or refused migration to a host, doubling
+    /// up to `backoff_max_s`.
+    #[serde(default = "d_backoff_s")]
+    pub backoff_s: f64,
+    #[serde(default = "d_backoff_max_s")]
+    pub backoff_max_s: f64,
+    /// A migration not finished by then is cancelled (the VM stays).
+    #[serde(default = "d_migration_timeout_s")]
+    pub migration_timeout_s: f64,
+    #[serde(default = "d_max_downtime_ms")]
+    pub max_downtime_ms: u64,
+    /// Take no VMs (announced as health "draining").
+    #[serde(default)]
+    pub drain: bool,
+    /// Seed of the gossip partner choice [default: from slot and time].
+    #[serde(default)]
+    pub seed: Option<u64>,
+}
+
+fn d_gossip_port() -> u16 {
+    7400
+}
+fn d_control_port() -> u16 {
+    7401
+}
+fn d_migration_ports() -> [u16; 2] {
+    [7410, 7429]
+}
+fn d_vmm() -> PathBuf {
+    "ffmk-vmm".into()
+}
+fn d_period_ms() -> u64 {
+    1000
+}
+fn d_window() -> String {
+    "whole".into()
+}
+fn d_neighbours() -> usize {
+    4
+}
+fn d_threshold() -> f64 {
+    0.25
+}
+fn d_dead_after() -> f64 {
+    10.0
+}
+fn d_reserve_mib() -> u64 {
+    512
+}
+fn d_min_interval_s() -> f64 {
+    10.0
+}
+fn d_settle_s() -> f64 {
+    30.0
+}
+fn d_backoff_s() -> f64 {
+    5.0
+}
+fn d_backoff_max_s() -> f64 {
+    300.0
+}
+fn d_migration_timeout_s() -> f64 {
+    300.0
+}
+fn d_max_downtime_ms() -> u64 {
+    300
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read {}: {}", .0.display(), .1)]
+    Read(PathBuf, std::io::Error),
+    #[error("{}: {}", .0.display(), .1)]
+    Parse(PathBuf, String),
+    #[error(transparent)]
+    Hosts(#[from] hostlist::Error),
+    #[error("no host list (set hosts in the config or --hosts)")]
+    NoHosts,
+    #[error("this host ({0:?}) is not in the host list")]
+    NotListed(String),
+    #[error("host {0:?} is listed twice")]
+    Duplicate(String),
+    #[error("cannot resolve host {0:?}: {1}")]
+    Resolve(String, String),
+    #[error("invalid setting: {0}")]
+    Invalid(String),
+}
+
+/// A config checked and resolved: peers' addresses, this host's slot.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub config: Config,
+    pub names: Vec<String>,
+    pub slot: usize,
+    pub gossip: Vec<SocketAddr>,
+    pub control: Vec<SocketAddr>,
+    pub window: Window,
+    pub cores: u16,
+}
+
+impl Config {
+    pub fn load(path: &std::path::Path) -> Result<Config, Error> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Read(path.into(), e))?;
+        toml::from_str(&text).map_err(|e| Error::Parse(path.into(), e.message().to_string()))
+    }
+
+    pub fn resolve(self) -> Result<Resolved, Error> {
+        if self.hosts.trim().is_empty() {
+            return Err(Error::NoHosts);
+        }
+        let names = hostlist::expand(&self.hosts)?;
+        let mut seen = std::collections::HashSet::new();
+        for n in &names {
+            if !seen.insert(n) {
+                return Err(Error::Duplicate(n.clone()));
+            }
+        }
+        let slot = names
+            .iter()
+            .position(|n| *n == self.me)
+            .ok_or_else(|| Error::NotListed(self.me.clone()))?;
+        let invalid = |m: &str| Err(Error::Invalid(m.into()));
+        if self.period_ms == 0 {
+            return invalid("period_ms must be positive");
+        }
+        if !(self.threshold > 0.0 && self.threshold.is_finite()) {
+            return invalid("threshold must be a positive share (0.25 = 25%)");
+        }
+        if self.dead_after <= 1.0 {
+            return invalid("dead_after must be more than one period");
+        }
+        if self.migration_ports[0] > self.migration_ports[1] {
+            return invalid("migration_ports must be [low, high]");
+        }
+        let window: Window = self.window.parse().map_err(Error::Invalid)?;
+        let addr = |n: &str, port: u16| -> Result<SocketAddr, Error> {
+            (n, port)
+                .to_socket_addrs()
+                .map_err(|e| Error::Resolve(n.into(), e.to_string()))?
+                .find(|a| a.is_ipv4())
+                .ok_or_else(|| Error::Resolve(n.into(), "no IPv4 address".into()))
+        };
+        let gossip = names
+            .iter()
+            .map(|n| addr(n, self.gossip_port))
+            .collect::<Result<Vec<_>, _>>()?;
+        let control = names
+            .iter()
+            .map(|n| addr(n, self.control_port))
+            .collect::<Result<Vec<_>, _>>()?;
+        let online = std::thread::available_parallelism()
+            .map(|n| n.get() as u16)
+            .unwrap_or(1);
+        let cores = self.cores.unwrap_or(online).max(1);
+        Ok(Resolved {
+            names,
+            slot,
+            gossip,
+            control,
+            window,
+            cores,
+            config: self,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_config_resolves_to_slots_and_addresses() {
+        let c: Config = toml::from_str(
+            r#"
+            hosts = "127.0.0.[1-3]"
+            me = "127.0.0.2"
+            vm_dir = "/tmp/x"
+            period_ms = 200
+            "#,
+        )
+        .expect("parses");
+        let r = c.resolve().expect("resolves");
+        assert_eq!(r.slot, 1);
+        assert_eq!(r.gossip[2].to_string(), "127.0.0.3:7400");
+        assert_eq!(r.control[0].to_string(), "127.0.0.1:7401");
+    }
+
+    #[test]
+    fn bad_configs_say_what_is_wrong() {
+        let base = |extra: &str| -> Result<Resolved, Error> {
+            let c: Config = toml::from_str(&format!("vm_dir = \"/tmp\"\n{extra}"))
+                .map_err(|e| Error::Invalid(e.to_string()))?;
+            c.resolve()
+        };
+        assert!(matches!(base(""), Err(Error::NoHosts)));
+        assert!(matches!(
+            base("hosts = \"127.0.0.1\"\nme = \"x\""),
+            Err(Error::NotListed(_))
+        ));
+        assert!(matches!(
+            base("hosts = \"127.0.0.1,127.0.0.1\"\nme = \"127.0.0.1\""),
+            Err(Error::Duplicate(_))
+        ));
+        assert!(matches!(
+            base("hosts = \"127.0.0.1\"\nme = \"127.0.0.1\"\nthreshold = -1"),
+            Err(Error::Invalid(_))
+        ));
+        assert!(matches!(base("bogus = 1"), Err(Error::Invalid(_))));
+    }
+}

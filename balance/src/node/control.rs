@@ -1,0 +1,122 @@
+//! The daemons' control protocol: one JSON request per TCP connection, one
+//! JSON line back. Peers use it to hand a VM over (`prepare`, `abort`);
+//! operators use it for `ffmk-node status`.
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+/// Requests are small; anything longer is refused.
+pub const MAX_REQUEST: u64 = 64 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    /// The board, the local VMs, migrations and back-offs.
+    Status {},
+    /// Start a VMM waiting for VM `name` (sent by host `from`).
+    Prepare {
+        name: String,
+        memory_mib: u64,
+        cpus: String,
+        cpu_profile: Option<String>,
+        from: usize,
+        /// The VM's runnable vCPU demand and the sender's per-core load
+        /// after the move: the receiver refuses if it would end busier.
+        vm_load: f64,
+        sender_after: f64,
+    },
+    /// The migration of `name` will not come: stop waiting for it.
+    Abort { name: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// `prepare`: where the waiting VMM listens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// `status`: the daemon's state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<serde_json::Value>,
+}
+
+impl Reply {
+    pub fn ok() -> Reply {
+        Reply {
+            ok: true,
+            error: None,
+            to: None,
+            status: None,
+        }
+    }
+    pub fn refuse(why: impl Into<String>) -> Reply {
+        Reply {
+            ok: false,
+            error: Some(why.into()),
+            ..Reply::ok()
+        }
+    }
+}
+
+/// Reads one request line (bounded) from a connection.
+pub fn read_request(s: &TcpStream) -> Result<Request, String> {
+    let mut line = String::new();
+    BufReader::new(s.take(MAX_REQUEST))
+        .read_line(&mut line)
+        .map_err(|e| format!("cannot read the request: {e}"))?;
+    if !line.ends_with('\n') {
+        return Err("request too long or not ended by a newline".into());
+    }
+    serde_json::from_str(&line).map_err(|e| format!("bad request: {e}"))
+}
+
+pub fn write_reply(mut s: &TcpStream, r: &Reply) -> std::io::Result<()> {
+    let mut text = serde_json::to_string(r).map_err(std::io::Error::other)?;
+    text.push('\n');
+    s.write_all(text.as_bytes())
+}
+
+/// Sends `req` to the daemon at `addr` and returns its reply.
+pub fn call(addr: SocketAddr, req: &Request, timeout: Duration) -> Result<Reply, String> {
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+        .map_err(|e| format!("cannot reach the daemon at {addr}: {e}"))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    let mut text = serde_json::to_string(req).map_err(|e| e.to_string())?;
+    text.push('\n');
+    (&s).write_all(text.as_bytes())
+        .map_err(|e| format!("cannot send to {addr}: {e}"))?;
+    let mut line = String::new();
+    BufReader::new((&s).take(16 << 20))
+        .read_line(&mut line)
+        .map_err(|e| format!("no reply from {addr}: {e}"))?;
+    serde_json::from_str(&line).map_err(|e| format!("bad reply from {addr}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_and_unknown_ones_are_refused() {
+        let r = Request::Prepare {
+            name: "vm1".into(),
+            memory_mib: 256,
+            cpus: "1".into(),
+            cpu_profile: Some("pvm".into()),
+            from: 0,
+            vm_load: 1.0,
+            sender_after: 0.5,
+        };
+        let text = serde_json::to_string(&r).expect("encodes");
+        assert!(text.contains("\"op\":\"prepare\""));
+        assert_eq!(serde_json::from_str::<Request>(&text).expect("decodes"), r);
+        assert!(serde_json::from_str::<Request>(r#"{"op":"reboot"}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"op":"status","x":1}"#).is_err());
+    }
+}

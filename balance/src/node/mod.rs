@@ -1,0 +1,962 @@
+//! `ffmk-node run`: the per-host balancing daemon.
+//!
+//! Threads: the main loop (one gossip period per turn: find the local VMs,
+//! check health, refresh and gossip the own board entry, decide), a gossip
+//! receiver (UDP), a load sampler (/proc, ten times a period), the control
+//! service (TCP: peers hand VMs over, operators ask for status) and at
+//! most one outgoing migration at a time.
+//!
+//! A move: the overloaded host's policy picks a VM and a neighbour
+//! ([`policy::decide`]); it asks that neighbour's daemon to `prepare`
+//! (the receiver re-checks health, memory and its own load, then starts
+//! `ffmk-vmm run --incoming` and answers with its address); then it asks
+//! the VM's VMM to migrate there (`PUT /vm/migrate`) and follows `GET
+//! /vm/migration` to the end. A refusal or failure leaves the VM where it
+//! was (the VMM guarantees that), tells the receiver to `abort`, and backs
+//! off from that host. Every decision and step goes to the JSON log.
+pub mod config;
+pub mod control;
+pub mod policy;
+pub mod vms;
+
+use crate::gossip::wire::{self, Health, NodeInfo};
+use crate::gossip::{Board, Sent};
+use config::Resolved;
+use control::{Reply, Request};
+use policy::{Decision, HostView, PolicyParams, VmView};
+use rand::{Rng, SeedableRng};
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use vms::LocalVm;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot bind the gossip socket {0}: {1}")]
+    Gossip(SocketAddr, std::io::Error),
+    #[error("cannot listen for control requests on {0}: {1}")]
+    Control(SocketAddr, std::io::Error),
+    #[error("cannot open the log {0}: {1}")]
+    Log(PathBuf, std::io::Error),
+    #[error("VM directory {0}: {1}")]
+    VmDir(PathBuf, std::io::Error),
+    #[error("cannot start a thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// The JSON decision log: one object per line, with time and host.
+pub struct Log {
+    host: String,
+    file: Option<Mutex<std::fs::File>>,
+}
+
+impl Log {
+    fn open(host: &str, path: Option<&Path>) -> Result<Log, Error> {
+        let file = match path {
+            Some(p) => Some(Mutex::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map_err(|e| Error::Log(p.into(), e))?,
+            )),
+            None => None,
+        };
+        Ok(Log {
+            host: host.into(),
+            file,
+        })
+    }
+
+    pub fn event(&self, event: &str, fields: serde_json::Value) {
+        let t = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        let mut v = serde_json::json!({"t": t, "host": self.host, "event": event});
+        if let (Some(o), serde_json::Value::Object(f)) = (v.as_object_mut(), fields) {
+            o.extend(f);
+        }
+        let line = v.to_string();
+        match &self.file {
+            Some(f) => {
+                if let Ok(mut f) = f.lock() {
+                    let _ = writeln!(f, "{line}");
+                }
+            }
+            None => eprintln!("{line}"),
+        }
+    }
+}
+
+/// A VMM this daemon started to receive a VM.
+struct Incoming {
+    pid: u32,
+    from: usize,
+    since: Instant,
+    to: String,
+}
+
+/// What the daemon knows about its own host.
+#[derive(Default)]
+struct Local {
+    vms: Vec<LocalVm>,
+    /// Sockets that did not answer (name, why).
+    errors: Vec<(String, String)>,
+    /// VMs that arrived here, and when (they settle before moving on).
+    arrived: HashMap<String, Instant>,
+    incoming: HashMap<String, Incoming>,
+    info: NodeInfo,
+    health_why: Vec<String>,
+}
+
+#[derive(Default)]
+struct Limits {
+    last_start: Option<Instant>,
+    /// slot -> (no moves there before, current back-off)
+    backoff: HashMap<usize, (Instant, Duration)>,
+    /// The VM being migrated out.
+    outgoing: Option<(String, usize)>,
+}
+
+pub struct Daemon {
+    r: Resolved,
+    start: Instant,
+    incarnation: u32,
+    board: Mutex<Board<NodeInfo>>,
+    local: Mutex<Local>,
+    limits: Mutex<Limits>,
+    log: Log,
+    stop: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Daemon {
+    fn now(&self) -> f64 {
+        self.start.elapsed().as_secs_f64() * 1000.0 / self.r.config.period_ms as f64
+    }
+
+    fn period(&self) -> Duration {
+        Duration::from_millis(self.r.config.period_ms)
+    }
+
+    fn me(&self) -> &str {
+        &self.r.names[self.r.slot]
+    }
+
+    fn params(&self) -> PolicyParams {
+        let c = &self.r.config;
+        PolicyParams {
+            threshold: c.threshold,
+            dead_after: c.dead_after,
+            reserve_mib: c.reserve_mib,
+            neighbours: c.neighbours,
+        }
+    }
+}
+
+/// Runs the daemon until the process is killed.
+pub fn run(r: Resolved) -> Result<(), Error> {
+    std::fs::create_dir_all(&r.config.vm_dir)
+        .map_err(|e| Error::VmDir(r.config.vm_dir.clone(), e))?;
+    let log = Log::open(&r.names[r.slot], r.config.log.as_deref())?;
+    let gossip_addr = r.gossip[r.slot];
+    let udp = UdpSocket::bind(gossip_addr).map_err(|e| Error::Gossip(gossip_addr, e))?;
+    let control_addr = r.control[r.slot];
+    let tcp = TcpListener::bind(control_addr).map_err(|e| Error::Control(control_addr, e))?;
+    // Seconds since the epoch: a restarted daemon's entry is newer than
+    // anything its previous life said.
+    let incarnation = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as u32)
+        .unwrap_or(1);
+    let d = Arc::new(Daemon {
+        board: Mutex::new(Board::new(r.names.len(), Some(r.slot), r.window)),
+        r,
+        start: Instant::now(),
+        incarnation,
+        local: Mutex::new(Local::default()),
+        limits: Mutex::new(Limits::default()),
+        log,
+        stop: AtomicBool::new(false),
+    });
+    d.log.event(
+        "start",
+        serde_json::json!({
+            "slot": d.r.slot, "hosts": d.r.names.len(), "incarnation": incarnation,
+            "gossip": gossip_addr.to_string(), "control": control_addr.to_string(),
+            "cores": d.r.cores, "window": d.r.window.to_string(),
+        }),
+    );
+    let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(f)
+            .map_err(Error::Thread)
+    };
+    let recv_udp = udp.try_clone().map_err(|e| Error::Gossip(gossip_addr, e))?;
+    let (d1, d2, d3) = (d.clone(), d.clone(), d.clone());
+    spawn(
+        "gossip-recv",
+        Box::new(move || gossip_receiver(&d1, recv_udp)),
+    )?;
+    spawn("control", Box::new(move || control_service(&d2, tcp)))?;
+    let sampled: Arc<Mutex<vms::Sampler>> = Arc::default();
+    let s2 = sampled.clone();
+    spawn("sampler", Box::new(move || sampler(&d3, &s2)))?;
+    main_loop(&d, &udp, &sampled);
+    Ok(())
+}
+
+fn main_loop(d: &Arc<Daemon>, udp: &UdpSocket, sampled: &Mutex<vms::Sampler>) {
+    let seed =
+        d.r.config
+            .seed
+            .unwrap_or(u64::from(d.incarnation) ^ ((d.r.slot as u64) << 32));
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    // Each node gossips at its own phase within the period.
+    std::thread::sleep(d.period().mul_f64(rng.gen_range(0.0..1.0)));
+    let mut last_decision = String::new();
+    let mut out = Vec::new();
+    let mut next = Instant::now();
+    while !d.stop.load(Ordering::Acquire) {
+        refresh_local(d, &mut lock(sampled));
+        let info = lock(&d.local).info;
+        let now = d.now();
+        {
+            let mut b = lock(&d.board);
+            b.refresh(now, d.incarnation, info);
+            out.clear();
+            b.select(now, &mut out);
+        }
+        send_gossip(d, udp, &out, &mut rng);
+        balance_step(d, &mut last_decision);
+        next += d.period();
+        let wait = next.saturating_duration_since(Instant::now());
+        if wait.is_zero() {
+            next = Instant::now();
+        }
+        std::thread::sleep(wait);
+    }
+}
+
+/// Sends the selected entries to one other node chosen uniformly at
+/// random (in datagrams of at most [`wire::MAX_ENTRIES`] entries).
+fn send_gossip(
+    d: &Daemon,
+    udp: &UdpSocket,
+    out: &[Sent<NodeInfo>],
+    rng: &mut rand_chacha::ChaCha8Rng,
+) {
+    let n = d.r.names.len();
+    if n < 2 {
+        return;
+    }
+    let mut peer = rng.gen_range(0..n - 1);
+    if peer >= d.r.slot {
+        peer += 1;
+    }
+    for chunk in out.chunks(wire::MAX_ENTRIES) {
+        let msg = wire::encode(d.r.slot as u32, d.incarnation, chunk);
+        // A dead peer is what gossip tolerates: errors are not fatal.
+        let _ = udp.send_to(&msg, d.r.gossip[peer]);
+    }
+}
+
+fn gossip_receiver(d: &Daemon, udp: UdpSocket) {
+    let mut buf = vec![0u8; 65536];
+    let mut bad = 0u64;
+    loop {
+        let Ok((len, from)) = udp.recv_from(&mut buf) else {
+            continue;
+        };
+        match wire::decode(&buf[..len]) {
+            Ok(m) if (m.sender as usize) < d.r.names.len() && m.sender as usize != d.r.slot => {
+                let slots = d.r.names.len() as u32;
+                let entries: Vec<Sent<NodeInfo>> =
+                    m.entries.into_iter().filter(|e| e.slot < slots).collect();
+                let now = d.now();
+                lock(&d.board).merge(now, 0.0, &entries, |_, _, _| {});
+            }
+            Ok(m) => {
+                bad += 1;
+                if bad.is_power_of_two() {
+                    d.log.event("gossip-rejected", serde_json::json!({"from": from.to_string(), "why": format!("sender slot {}", m.sender), "count": bad}));
+                }
+            }
+            Err(e) => {
+                bad += 1;
+                if bad.is_power_of_two() {
+                    d.log.event("gossip-rejected", serde_json::json!({"from": from.to_string(), "why": e.to_string(), "count": bad}));
+                }
+            }
+        }
+    }
+}
+
+fn sampler(d: &Daemon, sampled: &Mutex<vms::Sampler>) {
+    let every = (d.period() / 10).max(Duration::from_millis(20));
+    loop {
+        let targets: Vec<(String, u32, Vec<i32>)> = lock(&d.local)
+            .vms
+            .iter()
+            .map(|v| (v.name.clone(), v.pid, v.vcpu_tids.clone()))
+            .collect();
+        lock(sampled).sample(&targets);
+        std::thread::sleep(every);
+    }
+}
+
+/// Finds the local VMs, takes their sampled load, notices arrivals,
+/// checks health, and fills in this host's board entry.
+fn refresh_local(d: &Daemon, sampled: &mut vms::Sampler) {
+    let dir = &d.r.config.vm_dir;
+    let incoming: Vec<String> = lock(&d.local).incoming.keys().cloned().collect();
+    let outgoing: Vec<String> = lock(&d.limits)
+        .outgoing
+        .iter()
+        .map(|(n, _)| n.clone())
+        .collect();
+    // An incoming VMM binds its API socket but answers only once the VM
+    // has arrived: those sockets get a short look until then. The VM
+    // migrating out keeps its last description.
+    let (mut found, errors) = vms::discover(dir, &incoming, &outgoing);
+    found.extend(
+        lock(&d.local)
+            .vms
+            .iter()
+            .filter(|v| outgoing.contains(&v.name))
+            .cloned(),
+    );
+    let loads = sampled.take();
+    for v in found.iter_mut() {
+        v.load = loads
+            .get(&v.name)
+            .copied()
+            .unwrap_or(v.vcpu_tids.len() as f64);
+    }
+    let mut health_why = Vec::new();
+    if std::fs::File::open("/dev/kvm").is_err() {
+        health_why.push("cannot open /dev/kvm".to_string());
+    }
+    let free = vms::free_mib().unwrap_or(0);
+    if free < d.r.config.reserve_mib {
+        health_why.push(format!(
+            "{free} MiB free, below the reserve of {}",
+            d.r.config.reserve_mib
+        ));
+    }
+    let mut l = lock(&d.local);
+    for name in &incoming {
+        if let Some(vm) = found
+            .iter()
+            .find(|v| &v.name == name && v.state == "running")
+        {
+            if let Some(inc) = l.incoming.remove(name) {
+                d.log.event(
+                    "arrived",
+                    serde_json::json!({"vm": vm.name, "from": inc.from, "after_s": inc.since.elapsed().as_secs_f64()}),
+                );
+            }
+            l.arrived.insert(name.clone(), Instant::now());
+        }
+    }
+    // An incoming VMM that waited too long is stopped.
+    let timeout = Duration::from_secs_f64(d.r.config.migration_timeout_s);
+    let stale: Vec<String> = l
+        .incoming
+        .iter()
+        .filter(|(_, i)| i.since.elapsed() > timeout)
+        .map(|(n, _)| n.clone())
+        .collect();
+    for n in stale {
+        if let Some(i) = l.incoming.remove(&n) {
+            kill(i.pid);
+            d.log.event(
+                "incoming-timeout",
+                serde_json::json!({"vm": n, "from": i.from, "listening": i.to}),
+            );
+        }
+    }
+    let health = if !health_why.is_empty() {
+        Health::Degraded
+    } else if d.r.config.drain {
+        Health::Draining
+    } else {
+        Health::Ok
+    };
+    if health_why != l.health_why {
+        d.log.event(
+            "health",
+            serde_json::json!({"health": health, "why": health_why}),
+        );
+    }
+    l.info = NodeInfo {
+        load: found.iter().map(|v| v.load).sum::<f64>().max(0.0) as f32,
+        free_mib: free.min(u64::from(u32::MAX)) as u32,
+        vms: found.len() as u32,
+        health,
+        cores: d.r.cores,
+    };
+    l.vms = found;
+    l.errors = errors;
+    l.health_why = health_why;
+}
+
+fn kill(pid: u32) {
+    // SAFETY: kill(2) with a pid this daemon started; no memory is involved.
+    unsafe {
+        libc::kill(pid as libc::pid_t, libc::SIGKILL);
+    }
+}
+
+/// The neighbourhood as the board shows it now.
+fn views(d: &Daemon) -> (HostView, Vec<HostView>) {
+    let now = d.now();
+    let b = lock(&d.board);
+    let view = |slot: usize| {
+        let e = b.entry(slot);
+        HostView {
+            slot,
+            load: e.map(|e| f64::from(e.info.load)).unwrap_or(0.0),
+            cores: e.map(|e| e.info.cores).unwrap_or(1),
+            free_mib: e.map(|e| u64::from(e.info.free_mib)).unwrap_or(0),
+            health: e.map(|e| e.info.health).unwrap_or_default(),
+            age: b.age(slot, now).unwrap_or(f64::INFINITY),
+        }
+    };
+    let hood = policy::neighbours(d.r.slot, d.r.names.len(), d.r.config.neighbours)
+        .into_iter()
+        .map(view)
+        .collect();
+    (view(d.r.slot), hood)
+}
+
+fn balance_step(d: &Arc<Daemon>, last: &mut String) {
+    let c = &d.r.config;
+    {
+        let l = lock(&d.limits);
+        if l.outgoing.is_some() {
+            return;
+        }
+        if let Some(t) = l.last_start {
+            if t.elapsed().as_secs_f64() < c.min_interval_s {
+                return;
+            }
+        }
+    }
+    let (me, mut hood) = views(d);
+    // Until the board has had time to hear from every live neighbour, a
+    // decision would rest on part of the picture.
+    if d.now() < c.dead_after {
+        let reason = "warming up: the board is not complete yet".to_string();
+        if *last != reason {
+            d.log.event(
+                "decision",
+                serde_json::json!({"decision": "stay", "reason": reason, "load": me.load}),
+            );
+            *last = reason;
+        }
+        return;
+    }
+    {
+        let l = lock(&d.limits);
+        // Hosts we back off from are left out of the neighbourhood.
+        hood.retain(|h| {
+            l.backoff
+                .get(&h.slot)
+                .is_none_or(|(until, _)| Instant::now() >= *until)
+        });
+    }
+    let vms: Vec<(VmView, LocalVm)> = {
+        let l = lock(&d.local);
+        l.vms
+            .iter()
+            .map(|v| {
+                let held = if let Some(why) = &v.unmovable {
+                    Some(why.clone())
+                } else if v.migrating {
+                    Some("is migrating".into())
+                } else if v.state != "running" {
+                    Some(format!("is {}", v.state))
+                } else {
+                    l.arrived
+                        .get(&v.name)
+                        .filter(|t| t.elapsed().as_secs_f64() < c.settle_s)
+                        .map(|t| format!("arrived {:.0} s ago", t.elapsed().as_secs_f64()))
+                };
+                (
+                    VmView {
+                        name: v.name.clone(),
+                        load: v.load,
+                        memory_mib: v.memory_mib,
+                        held,
+                    },
+                    v.clone(),
+                )
+            })
+            .collect()
+    };
+    let views: Vec<VmView> = vms.iter().map(|(v, _)| v.clone()).collect();
+    let decision = policy::decide(&me, &hood, &views, &d.params());
+    match &decision {
+        Decision::Stay { reason, imbalance } => {
+            // Log a decision when its kind of reason changes, not every period.
+            let key: String = reason
+                .chars()
+                .filter(|c| !c.is_ascii_digit() && *c != '.' && *c != '-')
+                .collect();
+            if key != *last {
+                d.log.event(
+                    "decision",
+                    serde_json::json!({"decision": "stay", "reason": reason, "imbalance": imbalance, "load": me.load, "neighbours": hood}),
+                );
+                *last = key;
+            }
+        }
+        Decision::Move { vm, to, .. } => {
+            last.clear();
+            let Some((_, local)) = vms.iter().find(|(v, _)| &v.name == vm) else {
+                return;
+            };
+            d.log.event(
+                "decision",
+                serde_json::json!({"decision": decision, "load": me.load, "neighbours": hood}),
+            );
+            {
+                let mut l = lock(&d.limits);
+                l.outgoing = Some((vm.clone(), *to));
+                l.last_start = Some(Instant::now());
+            }
+            let (d2, local, decision) = (d.clone(), local.clone(), decision.clone());
+            let started = std::thread::Builder::new()
+                .name("migrate-out".into())
+                .spawn(move || migrate_out(&d2, &local, &decision));
+            if let Err(e) = started {
+                lock(&d.limits).outgoing = None;
+                d.log.event(
+                    "migration-failed",
+                    serde_json::json!({"vm": vm, "to": to, "error": format!("cannot start a thread: {e}")}),
+                );
+            }
+        }
+    }
+}
+
+/// Moves `vm` as `decision` says; always clears the outgoing slot.
+fn migrate_out(d: &Daemon, vm: &LocalVm, decision: &Decision) {
+    let Decision::Move {
+        to,
+        vm_load,
+        me_after,
+        ..
+    } = decision
+    else {
+        return;
+    };
+    let to = *to;
+    let result = hand_over(d, vm, to, *vm_load, *me_after);
+    let mut l = lock(&d.limits);
+    l.outgoing = None;
+    match result {
+        Ok(outcome) => {
+            l.backoff.remove(&to);
+            d.log.event(
+                "migration-done",
+                serde_json::json!({"vm": vm.name, "to": to, "to_host": d.r.names[to], "outcome": outcome}),
+            );
+        }
+        Err(e) => {
+            let base = Duration::from_secs_f64(d.r.config.backoff_s);
+            let max = Duration::from_secs_f64(d.r.config.backoff_max_s);
+            let next = l
+                .backoff
+                .get(&to)
+                .map(|(_, b)| (*b * 2).min(max))
+                .unwrap_or(base);
+            l.backoff.insert(to, (Instant::now() + next, next));
+            d.log.event(
+                "migration-failed",
+                serde_json::json!({"vm": vm.name, "to": to, "to_host": d.r.names[to], "error": e, "backoff_s": next.as_secs_f64()}),
+            );
+        }
+    }
+}
+
+fn hand_over(
+    d: &Daemon,
+    vm: &LocalVm,
+    to: usize,
+    vm_load: f64,
+    me_after: f64,
+) -> Result<serde_json::Value, String> {
+    // The VM must still be here, running and not moving.
+    let now = vms::describe(&vm.name, &vm.sock, Duration::from_secs(5))
+        .map_err(|e| format!("the VM is gone or does not answer: {e}"))?;
+    if now.state != "running" || now.migrating {
+        return Err(format!(
+            "the VM is {}{}",
+            now.state,
+            if now.migrating { " and migrating" } else { "" }
+        ));
+    }
+    let ctl = d.r.control[to];
+    let reply = control::call(
+        ctl,
+        &Request::Prepare {
+            name: vm.name.clone(),
+            memory_mib: vm.memory_mib,
+            cpus: vm.cpus.clone(),
+            cpu_profile: vm.cpu_profile.clone(),
+            from: d.r.slot,
+            vm_load,
+            sender_after: me_after,
+        },
+        Duration::from_secs(20),
+    )?;
+    let dest = match (reply.ok, reply.to) {
+        (true, Some(t)) => t,
+        _ => {
+            return Err(format!(
+                "host {} refused: {}",
+                d.r.names[to],
+                reply.error.unwrap_or_default()
+            ))
+        }
+    };
+    d.log.event(
+        "migration-start",
+        serde_json::json!({"vm": vm.name, "to": to, "listening": dest}),
+    );
+    let abort = |why: String| -> String {
+        let _ = control::call(
+            ctl,
+            &Request::Abort {
+                name: vm.name.clone(),
+            },
+            Duration::from_secs(5),
+        );
+        why
+    };
+    let body = serde_json::json!({"to": dest, "max_downtime_ms": d.r.config.max_downtime_ms});
+    let (st, v) = vms::api(
+        &vm.sock,
+        "PUT",
+        "/vm/migrate",
+        &body.to_string(),
+        Duration::from_secs(10),
+    )
+    .map_err(&abort)?;
+    if !(200..300).contains(&st) {
+        return Err(abort(format!(
+            "the VMM refused to migrate: {}",
+            vms::api_error(&v)
+        )));
+    }
+    let deadline = Instant::now() + Duration::from_secs_f64(d.r.config.migration_timeout_s);
+    let mut cancelled = false;
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let (_, s) = match vms::api(&vm.sock, "GET", "/vm/migration", "", Duration::from_secs(5)) {
+            Ok(r) => r,
+            // The source exits soon after a completed migration. A source
+            // gone without telling us: the destination says whether the VM
+            // runs there; it is never aborted (the VM may run there).
+            Err(e) => {
+                return arrived_at(ctl, &vm.name)
+                    .ok_or_else(|| format!("lost the source VMM during the migration: {e}"))
+            }
+        };
+        match s.get("state").and_then(|x| x.as_str()) {
+            Some("completed") => return Ok(s),
+            Some("failed") => {
+                let running_here = s.get("vm_running_here").and_then(|x| x.as_bool());
+                let e = s.get("error").and_then(|x| x.as_str()).unwrap_or("?");
+                return Err(abort(format!(
+                    "{e} (VM running here: {})",
+                    running_here.map_or("unknown".into(), |b| b.to_string())
+                )));
+            }
+            Some("running") if Instant::now() > deadline && !cancelled => {
+                let _ = vms::api(
+                    &vm.sock,
+                    "DELETE",
+                    "/vm/migration",
+                    "",
+                    Duration::from_secs(5),
+                );
+                cancelled = true;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The VM as the destination daemon sees it once it runs there.
+fn arrived_at(ctl: SocketAddr, name: &str) -> Option<serde_json::Value> {
+    for _ in 0..25 {
+        let st = control::call(ctl, &Request::Status {}, Duration::from_secs(5))
+            .ok()
+            .and_then(|r| r.status)?;
+        let vm = st["vms"]
+            .as_array()?
+            .iter()
+            .find(|v| v["name"] == name && v["state"] == "running");
+        if let Some(vm) = vm {
+            return Some(
+                serde_json::json!({"state": "completed", "confirmed_by": "destination", "vm": vm}),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    None
+}
+
+fn control_service(d: &Arc<Daemon>, tcp: TcpListener) {
+    for conn in tcp.incoming() {
+        let Ok(s) = conn else { continue };
+        let d = d.clone();
+        let _ = std::thread::Builder::new()
+            .name("control-conn".into())
+            .spawn(move || {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let reply = match control::read_request(&s) {
+                    Ok(Request::Status {}) => Reply {
+                        status: Some(status(&d)),
+                        ..Reply::ok()
+                    },
+                    Ok(Request::Prepare {
+                        name,
+                        memory_mib,
+                        cpus,
+                        cpu_profile,
+                        from,
+                        vm_load,
+                        sender_after,
+                    }) => {
+                        let r = prepare(
+                            &d,
+                            &name,
+                            memory_mib,
+                            &cpus,
+                            cpu_profile.as_deref(),
+                            from,
+                            vm_load,
+                            sender_after,
+                        );
+                        d.log.event(
+                            "prepare",
+                            serde_json::json!({"vm": name, "from": from, "ok": r.is_ok(), "to": r.as_ref().ok(), "error": r.as_ref().err()}),
+                        );
+                        match r {
+                            Ok(to) => Reply {
+                                to: Some(to),
+                                ..Reply::ok()
+                            },
+                            Err(e) => Reply::refuse(e),
+                        }
+                    }
+                    Ok(Request::Abort { name }) => {
+                        let i = lock(&d.local).incoming.remove(&name);
+                        if let Some(i) = i {
+                            kill(i.pid);
+                            d.log.event("abort", serde_json::json!({"vm": name, "from": i.from}));
+                        }
+                        Reply::ok()
+                    }
+                    Err(e) => Reply::refuse(e),
+                };
+                let _ = control::write_reply(&s, &reply);
+            });
+    }
+}
+
+/// A name safe as a file name in the VM directory.
+fn safe_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && !name.starts_with('.')
+}
+
+#[allow(clippy::too_many_arguments)]
+fn prepare(
+    d: &Daemon,
+    name: &str,
+    memory_mib: u64,
+    cpus: &str,
+    cpu_profile: Option<&str>,
+    from: usize,
+    vm_load: f64,
+    sender_after: f64,
+) -> Result<String, String> {
+    let c = &d.r.config;
+    if !safe_name(name) {
+        return Err(format!("{name:?} is not a usable VM name"));
+    }
+    if from >= d.r.names.len() || from == d.r.slot {
+        return Err(format!("host {from} is not a peer"));
+    }
+    let mut l = lock(&d.local);
+    if l.info.health != Health::Ok {
+        return Err(format!(
+            "this host is {:?}: {}",
+            l.info.health,
+            l.health_why.join("; ")
+        ));
+    }
+    if let Some((n, _)) = l.incoming.iter().next() {
+        return Err(format!("already receiving {n}"));
+    }
+    if l.vms.iter().any(|v| v.name == name) {
+        return Err(format!("a VM named {name} runs here"));
+    }
+    let free = vms::free_mib().unwrap_or(0);
+    if free < memory_mib + c.reserve_mib {
+        return Err(format!(
+            "{free} MiB free, {memory_mib} MiB + {} MiB reserve needed",
+            c.reserve_mib
+        ));
+    }
+    let cores = f64::from(d.r.cores);
+    let mine: f64 = l.vms.iter().map(|v| v.load).sum();
+    let after = (mine + vm_load) / cores;
+    if after > sender_after + 1e-9 {
+        return Err(format!(
+            "would end busier ({after:.2}/core) than the sender ({sender_after:.2}/core)"
+        ));
+    }
+    let ip = d.r.gossip[d.r.slot].ip();
+    let [lo, hi] = c.migration_ports;
+    let port = (lo..=hi)
+        .find(|p| TcpListener::bind((ip, *p)).is_ok())
+        .ok_or_else(|| format!("no free migration port in {lo}-{hi}"))?;
+    let to = format!("tcp://{ip}:{port}");
+    let dir = &c.vm_dir;
+    let log_path = dir.join(format!("{name}.vmm.log"));
+    let out = std::fs::File::create(&log_path)
+        .map_err(|e| format!("cannot create {}: {e}", log_path.display()))?;
+    let err = out.try_clone().map_err(|e| e.to_string())?;
+    let mut cmd = Command::new(&c.vmm);
+    cmd.args(["run", "--incoming", &to, "--memory"])
+        .arg(format!("{memory_mib}M"))
+        .args(["--cpus", cpus, "--api-socket"])
+        .arg(dir.join(format!("{name}.sock")))
+        .arg("--console")
+        .arg(format!(
+            "file={}",
+            dir.join(format!("{name}.console")).display()
+        ));
+    if let Some(p) = cpu_profile {
+        cmd.args(["--cpu-profile", p]);
+    }
+    // Its own process group: the VM outlives this daemon.
+    use std::os::unix::process::CommandExt;
+    cmd.stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", c.vmm.display()))?;
+    // Ready once it says it waits (it binds the port first).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if text.contains("waiting for a migration on") {
+            break;
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            return Err(format!(
+                "the receiving VMM exited ({st}): {}",
+                text.lines().last().unwrap_or("")
+            ));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err("the receiving VMM did not start listening within 10 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    l.incoming.insert(
+        name.to_string(),
+        Incoming {
+            pid: child.id(),
+            from,
+            since: Instant::now(),
+            to: to.clone(),
+        },
+    );
+    drop(l);
+    // Reap it whenever it ends (it may run for days).
+    let _ = std::thread::Builder::new()
+        .name("reap".into())
+        .spawn(move || {
+            let _ = child.wait();
+        });
+    Ok(to)
+}
+
+/// The daemon's state for `ffmk-node status`.
+fn status(d: &Daemon) -> serde_json::Value {
+    let now = d.now();
+    let board: Vec<serde_json::Value> = {
+        let b = lock(&d.board);
+        (0..d.r.names.len())
+            .map(|slot| {
+                let e = b.entry(slot);
+                let age = b.age(slot, now);
+                serde_json::json!({
+                    "slot": slot,
+                    "host": d.r.names[slot],
+                    "incarnation": e.map(|e| e.incarnation),
+                    "age": age,
+                    "alive": age.is_some_and(|a| a <= d.r.config.dead_after),
+                    "info": e.map(|e| e.info),
+                })
+            })
+            .collect()
+    };
+    let l = lock(&d.local);
+    let lim = lock(&d.limits);
+    serde_json::json!({
+        "host": d.me(),
+        "slot": d.r.slot,
+        "incarnation": d.incarnation,
+        "uptime_s": d.start.elapsed().as_secs_f64(),
+        "period_ms": d.r.config.period_ms,
+        "window": d.r.window.to_string(),
+        "health": l.info.health,
+        "health_why": l.health_why,
+        "board": board,
+        "vms": l.vms,
+        "unreachable_vms": l.errors,
+        "incoming": l.incoming.iter().map(|(n, i)| serde_json::json!({"vm": n, "from": i.from, "listening": i.to, "waiting_s": i.since.elapsed().as_secs_f64()})).collect::<Vec<_>>(),
+        "outgoing": lim.outgoing.as_ref().map(|(vm, to)| serde_json::json!({"vm": vm, "to": to})),
+        "backoff": lim.backoff.iter().map(|(s, (until, b))| serde_json::json!({"host": s, "for_s": until.saturating_duration_since(Instant::now()).as_secs_f64(), "backoff_s": b.as_secs_f64()})).collect::<Vec<_>>(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_names_become_files() {
+        assert!(safe_name("rank-01.a_b"));
+        for bad in ["", "../x", "a/b", ".hidden", "x y", &"a".repeat(65)] {
+            assert!(!safe_name(bad), "{bad}");
+        }
+    }
+}

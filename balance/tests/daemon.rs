@@ -1,0 +1,340 @@
+//! The node daemon end to end: three "hosts" (network namespaces on a
+//! bridge), each with an `ffmk-node run` and probe VMs of unequal CPU
+//! demand (every probe vCPU spins, so a VM's demand is its vCPU count).
+//! Host 0 starts with 3 busy vCPUs, host 1 with 1, host 2 with none. The
+//! daemons must find the imbalance over gossip and live-migrate a VM from
+//! host 0 to host 2 (the guest's counter goes on there), after which the
+//! imbalance is lower and nothing moves back. Then one daemon is killed:
+//! the other two keep running, see it age out, and its VM keeps running.
+#[path = "../../vmm/tests/common/mod.rs"]
+mod common;
+
+use common::{assert_consecutive, counters, probe_argv_mem, vmm, Cluster, NetNs, Vm};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn node() -> &'static str {
+    env!("CARGO_BIN_EXE_ffmk-node")
+}
+
+struct Daemon {
+    child: Child,
+    ns_name: String,
+    addr: String,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(ns: &NetNs, dir: &Path, i: usize) -> Daemon {
+        let vm_dir = dir.join(format!("h{i}"));
+        std::fs::create_dir_all(&vm_dir).unwrap();
+        let log = dir.join(format!("node{i}.log"));
+        let config = dir.join(format!("node{i}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                r#"hosts = "10.77.0.[1-3]"
+me = "{me}"
+vm_dir = "{vm_dir}"
+vmm = "{vmm}"
+log = "{log}"
+period_ms = 200
+dead_after = 10
+cores = 2
+reserve_mib = 64
+min_interval_s = 2
+settle_s = 60
+threshold = 0.25
+migration_ports = [7410, 7419]
+"#,
+                me = Cluster::addr(i),
+                vm_dir = vm_dir.display(),
+                vmm = vmm(),
+                log = log.display(),
+            ),
+        )
+        .unwrap();
+        let child = ns
+            .exec(node())
+            .args(["run", "--config"])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.join(format!("node{i}.stderr"))).unwrap(),
+            ))
+            .spawn()
+            .unwrap();
+        Daemon {
+            child,
+            ns_name: ns.0.clone(),
+            addr: format!("{}:7401", Cluster::addr(i)),
+            log,
+        }
+    }
+
+    fn status(&self) -> Option<Value> {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns_name,
+                node(),
+                "status",
+                "--connect",
+            ])
+            .arg(&self.addr)
+            .arg("--json")
+            .output()
+            .ok()?;
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    fn events(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A probe VM spinning on `cpus` vCPUs, its socket in the host's VM dir.
+fn busy_vm(ns: &NetNs, dir: &Path, host: usize, name: &str, cpus: &str) -> Vm {
+    let vm_dir = dir.join(format!("h{host}"));
+    std::fs::create_dir_all(&vm_dir).unwrap();
+    let args = probe_argv_mem("task=counter hz=20", "64M", &["--cpus", cpus]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Vm::spawn_in(
+        Some(ns),
+        &args,
+        &vm_dir.join(format!("{name}.console")),
+        &vm_dir.join(format!("{name}.sock")),
+    )
+}
+
+/// Per-host loads from a daemon's board (None until every host is known).
+fn board_loads(st: &Value) -> Option<Vec<f64>> {
+    st["board"]
+        .as_array()?
+        .iter()
+        .map(|e| e["info"]["load"].as_f64())
+        .collect()
+}
+
+fn imbalance(loads: &[f64]) -> f64 {
+    let mean = loads.iter().sum::<f64>() / loads.len() as f64;
+    loads.iter().copied().fold(0.0, f64::max) / mean - 1.0
+}
+
+fn wait_for<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Kills a VMM the daemon started (found through its API's pid).
+fn kill_vmm_at(sock: &Path) {
+    let out = Command::new(vmm())
+        .args(["info", "--api-socket"])
+        .arg(sock)
+        .output();
+    if let Ok(o) = out {
+        if let Ok(v) = serde_json::from_slice::<Value>(&o.stdout) {
+            if let Some(pid) = v["pid"].as_i64() {
+                // SAFETY: kill(2) on a VMM this test caused to start.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+/// Kills the VMMs the daemons started, also when the test fails.
+struct Cleanup(PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for h in 0..3 {
+            let Ok(rd) = std::fs::read_dir(self.0.join(format!("h{h}"))) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                if e.path().extension().is_some_and(|x| x == "sock") {
+                    kill_vmm_at(&e.path());
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn daemons_balance_three_hosts_by_live_migration_and_survive_a_dead_peer() {
+    let Some(cluster) = Cluster::new("bal", 3) else {
+        return;
+    };
+    let dir = common::tmpdir("balance-daemon");
+    let _cleanup = Cleanup(dir.clone());
+    let h = &cluster.hosts;
+    // Host 0: a (2 vCPUs) and b (1 vCPU); host 1: c (1 vCPU); host 2: none.
+    let a = busy_vm(&h[0], &dir, 0, "a", "2");
+    let b = busy_vm(&h[0], &dir, 0, "b", "1");
+    let c = busy_vm(&h[1], &dir, 1, "c", "1");
+    for vm in [&a, &b, &c] {
+        vm.wait_counter(3);
+    }
+    let mut daemons: Vec<Daemon> = (0..3).map(|i| Daemon::start(&h[i], &dir, i)).collect();
+
+    // The daemons move a VM from host 0 to host 2 (b, the one whose
+    // demand fits the flow; a as well when it shows only one busy vCPU).
+    let done = wait_for("a migration", Duration::from_secs(90), || {
+        daemons[0]
+            .events()
+            .into_iter()
+            .find(|e| e["event"] == "migration-done")
+    });
+    eprintln!("migration: {done}");
+    // What host 0 acted on (its board): 3, 1, 0 runnable vCPUs.
+    let decided = daemons[0]
+        .events()
+        .into_iter()
+        .find(|e| e["event"] == "decision" && e["decision"]["decision"] == "move")
+        .expect("the move decision is logged");
+    let mut before = vec![decided["load"].as_f64().unwrap(); 3];
+    for n in decided["neighbours"].as_array().unwrap() {
+        before[n["slot"].as_u64().unwrap() as usize] = n["load"].as_f64().unwrap();
+    }
+    let imb_before = imbalance(&before);
+    eprintln!("loads before {before:?}: imbalance {imb_before:.2}");
+    assert!(before[0] > 2.5 && before[2] < 0.5, "{decided}");
+    assert_eq!(done["to"], 2, "{done}");
+    let name = done["vm"].as_str().unwrap().to_string();
+    let moved = dir.join(format!("h2/{name}.sock"));
+    assert!(moved.exists());
+    // The guest goes on counting on host 2 where it stopped on host 0 (a
+    // line the switch-over cut is completed there: join the consoles).
+    let src_console = dir.join(format!("h0/{name}.console"));
+    let dest_console = dir.join(format!("h2/{name}.console"));
+    let joined = wait_for("the counter on host 2", Duration::from_secs(20), || {
+        let dest = std::fs::read_to_string(&dest_console).ok()?;
+        (counters(&dest).len() >= 5).then_some(())?;
+        Some(std::fs::read_to_string(&src_console).ok()? + &dest)
+    });
+    let last = counters(&joined).last().copied().unwrap();
+    assert_consecutive(&joined, last);
+    // The source VMM is gone (it exits once the VM has moved).
+    let (mut src, stays) = if name == "a" { (a, b) } else { (b, a) };
+    wait_for("the source VMM to exit", Duration::from_secs(10), || {
+        src.child.try_wait().ok().flatten()
+    });
+
+    // The boards show the lower imbalance: 2, 1, 1.
+    let after = wait_for("the boards to settle", Duration::from_secs(30), || {
+        let loads = board_loads(&daemons[1].status()?)?;
+        (loads[2] > 0.5 && loads[0] < before[0] - 0.5).then_some(loads)
+    });
+    let imb_after = imbalance(&after);
+    eprintln!("loads after {after:?}: imbalance {imb_after:.2}");
+    assert!(imb_after < imb_before - 0.3, "{imb_before} -> {imb_after}");
+    // Every decision is in the logs with its reason.
+    let decisions: Vec<Value> = daemons
+        .iter()
+        .flat_map(|d| d.events())
+        .filter(|e| e["event"] == "decision")
+        .collect();
+    assert!(decisions
+        .iter()
+        .any(|e| e["decision"]["decision"] == "move"));
+    assert!(decisions
+        .iter()
+        .all(|e| e["decision"] != "stay" || e["reason"].is_string()));
+
+    // Kill host 1's daemon: the others go on, see it die, and its VM runs.
+    let _ = daemons[1].child.kill();
+    let _ = daemons[1].child.wait();
+    let board = wait_for("host 1 to age out", Duration::from_secs(20), || {
+        let st = daemons[0].status()?;
+        (st["board"][1]["alive"] == false).then_some(st)
+    });
+    assert_eq!(board["board"][2]["alive"], true, "{board}");
+    assert!(daemons[0].alive() && daemons[2].alive());
+    assert!(daemons[2].status().is_some(), "host 2's daemon answers");
+    c.wait_counter(counters(&c.console()).last().copied().unwrap_or(0) + 3);
+    // No second move happened: 2, 1, 1 is as balanced as whole VMs get.
+    let moves = daemons[0]
+        .events()
+        .iter()
+        .chain(daemons[2].events().iter())
+        .filter(|e| e["event"] == "migration-done")
+        .count();
+    assert_eq!(moves, 1);
+
+    drop(daemons);
+    drop(stays);
+    drop(c);
+}
+
+#[test]
+fn bad_settings_are_refused_with_one_line() {
+    let dir = common::tmpdir("balance-config");
+    let cases = [
+        ("missing.toml", None, "cannot read"),
+        ("nohosts.toml", Some("vm_dir = \"/tmp\"\n"), "no host list"),
+        (
+            "notme.toml",
+            Some("vm_dir = \"/tmp\"\nhosts = \"127.0.0.[1-2]\"\nme = \"127.0.0.9\"\n"),
+            "not in the host list",
+        ),
+        (
+            "brackets.toml",
+            Some("vm_dir = \"/tmp\"\nhosts = \"127.0.0.[1-2\"\nme = \"x\"\n"),
+            "unbalanced brackets",
+        ),
+        (
+            "typo.toml",
+            Some("vm_dir = \"/tmp\"\nhots = \"a\"\n"),
+            "unknown field",
+        ),
+    ];
+    for (name, text, want) in cases {
+        let path = dir.join(name);
+        if let Some(t) = text {
+            std::fs::write(&path, t).unwrap();
+        }
+        let out = Command::new(node())
+            .args(["run", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {err}");
+        assert!(err.contains(want), "{name}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{name}: {err}");
+    }
+    // status of a daemon that is not there: a clear error, no hang.
+    let out = Command::new(node())
+        .args(["status", "--connect", "127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
