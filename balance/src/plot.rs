@@ -72,17 +72,11 @@ pub fn draw(path: &Path, results: &[EvalResult]) -> Result<(), Error> {
             .min(hi);
         let x = (pmin * 0.9..pmax * 1.1).log_scale();
         if log {
-            panel(
-                area,
-                title,
-                x,
-                (lo * 0.8..hi * 1.25).log_scale(),
-                &lines,
-                get,
-                lo,
-            )
+            let y = (lo * 0.8..hi * 1.25).log_scale();
+            panel(area, (title, |v| format!("{v:.0e}")), x, y, &lines, get, lo)
         } else {
-            panel(area, title, x, 0.0..hi * 1.15, &lines, get, 0.0)
+            let y = 0.0..hi * 1.15;
+            panel(area, (title, |v| format!("{v:.3}")), x, y, &lines, get, 0.0)
         }
         .map_err(|e| err(&e))?;
     }
@@ -95,7 +89,7 @@ type Lines<'a> = [(String, Vec<(usize, &'a MethodResult)>)];
 /// `floor` are drawn at the floor, for log scales).
 fn panel<X, Y>(
     area: &DrawingArea<BitMapBackend, plotters::coord::Shift>,
-    title: &str,
+    (title, y_fmt): (&str, fn(&f64) -> String),
     x: X,
     y: Y,
     lines: &Lines,
@@ -122,6 +116,7 @@ where
         .x_desc("partitions")
         .label_style(("sans-serif", 12))
         .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&y_fmt)
         .draw()
         .map_err(|x| e(&x))?;
     for (i, (name, pts)) in lines.iter().enumerate() {

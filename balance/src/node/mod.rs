@@ -96,7 +96,8 @@ impl Log {
 
 /// A VMM this daemon started to receive a VM.
 struct Incoming {
-    pid: u32,
+    /// None while its VMM is being started.
+    pid: Option<u32>,
     from: usize,
     since: Instant,
     to: String,
@@ -276,6 +277,7 @@ fn gossip_receiver(d: &Daemon, udp: UdpSocket) {
     let mut bad = 0u64;
     loop {
         let Ok((len, from)) = udp.recv_from(&mut buf) else {
+            std::thread::sleep(Duration::from_millis(10));
             continue;
         };
         match wire::decode(&buf[..len]) {
@@ -411,8 +413,13 @@ fn refresh_local(d: &Daemon, sampled: &mut vms::Sampler) {
     l.health_why = health_why;
 }
 
-fn kill(pid: u32) {
-    // SAFETY: kill(2) with a pid this daemon started; no memory is involved.
+/// Kills a VMM this daemon started (nothing while it is being started:
+/// never pid 0, which would mean the daemon's own process group).
+fn kill(pid: Option<u32>) {
+    let Some(pid) = pid.filter(|p| *p > 0) else {
+        return;
+    };
+    // SAFETY: kill(2) on a positive pid this daemon started; no memory is involved.
     unsafe {
         libc::kill(pid as libc::pid_t, libc::SIGKILL);
     }
@@ -680,10 +687,17 @@ fn hand_over(
             Some("failed") => {
                 let running_here = s.get("vm_running_here").and_then(|x| x.as_bool());
                 let e = s.get("error").and_then(|x| x.as_str()).unwrap_or("?");
-                return Err(abort(format!(
+                let why = format!(
                     "{e} (VM running here: {})",
                     running_here.map_or("unknown".into(), |b| b.to_string())
-                )));
+                );
+                // Unconfirmed switch-over: the VM may run at the
+                // destination, which must keep it.
+                return Err(if running_here == Some(true) {
+                    abort(why)
+                } else {
+                    why
+                });
             }
             Some("running") if Instant::now() > deadline && !cancelled => {
                 let _ = vms::api(
@@ -764,19 +778,38 @@ fn control_service(d: &Arc<Daemon>, tcp: TcpListener) {
                             Err(e) => Reply::refuse(e),
                         }
                     }
-                    Ok(Request::Abort { name }) => {
-                        let i = lock(&d.local).incoming.remove(&name);
-                        if let Some(i) = i {
-                            kill(i.pid);
-                            d.log.event("abort", serde_json::json!({"vm": name, "from": i.from}));
-                        }
-                        Reply::ok()
-                    }
+                    Ok(Request::Abort { name }) => abort(&d, &name),
                     Err(e) => Reply::refuse(e),
                 };
                 let _ = control::write_reply(&s, &reply);
             });
     }
+}
+
+/// Stops waiting for `name`, unless its VM already runs here: a VM that
+/// arrived is never killed on a peer's word.
+fn abort(d: &Daemon, name: &str) -> Reply {
+    let sock = d.r.config.vm_dir.join(format!("{name}.sock"));
+    let waiting = lock(&d.local).incoming.contains_key(name);
+    if !waiting {
+        return Reply::ok();
+    }
+    if let Ok(vm) = vms::describe(name, &sock, Duration::from_millis(300)) {
+        if vm.state == "running" {
+            d.log.event(
+                "abort-refused",
+                serde_json::json!({"vm": name, "why": "the VM runs here"}),
+            );
+            return Reply::refuse("the VM runs here");
+        }
+    }
+    let i = lock(&d.local).incoming.remove(name);
+    if let Some(i) = i {
+        kill(i.pid);
+        d.log
+            .event("abort", serde_json::json!({"vm": name, "from": i.from}));
+    }
+    Reply::ok()
 }
 
 /// A name safe as a file name in the VM directory.
@@ -807,35 +840,79 @@ fn prepare(
     if from >= d.r.names.len() || from == d.r.slot {
         return Err(format!("host {from} is not a peer"));
     }
+    {
+        let mut l = lock(&d.local);
+        if l.info.health != Health::Ok {
+            return Err(format!(
+                "this host is {:?}: {}",
+                l.info.health,
+                l.health_why.join("; ")
+            ));
+        }
+        if let Some((n, _)) = l.incoming.iter().next() {
+            return Err(format!("already receiving {n}"));
+        }
+        if l.vms.iter().any(|v| v.name == name) {
+            return Err(format!("a VM named {name} runs here"));
+        }
+        let free = vms::free_mib().unwrap_or(0);
+        if free < memory_mib + c.reserve_mib {
+            return Err(format!(
+                "{free} MiB free, {memory_mib} MiB + {} MiB reserve needed",
+                c.reserve_mib
+            ));
+        }
+        let cores = f64::from(d.r.cores);
+        let mine: f64 = l.vms.iter().map(|v| v.load).sum();
+        let after = (mine + vm_load) / cores;
+        if after > sender_after + 1e-9 {
+            return Err(format!(
+                "would end busier ({after:.2}/core) than the sender ({sender_after:.2}/core)"
+            ));
+        }
+        // Reserved: one incoming VM at a time; the VMM is started unlocked.
+        l.incoming.insert(
+            name.to_string(),
+            Incoming {
+                pid: None,
+                from,
+                since: Instant::now(),
+                to: String::new(),
+            },
+        );
+    }
+    let started = start_incoming(d, name, memory_mib, cpus, cpu_profile);
     let mut l = lock(&d.local);
-    if l.info.health != Health::Ok {
-        return Err(format!(
-            "this host is {:?}: {}",
-            l.info.health,
-            l.health_why.join("; ")
-        ));
+    match started {
+        Ok((pid, to)) => match l.incoming.get_mut(name) {
+            Some(i) => {
+                i.pid = Some(pid);
+                i.to = to.clone();
+                Ok(to)
+            }
+            // Aborted (or timed out) while it started: stop it again.
+            None => {
+                kill(Some(pid));
+                Err("aborted while the receiving VMM started".into())
+            }
+        },
+        Err(e) => {
+            l.incoming.remove(name);
+            Err(e)
+        }
     }
-    if let Some((n, _)) = l.incoming.iter().next() {
-        return Err(format!("already receiving {n}"));
-    }
-    if l.vms.iter().any(|v| v.name == name) {
-        return Err(format!("a VM named {name} runs here"));
-    }
-    let free = vms::free_mib().unwrap_or(0);
-    if free < memory_mib + c.reserve_mib {
-        return Err(format!(
-            "{free} MiB free, {memory_mib} MiB + {} MiB reserve needed",
-            c.reserve_mib
-        ));
-    }
-    let cores = f64::from(d.r.cores);
-    let mine: f64 = l.vms.iter().map(|v| v.load).sum();
-    let after = (mine + vm_load) / cores;
-    if after > sender_after + 1e-9 {
-        return Err(format!(
-            "would end busier ({after:.2}/core) than the sender ({sender_after:.2}/core)"
-        ));
-    }
+}
+
+/// Starts `ffmk-vmm run --incoming` for `name`; returns its pid and address
+/// once it listens.
+fn start_incoming(
+    d: &Daemon,
+    name: &str,
+    memory_mib: u64,
+    cpus: &str,
+    cpu_profile: Option<&str>,
+) -> Result<(u32, String), String> {
+    let c = &d.r.config;
     let ip = d.r.gossip[d.r.slot].ip();
     let [lo, hi] = c.migration_ports;
     let port = (lo..=hi)
@@ -889,23 +966,14 @@ fn prepare(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    l.incoming.insert(
-        name.to_string(),
-        Incoming {
-            pid: child.id(),
-            from,
-            since: Instant::now(),
-            to: to.clone(),
-        },
-    );
-    drop(l);
+    let pid = child.id();
     // Reap it whenever it ends (it may run for days).
     let _ = std::thread::Builder::new()
         .name("reap".into())
         .spawn(move || {
             let _ = child.wait();
         });
-    Ok(to)
+    Ok((pid, to))
 }
 
 /// The daemon's state for `ffmk-node status`.
