@@ -113,10 +113,10 @@ fn show_status(a: StatusArgs) -> Result<(), String> {
         println!("{st}");
         return Ok(());
     }
-    let s = |v: &serde_json::Value| {
-        v.as_str()
-            .map(String::from)
-            .unwrap_or_else(|| v.to_string())
+    let s = |v: &serde_json::Value| match v {
+        serde_json::Value::Null => "-".to_string(),
+        serde_json::Value::String(x) => x.clone(),
+        x => x.to_string(),
     };
     println!(
         "host {} (slot {}), incarnation {}, up {:.0} s, health {}, window {}, period {} ms",
@@ -144,7 +144,7 @@ fn show_status(a: StatusArgs) -> Result<(), String> {
         };
         println!(
             "{:>4} {:<20} {:>8} {:>7} {:>6} {:>5} {:>9} {:>4} {:<9}",
-            e["slot"],
+            s(&e["slot"]),
             s(&e["host"]),
             age,
             state,

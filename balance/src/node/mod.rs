@@ -402,7 +402,8 @@ fn refresh_local(d: &Daemon, sampled: &mut vms::Sampler) {
         );
     }
     l.info = NodeInfo {
-        load: found.iter().map(|v| v.load).sum::<f64>().max(0.0) as f32,
+        // (+ 0.0: an empty float sum is -0.0.)
+        load: (found.iter().map(|v| v.load).sum::<f64>() + 0.0) as f32,
         free_mib: free.min(u64::from(u32::MAX)) as u32,
         vms: found.len() as u32,
         health,
