@@ -93,6 +93,29 @@ fn summarise(method: &'static str, parts: usize, steps: Vec<StepMetrics>) -> Met
     }
 }
 
+/// Runs one method's step `f` on partition `old` (loads already updated):
+/// its metrics, its new partition and what else it returned.
+fn measure<X>(
+    g: &TaskGraph,
+    parts: usize,
+    old: &[u32],
+    f: impl FnOnce() -> Result<(Vec<u32>, X), Error>,
+) -> Result<(StepMetrics, Vec<u32>, X), Error> {
+    let before = diffusion::imbalance(&diffusion::loads(g, old, parts));
+    let clock = Instant::now();
+    let (next, extra) = f()?;
+    let seconds = clock.elapsed().as_secs_f64();
+    let m = diffusion::metrics(g, old, &next, parts);
+    let step = StepMetrics {
+        imbalance_before: before,
+        imbalance: m.imbalance,
+        migration: m.migration,
+        edge_cut: m.edge_cut,
+        seconds,
+    };
+    Ok((step, next, extra))
+}
+
 pub fn run(cfg: &EvalConfig) -> Result<EvalResult, Error> {
     if cfg.parts < 2 || cfg.tasks_per_part == 0 || cfg.steps == 0 {
         return Err(Error::Size);
@@ -108,35 +131,19 @@ pub fn run(cfg: &EvalConfig) -> Result<EvalResult, Error> {
     for t in 1..=cfg.steps {
         field.loads(t, &mut g.load);
 
-        let before = diffusion::imbalance(&diffusion::loads(&g, &diff_part, cfg.parts));
-        let clock = Instant::now();
-        let (next, its) = diffusion::balance(&g, &diff_part, cfg.parts, &cfg.params);
-        let seconds = clock.elapsed().as_secs_f64();
-        let m = diffusion::metrics(&g, &diff_part, &next, cfg.parts);
-        diff_steps.push(StepMetrics {
-            imbalance_before: before,
-            imbalance: m.imbalance,
-            migration: m.migration,
-            edge_cut: m.edge_cut,
-            seconds,
-        });
+        let (m, next, its) = measure(&g, cfg.parts, &diff_part, || {
+            Ok(diffusion::balance(&g, &diff_part, cfg.parts, &cfg.params))
+        })?;
+        diff_steps.push(m);
         iterations += its as f64;
         diff_part = next;
 
-        let before = diffusion::imbalance(&diffusion::loads(&g, &metis_part, cfg.parts));
-        let clock = Instant::now();
-        let fresh = baseline::partition(&g, cfg.parts, &cfg.params, cfg.seed + t as u64)?;
-        let next = baseline::remap(&metis_part, &fresh, cfg.parts);
-        let seconds = clock.elapsed().as_secs_f64();
-        let m = diffusion::metrics(&g, &metis_part, &next, cfg.parts);
+        let (m, next, fresh) = measure(&g, cfg.parts, &metis_part, || {
+            let fresh = baseline::partition(&g, cfg.parts, &cfg.params, cfg.seed + t as u64)?;
+            Ok((baseline::remap(&metis_part, &fresh, cfg.parts), fresh))
+        })?;
         unmapped += diffusion::migration(&metis_part, &fresh, cfg.parts);
-        metis_steps.push(StepMetrics {
-            imbalance_before: before,
-            imbalance: m.imbalance,
-            migration: m.migration,
-            edge_cut: m.edge_cut,
-            seconds,
-        });
+        metis_steps.push(m);
         metis_part = next;
     }
     let n = cfg.steps as f64;

@@ -159,7 +159,6 @@ impl Daemon {
             threshold: c.threshold,
             dead_after: c.dead_after,
             reserve_mib: c.reserve_mib,
-            neighbours: c.neighbours,
         }
     }
 }

@@ -50,9 +50,6 @@ pub struct PolicyParams {
     pub dead_after: f64,
     /// Memory a destination keeps free beyond the VM.
     pub reserve_mib: u64,
-    /// Ring neighbours (slots within neighbours/2 either side; at least
-    /// one each side).
-    pub neighbours: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -76,7 +73,8 @@ pub enum Decision {
     },
 }
 
-/// Slots that are ring neighbours of `me` among `slots`.
+/// Slots that are ring neighbours of `me` among `slots`: within k/2
+/// either side (at least one each side).
 pub fn neighbours(me: usize, slots: usize, k: usize) -> Vec<usize> {
     if slots <= 1 {
         return Vec::new();
@@ -218,7 +216,6 @@ mod tests {
         threshold: 0.25,
         dead_after: 10.0,
         reserve_mib: 512,
-        neighbours: 4,
     };
 
     #[test]
