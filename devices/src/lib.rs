@@ -13,6 +13,7 @@ pub mod interrupt;
 pub mod legacy;
 pub mod pci;
 pub mod rate_limiter;
+pub mod rtc;
 pub mod tap;
 pub mod virtio;
 

@@ -27,6 +27,7 @@ use crate::memory::{self, GuestMemoryMmap};
 use crate::vm::Vm;
 use devices::legacy::SerialSnapshot;
 use devices::pci::root::FunctionState;
+use devices::rtc::RtcSnapshot;
 use devices::virtio::block::DiskConfig;
 use devices::virtio::net::NetConfig;
 use devices::virtio::pci::{VirtioPci, VirtioPciState};
@@ -122,6 +123,10 @@ pub struct MachineState {
     pub vm: VmSnapshot,
     pub vcpus: Vec<VcpuSnapshot>,
     pub serial: SerialSnapshot,
+    /// The CMOS clock (absent in snapshots from before it existed: such a
+    /// VM gets a fresh one).
+    #[serde(default)]
+    pub rtc: Option<RtcSnapshot>,
     /// Configuration space of every PCI function, by slot.
     pub pci: Vec<FunctionState>,
     /// Every virtio transport, in `Vm::virtio` order.
@@ -290,6 +295,12 @@ pub(crate) fn machine_state(vm: &Vm) -> Result<MachineState, Error> {
         vm: state::save_vm(&vm.vm_fd).map_err(|e| failed("save VM state")(e.to_string()))?,
         vcpus: save_vcpus(vm)?,
         serial,
+        rtc: Some(
+            vm.rtc
+                .lock()
+                .map_err(|_| failed("save the RTC")("lock poisoned".into()))?
+                .save(),
+        ),
         pci: vm
             .pci
             .save()

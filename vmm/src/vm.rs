@@ -11,6 +11,7 @@ use crate::vcpu::{self, Buses, Request, Vcpu, VcpuShared, VcpuState, VcpuStop};
 use devices::bus::{MmioBus, PioBus};
 use devices::legacy::{self, AcpiSleep, SerialPort, TestExitPort, I8042};
 use devices::pci::{PciConfigIo, PciDevice, PciEcam, PciRoot, PciWindow};
+use devices::rtc::{CmosRtc, RTC_BASE};
 use devices::virtio::block::Block;
 use devices::virtio::console::Console as VirtioConsole;
 use devices::virtio::net::Net;
@@ -104,6 +105,7 @@ pub struct Vm {
     pub mem: GuestMemoryMmap,
     pub vcpus: Vec<VcpuHandle>,
     pub serial: Arc<Mutex<SerialPort>>,
+    pub rtc: Arc<Mutex<CmosRtc>>,
     pub pci: Arc<PciRoot>,
     pub disks: Vec<DiskSlot>,
     /// Every virtio device's transport, in the order they were created
@@ -547,6 +549,14 @@ impl Prepared {
         }));
         pio.insert(u64::from(legacy::COM1_BASE), 8, serial.clone())
             .map_err(|e| Error::Setup(e.to_string()))?;
+        let rtc = Arc::new(Mutex::new(
+            match restore.and_then(|r| r.machine.rtc.as_ref()) {
+                None => CmosRtc::new(),
+                Some(saved) => CmosRtc::restored(saved).map_err(Error::Setup)?,
+            },
+        ));
+        pio.insert(u64::from(RTC_BASE), 2, rtc.clone())
+            .map_err(|e| Error::Setup(e.to_string()))?;
         if let Some(port) = config.test_exit_port {
             pio.insert(
                 u64::from(port),
@@ -684,6 +694,7 @@ impl Prepared {
             mem,
             vcpus,
             serial,
+            rtc,
             pci,
             disks,
             virtio,

@@ -1,8 +1,10 @@
 //! A small ACPI table writer: RSDP, XSDT, FADT (hardware-reduced, with sleep
 //! and reset registers), MADT (local APICs, IOAPIC, ISA overrides), MCFG (PCI
-//! ECAM) and a DSDT that describes S5. Linux finds the RSDP in the BIOS area or through PVH.
+//! ECAM) and a DSDT that describes S5 and the legacy devices (COM1, the
+//! CMOS clock). Linux finds the RSDP in the BIOS area or through PVH.
 use super::layout::*;
-use devices::legacy::{ACPI_SLEEP_BASE, I8042_CMD};
+use devices::legacy::{ACPI_SLEEP_BASE, COM1_BASE, COM1_IRQ, I8042_CMD};
+use devices::rtc::RTC_BASE;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
 
 const OEM_ID: &[u8; 6] = b"FFMK  ";
@@ -65,12 +67,80 @@ fn gas_io(port: u16, bits: u8) -> [u8; 12] {
     g
 }
 
-/// DSDT: `Name (_S5_, Package () { 5, 0, 0, 0 })`.
+/// AML PkgLength of a package whose contents are `len` bytes long (the
+/// encoding counts its own bytes).
+fn pkg_length(len: usize) -> Vec<u8> {
+    if len + 1 < 0x40 {
+        vec![(len + 1) as u8]
+    } else if len + 2 < 0x1000 {
+        let n = len + 2;
+        vec![0x40 | (n & 0xf) as u8, (n >> 4) as u8]
+    } else {
+        let n = len + 3;
+        vec![0x80 | (n & 0xf) as u8, (n >> 4) as u8, (n >> 12) as u8]
+    }
+}
+
+/// `Name (NAME, EisaId ("AAAnnnn"))` for a PNP id such as "PNP0501".
+fn aml_hid(id: &[u8; 7]) -> Vec<u8> {
+    let letter = |c: u8| u16::from(c - b'@') & 0x1f;
+    let vendor = (letter(id[0]) << 10) | (letter(id[1]) << 5) | letter(id[2]);
+    let hex = |c: u8| (c as char).to_digit(16).unwrap_or(0) as u8;
+    let product = [hex(id[3]) << 4 | hex(id[4]), hex(id[5]) << 4 | hex(id[6])];
+    let mut v = vec![0x08, b'_', b'H', b'I', b'D', 0x0c];
+    v.extend_from_slice(&vendor.to_be_bytes());
+    v.extend_from_slice(&product);
+    v
+}
+
+/// `Device (NAME) { _HID, _UID 0, _CRS { IO (port, len) [IRQNoFlags {irq}] } }`.
+fn aml_legacy_device(
+    name: &[u8; 4],
+    hid: &[u8; 7],
+    port: u16,
+    len: u8,
+    irq: Option<u32>,
+) -> Vec<u8> {
+    let mut crs = vec![0x47, 0x01]; // IO (Decode16, ...)
+    crs.extend_from_slice(&port.to_le_bytes()); // minimum
+    crs.extend_from_slice(&port.to_le_bytes()); // maximum
+    crs.extend_from_slice(&[0x01, len]); // alignment, length
+    if let Some(irq) = irq {
+        crs.push(0x22); // IRQNoFlags: edge, active high, exclusive
+        crs.extend_from_slice(&(1u16 << irq).to_le_bytes());
+    }
+    crs.extend_from_slice(&[0x79, 0x00]); // end tag
+    let mut buffer = vec![0x0a, crs.len() as u8]; // BufferSize
+    buffer.extend_from_slice(&crs);
+    let mut body = aml_hid(hid);
+    body.extend_from_slice(&[0x08, b'_', b'U', b'I', b'D', 0x00]);
+    body.extend_from_slice(&[0x08, b'_', b'C', b'R', b'S', 0x11]);
+    body.extend_from_slice(&pkg_length(buffer.len()));
+    body.extend_from_slice(&buffer);
+    let mut dev = vec![0x5b, 0x82];
+    dev.extend_from_slice(&pkg_length(4 + body.len()));
+    dev.extend_from_slice(name);
+    dev.extend_from_slice(&body);
+    dev
+}
+
+/// DSDT: `Name (_S5_, Package () { 5, 0, 0, 0 })` and, in `\_SB`, COM1
+/// (PNP0501) and the CMOS clock (PNP0B00). A hardware-reduced ACPI guest
+/// has no legacy PIC and maps no ISA interrupt by itself: Linux's serial
+/// driver gets IRQ 4 only through this description (without it, the port
+/// opens with an error and user-space console output is lost).
 pub fn dsdt() -> Vec<u8> {
     let mut t = Sdt::new(b"DSDT", 2);
     t.push(&[
         0x08, b'_', b'S', b'5', b'_', 0x12, 0x07, 0x04, 0x0a, 0x05, 0x00, 0x00, 0x00,
     ]);
+    let mut devices = aml_legacy_device(b"COM1", b"PNP0501", COM1_BASE, 8, Some(COM1_IRQ));
+    devices.extend(aml_legacy_device(b"RTC_", b"PNP0B00", RTC_BASE, 2, None));
+    let mut scope = vec![0x10];
+    scope.extend_from_slice(&pkg_length(5 + devices.len()));
+    scope.extend_from_slice(b"\\_SB_");
+    scope.extend_from_slice(&devices);
+    t.push(&scope);
     t.finish()
 }
 
@@ -198,6 +268,27 @@ mod tests {
         let r = rsdp(0xe0200);
         assert_eq!(r.len(), 36);
         assert!(sums_to_zero(&r[..20]) && sums_to_zero(&r));
+    }
+
+    #[test]
+    fn dsdt_describes_com1_and_the_rtc() {
+        assert_eq!(aml_hid(b"PNP0501")[6..], [0x41, 0xd0, 0x05, 0x01]);
+        assert_eq!(pkg_length(10), vec![11]);
+        assert_eq!(pkg_length(100), vec![0x40 | (102 & 0xf), 102 >> 4]);
+        let d = dsdt();
+        let find = |pat: &[u8]| d.windows(pat.len()).position(|w| w == pat);
+        let com1 = find(b"COM1").expect("COM1");
+        // Device op, then a one-byte PkgLength that covers the name and body.
+        assert_eq!(d[com1 - 3..com1 - 1], [0x5b, 0x82]);
+        let io = find(&[0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x01, 0x08]).expect("IO 0x3f8");
+        assert_eq!(d[io + 8..io + 11], [0x22, 0x10, 0x00], "IRQ 4");
+        assert!(find(&[0x47, 0x01, 0x70, 0x00, 0x70, 0x00, 0x01, 0x02, 0x79]).is_some());
+        // Scope op and a two-byte PkgLength that runs to the end of the table.
+        let sb = find(b"\\_SB_").expect("scope");
+        assert_eq!(d[sb - 3], 0x10);
+        assert_eq!(d[sb - 2] >> 6, 1, "two-byte PkgLength");
+        let len = usize::from(d[sb - 2] & 0xf) | usize::from(d[sb - 1]) << 4;
+        assert_eq!(sb - 2 + len, d.len(), "scope runs to the end");
     }
 
     #[test]

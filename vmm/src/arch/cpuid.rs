@@ -87,8 +87,19 @@ pub fn still_visible(entries: &[kvm_cpuid_entry2], profile: CpuProfile) -> Vec<&
         .collect()
 }
 
-/// Applies the host profile and the VM-wide leaves (TSC frequency).
+/// CPUID.1:ECX bit 31: "running under a hypervisor". KVM's supported table
+/// leaves it clear; without it a guest never looks at the hypervisor leaves,
+/// so Linux finds no KVM signature, no kvm-clock and no PV features ("Booting
+/// paravirtualized kernel on bare hardware"), and has to calibrate its TSC
+/// against the PIT, which fails under nested virtualization.
+const HYPERVISOR_BIT: u32 = 1 << 31;
+
+/// Applies the host profile and the VM-wide leaves (hypervisor bit, TSC
+/// frequency).
 pub fn filter(entries: &mut Vec<kvm_cpuid_entry2>, profile: CpuProfile, tsc_khz: u32) {
+    for e in entries.iter_mut().filter(|e| e.function == 1) {
+        e.ecx |= HYPERVISOR_BIT;
+    }
     if profile == CpuProfile::Pvm {
         for &(leaf, sub, r, bit, _) in PVM_HIDDEN {
             for e in entries
@@ -195,6 +206,7 @@ mod tests {
         assert_eq!(l1.ecx & (1 << 26), 0, "xsave hidden");
         assert_eq!(l1.ecx & (1 << 28), 0, "avx hidden");
         assert_eq!(l1.ecx & 1, 1, "sse3 kept");
+        assert_ne!(l1.ecx & HYPERVISOR_BIT, 0, "hypervisor bit set");
         let l7 = e.iter().find(|e| e.function == 7).unwrap();
         assert_eq!(l7.ebx, 1 << 3, "avx2/avx512f hidden, bmi1 kept");
         assert!(!e.iter().any(|e| e.function == 0xd), "xsave leaf dropped");
@@ -227,7 +239,8 @@ mod tests {
         filter(&mut e, CpuProfile::Host, 0);
         assert_eq!(
             e.iter().find(|e| e.function == 1).unwrap().ecx,
-            sample()[0].ecx
+            sample()[0].ecx | HYPERVISOR_BIT,
+            "only the hypervisor bit added"
         );
         assert_eq!(e.iter().filter(|e| e.function == 0xd).count(), 2);
         assert!(
