@@ -181,7 +181,7 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<BootInfo, Error> {
         .map(|c| c.as_bytes_with_nul().len())
         .unwrap_or(1);
 
-    let rsdp = crate::arch::acpi::write_tables(mem, spec.nvcpus)?;
+    let rsdp = crate::arch::acpi::write_tables(mem, spec.nvcpus, spec.mem_bytes)?;
     let e820 = e820_map(spec.mem_bytes);
     match mode {
         EntryMode::Pvh => write_pvh_info(mem, &e820, initrd, rsdp)?,

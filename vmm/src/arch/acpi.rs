@@ -93,6 +93,101 @@ fn aml_hid(id: &[u8; 7]) -> Vec<u8> {
     v
 }
 
+/// `IO (Decode16, port, port, 1, len)`: a fixed range of I/O ports.
+fn res_io(port: u16, len: u8) -> Vec<u8> {
+    let mut v = vec![0x47, 0x01];
+    v.extend_from_slice(&port.to_le_bytes()); // minimum
+    v.extend_from_slice(&port.to_le_bytes()); // maximum
+    v.extend_from_slice(&[0x01, len]); // alignment, length
+    v
+}
+
+/// `IRQNoFlags () {irq}`: edge, active high, exclusive.
+fn res_irq(irq: u32) -> Vec<u8> {
+    let mut v = vec![0x22];
+    v.extend_from_slice(&(1u16 << irq).to_le_bytes());
+    v
+}
+
+/// Address spaces a bridge produces: (resource type, type-specific flags).
+const SPACE_MEMORY: (u8, u8) = (0, 0x01); // read-write, non-cacheable
+const SPACE_IO: (u8, u8) = (1, 0x03); // ISA and non-ISA ranges
+const SPACE_BUS: (u8, u8) = (2, 0x00);
+/// General flags: producer, minimum and maximum fixed.
+const SPACE_FIXED: u8 = 0x0c;
+
+/// `WordBusNumber` / `WordIO`: a 16-bit window `[min, min + len)`.
+fn res_word(space: (u8, u8), min: u16, len: u16) -> Vec<u8> {
+    let mut v = vec![0x88, 0x0d, 0x00, space.0, SPACE_FIXED, space.1];
+    // granularity, minimum, maximum, translation, length
+    for x in [0, min, min + (len - 1), 0, len] {
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v
+}
+
+/// `DWordMemory`: a 32-bit memory window.
+fn res_dword(min: u32, len: u32) -> Vec<u8> {
+    let mut v = vec![
+        0x87,
+        0x17,
+        0x00,
+        SPACE_MEMORY.0,
+        SPACE_FIXED,
+        SPACE_MEMORY.1,
+    ];
+    for x in [0, min, min + (len - 1), 0, len] {
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v
+}
+
+/// `QWordMemory`: a 64-bit memory window.
+fn res_qword(min: u64, len: u64) -> Vec<u8> {
+    let mut v = vec![
+        0x8a,
+        0x2b,
+        0x00,
+        SPACE_MEMORY.0,
+        SPACE_FIXED,
+        SPACE_MEMORY.1,
+    ];
+    for x in [0, min, min + (len - 1), 0, len] {
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v
+}
+
+/// `Name (NAME, ResourceTemplate () { resources })`.
+fn aml_resources(name: &[u8; 4], resources: &[Vec<u8>]) -> Vec<u8> {
+    let mut crs: Vec<u8> = resources.concat();
+    crs.extend_from_slice(&[0x79, 0x00]); // end tag
+    let mut buffer = match u8::try_from(crs.len()) {
+        Ok(n) => vec![0x0a, n], // BufferSize as a ByteConst
+        Err(_) => {
+            let mut b = vec![0x0b]; // ... or a WordConst
+            b.extend_from_slice(&(crs.len() as u16).to_le_bytes());
+            b
+        }
+    };
+    buffer.extend_from_slice(&crs);
+    let mut v = vec![0x08];
+    v.extend_from_slice(name);
+    v.push(0x11); // Buffer
+    v.extend_from_slice(&pkg_length(buffer.len()));
+    v.extend_from_slice(&buffer);
+    v
+}
+
+/// `Device (NAME) { body }`.
+fn aml_device(name: &[u8; 4], body: &[u8]) -> Vec<u8> {
+    let mut dev = vec![0x5b, 0x82];
+    dev.extend_from_slice(&pkg_length(4 + body.len()));
+    dev.extend_from_slice(name);
+    dev.extend_from_slice(body);
+    dev
+}
+
 /// `Device (NAME) { _HID, _UID 0, _CRS { IO (port, len) [IRQNoFlags {irq}] } }`.
 fn aml_legacy_device(
     name: &[u8; 4],
@@ -101,40 +196,59 @@ fn aml_legacy_device(
     len: u8,
     irq: Option<u32>,
 ) -> Vec<u8> {
-    let mut crs = vec![0x47, 0x01]; // IO (Decode16, ...)
-    crs.extend_from_slice(&port.to_le_bytes()); // minimum
-    crs.extend_from_slice(&port.to_le_bytes()); // maximum
-    crs.extend_from_slice(&[0x01, len]); // alignment, length
-    if let Some(irq) = irq {
-        crs.push(0x22); // IRQNoFlags: edge, active high, exclusive
-        crs.extend_from_slice(&(1u16 << irq).to_le_bytes());
-    }
-    crs.extend_from_slice(&[0x79, 0x00]); // end tag
-    let mut buffer = vec![0x0a, crs.len() as u8]; // BufferSize
-    buffer.extend_from_slice(&crs);
+    let mut res = vec![res_io(port, len)];
+    res.extend(irq.map(res_irq));
     let mut body = aml_hid(hid);
     body.extend_from_slice(&[0x08, b'_', b'U', b'I', b'D', 0x00]);
-    body.extend_from_slice(&[0x08, b'_', b'C', b'R', b'S', 0x11]);
-    body.extend_from_slice(&pkg_length(buffer.len()));
-    body.extend_from_slice(&buffer);
-    let mut dev = vec![0x5b, 0x82];
-    dev.extend_from_slice(&pkg_length(4 + body.len()));
-    dev.extend_from_slice(name);
-    dev.extend_from_slice(&body);
-    dev
+    body.extend(aml_resources(b"_CRS", &res));
+    aml_device(name, &body)
 }
 
-/// DSDT: `Name (_S5_, Package () { 5, 0, 0, 0 })` and, in `\_SB`, COM1
-/// (PNP0501) and the CMOS clock (PNP0B00). A hardware-reduced ACPI guest
-/// has no legacy PIC and maps no ISA interrupt by itself: Linux's serial
-/// driver gets IRQ 4 only through this description (without it, the port
-/// opens with an error and user-space console output is lost).
-pub fn dsdt() -> Vec<u8> {
+/// The PCI host bridge (PNP0A03, segment 0, bus 0): the configuration
+/// ports, the I/O space around them and both BAR windows. On an ACPI system
+/// Linux scans only the host bridges the DSDT names: without this no PCI
+/// device (virtio, VFIO) is found.
+fn aml_pci_host_bridge(mem_bytes: u64) -> Vec<u8> {
+    let (high, high_len) = pci_high_window(mem_bytes);
+    let mut body = aml_hid(b"PNP0A03");
+    for name in [b"_UID", b"_SEG", b"_BBN"] {
+        body.push(0x08);
+        body.extend_from_slice(name);
+        body.push(0x00); // Zero
+    }
+    body.extend(aml_resources(
+        b"_CRS",
+        &[
+            res_word(SPACE_BUS, 0, 1),
+            res_io(0xcf8, 8),
+            res_word(SPACE_IO, 0, 0xcf8),
+            res_word(SPACE_IO, 0xd00, 0xf300),
+            res_dword(PCI_LOW_WINDOW.0 as u32, PCI_LOW_WINDOW.1 as u32),
+            res_qword(high, high_len),
+        ],
+    ));
+    aml_device(b"PCI0", &body)
+}
+
+/// DSDT: `Name (_S5_, Package () { 5, 0, 0, 0 })` and, in `\_SB`, the PCI
+/// host bridge, COM1 (PNP0501) and the CMOS clock (PNP0B00). A
+/// hardware-reduced ACPI guest has no legacy PIC and maps no ISA interrupt
+/// by itself: Linux's serial driver gets IRQ 4 only through this description
+/// (without it, the port opens with an error and user-space console output
+/// is lost).
+pub fn dsdt(mem_bytes: u64) -> Vec<u8> {
     let mut t = Sdt::new(b"DSDT", 2);
     t.push(&[
         0x08, b'_', b'S', b'5', b'_', 0x12, 0x07, 0x04, 0x0a, 0x05, 0x00, 0x00, 0x00,
     ]);
-    let mut devices = aml_legacy_device(b"COM1", b"PNP0501", COM1_BASE, 8, Some(COM1_IRQ));
+    let mut devices = aml_pci_host_bridge(mem_bytes);
+    devices.extend(aml_legacy_device(
+        b"COM1",
+        b"PNP0501",
+        COM1_BASE,
+        8,
+        Some(COM1_IRQ),
+    ));
     devices.extend(aml_legacy_device(b"RTC_", b"PNP0B00", RTC_BASE, 2, None));
     let mut scope = vec![0x10];
     scope.extend_from_slice(&pkg_length(5 + devices.len()));
@@ -222,6 +336,7 @@ pub fn rsdp(xsdt_addr: u64) -> Vec<u8> {
 pub fn write_tables<M: GuestMemory>(
     mem: &M,
     nvcpus: u8,
+    mem_bytes: u64,
 ) -> Result<GuestAddress, vm_memory::GuestMemoryError> {
     let rsdp_addr = ACPI_START;
     let mut next = rsdp_addr.unchecked_add(64);
@@ -231,7 +346,7 @@ pub fn write_tables<M: GuestMemory>(
         next = at.unchecked_add((bytes.len() as u64 + 15) & !15);
         Ok(at.0)
     };
-    let dsdt_addr = place(&dsdt())?;
+    let dsdt_addr = place(&dsdt(mem_bytes))?;
     let fadt_addr = place(&fadt(dsdt_addr))?;
     let madt_addr = place(&madt(nvcpus))?;
     let mcfg_addr = place(&mcfg())?;
@@ -250,7 +365,13 @@ mod tests {
 
     #[test]
     fn tables_have_valid_lengths_and_checksums() {
-        for t in [dsdt(), fadt(0xe0100), madt(4), mcfg(), xsdt(&[1, 2])] {
+        for t in [
+            dsdt(512 << 20),
+            fadt(0xe0100),
+            madt(4),
+            mcfg(),
+            xsdt(&[1, 2]),
+        ] {
             assert_eq!(
                 u32::from_le_bytes(t[4..8].try_into().unwrap()) as usize,
                 t.len()
@@ -275,7 +396,7 @@ mod tests {
         assert_eq!(aml_hid(b"PNP0501")[6..], [0x41, 0xd0, 0x05, 0x01]);
         assert_eq!(pkg_length(10), vec![11]);
         assert_eq!(pkg_length(100), vec![0x40 | (102 & 0xf), 102 >> 4]);
-        let d = dsdt();
+        let d = dsdt(512 << 20);
         let find = |pat: &[u8]| d.windows(pat.len()).position(|w| w == pat);
         let com1 = find(b"COM1").expect("COM1");
         // Device op, then a one-byte PkgLength that covers the name and body.
@@ -283,6 +404,12 @@ mod tests {
         let io = find(&[0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x01, 0x08]).expect("IO 0x3f8");
         assert_eq!(d[io + 8..io + 11], [0x22, 0x10, 0x00], "IRQ 4");
         assert!(find(&[0x47, 0x01, 0x70, 0x00, 0x70, 0x00, 0x01, 0x02, 0x79]).is_some());
+        let pci = find(b"PCI0").expect("PCI0");
+        assert_eq!(d[pci + 10..pci + 14], [0x41, 0xd0, 0x0a, 0x03], "PNP0A03");
+        // The 32-bit BAR window, as a DWordMemory descriptor.
+        let mut win = vec![0x87, 0x17, 0x00, 0x00, 0x0c, 0x01, 0, 0, 0, 0];
+        win.extend_from_slice(&(PCI_LOW_WINDOW.0 as u32).to_le_bytes());
+        assert!(find(&win).is_some(), "32-bit window");
         // Scope op and a two-byte PkgLength that runs to the end of the table.
         let sb = find(b"\\_SB_").expect("scope");
         assert_eq!(d[sb - 3], 0x10);
@@ -310,7 +437,7 @@ mod tests {
     fn written_tables_are_linked_from_the_rsdp() {
         let mem =
             vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-        let rsdp = write_tables(&mem, 2).unwrap();
+        let rsdp = write_tables(&mem, 2, 0x10_0000).unwrap();
         let mut sig = [0u8; 8];
         mem.read_slice(&mut sig, rsdp).unwrap();
         assert_eq!(&sig, b"RSD PTR ");
