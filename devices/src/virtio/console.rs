@@ -3,8 +3,8 @@
 //! console. What the guest transmits is appended to a host file (or
 //! discarded); the receive queue is offered but never filled.
 use super::{
-    Activation, ActiveQueue, Endpoint, GuestMemory, Handlers, QueueWorker, VirtioDevice,
-    VirtioInterrupt,
+    pop_or_rearm, Activation, ActiveQueue, Endpoint, GuestMemory, Handlers, QueueWorker,
+    VirtioDevice, VirtioInterrupt,
 };
 use super::{VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1};
 use event_manager::{EventOps, Events, MutEventSubscriber};
@@ -108,7 +108,7 @@ impl ConsoleHandler {
     fn drain(&mut self) {
         let mem = &self.mem;
         let mut any = false;
-        while let Some(chain) = self.tx.queue.pop_descriptor_chain(mem) {
+        while let Some(chain) = pop_or_rearm(&mut self.tx.queue, mem) {
             let head = chain.head_index();
             if let Ok(r) = chain.reader(mem) {
                 let mut buf = Vec::new();

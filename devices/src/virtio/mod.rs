@@ -36,6 +36,26 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub type GuestMemory = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
 
+/// The next available descriptor chain. When the ring looks empty, first
+/// re-arms the driver's notification and looks once more: with
+/// VIRTIO_F_RING_EVENT_IDX the driver kicks only for a buffer at or past the
+/// `avail_event` the device published, so a device that never moves it gets
+/// one kick and then silence (Linux's virtio-net sent its first frame, an
+/// ARP request, and no other). Without EVENT_IDX re-arming is a no-op. The
+/// second look closes the race with a buffer added in between.
+pub fn pop_or_rearm<'a>(
+    q: &mut Queue,
+    mem: &'a GuestMemory,
+) -> Option<virtio_queue::DescriptorChain<&'a GuestMemory>> {
+    if let Some(c) = q.pop_descriptor_chain(mem) {
+        return Some(c);
+    }
+    match q.enable_notification(mem) {
+        Ok(true) => q.pop_descriptor_chain(mem),
+        _ => None,
+    }
+}
+
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 pub const VIRTIO_F_RING_INDIRECT_DESC: u64 = 1 << 28;
 pub const VIRTIO_F_RING_EVENT_IDX: u64 = 1 << 29;

@@ -8,8 +8,8 @@
 //! guest posts more, so a guest that stops receiving costs nothing.
 //! Transmit: each chain (header + frame) is written to the TAP as one frame.
 use super::{
-    Activation, ActiveQueue, Endpoint, GuestMemory, Handlers, QueueWorker, VirtioDevice,
-    VirtioInterrupt,
+    pop_or_rearm, Activation, ActiveQueue, Endpoint, GuestMemory, Handlers, QueueWorker,
+    VirtioDevice, VirtioInterrupt,
 };
 use super::{VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1};
 use crate::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
@@ -229,7 +229,7 @@ pub fn write_rx_frame(
     let mut chains = Vec::new();
     let mut room = 0usize;
     while room < len {
-        let Some(chain) = q.pop_descriptor_chain(mem) else {
+        let Some(chain) = pop_or_rearm(q, mem) else {
             for _ in 0..chains.len() {
                 q.go_to_previous_position();
             }
@@ -331,7 +331,7 @@ impl NetHandler {
     fn transmit(&mut self) {
         let mem = &self.mem;
         let mut sent = false;
-        while let Some(chain) = self.tx.queue.pop_descriptor_chain(mem) {
+        while let Some(chain) = pop_or_rearm(&mut self.tx.queue, mem) {
             let head = chain.head_index();
             let sent_ok = tx_frame(mem, chain).is_some_and(|buf| {
                 let ok = self.tap.write_frame(&buf).is_ok();

@@ -1,8 +1,8 @@
 //! virtio-rng (virtio spec 5.4): fills the guest's buffers from the host's
 //! `getrandom(2)`, at most [`MAX_BYTES_PER_REQUEST`] per request.
 use super::{
-    Activation, ActiveQueue, Endpoint, GuestMemory, Handlers, QueueWorker, VirtioDevice,
-    VirtioInterrupt,
+    pop_or_rearm, Activation, ActiveQueue, Endpoint, GuestMemory, Handlers, QueueWorker,
+    VirtioDevice, VirtioInterrupt,
 };
 use super::{VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1};
 use event_manager::{EventOps, Events, MutEventSubscriber};
@@ -89,7 +89,7 @@ impl RngHandler {
     fn serve(&mut self) {
         let mem = &self.mem;
         let mut used_any = false;
-        while let Some(chain) = self.queue.queue.pop_descriptor_chain(mem) {
+        while let Some(chain) = pop_or_rearm(&mut self.queue.queue, mem) {
             let head = chain.head_index();
             let mut written = 0;
             if let Ok(mut w) = chain.writer(mem) {

@@ -12,8 +12,8 @@
 //! we advertise [`BUF_ALLOC`] bytes of receive space per connection and never
 //! send the guest more than it advertised.
 use super::{
-    Activation, ActiveQueue, Endpoint, GuestMemory, Handlers, QueueWorker, VirtioDevice,
-    VirtioInterrupt,
+    pop_or_rearm, Activation, ActiveQueue, Endpoint, GuestMemory, Handlers, QueueWorker,
+    VirtioDevice, VirtioInterrupt,
 };
 use super::{VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1};
 use event_manager::{EventOps, Events, MutEventSubscriber};
@@ -687,7 +687,7 @@ impl VsockHandler {
             return;
         };
         let mem = &self.mem;
-        let Some(chain) = evq.queue.pop_descriptor_chain(mem) else {
+        let Some(chain) = pop_or_rearm(&mut evq.queue, mem) else {
             return;
         };
         let head = chain.head_index();
@@ -708,7 +708,7 @@ impl VsockHandler {
         let mem = &self.mem;
         let mut any = false;
         while let Some((h, payload)) = self.to_guest.front_mut() {
-            let Some(chain) = self.rx.queue.pop_descriptor_chain(mem) else {
+            let Some(chain) = pop_or_rearm(&mut self.rx.queue, mem) else {
                 break;
             };
             let head = chain.head_index();
@@ -740,7 +740,7 @@ impl VsockHandler {
         let mut packets = Vec::new();
         let mem = self.mem.clone();
         let mut any = false;
-        while let Some(chain) = self.tx.queue.pop_descriptor_chain(&mem) {
+        while let Some(chain) = pop_or_rearm(&mut self.tx.queue, &mem) {
             let head = chain.head_index();
             if let Some(p) = tx_packet(&mem, chain) {
                 packets.push(p);

@@ -57,12 +57,13 @@ enum Cmd {
         #[arg(long)]
         threads_only: bool,
     },
-    /// Run a program on a compute CPU: `ffmk-decouple run -- ./rank args`
-    /// (under mpirun each rank picks its CPU from its local rank).
+    /// Run a program on a compute CPU: `ffmk-decouple run [--] ./rank args`
+    /// (under mpirun each rank picks its CPU from its local rank). The `--`
+    /// is needed only when the program's name starts with `-`.
     Run {
         #[command(flatten)]
         target: Target,
-        #[arg(required = true, last = true)]
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
     },
 }
