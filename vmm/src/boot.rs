@@ -182,6 +182,7 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<BootInfo, Error> {
         .unwrap_or(1);
 
     let rsdp = crate::arch::acpi::write_tables(mem, spec.nvcpus, spec.mem_bytes)?;
+    mem.write_slice(&RESET_VECTOR_STUB, GuestAddress(RESET_VECTOR))?;
     let e820 = e820_map(spec.mem_bytes);
     match mode {
         EntryMode::Pvh => write_pvh_info(mem, &e820, initrd, rsdp)?,
@@ -195,6 +196,17 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<BootInfo, Error> {
         initrd,
     })
 }
+
+/// Where a real-mode jump to the BIOS reset entry (`ljmp $0xf000, $0xfff0`)
+/// lands.
+pub const RESET_VECTOR: u64 = 0xf_fff0;
+/// What the guest finds there instead of a BIOS: real-mode code that pulses
+/// the reset line through the i8042 (`mov al, 0xfe; out 0x64, al`), then
+/// halts. Linux reboots a hardware-reduced ACPI machine without EFI through
+/// this "BIOS" path (its reboot order is EFI, then BIOS, before ACPI and the
+/// keyboard controller); without a stub there it ran into zeroed memory and
+/// never reset.
+const RESET_VECTOR_STUB: [u8; 7] = [0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd];
 
 /// Places the initramfs page-aligned at the top of low RAM (below `max`).
 fn load_initrd(
