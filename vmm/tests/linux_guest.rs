@@ -738,3 +738,36 @@ fn checksum_reference_matches_the_recurrence() {
     let (steps, last) = checksum_lines("checksum step=1 sum=33\nx\nchecksum final=33\n");
     assert_eq!((steps, last), (vec![(1, 33)], Some(33)));
 }
+
+#[test]
+fn linux_drives_virtio_rng_and_virtio_console() {
+    let Some((_, bzimage, initrd)) = images() else {
+        return;
+    };
+    let dir = tmpdir("linux-rng-con");
+    let out = dir.join("vcon.out");
+    let vcon = out.to_string_lossy();
+    // The kernel's hwrng core picks the virtio device; the guest writes a
+    // line to the virtio console (/dev/hvc0), which lands in the host file.
+    let b = boot_with(
+        &bzimage,
+        &initrd,
+        "2",
+        "ffmk_exit_port=244 -- echo rng=$(cat /sys/class/misc/hw_random/rng_current); \
+         head -c 4096 /dev/hwrng | wc -c; echo ffmk-hello-over-hvc > /dev/hvc0",
+        &["--rng", "--virtio-console", &vcon],
+        None,
+    );
+    let ctx = format!("stderr: {}\nconsole:\n{}", b.stderr, b.console.join("\n"));
+    assert_eq!(b.code, Some(0), "{ctx}");
+    assert!(
+        b.console
+            .iter()
+            .any(|l| l.trim().starts_with("rng=virtio_rng")),
+        "{ctx}"
+    );
+    assert!(b.console.iter().any(|l| l.trim() == "4096"), "{ctx}");
+    let got = std::fs::read_to_string(&out).unwrap_or_default();
+    assert!(got.contains("ffmk-hello-over-hvc"), "{got:?}\n{ctx}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

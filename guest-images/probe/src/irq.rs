@@ -5,6 +5,7 @@ use core::sync::atomic::{AtomicU32, Ordering};
 
 /// The local APIC's registers (xAPIC MMIO; each CPU sees its own).
 pub const LAPIC: u64 = 0xfee0_0000;
+const LAPIC_ID: u64 = 0x20;
 const SVR: u64 = 0xf0;
 const TPR: u64 = 0x80;
 const LVT_TIMER: u64 = 0x320;
@@ -28,9 +29,13 @@ extern "C" {
 static APIC_IDS: [AtomicU32; crate::smp::MAX_CPUS] =
     [const { AtomicU32::new(u32::MAX) }; crate::smp::MAX_CPUS];
 
-/// This CPU's APIC ID (CPUID.1:EBX[31:24]; ffmk-vmm makes it the vCPU id).
+/// This CPU's APIC ID, from the local APIC's ID register (bits 31:24; KVM
+/// emulates the LAPIC, ffmk-vmm makes the ID the vCPU id). Not from
+/// CPUID.1:EBX: on a PVM host whose CPU has no CPUID faulting (AMD hosts
+/// here), CPUID in guest ring 3 runs natively and returns the APIC ID of
+/// whichever host core the vCPU thread is on.
 pub fn apic_id() -> u32 {
-    cpuid(1, 0)[1] >> 24
+    crate::arch::read32_ring0(LAPIC + LAPIC_ID) >> 24
 }
 
 /// Software-enables this CPU's local APIC, accepts every priority and
