@@ -380,8 +380,24 @@ fn linux_vsock_connections_round_trip_both_ways() {
     // Guest -> host: a host program listens on port 5000.
     let listener =
         std::os::unix::net::UnixListener::bind(format!("{}_5000", sock.display())).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let deadline = std::time::Instant::now() + timeout();
     let host = std::thread::spawn(move || {
-        let (mut c, _) = listener.accept().unwrap();
+        // Accept until the deadline: a guest that never connects fails the
+        // test instead of hanging it.
+        let mut c = loop {
+            match listener.accept() {
+                Ok((c, _)) => break c,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if std::time::Instant::now() > deadline {
+                        return "(the guest never connected)".to_string();
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        };
+        c.set_nonblocking(false).unwrap();
         let mut buf = [0u8; 64];
         let n = c.read(&mut buf).unwrap();
         c.write_all(b"hello linux\n").unwrap();
@@ -389,7 +405,11 @@ fn linux_vsock_connections_round_trip_both_ways() {
     });
     let mut vm = start("vsock-tool send 2 5000 hello-from-linux");
     let reply = vm.next_line(timeout(), |l| l.contains("vsock-tool: reply"));
-    assert_eq!(host.join().unwrap(), "hello-from-linux");
+    let got = host.join().unwrap();
+    if got != "hello-from-linux" {
+        let _ = vm.child.kill();
+        panic!("host side got {got:?}; console:\n{}", vm.drain().join("\n"));
+    }
     assert!(reply.unwrap_or_default().contains("hello linux"));
     let (code, err) = vm.wait(timeout());
     assert_eq!(code, Some(0), "{err}");
@@ -421,6 +441,37 @@ fn assert_vsock_echo(sock: &Path) {
     assert!(got == data, "echo differs");
 }
 
+/// Starts the bzImage (512 MiB, the test exit port, `extra` flags) running
+/// `cmd`, with its console and API socket in `dir` under `name`.
+fn spawn_bzimage(
+    dir: &Path,
+    name: &str,
+    bzimage: &Path,
+    initrd: &Path,
+    extra: &[&str],
+    cmd: &str,
+) -> common::Vm {
+    let cmdline = format!("{} ffmk_exit_port=244 -- {cmd}", base_cmdline());
+    let mut args = vec![
+        "run",
+        "--kernel",
+        bzimage.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--memory",
+        "512M",
+        "--test-exit-port",
+        "--cmdline",
+        &cmdline,
+    ];
+    args.extend_from_slice(extra);
+    common::Vm::spawn(
+        &args,
+        &dir.join(format!("{name}.console")),
+        &dir.join(format!("{name}.sock")),
+    )
+}
+
 /// Boots the bzImage with a vsock device on `vsock_sock` running
 /// `vsock-tool echo 1234`, console and API socket in `dir` under `name`,
 /// and waits until the guest listens.
@@ -432,27 +483,13 @@ fn boot_vsock_echo(
     vsock_sock: &Path,
 ) -> common::Vm {
     let vsock = format!("cid=3,socket={}", vsock_sock.display());
-    let cmdline = format!(
-        "{} ffmk_exit_port=244 -- vsock-tool echo 1234",
-        base_cmdline()
-    );
-    let vm = common::Vm::spawn(
-        &[
-            "run",
-            "--kernel",
-            bzimage.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--memory",
-            "512M",
-            "--test-exit-port",
-            "--vsock",
-            &vsock,
-            "--cmdline",
-            &cmdline,
-        ],
-        &dir.join(format!("{name}.console")),
-        &dir.join(format!("{name}.sock")),
+    let vm = spawn_bzimage(
+        dir,
+        name,
+        bzimage,
+        initrd,
+        &["--vsock", &vsock],
+        "vsock-tool echo 1234",
     );
     let deadline = std::time::Instant::now() + timeout();
     while !vm.console().contains("vsock-tool: listening on 1234") {
@@ -612,26 +649,8 @@ const CHECKSUM_ITER: u64 = 1500;
 /// Boots the bzImage running the checksum workload, console and API socket
 /// in `dir` under `name`, and waits until it printed its third step.
 fn boot_checksum(dir: &Path, name: &str, bzimage: &Path, initrd: &Path) -> common::Vm {
-    let cmdline = format!(
-        "{} ffmk_exit_port=244 -- ffmk-checksum {CHECKSUM_STEPS} {CHECKSUM_ITER} 0.3",
-        base_cmdline()
-    );
-    let vm = common::Vm::spawn(
-        &[
-            "run",
-            "--kernel",
-            bzimage.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--memory",
-            "512M",
-            "--test-exit-port",
-            "--cmdline",
-            &cmdline,
-        ],
-        &dir.join(format!("{name}.console")),
-        &dir.join(format!("{name}.sock")),
-    );
+    let cmd = format!("ffmk-checksum {CHECKSUM_STEPS} {CHECKSUM_ITER} 0.3");
+    let vm = spawn_bzimage(dir, name, bzimage, initrd, &[], &cmd);
     let deadline = std::time::Instant::now() + timeout();
     while checksum_lines(&vm.console()).0.len() < 3 {
         assert!(std::time::Instant::now() < deadline, "{}", vm.console());

@@ -116,44 +116,27 @@ const SPACE_BUS: (u8, u8) = (2, 0x00);
 /// General flags: producer, minimum and maximum fixed.
 const SPACE_FIXED: u8 = 0x0c;
 
-/// `WordBusNumber` / `WordIO`: a 16-bit window `[min, min + len)`.
-fn res_word(space: (u8, u8), min: u16, len: u16) -> Vec<u8> {
-    let mut v = vec![0x88, 0x0d, 0x00, space.0, SPACE_FIXED, space.1];
+/// An address space descriptor: a window `[min, min + len)` the bridge
+/// produces, with `width`-byte fields (2: `WordBusNumber`/`WordIO`, 4:
+/// `DWordMemory`, 8: `QWordMemory`).
+fn res_window(space: (u8, u8), width: usize, min: u64, len: u64) -> Vec<u8> {
+    let tag = match width {
+        2 => 0x88,
+        4 => 0x87,
+        _ => 0x8a,
+    };
+    // The length field counts the three flag bytes and five fields.
+    let mut v = vec![
+        tag,
+        (3 + 5 * width) as u8,
+        0x00,
+        space.0,
+        SPACE_FIXED,
+        space.1,
+    ];
     // granularity, minimum, maximum, translation, length
     for x in [0, min, min + (len - 1), 0, len] {
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v
-}
-
-/// `DWordMemory`: a 32-bit memory window.
-fn res_dword(min: u32, len: u32) -> Vec<u8> {
-    let mut v = vec![
-        0x87,
-        0x17,
-        0x00,
-        SPACE_MEMORY.0,
-        SPACE_FIXED,
-        SPACE_MEMORY.1,
-    ];
-    for x in [0, min, min + (len - 1), 0, len] {
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v
-}
-
-/// `QWordMemory`: a 64-bit memory window.
-fn res_qword(min: u64, len: u64) -> Vec<u8> {
-    let mut v = vec![
-        0x8a,
-        0x2b,
-        0x00,
-        SPACE_MEMORY.0,
-        SPACE_FIXED,
-        SPACE_MEMORY.1,
-    ];
-    for x in [0, min, min + (len - 1), 0, len] {
-        v.extend_from_slice(&x.to_le_bytes());
+        v.extend_from_slice(&x.to_le_bytes()[..width]);
     }
     v
 }
@@ -219,12 +202,12 @@ fn aml_pci_host_bridge(mem_bytes: u64) -> Vec<u8> {
     body.extend(aml_resources(
         b"_CRS",
         &[
-            res_word(SPACE_BUS, 0, 1),
+            res_window(SPACE_BUS, 2, 0, 1),
             res_io(0xcf8, 8),
-            res_word(SPACE_IO, 0, 0xcf8),
-            res_word(SPACE_IO, 0xd00, 0xf300),
-            res_dword(PCI_LOW_WINDOW.0 as u32, PCI_LOW_WINDOW.1 as u32),
-            res_qword(high, high_len),
+            res_window(SPACE_IO, 2, 0, 0xcf8),
+            res_window(SPACE_IO, 2, 0xd00, 0xf300),
+            res_window(SPACE_MEMORY, 4, PCI_LOW_WINDOW.0, PCI_LOW_WINDOW.1),
+            res_window(SPACE_MEMORY, 8, high, high_len),
         ],
     ));
     aml_device(b"PCI0", &body)
