@@ -1,6 +1,6 @@
 //! Interrupts: the local APIC of each CPU, its timer, and the counters that
 //! `irq_common` (entry.S) keeps per (CPU index, vector).
-use crate::arch::{cpuid, read32_ring0, set_interrupts, write32_ring0};
+use crate::arch::{read32_ring0, set_interrupts, write32_ring0};
 use core::sync::atomic::{AtomicU32, Ordering};
 
 /// The local APIC's registers (xAPIC MMIO; each CPU sees its own).
