@@ -686,14 +686,9 @@ fn linux_checksum_workload_survives_snapshot_and_restore() {
     assert!(vm.api(&["pause"]).status.success());
     let snap = dir.join("snap");
     vm.snapshot(&snap, &[]);
-    let before = vm.console();
     vm.kill();
     let r = common::Vm::restore(&dir, "b", &snap, &[]);
-    let (code, err) = r.wait_exit();
-    let after = std::fs::read_to_string(dir.join("b.console")).unwrap_or_default();
-    assert_eq!(code, Some(0), "{err}\n{after}");
-    assert_checksum_continues(&before, &after);
-    std::fs::remove_dir_all(dir).unwrap();
+    assert_second_life_finishes(&dir, "a", "b", r);
 }
 
 #[test]
@@ -724,9 +719,19 @@ fn linux_checksum_workload_survives_live_migration() {
     assert!(out.status.success(), "{out:?}");
     let (code, err) = src.wait_exit();
     assert_eq!(code, Some(0), "{err}");
-    let (code, err) = dst.wait_exit();
-    let before = std::fs::read_to_string(dir.join("src.console")).unwrap_or_default();
-    let after = std::fs::read_to_string(dir.join("dst.console")).unwrap_or_default();
+    assert_second_life_finishes(&dir, "src", "dst", dst);
+}
+
+/// Waits for `second` (the restored or migrated VM, console `after` in
+/// `dir`) to end cleanly, checks the workload over both consoles and
+/// removes `dir`.
+fn assert_second_life_finishes(dir: &Path, before: &str, after: &str, second: common::Vm) {
+    let (code, err) = second.wait_exit();
+    let read = |name: &str| std::fs::read_to_string(dir.join(format!("{name}.console")));
+    let (before, after) = (
+        read(before).unwrap_or_default(),
+        read(after).unwrap_or_default(),
+    );
     assert_eq!(code, Some(0), "{err}\n{after}");
     assert_checksum_continues(&before, &after);
     std::fs::remove_dir_all(dir).unwrap();
