@@ -541,15 +541,7 @@ fn linux_migrated_after_boot_keeps_answering_on_vsock() {
         &dir.join("dst.sock"),
     );
     let src = boot_vsock_echo(&dir, "src", &bzimage, &initrd, &dir.join("src.vsock"));
-    let out = std::process::Command::new(common::vmm())
-        .args(["migrate", "--api-socket"])
-        .arg(&src.sock)
-        .args(["--to", "tcp://127.0.0.1:7399", "--json"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let (code, err) = src.wait_exit();
-    assert_eq!(code, Some(0), "{err}");
+    migrate_away(src, "tcp://127.0.0.1:7399");
     // The guest answers on the destination's vsock socket.
     assert_vsock_echo(&dir.join("dst.vsock"));
     let (code, err) = dst.wait_exit();
@@ -710,16 +702,22 @@ fn linux_checksum_workload_survives_live_migration() {
         &dir.join("dst.sock"),
     );
     let src = boot_checksum(&dir, "src", &bzimage, &initrd);
+    migrate_away(src, "tcp://127.0.0.1:7398");
+    assert_second_life_finishes(&dir, "src", "dst", dst);
+}
+
+/// Live-migrates `src` to `to` (`ffmk-vmm migrate`) and checks that the
+/// source VMM then ends cleanly.
+fn migrate_away(src: common::Vm, to: &str) {
     let out = std::process::Command::new(common::vmm())
         .args(["migrate", "--api-socket"])
         .arg(&src.sock)
-        .args(["--to", "tcp://127.0.0.1:7398", "--json"])
+        .args(["--to", to, "--json"])
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     let (code, err) = src.wait_exit();
     assert_eq!(code, Some(0), "{err}");
-    assert_second_life_finishes(&dir, "src", "dst", dst);
 }
 
 /// Waits for `second` (the restored or migrated VM, console `after` in
