@@ -351,13 +351,19 @@ impl Postcopy {
             let stream = stream.try_clone()?;
             std::thread::Builder::new()
                 .name("postcopy-faults".into())
-                .spawn(move || fault_loop(&shared, &stream))?
+                .spawn(move || {
+                    confined("postcopy-faults");
+                    fault_loop(&shared, &stream)
+                })?
         };
         let receiver = {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("postcopy-pages".into())
-                .spawn(move || receive_loop(&shared, &mut reader, total, &tx))?
+                .spawn(move || {
+                    confined("postcopy-pages");
+                    receive_loop(&shared, &mut reader, total, &tx)
+                })?
         };
         Ok(Postcopy {
             shared,
@@ -405,6 +411,7 @@ impl Postcopy {
         std::thread::Builder::new()
             .name("postcopy".into())
             .spawn(move || {
+                confined("postcopy");
                 let end = match self.notes.recv() {
                     Ok(Note::End(r)) => r,
                     Ok(Note::Go) => Err(Error::Protocol("a second GO".into())),
@@ -507,6 +514,16 @@ fn receive_loop(shared: &Shared, reader: &mut Conn<TcpStream>, total: u64, notes
     );
     shared.stop.store(true, Ordering::Release);
     let _ = notes.send(Note::End(end));
+}
+
+/// Installs the post-copy threads' seccomp filter. A thread that cannot be
+/// confined ends the process: it would otherwise serve the source's pages
+/// unfiltered, and the VM cannot go on without it.
+fn confined(label: &str) {
+    if let Err(e) = sandbox::seccomp::confine(sandbox::ThreadKind::Postcopy, label) {
+        eprintln!("ffmk-vmm: {e}");
+        std::process::exit(1);
+    }
 }
 
 #[cfg(test)]

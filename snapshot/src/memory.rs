@@ -379,6 +379,50 @@ pub fn checksum_layer(file: &File, defined: &PageBitmap) -> std::io::Result<u32>
     Ok(crc.finalize())
 }
 
+/// The first page that `defined` leaves out but `file` holds data for
+/// (anything but a hole or zeros), if any. A full layer is mapped as guest
+/// memory as it is, so such bytes would reach the guest unchecked: the
+/// checksum covers defined pages only. Walks the file's data extents
+/// (SEEK_DATA/SEEK_HOLE): cost follows the data stored; where the file
+/// system reports no holes, every undefined page is read.
+pub fn stray_data(file: &File, defined: &PageBitmap) -> std::io::Result<Option<u64>> {
+    use std::os::fd::AsRawFd;
+    let len = file.metadata()?.len();
+    let seek = |from: u64, whence: libc::c_int| -> std::io::Result<Option<u64>> {
+        // SAFETY: lseek on a descriptor this File owns; no memory involved.
+        let r = unsafe { libc::lseek(file.as_raw_fd(), from as libc::off_t, whence) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            // No data after `from`.
+            Some(libc::ENXIO) => Ok(None),
+            _ => Err(e),
+        }
+    };
+    let mut buf = vec![0u8; PAGE_SIZE as usize];
+    let mut at = 0;
+    while at < len {
+        let Some(data) = seek(at, libc::SEEK_DATA)? else {
+            break;
+        };
+        let end = seek(data, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
+        let mut page = data / PAGE_SIZE;
+        while page * PAGE_SIZE < end {
+            if !defined.get(page) {
+                let n = file.read_at(&mut buf, page * PAGE_SIZE)?;
+                if !is_zero(&buf[..n]) {
+                    return Ok(Some(page));
+                }
+            }
+            page += 1;
+        }
+        at = end.max(data + 1);
+    }
+    Ok(None)
+}
+
 /// Copies the pages `defined` selects from `file` into guest memory.
 pub fn apply_layer(file: &File, defined: &PageBitmap, mem: &GuestMemory) -> std::io::Result<()> {
     let mut buf = vec![0u8; (CHUNK_PAGES * PAGE_SIZE) as usize];
@@ -484,6 +528,29 @@ mod tests {
                 .unwrap(),
             0x55
         );
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn bytes_in_undefined_pages_are_found_and_zeros_or_holes_are_not() {
+        let m = mem(2);
+        m.write_obj(0xabu8, GuestAddress(0x5000)).unwrap();
+        let p = tmp("stray");
+        let f = fresh_file(&p);
+        let w = write_layer(&m, &Selection::Full, &f).unwrap();
+        assert_eq!(stray_data(&f, &w.defined).unwrap(), None);
+        // Zeros written over a hole reach the guest as zeros: allowed.
+        f.write_all_at(&[0u8; 4096], 0x9000).unwrap();
+        assert_eq!(stray_data(&f, &w.defined).unwrap(), None);
+        // One byte in a page the layer leaves out (a hole): found, though
+        // the checksum of the defined pages still matches.
+        f.write_all_at(&[1u8], (1 << 20) + 17).unwrap();
+        assert_eq!(checksum_layer(&f, &w.defined).unwrap(), w.crc32);
+        assert_eq!(stray_data(&f, &w.defined).unwrap(), Some(256));
+        // Next to a defined page, in the same data extent.
+        f.write_all_at(&[0u8], (1 << 20) + 17).unwrap();
+        f.write_all_at(&[2u8], 0x6000).unwrap();
+        assert_eq!(stray_data(&f, &w.defined).unwrap(), Some(6));
         std::fs::remove_file(p).unwrap();
     }
 

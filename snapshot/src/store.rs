@@ -44,6 +44,11 @@ pub enum Error {
     },
     #[error("snapshot file {0} fails its checksum (corrupt)")]
     Checksum(PathBuf),
+    #[error(
+        "snapshot file {path} holds data in page {page}, which its layer does not define \
+         (only holes or zeros may be there): corrupt or tampered with"
+    )]
+    StrayData { path: PathBuf, page: u64 },
     #[error("{0}")]
     Chain(String),
 }
@@ -218,6 +223,9 @@ impl Snapshot {
                 let crc = memory::checksum_layer(&file, &bits).map_err(io("read", &path))?;
                 if crc != l.memory.crc32 {
                     return Err(Error::Checksum(path));
+                }
+                if let Some(page) = memory::stray_data(&file, &bits).map_err(io("read", &path))? {
+                    return Err(Error::StrayData { path, page });
                 }
             }
         }

@@ -639,9 +639,10 @@ impl Restoring {
         console: Console,
         api_socket: Option<PathBuf>,
         pin: Option<vcpu_decouple::PinSpec>,
-    ) -> RunConfig {
+        confine: &crate::cli::ConfineArgs,
+    ) -> Result<RunConfig, crate::access::Error> {
         let c = &self.machine.config;
-        RunConfig {
+        Ok(RunConfig {
             kernel: c.kernel.clone(),
             initrd: None,
             cmdline: c.cmdline.clone(),
@@ -662,7 +663,10 @@ impl Restoring {
             rng: c.rng,
             virtio_console: c.virtio_console.clone(),
             vsock: c.vsock.clone(),
-        }
+            seccomp: confine.seccomp.unwrap_or_default(),
+            access: crate::access::Access::new(&confine.snapshot_dirs, &confine.migrate_to)?,
+            api_group: confine.api_group.clone(),
+        })
     }
 
     /// Continues the devices `Vm::create` built from the saved

@@ -170,6 +170,8 @@ pub enum CheckpointAction {
         /// Only say which copy would be used (it is still fetched and verified).
         #[arg(long)]
         dry_run: bool,
+        #[command(flatten)]
+        confine: ConfineArgs,
     },
     /// Checkpoint periodically: locally every local interval (Daly's from
     /// the measured cost and mtti_s, or --every), each slower level when
@@ -237,6 +239,8 @@ pub struct RestoreArgs {
     /// (its service/compute split comes with the snapshot).
     #[arg(long, value_name = "SPEC")]
     pub pin: Option<PinSpec>,
+    #[command(flatten)]
+    pub confine: ConfineArgs,
 }
 
 #[derive(Args, Debug)]
@@ -266,6 +270,28 @@ pub struct MigrateArgs {
     /// JSON lines on stdout even on a terminal.
     #[arg(long)]
     pub json: bool,
+}
+
+/// How a VMM that runs a VM is confined (docs/security.md).
+#[derive(Args, Debug, Default, Clone)]
+pub struct ConfineArgs {
+    /// System-call filters on every VMM thread: on (a call outside a
+    /// thread's list stops the VMM with a report, exit 159), log (the
+    /// kernel logs such calls and lets them through) or off [default: on].
+    #[arg(long, value_name = "on|log|off")]
+    pub seccomp: Option<sandbox::Mode>,
+    /// Snapshots and checkpoints asked for through the API may only be
+    /// written inside this directory (repeatable) [default: anywhere].
+    #[arg(long = "snapshot-dir", value_name = "DIR")]
+    pub snapshot_dirs: Vec<PathBuf>,
+    /// The VM may only be migrated to this host or HOST:PORT (repeatable)
+    /// [default: any].
+    #[arg(long, value_name = "HOST")]
+    pub migrate_to: Vec<String>,
+    /// The API socket is made mode 0660 with this group (name or number),
+    /// instead of 0600 (its owner only).
+    #[arg(long, value_name = "GROUP")]
+    pub api_group: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -361,6 +387,8 @@ pub struct RunArgs {
     /// match the source; --kernel is not needed).
     #[arg(long, value_name = "tcp://ADDR:PORT")]
     pub incoming: Option<String>,
+    #[command(flatten)]
+    pub confine: ConfineArgs,
 }
 
 fn parse_vsock(s: &str) -> Result<VsockEntry, String> {
@@ -406,6 +434,12 @@ impl RunArgs {
             rng: self.rng.then_some(true),
             virtio_console: self.virtio_console.clone(),
             vsock: self.vsock.clone(),
+            seccomp: self.confine.seccomp,
+            snapshot_dirs: (!self.confine.snapshot_dirs.is_empty())
+                .then(|| self.confine.snapshot_dirs.clone()),
+            migrate_to: (!self.confine.migrate_to.is_empty())
+                .then(|| self.confine.migrate_to.clone()),
+            api_group: self.confine.api_group.clone(),
         }
     }
 }

@@ -10,6 +10,8 @@ use vcpu_decouple::{PinSpec, Topology};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error(transparent)]
+    Access(#[from] crate::access::Error),
     #[error("cannot read config file {path}: {source}")]
     Read {
         path: PathBuf,
@@ -278,6 +280,12 @@ pub struct FileConfig {
     pub rng: Option<bool>,
     pub virtio_console: Option<PathBuf>,
     pub vsock: Option<VsockEntry>,
+    /// `"on"`, `"log"` or `"off"`.
+    #[serde(default, deserialize_with = "de_parsed")]
+    pub seccomp: Option<sandbox::Mode>,
+    pub snapshot_dirs: Option<Vec<PathBuf>>,
+    pub migrate_to: Option<Vec<String>>,
+    pub api_group: Option<String>,
 }
 
 impl FileConfig {
@@ -294,6 +302,7 @@ impl FileConfig {
         let base = path.parent().unwrap_or(Path::new("."));
         let disks = c.disk.iter_mut().flatten().map(|d| &mut d.path);
         let vsock = c.vsock.iter_mut().map(|v| &mut v.socket);
+        let snapshot_dirs = c.snapshot_dirs.iter_mut().flatten();
         for p in [
             &mut c.kernel,
             &mut c.initrd,
@@ -304,6 +313,7 @@ impl FileConfig {
         .flatten()
         .chain(disks)
         .chain(vsock)
+        .chain(snapshot_dirs)
         {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -335,6 +345,10 @@ impl FileConfig {
             rng: over.rng.or(self.rng),
             virtio_console: over.virtio_console.or(self.virtio_console),
             vsock: over.vsock.or(self.vsock),
+            seccomp: over.seccomp.or(self.seccomp),
+            snapshot_dirs: over.snapshot_dirs.or(self.snapshot_dirs),
+            migrate_to: over.migrate_to.or(self.migrate_to),
+            api_group: over.api_group.or(self.api_group),
         }
     }
 }
@@ -388,6 +402,17 @@ pub struct RunConfig {
     pub rng: bool,
     pub virtio_console: Option<PathBuf>,
     pub vsock: Option<VsockConfig>,
+    /// `--seccomp`.
+    #[serde(serialize_with = "as_text")]
+    pub seccomp: sandbox::Mode,
+    /// `--snapshot-dir`, `--migrate-to`.
+    pub access: crate::access::Access,
+    /// `--api-group`.
+    pub api_group: Option<String>,
+}
+
+fn as_text<S: serde::Serializer, T: std::fmt::Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
 }
 
 pub const DEFAULT_MEMORY: &str = "256M";
@@ -470,6 +495,12 @@ impl RunConfig {
                 cid: v.cid,
                 socket: v.socket,
             }),
+            seccomp: c.seccomp.unwrap_or_default(),
+            access: crate::access::Access::new(
+                c.snapshot_dirs.as_deref().unwrap_or_default(),
+                c.migrate_to.as_deref().unwrap_or_default(),
+            )?,
+            api_group: c.api_group,
         })
     }
 }

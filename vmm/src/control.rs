@@ -198,6 +198,11 @@ impl Control {
                 )
             }
             ApiRequest::Migrate(r) => {
+                let to = crate::migration::parse_tcp(&r.to)
+                    .and_then(|to| self.vm.config.access.check_migration_target(&to));
+                if let Err(e) = to {
+                    return ApiResponse::error(403, e);
+                }
                 match self
                     .migration
                     .start(self.vm.clone(), &r, self.vm.exit_evt.clone())
@@ -244,9 +249,18 @@ impl Control {
                 }
                 Err(e) => ApiResponse::error(409, format!("disk {index}: {e}")),
             },
-            ApiRequest::Snapshot(r) => match crate::checkpoint::take(&self.vm, &r) {
+            ApiRequest::Snapshot(r) => match self
+                .vm
+                .config
+                .access
+                .check_snapshot_dest(&r.dest)
+                .map_err(|e| ApiResponse::error(403, e))
+                .and_then(|()| {
+                    crate::checkpoint::take(&self.vm, &r)
+                        .map_err(|e| ApiResponse::error(e.http_status(), e.to_string()))
+                }) {
                 Ok(summary) => ApiResponse::json(200, &summary),
-                Err(e) => ApiResponse::error(e.http_status(), e.to_string()),
+                Err(e) => e,
             },
             ApiRequest::Shutdown => {
                 self.finish(ExitReason::ApiShutdown);

@@ -123,6 +123,12 @@ impl Decoupling {
         let spawned = std::thread::Builder::new()
             .name("placement".into())
             .spawn(move || {
+                if let Err(e) =
+                    sandbox::seccomp::confine(sandbox::ThreadKind::Placement, "placement")
+                {
+                    tracing::warn!("{e}: KVM workers stay where they are");
+                    return;
+                }
                 let proc_root = Path::new("/proc");
                 let pid = std::process::id();
                 for i in 0..600u32 {

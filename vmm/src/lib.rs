@@ -4,6 +4,7 @@
 //! event loop that ends the VM) and `api` (REST over a Unix socket);
 //! `checkpoint` takes snapshots and restores from them (`arch::state` holds
 //! the KVM state path).
+pub mod access;
 pub mod api;
 pub mod arch;
 pub mod boot;

@@ -356,9 +356,14 @@ fn prepare(
     let signals = vmm::control::signal_fd()
         .context("cannot set up signal handling")
         .map_err(runtime)?;
+    // Every thread started from here on confines itself (docs/security.md).
+    sandbox::seccomp::set_mode(config.seccomp);
     let kvm = open_kvm()?;
     let listener = match &config.api_socket {
-        Some(p) => Some((vmm::api::bind(p).map_err(usage)?, p.clone())),
+        Some(p) => Some((
+            vmm::api::bind(p, config.api_group.as_deref()).map_err(usage)?,
+            p.clone(),
+        )),
         None => None,
     };
     let guard = SocketGuard(listener.as_ref().map(|(_, p)| p.clone()));
@@ -385,6 +390,11 @@ fn serve(
         }
         None => None,
     };
+    // The control thread last: the API thread above has its own filter,
+    // the migration threads it starts later fit inside this one.
+    sandbox::seccomp::confine(sandbox::ThreadKind::Control, "control")
+        .context("cannot confine the control thread")
+        .map_err(runtime)?;
     let reason = vmm::control::run(std::sync::Arc::new(vm), signals, api)
         .context("control loop failed")
         .map_err(runtime)?;
@@ -405,7 +415,14 @@ fn restore(args: RestoreArgs) -> Result<u8, Failure> {
         .parse()
         .map_err(usage)?;
     let restoring = vmm::checkpoint::Restoring::open(&args.from, args.paused).map_err(usage)?;
-    let config = restoring.run_config(console, args.api_socket.clone(), args.pin.clone());
+    let config = restoring
+        .run_config(
+            console,
+            args.api_socket.clone(),
+            args.pin.clone(),
+            &args.confine,
+        )
+        .map_err(usage)?;
     let (signals, kvm, listener, _socket_guard) = prepare(&config)?;
     let summary = match &restoring.origin {
         vmm::checkpoint::Origin::Snapshot(s) => format!(
@@ -614,6 +631,7 @@ fn checkpoint(action: CheckpointAction) -> Result<u8, Failure> {
             console,
             paused,
             dry_run,
+            confine,
         } => {
             let cfg = load(&config)?;
             let rep = Reporter::new(false);
@@ -644,6 +662,7 @@ fn checkpoint(action: CheckpointAction) -> Result<u8, Failure> {
                 console,
                 paused,
                 pin: None,
+                confine,
             })
         }
         CheckpointAction::Run {

@@ -297,6 +297,17 @@ impl Migration {
         let thread = std::thread::Builder::new()
             .name("migrate".into())
             .spawn(move || {
+                if let Err(e) = sandbox::seccomp::confine(sandbox::ThreadKind::Migration, "migrate")
+                {
+                    if let Ok(mut s) = status.lock() {
+                        *s = Status::Failed {
+                            to: to.to_string(),
+                            error: e.to_string(),
+                            vm_running_here: true,
+                        };
+                    }
+                    return;
+                }
                 let end = run(&vm, &to, &opts, &cancel, &status, &held);
                 let moved = matches!(end, Status::Completed(_));
                 if let Ok(mut s) = status.lock() {

@@ -646,7 +646,11 @@ impl Prepared {
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
-                    let r = plan.enter_vcpu_thread(id);
+                    // Placed, then confined, before any guest code runs.
+                    let r = plan.enter_vcpu_thread(id).and_then(|()| {
+                        sandbox::seccomp::confine(sandbox::ThreadKind::Vcpu, &format!("vcpu{id}"))
+                            .map_err(|e| e.to_string())
+                    });
                     vcpu.shared.set_tid(vcpu_decouple::affinity::current_tid());
                     let ok = r.is_ok();
                     let _ = placed.send(r);

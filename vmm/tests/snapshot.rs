@@ -155,8 +155,27 @@ fn damaged_snapshots_are_refused_with_one_clear_line() {
         .find(|(_, b)| **b != 0)
         .map(|(i, b)| i as u64 * 8 + u64::from(b.trailing_zeros()))
         .unwrap();
+    // A page the full layer leaves out (a hole, zero in the guest).
+    let hole_page = (0..bits.len() as u64 * 8)
+        .find(|p| bits[(p / 8) as usize] & (1 << (p % 8)) == 0)
+        .unwrap();
+    let hole_want = format!("holds data in page {hole_page}, which its layer does not define");
     type Damage = Box<dyn Fn(&Path)>;
     let cases: Vec<(&str, Damage, &str)> = vec![
+        (
+            // Outside the checksummed pages, but mapped into the guest.
+            "data-in-a-hole",
+            Box::new(move |d| {
+                use std::os::unix::fs::FileExt;
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(d.join("mem-1.bin"))
+                    .unwrap()
+                    .write_all_at(b"x", hole_page * 4096 + 7)
+                    .unwrap();
+            }),
+            &hole_want,
+        ),
         (
             "version",
             Box::new(|d| edit_manifest(d, |m| m["version"] = 99.into())),
@@ -237,12 +256,24 @@ fn damaged_snapshots_are_refused_with_one_clear_line() {
         let d = dir.join(name);
         copy_dir(&good, &d);
         damage(&d);
-        let out = Command::new(vmm())
+        let mut child = Command::new(vmm())
             .args(["restore", "--console", "none", "--from"])
             .arg(&d)
             .stdin(Stdio::null())
-            .output()
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
             .unwrap();
+        // A damaged snapshot that is not refused would run on: give up.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{name}: the damaged snapshot was restored and runs");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let out = child.wait_with_output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{name}: {err}");
         assert_eq!(err.lines().count(), 1, "{name}: {err}");

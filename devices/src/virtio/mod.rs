@@ -288,6 +288,11 @@ impl IoThread {
         let thread = std::thread::Builder::new()
             .name(name.into())
             .spawn(move || {
+                // Confined before the first device event is handled.
+                if let Err(e) = sandbox::seccomp::confine(sandbox::ThreadKind::Io, "io") {
+                    let _ = tx.send(Err(e.to_string()));
+                    return;
+                }
                 let mut manager = match EventManager::<Worker>::new() {
                     Ok(m) => m,
                     Err(e) => {

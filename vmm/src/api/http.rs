@@ -2,6 +2,8 @@
 use std::io::{Read, Write};
 
 const MAX_HEADER: usize = 16 * 1024;
+/// Header lines after the request line.
+const MAX_HEADER_LINES: usize = 64;
 const MAX_BODY: usize = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +43,9 @@ fn read_message(s: &mut impl Read) -> Result<(String, Vec<u8>), Error> {
     };
     let head = String::from_utf8(buf[..head_end].to_vec())
         .map_err(|_| Error::Malformed("header is not UTF-8"))?;
+    if head.lines().count() > 1 + MAX_HEADER_LINES {
+        return Err(Error::Malformed("too many header lines (at most 64)"));
+    }
     let mut body = buf[head_end + 4..].to_vec();
     let len = head
         .lines()

@@ -75,10 +75,77 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("--api-group {0}: no such group")]
+    NoGroup(String),
+    #[error("cannot give API socket {path} to group {group}: {source}")]
+    Group {
+        path: PathBuf,
+        group: String,
+        source: std::io::Error,
+    },
 }
 
-/// Binds the socket (refusing a path that is in use) before the VM exists.
-pub fn bind(path: &Path) -> Result<UnixListener, Error> {
+/// The group id of `group` (a name, or a number).
+fn group_id(group: &str) -> Result<libc::gid_t, Error> {
+    if let Ok(gid) = group.parse::<libc::gid_t>() {
+        return Ok(gid);
+    }
+    let name = std::ffi::CString::new(group).map_err(|_| Error::NoGroup(group.into()))?;
+    let mut grp: libc::group = unsafe_zeroed_group();
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call; buf's length is passed.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            name.as_ptr(),
+            &mut grp,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    if rc != 0 || found.is_null() {
+        return Err(Error::NoGroup(group.into()));
+    }
+    Ok(grp.gr_gid)
+}
+
+fn unsafe_zeroed_group() -> libc::group {
+    // SAFETY: libc::group is plain data (integers and pointers); all-zero
+    // is a valid value that getgrnam_r overwrites.
+    unsafe { std::mem::zeroed() }
+}
+
+/// Binds the socket (refusing a path that is in use) before the VM exists,
+/// before any other thread: mode 0600, or 0660 with `group`.
+pub fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, Error> {
+    let gid = group.map(group_id).transpose()?;
+    // The socket is created with the umask applied: 0177 gives 0600 from
+    // the start, so no other user can connect between bind and chmod.
+    // SAFETY: umask only changes this process's file-creation mask; no
+    // other thread exists yet to create files meanwhile.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = bind_socket(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    let listener = bound?;
+    if let (Some(gid), Some(group)) = (gid, group) {
+        use std::os::unix::fs::PermissionsExt;
+        let given = std::os::unix::fs::chown(path, None, Some(gid))
+            .and_then(|()| std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)));
+        if let Err(source) = given {
+            let _ = std::fs::remove_file(path);
+            return Err(Error::Group {
+                path: path.into(),
+                group: group.into(),
+                source,
+            });
+        }
+    }
+    Ok(listener)
+}
+
+fn bind_socket(path: &Path) -> Result<UnixListener, Error> {
     use std::os::unix::fs::FileTypeExt;
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
@@ -96,6 +163,32 @@ pub fn bind(path: &Path) -> Result<UnixListener, Error> {
     })
 }
 
+/// How long a client has to send its whole request.
+const REQUEST_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A connection whose reads all end by one deadline.
+struct Deadline(std::os::unix::net::UnixStream, std::time::Instant);
+
+impl Deadline {
+    fn new(s: std::os::unix::net::UnixStream, within: std::time::Duration) -> Deadline {
+        Deadline(s, std::time::Instant::now() + within)
+    }
+}
+
+impl std::io::Read for Deadline {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.1.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the request did not arrive in time",
+            ));
+        }
+        self.0.set_read_timeout(Some(left))?;
+        self.0.read(buf)
+    }
+}
+
 /// Serves requests until the process ends; returns the control side.
 pub fn start_server(
     listener: UnixListener,
@@ -105,9 +198,16 @@ pub fn start_server(
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
+            // Confined before the first connection is read.
+            if let Err(e) = sandbox::seccomp::confine(sandbox::ThreadKind::Api, "api") {
+                tracing::error!("{e}: the API is not served");
+                return;
+            }
             for conn in listener.incoming() {
-                let Ok(mut stream) = conn else { continue };
-                let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+                let Ok(stream) = conn else { continue };
+                // One connection at a time: a client that sends slowly
+                // gets REQUEST_TIME for all of its request, then an error.
+                let mut stream = Deadline::new(stream, REQUEST_TIME);
                 let response = match http::read_request(&mut stream) {
                     Ok(req) => match route(&req.method, &req.path, &req.body) {
                         Ok(api) => {
@@ -123,7 +223,7 @@ pub fn start_server(
                     },
                     Err(e) => ApiResponse::error(400, e.to_string()),
                 };
-                let _ = http::write_response(&mut stream, response.status, &response.body);
+                let _ = http::write_response(&mut stream.0, response.status, &response.body);
             }
         })?;
     Ok(rx)
@@ -285,13 +385,37 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("ffmk-api-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("api.sock");
-        let live = bind(&p).unwrap();
-        assert!(matches!(bind(&p), Err(Error::InUse(_))));
+        let live = bind(&p, None).unwrap();
+        assert!(matches!(bind(&p, None), Err(Error::InUse(_))));
         drop(live);
-        bind(&p).expect("stale socket is replaced");
+        bind(&p, None).expect("stale socket is replaced");
         let f = dir.join("file");
         std::fs::write(&f, "x").unwrap();
-        assert!(matches!(bind(&f), Err(Error::NotASocket(_))));
+        assert!(matches!(bind(&f, None), Err(Error::NotASocket(_))));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_socket_is_its_owners_or_its_groups_only() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = std::env::temp_dir().join(format!("ffmk-api-mode-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("api.sock");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let _l = bind(&p, None).unwrap();
+        assert_eq!(mode(&p), 0o600);
+        // SAFETY: getegid has no preconditions.
+        let gid = unsafe { libc::getegid() };
+        let q = dir.join("group.sock");
+        let _g = bind(&q, Some(&gid.to_string())).unwrap();
+        assert_eq!(mode(&q), 0o660);
+        assert_eq!(std::fs::metadata(&q).unwrap().gid(), gid);
+        let e = bind(&dir.join("x.sock"), Some("no-such-group-ffmk")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--api-group no-such-group-ffmk: no such group"
+        );
+        assert!(!dir.join("x.sock").exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
