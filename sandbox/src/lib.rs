@@ -9,6 +9,7 @@
 //! - [`landlock`]: the file system the process may reach after start-up,
 //!   limited to the paths its configuration names.
 
+pub mod landlock;
 mod names;
 pub mod seccomp;
 

@@ -666,6 +666,7 @@ impl Restoring {
             seccomp: confine.seccomp.unwrap_or_default(),
             access: crate::access::Access::new(&confine.snapshot_dirs, &confine.migrate_to)?,
             api_group: confine.api_group.clone(),
+            landlock: confine.landlock.unwrap_or_default(),
         })
     }
 

@@ -292,6 +292,12 @@ pub struct ConfineArgs {
     /// instead of 0600 (its owner only).
     #[arg(long, value_name = "GROUP")]
     pub api_group: Option<String>,
+    /// Landlock: the VMM may reach only the paths its configuration names
+    /// (kernel, initramfs, disks, console files, socket directories, the
+    /// --snapshot-dir trees; /proc and /sys read-only). auto: when
+    /// --snapshot-dir is given [default: auto].
+    #[arg(long, value_name = "auto|on|off")]
+    pub landlock: Option<crate::reach::Landlock>,
 }
 
 #[derive(Args, Debug)]
@@ -440,6 +446,7 @@ impl RunArgs {
             migrate_to: (!self.confine.migrate_to.is_empty())
                 .then(|| self.confine.migrate_to.clone()),
             api_group: self.confine.api_group.clone(),
+            landlock: self.confine.landlock,
         }
     }
 }

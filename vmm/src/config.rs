@@ -286,6 +286,9 @@ pub struct FileConfig {
     pub snapshot_dirs: Option<Vec<PathBuf>>,
     pub migrate_to: Option<Vec<String>>,
     pub api_group: Option<String>,
+    /// `"auto"`, `"on"` or `"off"`.
+    #[serde(default, deserialize_with = "de_parsed")]
+    pub landlock: Option<crate::reach::Landlock>,
 }
 
 impl FileConfig {
@@ -349,6 +352,7 @@ impl FileConfig {
             snapshot_dirs: over.snapshot_dirs.or(self.snapshot_dirs),
             migrate_to: over.migrate_to.or(self.migrate_to),
             api_group: over.api_group.or(self.api_group),
+            landlock: over.landlock.or(self.landlock),
         }
     }
 }
@@ -409,6 +413,9 @@ pub struct RunConfig {
     pub access: crate::access::Access,
     /// `--api-group`.
     pub api_group: Option<String>,
+    /// `--landlock`.
+    #[serde(serialize_with = "as_text")]
+    pub landlock: crate::reach::Landlock,
 }
 
 fn as_text<S: serde::Serializer, T: std::fmt::Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {
@@ -501,6 +508,7 @@ impl RunConfig {
                 c.migrate_to.as_deref().unwrap_or_default(),
             )?,
             api_group: c.api_group,
+            landlock: c.landlock.unwrap_or_default(),
         })
     }
 }

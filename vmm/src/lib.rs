@@ -18,5 +18,6 @@ pub mod info;
 pub mod irq;
 pub mod memory;
 pub mod migration;
+pub mod reach;
 pub mod vcpu;
 pub mod vm;

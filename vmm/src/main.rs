@@ -136,7 +136,7 @@ fn run(args: RunArgs) -> Result<u8, Failure> {
             .with_context(|| format!("cannot open initramfs {}", initrd.display()))
             .map_err(usage)?;
     }
-    let (signals, kvm, listener, _socket_guard) = prepare(&config)?;
+    let (signals, kvm, listener, _socket_guard) = prepare(&config, None)?;
 
     let vm = vmm::vm::Vm::create(&kvm, config, None).map_err(|e| {
         if e.is_user_error() {
@@ -151,7 +151,7 @@ fn run(args: RunArgs) -> Result<u8, Failure> {
 /// `run --incoming`: waits for a migration that fits `config`, then runs
 /// the VM that arrived.
 fn incoming(addr: &str, config: RunConfig) -> Result<u8, Failure> {
-    let (signals, kvm, listener, _socket_guard) = prepare(&config)?;
+    let (signals, kvm, listener, _socket_guard) = prepare(&config, None)?;
     let tcp = std::net::TcpListener::bind(addr)
         .with_context(|| format!("cannot listen on {addr}"))
         .map_err(usage)?;
@@ -352,6 +352,7 @@ type Listener = Option<(std::os::unix::net::UnixListener, std::path::PathBuf)>;
 /// the API socket bound (removed again on every way out by the guard).
 fn prepare(
     config: &vmm::config::RunConfig,
+    restore_from: Option<&std::path::Path>,
 ) -> Result<(std::os::fd::OwnedFd, kvm_ioctls::Kvm, Listener, SocketGuard), Failure> {
     let signals = vmm::control::signal_fd()
         .context("cannot set up signal handling")
@@ -367,6 +368,24 @@ fn prepare(
         None => None,
     };
     let guard = SocketGuard(listener.as_ref().map(|(_, p)| p.clone()));
+    // Still no other thread: the rules cover every thread started later.
+    if config.landlock.applies(config) {
+        let paths = vmm::reach::paths(config, restore_from)
+            .context("cannot prepare the Landlock rules")
+            .map_err(usage)?;
+        match sandbox::landlock::restrict(&paths)
+            .context("cannot restrict the file system (--landlock)")
+            .map_err(runtime)?
+        {
+            sandbox::landlock::Enforced::Fully => tracing::info!("landlock: fully enforced"),
+            sandbox::landlock::Enforced::Partly => {
+                tracing::warn!("landlock: partly enforced (an older kernel)")
+            }
+            sandbox::landlock::Enforced::Not => {
+                tracing::warn!("landlock: this kernel has none; the file system is not restricted")
+            }
+        }
+    }
     Ok((signals, kvm, listener, guard))
 }
 
@@ -423,7 +442,11 @@ fn restore(args: RestoreArgs) -> Result<u8, Failure> {
             &args.confine,
         )
         .map_err(usage)?;
-    let (signals, kvm, listener, _socket_guard) = prepare(&config)?;
+    let from = match &restoring.origin {
+        vmm::checkpoint::Origin::Snapshot(s) => Some(s.dir.as_path()),
+        vmm::checkpoint::Origin::Migration { .. } => None,
+    };
+    let (signals, kvm, listener, _socket_guard) = prepare(&config, from)?;
     let summary = match &restoring.origin {
         vmm::checkpoint::Origin::Snapshot(s) => format!(
             "generation {}, {} layer(s), {:.1} MiB stored",

@@ -180,3 +180,51 @@ fn api_requests_outside_the_allowed_dirs_and_hosts_are_refused_and_the_vm_runs_o
     }
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn with_a_snapshot_dir_landlock_confines_the_vmm_and_the_vm_still_works() {
+    let dir = tmpdir("sandbox-landlock");
+    let allowed = dir.join("bb");
+    std::fs::create_dir_all(&allowed).unwrap();
+    let image = dir.join("disk.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let disk = format!("path={}", image.display());
+    let vcon = dir.join("vcon.out");
+    let vm = start(
+        &dir,
+        "ll",
+        &[
+            "--log-level",
+            "info",
+            "--snapshot-dir",
+            allowed.to_str().unwrap(),
+            "--disk",
+            &disk,
+            "--virtio-console",
+            vcon.to_str().unwrap(),
+        ],
+    );
+    // Snapshots go where the configuration allows, and a restore reads them.
+    vm.snapshot(&allowed.join("s1"), &[]);
+    let before = common::counters(&vm.console()).last().copied().unwrap();
+    vm.wait_counter(before + 3);
+    // A clean stop (SIGTERM) removes the API socket: its directory allows it.
+    // SAFETY: a signal to the child this test started.
+    unsafe { libc::kill(vm.child.id() as i32, libc::SIGTERM) };
+    let (code, stderr) = vm.wait_exit();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("landlock: fully enforced"), "{stderr}");
+    assert!(!dir.join("ll.sock").exists(), "{stderr}");
+    let r = Vm::restore(
+        &dir,
+        "ll2",
+        &allowed.join("s1"),
+        &["--snapshot-dir", allowed.to_str().unwrap()],
+    );
+    r.wait_counter(before + 3);
+    r.kill();
+    std::fs::remove_dir_all(dir).unwrap();
+}

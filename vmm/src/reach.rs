@@ -1,0 +1,115 @@
+//! The file system a VMM needs for its configuration, as Landlock rules
+//! (`--landlock`, docs/security.md): every path the configuration names,
+//! used the way it is used, and nothing else.
+use crate::config::{Console, RunConfig};
+use sandbox::landlock::Paths;
+use std::path::{Path, PathBuf};
+
+/// `--landlock`: whether the file system is restricted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Landlock {
+    /// Restricted when `--snapshot-dir` names where snapshots go (without
+    /// it, an API client may name any directory, so writes cannot be
+    /// limited).
+    #[default]
+    Auto,
+    /// Restricted; without `--snapshot-dir` no snapshot can be written.
+    On,
+    Off,
+}
+
+impl std::str::FromStr for Landlock {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Landlock::Auto),
+            "on" => Ok(Landlock::On),
+            "off" => Ok(Landlock::Off),
+            _ => Err(format!("--landlock takes auto, on or off, not {s:?}")),
+        }
+    }
+}
+
+impl std::fmt::Display for Landlock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Landlock::Auto => "auto",
+            Landlock::On => "on",
+            Landlock::Off => "off",
+        })
+    }
+}
+
+impl Landlock {
+    pub fn applies(self, config: &RunConfig) -> bool {
+        match self {
+            Landlock::Auto => !config.access.snapshot_dirs.is_empty(),
+            Landlock::On => true,
+            Landlock::Off => false,
+        }
+    }
+}
+
+/// Read-only system files: what name resolution (a migration target by
+/// name) and thread placement read.
+const SYSTEM_READ: &[&str] = &[
+    "/proc",
+    "/sys",
+    "/etc/hosts",
+    "/etc/resolv.conf",
+    "/etc/nsswitch.conf",
+    "/etc/host.conf",
+    "/etc/gai.conf",
+];
+
+/// The rules for `config`; `restore_from` is the snapshot being restored.
+/// Creates the files the VMM would create later (console outputs) and the
+/// per-core claim directory, so that rules can name them.
+pub fn paths(config: &RunConfig, restore_from: Option<&Path>) -> std::io::Result<Paths> {
+    let mut p = Paths::default();
+    p.read.extend(SYSTEM_READ.iter().map(PathBuf::from));
+    p.read.push(config.kernel.clone());
+    p.read.extend(config.initrd.clone());
+    p.read.extend(restore_from.map(Path::to_path_buf));
+    for d in &config.disks {
+        if d.readonly {
+            p.read.push(d.path.clone());
+        } else {
+            p.read_write.push(d.path.clone());
+        }
+    }
+    let mut outputs: Vec<&Path> = Vec::new();
+    if let Console::File(f) = &config.console {
+        outputs.push(f);
+    }
+    outputs.extend(config.virtio_console.as_deref());
+    for f in outputs {
+        // Created now (appended to later, as without Landlock).
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(f)?;
+        p.read_write.push(f.to_path_buf());
+    }
+    if !config.nets.is_empty() {
+        p.devices.push("/dev/net/tun".into());
+    }
+    p.devices.push("/dev/userfaultfd".into());
+    let parent = |f: &Path| {
+        f.parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."))
+    };
+    p.socket_dirs
+        .extend(config.api_socket.as_deref().map(parent));
+    p.socket_dirs
+        .extend(config.vsock.as_ref().map(|v| parent(&v.socket)));
+    p.trees.extend(config.access.snapshot_dirs.iter().cloned());
+    if config.pin.is_some() || config.topology.is_decoupled() {
+        let claims = vcpu_decouple::affinity::claims_dir();
+        std::fs::create_dir_all(&claims)?;
+        p.trees.push(claims);
+    }
+    Ok(p)
+}
