@@ -103,6 +103,9 @@ impl ThreadKind {
     /// for `ioctl`, with the request numbers of [`Self::ioctl_types`]).
     pub fn allowed(self) -> Vec<i64> {
         let mut v: Vec<i64> = EVERY_THREAD.to_vec();
+        if !matches!(self, ThreadKind::Vcpu | ThreadKind::Placement) {
+            v.extend_from_slice(CONNECTED);
+        }
         match self {
             ThreadKind::Vcpu => v.extend_from_slice(VCPU),
             ThreadKind::Io => v.extend_from_slice(IO),
@@ -240,25 +243,19 @@ const IO: &[i64] = &[
     libc::SYS_socket,
     libc::SYS_connect,
     libc::SYS_accept4,
-    libc::SYS_sendto,
-    libc::SYS_recvfrom,
-    libc::SYS_sendmsg,
-    libc::SYS_recvmsg,
-    libc::SYS_shutdown,
-    libc::SYS_getsockopt,
-    libc::SYS_setsockopt,
 ];
 
-const API: &[i64] = &[
-    libc::SYS_accept4,
-    libc::SYS_accept,
+const API: &[i64] = &[libc::SYS_accept4, libc::SYS_accept];
+
+/// Talking over a connected socket (every kind but vCPU and placement).
+const CONNECTED: &[i64] = &[
     libc::SYS_sendto,
     libc::SYS_recvfrom,
     libc::SYS_sendmsg,
     libc::SYS_recvmsg,
     libc::SYS_shutdown,
-    libc::SYS_setsockopt,
     libc::SYS_getsockopt,
+    libc::SYS_setsockopt,
 ];
 
 /// Snapshots, checkpoints, restores of disks, signals, shutting down.
@@ -305,13 +302,6 @@ const MIGRATION: &[i64] = &[
     libc::SYS_bind,
     libc::SYS_listen,
     libc::SYS_accept4,
-    libc::SYS_sendto,
-    libc::SYS_recvfrom,
-    libc::SYS_sendmsg,
-    libc::SYS_recvmsg,
-    libc::SYS_shutdown,
-    libc::SYS_getsockopt,
-    libc::SYS_setsockopt,
     libc::SYS_getsockname,
     libc::SYS_getpeername,
     libc::SYS_sendfile,
@@ -324,13 +314,6 @@ const MIGRATION: &[i64] = &[
 const POSTCOPY: &[i64] = &[
     // The API socket, removed when post-copy fails and the VMM stops.
     libc::SYS_unlink,
-    libc::SYS_sendto,
-    libc::SYS_recvfrom,
-    libc::SYS_sendmsg,
-    libc::SYS_recvmsg,
-    libc::SYS_shutdown,
-    libc::SYS_setsockopt,
-    libc::SYS_getsockopt,
 ];
 
 /// Reads /proc and /sys, writes IRQ affinities, pins helper threads.
