@@ -356,22 +356,33 @@ pub fn refusals(kind: ThreadKind) -> Result<Option<BpfProgram>, Error> {
         return Ok(None);
     }
     let rules = kind.refused().iter().map(|&nr| (nr, Vec::new())).collect();
-    let build = |source| Error::Build {
-        kind: kind.name(),
-        source,
-    };
-    let filter = SeccompFilter::new(
+    compile(
+        kind,
         rules,
         SeccompAction::Allow,
         SeccompAction::Errno(libc::EACCES as u32),
-        TargetArch::x86_64,
     )
-    .map_err(build)?;
-    let program = BpfProgram::try_from(filter).map_err(|source| Error::Compile {
+    .map(Some)
+}
+
+/// `rules` with the actions for a mismatch and a match, as BPF.
+fn compile(
+    kind: ThreadKind,
+    rules: BTreeMap<i64, Vec<SeccompRule>>,
+    mismatch: SeccompAction,
+    matched: SeccompAction,
+) -> Result<BpfProgram, Error> {
+    let filter =
+        SeccompFilter::new(rules, mismatch, matched, TargetArch::x86_64).map_err(|source| {
+            Error::Build {
+                kind: kind.name(),
+                source,
+            }
+        })?;
+    BpfProgram::try_from(filter).map_err(|source| Error::Compile {
         kind: kind.name(),
         source,
-    })?;
-    Ok(Some(program))
+    })
 }
 
 /// The BPF program of `kind` with `mode` (`Off` has none).
@@ -409,13 +420,7 @@ pub fn program(kind: ThreadKind, mode: Mode) -> Result<Option<BpfProgram>, Error
         };
         rules.insert(nr, chain);
     }
-    let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
-        .map_err(build)?;
-    let program = BpfProgram::try_from(filter).map_err(|source| Error::Compile {
-        kind: kind.name(),
-        source,
-    })?;
-    Ok(Some(program))
+    compile(kind, rules, mismatch, SeccompAction::Allow).map(Some)
 }
 
 /// The process's mode: `Off` until [`set_mode`] is called, so that code
