@@ -186,12 +186,7 @@ fn with_a_snapshot_dir_landlock_confines_the_vmm_and_the_vm_still_works() {
     let dir = tmpdir("sandbox-landlock");
     let allowed = dir.join("bb");
     std::fs::create_dir_all(&allowed).unwrap();
-    let image = dir.join("disk.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
-    let disk = format!("path={}", image.display());
+    let (_, disk) = common::disk_image(&dir);
     let vcon = dir.join("vcon.out");
     let vm = start(
         &dir,

@@ -48,12 +48,7 @@ fn wait_line(vm: &Vm, line: &str) {
 #[test]
 fn disk_io_continues_across_live_and_incremental_snapshots_and_restore() {
     let dir = tmpdir("snapdev-blk");
-    let image = dir.join("disk.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
-    let disk = format!("path={}", image.display());
+    let (image, disk) = common::disk_image(&dir);
     let vcon = dir.join("vcon.out");
     let vsock = format!("cid=7,socket={}", dir.join("v.sock").display());
     let ops = 150;

@@ -84,6 +84,18 @@ pub fn api(sock: &Path, cmd: &str) -> Output {
         .unwrap()
 }
 
+/// A sparse 1 MiB raw disk image `dir/disk.img`, and its `--disk` spec.
+#[allow(dead_code)] // not every test binary uses every helper
+pub fn disk_image(dir: &Path) -> (PathBuf, String) {
+    let image = dir.join("disk.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let spec = format!("path={}", image.display());
+    (image, spec)
+}
+
 pub fn tmpdir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("ffmk-test-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
