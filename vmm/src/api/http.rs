@@ -106,12 +106,18 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-pub fn write_response(s: &mut impl Write, status: u16, body: &str) -> std::io::Result<()> {
+pub fn write_response(s: &mut impl Write, r: &super::ApiResponse) -> std::io::Result<()> {
+    let allow = match &r.allow {
+        Some(methods) => format!("Allow: {methods}\r\n"),
+        None => String::new(),
+    };
     write!(
         s,
-        "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        reason(status),
-        body.len()
+        "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{allow}Connection: close\r\n\r\n{}",
+        r.status,
+        reason(r.status),
+        r.body.len(),
+        r.body
     )?;
     s.flush()
 }
@@ -186,9 +192,15 @@ mod tests {
     #[test]
     fn response_round_trip() {
         let mut out = Vec::new();
-        write_response(&mut out, 409, "{\"error\":\"x\"}").unwrap();
+        write_response(&mut out, &super::super::ApiResponse::error(409, "x")).unwrap();
         let (head, body) = read_message(&mut Cursor::new(out)).unwrap();
         assert!(head.starts_with("HTTP/1.1 409 Conflict"));
         assert_eq!(body, b"{\"error\":\"x\"}");
+        let refused = super::super::route("TRACE", "/vm", b"").unwrap_err();
+        let mut out = Vec::new();
+        write_response(&mut out, &refused).unwrap();
+        let (head, _) = read_message(&mut Cursor::new(out)).unwrap();
+        assert!(head.starts_with("HTTP/1.1 405 Method Not Allowed"));
+        assert!(head.contains("\r\nAllow: GET\r\n"), "{head}");
     }
 }

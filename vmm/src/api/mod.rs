@@ -48,6 +48,8 @@ pub struct ResizeBody {
 pub struct ApiResponse {
     pub status: u16,
     pub body: String,
+    /// The methods a path takes, sent as `Allow` with a 405.
+    pub allow: Option<String>,
 }
 
 impl ApiResponse {
@@ -55,6 +57,7 @@ impl ApiResponse {
         ApiResponse {
             status,
             body: value.to_string(),
+            allow: None,
         }
     }
     pub fn error(status: u16, msg: impl Into<String>) -> Self {
@@ -223,91 +226,86 @@ pub fn start_server(
                     },
                     Err(e) => ApiResponse::error(400, e.to_string()),
                 };
-                let _ = http::write_response(&mut stream.0, response.status, &response.body);
+                let _ = http::write_response(&mut stream.0, &response);
             }
         })?;
     Ok(rx)
 }
 
-/// Maps method, path and body to a request (or an HTTP error).
+/// Maps method, path and body to a request (or an HTTP error). A method a
+/// path does not take gets 405 with an `Allow` header listing the ones it
+/// does (RFC 9110).
 pub fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, ApiResponse> {
     let path = path.split('?').next().unwrap_or("").trim_end_matches('/');
-    if let Some(index) = path
-        .strip_prefix("/vm/disks/")
-        .and_then(|rest| rest.strip_suffix("/resize"))
-    {
-        if method != "PUT" {
-            return Err(ApiResponse::error(
-                405,
-                format!("{method} is not allowed on {path}"),
-            ));
-        }
-        let index = index
-            .parse::<usize>()
-            .map_err(|_| ApiResponse::error(404, format!("no such disk: {index}")))?;
-        let b: ResizeBody = serde_json::from_slice(body).map_err(|e| {
-            ApiResponse::error(
-                400,
-                format!("bad resize request (want {{\"size_bytes\": N}}): {e}"),
-            )
-        })?;
-        return Ok(ApiRequest::ResizeDisk {
-            index,
-            bytes: b.size_bytes,
-        });
-    }
-    if path == "/vm/snapshot" {
-        if method != "PUT" {
-            return Err(ApiResponse::error(
-                405,
-                format!("{method} is not allowed on {path}"),
-            ));
-        }
-        let r: crate::checkpoint::SnapshotRequest = serde_json::from_slice(body).map_err(|e| {
-            ApiResponse::error(
-                400,
-                format!("bad snapshot request (want {{\"dest\": DIR, \"kind\": \"full\"|\"incremental\", \"force\": bool, \"live\": bool}}): {e}"),
-            )
-        })?;
-        if !r.dest.is_absolute() {
-            return Err(ApiResponse::error(400, "dest must be an absolute path"));
-        }
-        return Ok(ApiRequest::Snapshot(r));
-    }
-    if path == "/vm/migrate" {
-        if method != "PUT" {
-            return Err(ApiResponse::error(
-                405,
-                format!("{method} is not allowed on {path}"),
-            ));
-        }
-        let r: crate::migration::MigrateRequest = serde_json::from_slice(body).map_err(|e| {
-            ApiResponse::error(
-                400,
-                format!("bad migrate request (want {{\"to\": \"tcp://HOST:PORT\", \"max_downtime_ms\": N, \"max_rounds\": N, \"throttle\": bool}}): {e}"),
-            )
-        })?;
-        r.address().map_err(|e| ApiResponse::error(400, e))?;
-        return Ok(ApiRequest::Migrate(r));
-    }
-    let req = match path {
-        "/vm" => [("GET", ApiRequest::GetVm)].as_slice(),
-        "/vm/vcpus" => [("GET", ApiRequest::Vcpus)].as_slice(),
-        "/vm/interrupts" => [("GET", ApiRequest::Interrupts)].as_slice(),
-        "/vm/migration" => [
-            ("GET", ApiRequest::MigrationStatus),
-            ("DELETE", ApiRequest::MigrationCancel),
-        ]
-        .as_slice(),
-        "/vm/pause" => [("PUT", ApiRequest::Pause)].as_slice(),
-        "/vm/resume" => [("PUT", ApiRequest::Resume)].as_slice(),
-        "/vm/shutdown" => [("PUT", ApiRequest::Shutdown)].as_slice(),
+    let allowed: &[&str] = match path {
+        "/vm" | "/vm/vcpus" | "/vm/interrupts" => &["GET"],
+        "/vm/migration" => &["GET", "DELETE"],
+        "/vm/pause" | "/vm/resume" | "/vm/shutdown" | "/vm/snapshot" | "/vm/migrate" => &["PUT"],
+        _ if path.starts_with("/vm/disks/") && path.ends_with("/resize") => &["PUT"],
         _ => return Err(ApiResponse::error(404, format!("no such endpoint: {path}"))),
     };
-    req.iter()
-        .find(|(m, _)| *m == method)
-        .map(|(_, r)| r.clone())
-        .ok_or_else(|| ApiResponse::error(405, format!("{method} is not allowed on {path}")))
+    if !allowed.contains(&method) {
+        let mut r = ApiResponse::error(405, format!("{method} is not allowed on {path}"));
+        r.allow = Some(allowed.join(", "));
+        return Err(r);
+    }
+    Ok(match (method, path) {
+        ("GET", "/vm") => ApiRequest::GetVm,
+        ("GET", "/vm/vcpus") => ApiRequest::Vcpus,
+        ("GET", "/vm/interrupts") => ApiRequest::Interrupts,
+        ("GET", "/vm/migration") => ApiRequest::MigrationStatus,
+        ("DELETE", "/vm/migration") => ApiRequest::MigrationCancel,
+        ("PUT", "/vm/pause") => ApiRequest::Pause,
+        ("PUT", "/vm/resume") => ApiRequest::Resume,
+        ("PUT", "/vm/shutdown") => ApiRequest::Shutdown,
+        ("PUT", "/vm/snapshot") => snapshot_request(body)?,
+        ("PUT", "/vm/migrate") => migrate_request(body)?,
+        _ => resize_request(path, body)?,
+    })
+}
+
+fn resize_request(path: &str, body: &[u8]) -> Result<ApiRequest, ApiResponse> {
+    let index = path
+        .strip_prefix("/vm/disks/")
+        .and_then(|rest| rest.strip_suffix("/resize"))
+        .unwrap_or("");
+    let index = index
+        .parse::<usize>()
+        .map_err(|_| ApiResponse::error(404, format!("no such disk: {index}")))?;
+    let b: ResizeBody = serde_json::from_slice(body).map_err(|e| {
+        ApiResponse::error(
+            400,
+            format!("bad resize request (want {{\"size_bytes\": N}}): {e}"),
+        )
+    })?;
+    Ok(ApiRequest::ResizeDisk {
+        index,
+        bytes: b.size_bytes,
+    })
+}
+
+fn snapshot_request(body: &[u8]) -> Result<ApiRequest, ApiResponse> {
+    let r: crate::checkpoint::SnapshotRequest = serde_json::from_slice(body).map_err(|e| {
+        ApiResponse::error(
+            400,
+            format!("bad snapshot request (want {{\"dest\": DIR, \"kind\": \"full\"|\"incremental\", \"force\": bool, \"live\": bool}}): {e}"),
+        )
+    })?;
+    if !r.dest.is_absolute() {
+        return Err(ApiResponse::error(400, "dest must be an absolute path"));
+    }
+    Ok(ApiRequest::Snapshot(r))
+}
+
+fn migrate_request(body: &[u8]) -> Result<ApiRequest, ApiResponse> {
+    let r: crate::migration::MigrateRequest = serde_json::from_slice(body).map_err(|e| {
+        ApiResponse::error(
+            400,
+            format!("bad migrate request (want {{\"to\": \"tcp://HOST:PORT\", \"max_downtime_ms\": N, \"max_rounds\": N, \"throttle\": bool}}): {e}"),
+        )
+    })?;
+    r.address().map_err(|e| ApiResponse::error(400, e))?;
+    Ok(ApiRequest::Migrate(r))
 }
 
 #[cfg(test)]
@@ -318,7 +316,13 @@ mod tests {
     fn routes() {
         assert_eq!(route("GET", "/vm", b"").unwrap(), ApiRequest::GetVm);
         assert_eq!(route("PUT", "/vm/pause/", b"").unwrap(), ApiRequest::Pause);
-        assert_eq!(route("GET", "/vm/pause", b"").unwrap_err().status, 405);
+        let refused = route("GET", "/vm/pause", b"").unwrap_err();
+        assert_eq!(
+            (refused.status, refused.allow.as_deref()),
+            (405, Some("PUT"))
+        );
+        let refused = route("TRACE", "/vm/migration", b"").unwrap_err();
+        assert_eq!(refused.allow.as_deref(), Some("GET, DELETE"));
         assert_eq!(route("GET", "/nope", b"").unwrap_err().status, 404);
         assert_eq!(
             route("PUT", "/vm/disks/1/resize", br#"{"size_bytes": 4096}"#).unwrap(),
