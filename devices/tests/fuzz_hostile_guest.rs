@@ -373,3 +373,65 @@ fn pci_and_virtio_registers_survive_random_accesses() {
         }
     }
 }
+
+/// Found by `cargo fuzz` (target pci_virtio): a driver that sets its
+/// available index more than a queue's length ahead of the device and
+/// then sets DRIVER_OK. The block device's drain loop saw "more requests
+/// arrived" and "no request can be read" at once and spun forever on the
+/// I/O thread, so activation (and with it the vCPU that wrote the status)
+/// never returned. Now the device gives up on that ring until the next
+/// notification, and a reset and a fresh start work.
+#[test]
+fn a_runaway_available_index_does_not_hold_the_io_thread() {
+    use devices::virtio::block::Block;
+    use devices::virtio::IoThread;
+    let p = image("runaway", 8);
+    // Dropped by hand at the end: a stuck I/O thread cannot be joined, and
+    // the test must fail instead of hanging there.
+    let io = std::mem::ManuallyDrop::new(IoThread::spawn("test-io").unwrap());
+    let config = DiskConfig {
+        path: p.clone(),
+        readonly: false,
+        direct: false,
+        serial: None,
+        queues: 1,
+        bandwidth: None,
+        iops: None,
+    };
+    let block = Block::new(config, io.endpoint()).unwrap();
+    let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
+    mem.write_obj(100u16, GuestAddress(AVAIL + 2)).unwrap(); // idx: 100 ahead of 0
+    let dev = Arc::new(Mutex::new(
+        VirtioPci::new(Box::new(block), Arc::new(NoIrq), mem.clone()).unwrap(),
+    ));
+    let bring_up = |dev: Arc<Mutex<VirtioPci>>| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut d = dev.lock().unwrap();
+            d.bar_write(0, 0x14, &[0]);
+            d.bar_write(0, 0x14, &[1 | 2]);
+            d.bar_write(0, 0x08, &1u32.to_le_bytes());
+            d.bar_write(0, 0x0c, &1u32.to_le_bytes()); // VERSION_1
+            d.bar_write(0, 0x14, &[1 | 2 | 8]);
+            d.bar_write(0, 0x16, &0u16.to_le_bytes());
+            d.bar_write(0, 0x18, &QSIZE.to_le_bytes());
+            // Ring addresses: 32-bit halves, as the spec has drivers write them.
+            for (reg, addr) in [(0x20, DESC), (0x28, AVAIL), (0x30, USED)] {
+                d.bar_write(0, reg, &(addr as u32).to_le_bytes());
+                d.bar_write(0, reg + 4, &((addr >> 32) as u32).to_le_bytes());
+            }
+            d.bar_write(0, 0x1c, &1u16.to_le_bytes());
+            d.bar_write(0, 0x14, &[1 | 2 | 8 | 4]);
+            let _ = tx.send(d.status());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(10))
+    };
+    let status = bring_up(dev.clone()).expect("DRIVER_OK returned (the I/O thread is not stuck)");
+    assert_eq!(status & 4, 4, "the device is live");
+    // The I/O thread still serves: a reset stops the handler, a second
+    // bring-up starts a new one.
+    let status = bring_up(dev).expect("a second bring-up returned");
+    assert_eq!(status & 4, 4);
+    drop(std::mem::ManuallyDrop::into_inner(io));
+    let _ = std::fs::remove_file(p);
+}

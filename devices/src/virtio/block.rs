@@ -549,39 +549,37 @@ impl QueueHandler {
         }
     }
 
+    /// Serves every request the ring holds. Notifications stay off while
+    /// it works; [`super::pop_or_rearm`] turns them back on when the ring
+    /// looks empty, and gives up on a ring it cannot read (an available
+    /// index more than a queue's length ahead): such a ring waits for the
+    /// driver's next notification instead of keeping the I/O thread busy.
     fn drain(&mut self) {
         if self.throttled {
             return;
         }
         let mem = self.mem.clone();
-        loop {
-            if self.queue.queue.disable_notification(&mem).is_err() {
+        if self.queue.queue.disable_notification(&mem).is_err() {
+            return;
+        }
+        while let Some(chain) = super::pop_or_rearm(&mut self.queue.queue, &mem) {
+            let bytes: u64 = chain.clone().map(|d| u64::from(d.len())).sum();
+            if !self.admit(bytes) {
+                // Put the request back; the timer brings us here again.
+                self.queue.queue.go_to_previous_position();
                 return;
             }
-            while let Some(chain) = self.queue.queue.pop_descriptor_chain(&mem) {
-                let bytes: u64 = chain.clone().map(|d| u64::from(d.len())).sum();
-                if !self.admit(bytes) {
-                    // Put the request back; the timer brings us here again.
-                    self.queue.queue.go_to_previous_position();
-                    return;
-                }
-                let mem = &mem;
-                let q = &mut self.queue.queue;
-                let head = chain.head_index();
-                let len = serve_request(&self.disk, mem, chain).unwrap_or_else(|| {
-                    tracing::warn!("virtio-blk: malformed request chain (head {head})");
-                    0
-                });
-                if q.add_used(mem, head, len).is_err() {
-                    tracing::warn!("virtio-blk: cannot complete request {head}");
-                }
-                if q.needs_notification(mem).unwrap_or(true) {
-                    self.interrupt.signal_queue(self.queue.vector);
-                }
+            let q = &mut self.queue.queue;
+            let head = chain.head_index();
+            let len = serve_request(&self.disk, &mem, chain).unwrap_or_else(|| {
+                tracing::warn!("virtio-blk: malformed request chain (head {head})");
+                0
+            });
+            if q.add_used(&mem, head, len).is_err() {
+                tracing::warn!("virtio-blk: cannot complete request {head}");
             }
-            match self.queue.queue.enable_notification(&mem) {
-                Ok(true) => continue, // more arrived meanwhile
-                _ => break,
+            if q.needs_notification(&mem).unwrap_or(true) {
+                self.interrupt.signal_queue(self.queue.vector);
             }
         }
     }
