@@ -316,7 +316,7 @@ pub mod wire {
         Version(u32),
         #[error("entry count {count} does not match {len} bytes")]
         Count { count: u32, len: usize },
-        #[error("entry {0}: bad value (age, load or health)")]
+        #[error("entry {0}: bad value (age, load, health or reserved byte)")]
         Value(usize),
     }
 
@@ -373,7 +373,8 @@ pub mod wire {
             let age = f32::from_bits(u32_at(e, 8));
             let load = f32::from_bits(u32_at(e, 12));
             let health = Health::from_code(e[24]).ok_or(WireError::Value(i))?;
-            if !(age.is_finite() && age >= 0.0 && load.is_finite() && load >= 0.0) {
+            // The reserved byte must be zero, so a later version can use it.
+            if !(age.is_finite() && age >= 0.0 && load.is_finite() && load >= 0.0) || e[25] != 0 {
                 return Err(WireError::Value(i));
             }
             entries.push(Sent {
@@ -522,9 +523,13 @@ mod tests {
         let mut bad = b.clone();
         bad[HEADER_BYTES + 8..HEADER_BYTES + 12].copy_from_slice(&f32::NAN.to_le_bytes());
         assert_eq!(decode(&bad), Err(WireError::Value(0)));
-        let mut bad = b;
+        let mut bad = b.clone();
         bad[HEADER_BYTES + 24] = 9;
         assert_eq!(decode(&bad), Err(WireError::Value(0)));
+        // Found by fuzzing: a set reserved byte was taken (and lost).
+        let mut bad = b;
+        bad[HEADER_BYTES + ENTRY_BYTES + 25] = 0x4c;
+        assert_eq!(decode(&bad), Err(WireError::Value(1)));
         assert!(encode(0, 0, &vec![e; 100]).len() == message_bytes(MAX_ENTRIES));
     }
 }

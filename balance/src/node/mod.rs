@@ -271,6 +271,30 @@ fn send_gossip(
     }
 }
 
+/// Merges one gossip datagram from a peer into `board` (this host is slot
+/// `me`): a datagram that does not decode, or that claims to come from this
+/// host or from a slot the board does not have, is refused with the reason;
+/// entries for slots the board does not have are dropped.
+pub fn take_gossip(
+    board: &mut Board<NodeInfo>,
+    me: usize,
+    now: crate::gossip::Time,
+    datagram: &[u8],
+) -> Result<(), String> {
+    let m = wire::decode(datagram).map_err(|e| e.to_string())?;
+    let slots = board.entries().len();
+    if m.sender as usize >= slots || m.sender as usize == me {
+        return Err(format!("sender slot {}", m.sender));
+    }
+    let entries: Vec<Sent<NodeInfo>> = m
+        .entries
+        .into_iter()
+        .filter(|e| (e.slot as usize) < slots)
+        .collect();
+    board.merge(now, 0.0, &entries, |_, _, _| {});
+    Ok(())
+}
+
 fn gossip_receiver(d: &Daemon, udp: UdpSocket) {
     let mut buf = vec![0u8; 65536];
     let mut bad = 0u64;
@@ -279,25 +303,15 @@ fn gossip_receiver(d: &Daemon, udp: UdpSocket) {
             std::thread::sleep(Duration::from_millis(10));
             continue;
         };
-        match wire::decode(&buf[..len]) {
-            Ok(m) if (m.sender as usize) < d.r.names.len() && m.sender as usize != d.r.slot => {
-                let slots = d.r.names.len() as u32;
-                let entries: Vec<Sent<NodeInfo>> =
-                    m.entries.into_iter().filter(|e| e.slot < slots).collect();
-                let now = d.now();
-                lock(&d.board).merge(now, 0.0, &entries, |_, _, _| {});
-            }
-            Ok(m) => {
-                bad += 1;
-                if bad.is_power_of_two() {
-                    d.log.event("gossip-rejected", serde_json::json!({"from": from.to_string(), "why": format!("sender slot {}", m.sender), "count": bad}));
-                }
-            }
-            Err(e) => {
-                bad += 1;
-                if bad.is_power_of_two() {
-                    d.log.event("gossip-rejected", serde_json::json!({"from": from.to_string(), "why": e.to_string(), "count": bad}));
-                }
+        let now = d.now();
+        let taken = take_gossip(&mut lock(&d.board), d.r.slot, now, &buf[..len]);
+        if let Err(why) = taken {
+            bad += 1;
+            if bad.is_power_of_two() {
+                d.log.event(
+                    "gossip-rejected",
+                    serde_json::json!({"from": from.to_string(), "why": why, "count": bad}),
+                );
             }
         }
     }

@@ -96,6 +96,21 @@ impl VirtioDevice for Console {
     }
 }
 
+/// What a transmit chain carries (at most [`MAX_CHUNK`] bytes), or None for
+/// a chain that cannot be read.
+pub fn chain_output<M>(
+    mem: &GuestMemory,
+    chain: virtio_queue::DescriptorChain<M>,
+) -> Option<Vec<u8>>
+where
+    M: std::ops::Deref<Target = GuestMemory> + Clone,
+{
+    let r = chain.reader(mem).ok()?;
+    let mut buf = Vec::new();
+    r.take(MAX_CHUNK).read_to_end(&mut buf).ok()?;
+    Some(buf)
+}
+
 struct ConsoleHandler {
     mem: GuestMemory,
     tx: ActiveQueue,
@@ -110,11 +125,8 @@ impl ConsoleHandler {
         let mut any = false;
         while let Some(chain) = pop_or_rearm(&mut self.tx.queue, mem) {
             let head = chain.head_index();
-            if let Ok(r) = chain.reader(mem) {
-                let mut buf = Vec::new();
-                if r.take(MAX_CHUNK).read_to_end(&mut buf).is_ok()
-                    && self.output.write_all(&buf).is_ok()
-                {
+            if let Some(buf) = chain_output(mem, chain) {
+                if self.output.write_all(&buf).is_ok() {
                     self.bytes_out
                         .fetch_add(buf.len() as u64, Ordering::Relaxed);
                 }

@@ -44,6 +44,24 @@ fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Fills the writable part of a request chain (at most
+/// [`MAX_BYTES_PER_REQUEST`] bytes) with random bytes; returns how many it
+/// wrote (0 for a chain it cannot write).
+pub fn fill_chain<M>(mem: &GuestMemory, chain: virtio_queue::DescriptorChain<M>) -> usize
+where
+    M: std::ops::Deref<Target = GuestMemory> + Clone,
+{
+    let Ok(mut w) = chain.writer(mem) else {
+        return 0;
+    };
+    let mut buf = vec![0u8; w.available_bytes().min(MAX_BYTES_PER_REQUEST)];
+    if fill_random(&mut buf).is_ok() && w.write_all(&buf).is_ok() {
+        buf.len()
+    } else {
+        0
+    }
+}
+
 impl VirtioDevice for Rng {
     fn device_type(&self) -> u16 {
         4
@@ -91,13 +109,7 @@ impl RngHandler {
         let mut used_any = false;
         while let Some(chain) = pop_or_rearm(&mut self.queue.queue, mem) {
             let head = chain.head_index();
-            let mut written = 0;
-            if let Ok(mut w) = chain.writer(mem) {
-                let mut buf = vec![0u8; w.available_bytes().min(MAX_BYTES_PER_REQUEST)];
-                if fill_random(&mut buf).is_ok() && w.write_all(&buf).is_ok() {
-                    written = buf.len();
-                }
-            }
+            let written = fill_chain(mem, chain);
             let _ = self.queue.queue.add_used(mem, head, written as u32);
             used_any = true;
         }
