@@ -1,7 +1,7 @@
 //! Descriptor chains a hostile driver builds, served by the code of every
 //! virtio device: the first byte picks the device (block, net transmit,
-//! net receive with and without mergeable buffers, vsock transmit,
-//! console, rng), the second sets EVENT_IDX; then come the descriptor
+//! net receive with and without mergeable buffers, vsock transmit and
+//! receive, console, rng), the second sets EVENT_IDX; then come the descriptor
 //! table, the available ring and the buffers ([`ffmk_fuzz::queue_from`]).
 //! Every chain the queue hands out is served and completed, as the I/O
 //! thread does. What must hold: no panic, and no used length beyond what
@@ -41,7 +41,7 @@ fn writable_bytes(chain: &DescriptorChain<&GuestMemory>) -> u64 {
 
 fuzz_target!(|data: &[u8]| {
     let mut input = Input::new(data);
-    let device = input.u8() % 7;
+    let device = input.u8() % 8;
     let event_idx = input.u8() & 1 != 0;
     let (mem, mut q) = queue_from(&mut input, event_idx);
     if device == 2 || device == 3 {
@@ -50,6 +50,12 @@ fuzz_target!(|data: &[u8]| {
         let _ = net::write_rx_frame(&mem, &mut q, &mut frame, device == 3);
         return;
     }
+    // Vsock receive: the packet's payload is the input's tail (or 3000
+    // bytes when the input ends with the buffers).
+    let mut rx_payload = match input.rest() {
+        [] => vec![0x5a; 3000],
+        tail => tail.to_vec(),
+    };
     for _ in 0..64 {
         let Some(chain) = devices::virtio::pop_or_rearm(&mut q, &mem) else {
             break;
@@ -72,6 +78,24 @@ fuzz_target!(|data: &[u8]| {
             5 => {
                 let _ = console::chain_output(&mem, chain);
                 0
+            }
+            7 => {
+                // A packet for the guest: a connection's data, split over
+                // as many receive chains as it takes.
+                let h = vsock::Header {
+                    src_cid: 2,
+                    dst_cid: 3,
+                    src_port: 1024,
+                    dst_port: 7777,
+                    kind: 1, // stream
+                    op: 5,   // data
+                    ..Default::default()
+                };
+                let (written, taken) = vsock::rx_packet(&mem, chain, &h, &rx_payload);
+                assert!(taken <= rx_payload.len());
+                assert!(written == 0 || written == vsock::HDR_LEN + taken);
+                rx_payload.drain(..taken);
+                written as u32
             }
             _ => rng::fill_chain(&mem, chain) as u32,
         };

@@ -54,6 +54,8 @@ def virtio_seeds():
     put("virtio_chains", "vsock-rw", chains(4, [(DATA, 44, NEXT, 1), (DATA + 0x100, 5, 0, 0)], rw[:44].ljust(0x100, b"\0") + b"hello"))
     put("virtio_chains", "console", chains(5, [(DATA, 13, 0, 0)], b"hello, world\n"))
     put("virtio_chains", "rng", chains(6, [(DATA, 64, WRITE, 0)]))
+    # vsock receive: a 144-byte writable chain for a 200-byte packet from the host
+    put("virtio_chains", "vsock-rx", chains(7, [(DATA, 144, WRITE, 0)], tail=b"from the host " * 15))
 
 # --- pci_virtio: device kind, then operations (see the target).
 def pci_seeds():

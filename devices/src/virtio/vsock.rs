@@ -318,6 +318,37 @@ where
     Some((h, payload))
 }
 
+/// Writes what one receive chain holds of a packet for the guest: the
+/// header, its `len` set to the part of `payload` that fits, then that
+/// part. Returns (bytes written into the chain, payload bytes taken):
+/// (0, 0) for a chain that cannot be written, that has no room for a
+/// header, or (for a packet with payload) no room for any of it.
+pub fn rx_packet<M>(
+    mem: &GuestMemory,
+    chain: virtio_queue::DescriptorChain<M>,
+    h: &Header,
+    payload: &[u8],
+) -> (usize, usize)
+where
+    M: std::ops::Deref<Target = GuestMemory> + Clone,
+{
+    let Ok(mut w) = chain.writer(mem) else {
+        return (0, 0);
+    };
+    let room = w.available_bytes().saturating_sub(HDR_LEN);
+    if w.available_bytes() < HDR_LEN || (room == 0 && !payload.is_empty()) {
+        return (0, 0);
+    }
+    let n = room.min(payload.len());
+    let mut part = *h;
+    part.len = n as u32;
+    if w.write_all(&part.bytes()).is_ok() && w.write_all(&payload[..n]).is_ok() {
+        (HDR_LEN + n, n)
+    } else {
+        (0, 0)
+    }
+}
+
 /// A host connection that sent nothing yet (we wait for `CONNECT <port>`).
 struct Accepting {
     stream: UnixStream,
@@ -712,19 +743,8 @@ impl VsockHandler {
                 break;
             };
             let head = chain.head_index();
-            let mut written = 0;
-            if let Ok(mut w) = chain.writer(mem) {
-                let room = w.available_bytes().saturating_sub(HDR_LEN);
-                if w.available_bytes() >= HDR_LEN && (room > 0 || payload.is_empty()) {
-                    let n = room.min(payload.len());
-                    let mut part = *h;
-                    part.len = n as u32;
-                    if w.write_all(&part.bytes()).is_ok() && w.write_all(&payload[..n]).is_ok() {
-                        written = HDR_LEN + n;
-                        payload.drain(..n);
-                    }
-                }
-            }
+            let (written, taken) = rx_packet(mem, chain, h, payload);
+            payload.drain(..taken);
             let _ = self.rx.queue.add_used(mem, head, written as u32);
             any = true;
             if written > 0 && payload.is_empty() {
