@@ -594,6 +594,28 @@ mod report {
 mod tests {
     use super::*;
 
+    /// docs/security.md has a table of how many calls each kind may make;
+    /// it must say what the lists say.
+    #[test]
+    fn the_documented_counts_are_the_lists() {
+        let doc = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/security.md"));
+        let mut want = String::new();
+        for kind in ThreadKind::ALL {
+            let row = format!(
+                "| `{}` | {} | {} |",
+                kind.name(),
+                kind.allowed().len(),
+                kind.refused().len()
+            );
+            want.push_str(&row);
+            want.push('\n');
+        }
+        assert!(
+            doc.contains(&want),
+            "docs/security.md should have these rows, in this order:\n{want}"
+        );
+    }
+
     #[test]
     fn every_kind_compiles_in_every_mode() {
         for kind in ThreadKind::ALL {
