@@ -161,21 +161,25 @@ fn hostile_queue(r: &mut Rng, mem: &GuestMemory) -> Queue {
     q
 }
 
-#[test]
-fn virtio_blk_survives_hostile_queues() {
-    let rw_path = image("rw", 64);
-    let ro_path = image("ro", 64);
-    let cfg = |path: &PathBuf, readonly| DiskConfig {
-        path: path.clone(),
+/// A plain one-queue disk on `path`.
+fn disk_config(path: &std::path::Path, readonly: bool) -> DiskConfig {
+    DiskConfig {
+        path: path.into(),
         readonly,
         direct: false,
         serial: None,
         queues: 1,
         bandwidth: None,
         iops: None,
-    };
-    let rw = Disk::open(&cfg(&rw_path, false)).unwrap();
-    let ro = Disk::open(&cfg(&ro_path, true)).unwrap();
+    }
+}
+
+#[test]
+fn virtio_blk_survives_hostile_queues() {
+    let rw_path = image("rw", 64);
+    let ro_path = image("ro", 64);
+    let rw = Disk::open(&disk_config(&rw_path, false)).unwrap();
+    let ro = Disk::open(&disk_config(&ro_path, true)).unwrap();
     let ro_before = std::fs::read(&ro_path).unwrap();
     let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
     let mut served = 0u64;
@@ -389,16 +393,7 @@ fn a_runaway_available_index_does_not_hold_the_io_thread() {
     // Dropped by hand at the end: a stuck I/O thread cannot be joined, and
     // the test must fail instead of hanging there.
     let io = std::mem::ManuallyDrop::new(IoThread::spawn("test-io").unwrap());
-    let config = DiskConfig {
-        path: p.clone(),
-        readonly: false,
-        direct: false,
-        serial: None,
-        queues: 1,
-        bandwidth: None,
-        iops: None,
-    };
-    let block = Block::new(config, io.endpoint()).unwrap();
+    let block = Block::new(disk_config(&p, false), io.endpoint()).unwrap();
     let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
     mem.write_obj(100u16, GuestAddress(AVAIL + 2)).unwrap(); // idx: 100 ahead of 0
     let dev = Arc::new(Mutex::new(

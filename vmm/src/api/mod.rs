@@ -272,12 +272,7 @@ fn resize_request(path: &str, body: &[u8]) -> Result<ApiRequest, ApiResponse> {
     let index = index
         .parse::<usize>()
         .map_err(|_| ApiResponse::error(404, format!("no such disk: {index}")))?;
-    let b: ResizeBody = serde_json::from_slice(body).map_err(|e| {
-        ApiResponse::error(
-            400,
-            format!("bad resize request (want {{\"size_bytes\": N}}): {e}"),
-        )
-    })?;
+    let b: ResizeBody = json_body(body, "resize", r#"{"size_bytes": N}"#)?;
     Ok(ApiRequest::ResizeDisk {
         index,
         bytes: b.size_bytes,
@@ -285,12 +280,11 @@ fn resize_request(path: &str, body: &[u8]) -> Result<ApiRequest, ApiResponse> {
 }
 
 fn snapshot_request(body: &[u8]) -> Result<ApiRequest, ApiResponse> {
-    let r: crate::checkpoint::SnapshotRequest = serde_json::from_slice(body).map_err(|e| {
-        ApiResponse::error(
-            400,
-            format!("bad snapshot request (want {{\"dest\": DIR, \"kind\": \"full\"|\"incremental\", \"force\": bool, \"live\": bool}}): {e}"),
-        )
-    })?;
+    let r: crate::checkpoint::SnapshotRequest = json_body(
+        body,
+        "snapshot",
+        r#"{"dest": DIR, "kind": "full"|"incremental", "force": bool, "live": bool}"#,
+    )?;
     if !r.dest.is_absolute() {
         return Err(ApiResponse::error(400, "dest must be an absolute path"));
     }
@@ -298,14 +292,23 @@ fn snapshot_request(body: &[u8]) -> Result<ApiRequest, ApiResponse> {
 }
 
 fn migrate_request(body: &[u8]) -> Result<ApiRequest, ApiResponse> {
-    let r: crate::migration::MigrateRequest = serde_json::from_slice(body).map_err(|e| {
-        ApiResponse::error(
-            400,
-            format!("bad migrate request (want {{\"to\": \"tcp://HOST:PORT\", \"max_downtime_ms\": N, \"max_rounds\": N, \"throttle\": bool}}): {e}"),
-        )
-    })?;
+    let r: crate::migration::MigrateRequest = json_body(
+        body,
+        "migrate",
+        r#"{"to": "tcp://HOST:PORT", "max_downtime_ms": N, "max_rounds": N, "throttle": bool}"#,
+    )?;
     r.address().map_err(|e| ApiResponse::error(400, e))?;
     Ok(ApiRequest::Migrate(r))
+}
+
+/// A request's JSON body, or 400 naming the request and the shape it wants.
+fn json_body<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    what: &str,
+    want: &str,
+) -> Result<T, ApiResponse> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiResponse::error(400, format!("bad {what} request (want {want}): {e}")))
 }
 
 #[cfg(test)]
