@@ -143,18 +143,23 @@ impl ThreadKind {
 
     /// The ioctl "types" (bits 8-15 of the request) this kind may use:
     /// KVM's 0xAE everywhere, TUN's b'T' where TAP devices are driven,
-    /// userfaultfd's 0xAA where post-copy pages are placed. `None`: any
+    /// userfaultfd's 0xAA where post-copy pages are placed, VFIO's b';' where
+    /// passthrough functions are driven. `None`: any
     /// ioctl (threads that only pass descriptors the kernel checks).
     pub fn ioctl_types(self) -> Option<&'static [u64]> {
         const KVM: u64 = 0xAE;
         const TUN: u64 = b'T' as u64;
         const UFFD: u64 = 0xAA;
+        // VFIO's b';': a vCPU enables a passthrough function's MSI/MSI-X
+        // when the guest's driver does; the main thread resets it at the end.
+        const VFIO: u64 = b';' as u64;
         match self {
-            ThreadKind::Vcpu => Some(&[KVM, TUN]),
+            ThreadKind::Vcpu => Some(&[KVM, TUN, VFIO]),
             // FIONREAD and FIONBIO are type b'T' (0x54) too.
             ThreadKind::Io => Some(&[KVM, TUN]),
             ThreadKind::Api => Some(&[TUN]),
-            ThreadKind::Control | ThreadKind::Migration => Some(&[KVM, TUN, UFFD]),
+            ThreadKind::Control => Some(&[KVM, TUN, UFFD, VFIO]),
+            ThreadKind::Migration => Some(&[KVM, TUN, UFFD]),
             ThreadKind::Postcopy => Some(&[KVM, TUN, UFFD]),
             ThreadKind::Placement => Some(&[TUN]),
         }

@@ -663,6 +663,8 @@ impl Restoring {
             rng: c.rng,
             virtio_console: c.virtio_console.clone(),
             vsock: c.vsock.clone(),
+            // A VM with passthrough functions is never saved (control.rs).
+            devices: Vec::new(),
             seccomp: confine.seccomp.unwrap_or_default(),
             access: crate::access::Access::new(&confine.snapshot_dirs, &confine.migrate_to)?,
             api_group: confine.api_group.clone(),

@@ -74,6 +74,20 @@ pub enum Command {
     /// downtime (a bar on a terminal, JSON lines otherwise); Ctrl-C cancels
     /// and the VM keeps running here.
     Migrate(MigrateArgs),
+    /// Host PCI functions for passthrough: list them with their driver and
+    /// IOMMU group, bind one to vfio-pci (for `run --device vfio=...`) or
+    /// give it back to its host driver.
+    Vfio {
+        #[command(subcommand)]
+        action: VfioAction,
+    },
+    /// InfiniBand HCAs and their virtual functions: list HCAs, ports and
+    /// VFs, create VFs, set a VF's GUIDs and link policy (mlx5), check what
+    /// keeps an HCA from serving VMs, bind a VF to vfio-pci.
+    Ib {
+        #[command(subcommand)]
+        action: IbAction,
+    },
     /// Grow a running VM's disk; the guest gets a configuration-change interrupt.
     ResizeDisk {
         #[command(flatten)]
@@ -84,6 +98,80 @@ pub enum Command {
         /// New size, e.g. 2G, 1536M (plain numbers are MiB); never smaller than now.
         #[arg(long)]
         size: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VfioAction {
+    /// PCI functions with vendor:device, driver and IOMMU group.
+    List {
+        #[arg(long)]
+        json: bool,
+        /// Read /sys below this directory (a captured tree).
+        #[arg(long, default_value = "/", hide = true)]
+        root: PathBuf,
+    },
+    /// Bind a function to vfio-pci (unbinding it from its driver).
+    Bind {
+        address: String,
+        #[arg(long, default_value = "/", hide = true)]
+        root: PathBuf,
+    },
+    /// Give a function back to its host driver.
+    Unbind {
+        address: String,
+        #[arg(long, default_value = "/", hide = true)]
+        root: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum IbAction {
+    /// HCAs with ports (state, LID, rate, pkeys) and VFs (driver, GUIDs, policy).
+    List {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = "/", hide = true)]
+        root: PathBuf,
+    },
+    /// Set the number of VFs of an HCA (0 removes them).
+    CreateVfs {
+        hca: String,
+        count: u32,
+        #[arg(long, default_value = "/", hide = true)]
+        root: PathBuf,
+    },
+    /// Set a VF's node and port GUID (mlx5), e.g. 02:00:00:00:00:00:00:01.
+    SetGuid {
+        hca: String,
+        vf: u32,
+        #[arg(long)]
+        node: String,
+        #[arg(long)]
+        port: String,
+        #[arg(long, default_value = "/", hide = true)]
+        root: PathBuf,
+    },
+    /// Set a VF's link policy: up, down or follow (the PF's port).
+    SetPolicy {
+        hca: String,
+        vf: u32,
+        policy: String,
+        #[arg(long, default_value = "/", hide = true)]
+        root: PathBuf,
+    },
+    /// Bind VF N of an HCA to vfio-pci; prints its PCI address.
+    Bind {
+        hca: String,
+        vf: u32,
+        #[arg(long, default_value = "/", hide = true)]
+        root: PathBuf,
+    },
+    /// What keeps an HCA from giving VMs VFs: one line each; exit 1 if any.
+    Check {
+        hca: String,
+        #[arg(long, default_value = "/", hide = true)]
+        root: PathBuf,
     },
 }
 
@@ -388,6 +476,11 @@ pub struct RunArgs {
     /// reaches host port P through the Unix socket PATH_P.
     #[arg(long, value_name = "SPEC", value_parser = parse_vsock)]
     pub vsock: Option<VsockEntry>,
+    /// Pass a host function through: vfio=DDDD:BB:DD.F (a PCI function
+    /// bound to vfio-pci, see `ffmk-vmm vfio bind`; repeat for more).
+    /// Guest RAM is pinned and mapped for the device's DMA.
+    #[arg(long, value_name = "SPEC", value_parser = parse_device)]
+    pub device: Vec<crate::config::DeviceEntry>,
     /// Instead of booting, wait for a live migration on tcp://ADDR:PORT and
     /// run the VM that arrives (memory, vCPUs, CPU profile and devices must
     /// match the source; --kernel is not needed).
@@ -398,6 +491,10 @@ pub struct RunArgs {
 }
 
 fn parse_vsock(s: &str) -> Result<VsockEntry, String> {
+    s.parse().map_err(|e: crate::config::Error| e.to_string())
+}
+
+fn parse_device(s: &str) -> Result<crate::config::DeviceEntry, String> {
     s.parse().map_err(|e: crate::config::Error| e.to_string())
 }
 
@@ -440,6 +537,7 @@ impl RunArgs {
             rng: self.rng.then_some(true),
             virtio_console: self.virtio_console.clone(),
             vsock: self.vsock.clone(),
+            device: (!self.device.is_empty()).then(|| self.device.clone()),
             seccomp: self.confine.seccomp,
             snapshot_dirs: (!self.confine.snapshot_dirs.is_empty())
                 .then(|| self.confine.snapshot_dirs.clone()),

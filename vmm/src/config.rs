@@ -35,6 +35,10 @@ pub enum Error {
         "invalid --disk '{spec}': {why} (path=FILE[,readonly][,direct][,serial=ID][,queues=N][,bw=RATE][,iops=N])"
     )]
     Disk { spec: String, why: String },
+    #[error("invalid --device '{spec}': {why} (vfio=DDDD:BB:DD.F[,mmap=off])")]
+    Device { spec: String, why: String },
+    #[error("--device {0} is given twice")]
+    DeviceTwice(String),
     #[error("invalid --net '{spec}': {why} (tap=NAME[,mac=52:54:00:12:34:56])")]
     Net { spec: String, why: String },
     #[error("invalid --vsock '{spec}': {why} (cid=N,socket=PATH)")]
@@ -104,6 +108,56 @@ impl std::str::FromStr for NetEntry {
             return Err(bad("no tap name".into()));
         }
         Ok(n)
+    }
+}
+
+/// One `--device` (or an entry of `device = [...]` in TOML): a function
+/// passed through to the guest.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeviceEntry {
+    /// A host PCI function bound to vfio-pci (kernel VFIO). `mmap: false`
+    /// traps every BAR access instead of mapping BARs into the guest (for
+    /// comparison, and for devices whose BARs must not be mapped).
+    Vfio {
+        address: vfio_ib::PciAddress,
+        mmap: bool,
+    },
+}
+
+impl std::str::FromStr for DeviceEntry {
+    type Err = Error;
+    /// `vfio=0000:3b:00.2[,mmap=off]` (the address may be a sysfs path).
+    fn from_str(spec: &str) -> Result<Self, Error> {
+        let bad = |why: String| Error::Device {
+            spec: spec.into(),
+            why,
+        };
+        let mut parts = spec.split(',');
+        let first = parts.next().unwrap_or_default();
+        let address = match first.split_once('=') {
+            Some(("vfio", a)) => a.parse().map_err(bad)?,
+            _ => return Err(bad("unknown kind of device".into())),
+        };
+        let mut mmap = true;
+        for p in parts {
+            match p.split_once('=') {
+                Some(("mmap", "on")) => mmap = true,
+                Some(("mmap", "off")) => mmap = false,
+                _ => return Err(bad(format!("unknown option '{p}' (mmap=on|off)"))),
+            }
+        }
+        Ok(DeviceEntry::Vfio { address, mmap })
+    }
+}
+
+impl std::fmt::Display for DeviceEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceEntry::Vfio { address, mmap } => {
+                write!(f, "vfio={address}{}", if *mmap { "" } else { ",mmap=off" })
+            }
+        }
     }
 }
 
@@ -280,6 +334,9 @@ pub struct FileConfig {
     pub rng: Option<bool>,
     pub virtio_console: Option<PathBuf>,
     pub vsock: Option<VsockEntry>,
+    /// `["vfio=0000:3b:00.2"]`: functions passed through.
+    #[serde(default, deserialize_with = "de_devices")]
+    pub device: Option<Vec<DeviceEntry>>,
     /// `"on"`, `"log"` or `"off"`.
     #[serde(default, deserialize_with = "de_parsed")]
     pub seccomp: Option<sandbox::Mode>,
@@ -345,6 +402,7 @@ impl FileConfig {
             // Disks given on the command line replace the file's list.
             disk: over.disk.or(self.disk),
             net: over.net.or(self.net),
+            device: over.device.or(self.device),
             rng: over.rng.or(self.rng),
             virtio_console: over.virtio_console.or(self.virtio_console),
             vsock: over.vsock.or(self.vsock),
@@ -406,6 +464,9 @@ pub struct RunConfig {
     pub rng: bool,
     pub virtio_console: Option<PathBuf>,
     pub vsock: Option<VsockConfig>,
+    /// `--device`: passed-through functions.
+    #[serde(default)]
+    pub devices: Vec<DeviceEntry>,
     /// `--seccomp`.
     #[serde(serialize_with = "as_text")]
     pub seccomp: sandbox::Mode,
@@ -439,6 +500,17 @@ fn de_cpus<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Topology>, D
         Cpus::Spec(s) => s,
     };
     spec.parse().map(Some).map_err(serde::de::Error::custom)
+}
+
+/// `device = ["vfio=..."]` in TOML.
+fn de_devices<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Vec<DeviceEntry>>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|s| s.parse().map_err(serde::de::Error::custom))
+        .collect::<Result<_, _>>()
+        .map(Some)
 }
 
 /// A TOML string parsed the way the command-line flag is.
@@ -502,6 +574,20 @@ impl RunConfig {
                 cid: v.cid,
                 socket: v.socket,
             }),
+            devices: {
+                let d = c.device.unwrap_or_default();
+                let addr = |e: &DeviceEntry| match e {
+                    DeviceEntry::Vfio { address, .. } => address.clone(),
+                };
+                if let Some((_, e)) = d
+                    .iter()
+                    .enumerate()
+                    .find(|(i, e)| d[..*i].iter().any(|o| addr(o) == addr(e)))
+                {
+                    return Err(Error::DeviceTwice(addr(e).to_string()));
+                }
+                d
+            },
             seccomp: c.seccomp.unwrap_or_default(),
             access: crate::access::Access::new(
                 c.snapshot_dirs.as_deref().unwrap_or_default(),
@@ -747,5 +833,40 @@ mod tests {
             .to_string()
             .contains("invalid config file"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn device_specs() {
+        let d: DeviceEntry = "vfio=0000:3b:00.2".parse().unwrap();
+        assert_eq!(d.to_string(), "vfio=0000:3b:00.2");
+        let d: DeviceEntry = "vfio=/sys/bus/pci/devices/0000:3b:00.2,mmap=off"
+            .parse()
+            .unwrap();
+        assert_eq!(d.to_string(), "vfio=0000:3b:00.2,mmap=off");
+        for bad in [
+            "vfio=",
+            "vfio=3b",
+            "pci=0000:00:01.0",
+            "vfio=0000:00:01.0,x=1",
+            "vfio",
+        ] {
+            let e = bad.parse::<DeviceEntry>().unwrap_err().to_string();
+            assert!(e.starts_with("invalid --device"), "{bad}: {e}");
+        }
+        let twice = FileConfig {
+            kernel: Some("k".into()),
+            device: Some(vec![
+                "vfio=0000:3b:00.2".parse().unwrap(),
+                "vfio=3b:00.2,mmap=off".parse().unwrap(),
+            ]),
+            ..Default::default()
+        };
+        let e = RunConfig::from_file_config(twice).unwrap_err().to_string();
+        assert_eq!(e, "--device 0000:3b:00.2 is given twice");
+        let toml = "kernel = 'k'\ndevice = ['vfio=0000:3b:00.2']\n";
+        let c: FileConfig = toml::from_str(toml).unwrap();
+        let c = RunConfig::from_file_config(c).unwrap();
+        assert_eq!(c.devices.len(), 1);
+        assert!(toml::from_str::<FileConfig>("device = ['vfio=zz']").is_err());
     }
 }

@@ -197,6 +197,23 @@ impl Control {
                     "part of the VM's memory is still arriving (post-copy); try again when it is all here",
                 )
             }
+            ApiRequest::Migrate(_) | ApiRequest::Snapshot(_) if !self.vm.passthrough.is_empty() => {
+                let names: Vec<String> = self
+                    .vm
+                    .passthrough
+                    .attached
+                    .iter()
+                    .map(|a| a.spec.to_string())
+                    .collect();
+                ApiResponse::error(
+                    409,
+                    format!(
+                        "the VM has passthrough devices ({}) whose state lives in the hardware \
+                         and cannot be saved; the VM keeps running",
+                        names.join(", ")
+                    ),
+                )
+            }
             ApiRequest::Migrate(r) => {
                 let to = crate::migration::parse_tcp(&r.to)
                     .and_then(|to| self.vm.config.access.check_migration_target(&to));

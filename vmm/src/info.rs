@@ -53,6 +53,8 @@ pub fn vm_info(vm: &Vm) -> serde_json::Value {
         "state": state,
         "pid": std::process::id(),
         "pci": pci,
+        "passthrough": vm.passthrough.describe(),
+        "dma_mapped_bytes": vm.passthrough.dma_mapped_bytes(),
         "disks": disks,
         "uptime_ms": vm.started.elapsed().as_millis() as u64,
         "config": vm.config,

@@ -18,6 +18,7 @@ pub mod info;
 pub mod irq;
 pub mod memory;
 pub mod migration;
+pub mod passthrough;
 pub mod reach;
 pub mod vcpu;
 pub mod vm;

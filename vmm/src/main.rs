@@ -45,7 +45,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
+    // vfio-ioctls warns about interrupt indices a device does not have
+    // (error reporting, device request); we only use INTx, MSI and MSI-X.
+    let directives = format!("{},vfio_ioctls=error", cli.log_level);
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -69,6 +72,8 @@ fn main() -> ExitCode {
         Command::Restore(a) => restore(a),
         Command::Checkpoint { action } => checkpoint(action),
         Command::Migrate(a) => migrate(a),
+        Command::Vfio { action } => vfio(action),
+        Command::Ib { action } => ib(action),
         Command::ResizeDisk {
             client: c,
             disk,
@@ -796,6 +801,191 @@ fn quiet_on_closed_stdout() {
     // SAFETY: restores the default action for SIGPIPE; only called by
     // commands that write a report and no sockets.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<u8, Failure> {
+    println!("{}", serde_json::to_string_pretty(v).map_err(runtime)?);
+    Ok(0)
+}
+
+fn pci_address(s: &str) -> Result<vfio_ib::PciAddress, Failure> {
+    s.parse().map_err(|e: String| usage(anyhow::anyhow!(e)))
+}
+
+fn vfio(action: vmm::cli::VfioAction) -> Result<u8, Failure> {
+    use vfio_ib::sysfs;
+    use vmm::cli::VfioAction;
+    quiet_on_closed_stdout();
+    match action {
+        VfioAction::List { json, root } => {
+            let mut v: Vec<vfio_ib::PciAddress> =
+                std::fs::read_dir(root.join("sys/bus/pci/devices"))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                    .collect();
+            v.sort();
+            let rows: Vec<_> = v
+                .iter()
+                .map(|a| {
+                    let (vendor, device) = sysfs::ids(&root, a).unwrap_or((0xffff, 0xffff));
+                    serde_json::json!({
+                        "address": a.to_string(),
+                        "id": format!("{vendor:04x}:{device:04x}"),
+                        "driver": sysfs::driver(&root, a),
+                        "iommu_group": sysfs::iommu_group(&root, a),
+                    })
+                })
+                .collect();
+            if json {
+                return print_json(&rows);
+            }
+            if !sysfs::has_iommu(&root) {
+                println!("# no IOMMU groups: this host cannot pass devices through");
+            }
+            for r in rows {
+                println!(
+                    "{}  {}  driver={}  iommu_group={}",
+                    r["address"].as_str().unwrap_or(""),
+                    r["id"].as_str().unwrap_or(""),
+                    r["driver"].as_str().unwrap_or("-"),
+                    r["iommu_group"]
+                        .as_u64()
+                        .map_or("-".into(), |g| g.to_string()),
+                );
+            }
+            Ok(0)
+        }
+        VfioAction::Bind { address, root } => {
+            let a = pci_address(&address)?;
+            sysfs::bind_vfio(&root, &a).map_err(|e| usage(anyhow::anyhow!(e)))?;
+            let group =
+                vfio_ib::kernel::preflight(&root, &a).map_err(|e| usage(anyhow::anyhow!(e)))?;
+            println!(
+                "{a} is bound to vfio-pci (IOMMU group {group}); pass it with --device vfio={a}"
+            );
+            Ok(0)
+        }
+        VfioAction::Unbind { address, root } => {
+            let a = pci_address(&address)?;
+            sysfs::unbind_vfio(&root, &a).map_err(|e| usage(anyhow::anyhow!(e)))?;
+            println!(
+                "{a} is back with the host (driver: {})",
+                sysfs::driver(&root, &a).as_deref().unwrap_or("none")
+            );
+            Ok(0)
+        }
+    }
+}
+
+fn ib(action: vmm::cli::IbAction) -> Result<u8, Failure> {
+    use vfio_ib::ib;
+    use vmm::cli::IbAction;
+    quiet_on_closed_stdout();
+    let fail = |e: String| usage(anyhow::anyhow!(e));
+    match action {
+        IbAction::List { json, root } => {
+            let hcas = ib::list(&root);
+            if json {
+                return print_json(&hcas);
+            }
+            if hcas.is_empty() {
+                println!("no InfiniBand HCAs on this host");
+            }
+            for h in hcas {
+                let addr = h.address.as_ref().map_or("-".into(), |a| a.to_string());
+                let vfs = h.sriov.as_ref().map_or("no SR-IOV".into(), |s| {
+                    format!("{}/{} VFs", s.num_vfs, s.total_vfs)
+                });
+                println!(
+                    "{} {addr} driver={} fw={} node_guid={} {vfs}",
+                    h.name,
+                    h.driver.as_deref().unwrap_or("-"),
+                    h.fw_ver,
+                    h.node_guid
+                );
+                for p in &h.ports {
+                    println!(
+                        "  port {} {} ({}) lid={:#x} sm_lid={:#x} {} {} pkeys={}",
+                        p.number,
+                        p.state,
+                        p.phys_state,
+                        p.lid,
+                        p.sm_lid,
+                        p.link_layer,
+                        p.rate,
+                        p.pkeys.join(",")
+                    );
+                }
+                for v in &h.vfs {
+                    println!(
+                        "  vf {} {} driver={} node={} port={} policy={}",
+                        v.index,
+                        v.address,
+                        v.driver.as_deref().unwrap_or("-"),
+                        v.node_guid.as_deref().unwrap_or("-"),
+                        v.port_guid.as_deref().unwrap_or("-"),
+                        v.policy.as_deref().unwrap_or("-")
+                    );
+                }
+            }
+            Ok(0)
+        }
+        IbAction::CreateVfs { hca, count, root } => {
+            let vfs = ib::create_vfs(&root, &hca, count).map_err(fail)?;
+            println!("{hca}: {} VFs", vfs.len());
+            for v in vfs {
+                println!("  {v}");
+            }
+            Ok(0)
+        }
+        IbAction::SetGuid {
+            hca,
+            vf,
+            node,
+            port,
+            root,
+        } => {
+            ib::set_guids(&root, &hca, vf, &node, &port).map_err(fail)?;
+            println!("{hca} VF {vf}: node GUID {node}, port GUID {port}");
+            Ok(0)
+        }
+        IbAction::SetPolicy {
+            hca,
+            vf,
+            policy,
+            root,
+        } => {
+            ib::set_policy(&root, &hca, vf, &policy).map_err(fail)?;
+            println!("{hca} VF {vf}: policy {policy}");
+            Ok(0)
+        }
+        IbAction::Bind { hca, vf, root } => {
+            let h =
+                ib::hca(&root, &hca).ok_or_else(|| fail(format!("no InfiniBand HCA '{hca}'")))?;
+            let v = h.vfs.get(vf as usize).ok_or_else(|| {
+                fail(format!(
+                    "{hca} has {} VFs; there is no VF {vf}",
+                    h.vfs.len()
+                ))
+            })?;
+            vfio_ib::sysfs::bind_vfio(&root, &v.address).map_err(fail)?;
+            println!("{}", v.address);
+            Ok(0)
+        }
+        IbAction::Check { hca, root } => {
+            let problems = ib::problems(&root, &hca).map_err(fail)?;
+            if problems.is_empty() {
+                println!("{hca}: ready to give VMs VFs");
+                return Ok(0);
+            }
+            for p in &problems {
+                println!("{p}");
+            }
+            Ok(1)
+        }
+    }
 }
 
 fn host_check(

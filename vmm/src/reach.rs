@@ -95,6 +95,20 @@ pub fn paths(config: &RunConfig, restore_from: Option<&Path>) -> std::io::Result
         p.devices.push("/dev/net/tun".into());
     }
     p.devices.push("/dev/userfaultfd".into());
+    // Passthrough: the VFIO container and each device's group (a missing
+    // one is skipped here and fails with its own message in `vm.rs`).
+    if !config.devices.is_empty() {
+        p.devices.push("/dev/vfio/vfio".into());
+    }
+    for d in &config.devices {
+        let crate::config::DeviceEntry::Vfio { address, .. } = d;
+        if let Some(g) = vfio_ib::sysfs::iommu_group(Path::new("/"), address) {
+            let node = PathBuf::from(format!("/dev/vfio/{g}"));
+            if !p.devices.contains(&node) {
+                p.devices.push(node);
+            }
+        }
+    }
     let parent = |f: &Path| {
         f.parent()
             .filter(|d| !d.as_os_str().is_empty())

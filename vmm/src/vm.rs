@@ -7,6 +7,7 @@ use crate::decouple::Decoupling;
 use crate::host::{CpuProfile, HostKind};
 use crate::irq::IrqRouting;
 use crate::memory::{self, GuestMemoryMmap};
+use crate::passthrough::Passthroughs;
 use crate::vcpu::{self, Buses, Request, Vcpu, VcpuShared, VcpuState, VcpuStop};
 use devices::bus::{MmioBus, PioBus};
 use devices::legacy::{self, AcpiSleep, SerialPort, TestExitPort, I8042};
@@ -58,6 +59,8 @@ pub enum Error {
     Vsock(#[from] devices::virtio::vsock::VsockError),
     #[error("{0}")]
     Decouple(String),
+    #[error(transparent)]
+    Passthrough(#[from] crate::passthrough::Error),
     #[error("{0}")]
     Setup(String),
 }
@@ -72,6 +75,7 @@ impl Error {
             | Error::Vsock(_)
             | Error::Decouple(_) => true,
             Error::Boot(b) => b.is_user_error(),
+            Error::Passthrough(p) => p.user,
             _ => false,
         }
     }
@@ -135,6 +139,9 @@ pub struct Vm {
     pub decoupling: Arc<Decoupling>,
     /// MSI routes as the guest asked for them and as committed (`GET /vm/interrupts`).
     pub routing: Arc<IrqRouting>,
+    /// Host functions passed through (`--device`); dropped after the vCPUs
+    /// stopped, before guest memory.
+    pub passthrough: Passthroughs,
 }
 
 /// Ends vCPU threads that never ran guest code (a failed start).
@@ -320,6 +327,7 @@ pub struct Prepared {
     config: RunConfig,
     decoupling: Arc<Decoupling>,
     routing: Arc<IrqRouting>,
+    passthrough: Passthroughs,
 }
 
 impl Vm {
@@ -438,6 +446,8 @@ impl Vm {
             let dev = Rng::new(io_thread.endpoint());
             virtio.push(add_virtio(&vm_fd, &routing, &pci, &mem, Box::new(dev), 1)?);
         }
+        let passthrough =
+            crate::passthrough::attach_all(&vm_fd, &routing, &pci, &mem, &config.devices)?;
 
         // vCPU fds (their registers are set in `start`).
         let supported_msrs = kvm
@@ -484,6 +494,7 @@ impl Vm {
             config,
             decoupling,
             routing,
+            passthrough,
         })
     }
 }
@@ -528,6 +539,7 @@ impl Prepared {
             config,
             decoupling,
             routing,
+            passthrough,
         } = self;
         let boot = match restore {
             None => boot::load(
@@ -718,6 +730,7 @@ impl Prepared {
             memory_arriving: Arc::default(),
             decoupling,
             routing,
+            passthrough,
         })
     }
 }

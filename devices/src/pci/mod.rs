@@ -9,7 +9,7 @@
 //!   bus devices that route config and BAR accesses to functions.
 //!
 //! A device is anything implementing [`PciDevice`]: emulated (virtio) devices
-//! today, VFIO passthrough later. Functions live at `00:DD.0`; the slot
+//! and passthrough functions (crate `vfio-ib`, which this crate does not know). Functions live at `00:DD.0`; the slot
 //! table can take devices after boot (hotplug).
 pub mod config;
 pub mod msix;
@@ -31,6 +31,20 @@ pub trait PciDevice: Send {
     /// the write masks were applied): react to control bits (MSI-X enable,
     /// ...). Default: nothing to do.
     fn config_written(&mut self, _offset: usize, _data: &[u8]) {}
+
+    /// Guest read of configuration space. Default: the emulated bytes. A
+    /// passthrough function composes its own view (some registers come
+    /// from the hardware).
+    fn config_read(&self, offset: usize, data: &mut [u8]) {
+        self.config().read(offset, data)
+    }
+
+    /// Guest write of configuration space. Default: through the write
+    /// masks, then [`PciDevice::config_written`].
+    fn config_write(&mut self, offset: usize, data: &[u8]) {
+        self.config_mut().write(offset, data);
+        self.config_written(offset, data);
+    }
 
     /// Guest access to BAR `bar` at `offset`.
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]);

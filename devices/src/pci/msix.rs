@@ -104,6 +104,16 @@ impl Msix {
         self.enabled
     }
 
+    /// Where the capability is in configuration space.
+    pub fn cap_offset(&self) -> usize {
+        self.cap_offset
+    }
+
+    /// The vectors the table's entries are routed to.
+    pub fn vectors(&self) -> &Arc<dyn MsiVectors> {
+        &self.vectors
+    }
+
     /// Call after every configuration write: picks up enable/mask changes.
     pub fn config_written(&mut self, config: &ConfigSpace) {
         let control = config.u16_at(self.cap_offset + 2);

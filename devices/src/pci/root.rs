@@ -10,7 +10,7 @@ use super::{ConfigSpace, PciDevice};
 use crate::bus::BusDevice;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
-use vm_allocator::{AddressAllocator, AllocPolicy};
+use vm_allocator::{AddressAllocator, AllocPolicy, RangeInclusive};
 
 pub const SLOTS: u8 = 32;
 /// ECAM bytes per bus: 32 devices × 8 functions × 4 KiB.
@@ -24,6 +24,8 @@ pub enum PciError {
     NoSlot,
     #[error("PCI slot {0} is taken")]
     SlotTaken(u8),
+    #[error("PCI slot {0} is empty")]
+    EmptySlot(u8),
     #[error("no room in the {window} PCI window for a BAR of {size:#x} bytes")]
     NoBarSpace { window: &'static str, size: u64 },
     #[error("bad PCI window {base:#x}+{size:#x}")]
@@ -76,6 +78,17 @@ pub const HOST_BRIDGE_IDS: PciIds = PciIds {
 struct Windows {
     low: AddressAllocator,
     high: AddressAllocator,
+    /// Where each slot's BARs were placed: (64-bit window?, range).
+    placed: BTreeMap<u8, Vec<(bool, RangeInclusive)>>,
+}
+
+impl Windows {
+    fn free(&mut self, ranges: Vec<(bool, RangeInclusive)>) {
+        for (wide, range) in ranges {
+            let alloc = if wide { &mut self.high } else { &mut self.low };
+            let _ = alloc.free(&range);
+        }
+    }
 }
 
 pub struct PciRoot {
@@ -95,6 +108,7 @@ impl PciRoot {
             windows: Mutex::new(Windows {
                 low: window(low)?,
                 high: window(high)?,
+                placed: BTreeMap::new(),
             }),
         };
         let bridge = HostBridge {
@@ -122,12 +136,20 @@ impl PciRoot {
                 .find(|s| !slots.contains_key(s))
                 .ok_or(PciError::NoSlot)?
         };
-        self.place_bars(&dev)?;
-        self.insert(slot, dev)?;
+        let placed = self.place_bars(&dev)?;
+        if let Err(e) = self.insert(slot, dev) {
+            if let Ok(mut w) = self.windows.lock() {
+                w.free(placed);
+            }
+            return Err(e);
+        }
+        if let Ok(mut w) = self.windows.lock() {
+            w.placed.insert(slot, placed);
+        }
         Ok(slot)
     }
 
-    fn place_bars(&self, dev: &SharedPciDevice) -> Result<(), PciError> {
+    fn place_bars(&self, dev: &SharedPciDevice) -> Result<Vec<(bool, RangeInclusive)>, PciError> {
         let mut d = dev.lock().map_err(|_| PciError::NoSlot)?;
         let mut windows = self.windows.lock().map_err(|_| PciError::NoSlot)?;
         let bars: Vec<_> = d.config().bars().collect();
@@ -146,14 +168,7 @@ impl PciRoot {
                 }
                 Err(_) => {
                     // Leave nothing behind: give back what this device got.
-                    for (wide, range) in placed {
-                        let alloc = if wide {
-                            &mut windows.high
-                        } else {
-                            &mut windows.low
-                        };
-                        let _ = alloc.free(&range);
-                    }
+                    windows.free(placed);
                     return Err(PciError::NoBarSpace {
                         window: if wide { "64-bit" } else { "32-bit" },
                         size: bar.size,
@@ -161,7 +176,26 @@ impl PciRoot {
                 }
             }
         }
-        Ok(())
+        Ok(placed)
+    }
+
+    /// Takes the function in `slot` off the bus (hot-unplug) and gives the
+    /// address space its BARs were placed in back. The host bridge stays.
+    pub fn remove(&self, slot: u8) -> Result<SharedPciDevice, PciError> {
+        if slot == 0 {
+            return Err(PciError::SlotTaken(0));
+        }
+        let dev = self
+            .slots
+            .write()
+            .map_err(|_| PciError::NoSlot)?
+            .remove(&slot)
+            .ok_or(PciError::EmptySlot(slot))?;
+        let mut windows = self.windows.lock().map_err(|_| PciError::NoSlot)?;
+        if let Some(placed) = windows.placed.remove(&slot) {
+            windows.free(placed);
+        }
+        Ok(dev)
     }
 
     pub fn device(&self, slot: u8) -> Option<SharedPciDevice> {
@@ -249,7 +283,7 @@ impl PciRoot {
     pub fn config_read(&self, bus: u8, dev: u8, func: u8, offset: usize, data: &mut [u8]) {
         match self.function(bus, dev, func) {
             Some(d) => match d.lock() {
-                Ok(d) => d.config().read(offset, data),
+                Ok(d) => d.config_read(offset, data),
                 Err(_) => data.fill(0xff),
             },
             None => data.fill(0xff),
@@ -259,8 +293,7 @@ impl PciRoot {
     pub fn config_write(&self, bus: u8, dev: u8, func: u8, offset: usize, data: &[u8]) {
         if let Some(d) = self.function(bus, dev, func) {
             if let Ok(mut d) = d.lock() {
-                d.config_mut().write(offset, data);
-                d.config_written(offset, data);
+                d.config_write(offset, data);
             }
         }
     }
@@ -576,6 +609,21 @@ mod tests {
         assert_eq!(b, [0x00; 4]);
         low.read(b0 - LOW.0 + 4, &mut b);
         assert_eq!(b, [0xff; 4], "old address no longer decodes");
+    }
+
+    #[test]
+    fn a_removed_function_gives_its_slot_and_bar_space_back() {
+        let root = PciRoot::new((0xc000_0000, 0x1000), HIGH).unwrap();
+        let slot = root.add(Arc::new(Mutex::new(Dummy::new()))).unwrap();
+        assert!(matches!(
+            root.add(Arc::new(Mutex::new(Dummy::new()))),
+            Err(PciError::NoBarSpace { .. })
+        ));
+        root.remove(slot).unwrap();
+        assert_eq!(root.list().len(), 1);
+        assert!(matches!(root.remove(slot), Err(PciError::EmptySlot(_))));
+        assert!(matches!(root.remove(0), Err(PciError::SlotTaken(0))));
+        assert_eq!(root.add(Arc::new(Mutex::new(Dummy::new()))).unwrap(), slot);
     }
 
     #[test]

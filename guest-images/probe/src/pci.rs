@@ -48,6 +48,32 @@ impl Function {
         }
     }
 
+    /// The address BAR `bar` is programmed with (64-bit BARs whole).
+    pub fn bar_address(self, bar: u8) -> u64 {
+        let reg = 0x10 + 4 * u16::from(bar);
+        let lo = self.read32(reg);
+        let mut addr = u64::from(lo & !0xf);
+        if lo & 0x6 == 0x4 {
+            addr |= u64::from(self.read32(reg + 4)) << 32;
+        }
+        addr
+    }
+
+    /// Offset of the first capability with `id`, if the function has one.
+    pub fn find_capability(self, id: u8) -> Option<u16> {
+        let mut cap = (self.read32(0x34) & 0xfc) as u16;
+        let mut guard = 0;
+        while cap != 0 && guard < 48 {
+            let head = self.read32(cap);
+            if head as u8 == id {
+                return Some(cap);
+            }
+            cap = ((head >> 8) & 0xfc) as u16;
+            guard += 1;
+        }
+        None
+    }
+
     pub fn ids(self) -> Option<(u16, u16)> {
         let v = self.read32(0);
         (v & 0xffff != 0xffff).then_some((v as u16, (v >> 16) as u16))

@@ -51,13 +51,7 @@ pub fn find(ecam: Option<u64>, kind: u16, index: usize) -> Option<Function> {
 }
 
 fn bar_address(f: Function, bar: u8) -> u64 {
-    let reg = 0x10 + 4 * u16::from(bar);
-    let lo = f.read32(reg);
-    let mut addr = u64::from(lo & !0xf);
-    if lo & 0x6 == 0x4 {
-        addr |= u64::from(f.read32(reg + 4)) << 32;
-    }
-    addr
+    f.bar_address(bar)
 }
 
 impl Device {

@@ -4,6 +4,7 @@ use crate::{arch, println, time, STATUS_PROBE_ERROR};
 
 mod blk;
 mod counter;
+mod edu;
 mod fwq;
 mod irqroute;
 mod memtouch;
@@ -23,6 +24,7 @@ pub fn run(info: &mut BootInfo, args: &crate::boot::Args, ncpus: usize) -> u8 {
         "fwq" => fwq::run(info, args, ncpus),
         "irqroute" => irqroute::run(info, ncpus),
         "pci" => pci::run(info),
+        "edu" => edu::run(info, args),
         "blk" => blk::run(info, args),
         "net" => net::run(info, args),
         "rng" => rng::run(info),
@@ -40,7 +42,7 @@ pub fn run(info: &mut BootInfo, args: &crate::boot::Args, ncpus: usize) -> u8 {
             arch::park()
         }
         other => {
-            println!("probe: error: unknown task '{other}' (hello, memtouch, counter, dirty, fwq, irqroute, pci, blk, net, rng, vcon, vsock, exit, fault, triplefault, reset)");
+            println!("probe: error: unknown task '{other}' (hello, memtouch, counter, dirty, fwq, irqroute, pci, edu, blk, net, rng, vcon, vsock, exit, fault, triplefault, reset)");
             STATUS_PROBE_ERROR
         }
     }

@@ -1,0 +1,305 @@
+//! Kernel VFIO: a host PCI function bound to `vfio-pci`, opened through its
+//! IOMMU group and a type1 container (vfio-ioctls), with all of guest RAM
+//! mapped for DMA at IOVA = guest-physical address.
+//!
+//! One [`Iommu`] (container) serves every passthrough function of a VM, so
+//! guest memory is pinned and mapped once. Before anything is opened,
+//! [`preflight`] checks what an operator can get wrong (no IOMMU, wrong
+//! driver, a group shared with devices still on host drivers) and says so
+//! in one line.
+use crate::backend::{Backend, Mapping, RegionInfo};
+use crate::sysfs::{self, PciAddress};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use vfio_bindings::bindings::vfio::{
+    VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
+};
+use vfio_ioctls::{VfioContainer, VfioDevice, VfioDeviceFd, VfioRegionInfoCap};
+use vmm_sys_util::eventfd::EventFd;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Preflight(String),
+    #[error("{what}: {source}")]
+    Vfio {
+        what: String,
+        source: vfio_ioctls::VfioError,
+    },
+    #[error("DMA map of guest memory {gpa:#x}+{len:#x} failed: {source} (is the locked-memory limit, ulimit -l, large enough for all of guest RAM?)")]
+    DmaMap {
+        gpa: u64,
+        len: u64,
+        source: vfio_ioctls::VfioError,
+    },
+}
+
+impl Error {
+    /// Errors an operator fixes on the host (binding, IOMMU, limits).
+    pub fn is_user_error(&self) -> bool {
+        matches!(self, Error::Preflight(_) | Error::DmaMap { .. })
+    }
+}
+
+/// Checks that `address` can be passed through: it exists, is bound to
+/// vfio-pci, has an IOMMU group whose other members are bound to vfio-pci
+/// (or to nothing), and the group's device node exists. Returns the group.
+pub fn preflight(root: &Path, address: &PciAddress) -> Result<u32, String> {
+    let dev = sysfs::device_dir(root, address);
+    if !dev.exists() {
+        return Err(format!(
+            "no PCI device {address} on this host ({} does not exist)",
+            dev.display()
+        ));
+    }
+    let driver = sysfs::driver(root, address);
+    if driver.as_deref() != Some("vfio-pci") {
+        return Err(format!(
+            "{address} is bound to {}, not vfio-pci: run `ffmk-vmm vfio bind {address}` first",
+            driver.as_deref().unwrap_or("no driver")
+        ));
+    }
+    let group = sysfs::iommu_group(root, address).ok_or_else(|| {
+        format!(
+            "{address} has no IOMMU group: the host runs without an IOMMU \
+             (boot with intel_iommu=on or amd_iommu=on, and iommu=pt)"
+        )
+    })?;
+    for other in sysfs::group_members(root, group) {
+        if other == *address {
+            continue;
+        }
+        match sysfs::driver(root, &other).as_deref() {
+            None | Some("vfio-pci") | Some("pcieport") => {}
+            Some(d) => {
+                return Err(format!(
+                    "IOMMU group {group} of {address} also holds {other}, bound to {d}: \
+                     bind every member to vfio-pci (or unbind it) first"
+                ))
+            }
+        }
+    }
+    if !root.join("dev/vfio/vfio").exists() {
+        return Err("/dev/vfio/vfio does not exist: is the vfio-pci module loaded?".into());
+    }
+    let node = root.join("dev/vfio").join(group.to_string());
+    if !node.exists() {
+        return Err(format!(
+            "{} does not exist: is the vfio-pci module loaded?",
+            node.display()
+        ));
+    }
+    Ok(group)
+}
+
+/// Guest RAM as the IOMMU sees it: (guest-physical address, host address, length).
+pub type MemoryMap = Vec<(u64, u64, u64)>;
+
+/// The VM's VFIO container: one IOMMU domain for all its functions.
+pub struct Iommu {
+    container: Arc<VfioContainer>,
+    memory: MemoryMap,
+    /// IOVA ranges mapped so far (mapped when the first group joined).
+    mapped: Mutex<Vec<(u64, u64)>>,
+}
+
+impl Iommu {
+    /// Opens `/dev/vfio/vfio`. `kvm_vfio` is KVM's VFIO pseudo-device, so
+    /// KVM knows about non-coherent DMA; `memory` is all of guest RAM.
+    pub fn open(kvm_vfio: Option<VfioDeviceFd>, memory: MemoryMap) -> Result<Iommu, Error> {
+        let container =
+            VfioContainer::new(kvm_vfio.map(Arc::new)).map_err(|source| Error::Vfio {
+                what: "cannot open the VFIO container /dev/vfio/vfio".into(),
+                source,
+            })?;
+        Ok(Iommu {
+            container: Arc::new(container),
+            memory,
+            mapped: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Opens the function at `address` (checked by [`preflight`] first) and
+    /// maps guest RAM for DMA if no function did yet.
+    pub fn attach(&self, address: &PciAddress) -> Result<KernelDevice, Error> {
+        preflight(Path::new("/"), address).map_err(Error::Preflight)?;
+        let path = sysfs::device_dir(Path::new("/"), address);
+        let device = VfioDevice::new(&path, self.container.clone(), false).map_err(|source| {
+            Error::Vfio {
+                what: format!("cannot open {address} through VFIO"),
+                source,
+            }
+        })?;
+        self.map_memory()?;
+        // A known state before the guest sees it.
+        device.reset();
+        Ok(KernelDevice {
+            address: address.clone(),
+            path,
+            device,
+        })
+    }
+
+    fn map_memory(&self) -> Result<(), Error> {
+        let mut mapped = self
+            .mapped
+            .lock()
+            .map_err(|_| Error::Preflight("IOMMU lock poisoned".into()))?;
+        if !mapped.is_empty() {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        for &(gpa, host, len) in &self.memory {
+            let size =
+                usize::try_from(len).map_err(|_| Error::Preflight("region too large".into()))?;
+            // SAFETY: `host..host+len` is guest RAM, mapped for the VM's
+            // whole life and only ever accessed through volatile accesses
+            // (vm-memory) or by the guest; the device may DMA into it as the
+            // guest does. It is unmapped in Drop, before the memory goes.
+            let r = unsafe { self.container.vfio_dma_map(gpa, size, host as *mut u8) };
+            if let Err(source) = r {
+                for &(iova, len) in mapped.iter() {
+                    let _ = self.container.vfio_dma_unmap(iova, len as usize);
+                }
+                mapped.clear();
+                return Err(Error::DmaMap { gpa, len, source });
+            }
+            mapped.push((gpa, len));
+        }
+        tracing::info!(
+            "DMA map of {} MiB of guest RAM took {} ms",
+            mapped.iter().map(|m| m.1).sum::<u64>() >> 20,
+            started.elapsed().as_millis()
+        );
+        Ok(())
+    }
+
+    /// Bytes of guest memory mapped for DMA.
+    pub fn mapped_bytes(&self) -> u64 {
+        self.mapped
+            .lock()
+            .map(|m| m.iter().map(|r| r.1).sum())
+            .unwrap_or(0)
+    }
+
+    /// Takes guest RAM out of the IOMMU domain: no device DMA reaches it
+    /// after this. Call while the groups are still in the container (once
+    /// the last one leaves, the kernel drops the mappings itself).
+    pub fn unmap_all(&self) {
+        if let Ok(mut mapped) = self.mapped.lock() {
+            for &(iova, len) in mapped.iter() {
+                if let Err(e) = self.container.vfio_dma_unmap(iova, len as usize) {
+                    tracing::warn!("DMA unmap of {iova:#x}+{len:#x}: {e}");
+                }
+            }
+            mapped.clear();
+        }
+    }
+}
+
+/// A host function opened through VFIO.
+pub struct KernelDevice {
+    address: PciAddress,
+    path: PathBuf,
+    device: VfioDevice,
+}
+
+impl KernelDevice {
+    pub fn address(&self) -> &PciAddress {
+        &self.address
+    }
+
+    pub fn sysfs_path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for KernelDevice {
+    fn drop(&mut self) {
+        // Nothing the device does after this reaches a guest: its
+        // interrupts lose their eventfds and a reset stops its DMA (the
+        // IOMMU mappings go with the container).
+        for index in [
+            crate::backend::IRQ_MSIX,
+            crate::backend::IRQ_MSI,
+            crate::backend::IRQ_INTX,
+        ] {
+            if self.irq_count(index) > 0 {
+                let _ = self.device.disable_irq(index);
+            }
+        }
+        self.device.reset();
+    }
+}
+
+fn io_err(what: &str, e: vfio_ioctls::VfioError) -> io::Error {
+    io::Error::other(format!("{what}: {e}"))
+}
+
+impl Backend for KernelDevice {
+    fn describe(&self) -> String {
+        format!("vfio {}", self.address)
+    }
+
+    fn region(&self, index: u32) -> Option<RegionInfo> {
+        let size = self.device.get_region_size(index);
+        if size == 0 {
+            return None;
+        }
+        let flags = self.device.get_region_flags(index);
+        let mut mappable = Vec::new();
+        if flags & VFIO_REGION_INFO_FLAG_MMAP != 0 {
+            let caps = self.device.get_region_caps(index);
+            let sparse = caps.iter().find_map(|c| match c {
+                VfioRegionInfoCap::SparseMmap(s) => Some(s.areas.clone()),
+                _ => None,
+            });
+            match sparse {
+                Some(areas) => mappable.extend(areas.iter().map(|a| (a.offset, a.size))),
+                None => mappable.push((0, size)),
+            }
+        }
+        Some(RegionInfo {
+            size,
+            readable: flags & VFIO_REGION_INFO_FLAG_READ != 0,
+            writable: flags & VFIO_REGION_INFO_FLAG_WRITE != 0,
+            mappable,
+        })
+    }
+
+    fn read(&self, index: u32, offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+        self.device.region_read(index, data, offset);
+    }
+
+    fn write(&self, index: u32, offset: u64, data: &[u8]) {
+        self.device.region_write(index, data, offset);
+    }
+
+    fn map(&self, index: u32, offset: u64, len: u64) -> io::Result<Mapping> {
+        let base = self.device.get_region_offset(index);
+        Mapping::new(self.device.as_raw_fd(), base + offset, len)
+    }
+
+    fn irq_count(&self, index: u32) -> u32 {
+        self.device.get_irq_info(index).map_or(0, |i| i.count)
+    }
+
+    fn enable_irqs(&self, index: u32, fds: &[&EventFd]) -> io::Result<()> {
+        self.device
+            .enable_irq(index, fds.to_vec())
+            .map_err(|e| io_err("enable interrupts", e))
+    }
+
+    fn disable_irqs(&self, index: u32) -> io::Result<()> {
+        self.device
+            .disable_irq(index)
+            .map_err(|e| io_err("disable interrupts", e))
+    }
+
+    fn reset(&self) {
+        self.device.reset();
+    }
+}

@@ -1,0 +1,666 @@
+//! A host PCI function on the guest's PCI bus.
+//!
+//! What the guest sees of configuration space is composed here:
+//!
+//! | registers | from |
+//! |---|---|
+//! | IDs, command, BARs, interrupt line | the shadow [`ConfigSpace`] (BARs are the guest's addresses, sized like the device's regions) |
+//! | status, class, subsystem, other capability bytes | the device |
+//! | ROM BAR, cardbus, interrupt pin, extended space | zero: no option ROM, no INTx, no extended capabilities |
+//! | capability list | the device's MSI, MSI-X, power management, PCI Express and vendor-specific capabilities, re-linked; others hidden |
+//! | MSI | emulated ([`crate::msi`]) |
+//! | MSI-X enable/mask | emulated (`devices::pci::Msix`, table trapped in its BAR) |
+//!
+//! BAR areas the backend lets us map (minus the MSI-X table and PBA
+//! pages) become KVM memory slots at the guest's BAR address while memory
+//! decoding is on, so the guest's loads and stores reach the device with
+//! no exit; everything else in a BAR is trapped and forwarded.
+use crate::backend::{Backend, Mapping, CONFIG_REGION, IRQ_MSI, IRQ_MSIX};
+use crate::msi::{self, Msi};
+use devices::interrupt::MsiVectors;
+use devices::pci::config::{BAR0, COMMAND, COMMAND_MEMORY, NUM_BARS};
+use devices::pci::{Bar, BarKind, ConfigSpace, Counters, Msix, PciDevice, PciIds};
+use std::io;
+use std::sync::Arc;
+
+const PAGE: u64 = 4096;
+/// Capabilities the guest sees: PM, MSI, vendor-specific, PCIe, MSI-X.
+const KEPT_CAPS: [u8; 5] = [0x01, msi::CAP_ID, 0x09, 0x10, devices::pci::msix::CAP_ID];
+
+/// Maps host memory into the guest (KVM memory slots).
+pub trait GuestMapper: Send + Sync {
+    /// Maps `len` bytes at host address `host` at guest-physical `gpa`;
+    /// returns a handle for [`GuestMapper::unmap`].
+    fn map(&self, gpa: u64, host: u64, len: u64) -> io::Result<u32>;
+    fn unmap(&self, handle: u32);
+}
+
+/// Makes `n` MSI vectors (KVM routes with irqfds, in ffmk-vmm).
+pub type VectorSource<'a> = &'a dyn Fn(u16) -> io::Result<Arc<dyn MsiVectors>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}: cannot read its configuration space")]
+    NoConfig(String),
+    #[error("{name}: BAR {bar}: {msg}")]
+    Bar {
+        name: String,
+        bar: usize,
+        msg: String,
+    },
+    #[error("{name}: {what}: {source}")]
+    Io {
+        name: String,
+        what: &'static str,
+        source: io::Error,
+    },
+}
+
+/// A capability the guest sees: where it is in the device's space.
+#[derive(Debug, Clone, Copy)]
+struct Cap {
+    offset: usize,
+    id: u8,
+    len: usize,
+    /// The next kept capability (0 ends the list).
+    next: u8,
+}
+
+struct MappedArea {
+    offset: u64,
+    mapping: Mapping,
+}
+
+#[derive(Default)]
+struct BarState {
+    region_size: u64,
+    areas: Vec<MappedArea>,
+    mapped_at: Option<u64>,
+    handles: Vec<u32>,
+}
+
+struct MsixPass {
+    msix: Msix,
+    /// Offset of the capability Msix added to the shadow space.
+    shadow_cap: usize,
+    bar: usize,
+    table: (u64, u64),
+    pba: (u64, u64),
+    backend_on: bool,
+}
+
+pub struct Passthrough {
+    /// Before `backend`: fields drop in order, and the BAR mappings hold
+    /// the device file open (a group cannot leave its container while
+    /// its device is open).
+    bars: Vec<BarState>,
+    backend: Arc<dyn Backend>,
+    shadow: ConfigSpace,
+    caps: Vec<Cap>,
+    msi: Option<Msi>,
+    msix: Option<MsixPass>,
+    mapper: Arc<dyn GuestMapper>,
+    trapped_accesses: u64,
+}
+
+fn u16_at(b: &[u8], o: usize) -> u16 {
+    u16::from_le_bytes([b[o], b[o + 1]])
+}
+
+fn u32_at(b: &[u8], o: usize) -> u32 {
+    u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
+}
+
+/// Length of a capability the guest sees (what a driver reads of it).
+fn cap_len(id: u8, body: &[u8]) -> usize {
+    match id {
+        0x01 => 8,
+        0x10 => 0x3c,
+        0x11 => 12,
+        0x09 => usize::from(body.get(2).copied().unwrap_or(4)).max(4),
+        _ => 4,
+    }
+}
+
+impl Passthrough {
+    pub fn new(
+        backend: Arc<dyn Backend>,
+        vectors: VectorSource<'_>,
+        mapper: Arc<dyn GuestMapper>,
+        map_bars: bool,
+    ) -> Result<Passthrough, Error> {
+        let name = backend.describe();
+        let config = backend
+            .region(CONFIG_REGION)
+            .filter(|r| r.size >= 256)
+            .ok_or_else(|| Error::NoConfig(name.clone()))?;
+        let _ = config;
+        let mut phys = vec![0xffu8; 256];
+        backend.read(CONFIG_REGION, 0, &mut phys);
+        if u16_at(&phys, 0) == 0xffff {
+            return Err(Error::NoConfig(name));
+        }
+        let ids = PciIds {
+            vendor: u16_at(&phys, 0),
+            device: u16_at(&phys, 2),
+            class: (phys[0x0b], phys[0x0a], phys[0x09]),
+            revision: phys[0x08],
+            subsystem_vendor: u16_at(&phys, 0x2c),
+            subsystem: u16_at(&phys, 0x2e),
+        };
+        let mut shadow = ConfigSpace::new(ids);
+        let mut bars: Vec<BarState> = (0..NUM_BARS).map(|_| BarState::default()).collect();
+        let mut i = 0;
+        while i < NUM_BARS {
+            let reg = u32_at(&phys, BAR0 + 4 * i);
+            let wide = reg & 0b110 == 0b100;
+            let info = backend.region(i as u32).filter(|r| r.size > 0);
+            match info {
+                Some(r) if reg & 1 == 0 => {
+                    let kind = if wide {
+                        BarKind::Mem64 {
+                            prefetchable: reg & 0b1000 != 0,
+                        }
+                    } else {
+                        BarKind::Mem32
+                    };
+                    let size = r.size.max(PAGE).next_power_of_two();
+                    shadow
+                        .add_bar(i, Bar { kind, size })
+                        .map_err(|e| Error::Bar {
+                            name: name.clone(),
+                            bar: i,
+                            msg: e.to_string(),
+                        })?;
+                    bars[i].region_size = r.size;
+                }
+                Some(_) => {
+                    tracing::warn!("{name}: BAR {i} is an I/O BAR; the guest does not see it")
+                }
+                None => {}
+            }
+            i += if wide { 2 } else { 1 };
+        }
+
+        // The capability list, walked defensively (a device's own list
+        // could loop or point outside the standard space).
+        let mut caps = Vec::new();
+        let mut found = Vec::new();
+        let mut at = usize::from(phys[0x34] & 0xfc);
+        if u16_at(&phys, 0x06) & (1 << 4) != 0 {
+            while (0x40..256).contains(&at) && found.len() < 48 {
+                found.push((at, phys[at]));
+                at = usize::from(phys[at + 1] & 0xfc);
+            }
+        }
+        let mut msi = None;
+        let mut msix = None;
+        for &(offset, id) in &found {
+            if !KEPT_CAPS.contains(&id) {
+                continue;
+            }
+            let mut len = cap_len(id, &phys[offset..]);
+            match id {
+                msi::CAP_ID => {
+                    let n = backend.irq_count(IRQ_MSI).min(32) as u16;
+                    if n == 0 {
+                        continue;
+                    }
+                    let v = vectors(n).map_err(|source| Error::Io {
+                        name: name.clone(),
+                        what: "MSI vectors",
+                        source,
+                    })?;
+                    let m = Msi::new(u16_at(&phys, offset + 2), v);
+                    len = m.len();
+                    msi = Some(m);
+                }
+                0x11 => {
+                    let control = u16_at(&phys, offset + 2);
+                    let n = (control & 0x7ff) + 1;
+                    let table = u32_at(&phys, offset + 4);
+                    let pba = u32_at(&phys, offset + 8);
+                    let bar = (table & 7) as usize;
+                    if backend.irq_count(IRQ_MSIX) == 0
+                        || bar >= NUM_BARS
+                        || bars[bar].region_size == 0
+                    {
+                        tracing::warn!("{name}: MSI-X capability unusable; hidden");
+                        continue;
+                    }
+                    let v = vectors(n).map_err(|source| Error::Io {
+                        name: name.clone(),
+                        what: "MSI-X vectors",
+                        source,
+                    })?;
+                    let m = Msix::new(&mut shadow, v, bar as u8, table & !7, pba & !7).map_err(
+                        |e| Error::Bar {
+                            name: name.clone(),
+                            bar,
+                            msg: e.to_string(),
+                        },
+                    )?;
+                    let shadow_cap = m.cap_offset();
+                    msix = Some(MsixPass {
+                        msix: m,
+                        shadow_cap,
+                        bar,
+                        table: (u64::from(table & !7), Msix::table_size(n)),
+                        pba: (u64::from(pba & !7), Msix::pba_size(n)),
+                        backend_on: false,
+                    });
+                    if (pba & 7) as usize != bar {
+                        tracing::warn!("{name}: MSI-X PBA in another BAR than the table; reads of it are forwarded");
+                    }
+                }
+                _ => {}
+            }
+            caps.push(Cap {
+                offset,
+                id,
+                len: len.min(256 - offset),
+                next: 0,
+            });
+        }
+        for k in 1..caps.len() {
+            caps[k - 1].next = caps[k].offset as u8;
+        }
+
+        // Mappable BAR areas (unless `map_bars` is off), minus the pages the
+        // MSI-X table and PBA live in.
+        let mut dev = Passthrough {
+            bars,
+            backend,
+            shadow,
+            caps,
+            msi,
+            msix,
+            mapper,
+            trapped_accesses: 0,
+        };
+        for i in 0..NUM_BARS {
+            if dev.bars[i].region_size == 0 || !map_bars {
+                continue;
+            }
+            let Some(info) = dev.backend.region(i as u32) else {
+                continue;
+            };
+            let holes = dev.msix_holes(i);
+            for (off, len) in info.mappable {
+                for (start, len) in subtract(off, len, &holes) {
+                    let mapping =
+                        dev.backend
+                            .map(i as u32, start, len)
+                            .map_err(|source| Error::Io {
+                                name: name.clone(),
+                                what: "mmap of a BAR",
+                                source,
+                            })?;
+                    dev.bars[i].areas.push(MappedArea {
+                        offset: start,
+                        mapping,
+                    });
+                }
+            }
+        }
+        Ok(dev)
+    }
+
+    /// Page-aligned ranges of BAR `bar` that must stay trapped.
+    fn msix_holes(&self, bar: usize) -> Vec<(u64, u64)> {
+        let Some(m) = &self.msix else { return vec![] };
+        let mut v = Vec::new();
+        if m.bar == bar {
+            for (off, len) in [m.table, m.pba] {
+                let start = off & !(PAGE - 1);
+                let end = (off + len).div_ceil(PAGE) * PAGE;
+                v.push((start, end - start));
+            }
+        }
+        v
+    }
+
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    /// Bytes of BARs mapped into the guest right now.
+    pub fn mapped_bytes(&self) -> u64 {
+        self.bars
+            .iter()
+            .filter(|b| b.mapped_at.is_some())
+            .flat_map(|b| b.areas.iter().map(|a| a.mapping.len()))
+            .sum()
+    }
+
+    fn physical_dword(&self, reg: usize) -> u32 {
+        let mut b = [0xffu8; 4];
+        self.backend.read(CONFIG_REGION, reg as u64, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn cap_at(&self, offset: usize) -> Option<Cap> {
+        self.caps
+            .iter()
+            .copied()
+            .find(|c| (c.offset..c.offset + c.len).contains(&offset))
+    }
+
+    /// The guest's view of the configuration dword at `reg` (aligned).
+    fn dword(&self, reg: usize) -> u32 {
+        let shadow = |r: usize| self.shadow.u32_at(r);
+        match reg {
+            0x00 => shadow(0),
+            0x04 => {
+                let status = (self.physical_dword(4) >> 16) as u16 & !(1 << 4) & !(1 << 3);
+                let status = status | if self.caps.is_empty() { 0 } else { 1 << 4 };
+                u32::from(self.shadow.command()) | u32::from(status) << 16
+            }
+            0x08 | 0x2c => self.physical_dword(reg),
+            // Cache line size and latency timer; header type 0, no BIST.
+            0x0c => self.physical_dword(reg) & 0xffff,
+            0x10..=0x24 => shadow(reg),
+            0x34 => self.caps.first().map_or(0, |c| c.offset as u32),
+            0x3c => u32::from(self.shadow.raw(0x3c, 1)[0]),
+            0x40..=0xfc => (0..4).fold(0u32, |acc, i| {
+                acc | u32::from(self.cap_byte(reg + i)) << (8 * i)
+            }),
+            _ => 0,
+        }
+    }
+
+    fn cap_byte(&self, offset: usize) -> u8 {
+        let Some(cap) = self.cap_at(offset) else {
+            return 0;
+        };
+        let rel = offset - cap.offset;
+        if rel == 0 {
+            return cap.id;
+        }
+        if rel == 1 {
+            return cap.next;
+        }
+        match cap.id {
+            msi::CAP_ID => self.msi.as_ref().map_or(0, |m| m.read_byte(rel)),
+            0x11 if rel == 3 => {
+                let (phys, emulated) = match &self.msix {
+                    Some(m) => (
+                        (self.physical_dword(offset & !3) >> (8 * (offset & 3))) as u8,
+                        self.shadow.raw(m.shadow_cap + 3, 1)[0],
+                    ),
+                    None => (0, 0),
+                };
+                (phys & 0x07) | (emulated & 0xc0)
+            }
+            _ => (self.physical_dword(offset & !3) >> (8 * (offset & 3))) as u8,
+        }
+    }
+
+    /// Maps or unmaps BARs after the guest changed an address or the
+    /// memory-decode bit.
+    fn remap(&mut self) {
+        let decode = self.shadow.command() & COMMAND_MEMORY != 0;
+        for i in 0..NUM_BARS {
+            if self.bars[i].areas.is_empty() {
+                continue;
+            }
+            let want = self
+                .shadow
+                .bar_address(i)
+                .filter(|&a| decode && a != 0 && a % PAGE == 0);
+            if want == self.bars[i].mapped_at {
+                continue;
+            }
+            for h in self.bars[i].handles.drain(..) {
+                self.mapper.unmap(h);
+            }
+            self.bars[i].mapped_at = None;
+            let Some(base) = want else { continue };
+            let mut handles = Vec::new();
+            let mut ok = true;
+            for a in &self.bars[i].areas {
+                match self
+                    .mapper
+                    .map(base + a.offset, a.mapping.host_addr(), a.mapping.len())
+                {
+                    Ok(h) => handles.push(h),
+                    Err(e) => {
+                        tracing::warn!(
+                            "{}: BAR {i} at {base:#x} stays trapped: {e}",
+                            self.backend.describe()
+                        );
+                        ok = false;
+                        break;
+                    }
+                }
+            }
+            if ok {
+                self.bars[i].handles = handles;
+                self.bars[i].mapped_at = Some(base);
+            } else {
+                for h in handles {
+                    self.mapper.unmap(h);
+                }
+            }
+        }
+    }
+
+    fn msix_control_written(&mut self) {
+        let Some(m) = &mut self.msix else { return };
+        m.msix.config_written(&self.shadow);
+        let on = m.msix.enabled();
+        if on == m.backend_on {
+            return;
+        }
+        let r = if on {
+            let n = m.msix.vector_count();
+            let fds: Option<Vec<_>> = (0..n).map(|v| m.msix_eventfd(v)).collect();
+            match fds {
+                Some(f) => self.backend.enable_irqs(IRQ_MSIX, &f),
+                None => Err(io::Error::other("MSI-X vectors have no eventfds")),
+            }
+        } else {
+            self.backend.disable_irqs(IRQ_MSIX)
+        };
+        match r {
+            Ok(()) => m.backend_on = on,
+            Err(e) => tracing::warn!("{}: MSI-X: {e}", self.backend.describe()),
+        }
+    }
+
+    /// Stops the device's interrupts and unmaps its BARs from the guest
+    /// (before a hot-unplug; the backend resets the device when dropped).
+    pub fn quiesce(&mut self) {
+        if let Some(m) = &mut self.msi {
+            m.disable(&*self.backend);
+        }
+        if let Some(m) = &mut self.msix {
+            if m.backend_on {
+                let _ = self.backend.disable_irqs(IRQ_MSIX);
+                m.backend_on = false;
+            }
+        }
+        for b in &mut self.bars {
+            for h in b.handles.drain(..) {
+                self.mapper.unmap(h);
+            }
+            b.mapped_at = None;
+        }
+    }
+}
+
+impl MsixPass {
+    fn msix_eventfd(&self, v: u16) -> Option<&vmm_sys_util::eventfd::EventFd> {
+        self.msix.vectors().eventfd(v)
+    }
+}
+
+impl Drop for Passthrough {
+    fn drop(&mut self) {
+        self.quiesce();
+    }
+}
+
+/// `(off, len)` minus the `holes`, as page-aligned pieces.
+fn subtract(off: u64, len: u64, holes: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut pieces = vec![(off, off + len)];
+    for &(h, hl) in holes {
+        let mut next = Vec::new();
+        for (s, e) in pieces {
+            if h + hl <= s || h >= e {
+                next.push((s, e));
+                continue;
+            }
+            if s < h {
+                next.push((s, h));
+            }
+            if h + hl < e {
+                next.push((h + hl, e));
+            }
+        }
+        pieces = next;
+    }
+    pieces
+        .into_iter()
+        .filter(|(s, e)| e > s && s % PAGE == 0 && (e - s) % PAGE == 0)
+        .map(|(s, e)| (s, e - s))
+        .collect()
+}
+
+impl PciDevice for Passthrough {
+    fn config(&self) -> &ConfigSpace {
+        &self.shadow
+    }
+
+    fn config_mut(&mut self) -> &mut ConfigSpace {
+        &mut self.shadow
+    }
+
+    fn config_read(&self, offset: usize, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            let o = offset + i;
+            *b = (self.dword(o & !3) >> (8 * (o & 3))) as u8;
+        }
+    }
+
+    fn config_write(&mut self, offset: usize, data: &[u8]) {
+        let end = offset + data.len();
+        let touches = |lo: usize, hi: usize| offset < hi && end > lo;
+        if touches(COMMAND, COMMAND + 2) || touches(BAR0, BAR0 + 24) || touches(0x3c, 0x3d) {
+            self.shadow.write(offset, data);
+            if touches(COMMAND, COMMAND + 2) {
+                // Memory decode and bus mastering must reach the device
+                // (vfio-pci filters what is unsafe).
+                let cmd = self.shadow.command().to_le_bytes();
+                self.backend.write(CONFIG_REGION, COMMAND as u64, &cmd);
+            }
+            self.remap();
+            return;
+        }
+        let Some(cap) = self.cap_at(offset) else {
+            return;
+        };
+        match cap.id {
+            msi::CAP_ID => {
+                if let Some(m) = &mut self.msi {
+                    for (i, &v) in data.iter().enumerate() {
+                        let rel = offset + i - cap.offset;
+                        if rel >= 2 {
+                            m.write_byte(rel, v);
+                        }
+                    }
+                    m.apply(&*self.backend);
+                }
+            }
+            0x11 => {
+                let Some(shadow_cap) = self.msix.as_ref().map(|m| m.shadow_cap) else {
+                    return;
+                };
+                for (i, &v) in data.iter().enumerate() {
+                    if offset + i - cap.offset == 3 {
+                        self.shadow.write(shadow_cap + 3, &[v & 0xc0]);
+                    }
+                }
+                self.msix_control_written();
+            }
+            // Other capabilities the guest sees are the device's own
+            // (vfio-pci virtualizes what a guest must not change).
+            _ => {
+                if offset - cap.offset >= 2 {
+                    self.backend.write(CONFIG_REGION, offset as u64, data);
+                }
+            }
+        }
+    }
+
+    fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        self.trapped_accesses += 1;
+        if let Some(m) = &self.msix {
+            if m.bar == bar && (m.table.0..m.table.0 + m.table.1).contains(&offset) {
+                return m.msix.table_read(offset - m.table.0, data);
+            }
+            if m.bar == bar && (m.pba.0..m.pba.0 + m.pba.1).contains(&offset) {
+                return m.msix.pba_read(offset - m.pba.0, data);
+            }
+        }
+        if offset + data.len() as u64 > self.bars[bar].region_size {
+            data.fill(0xff);
+            return;
+        }
+        self.backend.read(bar as u32, offset, data);
+    }
+
+    fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        self.trapped_accesses += 1;
+        if let Some(m) = &mut self.msix {
+            if m.bar == bar && (m.table.0..m.table.0 + m.table.1).contains(&offset) {
+                return m.msix.table_write(offset - m.table.0, data);
+            }
+            if m.bar == bar && (m.pba.0..m.pba.0 + m.pba.1).contains(&offset) {
+                return;
+            }
+        }
+        if offset + data.len() as u64 > self.bars[bar].region_size {
+            return;
+        }
+        self.backend.write(bar as u32, offset, data);
+    }
+
+    fn name(&self) -> String {
+        self.backend.describe()
+    }
+
+    fn counters(&self) -> Counters {
+        vec![
+            ("trapped_bar_accesses", self.trapped_accesses),
+            ("mapped_bar_bytes", self.mapped_bytes()),
+            (
+                "msi_vectors",
+                u64::from(self.msi.as_ref().map_or(0, |m| m.enabled_vectors())),
+            ),
+            (
+                "msix_enabled",
+                u64::from(self.msix.as_ref().is_some_and(|m| m.backend_on)),
+            ),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn msix_pages_are_cut_out_of_mappable_areas() {
+        assert_eq!(subtract(0, 0x4000, &[]), vec![(0, 0x4000)]);
+        assert_eq!(
+            subtract(0, 0x4000, &[(0x1000, 0x1000)]),
+            vec![(0, 0x1000), (0x2000, 0x2000)]
+        );
+        assert_eq!(subtract(0, 0x2000, &[(0, 0x2000)]), vec![]);
+        assert_eq!(
+            subtract(0, 0x10000, &[(0x2000, 0x1000), (0x3000, 0x1000)]),
+            vec![(0, 0x2000), (0x4000, 0xc000)]
+        );
+    }
+}

@@ -1,0 +1,273 @@
+//! Host PCI functions through sysfs: addresses, drivers, IOMMU groups,
+//! binding to vfio-pci and back, SR-IOV virtual functions.
+//!
+//! Every function takes the root directory the tree hangs from (`/` on a
+//! host; a directory laid out like one in the tests), so the logic runs
+//! against real kernels and against a captured or synthetic tree alike.
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+/// A PCI address `DDDD:BB:DD.F` (the domain may be left out: 0000).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(into = "String")]
+pub struct PciAddress {
+    pub domain: u16,
+    pub bus: u8,
+    pub device: u8,
+    pub function: u8,
+}
+
+impl From<PciAddress> for String {
+    fn from(a: PciAddress) -> String {
+        a.to_string()
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for PciAddress {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl fmt::Display for PciAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:04x}:{:02x}:{:02x}.{:x}",
+            self.domain, self.bus, self.device, self.function
+        )
+    }
+}
+
+impl FromStr for PciAddress {
+    type Err = String;
+
+    /// `0000:3b:00.2`, `3b:00.2`, or a sysfs path ending in one.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("'{s}' is not a PCI address (DDDD:BB:DD.F, e.g. 0000:3b:00.2)");
+        let name = s.trim_end_matches('/').rsplit('/').next().unwrap_or(s);
+        let (rest, function) = name.rsplit_once('.').ok_or_else(bad)?;
+        let parts: Vec<&str> = rest.split(':').collect();
+        let (domain, bus, device) = match parts.as_slice() {
+            [d, b, dev] => (*d, *b, *dev),
+            [b, dev] => ("0", *b, *dev),
+            _ => return Err(bad()),
+        };
+        let hex = |t: &str, max: u32| {
+            u32::from_str_radix(t, 16)
+                .ok()
+                .filter(|v| *v <= max && !t.is_empty() && t.len() <= 4)
+                .ok_or_else(bad)
+        };
+        Ok(PciAddress {
+            domain: hex(domain, 0xffff)? as u16,
+            bus: hex(bus, 0xff)? as u8,
+            device: hex(device, 0x1f)? as u8,
+            function: hex(function, 7)? as u8,
+        })
+    }
+}
+
+pub fn device_dir(root: &Path, a: &PciAddress) -> PathBuf {
+    root.join("sys/bus/pci/devices").join(a.to_string())
+}
+
+fn link_name(path: &Path) -> Option<String> {
+    let target = std::fs::read_link(path).ok()?;
+    Some(target.file_name()?.to_string_lossy().into_owned())
+}
+
+fn read_trimmed(path: &Path) -> Option<String> {
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+fn read_hex(path: &Path) -> Option<u32> {
+    let s = read_trimmed(path)?;
+    u32::from_str_radix(s.trim_start_matches("0x"), 16).ok()
+}
+
+/// The driver a function is bound to.
+pub fn driver(root: &Path, a: &PciAddress) -> Option<String> {
+    link_name(&device_dir(root, a).join("driver"))
+}
+
+pub fn iommu_group(root: &Path, a: &PciAddress) -> Option<u32> {
+    link_name(&device_dir(root, a).join("iommu_group"))?
+        .parse()
+        .ok()
+}
+
+/// Every function in IOMMU group `group`.
+pub fn group_members(root: &Path, group: u32) -> Vec<PciAddress> {
+    let dir = root.join(format!("sys/kernel/iommu_groups/{group}/devices"));
+    let mut v: Vec<PciAddress> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Vendor and device ID.
+pub fn ids(root: &Path, a: &PciAddress) -> Option<(u16, u16)> {
+    let d = device_dir(root, a);
+    Some((
+        read_hex(&d.join("vendor"))? as u16,
+        read_hex(&d.join("device"))? as u16,
+    ))
+}
+
+/// Whether the host has an IOMMU in use (any group exists).
+pub fn has_iommu(root: &Path) -> bool {
+    std::fs::read_dir(root.join("sys/kernel/iommu_groups"))
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false)
+}
+
+fn write(path: &Path, value: &str) -> Result<(), String> {
+    std::fs::write(path, value)
+        .map_err(|e| format!("cannot write '{value}' to {}: {e}", path.display()))
+}
+
+/// Binds `a` to vfio-pci: `driver_override`, unbind from its driver,
+/// `drivers_probe`. Refused when the function is in use by the host in a
+/// way that would break it (its group has members on other drivers is
+/// left to [`crate::kernel::preflight`], which names them).
+pub fn bind_vfio(root: &Path, a: &PciAddress) -> Result<(), String> {
+    let dev = device_dir(root, a);
+    if !dev.exists() {
+        return Err(format!("no PCI device {a} on this host"));
+    }
+    if !has_iommu(root) {
+        return Err(format!(
+            "cannot bind {a} to vfio-pci: the host has no IOMMU groups \
+             (boot with intel_iommu=on or amd_iommu=on, iommu=pt)"
+        ));
+    }
+    if !root.join("sys/bus/pci/drivers/vfio-pci").exists() {
+        return Err("the vfio-pci driver is not loaded: modprobe vfio-pci".into());
+    }
+    match driver(root, a).as_deref() {
+        Some("vfio-pci") => return Ok(()),
+        Some(_) => write(&dev.join("driver/unbind"), &a.to_string())?,
+        None => {}
+    }
+    write(&dev.join("driver_override"), "vfio-pci")?;
+    write(&root.join("sys/bus/pci/drivers_probe"), &a.to_string())?;
+    match driver(root, a).as_deref() {
+        Some("vfio-pci") => Ok(()),
+        other => Err(format!(
+            "{a} did not bind to vfio-pci (driver now: {})",
+            other.unwrap_or("none")
+        )),
+    }
+}
+
+/// Gives `a` back to the host: unbind from vfio-pci, clear the override,
+/// let the kernel probe its own driver.
+pub fn unbind_vfio(root: &Path, a: &PciAddress) -> Result<(), String> {
+    let dev = device_dir(root, a);
+    if driver(root, a).as_deref() != Some("vfio-pci") {
+        return Err(format!("{a} is not bound to vfio-pci"));
+    }
+    write(&dev.join("driver/unbind"), &a.to_string())?;
+    write(&dev.join("driver_override"), "\n")?;
+    write(&root.join("sys/bus/pci/drivers_probe"), &a.to_string())
+}
+
+/// SR-IOV state of a physical function.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Sriov {
+    pub total_vfs: u32,
+    pub num_vfs: u32,
+    pub vfs: Vec<PciAddress>,
+}
+
+pub fn sriov(root: &Path, pf: &PciAddress) -> Option<Sriov> {
+    let d = device_dir(root, pf);
+    let total_vfs = read_trimmed(&d.join("sriov_totalvfs"))?.parse().ok()?;
+    let num_vfs = read_trimmed(&d.join("sriov_numvfs"))?.parse().ok()?;
+    let mut vfs: Vec<(u32, PciAddress)> = std::fs::read_dir(&d)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.to_string();
+            let n: u32 = name.strip_prefix("virtfn")?.parse().ok()?;
+            Some((n, link_name(&e.path())?.parse().ok()?))
+        })
+        .collect();
+    vfs.sort();
+    Some(Sriov {
+        total_vfs,
+        num_vfs,
+        vfs: vfs.into_iter().map(|(_, a)| a).collect(),
+    })
+}
+
+/// Sets the number of VFs of `pf` (through 0 when it already has some, as
+/// the kernel requires).
+pub fn create_vfs(root: &Path, pf: &PciAddress, n: u32) -> Result<(), String> {
+    let s = sriov(root, pf).ok_or_else(|| {
+        format!(
+            "{pf} has no SR-IOV capability (no sriov_totalvfs): is SR-IOV enabled in the firmware?"
+        )
+    })?;
+    if n > s.total_vfs {
+        return Err(format!(
+            "{pf} supports at most {} VFs, asked for {n}",
+            s.total_vfs
+        ));
+    }
+    if s.num_vfs == n {
+        return Ok(());
+    }
+    let path = device_dir(root, pf).join("sriov_numvfs");
+    if s.num_vfs != 0 {
+        for vf in &s.vfs {
+            if driver(root, vf).as_deref() == Some("vfio-pci") {
+                return Err(format!(
+                    "cannot change the VF count of {pf}: VF {vf} is bound to vfio-pci (in use by a VM?)"
+                ));
+            }
+        }
+        write(&path, "0")?;
+    }
+    write(&path, &n.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pci_addresses_parse_and_print() {
+        let a: PciAddress = "0000:3b:00.2".parse().unwrap();
+        assert_eq!(a.to_string(), "0000:3b:00.2");
+        assert_eq!("3b:00.2".parse::<PciAddress>().unwrap(), a);
+        assert_eq!(
+            "/sys/bus/pci/devices/0000:3b:00.2/"
+                .parse::<PciAddress>()
+                .unwrap(),
+            a
+        );
+        for bad in [
+            "",
+            "3b:00",
+            "0000:3b:20.0",
+            "0000:3b:00.8",
+            "x:y:z.1",
+            "00000:00:00.0",
+            "0:0:0:0.0",
+        ] {
+            let e = bad.parse::<PciAddress>().unwrap_err();
+            assert!(e.contains("not a PCI address"), "{bad}: {e}");
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! Passthrough functions (`--device vfio=...`, crate `vfio-ib`) on the
+//! VM's PCI bus.
+//!
+//! For the first one, the VM gets a VFIO container (one IOMMU domain) with
+//! all of guest RAM mapped at IOVA = guest-physical address, and KVM's VFIO
+//! pseudo-device. Each function's MSI/MSI-X vectors are KVM routes with
+//! irqfds (`irq.rs`), so the host kernel signals the guest directly; its
+//! mappable BAR areas become KVM memory slots ([`KvmMapper`]).
+use crate::config::DeviceEntry;
+use crate::irq::IrqRouting;
+use crate::memory::{self, GuestMemoryMmap};
+use devices::interrupt::MsiVectors;
+use devices::pci::PciRoot;
+use kvm_bindings::{
+    kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO, kvm_userspace_memory_region,
+};
+use kvm_ioctls::VmFd;
+use std::sync::{Arc, Mutex};
+use vfio_ib::kernel::Iommu;
+use vfio_ib::{GuestMapper, Passthrough};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+/// KVM memory slots for BARs start here (guest RAM has the ones below).
+const FIRST_BAR_SLOT: u32 = 32;
+
+#[derive(Debug, thiserror::Error)]
+#[error("--device {spec}: {msg}")]
+pub struct Error {
+    pub spec: String,
+    pub msg: String,
+    /// Something the operator fixes on the host (binding, IOMMU, limits).
+    pub user: bool,
+}
+
+/// Puts BAR areas into the guest as KVM memory slots.
+pub struct KvmMapper {
+    vm_fd: Arc<VmFd>,
+    free: Mutex<Vec<u32>>,
+    next: Mutex<u32>,
+}
+
+impl KvmMapper {
+    pub fn new(vm_fd: Arc<VmFd>) -> Self {
+        KvmMapper {
+            vm_fd,
+            free: Mutex::new(Vec::new()),
+            next: Mutex::new(FIRST_BAR_SLOT),
+        }
+    }
+
+    fn take_slot(&self) -> std::io::Result<u32> {
+        let poisoned = || std::io::Error::other("slot lock poisoned");
+        if let Some(s) = self.free.lock().map_err(|_| poisoned())?.pop() {
+            return Ok(s);
+        }
+        let mut next = self.next.lock().map_err(|_| poisoned())?;
+        let s = *next;
+        *next += 1;
+        Ok(s)
+    }
+
+    fn set(&self, slot: u32, gpa: u64, host: u64, len: u64) -> std::io::Result<()> {
+        let r = kvm_userspace_memory_region {
+            slot,
+            guest_phys_addr: gpa,
+            memory_size: len,
+            userspace_addr: host,
+            flags: 0,
+        };
+        // SAFETY: `host..host+len` is a shared mapping of a device region
+        // that the passthrough function keeps until it unmaps this slot
+        // (size 0 removes it) - see `vfio_ib::Passthrough::quiesce`.
+        unsafe { self.vm_fd.set_user_memory_region(r) }
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
+}
+
+impl GuestMapper for KvmMapper {
+    fn map(&self, gpa: u64, host: u64, len: u64) -> std::io::Result<u32> {
+        let slot = self.take_slot()?;
+        match self.set(slot, gpa, host, len) {
+            Ok(()) => Ok(slot),
+            Err(e) => {
+                if let Ok(mut f) = self.free.lock() {
+                    f.push(slot);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn unmap(&self, slot: u32) {
+        if let Err(e) = self.set(slot, 0, 0, 0) {
+            tracing::warn!("cannot remove BAR memory slot {slot}: {e}");
+            return;
+        }
+        if let Ok(mut f) = self.free.lock() {
+            f.push(slot);
+        }
+    }
+}
+
+/// One passthrough function on the bus.
+pub struct Attached {
+    pub spec: DeviceEntry,
+    pub slot: u8,
+    pub device: Arc<Mutex<Passthrough>>,
+}
+
+/// The VM's passthrough functions and the IOMMU domain they share.
+#[derive(Default)]
+pub struct Passthroughs {
+    pub attached: Vec<Attached>,
+    iommu: Option<Iommu>,
+}
+
+impl Passthroughs {
+    pub fn is_empty(&self) -> bool {
+        self.attached.is_empty()
+    }
+
+    /// Guest RAM mapped for device DMA, in bytes.
+    pub fn dma_mapped_bytes(&self) -> u64 {
+        self.iommu.as_ref().map_or(0, |i| i.mapped_bytes())
+    }
+
+    /// `GET /vm`'s view.
+    pub fn describe(&self) -> serde_json::Value {
+        let list: Vec<_> = self
+            .attached
+            .iter()
+            .map(|a| {
+                serde_json::json!({
+                    "device": a.spec.to_string(),
+                    "bdf": format!("00:{:02x}.0", a.slot),
+                    "state": "attached",
+                })
+            })
+            .collect();
+        serde_json::json!(list)
+    }
+}
+
+impl Drop for Passthroughs {
+    fn drop(&mut self) {
+        // Devices stop (interrupts off, BARs unmapped, reset) before the
+        // IOMMU mappings of guest RAM go.
+        for a in &self.attached {
+            if let Ok(mut d) = a.device.lock() {
+                d.quiesce();
+                d.backend().reset();
+            }
+        }
+        if let Some(iommu) = &self.iommu {
+            iommu.unmap_all();
+        }
+    }
+}
+
+/// KVM's VFIO pseudo-device (tells KVM about non-coherent DMA); None
+/// where KVM has none.
+fn kvm_vfio_device(vm_fd: &VmFd) -> Option<vfio_ioctls::VfioDeviceFd> {
+    let mut d = kvm_create_device {
+        type_: kvm_device_type_KVM_DEV_TYPE_VFIO,
+        fd: 0,
+        flags: 0,
+    };
+    match vm_fd.create_device(&mut d) {
+        Ok(fd) => Some(vfio_ioctls::VfioDeviceFd::new_from_kvm(fd)),
+        Err(e) => {
+            tracing::warn!("KVM has no VFIO device ({e}); continuing without it");
+            None
+        }
+    }
+}
+
+/// Opens every `--device` and puts it on the bus. On error nothing stays
+/// attached (what was opened is closed and reset on the way out).
+pub fn attach_all(
+    vm_fd: &Arc<VmFd>,
+    routing: &Arc<IrqRouting>,
+    pci: &PciRoot,
+    mem: &GuestMemoryMmap,
+    specs: &[DeviceEntry],
+) -> Result<Passthroughs, Error> {
+    let mut out = Passthroughs::default();
+    if specs.is_empty() {
+        return Ok(out);
+    }
+    let mapper: Arc<dyn GuestMapper> = Arc::new(KvmMapper::new(vm_fd.clone()));
+    for spec in specs {
+        let err = |msg: String, user: bool| Error {
+            spec: spec.to_string(),
+            msg,
+            user,
+        };
+        let DeviceEntry::Vfio { address, mmap } = spec;
+        // Before the container: a device that cannot work says why first.
+        vfio_ib::kernel::preflight(std::path::Path::new("/"), address).map_err(|m| err(m, true))?;
+        if out.iommu.is_none() {
+            let map = mem
+                .iter()
+                .map(|r| (r.start_addr().0, memory::host_addr(r), r.len()))
+                .collect();
+            out.iommu = Some(
+                Iommu::open(kvm_vfio_device(vm_fd), map)
+                    .map_err(|e| err(e.to_string(), e.is_user_error()))?,
+            );
+        }
+        let Some(iommu) = &out.iommu else { continue };
+        let backend = iommu
+            .attach(address)
+            .map_err(|e| err(e.to_string(), e.is_user_error()))?;
+        let vectors = |n: u16| -> std::io::Result<Arc<dyn MsiVectors>> {
+            Ok(routing.msi_vectors(n)? as Arc<dyn MsiVectors>)
+        };
+        let dev = Passthrough::new(Arc::new(backend), &vectors, mapper.clone(), *mmap)
+            .map_err(|e| err(e.to_string(), false))?;
+        let device = Arc::new(Mutex::new(dev));
+        let slot = pci
+            .add(device.clone())
+            .map_err(|e| err(e.to_string(), false))?;
+        tracing::info!(
+            "{spec} is 00:{slot:02x}.0 in the guest; {} MiB of guest RAM mapped for its DMA",
+            iommu.mapped_bytes() >> 20
+        );
+        out.attached.push(Attached {
+            spec: spec.clone(),
+            slot,
+            device,
+        });
+    }
+    Ok(out)
+}
