@@ -41,6 +41,13 @@ pub fn apic_id() -> u32 {
 /// Software-enables this CPU's local APIC, accepts every priority and
 /// lets ring 3 be interrupted.
 pub fn enable_this_cpu(idx: usize) {
+    if idx == 0 {
+        // Firmware (SeaBIOS under QEMU) leaves the 8259 PICs programmed
+        // with the timer unmasked at vector 8; the probe uses the local
+        // APIC only, so mask both (ffmk-vmm's are masked already).
+        crate::arch::outb(0x21, 0xff);
+        crate::arch::outb(0xa1, 0xff);
+    }
     APIC_IDS[idx].store(apic_id(), Ordering::Release);
     write32_ring0(LAPIC + SVR, 0x1ff);
     write32_ring0(LAPIC + TPR, 0);

@@ -5,7 +5,8 @@
 //! pattern from guest RAM into its buffer and back into another buffer.
 //! Prints `edu_*=` lines; exits non-zero on the first thing that fails.
 //! `rounds=N` times N BAR reads (`edu_mmio_read_ns=`, the median of 5 runs)
-//! and N interrupts (`edu_msi_latency_us=`).
+//! and N interrupts (`edu_msi_latency_us=`). `msi=0` leaves interrupts out
+//! (DMA completion is then polled).
 use crate::boot::BootInfo;
 use crate::pci::{scan, Function};
 use crate::{arch, irq, println, time, STATUS_PROBE_ERROR};
@@ -81,6 +82,7 @@ fn median(v: &mut [u64]) -> u64 {
 
 pub fn run(info: &mut BootInfo, args: &crate::boot::Args) -> u8 {
     let rounds = args.num("rounds", 0);
+    let use_msi = args.num("msi", 1) != 0;
     let Some(f) = scan(info.ecam_base()).find(|f| f.ids() == Some((0x1234, 0x11e8))) else {
         return fail("no edu device (1234:11e8) on the bus; pass one with --device vfio=...");
     };
@@ -106,19 +108,33 @@ pub fn run(info: &mut BootInfo, args: &crate::boot::Args) -> u8 {
     let fact = arch::mmio_read32(bar + FACTORIAL);
     println!("edu_factorial={fact}");
 
-    // MSI: the device raises, the guest's local APIC takes it.
-    irq::enable_this_cpu(0);
-    if !enable_msi(f) {
-        return fail("no MSI capability, or it did not enable");
+    if rounds > 0 {
+        let mut reads = [0u64; 5];
+        for r in reads.iter_mut() {
+            let t0 = arch::rdtsc();
+            for _ in 0..rounds {
+                let _ = arch::mmio_read32(bar + ID);
+            }
+            *r = time::cycles_to_us((arch::rdtsc() - t0) * 1000) / rounds;
+        }
+        println!("edu_mmio_read_ns={}", median(&mut reads));
     }
-    let before = irq::count(0, VECTOR);
-    arch::mmio_write32(bar + IRQ_RAISE, 0x1);
-    let got = wait_irq(before, 2_000_000);
-    println!("edu_irq_status={:#x}", arch::mmio_read32(bar + IRQ_STATUS));
-    arch::mmio_write32(bar + IRQ_ACK, 0x1);
-    println!("edu_msi={}", u8::from(got.is_some()));
-    if got.is_none() {
-        return fail("the MSI never arrived");
+
+    // MSI: the device raises, the guest's local APIC takes it.
+    if use_msi {
+        irq::enable_this_cpu(0);
+        if !enable_msi(f) {
+            return fail("no MSI capability, or it did not enable");
+        }
+        let before = irq::count(0, VECTOR);
+        arch::mmio_write32(bar + IRQ_RAISE, 0x1);
+        let got = wait_irq(before, 2_000_000);
+        println!("edu_irq_status={:#x}", arch::mmio_read32(bar + IRQ_STATUS));
+        arch::mmio_write32(bar + IRQ_ACK, 0x1);
+        println!("edu_msi={}", u8::from(got.is_some()));
+        if got.is_none() {
+            return fail("the MSI never arrived");
+        }
     }
 
     // DMA: guest RAM -> device buffer -> other guest RAM.
@@ -148,11 +164,12 @@ pub fn run(info: &mut BootInfo, args: &crate::boot::Args) -> u8 {
     arch::mmio_write32(bar + DMA_DST, dst as u32);
     arch::mmio_write32(bar + DMA_COUNT, DMA_BYTES);
     // Device to RAM, interrupt when done.
-    arch::mmio_write32(bar + DMA_CMD, 0x1 | 0x2 | 0x4);
+    let irq_bit = if use_msi { 0x4 } else { 0 };
+    arch::mmio_write32(bar + DMA_CMD, 0x1 | 0x2 | irq_bit);
     if !wait(bar, DMA_CMD, 1, 5_000_000) {
         return fail("DMA from the device never finished");
     }
-    let irq_done = wait_irq(before, 2_000_000).is_some();
+    let irq_done = !use_msi || wait_irq(before, 2_000_000).is_some();
     arch::mmio_write32(bar + IRQ_ACK, 0x100);
     let same = (0..DMA_BYTES as u64).all(|i| {
         // SAFETY: as above; the device wrote it by DMA.
@@ -163,21 +180,14 @@ pub fn run(info: &mut BootInfo, args: &crate::boot::Args) -> u8 {
     });
     println!("edu_dma_bytes={DMA_BYTES}");
     println!("edu_dma={}", u8::from(same));
-    println!("edu_dma_irq={}", u8::from(irq_done));
+    if use_msi {
+        println!("edu_dma_irq={}", u8::from(irq_done));
+    }
     if !same || !irq_done {
         return fail("DMA round trip failed");
     }
 
-    if rounds > 0 {
-        let mut reads = [0u64; 5];
-        for r in reads.iter_mut() {
-            let t0 = arch::rdtsc();
-            for _ in 0..rounds {
-                let _ = arch::mmio_read32(bar + ID);
-            }
-            *r = time::cycles_to_us((arch::rdtsc() - t0) * 1000) / rounds;
-        }
-        println!("edu_mmio_read_ns={}", median(&mut reads));
+    if rounds > 0 && use_msi {
         let mut lat = [0u64; 64];
         let n = (rounds as usize).clamp(1, lat.len());
         for l in lat.iter_mut().take(n) {
@@ -188,6 +198,8 @@ pub fn run(info: &mut BootInfo, args: &crate::boot::Args) -> u8 {
         }
         println!("edu_msi_latency_us={}", median(&mut lat[..n]));
     }
-    irq::disable_this_cpu();
+    if use_msi {
+        irq::disable_this_cpu();
+    }
     0
 }
