@@ -225,8 +225,14 @@ const THREADS: &[i64] = &[
 ];
 
 /// A vCPU also activates devices when the guest's driver says DRIVER_OK
-/// (event descriptors, rate-limit timers, TAP offloads, MSI routes).
+/// (event descriptors, rate-limit timers, TAP offloads, MSI routes), and
+/// forwards passthrough accesses (VFIO, vfio-user).
 const VCPU: &[i64] = &[
+    // vfio-user: a trapped access is a request to the device's server
+    // (the reply comes back on its reader thread), and interrupt eventfds
+    // go there (SCM_RIGHTS) when the guest's driver enables MSI/MSI-X.
+    libc::SYS_sendto,
+    libc::SYS_sendmsg,
     libc::SYS_timerfd_create,
     libc::SYS_timerfd_settime,
     libc::SYS_timerfd_gettime,

@@ -111,4 +111,15 @@ pub trait Backend: Send + Sync {
 
     /// Function-level reset, where the device has one.
     fn reset(&self);
+
+    /// Why the device stopped working, if it did (a server that broke
+    /// the protocol). Default: it never does.
+    fn failure(&self) -> Option<String> {
+        None
+    }
+
+    /// The function is on the guest's bus: from now on failures are the
+    /// guest's to see (all ones) and the operator's to read in the log;
+    /// before, they are errors returned to whoever attaches it.
+    fn attached(&self) {}
 }

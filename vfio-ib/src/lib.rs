@@ -25,6 +25,7 @@ pub mod kernel;
 pub mod msi;
 pub mod passthrough;
 pub mod sysfs;
+pub mod vfio_user;
 
 pub use backend::{Backend, Mapping, RegionInfo};
 pub use passthrough::{GuestMapper, Passthrough};

@@ -42,6 +42,8 @@ pub type VectorSource<'a> = &'a dyn Fn(u16) -> io::Result<Arc<dyn MsiVectors>>;
 pub enum Error {
     #[error("{0}: cannot read its configuration space")]
     NoConfig(String),
+    #[error("{0}")]
+    Failed(String),
     #[error("{name}: BAR {bar}: {msg}")]
     Bar {
         name: String,
@@ -130,15 +132,23 @@ impl Passthrough {
         map_bars: bool,
     ) -> Result<Passthrough, Error> {
         let name = backend.describe();
-        let config = backend
+        let no_config = |b: &dyn Backend| {
+            Error::NoConfig(match b.failure() {
+                Some(why) => format!("{name}: {why}"),
+                None => name.clone(),
+            })
+        };
+        if backend
             .region(CONFIG_REGION)
             .filter(|r| r.size >= 256)
-            .ok_or_else(|| Error::NoConfig(name.clone()))?;
-        let _ = config;
+            .is_none()
+        {
+            return Err(no_config(&*backend));
+        }
         let mut phys = vec![0xffu8; 256];
         backend.read(CONFIG_REGION, 0, &mut phys);
         if u16_at(&phys, 0) == 0xffff {
-            return Err(Error::NoConfig(name));
+            return Err(no_config(&*backend));
         }
         let ids = PciIds {
             vendor: u16_at(&phys, 0),
@@ -303,6 +313,10 @@ impl Passthrough {
                 }
             }
         }
+        if let Some(why) = dev.backend.failure() {
+            return Err(Error::Failed(format!("{name}: {why}")));
+        }
+        dev.backend.attached();
         Ok(dev)
     }
 

@@ -35,7 +35,7 @@ pub enum Error {
         "invalid --disk '{spec}': {why} (path=FILE[,readonly][,direct][,serial=ID][,queues=N][,bw=RATE][,iops=N])"
     )]
     Disk { spec: String, why: String },
-    #[error("invalid --device '{spec}': {why} (vfio=DDDD:BB:DD.F[,mmap=off])")]
+    #[error("invalid --device '{spec}': {why} (vfio=DDDD:BB:DD.F[,mmap=off] or vfio-user=SOCKET)")]
     Device { spec: String, why: String },
     #[error("--device {0} is given twice")]
     DeviceTwice(String),
@@ -123,16 +123,27 @@ pub enum DeviceEntry {
         address: vfio_ib::PciAddress,
         mmap: bool,
     },
+    /// A function served by another process over vfio-user (a Unix socket).
+    VfioUser { socket: PathBuf },
 }
 
 impl std::str::FromStr for DeviceEntry {
     type Err = Error;
-    /// `vfio=0000:3b:00.2[,mmap=off]` (the address may be a sysfs path).
+    /// `vfio=0000:3b:00.2[,mmap=off]` (the address may be a sysfs path) or
+    /// `vfio-user=SOCKET`.
     fn from_str(spec: &str) -> Result<Self, Error> {
         let bad = |why: String| Error::Device {
             spec: spec.into(),
             why,
         };
+        if let Some(socket) = spec.strip_prefix("vfio-user=") {
+            if socket.is_empty() {
+                return Err(bad("no socket path".into()));
+            }
+            return Ok(DeviceEntry::VfioUser {
+                socket: socket.into(),
+            });
+        }
         let mut parts = spec.split(',');
         let first = parts.next().unwrap_or_default();
         let address = match first.split_once('=') {
@@ -157,6 +168,7 @@ impl std::fmt::Display for DeviceEntry {
             DeviceEntry::Vfio { address, mmap } => {
                 write!(f, "vfio={address}{}", if *mmap { "" } else { ",mmap=off" })
             }
+            DeviceEntry::VfioUser { socket } => write!(f, "vfio-user={}", socket.display()),
         }
     }
 }
@@ -577,14 +589,15 @@ impl RunConfig {
             devices: {
                 let d = c.device.unwrap_or_default();
                 let addr = |e: &DeviceEntry| match e {
-                    DeviceEntry::Vfio { address, .. } => address.clone(),
+                    DeviceEntry::Vfio { address, .. } => address.to_string(),
+                    DeviceEntry::VfioUser { socket } => socket.display().to_string(),
                 };
                 if let Some((_, e)) = d
                     .iter()
                     .enumerate()
                     .find(|(i, e)| d[..*i].iter().any(|o| addr(o) == addr(e)))
                 {
-                    return Err(Error::DeviceTwice(addr(e).to_string()));
+                    return Err(Error::DeviceTwice(addr(e)));
                 }
                 d
             },

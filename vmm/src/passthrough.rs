@@ -1,5 +1,5 @@
-//! Passthrough functions (`--device vfio=...`, crate `vfio-ib`) on the
-//! VM's PCI bus.
+//! Passthrough functions (`--device vfio=...` and `--device
+//! vfio-user=SOCKET`, crate `vfio-ib`) on the VM's PCI bus.
 //!
 //! For the first one, the VM gets a VFIO container (one IOMMU domain) with
 //! all of guest RAM mapped at IOVA = guest-physical address, and KVM's VFIO
@@ -17,8 +17,32 @@ use kvm_bindings::{
 use kvm_ioctls::VmFd;
 use std::sync::{Arc, Mutex};
 use vfio_ib::kernel::Iommu;
+use vfio_ib::vfio_user::{GuestDma, VfioUser};
 use vfio_ib::{GuestMapper, Passthrough};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+/// How long a vfio-user server may take to answer one request.
+const VFIO_USER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Guest RAM for a vfio-user server's DMA: bounds-checked by vm-memory,
+/// so nothing outside guest RAM is reached.
+struct MemoryDma(GuestMemoryMmap);
+
+impl GuestDma for MemoryDma {
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String> {
+        use vm_memory::Bytes;
+        self.0
+            .read_slice(buf, vm_memory::GuestAddress(gpa))
+            .map_err(|e| format!("not guest RAM ({e})"))
+    }
+
+    fn write(&self, gpa: u64, data: &[u8]) -> Result<(), String> {
+        use vm_memory::Bytes;
+        self.0
+            .write_slice(data, vm_memory::GuestAddress(gpa))
+            .map_err(|e| format!("not guest RAM ({e})"))
+    }
+}
 
 /// KVM memory slots for BARs start here (guest RAM has the ones below).
 const FIRST_BAR_SLOT: u32 = 32;
@@ -188,13 +212,40 @@ pub fn attach_all(
         return Ok(out);
     }
     let mapper: Arc<dyn GuestMapper> = Arc::new(KvmMapper::new(vm_fd.clone()));
+    let vectors = |n: u16| -> std::io::Result<Arc<dyn MsiVectors>> {
+        Ok(routing.msi_vectors(n)? as Arc<dyn MsiVectors>)
+    };
+    let add = |spec: &DeviceEntry, dev: Passthrough| -> Result<Attached, Error> {
+        let device = Arc::new(Mutex::new(dev));
+        let slot = pci.add(device.clone()).map_err(|e| Error {
+            spec: spec.to_string(),
+            msg: e.to_string(),
+            user: false,
+        })?;
+        Ok(Attached {
+            spec: spec.clone(),
+            slot,
+            device,
+        })
+    };
     for spec in specs {
         let err = |msg: String, user: bool| Error {
             spec: spec.to_string(),
             msg,
             user,
         };
-        let DeviceEntry::Vfio { address, mmap } = spec;
+        let (address, mmap) = match spec {
+            DeviceEntry::Vfio { address, mmap } => (address, mmap),
+            DeviceEntry::VfioUser { socket } => {
+                let dma = Arc::new(MemoryDma(mem.clone()));
+                let dev = VfioUser::connect(socket, dma, VFIO_USER_TIMEOUT)
+                    .map_err(|e| err(e.to_string(), true))?;
+                let dev = Passthrough::new(Arc::new(dev), &vectors, mapper.clone(), false)
+                    .map_err(|e| err(e.to_string(), true))?;
+                out.attached.push(add(spec, dev)?);
+                continue;
+            }
+        };
         // Before the container: a device that cannot work says why first.
         vfio_ib::kernel::preflight(std::path::Path::new("/"), address).map_err(|m| err(m, true))?;
         if out.iommu.is_none() {
@@ -211,24 +262,15 @@ pub fn attach_all(
         let backend = iommu
             .attach(address)
             .map_err(|e| err(e.to_string(), e.is_user_error()))?;
-        let vectors = |n: u16| -> std::io::Result<Arc<dyn MsiVectors>> {
-            Ok(routing.msi_vectors(n)? as Arc<dyn MsiVectors>)
-        };
         let dev = Passthrough::new(Arc::new(backend), &vectors, mapper.clone(), *mmap)
             .map_err(|e| err(e.to_string(), false))?;
-        let device = Arc::new(Mutex::new(dev));
-        let slot = pci
-            .add(device.clone())
-            .map_err(|e| err(e.to_string(), false))?;
+        let attached = add(spec, dev)?;
         tracing::info!(
-            "{spec} is 00:{slot:02x}.0 in the guest; {} MiB of guest RAM mapped for its DMA",
+            "{spec} is 00:{:02x}.0 in the guest; {} MiB of guest RAM mapped for its DMA",
+            attached.slot,
             iommu.mapped_bytes() >> 20
         );
-        out.attached.push(Attached {
-            spec: spec.clone(),
-            slot,
-            device,
-        });
+        out.attached.push(attached);
     }
     Ok(out)
 }

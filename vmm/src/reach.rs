@@ -97,11 +97,15 @@ pub fn paths(config: &RunConfig, restore_from: Option<&Path>) -> std::io::Result
     p.devices.push("/dev/userfaultfd".into());
     // Passthrough: the VFIO container and each device's group (a missing
     // one is skipped here and fails with its own message in `vm.rs`).
-    if !config.devices.is_empty() {
+    let kernel_vfio =
+        |d: &&crate::config::DeviceEntry| matches!(d, crate::config::DeviceEntry::Vfio { .. });
+    if config.devices.iter().any(|d| kernel_vfio(&d)) {
         p.devices.push("/dev/vfio/vfio".into());
     }
     for d in &config.devices {
-        let crate::config::DeviceEntry::Vfio { address, .. } = d;
+        let crate::config::DeviceEntry::Vfio { address, .. } = d else {
+            continue;
+        };
         if let Some(g) = vfio_ib::sysfs::iommu_group(Path::new("/"), address) {
             let node = PathBuf::from(format!("/dev/vfio/{g}"));
             if !p.devices.contains(&node) {

@@ -4,6 +4,7 @@ use crate::{arch, println, time, STATUS_PROBE_ERROR};
 
 mod blk;
 mod counter;
+mod cx;
 mod edu;
 mod fwq;
 mod irqroute;
@@ -25,6 +26,7 @@ pub fn run(info: &mut BootInfo, args: &crate::boot::Args, ncpus: usize) -> u8 {
         "irqroute" => irqroute::run(info, ncpus),
         "pci" => pci::run(info),
         "edu" => edu::run(info, args),
+        "cx" => cx::run(info, args),
         "blk" => blk::run(info, args),
         "net" => net::run(info, args),
         "rng" => rng::run(info),
@@ -42,7 +44,7 @@ pub fn run(info: &mut BootInfo, args: &crate::boot::Args, ncpus: usize) -> u8 {
             arch::park()
         }
         other => {
-            println!("probe: error: unknown task '{other}' (hello, memtouch, counter, dirty, fwq, irqroute, pci, edu, blk, net, rng, vcon, vsock, exit, fault, triplefault, reset)");
+            println!("probe: error: unknown task '{other}' (hello, memtouch, counter, dirty, fwq, irqroute, pci, edu, cx, blk, net, rng, vcon, vsock, exit, fault, triplefault, reset)");
             STATUS_PROBE_ERROR
         }
     }
