@@ -856,12 +856,15 @@ mod tests {
             .parse()
             .unwrap();
         assert_eq!(d.to_string(), "vfio=0000:3b:00.2,mmap=off");
+        let d: DeviceEntry = "vfio-user=/run/cx.sock".parse().unwrap();
+        assert_eq!(d.to_string(), "vfio-user=/run/cx.sock");
         for bad in [
             "vfio=",
             "vfio=3b",
             "pci=0000:00:01.0",
             "vfio=0000:00:01.0,x=1",
             "vfio",
+            "vfio-user=",
         ] {
             let e = bad.parse::<DeviceEntry>().unwrap_err().to_string();
             assert!(e.starts_with("invalid --device"), "{bad}: {e}");
