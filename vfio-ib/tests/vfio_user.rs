@@ -173,3 +173,113 @@ fn a_server_that_misbehaves_while_the_guest_runs_harms_neither_guest_nor_vmm() {
         "{err}"
     );
 }
+
+/// Waits until the VM's console has a line starting with `prefix`.
+fn wait_console(vm: &common::Vm, prefix: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let c = vm.console();
+        if let Some(l) = c.lines().find(|l| l.starts_with(prefix)) {
+            return l.to_string();
+        }
+        assert!(Instant::now() < deadline, "no {prefix} in: {c}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn a_device_plugged_into_a_running_guest_works_and_leaves_again() {
+    let server = Server::start("hotplug", None);
+    let dir = common::tmpdir("vfio-user-hotplug");
+    let p = probe();
+    let vm = common::Vm::spawn(
+        &[
+            "run",
+            "--kernel",
+            p.to_str().unwrap(),
+            "--cmdline",
+            "task=cx wait=60 unplug=1 rings=4",
+            "--memory",
+            "64M",
+            "--test-exit-port",
+        ],
+        &dir.join("vm.console"),
+        &dir.join("vm.sock"),
+    );
+    wait_console(&vm, "probe=ring3");
+    let added = json(&vm.api(&["device", "add", &server.device()]));
+    assert_eq!(added["state"], "attached");
+    let bdf = added["bdf"].as_str().unwrap().to_string();
+    // The guest finds it on its next scan and uses it.
+    wait_console(&vm, "cx_unplug_ready=1");
+    let info = json(&vm.api(&["info"]));
+    assert_eq!(info["passthrough"][0]["bdf"], bdf.as_str(), "{info}");
+    // The same device twice: refused, the first stays.
+    let twice = vm.api(&["device", "add", &server.device()]);
+    assert!(!twice.status.success());
+    assert!(String::from_utf8_lossy(&twice.stderr).contains("already attached"));
+    let removed = json(&vm.api(&["device", "remove", &bdf]));
+    assert_eq!(removed["state"], "detached");
+    assert_eq!(removed["device"], server.device().as_str());
+    let (code, err) = vm.wait_exit();
+    let console = std::fs::read_to_string(dir.join("vm.console")).unwrap();
+    assert_eq!(code, Some(0), "{console}\n{err}");
+    assert_eq!(
+        text_value(&console, "cx_completions").as_deref(),
+        Some("4/4")
+    );
+    assert!(
+        console.contains("cx_gone=1 bar_reads=0xffffffff"),
+        "the slot reads as empty: {console}"
+    );
+}
+
+#[test]
+fn a_vm_can_be_snapshotted_once_its_passthrough_device_left() {
+    let server = Server::start("snapshot", None);
+    let dir = common::tmpdir("vfio-user-snapshot");
+    let p = probe();
+    let snaps = dir.join("snaps");
+    std::fs::create_dir_all(&snaps).unwrap();
+    let vm = common::Vm::spawn(
+        &[
+            "run",
+            "--kernel",
+            p.to_str().unwrap(),
+            "--cmdline",
+            "task=counter",
+            "--memory",
+            "64M",
+            "--snapshot-dir",
+            snaps.to_str().unwrap(),
+        ],
+        &dir.join("vm.console"),
+        &dir.join("vm.sock"),
+    );
+    vm.wait_counter(1);
+    let bdf = json(&vm.api(&["device", "add", &server.device()]))["bdf"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let dest = snaps.join("s1");
+    let refused = vm.api(&["snapshot", "--dest", dest.to_str().unwrap()]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("detach them first"));
+    json(&vm.api(&["device", "remove", &bdf]));
+    let gone = vm.api(&["device", "remove", &bdf]);
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("no passthrough device at"));
+    let bad = vm.api(&["device", "add", "vfio-user=/nonexistent.sock"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("cannot connect"));
+    // Now it saves (and the counter goes on).
+    let snap = vm.snapshot(&dest, &[]);
+    assert_eq!(snap["kind"], "full", "{snap}");
+    let now = common::counters(&vm.console()).last().copied().unwrap_or(0);
+    vm.wait_counter(now + 1);
+    let (ended, err) = vm.stop();
+    assert!(ended.is_none(), "{err}");
+}

@@ -74,6 +74,14 @@ pub enum Command {
     /// downtime (a bar on a terminal, JSON lines otherwise); Ctrl-C cancels
     /// and the VM keeps running here.
     Migrate(MigrateArgs),
+    /// Hot-plug or hot-unplug a passthrough function of a running VM
+    /// (`PUT /vm/devices`, `DELETE /vm/devices/BDF`). The guest finds a
+    /// new function when it scans its PCI bus again; a function leaves
+    /// once its driver has let go of it (docs/vfio.md).
+    Device {
+        #[command(subcommand)]
+        action: DeviceAction,
+    },
     /// Host PCI functions for passthrough: list them with their driver and
     /// IOMMU group, bind one to vfio-pci (for `run --device vfio=...`) or
     /// give it back to its host driver.
@@ -98,6 +106,22 @@ pub enum Command {
         /// New size, e.g. 2G, 1536M (plain numbers are MiB); never smaller than now.
         #[arg(long)]
         size: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DeviceAction {
+    /// Attach vfio=DDDD:BB:DD.F or vfio-user=SOCKET; prints its guest BDF.
+    Add {
+        #[command(flatten)]
+        client: ClientArgs,
+        device: String,
+    },
+    /// Detach the passthrough function at guest BDF 00:SS.0.
+    Remove {
+        #[command(flatten)]
+        client: ClientArgs,
+        bdf: String,
     },
 }
 

@@ -197,20 +197,15 @@ impl Control {
                     "part of the VM's memory is still arriving (post-copy); try again when it is all here",
                 )
             }
-            ApiRequest::Migrate(_) | ApiRequest::Snapshot(_) if !self.vm.passthrough.is_empty() => {
-                let names: Vec<String> = self
-                    .vm
-                    .passthrough
-                    .attached
-                    .iter()
-                    .map(|a| a.spec.to_string())
-                    .collect();
+            ApiRequest::Migrate(_) | ApiRequest::Snapshot(_)
+                if !self.vm.passthrough_specs().is_empty() =>
+            {
                 ApiResponse::error(
                     409,
                     format!(
                         "the VM has passthrough devices ({}) whose state lives in the hardware \
-                         and cannot be saved; the VM keeps running",
-                        names.join(", ")
+                         and cannot be saved; detach them first (DELETE /vm/devices/BDF); the VM keeps running",
+                        self.vm.passthrough_specs().join(", ")
                     ),
                 )
             }
@@ -235,11 +230,41 @@ impl Control {
             | ApiRequest::Resume
             | ApiRequest::ResizeDisk { .. }
             | ApiRequest::Snapshot(_)
+            | ApiRequest::AddDevice(_)
+            | ApiRequest::RemoveDevice { .. }
                 if migrating =>
             {
                 ApiResponse::error(409, "a migration of this VM is in progress or done")
             }
             ApiRequest::GetVm => ApiResponse::json(200, &crate::info::vm_info(&self.vm)),
+            ApiRequest::AddDevice(spec) => match self.vm.plug(&spec) {
+                Ok(slot) => ApiResponse::json(
+                    200,
+                    &serde_json::json!({
+                        "device": spec.to_string(),
+                        "bdf": format!("00:{slot:02x}.0"),
+                        "state": "attached",
+                    }),
+                ),
+                Err(e) if e.msg.contains("already attached") => {
+                    ApiResponse::error(409, e.to_string())
+                }
+                Err(e) => ApiResponse::error(if e.user { 400 } else { 500 }, e.to_string()),
+            },
+            ApiRequest::RemoveDevice { slot } => match self.vm.unplug(slot) {
+                Some(spec) => ApiResponse::json(
+                    200,
+                    &serde_json::json!({
+                        "device": spec.to_string(),
+                        "bdf": format!("00:{slot:02x}.0"),
+                        "state": "detached",
+                    }),
+                ),
+                None => ApiResponse::error(
+                    404,
+                    format!("no passthrough device at 00:{slot:02x}.0"),
+                ),
+            },
             ApiRequest::Vcpus => ApiResponse::json(200, &crate::info::vcpus_info(&self.vm)),
             ApiRequest::Interrupts => ApiResponse::json(200, &self.vm.routing.describe()),
             ApiRequest::Pause if self.vm.is_paused() => {

@@ -72,6 +72,17 @@ fn main() -> ExitCode {
         Command::Restore(a) => restore(a),
         Command::Checkpoint { action } => checkpoint(action),
         Command::Migrate(a) => migrate(a),
+        Command::Device { action } => match action {
+            vmm::cli::DeviceAction::Add { client: c, device } => client(
+                c,
+                "PUT",
+                "/vm/devices",
+                &serde_json::json!({ "device": device }).to_string(),
+            ),
+            vmm::cli::DeviceAction::Remove { client: c, bdf } => {
+                client(c, "DELETE", &format!("/vm/devices/{bdf}"), "")
+            }
+        },
         Command::Vfio { action } => vfio(action),
         Command::Ib { action } => ib(action),
         Command::ResizeDisk {

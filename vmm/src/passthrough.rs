@@ -136,6 +136,7 @@ pub struct Attached {
 pub struct Passthroughs {
     pub attached: Vec<Attached>,
     iommu: Option<Iommu>,
+    mapper: Option<Arc<dyn GuestMapper>>,
 }
 
 impl Passthroughs {
@@ -198,79 +199,119 @@ fn kvm_vfio_device(vm_fd: &VmFd) -> Option<vfio_ioctls::VfioDeviceFd> {
     }
 }
 
-/// Opens every `--device` and puts it on the bus. On error nothing stays
-/// attached (what was opened is closed and reset on the way out).
-pub fn attach_all(
-    vm_fd: &Arc<VmFd>,
-    routing: &Arc<IrqRouting>,
-    pci: &PciRoot,
-    mem: &GuestMemoryMmap,
-    specs: &[DeviceEntry],
-) -> Result<Passthroughs, Error> {
-    let mut out = Passthroughs::default();
-    if specs.is_empty() {
-        return Ok(out);
+/// What attaching a function needs of the VM.
+pub struct Context<'a> {
+    pub vm_fd: &'a Arc<VmFd>,
+    pub routing: &'a Arc<IrqRouting>,
+    pub pci: &'a PciRoot,
+    pub mem: &'a GuestMemoryMmap,
+}
+
+/// The device a spec names (a PCI address or a socket), to refuse it twice.
+fn key(spec: &DeviceEntry) -> String {
+    match spec {
+        DeviceEntry::Vfio { address, .. } => address.to_string(),
+        DeviceEntry::VfioUser { socket } => socket.display().to_string(),
     }
-    let mapper: Arc<dyn GuestMapper> = Arc::new(KvmMapper::new(vm_fd.clone()));
-    let vectors = |n: u16| -> std::io::Result<Arc<dyn MsiVectors>> {
-        Ok(routing.msi_vectors(n)? as Arc<dyn MsiVectors>)
-    };
-    let add = |spec: &DeviceEntry, dev: Passthrough| -> Result<Attached, Error> {
-        let device = Arc::new(Mutex::new(dev));
-        let slot = pci.add(device.clone()).map_err(|e| Error {
-            spec: spec.to_string(),
-            msg: e.to_string(),
-            user: false,
-        })?;
-        Ok(Attached {
-            spec: spec.clone(),
-            slot,
-            device,
-        })
-    };
-    for spec in specs {
+}
+
+impl Passthroughs {
+    /// Opens the function `spec` names and puts it on the bus, at start or
+    /// while the guest runs (hot-plug: the guest finds it when it scans
+    /// the bus again). On error nothing stays attached (what was opened is
+    /// closed and reset on the way out).
+    pub fn attach(&mut self, cx: &Context, spec: &DeviceEntry) -> Result<&Attached, Error> {
         let err = |msg: String, user: bool| Error {
             spec: spec.to_string(),
             msg,
             user,
         };
-        let (address, mmap) = match spec {
-            DeviceEntry::Vfio { address, mmap } => (address, mmap),
+        if self.attached.iter().any(|a| key(&a.spec) == key(spec)) {
+            return Err(err("already attached to this VM".into(), true));
+        }
+        let mapper = self
+            .mapper
+            .get_or_insert_with(|| Arc::new(KvmMapper::new(cx.vm_fd.clone())))
+            .clone();
+        let routing = cx.routing;
+        let vectors = |n: u16| -> std::io::Result<Arc<dyn MsiVectors>> {
+            Ok(routing.msi_vectors(n)? as Arc<dyn MsiVectors>)
+        };
+        let dev = match spec {
             DeviceEntry::VfioUser { socket } => {
-                let dma = Arc::new(MemoryDma(mem.clone()));
+                let dma = Arc::new(MemoryDma(cx.mem.clone()));
                 let dev = VfioUser::connect(socket, dma, VFIO_USER_TIMEOUT)
                     .map_err(|e| err(e.to_string(), true))?;
-                let dev = Passthrough::new(Arc::new(dev), &vectors, mapper.clone(), false)
-                    .map_err(|e| err(e.to_string(), true))?;
-                out.attached.push(add(spec, dev)?);
-                continue;
+                Passthrough::new(Arc::new(dev), &vectors, mapper, false)
+                    .map_err(|e| err(e.to_string(), true))?
+            }
+            DeviceEntry::Vfio { address, mmap } => {
+                // Before the container: a device that cannot work says why first.
+                vfio_ib::kernel::preflight(std::path::Path::new("/"), address)
+                    .map_err(|m| err(m, true))?;
+                if self.iommu.is_none() {
+                    let map = cx
+                        .mem
+                        .iter()
+                        .map(|r| (r.start_addr().0, memory::host_addr(r), r.len()))
+                        .collect();
+                    self.iommu = Some(
+                        Iommu::open(kvm_vfio_device(cx.vm_fd), map)
+                            .map_err(|e| err(e.to_string(), e.is_user_error()))?,
+                    );
+                }
+                let Some(iommu) = &self.iommu else {
+                    return Err(err("no VFIO container".into(), false));
+                };
+                let backend = iommu
+                    .attach(address)
+                    .map_err(|e| err(e.to_string(), e.is_user_error()))?;
+                tracing::info!(
+                    "{spec}: {} MiB of guest RAM mapped for its DMA",
+                    iommu.mapped_bytes() >> 20
+                );
+                Passthrough::new(Arc::new(backend), &vectors, mapper, *mmap)
+                    .map_err(|e| err(e.to_string(), false))?
             }
         };
-        // Before the container: a device that cannot work says why first.
-        vfio_ib::kernel::preflight(std::path::Path::new("/"), address).map_err(|m| err(m, true))?;
-        if out.iommu.is_none() {
-            let map = mem
-                .iter()
-                .map(|r| (r.start_addr().0, memory::host_addr(r), r.len()))
-                .collect();
-            out.iommu = Some(
-                Iommu::open(kvm_vfio_device(vm_fd), map)
-                    .map_err(|e| err(e.to_string(), e.is_user_error()))?,
-            );
-        }
-        let Some(iommu) = &out.iommu else { continue };
-        let backend = iommu
-            .attach(address)
-            .map_err(|e| err(e.to_string(), e.is_user_error()))?;
-        let dev = Passthrough::new(Arc::new(backend), &vectors, mapper.clone(), *mmap)
+        let device = Arc::new(Mutex::new(dev));
+        let slot = cx
+            .pci
+            .add(device.clone())
             .map_err(|e| err(e.to_string(), false))?;
-        let attached = add(spec, dev)?;
-        tracing::info!(
-            "{spec} is 00:{:02x}.0 in the guest; {} MiB of guest RAM mapped for its DMA",
-            attached.slot,
-            iommu.mapped_bytes() >> 20
-        );
-        out.attached.push(attached);
+        tracing::info!("{spec} is 00:{slot:02x}.0 in the guest");
+        self.attached.push(Attached {
+            spec: spec.clone(),
+            slot,
+            device,
+        });
+        Ok(&self.attached[self.attached.len() - 1])
+    }
+
+    /// Takes the passthrough function in `slot` off the bus (hot-unplug):
+    /// its interrupts stop, its BARs leave the guest, it is reset and
+    /// closed. The guest's accesses to the slot read as "no device" from
+    /// then on. Returns what it was.
+    pub fn detach(&mut self, pci: &PciRoot, slot: u8) -> Option<DeviceEntry> {
+        let i = self.attached.iter().position(|a| a.slot == slot)?;
+        let a = self.attached.remove(i);
+        if let Err(e) = pci.remove(slot) {
+            tracing::warn!("{}: {e}", a.spec);
+        }
+        if let Ok(mut d) = a.device.lock() {
+            d.quiesce();
+            d.backend().reset();
+        }
+        tracing::info!("{} (00:{slot:02x}.0) detached", a.spec);
+        Some(a.spec)
+    }
+}
+
+/// Opens every `--device` and puts it on the bus.
+pub fn attach_all(cx: &Context, specs: &[DeviceEntry]) -> Result<Passthroughs, Error> {
+    let mut out = Passthroughs::default();
+    for spec in specs {
+        out.attach(cx, spec)?;
     }
     Ok(out)
 }

@@ -139,9 +139,9 @@ pub struct Vm {
     pub decoupling: Arc<Decoupling>,
     /// MSI routes as the guest asked for them and as committed (`GET /vm/interrupts`).
     pub routing: Arc<IrqRouting>,
-    /// Host functions passed through (`--device`); dropped after the vCPUs
-    /// stopped, before guest memory.
-    pub passthrough: Passthroughs,
+    /// Host functions passed through (`--device`, `PUT /vm/devices`);
+    /// dropped after the vCPUs stopped, before guest memory.
+    pub passthrough: Mutex<Passthroughs>,
 }
 
 /// Ends vCPU threads that never ran guest code (a failed start).
@@ -446,8 +446,15 @@ impl Vm {
             let dev = Rng::new(io_thread.endpoint());
             virtio.push(add_virtio(&vm_fd, &routing, &pci, &mem, Box::new(dev), 1)?);
         }
-        let passthrough =
-            crate::passthrough::attach_all(&vm_fd, &routing, &pci, &mem, &config.devices)?;
+        let passthrough = crate::passthrough::attach_all(
+            &crate::passthrough::Context {
+                vm_fd: &vm_fd,
+                routing: &routing,
+                pci: &pci,
+                mem: &mem,
+            },
+            &config.devices,
+        )?;
 
         // vCPU fds (their registers are set in `start`).
         let supported_msrs = kvm
@@ -730,7 +737,7 @@ impl Prepared {
             memory_arriving: Arc::default(),
             decoupling,
             routing,
-            passthrough,
+            passthrough: Mutex::new(passthrough),
         })
     }
 }
@@ -779,6 +786,38 @@ impl Vm {
             t.config_changed();
         }
         Ok(())
+    }
+
+    /// Hot-plugs the function `spec` names; returns its slot.
+    pub fn plug(&self, spec: &crate::config::DeviceEntry) -> Result<u8, crate::passthrough::Error> {
+        let mut p = self
+            .passthrough
+            .lock()
+            .map_err(|_| crate::passthrough::Error {
+                spec: spec.to_string(),
+                msg: "lock poisoned".into(),
+                user: false,
+            })?;
+        let cx = crate::passthrough::Context {
+            vm_fd: &self.vm_fd,
+            routing: &self.routing,
+            pci: &self.pci,
+            mem: &self.mem,
+        };
+        p.attach(&cx, spec).map(|a| a.slot)
+    }
+
+    /// Hot-unplugs the passthrough function in `slot`; None if there is none.
+    pub fn unplug(&self, slot: u8) -> Option<crate::config::DeviceEntry> {
+        self.passthrough.lock().ok()?.detach(&self.pci, slot)
+    }
+
+    /// The passthrough functions attached now.
+    pub fn passthrough_specs(&self) -> Vec<String> {
+        self.passthrough
+            .lock()
+            .map(|p| p.attached.iter().map(|a| a.spec.to_string()).collect())
+            .unwrap_or_default()
     }
 
     pub fn is_paused(&self) -> bool {

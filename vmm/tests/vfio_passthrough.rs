@@ -245,3 +245,66 @@ fn bad_devices_get_one_clear_line_and_the_device_stays_usable() {
     // And afterwards the device works for the next VM.
     check_edu_run(&run_probe("task=edu", &dev));
 }
+
+#[test]
+fn a_device_hot_plugged_into_a_running_guest_is_driven_and_unplugged() {
+    let _one = DEVICE.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(addr) = edu() else { return };
+    let dir = tmpdir("vfio-hotplug");
+    let p = probe();
+    let vm = Vm::spawn(
+        &[
+            "run",
+            "--kernel",
+            p.to_str().unwrap(),
+            "--cmdline",
+            "task=edu wait=120",
+            "--memory",
+            "128M",
+            "--test-exit-port",
+        ],
+        &dir.join("vm.console"),
+        &dir.join("vm.sock"),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !vm.console().contains("probe=ring3") {
+        assert!(std::time::Instant::now() < deadline, "{}", vm.console());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let device = format!("vfio={addr}");
+    let out = vm.api(&["device", "add", &device]);
+    assert!(out.status.success(), "{out:?}");
+    // The probe finds it on its next scan, drives it and ends.
+    let (code, err) = vm.wait_exit();
+    let text = std::fs::read_to_string(dir.join("vm.console")).unwrap_or_default();
+    assert_eq!(code, Some(0), "{text}\n{err}");
+    assert_eq!(text_value(&text, "edu_dma").as_deref(), Some("1"), "{text}");
+    assert_eq!(text_value(&text, "edu_msi").as_deref(), Some("1"), "{text}");
+    // Plug and unplug on a running VM: the slot empties, the device is
+    // free for the next VM at once.
+    let vm = Vm::spawn(
+        &[
+            "run",
+            "--kernel",
+            p.to_str().unwrap(),
+            "--cmdline",
+            "task=counter",
+            "--memory",
+            "128M",
+        ],
+        &dir.join("b.console"),
+        &dir.join("b.sock"),
+    );
+    vm.wait_counter(1);
+    let out = vm.api(&["device", "add", &device]);
+    assert!(out.status.success(), "{out:?}");
+    let added: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let bdf = added["bdf"].as_str().unwrap().to_string();
+    let out = vm.api(&["device", "remove", &bdf]);
+    assert!(out.status.success(), "{out:?}");
+    let info: serde_json::Value = serde_json::from_slice(&vm.api(&["info"]).stdout).unwrap();
+    assert_eq!(info["passthrough"], serde_json::json!([]), "{info}");
+    check_edu_run(&run_probe("task=edu", &device));
+    let (ended, err) = vm.stop();
+    assert!(ended.is_none(), "{err}");
+}

@@ -35,6 +35,19 @@ pub enum ApiRequest {
     MigrationStatus,
     /// `DELETE /vm/migration`: cancel.
     MigrationCancel,
+    /// `PUT /vm/devices`: hot-plug a passthrough function.
+    AddDevice(crate::config::DeviceEntry),
+    /// `DELETE /vm/devices/{bdf}`: hot-unplug the one in this slot.
+    RemoveDevice {
+        slot: u8,
+    },
+}
+
+/// Body of `PUT /vm/devices`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceBody {
+    pub device: String,
 }
 
 /// Body of `PUT /vm/disks/{index}/resize`.
@@ -242,6 +255,8 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, ApiRes
         "/vm/migration" => &["GET", "DELETE"],
         "/vm/pause" | "/vm/resume" | "/vm/shutdown" | "/vm/snapshot" | "/vm/migrate" => &["PUT"],
         _ if path.starts_with("/vm/disks/") && path.ends_with("/resize") => &["PUT"],
+        "/vm/devices" => &["PUT"],
+        _ if path.starts_with("/vm/devices/") => &["DELETE"],
         _ => return Err(ApiResponse::error(404, format!("no such endpoint: {path}"))),
     };
     if !allowed.contains(&method) {
@@ -260,8 +275,36 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, ApiRes
         ("PUT", "/vm/shutdown") => ApiRequest::Shutdown,
         ("PUT", "/vm/snapshot") => snapshot_request(body)?,
         ("PUT", "/vm/migrate") => migrate_request(body)?,
+        ("PUT", "/vm/devices") => {
+            let b: DeviceBody = json_body(
+                body,
+                "device",
+                r#"{"device": "vfio=DDDD:BB:DD.F" | "vfio-user=SOCKET"}"#,
+            )?;
+            ApiRequest::AddDevice(
+                b.device
+                    .parse()
+                    .map_err(|e: crate::config::Error| ApiResponse::error(400, e.to_string()))?,
+            )
+        }
+        ("DELETE", _) => {
+            let bdf = path.strip_prefix("/vm/devices/").unwrap_or("");
+            ApiRequest::RemoveDevice {
+                slot: parse_bdf(bdf).ok_or_else(|| {
+                    ApiResponse::error(404, format!("no such device: {bdf} (want 00:SS.0)"))
+                })?,
+            }
+        }
         _ => resize_request(path, body)?,
     })
+}
+
+/// `00:05.0` (bus 0, function 0: the only ones ffmk-vmm has) -> slot 5.
+fn parse_bdf(s: &str) -> Option<u8> {
+    let slot = s.strip_prefix("00:")?.strip_suffix(".0")?;
+    u8::from_str_radix(slot, 16)
+        .ok()
+        .filter(|&d| d < 32 && slot.len() == 2)
 }
 
 fn resize_request(path: &str, body: &[u8]) -> Result<ApiRequest, ApiResponse> {
@@ -318,6 +361,19 @@ mod tests {
     #[test]
     fn routes() {
         assert_eq!(route("GET", "/vm", b"").unwrap(), ApiRequest::GetVm);
+        assert_eq!(
+            route("DELETE", "/vm/devices/00:1f.0", b"").unwrap(),
+            ApiRequest::RemoveDevice { slot: 0x1f }
+        );
+        assert_eq!(
+            route(
+                "PUT",
+                "/vm/devices",
+                br#"{"device": "vfio-user=/run/cx.sock"}"#
+            )
+            .unwrap(),
+            ApiRequest::AddDevice("vfio-user=/run/cx.sock".parse().unwrap())
+        );
         assert_eq!(route("PUT", "/vm/pause/", b"").unwrap(), ApiRequest::Pause);
         let refused = route("GET", "/vm/pause", b"").unwrap_err();
         assert_eq!(
@@ -374,6 +430,12 @@ mod tests {
             ("PUT", "/vm/disks/0/resize", "{}", 400),
             ("PUT", "/vm/disks/0/resize", r#"{"size_bytes": -1}"#, 400),
             ("PUT", "/vm/disks/0/resize", r#"{"size": 1}"#, 400),
+            ("GET", "/vm/devices", "{}", 405),
+            ("PUT", "/vm/devices", r#"{"device": "pci=1"}"#, 400),
+            ("PUT", "/vm/devices", r#"{"dev": "vfio-user=/s"}"#, 400),
+            ("DELETE", "/vm/devices/5", "", 404),
+            ("DELETE", "/vm/devices/00:20.0", "", 404),
+            ("PUT", "/vm/devices/00:05.0", "", 405),
             ("GET", "/vm/migrate", "{}", 405),
             ("PUT", "/vm/migrate", r#"{"to": "nowhere"}"#, 400),
             ("PUT", "/vm/migrate", r#"{"to": "tcp://h:1", "x": 1}"#, 400),

@@ -4,7 +4,9 @@
 //! MSI-X vector 0 at this CPU, gives the device a completion queue in
 //! guest RAM and rings the doorbell `rings=N` times (default 8); each
 //! ring must come back as a completion the device DMA-wrote into the
-//! queue and as an interrupt. Prints `cx_*=` lines.
+//! queue and as an interrupt. Prints `cx_*=` lines. `wait=S` scans the bus
+//! for up to S seconds for a device plugged in later; `unplug=1` then
+//! waits for it to be taken away (`cx_unplug_ready=1`, then `cx_gone=1`).
 use crate::boot::BootInfo;
 use crate::pci::scan;
 use crate::virtio::Msix;
@@ -38,9 +40,22 @@ fn read_cqe(cq: u64, slot: u64) -> (u32, u32, u64) {
 
 pub fn run(info: &mut BootInfo, args: &crate::boot::Args) -> u8 {
     let rings = args.num("rings", 8).clamp(1, 1000);
-    let Some(f) = scan(info.ecam_base()).find(|f| f.ids() == Some((0x15b3, 0x101c))) else {
+    // wait=S: keep scanning the bus for up to S seconds (hot-plug).
+    let wait_us = args.num("wait", 0) * 1_000_000;
+    let ecam = info.ecam_base();
+    let find = || scan(ecam).find(|f| f.ids() == Some((0x15b3, 0x101c)));
+    let start = time::now_us();
+    let mut found = find();
+    while found.is_none() && time::now_us() - start < wait_us {
+        time::delay_us(10_000);
+        found = find();
+    }
+    let Some(f) = found else {
         return fail("no ConnectX VF (15b3:101c) on the bus; pass one with --device vfio-user=...");
     };
+    if wait_us > 0 {
+        println!("cx_found_after_ms={}", (time::now_us() - start) / 1000);
+    }
     println!("cx_bdf=00:{:02x}.0 class={:06x}", f.dev, f.read32(8) >> 8);
     let bar = f.bar_address(0);
     f.write32(4, f.read32(4) | 0x6);
@@ -100,6 +115,18 @@ pub fn run(info: &mut BootInfo, args: &crate::boot::Args) -> u8 {
     irq::disable_this_cpu();
     if ok != rings || irqs_ok != rings {
         return fail("a doorbell did not come back as completion and interrupt");
+    }
+    // unplug=1: let the host take the device away, and see it go.
+    if args.num("unplug", 0) != 0 {
+        println!("cx_unplug_ready=1");
+        let start = time::now_us();
+        while f.ids().is_some() {
+            if time::now_us() - start > 60_000_000 {
+                return fail("the device was not unplugged within 60 s");
+            }
+            time::delay_us(10_000);
+        }
+        println!("cx_gone=1 bar_reads={:#x}", arch::mmio_read32(bar + FW));
     }
     0
 }

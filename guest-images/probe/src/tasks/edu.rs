@@ -6,7 +6,8 @@
 //! Prints `edu_*=` lines; exits non-zero on the first thing that fails.
 //! `rounds=N` times N BAR reads (`edu_mmio_read_ns=`, the median of 5 runs)
 //! and N interrupts (`edu_msi_latency_us=`). `msi=0` leaves interrupts out
-//! (DMA completion is then polled).
+//! (DMA completion is then polled). `wait=S` scans the bus for up to S
+//! seconds for a device plugged in later.
 use crate::boot::BootInfo;
 use crate::pci::{scan, Function};
 use crate::{arch, irq, println, time, STATUS_PROBE_ERROR};
@@ -83,7 +84,16 @@ fn median(v: &mut [u64]) -> u64 {
 pub fn run(info: &mut BootInfo, args: &crate::boot::Args) -> u8 {
     let rounds = args.num("rounds", 0);
     let use_msi = args.num("msi", 1) != 0;
-    let Some(f) = scan(info.ecam_base()).find(|f| f.ids() == Some((0x1234, 0x11e8))) else {
+    // wait=S: keep scanning the bus for up to S seconds (hot-plug).
+    let wait_us = args.num("wait", 0) * 1_000_000;
+    let ecam = info.ecam_base();
+    let start = time::now_us();
+    let mut found = scan(ecam).find(|f| f.ids() == Some((0x1234, 0x11e8)));
+    while found.is_none() && time::now_us() - start < wait_us {
+        time::delay_us(10_000);
+        found = scan(ecam).find(|f| f.ids() == Some((0x1234, 0x11e8)));
+    }
+    let Some(f) = found else {
         return fail("no edu device (1234:11e8) on the bus; pass one with --device vfio=...");
     };
     println!("edu_bdf=00:{:02x}.0", f.dev);
