@@ -147,11 +147,39 @@ def api_seeds():
     for n, r in reqs.items():
         put("api_request", n, r)
 
+# --- vfio_user_server: what a server sends, replies in the client's order
+# (ids 0: VERSION, 1: DEVICE_GET_INFO, 2-9: regions 0-7, 10-14: IRQ
+# indices 0-4, then the accesses), a DMA write and read request among them.
+def vu(msg_id, command, payload, reply=True, error=0):
+    flags = (1 if reply else 0) | (0x20 if error else 0)
+    return struct.pack("<HHIII", msg_id, command, 16 + len(payload), flags, error) + payload
+
+def vfio_user_seeds():
+    out = vu(0, 1, struct.pack("<HH", 0, 1) + b'{"capabilities":{}}\0')
+    out += vu(1, 4, struct.pack("<IIII", 16, 3, 9, 5))
+    for i in range(8):
+        size = {0: 1 << 20, 7: 256}.get(i, 0)
+        out += vu(2 + i, 5, struct.pack("<IIIIQQ", 32, 3 if size else 0, i, 0, size, 0))
+    for i in range(5):
+        out += vu(10 + i, 7, struct.pack("<IIII", 16, 1, i, 4 if i == 2 else 0))
+    good = out
+    config = bytearray(256)
+    config[0:4] = struct.pack("<HH", 0x15b3, 0x101c)
+    out += vu(15, 9, struct.pack("<QII", 0, 7, 4) + bytes(config[0:4]))
+    out += vu(0x8000, 12, struct.pack("<QQ", 0x10000, 16) + b"\x01" * 16, reply=False)
+    out += vu(16, 10, struct.pack("<QII", 4, 7, 2))
+    out += vu(0x8001, 11, struct.pack("<QQ", 0x10000, 16), reply=False)
+    out += vu(17, 9, struct.pack("<QII", 0x800, 0, 4) + b"\x14\0\x1f\0")
+    put("vfio_user_server", "connectx", out)
+    put("vfio_user_server", "setup-only", good)
+    put("vfio_user_server", "error-reply", vu(0, 1, b"", error=95))
+    put("vfio_user_server", "dma-outside", good + vu(0x8000, 12, struct.pack("<QQ", 1 << 40, 4) + b"abcd", reply=False))
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--snapshot", help="a snapshot directory (for snapshot_files and state seeds)")
     a = ap.parse_args()
-    virtio_seeds(); pci_seeds(); gossip_seeds(); api_seeds()
+    virtio_seeds(); pci_seeds(); gossip_seeds(); api_seeds(); vfio_user_seeds()
     state, manifest = b'{"version":2}', None
     if a.snapshot:
         m = json.load(open(os.path.join(a.snapshot, "manifest.json")))

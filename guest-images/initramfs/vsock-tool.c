@@ -1,7 +1,15 @@
 /* vsock-tool: the initramfs's vsock helper (busybox has none).
  *   vsock-tool echo PORT         accept one connection on PORT, echo until EOF
  *   vsock-tool send CID PORT MSG connect to CID:PORT, send MSG, print the reply
+ *   vsock-tool agent PORT        the guest agent ffmk-vmm asks to let go of a
+ *                                passthrough function before it is unplugged
+ *                                and to look for new ones after a plug
+ *                                (docs/vfio.md): one command line per
+ *                                connection, one answer line:
+ *       detach 0000:00:05.0  ->  ok detached 0000:00:05.0 | error ...
+ *       rescan               ->  ok rescanned 0000:00:01.0=1af4:1044 ...
  * Built static by build-initramfs. */
+#include <dirent.h>
 #include <linux/vm_sockets.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -58,11 +66,99 @@ static int sendmsg_(unsigned cid, unsigned port, const char *msg) {
     return 0;
 }
 
+static int write_sysfs(const char *path) {
+    FILE *f = fopen(path, "w");
+    if (!f)
+        return -1;
+    int ok = fputs("1\n", f) >= 0;
+    return (fclose(f) == 0 && ok) ? 0 : -1;
+}
+
+static void read_id(const char *dev, const char *file, char *out, size_t len) {
+    char path[320];
+    snprintf(path, sizeof path, "/sys/bus/pci/devices/%s/%s", dev, file);
+    FILE *f = fopen(path, "r");
+    out[0] = 0;
+    if (!f)
+        return;
+    if (fgets(out, (int)len, f))
+        out[strcspn(out, "\n")] = 0;
+    fclose(f);
+}
+
+/* Appends " BDF=vendor:device" for every PCI function to out. */
+static void list_functions(char *out, size_t len) {
+    DIR *d = opendir("/sys/bus/pci/devices");
+    if (!d)
+        return;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        if (e->d_name[0] == '.')
+            continue;
+        char vendor[16], device[16], item[300];
+        read_id(e->d_name, "vendor", vendor, sizeof vendor);
+        read_id(e->d_name, "device", device, sizeof device);
+        snprintf(item, sizeof item, " %s=%s:%s", e->d_name, vendor + (vendor[0] == '0' ? 2 : 0),
+                 device + (device[0] == '0' ? 2 : 0));
+        if (strlen(out) + strlen(item) + 2 < len)
+            strcat(out, item);
+    }
+    closedir(d);
+}
+
+static int agent(unsigned port) {
+    struct sockaddr_vm a = {.svm_family = AF_VSOCK, .svm_cid = VMADDR_CID_ANY, .svm_port = port};
+    int l = socket(AF_VSOCK, SOCK_STREAM, 0);
+    if (l < 0 || bind(l, (struct sockaddr *)&a, sizeof a) || listen(l, 4))
+        return fail("vsock listen");
+    printf("vsock-tool: agent on %u\n", port);
+    fflush(stdout);
+    for (;;) {
+        int c = accept(l, NULL, NULL);
+        if (c < 0)
+            return fail("vsock accept");
+        char cmd[256] = {0}, reply[4096] = {0}, path[300];
+        ssize_t n = read(c, cmd, sizeof cmd - 1);
+        if (n <= 0) {
+            close(c);
+            continue;
+        }
+        cmd[strcspn(cmd, "\r\n")] = 0;
+        const char *bdf = cmd + 7;
+        if (!strncmp(cmd, "detach ", 7) && strlen(bdf) == 12 && !strchr(bdf, '/')) {
+            snprintf(path, sizeof path, "/sys/bus/pci/devices/%s/remove", bdf);
+            if (access(path, F_OK) != 0)
+                snprintf(reply, sizeof reply, "ok detached %s (not present)\n", bdf);
+            else if (write_sysfs(path) == 0)
+                snprintf(reply, sizeof reply, "ok detached %s\n", bdf);
+            else
+                snprintf(reply, sizeof reply, "error cannot remove %s\n", bdf);
+        } else if (!strcmp(cmd, "rescan")) {
+            if (write_sysfs("/sys/bus/pci/rescan") == 0) {
+                strcpy(reply, "ok rescanned");
+                list_functions(reply, sizeof reply - 2);
+                strcat(reply, "\n");
+            } else {
+                strcpy(reply, "error cannot rescan\n");
+            }
+        } else {
+            snprintf(reply, sizeof reply, "error unknown command (detach BDF | rescan)\n");
+        }
+        printf("vsock-tool: agent: %s -> %s", cmd, reply);
+        fflush(stdout);
+        if (write(c, reply, strlen(reply)) < 0)
+            perror("vsock agent reply");
+        close(c);
+    }
+}
+
 int main(int argc, char **argv) {
     if (argc == 3 && !strcmp(argv[1], "echo"))
         return echo(strtoul(argv[2], NULL, 0));
     if (argc == 5 && !strcmp(argv[1], "send"))
         return sendmsg_(strtoul(argv[2], NULL, 0), strtoul(argv[3], NULL, 0), argv[4]);
-    fprintf(stderr, "usage: vsock-tool echo PORT | send CID PORT MSG\n");
+    if (argc == 3 && !strcmp(argv[1], "agent"))
+        return agent(strtoul(argv[2], NULL, 0));
+    fprintf(stderr, "usage: vsock-tool echo PORT | send CID PORT MSG | agent PORT\n");
     return 2;
 }

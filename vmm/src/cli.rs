@@ -117,11 +117,15 @@ pub enum DeviceAction {
         client: ClientArgs,
         device: String,
     },
-    /// Detach the passthrough function at guest BDF 00:SS.0.
+    /// Detach the passthrough function at guest BDF 00:SS.0 (a VM with
+    /// vsock asks its guest agent to let go of it first).
     Remove {
         #[command(flatten)]
         client: ClientArgs,
         bdf: String,
+        /// Do not ask the guest agent: remove it even if the guest uses it.
+        #[arg(long)]
+        force: bool,
     },
 }
 

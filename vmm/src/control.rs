@@ -177,6 +177,31 @@ impl Control {
         self.vm.resume()
     }
 
+    /// Before an unplug: a VM with a vsock device asks its guest agent to
+    /// let go of the function (unless `force`); a refusal or no answer
+    /// keeps the function where it is. A VM without vsock has no agent:
+    /// its guest must cope with the function going (the probe polls).
+    fn release(&self, slot: u8, force: bool) -> Result<(), ApiResponse> {
+        let attached = self
+            .vm
+            .passthrough
+            .lock()
+            .map(|p| p.attached.iter().any(|a| a.slot == slot))
+            .unwrap_or(false);
+        let (Some(v), false, true) = (&self.vm.config.vsock, force, attached) else {
+            return Ok(());
+        };
+        let cmd = format!("detach 0000:00:{slot:02x}.0");
+        crate::agent::ask(&v.socket, &cmd, crate::agent::TIMEOUT)
+            .map(|_| ())
+            .map_err(|e| {
+                ApiResponse::error(
+                    409,
+                    format!("00:{slot:02x}.0 stays attached: {e} (DELETE with ?force=1 removes it anyway)"),
+                )
+            })
+    }
+
     fn handle(&mut self, req: ApiRequest) -> ApiResponse {
         // While migrating, and once the VM has moved (the source lingers a
         // moment), nothing may pause, resume or change it here.
@@ -238,20 +263,32 @@ impl Control {
             }
             ApiRequest::GetVm => ApiResponse::json(200, &crate::info::vm_info(&self.vm)),
             ApiRequest::AddDevice(spec) => match self.vm.plug(&spec) {
-                Ok(slot) => ApiResponse::json(
-                    200,
-                    &serde_json::json!({
-                        "device": spec.to_string(),
-                        "bdf": format!("00:{slot:02x}.0"),
-                        "state": "attached",
-                    }),
-                ),
+                Ok(slot) => {
+                    // A guest agent, where there is one, looks for it now.
+                    let guest = self.vm.config.vsock.as_ref().map(|v| {
+                        match crate::agent::ask(&v.socket, "rescan", crate::agent::TIMEOUT) {
+                            Ok(a) => a,
+                            Err(e) => e.to_string(),
+                        }
+                    });
+                    ApiResponse::json(
+                        200,
+                        &serde_json::json!({
+                            "device": spec.to_string(),
+                            "bdf": format!("00:{slot:02x}.0"),
+                            "state": "attached",
+                            "guest": guest,
+                        }),
+                    )
+                }
                 Err(e) if e.msg.contains("already attached") => {
                     ApiResponse::error(409, e.to_string())
                 }
                 Err(e) => ApiResponse::error(if e.user { 400 } else { 500 }, e.to_string()),
             },
-            ApiRequest::RemoveDevice { slot } => match self.vm.unplug(slot) {
+            ApiRequest::RemoveDevice { slot, force } => match self.release(slot, force) {
+                Err(r) => r,
+                Ok(()) => match self.vm.unplug(slot) {
                 Some(spec) => ApiResponse::json(
                     200,
                     &serde_json::json!({
@@ -264,6 +301,7 @@ impl Control {
                     404,
                     format!("no passthrough device at 00:{slot:02x}.0"),
                 ),
+                },
             },
             ApiRequest::Vcpus => ApiResponse::json(200, &crate::info::vcpus_info(&self.vm)),
             ApiRequest::Interrupts => ApiResponse::json(200, &self.vm.routing.describe()),

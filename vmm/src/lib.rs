@@ -5,6 +5,7 @@
 //! `checkpoint` takes snapshots and restores from them (`arch::state` holds
 //! the KVM state path).
 pub mod access;
+pub mod agent;
 pub mod api;
 pub mod arch;
 pub mod boot;

@@ -79,8 +79,13 @@ fn main() -> ExitCode {
                 "/vm/devices",
                 &serde_json::json!({ "device": device }).to_string(),
             ),
-            vmm::cli::DeviceAction::Remove { client: c, bdf } => {
-                client(c, "DELETE", &format!("/vm/devices/{bdf}"), "")
+            vmm::cli::DeviceAction::Remove {
+                client: c,
+                bdf,
+                force,
+            } => {
+                let q = if force { "?force=1" } else { "" };
+                client(c, "DELETE", &format!("/vm/devices/{bdf}{q}"), "")
             }
         },
         Command::Vfio { action } => vfio(action),

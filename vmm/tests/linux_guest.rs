@@ -793,3 +793,92 @@ fn linux_drives_virtio_rng_and_virtio_console() {
     assert!(got.contains("ffmk-hello-over-hvc"), "{got:?}\n{ctx}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// `ffmk-vfio-user-cx`, built next to ffmk-vmm (by `cargo test
+/// --workspace`, or `cargo build -p vfio-ib`, which ci/test-linux runs).
+fn cx_server() -> PathBuf {
+    let p = Path::new(common::vmm()).with_file_name("ffmk-vfio-user-cx");
+    assert!(
+        p.exists(),
+        "{} is missing: cargo build -p vfio-ib",
+        p.display()
+    );
+    p
+}
+
+fn api_json(vm: &common::Vm, args: &[&str]) -> serde_json::Value {
+    let out = vm.api(args);
+    assert!(out.status.success(), "{args:?}: {out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn linux_guest_agent_lets_go_of_a_passthrough_device_and_finds_a_new_one() {
+    let Some((_, bzimage, initrd)) = images() else {
+        return;
+    };
+    let dir = tmpdir("linux-agent");
+    let cx = dir.join("cx.sock");
+    let mut server = std::process::Command::new(cx_server())
+        .arg(&cx)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    while !cx.exists() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let device = format!("vfio-user={}", cx.display());
+    let vsock = format!("cid=3,socket={}", dir.join("v.sock").display());
+    let vm = spawn_bzimage(
+        &dir,
+        "a",
+        &bzimage,
+        &initrd,
+        &["--vsock", &vsock, "--device", &device],
+        "vsock-tool agent 1027",
+    );
+    let deadline = std::time::Instant::now() + timeout();
+    while !vm.console().contains("vsock-tool: agent on 1027") {
+        assert!(std::time::Instant::now() < deadline, "{}", vm.console());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let info = api_json(&vm, &["info"]);
+    let bdf = info["passthrough"][0]["bdf"].as_str().unwrap().to_string();
+    // Linux enumerated it at boot.
+    assert!(
+        vm.console().contains("[15b3:101c] type 00 class 0x020700"),
+        "{}",
+        vm.console()
+    );
+    // Unplug: the agent removes it in the guest first.
+    let removed = api_json(&vm, &["device", "remove", &bdf]);
+    assert_eq!(removed["state"], "detached");
+    assert!(
+        vm.console().contains(&format!(
+            "agent: detach 0000:{bdf} -> ok detached 0000:{bdf}"
+        )),
+        "{}",
+        vm.console()
+    );
+    assert_eq!(
+        api_json(&vm, &["info"])["passthrough"],
+        serde_json::json!([])
+    );
+    // Plug again: the agent rescans and Linux finds it.
+    let added = api_json(&vm, &["device", "add", &device]);
+    let new_bdf = added["bdf"].as_str().unwrap();
+    let guest = added["guest"].as_str().unwrap_or_default();
+    assert!(
+        guest.contains(&format!("0000:{new_bdf}=15b3:101c")),
+        "the guest sees it after its rescan: {guest}"
+    );
+    // No agent answer, no unplug (unless forced).
+    let out = vm.api(&["device", "remove", "00:1f.0"]);
+    assert!(!out.status.success());
+    let _ = vm.api(&["shutdown"]);
+    let (code, err) = vm.wait_exit();
+    assert_eq!(code, Some(0), "{err}");
+    let _ = server.kill();
+    let _ = server.wait();
+    std::fs::remove_dir_all(dir).unwrap();
+}

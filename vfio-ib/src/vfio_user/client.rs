@@ -143,6 +143,17 @@ impl VfioUser {
             path: path.into(),
             source,
         })?;
+        Self::from_stream(stream, path, dma, timeout)
+    }
+
+    /// As [`VfioUser::connect`], on a connected stream (`path` names the
+    /// server in messages).
+    pub fn from_stream(
+        stream: UnixStream,
+        path: &Path,
+        dma: Arc<dyn GuestDma>,
+        timeout: Duration,
+    ) -> Result<VfioUser, Error> {
         let proto = |msg: String| Error::Protocol {
             path: path.into(),
             msg,

@@ -37,9 +37,11 @@ pub enum ApiRequest {
     MigrationCancel,
     /// `PUT /vm/devices`: hot-plug a passthrough function.
     AddDevice(crate::config::DeviceEntry),
-    /// `DELETE /vm/devices/{bdf}`: hot-unplug the one in this slot.
+    /// `DELETE /vm/devices/{bdf}[?force=1]`: hot-unplug the one in this
+    /// slot (with `force`, without asking the guest agent first).
     RemoveDevice {
         slot: u8,
+        force: bool,
     },
 }
 
@@ -249,7 +251,8 @@ pub fn start_server(
 /// path does not take gets 405 with an `Allow` header listing the ones it
 /// does (RFC 9110).
 pub fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, ApiResponse> {
-    let path = path.split('?').next().unwrap_or("").trim_end_matches('/');
+    let (path, query) = path.split_once('?').unwrap_or((path, ""));
+    let path = path.trim_end_matches('/');
     let allowed: &[&str] = match path {
         "/vm" | "/vm/vcpus" | "/vm/interrupts" => &["GET"],
         "/vm/migration" => &["GET", "DELETE"],
@@ -293,6 +296,9 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, ApiRes
                 slot: parse_bdf(bdf).ok_or_else(|| {
                     ApiResponse::error(404, format!("no such device: {bdf} (want 00:SS.0)"))
                 })?,
+                force: query
+                    .split('&')
+                    .any(|kv| kv == "force=1" || kv == "force=true"),
             }
         }
         _ => resize_request(path, body)?,
@@ -363,7 +369,17 @@ mod tests {
         assert_eq!(route("GET", "/vm", b"").unwrap(), ApiRequest::GetVm);
         assert_eq!(
             route("DELETE", "/vm/devices/00:1f.0", b"").unwrap(),
-            ApiRequest::RemoveDevice { slot: 0x1f }
+            ApiRequest::RemoveDevice {
+                slot: 0x1f,
+                force: false
+            }
+        );
+        assert_eq!(
+            route("DELETE", "/vm/devices/00:05.0?force=1", b"").unwrap(),
+            ApiRequest::RemoveDevice {
+                slot: 5,
+                force: true
+            }
         );
         assert_eq!(
             route(
