@@ -101,9 +101,8 @@ pub fn iommu_group(root: &Path, a: &PciAddress) -> Option<u32> {
         .ok()
 }
 
-/// Every function in IOMMU group `group`.
-pub fn group_members(root: &Path, group: u32) -> Vec<PciAddress> {
-    let dir = root.join(format!("sys/kernel/iommu_groups/{group}/devices"));
+/// The PCI addresses named by the entries of `dir`, sorted.
+fn addresses_in(dir: &Path) -> Vec<PciAddress> {
     let mut v: Vec<PciAddress> = std::fs::read_dir(dir)
         .into_iter()
         .flatten()
@@ -112,6 +111,16 @@ pub fn group_members(root: &Path, group: u32) -> Vec<PciAddress> {
         .collect();
     v.sort();
     v
+}
+
+/// Every PCI function of the host.
+pub fn functions(root: &Path) -> Vec<PciAddress> {
+    addresses_in(&root.join("sys/bus/pci/devices"))
+}
+
+/// Every function in IOMMU group `group`.
+pub fn group_members(root: &Path, group: u32) -> Vec<PciAddress> {
+    addresses_in(&root.join(format!("sys/kernel/iommu_groups/{group}/devices")))
 }
 
 /// Vendor and device ID.

@@ -196,21 +196,7 @@ fn json(out: &Output) -> serde_json::Value {
 fn a_device_plugged_into_a_running_guest_works_and_leaves_again() {
     let server = Server::start("hotplug", None);
     let dir = common::tmpdir("vfio-user-hotplug");
-    let p = probe();
-    let vm = common::Vm::spawn(
-        &[
-            "run",
-            "--kernel",
-            p.to_str().unwrap(),
-            "--cmdline",
-            "task=cx wait=60 unplug=1 rings=4",
-            "--memory",
-            "64M",
-            "--test-exit-port",
-        ],
-        &dir.join("vm.console"),
-        &dir.join("vm.sock"),
-    );
+    let vm = common::Vm::boot(&dir, "vm", "task=cx wait=60 unplug=1 rings=4");
     wait_console(&vm, "probe=ring3");
     let added = json(&vm.api(&["device", "add", &server.device()]));
     assert_eq!(added["state"], "attached");
@@ -243,23 +229,13 @@ fn a_device_plugged_into_a_running_guest_works_and_leaves_again() {
 fn a_vm_can_be_snapshotted_once_its_passthrough_device_left() {
     let server = Server::start("snapshot", None);
     let dir = common::tmpdir("vfio-user-snapshot");
-    let p = probe();
     let snaps = dir.join("snaps");
     std::fs::create_dir_all(&snaps).unwrap();
-    let vm = common::Vm::spawn(
-        &[
-            "run",
-            "--kernel",
-            p.to_str().unwrap(),
-            "--cmdline",
-            "task=counter",
-            "--memory",
-            "64M",
-            "--snapshot-dir",
-            snaps.to_str().unwrap(),
-        ],
-        &dir.join("vm.console"),
-        &dir.join("vm.sock"),
+    let vm = common::Vm::boot_with(
+        &dir,
+        "vm",
+        "task=counter",
+        &["--snapshot-dir", snaps.to_str().unwrap()],
     );
     vm.wait_counter(1);
     let bdf = json(&vm.api(&["device", "add", &server.device()]))["bdf"]

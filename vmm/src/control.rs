@@ -281,10 +281,9 @@ impl Control {
                         }),
                     )
                 }
-                Err(e) if e.msg.contains("already attached") => {
-                    ApiResponse::error(409, e.to_string())
-                }
-                Err(e) => ApiResponse::error(if e.user { 400 } else { 500 }, e.to_string()),
+                // The request was well-formed; the host's state (no such
+                // device, wrong driver, a server that fails) refused it.
+                Err(e) => ApiResponse::error(if e.user { 409 } else { 500 }, e.to_string()),
             },
             ApiRequest::RemoveDevice { slot, force } => match self.release(slot, force) {
                 Err(r) => r,

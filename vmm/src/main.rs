@@ -834,14 +834,7 @@ fn vfio(action: vmm::cli::VfioAction) -> Result<u8, Failure> {
     quiet_on_closed_stdout();
     match action {
         VfioAction::List { json, root } => {
-            let mut v: Vec<vfio_ib::PciAddress> =
-                std::fs::read_dir(root.join("sys/bus/pci/devices"))
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-                    .filter_map(|e| e.file_name().to_str()?.parse().ok())
-                    .collect();
-            v.sort();
+            let v = sysfs::functions(&root);
             let rows: Vec<_> = v
                 .iter()
                 .map(|a| {

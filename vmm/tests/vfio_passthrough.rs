@@ -118,24 +118,12 @@ fn a_vm_with_a_passthrough_device_refuses_snapshot_and_migration_and_keeps_runni
     let _one = DEVICE.lock().unwrap_or_else(|e| e.into_inner());
     let Some(addr) = edu() else { return };
     let dir = tmpdir("vfio-refuse");
-    let p = probe();
     let device = format!("vfio={addr}");
-    let vm = Vm::spawn(
-        &[
-            "run",
-            "--kernel",
-            p.to_str().unwrap(),
-            "--cmdline",
-            "task=counter",
-            "--memory",
-            "128M",
-            "--device",
-            &device,
-            "--snapshot-dir",
-            dir.to_str().unwrap(),
-        ],
-        &dir.join("vm.console"),
-        &dir.join("vm.sock"),
+    let vm = Vm::boot_with(
+        &dir,
+        "vm",
+        "task=counter",
+        &["--device", &device, "--snapshot-dir", dir.to_str().unwrap()],
     );
     vm.wait_counter(2);
     let info = vm.api(&["info"]);
@@ -211,20 +199,11 @@ fn bad_devices_get_one_clear_line_and_the_device_stays_usable() {
     assert!(out.status.success(), "{out:?}");
     // A second VM cannot take the device a first one holds; the first goes on.
     let dir = tmpdir("vfio-busy");
-    let first = Vm::spawn(
-        &[
-            "run",
-            "--kernel",
-            p.to_str().unwrap(),
-            "--cmdline",
-            "task=counter",
-            "--memory",
-            "64M",
-            "--device",
-            &dev,
-        ],
-        &dir.join("a.console"),
-        &dir.join("a.sock"),
+    let first = Vm::boot_with(
+        &dir,
+        "a",
+        "task=counter",
+        &["--memory", "64M", "--device", &dev],
     );
     first.wait_counter(1);
     let out = run(&[&dev]);
@@ -251,21 +230,7 @@ fn a_device_hot_plugged_into_a_running_guest_is_driven_and_unplugged() {
     let _one = DEVICE.lock().unwrap_or_else(|e| e.into_inner());
     let Some(addr) = edu() else { return };
     let dir = tmpdir("vfio-hotplug");
-    let p = probe();
-    let vm = Vm::spawn(
-        &[
-            "run",
-            "--kernel",
-            p.to_str().unwrap(),
-            "--cmdline",
-            "task=edu wait=120",
-            "--memory",
-            "128M",
-            "--test-exit-port",
-        ],
-        &dir.join("vm.console"),
-        &dir.join("vm.sock"),
-    );
+    let vm = Vm::boot(&dir, "vm", "task=edu wait=120");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while !vm.console().contains("probe=ring3") {
         assert!(std::time::Instant::now() < deadline, "{}", vm.console());
@@ -282,19 +247,7 @@ fn a_device_hot_plugged_into_a_running_guest_is_driven_and_unplugged() {
     assert_eq!(text_value(&text, "edu_msi").as_deref(), Some("1"), "{text}");
     // Plug and unplug on a running VM: the slot empties, the device is
     // free for the next VM at once.
-    let vm = Vm::spawn(
-        &[
-            "run",
-            "--kernel",
-            p.to_str().unwrap(),
-            "--cmdline",
-            "task=counter",
-            "--memory",
-            "128M",
-        ],
-        &dir.join("b.console"),
-        &dir.join("b.sock"),
-    );
+    let vm = Vm::boot(&dir, "b", "task=counter");
     vm.wait_counter(1);
     let out = vm.api(&["device", "add", &device]);
     assert!(out.status.success(), "{out:?}");

@@ -263,12 +263,7 @@ impl VfioUser {
         let info = Writer::default().u32(16).u32(0).u32(0).u32(0).0;
         let m = self.request(wire::DEVICE_GET_INFO, &info, &[])?;
         let mut r = Reader::new("DEVICE_GET_INFO reply", &m.payload);
-        let (_argsz, flags, nregions, nirqs) = (
-            r.u32().map_err(s)?,
-            r.u32().map_err(s)?,
-            r.u32().map_err(s)?,
-            r.u32().map_err(s)?,
-        );
+        let [_argsz, flags, nregions, nirqs] = r.u32s().map_err(s)?;
         if flags & wire::DEVICE_FLAGS_PCI == 0 {
             return Err("the device is not a PCI device".into());
         }
@@ -290,12 +285,7 @@ impl VfioUser {
                 .0;
             let m = self.request(wire::DEVICE_GET_REGION_INFO, &q, &[])?;
             let mut r = Reader::new("DEVICE_GET_REGION_INFO reply", &m.payload);
-            let (_argsz, rflags, rindex, _cap) = (
-                r.u32().map_err(s)?,
-                r.u32().map_err(s)?,
-                r.u32().map_err(s)?,
-                r.u32().map_err(s)?,
-            );
+            let [_argsz, rflags, rindex, _cap] = r.u32s().map_err(s)?;
             let size = r.u64().map_err(s)?;
             if rindex != index {
                 return Err(format!("asked for region {index}, got region {rindex}"));
@@ -319,12 +309,7 @@ impl VfioUser {
             let q = Writer::default().u32(16).u32(0).u32(index).u32(0).0;
             let m = self.request(wire::DEVICE_GET_IRQ_INFO, &q, &[])?;
             let mut r = Reader::new("DEVICE_GET_IRQ_INFO reply", &m.payload);
-            let (_argsz, _flags, rindex, count) = (
-                r.u32().map_err(s)?,
-                r.u32().map_err(s)?,
-                r.u32().map_err(s)?,
-                r.u32().map_err(s)?,
-            );
+            let [_argsz, _flags, rindex, count] = r.u32s().map_err(s)?;
             if rindex != index || count > 2048 {
                 return Err(format!(
                     "interrupt index {index}: index {rindex}, {count} vectors"

@@ -144,6 +144,15 @@ impl<'a> Reader<'a> {
         Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
 
+    /// `N` u32 fields in a row (the shape of most vfio-user payloads).
+    pub fn u32s<const N: usize>(&mut self) -> Result<[u32; N], WireError> {
+        let mut out = [0u32; N];
+        for v in out.iter_mut() {
+            *v = self.u32()?;
+        }
+        Ok(out)
+    }
+
     pub fn u64(&mut self) -> Result<u64, WireError> {
         let b = self.bytes(8)?;
         let mut a = [0u8; 8];

@@ -283,18 +283,25 @@ impl Vm {
     }
 
     pub fn boot(dir: &Path, name: &str, task: &str) -> Vm {
+        Vm::boot_with(dir, name, task, &[])
+    }
+
+    /// Like `boot`, with more flags for `run`.
+    pub fn boot_with(dir: &Path, name: &str, task: &str, extra: &[&str]) -> Vm {
         let p = probe();
+        let mut args = vec![
+            "run",
+            "--kernel",
+            p.to_str().unwrap(),
+            "--cmdline",
+            task,
+            "--memory",
+            "128M",
+            "--test-exit-port",
+        ];
+        args.extend_from_slice(extra);
         Vm::spawn(
-            &[
-                "run",
-                "--kernel",
-                p.to_str().unwrap(),
-                "--cmdline",
-                task,
-                "--memory",
-                "128M",
-                "--test-exit-port",
-            ],
+            &args,
             &dir.join(format!("{name}.console")),
             &dir.join(format!("{name}.sock")),
         )
