@@ -106,6 +106,9 @@ struct Control {
     api: Option<(Receiver<ApiMessage>, Arc<EventFd>)>,
     stdin: bool,
     done: Arc<Mutex<Option<ExitReason>>>,
+    /// Passthrough functions unplugged for the running migration: plugged
+    /// back if it does not complete.
+    unplugged_for_migration: Vec<crate::config::DeviceEntry>,
 }
 
 impl Control {
@@ -123,6 +126,11 @@ impl Control {
                 downtime_us: (o.downtime_ms * 1e3) as u64,
             });
             return;
+        }
+        if !self.migration.running() && !self.unplugged_for_migration.is_empty() {
+            // The migration ended here: the VM keeps its devices.
+            let specs = std::mem::take(&mut self.unplugged_for_migration);
+            self.replug(&specs);
         }
         if let Some(e) = self.vm.device_events.take() {
             self.finish(match e {
@@ -202,6 +210,62 @@ impl Control {
             })
     }
 
+    /// Plugs `specs` back (after a migration that did not happen) and has
+    /// the guest agent rescan; failures are logged, the VM runs on.
+    fn replug(&self, specs: &[crate::config::DeviceEntry]) {
+        for spec in specs {
+            match self.vm.plug(spec) {
+                Ok(slot) => tracing::warn!("{spec} plugged back at 00:{slot:02x}.0"),
+                Err(e) => tracing::error!("{e}; the VM runs without it"),
+            }
+        }
+        if let Some(v) = &self.vm.config.vsock {
+            if let Err(e) = crate::agent::ask(&v.socket, "rescan", crate::agent::TIMEOUT) {
+                tracing::warn!("{e}");
+            }
+        }
+    }
+
+    /// Before a migration: every passthrough function leaves, each after
+    /// the guest agent let go of it. Needs the agent (a VM without vsock
+    /// cannot be asked); if one refuses, those already unplugged come
+    /// back and the migration is refused.
+    fn unplug_for_migration(&self) -> Result<Vec<crate::config::DeviceEntry>, ApiResponse> {
+        let slots: Vec<u8> = self
+            .vm
+            .passthrough
+            .lock()
+            .map(|p| p.attached.iter().map(|a| a.slot).collect())
+            .unwrap_or_default();
+        if slots.is_empty() {
+            return Ok(Vec::new());
+        }
+        if self.vm.config.vsock.is_none() {
+            return Err(ApiResponse::error(
+                409,
+                format!(
+                    "the VM has passthrough devices ({}) whose state lives in the hardware \
+                     and no vsock device to ask its guest to let go of them; detach them first \
+                     (DELETE /vm/devices/BDF); the VM keeps running",
+                    self.vm.passthrough_specs().join(", ")
+                ),
+            ));
+        }
+        let mut done = Vec::new();
+        for slot in slots {
+            let released = self.release(slot, false);
+            match released.map(|()| self.vm.unplug(slot)) {
+                Ok(Some(spec)) => done.push(spec),
+                Ok(None) => {}
+                Err(r) => {
+                    self.replug(&done);
+                    return Err(r);
+                }
+            }
+        }
+        Ok(done)
+    }
+
     fn handle(&mut self, req: ApiRequest) -> ApiResponse {
         // While migrating, and once the VM has moved (the source lingers a
         // moment), nothing may pause, resume or change it here.
@@ -222,9 +286,7 @@ impl Control {
                     "part of the VM's memory is still arriving (post-copy); try again when it is all here",
                 )
             }
-            ApiRequest::Migrate(_) | ApiRequest::Snapshot(_)
-                if !self.vm.passthrough_specs().is_empty() =>
-            {
+            ApiRequest::Snapshot(_) if !self.vm.passthrough_specs().is_empty() => {
                 ApiResponse::error(
                     409,
                     format!(
@@ -240,15 +302,32 @@ impl Control {
                 if let Err(e) = to {
                     return ApiResponse::error(403, e);
                 }
+                if self.migration.running() {
+                    return ApiResponse::error(409, "a migration of this VM is already running");
+                }
+                // Passthrough functions cannot come along: they leave
+                // first (with the guest's consent) and come back if the
+                // migration does not complete.
+                let unplugged = match self.unplug_for_migration() {
+                    Ok(u) => u,
+                    Err(r) => return r,
+                };
                 match self
                     .migration
                     .start(self.vm.clone(), &r, self.vm.exit_evt.clone())
                 {
-                    Ok(()) => ApiResponse::json(
-                        202,
-                        &serde_json::json!({ "state": "running", "to": r.to }),
-                    ),
-                    Err(e) => ApiResponse::error(409, e),
+                    Ok(()) => {
+                        self.unplugged_for_migration = unplugged.clone();
+                        let names: Vec<String> = unplugged.iter().map(|d| d.to_string()).collect();
+                        ApiResponse::json(
+                            202,
+                            &serde_json::json!({ "state": "running", "to": r.to, "unplugged": names }),
+                        )
+                    }
+                    Err(e) => {
+                        self.replug(&unplugged);
+                        ApiResponse::error(409, e)
+                    }
                 }
             }
             ApiRequest::Pause
@@ -406,6 +485,7 @@ pub fn run(
         api,
         stdin,
         done: done.clone(),
+        unplugged_for_migration: Vec::new(),
     }));
     let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()?;
     em.add_subscriber(control.clone());

@@ -173,6 +173,11 @@ fn run(args: RunArgs) -> Result<u8, Failure> {
 /// the VM that arrived.
 fn incoming(addr: &str, config: RunConfig) -> Result<u8, Failure> {
     let (signals, kvm, listener, _socket_guard) = prepare(&config, None)?;
+    // Passthrough functions join once the VM has arrived: the VM that
+    // arrives has none (its source unplugged them), and its bus must
+    // match the source's while its state is loaded.
+    let mut config = config;
+    let devices = std::mem::take(&mut config.devices);
     let tcp = std::net::TcpListener::bind(addr)
         .with_context(|| format!("cannot listen on {addr}"))
         .map_err(usage)?;
@@ -234,7 +239,29 @@ fn incoming(addr: &str, config: RunConfig) -> Result<u8, Failure> {
             return Ok(1);
         }
     }
+    plug_arrived(&arrived.vm, &devices);
     serve(arrived.vm, signals, listener)
+}
+
+/// `run --incoming --device ...`: plugs the functions into the VM that
+/// arrived and has its guest agent rescan. A function that cannot be
+/// plugged is reported; the VM runs on without it.
+fn plug_arrived(vm: &vmm::vm::Vm, devices: &[vmm::config::DeviceEntry]) {
+    if devices.is_empty() {
+        return;
+    }
+    for d in devices {
+        match vm.plug(d) {
+            Ok(slot) => eprintln!("ffmk-vmm: {d} plugged in at 00:{slot:02x}.0"),
+            Err(e) => eprintln!("ffmk-vmm: {e}; the VM runs without it"),
+        }
+    }
+    if let Some(v) = &vm.config.vsock {
+        match vmm::agent::ask(&v.socket, "rescan", vmm::agent::TIMEOUT) {
+            Ok(a) => eprintln!("ffmk-vmm: guest agent: {a}"),
+            Err(e) => eprintln!("ffmk-vmm: {e}"),
+        }
+    }
 }
 
 /// `ffmk-vmm migrate`: starts the migration through the API and follows it.

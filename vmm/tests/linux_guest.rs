@@ -819,14 +819,7 @@ fn linux_guest_agent_lets_go_of_a_passthrough_device_and_finds_a_new_one() {
     };
     let dir = tmpdir("linux-agent");
     let cx = dir.join("cx.sock");
-    let mut server = std::process::Command::new(cx_server())
-        .arg(&cx)
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    while !cx.exists() {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let mut server = start_cx(&cx);
     let device = format!("vfio-user={}", cx.display());
     let vsock = format!("cid=3,socket={}", dir.join("v.sock").display());
     let vm = spawn_bzimage(
@@ -880,5 +873,121 @@ fn linux_guest_agent_lets_go_of_a_passthrough_device_and_finds_a_new_one() {
     assert_eq!(code, Some(0), "{err}");
     let _ = server.kill();
     let _ = server.wait();
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Starts `ffmk-vfio-user-cx` on `socket`.
+fn start_cx(socket: &Path) -> std::process::Child {
+    let child = std::process::Command::new(cx_server())
+        .arg(socket)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    while !socket.exists() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child
+}
+
+/// Waits until `vm`'s `GET /vm` lists `n` passthrough functions.
+fn wait_passthrough(vm: &common::Vm, n: usize) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + timeout();
+    loop {
+        let info = api_json(vm, &["info"]);
+        if info["passthrough"].as_array().map_or(0, Vec::len) == n {
+            return info;
+        }
+        assert!(std::time::Instant::now() < deadline, "{info}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn linux_vm_with_a_passthrough_device_migrates_without_it_and_gets_one_there() {
+    let Some((_, bzimage, initrd)) = images() else {
+        return;
+    };
+    let dir = tmpdir("linux-migrate-vf");
+    let (cx_a, cx_b) = (dir.join("cx-a.sock"), dir.join("cx-b.sock"));
+    let mut servers = [start_cx(&cx_a), start_cx(&cx_b)];
+    let vsock = |name: &str| format!("cid=3,socket={}", dir.join(name).display());
+    let dev = |s: &Path| format!("vfio-user={}", s.display());
+    let dst = common::Vm::spawn(
+        &[
+            "run",
+            "--incoming",
+            "tcp://127.0.0.1:7398",
+            "--memory",
+            "512M",
+            "--test-exit-port",
+            "--vsock",
+            &vsock("dst.vsock"),
+            "--device",
+            &dev(&cx_b),
+        ],
+        &dir.join("dst.console"),
+        &dir.join("dst.sock"),
+    );
+    let src = spawn_bzimage(
+        &dir,
+        "src",
+        &bzimage,
+        &initrd,
+        &["--vsock", &vsock("src.vsock"), "--device", &dev(&cx_a)],
+        "vsock-tool agent 1027",
+    );
+    let deadline = std::time::Instant::now() + timeout();
+    while !src.console().contains("vsock-tool: agent on 1027") {
+        assert!(std::time::Instant::now() < deadline, "{}", src.console());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A migration that fails (nobody listens): the device leaves with the
+    // guest's consent, then comes back, and the guest finds it again.
+    let failed = std::process::Command::new(common::vmm())
+        .args(["migrate", "--api-socket"])
+        .arg(&src.sock)
+        .args(["--to", "tcp://127.0.0.1:9", "--json"])
+        .output()
+        .unwrap();
+    assert!(!failed.status.success(), "{failed:?}");
+    let info = wait_passthrough(&src, 1);
+    assert_eq!(info["passthrough"][0]["device"], dev(&cx_a).as_str());
+    let deadline = std::time::Instant::now() + timeout();
+    while !src.console().contains("agent: rescan -> ok rescanned") {
+        assert!(std::time::Instant::now() < deadline, "{}", src.console());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        src.console().contains("agent: detach 0000:00:"),
+        "{}",
+        src.console()
+    );
+    // The real one: unplugged here, migrated, a VF of the destination
+    // plugged in there, and the guest's agent finds it.
+    migrate_away(src, "tcp://127.0.0.1:7398");
+    let info = wait_passthrough(&dst, 1);
+    assert_eq!(
+        info["passthrough"][0]["device"],
+        dev(&cx_b).as_str(),
+        "{info}"
+    );
+    let bdf = info["passthrough"][0]["bdf"].as_str().unwrap().to_string();
+    let deadline = std::time::Instant::now() + timeout();
+    let want = format!("0000:{bdf}=15b3:101c");
+    while !dst
+        .console()
+        .lines()
+        .any(|l| l.contains("agent: rescan") && l.contains(&want))
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", dst.console());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(dst.api(&["shutdown"]).status.success());
+    let (code, err) = dst.wait_exit();
+    assert_eq!(code, Some(0), "{err}");
+    for s in &mut servers {
+        let _ = s.kill();
+        let _ = s.wait();
+    }
     std::fs::remove_dir_all(dir).unwrap();
 }
