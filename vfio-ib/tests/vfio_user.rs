@@ -259,3 +259,37 @@ fn a_vm_can_be_snapshotted_once_its_passthrough_device_left() {
     let (ended, err) = vm.stop();
     assert!(ended.is_none(), "{err}");
 }
+
+#[test]
+fn a_device_interrupt_aimed_at_a_compute_vcpu_lands_on_a_service_vcpu() {
+    if std::thread::available_parallelism().map_or(0, |n| n.get()) < 2 {
+        eprintln!("skipped: needs two host cores");
+        return;
+    }
+    let server = Server::start("steer", None);
+    let p = probe();
+    // vCPU 1 is a compute vCPU; the guest points MSI-X vector 0 at it.
+    let out = Command::new(common::vmm())
+        .args(["run", "--kernel", p.to_str().unwrap()])
+        .args(["--cmdline", "task=cx rings=4 apic=1", "--memory", "64M"])
+        .args(["--test-exit-port", "--device", &server.device()])
+        .args([
+            "--cpus",
+            "service=1,compute=1",
+            "--pin",
+            "service=0,compute=1",
+        ])
+        .output()
+        .unwrap();
+    let (console, err) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{console}\n{err}");
+    assert_eq!(
+        text_value(&console, "cx_interrupts").as_deref(),
+        Some("4/4"),
+        "every interrupt reached vCPU 0, the service vCPU: {console}"
+    );
+    assert!(
+        err.contains("delivering it to service vCPU"),
+        "the rewrite is reported: {err}"
+    );
+}

@@ -199,12 +199,7 @@ fn bad_devices_get_one_clear_line_and_the_device_stays_usable() {
     assert!(out.status.success(), "{out:?}");
     // A second VM cannot take the device a first one holds; the first goes on.
     let dir = tmpdir("vfio-busy");
-    let first = Vm::boot_with(
-        &dir,
-        "a",
-        "task=counter",
-        &["--memory", "64M", "--device", &dev],
-    );
+    let first = Vm::boot_with(&dir, "a", "task=counter", &["--device", &dev]);
     first.wait_counter(1);
     let out = run(&[&dev]);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();

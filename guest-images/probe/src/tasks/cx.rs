@@ -7,6 +7,7 @@
 //! queue and as an interrupt. Prints `cx_*=` lines. `wait=S` scans the bus
 //! for up to S seconds for a device plugged in later; `unplug=1` then
 //! waits for it to be taken away (`cx_unplug_ready=1`, then `cx_gone=1`).
+//! `apic=N` aims the interrupt at APIC ID N instead of this CPU.
 use crate::boot::BootInfo;
 use crate::pci::scan;
 use crate::virtio::Msix;
@@ -65,7 +66,10 @@ pub fn run(info: &mut BootInfo, args: &crate::boot::Args) -> u8 {
         return fail("no MSI-X capability");
     };
     irq::enable_this_cpu(0);
-    msix.route(0, irq::apic_id(), VECTOR);
+    // apic=N aims vector 0 at another CPU (a decoupled VM must steer it
+    // back to a service vCPU; this CPU is vCPU 0, a service vCPU).
+    let target = args.num("apic", u64::from(irq::apic_id())) as u32;
+    msix.route(0, target, VECTOR);
     let Some(cq) = info.take(4096) else {
         return fail("no memory for the completion queue");
     };
