@@ -203,6 +203,11 @@ pub struct SnapshotRequest {
     /// the last dirty pages and the device/vCPU state.
     #[serde(default)]
     pub live: bool,
+    /// A VM with passthrough functions: have the guest agent let go of
+    /// them, unplug them for the snapshot and plug them back after it
+    /// (without this such a VM refuses to be snapshotted).
+    #[serde(default)]
+    pub detach_devices: bool,
 }
 
 /// Live snapshots: at most this many copy rounds, and the guest is paused

@@ -224,6 +224,10 @@ pub struct SnapshotArgs {
     /// Copy memory while the guest runs; pause only for the last dirty pages.
     #[arg(long)]
     pub live: bool,
+    /// Passthrough functions leave for the snapshot (the guest agent lets
+    /// go of them first) and come back after it.
+    #[arg(long)]
+    pub detach_devices: bool,
 }
 
 #[derive(Subcommand, Debug)]

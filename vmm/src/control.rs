@@ -226,7 +226,8 @@ impl Control {
         }
     }
 
-    /// Before a migration: every passthrough function leaves, each after
+    /// Before a migration (or a snapshot that asked for it): every
+    /// passthrough function leaves, each after
     /// the guest agent let go of it. Needs the agent (a VM without vsock
     /// cannot be asked); if one refuses, those already unplugged come
     /// back and the migration is refused.
@@ -286,12 +287,15 @@ impl Control {
                     "part of the VM's memory is still arriving (post-copy); try again when it is all here",
                 )
             }
-            ApiRequest::Snapshot(_) if !self.vm.passthrough_specs().is_empty() => {
+            ApiRequest::Snapshot(ref r)
+                if !r.detach_devices && !self.vm.passthrough_specs().is_empty() =>
+            {
                 ApiResponse::error(
                     409,
                     format!(
                         "the VM has passthrough devices ({}) whose state lives in the hardware \
-                         and cannot be saved; detach them first (DELETE /vm/devices/BDF); the VM keeps running",
+                         and cannot be saved; detach them first (DELETE /vm/devices/BDF), or ask for \
+                         detach_devices; the VM keeps running",
                         self.vm.passthrough_specs().join(", ")
                     ),
                 )
@@ -407,19 +411,29 @@ impl Control {
                 }
                 Err(e) => ApiResponse::error(409, format!("disk {index}: {e}")),
             },
-            ApiRequest::Snapshot(r) => match self
-                .vm
-                .config
-                .access
-                .check_snapshot_dest(&r.dest)
-                .map_err(|e| ApiResponse::error(403, e))
-                .and_then(|()| {
-                    crate::checkpoint::take(&self.vm, &r)
-                        .map_err(|e| ApiResponse::error(e.http_status(), e.to_string()))
-                }) {
-                Ok(summary) => ApiResponse::json(200, &summary),
-                Err(e) => e,
-            },
+            ApiRequest::Snapshot(r) => {
+                if let Err(e) = self.vm.config.access.check_snapshot_dest(&r.dest) {
+                    return ApiResponse::error(403, e);
+                }
+                // Passthrough functions (with detach_devices) leave for the
+                // snapshot and come back after it, whatever its outcome.
+                let unplugged = match self.unplug_for_migration() {
+                    Ok(u) => u,
+                    Err(resp) => return resp,
+                };
+                let taken = crate::checkpoint::take(&self.vm, &r);
+                self.replug(&unplugged);
+                match taken {
+                    Ok(mut summary) => {
+                        let names: Vec<String> = unplugged.iter().map(|d| d.to_string()).collect();
+                        if !names.is_empty() {
+                            summary["unplugged"] = serde_json::json!(names);
+                        }
+                        ApiResponse::json(200, &summary)
+                    }
+                    Err(e) => ApiResponse::error(e.http_status(), e.to_string()),
+                }
+            }
             ApiRequest::Shutdown => {
                 self.finish(ExitReason::ApiShutdown);
                 ApiResponse::json(200, &serde_json::json!({ "state": "shutting_down" }))

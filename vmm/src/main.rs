@@ -542,6 +542,7 @@ fn snapshot(a: SnapshotArgs) -> Result<u8, Failure> {
                 "kind": if a.incremental { "incremental" } else { "full" },
                 "force": a.force,
                 "live": a.live,
+                "detach_devices": a.detach_devices,
             });
             client(
                 ClientArgs { api_socket: sock },

@@ -868,6 +868,33 @@ fn linux_guest_agent_lets_go_of_a_passthrough_device_and_finds_a_new_one() {
     // No agent answer, no unplug (unless forced).
     let out = vm.api(&["device", "remove", "00:1f.0"]);
     assert!(!out.status.success());
+    // A snapshot: refused while the device is in, taken with it out for
+    // the moment (the agent lets go, then rescans).
+    let snap = dir.join("snap");
+    let refused = vm.api(&["snapshot", "--dest", snap.to_str().unwrap()]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("detach_devices"));
+    let taken = api_json(
+        &vm,
+        &[
+            "snapshot",
+            "--dest",
+            snap.to_str().unwrap(),
+            "--detach-devices",
+        ],
+    );
+    assert_eq!(taken["unplugged"][0], device.as_str(), "{taken}");
+    assert_eq!(
+        api_json(&vm, &["info"])["passthrough"]
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+    let rescans = vm
+        .console()
+        .matches("agent: rescan -> ok rescanned")
+        .count();
+    assert_eq!(rescans, 2, "{}", vm.console());
     let _ = vm.api(&["shutdown"]);
     let (code, err) = vm.wait_exit();
     assert_eq!(code, Some(0), "{err}");

@@ -49,15 +49,15 @@ pub extern "C" fn probe_cpu_main(idx: u64) -> ! {
 #[no_mangle]
 pub extern "C" fn probe_fault_report() -> ! {
     let f = arch::fault_record();
-    println!(
-        "probe: fault vector={} error={:#x} rip={:#x} cs={:#x} rsp={:#x} cr2={:#x}",
+    serial::print_fatal(format_args!(
+        "\nprobe: fault vector={} error={:#x} rip={:#x} cs={:#x} rsp={:#x} cr2={:#x}\n",
         f[0], f[1], f[2], f[3], f[4], f[5]
-    );
+    ));
     arch::exit(STATUS_FAULT)
 }
 
 #[panic_handler]
 fn panic(info: &PanicInfo) -> ! {
-    println!("probe: panic: {}", info);
+    serial::print_fatal(format_args!("\nprobe: panic: {}\n", info));
     arch::exit(STATUS_PROBE_ERROR)
 }

@@ -17,6 +17,15 @@ impl fmt::Write for Serial {
     }
 }
 
+/// For the fault and panic reports: a fault can strike while this CPU
+/// holds the lock (in the middle of a line), and the probe ends after the
+/// report anyway, so the lock is taken over instead of waited for.
+pub fn print_fatal(args: fmt::Arguments) {
+    LOCK.store(true, Ordering::Release);
+    let _ = fmt::write(&mut Serial, args);
+    LOCK.store(false, Ordering::Release);
+}
+
 pub fn print(args: fmt::Arguments) {
     while LOCK
         .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
