@@ -70,9 +70,11 @@ pub enum Command {
     },
     /// Live-migrate a running VM to a destination started with
     /// `ffmk-vmm run --incoming tcp://ADDR:PORT` (same memory, vCPUs, CPU
-    /// profile and devices). Shows rounds, bytes, dirty rate and predicted
-    /// downtime (a bar on a terminal, JSON lines otherwise); Ctrl-C cancels
-    /// and the VM keeps running here.
+    /// profile and devices; passthrough functions leave first, with the
+    /// guest agent's consent, and come back if the migration fails). Shows
+    /// rounds, bytes, dirty rate and predicted downtime (a bar on a
+    /// terminal, JSON lines otherwise); Ctrl-C cancels and the VM keeps
+    /// running here.
     Migrate(MigrateArgs),
     /// Hot-plug or hot-unplug a passthrough function of a running VM
     /// (`PUT /vm/devices`, `DELETE /vm/devices/BDF`). The guest finds a
@@ -508,9 +510,11 @@ pub struct RunArgs {
     /// reaches host port P through the Unix socket PATH_P.
     #[arg(long, value_name = "SPEC", value_parser = parse_vsock)]
     pub vsock: Option<VsockEntry>,
-    /// Pass a host function through: vfio=DDDD:BB:DD.F (a PCI function
-    /// bound to vfio-pci, see `ffmk-vmm vfio bind`; repeat for more).
-    /// Guest RAM is pinned and mapped for the device's DMA.
+    /// Pass a function through: vfio=DDDD:BB:DD.F[,mmap=off] (a host PCI
+    /// function bound to vfio-pci, see `ffmk-vmm vfio bind`; guest RAM is
+    /// pinned and mapped for its DMA) or vfio-user=SOCKET (a device served
+    /// by another process). Repeat for more. With --incoming, plugged in
+    /// once the VM has arrived.
     #[arg(long, value_name = "SPEC", value_parser = parse_device)]
     pub device: Vec<crate::config::DeviceEntry>,
     /// Instead of booting, wait for a live migration on tcp://ADDR:PORT and
