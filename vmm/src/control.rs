@@ -213,6 +213,9 @@ impl Control {
     /// Plugs `specs` back (after a migration that did not happen) and has
     /// the guest agent rescan; failures are logged, the VM runs on.
     fn replug(&self, specs: &[crate::config::DeviceEntry]) {
+        if specs.is_empty() {
+            return;
+        }
         for spec in specs {
             match self.vm.plug(spec) {
                 Ok(slot) => tracing::warn!("{spec} plugged back at 00:{slot:02x}.0"),
