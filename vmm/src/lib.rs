@@ -3,7 +3,8 @@
 //! devices, vCPU threads) → `vcpu` (the `KVM_RUN` loop) → `control` (the
 //! event loop that ends the VM) and `api` (REST over a Unix socket);
 //! `checkpoint` takes snapshots and restores from them (`arch::state` holds
-//! the KVM state path).
+//! the KVM state path); `passthrough` puts host functions (crate
+//! `vfio-ib`) on the PCI bus and `agent` asks the guest to let go of them.
 pub mod access;
 pub mod agent;
 pub mod api;
