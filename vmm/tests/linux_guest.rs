@@ -472,6 +472,15 @@ fn spawn_bzimage(
     )
 }
 
+/// Waits until `vm`'s console has `needle` (within the Linux tests' timeout).
+fn wait_console(vm: &common::Vm, needle: &str) {
+    let deadline = std::time::Instant::now() + timeout();
+    while !vm.console().contains(needle) {
+        assert!(std::time::Instant::now() < deadline, "{}", vm.console());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Boots the bzImage with a vsock device on `vsock_sock` running
 /// `vsock-tool echo 1234`, console and API socket in `dir` under `name`,
 /// and waits until the guest listens.
@@ -491,11 +500,7 @@ fn boot_vsock_echo(
         &["--vsock", &vsock],
         "vsock-tool echo 1234",
     );
-    let deadline = std::time::Instant::now() + timeout();
-    while !vm.console().contains("vsock-tool: listening on 1234") {
-        assert!(std::time::Instant::now() < deadline, "{}", vm.console());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_console(&vm, "vsock-tool: listening on 1234");
     vm
 }
 
@@ -830,11 +835,7 @@ fn linux_guest_agent_lets_go_of_a_passthrough_device_and_finds_a_new_one() {
         &["--vsock", &vsock, "--device", &device],
         "vsock-tool agent 1027",
     );
-    let deadline = std::time::Instant::now() + timeout();
-    while !vm.console().contains("vsock-tool: agent on 1027") {
-        assert!(std::time::Instant::now() < deadline, "{}", vm.console());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_console(&vm, "vsock-tool: agent on 1027");
     let info = api_json(&vm, &["info"]);
     let bdf = info["passthrough"][0]["bdf"].as_str().unwrap().to_string();
     // Linux enumerated it at boot.
@@ -963,11 +964,7 @@ fn linux_vm_with_a_passthrough_device_migrates_without_it_and_gets_one_there() {
         &["--vsock", &vsock("src.vsock"), "--device", &dev(&cx_a)],
         "vsock-tool agent 1027",
     );
-    let deadline = std::time::Instant::now() + timeout();
-    while !src.console().contains("vsock-tool: agent on 1027") {
-        assert!(std::time::Instant::now() < deadline, "{}", src.console());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_console(&src, "vsock-tool: agent on 1027");
     // A migration that fails (nobody listens): the device leaves with the
     // guest's consent, then comes back, and the guest finds it again.
     let failed = std::process::Command::new(common::vmm())
@@ -979,11 +976,7 @@ fn linux_vm_with_a_passthrough_device_migrates_without_it_and_gets_one_there() {
     assert!(!failed.status.success(), "{failed:?}");
     let info = wait_passthrough(&src, 1);
     assert_eq!(info["passthrough"][0]["device"], dev(&cx_a).as_str());
-    let deadline = std::time::Instant::now() + timeout();
-    while !src.console().contains("agent: rescan -> ok rescanned") {
-        assert!(std::time::Instant::now() < deadline, "{}", src.console());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_console(&src, "agent: rescan -> ok rescanned");
     assert!(
         src.console().contains("agent: detach 0000:00:"),
         "{}",
