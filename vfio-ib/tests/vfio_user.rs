@@ -293,3 +293,28 @@ fn a_device_interrupt_aimed_at_a_compute_vcpu_lands_on_a_service_vcpu() {
         "the rewrite is reported: {err}"
     );
 }
+
+#[test]
+fn a_vmm_started_with_hotplug_allow_plugs_only_what_it_names() {
+    let allowed = Server::start("allowed", None);
+    let other = Server::start("other", None);
+    let dir = common::tmpdir("vfio-user-allow");
+    let vm = common::Vm::boot_with(
+        &dir,
+        "vm",
+        "task=counter",
+        &["--hotplug-allow", &allowed.device()],
+    );
+    vm.wait_counter(1);
+    let refused = vm.api(&["device", "add", &other.device()]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("is refused: this VMM may hot-plug only"),
+        "{err}"
+    );
+    let added = json(&vm.api(&["device", "add", &allowed.device()]));
+    assert_eq!(added["state"], "attached");
+    let (ended, err) = vm.stop();
+    assert!(ended.is_none(), "{err}");
+}

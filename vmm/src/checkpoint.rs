@@ -668,8 +668,10 @@ impl Restoring {
             rng: c.rng,
             virtio_console: c.virtio_console.clone(),
             vsock: c.vsock.clone(),
-            // A VM with passthrough functions is never saved (control.rs).
+            // Saved without passthrough functions (control.rs); they are
+            // plugged again through the API.
             devices: Vec::new(),
+            hotplug_allow: confine.hotplug_allow.clone(),
             seccomp: confine.seccomp.unwrap_or_default(),
             access: crate::access::Access::new(&confine.snapshot_dirs, &confine.migrate_to)?,
             api_group: confine.api_group.clone(),

@@ -410,6 +410,11 @@ pub struct ConfineArgs {
     /// [default: any].
     #[arg(long, value_name = "HOST")]
     pub migrate_to: Vec<String>,
+    /// Only this device may be hot-plugged through the API: vfio=ADDR or
+    /// vfio-user=SOCKET (repeatable) [default: any]. With Landlock on, the
+    /// VFIO groups of these devices stay reachable for it.
+    #[arg(long, value_name = "SPEC", value_parser = parse_device)]
+    pub hotplug_allow: Vec<crate::config::DeviceEntry>,
     /// The API socket is made mode 0660 with this group (name or number),
     /// instead of 0600 (its owner only).
     #[arg(long, value_name = "GROUP")]
@@ -579,6 +584,8 @@ impl RunArgs {
                 .then(|| self.confine.snapshot_dirs.clone()),
             migrate_to: (!self.confine.migrate_to.is_empty())
                 .then(|| self.confine.migrate_to.clone()),
+            hotplug_allow: (!self.confine.hotplug_allow.is_empty())
+                .then(|| self.confine.hotplug_allow.clone()),
             api_group: self.confine.api_group.clone(),
             landlock: self.confine.landlock,
         }

@@ -162,6 +162,16 @@ impl std::str::FromStr for DeviceEntry {
     }
 }
 
+impl DeviceEntry {
+    /// The device it names (a PCI address or a socket), whatever the options.
+    pub fn key(&self) -> String {
+        match self {
+            DeviceEntry::Vfio { address, .. } => address.to_string(),
+            DeviceEntry::VfioUser { socket } => socket.display().to_string(),
+        }
+    }
+}
+
 impl std::fmt::Display for DeviceEntry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -354,6 +364,9 @@ pub struct FileConfig {
     pub seccomp: Option<sandbox::Mode>,
     pub snapshot_dirs: Option<Vec<PathBuf>>,
     pub migrate_to: Option<Vec<String>>,
+    /// `["vfio-user=/run/ffmk/cx0.sock"]`: what the API may hot-plug.
+    #[serde(default, deserialize_with = "de_devices")]
+    pub hotplug_allow: Option<Vec<DeviceEntry>>,
     pub api_group: Option<String>,
     /// `"auto"`, `"on"` or `"off"`.
     #[serde(default, deserialize_with = "de_parsed")]
@@ -415,6 +428,7 @@ impl FileConfig {
             disk: over.disk.or(self.disk),
             net: over.net.or(self.net),
             device: over.device.or(self.device),
+            hotplug_allow: over.hotplug_allow.or(self.hotplug_allow),
             rng: over.rng.or(self.rng),
             virtio_console: over.virtio_console.or(self.virtio_console),
             vsock: over.vsock.or(self.vsock),
@@ -479,6 +493,9 @@ pub struct RunConfig {
     /// `--device`: passed-through functions.
     #[serde(default)]
     pub devices: Vec<DeviceEntry>,
+    /// `--hotplug-allow`: what `PUT /vm/devices` may plug (empty: any).
+    #[serde(default)]
+    pub hotplug_allow: Vec<DeviceEntry>,
     /// `--seccomp`.
     #[serde(serialize_with = "as_text")]
     pub seccomp: sandbox::Mode,
@@ -588,10 +605,7 @@ impl RunConfig {
             }),
             devices: {
                 let d = c.device.unwrap_or_default();
-                let addr = |e: &DeviceEntry| match e {
-                    DeviceEntry::Vfio { address, .. } => address.to_string(),
-                    DeviceEntry::VfioUser { socket } => socket.display().to_string(),
-                };
+                let addr = DeviceEntry::key;
                 if let Some((_, e)) = d
                     .iter()
                     .enumerate()
@@ -601,6 +615,7 @@ impl RunConfig {
                 }
                 d
             },
+            hotplug_allow: c.hotplug_allow.unwrap_or_default(),
             seccomp: c.seccomp.unwrap_or_default(),
             access: crate::access::Access::new(
                 c.snapshot_dirs.as_deref().unwrap_or_default(),

@@ -348,6 +348,24 @@ impl Control {
                 ApiResponse::error(409, "a migration of this VM is in progress or done")
             }
             ApiRequest::GetVm => ApiResponse::json(200, &crate::info::vm_info(&self.vm)),
+            ApiRequest::AddDevice(spec)
+                if !self.vm.config.hotplug_allow.is_empty()
+                    && !self.vm.config.hotplug_allow.iter().any(|a| a.key() == spec.key()) =>
+            {
+                ApiResponse::error(
+                    403,
+                    format!(
+                        "{spec} is refused: this VMM may hot-plug only {}",
+                        self.vm
+                            .config
+                            .hotplug_allow
+                            .iter()
+                            .map(|d| d.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                )
+            }
             ApiRequest::AddDevice(spec) => match self.vm.plug(&spec) {
                 Ok(slot) => {
                     // A guest agent, where there is one, looks for it now.

@@ -207,14 +207,6 @@ pub struct Context<'a> {
     pub mem: &'a GuestMemoryMmap,
 }
 
-/// The device a spec names (a PCI address or a socket), to refuse it twice.
-fn key(spec: &DeviceEntry) -> String {
-    match spec {
-        DeviceEntry::Vfio { address, .. } => address.to_string(),
-        DeviceEntry::VfioUser { socket } => socket.display().to_string(),
-    }
-}
-
 impl Passthroughs {
     /// Opens the function `spec` names and puts it on the bus, at start or
     /// while the guest runs (hot-plug: the guest finds it when it scans
@@ -226,7 +218,7 @@ impl Passthroughs {
             msg,
             user,
         };
-        if self.attached.iter().any(|a| key(&a.spec) == key(spec)) {
+        if self.attached.iter().any(|a| a.spec.key() == spec.key()) {
             return Err(err("already attached to this VM".into(), true));
         }
         let mapper = self

@@ -95,14 +95,16 @@ pub fn paths(config: &RunConfig, restore_from: Option<&Path>) -> std::io::Result
         p.devices.push("/dev/net/tun".into());
     }
     p.devices.push("/dev/userfaultfd".into());
-    // Passthrough: the VFIO container and each device's group (a missing
-    // one is skipped here and fails with its own message in `vm.rs`).
+    // Passthrough: the VFIO container and the group of each device named
+    // at start or allowed for hot-plug (a missing one is skipped here and
+    // fails with its own message when it is opened).
     let kernel_vfio =
         |d: &&crate::config::DeviceEntry| matches!(d, crate::config::DeviceEntry::Vfio { .. });
-    if config.devices.iter().any(|d| kernel_vfio(&d)) {
+    let named = config.devices.iter().chain(&config.hotplug_allow);
+    if named.clone().any(|d| kernel_vfio(&d)) {
         p.devices.push("/dev/vfio/vfio".into());
     }
-    for d in &config.devices {
+    for d in named {
         let crate::config::DeviceEntry::Vfio { address, .. } = d else {
             continue;
         };
