@@ -376,14 +376,20 @@ impl Passthrough {
             0x10..=0x24 => shadow(reg),
             0x34 => self.caps.first().map_or(0, |c| c.offset as u32),
             0x3c => u32::from(self.shadow.raw(0x3c, 1)[0]),
-            0x40..=0xfc => (0..4).fold(0u32, |acc, i| {
-                acc | u32::from(self.cap_byte(reg + i)) << (8 * i)
-            }),
+            0x40..=0xfc => {
+                // One read of the device for the whole dword.
+                let phys = self.physical_dword(reg).to_le_bytes();
+                (0..4).fold(0u32, |acc, i| {
+                    acc | u32::from(self.cap_byte(reg + i, phys[i])) << (8 * i)
+                })
+            }
             _ => 0,
         }
     }
 
-    fn cap_byte(&self, offset: usize) -> u8 {
+    /// The guest's view of capability byte `offset`; `phys` is the
+    /// device's byte there.
+    fn cap_byte(&self, offset: usize, phys: u8) -> u8 {
         let Some(cap) = self.cap_at(offset) else {
             return 0;
         };
@@ -396,17 +402,11 @@ impl Passthrough {
         }
         match cap.id {
             msi::CAP_ID => self.msi.as_ref().map_or(0, |m| m.read_byte(rel)),
-            0x11 if rel == 3 => {
-                let (phys, emulated) = match &self.msix {
-                    Some(m) => (
-                        (self.physical_dword(offset & !3) >> (8 * (offset & 3))) as u8,
-                        self.shadow.raw(m.shadow_cap + 3, 1)[0],
-                    ),
-                    None => (0, 0),
-                };
-                (phys & 0x07) | (emulated & 0xc0)
-            }
-            _ => (self.physical_dword(offset & !3) >> (8 * (offset & 3))) as u8,
+            0x11 if rel == 3 => match &self.msix {
+                Some(m) => (phys & 0x07) | (self.shadow.raw(m.shadow_cap + 3, 1)[0] & 0xc0),
+                None => 0,
+            },
+            _ => phys,
         }
     }
 

@@ -531,19 +531,10 @@ fn linux_migrated_after_boot_keeps_answering_on_vsock() {
     };
     let dir = tmpdir("linux-migrate");
     let vsock = |name: &str| format!("cid=3,socket={}", dir.join(name).display());
-    let dst = common::Vm::spawn(
-        &[
-            "run",
-            "--incoming",
-            "tcp://127.0.0.1:7399",
-            "--memory",
-            "512M",
-            "--test-exit-port",
-            "--vsock",
-            &vsock("dst.vsock"),
-        ],
-        &dir.join("dst.console"),
-        &dir.join("dst.sock"),
+    let dst = spawn_incoming(
+        &dir,
+        "tcp://127.0.0.1:7399",
+        &["--vsock", &vsock("dst.vsock")],
     );
     let src = boot_vsock_echo(&dir, "src", &bzimage, &initrd, &dir.join("src.vsock"));
     migrate_away(src, "tcp://127.0.0.1:7399");
@@ -694,21 +685,27 @@ fn linux_checksum_workload_survives_live_migration() {
         return;
     };
     let dir = tmpdir("linux-migrate-sum");
-    let dst = common::Vm::spawn(
-        &[
-            "run",
-            "--incoming",
-            "tcp://127.0.0.1:7398",
-            "--memory",
-            "512M",
-            "--test-exit-port",
-        ],
-        &dir.join("dst.console"),
-        &dir.join("dst.sock"),
-    );
+    let dst = spawn_incoming(&dir, "tcp://127.0.0.1:7398", &[]);
     let src = boot_checksum(&dir, "src", &bzimage, &initrd);
     migrate_away(src, "tcp://127.0.0.1:7398");
     assert_second_life_finishes(&dir, "src", "dst", dst);
+}
+
+/// A destination VMM (`run --incoming ADDR`, 512 MiB like the source,
+/// console and API socket `dst.*` in `dir`) with `extra` flags. Each test
+/// listens on a port of its own: on hosts that run Linux guests directly,
+/// cargo runs the tests side by side.
+fn spawn_incoming(dir: &Path, addr: &str, extra: &[&str]) -> common::Vm {
+    let mut args = vec![
+        "run",
+        "--incoming",
+        addr,
+        "--memory",
+        "512M",
+        "--test-exit-port",
+    ];
+    args.extend_from_slice(extra);
+    common::Vm::spawn(&args, &dir.join("dst.console"), &dir.join("dst.sock"))
 }
 
 /// Live-migrates `src` to `to` (`ffmk-vmm migrate`) and checks that the
@@ -940,21 +937,10 @@ fn linux_vm_with_a_passthrough_device_migrates_without_it_and_gets_one_there() {
     let mut servers = [start_cx(&cx_a), start_cx(&cx_b)];
     let vsock = |name: &str| format!("cid=3,socket={}", dir.join(name).display());
     let dev = |s: &Path| format!("vfio-user={}", s.display());
-    let dst = common::Vm::spawn(
-        &[
-            "run",
-            "--incoming",
-            "tcp://127.0.0.1:7398",
-            "--memory",
-            "512M",
-            "--test-exit-port",
-            "--vsock",
-            &vsock("dst.vsock"),
-            "--device",
-            &dev(&cx_b),
-        ],
-        &dir.join("dst.console"),
-        &dir.join("dst.sock"),
+    let dst = spawn_incoming(
+        &dir,
+        "tcp://127.0.0.1:7397",
+        &["--vsock", &vsock("dst.vsock"), "--device", &dev(&cx_b)],
     );
     let src = spawn_bzimage(
         &dir,
@@ -984,7 +970,7 @@ fn linux_vm_with_a_passthrough_device_migrates_without_it_and_gets_one_there() {
     );
     // The real one: unplugged here, migrated, a VF of the destination
     // plugged in there, and the guest's agent finds it.
-    migrate_away(src, "tcp://127.0.0.1:7398");
+    migrate_away(src, "tcp://127.0.0.1:7397");
     let info = wait_passthrough(&dst, 1);
     assert_eq!(
         info["passthrough"][0]["device"],
