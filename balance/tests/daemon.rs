@@ -28,6 +28,11 @@ struct Daemon {
 
 impl Daemon {
     fn start(ns: &NetNs, dir: &Path, i: usize) -> Daemon {
+        Daemon::start_with(ns, dir, i, "10.77.0.[1-3]", "")
+    }
+
+    /// Daemon `i` of `hosts`, with more config lines.
+    fn start_with(ns: &NetNs, dir: &Path, i: usize, hosts: &str, extra: &str) -> Daemon {
         let vm_dir = dir.join(format!("h{i}"));
         std::fs::create_dir_all(&vm_dir).unwrap();
         let log = dir.join(format!("node{i}.log"));
@@ -35,7 +40,7 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                r#"hosts = "10.77.0.[1-3]"
+                r#"hosts = "{hosts}"
 me = "{me}"
 vm_dir = "{vm_dir}"
 vmm = "{vmm}"
@@ -48,6 +53,7 @@ min_interval_s = 2
 settle_s = 60
 threshold = 0.25
 migration_ports = [7410, 7419]
+{extra}
 "#,
                 me = Cluster::addr(i),
                 vm_dir = vm_dir.display(),
@@ -114,9 +120,13 @@ impl Drop for Daemon {
 
 /// A probe VM spinning on `cpus` vCPUs, its socket in the host's VM dir.
 fn busy_vm(ns: &NetNs, dir: &Path, host: usize, name: &str, cpus: &str) -> Vm {
+    busy_vm_with(ns, dir, host, name, &["--cpus", cpus])
+}
+
+fn busy_vm_with(ns: &NetNs, dir: &Path, host: usize, name: &str, flags: &[&str]) -> Vm {
     let vm_dir = dir.join(format!("h{host}"));
     std::fs::create_dir_all(&vm_dir).unwrap();
-    let args = probe_argv_mem("task=counter hz=20", "64M", &["--cpus", cpus]);
+    let args = probe_argv_mem("task=counter hz=20", "64M", flags);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Vm::spawn_in(
         Some(ns),
@@ -313,6 +323,11 @@ fn bad_settings_are_refused_with_one_line() {
             Some("vm_dir = \"/tmp\"\nhots = \"a\"\n"),
             "unknown field",
         ),
+        (
+            "pool.toml",
+            Some("vm_dir = \"/tmp\"\nhosts = \"127.0.0.1\"\nme = \"127.0.0.1\"\nvf_pool = [\"0000:3b:00.2\"]\n"),
+            "is not vfio=DDDD:BB:DD.F or vfio-user=SOCKET",
+        ),
     ];
     for (name, text, want) in cases {
         let path = dir.join(name);
@@ -337,4 +352,113 @@ fn bad_settings_are_refused_with_one_line() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach"));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The ConnectX-shaped vfio-user server (`cargo build -p vfio-ib`).
+fn cx_server(socket: &Path) -> Child {
+    let bin = Path::new(vmm()).with_file_name("ffmk-vfio-user-cx");
+    assert!(
+        bin.exists(),
+        "{} is missing: cargo build -p vfio-ib",
+        bin.display()
+    );
+    let child = Command::new(bin)
+        .arg(socket)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("the vfio-user server", Duration::from_secs(10), || {
+        socket.exists().then_some(())
+    });
+    child
+}
+
+/// A VM with a passthrough function in a hot-plug slot is balanced like
+/// any other: its function leaves through the slot at the source, and the
+/// destination's daemon gives it one from its VF pool, which the VMM
+/// there plugs into the same slot once the VM arrived.
+#[test]
+fn a_balanced_vm_leaves_its_function_and_gets_one_from_the_destination_pool() {
+    let Some(cluster) = Cluster::new("vfp", 2) else {
+        return;
+    };
+    let dir = common::tmpdir("balance-vf-pool");
+    let _cleanup = Cleanup(dir.clone());
+    let h = &cluster.hosts;
+    let (sock_a, sock_b) = (dir.join("cx-a.sock"), dir.join("cx-b.sock"));
+    let mut servers = [cx_server(&sock_a), cx_server(&sock_b)];
+    let (dev_a, dev_b) = (
+        format!("vfio-user={}", sock_a.display()),
+        format!("vfio-user={}", sock_b.display()),
+    );
+    // Host 0: "vf" (a function in its slot) and "stay" (vsock: bound to
+    // this host), one busy vCPU each; host 1: nothing, one pool function.
+    let vf = busy_vm_with(
+        &h[0],
+        &dir,
+        0,
+        "vf",
+        &["--cpus", "1", "--hotplug-slots", "1"],
+    );
+    let vsock = format!("cid=3,socket={}", dir.join("stay.vsock").display());
+    let stay = busy_vm_with(&h[0], &dir, 0, "stay", &["--cpus", "1", "--vsock", &vsock]);
+    vf.wait_counter(2);
+    stay.wait_counter(2);
+    let added = vf.api(&["device", "add", &dev_a]);
+    assert!(added.status.success(), "{added:?}");
+    let added: Value = serde_json::from_slice(&added.stdout).unwrap();
+    assert_eq!(added["bdf"], "01:00.0", "{added}");
+    let hosts = "10.77.0.[1-2]";
+    let pool = format!("vf_pool = [\"{dev_b}\"]");
+    let daemons = [
+        Daemon::start_with(&h[0], &dir, 0, hosts, ""),
+        Daemon::start_with(&h[1], &dir, 1, hosts, &pool),
+    ];
+    let pool_free =
+        |d: &Daemon| -> Option<usize> { Some(d.status()?["vf_pool"]["free"].as_array()?.len()) };
+    assert_eq!(
+        wait_for("host 1's status", Duration::from_secs(10), || pool_free(
+            &daemons[1]
+        )),
+        1
+    );
+    let done = wait_for("the migration", Duration::from_secs(90), || {
+        daemons[0]
+            .events()
+            .into_iter()
+            .find(|e| e["event"] == "migration-done")
+    });
+    assert_eq!(done["vm"], "vf", "{done}");
+    assert_eq!(done["to"], 1, "{done}");
+    // On host 1 the VM has the pool's function, in its slot.
+    let moved = dir.join("h1/vf.sock");
+    let info = wait_for(
+        "the pool function on host 1",
+        Duration::from_secs(20),
+        || {
+            let out = common::api(&moved, "info");
+            let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+            (v["passthrough"].as_array()?.len() == 1).then_some(v)
+        },
+    );
+    assert_eq!(info["passthrough"][0]["device"], dev_b.as_str(), "{info}");
+    assert_eq!(info["passthrough"][0]["bdf"], "01:00.0", "{info}");
+    assert_eq!(info["config"]["hotplug_slots"], 1, "{info}");
+    assert_eq!(pool_free(&daemons[1]), Some(0));
+    // The guest goes on counting there.
+    let console = dir.join("h1/vf.console");
+    wait_for("the counter on host 1", Duration::from_secs(20), || {
+        (counters(&std::fs::read_to_string(&console).ok()?).len() >= 3).then_some(())
+    });
+    let mut src = vf;
+    wait_for("the source VMM to exit", Duration::from_secs(10), || {
+        src.child.try_wait().ok().flatten()
+    });
+    drop(daemons);
+    drop(stay);
+    for s in &mut servers {
+        let _ = s.kill();
+        let _ = s.wait();
+    }
 }

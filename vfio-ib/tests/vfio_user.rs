@@ -318,3 +318,105 @@ fn a_vmm_started_with_hotplug_allow_plugs_only_what_it_names() {
     let (ended, err) = vm.stop();
     assert!(ended.is_none(), "{err}");
 }
+
+/// With --hotplug-slots, hot-plugged functions go into PCIe root ports'
+/// slots (bus N, device 0) instead of bus 0; a snapshot takes them out
+/// through their slots without a guest agent and puts them back, and the
+/// VM restored from it has the same (empty) slots.
+#[test]
+fn hot_plugged_functions_go_into_root_port_slots() {
+    let a = Server::start("slot-a", None);
+    let b = Server::start("slot-b", None);
+    let dir = common::tmpdir("vfio-user-slots");
+    let snaps = dir.join("snaps");
+    std::fs::create_dir_all(&snaps).unwrap();
+    let vm = common::Vm::boot_with(
+        &dir,
+        "vm",
+        "task=counter",
+        &[
+            "--hotplug-slots",
+            "2",
+            "--snapshot-dir",
+            snaps.to_str().unwrap(),
+        ],
+    );
+    vm.wait_counter(1);
+    let first = json(&vm.api(&["device", "add", &a.device()]));
+    assert_eq!(first["bdf"], "01:00.0", "{first}");
+    assert_eq!(first["hotplug_slot"], true);
+    let second = json(&vm.api(&["device", "add", &b.device()]));
+    assert_eq!(second["bdf"], "02:00.0", "{second}");
+    let info = json(&vm.api(&["info"]));
+    let pci: Vec<(String, String)> = info["pci"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["bdf"].as_str().unwrap().to_string(),
+                f["device"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    for (bdf, name) in [
+        ("00:1f.0", "pcie-root-port (hot-plug slot 1)"),
+        ("00:1e.0", "pcie-root-port (hot-plug slot 2)"),
+        ("01:00.0", "vfio-user"),
+        ("02:00.0", "vfio-user"),
+    ] {
+        assert!(
+            pci.iter().any(|(b, n)| b == bdf && n.starts_with(name)),
+            "{bdf} {name}: {pci:?}"
+        );
+    }
+    // Full slots: the next one goes on bus 0.
+    let c = Server::start("slot-c", None);
+    let third = json(&vm.api(&["device", "add", &c.device()]));
+    assert_eq!(third["hotplug_slot"], false, "{third}");
+    json(&vm.api(&["device", "remove", third["bdf"].as_str().unwrap()]));
+    // No vsock, yet a snapshot may detach them: through their slots (the
+    // probe never powered them on, so they are released at once).
+    let dest = snaps.join("s1");
+    let snap = vm.snapshot(&dest, &["--detach-devices"]);
+    assert_eq!(
+        snap["unplugged"].as_array().map(Vec::len),
+        Some(2),
+        "{snap}"
+    );
+    let info = json(&vm.api(&["info"]));
+    assert_eq!(
+        info["passthrough"].as_array().map(Vec::len),
+        Some(2),
+        "{info}"
+    );
+    let gone = vm.api(&["device", "remove", "03:00.0"]);
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("no passthrough device at 03:00.0"));
+    let (ended, err) = vm.stop();
+    assert!(ended.is_none(), "{err}");
+    // The restored VM has both slots, empty, and takes a function again.
+    let back = common::Vm::restore(&dir, "back", &dest, &[]);
+    back.wait_counter(1);
+    let info = json(&back.api(&["info"]));
+    assert_eq!(info["config"]["hotplug_slots"], 2, "{info}");
+    assert_eq!(info["passthrough"], serde_json::json!([]));
+    let again = json(&back.api(&["device", "add", &a.device()]));
+    assert_eq!(again["bdf"], "01:00.0", "{again}");
+    let (ended, err) = back.stop();
+    assert!(ended.is_none(), "{err}");
+}
+
+#[test]
+fn too_many_hotplug_slots_is_one_clear_error() {
+    let out = Command::new(common::vmm())
+        .args(["run", "--kernel", probe().to_str().unwrap()])
+        .args(["--hotplug-slots", "9"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--hotplug-slots") && err.contains("0..=8"),
+        "{err}"
+    );
+}

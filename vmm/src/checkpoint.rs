@@ -100,6 +100,10 @@ pub struct MachineConfig {
     pub rng: bool,
     pub virtio_console: Option<PathBuf>,
     pub vsock: Option<VsockConfig>,
+    /// Hot-plug root ports (their slots are saved empty: passthrough
+    /// functions leave before a snapshot).
+    #[serde(default)]
+    pub hotplug_slots: u8,
 }
 
 impl MachineState {
@@ -294,6 +298,7 @@ pub(crate) fn machine_state(vm: &Vm) -> Result<MachineState, Error> {
             rng: c.rng,
             virtio_console: c.virtio_console.clone(),
             vsock: c.vsock.clone(),
+            hotplug_slots: c.hotplug_slots,
         },
         boot: vm.boot.clone(),
         tsc_khz: vm.tsc_khz,
@@ -668,6 +673,7 @@ impl Restoring {
             rng: c.rng,
             virtio_console: c.virtio_console.clone(),
             vsock: c.vsock.clone(),
+            hotplug_slots: c.hotplug_slots,
             // Saved without passthrough functions (control.rs); they are
             // plugged again through the API.
             devices: Vec::new(),

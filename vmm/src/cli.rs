@@ -77,9 +77,11 @@ pub enum Command {
     /// running here.
     Migrate(MigrateArgs),
     /// Hot-plug or hot-unplug a passthrough function of a running VM
-    /// (`PUT /vm/devices`, `DELETE /vm/devices/BDF`). The guest finds a
-    /// new function when it scans its PCI bus again; a function leaves
-    /// once its driver has let go of it (docs/vfio.md).
+    /// (`PUT /vm/devices`, `DELETE /vm/devices/BDF`). With `--hotplug-slots`
+    /// the function goes into a PCIe hot-plug slot and the guest's own
+    /// hot-plug driver finds it and lets go of it; otherwise it goes on
+    /// bus 0 and the guest agent rescans. A function leaves once the guest
+    /// has let go of it (docs/vfio.md).
     Device {
         #[command(subcommand)]
         action: DeviceAction,
@@ -119,13 +121,16 @@ pub enum DeviceAction {
         client: ClientArgs,
         device: String,
     },
-    /// Detach the passthrough function at guest BDF 00:SS.0 (a VM with
-    /// vsock asks its guest agent to let go of it first).
+    /// Detach the passthrough function at guest BDF BB:SS.0 (as `info`
+    /// lists it). First the guest lets go: a VM with vsock asks its guest
+    /// agent; a function in a hot-plug slot is ejected through the slot
+    /// (attention button; the guest powers the slot off).
     Remove {
         #[command(flatten)]
         client: ClientArgs,
         bdf: String,
-        /// Do not ask the guest agent: remove it even if the guest uses it.
+        /// Do not ask the guest: remove it even if the guest uses it (a
+        /// surprise removal for a function in a hot-plug slot).
         #[arg(long)]
         force: bool,
     },
@@ -522,6 +527,13 @@ pub struct RunArgs {
     /// once the VM has arrived.
     #[arg(long, value_name = "SPEC", value_parser = parse_device)]
     pub device: Vec<crate::config::DeviceEntry>,
+    /// PCIe root ports with a hot-plug slot each (0-8): functions plugged
+    /// through the API go there, and the guest's own PCIe hot-plug driver
+    /// (Linux: pciehp) finds them and lets go of them when asked, with no
+    /// agent. Without slots they go on bus 0 and a guest needs the agent
+    /// (or a rescan) to see them.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(0..=8))]
+    pub hotplug_slots: Option<u8>,
     /// Instead of booting, wait for a live migration on tcp://ADDR:PORT and
     /// run the VM that arrives (memory, vCPUs, CPU profile and devices must
     /// match the source; --kernel is not needed).
@@ -586,6 +598,7 @@ impl RunArgs {
                 .then(|| self.confine.migrate_to.clone()),
             hotplug_allow: (!self.confine.hotplug_allow.is_empty())
                 .then(|| self.confine.hotplug_allow.clone()),
+            hotplug_slots: self.hotplug_slots,
             api_group: self.confine.api_group.clone(),
             landlock: self.confine.landlock,
         }

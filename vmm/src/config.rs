@@ -39,6 +39,8 @@ pub enum Error {
     Device { spec: String, why: String },
     #[error("--device {0} is given twice")]
     DeviceTwice(String),
+    #[error("hotplug_slots = {0}: at most {MAX_HOTPLUG_SLOTS} hot-plug slots")]
+    HotplugSlots(u8),
     #[error("invalid --net '{spec}': {why} (tap=NAME[,mac=52:54:00:12:34:56])")]
     Net { spec: String, why: String },
     #[error("invalid --vsock '{spec}': {why} (cid=N,socket=PATH)")]
@@ -364,6 +366,8 @@ pub struct FileConfig {
     pub seccomp: Option<sandbox::Mode>,
     pub snapshot_dirs: Option<Vec<PathBuf>>,
     pub migrate_to: Option<Vec<String>>,
+    /// Hot-plug root ports (PCIe native hot-plug slots).
+    pub hotplug_slots: Option<u8>,
     /// `["vfio-user=/run/ffmk/cx0.sock"]`: what the API may hot-plug.
     #[serde(default, deserialize_with = "de_devices")]
     pub hotplug_allow: Option<Vec<DeviceEntry>>,
@@ -429,6 +433,7 @@ impl FileConfig {
             net: over.net.or(self.net),
             device: over.device.or(self.device),
             hotplug_allow: over.hotplug_allow.or(self.hotplug_allow),
+            hotplug_slots: over.hotplug_slots.or(self.hotplug_slots),
             rng: over.rng.or(self.rng),
             virtio_console: over.virtio_console.or(self.virtio_console),
             vsock: over.vsock.or(self.vsock),
@@ -496,6 +501,9 @@ pub struct RunConfig {
     /// `--hotplug-allow`: what `PUT /vm/devices` may plug (empty: any).
     #[serde(default)]
     pub hotplug_allow: Vec<DeviceEntry>,
+    /// `--hotplug-slots`: PCIe root ports with a hot-plug slot each.
+    #[serde(default)]
+    pub hotplug_slots: u8,
     /// `--seccomp`.
     #[serde(serialize_with = "as_text")]
     pub seccomp: sandbox::Mode,
@@ -515,6 +523,9 @@ fn as_text<S: serde::Serializer, T: std::fmt::Display>(v: &T, s: S) -> Result<S:
 pub const DEFAULT_MEMORY: &str = "256M";
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
 pub const MAX_VCPUS: u32 = vcpu_decouple::topology::MAX_VCPUS;
+/// Hot-plug root ports a VM may have (each takes a bus of the 16 the ECAM
+/// covers, and windows of 16 MiB below 4 GiB and 512 MiB above RAM).
+pub const MAX_HOTPLUG_SLOTS: u8 = 8;
 
 /// `cpus = 4` or `cpus = "service=1,compute=3"` in TOML.
 fn de_cpus<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Topology>, D::Error> {
@@ -616,6 +627,10 @@ impl RunConfig {
                 d
             },
             hotplug_allow: c.hotplug_allow.unwrap_or_default(),
+            hotplug_slots: match c.hotplug_slots.unwrap_or(0) {
+                n if n > MAX_HOTPLUG_SLOTS => return Err(Error::HotplugSlots(n)),
+                n => n,
+            },
             seccomp: c.seccomp.unwrap_or_default(),
             access: crate::access::Access::new(
                 c.snapshot_dirs.as_deref().unwrap_or_default(),

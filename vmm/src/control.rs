@@ -3,6 +3,7 @@
 //! console input, and turns all of them into one [`ExitReason`].
 use crate::api::{ApiMessage, ApiRequest, ApiResponse};
 use crate::vm::Vm;
+use devices::pci::Location;
 use devices::VmEvent;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -93,6 +94,10 @@ pub fn signal_fd() -> std::io::Result<OwnedFd> {
         Ok(OwnedFd::from_raw_fd(fd))
     }
 }
+
+/// How long a guest has to power a hot-plug slot off after its attention
+/// button (Linux's pciehp takes 5 s, then unbinds the driver).
+const EJECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
 const EV_EXIT: u32 = 1;
 const EV_SIGNAL: u32 = 2;
@@ -185,29 +190,40 @@ impl Control {
         self.vm.resume()
     }
 
-    /// Before an unplug: a VM with a vsock device asks its guest agent to
-    /// let go of the function (unless `force`); a refusal or no answer
-    /// keeps the function where it is. A VM without vsock has no agent:
-    /// its guest must cope with the function going (the probe polls).
-    fn release(&self, slot: u8, force: bool) -> Result<(), ApiResponse> {
+    /// Before an unplug (unless `force`), the guest lets go of the
+    /// function: a VM with a vsock device asks its guest agent; without
+    /// one, a function in a hot-plug slot is ejected through the slot (the
+    /// guest's PCIe hot-plug driver powers it off). A refusal or no answer
+    /// keeps the function where it is. A function on bus 0 of a VM without
+    /// vsock has no one to ask: its guest must cope with it going (the
+    /// probe polls).
+    fn release(&self, at: Location, force: bool) -> Result<(), ApiResponse> {
         let attached = self
             .vm
             .passthrough
             .lock()
-            .map(|p| p.attached.iter().any(|a| a.slot == slot))
+            .map(|p| p.attached.iter().any(|a| a.at == at))
             .unwrap_or(false);
-        let (Some(v), false, true) = (&self.vm.config.vsock, force, attached) else {
+        if force || !attached {
             return Ok(());
+        }
+        let refused = |e: String| {
+            ApiResponse::error(
+                409,
+                format!("{at} stays attached: {e} (DELETE with ?force=1 removes it anyway)"),
+            )
         };
-        let cmd = format!("detach 0000:00:{slot:02x}.0");
-        crate::agent::ask(&v.socket, &cmd, crate::agent::TIMEOUT)
+        match &self.vm.config.vsock {
+            Some(v) => crate::agent::ask(
+                &v.socket,
+                &format!("detach 0000:{at}"),
+                crate::agent::TIMEOUT,
+            )
             .map(|_| ())
-            .map_err(|e| {
-                ApiResponse::error(
-                    409,
-                    format!("00:{slot:02x}.0 stays attached: {e} (DELETE with ?force=1 removes it anyway)"),
-                )
-            })
+            .map_err(|e| refused(e.to_string())),
+            None if at.bus != 0 => self.vm.eject(at, EJECT_TIMEOUT).map_err(refused),
+            None => Ok(()),
+        }
     }
 
     /// Plugs `specs` back (after a migration that did not happen) and has
@@ -218,7 +234,7 @@ impl Control {
         }
         for spec in specs {
             match self.vm.plug(spec) {
-                Ok(slot) => tracing::warn!("{spec} plugged back at 00:{slot:02x}.0"),
+                Ok(at) => tracing::warn!("{spec} plugged back at {at}"),
                 Err(e) => tracing::error!("{e}; the VM runs without it"),
             }
         }
@@ -230,27 +246,28 @@ impl Control {
     }
 
     /// Before a migration (or a snapshot that asked for it): every
-    /// passthrough function leaves, each after
-    /// the guest agent let go of it. Needs the agent (a VM without vsock
-    /// cannot be asked); if one refuses, those already unplugged come
-    /// back and the migration is refused.
+    /// passthrough function leaves, each after the guest let go of it
+    /// ([`Control::release`]: the agent, or the hot-plug slot's eject). A
+    /// function on bus 0 of a VM without vsock cannot be asked for; if the
+    /// guest refuses one, those already unplugged come back and the
+    /// migration is refused.
     fn unplug_for_migration(&self) -> Result<Vec<crate::config::DeviceEntry>, ApiResponse> {
-        let slots: Vec<u8> = self
+        let slots: Vec<Location> = self
             .vm
             .passthrough
             .lock()
-            .map(|p| p.attached.iter().map(|a| a.slot).collect())
+            .map(|p| p.attached.iter().map(|a| a.at).collect())
             .unwrap_or_default();
         if slots.is_empty() {
             return Ok(Vec::new());
         }
-        if self.vm.config.vsock.is_none() {
+        if self.vm.config.vsock.is_none() && slots.iter().any(|at| at.bus == 0) {
             return Err(ApiResponse::error(
                 409,
                 format!(
-                    "the VM has passthrough devices ({}) whose state lives in the hardware \
-                     and no vsock device to ask its guest to let go of them; detach them first \
-                     (DELETE /vm/devices/BDF); the VM keeps running",
+                    "the VM has passthrough devices ({}) whose state lives in the hardware, \
+                     on bus 0 (no hot-plug slot) and no vsock device to ask its guest to let go \
+                     of them; detach them first (DELETE /vm/devices/BDF); the VM keeps running",
                     self.vm.passthrough_specs().join(", ")
                 ),
             ));
@@ -367,7 +384,7 @@ impl Control {
                 )
             }
             ApiRequest::AddDevice(spec) => match self.vm.plug(&spec) {
-                Ok(slot) => {
+                Ok(at) => {
                     // A guest agent, where there is one, looks for it now.
                     let guest = self.vm.config.vsock.as_ref().map(|v| {
                         match crate::agent::ask(&v.socket, "rescan", crate::agent::TIMEOUT) {
@@ -379,7 +396,8 @@ impl Control {
                         200,
                         &serde_json::json!({
                             "device": spec.to_string(),
-                            "bdf": format!("00:{slot:02x}.0"),
+                            "bdf": at.to_string(),
+                            "hotplug_slot": at.bus != 0,
                             "state": "attached",
                             "guest": guest,
                         }),
@@ -389,21 +407,18 @@ impl Control {
                 // device, wrong driver, a server that fails) refused it.
                 Err(e) => ApiResponse::error(if e.user { 409 } else { 500 }, e.to_string()),
             },
-            ApiRequest::RemoveDevice { slot, force } => match self.release(slot, force) {
+            ApiRequest::RemoveDevice { at, force } => match self.release(at, force) {
                 Err(r) => r,
-                Ok(()) => match self.vm.unplug(slot) {
-                Some(spec) => ApiResponse::json(
-                    200,
-                    &serde_json::json!({
-                        "device": spec.to_string(),
-                        "bdf": format!("00:{slot:02x}.0"),
-                        "state": "detached",
-                    }),
-                ),
-                None => ApiResponse::error(
-                    404,
-                    format!("no passthrough device at 00:{slot:02x}.0"),
-                ),
+                Ok(()) => match self.vm.unplug(at) {
+                    Some(spec) => ApiResponse::json(
+                        200,
+                        &serde_json::json!({
+                            "device": spec.to_string(),
+                            "bdf": at.to_string(),
+                            "state": "detached",
+                        }),
+                    ),
+                    None => ApiResponse::error(404, format!("no passthrough device at {at}")),
                 },
             },
             ApiRequest::Vcpus => ApiResponse::json(200, &crate::info::vcpus_info(&self.vm)),

@@ -26,12 +26,12 @@ pub fn vm_info(vm: &Vm) -> serde_json::Value {
         .pci
         .describe()
         .into_iter()
-        .map(|(slot, name, counters)| {
+        .map(|(at, name, counters)| {
             let counters: serde_json::Map<String, serde_json::Value> = counters
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), json!(v)))
                 .collect();
-            json!({ "bdf": format!("00:{slot:02x}.0"), "device": name, "counters": counters })
+            json!({ "bdf": at.to_string(), "device": name, "counters": counters })
         })
         .collect();
     let disks: Vec<_> = vm

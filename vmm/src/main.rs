@@ -252,7 +252,7 @@ fn plug_arrived(vm: &vmm::vm::Vm, devices: &[vmm::config::DeviceEntry]) {
     }
     for d in devices {
         match vm.plug(d) {
-            Ok(slot) => eprintln!("ffmk-vmm: {d} plugged in at 00:{slot:02x}.0"),
+            Ok(at) => eprintln!("ffmk-vmm: {d} plugged in at {at}"),
             Err(e) => eprintln!("ffmk-vmm: {e}; the VM runs without it"),
         }
     }

@@ -58,6 +58,8 @@ pub fn hello(config: &RunConfig, profile: CpuProfile) -> Hello {
     if config.rng {
         devices.push("virtio-rng".into());
     }
+    // Hot-plug root ports are part of the bus the state is loaded into.
+    devices.extend((1..=config.hotplug_slots).map(|n| format!("pcie-root-port slot={n}")));
     Hello {
         state_version: STATE_VERSION,
         memory_bytes: config.memory_bytes,

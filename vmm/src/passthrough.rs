@@ -10,7 +10,7 @@ use crate::config::DeviceEntry;
 use crate::irq::IrqRouting;
 use crate::memory::{self, GuestMemoryMmap};
 use devices::interrupt::MsiVectors;
-use devices::pci::PciRoot;
+use devices::pci::{Location, PciRoot};
 use kvm_bindings::{
     kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO, kvm_userspace_memory_region,
 };
@@ -127,7 +127,8 @@ impl GuestMapper for KvmMapper {
 /// One passthrough function on the bus.
 pub struct Attached {
     pub spec: DeviceEntry,
-    pub slot: u8,
+    /// On bus 0, or in a hot-plug slot (bus N, device 0).
+    pub at: Location,
     pub device: Arc<Mutex<Passthrough>>,
 }
 
@@ -157,7 +158,8 @@ impl Passthroughs {
             .map(|a| {
                 serde_json::json!({
                     "device": a.spec.to_string(),
-                    "bdf": format!("00:{:02x}.0", a.slot),
+                    "bdf": a.at.to_string(),
+                    "hotplug_slot": a.at.bus != 0,
                     "state": "attached",
                 })
             })
@@ -209,10 +211,17 @@ pub struct Context<'a> {
 
 impl Passthroughs {
     /// Opens the function `spec` names and puts it on the bus, at start or
-    /// while the guest runs (hot-plug: the guest finds it when it scans
-    /// the bus again). On error nothing stays attached (what was opened is
+    /// while the guest runs (`hotplug`). A hot-plugged function goes into
+    /// a free hot-plug slot where the VM has one (the guest's PCIe hot-plug
+    /// driver is told), else on bus 0 (the guest finds it when it scans the
+    /// bus again). On error nothing stays attached (what was opened is
     /// closed and reset on the way out).
-    pub fn attach(&mut self, cx: &Context, spec: &DeviceEntry) -> Result<&Attached, Error> {
+    pub fn attach(
+        &mut self,
+        cx: &Context,
+        spec: &DeviceEntry,
+        hotplug: bool,
+    ) -> Result<&Attached, Error> {
         let err = |msg: String, user: bool| Error {
             spec: spec.to_string(),
             msg,
@@ -267,34 +276,41 @@ impl Passthroughs {
             }
         };
         let device = Arc::new(Mutex::new(dev));
-        let slot = cx
+        let free_slot = cx
             .pci
-            .add(device.clone())
-            .map_err(|e| err(e.to_string(), false))?;
-        tracing::info!("{spec} is 00:{slot:02x}.0 in the guest");
+            .ports()
+            .iter()
+            .any(|(_, p)| p.lock().map(|p| !p.occupied()).unwrap_or(false));
+        let placed = if hotplug && free_slot {
+            cx.pci.hotplug(device.clone())
+        } else {
+            cx.pci.add(device.clone()).map(Location::root)
+        };
+        let at = placed.map_err(|e| err(e.to_string(), false))?;
+        tracing::info!("{spec} is {at} in the guest");
         self.attached.push(Attached {
             spec: spec.clone(),
-            slot,
+            at,
             device,
         });
         Ok(&self.attached[self.attached.len() - 1])
     }
 
-    /// Takes the passthrough function in `slot` off the bus (hot-unplug):
+    /// Takes the passthrough function at `at` off the bus (hot-unplug):
     /// its interrupts stop, its BARs leave the guest, it is reset and
-    /// closed. The guest's accesses to the slot read as "no device" from
-    /// then on. Returns what it was.
-    pub fn detach(&mut self, pci: &PciRoot, slot: u8) -> Option<DeviceEntry> {
-        let i = self.attached.iter().position(|a| a.slot == slot)?;
+    /// closed. The guest's accesses to it read as "no device" from then
+    /// on (in a hot-plug slot, the guest is told). Returns what it was.
+    pub fn detach(&mut self, pci: &PciRoot, at: Location) -> Option<DeviceEntry> {
+        let i = self.attached.iter().position(|a| a.at == at)?;
         let a = self.attached.remove(i);
-        if let Err(e) = pci.remove(slot) {
+        if let Err(e) = pci.unplug(at) {
             tracing::warn!("{}: {e}", a.spec);
         }
         if let Ok(mut d) = a.device.lock() {
             d.quiesce();
             d.backend().reset();
         }
-        tracing::info!("{} (00:{slot:02x}.0) detached", a.spec);
+        tracing::info!("{} ({at}) detached", a.spec);
         Some(a.spec)
     }
 }
@@ -303,7 +319,7 @@ impl Passthroughs {
 pub fn attach_all(cx: &Context, specs: &[DeviceEntry]) -> Result<Passthroughs, Error> {
     let mut out = Passthroughs::default();
     for spec in specs {
-        out.attach(cx, spec)?;
+        out.attach(cx, spec, false)?;
     }
     Ok(out)
 }

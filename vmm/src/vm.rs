@@ -11,7 +11,7 @@ use crate::passthrough::Passthroughs;
 use crate::vcpu::{self, Buses, Request, Vcpu, VcpuShared, VcpuState, VcpuStop};
 use devices::bus::{MmioBus, PioBus};
 use devices::legacy::{self, AcpiSleep, SerialPort, TestExitPort, I8042};
-use devices::pci::{PciConfigIo, PciDevice, PciEcam, PciRoot, PciWindow};
+use devices::pci::{Location, PciConfigIo, PciDevice, PciEcam, PciRoot, PciWindow};
 use devices::rtc::{CmosRtc, RTC_BASE};
 use devices::virtio::block::Block;
 use devices::virtio::console::Console as VirtioConsole;
@@ -446,6 +446,15 @@ impl Vm {
             let dev = Rng::new(io_thread.endpoint());
             virtio.push(add_virtio(&vm_fd, &routing, &pci, &mem, Box::new(dev), 1)?);
         }
+        // Hot-plug root ports, at the top of bus 0 (after the devices, so
+        // that theirs keep their numbers), one MSI vector each.
+        for number in 1..=config.hotplug_slots {
+            let vectors = routing
+                .msi_vectors(1)
+                .map_err(|e| Error::Setup(format!("hot-plug slot {number}: interrupts: {e}")))?;
+            pci.add_root_port(number, vectors)
+                .map_err(|e| Error::Setup(format!("hot-plug slot {number}: {e}")))?;
+        }
         let passthrough = crate::passthrough::attach_all(
             &crate::passthrough::Context {
                 vm_fd: &vm_fd,
@@ -788,8 +797,12 @@ impl Vm {
         Ok(())
     }
 
-    /// Hot-plugs the function `spec` names; returns its slot.
-    pub fn plug(&self, spec: &crate::config::DeviceEntry) -> Result<u8, crate::passthrough::Error> {
+    /// Hot-plugs the function `spec` names (into a free hot-plug slot if
+    /// the VM has one, else on bus 0); returns where it is.
+    pub fn plug(
+        &self,
+        spec: &crate::config::DeviceEntry,
+    ) -> Result<Location, crate::passthrough::Error> {
         let mut p = self
             .passthrough
             .lock()
@@ -804,12 +817,42 @@ impl Vm {
             pci: &self.pci,
             mem: &self.mem,
         };
-        p.attach(&cx, spec).map(|a| a.slot)
+        p.attach(&cx, spec, true).map(|a| a.at)
     }
 
-    /// Hot-unplugs the passthrough function in `slot`; None if there is none.
-    pub fn unplug(&self, slot: u8) -> Option<crate::config::DeviceEntry> {
-        self.passthrough.lock().ok()?.detach(&self.pci, slot)
+    /// Hot-unplugs the passthrough function at `at`; None if there is none.
+    pub fn unplug(&self, at: Location) -> Option<crate::config::DeviceEntry> {
+        self.passthrough.lock().ok()?.detach(&self.pci, at)
+    }
+
+    /// Asks the guest to let go of the function in hot-plug slot `at` (the
+    /// slot's Attention Button) and waits up to `timeout` for it to power
+    /// the slot off, which is how the guest's PCIe hot-plug driver says
+    /// "done" (Linux's pciehp waits 5 s after the button, in case it is
+    /// pressed again). A slot the guest already powered off is released.
+    pub fn eject(&self, at: Location, timeout: Duration) -> Result<(), String> {
+        let port = self
+            .pci
+            .port_at(at)
+            .ok_or_else(|| format!("{at} is not in a hot-plug slot"))?;
+        let powered = || port.lock().map(|p| p.powered()).unwrap_or(false);
+        if !powered() {
+            return Ok(());
+        }
+        if let Ok(mut p) = port.lock() {
+            p.press_button();
+        }
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+            if !powered() {
+                return Ok(());
+            }
+        }
+        Err(format!(
+            "the guest did not power hot-plug slot {at} off within {} s after its attention              button (no PCIe hot-plug driver, or the function is busy)",
+            timeout.as_secs()
+        ))
     }
 
     /// The passthrough functions attached now.

@@ -997,3 +997,126 @@ fn linux_vm_with_a_passthrough_device_migrates_without_it_and_gets_one_there() {
     }
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// The guest's PCI functions, as the `PCI_WATCH` loop last printed them.
+fn guest_pci(vm: &common::Vm) -> Option<String> {
+    // Lines the loop printed (the kernel's echo of the command line has
+    // the same words, further into its line).
+    vm.console()
+        .lines()
+        .filter_map(|l| l.strip_prefix("guest-pci:").map(String::from))
+        .last()
+}
+
+/// Waits until the guest's last listing has (or lacks) `bdf`.
+fn wait_guest_pci(vm: &common::Vm, bdf: &str, present: bool) {
+    let deadline = std::time::Instant::now() + timeout();
+    while guest_pci(vm).is_none_or(|l| l.contains(bdf) != present) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{bdf} present={present}: {}",
+            vm.console()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Guest command: print slot 1's address, then the list of PCI functions
+/// each time it changes (no double quotes: it travels on the kernel
+/// command line).
+const PCI_WATCH: &str = "echo slot1=$(cat /sys/bus/pci/slots/1/address); s=; while :; do \
+    n=$(ls /sys/bus/pci/devices | tr '\\n' ,); [ x$n = x$s ] || echo guest-pci:$n; s=$n; \
+    sleep 0.3; done";
+
+/// PCIe native hot-plug with no guest agent: Linux's pciehp binds to the
+/// VM's root port, scans a function plugged into its slot, powers the slot
+/// off when the attention button asks for the function (DELETE without
+/// force), and copes with a surprise removal (force). A live migration
+/// takes the function out through its slot and the destination plugs its
+/// own into the same slot, which the guest finds there.
+#[test]
+fn linux_pciehp_takes_functions_in_hot_plug_slots_and_gives_them_back() {
+    let Some((_, bzimage, initrd)) = images() else {
+        return;
+    };
+    let dir = tmpdir("linux-pciehp");
+    let (cx_a, cx_b) = (dir.join("cx-a.sock"), dir.join("cx-b.sock"));
+    let mut servers = [start_cx(&cx_a), start_cx(&cx_b)];
+    let dev = |s: &Path| format!("vfio-user={}", s.display());
+    let vm = spawn_bzimage(
+        &dir,
+        "src",
+        &bzimage,
+        &initrd,
+        &["--hotplug-slots", "1"],
+        PCI_WATCH,
+    );
+    wait_guest_pci(&vm, "0000:00:1f.0", true);
+    // pciehp registered the slot, behind the root port at 00:1f.0.
+    assert!(
+        vm.console().contains("slot1=0000:01:00"),
+        "{}",
+        vm.console()
+    );
+    assert!(!guest_pci(&vm).unwrap().contains("0000:01:00.0"));
+
+    let added = api_json(&vm, &["device", "add", &dev(&cx_a)]);
+    assert_eq!(added["bdf"], "01:00.0", "{added}");
+    assert_eq!(added["hotplug_slot"], true);
+    wait_guest_pci(&vm, "0000:01:00.0", true);
+    assert!(
+        vm.console()
+            .contains("pci 0000:01:00.0: [15b3:101c] type 00 class 0x020700"),
+        "{}",
+        vm.console()
+    );
+
+    // Orderly removal: the attention button; pciehp waits 5 s, unbinds,
+    // powers the slot off; only then does the API answer.
+    let asked = std::time::Instant::now();
+    let removed = api_json(&vm, &["device", "remove", "01:00.0"]);
+    assert_eq!(removed["state"], "detached");
+    assert!(
+        asked.elapsed() >= Duration::from_secs(4),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert!(
+        vm.console().contains("Slot(1): Attention button pressed"),
+        "{}",
+        vm.console()
+    );
+    wait_guest_pci(&vm, "0000:01:00.0", false);
+
+    // In again, then a live migration: out through the slot, and the
+    // destination's function into the same slot over there.
+    api_json(&vm, &["device", "add", &dev(&cx_a)]);
+    wait_guest_pci(&vm, "0000:01:00.0", true);
+    let dst = spawn_incoming(
+        &dir,
+        "tcp://127.0.0.1:7398",
+        &["--hotplug-slots", "1", "--device", &dev(&cx_b)],
+    );
+    migrate_away(vm, "tcp://127.0.0.1:7398");
+    let info = wait_passthrough(&dst, 1);
+    assert_eq!(
+        info["passthrough"][0]["device"],
+        dev(&cx_b).as_str(),
+        "{info}"
+    );
+    assert_eq!(info["passthrough"][0]["bdf"], "01:00.0", "{info}");
+    wait_guest_pci(&dst, "0000:01:00.0", true);
+
+    // Surprise removal: no waiting for the guest, which is told.
+    let forced = api_json(&dst, &["device", "remove", "01:00.0", "--force"]);
+    assert_eq!(forced["state"], "detached");
+    wait_guest_pci(&dst, "0000:01:00.0", false);
+    assert!(dst.api(&["shutdown"]).status.success());
+    let (code, err) = dst.wait_exit();
+    assert!(code.is_some(), "{err}");
+    for s in &mut servers {
+        let _ = s.kill();
+        let _ = s.wait();
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}

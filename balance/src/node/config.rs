@@ -70,6 +70,13 @@ pub struct Config {
     pub migration_timeout_s: f64,
     #[serde(default = "d_max_downtime_ms")]
     pub max_downtime_ms: u64,
+    /// Passthrough functions this host gives to VMs that arrive with
+    /// passthrough functions (which left their source through hot-plug
+    /// slots): `["vfio=0000:3b:00.2", "vfio-user=/run/ffmk/cx1.sock"]`,
+    /// as `ffmk-vmm run --device` takes them. A function a local VM has
+    /// (`GET /vm`) or an arriving one was promised is not free.
+    #[serde(default)]
+    pub vf_pool: Vec<String>,
     /// Take no VMs (announced as health "draining").
     #[serde(default)]
     pub drain: bool,
@@ -192,6 +199,18 @@ impl Config {
         }
         if self.migration_ports[0] > self.migration_ports[1] {
             return invalid("migration_ports must be [low, high]");
+        }
+        for (i, f) in self.vf_pool.iter().enumerate() {
+            let kind_ok = f.strip_prefix("vfio=").is_some_and(|a| !a.is_empty())
+                || f.strip_prefix("vfio-user=").is_some_and(|s| !s.is_empty());
+            if !kind_ok {
+                return Err(Error::Invalid(format!(
+                    "vf_pool entry {f:?} is not vfio=DDDD:BB:DD.F or vfio-user=SOCKET"
+                )));
+            }
+            if self.vf_pool[..i].contains(f) {
+                return Err(Error::Invalid(format!("vf_pool lists {f} twice")));
+            }
         }
         let window: Window = self.window.parse().map_err(Error::Invalid)?;
         let addr = |n: &str, port: u16| -> Result<SocketAddr, Error> {

@@ -25,6 +25,13 @@ pub enum Request {
         /// after the move: the receiver refuses if it would end busier.
         vm_load: f64,
         sender_after: f64,
+        /// Hot-plug slots the VM has (the receiving VMM builds as many).
+        #[serde(default)]
+        hotplug_slots: u8,
+        /// Passthrough functions it had here: the receiver plugs as many
+        /// from its pool once the VM arrived, or refuses.
+        #[serde(default)]
+        functions: usize,
     },
     /// The migration of `name` will not come: stop waiting for it.
     Abort { name: String },
@@ -112,7 +119,19 @@ mod tests {
             from: 0,
             vm_load: 1.0,
             sender_after: 0.5,
+            hotplug_slots: 1,
+            functions: 1,
         };
+        // A peer from before hot-plug slots: none, no functions.
+        let old = r#"{"op":"prepare","name":"a","memory_mib":1,"cpus":"1","cpu_profile":null,"from":0,"vm_load":0,"sender_after":0}"#;
+        assert!(matches!(
+            serde_json::from_str::<Request>(old),
+            Ok(Request::Prepare {
+                hotplug_slots: 0,
+                functions: 0,
+                ..
+            })
+        ));
         let text = serde_json::to_string(&r).expect("encodes");
         assert!(text.contains("\"op\":\"prepare\""));
         assert_eq!(serde_json::from_str::<Request>(&text).expect("decodes"), r);

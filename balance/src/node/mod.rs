@@ -101,6 +101,24 @@ struct Incoming {
     from: usize,
     since: Instant,
     to: String,
+    /// Functions of the VF pool promised to it.
+    devices: Vec<String>,
+}
+
+/// The pool functions that no local VM has and no arriving one was
+/// promised.
+fn free_functions(pool: &[String], l: &Local) -> Vec<String> {
+    let taken: std::collections::HashSet<&str> = l
+        .vms
+        .iter()
+        .flat_map(|v| v.passthrough.iter())
+        .chain(l.incoming.values().flat_map(|i| i.devices.iter()))
+        .map(String::as_str)
+        .collect();
+    pool.iter()
+        .filter(|f| !taken.contains(f.as_str()))
+        .cloned()
+        .collect()
 }
 
 /// What the daemon knows about its own host.
@@ -640,6 +658,8 @@ fn hand_over(
             from: d.r.slot,
             vm_load,
             sender_after: me_after,
+            hotplug_slots: now.hotplug_slots,
+            functions: now.passthrough.len(),
         },
         Duration::from_secs(20),
     )?;
@@ -769,13 +789,19 @@ fn control_service(d: &Arc<Daemon>, tcp: TcpListener) {
                         from,
                         vm_load,
                         sender_after,
+                        hotplug_slots,
+                        functions,
                     }) => {
                         let r = prepare(
                             &d,
-                            &name,
-                            memory_mib,
-                            &cpus,
-                            cpu_profile.as_deref(),
+                            &Arriving {
+                                name: &name,
+                                memory_mib,
+                                cpus: &cpus,
+                                cpu_profile: cpu_profile.as_deref(),
+                                hotplug_slots,
+                                functions,
+                            },
                             from,
                             vm_load,
                             sender_after,
@@ -836,18 +862,26 @@ fn safe_name(name: &str) -> bool {
         && !name.starts_with('.')
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What a peer says of the VM it wants to hand over.
+struct Arriving<'a> {
+    name: &'a str,
+    memory_mib: u64,
+    cpus: &'a str,
+    cpu_profile: Option<&'a str>,
+    hotplug_slots: u8,
+    /// Passthrough functions it had: as many come from the VF pool.
+    functions: usize,
+}
+
 fn prepare(
     d: &Daemon,
-    name: &str,
-    memory_mib: u64,
-    cpus: &str,
-    cpu_profile: Option<&str>,
+    a: &Arriving,
     from: usize,
     vm_load: f64,
     sender_after: f64,
 ) -> Result<String, String> {
     let c = &d.r.config;
+    let name = a.name;
     if !safe_name(name) {
         return Err(format!("{name:?} is not a usable VM name"));
     }
@@ -870,10 +904,10 @@ fn prepare(
             return Err(format!("a VM named {name} runs here"));
         }
         let free = vms::free_mib().unwrap_or(0);
-        if free < memory_mib + c.reserve_mib {
+        if free < a.memory_mib + c.reserve_mib {
             return Err(format!(
-                "{free} MiB free, {memory_mib} MiB + {} MiB reserve needed",
-                c.reserve_mib
+                "{free} MiB free, {} MiB + {} MiB reserve needed",
+                a.memory_mib, c.reserve_mib
             ));
         }
         let cores = f64::from(d.r.cores);
@@ -884,6 +918,19 @@ fn prepare(
                 "would end busier ({after:.2}/core) than the sender ({sender_after:.2}/core)"
             ));
         }
+        // Its passthrough functions come from the pool, or it stays away.
+        let devices: Vec<String> = free_functions(&c.vf_pool, &l)
+            .into_iter()
+            .take(a.functions)
+            .collect();
+        if devices.len() < a.functions {
+            return Err(format!(
+                "it has {} passthrough function(s); {} of this host's VF pool ({}) are free",
+                a.functions,
+                devices.len(),
+                c.vf_pool.len()
+            ));
+        }
         // Reserved: one incoming VM at a time; the VMM is started unlocked.
         l.incoming.insert(
             name.to_string(),
@@ -892,10 +939,16 @@ fn prepare(
                 from,
                 since: Instant::now(),
                 to: String::new(),
+                devices,
             },
         );
     }
-    let started = start_incoming(d, name, memory_mib, cpus, cpu_profile);
+    let devices = lock(&d.local)
+        .incoming
+        .get(name)
+        .map(|i| i.devices.clone())
+        .unwrap_or_default();
+    let started = start_incoming(d, a, &devices);
     let mut l = lock(&d.local);
     match started {
         Ok((pid, to)) => match l.incoming.get_mut(name) {
@@ -919,13 +972,8 @@ fn prepare(
 
 /// Starts `ffmk-vmm run --incoming` for `name`; returns its pid and address
 /// once it listens.
-fn start_incoming(
-    d: &Daemon,
-    name: &str,
-    memory_mib: u64,
-    cpus: &str,
-    cpu_profile: Option<&str>,
-) -> Result<(u32, String), String> {
+fn start_incoming(d: &Daemon, a: &Arriving, devices: &[String]) -> Result<(u32, String), String> {
+    let name = a.name;
     let c = &d.r.config;
     let ip = d.r.gossip[d.r.slot].ip();
     let [lo, hi] = c.migration_ports;
@@ -940,16 +988,24 @@ fn start_incoming(
     let err = out.try_clone().map_err(|e| e.to_string())?;
     let mut cmd = Command::new(&c.vmm);
     cmd.args(["run", "--incoming", &to, "--memory"])
-        .arg(format!("{memory_mib}M"))
-        .args(["--cpus", cpus, "--api-socket"])
+        .arg(format!("{}M", a.memory_mib))
+        .args(["--cpus", a.cpus, "--api-socket"])
         .arg(dir.join(format!("{name}.sock")))
         .arg("--console")
         .arg(format!(
             "file={}",
             dir.join(format!("{name}.console")).display()
         ));
-    if let Some(p) = cpu_profile {
+    if let Some(p) = a.cpu_profile {
         cmd.args(["--cpu-profile", p]);
+    }
+    // The same hot-plug slots as at the source (the bus must match while
+    // the state loads); the pool's functions go into them once it arrived.
+    if a.hotplug_slots > 0 {
+        cmd.args(["--hotplug-slots", &a.hotplug_slots.to_string()]);
+    }
+    for dev in devices {
+        cmd.args(["--device", dev]);
     }
     // Its own process group: the VM outlives this daemon.
     use std::os::unix::process::CommandExt;
@@ -1024,7 +1080,11 @@ fn status(d: &Daemon) -> serde_json::Value {
         "board": board,
         "vms": l.vms,
         "unreachable_vms": l.errors,
-        "incoming": l.incoming.iter().map(|(n, i)| serde_json::json!({"vm": n, "from": i.from, "listening": i.to, "waiting_s": i.since.elapsed().as_secs_f64()})).collect::<Vec<_>>(),
+        "incoming": l.incoming.iter().map(|(n, i)| serde_json::json!({"vm": n, "from": i.from, "listening": i.to, "waiting_s": i.since.elapsed().as_secs_f64(), "devices": i.devices})).collect::<Vec<_>>(),
+        "vf_pool": {
+            "functions": d.r.config.vf_pool,
+            "free": free_functions(&d.r.config.vf_pool, &l),
+        },
         "outgoing": lim.outgoing.as_ref().map(|(vm, to)| serde_json::json!({"vm": vm, "to": to})),
         "backoff": lim.backoff.iter().map(|(s, (until, b))| serde_json::json!({"host": s, "for_s": until.saturating_duration_since(Instant::now()).as_secs_f64(), "backoff_s": b.as_secs_f64()})).collect::<Vec<_>>(),
     })

@@ -55,6 +55,12 @@ pub struct LocalVm {
     pub unmovable: Option<String>,
     /// A migration of it is under way (its VMM says so).
     pub migrating: bool,
+    /// `--hotplug-slots` of its VMM.
+    #[serde(default)]
+    pub hotplug_slots: u8,
+    /// Its passthrough functions (as `--device` names them).
+    #[serde(default)]
+    pub passthrough: Vec<String>,
 }
 
 fn cpus_spec(topology: &serde_json::Value) -> Option<String> {
@@ -68,8 +74,20 @@ fn cpus_spec(topology: &serde_json::Value) -> Option<String> {
 }
 
 /// Reasons a VM cannot be rebuilt on another host by `run --incoming`
-/// with the same flags: host-bound devices and host-bound placement.
-fn unmovable(config: &serde_json::Value) -> Option<String> {
+/// with the same flags: host-bound devices and host-bound placement. A
+/// passthrough function may move only out of a hot-plug slot (its guest
+/// lets go of it through the slot; the destination plugs one of its own).
+fn unmovable(config: &serde_json::Value, passthrough: &[serde_json::Value]) -> Option<String> {
+    if passthrough
+        .iter()
+        .any(|p| p.get("hotplug_slot").and_then(|h| h.as_bool()) != Some(true))
+    {
+        return Some(
+            "has passthrough functions on bus 0 (only those in hot-plug slots can leave \
+             without a guest agent)"
+                .into(),
+        );
+    }
     let nonempty = |k: &str| {
         config
             .get(k)
@@ -128,6 +146,11 @@ pub fn describe(name: &str, sock: &Path, timeout: Duration) -> Result<LocalVm, S
                 .collect()
         })
         .unwrap_or_default();
+    let passthrough = vm
+        .get("passthrough")
+        .and_then(|p| p.as_array())
+        .cloned()
+        .unwrap_or_default();
     let (_, mig) = api(sock, "GET", "/vm/migration", "", timeout)?;
     let migrating = mig.get("state").and_then(|s| s.as_str()) == Some("running");
     Ok(LocalVm {
@@ -147,8 +170,16 @@ pub fn describe(name: &str, sock: &Path, timeout: Duration) -> Result<LocalVm, S
             .map(String::from),
         vcpu_tids,
         load: 0.0,
-        unmovable: unmovable(&config),
+        unmovable: unmovable(&config, &passthrough),
         migrating,
+        hotplug_slots: config
+            .get("hotplug_slots")
+            .and_then(|h| h.as_u64())
+            .map_or(0, |h| h.min(u64::from(u8::MAX)) as u8),
+        passthrough: passthrough
+            .iter()
+            .filter_map(|p| p.get("device").and_then(|d| d.as_str()).map(String::from))
+            .collect(),
     })
 }
 
@@ -284,11 +315,18 @@ mod tests {
     #[test]
     fn devices_and_pinning_make_a_vm_unmovable() {
         let plain = serde_json::json!({"disks": [], "nets": [], "pin": null, "vsock": null});
-        assert_eq!(unmovable(&plain), None);
+        assert_eq!(unmovable(&plain, &[]), None);
         let disk = serde_json::json!({"disks": [{"path": "/x"}]});
-        assert!(unmovable(&disk).is_some());
+        assert!(unmovable(&disk, &[]).is_some());
         let pin = serde_json::json!({"pin": {"service": "0"}});
-        assert!(unmovable(&pin).is_some());
+        assert!(unmovable(&pin, &[]).is_some());
+        // Passthrough functions: in hot-plug slots they may leave, on bus
+        // 0 they keep the VM here.
+        let in_slot = serde_json::json!({"device": "vfio=0000:3b:00.2", "bdf": "01:00.0", "hotplug_slot": true});
+        let on_bus0 = serde_json::json!({"device": "vfio=0000:3b:00.3", "bdf": "00:05.0", "hotplug_slot": false});
+        assert_eq!(unmovable(&plain, std::slice::from_ref(&in_slot)), None);
+        let why = unmovable(&plain, &[in_slot, on_bus0]).unwrap_or_default();
+        assert!(why.contains("bus 0"), "{why}");
         assert_eq!(
             cpus_spec(&serde_json::json!({"service": 1, "compute": 2})).as_deref(),
             Some("service=1,compute=2")

@@ -1,5 +1,6 @@
-//! A PCI function's configuration space (type 0 header, capabilities,
-//! extended space up to 4 KiB), with per-byte write masks.
+//! A PCI function's configuration space (type 0 header, or type 1 for a
+//! bridge; capabilities, extended space up to 4 KiB), with per-byte write
+//! masks.
 //!
 //! Read-only fields (IDs, class, BAR type bits) are plain bytes with a zero
 //! write mask, so BAR sizing falls out of the masks: writing all ones to a BAR
@@ -22,6 +23,18 @@ pub const SUBSYSTEM_ID: usize = 0x2e;
 pub const CAPABILITIES_POINTER: usize = 0x34;
 pub const INTERRUPT_LINE: usize = 0x3c;
 pub const INTERRUPT_PIN: usize = 0x3d;
+
+/// Type 1 (bridge) header registers.
+pub const PRIMARY_BUS: usize = 0x18;
+pub const SECONDARY_BUS: usize = 0x19;
+pub const SUBORDINATE_BUS: usize = 0x1a;
+pub const MEMORY_BASE: usize = 0x20;
+pub const MEMORY_LIMIT: usize = 0x22;
+pub const PREF_MEMORY_BASE: usize = 0x24;
+pub const PREF_MEMORY_LIMIT: usize = 0x26;
+pub const PREF_BASE_UPPER: usize = 0x28;
+pub const PREF_LIMIT_UPPER: usize = 0x2c;
+pub const BRIDGE_CONTROL: usize = 0x3e;
 
 pub const COMMAND_IO: u16 = 1 << 0;
 pub const COMMAND_MEMORY: u16 = 1 << 1;
@@ -100,6 +113,41 @@ impl ConfigSpace {
         c.writable[COMMAND..COMMAND + 2].copy_from_slice(&command_mask.to_le_bytes());
         c.writable[INTERRUPT_LINE] = 0xff;
         c
+    }
+
+    /// A bridge's configuration space (type 1 header): bus numbers, a
+    /// 32-bit memory window and a 64-bit prefetchable one are the guest's
+    /// to program; there is no I/O window (its registers read as zero, so
+    /// the guest sees none) and no BAR.
+    pub fn bridge(ids: PciIds) -> Self {
+        let mut c = ConfigSpace::new(ids);
+        c.bytes[HEADER_TYPE] = 1;
+        c.set_u32(SUBSYSTEM_VENDOR_ID, 0); // prefetchable limit, upper half
+        c.writable[INTERRUPT_LINE] = 0;
+        for (off, mask) in [
+            (PRIMARY_BUS, 0xff_ffffu32),
+            (MEMORY_BASE, 0xfff0_fff0),
+            (PREF_MEMORY_BASE, 0xfff0_fff0),
+            (PREF_BASE_UPPER, 0xffff_ffff),
+            (PREF_LIMIT_UPPER, 0xffff_ffff),
+        ] {
+            c.writable[off..off + 4].copy_from_slice(&mask.to_le_bytes());
+        }
+        // 64-bit prefetchable window.
+        c.bytes[PREF_MEMORY_BASE] = 1;
+        c.bytes[PREF_MEMORY_LIMIT] = 1;
+        // Bridge control: parity and SERR# response, secondary bus reset.
+        c.writable[BRIDGE_CONTROL] = 0x43;
+        c
+    }
+
+    /// Sets the write mask of the bytes at `offset` (a device that handles
+    /// some bits itself, such as write-1-to-clear status, marks them
+    /// writable so that a saved state carrying them is accepted).
+    pub fn set_writable(&mut self, offset: usize, mask: &[u8]) {
+        if let Some(w) = self.writable.get_mut(offset..offset + mask.len()) {
+            w.copy_from_slice(mask);
+        }
     }
 
     /// Declares BAR `index` (a 64-bit BAR takes `index + 1` too).
@@ -294,11 +342,11 @@ impl ConfigSpace {
         u32::from_le_bytes(b)
     }
 
-    fn set_u16(&mut self, off: usize, v: u16) {
+    pub fn set_u16(&mut self, off: usize, v: u16) {
         self.bytes[off..off + 2].copy_from_slice(&v.to_le_bytes());
     }
 
-    fn set_u32(&mut self, off: usize, v: u32) {
+    pub fn set_u32(&mut self, off: usize, v: u32) {
         self.bytes[off..off + 4].copy_from_slice(&v.to_le_bytes());
     }
 }

@@ -6,18 +6,22 @@
 //! - [`config`]: a function's configuration space with write masks, BARs and
 //!   capabilities;
 //! - [`root`]: the root bus (host bridge at 00:00.0), BAR allocation and the
-//!   bus devices that route config and BAR accesses to functions.
+//!   bus devices that route config and BAR accesses to functions;
+//! - [`port`]: PCIe root ports with a hot-plug slot each (native hot-plug).
 //!
 //! A device is anything implementing [`PciDevice`]: emulated (virtio) devices
-//! and passthrough functions (crate `vfio-ib`, which this crate does not know). Functions live at `00:DD.0`; the slot
-//! table can take devices after boot (hotplug).
+//! and passthrough functions (crate `vfio-ib`, which this crate does not
+//! know). Functions live at `00:DD.0`, or at `NN:00.0` in the hot-plug slot
+//! of root port NN; both take devices after boot (hot-plug).
 pub mod config;
 pub mod msix;
+pub mod port;
 pub mod root;
 
 pub use config::{Bar, BarKind, ConfigSpace, PciIds};
 pub use msix::Msix;
-pub use root::{PciConfigIo, PciEcam, PciRoot, PciWindow};
+pub use port::RootPort;
+pub use root::{Location, PciConfigIo, PciEcam, PciRoot, PciWindow};
 
 /// A device's activity counters: (name, value).
 pub type Counters = Vec<(&'static str, u64)>;

@@ -4,8 +4,10 @@
 //! vCPU port I/O 0xCF8..0xCFF ─▶ PciConfigIo ─┐
 //! vCPU MMIO in the ECAM area  ─▶ PciEcam     ─┼─▶ PciRoot ─▶ slot DD ─▶ PciDevice
 //! vCPU MMIO in a PCI window   ─▶ PciWindow   ─┘   (config space / BAR access)
+//!                                                  slot PP ─▶ RootPort ─▶ bus N, device 0
 //! ```
 use super::config::{BarKind, PciIds};
+use super::port::{PortError, RootPort, WINDOW_ALIGN};
 use super::{ConfigSpace, PciDevice};
 use crate::bus::BusDevice;
 use std::collections::BTreeMap;
@@ -17,6 +19,50 @@ pub const SLOTS: u8 = 32;
 pub const ECAM_BUS_SIZE: u64 = 1 << 20;
 
 pub type SharedPciDevice = Arc<Mutex<dyn PciDevice>>;
+
+/// Where a function is: bus and device number (function 0 always). Bus 0
+/// is the root bus; bus N > 0 is the secondary bus of a hot-plug root port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Location {
+    pub bus: u8,
+    pub slot: u8,
+}
+
+impl Location {
+    pub fn root(slot: u8) -> Location {
+        Location { bus: 0, slot }
+    }
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:02x}:{:02x}.0", self.bus, self.slot)
+    }
+}
+
+impl std::str::FromStr for Location {
+    type Err = String;
+
+    /// `BB:DD.0` or `0000:BB:DD.0` (segment 0, function 0: the only ones
+    /// ffmk-vmm has).
+    fn from_str(s: &str) -> Result<Location, String> {
+        let bad = || format!("{s}: not a PCI address of this VM (want BB:DD.0)");
+        let rest = s.strip_prefix("0000:").unwrap_or(s);
+        let (bus, dev) = rest
+            .strip_suffix(".0")
+            .and_then(|r| r.split_once(':'))
+            .ok_or_else(bad)?;
+        let hex = |x: &str| {
+            (x.len() == 2)
+                .then(|| u8::from_str_radix(x, 16).ok())
+                .flatten()
+        };
+        match (hex(bus), hex(dev)) {
+            (Some(bus), Some(slot)) if slot < SLOTS => Ok(Location { bus, slot }),
+            _ => Err(bad()),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PciError {
@@ -32,6 +78,12 @@ pub enum PciError {
     BadWindow { base: u64, size: u64 },
     #[error("saved PCI functions do not match this VM's: {0}")]
     Mismatch(String),
+    #[error("no free hot-plug slot (the VM has {0})")]
+    NoHotplugSlot(usize),
+    #[error("no function at {0}")]
+    NoFunction(Location),
+    #[error(transparent)]
+    Port(#[from] PortError),
 }
 
 /// One function's configuration space in a snapshot.
@@ -94,7 +146,14 @@ impl Windows {
 pub struct PciRoot {
     slots: RwLock<BTreeMap<u8, SharedPciDevice>>,
     windows: Mutex<Windows>,
+    /// Hot-plug root ports (also in `slots`), by slot on bus 0.
+    ports: RwLock<Vec<(u8, Arc<Mutex<RootPort>>)>>,
 }
+
+/// Each hot-plug port's share of the root windows: enough for a
+/// ConnectX VF's BARs (or an emulated device's) with room to spare.
+pub const PORT_MEM_WINDOW: u64 = 16 << 20;
+pub const PORT_PREF_WINDOW: u64 = 512 << 20;
 
 impl PciRoot {
     /// A root bus with its host bridge; BARs are allocated in
@@ -104,6 +163,7 @@ impl PciRoot {
             AddressAllocator::new(base, size).map_err(|_| PciError::BadWindow { base, size })
         };
         let root = PciRoot {
+            ports: RwLock::new(Vec::new()),
             slots: RwLock::new(BTreeMap::new()),
             windows: Mutex::new(Windows {
                 low: window(low)?,
@@ -179,11 +239,122 @@ impl PciRoot {
         Ok(placed)
     }
 
+    /// Adds hot-plug root port number `number` (1-based) at the highest free
+    /// slot of bus 0, with secondary bus `number` and windows of its own
+    /// taken from the root's; `vectors` carries its one MSI vector.
+    /// Returns its slot.
+    pub fn add_root_port(
+        &self,
+        number: u8,
+        vectors: Arc<dyn crate::interrupt::MsiVectors>,
+    ) -> Result<u8, PciError> {
+        let slot = {
+            let slots = self.slots.read().map_err(|_| PciError::NoSlot)?;
+            (1..SLOTS)
+                .rev()
+                .find(|s| !slots.contains_key(s))
+                .ok_or(PciError::NoSlot)?
+        };
+        let (mem, pref) = {
+            let mut w = self.windows.lock().map_err(|_| PciError::NoSlot)?;
+            let mem = w
+                .low
+                .allocate(PORT_MEM_WINDOW, WINDOW_ALIGN, AllocPolicy::LastMatch)
+                .map_err(|_| PciError::NoBarSpace {
+                    window: "32-bit",
+                    size: PORT_MEM_WINDOW,
+                })?;
+            match w
+                .high
+                .allocate(PORT_PREF_WINDOW, WINDOW_ALIGN, AllocPolicy::LastMatch)
+            {
+                Ok(pref) => (mem, pref),
+                Err(_) => {
+                    let _ = w.low.free(&mem);
+                    return Err(PciError::NoBarSpace {
+                        window: "64-bit",
+                        size: PORT_PREF_WINDOW,
+                    });
+                }
+            }
+        };
+        let give_back = |e: PciError| {
+            if let Ok(mut w) = self.windows.lock() {
+                w.free(vec![(false, mem), (true, pref)]);
+            }
+            e
+        };
+        let port = RootPort::new(
+            number,
+            number,
+            (mem.start(), mem.len()),
+            (pref.start(), pref.len()),
+            vectors,
+        )
+        .map_err(|e| give_back(e.into()))?;
+        let port = Arc::new(Mutex::new(port));
+        self.insert(slot, port.clone()).map_err(give_back)?;
+        if let Ok(mut w) = self.windows.lock() {
+            w.placed.insert(slot, vec![(false, mem), (true, pref)]);
+        }
+        self.ports
+            .write()
+            .map_err(|_| PciError::NoSlot)?
+            .push((slot, port));
+        Ok(slot)
+    }
+
+    /// The hot-plug root ports: (slot on bus 0, port).
+    pub fn ports(&self) -> Vec<(u8, Arc<Mutex<RootPort>>)> {
+        self.ports.read().map(|p| p.clone()).unwrap_or_default()
+    }
+
+    /// Puts `dev` into the first empty hot-plug slot and tells the guest;
+    /// returns where it is.
+    pub fn hotplug(&self, dev: SharedPciDevice) -> Result<Location, PciError> {
+        let ports = self.ports();
+        for (_, port) in &ports {
+            let mut p = port.lock().map_err(|_| PciError::NoSlot)?;
+            if !p.occupied() {
+                p.plug(dev)?;
+                return Ok(Location {
+                    bus: p.bus(),
+                    slot: 0,
+                });
+            }
+        }
+        Err(PciError::NoHotplugSlot(ports.len()))
+    }
+
+    /// The port whose slot holds (or would hold) `at`.
+    pub fn port_at(&self, at: Location) -> Option<Arc<Mutex<RootPort>>> {
+        if at.bus == 0 || at.slot != 0 {
+            return None;
+        }
+        self.ports()
+            .into_iter()
+            .map(|(_, p)| p)
+            .find(|p| p.lock().map(|p| p.bus() == at.bus).unwrap_or(false))
+    }
+
+    /// Takes the function at `at` away: off bus 0 ([`PciRoot::remove`]) or
+    /// out of its hot-plug slot (the guest is told: a surprise removal
+    /// unless it powered the slot off first).
+    pub fn unplug(&self, at: Location) -> Result<SharedPciDevice, PciError> {
+        if at.bus == 0 {
+            return self.remove(at.slot);
+        }
+        let port = self.port_at(at).ok_or(PciError::NoFunction(at))?;
+        let mut p = port.lock().map_err(|_| PciError::NoSlot)?;
+        p.unplug().ok_or(PciError::NoFunction(at))
+    }
+
     /// Takes the function in `slot` off the bus (hot-unplug) and gives the
     /// address space its BARs were placed in back. The host bridge stays.
     pub fn remove(&self, slot: u8) -> Result<SharedPciDevice, PciError> {
-        if slot == 0 {
-            return Err(PciError::SlotTaken(0));
+        let is_port = self.ports().iter().any(|(s, _)| *s == slot);
+        if slot == 0 || is_port {
+            return Err(PciError::SlotTaken(slot));
         }
         let dev = self
             .slots
@@ -202,22 +373,52 @@ impl PciRoot {
         self.slots.read().ok()?.get(&slot).cloned()
     }
 
-    /// (slot, name) of every function, for `GET /vm`.
-    pub fn list(&self) -> Vec<(u8, String)> {
+    /// (location, name) of every function, for `GET /vm`.
+    pub fn list(&self) -> Vec<(Location, String)> {
         self.describe()
             .into_iter()
             .map(|(s, n, _)| (s, n))
             .collect()
     }
 
-    /// (slot, name, counters) of every function, for `GET /vm`.
-    pub fn describe(&self) -> Vec<(u8, String, super::Counters)> {
+    /// (location, name, counters) of every function, for `GET /vm`: those
+    /// on bus 0, then those in hot-plug slots.
+    pub fn describe(&self) -> Vec<(Location, String, super::Counters)> {
         let Ok(slots) = self.slots.read() else {
             return vec![];
         };
-        slots
+        let mut out: Vec<_> = slots
             .iter()
-            .filter_map(|(s, d)| d.lock().ok().map(|d| (*s, d.name(), d.counters())))
+            .filter_map(|(s, d)| {
+                d.lock()
+                    .ok()
+                    .map(|d| (Location::root(*s), d.name(), d.counters()))
+            })
+            .collect();
+        drop(slots);
+        for (at, child) in self.children() {
+            if let Ok(d) = child.lock() {
+                out.push((at, d.name(), d.counters()));
+            }
+        }
+        out
+    }
+
+    /// The functions in hot-plug slots, where the VMM put them.
+    fn children(&self) -> Vec<(Location, SharedPciDevice)> {
+        self.ports()
+            .iter()
+            .filter_map(|(_, p)| {
+                let p = p.lock().ok()?;
+                let child = p.child()?.clone();
+                Some((
+                    Location {
+                        bus: p.bus(),
+                        slot: 0,
+                    },
+                    child,
+                ))
+            })
             .collect()
     }
 
@@ -275,11 +476,20 @@ impl PciRoot {
                 .restore(&f.config)
                 .map_err(|e| mismatch(f, e.to_string()))?;
         }
+        drop(locked);
+        drop(slots);
+        // The ports' interrupt follows their restored MSI capability.
+        for (_, port) in self.ports() {
+            if let Ok(p) = port.lock() {
+                p.route_msi();
+            }
+        }
         Ok(())
     }
 
-    /// Configuration read of bus/device/function at `offset`. Only bus 0,
-    /// function 0 exist; everything else reads as all ones ("no device").
+    /// Configuration read of bus/device/function at `offset`. Function 0 of
+    /// bus 0, and device 0 on a hot-plug port's secondary bus, exist;
+    /// everything else reads as all ones ("no device").
     pub fn config_read(&self, bus: u8, dev: u8, func: u8, offset: usize, data: &mut [u8]) {
         match self.function(bus, dev, func) {
             Some(d) => match d.lock() {
@@ -299,10 +509,23 @@ impl PciRoot {
     }
 
     fn function(&self, bus: u8, dev: u8, func: u8) -> Option<SharedPciDevice> {
-        if bus != 0 || func != 0 {
+        if func != 0 {
             return None;
         }
-        self.device(dev)
+        if bus == 0 {
+            return self.device(dev);
+        }
+        if dev != 0 {
+            return None;
+        }
+        // Behind a port: the bus number the guest programmed now.
+        let ports = self.ports.read().ok()?;
+        ports.iter().find_map(|(_, p)| {
+            let p = p.lock().ok()?;
+            (p.secondary_bus() == bus)
+                .then(|| p.child().cloned())
+                .flatten()
+        })
     }
 
     /// A memory access at guest-physical `addr`: routed to the function
@@ -312,6 +535,17 @@ impl PciRoot {
             return false;
         };
         for dev in slots.values() {
+            let Ok(mut d) = dev.lock() else { continue };
+            if let Some((bar, off)) = d.config().bar_containing(addr) {
+                access(&mut *d, bar, off);
+                return true;
+            }
+        }
+        drop(slots);
+        if self.ports.read().map(|p| p.is_empty()).unwrap_or(true) {
+            return false;
+        }
+        for (_, dev) in self.children() {
             let Ok(mut d) = dev.lock() else { continue };
             if let Some((bar, off)) = d.config().bar_containing(addr) {
                 access(&mut *d, bar, off);
@@ -573,7 +807,10 @@ mod tests {
         assert_eq!(b, [0xff; 4]);
         assert_eq!(
             root.list(),
-            vec![(0, "host-bridge".into()), (1, "dummy".into())]
+            vec![
+                (Location::root(0), "host-bridge".into()),
+                (Location::root(1), "dummy".into())
+            ]
         );
     }
 

@@ -40,7 +40,7 @@ pub enum ApiRequest {
     /// `DELETE /vm/devices/{bdf}[?force=1]`: hot-unplug the one in this
     /// slot (with `force`, without asking the guest agent first).
     RemoveDevice {
-        slot: u8,
+        at: devices::pci::Location,
         force: bool,
     },
 }
@@ -293,9 +293,9 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, ApiRes
         ("DELETE", _) => {
             let bdf = path.strip_prefix("/vm/devices/").unwrap_or("");
             ApiRequest::RemoveDevice {
-                slot: parse_bdf(bdf).ok_or_else(|| {
-                    ApiResponse::error(404, format!("no such device: {bdf} (want 00:SS.0)"))
-                })?,
+                at: bdf
+                    .parse()
+                    .map_err(|e: String| ApiResponse::error(404, format!("no such device: {e}")))?,
                 force: query
                     .split('&')
                     .any(|kv| kv == "force=1" || kv == "force=true"),
@@ -303,14 +303,6 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, ApiRes
         }
         _ => resize_request(path, body)?,
     })
-}
-
-/// `00:05.0` (bus 0, function 0: the only ones ffmk-vmm has) -> slot 5.
-fn parse_bdf(s: &str) -> Option<u8> {
-    let slot = s.strip_prefix("00:")?.strip_suffix(".0")?;
-    u8::from_str_radix(slot, 16)
-        .ok()
-        .filter(|&d| d < 32 && slot.len() == 2)
 }
 
 fn resize_request(path: &str, body: &[u8]) -> Result<ApiRequest, ApiResponse> {
@@ -370,15 +362,22 @@ mod tests {
         assert_eq!(
             route("DELETE", "/vm/devices/00:1f.0", b"").unwrap(),
             ApiRequest::RemoveDevice {
-                slot: 0x1f,
+                at: devices::pci::Location::root(0x1f),
                 force: false
             }
         );
         assert_eq!(
             route("DELETE", "/vm/devices/00:05.0?force=1", b"").unwrap(),
             ApiRequest::RemoveDevice {
-                slot: 5,
+                at: devices::pci::Location::root(5),
                 force: true
+            }
+        );
+        assert_eq!(
+            route("DELETE", "/vm/devices/0000:02:00.0", b"").unwrap(),
+            ApiRequest::RemoveDevice {
+                at: devices::pci::Location { bus: 2, slot: 0 },
+                force: false
             }
         );
         assert_eq!(

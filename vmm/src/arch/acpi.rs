@@ -187,13 +187,46 @@ fn aml_legacy_device(
     aml_device(name, &body)
 }
 
-/// The PCI host bridge (PNP0A03, segment 0, bus 0): the configuration
-/// ports, the I/O space around them and both BAR windows. On an ACPI system
-/// Linux scans only the host bridges the DSDT names: without this no PCI
-/// device (virtio, VFIO) is found.
+/// `Method (_OSC, 4) { CreateDWordField (Arg3, 8, CDW3)
+/// And (CDW3, GRANTED, CDW3) Return (Arg3) }`: the PCI host bridge's
+/// "operating system capabilities" handshake. The OS asks for control of
+/// PCIe features in the third dword; this grants native PCIe hot-plug and
+/// the PCIe capability structure (bits 0 and 4) and keeps the rest (PME,
+/// AER, LTR, DPC: ffmk-vmm's ports have none of them). Without it, Linux
+/// leaves hot-plug to firmware and its pciehp driver never binds.
+fn aml_pci_osc() -> Vec<u8> {
+    const GRANTED: u8 = 0x11;
+    let mut body = vec![0x8a, 0x6b, 0x0a, 0x08]; // CreateDWordField (Arg3, 8,
+    body.extend_from_slice(b"CDW3"); // CDW3)
+    body.push(0x7b); // And (
+    body.extend_from_slice(b"CDW3");
+    body.extend_from_slice(&[0x0a, GRANTED]);
+    body.extend_from_slice(b"CDW3"); // , CDW3)
+    body.extend_from_slice(&[0xa4, 0x6b]); // Return (Arg3)
+    let mut m = vec![0x14];
+    m.extend_from_slice(&pkg_length(4 + 1 + body.len()));
+    m.extend_from_slice(b"_OSC");
+    m.push(0x04); // four arguments, not serialized
+    m.extend_from_slice(&body);
+    m
+}
+
+/// `Name (NAME, EisaId ("AAAnnnn"))`, as `aml_hid` but for any name.
+fn aml_eisa_name(name: &[u8; 4], id: &[u8; 7]) -> Vec<u8> {
+    let mut v = aml_hid(id);
+    v[1..5].copy_from_slice(name);
+    v
+}
+
+/// The PCI Express host bridge (PNP0A08, compatible with PNP0A03; segment
+/// 0, buses 0 to `PCI_BUSES - 1`: the root bus and the hot-plug ports'
+/// buses): the configuration ports, the I/O space around them, both BAR
+/// windows and `_OSC`. On an ACPI system Linux scans only the host bridges
+/// the DSDT names: without this no PCI device (virtio, VFIO) is found.
 fn aml_pci_host_bridge(mem_bytes: u64) -> Vec<u8> {
     let (high, high_len) = pci_high_window(mem_bytes);
-    let mut body = aml_hid(b"PNP0A03");
+    let mut body = aml_hid(b"PNP0A08");
+    body.extend(aml_eisa_name(b"_CID", b"PNP0A03"));
     for name in [b"_UID", b"_SEG", b"_BBN"] {
         body.push(0x08);
         body.extend_from_slice(name);
@@ -202,7 +235,7 @@ fn aml_pci_host_bridge(mem_bytes: u64) -> Vec<u8> {
     body.extend(aml_resources(
         b"_CRS",
         &[
-            res_window(SPACE_BUS, 2, 0, 1),
+            res_window(SPACE_BUS, 2, 0, PCI_BUSES),
             res_io(0xcf8, 8),
             res_window(SPACE_IO, 2, 0, 0xcf8),
             res_window(SPACE_IO, 2, 0xd00, 0xf300),
@@ -210,6 +243,7 @@ fn aml_pci_host_bridge(mem_bytes: u64) -> Vec<u8> {
             res_window(SPACE_MEMORY, 8, high, high_len),
         ],
     ));
+    body.extend(aml_pci_osc());
     aml_device(b"PCI0", &body)
 }
 
@@ -281,7 +315,7 @@ pub fn madt(nvcpus: u8) -> Vec<u8> {
     t.finish()
 }
 
-/// MCFG: one ECAM region for segment 0, bus 0.
+/// MCFG: one ECAM region for segment 0, buses 0 to `PCI_BUSES - 1`.
 pub fn mcfg() -> Vec<u8> {
     let mut t = Sdt::new(b"MCFG", 1);
     t.push(&[0u8; 8]); // reserved
@@ -368,7 +402,11 @@ mod tests {
             u64::from_le_bytes(m[44..52].try_into().unwrap()),
             PCI_ECAM_START
         );
-        assert_eq!(&m[54..56], &[0, 0], "bus 0 only");
+        assert_eq!(
+            &m[54..56],
+            &[0, PCI_BUSES as u8 - 1],
+            "root bus and port buses"
+        );
         let r = rsdp(0xe0200);
         assert_eq!(r.len(), 36);
         assert!(sums_to_zero(&r[..20]) && sums_to_zero(&r));
@@ -388,7 +426,17 @@ mod tests {
         assert_eq!(d[io + 8..io + 11], [0x22, 0x10, 0x00], "IRQ 4");
         assert!(find(&[0x47, 0x01, 0x70, 0x00, 0x70, 0x00, 0x01, 0x02, 0x79]).is_some());
         let pci = find(b"PCI0").expect("PCI0");
-        assert_eq!(d[pci + 10..pci + 14], [0x41, 0xd0, 0x0a, 0x03], "PNP0A03");
+        assert_eq!(d[pci + 10..pci + 14], [0x41, 0xd0, 0x0a, 0x08], "PNP0A08");
+        let cid = find(b"_CID").expect("_CID");
+        assert_eq!(d[cid + 5..cid + 9], [0x41, 0xd0, 0x0a, 0x03], "PNP0A03");
+        let osc = find(b"_OSC").expect("_OSC");
+        assert_eq!(d[osc - 2..osc], [0x14, 27], "a method of 26 bytes");
+        assert_eq!(d[osc + 4], 4, "four arguments");
+        assert_eq!(d[osc + 24..osc + 26], [0xa4, 0x6b], "returns Arg3");
+        // Buses 0-15 (WordBusNumber: minimum 0, maximum PCI_BUSES - 1).
+        let mut bus = vec![0x88, 0x0d, 0x00, 0x02, 0x0c, 0x00, 0, 0, 0, 0];
+        bus.extend_from_slice(&(PCI_BUSES as u16 - 1).to_le_bytes());
+        assert!(find(&bus).is_some(), "bus range");
         // The 32-bit BAR window, as a DWordMemory descriptor.
         let mut win = vec![0x87, 0x17, 0x00, 0x00, 0x0c, 0x01, 0, 0, 0, 0];
         win.extend_from_slice(&(PCI_LOW_WINDOW.0 as u32).to_le_bytes());

@@ -8,7 +8,7 @@
 //! 0x0010_0000  kernel                ...          RAM up to 3 GiB
 //! 0xc000_0000  MMIO hole up to 4 GiB:
 //!              0xc000_0000  PCI 32-bit BAR window (512 MiB)
-//!              0xe000_0000  PCI ECAM, bus 0 (1 MiB; reserved in e820, MCFG)
+//!              0xe000_0000  PCI ECAM, buses 0-15 (16 MiB; reserved in e820, MCFG)
 //!              0xfec0_0000  IOAPIC, 0xfee0_0000 LAPIC
 //! 0x1_0000_0000  RAM above the hole
 //! top of RAM rounded up to 1 GiB: PCI 64-bit BAR window (64 GiB)
@@ -31,8 +31,10 @@ pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 pub const MMIO_HOLE_END: u64 = 1 << 32;
 pub const PCI_LOW_WINDOW: (u64, u64) = (MMIO_HOLE_START, 0x2000_0000);
 pub const PCI_ECAM_START: u64 = 0xe000_0000;
-/// ECAM for bus 0 only (MCFG says buses 0-0).
-pub const PCI_ECAM_SIZE: u64 = 1 << 20;
+/// Buses of segment 0: the root bus and one per hot-plug root port.
+pub const PCI_BUSES: u64 = 16;
+/// ECAM for all of them (MCFG says buses 0-15).
+pub const PCI_ECAM_SIZE: u64 = PCI_BUSES << 20;
 pub const PCI_HIGH_WINDOW_SIZE: u64 = 1 << 36;
 pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
 pub const LAPIC_ADDR: u32 = 0xfee0_0000;
