@@ -1,13 +1,18 @@
 /* vsock-tool: the initramfs's vsock helper (busybox has none).
  *   vsock-tool echo PORT         accept one connection on PORT, echo until EOF
  *   vsock-tool send CID PORT MSG connect to CID:PORT, send MSG, print the reply
- *   vsock-tool agent PORT        the guest agent ffmk-vmm asks to let go of a
+ *   vsock-tool agent PORT [HOOK] the guest agent ffmk-vmm asks to let go of a
  *                                passthrough function before it is unplugged
  *                                and to look for new ones after a plug
  *                                (docs/vfio.md): one command line per
  *                                connection, one answer line:
  *       detach 0000:00:05.0  ->  ok detached 0000:00:05.0 | error ...
  *       rescan               ->  ok rescanned 0000:00:01.0=1af4:1044 ...
+ *                                HOOK (a shell script) runs as `sh HOOK detach
+ *                                BDF` before a detach (a non-zero exit refuses
+ *                                it: the MPI runtime is not ready to let go)
+ *                                and `sh HOOK rescanned` after a rescan (new
+ *                                functions may have come: reconnect).
  * Built static by build-initramfs. */
 #include <dirent.h>
 #include <linux/vm_sockets.h>
@@ -15,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 static int fail(const char *what) {
@@ -106,7 +112,26 @@ static void list_functions(char *out, size_t len) {
     closedir(d);
 }
 
-static int agent(unsigned port) {
+/* Runs `sh hook action arg`; its exit status (0 without a hook, -1 if it
+ * could not run). */
+static int run_hook(const char *hook, const char *action, const char *arg) {
+    if (!hook)
+        return 0;
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid < 0)
+        return -1;
+    if (pid == 0) {
+        execl("/bin/sh", "sh", hook, action, arg, (char *)NULL);
+        _exit(127);
+    }
+    int status;
+    if (waitpid(pid, &status, 0) < 0 || !WIFEXITED(status))
+        return -1;
+    return WEXITSTATUS(status);
+}
+
+static int agent(unsigned port, const char *hook) {
     struct sockaddr_vm a = {.svm_family = AF_VSOCK, .svm_cid = VMADDR_CID_ANY, .svm_port = port};
     int l = socket(AF_VSOCK, SOCK_STREAM, 0);
     if (l < 0 || bind(l, (struct sockaddr *)&a, sizeof a) || listen(l, 4))
@@ -127,8 +152,12 @@ static int agent(unsigned port) {
         const char *bdf = cmd + 7;
         if (!strncmp(cmd, "detach ", 7) && strlen(bdf) == 12 && !strchr(bdf, '/')) {
             snprintf(path, sizeof path, "/sys/bus/pci/devices/%s/remove", bdf);
+            int refused;
             if (access(path, F_OK) != 0)
                 snprintf(reply, sizeof reply, "ok detached %s (not present)\n", bdf);
+            else if ((refused = run_hook(hook, "detach", bdf)) != 0)
+                snprintf(reply, sizeof reply, "error the hook refused to let go of %s (exit %d)\n",
+                         bdf, refused);
             else if (write_sysfs(path) == 0)
                 snprintf(reply, sizeof reply, "ok detached %s\n", bdf);
             else
@@ -138,6 +167,9 @@ static int agent(unsigned port) {
                 strcpy(reply, "ok rescanned");
                 list_functions(reply, sizeof reply - 2);
                 strcat(reply, "\n");
+                int h = run_hook(hook, "rescanned", "");
+                if (h != 0)
+                    printf("vsock-tool: agent: hook rescanned: exit %d\n", h);
             } else {
                 strcpy(reply, "error cannot rescan\n");
             }
@@ -157,8 +189,8 @@ int main(int argc, char **argv) {
         return echo(strtoul(argv[2], NULL, 0));
     if (argc == 5 && !strcmp(argv[1], "send"))
         return sendmsg_(strtoul(argv[2], NULL, 0), strtoul(argv[3], NULL, 0), argv[4]);
-    if (argc == 3 && !strcmp(argv[1], "agent"))
-        return agent(strtoul(argv[2], NULL, 0));
-    fprintf(stderr, "usage: vsock-tool echo PORT | send CID PORT MSG | agent PORT\n");
+    if ((argc == 3 || argc == 4) && !strcmp(argv[1], "agent"))
+        return agent(strtoul(argv[2], NULL, 0), argc == 4 ? argv[3] : NULL);
+    fprintf(stderr, "usage: vsock-tool echo PORT | send CID PORT MSG | agent PORT [HOOK]\n");
     return 2;
 }

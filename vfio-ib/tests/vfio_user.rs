@@ -420,3 +420,61 @@ fn too_many_hotplug_slots_is_one_clear_error() {
         "{err}"
     );
 }
+
+/// `ffmk-vmm checkpoint take` refuses a VM with a passthrough function
+/// unless told `--detach-devices`; then the function leaves for the local
+/// snapshot (through its hot-plug slot here: no agent) and comes back.
+#[test]
+fn a_multi_level_checkpoint_detaches_functions_when_told() {
+    let server = Server::start("ckpt", None);
+    let dir = common::tmpdir("vfio-user-ckpt");
+    let local = dir.join("local");
+    std::fs::create_dir_all(&local).unwrap();
+    let config = dir.join("levels.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "job = \"j\"\n[[level]]\nkind = \"local\"\ndir = \"{}\"\n",
+            local.display()
+        ),
+    )
+    .unwrap();
+    let vm = common::Vm::boot_with(
+        &dir,
+        "vm",
+        "task=counter",
+        &[
+            "--hotplug-slots",
+            "1",
+            "--snapshot-dir",
+            local.to_str().unwrap(),
+        ],
+    );
+    vm.wait_counter(1);
+    json(&vm.api(&["device", "add", &server.device()]));
+    let take = |extra: &[&str]| {
+        Command::new(common::vmm())
+            .args(["checkpoint", "take", "--json", "--config"])
+            .arg(&config)
+            .arg("--api-socket")
+            .arg(&vm.sock)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let refused = take(&[]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("detach_devices"),
+        "{refused:?}"
+    );
+    let taken = take(&["--detach-devices"]);
+    assert!(taken.status.success(), "{taken:?}");
+    let info = json(&vm.api(&["info"]));
+    assert_eq!(
+        info["passthrough"][0]["bdf"], "01:00.0",
+        "back after it: {info}"
+    );
+    let (ended, err) = vm.stop();
+    assert!(ended.is_none(), "{err}");
+}

@@ -278,6 +278,11 @@ pub enum CheckpointAction {
         /// JSON lines on stdout even on a terminal.
         #[arg(long)]
         json: bool,
+        /// Let passthrough functions leave for each local snapshot (the
+        /// guest lets go of them: agent or hot-plug slot) and come back
+        /// after it; without it a VM with one is refused.
+        #[arg(long)]
+        detach_devices: bool,
     },
     /// Start the VM from the newest complete, checksum-valid copy found at
     /// any level (remote copies are fetched or rebuilt into the local level
@@ -317,6 +322,11 @@ pub enum CheckpointAction {
         /// JSON lines on stdout even on a terminal.
         #[arg(long)]
         json: bool,
+        /// Let passthrough functions leave for each local snapshot (the
+        /// guest lets go of them: agent or hot-plug slot) and come back
+        /// after it; without it a VM with one is refused.
+        #[arg(long)]
+        detach_devices: bool,
     },
     /// List the copies every level holds, newest first.
     List {

@@ -597,6 +597,7 @@ fn inspect(dir: &std::path::Path, verify: bool, json: bool) -> Result<u8, Failur
 fn snapshot_call(
     sock: &std::path::Path,
     call: checkpoint_levels::service::SnapshotCall,
+    detach_devices: bool,
 ) -> Result<serde_json::Value, checkpoint_levels::service::CallError> {
     use checkpoint_levels::service::CallError;
     let mut s = std::os::unix::net::UnixStream::connect(sock).map_err(|e| {
@@ -609,6 +610,7 @@ fn snapshot_call(
         "dest": call.dest,
         "kind": if call.incremental { "incremental" } else { "full" },
         "live": call.live,
+        "detach_devices": detach_devices,
     });
     let (status, text) = vmm::api::http::call(&mut s, "PUT", "/vm/snapshot", &body.to_string())
         .map_err(|e| CallError::Failed(format!("API call failed: {e}")))?;
@@ -651,6 +653,7 @@ fn checkpoint(action: CheckpointAction) -> Result<u8, Failure> {
             levels,
             epoch,
             json,
+            detach_devices,
         } => {
             let cfg = load(&config)?;
             let rep = Reporter::new(json);
@@ -661,7 +664,7 @@ fn checkpoint(action: CheckpointAction) -> Result<u8, Failure> {
             };
             let out = service::take(
                 &cfg,
-                &mut |call| snapshot_call(&api_socket, call),
+                &mut |call| snapshot_call(&api_socket, call, detach_devices),
                 &opts,
                 &rep,
             )
@@ -743,6 +746,7 @@ fn checkpoint(action: CheckpointAction) -> Result<u8, Failure> {
             every,
             count,
             json,
+            detach_devices,
         } => {
             let cfg = load(&config)?;
             if every.is_some_and(|e| !(e.is_finite() && e > 0.0)) {
@@ -757,7 +761,7 @@ fn checkpoint(action: CheckpointAction) -> Result<u8, Failure> {
             };
             let n = service::run(
                 &cfg,
-                &mut |call| snapshot_call(&api_socket, call),
+                &mut |call| snapshot_call(&api_socket, call, detach_devices),
                 &sched,
                 &rep,
             )

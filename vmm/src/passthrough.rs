@@ -201,6 +201,11 @@ fn kvm_vfio_device(vm_fd: &VmFd) -> Option<vfio_ioctls::VfioDeviceFd> {
     }
 }
 
+/// How long a hot-plug waits for a slot the guest is still letting go of
+/// (its hot-plug driver ignores a plug for a moment after powering a slot
+/// off).
+const SLOT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// What attaching a function needs of the VM.
 pub struct Context<'a> {
     pub vm_fd: &'a Arc<VmFd>,
@@ -282,7 +287,7 @@ impl Passthroughs {
             .iter()
             .any(|(_, p)| p.lock().map(|p| !p.occupied()).unwrap_or(false));
         let placed = if hotplug && free_slot {
-            cx.pci.hotplug(device.clone())
+            cx.pci.hotplug(device.clone(), SLOT_PATIENCE)
         } else {
             cx.pci.add(device.clone()).map(Location::root)
         };

@@ -814,6 +814,13 @@ fn api_json(vm: &common::Vm, args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// The agent with a hook standing in for the MPI runtime: it refuses the
+/// first detach (not ready to let go) and agrees afterwards; it hears of
+/// every rescan (no double quotes: it travels on the kernel command line).
+const AGENT_WITH_HOOK: &str = "echo '[ $1 = detach ] && [ ! -e /tmp/once ] && touch /tmp/once \
+    && echo hook: refused $2 && exit 1; echo hook: $1 $2' > /tmp/hook; \
+    vsock-tool agent 1027 /tmp/hook";
+
 #[test]
 fn linux_guest_agent_lets_go_of_a_passthrough_device_and_finds_a_new_one() {
     let Some((_, bzimage, initrd)) = images() else {
@@ -830,7 +837,7 @@ fn linux_guest_agent_lets_go_of_a_passthrough_device_and_finds_a_new_one() {
         &bzimage,
         &initrd,
         &["--vsock", &vsock, "--device", &device],
-        "vsock-tool agent 1027",
+        AGENT_WITH_HOOK,
     );
     wait_console(&vm, "vsock-tool: agent on 1027");
     let info = api_json(&vm, &["info"]);
@@ -841,7 +848,18 @@ fn linux_guest_agent_lets_go_of_a_passthrough_device_and_finds_a_new_one() {
         "{}",
         vm.console()
     );
-    // Unplug: the agent removes it in the guest first.
+    // Unplug: the hook (the MPI runtime's say) refuses the first time;
+    // the function stays.
+    let refused = vm.api(&["device", "remove", &bdf]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("the hook refused to let go of"), "{err}");
+    assert_eq!(
+        api_json(&vm, &["info"])["passthrough"][0]["bdf"],
+        bdf.as_str()
+    );
+    assert!(vm.console().contains(&format!("hook: refused 0000:{bdf}")));
+    // Then it agrees, and the agent removes it in the guest first.
     let removed = api_json(&vm, &["device", "remove", &bdf]);
     assert_eq!(removed["state"], "detached");
     assert!(
@@ -863,6 +881,8 @@ fn linux_guest_agent_lets_go_of_a_passthrough_device_and_finds_a_new_one() {
         guest.contains(&format!("0000:{new_bdf}=15b3:101c")),
         "the guest sees it after its rescan: {guest}"
     );
+    assert!(vm.console().contains(&format!("hook: detach 0000:{bdf}")));
+    wait_console(&vm, "hook: rescanned");
     // No agent answer, no unplug (unless forced).
     let out = vm.api(&["device", "remove", "00:1f.0"]);
     assert!(!out.status.success());
@@ -1004,8 +1024,8 @@ fn guest_pci(vm: &common::Vm) -> Option<String> {
     // the same words, further into its line).
     vm.console()
         .lines()
-        .filter_map(|l| l.strip_prefix("guest-pci:").map(String::from))
-        .last()
+        .rev()
+        .find_map(|l| l.strip_prefix("guest-pci:").map(String::from))
 }
 
 /// Waits until the guest's last listing has (or lacks) `bdf`.

@@ -25,6 +25,7 @@ use super::root::SharedPciDevice;
 use super::{PciDevice, PciIds};
 use crate::interrupt::{MsiMessage, MsiVectors};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use vm_allocator::{AddressAllocator, AllocPolicy, RangeInclusive};
 
 /// IDs of the root port: class 06.04.00 (PCI-to-PCI bridge), next to the
@@ -37,6 +38,11 @@ pub const ROOT_PORT_IDS: PciIds = PciIds {
     subsystem_vendor: 0,
     subsystem: 0,
 };
+
+/// After the guest powers a slot off, its hot-plug driver ignores presence
+/// and link changes for a while (Linux's pciehp: 1 s, "caused by power
+/// off"): a function plugged in that window would go unnoticed.
+pub const POWER_OFF_SETTLE: Duration = Duration::from_millis(1500);
 
 /// Bridge windows have 1 MiB granularity.
 pub const WINDOW_ALIGN: u64 = 1 << 20;
@@ -100,6 +106,8 @@ pub struct RootPort {
     placed: Vec<(bool, RangeInclusive)>,
     bus: u8,
     number: u8,
+    /// When the guest last powered the slot off.
+    powered_off_at: Option<Instant>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -198,6 +206,7 @@ impl RootPort {
             placed: Vec::new(),
             bus,
             number,
+            powered_off_at: None,
         })
     }
 
@@ -223,6 +232,21 @@ impl RootPort {
 
     pub fn occupied(&self) -> bool {
         self.child.is_some()
+    }
+
+    /// How long until a function plugged here will be noticed: zero for an
+    /// empty slot that is off and settled; the rest of the settle time
+    /// after the guest powered it off; `None` while it is occupied, or
+    /// empty but still powered (the guest has not finished with what was
+    /// there).
+    pub fn ready_in(&self) -> Option<Duration> {
+        if self.child.is_some() || self.powered() && self.powered_off_at.is_some() {
+            return None;
+        }
+        Some(match self.powered_off_at {
+            Some(t) => POWER_OFF_SETTLE.saturating_sub(t.elapsed()),
+            None => Duration::ZERO,
+        })
     }
 
     /// Whether the guest has the slot powered on.
@@ -321,9 +345,19 @@ impl RootPort {
         }
     }
 
-    /// Routes the MSI vector as the guest programmed it (also after a
-    /// restore of the configuration space).
-    pub fn route_msi(&self) {
+    /// After the configuration space was restored (snapshot, migration):
+    /// the MSI route follows it, and a slot that is off counts as just
+    /// powered off (the guest may have done so moments before the
+    /// switch-over: its driver may still be ignoring the slot).
+    pub fn restored(&mut self) {
+        self.route_msi();
+        if !self.powered() {
+            self.powered_off_at = Some(Instant::now());
+        }
+    }
+
+    /// Routes the MSI vector as the guest programmed it.
+    fn route_msi(&self) {
         let control = self.config.u16_at(self.msi + 2);
         let msg = (control & MSI_ENABLE != 0).then(|| MsiMessage {
             addr: u64::from(self.config.u32_at(self.msi + 4))
@@ -411,6 +445,9 @@ impl PciDevice for RootPort {
         self.config.write(offset, &rest);
         if offset < self.msi + MSI_CAP_LEN && offset + data.len() > self.msi {
             self.route_msi();
+        }
+        if was_powered && !self.powered() {
+            self.powered_off_at = Some(Instant::now());
         }
         if was_powered != self.powered() {
             tracing::info!(
@@ -603,7 +640,9 @@ mod tests {
         let ctl = rd(&mut e, 0, slot, pcie + EXP_SLTCTL, 2);
         wr(&mut e, 0, slot, pcie + EXP_SLTCTL, ctl | enables, 2);
 
-        let at = root.hotplug(Arc::new(Mutex::new(Endpoint::new()))).unwrap();
+        let at = root
+            .hotplug(Arc::new(Mutex::new(Endpoint::new())), Duration::ZERO)
+            .unwrap();
         assert_eq!(at, Location { bus: 1, slot: 0 });
         assert_eq!(at.to_string(), "01:00.0");
         assert_eq!(*rec.triggers.lock().unwrap(), 1);
@@ -631,7 +670,9 @@ mod tests {
             SLTSTA_PDS | SLTSTA_DLLSC
         );
         // A second function does not fit.
-        assert!(root.hotplug(Arc::new(Mutex::new(Endpoint::new()))).is_err());
+        assert!(root
+            .hotplug(Arc::new(Mutex::new(Endpoint::new())), Duration::ZERO)
+            .is_err());
 
         // BARs: in the port's windows, and reached through the root windows.
         let dev = root
@@ -704,13 +745,87 @@ mod tests {
             Err(crate::pci::root::PciError::NoFunction(_))
         ));
         // The windows were given back: it plugs again.
-        root.hotplug(Arc::new(Mutex::new(Endpoint::new()))).unwrap();
+        root.hotplug(Arc::new(Mutex::new(Endpoint::new())), Duration::ZERO)
+            .unwrap();
+    }
+
+    #[test]
+    fn a_plug_waits_until_the_guest_has_let_go_of_the_slot() {
+        let (root, mut e, _, slot, pcie) = setup();
+        let at = root
+            .hotplug(Arc::new(Mutex::new(Endpoint::new())), Duration::ZERO)
+            .unwrap();
+        // The guest powers the slot on, then a surprise removal: the slot
+        // is empty but powered until the guest has dealt with it.
+        let ctl = rd(&mut e, 0, slot, pcie + EXP_SLTCTL, 2);
+        wr(
+            &mut e,
+            0,
+            slot,
+            pcie + EXP_SLTCTL,
+            ctl & !u32::from(SLTCTL_PCC),
+            2,
+        );
+        wr(
+            &mut e,
+            0,
+            slot,
+            pcie + EXP_SLTCTL,
+            ctl | u32::from(SLTCTL_PCC),
+            2,
+        );
+        wr(
+            &mut e,
+            0,
+            slot,
+            pcie + EXP_SLTCTL,
+            ctl & !u32::from(SLTCTL_PCC),
+            2,
+        );
+        root.unplug(at).unwrap();
+        let port = root.port_at(at).unwrap();
+        assert_eq!(port.lock().unwrap().ready_in(), None, "still powered");
+        // Not ready within the patience given: plugged anyway.
+        let t = Instant::now();
+        root.hotplug(
+            Arc::new(Mutex::new(Endpoint::new())),
+            Duration::from_millis(100),
+        )
+        .unwrap();
+        assert!(t.elapsed() >= Duration::from_millis(100));
+        root.unplug(at).unwrap();
+        // The guest powers it off: ready after the settle time.
+        wr(
+            &mut e,
+            0,
+            slot,
+            pcie + EXP_SLTCTL,
+            ctl | u32::from(SLTCTL_PCC),
+            2,
+        );
+        let wait = port.lock().unwrap().ready_in().unwrap();
+        assert!(
+            wait > POWER_OFF_SETTLE - Duration::from_millis(200),
+            "{wait:?}"
+        );
+        let t = Instant::now();
+        root.hotplug(
+            Arc::new(Mutex::new(Endpoint::new())),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        let waited = t.elapsed();
+        assert!(
+            waited >= wait - Duration::from_millis(50) && waited < Duration::from_secs(5),
+            "{waited:?}"
+        );
     }
 
     #[test]
     fn no_interrupt_unless_the_guest_enabled_it() {
         let (root, mut e, rec, slot, pcie) = setup();
-        root.hotplug(Arc::new(Mutex::new(Endpoint::new()))).unwrap();
+        root.hotplug(Arc::new(Mutex::new(Endpoint::new())), Duration::ZERO)
+            .unwrap();
         assert_eq!(*rec.triggers.lock().unwrap(), 0, "nothing enabled");
         let ctl = rd(&mut e, 0, slot, pcie + EXP_SLTCTL, 2);
         wr(
@@ -735,7 +850,8 @@ mod tests {
         let msi = cap(&mut e, slot, MSI_CAP_ID);
         wr(&mut e, 0, slot, msi + 4, 0xfee0_1000, 4);
         wr(&mut e, 0, slot, msi + 2, 1, 2);
-        root.hotplug(Arc::new(Mutex::new(Endpoint::new()))).unwrap();
+        root.hotplug(Arc::new(Mutex::new(Endpoint::new())), Duration::ZERO)
+            .unwrap();
         root.unplug(Location { bus: 1, slot: 0 }).unwrap();
         let saved = root.save().unwrap();
         let (fresh, mut e2, rec2, _, _) = setup();

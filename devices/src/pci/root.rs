@@ -309,21 +309,56 @@ impl PciRoot {
         self.ports.read().map(|p| p.clone()).unwrap_or_default()
     }
 
-    /// Puts `dev` into the first empty hot-plug slot and tells the guest;
-    /// returns where it is.
-    pub fn hotplug(&self, dev: SharedPciDevice) -> Result<Location, PciError> {
+    /// Puts `dev` into an empty hot-plug slot and tells the guest; returns
+    /// where it is. A slot the guest is still letting go of (powered, or
+    /// powered off moments ago: see [`super::port::POWER_OFF_SETTLE`]) is
+    /// waited for, up to `patience`, so that the guest notices the plug;
+    /// then the first empty slot is taken anyway.
+    pub fn hotplug(
+        &self,
+        dev: SharedPciDevice,
+        patience: std::time::Duration,
+    ) -> Result<Location, PciError> {
         let ports = self.ports();
-        for (_, port) in &ports {
-            let mut p = port.lock().map_err(|_| PciError::NoSlot)?;
-            if !p.occupied() {
+        let deadline = std::time::Instant::now() + patience;
+        loop {
+            // The empty slot that is ready soonest (None: busy for now).
+            let mut best: Option<(Option<std::time::Duration>, &Arc<Mutex<RootPort>>)> = None;
+            for (_, port) in &ports {
+                let p = port.lock().map_err(|_| PciError::NoSlot)?;
+                if p.occupied() {
+                    continue;
+                }
+                let wait = p.ready_in();
+                let better = match (&best, wait) {
+                    (None, _) => true,
+                    (Some((None, _)), Some(_)) => true,
+                    (Some((Some(b), _)), Some(w)) => w < *b,
+                    _ => false,
+                };
+                if better {
+                    best = Some((wait, port));
+                }
+            }
+            let Some((wait, port)) = best else {
+                return Err(PciError::NoHotplugSlot(ports.len()));
+            };
+            let now = std::time::Instant::now();
+            let ready = wait == Some(std::time::Duration::ZERO);
+            if ready || now >= deadline {
+                let mut p = port.lock().map_err(|_| PciError::NoSlot)?;
                 p.plug(dev)?;
                 return Ok(Location {
                     bus: p.bus(),
                     slot: 0,
                 });
             }
+            let step = wait.unwrap_or(std::time::Duration::from_millis(50));
+            std::thread::sleep(
+                step.min(deadline - now)
+                    .max(std::time::Duration::from_millis(1)),
+            );
         }
-        Err(PciError::NoHotplugSlot(ports.len()))
     }
 
     /// The port whose slot holds (or would hold) `at`.
@@ -480,8 +515,8 @@ impl PciRoot {
         drop(slots);
         // The ports' interrupt follows their restored MSI capability.
         for (_, port) in self.ports() {
-            if let Ok(p) = port.lock() {
-                p.route_msi();
+            if let Ok(mut p) = port.lock() {
+                p.restored();
             }
         }
         Ok(())
