@@ -10,7 +10,7 @@ Runs inside L1 of ci/lab (started by ci/bench-vfio), where QEMU's edu device
   - ffmk-vmm with MSI (task=edu rounds=N): the median microseconds from the
     guest's write that makes the device raise an interrupt to the guest's
     handler counting it;
-  - start -> first ring-3 output for guests of 1 and 2 GiB with and without
+  - start -> first ring-3 output for guests of 1, 2 and 4 GiB (SIZES) with and without
     the device, ffmk-vmm and QEMU, with and without 2 MiB huge pages: the
     difference is what passing the device through costs at start, almost
     all of it pinning and mapping guest RAM for DMA (ffmk-vmm also logs its
@@ -34,6 +34,9 @@ DEV = "0000:00:05.0"
 OUT = sys.argv[1] if len(sys.argv) > 1 else "/tmp/bench-vfio.json"
 RUNS = int(os.environ.get("RUNS", "5"))
 ROUNDS = int(os.environ.get("ROUNDS", "64"))
+# Guest sizes for the start-up and DMA-map runs (L1 has 8 GiB; a 4 GiB
+# guest pins half of it).
+SIZES = os.environ.get("SIZES", "1G,2G,4G").split(",")
 
 
 def ffmk(task, mem="128M", device=True, mmap=True, huge=False):
@@ -85,13 +88,16 @@ def run(argv, want_rc):
 
 def main():
     subprocess.run([FFMK, "vfio", "bind", DEV], check=True)
-    # 2 MiB huge pages for the 1 and 2 GiB guests (one at a time).
-    with open("/proc/sys/vm/nr_hugepages", "w") as f:
-        f.write("1100")
     os.makedirs("/dev/hugepages", exist_ok=True)
     subprocess.run(["mount", "-t", "hugetlbfs", "none", "/dev/hugepages"], check=False)
-    with open("/proc/sys/vm/nr_hugepages") as f:
-        huge_pages = int(f.read())
+
+    def set_huge(pages):
+        """Reserves `pages` 2 MiB huge pages (0: none); returns how many L1 gave."""
+        with open("/proc/sys/vm/nr_hugepages", "w") as f:
+            f.write(str(pages))
+        with open("/proc/sys/vm/nr_hugepages") as f:
+            return int(f.read())
+
     res = {}
 
     def add(k, v):
@@ -100,7 +106,7 @@ def main():
     task = f"task=edu msi=0 rounds={ROUNDS}"
     # Warm-up: L1's memory is backed by L0 (QEMU TCG) on first touch, which
     # costs seconds per GiB once; whichever VMM ran first would pay it.
-    for mem in ("1G", "2G"):
+    for mem in SIZES:
         for vmm, mk, rc in (("ffmk-vmm", ffmk, 0), ("qemu", qemu, 1)):
             run(mk("task=hello", mem=mem, device=True), rc)
     for i in range(RUNS):
@@ -111,9 +117,14 @@ def main():
                     v["edu_mmio_read_ns"])
         v = run(ffmk(f"task=edu rounds={ROUNDS}"), 0)
         add("ffmk-vmm msi_latency_us", v["edu_msi_latency_us"])
-        for mem in ("1G", "2G"):
+        for mem in SIZES:
+            gib = int(mem[:-1])
             for huge in (False, True):
-                if huge and huge_pages * 2 < int(mem[0]) * 1024:
+                # Huge pages only while they are used: L1 has 8 GiB, and
+                # a 4 GiB guest cannot have 4 GiB of them reserved beside it.
+                if huge and set_huge(gib * 512 + 64) < gib * 512 + 8:
+                    print(f"bench-vfio: L1 has too few huge pages for {mem}; skipped", flush=True)
+                    set_huge(0)
                     continue
                 for vmm, mk, rc in (("ffmk-vmm", ffmk, 0), ("qemu", qemu, 1)):
                     kind = f"{mem}{' hugepages' if huge else ''}"
@@ -123,6 +134,8 @@ def main():
                     add(f"{vmm} {kind} start_with_device_ms", with_dev["ring3_ms"])
                     if "dma_map_ms" in with_dev:
                         add(f"{vmm} {kind} own_dma_map_ms", with_dev["dma_map_ms"])
+                if huge:
+                    set_huge(0)
         print(f"bench-vfio: round {i + 1}/{RUNS} done", flush=True)
     summary = {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v)}
                for k, v in res.items()}

@@ -816,10 +816,11 @@ fn api_json(vm: &common::Vm, args: &[&str]) -> serde_json::Value {
 
 /// The agent with a hook standing in for the MPI runtime: it refuses the
 /// first detach (not ready to let go) and agrees afterwards; it hears of
-/// every rescan (no double quotes: it travels on the kernel command line).
-const AGENT_WITH_HOOK: &str = "echo '[ $1 = detach ] && [ ! -e /tmp/once ] && touch /tmp/once \
+/// every rescan. One double-quoted word on the kernel command line (the
+/// kernel passes init at most 32 words).
+const AGENT_WITH_HOOK: &str = "\"echo '[ $1 = detach ] && [ ! -e /tmp/once ] && touch /tmp/once \
     && echo hook: refused $2 && exit 1; echo hook: $1 $2' > /tmp/hook; \
-    vsock-tool agent 1027 /tmp/hook";
+    vsock-tool agent 1027 /tmp/hook\"";
 
 #[test]
 fn linux_guest_agent_lets_go_of_a_passthrough_device_and_finds_a_new_one() {
