@@ -182,7 +182,7 @@ struct Cleanup(PathBuf);
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        for h in 0..3 {
+        for h in 0..16 {
             let Ok(rd) = std::fs::read_dir(self.0.join(format!("h{h}"))) else {
                 continue;
             };
@@ -461,4 +461,166 @@ fn a_balanced_vm_leaves_its_function_and_gets_one_from_the_destination_pool() {
         let _ = s.kill();
         let _ = s.wait();
     }
+}
+
+/// `ffmk-node broadcast` run in host `i`'s namespace.
+fn broadcast(ns: &NetNs, dir: &Path, i: usize, args: &[&str]) -> std::process::Output {
+    ns.exec(node())
+        .args(["broadcast", "--config"])
+        .arg(dir.join(format!("node{i}.toml")))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// The `broadcast` events of a daemon's log with this command.
+fn deliveries(d: &Daemon, command: &str) -> Vec<Value> {
+    d.events()
+        .into_iter()
+        .filter(|e| e["event"] == "broadcast" && e["command"] == command)
+        .collect()
+}
+
+/// Twelve daemons in network namespaces; two are dead before a broadcast
+/// and two are killed while it spreads (a send every 20 ms, so it takes a
+/// while): every daemon alive at the end runs the command exactly once.
+/// Then commands with an effect (pause and resume a job's VMs in part of
+/// the cluster) and bad input (a host outside the cluster, an unknown
+/// command, an empty group).
+#[test]
+fn a_broadcast_reaches_every_live_daemon_despite_dead_ones() {
+    let n = 12;
+    let Some(cluster) = Cluster::new("bc", n) else {
+        return;
+    };
+    let dir = common::tmpdir("balance-broadcast");
+    let _cleanup = Cleanup(dir.clone());
+    let h = &cluster.hosts;
+    // Two VMs on host 4 (vsock keeps them there): one of job 7, one not.
+    let vm = |name: &str| {
+        let vsock = format!(
+            "cid=3,socket={}",
+            dir.join(format!("{name}.vsock")).display()
+        );
+        busy_vm_with(&h[4], &dir, 4, name, &["--cpus", "1", "--vsock", &vsock])
+    };
+    let (job, other) = (vm("job7-a"), vm("other"));
+    job.wait_counter(2);
+    other.wait_counter(2);
+    let hosts = "10.77.0.[1-12]";
+    // A send every 20 ms (FFMK_BCAST_GAP_US for ci/bench-broadcast).
+    let gap: u64 = std::env::var("FFMK_BCAST_GAP_US")
+        .ok()
+        .and_then(|g| g.parse().ok())
+        .unwrap_or(20_000);
+    let extra = format!("broadcast_gap_us = {gap}\nbroadcast_latency_us = 1000");
+    let mut daemons: Vec<Daemon> = (0..n)
+        .map(|i| Daemon::start_with(&h[i], &dir, i, hosts, &extra))
+        .collect();
+    for d in &daemons {
+        wait_for("the daemons", Duration::from_secs(10), || d.status());
+    }
+    // Host 0 is the root; 1, 2 are the roots of the subtrees of every
+    // other and every fourth host; dead before it starts: 2 and 3.
+    for i in [2, 3] {
+        let _ = daemons[i].child.kill();
+        let _ = daemons[i].child.wait();
+    }
+    let out = broadcast(&h[0], &dir, 0, &["echo", "hello"]);
+    assert!(out.status.success(), "{out:?}");
+    // Killed while it spreads.
+    for i in [8, 9] {
+        let _ = daemons[i].child.kill();
+        let _ = daemons[i].child.wait();
+    }
+    let alive: Vec<usize> = (0..n).filter(|i| ![2, 3, 8, 9].contains(i)).collect();
+    let got = wait_for("every live daemon", Duration::from_secs(20), || {
+        let got: Vec<Vec<Value>> = alive
+            .iter()
+            .map(|&i| deliveries(&daemons[i], "echo hello"))
+            .collect();
+        got.iter().all(|g| !g.is_empty()).then_some(got)
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let mut lat: Vec<f64> = Vec::new();
+    for (&i, _) in alive.iter().zip(&got) {
+        let g = deliveries(&daemons[i], "echo hello");
+        assert_eq!(g.len(), 1, "host {i} ran it once: {g:?}");
+        assert_eq!(g[0]["result"], "ok");
+        assert_eq!(g[0]["origin"], "10.77.0.1");
+        lat.push(g[0]["latency_us"].as_f64().unwrap());
+    }
+    let by_correction = alive
+        .iter()
+        .filter(|&&i| deliveries(&daemons[i], "echo hello")[0]["via"] == "correction")
+        .count();
+    lat.sort_by(|a, b| a.total_cmp(b));
+    eprintln!(
+        "broadcast: {} live of {n}, latency median {:.1} ms max {:.1} ms, {by_correction} by correction",
+        alive.len(),
+        lat[lat.len() / 2] / 1e3,
+        lat[lat.len() - 1] / 1e3
+    );
+
+    // Pause job 7 in hosts 1-6 (10.77.0.3 and .4 are dead): its VM stops,
+    // the other VM runs on; resume it.
+    let state = |vm: &Vm| -> String {
+        let out = common::api(&vm.sock, "info");
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v["state"].as_str().unwrap_or_default().to_string()
+    };
+    let out = broadcast(
+        &h[0],
+        &dir,
+        0,
+        &["--group", "10.77.0.[1-6]", "pause", "job7-*"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    wait_for("job7-a paused", Duration::from_secs(20), || {
+        (state(&job) == "paused").then_some(())
+    });
+    assert_eq!(state(&other), "running");
+    let host4 = deliveries(&daemons[4], "pause job7-*");
+    assert_eq!(host4[0]["result"], "paused [job7-a]", "{host4:?}");
+    let out = broadcast(
+        &h[5],
+        &dir,
+        5,
+        &["--group", "10.77.0.[1-6]", "resume", "job7-*"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    wait_for("job7-a running", Duration::from_secs(20), || {
+        (state(&job) == "running").then_some(())
+    });
+    assert!(
+        deliveries(&daemons[11], "pause job7-*").is_empty(),
+        "host 11 is not in the group"
+    );
+
+    // Bad input: one line, exit 2, nothing sent.
+    for (args, want) in [
+        (
+            vec!["--group", "10.77.0.[11-13]", "echo", "x"],
+            "10.77.0.13 is not in the cluster's host list",
+        ),
+        (vec!["reboot", "now"], "unknown command \"reboot\""),
+        (vec!["pause"], "pause takes one pattern"),
+    ] {
+        let out = broadcast(&h[0], &dir, 0, &args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+    // A group this host is not in: its daemon refuses.
+    let out = broadcast(&h[0], &dir, 0, &["--group", "10.77.0.[5-6]", "echo", "x"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is not in group 10.77.0.[5-6]"), "{err}");
+    assert!(deliveries(&daemons[5], "echo x").is_empty());
+    for d in &mut daemons {
+        assert!(d.alive() || d.child.try_wait().is_ok());
+    }
+    drop(daemons);
+    drop(job);
+    drop(other);
 }

@@ -167,6 +167,7 @@ impl Endpoint {
         let msg = Message {
             what: What::Relay(Kind::Tree),
             tree: self.cfg.tree,
+            dir: None,
             id,
             origin: rank,
             n: peers.len() as u32,
@@ -247,7 +248,12 @@ impl Endpoint {
                 self.stats.received += 1;
                 if let Some(a) = self.active.get_mut(&m.id) {
                     if m.n == a.msg.n && m.origin == a.msg.origin {
-                        a.node.receive(m.from, m.origin, kind);
+                        a.node.receive(m.from, m.origin, kind, m.dir);
+                        // It may owe an answer: awake again.
+                        if a.node.has_work() && a.finished.is_some() {
+                            a.finished = None;
+                            a.next = std::time::Instant::now();
+                        }
                     }
                     return;
                 }
@@ -261,7 +267,7 @@ impl Endpoint {
                     return;
                 }
                 let mut node = Node::new(rank, m.n, m.tree);
-                node.receive(m.from, m.origin, kind);
+                node.receive(m.from, m.origin, kind, m.dir);
                 let from = m.from;
                 self.start(node, peers, m, from, kind, deliver);
             }
@@ -283,16 +289,17 @@ impl Endpoint {
             if a.next <= now {
                 let correcting = !a.node.by_tree() || wall >= a.correct_at;
                 match a.node.next_send(correcting) {
-                    Some((to, kind)) => {
+                    Some(s) => {
                         let m = Message {
-                            what: What::Relay(kind),
+                            what: What::Relay(s.kind),
+                            dir: s.dir,
                             from: a.node.rank(),
                             ..a.msg.clone()
                         };
-                        if let (Ok(b), Some(dst)) = (m.encode(), a.peers.get(to as usize)) {
+                        if let (Ok(b), Some(dst)) = (m.encode(), a.peers.get(s.to as usize)) {
                             let _ = self.socket.send_to(&b, dst);
                         }
-                        match kind {
+                        match s.kind {
                             Kind::Tree => self.stats.sent_tree += 1,
                             Kind::Correction => self.stats.sent_correction += 1,
                         }
@@ -355,6 +362,7 @@ pub fn request(
     let m = Message {
         what: What::Originate,
         tree: Tree::Interleaved,
+        dir: None,
         id: 0,
         origin: 0,
         n: 0,

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! 0   magic "FFBC"        4   version (1)          5   kind (0 tree, 1 correction, 2 originate)
-//! 6   tree (0 interleaved, 1 contiguous)           7   reserved (0)
+//! 6   tree (0 interleaved, 1 contiguous)
+//! 7   direction of a correction (0 none, 1 up, 2 down)
 //! 8   broadcast id (u64)  16  origin rank (u32)    20  ranks n (u32)
 //! 24  sender rank (u32)   28  origin's send time (u64, ns, CLOCK_MONOTONIC)
 //! 36  group length (u16)  38  payload length (u16)
@@ -15,6 +16,7 @@
 //! `originate` comes from a local client: "start a broadcast of this
 //! payload from here" (its id, origin, sender and time are filled in by
 //! the endpoint that takes it).
+use crate::node::Dir;
 use crate::{Kind, Tree};
 
 pub const MAGIC: &[u8; 4] = b"FFBC";
@@ -34,6 +36,7 @@ pub enum What {
 pub struct Message {
     pub what: What,
     pub tree: Tree,
+    pub dir: Option<Dir>,
     pub id: u64,
     pub origin: u32,
     pub n: u32,
@@ -55,6 +58,8 @@ pub enum WireError {
     Kind(u8),
     #[error("unknown tree {0}")]
     Tree(u8),
+    #[error("unknown direction {0}")]
+    Dir(u8),
     #[error("payload of {0} bytes (at most {MAX_PAYLOAD})")]
     Payload(usize),
     #[error("group of {0} bytes (at most {MAX_GROUP})")]
@@ -89,7 +94,11 @@ impl Message {
             Tree::Interleaved => 0,
             Tree::Contiguous => 1,
         });
-        b.push(0);
+        b.push(match self.dir {
+            None => 0,
+            Some(Dir::Up) => 1,
+            Some(Dir::Down) => 2,
+        });
         b.extend_from_slice(&self.id.to_le_bytes());
         b.extend_from_slice(&self.origin.to_le_bytes());
         b.extend_from_slice(&self.n.to_le_bytes());
@@ -125,6 +134,12 @@ impl Message {
             1 => Tree::Contiguous,
             t => return Err(WireError::Tree(t)),
         };
+        let dir = match b[7] {
+            0 => None,
+            1 => Some(Dir::Up),
+            2 => Some(Dir::Down),
+            d => return Err(WireError::Dir(d)),
+        };
         let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
         let u64_at = |o: usize| {
             let mut x = [0u8; 8];
@@ -155,6 +170,7 @@ impl Message {
         let m = Message {
             what,
             tree,
+            dir,
             id: u64_at(8),
             origin: u32_at(16),
             n: u32_at(20),
@@ -182,6 +198,7 @@ mod tests {
         Message {
             what: What::Relay(Kind::Correction),
             tree: Tree::Interleaved,
+            dir: Some(Dir::Down),
             id: 0x1122_3344_5566_7788,
             origin: 3,
             n: 16,
@@ -204,6 +221,9 @@ mod tests {
         let mut x = b.clone();
         x[5] = 9;
         assert_eq!(Message::decode(&x), Err(WireError::Kind(9)));
+        let mut x = b.clone();
+        x[7] = 3;
+        assert_eq!(Message::decode(&x), Err(WireError::Dir(3)));
         let mut x = b.clone();
         x.push(b'!');
         assert!(matches!(Message::decode(&x), Err(WireError::Length { .. })));

@@ -35,6 +35,26 @@ enum Cmd {
     Run(RunArgs),
     /// Show the bulletin board, VMs and migrations a daemon holds now.
     Status(StatusArgs),
+    /// Run a command on every live host of a group, through the local
+    /// daemon: a fault-tolerant broadcast (corrected tree over UDP) that
+    /// reaches every live daemon even when some are dead. Commands: echo
+    /// TEXT, pause VM-GLOB, resume VM-GLOB, drain HOST-GLOB, undrain
+    /// HOST-GLOB (docs/balance.md).
+    Broadcast(BroadcastArgs),
+}
+
+#[derive(clap::Args)]
+struct BroadcastArgs {
+    /// The daemon's settings (its broadcast address).
+    #[arg(long)]
+    config: std::path::PathBuf,
+    /// Hosts the command goes to: a host list within the cluster's
+    /// (node[03-07]), or all.
+    #[arg(long, default_value = "all")]
+    group: String,
+    /// The command and its argument, e.g. pause 'job7-*'.
+    #[arg(required = true, num_args = 1..)]
+    command: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -358,12 +378,59 @@ fn gossip_sim(a: GossipSimArgs) -> Result<(), String> {
     Ok(())
 }
 
+fn send_broadcast(a: BroadcastArgs) -> Result<(), String> {
+    use balance::node::bcast;
+    let r = load_config(&a.config, None, None)?;
+    let command = a.command.join(" ");
+    // Checked here first, so that a typo is not sent to every host.
+    command
+        .parse::<bcast::Command>()
+        .map_err(|e| format!("broadcast: {e}"))?;
+    let addrs: Vec<std::net::SocketAddr> = r
+        .gossip
+        .iter()
+        .map(|g| std::net::SocketAddr::new(g.ip(), r.config.broadcast_port))
+        .collect();
+    bcast::resolver(r.names.clone(), addrs.clone())(&a.group)
+        .and_then(|g| {
+            if g.is_empty() {
+                Err(format!("group {} has no host", a.group))
+            } else {
+                Ok(g)
+            }
+        })
+        .map_err(|e| format!("broadcast to {}: {e}", a.group))?;
+    let answer = broadcast::udp::request(
+        addrs[r.slot],
+        &a.group,
+        &command,
+        std::time::Duration::from_secs(5),
+    )
+    .map_err(|e| {
+        format!(
+            "broadcast: the local daemon ({}) did not answer: {e}",
+            addrs[r.slot]
+        )
+    })?;
+    match answer.strip_prefix("ok ") {
+        Some(id) => {
+            println!("broadcast {id}: {command} -> {}", a.group);
+            Ok(())
+        }
+        None => Err(format!(
+            "broadcast: {}",
+            answer.strip_prefix("error ").unwrap_or(&answer)
+        )),
+    }
+}
+
 fn main() -> ExitCode {
     let r = match Cli::parse().cmd {
         Cmd::GossipSim(a) => gossip_sim(a),
         Cmd::BalanceSim(a) => balance_sim(a),
         Cmd::Run(a) => run_daemon(a),
         Cmd::Status(a) => show_status(a),
+        Cmd::Broadcast(a) => send_broadcast(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -70,6 +70,15 @@ pub struct Config {
     pub migration_timeout_s: f64,
     #[serde(default = "d_max_downtime_ms")]
     pub max_downtime_ms: u64,
+    /// UDP port of the control broadcast endpoint (`ffmk-node broadcast`).
+    #[serde(default = "d_broadcast_port")]
+    pub broadcast_port: u16,
+    /// Pause between two datagrams of one broadcast, and the one-way
+    /// latency the correction phase is timed with (microseconds).
+    #[serde(default = "d_broadcast_gap_us")]
+    pub broadcast_gap_us: u64,
+    #[serde(default = "d_broadcast_latency_us")]
+    pub broadcast_latency_us: u64,
     /// Passthrough functions this host gives to VMs that arrive with
     /// passthrough functions (which left their source through hot-plug
     /// slots): `["vfio=0000:3b:00.2", "vfio-user=/run/ffmk/cx1.sock"]`,
@@ -90,6 +99,15 @@ fn d_gossip_port() -> u16 {
 }
 fn d_control_port() -> u16 {
     7401
+}
+fn d_broadcast_port() -> u16 {
+    7402
+}
+fn d_broadcast_gap_us() -> u64 {
+    500
+}
+fn d_broadcast_latency_us() -> u64 {
+    200
 }
 fn d_migration_ports() -> [u16; 2] {
     [7410, 7429]
@@ -199,6 +217,9 @@ impl Config {
         }
         if self.migration_ports[0] > self.migration_ports[1] {
             return invalid("migration_ports must be [low, high]");
+        }
+        if self.broadcast_gap_us == 0 || self.broadcast_gap_us > 1_000_000 {
+            return invalid("broadcast_gap_us must be 1 to 1000000");
         }
         for (i, f) in self.vf_pool.iter().enumerate() {
             let kind_ok = f.strip_prefix("vfio=").is_some_and(|a| !a.is_empty())

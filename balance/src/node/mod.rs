@@ -14,6 +14,7 @@
 //! /vm/migration` to the end. A refusal or failure leaves the VM where it
 //! was (the VMM guarantees that), tells the receiver to `abort`, and backs
 //! off from that host. Every decision and step goes to the JSON log.
+pub mod bcast;
 pub mod config;
 pub mod control;
 pub mod policy;
@@ -47,6 +48,8 @@ pub enum Error {
     VmDir(PathBuf, std::io::Error),
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
+    #[error("cannot start the broadcast endpoint on {0}: {1}")]
+    Broadcast(SocketAddr, String),
 }
 
 /// The JSON decision log: one object per line, with time and host.
@@ -152,6 +155,8 @@ pub struct Daemon {
     limits: Mutex<Limits>,
     log: Log,
     stop: AtomicBool,
+    /// Draining (takes no VMs): from the config, or a `drain` broadcast.
+    drained: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -196,6 +201,7 @@ pub fn run(r: Resolved) -> Result<(), Error> {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as u32)
         .unwrap_or(1);
+    let r_drain = r.config.drain;
     let d = Arc::new(Daemon {
         board: Mutex::new(Board::new(r.names.len(), Some(r.slot), r.window)),
         r,
@@ -205,6 +211,7 @@ pub fn run(r: Resolved) -> Result<(), Error> {
         limits: Mutex::new(Limits::default()),
         log,
         stop: AtomicBool::new(false),
+        drained: AtomicBool::new(r_drain),
     });
     d.log.event(
         "start",
@@ -227,6 +234,7 @@ pub fn run(r: Resolved) -> Result<(), Error> {
         Box::new(move || gossip_receiver(&d1, recv_udp)),
     )?;
     spawn("control", Box::new(move || control_service(&d2, tcp)))?;
+    bcast::spawn(&d)?;
     let sampled: Arc<Mutex<vms::Sampler>> = Arc::default();
     let s2 = sampled.clone();
     spawn("sampler", Box::new(move || sampler(&d3, &s2)))?;
@@ -421,7 +429,7 @@ fn refresh_local(d: &Daemon, sampled: &mut vms::Sampler) {
     }
     let health = if !health_why.is_empty() {
         Health::Degraded
-    } else if d.r.config.drain {
+    } else if d.drained.load(Ordering::Acquire) {
         Health::Draining
     } else {
         Health::Ok
