@@ -134,6 +134,19 @@ def gossip_seeds():
     for w in range(3):
         put("gossip_datagram", f"w{w}", bytes([w]) + struct.pack("<H", len(m1)) + m1 + struct.pack("<H", len(m2)) + m2)
 
+# --- broadcast_datagram: group size byte, then datagrams (u16 length each).
+def broadcast_seeds():
+    def msg(kind, direction, origin, n, sender, group=b"all", payload=b"echo hi"):
+        return (b"FFBC" + bytes([1, kind, 0, direction]) + struct.pack("<QIIIQHH", 7, origin, n, sender, 1, len(group), len(payload))
+                + group + payload)
+    tree = msg(0, 0, 0, 16, 8)
+    up = msg(1, 1, 0, 16, 15)
+    down = msg(1, 2, 0, 16, 1)
+    d = lambda m: struct.pack("<H", len(m)) + m
+    put("broadcast_datagram", "tree-then-corrections", bytes([15]) + d(tree) + b"\x01\x10" + d(up) + b"\x01\x10" + d(down) + b"\x01\x40")
+    put("broadcast_datagram", "originate", bytes([3]) + d(msg(2, 0, 0, 0, 0)))
+    put("broadcast_datagram", "bad-rank", bytes([15]) + d(msg(1, 1, 0, 16, 16)))
+
 # --- api_request: raw HTTP requests.
 def api_seeds():
     reqs = {
@@ -179,7 +192,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--snapshot", help="a snapshot directory (for snapshot_files and state seeds)")
     a = ap.parse_args()
-    virtio_seeds(); pci_seeds(); gossip_seeds(); api_seeds(); vfio_user_seeds()
+    virtio_seeds(); pci_seeds(); gossip_seeds(); api_seeds(); vfio_user_seeds(); broadcast_seeds()
     state, manifest = b'{"version":2}', None
     if a.snapshot:
         m = json.load(open(os.path.join(a.snapshot, "manifest.json")))
