@@ -11,6 +11,7 @@
 //! - [`node`]: the `ffmk-node run` daemon (board over UDP, policy, moves by
 //!   live migration) and [`hostlist`], Slurm-style host lists.
 pub mod baseline;
+pub mod ckpt;
 pub mod diffusion;
 pub mod evaluate;
 pub mod gossip;

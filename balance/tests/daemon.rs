@@ -624,3 +624,192 @@ fn a_broadcast_reaches_every_live_daemon_despite_dead_ones() {
     drop(job);
     drop(other);
 }
+
+/// One round of checkpoints: job A (VMs a0 on host 0, a1 on host 1) and
+/// job B (b0 on host 2) both due now, each through `ffmk-node checkpoint`
+/// (host 0's and host 2's daemons ask the coordinator on host 0), each VM
+/// writing a full checkpoint to its local level and the burst buffer.
+/// Returns each job's JSON line (waited_s, wrote_s, shared, exit).
+fn checkpoint_round(h: &[NetNs], dir: &Path) -> Vec<Value> {
+    let take = |host: usize, vm: &str| {
+        format!(
+            "ip netns exec {} {} checkpoint take --full --json --config {} --api-socket {} >/dev/null",
+            h[host].0,
+            vmm(),
+            dir.join(format!("{vm}.levels.toml")).display(),
+            dir.join(format!("h{host}/{vm}.sock")).display()
+        )
+    };
+    let jobs = [
+        (
+            0usize,
+            "A",
+            format!("{} & {} & wait", take(0, "a0"), take(1, "a1")),
+        ),
+        (2usize, "B", take(2, "b0")),
+    ];
+    let runs: Vec<std::process::Child> = jobs
+        .iter()
+        .map(|(host, job, script)| {
+            h[*host]
+                .exec(node())
+                .args(["checkpoint", "--config"])
+                .arg(dir.join(format!("node{host}.toml")))
+                .args(["--job", job, "--", "sh", "-c", script])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    runs.into_iter()
+        .map(|c| {
+            let out = c.wait_with_output().unwrap();
+            assert!(out.status.success(), "{out:?}");
+            serde_json::from_slice(&out.stdout).unwrap()
+        })
+        .collect()
+}
+
+/// Two jobs checkpoint to one burst buffer (a checkpoint endpoint on its
+/// own host behind a 40 Mbit/s link, shaped with tc) at the same moments.
+/// Uncoordinated, they split the link and both take longer; with the
+/// coordinator (exclusive, 30 s delay bound) one writes at a time, the
+/// other waits, and the total time the jobs spend writing is shorter.
+#[test]
+fn coordinated_checkpoints_take_turns_on_the_burst_buffer() {
+    let Some(cluster) = Cluster::new("ck", 4) else {
+        return;
+    };
+    let dir = common::tmpdir("balance-ckpt");
+    let _cleanup = Cleanup(dir.clone());
+    let h = &cluster.hosts;
+    // The burst buffer: host 3, its incoming traffic limited on the bridge.
+    let shaped = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &format!("ffmk-cksw-{}", std::process::id()),
+        ])
+        .args(["tc", "qdisc", "add", "dev", "p3", "root"])
+        .args(["tbf", "rate", "40mbit", "burst", "32kb", "latency", "2s"])
+        .status()
+        .unwrap();
+    assert!(shaped.success(), "tc");
+    let bb = dir.join("bb");
+    let mut endpoint = h[3]
+        .exec(vmm())
+        .args(["checkpoint", "serve", "--listen", "10.77.0.4:7070", "--dir"])
+        .arg(&bb)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Guests with 16 MiB of data each (rewritten slowly).
+    let mut vms = Vec::new();
+    for (host, name) in [(0, "a0"), (1, "a1"), (2, "b0")] {
+        let vm_dir = dir.join(format!("h{host}"));
+        std::fs::create_dir_all(&vm_dir).unwrap();
+        let args = probe_argv_mem("task=dirty mib=16 rate=1 hz=10", "64M", &[]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        vms.push(Vm::spawn_in(
+            Some(&h[host]),
+            &args,
+            &vm_dir.join(format!("{name}.console")),
+            &vm_dir.join(format!("{name}.sock")),
+        ));
+        std::fs::write(
+            dir.join(format!("{name}.levels.toml")),
+            format!(
+                "job = \"{name}\"\n[[level]]\nkind = \"local\"\ndir = \"{}\"\n\
+                 [[level]]\nkind = \"partner\"\nname = \"bb\"\npeer = \"10.77.0.4:7070\"\n",
+                dir.join(format!("{name}.local")).display()
+            ),
+        )
+        .unwrap();
+    }
+    for vm in &vms {
+        vm.wait_counter(3);
+    }
+    let hosts = "10.77.0.[1-3]";
+    let phase = |policy: &str| -> Vec<Vec<Value>> {
+        let extra = format!("ckpt_policy = \"{policy}\"\nckpt_max_delay_s = 30");
+        let daemons: Vec<Daemon> = (0..3)
+            .map(|i| Daemon::start_with(&h[i], &dir, i, hosts, &extra))
+            .collect();
+        for d in &daemons {
+            wait_for("the daemons", Duration::from_secs(10), || d.status());
+        }
+        let rounds = (0..2).map(|_| checkpoint_round(h, &dir)).collect();
+        drop(daemons);
+        rounds
+    };
+    let none = phase("none");
+    let exclusive = phase("exclusive");
+    let total = |rounds: &[Vec<Value>]| -> f64 {
+        rounds
+            .iter()
+            .flatten()
+            .map(|j| j["wrote_s"].as_f64().unwrap())
+            .sum()
+    };
+    let worst_wait = |rounds: &[Vec<Value>]| -> f64 {
+        rounds
+            .iter()
+            .flatten()
+            .map(|j| j["waited_s"].as_f64().unwrap())
+            .fold(0.0, f64::max)
+    };
+    eprintln!(
+        "checkpoints: uncoordinated {:.1} s writing in all (worst wait {:.1} s), \
+         coordinated {:.1} s (worst wait {:.1} s)",
+        total(&none),
+        worst_wait(&none),
+        total(&exclusive),
+        worst_wait(&exclusive)
+    );
+    for r in &exclusive {
+        for j in r {
+            assert_eq!(j["shared"], false, "{j}");
+            assert_eq!(j["exit"], 0, "{j}");
+        }
+        // One waited for the other.
+        assert!(
+            r.iter().any(|j| j["waited_s"].as_f64().unwrap() > 0.5),
+            "{r:?}"
+        );
+    }
+    assert!(none.iter().flatten().any(|j| j["shared"] == true));
+    assert!(total(&exclusive) < total(&none), "{none:?}\n{exclusive:?}");
+    assert!(worst_wait(&exclusive) < 30.0 + 5.0);
+    // A job name the coordinator refuses, and a command that fails: its
+    // grant is released all the same (the next job gets one at once).
+    let daemons: Vec<Daemon> = (0..3)
+        .map(|i| Daemon::start_with(&h[i], &dir, i, hosts, "ckpt_max_delay_s = 30"))
+        .collect();
+    for d in &daemons {
+        wait_for("the daemons", Duration::from_secs(10), || d.status());
+    }
+    let run = |job: &str, cmd: &[&str]| {
+        h[2].exec(node())
+            .args(["checkpoint", "--config"])
+            .arg(dir.join("node2.toml"))
+            .args(["--job", job, "--"])
+            .args(cmd)
+            .output()
+            .unwrap()
+    };
+    let bad = run("a b", &["true"]);
+    assert_eq!(bad.status.code(), Some(2), "{bad:?}");
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--job"));
+    let failed = run("C", &["false"]);
+    assert_eq!(failed.status.code(), Some(1), "{failed:?}");
+    let next = run("D", &["true"]);
+    let v: Value = serde_json::from_slice(&next.stdout).unwrap();
+    assert!(v["waited_s"].as_f64().unwrap() < 2.0, "{v}");
+    drop(daemons);
+    let _ = endpoint.kill();
+    let _ = endpoint.wait();
+    drop(vms);
+}

@@ -41,6 +41,61 @@ enum Cmd {
     /// TEXT, pause VM-GLOB, resume VM-GLOB, drain HOST-GLOB, undrain
     /// HOST-GLOB (docs/balance.md).
     Broadcast(BroadcastArgs),
+    /// Write a job's checkpoint to the shared burst buffer in its turn:
+    /// ask the checkpoint coordinator for a grant (waiting while another
+    /// job writes, at most its delay bound), run COMMAND, release the
+    /// grant. Exits with COMMAND's status; prints one JSON line (waited,
+    /// held, shared).
+    Checkpoint(CheckpointArgs),
+    /// Simulate jobs checkpointing to one burst buffer, coordinated
+    /// (exclusive, with a delay bound) and not: node-hours lost to
+    /// checkpoint writes and the delays (docs/balance.md).
+    CkptSim(CkptSimArgs),
+}
+
+#[derive(clap::Args)]
+struct CheckpointArgs {
+    /// The daemon settings (the coordinator's address).
+    #[arg(long)]
+    config: std::path::PathBuf,
+    /// The job's name (one per job, the same on all its hosts).
+    #[arg(long)]
+    job: String,
+    /// What it will write (bytes; for the coordinator's log).
+    #[arg(long, default_value_t = 0)]
+    bytes: u64,
+    /// The checkpoint command, e.g. ffmk-vmm checkpoint take ...
+    #[arg(required = true, num_args = 1.., last = true)]
+    command: Vec<String>,
+}
+
+#[derive(clap::Args)]
+struct CkptSimArgs {
+    /// Node counts, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000,100000")]
+    nodes: Vec<u32>,
+    /// Jobs per 1,000 nodes.
+    #[arg(long, default_value_t = 20)]
+    jobs_per_1000: u32,
+    /// Checkpoint data per node (GB).
+    #[arg(long, default_value_t = 32.0)]
+    node_gb: f64,
+    /// Burst-buffer bandwidth per 1,000 nodes (GB/s).
+    #[arg(long, default_value_t = 10.0)]
+    bb_gbps_per_1000: f64,
+    /// Node MTBF (hours).
+    #[arg(long, default_value_t = 43800.0)]
+    node_mtbf_h: f64,
+    /// Simulated time (hours).
+    #[arg(long, default_value_t = 168.0)]
+    hours: f64,
+    /// The coordinator's delay bounds (s), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "300,1800")]
+    max_delay_s: Vec<f64>,
+    #[arg(long, default_value_t = 3)]
+    seeds: u64,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -424,6 +479,140 @@ fn send_broadcast(a: BroadcastArgs) -> Result<(), String> {
     }
 }
 
+fn checkpoint_in_turn(a: CheckpointArgs) -> Result<u8, String> {
+    use std::time::{Duration, Instant};
+    if !balance::ckpt::valid_job(&a.job) {
+        return Err(format!("--job {:?}: 1-64 of A-Z a-z 0-9 . _ -", a.job));
+    }
+    let r = load_config(&a.config, None, None)?;
+    let coord = r.control[r.ckpt_coordinator()];
+    let ask = |req: &control::Request| -> Result<serde_json::Value, String> {
+        let reply = control::call(coord, req, Duration::from_secs(10))?;
+        match (reply.ok, reply.ckpt) {
+            (true, Some(c)) => Ok(c),
+            _ => Err(format!(
+                "checkpoint coordinator {coord}: {}",
+                reply.error.unwrap_or_else(|| "no answer".into())
+            )),
+        }
+    };
+    let asked = Instant::now();
+    let granted = loop {
+        let a2 = ask(&control::Request::CkptAcquire {
+            job: a.job.clone(),
+            bytes: a.bytes,
+        })?;
+        if a2["answer"] == "granted" {
+            break a2;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let waited = asked.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let status = std::process::Command::new(&a.command[0])
+        .args(&a.command[1..])
+        .status();
+    let wrote = started.elapsed().as_secs_f64();
+    // Released whatever the command did (a dead holder's grant would
+    // otherwise block the others until its lease ends).
+    let released = ask(&control::Request::CkptRelease { job: a.job.clone() });
+    let code = match &status {
+        Ok(s) => s.code().unwrap_or(1) as u8,
+        Err(_) => 127,
+    };
+    println!(
+        "{}",
+        serde_json::json!({
+            "job": a.job, "waited_s": waited, "wrote_s": wrote,
+            "shared": granted["shared"], "exit": code,
+            "released": released.is_ok(),
+        })
+    );
+    if let Err(e) = status {
+        return Err(format!("cannot run {}: {e}", a.command[0]));
+    }
+    released?;
+    Ok(code)
+}
+
+fn ckpt_sim(a: CkptSimArgs) -> Result<(), String> {
+    use balance::ckpt::{sim, Policy};
+    if a.seeds == 0 || a.nodes.contains(&0) {
+        return Err("--seeds and every --nodes must be at least 1".into());
+    }
+    if !a.json {
+        println!(
+            "{:>7} {:>5} {:>10} {:>9} {:>8} {:>12} {:>10} {:>10} {:>7}",
+            "nodes",
+            "jobs",
+            "policy",
+            "bound_s",
+            "ckpts",
+            "lost_node_h",
+            "lost_%",
+            "worst_s",
+            "shared"
+        );
+    }
+    for &n in &a.nodes {
+        let jobs = (u64::from(n) * u64::from(a.jobs_per_1000) / 1000).max(1) as u32;
+        let mut runs: Vec<(Policy, f64)> = vec![(Policy::None, 0.0)];
+        runs.extend(a.max_delay_s.iter().map(|&d| (Policy::Exclusive, d)));
+        for (policy, bound) in runs {
+            let mut outs = Vec::new();
+            for seed in 0..a.seeds {
+                let p = sim::Params {
+                    nodes: n,
+                    jobs,
+                    min_job: 8,
+                    max_job: (n / 4).max(8),
+                    node_gb: a.node_gb,
+                    bb_gbps: a.bb_gbps_per_1000 * f64::from(n) / 1000.0,
+                    node_mtbf_h: a.node_mtbf_h,
+                    hours: a.hours,
+                    policy,
+                    max_delay_s: bound,
+                    seed,
+                };
+                outs.push(sim::run(&p).map_err(|e| e.to_string())?);
+            }
+            let med = |f: &dyn Fn(&sim::Outcome) -> f64| {
+                let mut v: Vec<f64> = outs.iter().map(f).collect();
+                v.sort_by(|x, y| x.total_cmp(y));
+                v[v.len() / 2]
+            };
+            let row = serde_json::json!({
+                "nodes": n, "jobs": jobs, "policy": policy, "max_delay_s": bound,
+                "checkpoints": med(&|o| o.checkpoints as f64),
+                "lost_node_hours": med(&|o| o.lost_node_hours),
+                "lost_share": med(&|o| o.lost_share),
+                "worst_delay_s": med(&|o| o.worst_delay_s),
+                "mean_delay_s": med(&|o| o.mean_delay_s),
+                "shared_writes": med(&|o| o.shared_writes as f64),
+            });
+            if a.json {
+                println!("{row}");
+            } else {
+                println!(
+                    "{n:>7} {jobs:>5} {:>10} {:>9} {:>8.0} {:>12.0} {:>10.3} {:>10.0} {:>7.0}",
+                    format!("{policy:?}").to_lowercase(),
+                    if policy == Policy::None {
+                        "-".to_string()
+                    } else {
+                        format!("{bound:.0}")
+                    },
+                    med(&|o| o.checkpoints as f64),
+                    med(&|o| o.lost_node_hours),
+                    med(&|o| o.lost_share) * 100.0,
+                    med(&|o| o.worst_delay_s),
+                    med(&|o| o.shared_writes as f64),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let r = match Cli::parse().cmd {
         Cmd::GossipSim(a) => gossip_sim(a),
@@ -431,6 +620,11 @@ fn main() -> ExitCode {
         Cmd::Run(a) => run_daemon(a),
         Cmd::Status(a) => show_status(a),
         Cmd::Broadcast(a) => send_broadcast(a),
+        Cmd::Checkpoint(a) => match checkpoint_in_turn(a) {
+            Ok(code) => return ExitCode::from(code),
+            Err(e) => Err(e),
+        },
+        Cmd::CkptSim(a) => ckpt_sim(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -86,6 +86,19 @@ pub struct Config {
     /// (`GET /vm`) or an arriving one was promised is not free.
     #[serde(default)]
     pub vf_pool: Vec<String>,
+    /// The host whose daemon coordinates checkpoint writes to the shared
+    /// burst buffer [default: the first host of the list].
+    #[serde(default)]
+    pub ckpt_coordinator: Option<String>,
+    /// "exclusive" (one job writes at a time) or "none" (no coordination).
+    #[serde(default = "d_ckpt_policy")]
+    pub ckpt_policy: String,
+    /// A job waits at most this long for its turn, then writes anyway.
+    #[serde(default = "d_ckpt_max_delay_s")]
+    pub ckpt_max_delay_s: f64,
+    /// A grant not released within this long is dropped (holder died).
+    #[serde(default = "d_ckpt_lease_s")]
+    pub ckpt_lease_s: f64,
     /// Take no VMs (announced as health "draining").
     #[serde(default)]
     pub drain: bool,
@@ -99,6 +112,15 @@ fn d_gossip_port() -> u16 {
 }
 fn d_control_port() -> u16 {
     7401
+}
+fn d_ckpt_policy() -> String {
+    "exclusive".into()
+}
+fn d_ckpt_max_delay_s() -> f64 {
+    300.0
+}
+fn d_ckpt_lease_s() -> f64 {
+    3600.0
 }
 fn d_broadcast_port() -> u16 {
     7402
@@ -184,6 +206,17 @@ pub struct Resolved {
     pub cores: u16,
 }
 
+impl Resolved {
+    /// The slot of the checkpoint coordinator's host.
+    pub fn ckpt_coordinator(&self) -> usize {
+        self.config
+            .ckpt_coordinator
+            .as_ref()
+            .and_then(|c| self.names.iter().position(|n| n == c))
+            .unwrap_or(0)
+    }
+}
+
 impl Config {
     pub fn load(path: &std::path::Path) -> Result<Config, Error> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::Read(path.into(), e))?;
@@ -220,6 +253,19 @@ impl Config {
         }
         if self.broadcast_gap_us == 0 || self.broadcast_gap_us > 1_000_000 {
             return invalid("broadcast_gap_us must be 1 to 1000000");
+        }
+        self.ckpt_policy
+            .parse::<crate::ckpt::Policy>()
+            .map_err(Error::Invalid)?;
+        if !(self.ckpt_max_delay_s >= 0.0 && self.ckpt_lease_s > 0.0) {
+            return invalid("ckpt_max_delay_s must be >= 0 and ckpt_lease_s > 0");
+        }
+        if let Some(c) = &self.ckpt_coordinator {
+            if !names.contains(c) {
+                return Err(Error::Invalid(format!(
+                    "ckpt_coordinator {c} is not in the host list"
+                )));
+            }
         }
         for (i, f) in self.vf_pool.iter().enumerate() {
             let kind_ok = f.strip_prefix("vfio=").is_some_and(|a| !a.is_empty())

@@ -35,6 +35,12 @@ pub enum Request {
     },
     /// The migration of `name` will not come: stop waiting for it.
     Abort { name: String },
+    /// Job `job` wants to write a checkpoint of `bytes` to the shared
+    /// burst buffer (asked of the checkpoint coordinator; asked again
+    /// until granted).
+    CkptAcquire { job: String, bytes: u64 },
+    /// Job `job` has written its checkpoint.
+    CkptRelease { job: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -48,6 +54,9 @@ pub struct Reply {
     /// `status`: the daemon's state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<serde_json::Value>,
+    /// `ckpt-acquire` / `ckpt-release`: the coordinator's answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ckpt: Option<serde_json::Value>,
 }
 
 impl Reply {
@@ -57,6 +66,7 @@ impl Reply {
             error: None,
             to: None,
             status: None,
+            ckpt: None,
         }
     }
     pub fn refuse(why: impl Into<String>) -> Reply {

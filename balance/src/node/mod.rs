@@ -157,6 +157,8 @@ pub struct Daemon {
     stop: AtomicBool,
     /// Draining (takes no VMs): from the config, or a `drain` broadcast.
     drained: AtomicBool,
+    /// On the coordinator's host: the checkpoint coordinator.
+    ckpt: Mutex<Option<crate::ckpt::Coordinator>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -202,6 +204,16 @@ pub fn run(r: Resolved) -> Result<(), Error> {
         .map(|d| d.as_secs() as u32)
         .unwrap_or(1);
     let r_drain = r.config.drain;
+    let ckpt = (r.ckpt_coordinator() == r.slot).then(|| {
+        crate::ckpt::Coordinator::new(
+            r.config
+                .ckpt_policy
+                .parse()
+                .unwrap_or(crate::ckpt::Policy::Exclusive),
+            Duration::from_secs_f64(r.config.ckpt_max_delay_s),
+            Duration::from_secs_f64(r.config.ckpt_lease_s),
+        )
+    });
     let d = Arc::new(Daemon {
         board: Mutex::new(Board::new(r.names.len(), Some(r.slot), r.window)),
         r,
@@ -212,6 +224,7 @@ pub fn run(r: Resolved) -> Result<(), Error> {
         log,
         stop: AtomicBool::new(false),
         drained: AtomicBool::new(r_drain),
+        ckpt: Mutex::new(ckpt),
     });
     d.log.event(
         "start",
@@ -827,6 +840,8 @@ fn control_service(d: &Arc<Daemon>, tcp: TcpListener) {
                         }
                     }
                     Ok(Request::Abort { name }) => abort(&d, &name),
+                    Ok(Request::CkptAcquire { job, bytes }) => ckpt_request(&d, &job, Some(bytes)),
+                    Ok(Request::CkptRelease { job }) => ckpt_request(&d, &job, None),
                     Err(e) => Reply::refuse(e),
                 };
                 let _ = control::write_reply(&s, &reply);
@@ -1055,6 +1070,40 @@ fn start_incoming(d: &Daemon, a: &Arriving, devices: &[String]) -> Result<(u32, 
 }
 
 /// The daemon's state for `ffmk-node status`.
+/// The checkpoint coordinator's side of `ckpt-acquire` (`bytes`) and
+/// `ckpt-release` (None).
+fn ckpt_request(d: &Daemon, job: &str, bytes: Option<u64>) -> Reply {
+    let mut k = lock(&d.ckpt);
+    let Some(k) = k.as_mut() else {
+        return Reply::refuse(format!(
+            "this host is not the checkpoint coordinator ({} is)",
+            d.r.names[d.r.ckpt_coordinator()]
+        ));
+    };
+    let now = d.start.elapsed().as_secs_f64();
+    let answer = match bytes {
+        Some(b) => k.acquire(job, b, now).map(|a| serde_json::json!(a)),
+        None => k
+            .release(job, now)
+            .map(|held| serde_json::json!({"answer": "released", "held_s": held})),
+    };
+    match answer {
+        Ok(a) => {
+            if a["answer"] != "wait" {
+                d.log.event(
+                    "ckpt",
+                    serde_json::json!({"job": job, "bytes": bytes, "answer": a}),
+                );
+            }
+            Reply {
+                ckpt: Some(a),
+                ..Reply::ok()
+            }
+        }
+        Err(e) => Reply::refuse(e.to_string()),
+    }
+}
+
 fn status(d: &Daemon) -> serde_json::Value {
     let now = d.now();
     let board: Vec<serde_json::Value> = {
@@ -1089,6 +1138,7 @@ fn status(d: &Daemon) -> serde_json::Value {
         "vms": l.vms,
         "unreachable_vms": l.errors,
         "incoming": l.incoming.iter().map(|(n, i)| serde_json::json!({"vm": n, "from": i.from, "listening": i.to, "waiting_s": i.since.elapsed().as_secs_f64(), "devices": i.devices})).collect::<Vec<_>>(),
+        "ckpt_coordinator": lock(&d.ckpt).as_ref().map(|k| serde_json::json!(k)),
         "vf_pool": {
             "functions": d.r.config.vf_pool,
             "free": free_functions(&d.r.config.vf_pool, &l),
