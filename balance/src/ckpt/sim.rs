@@ -183,10 +183,22 @@ pub fn run(p: &Params) -> Result<Outcome, SimError> {
                 let _ = k.release(&name(i), t);
             }
         }
-        // Jobs due ask; waiters ask again (in the order they first asked).
+        // Who asks now: jobs that are due, the first waiter when nobody
+        // writes, and waiters whose delay bound ran out (nothing else
+        // can change a waiter's answer: asking again only costs time).
+        let front = k.waiting.first().map(|w| w.0.clone());
+        let idle = k.writing.is_empty();
         let mut askers: Vec<usize> = (0..jobs.len())
             .filter(|&i| {
-                jobs[i].left.is_none() && (jobs[i].waiting.is_some() || jobs[i].next_due <= t)
+                let j = &jobs[i];
+                j.left.is_none()
+                    && match j.waiting {
+                        None => j.next_due <= t,
+                        Some(since) => {
+                            t - since >= p.max_delay_s - 1e-6
+                                || (idle && front.as_deref() == Some(name(i).as_str()))
+                        }
+                    }
             })
             .collect();
         askers.sort_by(|&a, &b| {
