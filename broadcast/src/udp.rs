@@ -372,10 +372,12 @@ pub fn request(
         payload: payload.into(),
     };
     let b = m.encode()?;
+    // From this host's address on the same network as the endpoint
+    // (it takes `originate` only from its own host).
     let bind: SocketAddr = if to.is_ipv4() {
         (to.ip(), 0).into()
     } else {
-        "[::]:0".parse().map_err(|_| Error::Empty)?
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     };
     let s = UdpSocket::bind(bind)?;
     s.set_read_timeout(Some(timeout))?;
