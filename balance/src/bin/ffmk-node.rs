@@ -51,6 +51,40 @@ enum Cmd {
     /// (exclusive, with a delay bound) and not: node-hours lost to
     /// checkpoint writes and the delays (docs/balance.md).
     CkptSim(CkptSimArgs),
+    /// Run this node's VM of a Slurm job step (one task per node: `srun
+    /// --ntasks-per-node=1 ffmk-node slurm-vm ...`): named
+    /// job<JOBID>-rank<RANK> in the node daemon's VM directory, its rank
+    /// layout on the guest command line; it is the task, so it ends with
+    /// the step (docs/balance.md).
+    SlurmVm(SlurmVmArgs),
+}
+
+#[derive(clap::Args)]
+struct SlurmVmArgs {
+    /// The ffmk-vmm binary.
+    #[arg(long, default_value = "ffmk-vmm")]
+    vmm: std::path::PathBuf,
+    /// Where the VM's API socket and console go (the node daemon's vm_dir).
+    #[arg(long)]
+    vm_dir: std::path::PathBuf,
+    /// Guest kernel (and initramfs).
+    #[arg(long)]
+    kernel: std::path::PathBuf,
+    #[arg(long)]
+    initrd: Option<std::path::PathBuf>,
+    #[arg(long, default_value = "1G")]
+    memory: String,
+    /// Compute vCPUs of the rank (beside one service vCPU) [default:
+    /// SLURM_CPUS_PER_TASK minus one, or none].
+    #[arg(long)]
+    compute: Option<u32>,
+    /// Guest command line; the rank layout (ffmk.job= ffmk.rank=
+    /// ffmk.ranks= ffmk.node= ffmk.nodes=) is appended.
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// More flags for ffmk-vmm run (after --).
+    #[arg(last = true)]
+    run_args: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -613,6 +647,87 @@ fn ckpt_sim(a: CkptSimArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// The Slurm step's environment, checked: job id, rank, ranks, this node
+/// and the allocation's nodes.
+fn slurm_step() -> Result<(String, u32, u32, String, String), String> {
+    let var = |k: &str| {
+        std::env::var(k).map_err(|_| format!("{k} is not set: run me as a Slurm task (srun)"))
+    };
+    let job = var("SLURM_JOB_ID")?;
+    if job.is_empty() || !job.chars().all(|c| c.is_ascii_digit()) {
+        return Err(format!("SLURM_JOB_ID {job:?} is not a job id"));
+    }
+    let num = |k: &str| -> Result<u32, String> {
+        var(k)?.parse().map_err(|_| format!("{k} is not a number"))
+    };
+    let (rank, ranks) = (num("SLURM_PROCID")?, num("SLURM_NTASKS")?);
+    let node = var("SLURMD_NODENAME")?;
+    let nodes = var("SLURM_JOB_NODELIST")?;
+    let list = balance::hostlist::expand(&nodes)
+        .map_err(|e| format!("SLURM_JOB_NODELIST {nodes}: {e}"))?;
+    if !list.contains(&node) {
+        return Err(format!("node {node} is not in the allocation {nodes}"));
+    }
+    if rank >= ranks {
+        return Err(format!("rank {rank} of {ranks} ranks"));
+    }
+    Ok((job, rank, ranks, node, nodes))
+}
+
+fn slurm_vm(a: SlurmVmArgs) -> Result<(), String> {
+    use std::os::unix::process::CommandExt;
+    let (job, rank, ranks, node, nodes) = slurm_step()?;
+    let compute = match a.compute {
+        Some(c) => c,
+        None => std::env::var("SLURM_CPUS_PER_TASK")
+            .ok()
+            .and_then(|c| c.parse::<u32>().ok())
+            .map_or(0, |c| c.saturating_sub(1)),
+    };
+    let cpus = if compute > 0 {
+        format!("service=1,compute={compute}")
+    } else {
+        "1".into()
+    };
+    let name = format!("job{job}-rank{rank}");
+    std::fs::create_dir_all(&a.vm_dir)
+        .map_err(|e| format!("cannot create {}: {e}", a.vm_dir.display()))?;
+    let layout = format!(
+        "ffmk.job={job} ffmk.rank={rank} ffmk.ranks={ranks} ffmk.node={node} ffmk.nodes={nodes}"
+    );
+    let cmdline = if a.cmdline.is_empty() {
+        layout
+    } else {
+        format!("{} {layout}", a.cmdline)
+    };
+    let mut cmd = std::process::Command::new(&a.vmm);
+    cmd.arg("run").arg("--kernel").arg(&a.kernel);
+    if let Some(i) = &a.initrd {
+        cmd.arg("--initrd").arg(i);
+    }
+    cmd.args([
+        "--memory",
+        &a.memory,
+        "--cpus",
+        &cpus,
+        "--cmdline",
+        &cmdline,
+    ])
+    .arg("--api-socket")
+    .arg(a.vm_dir.join(format!("{name}.sock")))
+    .arg("--console")
+    .arg(format!(
+        "file={}",
+        a.vm_dir.join(format!("{name}.console")).display()
+    ))
+    .args(&a.run_args);
+    eprintln!("ffmk-node: {name} on {node}: {cpus} vCPUs, {}", a.memory);
+    // The VMM becomes the task: Slurm's signals reach it, its status is
+    // the task's.
+    let e = cmd.exec();
+    Err(format!("cannot run {}: {e}", a.vmm.display()))
+}
+
 fn main() -> ExitCode {
     let r = match Cli::parse().cmd {
         Cmd::GossipSim(a) => gossip_sim(a),
@@ -625,6 +740,7 @@ fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Cmd::CkptSim(a) => ckpt_sim(a),
+        Cmd::SlurmVm(a) => slurm_vm(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
