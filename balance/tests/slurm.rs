@@ -265,3 +265,39 @@ fn slurm_jobs_start_one_vm_per_node_and_stop_them_at_the_end() {
     drop(slurm);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// A task whose node is not in the job's allocation, or whose rank is out
+/// of range, is refused with one line and starts nothing (no Slurm needed:
+/// the step's environment is given by hand).
+#[test]
+fn a_step_environment_that_does_not_add_up_is_refused() {
+    let dir = common::tmpdir("slurm-env");
+    let run = |node_name: &str, rank: &str| {
+        Command::new(node())
+            .args(["slurm-vm", "--vmm", "/nonexistent/ffmk-vmm", "--vm-dir"])
+            .arg(dir.join("vms"))
+            .args(["--kernel", "/nonexistent"])
+            .env("SLURM_JOB_ID", "42")
+            .env("SLURM_PROCID", rank)
+            .env("SLURM_NTASKS", "2")
+            .env("SLURMD_NODENAME", node_name)
+            .env("SLURM_JOB_NODELIST", "n[1-2]")
+            .output()
+            .unwrap()
+    };
+    for (name, rank, want) in [
+        ("n9", "0", "node n9 is not in the allocation n[1-2]"),
+        ("n1", "2", "rank 2 of 2 ranks"),
+        ("n1", "x", "SLURM_PROCID is not a number"),
+    ] {
+        let out = run(name, rank);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains(want), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+    // All good but the VMM is missing: said so, nothing left behind.
+    let out = run("n2", "1");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot run /nonexistent/ffmk-vmm"));
+    std::fs::remove_dir_all(dir).unwrap();
+}
