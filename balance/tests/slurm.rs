@@ -76,7 +76,7 @@ impl Slurm {
             .unwrap()];
         let d = dir.display();
         let conf = format!(
-            "ClusterName=ffmktest\nSlurmctldHost=localhost\nSlurmUser=root\nSlurmdUser=root\n\
+            "ClusterName=ffmktest\nSlurmctldHost=localhost(127.0.0.1)\nSlurmUser=root\nSlurmdUser=root\n\
              AuthType=auth/munge\nAuthInfo=socket={sock}\nCredType=cred/munge\n\
              StateSaveLocation={d}/state\nSlurmdSpoolDir={d}/spool-%n\n\
              SlurmctldPidFile={d}/slurmctld.pid\nSlurmdPidFile={d}/slurmd-%n.pid\n\
@@ -85,7 +85,8 @@ impl Slurm {
              JobAcctGatherType=jobacct_gather/none\nSwitchType=switch/none\nMpiDefault=none\n\
              ReturnToService=2\nSelectType=select/cons_tres\nSlurmctldPort=6917\nSlurmdPort=6918\n\
              KillWait=5\n\
-             NodeName=n[1-2] NodeHostname=localhost Port=[6931-6932] CPUs=1 State=UNKNOWN\n\
+             NodeName=n[1-2] NodeHostname=localhost NodeAddr=127.0.0.1 Port=[6931-6932] CPUs=1 \
+             State=UNKNOWN\n\
              PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP\n",
             sock = sock.display()
         );
@@ -123,7 +124,19 @@ impl Slurm {
             if text.trim() == "idle 2" {
                 break;
             }
-            assert!(Instant::now() < deadline, "Slurm did not come up: {text}");
+            if Instant::now() > deadline {
+                let tail = |f: &str| {
+                    let t = std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+                    let lines: Vec<&str> = t.lines().collect();
+                    lines[lines.len().saturating_sub(8)..].join("\n")
+                };
+                panic!(
+                    "Slurm did not come up: sinfo said {text:?} {}\n--- slurmctld.log\n{}\n--- slurmd-n1.log\n{}",
+                    String::from_utf8_lossy(&out.stderr),
+                    tail("slurmctld.log"),
+                    tail("slurmd-n1.log")
+                );
+            }
             std::thread::sleep(Duration::from_millis(200));
         }
         Some(s)
