@@ -491,3 +491,37 @@ fn a_multi_level_checkpoint_detaches_functions_when_told() {
     let (ended, err) = vm.stop();
     assert!(ended.is_none(), "{err}");
 }
+
+/// A VM with vsock but no agent in its guest (the probe has none): a
+/// function in a hot-plug slot still leaves, through the slot; one on
+/// bus 0 stays (409: nobody to ask) unless forced.
+#[test]
+fn without_an_agent_a_slot_function_is_ejected_through_its_slot() {
+    let a = Server::start("noagent-a", None);
+    let b = Server::start("noagent-b", None);
+    let dir = common::tmpdir("vfio-user-noagent");
+    let vsock = format!("cid=3,socket={}", dir.join("v.sock").display());
+    let vm = common::Vm::boot_with(
+        &dir,
+        "vm",
+        "task=counter",
+        &["--hotplug-slots", "1", "--vsock", &vsock],
+    );
+    vm.wait_counter(1);
+    let in_slot = json(&vm.api(&["device", "add", &a.device()]));
+    let on_bus0 = json(&vm.api(&["device", "add", &b.device()]));
+    assert_eq!(in_slot["bdf"], "01:00.0", "{in_slot}");
+    assert_eq!(on_bus0["hotplug_slot"], false, "{on_bus0}");
+    let gone = json(&vm.api(&["device", "remove", "01:00.0"]));
+    assert_eq!(gone["state"], "detached", "{gone}");
+    let bdf = on_bus0["bdf"].as_str().unwrap();
+    let stays = vm.api(&["device", "remove", bdf]);
+    assert!(!stays.status.success());
+    assert!(
+        String::from_utf8_lossy(&stays.stderr).contains("no guest agent answered"),
+        "{stays:?}"
+    );
+    json(&vm.api(&["device", "remove", bdf, "--force"]));
+    let (ended, err) = vm.stop();
+    assert!(ended.is_none(), "{err}");
+}

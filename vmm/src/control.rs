@@ -191,9 +191,10 @@ impl Control {
     }
 
     /// Before an unplug (unless `force`), the guest lets go of the
-    /// function: a VM with a vsock device asks its guest agent; without
-    /// one, a function in a hot-plug slot is ejected through the slot (the
-    /// guest's PCIe hot-plug driver powers it off). A refusal or no answer
+    /// function: a VM with a vsock device asks its guest agent; a function
+    /// in a hot-plug slot of a VM without one (or whose agent does not
+    /// answer) is ejected through the slot (the guest's PCIe hot-plug
+    /// driver powers it off). An agent's refusal stands. A refusal or no answer
     /// keeps the function where it is. A function on bus 0 of a VM without
     /// vsock has no one to ask: its guest must cope with it going (the
     /// probe polls).
@@ -213,15 +214,22 @@ impl Control {
                 format!("{at} stays attached: {e} (DELETE with ?force=1 removes it anyway)"),
             )
         };
-        match &self.vm.config.vsock {
-            Some(v) => crate::agent::ask(
+        let in_slot = at.bus != 0;
+        let agent = self.vm.config.vsock.as_ref().map(|v| {
+            crate::agent::ask(
                 &v.socket,
                 &format!("detach 0000:{at}"),
                 crate::agent::TIMEOUT,
             )
-            .map(|_| ())
-            .map_err(|e| refused(e.to_string())),
-            None if at.bus != 0 => self.vm.eject(at, EJECT_TIMEOUT).map_err(refused),
+        });
+        match agent {
+            Some(Ok(_)) => Ok(()),
+            Some(Err(e @ crate::agent::Error::NoAgent(_))) if in_slot => self
+                .vm
+                .eject(at, EJECT_TIMEOUT)
+                .map_err(|x| refused(format!("{e}; {x}"))),
+            Some(Err(e)) => Err(refused(e.to_string())),
+            None if in_slot => self.vm.eject(at, EJECT_TIMEOUT).map_err(refused),
             None => Ok(()),
         }
     }
