@@ -911,7 +911,7 @@ fn prepare(
     if from >= d.r.names.len() || from == d.r.slot {
         return Err(format!("host {from} is not a peer"));
     }
-    {
+    let devices = {
         let mut l = lock(&d.local);
         if l.info.health != Health::Ok {
             return Err(format!(
@@ -962,15 +962,11 @@ fn prepare(
                 from,
                 since: Instant::now(),
                 to: String::new(),
-                devices,
+                devices: devices.clone(),
             },
         );
-    }
-    let devices = lock(&d.local)
-        .incoming
-        .get(name)
-        .map(|i| i.devices.clone())
-        .unwrap_or_default();
+        devices
+    };
     let started = start_incoming(d, a, &devices);
     let mut l = lock(&d.local);
     match started {

@@ -585,6 +585,14 @@ mod tests {
         panic!("no capability {id:#x}");
     }
 
+    /// What the guest's driver does first: MSI at `addr`/`data`, enabled.
+    fn guest_enables_msi(e: &mut PciEcam, slot: u8, addr: u32, data: u32) {
+        let msi = cap(e, slot, MSI_CAP_ID);
+        wr(e, 0, slot, msi + 4, addr, 4);
+        wr(e, 0, slot, msi + 12, data, 2);
+        wr(e, 0, slot, msi + 2, 1, 2);
+    }
+
     fn setup() -> (Arc<PciRoot>, PciEcam, Arc<Recorder>, u8, usize) {
         let root = Arc::new(PciRoot::new(LOW, HIGH).unwrap());
         let rec = Arc::new(Recorder::default());
@@ -630,11 +638,8 @@ mod tests {
     #[test]
     fn plug_button_power_off_and_unplug_follow_the_slot_protocol() {
         let (root, mut e, rec, slot, pcie) = setup();
-        let msi = cap(&mut e, slot, MSI_CAP_ID);
         // The guest's driver: MSI on, hot-plug events enabled.
-        wr(&mut e, 0, slot, msi + 4, 0xfee0_0000, 4);
-        wr(&mut e, 0, slot, msi + 12, 0x41, 2);
-        wr(&mut e, 0, slot, msi + 2, 1, 2);
+        guest_enables_msi(&mut e, slot, 0xfee0_0000, 0x41);
         assert_eq!(rec.route.lock().unwrap().map(|m| m.data), Some(0x41));
         let enables = 0x1 | 0x8 | SLTCTL_HPIE as u32 | (1 << 12);
         let ctl = rd(&mut e, 0, slot, pcie + EXP_SLTCTL, 2);
@@ -847,9 +852,7 @@ mod tests {
     #[test]
     fn a_port_with_events_pending_is_saved_and_restored() {
         let (root, mut e, rec, slot, pcie) = setup();
-        let msi = cap(&mut e, slot, MSI_CAP_ID);
-        wr(&mut e, 0, slot, msi + 4, 0xfee0_1000, 4);
-        wr(&mut e, 0, slot, msi + 2, 1, 2);
+        guest_enables_msi(&mut e, slot, 0xfee0_1000, 0);
         root.hotplug(Arc::new(Mutex::new(Endpoint::new())), Duration::ZERO)
             .unwrap();
         root.unplug(Location { bus: 1, slot: 0 }).unwrap();
