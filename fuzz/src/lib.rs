@@ -140,6 +140,7 @@ pub fn migration_hello(postcopy: bool) -> migrate::protocol::Hello {
         cpu_profile: "pvm".into(),
         devices: vec!["virtio-rng (getrandom)".into()],
         postcopy,
+        verify: false,
     }
 }
 

@@ -4,7 +4,7 @@
 //! then [`Incoming::switch_over`]. Any error
 //! before GO means: drop what was received, listen again.
 use crate::postcopy::Postcopy;
-use crate::protocol::{decode_postcopy, Conn, Hello, Kind, Pages};
+use crate::protocol::{decode_postcopy, decode_verify, page_digests, Conn, Hello, Kind, Pages};
 use crate::{Error, GuestMemory};
 use snapshot::memory::{total_pages, write_page};
 use snapshot::{PageBitmap, PAGE_SIZE};
@@ -16,7 +16,16 @@ pub struct Incoming {
     pub peer: SocketAddr,
     pub pages_received: u64,
     started: Instant,
+    /// The source sends page digests before the state (verification mode).
+    verify: bool,
+    /// The source's page digests received so far, and the pages found to
+    /// differ.
+    digests: Vec<u32>,
+    differ: Vec<u64>,
 }
+
+/// Pages named in a verification failure (the count is always given).
+const NAMED_PAGES: usize = 16;
 
 /// How the machine state came.
 pub enum Arrival {
@@ -32,6 +41,10 @@ pub struct Received {
     pub from: String,
     pub pages: u64,
     pub total_ms: f64,
+    /// Verification mode: pages whose digest matched the source's at the
+    /// pause (every page of guest RAM).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verified_pages: Option<u64>,
 }
 
 impl Incoming {
@@ -44,6 +57,9 @@ impl Incoming {
             peer,
             pages_received: 0,
             started: Instant::now(),
+            verify: false,
+            digests: Vec::new(),
+            differ: Vec::new(),
         })
     }
 
@@ -63,6 +79,7 @@ impl Incoming {
         let ready = mine.check(&theirs).and_then(|()| prepare(&theirs));
         match ready {
             Ok(t) => {
+                self.verify = theirs.verify;
                 self.conn.send(Kind::Accept, &[])?;
                 Ok(t)
             }
@@ -88,7 +105,22 @@ impl Incoming {
                     self.pages_received += pages.len() as u64;
                 }
                 (Kind::Sync, _) => self.conn.send(Kind::Synced, &[])?,
-                (Kind::State, state) => return Ok(Arrival::State(state)),
+                (Kind::Verify, body) if self.verify => {
+                    let (first, digests) = decode_verify(&body, total)?;
+                    if first != self.digests.len() as u64 {
+                        return Err(Error::Protocol(format!(
+                            "page digests from page {first}, expected page {}",
+                            self.digests.len()
+                        )));
+                    }
+                    self.digests.extend_from_slice(&digests);
+                }
+                (Kind::State, state) => {
+                    if self.verify {
+                        self.check_verified(mem, total)?;
+                    }
+                    return Ok(Arrival::State(state));
+                }
                 (Kind::Postcopy, body) => {
                     let (state, missing) = decode_postcopy(&body, total)?;
                     return Ok(Arrival::Postcopy { state, missing });
@@ -100,6 +132,48 @@ impl Incoming {
                 }
             }
         }
+    }
+
+    /// Verification mode, the state has come: every page must have been
+    /// compared and found equal; otherwise the source is told which pages
+    /// differ (it resumes its guest) and the migration fails here.
+    fn check_verified(&mut self, mem: &GuestMemory, total: u64) -> Result<(), Error> {
+        if self.digests.len() as u64 == total {
+            let mine = page_digests(mem)?;
+            self.differ = (0..total)
+                .filter(|&p| mine[p as usize] != self.digests[p as usize])
+                .collect();
+        }
+        let why = if self.digests.len() as u64 != total {
+            format!(
+                "verification: the source sent digests of {} of {total} pages",
+                self.digests.len()
+            )
+        } else if !self.differ.is_empty() {
+            let named: Vec<String> = self
+                .differ
+                .iter()
+                .take(NAMED_PAGES)
+                .map(|&p| match page_address(mem, p) {
+                    Some(gpa) => format!("{p} (guest-physical {gpa:#x})"),
+                    None => p.to_string(),
+                })
+                .collect();
+            format!(
+                "verification: {} of {total} pages differ from the source's at the pause: {}{}",
+                self.differ.len(),
+                named.join(", "),
+                if self.differ.len() > NAMED_PAGES {
+                    ", ..."
+                } else {
+                    ""
+                }
+            )
+        } else {
+            return Ok(());
+        };
+        self.conn.abort(&why);
+        Err(Error::Verify(why))
     }
 
     /// Switches to post-copy: `missing` pages of `mem` are trapped and
@@ -119,6 +193,8 @@ impl Incoming {
             from: self.peer.to_string(),
             pages: self.pages_received,
             total_ms: self.started.elapsed().as_secs_f64() * 1e3,
+            verified_pages: (self.verify && self.differ.is_empty() && !self.digests.is_empty())
+                .then_some(self.digests.len() as u64),
         }
     }
 
@@ -144,4 +220,18 @@ impl Incoming {
     pub fn abort(&mut self, why: &str) {
         self.conn.abort(why);
     }
+}
+
+/// The guest-physical address of page `page` (memory-file numbering).
+fn page_address(mem: &GuestMemory, page: u64) -> Option<u64> {
+    use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion};
+    let mut first = 0;
+    for r in mem.iter() {
+        let n = r.len() / PAGE_SIZE;
+        if page < first + n {
+            return Some(r.start_addr().0 + (page - first) * PAGE_SIZE);
+        }
+        first += n;
+    }
+    None
 }

@@ -39,6 +39,10 @@ pub enum Error {
     Protocol(String),
     #[error("the peer aborted: {0}")]
     Aborted(String),
+    /// Verification mode: the destination's copy of guest memory is not
+    /// the source's at the pause.
+    #[error("{0}")]
+    Verify(String),
     #[error("cancelled")]
     Cancelled,
     #[error(

@@ -32,6 +32,13 @@
 //!              <----------------- DONE (every missing page in place)
 //! ```
 //!
+//! In verification mode (`Hello::verify`) the source sends, after the last
+//! PAGES and before STATE, VERIFY frames with a CRC-32 of every guest page
+//! as it is at the pause; the destination compares its own copy and answers
+//! ABORT naming the pages that differ (the source resumes its guest) instead
+//! of loading the state. Post-copy is not verified (pages are missing by
+//! design).
+//!
 //! ABORT may come from either side at any point before GO. A connection
 //! that breaks before GO leaves the source running and the destination
 //! discarding what it received. After RUNNING in post-copy, a broken
@@ -69,6 +76,7 @@ pub enum Kind {
     Request = 13,
     Complete = 14,
     Done = 15,
+    Verify = 16,
 }
 
 impl Kind {
@@ -89,6 +97,7 @@ impl Kind {
             13 => Kind::Request,
             14 => Kind::Complete,
             15 => Kind::Done,
+            16 => Kind::Verify,
             _ => return None,
         })
     }
@@ -112,6 +121,10 @@ pub struct Hello {
     /// to trap missing pages).
     #[serde(default)]
     pub postcopy: bool,
+    /// The source sends page digests at the pause for the destination to
+    /// compare before it loads the state (VERIFY).
+    #[serde(default)]
+    pub verify: bool,
 }
 
 impl Hello {
@@ -306,6 +319,71 @@ pub fn decode_postcopy(payload: &[u8], pages: u64) -> Result<(Vec<u8>, PageBitma
     Ok((state.to_vec(), missing))
 }
 
+/// Page digests per VERIFY frame (4 MiB of CRCs, 4 GiB of guest RAM).
+pub const VERIFY_PAGES: usize = 1 << 20;
+
+/// The digest of one page.
+pub fn page_digest(page: &[u8]) -> u32 {
+    crc32fast::hash(page)
+}
+
+/// The digest of every page of `mem` (memory-file numbering). Pages the
+/// host has never made resident are zero and get the zero page's digest
+/// without being read.
+pub fn page_digests(mem: &crate::GuestMemory) -> std::io::Result<Vec<u32>> {
+    use snapshot::memory::{read_page, resident_pages, total_pages};
+    let zero = page_digest(&[0u8; PAGE_SIZE as usize]);
+    let mut out = vec![zero; total_pages(mem) as usize];
+    let mut page = vec![0u8; PAGE_SIZE as usize];
+    for (first, count) in resident_pages(mem).runs() {
+        for p in first..first + count {
+            read_page(mem, p, &mut page)?;
+            out[p as usize] = page_digest(&page);
+        }
+    }
+    Ok(out)
+}
+
+/// VERIFY: the first page number, then one digest per page from it on.
+pub fn encode_verify(first: u64, digests: &[u32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + digests.len() * 4);
+    out.extend_from_slice(&first.to_le_bytes());
+    for d in digests {
+        out.extend_from_slice(&d.to_le_bytes());
+    }
+    out
+}
+
+/// Parses a VERIFY frame: 1..=[`VERIFY_PAGES`] digests, every page below
+/// `pages`. Returns the first page and the digests.
+pub fn decode_verify(payload: &[u8], pages: u64) -> Result<(u64, Vec<u32>), Error> {
+    let bad = |why: String| Error::Protocol(format!("bad page digests: {why}"));
+    if payload.len() < 12 || (payload.len() - 8) % 4 != 0 {
+        return Err(bad(format!("{} bytes", payload.len())));
+    }
+    let first = u64::from_le_bytes(payload[..8].try_into().unwrap_or([0; 8]));
+    let digests: Vec<u32> = payload[8..]
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes(c.try_into().unwrap_or([0; 4])))
+        .collect();
+    if digests.len() > VERIFY_PAGES {
+        return Err(bad(format!(
+            "{} digests (at most {VERIFY_PAGES})",
+            digests.len()
+        )));
+    }
+    if first
+        .checked_add(digests.len() as u64)
+        .is_none_or(|end| end > pages)
+    {
+        return Err(bad(format!(
+            "pages {first}+{} are past guest RAM ({pages} pages)",
+            digests.len()
+        )));
+    }
+    Ok((first, digests))
+}
+
 /// A framed connection (a `TcpStream` in practice).
 pub struct Conn<S> {
     stream: S,
@@ -439,6 +517,7 @@ mod tests {
             cpu_profile: "portable".into(),
             devices: vec!["virtio-blk queues=1".into()],
             postcopy: false,
+            verify: false,
         }
     }
 

@@ -25,7 +25,10 @@
 //! the error; the VM on the source is intact. After GO the source waits for
 //! RUNNING and, without it, stays paused ([`Error::Unconfirmed`]) - never
 //! two running copies.
-use crate::protocol::{decode_request, encode_postcopy, Conn, Hello, Kind, Pages, BATCH_PAGES};
+use crate::protocol::{
+    decode_request, encode_postcopy, encode_verify, page_digests, Conn, Hello, Kind, Pages,
+    BATCH_PAGES, VERIFY_PAGES,
+};
 use crate::{Error, GuestMemory};
 use serde::Serialize;
 use snapshot::memory::{is_zero, read_page, resident_pages, total_pages};
@@ -64,6 +67,12 @@ pub struct Options {
     pub io_timeout: Duration,
     /// Switch to post-copy when a round does not meet the downtime target.
     pub postcopy: bool,
+    /// Verification mode: at the pause, send a digest of every page for
+    /// the destination to compare before it loads the state (a page the
+    /// dirty tracking missed fails the migration, named, and the guest runs
+    /// on here). Costs one read of guest memory in the downtime. Not with
+    /// post-copy.
+    pub verify: bool,
 }
 
 impl Default for Options {
@@ -74,6 +83,7 @@ impl Default for Options {
             throttle: true,
             io_timeout: Duration::from_secs(10),
             postcopy: false,
+            verify: false,
         }
     }
 }
@@ -122,6 +132,10 @@ pub struct Outcome {
     pub throttle_pct: u32,
     /// Set when the migration finished in post-copy.
     pub postcopy: Option<PostcopyOutcome>,
+    /// Verification mode: the pages the destination compared (every page)
+    /// and the time the digests took in the downtime.
+    pub verified_pages: Option<u64>,
+    pub verify_ms: Option<f64>,
 }
 
 /// The post-copy part of a migration, as the source saw it.
@@ -255,6 +269,8 @@ struct Engine<'a> {
     throttle: Throttle,
     batch: Pages,
     page: Vec<u8>,
+    /// Verification mode: pages digested and the time it took.
+    verified: Option<(u64, f64)>,
 }
 
 impl Engine<'_> {
@@ -402,6 +418,9 @@ impl Engine<'_> {
         dirty.union(&last);
         self.progress.round += 1;
         self.send_pages(&dirty, false, false)?;
+        if self.opts.verify && !self.opts.postcopy {
+            self.send_digests()?;
+        }
         let state = self.vm.state().map_err(Error::Vm)?;
         self.conn.send(Kind::State, &state)?;
         self.progress.phase = Phase::SwitchOver;
@@ -412,6 +431,19 @@ impl Engine<'_> {
             self.conn.abort("cancelled on the source");
             return Err(Error::Cancelled);
         }
+        Ok(())
+    }
+
+    /// Verification mode, guest paused and every page sent: the digest of
+    /// every page as it is now (VERIFY frames).
+    fn send_digests(&mut self) -> Result<(), Error> {
+        let started = Instant::now();
+        let digests = page_digests(self.vm.memory())?;
+        for (i, chunk) in digests.chunks(VERIFY_PAGES).enumerate() {
+            let first = (i * VERIFY_PAGES) as u64;
+            self.conn.send(Kind::Verify, &encode_verify(first, chunk))?;
+        }
+        self.verified = Some((digests.len() as u64, started.elapsed().as_secs_f64() * 1e3));
         Ok(())
     }
 
@@ -589,6 +621,10 @@ pub fn migrate(
     stream.set_read_timeout(Some(opts.io_timeout))?;
     stream.set_write_timeout(Some(opts.io_timeout))?;
     let mut conn = Conn::new(stream);
+    let hello = &Hello {
+        verify: opts.verify && !opts.postcopy,
+        ..hello.clone()
+    };
     conn.send_hello(hello)?;
     match conn.recv()? {
         (Kind::Accept, _) => {}
@@ -620,6 +656,7 @@ pub fn migrate(
         throttle: Throttle::new(),
         batch: Pages::default(),
         page: vec![0u8; PAGE_SIZE as usize],
+        verified: None,
     };
     let mut paused_at = None;
     let result = (|| {
@@ -717,5 +754,7 @@ pub fn migrate(
         memory_bytes: total * PAGE_SIZE,
         throttle_pct: e.throttle.pct,
         postcopy,
+        verified_pages: e.verified.map(|v| v.0),
+        verify_ms: e.verified.map(|v| v.1),
     })
 }

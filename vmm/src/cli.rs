@@ -404,6 +404,12 @@ pub struct MigrateArgs {
     /// the VM (docs/migration.md).
     #[arg(long)]
     pub postcopy: bool,
+    /// Verification mode: at the pause, the destination compares a digest
+    /// of every guest page with the source's before it loads the state; a
+    /// page that differs fails the migration, named (the VM runs on here).
+    /// Adds one pass over guest memory to the downtime. Not with --postcopy.
+    #[arg(long, conflicts_with = "postcopy")]
+    pub verify: bool,
     /// JSON lines on stdout even on a terminal.
     #[arg(long)]
     pub json: bool,

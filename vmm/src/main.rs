@@ -188,8 +188,14 @@ fn incoming(addr: &str, config: RunConfig) -> Result<u8, Failure> {
     drop(tcp);
     let received = &arrived.received;
     eprintln!(
-        "ffmk-vmm: migrated in from {}: {} pages in {:.0} ms; running",
-        received.from, received.pages, received.total_ms
+        "ffmk-vmm: migrated in from {}: {} pages in {:.0} ms{}; running",
+        received.from,
+        received.pages,
+        received.total_ms,
+        match received.verified_pages {
+            Some(n) => format!(", all {n} pages verified against the source's"),
+            None => String::new(),
+        }
     );
     if let Some(pc) = arrived.postcopy {
         let from = received.from.clone();
@@ -286,6 +292,7 @@ fn migrate(a: vmm::cli::MigrateArgs) -> Result<u8, Failure> {
         "max_rounds": a.max_rounds,
         "throttle": !a.no_throttle,
         "postcopy": a.postcopy,
+        "verify": a.verify,
     });
     let (status, v) = call("PUT", "/vm/migrate", &body.to_string())?;
     if !(200..300).contains(&status) {

@@ -72,6 +72,7 @@ pub fn hello(config: &RunConfig, profile: CpuProfile) -> Hello {
         cpu_profile: format!("{profile:?}").to_lowercase(),
         devices,
         postcopy: false,
+        verify: false,
     }
 }
 
@@ -92,6 +93,10 @@ pub struct MigrateRequest {
     /// downtime target (instead of more rounds and throttling).
     #[serde(default)]
     pub postcopy: bool,
+    /// Verification mode: the destination compares a digest of every page
+    /// at the pause before it loads the state (not with post-copy).
+    #[serde(default)]
+    pub verify: bool,
 }
 
 fn default_downtime() -> u64 {
@@ -105,8 +110,14 @@ fn yes() -> bool {
 }
 
 impl MigrateRequest {
-    /// The `HOST:PORT` part of `to`.
+    /// The `HOST:PORT` part of `to` (and the request checked).
     pub fn address(&self) -> Result<String, String> {
+        if self.verify && self.postcopy {
+            return Err(
+                "verify and postcopy exclude each other: post-copy switches over before every page is there"
+                    .into(),
+            );
+        }
         parse_tcp(&self.to)
     }
 }
@@ -282,6 +293,7 @@ impl Migration {
             max_rounds: req.max_rounds.max(1),
             throttle: req.throttle,
             postcopy: req.postcopy,
+            verify: req.verify,
             ..Options::default()
         };
         self.cancel.store(false, Ordering::Release);

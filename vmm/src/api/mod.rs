@@ -454,6 +454,12 @@ mod tests {
             ("GET", "/vm/migrate", "{}", 405),
             ("PUT", "/vm/migrate", r#"{"to": "nowhere"}"#, 400),
             ("PUT", "/vm/migrate", r#"{"to": "tcp://h:1", "x": 1}"#, 400),
+            (
+                "PUT",
+                "/vm/migrate",
+                r#"{"to": "tcp://h:1", "verify": true, "postcopy": true}"#,
+                400,
+            ),
             ("PUT", "/vm/migration", "", 405),
         ] {
             assert_eq!(
