@@ -745,12 +745,15 @@ impl Restoring {
         Ok(mem)
     }
 
-    /// Restores vCPU `id` (TSC frequency first); returns the TSC kHz it runs at.
+    /// Restores vCPU `id` (TSC frequency first), then reads the state back
+    /// and logs (warning) anything KVM holds differently from what it was
+    /// given; returns the TSC kHz it runs at.
     pub fn restore_vcpu(
         &self,
         fd: &kvm_ioctls::VcpuFd,
         id: u8,
         host_tsc_khz: u32,
+        msr_indices: &[u32],
     ) -> Result<u32, String> {
         let saved = self.machine.tsc_khz;
         let mut khz = host_tsc_khz;
@@ -769,6 +772,14 @@ impl Restoring {
             .get(usize::from(id))
             .ok_or_else(|| format!("no saved state for vCPU {id}"))?;
         state::restore_vcpu(fd, s).map_err(|e| e.to_string())?;
+        match state::differences(fd, s, msr_indices) {
+            Ok(d) => {
+                for d in d {
+                    tracing::warn!("vCPU {id} restored with other state than saved: {d}");
+                }
+            }
+            Err(e) => tracing::warn!("vCPU {id}: cannot read the restored state back: {e}"),
+        }
         Ok(khz)
     }
 

@@ -600,7 +600,9 @@ impl Prepared {
         for (id, fd) in fds.iter().enumerate() {
             let id = id as u8;
             if let Some(r) = restore {
-                tsc_khz = r.restore_vcpu(fd, id, host_tsc_khz).map_err(Error::Setup)?;
+                tsc_khz = r
+                    .restore_vcpu(fd, id, host_tsc_khz, &msr_indices)
+                    .map_err(Error::Setup)?;
                 if id == 0 {
                     kvm_forced = forced_features(fd, profile);
                 }

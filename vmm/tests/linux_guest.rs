@@ -680,6 +680,49 @@ fn linux_checksum_workload_survives_snapshot_and_restore() {
 }
 
 #[test]
+fn linux_checksum_workload_survives_live_snapshot_kill_and_restore() {
+    let Some((_, bzimage, initrd)) = images() else {
+        return;
+    };
+    let dir = tmpdir("linux-live-snap-sum");
+    let vm = boot_checksum(&dir, "a", &bzimage, &initrd);
+    // Copied while the guest runs; paused only for the last dirty pages
+    // and the state: the snapshot is of the moment of that pause, so the
+    // restored guest goes on after the last step printed by then (some
+    // step between the ones printed before and after the call).
+    let before = checksum_lines(&vm.console()).0.len() as u64;
+    let snap = dir.join("snap");
+    let out = vm.snapshot(&snap, &["--live"]);
+    eprintln!("live snapshot: {out}");
+    let first_life = vm.console();
+    vm.kill();
+    let r = common::Vm::restore(&dir, "b", &snap, &[]);
+    let (code, err) = r.wait_exit();
+    let after = std::fs::read_to_string(dir.join("b.console")).unwrap_or_default();
+    assert_eq!(code, Some(0), "{err}\n{after}");
+    let printed = checksum_lines(&first_life).0.len() as u64;
+    let (b, last) = checksum_lines(&after);
+    let want = checksum_sums(CHECKSUM_STEPS, CHECKSUM_ITER);
+    let ctx = format!("first life:\n{first_life}\nrestored:\n{after}");
+    let resumed_at = b.first().map(|&(k, _)| k).unwrap_or(0);
+    assert!(
+        (before + 1..=printed + 1).contains(&resumed_at),
+        "restored at step {resumed_at}, snapshot taken between steps {before} and {printed}: {ctx}"
+    );
+    let steps: Vec<u64> = b.iter().map(|&(k, _)| k).collect();
+    assert_eq!(
+        steps,
+        (resumed_at..=CHECKSUM_STEPS).collect::<Vec<_>>(),
+        "{ctx}"
+    );
+    for &(k, sum) in &b {
+        assert_eq!(sum, want[k as usize - 1], "step {k}: {ctx}");
+    }
+    assert_eq!(last, want.last().copied(), "{ctx}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
 fn linux_checksum_workload_survives_live_migration() {
     let Some((_, bzimage, initrd)) = images() else {
         return;
