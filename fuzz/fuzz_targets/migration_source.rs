@@ -3,7 +3,8 @@
 //! records of the input (as in `migration_dest`: kind, length, payload;
 //! high bit = unframed), whatever the source sent. The source engine runs
 //! as `ffmk-vmm migrate` runs it (pre-copy rounds with SYNC, stop-and-copy
-//! or post-copy with page requests served, READY/GO/RUNNING), over a VM
+//! or post-copy with page requests served, page digests in verification
+//! mode, READY/GO/RUNNING), over a VM
 //! whose memory and dirty log are real guest memory and fuzzed page sets.
 //! What must hold: no panic, no hang, and a migration that did not reach
 //! RUNNING leaves the VM resumed here.
@@ -86,6 +87,7 @@ fuzz_target!(|data: &[u8]| {
         throttle: false,
         io_timeout: Duration::from_secs(2),
         postcopy: flags & 1 != 0,
+        verify: flags & 4 != 0,
     };
     let cancel = AtomicBool::new(false);
     let hello = migration_hello(opts.postcopy);

@@ -6,7 +6,7 @@
 use crate::postcopy::Postcopy;
 use crate::protocol::{decode_postcopy, decode_verify, page_digests, Conn, Hello, Kind, Pages};
 use crate::{Error, GuestMemory};
-use snapshot::memory::{total_pages, write_page};
+use snapshot::memory::{resident_pages, total_pages, write_page};
 use snapshot::{PageBitmap, PAGE_SIZE};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
@@ -18,10 +18,12 @@ pub struct Incoming {
     started: Instant,
     /// The source sends page digests before the state (verification mode).
     verify: bool,
-    /// The source's page digests received so far, and the pages found to
-    /// differ.
-    digests: Vec<u32>,
+    /// Pages compared so far (frames come in order), the pages found to
+    /// differ, and which pages this host has resident (taken at the first
+    /// frame, when every page has arrived).
+    verified: u64,
     differ: Vec<u64>,
+    resident: Option<PageBitmap>,
 }
 
 /// Pages named in a verification failure (the count is always given).
@@ -58,8 +60,9 @@ impl Incoming {
             pages_received: 0,
             started: Instant::now(),
             verify: false,
-            digests: Vec::new(),
+            verified: 0,
             differ: Vec::new(),
+            resident: None,
         })
     }
 
@@ -106,14 +109,21 @@ impl Incoming {
                 }
                 (Kind::Sync, _) => self.conn.send(Kind::Synced, &[])?,
                 (Kind::Verify, body) if self.verify => {
-                    let (first, digests) = decode_verify(&body, total)?;
-                    if first != self.digests.len() as u64 {
+                    let (first, theirs) = decode_verify(&body, total)?;
+                    if first != self.verified {
                         return Err(Error::Protocol(format!(
                             "page digests from page {first}, expected page {}",
-                            self.digests.len()
+                            self.verified
                         )));
                     }
-                    self.digests.extend_from_slice(&digests);
+                    let resident = self.resident.get_or_insert_with(|| resident_pages(mem));
+                    let mine = page_digests(mem, resident, first, theirs.len() as u64)?;
+                    self.differ.extend(
+                        (0..theirs.len())
+                            .filter(|&i| mine[i] != theirs[i])
+                            .map(|i| first + i as u64),
+                    );
+                    self.verified += theirs.len() as u64;
                 }
                 (Kind::State, state) => {
                     if self.verify {
@@ -138,16 +148,10 @@ impl Incoming {
     /// compared and found equal; otherwise the source is told which pages
     /// differ (it resumes its guest) and the migration fails here.
     fn check_verified(&mut self, mem: &GuestMemory, total: u64) -> Result<(), Error> {
-        if self.digests.len() as u64 == total {
-            let mine = page_digests(mem)?;
-            self.differ = (0..total)
-                .filter(|&p| mine[p as usize] != self.digests[p as usize])
-                .collect();
-        }
-        let why = if self.digests.len() as u64 != total {
+        let why = if self.verified != total {
             format!(
                 "verification: the source sent digests of {} of {total} pages",
-                self.digests.len()
+                self.verified
             )
         } else if !self.differ.is_empty() {
             let named: Vec<String> = self
@@ -193,8 +197,8 @@ impl Incoming {
             from: self.peer.to_string(),
             pages: self.pages_received,
             total_ms: self.started.elapsed().as_secs_f64() * 1e3,
-            verified_pages: (self.verify && self.differ.is_empty() && !self.digests.is_empty())
-                .then_some(self.digests.len() as u64),
+            verified_pages: (self.verify && self.differ.is_empty() && self.verified > 0)
+                .then_some(self.verified),
         }
     }
 

@@ -438,12 +438,18 @@ impl Engine<'_> {
     /// every page as it is now (VERIFY frames).
     fn send_digests(&mut self) -> Result<(), Error> {
         let started = Instant::now();
-        let digests = page_digests(self.vm.memory())?;
-        for (i, chunk) in digests.chunks(VERIFY_PAGES).enumerate() {
-            let first = (i * VERIFY_PAGES) as u64;
-            self.conn.send(Kind::Verify, &encode_verify(first, chunk))?;
+        let mem = self.vm.memory();
+        let total = total_pages(mem);
+        let resident = resident_pages(mem);
+        let mut first = 0;
+        while first < total {
+            let count = (VERIFY_PAGES as u64).min(total - first);
+            let digests = page_digests(mem, &resident, first, count)?;
+            self.conn
+                .send(Kind::Verify, &encode_verify(first, &digests))?;
+            first += count;
         }
-        self.verified = Some((digests.len() as u64, started.elapsed().as_secs_f64() * 1e3));
+        self.verified = Some((total, started.elapsed().as_secs_f64() * 1e3));
         Ok(())
     }
 

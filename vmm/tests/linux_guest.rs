@@ -700,6 +700,7 @@ fn linux_checksum_workload_survives_live_snapshot_kill_and_restore() {
     let (code, err) = r.wait_exit();
     let after = std::fs::read_to_string(dir.join("b.console")).unwrap_or_default();
     assert_eq!(code, Some(0), "{err}\n{after}");
+    assert!(!err.contains("restored with other state"), "{err}");
     let printed = checksum_lines(&first_life).0.len() as u64;
     let (b, last) = checksum_lines(&after);
     let want = checksum_sums(CHECKSUM_STEPS, CHECKSUM_ITER);
@@ -786,6 +787,8 @@ fn assert_second_life_finishes(dir: &Path, before: &str, after: &str, second: co
         read(after).unwrap_or_default(),
     );
     assert_eq!(code, Some(0), "{err}\n{after}");
+    // KVM took the vCPU state as given (the VMM reads it back at restore).
+    assert!(!err.contains("restored with other state"), "{err}");
     assert_checksum_continues(&before, &after);
     std::fs::remove_dir_all(dir).unwrap();
 }
@@ -863,7 +866,11 @@ fn cx_server() -> PathBuf {
 
 fn api_json(vm: &common::Vm, args: &[&str]) -> serde_json::Value {
     let out = vm.api(args);
-    assert!(out.status.success(), "{args:?}: {out:?}");
+    assert!(
+        out.status.success(),
+        "{args:?}: {out:?}\n{}",
+        vm.describe()
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 

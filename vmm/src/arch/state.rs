@@ -13,7 +13,7 @@ use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
     kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
     CpuId, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
-    KVM_MAX_CPUID_ENTRIES,
+    KVM_MAX_CPUID_ENTRIES, KVM_VCPUEVENT_VALID_NMI_PENDING, KVM_VCPUEVENT_VALID_SIPI_VECTOR,
 };
 use kvm_ioctls::{VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
@@ -179,7 +179,14 @@ pub fn restore_vcpu(fd: &VcpuFd, s: &VcpuSnapshot) -> Result<(), Error> {
             });
         }
     }
-    fd.set_vcpu_events(&s.events)
+    // KVM_GET_VCPU_EVENTS reports a pending NMI and the SIPI vector but
+    // does not flag them valid, and KVM_SET_VCPU_EVENTS ignores what is not
+    // flagged: without these flags an NMI pending at the save would be lost
+    // (a guest waiting on an NMI IPI, such as a backtrace, would wait
+    // forever) and an AP waiting for its SIPI would get vector 0.
+    let mut events = s.events;
+    events.flags |= KVM_VCPUEVENT_VALID_NMI_PENDING | KVM_VCPUEVENT_VALID_SIPI_VECTOR;
+    fd.set_vcpu_events(&events)
         .map_err(k("set vCPU events"))?;
     Ok(())
 }
@@ -327,6 +334,12 @@ pub fn differences(
             == (f.nmi.injected, f.nmi.pending, f.nmi.masked),
         format!("{:?}", e.nmi),
         format!("{:?}", f.nmi),
+    );
+    cmp(
+        "SIPI vector",
+        e.sipi_vector == f.sipi_vector,
+        e.sipi_vector.to_string(),
+        f.sipi_vector.to_string(),
     );
     Ok(d)
 }

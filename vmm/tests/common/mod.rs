@@ -333,6 +333,27 @@ impl Vm {
         panic!("counter {n} not reached: {}", self.console());
     }
 
+    /// For failure messages: whether the VMM still runs, and the end of
+    /// the guest's console.
+    #[allow(dead_code)] // not every test binary uses every helper
+    pub fn describe(&self) -> String {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .unwrap_or_default();
+        // The state is the field after the command name (in parentheses).
+        let state = stat.rsplit_once(") ").map_or("?", |(_, r)| &r[..1]);
+        let console = self.console();
+        let tail: Vec<&str> = console.lines().rev().take(30).collect();
+        format!(
+            "VMM pid {} {}; the console's last lines:\n{}",
+            self.child.id(),
+            match state {
+                "Z" | "?" => "has EXITED",
+                _ => "is running",
+            },
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )
+    }
+
     pub fn api(&self, args: &[&str]) -> Output {
         Command::new(vmm())
             .args(args)
