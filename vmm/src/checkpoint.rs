@@ -772,7 +772,7 @@ impl Restoring {
             .get(usize::from(id))
             .ok_or_else(|| format!("no saved state for vCPU {id}"))?;
         state::restore_vcpu(fd, s).map_err(|e| e.to_string())?;
-        match state::differences(fd, s, msr_indices) {
+        match state::differences(fd, s, msr_indices, khz) {
             Ok(d) => {
                 for d in d {
                     tracing::warn!("vCPU {id} restored with other state than saved: {d}");

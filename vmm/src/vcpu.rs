@@ -5,6 +5,18 @@
 //! `kvm_run`, so `KVM_RUN` returns `EINTR` whether the signal arrived inside
 //! or just before the ioctl. The vCPU then honours the request (pause: park
 //! on a condition variable and acknowledge; exit: leave the loop).
+//!
+//! KVM finishes an I/O or MMIO exit (the value an `in` or an MMIO read
+//! returns goes into the guest's register, RIP moves past the instruction)
+//! only when KVM_RUN is entered again, and that pending work is in no state
+//! userspace can read or set (KVM's api.rst, KVM_RUN). A vCPU asked to pause
+//! right after such an exit therefore enters KVM_RUN once more with
+//! `immediate_exit` set - KVM completes the instruction and returns at once,
+//! running nothing else - before it parks, so that a state saved while it
+//! is paused (snapshot, migration) is the state after the instruction, not
+//! in the middle of it. Without this, a restored vCPU would run the
+//! instruction a second time (a second serial byte, a second read of a
+//! register that clears itself on read).
 use crate::arch::pvm_assist::{self, Assist};
 use crate::memory::GuestMemoryMmap;
 use devices::bus::{MmioBus, PioBus};
@@ -228,6 +240,14 @@ impl VcpuShared {
     }
 }
 
+/// Whether KVM finishes this exit's instruction only on the next KVM_RUN.
+fn is_io(exit: &VcpuExit) -> bool {
+    matches!(
+        exit,
+        VcpuExit::IoIn(..) | VcpuExit::IoOut(..) | VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..)
+    )
+}
+
 /// The buses a vCPU's I/O exits go to.
 pub struct Buses {
     pub pio: PioBus,
@@ -259,14 +279,28 @@ impl Vcpu {
         let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
         KVM_RUN_PTR.with(|c| c.set(run_ptr));
         let id = self.shared.id;
-        while self.shared.honour_requests(&self.fd) {
+        // The last exit was I/O or MMIO that KVM completes on the next entry.
+        let mut io_pending = false;
+        loop {
+            if io_pending && self.shared.current_request() == Request::Pause {
+                if let Err(reason) = self.complete_io() {
+                    (self.on_stop)(id, reason);
+                    break;
+                }
+                io_pending = false;
+            }
+            if !self.shared.honour_requests(&self.fd) {
+                break;
+            }
             let step = match self.fd.run() {
                 Ok(exit) => {
                     self.shared.exits.fetch_add(1, Ordering::Relaxed);
+                    io_pending = is_io(&exit);
                     Self::handle_exit(&self.shared, &self.buses, exit)
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.fd.set_kvm_immediate_exit(0);
+                    io_pending = false;
                     Step::Continue
                 }
                 Err(e) => Step::Stop(VcpuStop::Failure(format!("KVM_RUN failed: {e}"))),
@@ -282,6 +316,36 @@ impl Vcpu {
         }
         KVM_RUN_PTR.with(|c| c.set(std::ptr::null_mut()));
         self.shared.set_state(VcpuState::Exited);
+    }
+
+    /// Lets KVM finish the I/O or MMIO instruction of the last exit without
+    /// running the guest on: KVM_RUN with `immediate_exit` set. Completing
+    /// a `rep ins/outs` may exit to userspace again for the next element;
+    /// those exits are served the same way until KVM returns EINTR.
+    fn complete_io(&mut self) -> Result<(), VcpuStop> {
+        self.fd.set_kvm_immediate_exit(1);
+        let done = loop {
+            match self.fd.run() {
+                Ok(exit) => {
+                    self.shared.exits.fetch_add(1, Ordering::Relaxed);
+                    match Self::handle_exit(&self.shared, &self.buses, exit) {
+                        Step::Continue => continue,
+                        Step::Stop(reason) => break Err(reason),
+                        Step::InternalError => {
+                            break Err(VcpuStop::Failure(self.describe_internal_error()))
+                        }
+                    }
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => break Ok(()),
+                Err(e) => {
+                    break Err(VcpuStop::Failure(format!(
+                        "KVM_RUN failed completing an I/O exit: {e}"
+                    )))
+                }
+            }
+        };
+        self.fd.set_kvm_immediate_exit(0);
+        done
     }
 
     fn handle_exit(shared: &VcpuShared, buses: &Buses, exit: VcpuExit) -> Step {

@@ -866,11 +866,7 @@ fn cx_server() -> PathBuf {
 
 fn api_json(vm: &common::Vm, args: &[&str]) -> serde_json::Value {
     let out = vm.api(args);
-    assert!(
-        out.status.success(),
-        "{args:?}: {out:?}\n{}",
-        vm.describe()
-    );
+    assert!(out.status.success(), "{args:?}: {out:?}\n{}", vm.describe());
     serde_json::from_slice(&out.stdout).unwrap()
 }
 

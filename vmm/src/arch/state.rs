@@ -186,25 +186,33 @@ pub fn restore_vcpu(fd: &VcpuFd, s: &VcpuSnapshot) -> Result<(), Error> {
     // forever) and an AP waiting for its SIPI would get vector 0.
     let mut events = s.events;
     events.flags |= KVM_VCPUEVENT_VALID_NMI_PENDING | KVM_VCPUEVENT_VALID_SIPI_VECTOR;
-    fd.set_vcpu_events(&events)
-        .map_err(k("set vCPU events"))?;
+    fd.set_vcpu_events(&events).map_err(k("set vCPU events"))?;
     Ok(())
 }
 
 /// LAPIC register offsets that move on their own while a vCPU is stopped:
 /// the timer's current count.
 const LAPIC_TIMER_CCR: usize = 0x390;
+/// MSRs that are clocks, not state: KVM derives them from the time that
+/// passes (Hyper-V's VP runtime and reference time counter).
+const CLOCK_MSRS: [u32; 2] = [0x4000_0010, 0x4000_0020];
+/// How far past the saved value a restored TSC may be when it is read back
+/// (the restore itself takes time; seconds under nested emulation).
+const TSC_SLACK_S: u64 = 30;
 
 /// What KVM holds for a just-restored vCPU (not yet run) compared with the
 /// state it was given: one line per difference. KVM accepts some values
 /// silently and keeps others (an MSR it ignores, an event it drops), and a
 /// guest that continues on different state fails later, far from the
-/// cause; this names it at the restore. IA32_TSC is not compared (it
-/// moves with time) and neither is the LAPIC timer's current count.
+/// cause; this names it at the restore. Clocks are not compared for
+/// equality (the LAPIC timer's current count, Hyper-V's time counters);
+/// IA32_TSC must read back at or after the saved value, by at most
+/// `TSC_SLACK_S` seconds at `tsc_khz`.
 pub fn differences(
     fd: &VcpuFd,
     s: &VcpuSnapshot,
     msr_indices: &[u32],
+    tsc_khz: u32,
 ) -> Result<Vec<String>, Error> {
     let now = save_vcpu(fd, s.id, msr_indices)?;
     let mut d = Vec::new();
@@ -297,10 +305,20 @@ pub fn differences(
         lapic_differs.join(", "),
     );
     for m in &s.msrs {
-        if m.index == MSR_IA32_TSC {
+        let got = now.msrs.iter().find(|n| n.index == m.index).map(|n| n.data);
+        if CLOCK_MSRS.contains(&m.index) {
             continue;
         }
-        let got = now.msrs.iter().find(|n| n.index == m.index).map(|n| n.data);
+        if m.index == MSR_IA32_TSC {
+            let slack = u64::from(tsc_khz) * 1000 * TSC_SLACK_S;
+            cmp(
+                "TSC",
+                got.is_some_and(|t| t >= m.data && t - m.data <= slack),
+                format!("{:#x}", m.data),
+                got.map_or("nothing (not readable)".into(), |v| format!("{v:#x}")),
+            );
+            continue;
+        }
         cmp(
             &format!("MSR {:#x}", m.index),
             got == Some(m.data),

@@ -337,8 +337,8 @@ impl Vm {
     /// the guest's console.
     #[allow(dead_code)] // not every test binary uses every helper
     pub fn describe(&self) -> String {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
-            .unwrap_or_default();
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
         // The state is the field after the command name (in parentheses).
         let state = stat.rsplit_once(") ").map_or("?", |(_, r)| &r[..1]);
         let console = self.console();
