@@ -196,6 +196,10 @@ const LAPIC_TIMER_CCR: usize = 0x390;
 /// MSRs that are clocks, not state: KVM derives them from the time that
 /// passes (Hyper-V's VP runtime and reference time counter).
 const CLOCK_MSRS: [u32; 2] = [0x4000_0010, 0x4000_0020];
+/// IA32_SYSENTER_ESP and _EIP: 32 bits on AMD, where SYSENTER does not
+/// exist in long mode, and KVM on SVM keeps only those for a guest whose
+/// CPUID says AMD (a Linux guest writes a 64-bit stack address there).
+const SYSENTER_ESP_EIP: [u32; 2] = [0x175, 0x176];
 /// How far past the saved value a restored TSC may be when it is read back
 /// (the restore itself takes time; seconds under nested emulation).
 const TSC_SLACK_S: u64 = 30;
@@ -215,6 +219,11 @@ pub fn differences(
     tsc_khz: u32,
 ) -> Result<Vec<String>, Error> {
     let now = save_vcpu(fd, s.id, msr_indices)?;
+    let amd = s
+        .cpuid
+        .iter()
+        .find(|e| e.function == 0)
+        .is_some_and(|e| [e.ebx, e.edx, e.ecx] == [0x6874_7541, 0x6974_6e65, 0x444d_4163]);
     let mut d = Vec::new();
     let mut cmp = |what: &str, same: bool, had: String, got: String| {
         if !same {
@@ -307,6 +316,15 @@ pub fn differences(
     for m in &s.msrs {
         let got = now.msrs.iter().find(|n| n.index == m.index).map(|n| n.data);
         if CLOCK_MSRS.contains(&m.index) {
+            continue;
+        }
+        if amd && SYSENTER_ESP_EIP.contains(&m.index) {
+            cmp(
+                &format!("MSR {:#x} (low 32 bits, AMD)", m.index),
+                got.map(|v| v as u32) == Some(m.data as u32),
+                format!("{:#x}", m.data),
+                got.map_or("nothing (not readable)".into(), |v| format!("{v:#x}")),
+            );
             continue;
         }
         if m.index == MSR_IA32_TSC {

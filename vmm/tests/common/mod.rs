@@ -181,7 +181,19 @@ impl Running {
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
-                panic!("ffmk-vmm did not exit in time");
+                let _ = self.child.wait();
+                // What the guest got to, and what the VMM said, for the
+                // hang's diagnosis.
+                let console = self.drain();
+                let tail = &console[console.len().saturating_sub(40)..];
+                let mut err = String::new();
+                if let Some(mut e) = self.child.stderr.take() {
+                    let _ = e.read_to_string(&mut err);
+                }
+                panic!(
+                    "ffmk-vmm did not exit in {within:?}; its stderr:\n{err}\nthe console's last lines:\n{}",
+                    tail.join("\n")
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
