@@ -100,6 +100,13 @@ impl Incoming {
         let zero = vec![0u8; PAGE_SIZE as usize];
         loop {
             match self.conn.recv()? {
+                (Kind::Pages, _) if self.verified > 0 => {
+                    // The digests are of the memory at the pause: nothing
+                    // may change it after them.
+                    return Err(Error::Protocol(
+                        "pages after the page digests (verification mode)".into(),
+                    ));
+                }
                 (Kind::Pages, body) => {
                     let pages = Pages::decode(&body, total)?;
                     for (page, data) in pages.iter() {

@@ -589,6 +589,24 @@ mod tests {
     }
 
     #[test]
+    fn page_digests_round_trip_and_bad_ones_are_refused() {
+        let d = encode_verify(3, &[1, 2, 0xdead_beef]);
+        assert_eq!(decode_verify(&d, 6).unwrap(), (3, vec![1, 2, 0xdead_beef]));
+        // Past guest RAM, empty, cut short, too many, overflowing.
+        assert!(decode_verify(&d, 5).is_err());
+        assert!(decode_verify(&encode_verify(0, &[]), 6).is_err());
+        assert!(decode_verify(&d[..d.len() - 1], 6).is_err());
+        let many = vec![0u32; VERIFY_PAGES + 1];
+        assert!(decode_verify(&encode_verify(0, &many), 1 << 30).is_err());
+        assert!(decode_verify(&encode_verify(u64::MAX, &[1]), u64::MAX).is_err());
+        // The zero page's digest is what a never-resident page gets.
+        assert_eq!(
+            page_digest(&[0u8; PAGE_SIZE as usize]),
+            crc32fast::hash(&[0u8; PAGE_SIZE as usize])
+        );
+    }
+
+    #[test]
     fn requests_and_postcopy_messages_are_checked() {
         assert_eq!(decode_request(&encode_request(&[3, 7]), 8).unwrap(), [3, 7]);
         assert!(decode_request(&encode_request(&[3, 8]), 8)
