@@ -224,24 +224,29 @@ pub fn differences(
         .iter()
         .find(|e| e.function == 0)
         .is_some_and(|e| [e.ebx, e.edx, e.ecx] == [0x6874_7541, 0x6974_6e65, 0x444d_4163]);
-    let mut d = Vec::new();
-    let mut cmp = |what: &str, same: bool, had: String, got: String| {
+    // A difference, named with both values.
+    fn note(d: &mut Vec<String>, what: &str, same: bool, had: String, got: String) {
         if !same {
             d.push(format!("{what}: given {had}, KVM has {got}"));
         }
-    };
-    cmp(
+    }
+    fn same<T: PartialEq + std::fmt::Debug>(d: &mut Vec<String>, what: &str, had: T, got: T) {
+        note(
+            d,
+            what,
+            had == got,
+            format!("{had:x?}"),
+            format!("{got:x?}"),
+        );
+    }
+    let mut d = Vec::new();
+    same(
+        &mut d,
         "MP state",
-        now.mp_state.mp_state == s.mp_state.mp_state,
-        s.mp_state.mp_state.to_string(),
-        now.mp_state.mp_state.to_string(),
+        s.mp_state.mp_state,
+        now.mp_state.mp_state,
     );
-    cmp(
-        "registers",
-        now.regs == s.regs,
-        format!("{:x?}", s.regs),
-        format!("{:x?}", now.regs),
-    );
+    same(&mut d, "registers", s.regs, now.regs);
     let (a, b) = (&s.sregs, &now.sregs);
     for (name, x, y) in [
         ("CR0", a.cr0, b.cr0),
@@ -252,7 +257,7 @@ pub fn differences(
         ("EFER", a.efer, b.efer),
         ("APIC base", a.apic_base, b.apic_base),
     ] {
-        cmp(name, x == y, format!("{x:#x}"), format!("{y:#x}"));
+        same(&mut d, name, x, y);
     }
     for (name, x, y) in [
         ("CS", a.cs, b.cs),
@@ -264,39 +269,32 @@ pub fn differences(
         ("TR", a.tr, b.tr),
         ("LDT", a.ldt, b.ldt),
     ] {
-        cmp(name, x == y, format!("{x:x?}"), format!("{y:x?}"));
+        same(&mut d, name, x, y);
     }
-    cmp(
+    same(
+        &mut d,
         "GDT/IDT",
-        (a.gdt.base, a.gdt.limit, a.idt.base, a.idt.limit)
-            == (b.gdt.base, b.gdt.limit, b.idt.base, b.idt.limit),
-        format!("{:x?} {:x?}", a.gdt, a.idt),
-        format!("{:x?} {:x?}", b.gdt, b.idt),
+        (a.gdt.base, a.gdt.limit, a.idt.base, a.idt.limit),
+        (b.gdt.base, b.gdt.limit, b.idt.base, b.idt.limit),
     );
-    cmp(
+    same(
+        &mut d,
         "pending interrupt bitmap",
-        a.interrupt_bitmap == b.interrupt_bitmap,
-        format!("{:x?}", a.interrupt_bitmap),
-        format!("{:x?}", b.interrupt_bitmap),
+        a.interrupt_bitmap,
+        b.interrupt_bitmap,
     );
-    cmp(
+    same(
+        &mut d,
         "XCR0",
-        now.xcrs.xcrs[..now.xcrs.nr_xcrs as usize] == s.xcrs.xcrs[..s.xcrs.nr_xcrs as usize],
-        format!("{:x?}", &s.xcrs.xcrs[..s.xcrs.nr_xcrs as usize]),
-        format!("{:x?}", &now.xcrs.xcrs[..now.xcrs.nr_xcrs as usize]),
+        &s.xcrs.xcrs[..s.xcrs.nr_xcrs as usize],
+        &now.xcrs.xcrs[..now.xcrs.nr_xcrs as usize],
     );
-    cmp(
+    let (x, y) = (&s.debug_regs, &now.debug_regs);
+    same(
+        &mut d,
         "debug registers",
-        (now.debug_regs.db, now.debug_regs.dr6, now.debug_regs.dr7)
-            == (s.debug_regs.db, s.debug_regs.dr6, s.debug_regs.dr7),
-        format!(
-            "{:x?}",
-            (s.debug_regs.db, s.debug_regs.dr6, s.debug_regs.dr7)
-        ),
-        format!(
-            "{:x?}",
-            (now.debug_regs.db, now.debug_regs.dr6, now.debug_regs.dr7)
-        ),
+        (x.db, x.dr6, x.dr7),
+        (y.db, y.dr6, y.dr7),
     );
     let lapic_differs: Vec<String> = s
         .lapic
@@ -307,76 +305,64 @@ pub fn differences(
         .filter(|&(i, (x, y))| i * 16 != LAPIC_TIMER_CCR && x[..4] != y[..4])
         .map(|(i, (x, y))| format!("{:#x}: {:x?} -> {:x?}", i * 16, &x[..4], &y[..4]))
         .collect();
-    cmp(
+    note(
+        &mut d,
         "LAPIC registers",
         lapic_differs.is_empty(),
         "the saved ones".into(),
         lapic_differs.join(", "),
     );
     for m in &s.msrs {
-        let got = now.msrs.iter().find(|n| n.index == m.index).map(|n| n.data);
         if CLOCK_MSRS.contains(&m.index) {
             continue;
         }
-        if amd && SYSENTER_ESP_EIP.contains(&m.index) {
-            cmp(
-                &format!("MSR {:#x} (low 32 bits, AMD)", m.index),
+        let got = now.msrs.iter().find(|n| n.index == m.index).map(|n| n.data);
+        let (what, ok) = if amd && SYSENTER_ESP_EIP.contains(&m.index) {
+            (
+                format!("MSR {:#x} (low 32 bits, AMD)", m.index),
                 got.map(|v| v as u32) == Some(m.data as u32),
-                format!("{:#x}", m.data),
-                got.map_or("nothing (not readable)".into(), |v| format!("{v:#x}")),
-            );
-            continue;
-        }
-        if m.index == MSR_IA32_TSC {
+            )
+        } else if m.index == MSR_IA32_TSC {
             let slack = u64::from(tsc_khz) * 1000 * TSC_SLACK_S;
-            cmp(
-                "TSC",
-                got.is_some_and(|t| t >= m.data && t - m.data <= slack),
-                format!("{:#x}", m.data),
-                got.map_or("nothing (not readable)".into(), |v| format!("{v:#x}")),
-            );
-            continue;
-        }
-        cmp(
-            &format!("MSR {:#x}", m.index),
-            got == Some(m.data),
+            let moved_on = got.is_some_and(|t| t >= m.data && t - m.data <= slack);
+            ("TSC".to_string(), moved_on)
+        } else {
+            (format!("MSR {:#x}", m.index), got == Some(m.data))
+        };
+        note(
+            &mut d,
+            &what,
+            ok,
             format!("{:#x}", m.data),
             got.map_or("nothing (not readable)".into(), |v| format!("{v:#x}")),
         );
     }
     let (e, f) = (&s.events, &now.events);
-    cmp(
+    same(
+        &mut d,
         "pending/injected exception",
-        e.exception == f.exception,
-        format!("{:?}", e.exception),
-        format!("{:?}", f.exception),
+        e.exception,
+        f.exception,
     );
-    cmp(
+    same(
+        &mut d,
         "injected interrupt",
-        (e.interrupt.injected, e.interrupt.nr, e.interrupt.soft)
-            == (f.interrupt.injected, f.interrupt.nr, f.interrupt.soft),
-        format!("{:?}", e.interrupt),
-        format!("{:?}", f.interrupt),
+        (e.interrupt.injected, e.interrupt.nr, e.interrupt.soft),
+        (f.interrupt.injected, f.interrupt.nr, f.interrupt.soft),
     );
-    cmp(
+    same(
+        &mut d,
         "interrupt shadow",
-        e.interrupt.shadow == f.interrupt.shadow,
-        e.interrupt.shadow.to_string(),
-        f.interrupt.shadow.to_string(),
+        e.interrupt.shadow,
+        f.interrupt.shadow,
     );
-    cmp(
+    same(
+        &mut d,
         "NMI",
-        (e.nmi.injected, e.nmi.pending, e.nmi.masked)
-            == (f.nmi.injected, f.nmi.pending, f.nmi.masked),
-        format!("{:?}", e.nmi),
-        format!("{:?}", f.nmi),
+        (e.nmi.injected, e.nmi.pending, e.nmi.masked),
+        (f.nmi.injected, f.nmi.pending, f.nmi.masked),
     );
-    cmp(
-        "SIPI vector",
-        e.sipi_vector == f.sipi_vector,
-        e.sipi_vector.to_string(),
-        f.sipi_vector.to_string(),
-    );
+    same(&mut d, "SIPI vector", e.sipi_vector, f.sipi_vector);
     Ok(d)
 }
 
