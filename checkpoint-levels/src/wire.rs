@@ -9,17 +9,25 @@
 //! Frames over their size limit, unknown kinds, a wrong protocol name or
 //! version are refused with a reason; sockets time out so a dead peer
 //! cannot hang either side.
+//!
+//! All of it runs inside a cluster-plane channel (`cluster_auth`) opened
+//! with the key of the job (partner copies) or XOR group the request is
+//! about: an endpoint serves a connection only that owner's data.
 use crate::dirlevel::CopyInfo;
 use crate::xor::{XorEpoch, XorMeta, XorPart};
 use crate::{Error, Result};
+use cluster_auth::{PlaneStream, Trust};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use snapshot::Manifest;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 pub const PROTOCOL: &str = "ffmk-checkpoint";
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
+/// The cluster-plane channel of the checkpoint service.
+pub const CHANNEL: &str = "checkpoint";
 const MAGIC: &[u8; 4] = b"FFCK";
 const MSG: u8 = 1;
 const DATA: u8 = 2;
@@ -67,6 +75,30 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// Whose data the request is about: the job of partner copies, the
+    /// group of XOR parts (its members are the ranks of one job and read
+    /// each other's parts to rebuild). The connection must be opened with
+    /// that name's key.
+    pub fn owner(&self) -> &str {
+        match self {
+            Request::Offer { job, .. } | Request::List { job } | Request::Fetch { job, .. } => job,
+            Request::XorPut { group, .. }
+            | Request::XorList { group }
+            | Request::XorFetch { group, .. } => group,
+        }
+    }
+}
+
+static TRUST: OnceLock<std::result::Result<Trust, String>> = OnceLock::new();
+
+/// Sets how this process's checkpoint clients authenticate (once, from the
+/// command line, before the first request); an `Err` says why they cannot
+/// (given back by the first request that needs a peer).
+pub fn use_trust(t: std::result::Result<Trust, String>) {
+    let _ = TRUST.set(t);
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum Response {
@@ -96,29 +128,54 @@ pub enum Response {
 
 /// One connection (either side).
 pub struct Conn {
-    r: BufReader<TcpStream>,
-    w: BufWriter<TcpStream>,
+    r: BufReader<PlaneStream>,
+    w: BufWriter<PlaneStream>,
     pub peer: String,
 }
 
 impl Conn {
-    pub fn connect(addr: SocketAddr) -> Result<Conn> {
+    /// Connects to `addr` and opens the channel with `job`'s key.
+    pub fn connect(addr: SocketAddr, job: &str) -> Result<Conn> {
+        let peer = addr.to_string();
+        let trust = match TRUST.get() {
+            Some(Ok(t)) => t,
+            Some(Err(e)) => {
+                return Err(Error::Peer {
+                    peer,
+                    detail: e.clone(),
+                })
+            }
+            None => {
+                return Err(Error::Peer {
+                    peer,
+                    detail: "no cluster key configured for checkpoint clients".into(),
+                })
+            }
+        };
         let s =
             TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| Error::Peer {
-                peer: addr.to_string(),
+                peer: peer.clone(),
                 detail: format!("cannot connect: {e}"),
             })?;
-        Conn::new(s, addr.to_string())
+        let s = cluster_auth::connect(s, trust, CHANNEL, Some(job), Duration::from_secs(10))
+            .map_err(|e| Error::Peer {
+                peer: peer.clone(),
+                detail: match e {
+                    cluster_auth::Error::Refused { detail, .. } => detail,
+                    e => e.to_string(),
+                },
+            })?;
+        Conn::new(s, peer)
     }
 
-    pub fn new(s: TcpStream, peer: String) -> Result<Conn> {
+    pub fn new(s: PlaneStream, peer: String) -> Result<Conn> {
         let fail = |e: std::io::Error| Error::Peer {
             peer: peer.clone(),
             detail: e.to_string(),
         };
-        s.set_read_timeout(Some(IO_TIMEOUT)).map_err(fail)?;
-        s.set_write_timeout(Some(IO_TIMEOUT)).map_err(fail)?;
-        let _ = s.set_nodelay(true);
+        s.tcp().set_read_timeout(Some(IO_TIMEOUT)).map_err(fail)?;
+        s.tcp().set_write_timeout(Some(IO_TIMEOUT)).map_err(fail)?;
+        let _ = s.tcp().set_nodelay(true);
         let w = s.try_clone().map_err(fail)?;
         Ok(Conn {
             r: BufReader::with_capacity(1 << 20, s),
@@ -197,7 +254,7 @@ impl Conn {
     /// connection and could destroy the answer in flight).
     pub fn close_after_refusal(mut self) {
         let _ = self.w.flush();
-        let s = self.r.get_ref();
+        let s = self.r.get_ref().tcp();
         let _ = s.shutdown(std::net::Shutdown::Write);
         let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
         let mut sink = [0u8; 64 << 10];
@@ -220,7 +277,7 @@ impl Conn {
 
     /// Starts a request (client side).
     pub fn request(addr: SocketAddr, request: Request) -> Result<(Conn, Response)> {
-        let mut c = Conn::connect(addr)?;
+        let mut c = Conn::connect(addr, request.owner())?;
         c.send(&Envelope {
             protocol: PROTOCOL.into(),
             version: PROTOCOL_VERSION,

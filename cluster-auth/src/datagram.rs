@@ -220,7 +220,11 @@ fn shift(seen: &mut [u64], by: u64) {
     let (w, b) = ((by / 64) as usize, by % 64);
     for i in (0..words).rev() {
         let lo = if i >= w { seen[i - w] << b } else { 0 };
-        let carry = if b > 0 && i > w { seen[i - w - 1] >> (64 - b) } else { 0 };
+        let carry = if b > 0 && i > w {
+            seen[i - w - 1] >> (64 - b)
+        } else {
+            0
+        };
         seen[i] = lo | carry;
     }
 }

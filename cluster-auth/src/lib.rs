@@ -53,7 +53,10 @@ impl Trust {
     /// The trust a command line asks for: `--insecure` wins (with a
     /// warning in the log), else the key file from `--cluster-key`,
     /// `$FFMK_CLUSTER_KEY` or the default path.
-    pub fn from_args(cluster_key: Option<&std::path::Path>, insecure: bool) -> Result<Trust, Error> {
+    pub fn from_args(
+        cluster_key: Option<&std::path::Path>,
+        insecure: bool,
+    ) -> Result<Trust, Error> {
         if insecure {
             tracing::warn!(
                 "--insecure: the cluster plane is unauthenticated and unencrypted; anyone who \

@@ -122,10 +122,11 @@ pub fn connect(
         }
         Err(e) => return Err(io(e)),
     };
-    hs.read_message(&reply, &mut buf).map_err(|_| Error::Refused {
-        peer: peer.clone(),
-        detail: format!("the {channel} endpoint answered with a key other than ours"),
-    })?;
+    hs.read_message(&reply, &mut buf)
+        .map_err(|_| Error::Refused {
+            peer: peer.clone(),
+            detail: format!("the {channel} endpoint answered with a key other than ours"),
+        })?;
     finish(tcp, hs, &peer)
 }
 
@@ -397,7 +398,8 @@ impl Secure {
         s.nonce += 1;
         s.wire[..2].copy_from_slice(&(n as u16).to_be_bytes());
         let mut t = tcp;
-        t.write_all(&s.wire[..2 + n]).inspect_err(|_| s.broken = true)
+        t.write_all(&s.wire[..2 + n])
+            .inspect_err(|_| s.broken = true)
     }
 
     fn flush_buffered(&self, tcp: &TcpStream, s: &mut Sending) -> io::Result<()> {
@@ -576,7 +578,11 @@ mod tests {
         assert_eq!(&a, b"stored");
         r.join().unwrap();
         drop(s);
-        assert_eq!(c.read(&mut a).unwrap(), 0, "a clean end at a record boundary");
+        assert_eq!(
+            c.read(&mut a).unwrap(),
+            0,
+            "a clean end at a record boundary"
+        );
     }
 
     #[test]
@@ -596,7 +602,10 @@ mod tests {
         let (s, _) = l.accept().unwrap();
         let s = accept(s, &cluster(), &["checkpoint"], Duration::from_secs(5));
         let e = s.err().unwrap().to_string();
-        assert!(e.contains("did not open the cluster-plane handshake"), "{e}");
+        assert!(
+            e.contains("did not open the cluster-plane handshake"),
+            "{e}"
+        );
         let mut rest = Vec::new();
         let _ = c.read_to_end(&mut rest);
         assert!(rest.is_empty(), "the refusal says nothing: {rest:?}");

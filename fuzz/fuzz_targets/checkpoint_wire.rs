@@ -3,11 +3,13 @@
 //! server runs on loopback with a store in the temp directory, and each
 //! input is one connection's worth of frames ("FFCK", kind, length,
 //! payload) that the harness builds from (kind, u16 length, payload)
-//! records (high bit of the kind: sent unframed). What must hold: no
+//! records (high bit of the kind: sent unframed), inside a cluster-plane
+//! channel opened with the key of job "fuzz" (a job's key holder gone bad:
+//! requests about other jobs must be refused). What must hold: no
 //! panic and no hang in the server; every connection gets an answer or a
 //! close.
 #![no_main]
-use ffmk_fuzz::{feed, Input};
+use ffmk_fuzz::{feed_plane, trust, Input};
 use libfuzzer_sys::fuzz_target;
 use std::net::SocketAddr;
 use std::sync::OnceLock;
@@ -19,7 +21,9 @@ fn server() -> SocketAddr {
             .expect("checkpoint endpoint");
         let addr = l.local_addr().expect("endpoint address");
         let dir = std::env::temp_dir().join(format!("ffmk-fuzz-ckpt-{}", std::process::id()));
-        std::thread::spawn(move || checkpoint_levels::server::serve(l, dir, 2));
+        std::thread::spawn(move || {
+            checkpoint_levels::server::serve(l, dir, 2, trust().clone(), Default::default())
+        });
         addr
     })
 }
@@ -41,6 +45,15 @@ fuzz_target!(|data: &[u8]| {
     let Ok(s) = std::net::TcpStream::connect(server()) else {
         return;
     };
+    let Ok(s) = cluster_auth::connect(
+        s,
+        trust(),
+        "checkpoint",
+        Some("fuzz"),
+        std::time::Duration::from_secs(5),
+    ) else {
+        return;
+    };
     // Returns when the server closed the connection: it handled it.
-    let _ = feed(s, stream).join();
+    let _ = feed_plane(s, stream).join();
 });

@@ -1,13 +1,16 @@
 //! The destination of a live migration reading a hostile source: the input
 //! is a list of (kind, length, payload) records that the harness frames
-//! (magic, version, length, CRC32) and sends over loopback TCP; a kind with
+//! (magic, version, length, CRC32) and sends over loopback TCP, inside
+//! the authenticated channel (a key holder gone bad); a kind with
 //! the high bit set goes on the wire unframed. The destination runs as
 //! `ffmk-vmm run --incoming` does: hello check, pages into guest memory
 //! (answering SYNC), the machine state (parsed as a restore would) or
 //! the post-copy switch (state and missing-page bitmap), then READY/GO.
 //! What must hold: no panic and no hang; every error is an `Error` value.
 #![no_main]
-use ffmk_fuzz::{feed, listener, memory, migration_hello, migration_stream, tcp_pair, Input};
+use ffmk_fuzz::{
+    feed_plane, listener, memory, migration_hello, migration_stream, plane_pair, Input,
+};
 use libfuzzer_sys::fuzz_target;
 use migrate::dest::{Arrival, Incoming};
 use std::net::TcpListener;
@@ -23,8 +26,10 @@ fuzz_target!(|data: &[u8]| {
     let mut input = Input::new(data);
     let postcopy = input.u8() & 1 != 0;
     let stream = migration_stream(&mut input);
-    let (ours, theirs) = tcp_pair(loopback());
-    let writer = feed(ours, stream);
+    let Some((ours, theirs)) = plane_pair(loopback(), "migration") else {
+        return;
+    };
+    let writer = feed_plane(ours, stream);
     let mem = memory(&ffmk_fuzz::MIGRATION_REGIONS);
     if let Ok(mut incoming) = Incoming::new(theirs, Duration::from_secs(2)) {
         let mine = migration_hello(postcopy);

@@ -9,7 +9,7 @@
 //! What must hold: no panic, no hang, and a migration that did not reach
 //! RUNNING leaves the VM resumed here.
 #![no_main]
-use ffmk_fuzz::{feed, listener, memory, migration_hello, migration_stream, Input};
+use ffmk_fuzz::{feed_plane, listener, memory, migration_hello, migration_stream, trust, Input};
 use libfuzzer_sys::fuzz_target;
 use migrate::source::{migrate, Options, Source};
 use migrate::GuestMemory;
@@ -78,7 +78,11 @@ fuzz_target!(|data: &[u8]| {
     let Ok(addr) = l.local_addr() else { return };
     let dest = std::thread::spawn(move || {
         if let Ok((s, _)) = l.accept() {
-            let _ = feed(s, replies).join();
+            if let Ok((s, _)) =
+                cluster_auth::accept(s, trust(), &["migration"], Duration::from_secs(2))
+            {
+                let _ = feed_plane(s, replies).join();
+            }
         }
     });
     let opts = Options {
@@ -91,7 +95,15 @@ fuzz_target!(|data: &[u8]| {
     };
     let cancel = AtomicBool::new(false);
     let hello = migration_hello(opts.postcopy);
-    let result = migrate(&vm, &addr.to_string(), &hello, &opts, &cancel, &mut |_| {});
+    let result = migrate(
+        &vm,
+        &addr.to_string(),
+        trust(),
+        &hello,
+        &opts,
+        &cancel,
+        &mut |_| {},
+    );
     let _ = dest.join();
     // Before GO fails: the VM runs on here. Past GO (confirmed or not) it
     // stays paused here, since the destination may run it.

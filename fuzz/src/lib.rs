@@ -105,6 +105,59 @@ pub fn tcp_pair(l: &TcpListener) -> (TcpStream, TcpStream) {
     (ours, theirs)
 }
 
+/// The cluster key both ends of the fuzzed cluster-plane channels hold
+/// (one per fuzzing process): the fuzzed bytes travel inside the
+/// authenticated channel, as a key holder's would.
+pub fn trust() -> &'static cluster_auth::Trust {
+    static T: std::sync::OnceLock<cluster_auth::Trust> = std::sync::OnceLock::new();
+    T.get_or_init(|| {
+        cluster_auth::Trust::Key(cluster_auth::Key::Cluster(
+            cluster_auth::key::generate().expect("random key"),
+        ))
+    })
+}
+
+/// A connected pair with the cluster-plane handshake done on `channel`:
+/// (the end the harness writes, the end the code reads).
+pub fn plane_pair(
+    l: &TcpListener,
+    channel: &'static str,
+) -> Option<(cluster_auth::PlaneStream, cluster_auth::PlaneStream)> {
+    let (ours, theirs) = tcp_pair(l);
+    let t = std::thread::spawn(move || {
+        cluster_auth::accept(
+            theirs,
+            trust(),
+            &[channel],
+            std::time::Duration::from_secs(5),
+        )
+    });
+    let ours = cluster_auth::connect(
+        ours,
+        trust(),
+        channel,
+        None,
+        std::time::Duration::from_secs(5),
+    );
+    let theirs = t.join().ok()?.ok()?.0;
+    Some((ours.ok()?, theirs))
+}
+
+/// [`feed`] through a cluster-plane channel.
+pub fn feed_plane(mut s: cluster_auth::PlaneStream, bytes: Vec<u8>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let _ = s.write_all(&bytes);
+        let _ = s.flush();
+        let _ = s.tcp().shutdown(std::net::Shutdown::Write);
+        let mut sink = [0u8; 4096];
+        while let Ok(n) = std::io::Read::read(&mut s, &mut sink) {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+}
+
 /// Writes `bytes` from another thread, then closes that sending side, so
 /// the reader sees the end; what comes back is read and dropped. Write
 /// errors (the peer gave up early) are the peer's business.

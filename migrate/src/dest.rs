@@ -6,13 +6,14 @@
 use crate::postcopy::Postcopy;
 use crate::protocol::{decode_postcopy, decode_verify, page_digests, Conn, Hello, Kind, Pages};
 use crate::{Error, GuestMemory};
+use cluster_auth::PlaneStream;
 use snapshot::memory::{resident_pages, total_pages, write_page};
 use snapshot::{PageBitmap, PAGE_SIZE};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 pub struct Incoming {
-    conn: Conn<TcpStream>,
+    conn: Conn<PlaneStream>,
     pub peer: SocketAddr,
     pub pages_received: u64,
     started: Instant,
@@ -50,10 +51,12 @@ pub struct Received {
 }
 
 impl Incoming {
-    pub fn new(stream: TcpStream, io_timeout: Duration) -> Result<Incoming, Error> {
-        let peer = stream.peer_addr()?;
-        stream.set_read_timeout(Some(io_timeout))?;
-        stream.set_write_timeout(Some(io_timeout))?;
+    /// Takes a connection whose handshake is done (see
+    /// [`cluster_auth::accept`] on [`crate::source::CHANNEL`]).
+    pub fn new(stream: PlaneStream, io_timeout: Duration) -> Result<Incoming, Error> {
+        let peer = stream.tcp().peer_addr()?;
+        stream.tcp().set_read_timeout(Some(io_timeout))?;
+        stream.tcp().set_write_timeout(Some(io_timeout))?;
         Ok(Incoming {
             conn: Conn::new(stream),
             peer,

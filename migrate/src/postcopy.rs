@@ -19,6 +19,7 @@
 //! failure can be undone by resuming the source silently.
 use crate::protocol::{encode_request, Conn, Kind, Pages, MAX_REQUEST};
 use crate::{Error, GuestMemory};
+use cluster_auth::PlaneStream;
 use serde::Serialize;
 use snapshot::memory::total_pages;
 use snapshot::{PageBitmap, PAGE_SIZE};
@@ -122,7 +123,7 @@ struct Shared {
     uffd: Uffd,
     regions: Vec<Region>,
     book: Mutex<Book>,
-    writer: Mutex<Conn<TcpStream>>,
+    writer: Mutex<Conn<PlaneStream>>,
     stop: AtomicBool,
     /// Why the fault thread gave up (it then breaks the connection).
     fault_error: Mutex<Option<String>>,
@@ -291,7 +292,7 @@ impl Postcopy {
     pub fn start(
         mem: &GuestMemory,
         missing: PageBitmap,
-        conn: Conn<TcpStream>,
+        conn: Conn<PlaneStream>,
     ) -> Result<Postcopy, Error> {
         let regions = regions(mem);
         for (first, count) in missing.runs() {
@@ -474,7 +475,7 @@ fn fault_loop(shared: &Shared, stream: &TcpStream) {
     }
 }
 
-fn receive_loop(shared: &Shared, reader: &mut Conn<TcpStream>, total: u64, notes: &Sender<Note>) {
+fn receive_loop(shared: &Shared, reader: &mut Conn<PlaneStream>, total: u64, notes: &Sender<Note>) {
     let end = (|| loop {
         match reader.recv()? {
             (Kind::Pages, body) => shared.place(&Pages::decode(&body, total)?)?,

@@ -391,22 +391,24 @@ pub fn decode_verify(payload: &[u8], pages: u64) -> Result<(u64, Vec<u32>), Erro
     Ok((first, digests))
 }
 
-/// A framed connection (a `TcpStream` in practice).
+/// A framed connection (a cluster-plane stream in practice: encrypted and
+/// authenticated unless the operator asked for `--insecure`).
 pub struct Conn<S> {
     stream: S,
     /// Bytes written, for bandwidth estimates and reports.
     pub sent: u64,
 }
 
-impl Conn<std::net::TcpStream> {
+impl Conn<cluster_auth::PlaneStream> {
     /// A second handle on the same connection (one side reads, the other
     /// writes).
     pub fn try_clone(&self) -> Result<Self, Error> {
         Ok(Conn::new(self.stream.try_clone()?))
     }
 
+    /// The socket under the channel (timeouts, shutdown, buffer sizes).
     pub fn stream(&self) -> &std::net::TcpStream {
-        &self.stream
+        self.stream.tcp()
     }
 }
 
@@ -424,6 +426,7 @@ impl<S: Read + Write> Conn<S> {
         h[12..16].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
         self.stream.write_all(&h)?;
         self.stream.write_all(payload)?;
+        self.stream.flush()?;
         self.sent += (HEADER + payload.len()) as u64;
         Ok(())
     }

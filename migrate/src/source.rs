@@ -260,7 +260,7 @@ impl Throttle {
 
 struct Engine<'a> {
     vm: &'a dyn Source,
-    conn: Conn<TcpStream>,
+    conn: Conn<cluster_auth::PlaneStream>,
     opts: Options,
     cancel: &'a AtomicBool,
     report: &'a mut dyn FnMut(&Progress),
@@ -603,11 +603,16 @@ impl Engine<'_> {
     }
 }
 
-/// Connects to `to` (HOST:PORT) and migrates. `cancel` is polled between
+/// The cluster-plane channel migrations use.
+pub const CHANNEL: &str = "migration";
+
+/// Connects to `to` (HOST:PORT), authenticates both ends with `trust` and
+/// migrates. `cancel` is polled between
 /// page batches; `report` gets progress. On error the guest runs on here.
 pub fn migrate(
     vm: &dyn Source,
     to: &str,
+    trust: &cluster_auth::Trust,
     hello: &Hello,
     opts: &Options,
     cancel: &AtomicBool,
@@ -624,8 +629,15 @@ pub fn migrate(
         .next()
         .ok_or_else(|| connect_err(std::io::Error::other("no address")))?;
     let stream = TcpStream::connect_timeout(&addr, opts.io_timeout).map_err(connect_err)?;
-    stream.set_read_timeout(Some(opts.io_timeout))?;
-    stream.set_write_timeout(Some(opts.io_timeout))?;
+    let stream =
+        cluster_auth::connect(stream, trust, CHANNEL, None, opts.io_timeout).map_err(|e| {
+            Error::Connect {
+                to: to.to_string(),
+                source: std::io::Error::other(e.to_string()),
+            }
+        })?;
+    stream.tcp().set_read_timeout(Some(opts.io_timeout))?;
+    stream.tcp().set_write_timeout(Some(opts.io_timeout))?;
     let mut conn = Conn::new(stream);
     let hello = &Hello {
         verify: opts.verify && !opts.postcopy,

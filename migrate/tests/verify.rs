@@ -2,6 +2,7 @@
 //! tracking did not report is found at the pause, named, and the migration
 //! fails before the destination loads anything (the source's guest runs
 //! on); with every write reported, all pages are verified.
+use cluster_auth::{Key, Trust};
 use migrate::dest::{Arrival, Incoming};
 use migrate::source::{migrate, Options, Source};
 use migrate::{Error, GuestMemory, Hello};
@@ -88,8 +89,13 @@ fn run(
     }
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("address").to_string();
+    let trust = Trust::Key(Key::Cluster(cluster_auth::key::generate().expect("key")));
+    let theirs = trust.clone();
     let dest = std::thread::spawn(move || -> Result<Option<u64>, Error> {
         let (stream, _) = listener.accept()?;
+        let (stream, _) =
+            cluster_auth::accept(stream, &theirs, &["migration"], Duration::from_secs(5))
+                .map_err(|e| Error::Protocol(e.to_string()))?;
         let mut inc = Incoming::new(stream, Duration::from_secs(10))?;
         inc.hello(&hello(), |_| Ok(()))?;
         let mem = memory();
@@ -104,7 +110,7 @@ fn run(
         ..Options::default()
     };
     let cancel = AtomicBool::new(false);
-    let out = migrate(guest, &addr, &hello(), &opts, &cancel, &mut |_| {});
+    let out = migrate(guest, &addr, &trust, &hello(), &opts, &cancel, &mut |_| {});
     (out, dest.join().expect("destination thread"))
 }
 

@@ -67,6 +67,8 @@ pub enum Command {
     Checkpoint {
         #[command(subcommand)]
         action: CheckpointAction,
+        #[command(flatten)]
+        plane: PlaneArgs,
     },
     /// Live-migrate a running VM to a destination started with
     /// `ffmk-vmm run --incoming tcp://ADDR:PORT` (same memory, vCPUs, CPU
@@ -76,6 +78,15 @@ pub enum Command {
     /// terminal, JSON lines otherwise); Ctrl-C cancels and the VM keeps
     /// running here.
     Migrate(MigrateArgs),
+    /// The cluster key: every cluster-plane channel (live migration, the
+    /// checkpoint service) is authenticated and encrypted with it. Create
+    /// one per cluster, copy it to every node (mode 0600, like munge's
+    /// key), and derive job keys for checkpoint clients that should open
+    /// one job's copies only (docs/security.md).
+    Key {
+        #[command(subcommand)]
+        action: KeyAction,
+    },
     /// Hot-plug or hot-unplug a passthrough function of a running VM
     /// (`PUT /vm/devices`, `DELETE /vm/devices/BDF`). With `--hotplug-slots`
     /// the function goes into a PCIe hot-plug slot and the guest's own
@@ -355,6 +366,18 @@ pub enum CheckpointAction {
         /// Copies (partner) and complete epochs (XOR) kept per job/group.
         #[arg(long, default_value_t = 2)]
         keep: usize,
+        /// Connections served at once (more are closed at once).
+        #[arg(long, default_value_t = 64)]
+        max_connections: usize,
+        /// Seconds a whole request (handshake to last byte) may take.
+        #[arg(long, default_value_t = 900)]
+        request_timeout: u64,
+        /// GiB stored per job (partner copies and XOR parts together).
+        #[arg(long, default_value_t = 256)]
+        quota_gib: u64,
+        /// Jobs that may store something here.
+        #[arg(long, default_value_t = 1024)]
+        max_jobs: usize,
     },
 }
 
@@ -376,6 +399,8 @@ pub struct RestoreArgs {
     /// (its service/compute split comes with the snapshot).
     #[arg(long, value_name = "SPEC")]
     pub pin: Option<PinSpec>,
+    #[command(flatten)]
+    pub plane: PlaneArgs,
     #[command(flatten)]
     pub confine: ConfineArgs,
 }
@@ -453,6 +478,54 @@ pub struct ClientArgs {
     /// The VM's API socket.
     #[arg(long)]
     pub api_socket: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeyAction {
+    /// Create a new random cluster key file (mode 0600; never overwrites).
+    Generate {
+        /// Where to write it.
+        #[arg(default_value = cluster_auth::key::DEFAULT_PATH)]
+        path: PathBuf,
+    },
+    /// Derive job JOB's key from the cluster key into a file of its own: it
+    /// opens that job's checkpoint copies and nothing else.
+    Job {
+        job: String,
+        /// Where to write the job key.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        plane: PlaneArgs,
+    },
+    /// Check a key file and print its fingerprint (a hash that tells keys
+    /// apart, safe to show).
+    Show {
+        /// The key file [default: --cluster-key's default].
+        path: Option<PathBuf>,
+    },
+}
+
+/// How this process talks to other hosts.
+#[derive(Args, Debug, Default, Clone)]
+pub struct PlaneArgs {
+    /// The cluster key file that authenticates and encrypts this process's
+    /// cluster-plane connections [default: $FFMK_CLUSTER_KEY, else
+    /// /etc/ffmk/cluster.key]. A checkpoint client may hold a job key
+    /// (`ffmk-vmm key job`) instead.
+    #[arg(long, value_name = "PATH", global = true)]
+    pub cluster_key: Option<PathBuf>,
+    /// Talk to other hosts without authentication or encryption: anyone who
+    /// reaches the port can send or fetch VMs. Only on a network nobody
+    /// else can reach; a warning is logged.
+    #[arg(long, conflicts_with = "cluster_key", global = true)]
+    pub insecure: bool,
+}
+
+impl PlaneArgs {
+    pub fn trust(&self) -> Result<cluster_auth::Trust, cluster_auth::Error> {
+        cluster_auth::Trust::from_args(self.cluster_key.as_deref(), self.insecure)
+    }
 }
 
 #[derive(Args, Debug, Default)]
@@ -555,6 +628,13 @@ pub struct RunArgs {
     /// match the source; --kernel is not needed).
     #[arg(long, value_name = "tcp://ADDR:PORT")]
     pub incoming: Option<String>,
+    /// With --incoming: give up on a migration that has not switched over
+    /// this many seconds after its connection was accepted (a stalled
+    /// source cannot hold the port), then wait for the next.
+    #[arg(long, value_name = "SECONDS", default_value_t = 1800)]
+    pub incoming_timeout: u64,
+    #[command(flatten)]
+    pub plane: PlaneArgs,
     #[command(flatten)]
     pub confine: ConfineArgs,
 }

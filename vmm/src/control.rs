@@ -533,11 +533,12 @@ pub fn run(
     vm: Arc<Vm>,
     signals: OwnedFd,
     api: Option<(Receiver<ApiMessage>, Arc<EventFd>)>,
+    trust: Result<cluster_auth::Trust, String>,
 ) -> Result<ExitReason, event_manager::Error> {
     let stdin = vm.config.console == crate::config::Console::Stdio && stdin_is_readable();
     let done = Arc::new(Mutex::new(None));
     let control = Arc::new(Mutex::new(Control {
-        migration: crate::migration::Migration::default(),
+        migration: crate::migration::Migration::new(trust),
         vm,
         signals,
         api,

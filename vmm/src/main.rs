@@ -5,7 +5,8 @@ use anyhow::Context;
 use clap::Parser;
 use std::process::ExitCode;
 use vmm::cli::{
-    CheckpointAction, Cli, ClientArgs, Command, RestoreArgs, RunArgs, SnapshotAction, SnapshotArgs,
+    CheckpointAction, Cli, ClientArgs, Command, KeyAction, PlaneArgs, RestoreArgs, RunArgs,
+    SnapshotAction, SnapshotArgs,
 };
 use vmm::config::{FileConfig, RunConfig};
 
@@ -70,8 +71,9 @@ fn main() -> ExitCode {
         Command::Shutdown(c) => client(c, "PUT", "/vm/shutdown", ""),
         Command::Snapshot(a) => snapshot(a),
         Command::Restore(a) => restore(a),
-        Command::Checkpoint { action } => checkpoint(action),
+        Command::Checkpoint { action, plane } => checkpoint(action, plane),
         Command::Migrate(a) => migrate(a),
+        Command::Key { action } => key(action),
         Command::Device { action } => match action {
             vmm::cli::DeviceAction::Add { client: c, device } => client(
                 c,
@@ -148,8 +150,15 @@ fn run(args: RunArgs) -> Result<u8, Failure> {
         // The kernel comes with the migrating VM.
         file.kernel.get_or_insert_with(|| "(incoming)".into());
         let config = RunConfig::from_file_config(file).map_err(usage)?;
-        return incoming(&addr, config);
+        // A destination must know whom it takes a VM from: no key, no start.
+        let trust = args
+            .plane
+            .trust()
+            .map_err(|e| usage(anyhow::anyhow!("--incoming: {e}")))?;
+        let deadline = std::time::Duration::from_secs(args.incoming_timeout.max(1));
+        return incoming(&addr, config, &trust, deadline);
     }
+    let trust = source_trust(&args.plane)?;
     let config = RunConfig::from_file_config(file).map_err(usage)?;
     vmm::boot::probe_kernel(&config.kernel).map_err(usage)?;
     if let Some(initrd) = &config.initrd {
@@ -166,12 +175,90 @@ fn run(args: RunArgs) -> Result<u8, Failure> {
             runtime(e)
         }
     })?;
-    serve(vm, signals, listener)
+    serve(vm, signals, listener, trust)
+}
+
+/// `ffmk-vmm key ...`: create, derive and check key files.
+fn key(action: KeyAction) -> Result<u8, Failure> {
+    use cluster_auth::key::{self, Key};
+    match action {
+        KeyAction::Generate { path } => {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))
+                    .map_err(usage)?;
+            }
+            let k = Key::Cluster(key::generate().map_err(runtime)?);
+            key::write(&path, &k).map_err(usage)?;
+            let fp = k.cluster().map_err(runtime)?.fingerprint();
+            eprintln!(
+                "ffmk-vmm: wrote cluster key {fp} to {} (mode 0600): copy it to every node of \
+                 the cluster, to the same path, as the user that runs ffmk-vmm and ffmk-node",
+                path.display()
+            );
+            Ok(0)
+        }
+        KeyAction::Job { job, out, plane } => {
+            let (k, _) = Key::find(plane.cluster_key.as_deref()).map_err(usage)?;
+            let jk = k.job_key(&job).map_err(usage)?;
+            let fp = jk.fingerprint();
+            key::write(
+                &out,
+                &Key::Job {
+                    job: job.clone(),
+                    key: jk,
+                },
+            )
+            .map_err(usage)?;
+            eprintln!(
+                "ffmk-vmm: wrote job {job:?}'s key {fp} to {}: it opens that job's checkpoint \
+                 copies and nothing else",
+                out.display()
+            );
+            Ok(0)
+        }
+        KeyAction::Show { path } => {
+            let (k, path) = Key::find(path.as_deref()).map_err(usage)?;
+            match &k {
+                Key::Cluster(s) => println!("{}: cluster key {}", path.display(), s.fingerprint()),
+                Key::Job { job, key } => {
+                    println!(
+                        "{}: job {job:?}'s key {}",
+                        path.display(),
+                        key.fingerprint()
+                    )
+                }
+            }
+            Ok(0)
+        }
+    }
+}
+
+/// The trust a VM's later migrations use. A key named (flag, environment)
+/// but unusable is an error now; no key at all only keeps this VM from
+/// migrating (the request is refused with the reason).
+fn source_trust(plane: &PlaneArgs) -> Result<Result<cluster_auth::Trust, String>, Failure> {
+    match plane.trust() {
+        Ok(t) => Ok(Ok(t)),
+        Err(e)
+            if plane.cluster_key.is_some()
+                || std::env::var_os(cluster_auth::key::ENV).is_some_and(|v| !v.is_empty())
+                || std::path::Path::new(cluster_auth::key::DEFAULT_PATH).exists() =>
+        {
+            Err(usage(e))
+        }
+        Err(e) => Ok(Err(e.to_string())),
+    }
 }
 
 /// `run --incoming`: waits for a migration that fits `config`, then runs
 /// the VM that arrived.
-fn incoming(addr: &str, config: RunConfig) -> Result<u8, Failure> {
+fn incoming(
+    addr: &str,
+    config: RunConfig,
+    trust: &cluster_auth::Trust,
+    deadline: std::time::Duration,
+) -> Result<u8, Failure> {
     let (signals, kvm, listener, _socket_guard) = prepare(&config, None)?;
     // Passthrough functions join once the VM has arrived: the VM that
     // arrives has none (its source unplugged them), and its bus must
@@ -182,9 +269,11 @@ fn incoming(addr: &str, config: RunConfig) -> Result<u8, Failure> {
         .with_context(|| format!("cannot listen on {addr}"))
         .map_err(usage)?;
     eprintln!("ffmk-vmm: waiting for a migration on {addr}");
-    let arrived = vmm::migration::receive(&kvm, &tcp, &config, &mut |m| eprintln!("ffmk-vmm: {m}"))
-        .with_context(|| format!("listening on {addr}"))
-        .map_err(runtime)?;
+    let arrived = vmm::migration::receive(&kvm, &tcp, &config, trust, deadline, &mut |m| {
+        eprintln!("ffmk-vmm: {m}")
+    })
+    .with_context(|| format!("listening on {addr}"))
+    .map_err(runtime)?;
     drop(tcp);
     let received = &arrived.received;
     eprintln!(
@@ -246,7 +335,7 @@ fn incoming(addr: &str, config: RunConfig) -> Result<u8, Failure> {
         }
     }
     plug_arrived(&arrived.vm, &devices);
-    serve(arrived.vm, signals, listener)
+    serve(arrived.vm, signals, listener, Ok(trust.clone()))
 }
 
 /// `run --incoming --device ...`: plugs the functions into the VM that
@@ -449,6 +538,7 @@ fn serve(
     vm: vmm::vm::Vm,
     signals: std::os::fd::OwnedFd,
     listener: Listener,
+    trust: Result<cluster_auth::Trust, String>,
 ) -> Result<u8, Failure> {
     let api = match listener {
         Some((l, _)) => {
@@ -469,7 +559,7 @@ fn serve(
     sandbox::seccomp::confine(sandbox::ThreadKind::Control, "control")
         .context("cannot confine the control thread")
         .map_err(runtime)?;
-    let reason = vmm::control::run(std::sync::Arc::new(vm), signals, api)
+    let reason = vmm::control::run(std::sync::Arc::new(vm), signals, api, trust)
         .context("control loop failed")
         .map_err(runtime)?;
     eprintln!(
@@ -488,6 +578,7 @@ fn restore(args: RestoreArgs) -> Result<u8, Failure> {
         .unwrap_or("stdio")
         .parse()
         .map_err(usage)?;
+    let trust = source_trust(&args.plane)?;
     let restoring = vmm::checkpoint::Restoring::open(&args.from, args.paused).map_err(usage)?;
     let config = restoring
         .run_config(
@@ -519,7 +610,7 @@ fn restore(args: RestoreArgs) -> Result<u8, Failure> {
         if args.paused { ", paused" } else { "" }
     );
     drop(restoring);
-    serve(vm, signals, listener)
+    serve(vm, signals, listener, trust)
 }
 
 fn snapshot(a: SnapshotArgs) -> Result<u8, Failure> {
@@ -634,23 +725,54 @@ fn snapshot_call(
     }
 }
 
-fn checkpoint(action: CheckpointAction) -> Result<u8, Failure> {
+fn checkpoint(action: CheckpointAction, plane: PlaneArgs) -> Result<u8, Failure> {
     use checkpoint_levels::{config::Config, progress::Reporter, service};
     let load = |p: &std::path::Path| Config::load(p).map_err(usage);
+    if !matches!(action, CheckpointAction::Serve { .. }) {
+        // Clients: a key is needed once a level is on another host.
+        checkpoint_levels::wire::use_trust(source_trust(&plane)?);
+    }
     match action {
-        CheckpointAction::Serve { listen, dir, keep } => {
+        CheckpointAction::Serve {
+            listen,
+            dir,
+            keep,
+            max_connections,
+            request_timeout,
+            quota_gib,
+            max_jobs,
+        } => {
             let addr = checkpoint_levels::config::parse_addr(&listen)
                 .map_err(|e| usage(anyhow::anyhow!("--listen: {e}")))?;
             if keep == 0 {
                 return Err(usage(anyhow::anyhow!("--keep must be at least 1")));
             }
+            if max_connections == 0 || request_timeout == 0 || quota_gib == 0 || max_jobs == 0 {
+                return Err(usage(anyhow::anyhow!(
+                    "--max-connections, --request-timeout, --quota-gib and --max-jobs must be \
+                     at least 1"
+                )));
+            }
+            let trust = plane.trust().map_err(usage)?;
+            if let cluster_auth::Trust::Key(k) = &trust {
+                // The endpoint derives every job's key: it needs the
+                // cluster's.
+                k.cluster().map_err(usage)?;
+            }
+            let limits = checkpoint_levels::server::Limits {
+                connections: max_connections,
+                request: std::time::Duration::from_secs(request_timeout),
+                job_bytes: quota_gib.saturating_mul(1 << 30),
+                jobs: max_jobs,
+                ..Default::default()
+            };
             let l = checkpoint_levels::server::bind(addr).map_err(usage)?;
             let local = l.local_addr().map_err(runtime)?;
             eprintln!(
                 "ffmk-vmm: checkpoint endpoint on {local}, storing in {}",
                 dir.display()
             );
-            checkpoint_levels::server::serve(l, dir, keep).map_err(runtime)?;
+            checkpoint_levels::server::serve(l, dir, keep, trust, limits).map_err(runtime)?;
             Ok(0)
         }
         CheckpointAction::Take {
@@ -744,6 +866,7 @@ fn checkpoint(action: CheckpointAction) -> Result<u8, Failure> {
                 console,
                 paused,
                 pin: None,
+                plane,
                 confine,
             })
         }

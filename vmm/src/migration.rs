@@ -237,9 +237,21 @@ pub struct Migration {
     /// thaws it.
     held: Arc<Mutex<Option<Frozen>>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// How this VMM authenticates to destinations (or why it cannot: no
+    /// cluster key was found when it started).
+    trust: Option<Result<cluster_auth::Trust, String>>,
 }
 
 impl Migration {
+    /// Migrations of this VM authenticate with `trust`; an `Err` is why
+    /// they cannot (given back to every migration request).
+    pub fn new(trust: Result<cluster_auth::Trust, String>) -> Migration {
+        Migration {
+            trust: Some(trust),
+            ..Migration::default()
+        }
+    }
+
     pub fn status(&self) -> Status {
         self.status
             .lock()
@@ -285,6 +297,11 @@ impl Migration {
             _ => {}
         }
         let to = req.address()?;
+        let trust = match &self.trust {
+            Some(Ok(t)) => t.clone(),
+            Some(Err(e)) => return Err(format!("cannot migrate: {e}")),
+            None => return Err("cannot migrate: no cluster key was configured".into()),
+        };
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -322,7 +339,7 @@ impl Migration {
                     }
                     return;
                 }
-                let end = run(&vm, &to, &opts, &cancel, &status, &held);
+                let end = run(&vm, &to, &trust, &opts, &cancel, &status, &held);
                 let moved = matches!(end, Status::Completed(_));
                 if let Ok(mut s) = status.lock() {
                     *s = end;
@@ -380,6 +397,7 @@ impl Migration {
 fn run(
     vm: &Vm,
     to: &str,
+    trust: &cluster_auth::Trust,
     opts: &Options,
     cancel: &AtomicBool,
     status: &Mutex<Status>,
@@ -410,7 +428,7 @@ fn run(
             };
         }
     };
-    let result = migrate::source::migrate(&source, to, &hello, opts, cancel, &mut report);
+    let result = migrate::source::migrate(&source, to, trust, &hello, opts, cancel, &mut report);
     match result {
         Ok(outcome) => {
             // The VM runs there now: nothing here may touch its disks or
@@ -461,20 +479,168 @@ pub fn receive(
     kvm: &kvm_ioctls::Kvm,
     listener: &TcpListener,
     config: &RunConfig,
+    trust: &cluster_auth::Trust,
+    deadline: Duration,
     log: &mut dyn FnMut(String),
 ) -> Result<Arrived, std::io::Error> {
     let profile = config
         .cpu_profile
         .unwrap_or(HostKind::detect().default_profile());
     let mine = hello(config, profile);
-    loop {
-        let (stream, peer) = listener.accept()?;
-        match receive_one(kvm, stream, config, &mine) {
-            Ok(r) => return Ok(r),
+    // Handshakes run on threads of their own (at most MAX_HANDSHAKES at
+    // once), so a peer that connects and says nothing delays nobody; only
+    // a peer holding the cluster key gets a word out of this host.
+    let (tx, rx) = std::sync::mpsc::channel::<Accepted>();
+    let stop = Arc::new(AtomicBool::new(false));
+    let acceptor = {
+        let listener = listener.try_clone()?;
+        listener.set_nonblocking(true)?;
+        let (trust, stop) = (trust.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("incoming-accept".into())
+            .spawn(move || accept_loop(&listener, &trust, &stop, &tx))?
+    };
+    let result = loop {
+        let (stream, peer) = match rx.recv() {
+            Ok(Accepted::Peer(stream, peer)) => (stream, peer),
+            Ok(Accepted::Refused(why)) => {
+                log(format!("refused a connection: {why}; waiting for another"));
+                continue;
+            }
+            Ok(Accepted::Failed(e)) => break Err(e),
+            Err(_) => break Err(std::io::Error::other("the accepting thread ended")),
+        };
+        let watchdog = Watchdog::arm(&stream, deadline);
+        let result = receive_one(kvm, stream, config, &mine);
+        let expired = watchdog.disarm();
+        match result {
+            Ok(r) => break Ok(r),
+            Err(e) if expired => log(format!(
+                "migration from {peer} did not switch over within {} s ({e}); waiting for \
+                 another",
+                deadline.as_secs()
+            )),
             Err(e) => log(format!(
                 "migration from {peer} failed: {e}; waiting for another"
             )),
         }
+    };
+    stop.store(true, Ordering::Release);
+    let _ = acceptor.join();
+    result
+}
+
+enum Accepted {
+    Peer(cluster_auth::PlaneStream, std::net::SocketAddr),
+    Refused(String),
+    Failed(std::io::Error),
+}
+
+/// Handshakes in flight at once on an incoming port; connections beyond
+/// are closed at once.
+const MAX_HANDSHAKES: usize = 16;
+
+fn accept_loop(
+    listener: &TcpListener,
+    trust: &cluster_auth::Trust,
+    stop: &AtomicBool,
+    tx: &std::sync::mpsc::Sender<Accepted>,
+) {
+    let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    while !stop.load(Ordering::Acquire) {
+        let (stream, peer) = match listener.accept() {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                let _ = tx.send(Accepted::Failed(e));
+                return;
+            }
+        };
+        if busy.load(Ordering::Acquire) >= MAX_HANDSHAKES {
+            let _ = tx.send(Accepted::Refused(format!(
+                "{peer}: {MAX_HANDSHAKES} handshakes already in flight"
+            )));
+            continue;
+        }
+        let _ = stream.set_nonblocking(false);
+        busy.fetch_add(1, Ordering::AcqRel);
+        let (mine, tx, trust) = (busy.clone(), tx.clone(), trust.clone());
+        let spawned = std::thread::Builder::new()
+            .name("incoming-handshake".into())
+            .spawn(move || {
+                let r = cluster_auth::accept(
+                    stream,
+                    &trust,
+                    &[migrate::source::CHANNEL],
+                    HANDSHAKE_TIMEOUT,
+                );
+                mine.fetch_sub(1, Ordering::AcqRel);
+                let _ = tx.send(match r {
+                    Ok((s, _)) => Accepted::Peer(s, peer),
+                    Err(e) => Accepted::Refused(e.to_string()),
+                });
+            });
+        if spawned.is_err() {
+            busy.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// How long a peer has for the cluster-plane handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Ends an incoming migration that runs past its deadline: its socket is
+/// shut down, so whatever the receiving side waits for fails.
+struct Watchdog {
+    stop: Arc<(Mutex<bool>, std::sync::Condvar)>,
+    expired: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watchdog {
+    fn arm(stream: &cluster_auth::PlaneStream, deadline: Duration) -> Watchdog {
+        let stop = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let expired = Arc::new(AtomicBool::new(false));
+        let tcp = stream.tcp().try_clone();
+        let (s2, e2) = (stop.clone(), expired.clone());
+        let thread = std::thread::Builder::new()
+            .name("incoming-deadline".into())
+            .spawn(move || {
+                let (lock, cv) = &*s2;
+                let Ok(guard) = lock.lock() else { return };
+                let Ok((guard, t)) = cv.wait_timeout_while(guard, deadline, |stopped| !*stopped)
+                else {
+                    return;
+                };
+                if !*guard && t.timed_out() {
+                    e2.store(true, Ordering::Release);
+                    if let Ok(tcp) = &tcp {
+                        let _ = tcp.shutdown(std::net::Shutdown::Both);
+                    }
+                }
+            })
+            .ok();
+        Watchdog {
+            stop,
+            expired,
+            thread,
+        }
+    }
+
+    /// Stops the watch; true if the deadline had passed.
+    fn disarm(mut self) -> bool {
+        if let Ok(mut s) = self.stop.0.lock() {
+            *s = true;
+        }
+        self.stop.1.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.expired.load(Ordering::Acquire)
     }
 }
 
@@ -491,7 +657,7 @@ fn can_receive(config: &RunConfig, theirs: &Hello) -> Result<(), String> {
 
 fn receive_one(
     kvm: &kvm_ioctls::Kvm,
-    stream: std::net::TcpStream,
+    stream: cluster_auth::PlaneStream,
     config: &RunConfig,
     mine: &Hello,
 ) -> Result<Arrived, IncomingError> {

@@ -4,7 +4,7 @@
 //! layouts are refused with one clear line.
 mod common;
 
-use common::{probe, tmpdir, vmm, Vm};
+use common::{probe, tmpdir, Vm};
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -22,7 +22,7 @@ fn two_cores() -> bool {
 /// `ffmk-vmm ARGS` with its own core-claim directory (tests run in parallel
 /// and each may book core 1).
 fn ffmk(claims: &Path) -> Command {
-    let mut c = Command::new(vmm());
+    let mut c = common::ffmk();
     c.env("FFMK_RUN_DIR", claims);
     c
 }

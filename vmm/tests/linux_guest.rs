@@ -757,7 +757,7 @@ fn spawn_incoming(dir: &Path, addr: &str, extra: &[&str]) -> common::Vm {
 /// page the dirty tracking missed fails here, named, instead of crashing
 /// the guest later) and checks that the source VMM then ends cleanly.
 fn migrate_away(src: common::Vm, to: &str) {
-    let out = std::process::Command::new(common::vmm())
+    let out = common::ffmk()
         .args(["migrate", "--api-socket"])
         .arg(&src.sock)
         .args(["--to", to, "--json", "--verify"])
@@ -1030,7 +1030,7 @@ fn linux_vm_with_a_passthrough_device_migrates_without_it_and_gets_one_there() {
     wait_console(&src, "vsock-tool: agent on 1027");
     // A migration that fails (nobody listens): the device leaves with the
     // guest's consent, then comes back, and the guest finds it again.
-    let failed = std::process::Command::new(common::vmm())
+    let failed = common::ffmk()
         .args(["migrate", "--api-socket"])
         .arg(&src.sock)
         .args(["--to", "tcp://127.0.0.1:9", "--json"])

@@ -7,12 +7,12 @@
 mod common;
 
 use common::{
-    assert_consecutive, counters, probe_argv_mem, text_value as value, tmpdir, vmm, Cluster, NetNs,
-    Vm,
+    assert_consecutive, counters, ffmk, probe_argv_mem, text_value as value, tmpdir, Cluster,
+    NetNs, Vm,
 };
 use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 const PORT: u16 = 7300;
@@ -67,7 +67,7 @@ fn destination_with(ns: &NetNs, dir: &Path, name: &str, memory: &str, extra: &[&
 
 fn migrate(src: &Vm, extra: &[&str]) -> Output {
     let to = format!("tcp://{}:{PORT}", Cluster::addr(1));
-    Command::new(vmm())
+    ffmk()
         .args(["migrate", "--api-socket"])
         .arg(&src.sock)
         .args(["--to", &to, "--json"])
@@ -82,7 +82,7 @@ fn migrate_in_background(src: &Vm, extra: &[&str]) -> std::thread::JoinHandle<Ou
     let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
     std::thread::spawn(move || {
         let to = format!("tcp://{}:{PORT}", Cluster::addr(1));
-        Command::new(vmm())
+        ffmk()
             .args(["migrate", "--api-socket"])
             .arg(&sock)
             .args(["--to", &to, "--json"])
@@ -280,7 +280,7 @@ fn every_abort_path_leaves_the_source_running() {
     dst.kill();
     // ... and so does one with another CPU profile.
     let profile = serde_json::from_slice::<serde_json::Value>(
-        &Command::new(vmm())
+        &ffmk()
             .args(["host-info", "--json"])
             .output()
             .unwrap()
@@ -462,4 +462,157 @@ fn post_copy_failures_are_reported_and_never_leave_two_copies() {
         "{err}"
     );
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// The cluster plane's trust: a destination takes a VM only from a peer
+/// holding the cluster key. A source with another key, a plain TCP peer
+/// speaking the old protocol and a key holder that stalls all fail, the
+/// destination says why in its log and goes on waiting, and the real
+/// migration that starts while the staller holds its connection lands.
+#[test]
+fn only_holders_of_the_cluster_key_can_send_a_vm() {
+    let Some(c) = Cluster::new("mkey", 2) else {
+        return;
+    };
+    let dir = tmpdir("migrate-key");
+    let task = "task=dirty mib=8 rate=1 hz=20";
+    let dst = destination_with(
+        &c.hosts[1],
+        &dir,
+        "dst",
+        "128M",
+        &["--incoming-timeout", "3"],
+    );
+    let addr = format!("{}:{PORT}", Cluster::addr(1));
+
+    // 1. A source holding another cluster's key.
+    let other = dir.join("other.key");
+    let out = ffmk()
+        .args(["key", "generate"])
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let args = probe_argv_mem(task, "128M", &["--test-exit-port"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut cmd = c.hosts[0].exec(common::vmm());
+    cmd.env("FFMK_CLUSTER_KEY", &other);
+    let rogue = Vm::spawn_cmd(
+        cmd,
+        &args,
+        &dir.join("rogue.console"),
+        &dir.join("rogue.sock"),
+    );
+    rogue.wait_counter(3);
+    let out = migrate(&rogue, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("refused the handshake"), "{err}");
+    assert_source_runs(&rogue);
+    rogue.kill();
+
+    // 2. A plain peer speaking the migration protocol without the
+    // handshake gets the connection closed and not one byte.
+    let heard = c.hosts[0].run({
+        let addr = addr.clone();
+        move || {
+            use std::io::Read;
+            let mut s = std::net::TcpStream::connect(&addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+            let mut hello = b"FFMG\x01\x00\x01\x00".to_vec();
+            hello.extend_from_slice(&[0u8; 64]);
+            let _ = s.write_all(&hello);
+            let mut got = Vec::new();
+            let _ = s.read_to_end(&mut got);
+            got
+        }
+    });
+    assert!(heard.is_empty(), "the host told a stranger {heard:?}");
+
+    // 3. A key holder that handshakes and then says nothing; meanwhile the
+    // real migration starts.
+    let key = common::cluster_key().to_path_buf();
+    let staller = c.hosts[0].run({
+        let addr = addr.clone();
+        move || {
+            std::thread::spawn(move || {
+                let trust = cluster_auth::Trust::Key(cluster_auth::Key::load(&key).unwrap());
+                let s = std::net::TcpStream::connect(&addr).unwrap();
+                let s = cluster_auth::connect(s, &trust, "migration", None, Duration::from_secs(5))
+                    .unwrap();
+                std::thread::sleep(Duration::from_secs(6));
+                drop(s);
+            })
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let src = source(&c.hosts[0], &dir, "src", task, "128M");
+    src.wait_counter(3);
+    let out = migrate(&src, &["--verify"]);
+    assert!(out.status.success(), "{out:?}");
+    let _ = staller.join();
+    let before = counters(&src.console()).last().copied().unwrap_or(0);
+    dst.wait_counter(before + 3);
+    let (_, log) = dst.stop();
+    assert!(
+        log.contains("refused a connection") && log.contains("does not hold the cluster key"),
+        "{log}"
+    );
+    assert!(
+        log.contains("did not open the cluster-plane handshake"),
+        "{log}"
+    );
+    assert!(log.contains("did not switch over within 3 s"), "{log}");
+}
+
+/// Without a key a destination does not start, a VM cannot migrate (the
+/// request says why), and `--insecure` is refused together with a key.
+#[test]
+fn without_a_cluster_key_nothing_crosses_hosts() {
+    if std::path::Path::new("/etc/ffmk/cluster.key").exists() {
+        eprintln!("skipped: this host has /etc/ffmk/cluster.key");
+        return;
+    }
+    let out = std::process::Command::new(common::vmm())
+        .env_remove("FFMK_CLUSTER_KEY")
+        .args([
+            "run",
+            "--incoming",
+            "tcp://127.0.0.1:7399",
+            "--memory",
+            "64M",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("no cluster key") && err.contains("--insecure"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+    let dir = tmpdir("migrate-nokey");
+    let args = probe_argv_mem("task=dirty mib=8 rate=1 hz=20", "64M", &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut cmd = std::process::Command::new(common::vmm());
+    cmd.env_remove("FFMK_CLUSTER_KEY");
+    let vm = Vm::spawn_cmd(cmd, &args, &dir.join("vm.console"), &dir.join("vm.sock"));
+    vm.wait_counter(2);
+    let out = migrate(&vm, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("cannot migrate") && err.contains("no cluster key"),
+        "{err}"
+    );
+    assert_source_runs(&vm);
+
+    let out = ffmk()
+        .args(["run", "--incoming", "tcp://127.0.0.1:7399", "--insecure"])
+        .arg("--cluster-key")
+        .arg(common::cluster_key())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
 }

@@ -2,9 +2,9 @@
 //! real KVM. Build the guest first: `guest-images/build probe` (ci/test does).
 mod common;
 
-use common::{api, probe, probe_argv, tmpdir, value, vmm, Running};
+use common::{api, ffmk, probe, probe_argv, tmpdir, value, Running};
 use std::io::Write;
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::Duration;
 
 fn run_probe(task: &str, cpus: u32, memory: &str) -> Output {
@@ -13,7 +13,7 @@ fn run_probe(task: &str, cpus: u32, memory: &str) -> Output {
 
 /// `run_probe` with extra `ffmk-vmm run` flags.
 fn run_probe_with(task: &str, cpus: u32, memory: &str, extra: &[&str]) -> Output {
-    Command::new(vmm())
+    ffmk()
         .args(["run", "--kernel"])
         .arg(probe())
         .args([
@@ -338,11 +338,7 @@ fn bad_input_gives_one_line_and_exit_code_2() {
         ),
     ];
     for (args, needle) in cases {
-        let out = Command::new(vmm())
-            .args(&args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
+        let out = ffmk().args(&args).stdin(Stdio::null()).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert_eq!(
@@ -371,7 +367,7 @@ fn config_file_sets_everything_and_flags_override_it() {
         probe().display()
     )
     .unwrap();
-    let out = Command::new(vmm())
+    let out = ffmk()
         .args(["run", "--config"])
         .arg(&toml)
         .args(["--cpus", "3"])
@@ -385,10 +381,7 @@ fn config_file_sets_everything_and_flags_override_it() {
 
 #[test]
 fn host_info_reports_kind_and_profile() {
-    let out = Command::new(vmm())
-        .args(["host-info", "--json"])
-        .output()
-        .unwrap();
+    let out = ffmk().args(["host-info", "--json"]).output().unwrap();
     assert!(out.status.success(), "{out:?}");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["capabilities"]["irqchip"].as_bool().unwrap());

@@ -82,7 +82,7 @@ fn every_thread_of_a_running_vmm_carries_its_filter_unless_turned_off() {
 
 #[test]
 fn a_wrong_seccomp_mode_is_one_line() {
-    let out = std::process::Command::new(common::vmm())
+    let out = common::ffmk()
         .args(["run", "--kernel", "x", "--seccomp", "maybe"])
         .output()
         .unwrap();
@@ -160,7 +160,7 @@ fn api_requests_outside_the_allowed_dirs_and_hosts_are_refused_and_the_vm_runs_o
     ] {
         let p = common::probe();
         let sock = dir.join("bad.sock");
-        let out = std::process::Command::new(common::vmm())
+        let out = common::ffmk()
             .args([
                 "run",
                 "--kernel",

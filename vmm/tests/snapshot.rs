@@ -5,9 +5,9 @@
 //! snapshots and refused requests get one clear line each.
 mod common;
 
-use common::{assert_consecutive, counters, text_value as value, tmpdir, vmm, Vm};
+use common::{assert_consecutive, counters, ffmk, text_value as value, tmpdir, Vm};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 #[test]
@@ -93,7 +93,7 @@ fn incremental_chain_and_compact_restore_memory_exactly() {
     assert_consecutive(&(before.clone() + &after), 60);
 
     // Compact into one full layer: same memory, one layer left.
-    let out = Command::new(vmm())
+    let out = ffmk()
         .args(["snapshot", "compact"])
         .arg(&snap)
         .output()
@@ -258,7 +258,7 @@ fn damaged_snapshots_are_refused_with_one_clear_line() {
         let d = dir.join(name);
         copy_dir(&good, &d);
         damage(&d);
-        let mut child = Command::new(vmm())
+        let mut child = ffmk()
             .args(["restore", "--console", "none", "--from"])
             .arg(&d)
             .stdin(Stdio::null())
@@ -386,7 +386,7 @@ fn live_snapshot_of_a_dirtying_guest_restores_consistently() {
     let after = std::fs::read_to_string(dir.join("b.console")).unwrap();
     assert!(after.contains("dirty_verify=ok"), "{after}");
     assert_eq!(value(&after, "checksum"), Some(want));
-    let out = Command::new(vmm())
+    let out = ffmk()
         .args(["snapshot", "inspect", "--verify"])
         .arg(&snap)
         .output()

@@ -12,7 +12,7 @@
 mod common;
 
 use common::{probe, text_value, tmpdir, Vm};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::Mutex;
 
 /// One device: the tests take turns.
@@ -54,13 +54,13 @@ fn edu() -> Option<String> {
 }
 
 fn ffmk(args: &[&str]) -> Output {
-    Command::new(common::vmm()).args(args).output().unwrap()
+    common::ffmk().args(args).output().unwrap()
 }
 
 /// Boots the probe with `task` and the device, waits for its exit.
 fn run_probe(task: &str, device: &str) -> Output {
     let p = probe();
-    let mut cmd = Command::new(common::vmm());
+    let mut cmd = common::ffmk();
     cmd.args(["run", "--kernel", p.to_str().unwrap(), "--cmdline", task])
         .args(["--memory", "128M", "--test-exit-port", "--device", device])
         .args(["--log-level", "info"]);

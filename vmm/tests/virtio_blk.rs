@@ -2,9 +2,9 @@
 //! copies and fails to write real image files through `--disk`.
 mod common;
 
-use common::{api, probe_argv, tmpdir, value, vmm, Running};
+use common::{api, ffmk, probe_argv, tmpdir, value, Running};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::Duration;
 
 /// A raw image of `sectors` 512-byte sectors with a pattern seeded by `seed`.
@@ -26,7 +26,7 @@ fn run(task: &str, disks: &[String]) -> Output {
     for d in disks {
         extra.extend(["--disk", d.as_str()]);
     }
-    Command::new(vmm())
+    ffmk()
         .args(probe_argv(task, &extra))
         .stdin(Stdio::null())
         .output()
@@ -172,7 +172,7 @@ fn bad_disks_are_refused_with_one_line_and_exit_code_2() {
 
 /// `ffmk-vmm resize-disk --api-socket S ARGS...`.
 fn resize(sock: &Path, args: &[&str]) -> Output {
-    Command::new(vmm())
+    ffmk()
         .args(["resize-disk", "--api-socket"])
         .arg(sock)
         .args(args)

@@ -4,9 +4,8 @@
 //! "host"), so the test touches none of the machine's interfaces.
 mod common;
 
-use common::{probe, probe_argv, tmpdir, vmm, NetNs, Running};
+use common::{ffmk, probe, probe_argv, tmpdir, vmm, NetNs, Running};
 use std::net::UdpSocket;
-use std::process::Command;
 use std::time::Duration;
 
 /// Boots the probe with `task` and `--net net` inside the namespace.
@@ -130,7 +129,7 @@ fn bad_net_specs_are_refused_with_one_line_and_exit_code_2() {
         ("tap=a-very-long-tap-name", "at most 15 bytes"),
         ("ifname=x", "unknown option"),
     ] {
-        let out = Command::new(vmm())
+        let out = ffmk()
             .args(["run", "--kernel"])
             .arg(probe())
             .args(["--net", spec])

@@ -32,6 +32,36 @@ pub fn vmm() -> &'static str {
     })
 }
 
+/// The cluster key every ffmk-vmm these tests start authenticates with
+/// (one fresh key per test process, made by `ffmk-vmm key generate`).
+pub fn cluster_key() -> &'static Path {
+    static KEY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("ffmk-test-key-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("key directory");
+        let path = dir.join("cluster.key");
+        let out = Command::new(vmm())
+            .args(["key", "generate"])
+            .arg(&path)
+            .output()
+            .expect("ffmk-vmm key generate");
+        assert!(
+            out.status.success(),
+            "ffmk-vmm key generate: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        path
+    })
+}
+
+/// `ffmk-vmm` with this test process's cluster key in its environment.
+pub fn ffmk() -> Command {
+    let mut c = Command::new(vmm());
+    c.env("FFMK_CLUSTER_KEY", cluster_key());
+    c
+}
+
 /// A built guest image under guest-images/out/, or a panic naming the
 /// command that builds it.
 pub fn image(name: &str, build: &str) -> PathBuf {
@@ -77,7 +107,7 @@ pub fn text_value(text: &str, key: &str) -> Option<String> {
 
 /// `ffmk-vmm CMD --api-socket SOCK` (info, pause, resume, shutdown).
 pub fn api(sock: &Path, cmd: &str) -> Output {
-    Command::new(vmm())
+    ffmk()
         .args([cmd, "--api-socket"])
         .arg(sock)
         .output()
@@ -121,6 +151,7 @@ impl Running {
     /// Starts `program` (e.g. `ip netns exec NS ffmk-vmm ...`).
     pub fn start_with(program: &str, args: &[&str]) -> Running {
         let mut child = Command::new(program)
+            .env("FFMK_CLUSTER_KEY", cluster_key())
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -218,6 +249,7 @@ impl NetNs {
     pub fn exec(&self, program: &str) -> Command {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.0, program]);
+        c.env("FFMK_CLUSTER_KEY", cluster_key());
         c
     }
 
@@ -269,7 +301,7 @@ impl Vm {
     pub fn spawn_in(ns: Option<&NetNs>, args: &[&str], console: &Path, sock: &Path) -> Vm {
         let cmd = match ns {
             Some(ns) => ns.exec(vmm()),
-            None => Command::new(vmm()),
+            None => ffmk(),
         };
         Vm::spawn_cmd(cmd, args, console, sock)
     }
@@ -367,7 +399,7 @@ impl Vm {
     }
 
     pub fn api(&self, args: &[&str]) -> Output {
-        Command::new(vmm())
+        ffmk()
             .args(args)
             .arg("--api-socket")
             .arg(&self.sock)
