@@ -267,6 +267,7 @@ impl Server {
             } => {
                 let level = self.partner(&job)?;
                 check_name("copy", &name)?;
+                manifest.check_names().map_err(Error::Refused)?;
                 self.check_date(
                     crate::dirlevel::CopyInfo::of(&name, &manifest)
                         .taken_unix_ms

@@ -49,19 +49,24 @@ struct Secure {
 
 struct Sending {
     nonce: u64,
+    /// Plaintext not yet sealed.
     plain: Vec<u8>,
+    /// Sealed records not yet written (written together: one system call
+    /// for up to [`WIRE_BATCH`] bytes).
     wire: Vec<u8>,
     broken: bool,
 }
 
+/// Sealed bytes gathered before a write.
+const WIRE_BATCH: usize = 1 << 20;
+
 struct Receiving {
     nonce: u64,
-    /// The record being read: its length header, then its ciphertext
-    /// (kept across reads that time out).
-    head: [u8; 2],
-    head_got: usize,
-    body: Vec<u8>,
-    body_got: usize,
+    /// Bytes read from the socket and not yet opened: `raw[start..end]`
+    /// (a record cut by a read timeout stays here for the next read).
+    raw: Vec<u8>,
+    start: usize,
+    end: usize,
     /// The last record's plaintext and how much of it was read.
     plain: Vec<u8>,
     pos: usize,
@@ -231,15 +236,14 @@ fn finish(tcp: TcpStream, hs: snow::HandshakeState, peer: &str) -> Result<PlaneS
             send: Mutex::new(Sending {
                 nonce: 0,
                 plain: Vec::with_capacity(MAX_PLAIN),
-                wire: vec![0; 2 + MAX_RECORD],
+                wire: Vec::with_capacity(WIRE_BATCH + 2 + MAX_RECORD),
                 broken: false,
             }),
             recv: Mutex::new(Receiving {
                 nonce: 0,
-                head: [0; 2],
-                head_got: 0,
-                body: vec![0; MAX_RECORD],
-                body_got: 0,
+                raw: vec![0; WIRE_BATCH],
+                start: 0,
+                end: 0,
                 plain: Vec::with_capacity(MAX_RECORD),
                 pos: 0,
                 broken: false,
@@ -389,29 +393,45 @@ fn broken() -> io::Error {
 }
 
 impl Secure {
-    /// Seals `plain` as one record and writes it.
+    /// Seals `plain` as one record after the ones waiting; writes them all
+    /// once a batch is full.
     fn send_record(&self, tcp: &TcpStream, s: &mut Sending, plain: &[u8]) -> io::Result<()> {
+        let at = s.wire.len();
+        s.wire.resize(at + 2 + plain.len() + TAG, 0);
         let n = self
             .transport
-            .write_message(s.nonce, plain, &mut s.wire[2..])
+            .write_message(s.nonce, plain, &mut s.wire[at + 2..])
             .map_err(io::Error::other)?;
         s.nonce += 1;
-        s.wire[..2].copy_from_slice(&(n as u16).to_be_bytes());
-        let mut t = tcp;
-        t.write_all(&s.wire[..2 + n])
-            .inspect_err(|_| s.broken = true)
+        s.wire[at..at + 2].copy_from_slice(&(n as u16).to_be_bytes());
+        s.wire.truncate(at + 2 + n);
+        if s.wire.len() >= WIRE_BATCH {
+            write_wire(tcp, s)?;
+        }
+        Ok(())
     }
 
+    /// Seals what is buffered and writes every waiting record.
     fn flush_buffered(&self, tcp: &TcpStream, s: &mut Sending) -> io::Result<()> {
-        if s.plain.is_empty() {
-            return Ok(());
+        if !s.plain.is_empty() {
+            let plain = std::mem::take(&mut s.plain);
+            let r = self.send_record(tcp, s, &plain);
+            s.plain = plain;
+            s.plain.clear();
+            r?;
         }
-        let plain = std::mem::take(&mut s.plain);
-        let r = self.send_record(tcp, s, &plain);
-        s.plain = plain;
-        s.plain.clear();
-        r
+        write_wire(tcp, s)
     }
+}
+
+fn write_wire(tcp: &TcpStream, s: &mut Sending) -> io::Result<()> {
+    if s.wire.is_empty() {
+        return Ok(());
+    }
+    let mut t = tcp;
+    let r = t.write_all(&s.wire).inspect_err(|_| s.broken = true);
+    s.wire.clear();
+    r
 }
 
 impl Write for PlaneStream {
@@ -430,7 +450,11 @@ impl Write for PlaneStream {
         let take = buf.len().min(MAX_PLAIN - s.plain.len());
         s.plain.extend_from_slice(&buf[..take]);
         if s.plain.len() == MAX_PLAIN {
-            sec.flush_buffered(&self.tcp, &mut s)?;
+            let plain = std::mem::take(&mut s.plain);
+            let r = sec.send_record(&self.tcp, &mut s, &plain);
+            s.plain = plain;
+            s.plain.clear();
+            r?;
         }
         Ok(take)
     }
@@ -461,11 +485,32 @@ impl Read for PlaneStream {
             return Ok(0);
         }
         while r.pos == r.plain.len() {
-            let mut t = &self.tcp;
-            while r.head_got < 2 {
-                let n = t.read(&mut r.head[r.head_got..])?;
+            // A whole record in `raw`? Else read more (as much as comes).
+            let have = r.end - r.start;
+            let need = if have >= 2 {
+                2 + u16::from_be_bytes([r.raw[r.start], r.raw[r.start + 1]]) as usize
+            } else {
+                2
+            };
+            if need > 2 && need < 2 + TAG {
+                r.broken = true;
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "a record shorter than its tag",
+                ));
+            }
+            if have < need || need == 2 {
+                if r.start > 0 && r.raw.len() - r.start < 2 + MAX_RECORD {
+                    let (start, end) = (r.start, r.end);
+                    r.raw.copy_within(start..end, 0);
+                    r.start = 0;
+                    r.end = end - start;
+                }
+                let end = r.end;
+                let mut t = &self.tcp;
+                let n = t.read(&mut r.raw[end..])?;
                 if n == 0 {
-                    if r.head_got == 0 {
+                    if have == 0 {
                         return Ok(0);
                     }
                     r.broken = true;
@@ -474,33 +519,16 @@ impl Read for PlaneStream {
                         "the connection ended inside a record",
                     ));
                 }
-                r.head_got += n;
+                r.end += n;
+                continue;
             }
-            let len = u16::from_be_bytes(r.head) as usize;
-            if len < TAG {
-                r.broken = true;
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "a record shorter than its tag",
-                ));
-            }
-            while r.body_got < len {
-                let n = t.read(&mut r.body[r.body_got..len])?;
-                if n == 0 {
-                    r.broken = true;
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "the connection ended inside a record",
-                    ));
-                }
-                r.body_got += n;
-            }
-            r.head_got = 0;
-            r.body_got = 0;
+            let rec = r.start + 2..r.start + need;
+            r.start += need;
             r.plain.resize(MAX_RECORD, 0);
-            let opened = sec
-                .transport
-                .read_message(r.nonce, &r.body[..len], &mut r.plain);
+            let Receiving {
+                raw, plain, nonce, ..
+            } = &mut *r;
+            let opened = sec.transport.read_message(*nonce, &raw[rec], plain);
             match opened {
                 Ok(n) => {
                     r.nonce += 1;

@@ -101,3 +101,66 @@ pub fn now_unix_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+/// A file name a manifest may hold: a plain name inside the snapshot's
+/// directory (no path separator, no NUL, not `.`-hidden, not `..`, at most
+/// 255 bytes). Every name (state, memory layers, bitmaps) is checked before
+/// a file is opened, written or removed by it.
+pub fn check_file_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 255
+        && !name.starts_with('.')
+        && !name.contains(['/', '\\', '\0']);
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "bad file name {name:?} (a manifest names files inside its own directory only)"
+        ))
+    }
+}
+
+impl Manifest {
+    /// Every file name in the manifest passes [`check_file_name`], and no
+    /// two entries name the same file.
+    pub fn check_names(&self) -> Result<(), String> {
+        let mut seen = std::collections::BTreeSet::new();
+        let names = std::iter::once(&self.state.name).chain(
+            self.layers
+                .iter()
+                .flat_map(|l| [&l.memory.name, &l.pages.name]),
+        );
+        for n in names {
+            check_file_name(n)?;
+            if n == crate::store::MANIFEST || !seen.insert(n) {
+                return Err(format!("file name {n:?} used twice in the manifest"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_names_inside_the_directory_pass() {
+        for good in ["state-3.json", "mem-1.bin", "pages-2c.bin"] {
+            assert!(check_file_name(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "../outside/x.json",
+            "/etc/passwd",
+            ".hidden",
+            "..",
+            "a/b",
+            "a\\b",
+            "a\0b",
+        ] {
+            assert!(check_file_name(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_file_name(&"x".repeat(256)).is_err());
+    }
+}

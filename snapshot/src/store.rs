@@ -139,13 +139,8 @@ impl Snapshot {
             if l.memory.bytes != bytes {
                 return Err(format!("layer {} is not the size of memory", l.memory.name));
             }
-            for name in [&l.memory.name, &l.pages.name] {
-                if name.contains('/') || name.starts_with('.') {
-                    return Err(format!("bad file name {name}"));
-                }
-            }
         }
-        Ok(())
+        m.check_names()
     }
 
     fn check_file(&self, f: &FileEntry) -> Result<()> {
