@@ -49,6 +49,9 @@ pub struct Grant {
     pub asked: f64,
     /// Let in beside another writer (the delay bound ran out).
     pub shared: bool,
+    /// What the holder shows to release it (not in status output).
+    #[serde(skip)]
+    pub token: String,
 }
 
 /// What a request gets back.
@@ -58,6 +61,8 @@ pub enum Answer {
     Granted {
         waited_s: f64,
         shared: bool,
+        /// Give it back with the release.
+        token: String,
     },
     Wait {
         position: usize,
@@ -83,6 +88,8 @@ pub struct Coordinator {
 pub enum CkptError {
     #[error("job {0:?} holds no checkpoint grant")]
     NotHolding(String),
+    #[error("job {0:?}'s grant is not released without its token (only its holder has it)")]
+    NotHolder(String),
     #[error("{0:?} is not a job name (1-64 of A-Z a-z 0-9 . _ -)")]
     BadJob(String),
 }
@@ -121,6 +128,7 @@ impl Coordinator {
             return Ok(Answer::Granted {
                 waited_s: g.since - g.asked,
                 shared: g.shared,
+                token: g.token.clone(),
             });
         }
         let asked = match self.waiting.iter().position(|w| w.0 == job) {
@@ -141,17 +149,20 @@ impl Coordinator {
         if self.policy == Policy::None || first_free || overdue {
             self.waiting.remove(position);
             let shared = !self.writing.is_empty();
+            let token = cluster_auth::token();
             self.writing.push(Grant {
                 job: job.to_string(),
                 bytes,
                 since: now,
                 asked,
                 shared,
+                token: token.clone(),
             });
             self.granted += 1;
             return Ok(Answer::Granted {
                 waited_s: now - asked,
                 shared,
+                token,
             });
         }
         Ok(Answer::Wait {
@@ -160,14 +171,21 @@ impl Coordinator {
         })
     }
 
-    /// Job `job` is done writing; returns how long it held the grant.
-    pub fn release(&mut self, job: &str, now: f64) -> Result<f64, CkptError> {
+    /// Job `job` is done writing (`token`: its grant's); returns how long
+    /// it held the grant.
+    pub fn release(&mut self, job: &str, token: &str, now: f64) -> Result<f64, CkptError> {
+        if !valid_job(job) {
+            return Err(CkptError::BadJob(job.into()));
+        }
         self.expire(now);
         let i = self
             .writing
             .iter()
             .position(|g| g.job == job)
             .ok_or_else(|| CkptError::NotHolding(job.into()))?;
+        if self.writing[i].token != token {
+            return Err(CkptError::NotHolder(job.into()));
+        }
         let g = self.writing.remove(i);
         Ok(now - g.since)
     }
@@ -209,25 +227,37 @@ mod tests {
         ));
         // Asking again keeps the place; the holder asking again holds.
         assert!(!granted(k.acquire("b", 10, 3.0).unwrap()));
-        assert!(granted(k.acquire("a", 10, 3.0).unwrap()));
-        assert_eq!(k.release("a", 5.0), Ok(5.0));
+        let Answer::Granted { token, .. } = k.acquire("a", 10, 3.0).unwrap() else {
+            panic!("a holds the grant");
+        };
+        // Only the holder's token gives the grant back.
         assert_eq!(
+            k.release("a", "guessed", 4.0),
+            Err(CkptError::NotHolder("a".into()))
+        );
+        assert_eq!(k.release("a", &token, 5.0), Ok(5.0));
+        assert!(matches!(
             k.acquire("b", 10, 5.5).unwrap(),
             Answer::Granted {
                 waited_s: 4.5,
-                shared: false
+                shared: false,
+                ..
             }
-        );
+        ));
         // c has waited 30 s at 32: let in beside b, shared.
         assert!(!granted(k.acquire("c", 10, 31.0).unwrap()));
-        assert_eq!(
+        assert!(matches!(
             k.acquire("c", 10, 32.0).unwrap(),
             Answer::Granted {
                 waited_s: 30.0,
-                shared: true
+                shared: true,
+                ..
             }
+        ));
+        assert_eq!(
+            k.release("x", "", 33.0),
+            Err(CkptError::NotHolding("x".into()))
         );
-        assert_eq!(k.release("x", 33.0), Err(CkptError::NotHolding("x".into())));
         assert_eq!(k.acquire("", 1, 0.0), Err(CkptError::BadJob("".into())));
         assert!(k.acquire("a b", 1, 0.0).is_err());
     }
@@ -262,6 +292,6 @@ mod tests {
             Answer::Granted { shared: false, .. }
         ));
         assert_eq!(k.expired, 1);
-        assert!(k.release("a", 62.0).is_err());
+        assert!(k.release("a", "", 62.0).is_err());
     }
 }

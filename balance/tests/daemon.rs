@@ -83,6 +83,7 @@ migration_ports = [7410, 7419]
 
     fn status(&self) -> Option<Value> {
         let out = Command::new("ip")
+            .env("FFMK_CLUSTER_KEY", common::cluster_key())
             .args([
                 "netns",
                 "exec",
@@ -335,6 +336,7 @@ fn bad_settings_are_refused_with_one_line() {
             std::fs::write(&path, t).unwrap();
         }
         let out = Command::new(node())
+            .env("FFMK_CLUSTER_KEY", common::cluster_key())
             .args(["run", "--config"])
             .arg(&path)
             .output()
@@ -346,6 +348,7 @@ fn bad_settings_are_refused_with_one_line() {
     }
     // status of a daemon that is not there: a clear error, no hang.
     let out = Command::new(node())
+        .env("FFMK_CLUSTER_KEY", common::cluster_key())
         .args(["status", "--connect", "127.0.0.1:1"])
         .output()
         .unwrap();
@@ -812,4 +815,137 @@ fn coordinated_checkpoints_take_turns_on_the_burst_buffer() {
     let _ = endpoint.kill();
     let _ = endpoint.wait();
     drop(vms);
+}
+
+/// The cluster plane of the daemons: a peer without the cluster key gets
+/// nothing from the control port, the gossip port or the broadcast
+/// endpoint; a key holder still cannot abort another host's reservation
+/// or release another job's grant without their tokens, nor pass a
+/// negative load.
+#[test]
+fn the_daemons_answer_only_key_holders_and_the_holders_of_their_tokens() {
+    use balance::node::control::{self, Request};
+    let Some(c) = Cluster::new("bkey", 2) else {
+        return;
+    };
+    let dir = common::tmpdir("balance-key");
+    let hosts = "10.77.0.[1-2]";
+    let daemons: Vec<Daemon> = (0..2)
+        .map(|i| Daemon::start_with(&c.hosts[i], &dir, i, hosts, ""))
+        .collect();
+    wait_for("both daemons to see each other", Duration::from_secs(20), || {
+        let st = daemons[0].status()?;
+        (st["board"][1]["alive"] == true).then_some(())
+    });
+    let ctl: std::net::SocketAddr = daemons[0].addr.parse().unwrap();
+    let key = common::cluster_key().to_path_buf();
+    let other = dir.join("other.key");
+    assert!(Command::new(vmm())
+        .args(["key", "generate"])
+        .arg(&other)
+        .status()
+        .unwrap()
+        .success());
+    let results = c.hosts[1].run(move || {
+        let trust = cluster_auth::Trust::Key(cluster_auth::Key::load(&key).unwrap());
+        let stranger = cluster_auth::Trust::Key(cluster_auth::Key::load(&other).unwrap());
+        let t = Duration::from_secs(10);
+        let mut r = Vec::new();
+        // Another cluster's key: refused at the handshake.
+        r.push(format!(
+            "{:?}",
+            control::call(ctl, &stranger, &Request::Status {}, t).err()
+        ));
+        // The old plain protocol: closed, not a byte back.
+        let mut s = std::net::TcpStream::connect(ctl).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        std::io::Write::write_all(&mut s, b"{\"op\":\"status\"}\n").unwrap();
+        let mut back = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut s, &mut back);
+        r.push(format!("plain got {} bytes", back.len()));
+        // A negative load does not pass the "would end busier" check.
+        let prep = |load: f64| Request::Prepare {
+            name: "guest7".into(),
+            memory_mib: 64,
+            cpus: "1".into(),
+            cpu_profile: None,
+            from: 1,
+            vm_load: load,
+            sender_after: 5.0,
+            hotplug_slots: 0,
+            functions: 0,
+        };
+        r.push(format!("{:?}", control::call(ctl, &trust, &prep(-50.0), t).unwrap().error));
+        // A reservation is aborted only with its token.
+        let ok = control::call(ctl, &trust, &prep(0.5), t).unwrap();
+        r.push(format!("prepare ok={} token={}", ok.ok, ok.token.is_some()));
+        let abort = |token: &str| Request::Abort {
+            name: "guest7".into(),
+            token: token.into(),
+        };
+        r.push(format!("{:?}", control::call(ctl, &trust, &abort("guess"), t).unwrap().error));
+        let token = ok.token.unwrap_or_default();
+        r.push(format!("abort ok={}", control::call(ctl, &trust, &abort(&token), t).unwrap().ok));
+        // A grant is released only with its token.
+        let g = control::call(
+            ctl,
+            &trust,
+            &Request::CkptAcquire {
+                job: "job1".into(),
+                bytes: 1,
+            },
+            t,
+        )
+        .unwrap();
+        let gtoken = g.ckpt.as_ref().and_then(|c| c["token"].as_str()).unwrap_or("").to_string();
+        let release = |token: &str| Request::CkptRelease {
+            job: "job1".into(),
+            token: token.into(),
+        };
+        r.push(format!("{:?}", control::call(ctl, &trust, &release("guess"), t).unwrap().error));
+        r.push(format!("release ok={}", control::call(ctl, &trust, &release(&gtoken), t).unwrap().ok));
+        // Forged gossip (plain, and sealed with another key) and a
+        // broadcast request with another key: dropped.
+        let u = std::net::UdpSocket::bind("10.77.0.2:0").unwrap();
+        u.send_to(b"FFGS plain gossip", "10.77.0.1:7400").unwrap();
+        let other_key = match &stranger {
+            cluster_auth::Trust::Key(k) => k.cluster().unwrap().clone(),
+            _ => unreachable!(),
+        };
+        let mut sealer = cluster_auth::datagram::Sealer::new(&other_key, "gossip").unwrap();
+        u.send_to(&sealer.seal(b"FFGS forged"), "10.77.0.1:7400").unwrap();
+        let b = broadcast::udp::request(
+            "10.77.0.1:7402".parse().unwrap(),
+            "all",
+            "pause *",
+            Duration::from_millis(500),
+            Some(&other_key),
+        );
+        r.push(format!("broadcast answered: {}", b.is_ok()));
+        r
+    });
+    let text = results.join("\n");
+    assert!(results[0].contains("refused the handshake"), "{text}");
+    assert_eq!(results[1], "plain got 0 bytes", "{text}");
+    assert!(results[2].contains("is not a load"), "{text}");
+    assert_eq!(results[3], "prepare ok=true token=true", "{text}");
+    assert!(results[4].contains("only the host that asked"), "{text}");
+    assert_eq!(results[5], "abort ok=true", "{text}");
+    assert!(results[6].contains("not released without its token"), "{text}");
+    assert_eq!(results[7], "release ok=true", "{text}");
+    assert_eq!(results[8], "broadcast answered: false", "{text}");
+    std::thread::sleep(Duration::from_millis(500));
+    let events = daemons[0].events();
+    let has = |ev: &str, what: &str| {
+        events
+            .iter()
+            .any(|e| e["event"] == ev && e.to_string().contains(what))
+    };
+    assert!(has("control-refused", "does not hold the cluster key"), "{events:?}");
+    assert!(has("control-refused", "did not open the cluster-plane handshake"), "{events:?}");
+    assert!(has("gossip-rejected", "refused"), "{events:?}");
+    assert!(has("abort-refused", "not the token"), "{events:?}");
+    // Still gossiping with its real peer.
+    assert_eq!(daemons[0].status().unwrap()["board"][1]["alive"], true);
+    drop(daemons);
 }

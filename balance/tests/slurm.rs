@@ -145,6 +145,7 @@ impl Slurm {
     fn cmd(&self, program: &str) -> Command {
         let mut c = Command::new(program);
         c.env("SLURM_CONF", self.dir.join("slurm.conf"));
+        c.env("FFMK_CLUSTER_KEY", common::cluster_key());
         c
     }
 
@@ -266,6 +267,7 @@ fn slurm_jobs_start_one_vm_per_node_and_stop_them_at_the_end() {
 
     // Outside Slurm: one clear line, nothing started.
     let out = Command::new(node())
+        .env("FFMK_CLUSTER_KEY", common::cluster_key())
         .args(["slurm-vm", "--vm-dir"])
         .arg(&vms)
         .args(["--kernel", "/nonexistent"])
@@ -287,6 +289,7 @@ fn a_step_environment_that_does_not_add_up_is_refused() {
     let dir = common::tmpdir("slurm-env");
     let run = |node_name: &str, rank: &str| {
         Command::new(node())
+            .env("FFMK_CLUSTER_KEY", common::cluster_key())
             .args(["slurm-vm", "--vmm", "/nonexistent/ffmk-vmm", "--vm-dir"])
             .arg(dir.join("vms"))
             .args(["--kernel", "/nonexistent"])

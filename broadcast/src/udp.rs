@@ -18,6 +18,8 @@
 //!   duplicates are not delivered again.
 use crate::wire::{Message, What, MAX_PAYLOAD};
 use crate::{Kind, Node, Tree};
+use cluster_auth::datagram::{Opener, Sealer};
+use cluster_auth::Secret;
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -96,6 +98,17 @@ pub struct Endpoint {
     resolve: Box<Resolve>,
     active: HashMap<u64, Active>,
     pub stats: Stats,
+    /// With a cluster key: every datagram sealed and opened (integrity,
+    /// replay protection; see `cluster_auth::datagram`).
+    seal: Option<Seal>,
+}
+
+/// The channel name of broadcast datagrams.
+pub const CHANNEL: &str = "broadcast";
+
+struct Seal {
+    sealer: Sealer,
+    opener: Opener,
 }
 
 pub fn now_ns() -> u64 {
@@ -113,7 +126,26 @@ impl Endpoint {
             resolve,
             active: HashMap::new(),
             stats: Stats::default(),
+            seal: None,
         })
+    }
+
+    /// Seals what it sends and opens only what was sealed with `cluster`
+    /// (the cluster key); anything else is counted as rejected.
+    pub fn with_key(mut self, cluster: &Secret) -> Result<Endpoint, Error> {
+        self.seal = Some(Seal {
+            sealer: Sealer::new(cluster, CHANNEL)
+                .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?,
+            opener: Opener::new(cluster, CHANNEL),
+        });
+        Ok(self)
+    }
+
+    fn send(&mut self, b: &[u8], to: SocketAddr) {
+        let _ = match self.seal.as_mut() {
+            Some(s) => self.socket.send_to(&s.sealer.seal(b), to),
+            None => self.socket.send_to(b, to),
+        };
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -242,7 +274,7 @@ impl Endpoint {
                     Ok(id) => format!("ok {id:016x}"),
                     Err(e) => format!("error {e}"),
                 };
-                let _ = self.socket.send_to(answer.as_bytes(), src);
+                self.send(answer.as_bytes(), src);
             }
             What::Relay(kind) => {
                 self.stats.received += 1;
@@ -279,6 +311,7 @@ impl Endpoint {
         let now = std::time::Instant::now();
         let wall = now_ns();
         let mut earliest: Option<std::time::Instant> = None;
+        let mut sends = Vec::new();
         let linger = self.cfg.linger;
         self.active
             .retain(|_, a| a.finished.is_none_or(|f| now.duration_since(f) < linger));
@@ -297,7 +330,7 @@ impl Endpoint {
                             ..a.msg.clone()
                         };
                         if let (Ok(b), Some(dst)) = (m.encode(), a.peers.get(s.to as usize)) {
-                            let _ = self.socket.send_to(&b, dst);
+                            sends.push((b, *dst));
                         }
                         match s.kind {
                             Kind::Tree => self.stats.sent_tree += 1,
@@ -317,6 +350,9 @@ impl Endpoint {
                 earliest = Some(earliest.map_or(a.next, |e| e.min(a.next)));
             }
         }
+        for (b, dst) in sends {
+            self.send(&b, dst);
+        }
         earliest
     }
 
@@ -327,7 +363,14 @@ impl Endpoint {
         deliver: &mut dyn FnMut(Delivery),
         stop: &dyn Fn() -> bool,
     ) -> Result<(), Error> {
-        let mut buf = vec![0u8; crate::wire::HEADER + crate::wire::MAX_GROUP + MAX_PAYLOAD + 1];
+        let mut buf = vec![
+            0u8;
+            crate::wire::HEADER
+                + crate::wire::MAX_GROUP
+                + MAX_PAYLOAD
+                + cluster_auth::datagram::OVERHEAD
+                + 1
+        ];
         while !stop() {
             let due = self.send_due();
             let wait = due
@@ -336,7 +379,13 @@ impl Endpoint {
                 .clamp(Duration::from_micros(50), Duration::from_millis(100));
             self.socket.set_read_timeout(Some(wait))?;
             match self.socket.recv_from(&mut buf) {
-                Ok((len, src)) => self.handle(&buf[..len], src, deliver),
+                Ok((len, src)) => match self.seal.as_mut() {
+                    Some(s) => match s.opener.open(&buf[..len]) {
+                        Ok(m) => self.handle(&m, src, deliver),
+                        Err(_) => self.stats.rejected += 1,
+                    },
+                    None => self.handle(&buf[..len], src, deliver),
+                },
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -352,12 +401,14 @@ impl Endpoint {
 }
 
 /// Asks the endpoint at `to` (on this host) to broadcast `payload` to
-/// `group`; returns its answer ("ok ID" or "error ...").
+/// `group`; returns its answer ("ok ID" or "error ..."). With `cluster`
+/// (the cluster key) the request and the answer are sealed.
 pub fn request(
     to: SocketAddr,
     group: &str,
     payload: &str,
     timeout: Duration,
+    cluster: Option<&Secret>,
 ) -> Result<String, Error> {
     let m = Message {
         what: What::Originate,
@@ -381,10 +432,21 @@ pub fn request(
     };
     let s = UdpSocket::bind(bind)?;
     s.set_read_timeout(Some(timeout))?;
-    s.send_to(&b, to)?;
     let mut buf = [0u8; 2048];
-    let (n, _) = s.recv_from(&mut buf)?;
-    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    let Some(key) = cluster else {
+        s.send_to(&b, to)?;
+        let (n, _) = s.recv_from(&mut buf)?;
+        return Ok(String::from_utf8_lossy(&buf[..n]).into_owned());
+    };
+    let io = |e: cluster_auth::Error| Error::Io(std::io::Error::other(e.to_string()));
+    s.send_to(&Sealer::new(key, CHANNEL).map_err(io)?.seal(&b), to)?;
+    let mut opener = Opener::new(key, CHANNEL);
+    loop {
+        let (n, _) = s.recv_from(&mut buf)?;
+        if let Ok(m) = opener.open(&buf[..n]) {
+            return Ok(String::from_utf8_lossy(&m).into_owned());
+        }
+    }
 }
 
 #[cfg(test)]
@@ -401,7 +463,7 @@ mod tests {
         Vec<std::thread::JoinHandle<Stats>>,
     );
 
-    fn cluster(n: usize, dead: &[usize]) -> Cluster {
+    fn cluster(n: usize, dead: &[usize], key: Option<&Secret>) -> Cluster {
         let sockets: Vec<UdpSocket> = (0..n)
             .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
             .collect();
@@ -428,6 +490,9 @@ mod tests {
                 other => Err(format!("unknown group {other}")),
             });
             let mut ep = Endpoint::bind(cfg, resolve).unwrap();
+            if let Some(k) = key {
+                ep = ep.with_key(k).unwrap();
+            }
             let (got, stop) = (got.clone(), stop.clone());
             threads.push(std::thread::spawn(move || {
                 let mut d = |x: Delivery| got.lock().unwrap().push(x);
@@ -441,8 +506,22 @@ mod tests {
     #[test]
     fn every_live_endpoint_delivers_once_despite_dead_ones() {
         // 3 (relative 3: odd subtree) and 2 (root of every 4th) are dead.
-        let (addrs, got, stop, threads) = cluster(16, &[2, 3, 8]);
-        let answer = request(addrs[0], "all", "echo hello", Duration::from_secs(5)).unwrap();
+        // Sealed with a cluster key: requests without it, or with another
+        // cluster's, get no answer and start nothing.
+        let key = cluster_auth::key::generate().unwrap();
+        let (addrs, got, stop, threads) = cluster(16, &[2, 3, 8], Some(&key));
+        let quick = Duration::from_millis(300);
+        assert!(request(addrs[0], "all", "echo forged", quick, None).is_err());
+        let other = cluster_auth::key::generate().unwrap();
+        assert!(request(addrs[0], "all", "echo forged", quick, Some(&other)).is_err());
+        let answer = request(
+            addrs[0],
+            "all",
+            "echo hello",
+            Duration::from_secs(5),
+            Some(&key),
+        )
+        .unwrap();
         assert!(answer.starts_with("ok "), "{answer}");
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while got.lock().unwrap().len() < 13 && std::time::Instant::now() < deadline {
@@ -469,8 +548,8 @@ mod tests {
 
     #[test]
     fn bad_requests_are_refused_with_a_reason() {
-        let (addrs, got, stop, threads) = cluster(2, &[]);
-        let ask = |g: &str, p: &str| request(addrs[0], g, p, Duration::from_secs(5)).unwrap();
+        let (addrs, got, stop, threads) = cluster(2, &[], None);
+        let ask = |g: &str, p: &str| request(addrs[0], g, p, Duration::from_secs(5), None).unwrap();
         assert_eq!(ask("none", "echo x"), "error group none has no host");
         assert!(ask("nope", "echo x").contains("unknown group nope"));
         assert_eq!(ask("all", "  "), "error empty command");
@@ -478,7 +557,8 @@ mod tests {
             addrs[0],
             "all",
             &"x".repeat(MAX_PAYLOAD + 1),
-            Duration::from_secs(1)
+            Duration::from_secs(1),
+            None
         )
         .is_err());
         // Garbage is counted and dropped; the endpoint goes on.

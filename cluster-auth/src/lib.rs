@@ -39,6 +39,16 @@ pub enum Error {
     },
 }
 
+/// A fresh random 128-bit token in hex (for reservations and grants that
+/// only their holder may give back).
+pub fn token() -> String {
+    let mut b = [0u8; 16];
+    // A failing system random source leaves zeros: still a token, just a
+    // guessable one; SystemRandom does not fail on Linux with getrandom.
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 /// How a process talks on the cluster plane.
 #[derive(Clone, Debug)]
 pub enum Trust {

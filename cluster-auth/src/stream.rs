@@ -524,12 +524,25 @@ impl Read for PlaneStream {
             }
             let rec = r.start + 2..r.start + need;
             r.start += need;
-            r.plain.resize(MAX_RECORD, 0);
+            // A caller with room for the whole record gets it opened
+            // straight into its buffer (one copy less); the bytes past the
+            // plaintext it may find changed are not part of the answer.
+            let direct = buf.len() >= need - 2;
+            if !direct {
+                r.plain.resize(MAX_RECORD, 0);
+            }
             let Receiving {
                 raw, plain, nonce, ..
             } = &mut *r;
-            let opened = sec.transport.read_message(*nonce, &raw[rec], plain);
+            let out: &mut [u8] = if direct { &mut *buf } else { plain };
+            let opened = sec.transport.read_message(*nonce, &raw[rec], out);
             match opened {
+                Ok(n) if direct => {
+                    r.nonce += 1;
+                    if n > 0 {
+                        return Ok(n);
+                    }
+                }
                 Ok(n) => {
                     r.nonce += 1;
                     r.plain.truncate(n);

@@ -1,13 +1,16 @@
 //! Gossip datagrams from anyone on the network, as `ffmk-node` takes them
 //! (`balance::node::take_gossip`): the input is a list of datagrams (u16
-//! length each) arriving one time unit apart at node 0 of an 8-node board.
+//! length each) arriving one time unit apart at node 0 of an 8-node board,
+//! each sealed by a key holder, replayed, or sent raw by a stranger, and
+//! opened as the daemon opens them (`cluster_auth::datagram`).
 //! What must hold: no panic; a datagram that decodes encodes back to the
 //! same bytes; no entry on the board is ever from the future (age < 0),
-//! whatever ages the peers claim; and what the board then sends decodes.
+//! whatever ages the peers claim; what the board then sends decodes; and
+//! no raw or replayed datagram gets past the opener.
 #![no_main]
 use balance::gossip::{wire, Board, Window};
 use balance::node::take_gossip;
-use ffmk_fuzz::Input;
+use ffmk_fuzz::{Datagrams, Input};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -20,9 +23,16 @@ fuzz_target!(|data: &[u8]| {
     let mut now = 100.0;
     board.know_all(now);
     let mut out = Vec::new();
+    let mut seal = Datagrams::new("gossip");
     while !input.is_empty() {
+        let how = input.u8();
         let len = usize::from(input.u16());
-        let datagram = input.bytes(len);
+        let raw = input.bytes(len);
+        let Some(datagram) = seal.arrive(how, raw) else {
+            now += 1.0;
+            continue;
+        };
+        let datagram = datagram.as_slice();
         if let Ok(m) = wire::decode(datagram) {
             if m.entries.len() <= wire::MAX_ENTRIES {
                 assert_eq!(wire::encode(m.sender, m.incarnation, &m.entries), datagram);

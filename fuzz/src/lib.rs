@@ -143,6 +143,55 @@ pub fn plane_pair(
     Some((ours.ok()?, theirs))
 }
 
+/// Sealed datagrams as a receiver meets them: `how` says whether this one
+/// comes from a key holder (sealed with this process's key), is a replay
+/// of the last sealed one, or comes raw from a stranger. Returns what the
+/// receiver's [`cluster_auth::datagram::Opener`] lets through; a raw or
+/// replayed datagram must not get through.
+pub struct Datagrams {
+    sealer: cluster_auth::datagram::Sealer,
+    opener: cluster_auth::datagram::Opener,
+    last: Option<Vec<u8>>,
+}
+
+impl Datagrams {
+    pub fn new(channel: &str) -> Datagrams {
+        let cluster_auth::Trust::Key(k) = trust() else {
+            unreachable!("the fuzz trust holds a key")
+        };
+        let c = k.cluster().expect("a cluster key");
+        Datagrams {
+            sealer: cluster_auth::datagram::Sealer::new(c, channel).expect("sealer"),
+            opener: cluster_auth::datagram::Opener::new(c, channel),
+            last: None,
+        }
+    }
+
+    pub fn arrive(&mut self, how: u8, datagram: &[u8]) -> Option<Vec<u8>> {
+        match how % 3 {
+            0 => {
+                let d = self.sealer.seal(datagram);
+                self.last = Some(d.clone());
+                let got = self.opener.open(&d).expect("a fresh sealed datagram opens");
+                assert_eq!(got, datagram);
+                Some(got)
+            }
+            1 => {
+                let d = self.last.clone()?;
+                assert!(self.opener.open(&d).is_err(), "a replay got through");
+                None
+            }
+            _ => {
+                assert!(
+                    self.opener.open(datagram).is_err(),
+                    "an unsealed datagram got through"
+                );
+                None
+            }
+        }
+    }
+}
+
 /// [`feed`] through a cluster-plane channel.
 pub fn feed_plane(mut s: cluster_auth::PlaneStream, bytes: Vec<u8>) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {

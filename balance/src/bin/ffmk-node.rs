@@ -18,6 +18,36 @@ use std::process::ExitCode;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    #[command(flatten)]
+    plane: PlaneFlags,
+}
+
+/// How this process talks to other hosts (overrides the config file).
+#[derive(clap::Args, Clone, Default)]
+struct PlaneFlags {
+    /// The cluster key file: the control port, gossip, the broadcast and
+    /// the VMMs a daemon starts are authenticated with it [default: the
+    /// config's cluster_key, else $FFMK_CLUSTER_KEY, else
+    /// /etc/ffmk/cluster.key].
+    #[arg(long, global = true, value_name = "PATH")]
+    cluster_key: Option<std::path::PathBuf>,
+    /// No authentication on the cluster plane (a trusted network only; a
+    /// warning is printed).
+    #[arg(long, global = true, conflicts_with = "cluster_key")]
+    insecure: bool,
+}
+
+static PLANE_FLAGS: std::sync::OnceLock<PlaneFlags> = std::sync::OnceLock::new();
+
+/// The command line's flags laid over the config file's settings.
+fn plane_of(c: Option<&Config>) -> Result<balance::node::config::Plane, String> {
+    let f = PLANE_FLAGS.get().cloned().unwrap_or_default();
+    let key = f
+        .cluster_key
+        .clone()
+        .or_else(|| c.and_then(|c| c.cluster_key.clone()));
+    let insecure = f.insecure || (f.cluster_key.is_none() && c.is_some_and(|c| c.insecure));
+    balance::node::config::plane(key.as_deref(), insecure)
 }
 
 #[derive(Subcommand)]
@@ -188,15 +218,19 @@ fn load_config(
 
 fn run_daemon(a: RunArgs) -> Result<(), String> {
     let r = load_config(&a.config, a.hosts, a.me)?;
-    balance::node::run(r).map_err(|e| e.to_string())
+    let plane = plane_of(Some(&r.config))?;
+    balance::node::run(r, plane).map_err(|e| e.to_string())
 }
 
 fn show_status(a: StatusArgs) -> Result<(), String> {
     use std::net::ToSocketAddrs;
+    let mut config = None;
     let addr = match (&a.config, &a.connect) {
         (Some(p), _) => {
             let r = load_config(p, None, None)?;
-            r.control[r.slot]
+            let addr = r.control[r.slot];
+            config = Some(r.config);
+            addr
         }
         (None, Some(c)) => c
             .to_socket_addrs()
@@ -205,8 +239,10 @@ fn show_status(a: StatusArgs) -> Result<(), String> {
             .ok_or_else(|| format!("--connect {c}: no address"))?,
         (None, None) => return Err("say which daemon: --config FILE or --connect HOST:PORT".into()),
     };
+    let plane = plane_of(config.as_ref())?;
     let reply = control::call(
         addr,
+        &plane.trust,
         &control::Request::Status {},
         std::time::Duration::from_secs(5),
     )?;
@@ -489,11 +525,17 @@ fn send_broadcast(a: BroadcastArgs) -> Result<(), String> {
             }
         })
         .map_err(|e| format!("broadcast to {}: {e}", a.group))?;
+    let plane = plane_of(Some(&r.config))?;
+    let key = match &plane.trust {
+        cluster_auth::Trust::Key(k) => Some(k.cluster().map_err(|e| e.to_string())?),
+        cluster_auth::Trust::Insecure => None,
+    };
     let answer = broadcast::udp::request(
         addrs[r.slot],
         &a.group,
         &command,
         std::time::Duration::from_secs(5),
+        key,
     )
     .map_err(|e| {
         format!(
@@ -519,9 +561,10 @@ fn checkpoint_in_turn(a: CheckpointArgs) -> Result<u8, String> {
         return Err(format!("--job {:?}: 1-64 of A-Z a-z 0-9 . _ -", a.job));
     }
     let r = load_config(&a.config, None, None)?;
+    let plane = plane_of(Some(&r.config))?;
     let coord = r.control[r.ckpt_coordinator()];
     let ask = |req: &control::Request| -> Result<serde_json::Value, String> {
-        let reply = control::call(coord, req, Duration::from_secs(10))?;
+        let reply = control::call(coord, &plane.trust, req, Duration::from_secs(10))?;
         match (reply.ok, reply.ckpt) {
             (true, Some(c)) => Ok(c),
             _ => Err(format!(
@@ -549,7 +592,10 @@ fn checkpoint_in_turn(a: CheckpointArgs) -> Result<u8, String> {
     let wrote = started.elapsed().as_secs_f64();
     // Released whatever the command did (a dead holder's grant would
     // otherwise block the others until its lease ends).
-    let released = ask(&control::Request::CkptRelease { job: a.job.clone() });
+    let released = ask(&control::Request::CkptRelease {
+        job: a.job.clone(),
+        token: granted["token"].as_str().unwrap_or_default().to_string(),
+    });
     let code = match &status {
         Ok(s) => s.code().unwrap_or(1) as u8,
         Err(_) => 127,
@@ -721,6 +767,14 @@ fn slurm_vm(a: SlurmVmArgs) -> Result<(), String> {
         a.vm_dir.join(format!("{name}.console")).display()
     ))
     .args(&a.run_args);
+    // The cluster key this command was given goes on to the VMM (it
+    // migrates with it); otherwise the VMM looks where ffmk-vmm looks.
+    let flags = PLANE_FLAGS.get().cloned().unwrap_or_default();
+    if let Some(k) = &flags.cluster_key {
+        cmd.arg("--cluster-key").arg(k);
+    } else if flags.insecure {
+        cmd.arg("--insecure");
+    }
     eprintln!("ffmk-node: {name} on {node}: {cpus} vCPUs, {}", a.memory);
     // The VMM becomes the task: Slurm's signals reach it, its status is
     // the task's.
@@ -729,7 +783,9 @@ fn slurm_vm(a: SlurmVmArgs) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    let r = match Cli::parse().cmd {
+    let cli = Cli::parse();
+    let _ = PLANE_FLAGS.set(cli.plane.clone());
+    let r = match cli.cmd {
         Cmd::GossipSim(a) => gossip_sim(a),
         Cmd::BalanceSim(a) => balance_sim(a),
         Cmd::Run(a) => run_daemon(a),

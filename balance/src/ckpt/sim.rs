@@ -180,7 +180,13 @@ pub fn run(p: &Params) -> Result<Outcome, SimError> {
             if j.left == Some(0.0) {
                 j.left = None;
                 j.next_due = t + j.interval_s;
-                let _ = k.release(&name(i), t);
+                let token = k
+                    .writing
+                    .iter()
+                    .find(|g| g.job == name(i))
+                    .map(|g| g.token.clone())
+                    .unwrap_or_default();
+                let _ = k.release(&name(i), &token, t);
             }
         }
         // Who asks now: jobs that are due, the first waiter when nobody

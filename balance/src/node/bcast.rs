@@ -127,6 +127,14 @@ pub fn spawn(d: &Arc<Daemon>) -> Result<(), super::Error> {
     };
     let mut ep = Endpoint::bind(cfg, resolver(d.r.names.clone(), addrs))
         .map_err(|e| super::Error::Broadcast(me, e.to_string()))?;
+    if let cluster_auth::Trust::Key(k) = &d.plane.trust {
+        let cluster = k
+            .cluster()
+            .map_err(|e| super::Error::Broadcast(me, e.to_string()))?;
+        ep = ep
+            .with_key(cluster)
+            .map_err(|e| super::Error::Broadcast(me, e.to_string()))?;
+    }
     let d = d.clone();
     std::thread::Builder::new()
         .name("broadcast".into())

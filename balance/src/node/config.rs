@@ -105,6 +105,52 @@ pub struct Config {
     /// Seed of the gossip partner choice [default: from slot and time].
     #[serde(default)]
     pub seed: Option<u64>,
+    /// The cluster key file: gossip, the control port, the broadcast and
+    /// the VMMs this daemon starts are authenticated with it [default:
+    /// $FFMK_CLUSTER_KEY, else /etc/ffmk/cluster.key].
+    #[serde(default)]
+    pub cluster_key: Option<PathBuf>,
+    /// No authentication or encryption on the cluster plane (only on a
+    /// network nobody else reaches; a warning is logged).
+    #[serde(default)]
+    pub insecure: bool,
+}
+
+/// How a daemon and its tools talk to other hosts.
+#[derive(Debug, Clone)]
+pub struct Plane {
+    pub trust: cluster_auth::Trust,
+    /// What the VMMs it starts are given: `--cluster-key PATH` or
+    /// `--insecure`.
+    pub vmm_args: Vec<String>,
+}
+
+impl Config {
+    /// The cluster key (or `--insecure`) this configuration asks for.
+    pub fn plane(&self) -> Result<Plane, String> {
+        plane(self.cluster_key.as_deref(), self.insecure)
+    }
+}
+
+/// The cluster key file `cluster_key` (else `$FFMK_CLUSTER_KEY`, else the
+/// default path), or no protection with `insecure`.
+pub fn plane(cluster_key: Option<&std::path::Path>, insecure: bool) -> Result<Plane, String> {
+    if insecure {
+        eprintln!(
+            "ffmk-node: warning: --insecure: the cluster plane is unauthenticated; anyone who \
+             reaches this host's ports can drive this daemon and its VMs"
+        );
+        return Ok(Plane {
+            trust: cluster_auth::Trust::Insecure,
+            vmm_args: vec!["--insecure".into()],
+        });
+    }
+    let (key, path) = cluster_auth::Key::find(cluster_key).map_err(|e| e.to_string())?;
+    key.cluster().map_err(|e| e.to_string())?;
+    Ok(Plane {
+        trust: cluster_auth::Trust::Key(key),
+        vmm_args: vec!["--cluster-key".into(), path.display().to_string()],
+    })
 }
 
 fn d_gossip_port() -> u16 {

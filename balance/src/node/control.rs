@@ -1,10 +1,18 @@
-//! The daemons' control protocol: one JSON request per TCP connection, one
-//! JSON line back. Peers use it to hand a VM over (`prepare`, `abort`);
-//! operators use it for `ffmk-node status`.
+//! The daemons' control protocol: one JSON request per connection, one
+//! JSON line back, inside a cluster-plane channel ("control", opened with
+//! the cluster key: `cluster_auth`). Peers use it to hand a VM over
+//! (`prepare`, `abort`); operators use it for `ffmk-node status`; jobs for
+//! checkpoint grants. What a request changes belongs to whoever made it:
+//! `abort` needs the token `prepare` gave, `ckpt-release` the one its
+//! grant came with.
+use cluster_auth::{PlaneStream, Trust};
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
+
+/// The cluster-plane channel of the control port.
+pub const CHANNEL: &str = "control";
 
 /// Requests are small; anything longer is refused.
 pub const MAX_REQUEST: u64 = 64 * 1024;
@@ -33,14 +41,15 @@ pub enum Request {
         #[serde(default)]
         functions: usize,
     },
-    /// The migration of `name` will not come: stop waiting for it.
-    Abort { name: String },
+    /// The migration of `name` will not come: stop waiting for it
+    /// (`token`: what `prepare` answered).
+    Abort { name: String, token: String },
     /// Job `job` wants to write a checkpoint of `bytes` to the shared
     /// burst buffer (asked of the checkpoint coordinator; asked again
     /// until granted).
     CkptAcquire { job: String, bytes: u64 },
-    /// Job `job` has written its checkpoint.
-    CkptRelease { job: String },
+    /// Job `job` has written its checkpoint (`token`: its grant's).
+    CkptRelease { job: String, token: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -51,6 +60,9 @@ pub struct Reply {
     /// `prepare`: where the waiting VMM listens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to: Option<String>,
+    /// `prepare`: what an `abort` of this reservation must show.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
     /// `status`: the daemon's state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<serde_json::Value>,
@@ -65,6 +77,7 @@ impl Reply {
             ok: true,
             error: None,
             to: None,
+            token: None,
             status: None,
             ckpt: None,
         }
@@ -79,7 +92,7 @@ impl Reply {
 }
 
 /// Reads one request line (bounded) from a connection.
-pub fn read_request(s: &TcpStream) -> Result<Request, String> {
+pub fn read_request(s: &mut impl Read) -> Result<Request, String> {
     let mut line = String::new();
     BufReader::new(s.take(MAX_REQUEST))
         .read_line(&mut line)
@@ -90,26 +103,44 @@ pub fn read_request(s: &TcpStream) -> Result<Request, String> {
     serde_json::from_str(&line).map_err(|e| format!("bad request: {e}"))
 }
 
-pub fn write_reply(mut s: &TcpStream, r: &Reply) -> std::io::Result<()> {
+pub fn write_reply(s: &mut impl Write, r: &Reply) -> std::io::Result<()> {
     let mut text = serde_json::to_string(r).map_err(std::io::Error::other)?;
     text.push('\n');
-    s.write_all(text.as_bytes())
+    s.write_all(text.as_bytes())?;
+    s.flush()
 }
 
-/// Sends `req` to the daemon at `addr` and returns its reply.
-pub fn call(addr: SocketAddr, req: &Request, timeout: Duration) -> Result<Reply, String> {
+/// Sends `req` to the daemon at `addr` (authenticated with `trust`) and
+/// returns its reply.
+pub fn call(
+    addr: SocketAddr,
+    trust: &Trust,
+    req: &Request,
+    timeout: Duration,
+) -> Result<Reply, String> {
     let s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
         .map_err(|e| format!("cannot reach the daemon at {addr}: {e}"))?;
-    s.set_read_timeout(Some(timeout))
+    let mut s: PlaneStream = cluster_auth::connect(
+        s,
+        trust,
+        CHANNEL,
+        None,
+        timeout.min(Duration::from_secs(10)),
+    )
+    .map_err(|e| format!("the daemon at {e}"))?;
+    s.tcp()
+        .set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
-    s.set_write_timeout(Some(timeout))
+    s.tcp()
+        .set_write_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
     let mut text = serde_json::to_string(req).map_err(|e| e.to_string())?;
     text.push('\n');
-    (&s).write_all(text.as_bytes())
+    s.write_all(text.as_bytes())
+        .and_then(|()| s.flush())
         .map_err(|e| format!("cannot send to {addr}: {e}"))?;
     let mut line = String::new();
-    BufReader::new((&s).take(16 << 20))
+    BufReader::new((&mut s).take(16 << 20))
         .read_line(&mut line)
         .map_err(|e| format!("no reply from {addr}: {e}"))?;
     serde_json::from_str(&line).map_err(|e| format!("bad reply from {addr}: {e}"))

@@ -50,6 +50,8 @@ pub enum Error {
     Thread(std::io::Error),
     #[error("cannot start the broadcast endpoint on {0}: {1}")]
     Broadcast(SocketAddr, String),
+    #[error("cluster key: {0}")]
+    Plane(String),
 }
 
 /// The JSON decision log: one object per line, with time and host.
@@ -101,6 +103,8 @@ impl Log {
 struct Incoming {
     /// None while its VMM is being started.
     pid: Option<u32>,
+    /// What the peer that asked for it must show to abort it.
+    token: String,
     from: usize,
     since: Instant,
     to: String,
@@ -159,6 +163,10 @@ pub struct Daemon {
     drained: AtomicBool,
     /// On the coordinator's host: the checkpoint coordinator.
     ckpt: Mutex<Option<crate::ckpt::Coordinator>>,
+    /// The cluster key (or not), for every channel to other hosts.
+    plane: config::Plane,
+    /// Seals this daemon's gossip datagrams (None: --insecure).
+    gossip_seal: Mutex<Option<cluster_auth::datagram::Sealer>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -189,7 +197,7 @@ impl Daemon {
 }
 
 /// Runs the daemon until the process is killed.
-pub fn run(r: Resolved) -> Result<(), Error> {
+pub fn run(r: Resolved, plane: config::Plane) -> Result<(), Error> {
     std::fs::create_dir_all(&r.config.vm_dir)
         .map_err(|e| Error::VmDir(r.config.vm_dir.clone(), e))?;
     let log = Log::open(&r.names[r.slot], r.config.log.as_deref())?;
@@ -214,8 +222,18 @@ pub fn run(r: Resolved) -> Result<(), Error> {
             Duration::from_secs_f64(r.config.ckpt_lease_s),
         )
     });
+    let gossip_seal = match &plane.trust {
+        cluster_auth::Trust::Key(k) => Some(
+            k.cluster()
+                .and_then(|c| cluster_auth::datagram::Sealer::new(c, "gossip"))
+                .map_err(|e| Error::Plane(e.to_string()))?,
+        ),
+        cluster_auth::Trust::Insecure => None,
+    };
     let d = Arc::new(Daemon {
         board: Mutex::new(Board::new(r.names.len(), Some(r.slot), r.window)),
+        plane,
+        gossip_seal: Mutex::new(gossip_seal),
         r,
         start: Instant::now(),
         incarnation,
@@ -232,6 +250,7 @@ pub fn run(r: Resolved) -> Result<(), Error> {
             "slot": d.r.slot, "hosts": d.r.names.len(), "incarnation": incarnation,
             "gossip": gossip_addr.to_string(), "control": control_addr.to_string(),
             "cores": d.r.cores, "window": d.r.window.to_string(),
+            "cluster_plane": if d.plane.trust.is_insecure() { "insecure (--insecure: anyone who reaches these ports can drive this daemon)" } else { "cluster key" },
         }),
     );
     let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
@@ -303,8 +322,12 @@ fn send_gossip(
     if peer >= d.r.slot {
         peer += 1;
     }
+    let mut seal = lock(&d.gossip_seal);
     for chunk in out.chunks(wire::MAX_ENTRIES) {
-        let msg = wire::encode(d.r.slot as u32, d.incarnation, chunk);
+        let mut msg = wire::encode(d.r.slot as u32, d.incarnation, chunk);
+        if let Some(s) = seal.as_mut() {
+            msg = s.seal(&msg);
+        }
         // A dead peer is what gossip tolerates: errors are not fatal.
         let _ = udp.send_to(&msg, d.r.gossip[peer]);
     }
@@ -337,13 +360,26 @@ pub fn take_gossip(
 fn gossip_receiver(d: &Daemon, udp: UdpSocket) {
     let mut buf = vec![0u8; 65536];
     let mut bad = 0u64;
+    let mut opener = match &d.plane.trust {
+        cluster_auth::Trust::Key(k) => k
+            .cluster()
+            .ok()
+            .map(|c| cluster_auth::datagram::Opener::new(c, "gossip")),
+        cluster_auth::Trust::Insecure => None,
+    };
     loop {
         let Ok((len, from)) = udp.recv_from(&mut buf) else {
             std::thread::sleep(Duration::from_millis(10));
             continue;
         };
         let now = d.now();
-        let taken = take_gossip(&mut lock(&d.board), d.r.slot, now, &buf[..len]);
+        let taken = match opener.as_mut() {
+            Some(o) => o
+                .open(&buf[..len])
+                .map_err(|e| format!("refused: {e}"))
+                .and_then(|m| take_gossip(&mut lock(&d.board), d.r.slot, now, &m)),
+            None => take_gossip(&mut lock(&d.board), d.r.slot, now, &buf[..len]),
+        };
         if let Err(why) = taken {
             bad += 1;
             if bad.is_power_of_two() {
@@ -671,6 +707,7 @@ fn hand_over(
     let ctl = d.r.control[to];
     let reply = control::call(
         ctl,
+        &d.plane.trust,
         &Request::Prepare {
             name: vm.name.clone(),
             memory_mib: vm.memory_mib,
@@ -684,6 +721,7 @@ fn hand_over(
         },
         Duration::from_secs(20),
     )?;
+    let token = reply.token.clone().unwrap_or_default();
     let dest = match (reply.ok, reply.to) {
         (true, Some(t)) => t,
         _ => {
@@ -701,8 +739,10 @@ fn hand_over(
     let abort = |why: String| -> String {
         let _ = control::call(
             ctl,
+            &d.plane.trust,
             &Request::Abort {
                 name: vm.name.clone(),
+                token: token.clone(),
             },
             Duration::from_secs(5),
         );
@@ -733,7 +773,7 @@ fn hand_over(
             // gone without telling us: the destination says whether the VM
             // runs there; it is never aborted (the VM may run there).
             Err(e) => {
-                return arrived_at(ctl, &vm.name)
+                return arrived_at(d, ctl, &vm.name)
                     .ok_or_else(|| format!("lost the source VMM during the migration: {e}"))
             }
         };
@@ -770,11 +810,16 @@ fn hand_over(
 }
 
 /// The VM as the destination daemon sees it once it runs there.
-fn arrived_at(ctl: SocketAddr, name: &str) -> Option<serde_json::Value> {
+fn arrived_at(d: &Daemon, ctl: SocketAddr, name: &str) -> Option<serde_json::Value> {
     for _ in 0..25 {
-        let st = control::call(ctl, &Request::Status {}, Duration::from_secs(5))
-            .ok()
-            .and_then(|r| r.status)?;
+        let st = control::call(
+            ctl,
+            &d.plane.trust,
+            &Request::Status {},
+            Duration::from_secs(5),
+        )
+        .ok()
+        .and_then(|r| r.status)?;
         let vm = st["vms"]
             .as_array()?
             .iter()
@@ -789,73 +834,121 @@ fn arrived_at(ctl: SocketAddr, name: &str) -> Option<serde_json::Value> {
     None
 }
 
+/// Control connections served at once; more are closed at once.
+const MAX_CONTROL_CONNECTIONS: usize = 64;
+
 fn control_service(d: &Arc<Daemon>, tcp: TcpListener) {
+    let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for conn in tcp.incoming() {
         let Ok(s) = conn else { continue };
-        let d = d.clone();
-        let _ = std::thread::Builder::new()
+        if busy.load(Ordering::Acquire) >= MAX_CONTROL_CONNECTIONS {
+            d.log.event(
+                "control-refused",
+                serde_json::json!({"from": s.peer_addr().map(|a| a.to_string()).unwrap_or_default(), "why": "too many connections"}),
+            );
+            continue;
+        }
+        busy.fetch_add(1, Ordering::AcqRel);
+        let (d, mine) = (d.clone(), busy.clone());
+        let spawned = std::thread::Builder::new()
             .name("control-conn".into())
             .spawn(move || {
-                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-                let reply = match control::read_request(&s) {
-                    Ok(Request::Status {}) => Reply {
-                        status: Some(status(&d)),
-                        ..Reply::ok()
-                    },
-                    Ok(Request::Prepare {
-                        name,
-                        memory_mib,
-                        cpus,
-                        cpu_profile,
-                        from,
-                        vm_load,
-                        sender_after,
-                        hotplug_slots,
-                        functions,
-                    }) => {
-                        let r = prepare(
-                            &d,
-                            &Arriving {
-                                name: &name,
-                                memory_mib,
-                                cpus: &cpus,
-                                cpu_profile: cpu_profile.as_deref(),
-                                hotplug_slots,
-                                functions,
-                            },
-                            from,
-                            vm_load,
-                            sender_after,
-                        );
-                        d.log.event(
-                            "prepare",
-                            serde_json::json!({"vm": name, "from": from, "ok": r.is_ok(), "to": r.as_ref().ok(), "error": r.as_ref().err()}),
-                        );
-                        match r {
-                            Ok(to) => Reply {
-                                to: Some(to),
-                                ..Reply::ok()
-                            },
-                            Err(e) => Reply::refuse(e),
-                        }
-                    }
-                    Ok(Request::Abort { name }) => abort(&d, &name),
-                    Ok(Request::CkptAcquire { job, bytes }) => ckpt_request(&d, &job, Some(bytes)),
-                    Ok(Request::CkptRelease { job }) => ckpt_request(&d, &job, None),
-                    Err(e) => Reply::refuse(e),
-                };
-                let _ = control::write_reply(&s, &reply);
+                control_connection(&d, s);
+                mine.fetch_sub(1, Ordering::AcqRel);
             });
+        if spawned.is_err() {
+            busy.fetch_sub(1, Ordering::AcqRel);
+        }
     }
+}
+
+/// One control connection: the handshake (a peer without the cluster key
+/// gets it closed and nothing else), one request, one reply.
+fn control_connection(d: &Arc<Daemon>, s: std::net::TcpStream) {
+    let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let mut s = match cluster_auth::accept(
+        s,
+        &d.plane.trust,
+        &[control::CHANNEL],
+        Duration::from_secs(5),
+    ) {
+        Ok((s, _)) => s,
+        Err(e) => {
+            d.log.event(
+                "control-refused",
+                serde_json::json!({"from": peer, "why": e.to_string()}),
+            );
+            return;
+        }
+    };
+    let _ = s.tcp().set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = s.tcp().set_write_timeout(Some(Duration::from_secs(5)));
+    let reply = match control::read_request(&mut s) {
+        Ok(Request::Status {}) => Reply {
+            status: Some(status(d)),
+            ..Reply::ok()
+        },
+        Ok(Request::Prepare {
+            name,
+            memory_mib,
+            cpus,
+            cpu_profile,
+            from,
+            vm_load,
+            sender_after,
+            hotplug_slots,
+            functions,
+        }) => {
+            let r = prepare(
+                d,
+                &Arriving {
+                    name: &name,
+                    memory_mib,
+                    cpus: &cpus,
+                    cpu_profile: cpu_profile.as_deref(),
+                    hotplug_slots,
+                    functions,
+                },
+                from,
+                vm_load,
+                sender_after,
+            );
+            d.log.event(
+                "prepare",
+                serde_json::json!({"vm": name, "from": from, "ok": r.is_ok(), "to": r.as_ref().ok().map(|(to, _)| to), "error": r.as_ref().err()}),
+            );
+            match r {
+                Ok((to, token)) => Reply {
+                    to: Some(to),
+                    token: Some(token),
+                    ..Reply::ok()
+                },
+                Err(e) => Reply::refuse(e),
+            }
+        }
+        Ok(Request::Abort { name, token }) => abort(d, &name, &token),
+        Ok(Request::CkptAcquire { job, bytes }) => ckpt_request(d, &job, Ok(bytes)),
+        Ok(Request::CkptRelease { job, token }) => ckpt_request(d, &job, Err(&token)),
+        Err(e) => Reply::refuse(e),
+    };
+    let _ = control::write_reply(&mut s, &reply);
 }
 
 /// Stops waiting for `name`, unless its VM already runs here: a VM that
 /// arrived is never killed on a peer's word.
-fn abort(d: &Daemon, name: &str) -> Reply {
+fn abort(d: &Daemon, name: &str, token: &str) -> Reply {
     let sock = d.r.config.vm_dir.join(format!("{name}.sock"));
-    let waiting = lock(&d.local).incoming.contains_key(name);
-    if !waiting {
-        return Reply::ok();
+    let holder = lock(&d.local).incoming.get(name).map(|i| i.token == token);
+    match holder {
+        None => return Reply::ok(),
+        Some(false) => {
+            d.log.event(
+                "abort-refused",
+                serde_json::json!({"vm": name, "why": "not the token of the prepare"}),
+            );
+            return Reply::refuse("only the host that asked for this reservation may abort it");
+        }
+        Some(true) => {}
     }
     if let Ok(vm) = vms::describe(name, &sock, Duration::from_millis(300)) {
         if vm.state == "running" {
@@ -902,15 +995,24 @@ fn prepare(
     from: usize,
     vm_load: f64,
     sender_after: f64,
-) -> Result<String, String> {
+) -> Result<(String, String), String> {
     let c = &d.r.config;
     let name = a.name;
     if !safe_name(name) {
         return Err(format!("{name:?} is not a usable VM name"));
     }
+    for (what, v) in [("vm_load", vm_load), ("sender_after", sender_after)] {
+        if !v.is_finite() || v < 0.0 {
+            return Err(format!("{what} {v} is not a load (a finite number >= 0)"));
+        }
+    }
+    if a.memory_mib == 0 {
+        return Err("memory_mib 0".into());
+    }
     if from >= d.r.names.len() || from == d.r.slot {
         return Err(format!("host {from} is not a peer"));
     }
+    let token = cluster_auth::token();
     let devices = {
         let mut l = lock(&d.local);
         if l.info.health != Health::Ok {
@@ -955,10 +1057,12 @@ fn prepare(
             ));
         }
         // Reserved: one incoming VM at a time; the VMM is started unlocked.
+        // Only the asking host gets the token that aborts the reservation.
         l.incoming.insert(
             name.to_string(),
             Incoming {
                 pid: None,
+                token: token.clone(),
                 from,
                 since: Instant::now(),
                 to: String::new(),
@@ -974,7 +1078,7 @@ fn prepare(
             Some(i) => {
                 i.pid = Some(pid);
                 i.to = to.clone();
-                Ok(to)
+                Ok((to, token))
             }
             // Aborted (or timed out) while it started: stop it again.
             None => {
@@ -1006,7 +1110,9 @@ fn start_incoming(d: &Daemon, a: &Arriving, devices: &[String]) -> Result<(u32, 
         .map_err(|e| format!("cannot create {}: {e}", log_path.display()))?;
     let err = out.try_clone().map_err(|e| e.to_string())?;
     let mut cmd = Command::new(&c.vmm);
-    cmd.args(["run", "--incoming", &to, "--memory"])
+    cmd.args(["run", "--incoming", &to])
+        .args(&d.plane.vmm_args)
+        .arg("--memory")
         .arg(format!("{}M", a.memory_mib))
         .args(["--cpus", a.cpus, "--api-socket"])
         .arg(dir.join(format!("{name}.sock")))
@@ -1068,7 +1174,7 @@ fn start_incoming(d: &Daemon, a: &Arriving, devices: &[String]) -> Result<(u32, 
 /// The daemon's state for `ffmk-node status`.
 /// The checkpoint coordinator's side of `ckpt-acquire` (`bytes`) and
 /// `ckpt-release` (None).
-fn ckpt_request(d: &Daemon, job: &str, bytes: Option<u64>) -> Reply {
+fn ckpt_request(d: &Daemon, job: &str, what: Result<u64, &str>) -> Reply {
     let mut k = lock(&d.ckpt);
     let Some(k) = k.as_mut() else {
         return Reply::refuse(format!(
@@ -1077,18 +1183,23 @@ fn ckpt_request(d: &Daemon, job: &str, bytes: Option<u64>) -> Reply {
         ));
     };
     let now = d.start.elapsed().as_secs_f64();
-    let answer = match bytes {
-        Some(b) => k.acquire(job, b, now).map(|a| serde_json::json!(a)),
-        None => k
-            .release(job, now)
+    let answer = match what {
+        Ok(b) => k.acquire(job, b, now).map(|a| serde_json::json!(a)),
+        Err(token) => k
+            .release(job, token, now)
             .map(|held| serde_json::json!({"answer": "released", "held_s": held})),
     };
+    let bytes = what.ok();
     match answer {
         Ok(a) => {
             if a["answer"] != "wait" {
+                let mut logged = a.clone();
+                if let Some(o) = logged.as_object_mut() {
+                    o.remove("token");
+                }
                 d.log.event(
                     "ckpt",
-                    serde_json::json!({"job": job, "bytes": bytes, "answer": a}),
+                    serde_json::json!({"job": job, "bytes": bytes, "answer": logged}),
                 );
             }
             Reply {
