@@ -833,10 +833,14 @@ fn the_daemons_answer_only_key_holders_and_the_holders_of_their_tokens() {
     let daemons: Vec<Daemon> = (0..2)
         .map(|i| Daemon::start_with(&c.hosts[i], &dir, i, hosts, ""))
         .collect();
-    wait_for("both daemons to see each other", Duration::from_secs(20), || {
-        let st = daemons[0].status()?;
-        (st["board"][1]["alive"] == true).then_some(())
-    });
+    wait_for(
+        "both daemons to see each other",
+        Duration::from_secs(20),
+        || {
+            let st = daemons[0].status()?;
+            (st["board"][1]["alive"] == true).then_some(())
+        },
+    );
     let ctl: std::net::SocketAddr = daemons[0].addr.parse().unwrap();
     let key = common::cluster_key().to_path_buf();
     let other = dir.join("other.key");
@@ -875,7 +879,10 @@ fn the_daemons_answer_only_key_holders_and_the_holders_of_their_tokens() {
             hotplug_slots: 0,
             functions: 0,
         };
-        r.push(format!("{:?}", control::call(ctl, &trust, &prep(-50.0), t).unwrap().error));
+        r.push(format!(
+            "{:?}",
+            control::call(ctl, &trust, &prep(-50.0), t).unwrap().error
+        ));
         // A reservation is aborted only with its token.
         let ok = control::call(ctl, &trust, &prep(0.5), t).unwrap();
         r.push(format!("prepare ok={} token={}", ok.ok, ok.token.is_some()));
@@ -883,9 +890,17 @@ fn the_daemons_answer_only_key_holders_and_the_holders_of_their_tokens() {
             name: "guest7".into(),
             token: token.into(),
         };
-        r.push(format!("{:?}", control::call(ctl, &trust, &abort("guess"), t).unwrap().error));
+        r.push(format!(
+            "{:?}",
+            control::call(ctl, &trust, &abort("guess"), t)
+                .unwrap()
+                .error
+        ));
         let token = ok.token.unwrap_or_default();
-        r.push(format!("abort ok={}", control::call(ctl, &trust, &abort(&token), t).unwrap().ok));
+        r.push(format!(
+            "abort ok={}",
+            control::call(ctl, &trust, &abort(&token), t).unwrap().ok
+        ));
         // A grant is released only with its token.
         let g = control::call(
             ctl,
@@ -897,13 +912,26 @@ fn the_daemons_answer_only_key_holders_and_the_holders_of_their_tokens() {
             t,
         )
         .unwrap();
-        let gtoken = g.ckpt.as_ref().and_then(|c| c["token"].as_str()).unwrap_or("").to_string();
+        let gtoken = g
+            .ckpt
+            .as_ref()
+            .and_then(|c| c["token"].as_str())
+            .unwrap_or("")
+            .to_string();
         let release = |token: &str| Request::CkptRelease {
             job: "job1".into(),
             token: token.into(),
         };
-        r.push(format!("{:?}", control::call(ctl, &trust, &release("guess"), t).unwrap().error));
-        r.push(format!("release ok={}", control::call(ctl, &trust, &release(&gtoken), t).unwrap().ok));
+        r.push(format!(
+            "{:?}",
+            control::call(ctl, &trust, &release("guess"), t)
+                .unwrap()
+                .error
+        ));
+        r.push(format!(
+            "release ok={}",
+            control::call(ctl, &trust, &release(&gtoken), t).unwrap().ok
+        ));
         // Forged gossip (plain, and sealed with another key) and a
         // broadcast request with another key: dropped.
         let u = std::net::UdpSocket::bind("10.77.0.2:0").unwrap();
@@ -913,7 +941,8 @@ fn the_daemons_answer_only_key_holders_and_the_holders_of_their_tokens() {
             _ => unreachable!(),
         };
         let mut sealer = cluster_auth::datagram::Sealer::new(&other_key, "gossip").unwrap();
-        u.send_to(&sealer.seal(b"FFGS forged"), "10.77.0.1:7400").unwrap();
+        u.send_to(&sealer.seal(b"FFGS forged"), "10.77.0.1:7400")
+            .unwrap();
         let b = broadcast::udp::request(
             "10.77.0.1:7402".parse().unwrap(),
             "all",
@@ -931,7 +960,10 @@ fn the_daemons_answer_only_key_holders_and_the_holders_of_their_tokens() {
     assert_eq!(results[3], "prepare ok=true token=true", "{text}");
     assert!(results[4].contains("only the host that asked"), "{text}");
     assert_eq!(results[5], "abort ok=true", "{text}");
-    assert!(results[6].contains("not released without its token"), "{text}");
+    assert!(
+        results[6].contains("not released without its token"),
+        "{text}"
+    );
     assert_eq!(results[7], "release ok=true", "{text}");
     assert_eq!(results[8], "broadcast answered: false", "{text}");
     std::thread::sleep(Duration::from_millis(500));
@@ -941,8 +973,17 @@ fn the_daemons_answer_only_key_holders_and_the_holders_of_their_tokens() {
             .iter()
             .any(|e| e["event"] == ev && e.to_string().contains(what))
     };
-    assert!(has("control-refused", "does not hold the cluster key"), "{events:?}");
-    assert!(has("control-refused", "did not open the cluster-plane handshake"), "{events:?}");
+    assert!(
+        has("control-refused", "does not hold the cluster key"),
+        "{events:?}"
+    );
+    assert!(
+        has(
+            "control-refused",
+            "did not open the cluster-plane handshake"
+        ),
+        "{events:?}"
+    );
     assert!(has("gossip-rejected", "refused"), "{events:?}");
     assert!(has("abort-refused", "not the token"), "{events:?}");
     // Still gossiping with its real peer.

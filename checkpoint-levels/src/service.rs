@@ -404,6 +404,21 @@ pub fn candidates(cfg: &Config) -> (Vec<Candidate>, Vec<String>) {
             }
         }
     }
+    // A copy dated in the future would always look newest: it is not
+    // chosen, whatever level offers it (clocks may differ by minutes).
+    let now = snapshot::manifest::now_unix_ms();
+    out.retain(|c| {
+        let future = c.info.taken_unix_ms > now + FUTURE_SKEW_MS;
+        if future {
+            notes.push(format!(
+                "{}: {} ignored: dated {} s in the future",
+                c.level,
+                c.info.name,
+                (c.info.taken_unix_ms - now) / 1000
+            ));
+        }
+        !future
+    });
     out.sort_by(|a, b| {
         (b.info.taken_unix_ms, b.info.generation)
             .cmp(&(a.info.taken_unix_ms, a.info.generation))
@@ -411,6 +426,9 @@ pub fn candidates(cfg: &Config) -> (Vec<Candidate>, Vec<String>) {
     });
     (out, notes)
 }
+
+/// How far a copy may be dated in the future before restore ignores it.
+const FUTURE_SKEW_MS: u64 = 5 * 60 * 1000;
 
 /// The copy chosen for a restore, now valid in the local level.
 #[derive(Debug, Clone, Serialize)]

@@ -643,15 +643,19 @@ impl Restoring {
         }
     }
 
-    /// The run configuration of the restored VM; `pin` places it on this host.
+    /// The run configuration of the restored VM; `pin` places it on this
+    /// host, `host` names its disks, TAP devices, virtio-console file and
+    /// vsock socket here (see [`host_devices`]).
     pub fn run_config(
         &self,
         console: Console,
         api_socket: Option<PathBuf>,
         pin: Option<vcpu_decouple::PinSpec>,
+        host: &crate::cli::HostArgs,
         confine: &crate::cli::ConfineArgs,
-    ) -> Result<RunConfig, crate::access::Error> {
+    ) -> Result<RunConfig, RestoreConfigError> {
         let c = &self.machine.config;
+        let d = host_devices(c, host)?;
         Ok(RunConfig {
             kernel: c.kernel.clone(),
             initrd: None,
@@ -668,11 +672,11 @@ impl Restoring {
             api_socket,
             test_exit_port: c.test_exit_port,
             cpu_profile: Some(c.cpu_profile),
-            disks: c.disks.clone(),
-            nets: c.nets.clone(),
+            disks: d.disks,
+            nets: d.nets,
             rng: c.rng,
-            virtio_console: c.virtio_console.clone(),
-            vsock: c.vsock.clone(),
+            virtio_console: d.virtio_console,
+            vsock: d.vsock,
             hotplug_slots: c.hotplug_slots,
             // Saved without passthrough functions (control.rs); they are
             // plugged again through the API.
@@ -795,4 +799,168 @@ impl Restoring {
             Origin::Migration { .. } => None,
         }
     }
+}
+
+/// Why a restore cannot be configured.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreConfigError {
+    #[error(transparent)]
+    Access(#[from] crate::access::Error),
+    /// A device of the snapshot has no host resource named on this host.
+    #[error("{0}")]
+    Host(String),
+}
+
+/// The host side of a restored VM's devices.
+pub struct HostDevices {
+    pub disks: Vec<DiskConfig>,
+    pub nets: Vec<NetConfig>,
+    pub virtio_console: Option<PathBuf>,
+    pub vsock: Option<VsockConfig>,
+}
+
+/// This host's resources for the devices of `saved`: from `host` (the
+/// restoring command line), in the snapshot's order, or the snapshot's own
+/// paths where they lie (symbolic links resolved) below a directory
+/// `host.allow` names. A TAP device is always named on the command line.
+/// Anything else is refused in one line that says what to give.
+pub fn host_devices(
+    saved: &MachineConfig,
+    host: &crate::cli::HostArgs,
+) -> Result<HostDevices, RestoreConfigError> {
+    let refuse = |s: String| RestoreConfigError::Host(s);
+    let allowed = |what: &str, p: &Path, flag: &str| -> Result<PathBuf, RestoreConfigError> {
+        // The file a path names: its existing parent resolved (a socket
+        // or console file may not exist yet), then the last component.
+        let resolved = match (p.parent(), p.file_name()) {
+            (Some(dir), Some(name)) if !dir.as_os_str().is_empty() => {
+                std::fs::canonicalize(dir).ok().map(|d| d.join(name))
+            }
+            _ => None,
+        };
+        let inside = resolved.as_ref().is_some_and(|r| {
+            host.allow.iter().any(|a| {
+                std::fs::canonicalize(a).is_ok_and(|a| r.starts_with(&a))
+                    && std::fs::symlink_metadata(r).map_or(true, |m| !m.file_type().is_symlink())
+            })
+        });
+        if inside {
+            return Ok(p.to_path_buf());
+        }
+        Err(refuse(format!(
+            "the snapshot's {what} is {}: a restore opens no host file a snapshot names; give \
+             this host's with {flag}, or allow the snapshot's directory with \
+             --allow-snapshot-paths DIR",
+            p.display()
+        )))
+    };
+    // Disks: same number, same read-only flag.
+    let disks = if host.disks.is_empty() {
+        let mut v = Vec::new();
+        for (i, d) in saved.disks.iter().enumerate() {
+            allowed(&format!("disk {i}"), &d.path, "--disk PATH")?;
+            v.push(d.clone());
+        }
+        v
+    } else {
+        if host.disks.len() != saved.disks.len() {
+            return Err(refuse(format!(
+                "the snapshot has {} disk(s), --disk names {}",
+                saved.disks.len(),
+                host.disks.len()
+            )));
+        }
+        let mut v = Vec::new();
+        for (i, (d, s)) in host.disks.iter().zip(&saved.disks).enumerate() {
+            let d = d
+                .clone()
+                .validated()
+                .map_err(|e| refuse(format!("--disk: {e}")))?;
+            if d.readonly != s.readonly {
+                return Err(refuse(format!(
+                    "disk {i} was saved {}, --disk gives it {}",
+                    if s.readonly {
+                        "read-only"
+                    } else {
+                        "read-write"
+                    },
+                    if d.readonly {
+                        "read-only"
+                    } else {
+                        "read-write"
+                    }
+                )));
+            }
+            v.push(d);
+        }
+        v
+    };
+    // Network devices: TAP names only from the command line.
+    if host.nets.len() != saved.nets.len() {
+        return Err(refuse(if host.nets.is_empty() {
+            format!(
+                "the snapshot has {} network device(s) (saved on TAP {}): name this host's TAP \
+                 devices with --net tap=NAME (a restore attaches to no TAP a snapshot names)",
+                saved.nets.len(),
+                saved
+                    .nets
+                    .iter()
+                    .map(|n| n.tap.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        } else {
+            format!(
+                "the snapshot has {} network device(s), --net names {}",
+                saved.nets.len(),
+                host.nets.len()
+            )
+        }));
+    }
+    let mut nets = Vec::new();
+    for (n, s) in host.nets.iter().zip(&saved.nets) {
+        let keep_mac = n.mac.is_none();
+        let mut c = n
+            .clone()
+            .validated()
+            .map_err(|e| refuse(format!("--net: {e}")))?;
+        if keep_mac {
+            c.mac = s.mac;
+        }
+        nets.push(c);
+    }
+    let virtio_console = match (&saved.virtio_console, &host.virtio_console) {
+        (None, None) => None,
+        (None, Some(_)) => {
+            return Err(refuse(
+                "--virtio-console: the snapshot has no virtio-console".into(),
+            ))
+        }
+        (Some(_), Some(p)) => Some(p.clone()),
+        (Some(p), None) => Some(allowed("virtio-console file", p, "--virtio-console PATH")?),
+    };
+    let vsock = match (&saved.vsock, &host.vsock) {
+        (None, None) => None,
+        (None, Some(_)) => return Err(refuse("--vsock: the snapshot has no vsock device".into())),
+        (Some(s), Some(h)) if s.cid != h.cid => {
+            return Err(refuse(format!(
+                "--vsock: the snapshot's guest has cid {}, not {}",
+                s.cid, h.cid
+            )))
+        }
+        (Some(s), Some(h)) => Some(VsockConfig {
+            cid: s.cid,
+            socket: h.socket.clone(),
+        }),
+        (Some(s), None) => Some(VsockConfig {
+            cid: s.cid,
+            socket: allowed("vsock socket", &s.socket, "--vsock cid=N,socket=PATH")?,
+        }),
+    };
+    Ok(HostDevices {
+        disks,
+        nets,
+        virtio_console,
+        vsock,
+    })
 }

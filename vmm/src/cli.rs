@@ -314,6 +314,8 @@ pub enum CheckpointAction {
         #[arg(long)]
         dry_run: bool,
         #[command(flatten)]
+        host: Box<HostArgs>,
+        #[command(flatten)]
         confine: ConfineArgs,
     },
     /// Checkpoint periodically: locally every local interval (Daly's from
@@ -381,6 +383,35 @@ pub enum CheckpointAction {
     },
 }
 
+/// What a restored VM uses of this host. A restore never opens a host
+/// file or TAP device because a snapshot names it (a copy someone else
+/// wrote could name any): its devices get this host's resources from these
+/// flags, in the snapshot's order, or the snapshot's own paths where they
+/// lie below an allowed directory.
+#[derive(Args, Debug, Default, Clone)]
+pub struct HostArgs {
+    /// The snapshot's disks on this host, in its order, as for `run --disk`
+    /// (read-only must be as saved; repeat for more).
+    #[arg(long = "disk", value_name = "SPEC", value_parser = parse_disk)]
+    pub disks: Vec<DiskEntry>,
+    /// The snapshot's network devices on this host, in its order, as for
+    /// `run --net` (the saved MAC is kept unless mac= is given).
+    #[arg(long = "net", value_name = "SPEC", value_parser = parse_net)]
+    pub nets: Vec<NetEntry>,
+    /// The file the restored virtio-console appends to.
+    #[arg(long, value_name = "PATH")]
+    pub virtio_console: Option<PathBuf>,
+    /// The restored vsock device's socket: cid=N,socket=PATH (the cid must
+    /// be the saved one).
+    #[arg(long, value_name = "SPEC", value_parser = parse_vsock)]
+    pub vsock: Option<VsockEntry>,
+    /// Take the snapshot's own paths (disks, virtio-console file, vsock
+    /// socket) where they lie below DIR (repeat for more). TAP devices are
+    /// always named with --net.
+    #[arg(long = "allow-snapshot-paths", value_name = "DIR")]
+    pub allow: Vec<PathBuf>,
+}
+
 #[derive(Args, Debug)]
 pub struct RestoreArgs {
     /// Snapshot directory to restore from.
@@ -399,6 +430,8 @@ pub struct RestoreArgs {
     /// (its service/compute split comes with the snapshot).
     #[arg(long, value_name = "SPEC")]
     pub pin: Option<PinSpec>,
+    #[command(flatten)]
+    pub host: HostArgs,
     #[command(flatten)]
     pub plane: PlaneArgs,
     #[command(flatten)]

@@ -196,7 +196,7 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
 }
 
 impl NetEntry {
-    fn validated(self) -> Result<NetConfig, Error> {
+    pub(crate) fn validated(self) -> Result<NetConfig, Error> {
         let bad = |why: &str| Error::Net {
             spec: self.tap.clone(),
             why: why.into(),
@@ -284,7 +284,7 @@ impl std::str::FromStr for DiskEntry {
 }
 
 impl DiskEntry {
-    fn validated(self) -> Result<DiskConfig, Error> {
+    pub(crate) fn validated(self) -> Result<DiskConfig, Error> {
         let queues = self.queues.unwrap_or(1);
         if queues == 0 || queues > MAX_DISK_QUEUES {
             return Err(Error::Disk {

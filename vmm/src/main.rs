@@ -585,6 +585,7 @@ fn restore(args: RestoreArgs) -> Result<u8, Failure> {
             console,
             args.api_socket.clone(),
             args.pin.clone(),
+            &args.host,
             &args.confine,
         )
         .map_err(usage)?;
@@ -835,6 +836,7 @@ fn checkpoint(action: CheckpointAction, plane: PlaneArgs) -> Result<u8, Failure>
             console,
             paused,
             dry_run,
+            host,
             confine,
         } => {
             let cfg = load(&config)?;
@@ -842,6 +844,9 @@ fn checkpoint(action: CheckpointAction, plane: PlaneArgs) -> Result<u8, Failure>
             let p = service::pick(&cfg, &rep).map_err(usage)?;
             for s in &p.skipped {
                 eprintln!("ffmk-vmm: skipped {s}");
+            }
+            for n in p.notes.iter().filter(|n| n.contains("in the future")) {
+                eprintln!("ffmk-vmm: note: {n}");
             }
             eprintln!(
                 "ffmk-vmm: checkpoint restore: using level {}: {} generation {} (taken {} ms ago{}){}",
@@ -866,6 +871,7 @@ fn checkpoint(action: CheckpointAction, plane: PlaneArgs) -> Result<u8, Failure>
                 console,
                 paused,
                 pin: None,
+                host: *host,
                 plane,
                 confine,
             })

@@ -68,8 +68,12 @@ const SYSTEM_READ: &[&str] = &[
 pub fn paths(config: &RunConfig, restore_from: Option<&Path>) -> std::io::Result<Paths> {
     let mut p = Paths::default();
     p.read.extend(SYSTEM_READ.iter().map(PathBuf::from));
-    p.read.push(config.kernel.clone());
-    p.read.extend(config.initrd.clone());
+    // A restore reads no kernel (the guest is in the snapshot's memory):
+    // the kernel path a snapshot records gets no rule.
+    if restore_from.is_none() {
+        p.read.push(config.kernel.clone());
+        p.read.extend(config.initrd.clone());
+    }
     p.read.extend(restore_from.map(Path::to_path_buf));
     for d in &config.disks {
         if d.readonly {

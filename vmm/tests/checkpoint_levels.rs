@@ -650,6 +650,28 @@ fn the_endpoint_serves_each_job_only_to_its_key() {
         serde_json::json!({"op": "offer", "job": "jobA", "name": "zzz", "manifest": manifest}),
     );
     assert!(answer.contains("in the future"), "{answer}");
+    // Planted in a level's directory instead (a shared burst buffer): a
+    // restore does not choose it, and says why.
+    let planted = copy.with_file_name("ckpt-9999999999999");
+    std::fs::create_dir_all(&planted).unwrap();
+    for f in std::fs::read_dir(&copy).unwrap().flatten() {
+        std::fs::copy(f.path(), planted.join(f.file_name())).unwrap();
+    }
+    std::fs::write(
+        planted.join("manifest.json"),
+        serde_json::to_vec(&manifest).unwrap(),
+    )
+    .unwrap();
+    let out = run(
+        &ka,
+        &["restore", "--config", ca.to_str().unwrap(), "--dry-run"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("ignored: dated") && !err.contains("using level local: ckpt-9999999999999"),
+        "{err}"
+    );
     // Idle connections: four are held, the fifth is closed at once, and
     // after the deadline the endpoint serves again. (First, the refusals
     // above end: a refused connection lingers half a second so that its

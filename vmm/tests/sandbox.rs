@@ -217,7 +217,12 @@ fn with_a_snapshot_dir_landlock_confines_the_vmm_and_the_vm_still_works() {
         &dir,
         "ll2",
         &allowed.join("s1"),
-        &["--snapshot-dir", allowed.to_str().unwrap()],
+        &[
+            "--snapshot-dir",
+            allowed.to_str().unwrap(),
+            "--allow-snapshot-paths",
+            dir.to_str().unwrap(),
+        ],
     );
     r.wait_counter(before + 3);
     r.kill();

@@ -243,6 +243,26 @@ fn damaged_snapshots_are_refused_with_one_clear_line() {
             },
         ),
         (
+            // A state file outside the snapshot (its checksum fitting): never
+            // read, never removed by a later incremental snapshot.
+            "state-outside",
+            Box::new(|d| {
+                let outside = d.with_file_name(format!(
+                    "{}-outside.json",
+                    d.file_name().unwrap().to_string_lossy()
+                ));
+                std::fs::copy(d.join("state-2.json"), &outside).unwrap();
+                let name = format!("../{}", outside.file_name().unwrap().to_string_lossy());
+                edit_manifest(d, |m| m["state"]["name"] = name.clone().into())
+            }),
+            "a manifest names files inside its own directory only",
+        ),
+        (
+            "state-absolute",
+            Box::new(|d| edit_manifest(d, |m| m["state"]["name"] = "/etc/hostname".into())),
+            "a manifest names files inside its own directory only",
+        ),
+        (
             "garbage-manifest",
             Box::new(|d| std::fs::write(d.join("manifest.json"), b"{not json").unwrap()),
             "is corrupt",

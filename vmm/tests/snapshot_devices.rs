@@ -28,12 +28,13 @@ fn spawn(ns: Option<&NetNs>, dir: &Path, name: &str, args: &[String]) -> Vm {
     )
 }
 
-fn restore(ns: Option<&NetNs>, dir: &Path, name: &str, from: &Path) -> Vm {
-    let args = vec![
+fn restore(ns: Option<&NetNs>, dir: &Path, name: &str, from: &Path, extra: &[&str]) -> Vm {
+    let mut args = vec![
         "restore".to_string(),
         "--from".into(),
         from.display().to_string(),
     ];
+    args.extend(extra.iter().map(|s| s.to_string()));
     spawn(ns, dir, name, &args)
 }
 
@@ -81,16 +82,58 @@ fn disk_io_continues_across_live_and_incremental_snapshots_and_restore() {
     let before = vm.console();
     vm.kill();
 
+    // A restore opens no host file because the snapshot names it: not
+    // the disk, not the virtio-console file, not the vsock socket, unless
+    // this command line names them or allows the directory they are in.
+    let dirs = dir.display().to_string();
+    for (extra, want) in [
+        (vec![], "the snapshot's disk 0 is"),
+        (vec!["--allow-snapshot-paths", "/var/empty"], "--disk PATH"),
+        (
+            vec!["--disk", image.to_str().unwrap()],
+            "the snapshot's virtio-console file is",
+        ),
+        (
+            vec!["--disk", &disk, "--disk", image.to_str().unwrap()],
+            "the snapshot has 1 disk(s), --disk names 2",
+        ),
+    ] {
+        let (code, err) = restore(None, &dir, "refused", &snap, &extra).wait_exit();
+        assert_eq!(code, Some(2), "{extra:?}: {err}");
+        assert!(err.contains(want), "{extra:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
     // The disk image is not in the snapshot: without it, restore refuses.
     let moved = dir.join("moved.img");
     std::fs::rename(&image, &moved).unwrap();
-    let (code, err) = restore(None, &dir, "missing", &snap).wait_exit();
+    let (code, err) = restore(
+        None,
+        &dir,
+        "missing",
+        &snap,
+        &["--allow-snapshot-paths", &dirs],
+    )
+    .wait_exit();
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("disk.img"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     std::fs::rename(&moved, &image).unwrap();
 
-    let r = restore(None, &dir, "b", &snap);
+    // This host's files named on the command line.
+    let r = restore(
+        None,
+        &dir,
+        "b",
+        &snap,
+        &[
+            "--disk",
+            &disk,
+            "--virtio-console",
+            dir.join("vcon2.out").to_str().unwrap(),
+            "--vsock",
+            &format!("cid=7,socket={}", dir.join("v2.sock").display()),
+        ],
+    );
     let (code, err) = r.wait_exit();
     assert_eq!(code, Some(0), "{err}");
     let after = std::fs::read_to_string(dir.join("b.console")).unwrap();
@@ -140,7 +183,17 @@ fn network_echo_continues_after_restore_on_a_new_tap() {
     vm.snapshot(&snap, &[]);
     vm.kill();
 
-    let r = restore(Some(&ns), &dir, "b", &snap);
+    // TAP devices only from the command line.
+    let (code, err) = restore(Some(&ns), &dir, "refused", &snap, &[]).wait_exit();
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--net tap=NAME") && err.contains(tap), "{err}");
+    let r = restore(
+        Some(&ns),
+        &dir,
+        "b",
+        &snap,
+        &["--net", &format!("tap={tap}")],
+    );
     // The restored VMM made the TAP again; the guest's receive buffers
     // from before the snapshot take the next datagrams.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -207,7 +260,9 @@ fn vsock_guest_serves_a_new_connection_after_restore() {
     vm.snapshot(&snap, &[]);
     vm.kill();
 
-    let r = restore(None, &dir, "b", &snap);
+    // The snapshot's own socket path, allowed by its directory.
+    let dirs = dir.display().to_string();
+    let r = restore(None, &dir, "b", &snap, &["--allow-snapshot-paths", &dirs]);
     let second: Vec<u8> = (0..3000).map(|i| (i * 11) as u8).collect();
     assert!(vsock_echo(&sock, &second, false) == second, "echo differs");
     let (code, err) = r.wait_exit();
