@@ -58,7 +58,7 @@ impl Incoming {
         stream.tcp().set_read_timeout(Some(io_timeout))?;
         stream.tcp().set_write_timeout(Some(io_timeout))?;
         Ok(Incoming {
-            conn: Conn::new(stream),
+            conn: Conn::plane(stream),
             peer,
             pages_received: 0,
             started: Instant::now(),

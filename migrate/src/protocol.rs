@@ -397,13 +397,27 @@ pub struct Conn<S> {
     stream: S,
     /// Bytes written, for bandwidth estimates and reports.
     pub sent: u64,
+    /// Frames carry and check a CRC-32 of their payload; off inside an
+    /// authenticated channel, whose records are already checked (AEAD).
+    checksums: bool,
 }
 
 impl Conn<cluster_auth::PlaneStream> {
+    /// A framed connection over a cluster-plane channel: CRC-32s only when
+    /// the channel does not authenticate its records (`--insecure`).
+    pub fn plane(stream: cluster_auth::PlaneStream) -> Self {
+        let checksums = !stream.is_secure();
+        Conn {
+            stream,
+            sent: 0,
+            checksums,
+        }
+    }
+
     /// A second handle on the same connection (one side reads, the other
     /// writes).
     pub fn try_clone(&self) -> Result<Self, Error> {
-        Ok(Conn::new(self.stream.try_clone()?))
+        Ok(Conn::plane(self.stream.try_clone()?))
     }
 
     /// The socket under the channel (timeouts, shutdown, buffer sizes).
@@ -414,7 +428,11 @@ impl Conn<cluster_auth::PlaneStream> {
 
 impl<S: Read + Write> Conn<S> {
     pub fn new(stream: S) -> Conn<S> {
-        Conn { stream, sent: 0 }
+        Conn {
+            stream,
+            sent: 0,
+            checksums: true,
+        }
     }
 
     pub fn send(&mut self, kind: Kind, payload: &[u8]) -> Result<(), Error> {
@@ -423,7 +441,9 @@ impl<S: Read + Write> Conn<S> {
         h[4..6].copy_from_slice(&VERSION.to_le_bytes());
         h[6] = kind as u8;
         h[8..12].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-        h[12..16].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        if self.checksums {
+            h[12..16].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        }
         self.stream.write_all(&h)?;
         self.stream.write_all(payload)?;
         self.stream.flush()?;
@@ -471,7 +491,7 @@ impl<S: Read + Write> Conn<S> {
         let crc = u32::from_le_bytes([h[12], h[13], h[14], h[15]]);
         let mut payload = vec![0u8; len as usize];
         self.stream.read_exact(&mut payload)?;
-        if crc32fast::hash(&payload) != crc {
+        if self.checksums && crc32fast::hash(&payload) != crc {
             return Err(Error::Protocol(format!(
                 "checksum mismatch in a {kind:?} message"
             )));

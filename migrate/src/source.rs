@@ -638,7 +638,7 @@ pub fn migrate(
         })?;
     stream.tcp().set_read_timeout(Some(opts.io_timeout))?;
     stream.tcp().set_write_timeout(Some(opts.io_timeout))?;
-    let mut conn = Conn::new(stream);
+    let mut conn = Conn::plane(stream);
     let hello = &Hello {
         verify: opts.verify && !opts.postcopy,
         ..hello.clone()
