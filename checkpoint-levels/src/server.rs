@@ -19,7 +19,7 @@ use cluster_auth::Trust;
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -117,52 +117,10 @@ fn log(line: &str) {
     let _ = writeln!(std::io::stderr(), "ffmk-vmm checkpoint serve: {line}");
 }
 
-/// Shuts a connection's socket when its request runs past the deadline.
-struct Deadline {
-    done: Arc<(Mutex<bool>, std::sync::Condvar)>,
-    expired: Arc<AtomicBool>,
-}
-
-impl Deadline {
-    fn arm(tcp: &std::net::TcpStream, after: Duration) -> Deadline {
-        let done = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
-        let expired = Arc::new(AtomicBool::new(false));
-        let (d, e, tcp) = (done.clone(), expired.clone(), tcp.try_clone());
-        let _ = std::thread::Builder::new()
-            .name("checkpoint-deadline".into())
-            .spawn(move || {
-                let (lock, cv) = &*d;
-                let Ok(g) = lock.lock() else { return };
-                if let Ok((g, t)) = cv.wait_timeout_while(g, after, |done| !*done) {
-                    if !*g && t.timed_out() {
-                        e.store(true, Ordering::Release);
-                        if let Ok(tcp) = &tcp {
-                            let _ = tcp.shutdown(std::net::Shutdown::Both);
-                        }
-                    }
-                }
-            });
-        Deadline { done, expired }
-    }
-
-    fn expired(&self) -> bool {
-        self.expired.load(Ordering::Acquire)
-    }
-}
-
-impl Drop for Deadline {
-    fn drop(&mut self) {
-        if let Ok(mut d) = self.done.0.lock() {
-            *d = true;
-        }
-        self.done.1.notify_all();
-    }
-}
-
 impl Server {
     /// One connection: handshake, one request, within the deadline.
     fn connection(&self, stream: std::net::TcpStream, trust: &Trust, peer: &str) {
-        let deadline = Deadline::arm(&stream, self.limits.request);
+        let deadline = cluster_auth::Deadline::arm(&stream, self.limits.request);
         let (stream, opened) = match cluster_auth::accept(
             stream,
             trust,

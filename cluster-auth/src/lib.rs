@@ -18,9 +18,11 @@
 //! [`Trust::Insecure`] exists for networks nobody else can reach and for
 //! measurements; it is never the default.
 pub mod datagram;
+pub mod deadline;
 pub mod key;
 pub mod stream;
 
+pub use deadline::Deadline;
 pub use key::{Key, Secret};
 pub use stream::{accept, connect, PlaneStream};
 

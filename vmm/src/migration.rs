@@ -510,7 +510,9 @@ pub fn receive(
             Ok(Accepted::Failed(e)) => break Err(e),
             Err(_) => break Err(std::io::Error::other("the accepting thread ended")),
         };
-        let watchdog = Watchdog::arm(&stream, deadline);
+        // A stalled source cannot hold the port: past the deadline its
+        // socket is shut and whatever the receiving side waits for fails.
+        let watchdog = cluster_auth::Deadline::arm(stream.tcp(), deadline);
         let result = receive_one(kvm, stream, config, &mine);
         let expired = watchdog.disarm();
         match result {
@@ -592,57 +594,6 @@ fn accept_loop(
 
 /// How long a peer has for the cluster-plane handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Ends an incoming migration that runs past its deadline: its socket is
-/// shut down, so whatever the receiving side waits for fails.
-struct Watchdog {
-    stop: Arc<(Mutex<bool>, std::sync::Condvar)>,
-    expired: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Watchdog {
-    fn arm(stream: &cluster_auth::PlaneStream, deadline: Duration) -> Watchdog {
-        let stop = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
-        let expired = Arc::new(AtomicBool::new(false));
-        let tcp = stream.tcp().try_clone();
-        let (s2, e2) = (stop.clone(), expired.clone());
-        let thread = std::thread::Builder::new()
-            .name("incoming-deadline".into())
-            .spawn(move || {
-                let (lock, cv) = &*s2;
-                let Ok(guard) = lock.lock() else { return };
-                let Ok((guard, t)) = cv.wait_timeout_while(guard, deadline, |stopped| !*stopped)
-                else {
-                    return;
-                };
-                if !*guard && t.timed_out() {
-                    e2.store(true, Ordering::Release);
-                    if let Ok(tcp) = &tcp {
-                        let _ = tcp.shutdown(std::net::Shutdown::Both);
-                    }
-                }
-            })
-            .ok();
-        Watchdog {
-            stop,
-            expired,
-            thread,
-        }
-    }
-
-    /// Stops the watch; true if the deadline had passed.
-    fn disarm(mut self) -> bool {
-        if let Ok(mut s) = self.stop.0.lock() {
-            *s = true;
-        }
-        self.stop.1.notify_all();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        self.expired.load(Ordering::Acquire)
-    }
-}
 
 /// Whether this destination can take a VM whose source asks for `theirs`.
 fn can_receive(config: &RunConfig, theirs: &Hello) -> Result<(), String> {
