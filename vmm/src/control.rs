@@ -337,6 +337,10 @@ impl Control {
                 if self.migration.running() {
                     return ApiResponse::error(409, "a migration of this VM is already running");
                 }
+                // Without a cluster key nothing leaves (nor do its devices).
+                if let Err(e) = self.migration.trust() {
+                    return ApiResponse::error(409, e);
+                }
                 // Passthrough functions cannot come along: they leave
                 // first (with the guest's consent) and come back if the
                 // migration does not complete.

@@ -252,6 +252,15 @@ impl Migration {
         }
     }
 
+    /// How a migration of this VM would authenticate, or why it cannot.
+    pub fn trust(&self) -> Result<cluster_auth::Trust, String> {
+        match &self.trust {
+            Some(Ok(t)) => Ok(t.clone()),
+            Some(Err(e)) => Err(format!("cannot migrate: {e}")),
+            None => Err("cannot migrate: no cluster key was configured".into()),
+        }
+    }
+
     pub fn status(&self) -> Status {
         self.status
             .lock()
@@ -297,11 +306,7 @@ impl Migration {
             _ => {}
         }
         let to = req.address()?;
-        let trust = match &self.trust {
-            Some(Ok(t)) => t.clone(),
-            Some(Err(e)) => return Err(format!("cannot migrate: {e}")),
-            None => return Err("cannot migrate: no cluster key was configured".into()),
-        };
+        let trust = self.trust()?;
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
