@@ -831,7 +831,7 @@ fn the_daemons_answer_only_key_holders_and_the_holders_of_their_tokens() {
     let dir = common::tmpdir("balance-key");
     let hosts = "10.77.0.[1-2]";
     let daemons: Vec<Daemon> = (0..2)
-        .map(|i| Daemon::start_with(&c.hosts[i], &dir, i, hosts, ""))
+        .map(|i| Daemon::start_with(&c.hosts[i], &dir, i, hosts, "incoming_unused_s = 2"))
         .collect();
     wait_for(
         "both daemons to see each other",
@@ -885,7 +885,7 @@ fn the_daemons_answer_only_key_holders_and_the_holders_of_their_tokens() {
         ));
         // A reservation is aborted only with its token.
         let ok = control::call(ctl, &trust, &prep(0.5), t).unwrap();
-        r.push(format!("prepare ok={} token={}", ok.ok, ok.token.is_some()));
+        r.push(format!("prepare ok={} token={} {:?}", ok.ok, ok.token.is_some(), ok.error));
         let abort = |token: &str| Request::Abort {
             name: "guest7".into(),
             token: token.into(),
@@ -901,6 +901,15 @@ fn the_daemons_answer_only_key_holders_and_the_holders_of_their_tokens() {
             "abort ok={}",
             control::call(ctl, &trust, &abort(&token), t).unwrap().ok
         ));
+        // A reservation nobody migrates into is given up (then the slot
+        // is free for the next).
+        let again = control::call(ctl, &trust, &prep(0.5), t).unwrap();
+        std::thread::sleep(Duration::from_secs(5));
+        let free = control::call(ctl, &trust, &prep(0.5), t).unwrap();
+        r.push(format!("unused ok={} then ok={}", again.ok, free.ok));
+        if let Some(tok) = free.token {
+            let _ = control::call(ctl, &trust, &abort(&tok), t);
+        }
         // A grant is released only with its token.
         let g = control::call(
             ctl,
@@ -957,15 +966,16 @@ fn the_daemons_answer_only_key_holders_and_the_holders_of_their_tokens() {
     assert!(results[0].contains("refused the handshake"), "{text}");
     assert_eq!(results[1], "plain got 0 bytes", "{text}");
     assert!(results[2].contains("is not a load"), "{text}");
-    assert_eq!(results[3], "prepare ok=true token=true", "{text}");
+    assert!(results[3].starts_with("prepare ok=true token=true"), "{text}");
     assert!(results[4].contains("only the host that asked"), "{text}");
     assert_eq!(results[5], "abort ok=true", "{text}");
+    assert_eq!(results[6], "unused ok=true then ok=true", "{text}");
     assert!(
-        results[6].contains("not released without its token"),
+        results[7].contains("not released without its token"),
         "{text}"
     );
-    assert_eq!(results[7], "release ok=true", "{text}");
-    assert_eq!(results[8], "broadcast answered: false", "{text}");
+    assert_eq!(results[8], "release ok=true", "{text}");
+    assert_eq!(results[9], "broadcast answered: false", "{text}");
     std::thread::sleep(Duration::from_millis(500));
     let events = daemons[0].events();
     let has = |ev: &str, what: &str| {
@@ -986,6 +996,7 @@ fn the_daemons_answer_only_key_holders_and_the_holders_of_their_tokens() {
     );
     assert!(has("gossip-rejected", "refused"), "{events:?}");
     assert!(has("abort-refused", "not the token"), "{events:?}");
+    assert!(has("incoming-unused", "guest7"), "{events:?}");
     // Still gossiping with its real peer.
     assert_eq!(daemons[0].status().unwrap()["board"][1]["alive"], true);
     drop(daemons);

@@ -507,7 +507,11 @@ pub fn receive(
     };
     let result = loop {
         let (stream, peer) = match rx.recv() {
-            Ok(Accepted::Peer(stream, peer)) => (stream, peer),
+            Ok(Accepted::Peer(stream, peer)) => {
+                // (ffmk-node reads this line: its reservation is in use.)
+                log(format!("migration from {peer}: authenticated, receiving"));
+                (stream, peer)
+            }
             Ok(Accepted::Refused(why)) => {
                 log(format!("refused a connection: {why}; waiting for another"));
                 continue;

@@ -68,6 +68,10 @@ pub struct Config {
     /// A migration not finished by then is cancelled (the VM stays).
     #[serde(default = "d_migration_timeout_s")]
     pub migration_timeout_s: f64,
+    /// A reservation for an incoming VM whose peer has not started the
+    /// migration (no authenticated connection) by then is given up.
+    #[serde(default = "d_incoming_unused_s")]
+    pub incoming_unused_s: f64,
     #[serde(default = "d_max_downtime_ms")]
     pub max_downtime_ms: u64,
     /// UDP port of the control broadcast endpoint (`ffmk-node broadcast`).
@@ -212,6 +216,9 @@ fn d_backoff_s() -> f64 {
 }
 fn d_backoff_max_s() -> f64 {
     300.0
+}
+fn d_incoming_unused_s() -> f64 {
+    30.0
 }
 fn d_migration_timeout_s() -> f64 {
     300.0

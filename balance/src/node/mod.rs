@@ -112,6 +112,13 @@ struct Incoming {
     devices: Vec<String>,
 }
 
+/// Whether the VMM waiting for `name` has a peer's authenticated
+/// migration under way (its log says so).
+fn incoming_in_use(vm_dir: &std::path::Path, name: &str) -> bool {
+    std::fs::read_to_string(vm_dir.join(format!("{name}.vmm.log")))
+        .is_ok_and(|t| t.contains("authenticated, receiving"))
+}
+
 /// The pool functions that no local VM has and no arriving one was
 /// promised.
 fn free_functions(pool: &[String], l: &Local) -> Vec<String> {
@@ -459,19 +466,31 @@ fn refresh_local(d: &Daemon, sampled: &mut vms::Sampler) {
             l.arrived.insert(name.clone(), Instant::now());
         }
     }
-    // An incoming VMM that waited too long is stopped.
+    // An incoming VMM that waited too long is stopped; so is one whose
+    // peer never started the migration (a reservation nobody uses must
+    // not hold this host's only incoming slot).
     let timeout = Duration::from_secs_f64(d.r.config.migration_timeout_s);
-    let stale: Vec<String> = l
+    let unused = Duration::from_secs_f64(d.r.config.incoming_unused_s);
+    let vm_dir = d.r.config.vm_dir.clone();
+    let stale: Vec<(String, &'static str)> = l
         .incoming
         .iter()
-        .filter(|(_, i)| i.since.elapsed() > timeout)
-        .map(|(n, _)| n.clone())
+        .filter_map(|(n, i)| {
+            let age = i.since.elapsed();
+            if age > timeout {
+                Some((n.clone(), "incoming-timeout"))
+            } else if i.pid.is_some() && age > unused && !incoming_in_use(&vm_dir, n) {
+                Some((n.clone(), "incoming-unused"))
+            } else {
+                None
+            }
+        })
         .collect();
-    for n in stale {
+    for (n, why) in stale {
         if let Some(i) = l.incoming.remove(&n) {
             kill(i.pid);
             d.log.event(
-                "incoming-timeout",
+                why,
                 serde_json::json!({"vm": n, "from": i.from, "listening": i.to}),
             );
         }
