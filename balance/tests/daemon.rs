@@ -885,7 +885,12 @@ fn the_daemons_answer_only_key_holders_and_the_holders_of_their_tokens() {
         ));
         // A reservation is aborted only with its token.
         let ok = control::call(ctl, &trust, &prep(0.5), t).unwrap();
-        r.push(format!("prepare ok={} token={} {:?}", ok.ok, ok.token.is_some(), ok.error));
+        r.push(format!(
+            "prepare ok={} token={} {:?}",
+            ok.ok,
+            ok.token.is_some(),
+            ok.error
+        ));
         let abort = |token: &str| Request::Abort {
             name: "guest7".into(),
             token: token.into(),
@@ -966,7 +971,10 @@ fn the_daemons_answer_only_key_holders_and_the_holders_of_their_tokens() {
     assert!(results[0].contains("refused the handshake"), "{text}");
     assert_eq!(results[1], "plain got 0 bytes", "{text}");
     assert!(results[2].contains("is not a load"), "{text}");
-    assert!(results[3].starts_with("prepare ok=true token=true"), "{text}");
+    assert!(
+        results[3].starts_with("prepare ok=true token=true"),
+        "{text}"
+    );
     assert!(results[4].contains("only the host that asked"), "{text}");
     assert_eq!(results[5], "abort ok=true", "{text}");
     assert_eq!(results[6], "unused ok=true then ok=true", "{text}");

@@ -79,7 +79,8 @@ pub enum Command {
     /// running here.
     Migrate(MigrateArgs),
     /// The cluster key: every cluster-plane channel (live migration, the
-    /// checkpoint service) is authenticated and encrypted with it. Create
+    /// checkpoint service, ffmk-node's control port, gossip and broadcast)
+    /// is authenticated with it (and encrypted). Create
     /// one per cluster, copy it to every node (mode 0600, like munge's
     /// key), and derive job keys for checkpoint clients that should open
     /// one job's copies only (docs/security.md).
