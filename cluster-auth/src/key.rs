@@ -171,7 +171,7 @@ impl Key {
             _ => {
                 let p = PathBuf::from(DEFAULT_PATH);
                 if !p.exists() {
-                    return Err(Error::Key(format!(
+                    return Err(Error::NoKey(format!(
                         "no cluster key: none given with --cluster-key, none in ${ENV}, and \
                          {DEFAULT_PATH} does not exist (create one with `ffmk-vmm key \
                          generate`, copy it to every node, or run with --insecure on a \

@@ -30,6 +30,9 @@ pub use stream::{accept, connect, PlaneStream};
 pub enum Error {
     #[error("cluster key: {0}")]
     Key(String),
+    /// No key file given and none where one is looked for.
+    #[error("cluster key: {0}")]
+    NoKey(String),
     /// The handshake failed: the peer does not hold the key (or is not a
     /// cluster-plane endpoint of this channel).
     #[error("{peer}: {detail}")]

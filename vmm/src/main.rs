@@ -240,14 +240,8 @@ fn key(action: KeyAction) -> Result<u8, Failure> {
 fn source_trust(plane: &PlaneArgs) -> Result<Result<cluster_auth::Trust, String>, Failure> {
     match plane.trust() {
         Ok(t) => Ok(Ok(t)),
-        Err(e)
-            if plane.cluster_key.is_some()
-                || std::env::var_os(cluster_auth::key::ENV).is_some_and(|v| !v.is_empty())
-                || std::path::Path::new(cluster_auth::key::DEFAULT_PATH).exists() =>
-        {
-            Err(usage(e))
-        }
-        Err(e) => Ok(Err(e.to_string())),
+        Err(e @ cluster_auth::Error::NoKey(_)) => Ok(Err(e.to_string())),
+        Err(e) => Err(usage(e)),
     }
 }
 
