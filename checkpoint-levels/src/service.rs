@@ -51,6 +51,9 @@ fn local(cfg: &Config) -> DirLevel {
 
 /// What the VMM is asked to do: write a snapshot into `dest`, full or as a
 /// layer on the chain there. Returns the VMM's answer, or its refusal.
+/// The VMM's answer to a snapshot call.
+pub use vmm_api::model::SnapshotReply;
+
 pub struct SnapshotCall<'a> {
     pub dest: &'a Path,
     pub incremental: bool,
@@ -97,7 +100,7 @@ pub struct LevelOutcome {
 #[derive(Debug, Clone, Serialize)]
 pub struct TakeOutcome {
     pub name: String,
-    pub local: serde_json::Value,
+    pub local: SnapshotReply,
     pub levels: Vec<LevelOutcome>,
 }
 
@@ -114,7 +117,7 @@ fn extendable(cfg: &Config) -> Option<String> {
 /// view of it, concurrently, with progress on `rep`.
 pub fn take(
     cfg: &Config,
-    snap: &mut dyn FnMut(SnapshotCall) -> std::result::Result<serde_json::Value, CallError>,
+    snap: &mut dyn FnMut(SnapshotCall) -> std::result::Result<SnapshotReply, CallError>,
     opts: &TakeOptions,
     rep: &Reporter,
 ) -> Result<TakeOutcome> {
@@ -168,13 +171,13 @@ pub fn take(
     let local_s = t0.elapsed().as_secs_f64();
     rep.event(serde_json::json!({
         "event": "level_done", "level": cfg.levels[0].name, "name": name,
-        "seconds": local_s, "pause_ms": answer.get("pause_ms"),
+        "seconds": local_s, "pause_ms": answer.pause_ms,
         "message": format!(
             "{:>13}: {name} generation {} written in {:.0} ms (guest paused {:.1} ms)",
             cfg.levels[0].name,
-            answer.get("generation").and_then(|g| g.as_u64()).unwrap_or(0),
+            answer.generation,
             local_s * 1e3,
-            answer.get("pause_ms").and_then(|p| p.as_f64()).unwrap_or(0.0)
+            answer.pause_ms
         ),
     }));
     stats.seconds.insert(cfg.levels[0].name.clone(), local_s);
@@ -590,7 +593,7 @@ pub struct Schedule {
 /// were taken.
 pub fn run(
     cfg: &Config,
-    snap: &mut dyn FnMut(SnapshotCall) -> std::result::Result<serde_json::Value, CallError>,
+    snap: &mut dyn FnMut(SnapshotCall) -> std::result::Result<SnapshotReply, CallError>,
     sched: &Schedule,
     rep: &Reporter,
 ) -> Result<u64> {

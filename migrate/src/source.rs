@@ -30,7 +30,6 @@ use crate::protocol::{
     BATCH_PAGES, VERIFY_PAGES,
 };
 use crate::{Error, GuestMemory};
-use serde::Serialize;
 use snapshot::memory::{is_zero, read_page, resident_pages, total_pages};
 use snapshot::{PageBitmap, PAGE_SIZE};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -38,6 +37,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
+pub use vmm_api::migration::{Outcome, Phase, PostcopyOutcome, Progress};
 
 /// What the engine needs from the VMM.
 pub trait Source {
@@ -86,67 +86,6 @@ impl Default for Options {
             verify: false,
         }
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Phase {
-    Connecting,
-    Precopy,
-    StopAndCopy,
-    SwitchOver,
-    /// The VM runs on the destination; its missing pages follow.
-    Postcopy,
-}
-
-/// A progress report, after every round and every few batches.
-#[derive(Debug, Clone, Serialize)]
-pub struct Progress {
-    pub phase: Phase,
-    pub memory_bytes: u64,
-    pub round: u32,
-    pub sent_bytes: u64,
-    pub pages_sent: u64,
-    pub zero_pages: u64,
-    /// Pages left to send in this round.
-    pub remaining_pages: u64,
-    pub dirty_pages: u64,
-    pub dirty_mib_s: f64,
-    pub link_mib_s: f64,
-    pub predicted_downtime_ms: f64,
-    pub throttle_pct: u32,
-}
-
-/// A finished migration.
-#[derive(Debug, Clone, Serialize)]
-pub struct Outcome {
-    pub to: String,
-    pub rounds: u32,
-    /// From the guest's pause here to the destination's RUNNING.
-    pub downtime_ms: f64,
-    pub total_ms: f64,
-    pub sent_bytes: u64,
-    pub pages_sent: u64,
-    pub zero_pages: u64,
-    pub memory_bytes: u64,
-    pub throttle_pct: u32,
-    /// Set when the migration finished in post-copy.
-    pub postcopy: Option<PostcopyOutcome>,
-    /// Verification mode: the pages the destination compared (every page)
-    /// and the time the digests took in the downtime.
-    pub verified_pages: Option<u64>,
-    pub verify_ms: Option<f64>,
-}
-
-/// The post-copy part of a migration, as the source saw it.
-#[derive(Debug, Clone, Serialize)]
-pub struct PostcopyOutcome {
-    /// Pages missing on the destination at the switch-over.
-    pub missing_pages: u64,
-    /// Pages the destination faulted on and asked for.
-    pub requested_pages: u64,
-    /// From RUNNING to DONE.
-    pub postcopy_ms: f64,
 }
 
 /// How pre-copy ended.

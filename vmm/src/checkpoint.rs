@@ -185,34 +185,7 @@ impl Tracking {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Kind {
-    #[default]
-    Full,
-    Incremental,
-}
-
-/// Body of `PUT /vm/snapshot`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SnapshotRequest {
-    pub dest: PathBuf,
-    #[serde(default)]
-    pub kind: Kind,
-    /// Replace an existing snapshot at `dest` (full snapshots only).
-    #[serde(default)]
-    pub force: bool,
-    /// Copy memory while the guest runs (dirty-log rounds), pausing only for
-    /// the last dirty pages and the device/vCPU state.
-    #[serde(default)]
-    pub live: bool,
-    /// A VM with passthrough functions: have the guest agent let go of
-    /// them, unplug them for the snapshot and plug them back after it
-    /// (without this such a VM refuses to be snapshotted).
-    #[serde(default)]
-    pub detach_devices: bool,
-}
+pub use vmm_api::model::{SnapshotKind as Kind, SnapshotReply, SnapshotRequest};
 
 /// Live snapshots: at most this many copy rounds, and the guest is paused
 /// once fewer pages than this (1 MiB) are left dirty.
@@ -358,7 +331,7 @@ fn resume_after_snapshot(vm: &Vm) {
 }
 
 /// Takes a snapshot as `req` asks; returns its summary for the API.
-pub fn take(vm: &Vm, req: &SnapshotRequest) -> Result<serde_json::Value, Error> {
+pub fn take(vm: &Vm, req: &SnapshotRequest) -> Result<SnapshotReply, Error> {
     let started = Instant::now();
     let mut tracking = match vm.tracking.try_lock() {
         Ok(t) => t,
@@ -516,20 +489,21 @@ pub fn take(vm: &Vm, req: &SnapshotRequest) -> Result<serde_json::Value, Error> 
         chain_id: manifest.chain_id.clone(),
         generation: manifest.generation,
     });
-    Ok(serde_json::json!({
-        "dest": req.dest,
-        "kind": req.kind,
-        "chain_id": manifest.chain_id,
-        "generation": manifest.generation,
-        "layers": manifest.layers.len(),
-        "pause_ms": pause.as_secs_f64() * 1e3,
-        "live": live,
-        "rounds": rounds,
-        "total_ms": started.elapsed().as_secs_f64() * 1e3,
-        "pages_written": pages,
-        "data_bytes": data_bytes,
-        "memory_bytes": vm.config.memory_bytes,
-    }))
+    Ok(SnapshotReply {
+        dest: req.dest.clone(),
+        kind: req.kind,
+        chain_id: manifest.chain_id.clone(),
+        generation: manifest.generation,
+        layers: manifest.layers.len() as u64,
+        pause_ms: pause.as_secs_f64() * 1e3,
+        live,
+        rounds,
+        total_ms: started.elapsed().as_secs_f64() * 1e3,
+        pages_written: pages,
+        data_bytes,
+        memory_bytes: vm.config.memory_bytes,
+        unplugged: Vec::new(),
+    })
 }
 
 /// Where a VM being restored comes from.

@@ -9,8 +9,14 @@ use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, Subscrib
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
+use vmm_api::model::{self, State, StateReply};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
+
+/// `{"state": s}`.
+fn state(s: State) -> StateReply {
+    StateReply { state: s }
+}
 
 use crate::vcpu::VcpuStop;
 
@@ -301,10 +307,10 @@ impl Control {
         let migrating = self.migration.running() || self.migration.completed().is_some();
         match req {
             ApiRequest::MigrationStatus => {
-                ApiResponse::json(200, &serde_json::json!(self.migration.report()))
+                ApiResponse::json(200, &self.migration.report())
             }
             ApiRequest::MigrationCancel => match self.migration.cancel() {
-                Ok(()) => ApiResponse::json(200, &serde_json::json!({ "state": "cancelling" })),
+                Ok(()) => ApiResponse::json(200, &state(State::Cancelling)),
                 Err(why) => ApiResponse::error(409, why),
             },
             ApiRequest::Migrate(_) | ApiRequest::Snapshot(_)
@@ -354,10 +360,13 @@ impl Control {
                 {
                     Ok(()) => {
                         self.unplugged_for_migration = unplugged.clone();
-                        let names: Vec<String> = unplugged.iter().map(|d| d.to_string()).collect();
                         ApiResponse::json(
                             202,
-                            &serde_json::json!({ "state": "running", "to": r.to, "unplugged": names }),
+                            &model::MigrateStarted {
+                                state: "running".into(),
+                                to: r.to,
+                                unplugged: unplugged.iter().map(|d| d.to_string()).collect(),
+                            },
                         )
                     }
                     Err(e) => {
@@ -376,7 +385,10 @@ impl Control {
             {
                 ApiResponse::error(409, "a migration of this VM is in progress or done")
             }
-            ApiRequest::GetVm => ApiResponse::json(200, &crate::info::vm_info(&self.vm)),
+            ApiRequest::GetVm => match crate::info::vm_info(&self.vm) {
+                Ok(info) => ApiResponse::json(200, &info),
+                Err(e) => ApiResponse::error(500, format!("cannot describe the VM: {e}")),
+            },
             ApiRequest::AddDevice(spec)
                 if !self.vm.config.hotplug_allow.is_empty()
                     && !self.vm.config.hotplug_allow.iter().any(|a| a.key() == spec.key()) =>
@@ -406,13 +418,10 @@ impl Control {
                     });
                     ApiResponse::json(
                         200,
-                        &serde_json::json!({
-                            "device": spec.to_string(),
-                            "bdf": at.to_string(),
-                            "hotplug_slot": at.bus != 0,
-                            "state": "attached",
-                            "guest": guest,
-                        }),
+                        &model::Plugged {
+                            device: crate::passthrough::device_state(&spec, at, true),
+                            guest,
+                        },
                     )
                 }
                 // The request was well-formed; the host's state (no such
@@ -424,35 +433,37 @@ impl Control {
                 Ok(()) => match self.vm.unplug(at) {
                     Some(spec) => ApiResponse::json(
                         200,
-                        &serde_json::json!({
-                            "device": spec.to_string(),
-                            "bdf": at.to_string(),
-                            "state": "detached",
-                        }),
+                        &crate::passthrough::device_state(&spec, at, false),
                     ),
                     None => ApiResponse::error(404, format!("no passthrough device at {at}")),
                 },
             },
-            ApiRequest::Vcpus => ApiResponse::json(200, &crate::info::vcpus_info(&self.vm)),
+            ApiRequest::Vcpus => match crate::info::vcpus_info(&self.vm) {
+                Ok(info) => ApiResponse::json(200, &info),
+                Err(e) => ApiResponse::error(500, format!("cannot describe the vCPUs: {e}")),
+            },
             ApiRequest::Interrupts => ApiResponse::json(200, &self.vm.routing.describe()),
             ApiRequest::Pause if self.vm.is_paused() => {
                 ApiResponse::error(409, "the VM is already paused")
             }
             ApiRequest::Pause => match self.vm.pause() {
-                Ok(()) => ApiResponse::json(200, &serde_json::json!({ "state": "paused" })),
+                Ok(()) => ApiResponse::json(200, &state(State::Paused)),
                 Err(e) => ApiResponse::error(500, e),
             },
             ApiRequest::Resume if !self.vm.is_paused() => {
                 ApiResponse::error(409, "the VM is not paused")
             }
             ApiRequest::Resume => match self.resume() {
-                Ok(()) => ApiResponse::json(200, &serde_json::json!({ "state": "running" })),
+                Ok(()) => ApiResponse::json(200, &state(State::Running)),
                 Err(e) => ApiResponse::error(500, e),
             },
             ApiRequest::ResizeDisk { index, bytes } => match self.vm.resize_disk(index, bytes) {
                 Ok(()) => ApiResponse::json(
                     200,
-                    &serde_json::json!({ "disk": index, "size_bytes": bytes }),
+                    &model::Resized {
+                        disk: index,
+                        size_bytes: bytes,
+                    },
                 ),
                 Err(e @ crate::vm::ResizeFailure::NoSuchDisk(..)) => {
                     ApiResponse::error(404, e.to_string())
@@ -473,10 +484,7 @@ impl Control {
                 self.replug(&unplugged);
                 match taken {
                     Ok(mut summary) => {
-                        let names: Vec<String> = unplugged.iter().map(|d| d.to_string()).collect();
-                        if !names.is_empty() {
-                            summary["unplugged"] = serde_json::json!(names);
-                        }
+                        summary.unplugged = unplugged.iter().map(|d| d.to_string()).collect();
                         ApiResponse::json(200, &summary)
                     }
                     Err(e) => ApiResponse::error(e.http_status(), e.to_string()),
@@ -484,7 +492,7 @@ impl Control {
             }
             ApiRequest::Shutdown => {
                 self.finish(ExitReason::ApiShutdown);
-                ApiResponse::json(200, &serde_json::json!({ "state": "shutting_down" }))
+                ApiResponse::json(200, &state(State::ShuttingDown))
             }
         }
     }

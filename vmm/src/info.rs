@@ -1,80 +1,110 @@
-//! The VM description served by `GET /vm`.
+//! The VM descriptions served by `GET /vm` and `GET /vm/vcpus` (the types
+//! are the `vmm-api` crate's).
 use crate::vm::Vm;
-use serde_json::json;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use vcpu_decouple::affinity;
+use vmm_api::model::{
+    DiskInfo, MemoryInfo, PciFunction, State, VcpuDetail, VcpuSummary, VcpusInfo, VmConfig, VmInfo,
+    VmmExits,
+};
 
-pub fn vm_info(vm: &Vm) -> serde_json::Value {
-    let state = if vm.is_paused() { "paused" } else { "running" };
-    let vcpus: Vec<_> = vm
+/// A value's JSON text as a string (`"pvm"` -> `pvm`).
+fn name(v: &impl serde::Serialize) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        Ok(other) => other.to_string(),
+        Err(_) => String::new(),
+    }
+}
+
+/// The run configuration as `GET /vm` shows it.
+pub fn config_view(config: &crate::config::RunConfig) -> Result<VmConfig, serde_json::Error> {
+    serde_json::to_value(config).and_then(serde_json::from_value)
+}
+
+pub fn vm_info(vm: &Vm) -> Result<VmInfo, serde_json::Error> {
+    let vcpus = vm
         .vcpus
         .iter()
-        .map(|v| {
-            json!({
-                "id": v.shared.id,
-                "role": v.shared.role,
-                "state": v.shared.state(),
-                "exits": v.shared.exits.load(Ordering::Relaxed),
-                "io_exits": v.shared.io_exits.load(Ordering::Relaxed),
-                "mmio_exits": v.shared.mmio_exits.load(Ordering::Relaxed),
-                "pvm_assists": v.shared.pvm_assists.load(Ordering::Relaxed),
-            })
+        .map(|v| VcpuSummary {
+            id: v.shared.id,
+            role: name(&v.shared.role),
+            state: name(&v.shared.state()),
+            exits: v.shared.exits.load(Ordering::Relaxed),
+            io_exits: v.shared.io_exits.load(Ordering::Relaxed),
+            mmio_exits: v.shared.mmio_exits.load(Ordering::Relaxed),
+            pvm_assists: v.shared.pvm_assists.load(Ordering::Relaxed),
         })
         .collect();
-    let pci: Vec<_> = vm
+    let pci = vm
         .pci
         .describe()
         .into_iter()
-        .map(|(at, name, counters)| {
-            let counters: serde_json::Map<String, serde_json::Value> = counters
+        .map(|(at, device, counters)| PciFunction {
+            bdf: at.to_string(),
+            device,
+            counters: counters
                 .into_iter()
-                .map(|(k, v)| (k.to_string(), json!(v)))
-                .collect();
-            json!({ "bdf": at.to_string(), "device": name, "counters": counters })
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
         })
         .collect();
-    let disks: Vec<_> = vm
+    let disks = vm
         .config
         .disks
         .iter()
         .zip(&vm.disks)
         .enumerate()
-        .map(|(i, (c, d))| {
-            json!({
-                "index": i,
-                "path": c.path,
-                "size_bytes": d.disk.sectors() * devices::virtio::block::SECTOR_SIZE,
-                "readonly": c.readonly,
-            })
+        .map(|(index, (c, d))| DiskInfo {
+            index,
+            path: c.path.clone(),
+            size_bytes: d.disk.sectors() * devices::virtio::block::SECTOR_SIZE,
+            readonly: c.readonly,
         })
         .collect();
-    json!({
-        "state": state,
-        "pid": std::process::id(),
-        "pci": pci,
-        "passthrough": vm.passthrough.lock().map(|p| p.describe()).unwrap_or_default(),
-        "dma_mapped_bytes": vm.passthrough.lock().map(|p| p.dma_mapped_bytes()).unwrap_or(0),
-        "disks": disks,
-        "uptime_ms": vm.started.elapsed().as_millis() as u64,
-        "config": vm.config,
-        "host_kind": vm.host_kind,
-        "cpu_profile": vm.profile,
-        "tsc_khz": vm.tsc_khz,
-        "kvm_forced_features": vm.kvm_forced_features,
-        "boot": vm.boot,
-        "memory": { "bytes": vm.config.memory_bytes, "hugepages": vm.config.hugepages },
-        "vcpus": vcpus,
+    let (passthrough, dma_mapped_bytes) = vm
+        .passthrough
+        .lock()
+        .map(|p| (p.describe(), p.dma_mapped_bytes()))
+        .unwrap_or_default();
+    Ok(VmInfo {
+        state: if vm.is_paused() {
+            State::Paused
+        } else {
+            State::Running
+        },
+        pid: std::process::id(),
+        pci,
+        passthrough,
+        dma_mapped_bytes,
+        disks,
+        uptime_ms: vm.started.elapsed().as_millis() as u64,
+        config: config_view(&vm.config)?,
+        host_kind: name(&vm.host_kind),
+        cpu_profile: name(&vm.profile),
+        tsc_khz: vm.tsc_khz,
+        kvm_forced_features: vm
+            .kvm_forced_features
+            .iter()
+            .map(|f| f.to_string())
+            .collect(),
+        boot: serde_json::to_value(&vm.boot).and_then(serde_json::from_value)?,
+        memory: MemoryInfo {
+            bytes: vm.config.memory_bytes,
+            hugepages: vm.config.hugepages,
+        },
+        vcpus,
     })
 }
 
 /// `GET /vm/vcpus`: per vCPU its role, where its thread runs on the host
 /// (read back from /proc, not from what was asked), what exit control
 /// applies, and its exit counters (the VMM's and KVM's own).
-pub fn vcpus_info(vm: &Vm) -> serde_json::Value {
+pub fn vcpus_info(vm: &Vm) -> Result<VcpusInfo, serde_json::Error> {
     let d = &vm.decoupling;
     let pid = std::process::id();
-    let vcpus: Vec<_> = vm
+    let vcpus = vm
         .vcpus
         .iter()
         .map(|v| {
@@ -82,35 +112,79 @@ pub fn vcpus_info(vm: &Vm) -> serde_json::Value {
             let thread = s
                 .tid()
                 .and_then(|tid| affinity::thread_info(Path::new("/proc"), pid, tid));
-            let kvm = s.kvm_stats.as_ref().and_then(|k| k.read().ok());
-            json!({
-                "id": s.id,
-                "role": s.role,
-                "state": s.state(),
-                "tid": s.tid(),
-                "placement": d.vcpu_cores(s.id).map(|c| c.to_string()),
-                "host_cpus_allowed": thread.as_ref().map(|t| t.cpus_allowed.to_string()),
-                "last_host_cpu": thread.as_ref().and_then(|t| t.last_cpu),
-                "sched_fifo": thread.as_ref().map(|t| t.policy == Some(1)),
-                "involuntary_switches": thread.as_ref().and_then(|t| t.involuntary_switches),
-                "exits_disabled": d.exits_disabled,
-                "halt_poll_ns": d.halt_poll_ns,
-                "vmm_exits": {
-                    "total": s.exits.load(Ordering::Relaxed),
-                    "io": s.io_exits.load(Ordering::Relaxed),
-                    "mmio": s.mmio_exits.load(Ordering::Relaxed),
-                    "pvm_assists": s.pvm_assists.load(Ordering::Relaxed),
+            VcpuDetail {
+                id: s.id,
+                role: name(&s.role),
+                state: name(&s.state()),
+                tid: s.tid(),
+                placement: d.vcpu_cores(s.id).map(|c| c.to_string()),
+                host_cpus_allowed: thread.as_ref().map(|t| t.cpus_allowed.to_string()),
+                last_host_cpu: thread.as_ref().and_then(|t| t.last_cpu),
+                sched_fifo: thread.as_ref().map(|t| t.policy == Some(1)),
+                involuntary_switches: thread.as_ref().and_then(|t| t.involuntary_switches),
+                exits_disabled: name(&d.exits_disabled),
+                halt_poll_ns: d.halt_poll_ns,
+                vmm_exits: VmmExits {
+                    total: s.exits.load(Ordering::Relaxed),
+                    io: s.io_exits.load(Ordering::Relaxed),
+                    mmio: s.mmio_exits.load(Ordering::Relaxed),
+                    pvm_assists: s.pvm_assists.load(Ordering::Relaxed),
                 },
-                "kvm_stats": kvm,
-            })
+                kvm_stats: s.kvm_stats.as_ref().and_then(|k| k.read().ok()),
+            }
         })
         .collect();
-    json!({
-        "topology": d.topology.to_string(),
-        "placement": d.placement,
-        "exits_disabled": d.exits_disabled,
-        "halt_poll_ns": d.halt_poll_ns,
-        "realtime": d.realtime,
-        "vcpus": vcpus,
+    Ok(VcpusInfo {
+        topology: d.topology.to_string(),
+        placement: serde_json::to_value(&d.placement).and_then(serde_json::from_value)?,
+        exits_disabled: name(&d.exits_disabled),
+        halt_poll_ns: d.halt_poll_ns,
+        realtime: d.realtime,
+        vcpus,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{FileConfig, RunConfig};
+
+    /// Every setting the API types shows up typed in `GET /vm`'s config:
+    /// the server's configuration and the API's view of it agree.
+    #[test]
+    fn a_full_run_configuration_is_what_the_api_promises() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            kernel = "/k"
+            initrd = "/i"
+            cpus = "service=1,compute=2"
+            pin = "service=0,compute=1-2"
+            memory = "1G"
+            hugepages = true
+            disk = [{ path = "/d.raw", readonly = true, serial = "s1", queues = 2 }]
+            net = [{ tap = "tap0" }]
+            rng = true
+            virtio_console = "/c.sock"
+            vsock = { cid = 3, socket = "/v.sock" }
+            hotplug_slots = 2
+            "#,
+        )
+        .expect("a configuration");
+        let config = RunConfig::from_file_config(file).expect("valid");
+        let view = super::config_view(&config).expect("the API's view");
+        assert_eq!(view.cpus_flag(), "service=1,compute=2");
+        assert_eq!(view.memory_bytes, 1 << 30);
+        assert!(view.hugepages && view.rng);
+        assert_eq!(view.pin.and_then(|p| p.compute).as_deref(), Some("1-2"));
+        assert_eq!(view.disks[0].serial.as_deref(), Some("s1"));
+        assert!(view.disks[0].readonly);
+        assert_eq!(view.nets[0].tap, "tap0");
+        assert_eq!(view.vsock.map(|v| v.cid), Some(3));
+        assert_eq!(view.hotplug_slots, 2);
+        // What the API does not type is still there.
+        assert!(
+            view.other.contains_key("seccomp"),
+            "{:?}",
+            view.other.keys()
+        );
+    }
 }

@@ -12,11 +12,11 @@ use kvm_bindings::{
     KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
 };
 use kvm_ioctls::VmFd;
-use serde_json::json;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use vcpu_decouple::steer::{self, IoapicRoute, Msi, Steered};
 use vcpu_decouple::Topology;
+use vmm_api::model::{Interrupts, IoapicPin, MsiRoute};
 use vmm_sys_util::eventfd::EventFd;
 
 /// GSIs below this are the IOAPIC's pins.
@@ -150,7 +150,7 @@ impl IrqRouting {
     /// Every interrupt route and where it lands (`GET /vm/interrupts`): MSI
     /// routes as the guest wrote them and as committed, and the in-kernel
     /// IOAPIC's redirection entries with the ones that reach compute vCPUs.
-    pub fn describe(&self) -> serde_json::Value {
+    pub fn describe(&self) -> Interrupts {
         let total = self.topology.total();
         let dests = |m: &MsiMessage| {
             steer::destinations(
@@ -165,14 +165,12 @@ impl IrqRouting {
             Ok(g) => (
                 g.routes
                     .iter()
-                    .map(|(gsi, r)| {
-                        json!({
-                            "gsi": gsi,
-                            "vector": r.committed.data & 0xff,
-                            "guest_vcpus": dests(&r.guest),
-                            "vcpus": dests(&r.committed),
-                            "steered": r.guest != r.committed,
-                        })
+                    .map(|(gsi, r)| MsiRoute {
+                        gsi: *gsi,
+                        vector: r.committed.data & 0xff,
+                        guest_vcpus: dests(&r.guest),
+                        vcpus: dests(&r.committed),
+                        steered: r.guest != r.committed,
                     })
                     .collect::<Vec<_>>(),
                 g.steered,
@@ -204,15 +202,19 @@ impl IrqRouting {
         let pins: Vec<_> = ioapic
             .iter()
             .filter(|r| !r.masked)
-            .map(|r| json!({ "pin": r.pin, "vector": r.vector, "vcpus": r.destinations(total) }))
+            .map(|r| IoapicPin {
+                pin: r.pin,
+                vector: r.vector,
+                vcpus: r.destinations(total),
+            })
             .collect();
-        json!({
-            "compute_vcpus": self.topology.compute_cpus().as_slice(),
-            "msi": msi,
-            "msi_steered": steered,
-            "ioapic": pins,
-            "ioapic_pins_on_compute_vcpus": on_compute,
-        })
+        Interrupts {
+            compute_vcpus: self.topology.compute_cpus().as_slice().to_vec(),
+            msi,
+            msi_steered: steered,
+            ioapic: pins,
+            ioapic_pins_on_compute_vcpus: on_compute,
+        }
     }
 
     /// `n` MSI vectors: one GSI and one irqfd each.
@@ -284,13 +286,13 @@ mod tests {
     fn default_routes_cover_both_pics_and_the_ioapic() {
         let r = default_routes();
         assert_eq!(r.len(), 40);
-        // SAFETY (test): reading the irqchip member of entries built as irqchip routes.
         let pins: Vec<_> = r
             .iter()
             .map(|e| {
-                (e.gsi, unsafe { e.u.irqchip.irqchip }, unsafe {
-                    e.u.irqchip.pin
-                })
+                // SAFETY: every entry was built as an irqchip route, so
+                // the irqchip member of the union is the one written.
+                let (chip, pin) = unsafe { (e.u.irqchip.irqchip, e.u.irqchip.pin) };
+                (e.gsi, chip, pin)
             })
             .collect();
         assert!(pins.contains(&(9, KVM_IRQCHIP_PIC_SLAVE, 1)));

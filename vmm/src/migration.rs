@@ -27,7 +27,7 @@ use migrate::dest::Arrival;
 use migrate::postcopy::Postcopy;
 use migrate::source::{Options, Outcome, Progress, Source};
 use migrate::Hello;
-use serde::{Deserialize, Serialize};
+
 use snapshot::PageBitmap;
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -76,82 +76,10 @@ pub fn hello(config: &RunConfig, profile: CpuProfile) -> Hello {
     }
 }
 
-/// Body of `PUT /vm/migrate`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MigrateRequest {
-    /// `tcp://HOST:PORT` (or `HOST:PORT`).
-    pub to: String,
-    #[serde(default = "default_downtime")]
-    pub max_downtime_ms: u64,
-    #[serde(default = "default_rounds")]
-    pub max_rounds: u32,
-    /// Throttle the vCPUs when the guest dirties faster than the link.
-    #[serde(default = "yes")]
-    pub throttle: bool,
-    /// Switch to post-copy when a pre-copy round does not meet the
-    /// downtime target (instead of more rounds and throttling).
-    #[serde(default)]
-    pub postcopy: bool,
-    /// Verification mode: the destination compares a digest of every page
-    /// at the pause before it loads the state (not with post-copy).
-    #[serde(default)]
-    pub verify: bool,
-}
-
-fn default_downtime() -> u64 {
-    50
-}
-fn default_rounds() -> u32 {
-    30
-}
-fn yes() -> bool {
-    true
-}
-
-impl MigrateRequest {
-    /// The `HOST:PORT` part of `to` (and the request checked).
-    pub fn address(&self) -> Result<String, String> {
-        if self.verify && self.postcopy {
-            return Err(
-                "verify and postcopy exclude each other: post-copy switches over before every page is there"
-                    .into(),
-            );
-        }
-        parse_tcp(&self.to)
-    }
-}
-
-/// `tcp://HOST:PORT` or `HOST:PORT` to `HOST:PORT`.
-pub fn parse_tcp(s: &str) -> Result<String, String> {
-    let rest = s.strip_prefix("tcp://").unwrap_or(s);
-    match rest.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
-            Ok(rest.to_string())
-        }
-        _ => Err(format!("'{s}' is not tcp://HOST:PORT")),
-    }
-}
+pub use vmm_api::model::{parse_tcp, MigrateRequest};
 
 /// What `GET /vm/migration` shows.
-#[derive(Debug, Clone, Default, Serialize)]
-#[serde(tag = "state", rename_all = "kebab-case")]
-pub enum Status {
-    #[default]
-    None,
-    Running {
-        to: String,
-        progress: Option<Progress>,
-    },
-    Completed(Outcome),
-    Failed {
-        to: String,
-        error: String,
-        /// Whether the VM runs on here (false only when the switch-over
-        /// could not be confirmed: the VM stays paused).
-        vm_running_here: bool,
-    },
-}
+pub use vmm_api::migration::MigrationStatus as Status;
 
 /// The VM as the engine sees it.
 struct VmSource<'a> {

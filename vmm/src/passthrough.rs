@@ -20,6 +20,7 @@ use vfio_ib::kernel::Iommu;
 use vfio_ib::vfio_user::{GuestDma, VfioUser};
 use vfio_ib::{GuestMapper, Passthrough};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_api::model::{Attachment, DeviceState};
 
 /// How long a vfio-user server may take to answer one request.
 const VFIO_USER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -151,20 +152,25 @@ impl Passthroughs {
     }
 
     /// `GET /vm`'s view.
-    pub fn describe(&self) -> serde_json::Value {
-        let list: Vec<_> = self
-            .attached
+    pub fn describe(&self) -> Vec<DeviceState> {
+        self.attached
             .iter()
-            .map(|a| {
-                serde_json::json!({
-                    "device": a.spec.to_string(),
-                    "bdf": a.at.to_string(),
-                    "hotplug_slot": a.at.bus != 0,
-                    "state": "attached",
-                })
-            })
-            .collect();
-        serde_json::json!(list)
+            .map(|a| device_state(&a.spec, a.at, true))
+            .collect()
+    }
+}
+
+/// A function at `at` as the API shows it.
+pub fn device_state(spec: &DeviceEntry, at: Location, attached: bool) -> DeviceState {
+    DeviceState {
+        device: spec.to_string(),
+        bdf: at.to_string(),
+        hotplug_slot: at.bus != 0,
+        state: if attached {
+            Attachment::Attached
+        } else {
+            Attachment::Detached
+        },
     }
 }
 

@@ -183,10 +183,8 @@ fn run(d: &Daemon, c: &Command) -> String {
     match c {
         Command::Echo(_) => "ok".into(),
         Command::Pause(g) | Command::Resume(g) => {
-            let (path, verb) = match c {
-                Command::Pause(_) => ("/vm/pause", "paused"),
-                _ => ("/vm/resume", "resumed"),
-            };
+            let pause = matches!(c, Command::Pause(_));
+            let verb = if pause { "paused" } else { "resumed" };
             let vms: Vec<(String, std::path::PathBuf)> = lock(&d.local)
                 .vms
                 .iter()
@@ -196,12 +194,13 @@ fn run(d: &Daemon, c: &Command) -> String {
             let mut done = Vec::new();
             let mut failed = Vec::new();
             for (name, sock) in vms {
-                match super::vms::api(&sock, "PUT", path, "", Duration::from_secs(5)) {
-                    Ok((200, _)) => done.push(name),
-                    Ok((st, v)) => {
-                        failed.push(format!("{name}: {st} {}", super::vms::api_error(&v)))
-                    }
-                    Err(e) => failed.push(format!("{name}: {e}")),
+                let api = super::vms::api(&sock, Duration::from_secs(5));
+                match if pause { api.pause() } else { api.resume() } {
+                    Ok(_) => done.push(name),
+                    Err(e) => failed.push(match e.status() {
+                        Some(st) => format!("{name}: {st} {}", e.message()),
+                        None => format!("{name}: {e}"),
+                    }),
                 }
             }
             let mut out = format!("{verb} [{}]", done.join(","));

@@ -34,6 +34,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use vmm_api::model::{MigrateRequest, MigrationStatus, State};
 use vms::LocalVm;
 
 #[derive(Debug, thiserror::Error)]
@@ -455,7 +456,7 @@ fn refresh_local(d: &Daemon, sampled: &mut vms::Sampler) {
     for name in &incoming {
         if let Some(vm) = found
             .iter()
-            .find(|v| &v.name == name && v.state == "running")
+            .find(|v| &v.name == name && v.state == State::Running)
         {
             if let Some(inc) = l.incoming.remove(name) {
                 d.log.event(
@@ -600,7 +601,7 @@ fn balance_step(d: &Arc<Daemon>, last: &mut String) {
                     Some(why.clone())
                 } else if v.migrating {
                     Some("is migrating".into())
-                } else if v.state != "running" {
+                } else if v.state != State::Running {
                     Some(format!("is {}", v.state))
                 } else {
                     l.arrived
@@ -716,7 +717,7 @@ fn hand_over(
     // The VM must still be here, running and not moving.
     let now = vms::describe(&vm.name, &vm.sock, Duration::from_secs(5))
         .map_err(|e| format!("the VM is gone or does not answer: {e}"))?;
-    if now.state != "running" || now.migrating {
+    if now.state != State::Running || now.migrating {
         return Err(format!(
             "the VM is {}{}",
             now.state,
@@ -767,27 +768,21 @@ fn hand_over(
         );
         why
     };
-    let body = serde_json::json!({"to": dest, "max_downtime_ms": d.r.config.max_downtime_ms});
-    let (st, v) = vms::api(
-        &vm.sock,
-        "PUT",
-        "/vm/migrate",
-        &body.to_string(),
-        Duration::from_secs(10),
-    )
-    .map_err(&abort)?;
-    if !(200..300).contains(&st) {
-        return Err(abort(format!(
-            "the VMM refused to migrate: {}",
-            vms::api_error(&v)
-        )));
-    }
+    let api = vms::api(&vm.sock, Duration::from_secs(5));
+    let mut req = MigrateRequest::to(dest);
+    req.max_downtime_ms = d.r.config.max_downtime_ms;
+    vms::api(&vm.sock, Duration::from_secs(10))
+        .migrate(&req)
+        .map_err(|e| match e.status() {
+            Some(_) => abort(format!("the VMM refused to migrate: {}", e.message())),
+            None => abort(e.to_string()),
+        })?;
     let deadline = Instant::now() + Duration::from_secs_f64(d.r.config.migration_timeout_s);
     let mut cancelled = false;
     loop {
         std::thread::sleep(Duration::from_millis(200));
-        let (_, s) = match vms::api(&vm.sock, "GET", "/vm/migration", "", Duration::from_secs(5)) {
-            Ok(r) => r,
+        let s = match api.migration() {
+            Ok(s) => s,
             // The source exits soon after a completed migration. A source
             // gone without telling us: the destination says whether the VM
             // runs there; it is never aborted (the VM may run there).
@@ -796,31 +791,22 @@ fn hand_over(
                     .ok_or_else(|| format!("lost the source VMM during the migration: {e}"))
             }
         };
-        match s.get("state").and_then(|x| x.as_str()) {
-            Some("completed") => return Ok(s),
-            Some("failed") => {
-                let running_here = s.get("vm_running_here").and_then(|x| x.as_bool());
-                let e = s.get("error").and_then(|x| x.as_str()).unwrap_or("?");
-                let why = format!(
-                    "{e} (VM running here: {})",
-                    running_here.map_or("unknown".into(), |b| b.to_string())
-                );
+        match s {
+            MigrationStatus::Completed(_) => {
+                return serde_json::to_value(&s).map_err(|e| e.to_string())
+            }
+            MigrationStatus::Failed {
+                error,
+                vm_running_here,
+                ..
+            } => {
+                let why = format!("{error} (VM running here: {vm_running_here})");
                 // Unconfirmed switch-over: the VM may run at the
                 // destination, which must keep it.
-                return Err(if running_here == Some(true) {
-                    abort(why)
-                } else {
-                    why
-                });
+                return Err(if vm_running_here { abort(why) } else { why });
             }
-            Some("running") if Instant::now() > deadline && !cancelled => {
-                let _ = vms::api(
-                    &vm.sock,
-                    "DELETE",
-                    "/vm/migration",
-                    "",
-                    Duration::from_secs(5),
-                );
+            MigrationStatus::Running { .. } if Instant::now() > deadline && !cancelled => {
+                let _ = api.cancel_migration();
                 cancelled = true;
             }
             _ => {}
@@ -970,7 +956,7 @@ fn abort(d: &Daemon, name: &str, token: &str) -> Reply {
         Some(true) => {}
     }
     if let Ok(vm) = vms::describe(name, &sock, Duration::from_millis(300)) {
-        if vm.state == "running" {
+        if vm.state == State::Running {
             d.log.event(
                 "abort-refused",
                 serde_json::json!({"vm": name, "why": "the VM runs here"}),

@@ -5,35 +5,14 @@
 //! `R`). A busy vCPU counts 1 even when the host is oversubscribed and it
 //! gets less than a core; a halted one counts 0.
 use std::collections::HashMap;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use vmm_api::model::{DeviceState, State, VmConfig};
+use vmm_api::Client;
 
-/// One call to a VMM's REST API: (status, JSON body).
-pub fn api(
-    sock: &Path,
-    method: &str,
-    path: &str,
-    body: &str,
-    timeout: Duration,
-) -> Result<(u16, serde_json::Value), String> {
-    let mut s = UnixStream::connect(sock)
-        .map_err(|e| format!("cannot connect to {}: {e}", sock.display()))?;
-    let t = Some(timeout);
-    s.set_read_timeout(t).map_err(|e| e.to_string())?;
-    s.set_write_timeout(t).map_err(|e| e.to_string())?;
-    let (status, text) = vmm::api::http::call(&mut s, method, path, body)
-        .map_err(|e| format!("{method} {path} on {}: {e}", sock.display()))?;
-    let v = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
-    Ok((status, v))
-}
-
-/// The message of an API error body (`{"error": ...}`).
-pub fn api_error(v: &serde_json::Value) -> String {
-    v.get("error")
-        .and_then(|e| e.as_str())
-        .map(String::from)
-        .unwrap_or_else(|| v.to_string())
+/// A client of the VMM behind `sock` whose calls end within `timeout`.
+pub fn api(sock: &Path, timeout: Duration) -> Client {
+    Client::new(sock).with_timeout(timeout)
 }
 
 /// What the daemon knows about one local VM.
@@ -42,7 +21,7 @@ pub struct LocalVm {
     pub name: String,
     pub sock: PathBuf,
     pub pid: u32,
-    pub state: String,
+    pub state: State,
     pub memory_mib: u64,
     /// `--cpus` as the destination must repeat it.
     pub cpus: String,
@@ -63,51 +42,31 @@ pub struct LocalVm {
     pub passthrough: Vec<String>,
 }
 
-fn cpus_spec(topology: &serde_json::Value) -> Option<String> {
-    let s = topology.get("service")?.as_u64()?;
-    let c = topology.get("compute")?.as_u64()?;
-    Some(if c == 0 {
-        s.to_string()
-    } else {
-        format!("service={s},compute={c}")
-    })
-}
-
 /// Reasons a VM cannot be rebuilt on another host by `run --incoming`
 /// with the same flags: host-bound devices and host-bound placement. A
 /// passthrough function may move only out of a hot-plug slot (its guest
 /// lets go of it through the slot; the destination plugs one of its own).
-fn unmovable(config: &serde_json::Value, passthrough: &[serde_json::Value]) -> Option<String> {
-    if passthrough
-        .iter()
-        .any(|p| p.get("hotplug_slot").and_then(|h| h.as_bool()) != Some(true))
-    {
+fn unmovable(config: &VmConfig, passthrough: &[DeviceState]) -> Option<String> {
+    if passthrough.iter().any(|p| !p.hotplug_slot) {
         return Some(
             "has passthrough functions on bus 0 (only those in hot-plug slots can leave \
              without a guest agent)"
                 .into(),
         );
     }
-    let nonempty = |k: &str| {
-        config
-            .get(k)
-            .and_then(|v| v.as_array())
-            .is_some_and(|a| !a.is_empty())
-    };
-    let set = |k: &str| config.get(k).is_some_and(|v| !v.is_null());
-    if nonempty("disks") {
+    if !config.disks.is_empty() {
         return Some("has virtio-blk disks (host files)".into());
     }
-    if nonempty("nets") {
+    if !config.nets.is_empty() {
         return Some("has virtio-net devices (host TAPs)".into());
     }
-    if set("vsock") || set("virtio_console") {
+    if config.vsock.is_some() || config.virtio_console.is_some() {
         return Some("has a vsock or virtio-console bound to host paths".into());
     }
-    if set("pin") {
+    if config.pin.is_some() {
         return Some("is pinned to host cores (--pin)".into());
     }
-    if config.get("hugepages").and_then(|v| v.as_bool()) == Some(true) {
+    if config.hugepages {
         return Some("uses huge pages (the destination may have none free)".into());
     }
     None
@@ -115,71 +74,27 @@ fn unmovable(config: &serde_json::Value, passthrough: &[serde_json::Value]) -> O
 
 /// Describes the VM behind `sock` (named `name`).
 pub fn describe(name: &str, sock: &Path, timeout: Duration) -> Result<LocalVm, String> {
-    let (st, vm) = api(sock, "GET", "/vm", "", timeout)?;
-    if st != 200 {
-        return Err(format!("GET /vm: {st} {}", api_error(&vm)));
-    }
-    let config = vm.get("config").cloned().unwrap_or_default();
-    let pid = vm
-        .get("pid")
-        .and_then(|p| p.as_u64())
-        .ok_or("GET /vm has no pid (an ffmk-vmm older than the node daemon)")? as u32;
-    let memory = config
-        .get("memory_bytes")
-        .and_then(|m| m.as_u64())
-        .ok_or("GET /vm has no config.memory_bytes")?;
-    let cpus = config
-        .get("topology")
-        .and_then(cpus_spec)
-        .ok_or("GET /vm has no config.topology")?;
-    let (st, vcpus) = api(sock, "GET", "/vm/vcpus", "", timeout)?;
-    if st != 200 {
-        return Err(format!("GET /vm/vcpus: {st} {}", api_error(&vcpus)));
-    }
-    let vcpu_tids = vcpus
-        .get("vcpus")
-        .and_then(|v| v.as_array())
-        .map(|a| {
-            a.iter()
-                .filter_map(|v| v.get("tid").and_then(|t| t.as_i64()))
-                .map(|t| t as i32)
-                .collect()
-        })
-        .unwrap_or_default();
-    let passthrough = vm
-        .get("passthrough")
-        .and_then(|p| p.as_array())
-        .cloned()
-        .unwrap_or_default();
-    let (_, mig) = api(sock, "GET", "/vm/migration", "", timeout)?;
-    let migrating = mig.get("state").and_then(|s| s.as_str()) == Some("running");
+    let api = api(sock, timeout);
+    let vm = api.vm().map_err(|e| e.to_string())?;
+    let vcpus = api.vcpus().map_err(|e| e.to_string())?;
+    let migrating = matches!(
+        api.migration(),
+        Ok(vmm_api::model::MigrationStatus::Running { .. })
+    );
     Ok(LocalVm {
         name: name.to_string(),
         sock: sock.to_path_buf(),
-        pid,
-        state: vm
-            .get("state")
-            .and_then(|s| s.as_str())
-            .unwrap_or("unknown")
-            .to_string(),
-        memory_mib: memory >> 20,
-        cpus,
-        cpu_profile: vm
-            .get("cpu_profile")
-            .and_then(|p| p.as_str())
-            .map(String::from),
-        vcpu_tids,
+        pid: vm.pid,
+        state: vm.state,
+        memory_mib: vm.config.memory_bytes >> 20,
+        cpus: vm.config.cpus_flag(),
+        cpu_profile: Some(vm.cpu_profile.clone()),
+        vcpu_tids: vcpus.vcpus.iter().filter_map(|v| v.tid).collect(),
         load: 0.0,
-        unmovable: unmovable(&config, &passthrough),
+        unmovable: unmovable(&vm.config, &vm.passthrough),
         migrating,
-        hotplug_slots: config
-            .get("hotplug_slots")
-            .and_then(|h| h.as_u64())
-            .map_or(0, |h| h.min(u64::from(u8::MAX)) as u8),
-        passthrough: passthrough
-            .iter()
-            .filter_map(|p| p.get("device").and_then(|d| d.as_str()).map(String::from))
-            .collect(),
+        hotplug_slots: vm.config.hotplug_slots,
+        passthrough: vm.passthrough.iter().map(|p| p.device.clone()).collect(),
     })
 }
 
@@ -312,28 +227,49 @@ mod tests {
         assert_eq!(runnable(pid, i32::MAX), None);
     }
 
+    /// A configuration as `GET /vm` shows it, with `extra` over it.
+    fn config(extra: serde_json::Value) -> VmConfig {
+        let mut c = serde_json::json!({
+            "kernel": "/k", "initrd": null, "cmdline": "", "cpus": 1,
+            "topology": {"service": 1, "compute": 0}, "pin": null,
+            "memory_bytes": 1 << 28, "hugepages": false, "disks": [], "nets": [],
+            "rng": false, "virtio_console": null, "vsock": null, "hotplug_slots": 0,
+        });
+        if let (Some(c), Some(e)) = (c.as_object_mut(), extra.as_object()) {
+            c.extend(e.clone());
+        }
+        serde_json::from_value(c).expect("a configuration")
+    }
+
     #[test]
     fn devices_and_pinning_make_a_vm_unmovable() {
-        let plain = serde_json::json!({"disks": [], "nets": [], "pin": null, "vsock": null});
+        let plain =
+            config(serde_json::json!({"disks": [], "nets": [], "pin": null, "vsock": null}));
         assert_eq!(unmovable(&plain, &[]), None);
-        let disk = serde_json::json!({"disks": [{"path": "/x"}]});
+        let disk = config(
+            serde_json::json!({"disks": [{"path": "/x", "readonly": false,
+            "direct": false, "serial": null, "queues": 1, "bandwidth": null, "iops": null}]}),
+        );
         assert!(unmovable(&disk, &[]).is_some());
-        let pin = serde_json::json!({"pin": {"service": "0"}});
+        let pin = config(serde_json::json!({"pin": {"service": "0", "compute": null, "io": null}}));
         assert!(unmovable(&pin, &[]).is_some());
         // Passthrough functions: in hot-plug slots they may leave, on bus
         // 0 they keep the VM here.
-        let in_slot = serde_json::json!({"device": "vfio=0000:3b:00.2", "bdf": "01:00.0", "hotplug_slot": true});
-        let on_bus0 = serde_json::json!({"device": "vfio=0000:3b:00.3", "bdf": "00:05.0", "hotplug_slot": false});
+        let function = |device: &str, bdf: &str, hotplug_slot| DeviceState {
+            device: device.into(),
+            bdf: bdf.into(),
+            hotplug_slot,
+            state: vmm_api::model::Attachment::Attached,
+        };
+        let in_slot = function("vfio=0000:3b:00.2", "01:00.0", true);
+        let on_bus0 = function("vfio=0000:3b:00.3", "00:05.0", false);
         assert_eq!(unmovable(&plain, std::slice::from_ref(&in_slot)), None);
         let why = unmovable(&plain, &[in_slot, on_bus0]).unwrap_or_default();
         assert!(why.contains("bus 0"), "{why}");
-        assert_eq!(
-            cpus_spec(&serde_json::json!({"service": 1, "compute": 2})).as_deref(),
-            Some("service=1,compute=2")
-        );
-        assert_eq!(
-            cpus_spec(&serde_json::json!({"service": 2, "compute": 0})).as_deref(),
-            Some("2")
-        );
+        let topology = |service, compute| {
+            config(serde_json::json!({"topology": {"service": service, "compute": compute}}))
+        };
+        assert_eq!(topology(1, 2).cpus_flag(), "service=1,compute=2");
+        assert_eq!(topology(2, 0).cpus_flag(), "2");
     }
 }

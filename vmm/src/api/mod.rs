@@ -3,7 +3,10 @@
 //! A server thread accepts connections and parses HTTP/1.1 requests; each
 //! request is handed to the control thread through a channel plus an eventfd
 //! (so the control loop wakes up), and the answer goes back to the client.
-pub mod http;
+//! The codec and the body types are the `vmm-api` crate's (shared with
+//! every client).
+pub use vmm_api::http;
+use vmm_api::model::{DeviceBody, MigrateRequest, ResizeBody, SnapshotRequest};
 
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -28,9 +31,9 @@ pub enum ApiRequest {
         bytes: u64,
     },
     /// Take a snapshot (`PUT /vm/snapshot`).
-    Snapshot(crate::checkpoint::SnapshotRequest),
+    Snapshot(SnapshotRequest),
     /// Start a live migration (`PUT /vm/migrate`).
-    Migrate(crate::migration::MigrateRequest),
+    Migrate(MigrateRequest),
     /// `GET /vm/migration`.
     MigrationStatus,
     /// `DELETE /vm/migration`: cancel.
@@ -45,40 +48,8 @@ pub enum ApiRequest {
     },
 }
 
-/// Body of `PUT /vm/devices`.
-#[derive(Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DeviceBody {
-    pub device: String,
-}
-
-/// Body of `PUT /vm/disks/{index}/resize`.
-#[derive(Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ResizeBody {
-    pub size_bytes: u64,
-}
-
-#[derive(Debug, Clone)]
-pub struct ApiResponse {
-    pub status: u16,
-    pub body: String,
-    /// The methods a path takes, sent as `Allow` with a 405.
-    pub allow: Option<String>,
-}
-
-impl ApiResponse {
-    pub fn json(status: u16, value: &serde_json::Value) -> Self {
-        ApiResponse {
-            status,
-            body: value.to_string(),
-            allow: None,
-        }
-    }
-    pub fn error(status: u16, msg: impl Into<String>) -> Self {
-        Self::json(status, &serde_json::json!({ "error": msg.into() }))
-    }
-}
+/// An answer to a request.
+pub type ApiResponse = http::Response;
 
 pub type ApiMessage = (ApiRequest, Sender<ApiResponse>);
 
@@ -249,36 +220,36 @@ pub fn start_server(
 
 /// Maps method, path and body to a request (or an HTTP error). A method a
 /// path does not take gets 405 with an `Allow` header listing the ones it
-/// does (RFC 9110).
+/// does (RFC 9110). The paths are `vmm_api::endpoint`'s.
 pub fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, ApiResponse> {
+    use vmm_api::endpoint::{self as ep, Found};
     let (path, query) = path.split_once('?').unwrap_or((path, ""));
-    let path = path.trim_end_matches('/');
-    let allowed: &[&str] = match path {
-        "/vm" | "/vm/vcpus" | "/vm/interrupts" => &["GET"],
-        "/vm/migration" => &["GET", "DELETE"],
-        "/vm/pause" | "/vm/resume" | "/vm/shutdown" | "/vm/snapshot" | "/vm/migrate" => &["PUT"],
-        _ if path.starts_with("/vm/disks/") && path.ends_with("/resize") => &["PUT"],
-        "/vm/devices" => &["PUT"],
-        _ if path.starts_with("/vm/devices/") => &["DELETE"],
-        _ => return Err(ApiResponse::error(404, format!("no such endpoint: {path}"))),
+    let (e, params) = match ep::find(method, path) {
+        Found::Endpoint(e, params) => (e, params),
+        Found::Method(allowed) => {
+            let path = path.trim_end_matches('/');
+            let mut r = ApiResponse::error(405, format!("{method} is not allowed on {path}"));
+            r.allow = Some(allowed.join(", "));
+            return Err(r);
+        }
+        Found::NoPath => {
+            let path = path.trim_end_matches('/');
+            return Err(ApiResponse::error(404, format!("no such endpoint: {path}")));
+        }
     };
-    if !allowed.contains(&method) {
-        let mut r = ApiResponse::error(405, format!("{method} is not allowed on {path}"));
-        r.allow = Some(allowed.join(", "));
-        return Err(r);
-    }
-    Ok(match (method, path) {
-        ("GET", "/vm") => ApiRequest::GetVm,
-        ("GET", "/vm/vcpus") => ApiRequest::Vcpus,
-        ("GET", "/vm/interrupts") => ApiRequest::Interrupts,
-        ("GET", "/vm/migration") => ApiRequest::MigrationStatus,
-        ("DELETE", "/vm/migration") => ApiRequest::MigrationCancel,
-        ("PUT", "/vm/pause") => ApiRequest::Pause,
-        ("PUT", "/vm/resume") => ApiRequest::Resume,
-        ("PUT", "/vm/shutdown") => ApiRequest::Shutdown,
-        ("PUT", "/vm/snapshot") => snapshot_request(body)?,
-        ("PUT", "/vm/migrate") => migrate_request(body)?,
-        ("PUT", "/vm/devices") => {
+    let param = params.first().copied().unwrap_or("");
+    Ok(match e {
+        ep::GET_VM => ApiRequest::GetVm,
+        ep::GET_VCPUS => ApiRequest::Vcpus,
+        ep::GET_INTERRUPTS => ApiRequest::Interrupts,
+        ep::MIGRATION_STATUS => ApiRequest::MigrationStatus,
+        ep::CANCEL_MIGRATION => ApiRequest::MigrationCancel,
+        ep::PAUSE => ApiRequest::Pause,
+        ep::RESUME => ApiRequest::Resume,
+        ep::SHUTDOWN => ApiRequest::Shutdown,
+        ep::SNAPSHOT => snapshot_request(body)?,
+        ep::MIGRATE => migrate_request(body)?,
+        ep::ADD_DEVICE => {
             let b: DeviceBody = json_body(
                 body,
                 "device",
@@ -290,26 +261,25 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, ApiRes
                     .map_err(|e: crate::config::Error| ApiResponse::error(400, e.to_string()))?,
             )
         }
-        ("DELETE", _) => {
-            let bdf = path.strip_prefix("/vm/devices/").unwrap_or("");
-            ApiRequest::RemoveDevice {
-                at: bdf
-                    .parse()
-                    .map_err(|e: String| ApiResponse::error(404, format!("no such device: {e}")))?,
-                force: query
-                    .split('&')
-                    .any(|kv| kv == "force=1" || kv == "force=true"),
-            }
+        ep::REMOVE_DEVICE => ApiRequest::RemoveDevice {
+            at: param
+                .parse()
+                .map_err(|e: String| ApiResponse::error(404, format!("no such device: {e}")))?,
+            force: query
+                .split('&')
+                .any(|kv| kv == "force=1" || kv == "force=true"),
+        },
+        ep::RESIZE_DISK => resize_request(param, body)?,
+        other => {
+            return Err(ApiResponse::error(
+                501,
+                format!("{} is not served by this VMM", other.operation),
+            ))
         }
-        _ => resize_request(path, body)?,
     })
 }
 
-fn resize_request(path: &str, body: &[u8]) -> Result<ApiRequest, ApiResponse> {
-    let index = path
-        .strip_prefix("/vm/disks/")
-        .and_then(|rest| rest.strip_suffix("/resize"))
-        .unwrap_or("");
+fn resize_request(index: &str, body: &[u8]) -> Result<ApiRequest, ApiResponse> {
     let index = index
         .parse::<usize>()
         .map_err(|_| ApiResponse::error(404, format!("no such disk: {index}")))?;
@@ -321,19 +291,17 @@ fn resize_request(path: &str, body: &[u8]) -> Result<ApiRequest, ApiResponse> {
 }
 
 fn snapshot_request(body: &[u8]) -> Result<ApiRequest, ApiResponse> {
-    let r: crate::checkpoint::SnapshotRequest = json_body(
+    let r: SnapshotRequest = json_body(
         body,
         "snapshot",
         r#"{"dest": DIR, "kind": "full"|"incremental", "force": bool, "live": bool}"#,
     )?;
-    if !r.dest.is_absolute() {
-        return Err(ApiResponse::error(400, "dest must be an absolute path"));
-    }
+    r.check().map_err(|e| ApiResponse::error(400, e))?;
     Ok(ApiRequest::Snapshot(r))
 }
 
 fn migrate_request(body: &[u8]) -> Result<ApiRequest, ApiResponse> {
-    let r: crate::migration::MigrateRequest = json_body(
+    let r: MigrateRequest = json_body(
         body,
         "migrate",
         r#"{"to": "tcp://HOST:PORT", "max_downtime_ms": N, "max_rounds": N, "throttle": bool}"#,
@@ -466,6 +434,27 @@ mod tests {
                 route(method, path, body.as_bytes()).unwrap_err().status,
                 status,
                 "{method} {path} {body}"
+            );
+        }
+    }
+
+    /// The server takes every endpoint of the contract (with a valid body).
+    #[test]
+    fn every_endpoint_of_the_contract_is_served() {
+        for e in vmm_api::endpoint::ALL {
+            let (params, body): (&[&str], &str) = match e.operation {
+                "snapshotVm" => (&[], r#"{"dest": "/s"}"#),
+                "migrateVm" => (&[], r#"{"to": "h:1"}"#),
+                "addDevice" => (&[], r#"{"device": "vfio-user=/s"}"#),
+                "removeDevice" => (&["01:00.0"], ""),
+                "resizeDisk" => (&["0"], r#"{"size_bytes": 512}"#),
+                _ => (&[], ""),
+            };
+            let path = e.path(params);
+            assert!(
+                route(e.method, &path, body.as_bytes()).is_ok(),
+                "{} {path}",
+                e.method
             );
         }
     }

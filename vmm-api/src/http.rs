@@ -1,10 +1,15 @@
-//! Just enough HTTP/1.1 for a local control API: one request per connection.
+//! Just enough HTTP/1.1 for a local control API: one request per
+//! connection, JSON bodies. Both sides live here (the VMM's server reads
+//! requests and writes responses; [`crate::Client`] does the reverse), so
+//! the limits below are the same at both ends.
 use std::io::{Read, Write};
 
-const MAX_HEADER: usize = 16 * 1024;
+/// Largest header a message may have.
+pub const MAX_HEADER: usize = 16 * 1024;
 /// Header lines after the request line.
-const MAX_HEADER_LINES: usize = 64;
-const MAX_BODY: usize = 1 << 20;
+pub const MAX_HEADER_LINES: usize = 64;
+/// Largest body a message may have.
+pub const MAX_BODY: usize = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -16,6 +21,8 @@ pub enum Error {
     BadResponse,
 }
 
+/// A request as the server read it.
+#[derive(Debug)]
 pub struct Request {
     pub method: String,
     pub path: String,
@@ -76,6 +83,7 @@ fn read_message(s: &mut impl Read) -> Result<(String, Vec<u8>), Error> {
     Ok((head, body))
 }
 
+/// Reads one request (server side).
 pub fn read_request(s: &mut impl Read) -> Result<Request, Error> {
     let (head, body) = read_message(s)?;
     let mut parts = head.lines().next().unwrap_or("").split_whitespace();
@@ -106,7 +114,43 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-pub fn write_response(s: &mut impl Write, r: &super::ApiResponse) -> std::io::Result<()> {
+/// An answer: a status, a JSON body and, with a 405, the methods the path
+/// takes.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub body: String,
+    /// The methods a path takes, sent as `Allow` with a 405.
+    pub allow: Option<String>,
+}
+
+impl Response {
+    /// `value` as the JSON body (a 500 should it not encode: the API's
+    /// own types always do).
+    pub fn json(status: u16, value: &impl serde::Serialize) -> Self {
+        match serde_json::to_string(value) {
+            Ok(body) => Response {
+                status,
+                body,
+                allow: None,
+            },
+            Err(e) => Self::error(500, format!("cannot encode the answer: {e}")),
+        }
+    }
+
+    /// `{"error": msg}`.
+    pub fn error(status: u16, msg: impl Into<String>) -> Self {
+        let body = crate::model::ErrorBody { error: msg.into() };
+        Response {
+            status,
+            body: serde_json::to_string(&body).unwrap_or_else(|_| "{}".into()),
+            allow: None,
+        }
+    }
+}
+
+/// Writes one response (server side).
+pub fn write_response(s: &mut impl Write, r: &Response) -> std::io::Result<()> {
     let allow = match &r.allow {
         Some(methods) => format!("Allow: {methods}\r\n"),
         None => String::new(),
@@ -192,11 +236,12 @@ mod tests {
     #[test]
     fn response_round_trip() {
         let mut out = Vec::new();
-        write_response(&mut out, &super::super::ApiResponse::error(409, "x")).unwrap();
+        write_response(&mut out, &Response::error(409, "x")).unwrap();
         let (head, body) = read_message(&mut Cursor::new(out)).unwrap();
         assert!(head.starts_with("HTTP/1.1 409 Conflict"));
         assert_eq!(body, b"{\"error\":\"x\"}");
-        let refused = super::super::route("TRACE", "/vm", b"").unwrap_err();
+        let mut refused = Response::error(405, "TRACE is not allowed on /vm");
+        refused.allow = Some("GET".into());
         let mut out = Vec::new();
         write_response(&mut out, &refused).unwrap();
         let (head, _) = read_message(&mut Cursor::new(out)).unwrap();

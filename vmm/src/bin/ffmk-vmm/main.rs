@@ -1,0 +1,379 @@
+//! `ffmk-vmm`: parse the command line, run the subcommand, map the outcome
+//! to an exit code (0 clean stop, N guest test-exit status, 1 VMM failure,
+//! 2 bad usage or input, 3 guest crash).
+use anyhow::Context;
+use clap::Parser;
+use std::process::ExitCode;
+use vmm::cli::{Cli, Command, PlaneArgs, RestoreArgs, RunArgs};
+use vmm::config::{FileConfig, RunConfig};
+
+mod admin;
+mod checkpoint;
+mod client;
+mod failure;
+
+use failure::{one_line, runtime, usage, Failure};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            // One line: clap's first line, without its own "error: " prefix.
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("ffmk-vmm: error: {}", first.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+    };
+    // vfio-ioctls warns about interrupt indices a device does not have
+    // (error reporting, device request); we only use INTx, MSI and MSI-X.
+    let directives = format!("{},vfio_ioctls=error", cli.log_level);
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+
+    let result = match cli.command {
+        Command::Run(args) => run(*args),
+        Command::HostInfo { json, cpu_profile } => admin::host_info(json, cpu_profile),
+        Command::HostCheck {
+            compute,
+            json,
+            root,
+        } => admin::host_check(compute, json, &root),
+        Command::Info(c) => client::info(c),
+        Command::Pause(c) => client::pause(c),
+        Command::Resume(c) => client::resume(c),
+        Command::Shutdown(c) => client::shutdown(c),
+        Command::Snapshot(a) => client::snapshot(a),
+        Command::Restore(a) => restore(a),
+        Command::Checkpoint { action, plane } => checkpoint::checkpoint(action, plane),
+        Command::Migrate(a) => client::migrate(a),
+        Command::Key { action } => admin::key(action),
+        Command::Device { action } => client::device(action),
+        Command::Vfio { action } => admin::vfio(action),
+        Command::Ib { action } => admin::ib(action),
+        Command::ResizeDisk {
+            client: c,
+            disk,
+            size,
+        } => client::resize_disk(c, disk, &size),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(f) => {
+            eprintln!("ffmk-vmm: error: {}", one_line(&f.err));
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+pub(crate) fn open_kvm() -> Result<kvm_ioctls::Kvm, Failure> {
+    kvm_ioctls::Kvm::new()
+        .context("cannot open /dev/kvm (is KVM available and accessible?)")
+        .map_err(runtime)
+}
+
+fn run(args: RunArgs) -> Result<u8, Failure> {
+    let file = match &args.config {
+        Some(p) => FileConfig::load(p).map_err(usage)?,
+        None => FileConfig::default(),
+    };
+    let mut file = file.merged(args.as_file_config());
+    if let Some(addr) = &args.incoming {
+        let addr = vmm::migration::parse_tcp(addr)
+            .map_err(|e| usage(anyhow::anyhow!("--incoming: {e}")))?;
+        // The kernel comes with the migrating VM.
+        file.kernel.get_or_insert_with(|| "(incoming)".into());
+        let config = RunConfig::from_file_config(file).map_err(usage)?;
+        // A destination must know whom it takes a VM from: no key, no start.
+        let trust = args
+            .plane
+            .trust()
+            .map_err(|e| usage(anyhow::anyhow!("--incoming: {e}")))?;
+        let deadline = std::time::Duration::from_secs(args.incoming_timeout.max(1));
+        return incoming(&addr, config, &trust, deadline);
+    }
+    let trust = source_trust(&args.plane)?;
+    let config = RunConfig::from_file_config(file).map_err(usage)?;
+    vmm::boot::probe_kernel(&config.kernel).map_err(usage)?;
+    if let Some(initrd) = &config.initrd {
+        std::fs::File::open(initrd)
+            .with_context(|| format!("cannot open initramfs {}", initrd.display()))
+            .map_err(usage)?;
+    }
+    let (signals, kvm, listener, _socket_guard) = prepare(&config, None)?;
+
+    let vm = vmm::vm::Vm::create(&kvm, config, None).map_err(|e| {
+        if e.is_user_error() {
+            usage(e)
+        } else {
+            runtime(e)
+        }
+    })?;
+    serve(vm, signals, listener, trust)
+}
+
+/// The trust a VM's later migrations use. A key named (flag, environment)
+/// but unusable is an error now; no key at all only keeps this VM from
+/// migrating (the request is refused with the reason).
+pub(crate) fn source_trust(
+    plane: &PlaneArgs,
+) -> Result<Result<cluster_auth::Trust, String>, Failure> {
+    match plane.trust() {
+        Ok(t) => Ok(Ok(t)),
+        Err(e @ cluster_auth::Error::NoKey(_)) => Ok(Err(e.to_string())),
+        Err(e) => Err(usage(e)),
+    }
+}
+
+/// `run --incoming`: waits for a migration that fits `config`, then runs
+/// the VM that arrived.
+fn incoming(
+    addr: &str,
+    config: RunConfig,
+    trust: &cluster_auth::Trust,
+    deadline: std::time::Duration,
+) -> Result<u8, Failure> {
+    let (signals, kvm, listener, _socket_guard) = prepare(&config, None)?;
+    // Passthrough functions join once the VM has arrived: the VM that
+    // arrives has none (its source unplugged them), and its bus must
+    // match the source's while its state is loaded.
+    let mut config = config;
+    let devices = std::mem::take(&mut config.devices);
+    let tcp = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("cannot listen on {addr}"))
+        .map_err(usage)?;
+    eprintln!("ffmk-vmm: waiting for a migration on {addr}");
+    let arrived = vmm::migration::receive(&kvm, &tcp, &config, trust, deadline, &mut |m| {
+        eprintln!("ffmk-vmm: {m}")
+    })
+    .with_context(|| format!("listening on {addr}"))
+    .map_err(runtime)?;
+    drop(tcp);
+    let received = &arrived.received;
+    eprintln!(
+        "ffmk-vmm: migrated in from {}: {} pages in {:.0} ms{}; running",
+        received.from,
+        received.pages,
+        received.total_ms,
+        match received.verified_pages {
+            Some(n) => format!(", all {n} pages verified against the source's"),
+            None => String::new(),
+        }
+    );
+    if let Some(pc) = arrived.postcopy {
+        let from = received.from.clone();
+        eprintln!(
+            "ffmk-vmm: post-copy: {} pages follow from {from}",
+            pc.left()
+        );
+        let arriving = arrived.vm.memory_arriving.clone();
+        arriving.store(true, std::sync::atomic::Ordering::Release);
+        let socket = config.api_socket.clone();
+        let watched = pc.finish(move |end, left| match end {
+            Ok(s) => {
+                arriving.store(false, std::sync::atomic::Ordering::Release);
+                eprintln!(
+                    "ffmk-vmm: post-copy from {from} complete: {} pages in {:.0} ms; {} faults \
+                     on missing pages, {} pages asked for (mean wait {:.2} ms, max {:.2} ms), \
+                     {} untouched pages zero-filled, {} present",
+                    s.missing_pages,
+                    s.total_ms,
+                    s.faults,
+                    s.requested,
+                    s.mean_fault_ms,
+                    s.max_fault_ms,
+                    s.zero_filled,
+                    s.already_present
+                );
+            }
+            Err(e) => {
+                // A fault on a missing page can never be served now: the
+                // VM cannot go on. Stop here, before it runs on holes.
+                eprintln!(
+                    "ffmk-vmm: post-copy from {from} failed: {e}; {left} pages of the VM's \
+                     memory never arrived, so it cannot continue: stopping (exit 1)"
+                );
+                if let Some(p) = socket {
+                    let _ = std::fs::remove_file(p);
+                }
+                std::process::exit(1);
+            }
+        });
+        if let Err(e) = watched {
+            eprintln!(
+                "ffmk-vmm: cannot follow the post-copy from {}: {e}; the VM cannot continue \
+                 without its missing pages: stopping (exit 1)",
+                received.from
+            );
+            return Ok(1);
+        }
+    }
+    plug_arrived(&arrived.vm, &devices);
+    serve(arrived.vm, signals, listener, Ok(trust.clone()))
+}
+
+/// `run --incoming --device ...`: plugs the functions into the VM that
+/// arrived and has its guest agent rescan. A function that cannot be
+/// plugged is reported; the VM runs on without it.
+fn plug_arrived(vm: &vmm::vm::Vm, devices: &[vmm::config::DeviceEntry]) {
+    if devices.is_empty() {
+        return;
+    }
+    for d in devices {
+        match vm.plug(d) {
+            Ok(at) => eprintln!("ffmk-vmm: {d} plugged in at {at}"),
+            Err(e) => eprintln!("ffmk-vmm: {e}; the VM runs without it"),
+        }
+    }
+    if let Some(v) = &vm.config.vsock {
+        match vmm::agent::ask(&v.socket, "rescan", vmm::agent::TIMEOUT) {
+            Ok(a) => eprintln!("ffmk-vmm: guest agent: {a}"),
+            Err(e) => eprintln!("ffmk-vmm: {e}"),
+        }
+    }
+}
+
+type Listener = Option<(std::os::unix::net::UnixListener, std::path::PathBuf)>;
+
+/// What every VM start needs before the VM exists: SIGINT/SIGTERM blocked
+/// before any thread starts (only the control loop sees them), /dev/kvm, and
+/// the API socket bound (removed again on every way out by the guard).
+fn prepare(
+    config: &vmm::config::RunConfig,
+    restore_from: Option<&std::path::Path>,
+) -> Result<(std::os::fd::OwnedFd, kvm_ioctls::Kvm, Listener, SocketGuard), Failure> {
+    let signals = vmm::control::signal_fd()
+        .context("cannot set up signal handling")
+        .map_err(runtime)?;
+    // Every thread started from here on confines itself (docs/security.md).
+    sandbox::seccomp::set_mode(config.seccomp);
+    let kvm = open_kvm()?;
+    let listener = match &config.api_socket {
+        Some(p) => Some((
+            vmm::api::bind(p, config.api_group.as_deref()).map_err(usage)?,
+            p.clone(),
+        )),
+        None => None,
+    };
+    let guard = SocketGuard(listener.as_ref().map(|(_, p)| p.clone()));
+    // Still no other thread: the rules cover every thread started later.
+    if config.landlock.applies(config) {
+        let paths = vmm::reach::paths(config, restore_from)
+            .context("cannot prepare the Landlock rules")
+            .map_err(usage)?;
+        match sandbox::landlock::restrict(&paths)
+            .context("cannot restrict the file system (--landlock)")
+            .map_err(runtime)?
+        {
+            sandbox::landlock::Enforced::Fully => tracing::info!("landlock: fully enforced"),
+            sandbox::landlock::Enforced::Partly => {
+                tracing::warn!("landlock: partly enforced (an older kernel)")
+            }
+            sandbox::landlock::Enforced::Not => {
+                tracing::warn!("landlock: this kernel has none; the file system is not restricted")
+            }
+        }
+    }
+    Ok((signals, kvm, listener, guard))
+}
+
+/// Runs the control loop (and the API server, if any) until the VM ends.
+fn serve(
+    vm: vmm::vm::Vm,
+    signals: std::os::fd::OwnedFd,
+    listener: Listener,
+    trust: Result<cluster_auth::Trust, String>,
+) -> Result<u8, Failure> {
+    let api = match listener {
+        Some((l, _)) => {
+            let wake = std::sync::Arc::new(
+                vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
+                    .context("eventfd")
+                    .map_err(runtime)?,
+            );
+            let rx = vmm::api::start_server(l, wake.clone())
+                .context("cannot start the API thread")
+                .map_err(runtime)?;
+            Some((rx, wake))
+        }
+        None => None,
+    };
+    // The control thread last: the API thread above has its own filter,
+    // the migration threads it starts later fit inside this one.
+    sandbox::seccomp::confine(sandbox::ThreadKind::Control, "control")
+        .context("cannot confine the control thread")
+        .map_err(runtime)?;
+    let reason = vmm::control::run(std::sync::Arc::new(vm), signals, api, trust)
+        .context("control loop failed")
+        .map_err(runtime)?;
+    eprintln!(
+        "ffmk-vmm: VM stopped: {} (exit code {})",
+        reason.describe(),
+        reason.exit_code()
+    );
+    Ok(reason.exit_code() as u8)
+}
+
+pub(crate) fn restore(args: RestoreArgs) -> Result<u8, Failure> {
+    let t0 = std::time::Instant::now();
+    let console: vmm::config::Console = args
+        .console
+        .as_deref()
+        .unwrap_or("stdio")
+        .parse()
+        .map_err(usage)?;
+    let trust = source_trust(&args.plane)?;
+    let restoring = vmm::checkpoint::Restoring::open(&args.from, args.paused).map_err(usage)?;
+    let config = restoring
+        .run_config(
+            console,
+            args.api_socket.clone(),
+            args.pin.clone(),
+            &args.host,
+            &args.confine,
+        )
+        .map_err(usage)?;
+    let from = match &restoring.origin {
+        vmm::checkpoint::Origin::Snapshot(s) => Some(s.dir.as_path()),
+        vmm::checkpoint::Origin::Migration { .. } => None,
+    };
+    let (signals, kvm, listener, _socket_guard) = prepare(&config, from)?;
+    let summary = match &restoring.origin {
+        vmm::checkpoint::Origin::Snapshot(s) => format!(
+            "generation {}, {} layer(s), {:.1} MiB stored",
+            s.manifest.generation,
+            s.manifest.layers.len(),
+            s.manifest.stored_bytes() as f64 / f64::from(1 << 20)
+        ),
+        vmm::checkpoint::Origin::Migration { .. } => String::new(),
+    };
+    let vm = vmm::vm::Vm::create(&kvm, config, Some(&restoring)).map_err(runtime)?;
+    eprintln!(
+        "ffmk-vmm: restored {} ({summary}) in {:.1} ms{}",
+        args.from.display(),
+        t0.elapsed().as_secs_f64() * 1e3,
+        if args.paused { ", paused" } else { "" }
+    );
+    drop(restoring);
+    serve(vm, signals, listener, trust)
+}
+
+struct SocketGuard(Option<std::path::PathBuf>);
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
