@@ -54,7 +54,6 @@ impl Source for Vm {
     fn state(&self) -> Result<Vec<u8>, String> {
         Ok(self.state.clone())
     }
-    fn give_back(&self, _fetched: PageBitmap) {}
 }
 
 fuzz_target!(|data: &[u8]| {

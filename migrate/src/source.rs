@@ -45,16 +45,23 @@ pub trait Source {
     /// Starts (or restarts) dirty tracking: `dirty` reports from here on.
     fn start_tracking(&self) -> Result<(), String>;
     /// Pages dirtied since the last call (or since `start_tracking`).
+    /// The VMM keeps them for whoever else tracks dirty pages
+    /// (incremental snapshots) unless the migration completes.
     fn dirty(&self) -> Result<PageBitmap, String>;
     /// Stops the vCPUs and device I/O.
     fn pause(&self) -> Result<(), String>;
     fn resume(&self) -> Result<(), String>;
     /// The machine state (vCPUs, clocks, devices), taken while paused.
     fn state(&self) -> Result<Vec<u8>, String>;
-    /// Called with every page set fetched from `dirty` when the migration
-    /// failed and the guest runs on here, so that nothing is lost for
-    /// whoever else tracks dirty pages (incremental snapshots).
-    fn give_back(&self, fetched: PageBitmap);
+}
+
+/// The source's dirty pages as the rounds engine fetches them.
+struct Dirty<'a>(&'a dyn Source);
+
+impl precopy::Tracker for Dirty<'_> {
+    fn fetch(&mut self) -> Result<PageBitmap, String> {
+        self.0.dirty()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -204,7 +211,6 @@ struct Engine<'a> {
     cancel: &'a AtomicBool,
     report: &'a mut dyn FnMut(&Progress),
     progress: Progress,
-    fetched: PageBitmap,
     throttle: Throttle,
     batch: Pages,
     page: Vec<u8>,
@@ -269,9 +275,7 @@ impl Engine<'_> {
     }
 
     fn fetch_dirty(&mut self) -> Result<PageBitmap, Error> {
-        let d = self.vm.dirty().map_err(Error::Vm)?;
-        self.fetched.union(&d);
-        Ok(d)
+        self.vm.dirty().map_err(Error::Vm)
     }
 
     /// Waits until the destination has taken in everything sent so far.
@@ -281,73 +285,101 @@ impl Engine<'_> {
         Ok(())
     }
 
+    /// Rounds while the guest runs (the `precopy` engine), until the
+    /// predicted downtime meets the target (or post-copy takes over).
     fn precopy(&mut self) -> Result<Next, Error> {
         self.vm.start_tracking().map_err(Error::Vm)?;
         self.progress.phase = Phase::Precopy;
-        self.progress.round = 1;
         let first = resident_pages(self.vm.memory());
-        let mut round_start = Instant::now();
-        let mut sent_before = self.conn.sent;
-        self.send_pages(&first, true, true)?;
-        self.sync()?;
+        let vm = self.vm;
         let mut previous = u64::MAX;
         let mut stalled = 0;
-        loop {
-            let elapsed = round_start.elapsed().as_secs_f64().max(1e-6);
-            let link = (self.conn.sent - sent_before) as f64 / elapsed; // bytes/s
-                                                                        // The throttle's pauses hold pages back too: the dirtying rate
-                                                                        // is per second of the round.
-            let dirty = self.fetch_dirty()?;
-            let n = dirty.count();
-            let dirty_bytes = n * PAGE_SIZE;
-            let p = &mut self.progress;
-            p.dirty_pages = n;
-            p.dirty_mib_s = dirty_bytes as f64 / elapsed / f64::from(1 << 20);
-            p.link_mib_s = link / f64::from(1 << 20);
-            p.predicted_downtime_ms = if link > 0.0 {
-                dirty_bytes as f64 / link * 1e3
-            } else {
-                f64::INFINITY
-            };
-            p.remaining_pages = 0;
-            p.sent_bytes = self.conn.sent;
-            (self.report)(&self.progress);
-            self.check_cancel()?;
-            let predicted =
-                Duration::from_secs_f64((self.progress.predicted_downtime_ms / 1e3).min(3600.0));
-            if n == 0 || predicted <= self.opts.max_downtime {
-                return Ok(Next::StopAndCopy(dirty));
-            }
-            if self.opts.postcopy {
-                return Ok(Next::Postcopy(dirty));
-            }
-            if self.progress.round >= self.opts.max_rounds {
-                return Err(Error::NoConvergence {
-                    rounds: self.progress.round,
-                    dirty_mib_s: self.progress.dirty_mib_s,
-                    link_mib_s: self.progress.link_mib_s,
-                    throttle_pct: self.throttle.pct,
-                });
-            }
-            // Not shrinking: throttle harder (from the third round on).
-            if n >= previous / 10 * 9 {
-                stalled += 1;
-            } else {
-                stalled = 0;
-            }
-            previous = n;
-            if self.opts.throttle && stalled >= 2 && self.throttle.pct < 90 {
-                self.throttle.pct = (self.throttle.pct + 30).min(90);
-                self.progress.throttle_pct = self.throttle.pct;
-                stalled = 0;
-                tracing::info!("migration: vCPUs throttled to {}%", 100 - self.throttle.pct);
-            }
-            self.progress.round += 1;
-            round_start = Instant::now();
-            sent_before = self.conn.sent;
-            self.send_pages(&dirty, false, true)?;
-            self.sync()?;
+        let engine = std::cell::RefCell::new(self);
+        let ending = precopy::run(
+            &mut Dirty(vm),
+            first,
+            &mut |pages, round| {
+                let mut e = engine.borrow_mut();
+                e.progress.round = round;
+                let before = e.conn.sent;
+                // Round 1: all-zero pages are skipped (the destination's
+                // memory starts zeroed).
+                e.send_pages(pages, round == 1, true)?;
+                e.sync()?;
+                Ok(e.conn.sent - before)
+            },
+            &mut |r| {
+                engine
+                    .borrow_mut()
+                    .after_round(r, &mut previous, &mut stalled)
+            },
+        );
+        match ending {
+            Ok(end) if end.verdict == precopy::Verdict::Postcopy => Ok(Next::Postcopy(end.last)),
+            Ok(end) => Ok(Next::StopAndCopy(end.last)),
+            Err(precopy::Error::Tracker(e)) => Err(Error::Vm(e)),
+            Err(precopy::Error::Stopped(e)) => Err(e),
         }
+    }
+
+    /// The migration's policy after each round: report, then stop once the
+    /// predicted downtime meets the target; otherwise post-copy, give up
+    /// after `max_rounds`, or throttle harder when rounds stop shrinking.
+    fn after_round(
+        &mut self,
+        r: &precopy::Round,
+        previous: &mut u64,
+        stalled: &mut u32,
+    ) -> Result<precopy::Verdict, Error> {
+        // The throttle's pauses hold pages back too: the dirtying rate is
+        // per second of the round.
+        let elapsed = r.elapsed.as_secs_f64().max(1e-6);
+        let link = r.bytes as f64 / elapsed; // bytes/s
+        let n = r.dirty_pages;
+        let dirty_bytes = n * PAGE_SIZE;
+        let p = &mut self.progress;
+        p.dirty_pages = n;
+        p.dirty_mib_s = dirty_bytes as f64 / elapsed / f64::from(1 << 20);
+        p.link_mib_s = link / f64::from(1 << 20);
+        p.predicted_downtime_ms = if link > 0.0 {
+            dirty_bytes as f64 / link * 1e3
+        } else {
+            f64::INFINITY
+        };
+        p.remaining_pages = 0;
+        p.sent_bytes = self.conn.sent;
+        (self.report)(&self.progress);
+        self.check_cancel()?;
+        let predicted =
+            Duration::from_secs_f64((self.progress.predicted_downtime_ms / 1e3).min(3600.0));
+        if n == 0 || predicted <= self.opts.max_downtime {
+            return Ok(precopy::Verdict::Pause);
+        }
+        if self.opts.postcopy {
+            return Ok(precopy::Verdict::Postcopy);
+        }
+        if self.progress.round >= self.opts.max_rounds {
+            return Err(Error::NoConvergence {
+                rounds: self.progress.round,
+                dirty_mib_s: self.progress.dirty_mib_s,
+                link_mib_s: self.progress.link_mib_s,
+                throttle_pct: self.throttle.pct,
+            });
+        }
+        // Not shrinking: throttle harder (from the third round on).
+        if n >= *previous / 10 * 9 {
+            *stalled += 1;
+        } else {
+            *stalled = 0;
+        }
+        *previous = n;
+        if self.opts.throttle && *stalled >= 2 && self.throttle.pct < 90 {
+            self.throttle.pct = (self.throttle.pct + 30).min(90);
+            self.progress.throttle_pct = self.throttle.pct;
+            *stalled = 0;
+            tracing::info!("migration: vCPUs throttled to {}%", 100 - self.throttle.pct);
+        }
+        Ok(precopy::Verdict::Again)
     }
 
     /// The guest is paused: last pages, state, handshake.
@@ -609,7 +641,6 @@ pub fn migrate(
             predicted_downtime_ms: 0.0,
             throttle_pct: 0,
         },
-        fetched: PageBitmap::new(total),
         throttle: Throttle::new(),
         batch: Pages::default(),
         page: vec![0u8; PAGE_SIZE as usize],
@@ -629,8 +660,8 @@ pub fn migrate(
     let mut serving = match result {
         Ok(s) => s,
         Err(err) => {
-            // Before GO: the guest runs on here, and the pages fetched from
-            // the dirty log go back to whoever else tracks them.
+            // Before GO: the guest runs on here (the VMM keeps the pages
+            // fetched from its dirty log for whoever else tracks them).
             if !matches!(err, Error::Aborted(_) | Error::Cancelled) {
                 e.conn.abort(&err.to_string());
             }
@@ -640,8 +671,6 @@ pub fn migrate(
                     tracing::error!("migration failed and the VM cannot resume: {r}");
                 }
             }
-            let fetched = std::mem::replace(&mut e.fetched, PageBitmap::new(0));
-            e.vm.give_back(fetched);
             return Err(err);
         }
     };
@@ -652,8 +681,6 @@ pub fn migrate(
         if let Err(r) = e.vm.resume() {
             tracing::error!("migration failed and the VM cannot resume: {r}");
         }
-        let fetched = std::mem::replace(&mut e.fetched, PageBitmap::new(0));
-        e.vm.give_back(fetched);
         Err(err)
     };
     if let Err(err) = e.conn.send(Kind::Go, &[]) {
@@ -663,18 +690,13 @@ pub fn migrate(
         None => e.conn.expect(Kind::Running).map(|_| ()),
         Some(srv) => e.serve_until(srv, Some(Kind::Running), false),
     };
-    // Past GO the VM may run there, so it stays paused here; if the
-    // operator resumes it after all, dirty tracking must still know every
-    // page fetched.
-    let hold = |e: &mut Engine, err: Error| {
-        let fetched = std::mem::replace(&mut e.fetched, PageBitmap::new(0));
-        e.vm.give_back(fetched);
-        Err(err)
-    };
+    // Past GO the VM may run there, so it stays paused here (the VMM
+    // keeps the pages fetched from its dirty log in case the operator
+    // resumes it after all).
     match running {
         Ok(()) => {}
         Err(err @ Error::Aborted(_)) => return resume(&mut e, err),
-        Err(err) => return hold(&mut e, Error::Unconfirmed(err.to_string())),
+        Err(err) => return Err(Error::Unconfirmed(err.to_string())),
     }
     let downtime = paused_at.map(|t| t.elapsed()).unwrap_or_default();
     let postcopy = match serving.as_mut() {
@@ -689,13 +711,10 @@ pub fn migrate(
                 Ok(o) => Some(o),
                 Err(err) => {
                     let left = srv.left;
-                    return hold(
-                        &mut e,
-                        Error::Postcopy {
-                            left,
-                            why: err.to_string(),
-                        },
-                    );
+                    return Err(Error::Postcopy {
+                        left,
+                        why: err.to_string(),
+                    });
                 }
             }
         }

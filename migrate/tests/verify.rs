@@ -72,7 +72,6 @@ impl Source for Guest {
     fn state(&self) -> Result<Vec<u8>, String> {
         Ok(b"state".to_vec())
     }
-    fn give_back(&self, _: PageBitmap) {}
 }
 
 /// Runs one migration of `guest` into fresh memory on loopback; returns

@@ -10,14 +10,14 @@
 //! previous snapshot, from KVM's dirty log OR the pages the VMM wrote),
 //! resume, then commit the layer, state and manifest (`snapshot` crate).
 //! The guest pauses only for state and memory, not for the commit. A live
-//! snapshot copies memory while the guest runs, in dirty-log rounds until
-//! what is left is small (or stops shrinking), and pauses only for the
-//! last dirty pages and the state.
+//! snapshot copies memory while the guest runs, in dirty-log rounds
+//! (the `precopy` engine with its `Converge` policy) until what is left
+//! is small (or stops shrinking), and pauses only for the last dirty pages
+//! and the state.
 //!
-//! Dirty logging is off until the first full snapshot (it costs the guest
-//! write-protection faults and large pages), then stays on so incremental
-//! snapshots can follow. Pages fetched from the dirty log for a snapshot
-//! that then fails are carried over to the next one, so a failure never
+//! Dirty pages come from the VM's tracker (`memory::dirty`): a snapshot
+//! holds a session on it for its whole run; pages it fetched for a
+//! snapshot that then fails go back to the tracker, so a failure never
 //! makes a later incremental layer miss pages.
 use crate::arch::state::{self, VcpuSnapshot, VmSnapshot};
 use crate::boot::BootInfo;
@@ -145,46 +145,6 @@ pub struct ChainRef {
     pub generation: u64,
 }
 
-/// Dirty-page tracking state of a VM.
-pub struct Tracking {
-    logging: bool,
-    chain: Option<ChainRef>,
-    /// Dirty pages fetched for a snapshot that failed.
-    carry: Option<PageBitmap>,
-}
-
-impl Tracking {
-    pub fn new(logging: bool, chain: Option<ChainRef>) -> Tracking {
-        Tracking {
-            logging,
-            chain,
-            carry: None,
-        }
-    }
-
-    pub fn chain(&self) -> Option<&ChainRef> {
-        self.chain.as_ref()
-    }
-
-    /// Turns dirty logging on if it is off (a migration needs it too).
-    pub(crate) fn ensure_logging(&mut self, vm: &Vm) -> Result<(), Error> {
-        if !self.logging {
-            start_logging(vm)?;
-            self.logging = true;
-        }
-        Ok(())
-    }
-
-    /// Dirty pages someone fetched but did not save anywhere (a failed
-    /// snapshot or migration): the next incremental snapshot takes them.
-    pub(crate) fn carry_back(&mut self, fetched: &PageBitmap) {
-        match &mut self.carry {
-            Some(c) => c.union(fetched),
-            None => self.carry = Some(fetched.clone()),
-        }
-    }
-}
-
 pub use vmm_api::model::{SnapshotKind as Kind, SnapshotReply, SnapshotRequest};
 
 /// Live snapshots: at most this many copy rounds, and the guest is paused
@@ -292,36 +252,6 @@ pub(crate) fn machine_state(vm: &Vm) -> Result<MachineState, Error> {
     })
 }
 
-fn total_pages(mem: &GuestMemoryMmap) -> u64 {
-    mem.iter().map(|r| r.len() / PAGE_SIZE).sum()
-}
-
-/// Pages dirtied since the last fetch: KVM's dirty log OR the pages the
-/// VMM wrote. Clears both.
-pub(crate) fn fetch_dirty(vm: &Vm) -> Result<PageBitmap, Error> {
-    let mut bits = PageBitmap::new(total_pages(&vm.mem));
-    let mut first = 0;
-    for (slot, region) in vm.mem.iter().enumerate() {
-        let log = vm
-            .vm_fd
-            .get_dirty_log(slot as u32, region.len() as usize)
-            .map_err(|e| failed("read the dirty log")(e.to_string()))?;
-        bits.or_words(first, &log);
-        bits.or_words(first, &memory::vmm_written(region).get_and_reset());
-        first += region.len() / PAGE_SIZE;
-    }
-    Ok(bits)
-}
-
-fn start_logging(vm: &Vm) -> Result<(), Error> {
-    crate::vm::set_memory_slots(&vm.vm_fd, &vm.mem, true)
-        .map_err(|e| failed("turn on dirty-page logging")(e.to_string()))?;
-    for region in vm.mem.iter() {
-        memory::vmm_written(region).reset();
-    }
-    Ok(())
-}
-
 /// Lets the guest run again; a failure is logged (the snapshot's own
 /// outcome is what the caller reports).
 fn resume_after_snapshot(vm: &Vm) {
@@ -333,15 +263,16 @@ fn resume_after_snapshot(vm: &Vm) {
 /// Takes a snapshot as `req` asks; returns its summary for the API.
 pub fn take(vm: &Vm, req: &SnapshotRequest) -> Result<SnapshotReply, Error> {
     let started = Instant::now();
-    let mut tracking = match vm.tracking.try_lock() {
-        Ok(t) => t,
-        Err(std::sync::TryLockError::WouldBlock) => {
+    let mut dirty = match vm.dirty.try_session(&vm.vm_fd, &vm.mem) {
+        Ok(s) => s,
+        Err(memory::dirty::Error::Busy) => {
             return Err(Error::Unsupported(
                 "a migration of this VM is in progress".into(),
             ))
         }
-        Err(_) => return Err(failed("snapshot")("tracking state poisoned".into())),
+        Err(e) => return Err(failed("snapshot")(e.to_string())),
     };
+    let chain = vm.chain.lock().map(|c| c.clone()).unwrap_or_default();
     let mut pending = match req.kind {
         Kind::Full => Pending::full(&req.dest, req.force)?,
         Kind::Incremental => {
@@ -350,7 +281,7 @@ pub fn take(vm: &Vm, req: &SnapshotRequest) -> Result<SnapshotReply, Error> {
                     "force replaces full snapshots only; an incremental one adds a layer".into(),
                 ));
             }
-            let Some(chain) = tracking.chain.clone().filter(|_| tracking.logging) else {
+            let Some(chain) = chain.filter(|_| dirty.logging()) else {
                 return Err(Error::Chain(
                     "an incremental snapshot needs a previous snapshot of this VM: take a full \
                      one first"
@@ -363,9 +294,6 @@ pub fn take(vm: &Vm, req: &SnapshotRequest) -> Result<SnapshotReply, Error> {
     let file = pending.memory_file()?;
     let was_paused = vm.is_paused();
     let live = req.live && !was_paused;
-    // Everything taken from the dirty log in this attempt: handed to the
-    // next snapshot if this one fails.
-    let mut fetched = PageBitmap::new(total_pages(&vm.mem));
     let mut pause = Duration::ZERO;
     let mut rounds = 0;
     let captured = (|| -> Result<_, Error> {
@@ -378,20 +306,14 @@ pub fn take(vm: &Vm, req: &SnapshotRequest) -> Result<SnapshotReply, Error> {
         let mut frozen = if live { None } else { freeze_devices(vm)? };
         // The first round: all pages with content, or those dirtied since
         // the previous snapshot. Dirty logging is on from here on.
-        let first = if tracking.logging {
-            let mut dirty = fetch_dirty(vm)?;
-            if let Some(c) = tracking.carry.take() {
-                dirty.union(&c);
-            }
-            fetched.union(&dirty);
-            match req.kind {
-                Kind::Full => Selection::Full,
-                Kind::Incremental => Selection::Pages(dirty),
-            }
-        } else {
-            start_logging(vm)?;
-            tracking.logging = true;
+        let dirty_err = |e: memory::dirty::Error| failed("read the dirty log")(e.to_string());
+        let first = if dirty.start().map_err(dirty_err)? {
             Selection::Full
+        } else {
+            match (req.kind, dirty.fetch().map_err(dirty_err)?) {
+                (Kind::Full, _) => Selection::Full,
+                (Kind::Incremental, pages) => Selection::Pages(pages),
+            }
         };
         let write = |sel: &Selection| {
             write_layer(&vm.mem, sel, &file)
@@ -402,30 +324,35 @@ pub fn take(vm: &Vm, req: &SnapshotRequest) -> Result<SnapshotReply, Error> {
         if live {
             // Copy what the guest dirtied meanwhile until the rest is small
             // or stops shrinking, then pause for the remainder.
-            let mut previous = u64::MAX;
-            let mut last = None;
-            while rounds < LIVE_MAX_ROUNDS {
-                let dirty = fetch_dirty(vm)?;
-                fetched.union(&dirty);
-                let n = dirty.count();
-                if n <= LIVE_FINAL_PAGES || n >= previous {
-                    last = Some(dirty);
-                    break;
-                }
-                let w = write(&Selection::Pages(dirty))?;
-                written.defined.union(&w.defined);
-                previous = n;
-                rounds += 1;
-            }
+            let mut policy = precopy::Converge::new(LIVE_MAX_ROUNDS, LIVE_FINAL_PAGES);
+            let first = match &first {
+                Selection::Full => PageBitmap::new(0),
+                Selection::Pages(p) => p.clone(),
+            };
+            let ending = precopy::run(
+                &mut dirty,
+                first,
+                &mut |pages, round| {
+                    // Round 1 was written above (it may be the whole memory).
+                    if round > 1 {
+                        let w = write(&Selection::Pages(pages.clone()))?;
+                        written.defined.union(&w.defined);
+                    }
+                    Ok(pages.count() * PAGE_SIZE)
+                },
+                &mut |r| Ok(policy.decide(r)),
+            )
+            .map_err(|e| match e {
+                precopy::Error::Tracker(e) => failed("read the dirty log")(e),
+                precopy::Error::Stopped(e) => e,
+            })?;
+            rounds = ending.rounds;
             pause_start = Instant::now();
             vm.pause().map_err(failed("pause the VM"))?;
             frozen = freeze_devices(vm)?;
-            let mut dirty = fetch_dirty(vm)?;
-            fetched.union(&dirty);
-            if let Some(l) = last {
-                dirty.union(&l);
-            }
-            let w = write(&Selection::Pages(dirty))?;
+            let mut last = dirty.fetch().map_err(dirty_err)?;
+            last.union(&ending.last);
+            let w = write(&Selection::Pages(last))?;
             written.defined.union(&w.defined);
             rounds += 1;
         }
@@ -451,14 +378,9 @@ pub fn take(vm: &Vm, req: &SnapshotRequest) -> Result<SnapshotReply, Error> {
     if captured.is_err() && !was_paused && vm.is_paused() {
         resume_after_snapshot(vm);
     }
-    let carry_back = |tracking: &mut Tracking, fetched: PageBitmap| tracking.carry_back(&fetched);
-    let (machine, written) = match captured {
-        Ok(x) => x,
-        Err(e) => {
-            carry_back(&mut tracking, fetched);
-            return Err(e);
-        }
-    };
+    // A failure from here on drops the session uncommitted: the pages it
+    // fetched go back to the tracker for the next snapshot.
+    let (machine, written) = captured?;
     let state = serde_json::to_vec(&machine).map_err(|e| failed("encode state")(e.to_string()))?;
     let pages = written.defined.count();
     let data_bytes = written.data_bytes;
@@ -477,18 +399,15 @@ pub fn take(vm: &Vm, req: &SnapshotRequest) -> Result<SnapshotReply, Error> {
         memory_bytes: vm.config.memory_bytes,
         regions: vm.mem.iter().map(|r| (r.start_addr().0, r.len())).collect(),
     };
-    let manifest = match pending.commit(commit) {
-        Ok(m) => m,
-        Err(e) => {
-            carry_back(&mut tracking, fetched);
-            return Err(e.into());
-        }
-    };
-    tracking.chain = Some(ChainRef {
-        dir: req.dest.clone(),
-        chain_id: manifest.chain_id.clone(),
-        generation: manifest.generation,
-    });
+    let manifest = pending.commit(commit)?;
+    dirty.commit();
+    if let Ok(mut c) = vm.chain.lock() {
+        *c = Some(ChainRef {
+            dir: req.dest.clone(),
+            chain_id: manifest.chain_id.clone(),
+            generation: manifest.generation,
+        });
+    }
     Ok(SnapshotReply {
         dest: req.dest.clone(),
         kind: req.kind,

@@ -87,7 +87,8 @@ struct VmSource<'a> {
     /// The user had paused the VM: pause/resume leave the vCPUs alone.
     user_paused: bool,
     frozen: Mutex<Option<Frozen>>,
-    tracking: Mutex<Option<std::sync::MutexGuard<'a, checkpoint::Tracking>>>,
+    /// The VM's dirty tracker, held for the whole migration.
+    dirty: Mutex<memory::dirty::Session<'a>>,
 }
 
 impl Source for VmSource<'_> {
@@ -96,15 +97,19 @@ impl Source for VmSource<'_> {
     }
 
     fn start_tracking(&self) -> Result<(), String> {
-        let mut t = self.tracking.lock().map_err(|_| "tracking lock poisoned")?;
-        match t.as_mut() {
-            Some(t) => t.ensure_logging(self.vm).map_err(|e| e.to_string()),
-            None => Err("dirty tracking is not available".into()),
-        }
+        let mut d = self
+            .dirty
+            .lock()
+            .map_err(|_| "dirty tracker lock poisoned")?;
+        d.start().map(|_| ()).map_err(|e| e.to_string())
     }
 
     fn dirty(&self) -> Result<PageBitmap, String> {
-        checkpoint::fetch_dirty(self.vm).map_err(|e| e.to_string())
+        let mut d = self
+            .dirty
+            .lock()
+            .map_err(|_| "dirty tracker lock poisoned")?;
+        d.fetch().map_err(|e| e.to_string())
     }
 
     /// All or nothing: if device I/O cannot be frozen, the vCPUs run again.
@@ -142,14 +147,6 @@ impl Source for VmSource<'_> {
     fn state(&self) -> Result<Vec<u8>, String> {
         let m = checkpoint::machine_state(self.vm).map_err(|e| e.to_string())?;
         serde_json::to_vec(&m).map_err(|e| e.to_string())
-    }
-
-    fn give_back(&self, fetched: PageBitmap) {
-        if let Ok(mut t) = self.tracking.lock() {
-            if let Some(t) = t.as_mut() {
-                t.carry_back(&fetched);
-            }
-        }
     }
 }
 
@@ -341,15 +338,17 @@ fn run(
         error,
         vm_running_here,
     };
-    let tracking = match vm.tracking.lock() {
-        Ok(t) => t,
-        Err(_) => return failed("dirty tracking state poisoned".into(), true),
+    // Pages fetched by a migration that does not complete go back to the
+    // tracker (the session is dropped uncommitted) for later snapshots.
+    let dirty = match vm.dirty.session(&vm.vm_fd, &vm.mem) {
+        Ok(d) => d,
+        Err(e) => return failed(e.to_string(), true),
     };
     let source = VmSource {
         vm,
         user_paused: vm.is_paused(),
         frozen: Mutex::new(None),
-        tracking: Mutex::new(Some(tracking)),
+        dirty: Mutex::new(dirty),
     };
     let mut hello = hello(&vm.config, vm.profile);
     hello.postcopy = opts.postcopy;
@@ -370,6 +369,9 @@ fn run(
                 if let Some(f) = f.take() {
                     f.keep();
                 }
+            }
+            if let Ok(d) = source.dirty.into_inner() {
+                d.commit();
             }
             tracing::info!("migrated to {to}: {outcome:?}");
             Status::Completed(outcome)

@@ -21,9 +21,7 @@ use devices::virtio::rng::Rng;
 use devices::virtio::vsock::Vsock;
 use devices::virtio::{IoThread, VirtioDevice};
 use devices::EventSink;
-use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
-};
+use kvm_bindings::{kvm_pit_config, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VmFd};
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -31,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use vcpu_decouple::kvmstats::VcpuStats;
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
@@ -130,8 +128,10 @@ pub struct Vm {
     pub config: RunConfig,
     /// MSRs saved with each vCPU (KVM's list, TSC first).
     pub msr_indices: Arc<Vec<u32>>,
-    /// Dirty-page tracking and the snapshot chain this VM's memory follows.
-    pub tracking: Mutex<crate::checkpoint::Tracking>,
+    /// Which guest pages changed (for snapshots and migration).
+    pub dirty: memory::dirty::Tracker,
+    /// The snapshot chain this VM's memory follows (its last snapshot).
+    pub chain: Mutex<Option<crate::checkpoint::ChainRef>>,
     /// Part of guest memory is still on its way (incoming post-copy):
     /// snapshots and migrations wait until it is all here.
     pub memory_arriving: Arc<std::sync::atomic::AtomicBool>,
@@ -189,32 +189,6 @@ fn forced_features(fd: &kvm_ioctls::VcpuFd, profile: CpuProfile) -> Vec<&'static
         );
     }
     forced
-}
-
-/// Registers guest RAM with KVM, one slot per region, with or without
-/// dirty-page logging (turning it on starts with a clean log).
-pub(crate) fn set_memory_slots(
-    vm_fd: &VmFd,
-    mem: &GuestMemoryMmap,
-    log_dirty: bool,
-) -> Result<(), Error> {
-    for (slot, region) in mem.iter().enumerate() {
-        let r = kvm_userspace_memory_region {
-            slot: slot as u32,
-            guest_phys_addr: region.start_addr().0,
-            memory_size: region.len(),
-            userspace_addr: memory::host_addr(region),
-            flags: if log_dirty {
-                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
-            } else {
-                0
-            },
-        };
-        // SAFETY: the region is a live mapping owned by `mem`, which the
-        // Vm keeps for as long as the VM fd exists.
-        unsafe { vm_fd.set_user_memory_region(r) }.map_err(kvm_err("set guest memory region"))?;
-    }
-    Ok(())
 }
 
 /// The PCI root bus: config mechanism #1 on the port bus, ECAM and the two
@@ -381,7 +355,8 @@ impl Vm {
         vm_fd
             .create_pit2(pit)
             .map_err(kvm_err("create in-kernel PIT"))?;
-        set_memory_slots(&vm_fd, &mem, log_dirty)?;
+        memory::dirty::register(&vm_fd, &mem, log_dirty)
+            .map_err(|e| Error::Setup(e.to_string()))?;
 
         // Devices (the serial port comes with the guest's state in `start`).
         let exit_evt = Arc::new(
@@ -719,10 +694,8 @@ impl Prepared {
         }
         decoupling.watch_kvm_workers();
 
-        let tracking = Mutex::new(crate::checkpoint::Tracking::new(
-            log_dirty,
-            restore.and_then(|r| r.chain()),
-        ));
+        let dirty = memory::dirty::Tracker::new(log_dirty);
+        let chain = Mutex::new(restore.and_then(|r| r.chain()));
         Ok(Vm {
             vm_fd,
             mem,
@@ -744,7 +717,8 @@ impl Prepared {
             started: Instant::now(),
             config,
             msr_indices,
-            tracking,
+            dirty,
+            chain,
             memory_arriving: Arc::default(),
             decoupling,
             routing,

@@ -1,5 +1,8 @@
 //! Guest memory: anonymous (or hugetlbfs-backed) mappings with a dirty bitmap
-//! that records the pages the VMM itself writes (for snapshots and migration).
+//! that records the pages the VMM itself writes, and the VM's dirty
+//! tracker over them ([`dirty`]: what snapshots and migration copy).
+pub mod dirty;
+
 use crate::arch::layout;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::MmapRegionBuilder;
