@@ -1,5 +1,6 @@
 //! Legacy PC devices at fixed ports.
 use crate::bus::BusDevice;
+use crate::persist::{Persist, StateError};
 use crate::{EventSink, VmEvent};
 use std::io::Write;
 use vm_superio::{Serial, Trigger};
@@ -47,7 +48,7 @@ impl SerialPort {
     }
 
     /// The UART's registers and receive FIFO, for snapshots.
-    pub fn save(&self) -> SerialSnapshot {
+    fn state(&self) -> SerialSnapshot {
         let s = self.inner.state();
         SerialSnapshot {
             registers: [
@@ -66,11 +67,11 @@ impl SerialPort {
     }
 
     /// A UART in a saved state, writing to `out`.
-    pub fn restored(
+    fn from_state(
         irq: EventFd,
         out: Box<dyn Write + Send>,
         saved: &SerialSnapshot,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, StateError> {
         let r = saved.registers;
         let state = vm_superio::serial::SerialState {
             baud_divisor_low: r[0],
@@ -85,7 +86,7 @@ impl SerialPort {
             in_buffer: saved.in_buffer.clone(),
         };
         let inner = Serial::from_state(&state, IrqTrigger(irq), vm_superio::serial::NoEvents, out)
-            .map_err(|e| format!("serial state: {e:?}"))?;
+            .map_err(|e| StateError::Invalid(format!("serial state: {e:?}")))?;
         Ok(SerialPort { inner })
     }
 
@@ -98,6 +99,28 @@ impl SerialPort {
                 0
             }
         }
+    }
+}
+
+/// What a serial port is built with besides its state.
+pub struct SerialArgs {
+    /// Raised for the UART's interrupt line.
+    pub irq: EventFd,
+    /// Where the guest's output goes.
+    pub out: Box<dyn Write + Send>,
+}
+
+impl Persist for SerialPort {
+    type State = SerialSnapshot;
+    type ConstructorArgs = SerialArgs;
+    type Error = StateError;
+
+    fn save(&self) -> Result<SerialSnapshot, StateError> {
+        Ok(self.state())
+    }
+
+    fn restore(args: SerialArgs, state: &SerialSnapshot) -> Result<Self, StateError> {
+        Self::from_state(args.irq, args.out, state)
     }
 }
 

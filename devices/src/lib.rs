@@ -6,12 +6,15 @@
 //!   (through vm-superio), the i8042 reset line, an ACPI sleep register
 //!   (poweroff) and the opt-in test exit port.
 //!
+//! - [`persist`]: the save/restore contract every device with state keeps.
+//!
 //! Devices never end the VM themselves: they report a [`VmEvent`] through an
 //! [`EventSink`], and the monitor decides what to do with it.
 pub mod bus;
 pub mod interrupt;
 pub mod legacy;
 pub mod pci;
+pub mod persist;
 pub mod rate_limiter;
 pub mod rtc;
 pub mod tap;

@@ -6,6 +6,7 @@
 //! No alarm, periodic or update interrupts (status C reads 0): the DSDT
 //! describes the device without an IRQ.
 use crate::bus::BusDevice;
+use crate::persist::{Persist, StateError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Index and data ports.
@@ -128,7 +129,7 @@ impl CmosRtc {
         }
     }
 
-    pub fn save(&self) -> RtcSnapshot {
+    fn state(&self) -> RtcSnapshot {
         RtcSnapshot {
             index: self.index,
             ram: self.ram.to_vec(),
@@ -137,13 +138,14 @@ impl CmosRtc {
     }
 
     /// An RTC in a saved state; RAM of the wrong size is refused.
-    pub fn restored(s: &RtcSnapshot) -> Result<Self, String> {
+    fn from_state(s: &RtcSnapshot) -> Result<Self, StateError> {
         let mut rtc = Self::new();
-        rtc.ram = s
-            .ram
-            .as_slice()
-            .try_into()
-            .map_err(|_| format!("rtc state: {} bytes of CMOS RAM, want 128", s.ram.len()))?;
+        rtc.ram = s.ram.as_slice().try_into().map_err(|_| {
+            StateError::Invalid(format!(
+                "rtc state: {} bytes of CMOS RAM, want 128",
+                s.ram.len()
+            ))
+        })?;
         rtc.index = s.index & 0x7f;
         rtc.offset_secs = s.offset_secs;
         Ok(rtc)
@@ -231,6 +233,20 @@ impl CmosRtc {
     }
 }
 
+impl Persist for CmosRtc {
+    type State = RtcSnapshot;
+    type ConstructorArgs = ();
+    type Error = StateError;
+
+    fn save(&self) -> Result<RtcSnapshot, StateError> {
+        Ok(self.state())
+    }
+
+    fn restore((): (), state: &RtcSnapshot) -> Result<Self, StateError> {
+        Self::from_state(state)
+    }
+}
+
 impl BusDevice for CmosRtc {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let v = match offset {
@@ -310,13 +326,16 @@ mod tests {
         assert_eq!(r.offset_secs, 365 * 86_400 - 5 * 3600);
         set(&mut r, 0x40, 0xab);
         assert_eq!(get(&mut r, 0x40), 0xab);
-        let again = CmosRtc::restored(&r.save()).unwrap();
-        assert_eq!(again.save(), r.save());
-        assert!(CmosRtc::restored(&RtcSnapshot {
-            index: 0,
-            ram: vec![0; 3],
-            offset_secs: 0
-        })
+        let again = CmosRtc::restore((), &r.save().unwrap()).unwrap();
+        assert_eq!(again.save().unwrap(), r.save().unwrap());
+        assert!(CmosRtc::restore(
+            (),
+            &RtcSnapshot {
+                index: 0,
+                ram: vec![0; 3],
+                offset_secs: 0
+            }
+        )
         .is_err());
     }
 }

@@ -25,23 +25,26 @@ use crate::config::{Console, RunConfig};
 use crate::host::CpuProfile;
 use crate::memory::{self, GuestMemoryMmap};
 use crate::vm::Vm;
-use devices::legacy::SerialSnapshot;
-use devices::pci::root::FunctionState;
-use devices::rtc::RtcSnapshot;
+use devices::persist::{Persist, StateError};
 use devices::virtio::block::DiskConfig;
 use devices::virtio::net::NetConfig;
-use devices::virtio::pci::{VirtioPci, VirtioPciState};
+use devices::virtio::pci::VirtioPci;
 use devices::virtio::vsock::VsockConfig;
 use devices::virtio::Frozen;
 use serde::{Deserialize, Serialize};
 use snapshot::memory::{write_layer, Selection};
 use snapshot::{Commit, HostProfile, PageBitmap, Pending, Snapshot, PAGE_SIZE};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-/// Version of [`MachineState`]'s layout inside the state file.
-pub const STATE_VERSION: u32 = 2;
+/// Version of [`MachineState`]'s layout inside the state file: 3 keeps
+/// device states by device id ([`DeviceStates`]).
+pub const STATE_VERSION: u32 = 3;
+/// The oldest layout still read: version 2 (device states in fields of
+/// their own, virtio transports by position) is upgraded as it is read.
+pub const OLDEST_STATE_VERSION: u32 = 2;
 
 /// How long the I/O thread may take to finish the event it is serving
 /// before a snapshot gives up.
@@ -126,15 +129,157 @@ pub struct MachineState {
     pub tsc_khz: u32,
     pub vm: VmSnapshot,
     pub vcpus: Vec<VcpuSnapshot>,
-    pub serial: SerialSnapshot,
-    /// The CMOS clock (absent in snapshots from before it existed: such a
-    /// VM gets a fresh one).
+    /// Every device's state, by device id.
     #[serde(default)]
-    pub rtc: Option<RtcSnapshot>,
-    /// Configuration space of every PCI function, by slot.
-    pub pci: Vec<FunctionState>,
-    /// Every virtio transport, in `Vm::virtio` order.
-    pub virtio: Vec<VirtioPciState>,
+    pub devices: DeviceStates,
+    /// Version 2's device states (moved into `devices` as it is read).
+    #[serde(default, skip_serializing, flatten)]
+    v2: V2Devices,
+}
+
+/// Where version 2 kept device states.
+#[derive(Default, Deserialize)]
+struct V2Devices {
+    serial: Option<serde_json::Value>,
+    /// Absent in states from before the CMOS clock existed.
+    rtc: Option<serde_json::Value>,
+    pci: Option<serde_json::Value>,
+    /// In the order version 2 built virtio devices: disks, nets, console,
+    /// vsock, rng.
+    virtio: Option<Vec<serde_json::Value>>,
+}
+
+/// Device ids of the platform devices.
+pub const SERIAL: &str = "serial";
+pub const RTC: &str = "rtc";
+pub const PCI: &str = "pci";
+
+/// Device states by device id, each the device's [`Persist::State`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DeviceStates(std::collections::BTreeMap<String, serde_json::Value>);
+
+/// A device state that cannot be saved, is missing, or does not fit.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceStateError {
+    #[error("device {id}: {source}")]
+    Device { id: String, source: StateError },
+    #[error("device {id}: unreadable saved state: {source}")]
+    Decode {
+        id: String,
+        source: serde_json::Error,
+    },
+    #[error("no saved state for device {0}")]
+    Missing(String),
+    #[error("the saved state has devices this VM does not: {0}")]
+    Unknown(String),
+}
+
+impl DeviceStates {
+    /// Saves `device` as `id`.
+    pub fn put<D: Persist<Error = StateError>>(
+        &mut self,
+        id: &str,
+        device: &D,
+    ) -> Result<(), DeviceStateError> {
+        let state = device.save().map_err(|source| DeviceStateError::Device {
+            id: id.into(),
+            source,
+        })?;
+        let value = serde_json::to_value(&state).map_err(|source| DeviceStateError::Decode {
+            id: id.into(),
+            source,
+        })?;
+        self.0.insert(id.to_string(), value);
+        Ok(())
+    }
+
+    /// The saved state of `id`, if there is one.
+    pub fn get<D: Persist>(&self, id: &str) -> Result<Option<D::State>, DeviceStateError> {
+        self.0
+            .get(id)
+            .map(D::State::deserialize)
+            .transpose()
+            .map_err(|source| DeviceStateError::Decode {
+                id: id.into(),
+                source,
+            })
+    }
+
+    /// Builds `id` from its saved state.
+    pub fn restore<D: Persist<Error = StateError>>(
+        &self,
+        id: &str,
+        args: D::ConstructorArgs,
+    ) -> Result<D, DeviceStateError> {
+        let state = self
+            .get::<D>(id)?
+            .ok_or_else(|| DeviceStateError::Missing(id.into()))?;
+        D::restore(args, &state).map_err(|source| DeviceStateError::Device {
+            id: id.into(),
+            source,
+        })
+    }
+
+    /// Refuses states of devices not in `ids` (the VM built here lacks
+    /// them).
+    pub fn check_known<'a>(
+        &self,
+        ids: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), DeviceStateError> {
+        let known: std::collections::BTreeSet<&str> = ids.into_iter().collect();
+        let unknown: Vec<&str> = self
+            .0
+            .keys()
+            .map(String::as_str)
+            .filter(|k| !known.contains(k))
+            .collect();
+        if unknown.is_empty() {
+            Ok(())
+        } else {
+            Err(DeviceStateError::Unknown(unknown.join(", ")))
+        }
+    }
+
+    pub fn ids(&self) -> impl Iterator<Item = &str> {
+        self.0.keys().map(String::as_str)
+    }
+}
+
+impl MachineState {
+    /// A version 2 state in today's layout: device states by id (the
+    /// virtio ids follow version 2's build order of the saved devices).
+    fn upgrade(&mut self) -> Result<(), String> {
+        if self.version != 2 {
+            return Ok(());
+        }
+        let v2 = std::mem::take(&mut self.v2);
+        let mut map = std::collections::BTreeMap::new();
+        map.insert(SERIAL.to_string(), v2.serial.ok_or("no serial port state")?);
+        if let Some(rtc) = v2.rtc.filter(|r| !r.is_null()) {
+            map.insert(RTC.to_string(), rtc);
+        }
+        map.insert(PCI.to_string(), v2.pci.ok_or("no PCI state")?);
+        let virtio = v2.virtio.ok_or("no virtio state")?;
+        let c = &self.config;
+        let ids = crate::vm::virtio_ids(
+            c.disks.len(),
+            c.nets.len(),
+            c.virtio_console.is_some(),
+            c.vsock.is_some(),
+            c.rng,
+        );
+        if ids.len() != virtio.len() {
+            return Err(format!(
+                "{} virtio devices saved, the saved configuration has {}",
+                virtio.len(),
+                ids.len()
+            ));
+        }
+        map.extend(ids.into_iter().zip(virtio));
+        self.devices = DeviceStates(map);
+        self.version = STATE_VERSION;
+        Ok(())
+    }
 }
 
 /// The chain a VM's memory follows: its last snapshot.
@@ -173,19 +318,6 @@ pub(crate) fn freeze_devices(vm: &Vm) -> Result<Option<Frozen>, Error> {
         .map_err(failed("stop device I/O"))
 }
 
-fn save_virtio(
-    virtio: &[std::sync::Arc<std::sync::Mutex<VirtioPci>>],
-) -> Result<Vec<VirtioPciState>, Error> {
-    virtio
-        .iter()
-        .map(|t| {
-            t.lock()
-                .map(|t| t.save())
-                .map_err(|_| failed("save virtio state")("lock poisoned".into()))
-        })
-        .collect()
-}
-
 fn save_vcpus(vm: &Vm) -> Result<Vec<VcpuSnapshot>, Error> {
     let mut pending = Vec::new();
     for v in &vm.vcpus {
@@ -208,13 +340,25 @@ fn save_vcpus(vm: &Vm) -> Result<Vec<VcpuSnapshot>, Error> {
         .collect()
 }
 
+/// Every device's state by id: the platform devices, the PCI root bus and
+/// each virtio transport.
+fn save_devices(vm: &Vm) -> Result<DeviceStates, DeviceStateError> {
+    let poisoned = |what: &'static str| DeviceStateError::Device {
+        id: what.into(),
+        source: StateError::Poisoned(what),
+    };
+    let mut d = DeviceStates::default();
+    d.put(SERIAL, &*vm.serial.lock().map_err(|_| poisoned(SERIAL))?)?;
+    d.put(RTC, &*vm.rtc.lock().map_err(|_| poisoned(RTC))?)?;
+    d.put(PCI, &vm.pci)?;
+    for f in &vm.virtio {
+        d.put(&f.id, &f.transport)?;
+    }
+    Ok(d)
+}
+
 pub(crate) fn machine_state(vm: &Vm) -> Result<MachineState, Error> {
     let c = &vm.config;
-    let serial = vm
-        .serial
-        .lock()
-        .map_err(|_| failed("save the serial port")("lock poisoned".into()))?
-        .save();
     Ok(MachineState {
         version: STATE_VERSION,
         config: MachineConfig {
@@ -237,18 +381,8 @@ pub(crate) fn machine_state(vm: &Vm) -> Result<MachineState, Error> {
         tsc_khz: vm.tsc_khz,
         vm: state::save_vm(&vm.vm_fd).map_err(|e| failed("save VM state")(e.to_string()))?,
         vcpus: save_vcpus(vm)?,
-        serial,
-        rtc: Some(
-            vm.rtc
-                .lock()
-                .map_err(|_| failed("save the RTC")("lock poisoned".into()))?
-                .save(),
-        ),
-        pci: vm
-            .pci
-            .save()
-            .map_err(|e| failed("save PCI state")(e.to_string()))?,
-        virtio: save_virtio(&vm.virtio)?,
+        devices: save_devices(vm).map_err(|e| failed("save device state")(e.to_string()))?,
+        v2: V2Devices::default(),
     })
 }
 
@@ -447,14 +581,18 @@ pub struct Restoring {
 /// Parses a state file and checks what does not depend on where it came
 /// from: its version and vCPU count.
 pub fn parse_state(bytes: &[u8]) -> Result<MachineState, String> {
-    let machine: MachineState =
+    let mut machine: MachineState =
         serde_json::from_slice(bytes).map_err(|e| format!("unreadable machine state: {e}"))?;
-    if machine.version != STATE_VERSION {
+    if !(OLDEST_STATE_VERSION..=STATE_VERSION).contains(&machine.version) {
         return Err(format!(
-            "state version {} (this ffmk-vmm reads {STATE_VERSION})",
+            "state version {} (this ffmk-vmm reads versions {OLDEST_STATE_VERSION} to \
+             {STATE_VERSION})",
             machine.version
         ));
     }
+    machine
+        .upgrade()
+        .map_err(|e| format!("version 2 state: {e}"))?;
     if machine.vcpus.len() != usize::from(machine.config.cpus) || machine.config.cpus == 0 {
         return Err("vCPU count and saved vCPUs differ".into());
     }
@@ -582,36 +720,42 @@ impl Restoring {
         })
     }
 
-    /// Continues the devices `Vm::create` built from the saved
-    /// configuration: PCI configuration spaces first (all checked before
-    /// any changes), then each virtio transport (MSI-X routes, queues, and
-    /// activation if the driver was running).
+    /// Puts the saved state into the devices of a VM built from the same
+    /// configuration, by device id: PCI configuration spaces first (all
+    /// checked before any changes), then each virtio transport (MSI-X
+    /// routes, queues, and activation if the driver was running). A
+    /// device without a saved state, or a saved state without a device,
+    /// is refused.
     pub fn restore_devices(
         &self,
-        pci: &devices::pci::PciRoot,
-        virtio: &[std::sync::Arc<std::sync::Mutex<VirtioPci>>],
+        pci: &Arc<devices::pci::PciRoot>,
+        virtio: &[crate::vm::VirtioFunction],
     ) -> Result<(), Error> {
-        let m = &self.machine;
-        let incompatible = |why: String| Error::Incompatible {
+        let devices = &self.machine.devices;
+        let incompatible = |e: DeviceStateError| Error::Incompatible {
             origin: self.describe(),
-            why,
+            why: e.to_string(),
         };
-        if m.virtio.len() != virtio.len() {
-            return Err(incompatible(format!(
-                "{} virtio devices saved, {} built",
-                m.virtio.len(),
-                virtio.len()
-            )));
+        let ids = [SERIAL, RTC, PCI]
+            .into_iter()
+            .chain(virtio.iter().map(|f| f.id.as_str()));
+        devices.check_known(ids).map_err(incompatible)?;
+        for f in virtio {
+            if devices
+                .get::<Arc<Mutex<VirtioPci>>>(&f.id)
+                .map_err(incompatible)?
+                .is_none()
+            {
+                return Err(incompatible(DeviceStateError::Missing(f.id.clone())));
+            }
         }
-        pci.restore(&m.pci)
-            .map_err(|e| incompatible(e.to_string()))?;
-        for (i, (t, s)) in virtio.iter().zip(&m.virtio).enumerate() {
-            let mut t = t
-                .lock()
-                .map_err(|_| failed("restore virtio state")("lock poisoned".into()))?;
-            let name = devices::pci::PciDevice::name(&*t);
-            t.restore(s)
-                .map_err(|e| incompatible(format!("virtio device {i} ({name}): {e}")))?;
+        devices
+            .restore::<Arc<devices::pci::PciRoot>>(PCI, pci.clone())
+            .map_err(incompatible)?;
+        for f in virtio {
+            devices
+                .restore::<Arc<Mutex<VirtioPci>>>(&f.id, f.transport.clone())
+                .map_err(incompatible)?;
         }
         Ok(())
     }

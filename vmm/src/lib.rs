@@ -10,6 +10,7 @@ pub mod agent;
 pub mod api;
 pub mod arch;
 pub mod boot;
+pub mod build;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;

@@ -1,7 +1,8 @@
 //! Building a VM: memory, the KVM VM (irqchip, PIT, memory slots), the
 //! guest image, legacy devices and the vCPUs with their threads.
-use crate::arch::{cpuid, layout, msr, regs, state};
-use crate::boot::{self, BootInfo, BootSpec};
+use crate::arch::{cpuid, layout, msr, state};
+use crate::boot::{self, BootInfo};
+use crate::build::{self, Builder};
 use crate::config::{Console, RunConfig};
 use crate::decouple::Decoupling;
 use crate::host::{CpuProfile, HostKind};
@@ -10,7 +11,7 @@ use crate::memory::{self, GuestMemoryMmap};
 use crate::passthrough::Passthroughs;
 use crate::vcpu::{self, Buses, Request, Vcpu, VcpuShared, VcpuState, VcpuStop};
 use devices::bus::{MmioBus, PioBus};
-use devices::legacy::{self, AcpiSleep, SerialPort, TestExitPort, I8042};
+use devices::legacy::{self, AcpiSleep, SerialArgs, SerialPort, TestExitPort, I8042};
 use devices::pci::{Location, PciConfigIo, PciDevice, PciEcam, PciRoot, PciWindow};
 use devices::rtc::{CmosRtc, RTC_BASE};
 use devices::virtio::block::Block;
@@ -21,7 +22,7 @@ use devices::virtio::rng::Rng;
 use devices::virtio::vsock::Vsock;
 use devices::virtio::{IoThread, VirtioDevice};
 use devices::EventSink;
-use kvm_bindings::{kvm_pit_config, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VmFd};
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -59,8 +60,33 @@ pub enum Error {
     Decouple(String),
     #[error(transparent)]
     Passthrough(#[from] crate::passthrough::Error),
+    #[error(transparent)]
+    Dirty(#[from] memory::dirty::Error),
+    /// A device could not be built or wired (interrupts, bus, BARs).
+    #[error("{device}: {detail}")]
+    Device { device: String, detail: String },
+    /// A host resource the VM needs (an eventfd, a thread, a signal).
+    #[error("cannot {what}: {source}")]
+    Host {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{what} table: {detail}")]
+    Table { what: &'static str, detail: String },
+    #[error("boot registers: {0}")]
+    BootRegisters(#[from] crate::arch::regs::Error),
+    /// A saved device state that is missing, unreadable or does not fit.
+    #[error(transparent)]
+    DeviceState(crate::checkpoint::DeviceStateError),
     #[error("{0}")]
-    Setup(String),
+    VcpuState(String),
+    #[error("VM state: {0}")]
+    VmState(String),
+    #[error(transparent)]
+    Restore(Box<crate::checkpoint::Error>),
+    /// A vCPU thread ended before it ran (its placement was refused).
+    #[error("a vCPU thread ended before it started")]
+    VcpuThread,
 }
 
 impl Error {
@@ -81,6 +107,10 @@ impl Error {
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
     move |source| Error::Kvm { what, source }
+}
+
+fn host(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Host { what, source }
 }
 
 /// Why the VM stopped: recorded by vCPUs or devices, read by the control loop.
@@ -110,9 +140,8 @@ pub struct Vm {
     pub rtc: Arc<Mutex<CmosRtc>>,
     pub pci: Arc<PciRoot>,
     pub disks: Vec<DiskSlot>,
-    /// Every virtio device's transport, in the order they were created
-    /// (the order their state is saved and restored in).
-    pub virtio: Vec<Arc<Mutex<VirtioPci>>>,
+    /// Every virtio device's transport, by device id.
+    pub virtio: Vec<VirtioFunction>,
     /// Runs the virtio queue handlers; dropped after the vCPUs stopped.
     pub io_thread: IoThread,
     pub boot: BootInfo,
@@ -236,17 +265,21 @@ fn add_virtio(
     queues: u16,
 ) -> Result<Arc<Mutex<VirtioPci>>, Error> {
     let name = device.describe();
+    let failed = |detail: String| Error::Device {
+        device: name.clone(),
+        detail,
+    };
     let vectors = routing
         .msi_vectors(queues + 1)
-        .map_err(|e| Error::Setup(format!("{name}: interrupts: {e}")))?;
-    let transport = VirtioPci::new(device, vectors, mem.clone())
-        .map_err(|e| Error::Setup(format!("{name}: {e}")))?;
+        .map_err(|e| failed(format!("interrupts: {e}")))?;
+    let transport =
+        VirtioPci::new(device, vectors, mem.clone()).map_err(|e| failed(e.to_string()))?;
     let transport = Arc::new(Mutex::new(transport));
     pci.add(transport.clone())
-        .map_err(|e| Error::Setup(format!("{name}: {e}")))?;
+        .map_err(|e| failed(e.to_string()))?;
     let t = transport
         .lock()
-        .map_err(|_| Error::Setup(format!("{name}: lock poisoned")))?;
+        .map_err(|_| failed("lock poisoned".into()))?;
     let bar0 = t.config().bar_address(0).unwrap_or(0);
     for (offset, fd) in t.notifiers() {
         let addr = IoEventAddress::Mmio(bar0 + offset);
@@ -264,6 +297,31 @@ pub enum ResizeFailure {
     NoSuchDisk(usize, usize),
     #[error(transparent)]
     Refused(devices::virtio::block::ResizeError),
+}
+
+/// A virtio device's transport and its device id (the key of its saved
+/// state).
+pub struct VirtioFunction {
+    pub id: String,
+    pub transport: Arc<Mutex<VirtioPci>>,
+}
+
+/// The ids of a configuration's virtio devices, in the order they are
+/// built and placed on the bus: disks, nets, console, vsock, rng. (The
+/// order is also how version 2 states listed them.)
+pub fn virtio_ids(disks: usize, nets: usize, console: bool, vsock: bool, rng: bool) -> Vec<String> {
+    let mut ids: Vec<String> = (0..disks).map(|i| format!("virtio-blk{i}")).collect();
+    ids.extend((0..nets).map(|i| format!("virtio-net{i}")));
+    for (on, id) in [
+        (console, "virtio-console"),
+        (vsock, "virtio-vsock"),
+        (rng, "virtio-rng"),
+    ] {
+        if on {
+            ids.push(id.into());
+        }
+    }
+    ids
 }
 
 /// A virtio-blk disk as the VMM sees it: the image and its PCI function.
@@ -288,7 +346,7 @@ pub struct Prepared {
     mmio: MmioBus,
     pci: Arc<PciRoot>,
     disks: Vec<DiskSlot>,
-    virtio: Vec<Arc<Mutex<VirtioPci>>>,
+    virtio: Vec<VirtioFunction>,
     io_thread: IoThread,
     device_events: EventSink,
     exit_evt: Arc<EventFd>,
@@ -314,7 +372,7 @@ impl Vm {
     ) -> Result<Vm, Error> {
         let mem = match restore {
             None => memory::create(config.memory_bytes, config.hugepages)?,
-            Some(r) => r.memory(&config).map_err(|e| Error::Setup(e.to_string()))?,
+            Some(r) => r.memory(&config).map_err(|e| Error::Restore(Box::new(e)))?,
         };
         // A restored VM follows its snapshot chain: track dirty pages from
         // the start so the next incremental snapshot can extend it.
@@ -355,21 +413,21 @@ impl Vm {
         vm_fd
             .create_pit2(pit)
             .map_err(kvm_err("create in-kernel PIT"))?;
-        memory::dirty::register(&vm_fd, &mem, log_dirty)
-            .map_err(|e| Error::Setup(e.to_string()))?;
+        memory::dirty::register(&vm_fd, &mem, log_dirty)?;
 
         // Devices (the serial port comes with the guest's state in `start`).
-        let exit_evt = Arc::new(
-            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Setup(format!("eventfd: {e}")))?,
-        );
+        let exit_evt =
+            Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(host("create an eventfd"))?);
         let device_events = EventSink::new(exit_evt.clone());
-        let serial_irq =
-            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Setup(format!("eventfd: {e}")))?;
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(host("create an eventfd"))?;
         vm_fd
             .register_irqfd(&serial_irq, legacy::COM1_IRQ)
             .map_err(kvm_err("register serial irqfd"))?;
         let mut pio = PioBus::new();
-        let bus_err = |e: String| Error::Setup(e);
+        let bus_err = |detail: String| Error::Device {
+            device: "legacy devices".into(),
+            detail,
+        };
         pio.insert(
             u64::from(legacy::I8042_DATA),
             5,
@@ -387,22 +445,17 @@ impl Vm {
         let routing = Arc::new(IrqRouting::new(vm_fd.clone(), config.topology));
         let io_thread = decoupling
             .spawn_io_thread()
-            .map_err(|e| Error::Setup(format!("cannot start the I/O thread: {e}")))?;
+            .map_err(host("start the I/O thread"))?;
+        // Every virtio device, in bus order (see `virtio_ids`).
         let mut disks = Vec::new();
-        let mut virtio = Vec::new();
+        let mut built: Vec<(Box<dyn VirtioDevice>, u16)> = Vec::new();
         for disk in &config.disks {
             let block = Block::new(disk.clone(), io_thread.endpoint())?;
-            let handle = block.disk();
-            let transport = add_virtio(&vm_fd, &routing, &pci, &mem, Box::new(block), disk.queues)?;
-            virtio.push(transport.clone());
-            disks.push(DiskSlot {
-                disk: handle,
-                transport,
-            });
+            disks.push(block.disk());
+            built.push((Box::new(block), disk.queues));
         }
         for net in &config.nets {
-            let dev = Net::new(net.clone(), io_thread.endpoint())?;
-            virtio.push(add_virtio(&vm_fd, &routing, &pci, &mem, Box::new(dev), 2)?);
+            built.push((Box::new(Net::new(net.clone(), io_thread.endpoint())?), 2));
         }
         if let Some(path) = &config.virtio_console {
             let dev = VirtioConsole::new(path, io_thread.endpoint()).map_err(|source| {
@@ -411,24 +464,46 @@ impl Vm {
                     source,
                 }
             })?;
-            virtio.push(add_virtio(&vm_fd, &routing, &pci, &mem, Box::new(dev), 2)?);
+            built.push((Box::new(dev), 2));
         }
         if let Some(v) = &config.vsock {
-            let dev = Vsock::new(v.clone(), io_thread.endpoint())?;
-            virtio.push(add_virtio(&vm_fd, &routing, &pci, &mem, Box::new(dev), 3)?);
+            built.push((Box::new(Vsock::new(v.clone(), io_thread.endpoint())?), 3));
         }
         if config.rng {
-            let dev = Rng::new(io_thread.endpoint());
-            virtio.push(add_virtio(&vm_fd, &routing, &pci, &mem, Box::new(dev), 1)?);
+            built.push((Box::new(Rng::new(io_thread.endpoint())), 1));
         }
+        let ids = virtio_ids(
+            config.disks.len(),
+            config.nets.len(),
+            config.virtio_console.is_some(),
+            config.vsock.is_some(),
+            config.rng,
+        );
+        let mut virtio = Vec::new();
+        for (id, (device, queues)) in ids.into_iter().zip(built) {
+            let transport = add_virtio(&vm_fd, &routing, &pci, &mem, device, queues)?;
+            virtio.push(VirtioFunction { id, transport });
+        }
+        let disks = disks
+            .into_iter()
+            .zip(&virtio)
+            .map(|(disk, f)| DiskSlot {
+                disk,
+                transport: f.transport.clone(),
+            })
+            .collect();
         // Hot-plug root ports, at the top of bus 0 (after the devices, so
         // that theirs keep their numbers), one MSI vector each.
         for number in 1..=config.hotplug_slots {
+            let slot = |detail: String| Error::Device {
+                device: format!("hot-plug slot {number}"),
+                detail,
+            };
             let vectors = routing
                 .msi_vectors(1)
-                .map_err(|e| Error::Setup(format!("hot-plug slot {number}: interrupts: {e}")))?;
+                .map_err(|e| slot(format!("interrupts: {e}")))?;
             pci.add_root_port(number, vectors)
-                .map_err(|e| Error::Setup(format!("hot-plug slot {number}: {e}")))?;
+                .map_err(|e| slot(e.to_string()))?;
         }
         let passthrough = crate::passthrough::attach_all(
             &crate::passthrough::Context {
@@ -499,13 +574,16 @@ impl Prepared {
     /// Loads the guest - `config.kernel`, or the saved state when `restore`
     /// is given (whose kernel, command line and test exit port the VM takes
     /// on) - and starts the vCPUs.
-    pub fn start(mut self, restore: Option<&crate::checkpoint::Restoring>) -> Result<Vm, Error> {
-        if let Some(r) = restore {
-            let m = &r.machine.config;
-            self.config.kernel = m.kernel.clone();
-            self.config.cmdline = m.cmdline.clone();
-            self.config.test_exit_port = m.test_exit_port;
+    pub fn start(self, restore: Option<&crate::checkpoint::Restoring>) -> Result<Vm, Error> {
+        match restore {
+            None => self.build(&build::ForBoot),
+            Some(r) => self.build(&build::FromState(r)),
         }
+    }
+
+    /// Gives the machine its state as `b` says, then runs the vCPUs.
+    fn build(mut self, b: &dyn Builder) -> Result<Vm, Error> {
+        b.configure(&mut self.config);
         let Prepared {
             vm_fd,
             mem,
@@ -532,93 +610,52 @@ impl Prepared {
             routing,
             passthrough,
         } = self;
-        let boot = match restore {
-            None => boot::load(
-                &mem,
-                &BootSpec {
-                    kernel: &config.kernel,
-                    initrd: config.initrd.as_deref(),
-                    cmdline: &config.cmdline,
-                    mem_bytes: config.memory_bytes,
-                    nvcpus: config.cpus,
-                },
-            )?,
-            Some(r) => r.machine.boot.clone(),
+        let boot = b.boot(&mem, &config)?;
+        let bus_err = |device: &str, e: devices::bus::BusError| Error::Device {
+            device: device.into(),
+            detail: e.to_string(),
         };
-        let serial = Arc::new(Mutex::new(match restore {
-            None => SerialPort::new(serial_irq, console),
-            Some(r) => SerialPort::restored(serial_irq, console, &r.machine.serial)
-                .map_err(Error::Setup)?,
-        }));
+        let serial = Arc::new(Mutex::new(b.serial(SerialArgs {
+            irq: serial_irq,
+            out: console,
+        })?));
         pio.insert(u64::from(legacy::COM1_BASE), 8, serial.clone())
-            .map_err(|e| Error::Setup(e.to_string()))?;
-        let rtc = Arc::new(Mutex::new(
-            match restore.and_then(|r| r.machine.rtc.as_ref()) {
-                None => CmosRtc::new(),
-                Some(saved) => CmosRtc::restored(saved).map_err(Error::Setup)?,
-            },
-        ));
+            .map_err(|e| bus_err("serial port", e))?;
+        let rtc = Arc::new(Mutex::new(b.rtc()?));
         pio.insert(u64::from(RTC_BASE), 2, rtc.clone())
-            .map_err(|e| Error::Setup(e.to_string()))?;
+            .map_err(|e| bus_err("CMOS clock", e))?;
         if let Some(port) = config.test_exit_port {
             pio.insert(
                 u64::from(port),
                 1,
                 Arc::new(Mutex::new(TestExitPort::new(device_events.clone()))),
             )
-            .map_err(|e| Error::Setup(format!("test exit port {port:#x}: {e}")))?;
+            .map_err(|e| bus_err(&format!("test exit port {port:#x}"), e))?;
         }
         let buses = Arc::new(Buses { pio, mmio });
 
+        let setup = build::VcpuSetup {
+            profile,
+            host_tsc_khz,
+            msr_indices: &msr_indices,
+            base_cpuid: &base_cpuid,
+            boot_msrs: &boot_msrs,
+            mem: &mem,
+            cpus: config.cpus,
+        };
         let mut tsc_khz = host_tsc_khz;
         let mut kvm_forced = vec![];
         for (id, fd) in fds.iter().enumerate() {
             let id = id as u8;
-            if let Some(r) = restore {
-                tsc_khz = r
-                    .restore_vcpu(fd, id, host_tsc_khz, &msr_indices)
-                    .map_err(Error::Setup)?;
-                if id == 0 {
-                    kvm_forced = forced_features(fd, profile);
-                }
-                continue;
-            }
-            let mut entries = base_cpuid.as_slice().to_vec();
-            cpuid::filter(&mut entries, profile, tsc_khz);
-            cpuid::set_vcpu_topology(&mut entries, id, config.cpus);
-            let cpuid = kvm_bindings::CpuId::from_entries(&entries)
-                .map_err(|e| Error::Setup(format!("CPUID table: {e:?}")))?;
-            fd.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
+            tsc_khz = b.vcpu(fd, id, &boot, &setup)?;
             if id == 0 {
                 kvm_forced = forced_features(fd, profile);
             }
-            let msrs = Msrs::from_entries(&boot_msrs)
-                .map_err(|e| Error::Setup(format!("MSR table: {e:?}")))?;
-            fd.set_msrs(&msrs).map_err(kvm_err("set MSRs"))?;
-            fd.set_fpu(&regs::boot_fpu()).map_err(kvm_err("set FPU"))?;
-            let mut lapic = fd.get_lapic().map_err(kvm_err("get LAPIC"))?;
-            regs::set_lint(&mut lapic);
-            fd.set_lapic(&lapic).map_err(kvm_err("set LAPIC"))?;
-            if id == 0 {
-                let sregs = fd.get_sregs().map_err(kvm_err("get sregs"))?;
-                let sregs = regs::boot_sregs(&mem, boot.mode, sregs)
-                    .map_err(|e| Error::Setup(e.to_string()))?;
-                fd.set_sregs(&sregs).map_err(kvm_err("set sregs"))?;
-                fd.set_regs(&regs::boot_regs(
-                    boot.mode,
-                    vm_memory::GuestAddress(boot.entry),
-                ))
-                .map_err(kvm_err("set regs"))?;
-            }
         }
-
-        if let Some(r) = restore {
-            state::restore_vm(&vm_fd, &r.machine.vm).map_err(|e| Error::Setup(e.to_string()))?;
-            r.restore_devices(&pci, &virtio)
-                .map_err(|e| Error::Setup(e.to_string()))?;
-        }
+        b.machine(&vm_fd, &pci, &virtio)?;
         vcpu::register_kick_handler()
-            .map_err(|e| Error::Setup(format!("vCPU kick signal handler: {e}")))?;
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+            .map_err(host("install the vCPU kick signal handler"))?;
         let vcpu_stop: StopSlot = Arc::new(Mutex::new(None));
         let mut vcpus: Vec<VcpuHandle> = Vec::new();
         // Every vCPU thread first takes its place on the host (pinning,
@@ -663,7 +700,7 @@ impl Prepared {
                         vcpu.run();
                     }
                 })
-                .map_err(|e| Error::Setup(format!("cannot start vCPU thread: {e}")));
+                .map_err(host("start a vCPU thread"));
             let thread = match thread {
                 Ok(t) => t,
                 Err(e) => {
@@ -680,14 +717,14 @@ impl Prepared {
         for _ in 0..vcpus.len() {
             let placed = placed_rx
                 .recv()
-                .map_err(|_| Error::Setup("a vCPU thread ended before it started".into()))
+                .map_err(|_| Error::VcpuThread)
                 .and_then(|r| r.map_err(Error::Decouple));
             if let Err(e) = placed {
                 stop_threads(&vcpus);
                 return Err(e);
             }
         }
-        if !restore.is_some_and(|r| r.paused) {
+        if !b.paused() {
             for v in &vcpus {
                 v.shared.request(Request::Run);
             }
@@ -695,7 +732,7 @@ impl Prepared {
         decoupling.watch_kvm_workers();
 
         let dirty = memory::dirty::Tracker::new(log_dirty);
-        let chain = Mutex::new(restore.and_then(|r| r.chain()));
+        let chain = Mutex::new(b.chain());
         Ok(Vm {
             vm_fd,
             mem,

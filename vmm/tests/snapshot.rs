@@ -429,3 +429,85 @@ fn other_vendor() -> &'static str {
         "AuthenticAMD"
     }
 }
+
+/// Rewrites a snapshot's state file in the layout of state version 2 (the
+/// layout before device states were kept by id) and fixes the manifest;
+/// without `rtc`, as version 2 states from before the CMOS clock were.
+fn to_state_version_2(snap: &Path, rtc: bool) {
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(snap.join("manifest.json")).unwrap()).unwrap();
+    let name = m["state"]["name"].as_str().unwrap().to_string();
+    let mut s: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(snap.join(&name)).unwrap()).unwrap();
+    assert_eq!(s["version"], 3, "today's layout");
+    let devices = s["devices"].as_object().unwrap().clone();
+    let o = s.as_object_mut().unwrap();
+    o.remove("devices");
+    o.insert("version".into(), 2.into());
+    for id in ["serial", "rtc", "pci"] {
+        if id != "rtc" || rtc {
+            o.insert(id.into(), devices[id].clone());
+        }
+    }
+    // Version 2 listed virtio transports in build order.
+    o.insert("virtio".into(), serde_json::json!([devices["virtio-rng"]]));
+    let bytes = serde_json::to_vec(&s).unwrap();
+    std::fs::write(snap.join(&name), &bytes).unwrap();
+    edit_manifest(snap, |m| {
+        m["state"]["crc32"] = crc32fast::hash(&bytes).into();
+        m["state"]["bytes"] = bytes.len().into();
+    });
+}
+
+#[test]
+fn snapshots_in_the_previous_state_layout_still_restore() {
+    let dir = tmpdir("snap-v2");
+    let vm = Vm::boot_with(&dir, "a", "task=counter hz=50 max=100", &["--rng"]);
+    vm.wait_counter(10);
+    assert!(vm.api(&["pause"]).status.success());
+    let snap = dir.join("snap");
+    vm.snapshot(&snap, &[]);
+    let before = vm.console();
+    vm.kill();
+    // A version from the future is refused in one line, naming both.
+    let future = dir.join("future");
+    copy_dir(&snap, &future);
+    let name = {
+        let m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(future.join("manifest.json")).unwrap()).unwrap();
+        m["state"]["name"].as_str().unwrap().to_string()
+    };
+    let mut s: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(future.join(&name)).unwrap()).unwrap();
+    s["version"] = 99.into();
+    let bytes = serde_json::to_vec(&s).unwrap();
+    std::fs::write(future.join(&name), &bytes).unwrap();
+    edit_manifest(&future, |m| {
+        m["state"]["crc32"] = crc32fast::hash(&bytes).into();
+        m["state"]["bytes"] = bytes.len().into();
+    });
+    let out = ffmk()
+        .args(["restore", "--from"])
+        .arg(&future)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("state version 99"), "{err}");
+    // The previous layout restores and the guest goes on where it was,
+    // also from a state written before a device (the CMOS clock) existed.
+    let old = dir.join("old");
+    copy_dir(&snap, &old);
+    to_state_version_2(&snap, true);
+    to_state_version_2(&old, false);
+    for (name, from) in [("b", &snap), ("c", &old)] {
+        let r = Vm::restore(&dir, name, from, &[]);
+        let (code, err) = r.wait_exit();
+        assert_eq!(code, Some(0), "{err}");
+        let after = std::fs::read_to_string(dir.join(format!("{name}.console"))).unwrap();
+        assert_consecutive(&(before.clone() + &after), 100);
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}

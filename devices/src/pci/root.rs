@@ -10,6 +10,7 @@ use super::config::{BarKind, PciIds};
 use super::port::{PortError, RootPort, WINDOW_ALIGN};
 use super::{ConfigSpace, PciDevice};
 use crate::bus::BusDevice;
+use crate::persist::{Persist, StateError};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 use vm_allocator::{AddressAllocator, AllocPolicy, RangeInclusive};
@@ -588,6 +589,23 @@ impl PciRoot {
             }
         }
         false
+    }
+}
+
+/// The root bus is restored as built for boot (the same functions in the
+/// same slots): configuration spaces come back, checked all first.
+impl Persist for Arc<PciRoot> {
+    type State = Vec<FunctionState>;
+    type ConstructorArgs = Arc<PciRoot>;
+    type Error = StateError;
+
+    fn save(&self) -> Result<Vec<FunctionState>, StateError> {
+        PciRoot::save(self).map_err(|e| StateError::Mismatch(e.to_string()))
+    }
+
+    fn restore(built: Self, state: &Vec<FunctionState>) -> Result<Self, StateError> {
+        PciRoot::restore(&built, state).map_err(|e| StateError::Mismatch(e.to_string()))?;
+        Ok(built)
     }
 }
 

@@ -19,6 +19,7 @@ use crate::interrupt::MsiVectors;
 use crate::pci::config::{Bar, BarKind, ConfigError, PciIds};
 use crate::pci::msix::MsixState;
 use crate::pci::{ConfigSpace, Msix, PciDevice};
+use crate::persist::{Persist, StateError};
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -388,7 +389,7 @@ impl VirtioPci {
 
     /// The transport's state. Call with the I/O thread frozen so that the
     /// queue positions match guest memory.
-    pub fn save(&self) -> VirtioPciState {
+    fn state(&self) -> VirtioPciState {
         let queues = self
             .queues
             .iter()
@@ -435,43 +436,48 @@ impl VirtioPci {
     /// anything changes; then MSI-X routes are set up again and, if the
     /// driver was running, the device is activated with its queues where
     /// they stood.
-    pub fn restore(&mut self, s: &VirtioPciState) -> Result<(), String> {
+    fn restore_state(&mut self, s: &VirtioPciState) -> Result<(), StateError> {
         if self.active || self.status != 0 {
-            return Err("the device is already in use".into());
+            return Err(StateError::Mismatch("the device is already in use".into()));
         }
         let kind = self.device.device_type();
         if s.device_type != kind {
-            return Err(format!(
+            return Err(StateError::Mismatch(format!(
                 "saved virtio device type {}, this one is {kind}",
                 s.device_type
-            ));
+            )));
         }
         if s.queues.len() != self.queues.len() {
-            return Err(format!(
+            return Err(StateError::Mismatch(format!(
                 "{} queues saved, this device has {}",
                 s.queues.len(),
                 self.queues.len()
-            ));
+            )));
         }
         let offered = self.device.features();
         if s.driver_features & !offered != 0 {
-            return Err(format!(
+            return Err(StateError::Mismatch(format!(
                 "the driver uses features {:#x} this device does not offer",
                 s.driver_features & !offered
-            ));
+            )));
         }
         let nvec = self.msix.lock().map(|m| m.vector_count()).unwrap_or(0);
         let vector_ok = |v: u16| v == NO_VECTOR || v < nvec;
         if !vector_ok(s.config_vector) || s.queues.iter().any(|q| !vector_ok(q.vector)) {
-            return Err("a saved MSI-X vector is out of range".into());
+            return Err(StateError::Mismatch(
+                "a saved MSI-X vector is out of range".into(),
+            ));
         }
         let mut rebuilt = Vec::new();
         for (i, (slot, q)) in self.queues.iter().zip(&s.queues).enumerate() {
-            let mut queue =
-                Queue::new(slot.queue.max_size()).map_err(|e| format!("queue {i}: {e:?}"))?;
+            let mut queue = Queue::new(slot.queue.max_size())
+                .map_err(|e| StateError::Invalid(format!("queue {i}: {e:?}")))?;
             queue.set_size(q.size);
             if queue.size() != q.size {
-                return Err(format!("queue {i}: size {} is not allowed", q.size));
+                return Err(StateError::Mismatch(format!(
+                    "queue {i}: size {} is not allowed",
+                    q.size
+                )));
             }
             let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
             let (l, h) = split(q.desc_table);
@@ -484,13 +490,17 @@ impl VirtioPci {
             queue.set_next_used(q.next_used);
             queue.set_ready(q.ready);
             if q.ready && !queue.is_valid(&self.mem) {
-                return Err(format!("queue {i}: its rings do not fit in guest memory"));
+                return Err(StateError::Mismatch(format!(
+                    "queue {i}: its rings do not fit in guest memory"
+                )));
             }
             rebuilt.push(queue);
         }
         match self.msix.lock() {
-            Ok(mut m) => m.restore(&s.msix, &self.config)?,
-            Err(_) => return Err("MSI-X state lock poisoned".into()),
+            Ok(mut m) => m
+                .restore(&s.msix, &self.config)
+                .map_err(StateError::Mismatch)?,
+            Err(_) => return Err(StateError::Poisoned("MSI-X state")),
         }
         for ((slot, q), queue) in self.queues.iter_mut().zip(&s.queues).zip(rebuilt) {
             slot.queue = queue;
@@ -506,7 +516,7 @@ impl VirtioPci {
         self.queue_select = s.queue_select;
         self.isr.store(s.isr, Ordering::Release);
         if s.active {
-            self.activate(true)?;
+            self.activate(true).map_err(StateError::Mismatch)?;
         }
         Ok(())
     }
@@ -548,6 +558,30 @@ impl VirtioPci {
         self.config_vector = NO_VECTOR;
         self.queue_select = 0;
         self.isr.store(0, Ordering::Release);
+    }
+}
+
+/// A virtio transport is restored where it was wired for boot (on the
+/// PCI bus, its notifications registered with KVM): the constructor
+/// arguments are that transport, still unused by any driver.
+impl Persist for Arc<Mutex<VirtioPci>> {
+    type State = VirtioPciState;
+    type ConstructorArgs = Arc<Mutex<VirtioPci>>;
+    type Error = StateError;
+
+    fn save(&self) -> Result<VirtioPciState, StateError> {
+        let t = self
+            .lock()
+            .map_err(|_| StateError::Poisoned("virtio transport"))?;
+        Ok(t.state())
+    }
+
+    fn restore(wired: Self, state: &VirtioPciState) -> Result<Self, StateError> {
+        wired
+            .lock()
+            .map_err(|_| StateError::Poisoned("virtio transport"))?
+            .restore_state(state)?;
+        Ok(wired)
     }
 }
 
