@@ -392,7 +392,12 @@ fn a_runaway_available_index_does_not_hold_the_io_thread() {
     let p = image("runaway", 8);
     // Dropped by hand at the end: a stuck I/O thread cannot be joined, and
     // the test must fail instead of hanging there.
-    let io = std::mem::ManuallyDrop::new(IoThread::spawn("test-io").unwrap());
+    let io = std::mem::ManuallyDrop::new(
+        IoThread::spawn("test-io", || {
+            sandbox::seccomp::confine(sandbox::ThreadKind::Io, "io").map_err(|e| e.to_string())
+        })
+        .unwrap(),
+    );
     let block = Block::new(disk_config(&p, false), io.endpoint()).unwrap();
     let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
     mem.write_obj(100u16, GuestAddress(AVAIL + 2)).unwrap(); // idx: 100 ahead of 0

@@ -36,12 +36,12 @@ fuzz_target!(|data: &[u8]| {
         if incoming.hello(&mine, |_| Ok(())).is_ok() {
             match incoming.memory(&mem) {
                 Ok(Arrival::State(state)) => {
-                    let _ = vmm::checkpoint::parse_state(&state);
+                    let _ = vmm::machine::parse_state(&state);
                     let _ = incoming.switch_over(|| Ok(()));
                 }
                 Ok(Arrival::Postcopy { state, missing }) => {
                     assert_eq!(missing.pages(), 256);
-                    let _ = vmm::checkpoint::parse_state(&state);
+                    let _ = vmm::machine::parse_state(&state);
                 }
                 Err(_) => {}
             }

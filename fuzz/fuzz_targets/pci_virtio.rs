@@ -202,7 +202,9 @@ impl Machine {
 
 fuzz_target!(|data: &[u8]| {
     let mut input = Input::new(data);
-    let Ok(io) = IoThread::spawn("fuzz-io") else {
+    let Ok(io) = IoThread::spawn("fuzz-io", || {
+        sandbox::seccomp::confine(sandbox::ThreadKind::Io, "io").map_err(|e| e.to_string())
+    }) else {
         return;
     };
     let Some((dev, socket)) = device(input.u8(), &io) else {

@@ -173,7 +173,7 @@ fn check(dir: &Path) {
     };
     if snap.apply_layers(0, &mem).is_ok() {
         if let Ok(state) = snap.read_state() {
-            let _ = vmm::checkpoint::parse_state(&state);
+            let _ = vmm::machine::parse_state(&state);
         }
     }
 }

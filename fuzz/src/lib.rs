@@ -231,7 +231,7 @@ pub const MIGRATION_REGIONS: [(u64, usize); 2] = [(0, 0x80000), (0x10_0000, 0x80
 
 pub fn migration_hello(postcopy: bool) -> migrate::protocol::Hello {
     migrate::protocol::Hello {
-        state_version: vmm::checkpoint::STATE_VERSION,
+        state_version: vmm::machine::STATE_VERSION,
         memory_bytes: 0x10_0000,
         regions: MIGRATION_REGIONS
             .iter()

@@ -15,6 +15,41 @@ use std::path::{Path, PathBuf};
 /// `ioctl` on device files). Older kernels enforce what they know.
 const RULES_ABI: ABI = ABI::V5;
 
+/// `--landlock`: whether the file system is restricted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Restricted when `--snapshot-dir` names where snapshots go (without
+    /// it, an API client may name any directory, so writes cannot be
+    /// limited).
+    #[default]
+    Auto,
+    /// Restricted; without `--snapshot-dir` no snapshot can be written.
+    On,
+    Off,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Mode::Auto),
+            "on" => Ok(Mode::On),
+            "off" => Ok(Mode::Off),
+            _ => Err(format!("--landlock takes auto, on or off, not {s:?}")),
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Auto => "auto",
+            Mode::On => "on",
+            Mode::Off => "off",
+        })
+    }
+}
+
 /// What the VMM may reach, and how.
 #[derive(Debug, Default, Clone)]
 pub struct Paths {

@@ -504,7 +504,7 @@ pub struct ConfineArgs {
     /// --snapshot-dir trees; /proc and /sys read-only). auto: when
     /// --snapshot-dir is given [default: auto].
     #[arg(long, value_name = "auto|on|off")]
-    pub landlock: Option<crate::reach::Landlock>,
+    pub landlock: Option<sandbox::landlock::Mode>,
 }
 
 #[derive(Args, Debug)]

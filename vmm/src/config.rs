@@ -374,7 +374,7 @@ pub struct FileConfig {
     pub api_group: Option<String>,
     /// `"auto"`, `"on"` or `"off"`.
     #[serde(default, deserialize_with = "de_parsed")]
-    pub landlock: Option<crate::reach::Landlock>,
+    pub landlock: Option<sandbox::landlock::Mode>,
 }
 
 impl FileConfig {
@@ -513,7 +513,7 @@ pub struct RunConfig {
     pub api_group: Option<String>,
     /// `--landlock`.
     #[serde(serialize_with = "as_text")]
-    pub landlock: crate::reach::Landlock,
+    pub landlock: sandbox::landlock::Mode,
 }
 
 fn as_text<S: serde::Serializer, T: std::fmt::Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {

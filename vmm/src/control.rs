@@ -480,7 +480,7 @@ impl Control {
                     Ok(u) => u,
                     Err(resp) => return resp,
                 };
-                let taken = crate::checkpoint::take(&self.vm, &r);
+                let taken = crate::capture::take(&self.vm, &r);
                 self.replug(&unplugged);
                 match taken {
                     Ok(mut summary) => {

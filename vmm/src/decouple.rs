@@ -84,14 +84,17 @@ impl Decoupling {
     /// Starts the device I/O thread on the io cores (it inherits the
     /// affinity of the thread that creates it).
     pub fn spawn_io_thread(&self) -> std::io::Result<devices::virtio::IoThread> {
+        // Confined before the first device event is handled.
+        let confine =
+            || sandbox::seccomp::confine(sandbox::ThreadKind::Io, "io").map_err(|e| e.to_string());
         let Some(p) = &self.placement else {
-            return devices::virtio::IoThread::spawn("io");
+            return devices::virtio::IoThread::spawn("io", confine);
         };
         let pin = |cores: &CpuList, what: &str| {
             affinity::pin_current_thread(cores, what).map_err(std::io::Error::other)
         };
         pin(&p.io, "the device I/O thread")?;
-        let io = devices::virtio::IoThread::spawn("io");
+        let io = devices::virtio::IoThread::spawn("io", confine);
         pin(&p.service, "the control thread")?;
         io
     }

@@ -20,14 +20,9 @@ pub enum HostKind {
     Unknown,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "snake_case")]
-pub enum CpuProfile {
-    /// Hide what the PVM emulator cannot run.
-    Pvm,
-    /// Expose everything KVM supports.
-    Host,
-}
+/// The CPU profile the guest sees (defined with the CPUID filter that
+/// applies it).
+pub use crate::arch::cpuid::CpuProfile;
 
 impl HostKind {
     pub fn detect() -> HostKind {
@@ -136,6 +131,16 @@ impl HostInfo {
             println!("  {name:<28}{}", if *on { "yes" } else { "no" });
         }
     }
+}
+
+/// The CPU vendor string (`GenuineIntel`, `AuthenticAMD`).
+pub fn host_vendor() -> String {
+    let r = core::arch::x86_64::__cpuid(0);
+    let bytes: Vec<u8> = [r.ebx, r.edx, r.ecx]
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .collect();
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 #[cfg(test)]

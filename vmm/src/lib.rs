@@ -10,8 +10,8 @@ pub mod agent;
 pub mod api;
 pub mod arch;
 pub mod boot;
-pub mod build;
-pub mod checkpoint;
+
+pub mod capture;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -19,6 +19,7 @@ pub mod decouple;
 pub mod host;
 pub mod info;
 pub mod irq;
+pub mod machine;
 pub mod memory;
 pub mod migration;
 pub mod passthrough;

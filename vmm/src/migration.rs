@@ -6,7 +6,7 @@
 //! through the same dirty log snapshots use (pages it fetched go back to
 //! the snapshot chain if the migration fails), pauses the vCPUs and freezes
 //! device I/O for the last pages, and takes the machine state through the
-//! one state path ([`checkpoint::machine_state`]). After the destination
+//! one state path ([`capture::machine_state`]). After the destination
 //! confirmed it runs the VM, device I/O here stays frozen for good and the
 //! control loop ends with [`ExitReason::Migrated`](crate::control::ExitReason).
 //!
@@ -14,12 +14,13 @@
 //! [`receive`]: one connection at a time, hello checked against its own
 //! configuration, pages written into fresh guest memory, the VM built
 //! paused from the state exactly like a snapshot restore
-//! ([`checkpoint::Restoring::migrated`]), started on GO. A connection that
+//! ([`machine::Restoring::migrated`]), started on GO. A connection that
 //! fails before that leaves nothing behind and the destination listens
 //! again.
-use crate::checkpoint::{self, Restoring, STATE_VERSION};
+use crate::capture;
 use crate::config::RunConfig;
 use crate::host::{CpuProfile, HostKind};
+use crate::machine::{self, Restoring, STATE_VERSION};
 use crate::memory::{self, GuestMemoryMmap};
 use crate::vm::Vm;
 use devices::virtio::Frozen;
@@ -68,7 +69,7 @@ pub fn hello(config: &RunConfig, profile: CpuProfile) -> Hello {
             .map(|(a, l)| (a.0, l as u64))
             .collect(),
         cpus: config.cpus,
-        cpu_vendor: checkpoint::host_vendor(),
+        cpu_vendor: crate::host::host_vendor(),
         cpu_profile: format!("{profile:?}").to_lowercase(),
         devices,
         postcopy: false,
@@ -117,7 +118,7 @@ impl Source for VmSource<'_> {
         if !self.user_paused {
             self.vm.pause()?;
         }
-        let f = match checkpoint::freeze_devices(self.vm) {
+        let f = match capture::freeze_devices(self.vm) {
             Ok(f) => f,
             Err(e) => {
                 if !self.user_paused {
@@ -145,7 +146,7 @@ impl Source for VmSource<'_> {
     }
 
     fn state(&self) -> Result<Vec<u8>, String> {
-        let m = checkpoint::machine_state(self.vm).map_err(|e| e.to_string())?;
+        let m = capture::machine_state(self.vm).map_err(|e| e.to_string())?;
         serde_json::to_vec(&m).map_err(|e| e.to_string())
     }
 }
@@ -394,7 +395,7 @@ pub enum IncomingError {
     #[error(transparent)]
     Protocol(#[from] migrate::Error),
     #[error(transparent)]
-    Restore(#[from] checkpoint::Error),
+    Restore(#[from] machine::Error),
     #[error(transparent)]
     Vm(#[from] crate::vm::Error),
 }

@@ -5,48 +5,16 @@ use crate::config::{Console, RunConfig};
 use sandbox::landlock::Paths;
 use std::path::{Path, PathBuf};
 
-/// `--landlock`: whether the file system is restricted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Landlock {
-    /// Restricted when `--snapshot-dir` names where snapshots go (without
-    /// it, an API client may name any directory, so writes cannot be
-    /// limited).
-    #[default]
-    Auto,
-    /// Restricted; without `--snapshot-dir` no snapshot can be written.
-    On,
-    Off,
-}
+pub use sandbox::landlock::Mode as Landlock;
 
-impl std::str::FromStr for Landlock {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(Landlock::Auto),
-            "on" => Ok(Landlock::On),
-            "off" => Ok(Landlock::Off),
-            _ => Err(format!("--landlock takes auto, on or off, not {s:?}")),
-        }
-    }
-}
-
-impl std::fmt::Display for Landlock {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Landlock::Auto => "auto",
-            Landlock::On => "on",
-            Landlock::Off => "off",
-        })
-    }
-}
-
-impl Landlock {
-    pub fn applies(self, config: &RunConfig) -> bool {
-        match self {
-            Landlock::Auto => !config.access.snapshot_dirs.is_empty(),
-            Landlock::On => true,
-            Landlock::Off => false,
-        }
+/// Whether the file system is restricted for `config` (`--landlock
+/// auto`: when `--snapshot-dir` names where snapshots go; without it, an
+/// API client may name any directory, so writes cannot be limited).
+pub fn applies(config: &RunConfig) -> bool {
+    match config.landlock {
+        Landlock::Auto => !config.access.snapshot_dirs.is_empty(),
+        Landlock::On => true,
+        Landlock::Off => false,
     }
 }
 

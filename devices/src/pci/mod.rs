@@ -23,6 +23,9 @@ pub use msix::Msix;
 pub use port::RootPort;
 pub use root::{Location, PciConfigIo, PciEcam, PciRoot, PciWindow};
 
+/// A PCI function shared between its bus slot and the VMM.
+pub type SharedPciDevice = std::sync::Arc<std::sync::Mutex<dyn PciDevice>>;
+
 /// A device's activity counters: (name, value).
 pub type Counters = Vec<(&'static str, u64)>;
 

@@ -21,8 +21,7 @@
 //! Events reach the guest as the port's single MSI vector when it enabled
 //! them (Hot-Plug Interrupt Enable and the event's own enable bit).
 use super::config::*;
-use super::root::SharedPciDevice;
-use super::{PciDevice, PciIds};
+use super::{PciDevice, PciIds, SharedPciDevice};
 use crate::interrupt::{MsiMessage, MsiVectors};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

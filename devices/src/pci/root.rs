@@ -19,7 +19,7 @@ pub const SLOTS: u8 = 32;
 /// ECAM bytes per bus: 32 devices × 8 functions × 4 KiB.
 pub const ECAM_BUS_SIZE: u64 = 1 << 20;
 
-pub type SharedPciDevice = Arc<Mutex<dyn PciDevice>>;
+pub use super::SharedPciDevice;
 
 /// Where a function is: bus and device number (function 0 always). Bus 0
 /// is the root bus; bus N > 0 is the secondary bus of a hot-plug root port.

@@ -281,16 +281,21 @@ pub struct IoThread {
 }
 
 impl IoThread {
-    pub fn spawn(name: &str) -> std::io::Result<IoThread> {
+    /// Starts the I/O thread. `enter` runs on it before it handles the
+    /// first device event: its owner confines it there (seccomp), and an
+    /// error from `enter` ends the thread and is returned.
+    pub fn spawn(
+        name: &str,
+        enter: impl FnOnce() -> Result<(), String> + Send + 'static,
+    ) -> std::io::Result<IoThread> {
         let (tx, rx) = std::sync::mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let stop_seen = stop.clone();
         let thread = std::thread::Builder::new()
             .name(name.into())
             .spawn(move || {
-                // Confined before the first device event is handled.
-                if let Err(e) = sandbox::seccomp::confine(sandbox::ThreadKind::Io, "io") {
-                    let _ = tx.send(Err(e.to_string()));
+                if let Err(e) = enter() {
+                    let _ = tx.send(Err(e));
                     return;
                 }
                 let mut manager = match EventManager::<Worker>::new() {

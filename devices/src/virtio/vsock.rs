@@ -897,7 +897,10 @@ mod tests {
     fn reserved_cids_and_busy_sockets_are_refused() {
         let dir = std::env::temp_dir().join(format!("ffmk-vsock-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let io = crate::virtio::IoThread::spawn("test-io").unwrap();
+        let io = crate::virtio::IoThread::spawn("test-io", || {
+            sandbox::seccomp::confine(sandbox::ThreadKind::Io, "io").map_err(|e| e.to_string())
+        })
+        .unwrap();
         let cfg = |cid| VsockConfig {
             cid,
             socket: dir.join("v.sock"),

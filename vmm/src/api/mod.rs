@@ -379,7 +379,7 @@ mod tests {
             br#"{"dest": "/s", "kind": "incremental"}"#,
         ) {
             Ok(ApiRequest::Snapshot(r)) => {
-                assert_eq!(r.kind, crate::checkpoint::Kind::Incremental);
+                assert_eq!(r.kind, crate::capture::Kind::Incremental);
                 assert!(!r.live && !r.force);
             }
             other => panic!("{other:?}"),

@@ -1,6 +1,17 @@
 //! CPUID policy: start from `KVM_GET_SUPPORTED_CPUID`, hide what the host
 //! profile cannot run, then give each vCPU its topology and APIC ID.
-use crate::host::CpuProfile;
+
+/// What the guest's CPUID shows.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum CpuProfile {
+    /// Hide what the PVM emulator cannot run.
+    Pvm,
+    /// Expose everything KVM supports.
+    Host,
+}
 use kvm_bindings::kvm_cpuid_entry2;
 
 /// Features hidden on PVM hosts, as (leaf, subleaf, register, bit, name).

@@ -267,7 +267,7 @@ fn prepare(
     };
     let guard = SocketGuard(listener.as_ref().map(|(_, p)| p.clone()));
     // Still no other thread: the rules cover every thread started later.
-    if config.landlock.applies(config) {
+    if vmm::reach::applies(config) {
         let paths = vmm::reach::paths(config, restore_from)
             .context("cannot prepare the Landlock rules")
             .map_err(usage)?;
@@ -333,7 +333,7 @@ pub(crate) fn restore(args: RestoreArgs) -> Result<u8, Failure> {
         .parse()
         .map_err(usage)?;
     let trust = source_trust(&args.plane)?;
-    let restoring = vmm::checkpoint::Restoring::open(&args.from, args.paused).map_err(usage)?;
+    let restoring = vmm::machine::Restoring::open(&args.from, args.paused).map_err(usage)?;
     let config = restoring
         .run_config(
             console,
@@ -344,18 +344,18 @@ pub(crate) fn restore(args: RestoreArgs) -> Result<u8, Failure> {
         )
         .map_err(usage)?;
     let from = match &restoring.origin {
-        vmm::checkpoint::Origin::Snapshot(s) => Some(s.dir.as_path()),
-        vmm::checkpoint::Origin::Migration { .. } => None,
+        vmm::machine::Origin::Snapshot(s) => Some(s.dir.as_path()),
+        vmm::machine::Origin::Migration { .. } => None,
     };
     let (signals, kvm, listener, _socket_guard) = prepare(&config, from)?;
     let summary = match &restoring.origin {
-        vmm::checkpoint::Origin::Snapshot(s) => format!(
+        vmm::machine::Origin::Snapshot(s) => format!(
             "generation {}, {} layer(s), {:.1} MiB stored",
             s.manifest.generation,
             s.manifest.layers.len(),
             s.manifest.stored_bytes() as f64 / f64::from(1 << 20)
         ),
-        vmm::checkpoint::Origin::Migration { .. } => String::new(),
+        vmm::machine::Origin::Migration { .. } => String::new(),
     };
     let vm = vmm::vm::Vm::create(&kvm, config, Some(&restoring)).map_err(runtime)?;
     eprintln!(

@@ -1,15 +1,18 @@
 //! Building a VM: memory, the KVM VM (irqchip, PIT, memory slots), the
 //! guest image, legacy devices and the vCPUs with their threads.
+pub mod build;
+
 use crate::arch::{cpuid, layout, msr, state};
 use crate::boot::{self, BootInfo};
-use crate::build::{self, Builder};
 use crate::config::{Console, RunConfig};
 use crate::decouple::Decoupling;
 use crate::host::{CpuProfile, HostKind};
 use crate::irq::IrqRouting;
+use crate::machine::{virtio_ids, VirtioFunction};
 use crate::memory::{self, GuestMemoryMmap};
 use crate::passthrough::Passthroughs;
 use crate::vcpu::{self, Buses, Request, Vcpu, VcpuShared, VcpuState, VcpuStop};
+use build::Builder;
 use devices::bus::{MmioBus, PioBus};
 use devices::legacy::{self, AcpiSleep, SerialArgs, SerialPort, TestExitPort, I8042};
 use devices::pci::{Location, PciConfigIo, PciDevice, PciEcam, PciRoot, PciWindow};
@@ -77,13 +80,13 @@ pub enum Error {
     BootRegisters(#[from] crate::arch::regs::Error),
     /// A saved device state that is missing, unreadable or does not fit.
     #[error(transparent)]
-    DeviceState(crate::checkpoint::DeviceStateError),
+    DeviceState(crate::machine::DeviceStateError),
     #[error("{0}")]
     VcpuState(String),
     #[error("VM state: {0}")]
     VmState(String),
     #[error(transparent)]
-    Restore(Box<crate::checkpoint::Error>),
+    Restore(Box<crate::machine::Error>),
     /// A vCPU thread ended before it ran (its placement was refused).
     #[error("a vCPU thread ended before it started")]
     VcpuThread,
@@ -160,7 +163,7 @@ pub struct Vm {
     /// Which guest pages changed (for snapshots and migration).
     pub dirty: memory::dirty::Tracker,
     /// The snapshot chain this VM's memory follows (its last snapshot).
-    pub chain: Mutex<Option<crate::checkpoint::ChainRef>>,
+    pub chain: Mutex<Option<crate::machine::ChainRef>>,
     /// Part of guest memory is still on its way (incoming post-copy):
     /// snapshots and migrations wait until it is all here.
     pub memory_arriving: Arc<std::sync::atomic::AtomicBool>,
@@ -299,31 +302,6 @@ pub enum ResizeFailure {
     Refused(devices::virtio::block::ResizeError),
 }
 
-/// A virtio device's transport and its device id (the key of its saved
-/// state).
-pub struct VirtioFunction {
-    pub id: String,
-    pub transport: Arc<Mutex<VirtioPci>>,
-}
-
-/// The ids of a configuration's virtio devices, in the order they are
-/// built and placed on the bus: disks, nets, console, vsock, rng. (The
-/// order is also how version 2 states listed them.)
-pub fn virtio_ids(disks: usize, nets: usize, console: bool, vsock: bool, rng: bool) -> Vec<String> {
-    let mut ids: Vec<String> = (0..disks).map(|i| format!("virtio-blk{i}")).collect();
-    ids.extend((0..nets).map(|i| format!("virtio-net{i}")));
-    for (on, id) in [
-        (console, "virtio-console"),
-        (vsock, "virtio-vsock"),
-        (rng, "virtio-rng"),
-    ] {
-        if on {
-            ids.push(id.into());
-        }
-    }
-    ids
-}
-
 /// A virtio-blk disk as the VMM sees it: the image and its PCI function.
 pub struct DiskSlot {
     pub disk: Arc<devices::virtio::block::Disk>,
@@ -368,7 +346,7 @@ impl Vm {
     pub fn create(
         kvm: &Kvm,
         config: RunConfig,
-        restore: Option<&crate::checkpoint::Restoring>,
+        restore: Option<&crate::machine::Restoring>,
     ) -> Result<Vm, Error> {
         let mem = match restore {
             None => memory::create(config.memory_bytes, config.hugepages)?,
@@ -574,7 +552,7 @@ impl Prepared {
     /// Loads the guest - `config.kernel`, or the saved state when `restore`
     /// is given (whose kernel, command line and test exit port the VM takes
     /// on) - and starts the vCPUs.
-    pub fn start(self, restore: Option<&crate::checkpoint::Restoring>) -> Result<Vm, Error> {
+    pub fn start(self, restore: Option<&crate::machine::Restoring>) -> Result<Vm, Error> {
         match restore {
             None => self.build(&build::ForBoot),
             Some(r) => self.build(&build::FromState(r)),

@@ -1,43 +1,25 @@
-//! Snapshots of a running VM, and restoring a VM from one.
+//! The saved machine: what a snapshot's state file and a migration's
+//! state carry ([`MachineState`]: the configuration a restored VM must
+//! have, boot entry, VM-wide and per-vCPU KVM state, and every device's
+//! state by device id), and [`Restoring`]: such a state checked against
+//! this host, with its memory, ready for `Vm::create`.
 //!
-//! Taking one (`PUT /vm/snapshot`): pause the vCPUs (unless paused) and
-//! freeze the I/O thread (no virtio device touches memory or its queues),
-//! save every vCPU's KVM state on its own thread, the VM's
-//! clock/PIT/irqchips, the serial port, every PCI function's configuration
-//! space and every virtio transport with its queue positions and MSI-X
-//! table ([`MachineState`], the one state path), write the memory
-//! layer (full: pages with content; incremental: pages dirtied since the
-//! previous snapshot, from KVM's dirty log OR the pages the VMM wrote),
-//! resume, then commit the layer, state and manifest (`snapshot` crate).
-//! The guest pauses only for state and memory, not for the commit. A live
-//! snapshot copies memory while the guest runs, in dirty-log rounds
-//! (the `precopy` engine with its `Converge` policy) until what is left
-//! is small (or stops shrinking), and pauses only for the last dirty pages
-//! and the state.
-//!
-//! Dirty pages come from the VM's tracker (`memory::dirty`): a snapshot
-//! holds a session on it for its whole run; pages it fetched for a
-//! snapshot that then fails go back to the tracker, so a failure never
-//! makes a later incremental layer miss pages.
+//! Taking the state is `capture`'s; building a VM from it is
+//! `build::FromState`'s. Nothing here knows the running VM.
 use crate::arch::state::{self, VcpuSnapshot, VmSnapshot};
 use crate::boot::BootInfo;
 use crate::config::{Console, RunConfig};
 use crate::host::CpuProfile;
 use crate::memory::{self, GuestMemoryMmap};
-use crate::vm::Vm;
 use devices::persist::{Persist, StateError};
 use devices::virtio::block::DiskConfig;
 use devices::virtio::net::NetConfig;
 use devices::virtio::pci::VirtioPci;
 use devices::virtio::vsock::VsockConfig;
-use devices::virtio::Frozen;
 use serde::{Deserialize, Serialize};
-use snapshot::memory::{write_layer, Selection};
-use snapshot::{Commit, HostProfile, PageBitmap, Pending, Snapshot, PAGE_SIZE};
+use snapshot::Snapshot;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 /// Version of [`MachineState`]'s layout inside the state file: 3 keeps
 /// device states by device id ([`DeviceStates`]).
@@ -45,10 +27,6 @@ pub const STATE_VERSION: u32 = 3;
 /// The oldest layout still read: version 2 (device states in fields of
 /// their own, virtio transports by position) is upgraded as it is read.
 pub const OLDEST_STATE_VERSION: u32 = 2;
-
-/// How long the I/O thread may take to finish the event it is serving
-/// before a snapshot gives up.
-const IO_FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -77,7 +55,7 @@ impl Error {
     }
 }
 
-fn failed(what: &'static str) -> impl FnOnce(String) -> Error {
+pub(crate) fn failed(what: &'static str) -> impl FnOnce(String) -> Error {
     move |detail| Error::Failed { what, detail }
 }
 
@@ -246,6 +224,27 @@ impl DeviceStates {
 }
 
 impl MachineState {
+    /// Today's layout.
+    pub fn new(
+        config: MachineConfig,
+        boot: BootInfo,
+        tsc_khz: u32,
+        vm: VmSnapshot,
+        vcpus: Vec<VcpuSnapshot>,
+        devices: DeviceStates,
+    ) -> MachineState {
+        MachineState {
+            version: STATE_VERSION,
+            config,
+            boot,
+            tsc_khz,
+            vm,
+            vcpus,
+            devices,
+            v2: V2Devices::default(),
+        }
+    }
+
     /// A version 2 state in today's layout: device states by id (the
     /// virtio ids follow version 2's build order of the saved devices).
     fn upgrade(&mut self) -> Result<(), String> {
@@ -261,7 +260,7 @@ impl MachineState {
         map.insert(PCI.to_string(), v2.pci.ok_or("no PCI state")?);
         let virtio = v2.virtio.ok_or("no virtio state")?;
         let c = &self.config;
-        let ids = crate::vm::virtio_ids(
+        let ids = virtio_ids(
             c.disks.len(),
             c.nets.len(),
             c.virtio_console.is_some(),
@@ -290,273 +289,29 @@ pub struct ChainRef {
     pub generation: u64,
 }
 
-pub use vmm_api::model::{SnapshotKind as Kind, SnapshotReply, SnapshotRequest};
-
-/// Live snapshots: at most this many copy rounds, and the guest is paused
-/// once fewer pages than this (1 MiB) are left dirty.
-const LIVE_MAX_ROUNDS: u32 = 10;
-const LIVE_FINAL_PAGES: u64 = 256;
-
-pub(crate) fn host_vendor() -> String {
-    let r = core::arch::x86_64::__cpuid(0);
-    let bytes: Vec<u8> = [r.ebx, r.edx, r.ecx]
-        .iter()
-        .flat_map(|w| w.to_le_bytes())
-        .collect();
-    String::from_utf8_lossy(&bytes).into_owned()
+/// A virtio device's transport and its device id (the key of its saved
+/// state).
+pub struct VirtioFunction {
+    pub id: String,
+    pub transport: Arc<Mutex<VirtioPci>>,
 }
 
-/// Freezes the I/O thread when the VM has virtio devices: from here until
-/// the guard drops, no device writes guest memory or moves a queue.
-pub(crate) fn freeze_devices(vm: &Vm) -> Result<Option<Frozen>, Error> {
-    if vm.virtio.is_empty() {
-        return Ok(None);
-    }
-    vm.io_thread
-        .freeze(IO_FREEZE_TIMEOUT)
-        .map(Some)
-        .map_err(failed("stop device I/O"))
-}
-
-fn save_vcpus(vm: &Vm) -> Result<Vec<VcpuSnapshot>, Error> {
-    let mut pending = Vec::new();
-    for v in &vm.vcpus {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let msrs = vm.msr_indices.clone();
-        let id = v.shared.id;
-        v.shared.run_paused(Box::new(move |fd| {
-            let _ = tx.send(state::save_vcpu(fd, id, &msrs));
-        }));
-        pending.push((id, rx));
-    }
-    pending
-        .into_iter()
-        .map(|(id, rx)| {
-            rx.recv_timeout(Duration::from_secs(10))
-                .map_err(|_| format!("vCPU {id} did not hand over its state"))
-                .and_then(|r| r.map_err(|e| e.to_string()))
-                .map_err(failed("save vCPU state"))
-        })
-        .collect()
-}
-
-/// Every device's state by id: the platform devices, the PCI root bus and
-/// each virtio transport.
-fn save_devices(vm: &Vm) -> Result<DeviceStates, DeviceStateError> {
-    let poisoned = |what: &'static str| DeviceStateError::Device {
-        id: what.into(),
-        source: StateError::Poisoned(what),
-    };
-    let mut d = DeviceStates::default();
-    d.put(SERIAL, &*vm.serial.lock().map_err(|_| poisoned(SERIAL))?)?;
-    d.put(RTC, &*vm.rtc.lock().map_err(|_| poisoned(RTC))?)?;
-    d.put(PCI, &vm.pci)?;
-    for f in &vm.virtio {
-        d.put(&f.id, &f.transport)?;
-    }
-    Ok(d)
-}
-
-pub(crate) fn machine_state(vm: &Vm) -> Result<MachineState, Error> {
-    let c = &vm.config;
-    Ok(MachineState {
-        version: STATE_VERSION,
-        config: MachineConfig {
-            kernel: c.kernel.clone(),
-            cmdline: c.cmdline.clone(),
-            cpus: c.cpus,
-            compute: c.topology.compute,
-            memory_bytes: c.memory_bytes,
-            hugepages: c.hugepages,
-            test_exit_port: c.test_exit_port,
-            cpu_profile: vm.profile,
-            disks: c.disks.clone(),
-            nets: c.nets.clone(),
-            rng: c.rng,
-            virtio_console: c.virtio_console.clone(),
-            vsock: c.vsock.clone(),
-            hotplug_slots: c.hotplug_slots,
-        },
-        boot: vm.boot.clone(),
-        tsc_khz: vm.tsc_khz,
-        vm: state::save_vm(&vm.vm_fd).map_err(|e| failed("save VM state")(e.to_string()))?,
-        vcpus: save_vcpus(vm)?,
-        devices: save_devices(vm).map_err(|e| failed("save device state")(e.to_string()))?,
-        v2: V2Devices::default(),
-    })
-}
-
-/// Lets the guest run again; a failure is logged (the snapshot's own
-/// outcome is what the caller reports).
-fn resume_after_snapshot(vm: &Vm) {
-    if let Err(e) = vm.resume() {
-        tracing::error!("snapshot: cannot resume the VM: {e}");
-    }
-}
-
-/// Takes a snapshot as `req` asks; returns its summary for the API.
-pub fn take(vm: &Vm, req: &SnapshotRequest) -> Result<SnapshotReply, Error> {
-    let started = Instant::now();
-    let mut dirty = match vm.dirty.try_session(&vm.vm_fd, &vm.mem) {
-        Ok(s) => s,
-        Err(memory::dirty::Error::Busy) => {
-            return Err(Error::Unsupported(
-                "a migration of this VM is in progress".into(),
-            ))
+/// The ids of a configuration's virtio devices, in the order they are
+/// built and placed on the bus: disks, nets, console, vsock, rng. (The
+/// order is also how version 2 states listed them.)
+pub fn virtio_ids(disks: usize, nets: usize, console: bool, vsock: bool, rng: bool) -> Vec<String> {
+    let mut ids: Vec<String> = (0..disks).map(|i| format!("virtio-blk{i}")).collect();
+    ids.extend((0..nets).map(|i| format!("virtio-net{i}")));
+    for (on, id) in [
+        (console, "virtio-console"),
+        (vsock, "virtio-vsock"),
+        (rng, "virtio-rng"),
+    ] {
+        if on {
+            ids.push(id.into());
         }
-        Err(e) => return Err(failed("snapshot")(e.to_string())),
-    };
-    let chain = vm.chain.lock().map(|c| c.clone()).unwrap_or_default();
-    let mut pending = match req.kind {
-        Kind::Full => Pending::full(&req.dest, req.force)?,
-        Kind::Incremental => {
-            if req.force {
-                return Err(Error::Chain(
-                    "force replaces full snapshots only; an incremental one adds a layer".into(),
-                ));
-            }
-            let Some(chain) = chain.filter(|_| dirty.logging()) else {
-                return Err(Error::Chain(
-                    "an incremental snapshot needs a previous snapshot of this VM: take a full \
-                     one first"
-                        .into(),
-                ));
-            };
-            Pending::extend(&req.dest, &chain.chain_id, chain.generation)?
-        }
-    };
-    let file = pending.memory_file()?;
-    let was_paused = vm.is_paused();
-    let live = req.live && !was_paused;
-    let mut pause = Duration::ZERO;
-    let mut rounds = 0;
-    let captured = (|| -> Result<_, Error> {
-        let mut pause_start = Instant::now();
-        if !live && !was_paused {
-            vm.pause().map_err(failed("pause the VM"))?;
-        }
-        // Devices stop with the vCPUs (and run during live rounds; what
-        // they write is in the VMM's dirty bitmap).
-        let mut frozen = if live { None } else { freeze_devices(vm)? };
-        // The first round: all pages with content, or those dirtied since
-        // the previous snapshot. Dirty logging is on from here on.
-        let dirty_err = |e: memory::dirty::Error| failed("read the dirty log")(e.to_string());
-        let first = if dirty.start().map_err(dirty_err)? {
-            Selection::Full
-        } else {
-            match (req.kind, dirty.fetch().map_err(dirty_err)?) {
-                (Kind::Full, _) => Selection::Full,
-                (Kind::Incremental, pages) => Selection::Pages(pages),
-            }
-        };
-        let write = |sel: &Selection| {
-            write_layer(&vm.mem, sel, &file)
-                .map_err(|e| failed("write guest memory")(e.to_string()))
-        };
-        let mut written = write(&first)?;
-        rounds = 1;
-        if live {
-            // Copy what the guest dirtied meanwhile until the rest is small
-            // or stops shrinking, then pause for the remainder.
-            let mut policy = precopy::Converge::new(LIVE_MAX_ROUNDS, LIVE_FINAL_PAGES);
-            let first = match &first {
-                Selection::Full => PageBitmap::new(0),
-                Selection::Pages(p) => p.clone(),
-            };
-            let ending = precopy::run(
-                &mut dirty,
-                first,
-                &mut |pages, round| {
-                    // Round 1 was written above (it may be the whole memory).
-                    if round > 1 {
-                        let w = write(&Selection::Pages(pages.clone()))?;
-                        written.defined.union(&w.defined);
-                    }
-                    Ok(pages.count() * PAGE_SIZE)
-                },
-                &mut |r| Ok(policy.decide(r)),
-            )
-            .map_err(|e| match e {
-                precopy::Error::Tracker(e) => failed("read the dirty log")(e),
-                precopy::Error::Stopped(e) => e,
-            })?;
-            rounds = ending.rounds;
-            pause_start = Instant::now();
-            vm.pause().map_err(failed("pause the VM"))?;
-            frozen = freeze_devices(vm)?;
-            let mut last = dirty.fetch().map_err(dirty_err)?;
-            last.union(&ending.last);
-            let w = write(&Selection::Pages(last))?;
-            written.defined.union(&w.defined);
-            rounds += 1;
-        }
-        let machine = machine_state(vm);
-        drop(frozen);
-        pause = pause_start.elapsed();
-        if !was_paused {
-            resume_after_snapshot(vm);
-        }
-        if live {
-            // Pages were rewritten across rounds: checksum the final file,
-            // and count what it really stores.
-            written.crc32 = snapshot::memory::checksum_layer(&file, &written.defined)
-                .map_err(|e| failed("checksum guest memory")(e.to_string()))?;
-            use std::os::unix::fs::MetadataExt;
-            written.data_bytes = file
-                .metadata()
-                .map(|m| m.blocks() * 512)
-                .unwrap_or(written.data_bytes);
-        }
-        Ok((machine?, written))
-    })();
-    if captured.is_err() && !was_paused && vm.is_paused() {
-        resume_after_snapshot(vm);
     }
-    // A failure from here on drops the session uncommitted: the pages it
-    // fetched go back to the tracker for the next snapshot.
-    let (machine, written) = captured?;
-    let state = serde_json::to_vec(&machine).map_err(|e| failed("encode state")(e.to_string()))?;
-    let pages = written.defined.count();
-    let data_bytes = written.data_bytes;
-    let commit = Commit {
-        written,
-        live,
-        pause_ms: pause.as_secs_f64() * 1e3,
-        state,
-        vm_config: serde_json::to_value(&vm.config).unwrap_or_default(),
-        host: HostProfile {
-            cpu_vendor: host_vendor(),
-            cpu_profile: format!("{:?}", vm.profile).to_lowercase(),
-            host_kind: format!("{:?}", vm.host_kind).to_lowercase(),
-            tsc_khz: vm.tsc_khz,
-        },
-        memory_bytes: vm.config.memory_bytes,
-        regions: vm.mem.iter().map(|r| (r.start_addr().0, r.len())).collect(),
-    };
-    let manifest = pending.commit(commit)?;
-    dirty.commit();
-    if let Ok(mut c) = vm.chain.lock() {
-        *c = Some(ChainRef {
-            dir: req.dest.clone(),
-            chain_id: manifest.chain_id.clone(),
-            generation: manifest.generation,
-        });
-    }
-    Ok(SnapshotReply {
-        dest: req.dest.clone(),
-        kind: req.kind,
-        chain_id: manifest.chain_id.clone(),
-        generation: manifest.generation,
-        layers: manifest.layers.len() as u64,
-        pause_ms: pause.as_secs_f64() * 1e3,
-        live,
-        rounds,
-        total_ms: started.elapsed().as_secs_f64() * 1e3,
-        pages_written: pages,
-        data_bytes,
-        memory_bytes: vm.config.memory_bytes,
-        unplugged: Vec::new(),
-    })
+    ids
 }
 
 /// Where a VM being restored comes from.
@@ -652,7 +407,7 @@ impl Restoring {
                 "its memory regions do not match this VMM's layout".into(),
             ));
         }
-        let vendor = host_vendor();
+        let vendor = crate::host::host_vendor();
         if m.host.cpu_vendor != vendor {
             return Err(incompatible(format!(
                 "it was taken on a {} CPU, this host is {vendor}",
@@ -729,7 +484,7 @@ impl Restoring {
     pub fn restore_devices(
         &self,
         pci: &Arc<devices::pci::PciRoot>,
-        virtio: &[crate::vm::VirtioFunction],
+        virtio: &[VirtioFunction],
     ) -> Result<(), Error> {
         let devices = &self.machine.devices;
         let incompatible = |e: DeviceStateError| Error::Incompatible {

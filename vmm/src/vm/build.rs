@@ -2,13 +2,13 @@
 //! boot, or built from a saved state (a snapshot or an arriving
 //! migration). `vm::Prepared::start` asks a [`Builder`] at each step and
 //! never asks which one it has.
+use super::Error;
 use crate::arch::{cpuid, regs};
 use crate::boot::{self, BootInfo, BootSpec};
-use crate::checkpoint::{ChainRef, Restoring, RTC, SERIAL};
 use crate::config::RunConfig;
 use crate::host::CpuProfile;
+use crate::machine::{ChainRef, Restoring, VirtioFunction, RTC, SERIAL};
 use crate::memory::GuestMemoryMmap;
-use crate::vm::{Error, VirtioFunction};
 use devices::legacy::{SerialArgs, SerialPort};
 use devices::pci::PciRoot;
 use devices::rtc::CmosRtc;
