@@ -57,6 +57,17 @@ pub fn names(mask: u64) -> String {
     }
 }
 
+/// `auto`, `none` or `hlt,pause`, as `--exits` takes it.
+impl std::fmt::Display for ExitsRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitsRequest::Auto => f.write_str("auto"),
+            ExitsRequest::None => f.write_str("none"),
+            ExitsRequest::Mask(m) => f.write_str(&names(*m)),
+        }
+    }
+}
+
 impl std::str::FromStr for ExitsRequest {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self, Error> {

@@ -48,6 +48,27 @@ pub enum Error {
     Host { path: PathBuf, why: String },
 }
 
+/// `service=0,compute=1-3,io=0`, as `--pin` takes it.
+impl std::fmt::Display for PinSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut first = true;
+        for (key, list) in [
+            ("service", &self.service),
+            ("compute", &self.compute),
+            ("io", &self.io),
+        ] {
+            if let Some(l) = list {
+                if !first {
+                    f.write_str(",")?;
+                }
+                write!(f, "{key}={l}")?;
+                first = false;
+            }
+        }
+        Ok(())
+    }
+}
+
 impl std::str::FromStr for PinSpec {
     type Err = Error;
     /// `service=0,2,compute=1,3,io=0`: a part without `=` continues the

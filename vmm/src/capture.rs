@@ -28,7 +28,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 pub use crate::machine::Error;
 use crate::machine::{
-    failed, ChainRef, DeviceStateError, DeviceStates, MachineConfig, MachineState, PCI, RTC, SERIAL,
+    failed, ChainRef, DeviceStateError, DeviceStates, MachineState, PCI, RTC, SERIAL,
 };
 
 /// How long the I/O thread may take to finish the event it is serving
@@ -96,22 +96,7 @@ fn save_devices(vm: &Vm) -> Result<DeviceStates, DeviceStateError> {
 pub(crate) fn machine_state(vm: &Vm) -> Result<MachineState, Error> {
     let c = &vm.config;
     Ok(MachineState::new(
-        MachineConfig {
-            kernel: c.kernel.clone(),
-            cmdline: c.cmdline.clone(),
-            cpus: c.cpus,
-            compute: c.topology.compute,
-            memory_bytes: c.memory_bytes,
-            hugepages: c.hugepages,
-            test_exit_port: c.test_exit_port,
-            cpu_profile: vm.profile,
-            disks: c.disks.clone(),
-            nets: c.nets.clone(),
-            rng: c.rng,
-            virtio_console: c.virtio_console.clone(),
-            vsock: c.vsock.clone(),
-            hotplug_slots: c.hotplug_slots,
-        },
+        c.machine_spec(vm.profile),
         vm.boot.clone(),
         vm.tsc_khz,
         state::save_vm(&vm.vm_fd).map_err(|e| failed("save VM state")(e.to_string()))?,

@@ -1,5 +1,5 @@
 //! Command line of `ffmk-vmm`.
-use crate::config::{DiskEntry, FileConfig, NetEntry, VsockEntry};
+use crate::config::{DiskEntry, NetEntry, VmSpec, VsockEntry};
 use crate::host::CpuProfile;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -698,9 +698,9 @@ fn parse_port(s: &str) -> Result<u16, String> {
 }
 
 impl RunArgs {
-    /// The flags as a partial configuration, to lay over the config file.
-    pub fn as_file_config(&self) -> FileConfig {
-        FileConfig {
+    /// The flags as a partial spec, to lay over the config file.
+    pub fn spec(&self) -> VmSpec {
+        VmSpec {
             kernel: self.kernel.clone(),
             initrd: self.initrd.clone(),
             cmdline: self.cmdline.clone(),
@@ -721,16 +721,48 @@ impl RunArgs {
             virtio_console: self.virtio_console.clone(),
             vsock: self.vsock.clone(),
             device: (!self.device.is_empty()).then(|| self.device.clone()),
-            seccomp: self.confine.seccomp,
-            snapshot_dirs: (!self.confine.snapshot_dirs.is_empty())
-                .then(|| self.confine.snapshot_dirs.clone()),
-            migrate_to: (!self.confine.migrate_to.is_empty())
-                .then(|| self.confine.migrate_to.clone()),
-            hotplug_allow: (!self.confine.hotplug_allow.is_empty())
-                .then(|| self.confine.hotplug_allow.clone()),
             hotplug_slots: self.hotplug_slots,
-            api_group: self.confine.api_group.clone(),
-            landlock: self.confine.landlock,
+            ..self.confine.spec()
+        }
+    }
+}
+
+impl ConfineArgs {
+    /// The confinement flags as a partial spec.
+    pub fn spec(&self) -> VmSpec {
+        VmSpec {
+            seccomp: self.seccomp,
+            snapshot_dirs: (!self.snapshot_dirs.is_empty()).then(|| self.snapshot_dirs.clone()),
+            migrate_to: (!self.migrate_to.is_empty()).then(|| self.migrate_to.clone()),
+            hotplug_allow: (!self.hotplug_allow.is_empty()).then(|| self.hotplug_allow.clone()),
+            api_group: self.api_group.clone(),
+            landlock: self.landlock,
+            ..VmSpec::default()
+        }
+    }
+}
+
+impl RestoreArgs {
+    /// What the restoring command line sets itself (console, API socket,
+    /// placement, confinement), as a partial spec laid over the saved one.
+    pub fn spec(&self) -> VmSpec {
+        VmSpec {
+            console: self.console.clone(),
+            api_socket: self.api_socket.clone(),
+            pin: self.pin.clone(),
+            ..self.confine.spec()
+        }
+    }
+}
+
+impl From<&HostArgs> for crate::machine::HostResources {
+    fn from(h: &HostArgs) -> Self {
+        crate::machine::HostResources {
+            disks: h.disks.clone(),
+            nets: h.nets.clone(),
+            virtio_console: h.virtio_console.clone(),
+            vsock: h.vsock.clone(),
+            allow: h.allow.clone(),
         }
     }
 }

@@ -1,9 +1,14 @@
-//! VM configuration: a TOML file and/or command-line flags (flags win).
+//! VM configuration, one type for all of it: [`VmSpec`] is the TOML schema
+//! of `--config`, what `run`'s flags fill in (`cli::RunArgs::spec`, laid
+//! over the file: flags win), and the machine part a snapshot or a
+//! migration carries ([`RunConfig::machine_spec`]). [`VmSpec::validate`]
+//! checks a spec in one place and gives the [`RunConfig`] the VMM runs
+//! with.
 use crate::host::CpuProfile;
 pub use devices::virtio::block::DiskConfig;
 pub use devices::virtio::net::NetConfig;
 pub use devices::virtio::vsock::VsockConfig;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use vcpu_decouple::exits::ExitsRequest;
 use vcpu_decouple::{PinSpec, Topology};
@@ -48,7 +53,7 @@ pub enum Error {
 }
 
 /// `--vsock cid=N,socket=PATH` (or `[vsock]` in TOML).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct VsockEntry {
     pub cid: u64,
@@ -80,11 +85,25 @@ impl std::str::FromStr for VsockEntry {
 }
 
 /// One `--net` (or `[[net]]` in TOML).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetEntry {
     pub tap: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
+}
+
+impl From<&NetConfig> for NetEntry {
+    fn from(n: &NetConfig) -> Self {
+        let m = n.mac;
+        NetEntry {
+            tap: n.tap.clone(),
+            mac: Some(format!(
+                "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                m[0], m[1], m[2], m[3], m[4], m[5]
+            )),
+        }
+    }
 }
 
 impl std::str::FromStr for NetEntry {
@@ -216,7 +235,7 @@ impl NetEntry {
 }
 
 /// One `--disk` (or `[[disk]]` in TOML).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskEntry {
     pub path: PathBuf,
@@ -224,12 +243,30 @@ pub struct DiskEntry {
     pub readonly: bool,
     #[serde(default)]
     pub direct: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub queues: Option<u16>,
-    /// Bandwidth limit: bytes per second with K/M/G suffix (bare = MiB/s).
+    /// Bandwidth limit: bytes per second with B/K/M/G suffix (bare = MiB/s).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub bw: Option<String>,
     /// Requests per second.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub iops: Option<u64>,
+}
+
+impl From<&DiskConfig> for DiskEntry {
+    fn from(d: &DiskConfig) -> Self {
+        DiskEntry {
+            path: d.path.clone(),
+            readonly: d.readonly,
+            direct: d.direct,
+            serial: d.serial.clone(),
+            queues: Some(d.queues),
+            bw: d.bandwidth.map(|b| format!("{b}B")),
+            iops: d.iops,
+        }
+    }
 }
 
 pub const MAX_DISK_QUEUES: u16 = 16;
@@ -328,63 +365,143 @@ pub const RESERVED_PORTS: &[(u16, u16, &str)] = &[
     (0xcf8, 0xcff, "PCI configuration"),
 ];
 
-/// Everything `run` accepts, as it appears in a TOML file.
-#[derive(Debug, Default, Clone, Deserialize)]
+/// Everything `run` accepts: the TOML schema, the target of the flags and
+/// the saved machine configuration. Every field is optional: a partial
+/// spec lays over another ([`VmSpec::merged`]).
+#[derive(Debug, Default, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct FileConfig {
+pub struct VmSpec {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub kernel: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub initrd: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub cmdline: Option<String>,
     /// `4` or `"service=1,compute=3"`.
-    #[serde(default, deserialize_with = "de_cpus")]
+    #[serde(
+        default,
+        deserialize_with = "de_cpus",
+        serialize_with = "ser_text",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub cpus: Option<Topology>,
     /// `"service=0,compute=1-3,io=0"`.
-    #[serde(default, deserialize_with = "de_parsed")]
+    #[serde(
+        default,
+        deserialize_with = "de_parsed",
+        serialize_with = "ser_text",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub pin: Option<PinSpec>,
     /// `"auto"`, `"none"` or `"hlt,pause"`.
-    #[serde(default, deserialize_with = "de_parsed")]
+    #[serde(
+        default,
+        deserialize_with = "de_parsed",
+        serialize_with = "ser_text",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub exits: Option<ExitsRequest>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub halt_poll_ns: Option<u64>,
     /// SCHED_FIFO priority for compute vCPU threads.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub realtime: Option<i32>,
+    /// `"512M"`, `"2G"`, `"1024"` (MiB), `"268435456B"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub memory: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub hugepages: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub console: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub api_socket: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub test_exit_port: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu_profile: Option<CpuProfile>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub disk: Option<Vec<DiskEntry>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub net: Option<Vec<NetEntry>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rng: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub virtio_console: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub vsock: Option<VsockEntry>,
     /// `["vfio=0000:3b:00.2"]`: functions passed through.
-    #[serde(default, deserialize_with = "de_devices")]
+    #[serde(
+        default,
+        deserialize_with = "de_devices",
+        serialize_with = "ser_devices",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub device: Option<Vec<DeviceEntry>>,
     /// `"on"`, `"log"` or `"off"`.
-    #[serde(default, deserialize_with = "de_parsed")]
+    #[serde(
+        default,
+        deserialize_with = "de_parsed",
+        serialize_with = "ser_text",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub seccomp: Option<sandbox::Mode>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub snapshot_dirs: Option<Vec<PathBuf>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub migrate_to: Option<Vec<String>>,
     /// Hot-plug root ports (PCIe native hot-plug slots).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub hotplug_slots: Option<u8>,
     /// `["vfio-user=/run/ffmk/cx0.sock"]`: what the API may hot-plug.
-    #[serde(default, deserialize_with = "de_devices")]
+    #[serde(
+        default,
+        deserialize_with = "de_devices",
+        serialize_with = "ser_devices",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub hotplug_allow: Option<Vec<DeviceEntry>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub api_group: Option<String>,
     /// `"auto"`, `"on"` or `"off"`.
-    #[serde(default, deserialize_with = "de_parsed")]
+    #[serde(
+        default,
+        deserialize_with = "de_parsed",
+        serialize_with = "ser_text",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub landlock: Option<sandbox::landlock::Mode>,
 }
 
-impl FileConfig {
+/// A value that has a text form (`Display` and `FromStr` agree), as text.
+fn ser_text<S: serde::Serializer, T: std::fmt::Display>(
+    v: &Option<T>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => s.collect_str(v),
+        None => s.serialize_none(),
+    }
+}
+
+/// `device = ["vfio=..."]`.
+fn ser_devices<S: serde::Serializer>(
+    v: &Option<Vec<DeviceEntry>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    let texts: Option<Vec<String>> = v
+        .as_ref()
+        .map(|d| d.iter().map(ToString::to_string).collect());
+    texts.serialize(s)
+}
+
+impl VmSpec {
     /// Reads a TOML file; relative paths are taken relative to its directory.
-    pub fn load(path: &Path) -> Result<FileConfig, Error> {
+    pub fn load(path: &Path) -> Result<VmSpec, Error> {
         let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
             path: path.into(),
             source,
         })?;
-        let mut c: FileConfig = toml::from_str(&text).map_err(|e| Error::Parse {
+        let mut c: VmSpec = toml::from_str(&text).map_err(|e| Error::Parse {
             path: path.into(),
             msg: e.message().to_string(),
         })?;
@@ -412,8 +529,8 @@ impl FileConfig {
     }
 
     /// `self` with every field that `over` sets replaced.
-    pub fn merged(self, over: FileConfig) -> FileConfig {
-        FileConfig {
+    pub fn merged(self, over: VmSpec) -> VmSpec {
+        VmSpec {
             kernel: over.kernel.or(self.kernel),
             initrd: over.initrd.or(self.initrd),
             cmdline: over.cmdline.or(self.cmdline),
@@ -564,8 +681,11 @@ where
     s.parse().map(Some).map_err(serde::de::Error::custom)
 }
 
-impl RunConfig {
-    pub fn from_file_config(c: FileConfig) -> Result<RunConfig, Error> {
+impl VmSpec {
+    /// Checks the whole spec (the one place settings are validated) and
+    /// gives what the VMM runs with.
+    pub fn validate(self) -> Result<RunConfig, Error> {
+        let c = self;
         let topology = c.cpus.unwrap_or(Topology::plain(1));
         if let Some(p) = c.realtime {
             if !(1..=99).contains(&p) {
@@ -642,7 +762,35 @@ impl RunConfig {
     }
 }
 
-/// Parses "512M", "2G", "1GiB", "1024" (MiB), "65536K" into bytes.
+impl RunConfig {
+    /// The machine part of these settings as a spec: what a snapshot or
+    /// a migration carries and a restored VM must have again (no host
+    /// placement, sockets, console or confinement: the restoring host
+    /// chooses those).
+    pub fn machine_spec(&self, profile: CpuProfile) -> VmSpec {
+        VmSpec {
+            kernel: Some(self.kernel.clone()),
+            cmdline: Some(self.cmdline.clone()),
+            cpus: Some(self.topology),
+            memory: Some(format!("{}B", self.memory_bytes)),
+            hugepages: Some(self.hugepages),
+            test_exit_port: self.test_exit_port,
+            cpu_profile: Some(profile),
+            disk: Some(self.disks.iter().map(DiskEntry::from).collect()),
+            net: Some(self.nets.iter().map(NetEntry::from).collect()),
+            rng: Some(self.rng),
+            virtio_console: self.virtio_console.clone(),
+            vsock: self.vsock.as_ref().map(|v| VsockEntry {
+                cid: v.cid,
+                socket: v.socket.clone(),
+            }),
+            hotplug_slots: Some(self.hotplug_slots),
+            ..VmSpec::default()
+        }
+    }
+}
+
+/// Parses "512M", "2G", "1GiB", "1024" (MiB), "65536K", "4096B" into bytes.
 pub fn parse_size(s: &str) -> Result<u64, Error> {
     let err = || Error::MemorySize(s.into());
     let t = s.trim();
@@ -651,6 +799,7 @@ pub fn parse_size(s: &str) -> Result<u64, Error> {
     let n: u64 = num.parse().map_err(|_| err())?;
     let shift = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "m" | "mb" | "mib" => 20,
+        "b" => 0,
         "k" | "kb" | "kib" => 10,
         "g" | "gb" | "gib" => 30,
         "t" | "tb" | "tib" => 40,
@@ -689,18 +838,18 @@ mod tests {
 
     #[test]
     fn toml_rejects_unknown_keys_and_flags_override_file() {
-        let e = toml::from_str::<FileConfig>("kernel = \"k\"\nmemroy = \"1G\"\n").unwrap_err();
+        let e = toml::from_str::<VmSpec>("kernel = \"k\"\nmemroy = \"1G\"\n").unwrap_err();
         assert!(
             e.message().contains("unknown field `memroy`"),
             "{}",
             e.message()
         );
-        let file: FileConfig = toml::from_str("kernel = \"k\"\ncpus = 2\nmemory = \"1G\"\ntest_exit_port = 0xf4\ncpu_profile = \"host\"\n").unwrap();
-        let flags = FileConfig {
+        let file: VmSpec = toml::from_str("kernel = \"k\"\ncpus = 2\nmemory = \"1G\"\ntest_exit_port = 0xf4\ncpu_profile = \"host\"\n").unwrap();
+        let flags = VmSpec {
             cpus: Some(Topology::plain(4)),
             ..Default::default()
         };
-        let c = RunConfig::from_file_config(file.merged(flags)).unwrap();
+        let c = (file.merged(flags)).validate().unwrap();
         assert_eq!(
             (c.cpus, c.memory_bytes, c.test_exit_port),
             (4, 1 << 30, Some(0xf4))
@@ -712,16 +861,16 @@ mod tests {
     #[test]
     fn validation() {
         assert!(matches!(
-            RunConfig::from_file_config(FileConfig::default()),
+            (VmSpec::default()).validate(),
             Err(Error::NoKernel)
         ));
-        let with = |f: fn(&mut FileConfig)| {
-            let mut c = FileConfig {
+        let with = |f: fn(&mut VmSpec)| {
+            let mut c = VmSpec {
                 kernel: Some("k".into()),
                 ..Default::default()
             };
             f(&mut c);
-            RunConfig::from_file_config(c)
+            c.validate()
         };
         assert!(matches!(
             with(|c| c.realtime = Some(0)),
@@ -737,13 +886,13 @@ mod tests {
     #[test]
     fn toml_takes_decoupled_topologies() {
         for bad in ["cpus = 0", "cpus = 255", "cpus = \"service=0,compute=1\""] {
-            assert!(toml::from_str::<FileConfig>(bad).is_err(), "{bad}");
+            assert!(toml::from_str::<VmSpec>(bad).is_err(), "{bad}");
         }
-        let file: FileConfig = toml::from_str(
+        let file: VmSpec = toml::from_str(
             "kernel = \"k\"\ncpus = \"service=1,compute=2\"\npin = \"service=0,compute=1,2\"\nexits = \"hlt,pause\"\nrealtime = 10\n",
         )
         .unwrap();
-        let c = RunConfig::from_file_config(file).unwrap();
+        let c = file.validate().unwrap();
         assert_eq!((c.cpus, c.topology.compute), (3, 2));
         assert_eq!(c.pin.unwrap().compute.unwrap().as_slice(), &[1, 2]);
         assert_eq!(c.exits, ExitsRequest::Mask(6));
@@ -753,7 +902,7 @@ mod tests {
             "{}",
             c.cmdline
         );
-        let e = toml::from_str::<FileConfig>("pin = \"compute=1,1\"").unwrap_err();
+        let e = toml::from_str::<VmSpec>("pin = \"compute=1,1\"").unwrap_err();
         assert!(
             e.message().contains("CPU 1 is listed twice"),
             "{}",
@@ -802,7 +951,7 @@ mod tests {
             "kernel = \"k\"\n[[disk]]\npath = \"a.raw\"\nreadonly = true\n[[disk]]\npath = \"/b.raw\"\nqueues = 2\n",
         )
         .unwrap();
-        let c = RunConfig::from_file_config(FileConfig::load(&f).unwrap()).unwrap();
+        let c = (VmSpec::load(&f).unwrap()).validate().unwrap();
         assert_eq!(c.disks.len(), 2);
         assert_eq!(c.disks[0].path, dir.join("a.raw"));
         assert!(c.disks[0].readonly);
@@ -811,7 +960,7 @@ mod tests {
             (Path::new("/b.raw"), 2)
         );
         std::fs::write(&f, "kernel = \"k\"\n[[disk]]\npath = \"a\"\nspeed = 1\n").unwrap();
-        assert!(matches!(FileConfig::load(&f), Err(Error::Parse { .. })));
+        assert!(matches!(VmSpec::load(&f), Err(Error::Parse { .. })));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -867,11 +1016,11 @@ mod tests {
         let f = dir.join("vm.toml");
         std::fs::write(&f, "kernel = \"probe.elf\"\n").unwrap();
         assert_eq!(
-            FileConfig::load(&f).unwrap().kernel.unwrap(),
+            VmSpec::load(&f).unwrap().kernel.unwrap(),
             dir.join("probe.elf")
         );
         std::fs::write(&f, "kernel = 3\n").unwrap();
-        assert!(FileConfig::load(&f)
+        assert!(VmSpec::load(&f)
             .unwrap_err()
             .to_string()
             .contains("invalid config file"));
@@ -899,7 +1048,7 @@ mod tests {
             let e = bad.parse::<DeviceEntry>().unwrap_err().to_string();
             assert!(e.starts_with("invalid --device"), "{bad}: {e}");
         }
-        let twice = FileConfig {
+        let twice = VmSpec {
             kernel: Some("k".into()),
             device: Some(vec![
                 "vfio=0000:3b:00.2".parse().unwrap(),
@@ -907,12 +1056,57 @@ mod tests {
             ]),
             ..Default::default()
         };
-        let e = RunConfig::from_file_config(twice).unwrap_err().to_string();
+        let e = twice.validate().unwrap_err().to_string();
         assert_eq!(e, "--device 0000:3b:00.2 is given twice");
         let toml = "kernel = 'k'\ndevice = ['vfio=0000:3b:00.2']\n";
-        let c: FileConfig = toml::from_str(toml).unwrap();
-        let c = RunConfig::from_file_config(c).unwrap();
+        let c: VmSpec = toml::from_str(toml).unwrap();
+        let c = c.validate().unwrap();
         assert_eq!(c.devices.len(), 1);
-        assert!(toml::from_str::<FileConfig>("device = ['vfio=zz']").is_err());
+        assert!(toml::from_str::<VmSpec>("device = ['vfio=zz']").is_err());
+    }
+
+    /// One type is the TOML schema and the saved form: a spec written out
+    /// reads back the same, as TOML and as JSON, and the machine part of a
+    /// validated spec validates to the same machine.
+    #[test]
+    fn a_spec_reads_back_as_written_and_the_machine_part_validates_the_same() {
+        let text = r#"
+            kernel = "/k"
+            cmdline = "console=ttyS0"
+            cpus = "service=1,compute=2"
+            pin = "service=0,compute=1-2,io=0"
+            exits = "hlt,pause"
+            memory = "1G"
+            hugepages = false
+            disk = [{ path = "/d.raw", readonly = true, serial = "s1", queues = 2, bw = "100M", iops = 500 }]
+            net = [{ tap = "tap0", mac = "52:54:00:12:34:56" }]
+            rng = true
+            vsock = { cid = 3, socket = "/v.sock" }
+            device = ["vfio=0000:3b:00.2,mmap=off", "vfio-user=/run/cx.sock"]
+            seccomp = "log"
+            landlock = "off"
+            hotplug_slots = 2
+        "#;
+        let spec: VmSpec = toml::from_str(text).unwrap();
+        let again: VmSpec = toml::from_str(&toml::to_string(&spec).unwrap()).unwrap();
+        assert_eq!(again, spec);
+        let json: VmSpec = serde_json::from_value(serde_json::to_value(&spec).unwrap()).unwrap();
+        assert_eq!(json, spec);
+        let run = spec.validate().unwrap();
+        let machine = run.machine_spec(CpuProfile::Pvm).validate().unwrap();
+        assert_eq!(
+            (
+                machine.topology,
+                machine.memory_bytes,
+                machine.cmdline.clone()
+            ),
+            (run.topology, run.memory_bytes, run.cmdline.clone())
+        );
+        assert_eq!(machine.disks, run.disks);
+        assert_eq!(machine.nets, run.nets);
+        assert_eq!(machine.vsock, run.vsock);
+        assert_eq!((machine.rng, machine.hotplug_slots), (true, 2));
+        // Host placement and confinement are not part of the machine.
+        assert!(machine.pin.is_none() && machine.devices.is_empty());
     }
 }

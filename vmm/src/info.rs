@@ -146,13 +146,13 @@ pub fn vcpus_info(vm: &Vm) -> Result<VcpusInfo, serde_json::Error> {
 
 #[cfg(test)]
 mod tests {
-    use crate::config::{FileConfig, RunConfig};
+    use crate::config::VmSpec;
 
     /// Every setting the API types shows up typed in `GET /vm`'s config:
     /// the server's configuration and the API's view of it agree.
     #[test]
     fn a_full_run_configuration_is_what_the_api_promises() {
-        let file: FileConfig = toml::from_str(
+        let file: VmSpec = toml::from_str(
             r#"
             kernel = "/k"
             initrd = "/i"
@@ -169,7 +169,7 @@ mod tests {
             "#,
         )
         .expect("a configuration");
-        let config = RunConfig::from_file_config(file).expect("valid");
+        let config = file.validate().expect("valid");
         let view = super::config_view(&config).expect("the API's view");
         assert_eq!(view.cpus_flag(), "service=1,compute=2");
         assert_eq!(view.memory_bytes, 1 << 30);

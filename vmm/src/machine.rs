@@ -8,7 +8,7 @@
 //! `build::FromState`'s. Nothing here knows the running VM.
 use crate::arch::state::{self, VcpuSnapshot, VmSnapshot};
 use crate::boot::BootInfo;
-use crate::config::{Console, RunConfig};
+use crate::config::{DiskEntry, NetEntry, RunConfig, VmSpec, VsockEntry};
 use crate::host::CpuProfile;
 use crate::memory::{self, GuestMemoryMmap};
 use devices::persist::{Persist, StateError};
@@ -59,72 +59,38 @@ pub(crate) fn failed(what: &'static str) -> impl FnOnce(String) -> Error {
     move |detail| Error::Failed { what, detail }
 }
 
-/// The configuration a restored VM must have (the rest of `RunConfig`, such
-/// as console and API socket, is chosen at restore time).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct MachineConfig {
-    pub kernel: PathBuf,
-    pub cmdline: String,
-    pub cpus: u8,
-    /// How many of the vCPUs are compute vCPUs (the last ones).
-    #[serde(default)]
-    pub compute: u8,
-    pub memory_bytes: u64,
-    pub hugepages: bool,
-    pub test_exit_port: Option<u16>,
-    pub cpu_profile: CpuProfile,
-    /// Devices: the same ones are built again on restore, then continue
-    /// from their saved state. Disk images are not part of a snapshot;
-    /// the restored VM opens the same paths.
-    pub disks: Vec<DiskConfig>,
-    pub nets: Vec<NetConfig>,
-    pub rng: bool,
-    pub virtio_console: Option<PathBuf>,
-    pub vsock: Option<VsockConfig>,
-    /// Hot-plug root ports (their slots are saved empty: passthrough
-    /// functions leave before a snapshot).
-    #[serde(default)]
-    pub hotplug_slots: u8,
-}
-
 impl MachineState {
-    /// Service and compute vCPUs (`parse_state` checked that they add up).
+    /// The saved machine's settings, validated (`parse_state` checked
+    /// that they are valid and fit the saved vCPUs).
+    pub fn settings(&self) -> Result<RunConfig, String> {
+        self.config
+            .clone()
+            .validate()
+            .map_err(|e| format!("saved configuration: {e}"))
+    }
+
+    /// Service and compute vCPUs.
     pub fn topology(&self) -> vcpu_decouple::Topology {
-        let c = &self.config;
-        vcpu_decouple::Topology {
-            service: c.cpus.saturating_sub(c.compute),
-            compute: c.compute,
-        }
+        self.config
+            .cpus
+            .unwrap_or(vcpu_decouple::Topology::plain(1))
     }
 }
 
 /// Everything but memory: what the state file holds.
 #[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MachineState {
     pub version: u32,
-    pub config: MachineConfig,
+    /// The machine part of the VM's spec (`RunConfig::machine_spec`): a
+    /// restored VM must have it again; the restoring host adds the rest.
+    pub config: VmSpec,
     pub boot: BootInfo,
     pub tsc_khz: u32,
     pub vm: VmSnapshot,
     pub vcpus: Vec<VcpuSnapshot>,
     /// Every device's state, by device id.
-    #[serde(default)]
     pub devices: DeviceStates,
-    /// Version 2's device states (moved into `devices` as it is read).
-    #[serde(default, skip_serializing, flatten)]
-    v2: V2Devices,
-}
-
-/// Where version 2 kept device states.
-#[derive(Default, Deserialize)]
-struct V2Devices {
-    serial: Option<serde_json::Value>,
-    /// Absent in states from before the CMOS clock existed.
-    rtc: Option<serde_json::Value>,
-    pci: Option<serde_json::Value>,
-    /// In the order version 2 built virtio devices: disks, nets, console,
-    /// vsock, rng.
-    virtio: Option<Vec<serde_json::Value>>,
 }
 
 /// Device ids of the platform devices.
@@ -226,7 +192,7 @@ impl DeviceStates {
 impl MachineState {
     /// Today's layout.
     pub fn new(
-        config: MachineConfig,
+        config: VmSpec,
         boot: BootInfo,
         tsc_khz: u32,
         vm: VmSnapshot,
@@ -241,25 +207,46 @@ impl MachineState {
             vm,
             vcpus,
             devices,
-            v2: V2Devices::default(),
         }
     }
+}
 
-    /// A version 2 state in today's layout: device states by id (the
-    /// virtio ids follow version 2's build order of the saved devices).
-    fn upgrade(&mut self) -> Result<(), String> {
-        if self.version != 2 {
-            return Ok(());
+/// Version 2 of the state file, read only: the machine configuration in a
+/// layout of its own, device states in fields of their own, virtio
+/// transports by position.
+mod v2 {
+    use super::*;
+    use crate::config::{DiskEntry, NetEntry, VsockEntry};
+
+    #[derive(Deserialize)]
+    struct MachineConfig {
+        kernel: PathBuf,
+        cmdline: String,
+        cpus: u8,
+        #[serde(default)]
+        compute: u8,
+        memory_bytes: u64,
+        hugepages: bool,
+        test_exit_port: Option<u16>,
+        cpu_profile: CpuProfile,
+        disks: Vec<DiskConfig>,
+        nets: Vec<NetConfig>,
+        rng: bool,
+        virtio_console: Option<PathBuf>,
+        vsock: Option<VsockConfig>,
+        #[serde(default)]
+        hotplug_slots: u8,
+    }
+
+    /// A version 2 state (as JSON) in today's layout.
+    pub fn upgrade(mut v: serde_json::Value) -> Result<serde_json::Value, String> {
+        let o = v.as_object_mut().ok_or("not an object")?;
+        let mut take = |k: &str| o.remove(k).filter(|v| !v.is_null());
+        let c: MachineConfig = serde_json::from_value(take("config").ok_or("no configuration")?)
+            .map_err(|e| format!("configuration: {e}"))?;
+        if c.compute >= c.cpus {
+            return Err("more compute vCPUs than vCPUs".into());
         }
-        let v2 = std::mem::take(&mut self.v2);
-        let mut map = std::collections::BTreeMap::new();
-        map.insert(SERIAL.to_string(), v2.serial.ok_or("no serial port state")?);
-        if let Some(rtc) = v2.rtc.filter(|r| !r.is_null()) {
-            map.insert(RTC.to_string(), rtc);
-        }
-        map.insert(PCI.to_string(), v2.pci.ok_or("no PCI state")?);
-        let virtio = v2.virtio.ok_or("no virtio state")?;
-        let c = &self.config;
         let ids = virtio_ids(
             c.disks.len(),
             c.nets.len(),
@@ -267,6 +254,17 @@ impl MachineState {
             c.vsock.is_some(),
             c.rng,
         );
+        let mut devices = serde_json::Map::new();
+        devices.insert(SERIAL.into(), take("serial").ok_or("no serial port state")?);
+        // Absent in states from before the CMOS clock existed.
+        if let Some(rtc) = take("rtc") {
+            devices.insert(RTC.into(), rtc);
+        }
+        devices.insert(PCI.into(), take("pci").ok_or("no PCI state")?);
+        let virtio = match take("virtio").ok_or("no virtio state")? {
+            serde_json::Value::Array(a) => a,
+            _ => return Err("virtio state is not a list".into()),
+        };
         if ids.len() != virtio.len() {
             return Err(format!(
                 "{} virtio devices saved, the saved configuration has {}",
@@ -274,10 +272,34 @@ impl MachineState {
                 ids.len()
             ));
         }
-        map.extend(ids.into_iter().zip(virtio));
-        self.devices = DeviceStates(map);
-        self.version = STATE_VERSION;
-        Ok(())
+        devices.extend(ids.into_iter().zip(virtio));
+        let spec = VmSpec {
+            kernel: Some(c.kernel),
+            cmdline: Some(c.cmdline),
+            cpus: Some(vcpu_decouple::Topology {
+                service: c.cpus - c.compute,
+                compute: c.compute,
+            }),
+            memory: Some(format!("{}B", c.memory_bytes)),
+            hugepages: Some(c.hugepages),
+            test_exit_port: c.test_exit_port,
+            cpu_profile: Some(c.cpu_profile),
+            disk: Some(c.disks.iter().map(DiskEntry::from).collect()),
+            net: Some(c.nets.iter().map(NetEntry::from).collect()),
+            rng: Some(c.rng),
+            virtio_console: c.virtio_console,
+            vsock: c.vsock.map(|v| VsockEntry {
+                cid: v.cid,
+                socket: v.socket,
+            }),
+            hotplug_slots: Some(c.hotplug_slots),
+            ..VmSpec::default()
+        };
+        let spec = serde_json::to_value(spec).map_err(|e| e.to_string())?;
+        o.insert("config".into(), spec);
+        o.insert("devices".into(), serde_json::Value::Object(devices));
+        o.insert("version".into(), STATE_VERSION.into());
+        Ok(v)
     }
 }
 
@@ -329,30 +351,33 @@ pub enum Origin {
 pub struct Restoring {
     pub origin: Origin,
     pub machine: MachineState,
+    /// The saved machine's settings, validated.
+    pub saved: RunConfig,
     /// Start with the vCPUs paused (resume through the API).
     pub paused: bool,
 }
 
-/// Parses a state file and checks what does not depend on where it came
-/// from: its version and vCPU count.
+/// Parses a state file (upgrading version 2's layout) and checks what
+/// does not depend on where it came from: its version, its saved
+/// configuration and vCPU count.
 pub fn parse_state(bytes: &[u8]) -> Result<MachineState, String> {
-    let mut machine: MachineState =
+    let mut v: serde_json::Value =
         serde_json::from_slice(bytes).map_err(|e| format!("unreadable machine state: {e}"))?;
-    if !(OLDEST_STATE_VERSION..=STATE_VERSION).contains(&machine.version) {
+    let version = v.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
+    if !(u64::from(OLDEST_STATE_VERSION)..=u64::from(STATE_VERSION)).contains(&version) {
         return Err(format!(
-            "state version {} (this ffmk-vmm reads versions {OLDEST_STATE_VERSION} to \
-             {STATE_VERSION})",
-            machine.version
+            "state version {version} (this ffmk-vmm reads versions {OLDEST_STATE_VERSION} to \
+             {STATE_VERSION})"
         ));
     }
-    machine
-        .upgrade()
-        .map_err(|e| format!("version 2 state: {e}"))?;
-    if machine.vcpus.len() != usize::from(machine.config.cpus) || machine.config.cpus == 0 {
-        return Err("vCPU count and saved vCPUs differ".into());
+    if version == 2 {
+        v = v2::upgrade(v).map_err(|e| format!("version 2 state: {e}"))?;
     }
-    if machine.config.compute >= machine.config.cpus {
-        return Err("more compute vCPUs than vCPUs".into());
+    let machine: MachineState =
+        serde_json::from_value(v).map_err(|e| format!("unreadable machine state: {e}"))?;
+    let settings = machine.settings()?;
+    if machine.vcpus.len() != usize::from(settings.cpus) {
+        return Err("vCPU count and saved vCPUs differ".into());
     }
     Ok(machine)
 }
@@ -366,17 +391,18 @@ impl Restoring {
             why,
         };
         let machine = parse_state(state).map_err(incompatible)?;
-        let c = &machine.config;
-        let topology = machine.topology();
-        if c.memory_bytes != expect.memory_bytes || topology != expect.topology {
+        let saved = machine.settings().map_err(incompatible)?;
+        if saved.memory_bytes != expect.memory_bytes || saved.topology != expect.topology {
             return Err(incompatible(format!(
-                "its state is for --cpus {topology} and {} MiB",
-                c.memory_bytes >> 20
+                "its state is for --cpus {} and {} MiB",
+                saved.topology,
+                saved.memory_bytes >> 20
             )));
         }
         Ok(Restoring {
             origin: Origin::Migration { from: from.into() },
             machine,
+            saved,
             paused: true,
         })
     }
@@ -390,11 +416,12 @@ impl Restoring {
         };
         let state = snapshot.read_state()?;
         let machine = parse_state(&state).map_err(incompatible)?;
+        let saved = machine.settings().map_err(incompatible)?;
         let m = &snapshot.manifest;
-        if machine.config.memory_bytes != m.memory_bytes {
+        if saved.memory_bytes != m.memory_bytes {
             return Err(incompatible(format!(
                 "the state is for {} MiB of memory, the memory layers hold {} MiB",
-                machine.config.memory_bytes >> 20,
+                saved.memory_bytes >> 20,
                 m.memory_bytes >> 20
             )));
         }
@@ -417,6 +444,7 @@ impl Restoring {
         Ok(Restoring {
             origin: Origin::Snapshot(Box::new(snapshot)),
             machine,
+            saved,
             paused,
         })
     }
@@ -429,50 +457,40 @@ impl Restoring {
         }
     }
 
-    /// The run configuration of the restored VM; `pin` places it on this
-    /// host, `host` names its disks, TAP devices, virtio-console file and
-    /// vsock socket here (see [`host_devices`]).
+    /// The run configuration of the restored VM: the saved machine spec,
+    /// this host's resources for its devices (`host`, see
+    /// [`host_devices`]) and the restoring command line's own settings
+    /// (`local`: console, API socket, placement, confinement) laid over
+    /// it, validated as any spec is.
     pub fn run_config(
         &self,
-        console: Console,
-        api_socket: Option<PathBuf>,
-        pin: Option<vcpu_decouple::PinSpec>,
-        host: &crate::cli::HostArgs,
-        confine: &crate::cli::ConfineArgs,
+        local: VmSpec,
+        host: &HostResources,
     ) -> Result<RunConfig, RestoreConfigError> {
-        let c = &self.machine.config;
-        let d = host_devices(c, host)?;
-        Ok(RunConfig {
-            kernel: c.kernel.clone(),
-            initrd: None,
-            cmdline: c.cmdline.clone(),
-            cpus: c.cpus,
-            topology: self.machine.topology(),
-            pin,
-            exits: Default::default(),
-            halt_poll_ns: None,
-            realtime: None,
-            memory_bytes: c.memory_bytes,
-            hugepages: c.hugepages,
-            console,
-            api_socket,
-            test_exit_port: c.test_exit_port,
-            cpu_profile: Some(c.cpu_profile),
-            disks: d.disks,
-            nets: d.nets,
-            rng: c.rng,
+        let d = host_devices(&self.saved, host)?;
+        let devices = VmSpec {
+            disk: Some(d.disks.iter().map(DiskEntry::from).collect()),
+            net: Some(d.nets.iter().map(NetEntry::from).collect()),
             virtio_console: d.virtio_console,
-            vsock: d.vsock,
-            hotplug_slots: c.hotplug_slots,
-            // Saved without passthrough functions (control.rs); they are
-            // plugged again through the API.
-            devices: Vec::new(),
-            hotplug_allow: confine.hotplug_allow.clone(),
-            seccomp: confine.seccomp.unwrap_or_default(),
-            access: crate::access::Access::new(&confine.snapshot_dirs, &confine.migrate_to)?,
-            api_group: confine.api_group.clone(),
-            landlock: confine.landlock.unwrap_or_default(),
-        })
+            vsock: d.vsock.map(|v| VsockEntry {
+                cid: v.cid,
+                socket: v.socket,
+            }),
+            ..VmSpec::default()
+        };
+        // Saved without passthrough functions (control.rs); they are
+        // plugged again through the API.
+        let local = VmSpec {
+            device: None,
+            ..local
+        };
+        Ok(self
+            .machine
+            .config
+            .clone()
+            .merged(devices)
+            .merged(local)
+            .validate()?)
     }
 
     /// Puts the saved state into the devices of a VM built from the same
@@ -597,10 +615,23 @@ impl Restoring {
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreConfigError {
     #[error(transparent)]
-    Access(#[from] crate::access::Error),
+    Config(#[from] crate::config::Error),
     /// A device of the snapshot has no host resource named on this host.
     #[error("{0}")]
     Host(String),
+}
+
+/// What a restoring host names for a snapshot's devices (the restore
+/// command's `--disk`, `--net`, `--virtio-console`, `--vsock`), and the
+/// directories whose files a snapshot may name itself
+/// (`--allow-snapshot-paths`).
+#[derive(Debug, Clone, Default)]
+pub struct HostResources {
+    pub disks: Vec<DiskEntry>,
+    pub nets: Vec<NetEntry>,
+    pub virtio_console: Option<PathBuf>,
+    pub vsock: Option<VsockEntry>,
+    pub allow: Vec<PathBuf>,
 }
 
 /// The host side of a restored VM's devices.
@@ -617,8 +648,8 @@ pub struct HostDevices {
 /// `host.allow` names. A TAP device is always named on the command line.
 /// Anything else is refused in one line that says what to give.
 pub fn host_devices(
-    saved: &MachineConfig,
-    host: &crate::cli::HostArgs,
+    saved: &RunConfig,
+    host: &HostResources,
 ) -> Result<HostDevices, RestoreConfigError> {
     let refuse = |s: String| RestoreConfigError::Host(s);
     let allowed = |what: &str, p: &Path, flag: &str| -> Result<PathBuf, RestoreConfigError> {

@@ -441,8 +441,24 @@ fn to_state_version_2(snap: &Path, rtc: bool) {
         serde_json::from_slice(&std::fs::read(snap.join(&name)).unwrap()).unwrap();
     assert_eq!(s["version"], 3, "today's layout");
     let devices = s["devices"].as_object().unwrap().clone();
+    // Version 2's machine configuration (for this guest: one vCPU, an rng,
+    // no disk, network, console or vsock).
+    let spec = s["config"].clone();
+    let memory: u64 = spec["memory"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches('B')
+        .parse()
+        .unwrap();
+    let config = serde_json::json!({
+        "kernel": spec["kernel"], "cmdline": spec["cmdline"], "cpus": 1, "compute": 0,
+        "memory_bytes": memory, "hugepages": false, "test_exit_port": spec["test_exit_port"],
+        "cpu_profile": spec["cpu_profile"], "disks": [], "nets": [], "rng": true,
+        "virtio_console": null, "vsock": null, "hotplug_slots": 0,
+    });
     let o = s.as_object_mut().unwrap();
     o.remove("devices");
+    o.insert("config".into(), config);
     o.insert("version".into(), 2.into());
     for id in ["serial", "rtc", "pci"] {
         if id != "rtc" || rtc {

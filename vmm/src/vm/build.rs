@@ -132,7 +132,7 @@ pub struct FromState<'a>(pub &'a Restoring);
 
 impl Builder for FromState<'_> {
     fn configure(&self, config: &mut RunConfig) {
-        let m = &self.0.machine.config;
+        let m = &self.0.saved;
         config.kernel = m.kernel.clone();
         config.cmdline = m.cmdline.clone();
         config.test_exit_port = m.test_exit_port;

@@ -5,7 +5,7 @@ use anyhow::Context;
 use clap::Parser;
 use std::process::ExitCode;
 use vmm::cli::{Cli, Command, PlaneArgs, RestoreArgs, RunArgs};
-use vmm::config::{FileConfig, RunConfig};
+use vmm::config::{RunConfig, VmSpec};
 
 mod admin;
 mod checkpoint;
@@ -84,16 +84,16 @@ pub(crate) fn open_kvm() -> Result<kvm_ioctls::Kvm, Failure> {
 
 fn run(args: RunArgs) -> Result<u8, Failure> {
     let file = match &args.config {
-        Some(p) => FileConfig::load(p).map_err(usage)?,
-        None => FileConfig::default(),
+        Some(p) => VmSpec::load(p).map_err(usage)?,
+        None => VmSpec::default(),
     };
-    let mut file = file.merged(args.as_file_config());
+    let mut file = file.merged(args.spec());
     if let Some(addr) = &args.incoming {
         let addr = vmm::migration::parse_tcp(addr)
             .map_err(|e| usage(anyhow::anyhow!("--incoming: {e}")))?;
         // The kernel comes with the migrating VM.
         file.kernel.get_or_insert_with(|| "(incoming)".into());
-        let config = RunConfig::from_file_config(file).map_err(usage)?;
+        let config = file.validate().map_err(usage)?;
         // A destination must know whom it takes a VM from: no key, no start.
         let trust = args
             .plane
@@ -103,7 +103,7 @@ fn run(args: RunArgs) -> Result<u8, Failure> {
         return incoming(&addr, config, &trust, deadline);
     }
     let trust = source_trust(&args.plane)?;
-    let config = RunConfig::from_file_config(file).map_err(usage)?;
+    let config = file.validate().map_err(usage)?;
     vmm::boot::probe_kernel(&config.kernel).map_err(usage)?;
     if let Some(initrd) = &config.initrd {
         std::fs::File::open(initrd)
@@ -326,22 +326,10 @@ fn serve(
 
 pub(crate) fn restore(args: RestoreArgs) -> Result<u8, Failure> {
     let t0 = std::time::Instant::now();
-    let console: vmm::config::Console = args
-        .console
-        .as_deref()
-        .unwrap_or("stdio")
-        .parse()
-        .map_err(usage)?;
     let trust = source_trust(&args.plane)?;
     let restoring = vmm::machine::Restoring::open(&args.from, args.paused).map_err(usage)?;
     let config = restoring
-        .run_config(
-            console,
-            args.api_socket.clone(),
-            args.pin.clone(),
-            &args.host,
-            &args.confine,
-        )
+        .run_config(args.spec(), &(&args.host).into())
         .map_err(usage)?;
     let from = match &restoring.origin {
         vmm::machine::Origin::Snapshot(s) => Some(s.dir.as_path()),
