@@ -16,10 +16,9 @@
 //! holds a session on it for its whole run; pages it fetched for a
 //! snapshot that then fails go back to the tracker, so a failure never
 //! makes a later incremental layer miss pages.
-use crate::arch::state::{self, VcpuSnapshot};
+use crate::arch::state::{self};
 use crate::memory;
 use crate::vm::Vm;
-use devices::persist::StateError;
 use devices::virtio::Frozen;
 use snapshot::memory::{write_layer, Selection};
 use snapshot::{Commit, HostProfile, PageBitmap, Pending, PAGE_SIZE};
@@ -27,9 +26,7 @@ use std::time::{Duration, Instant};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 pub use crate::machine::Error;
-use crate::machine::{
-    failed, ChainRef, DeviceStateError, DeviceStates, MachineState, PCI, RTC, SERIAL,
-};
+use crate::machine::{failed, ChainRef, MachineState};
 
 /// How long the I/O thread may take to finish the event it is serving
 /// before a snapshot gives up.
@@ -45,63 +42,26 @@ const LIVE_FINAL_PAGES: u64 = 256;
 /// Freezes the I/O thread when the VM has virtio devices: from here until
 /// the guard drops, no device writes guest memory or moves a queue.
 pub(crate) fn freeze_devices(vm: &Vm) -> Result<Option<Frozen>, Error> {
-    if vm.virtio.is_empty() {
-        return Ok(None);
-    }
-    vm.io_thread
+    vm.devices
         .freeze(IO_FREEZE_TIMEOUT)
-        .map(Some)
         .map_err(failed("stop device I/O"))
 }
 
-fn save_vcpus(vm: &Vm) -> Result<Vec<VcpuSnapshot>, Error> {
-    let mut pending = Vec::new();
-    for v in &vm.vcpus {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let msrs = vm.msr_indices.clone();
-        let id = v.shared.id;
-        v.shared.run_paused(Box::new(move |fd| {
-            let _ = tx.send(state::save_vcpu(fd, id, &msrs));
-        }));
-        pending.push((id, rx));
-    }
-    pending
-        .into_iter()
-        .map(|(id, rx)| {
-            rx.recv_timeout(Duration::from_secs(10))
-                .map_err(|_| format!("vCPU {id} did not hand over its state"))
-                .and_then(|r| r.map_err(|e| e.to_string()))
-                .map_err(failed("save vCPU state"))
-        })
-        .collect()
-}
-
-/// Every device's state by id: the platform devices, the PCI root bus and
-/// each virtio transport.
-fn save_devices(vm: &Vm) -> Result<DeviceStates, DeviceStateError> {
-    let poisoned = |what: &'static str| DeviceStateError::Device {
-        id: what.into(),
-        source: StateError::Poisoned(what),
-    };
-    let mut d = DeviceStates::default();
-    d.put(SERIAL, &*vm.serial.lock().map_err(|_| poisoned(SERIAL))?)?;
-    d.put(RTC, &*vm.rtc.lock().map_err(|_| poisoned(RTC))?)?;
-    d.put(PCI, &vm.pci)?;
-    for f in &vm.virtio {
-        d.put(&f.id, &f.transport)?;
-    }
-    Ok(d)
-}
-
+/// The machine state: configuration, boot entry, the VM's and every vCPU's
+/// KVM state and every device's state (vCPUs paused, devices frozen).
 pub(crate) fn machine_state(vm: &Vm) -> Result<MachineState, Error> {
-    let c = &vm.config;
+    let p = &vm.platform;
     Ok(MachineState::new(
-        c.machine_spec(vm.profile),
-        vm.boot.clone(),
-        vm.tsc_khz,
+        vm.config.machine_spec(p.profile),
+        p.boot.clone(),
+        p.tsc_khz,
         state::save_vm(&vm.vm_fd).map_err(|e| failed("save VM state")(e.to_string()))?,
-        save_vcpus(vm)?,
-        save_devices(vm).map_err(|e| failed("save device state")(e.to_string()))?,
+        vm.vcpus
+            .save()
+            .map_err(|e| failed("save vCPU state")(e.to_string()))?,
+        vm.devices
+            .save()
+            .map_err(|e| failed("save device state")(e.to_string()))?,
     ))
 }
 
@@ -116,7 +76,7 @@ fn resume_after_snapshot(vm: &Vm) {
 /// Takes a snapshot as `req` asks; returns its summary for the API.
 pub fn take(vm: &Vm, req: &SnapshotRequest) -> Result<SnapshotReply, Error> {
     let started = Instant::now();
-    let mut dirty = match vm.dirty.try_session(&vm.vm_fd, &vm.mem) {
+    let mut dirty = match vm.ram.try_dirty_session() {
         Ok(s) => s,
         Err(memory::dirty::Error::Busy) => {
             return Err(Error::Unsupported(
@@ -125,7 +85,7 @@ pub fn take(vm: &Vm, req: &SnapshotRequest) -> Result<SnapshotReply, Error> {
         }
         Err(e) => return Err(failed("snapshot")(e.to_string())),
     };
-    let chain = vm.chain.lock().map(|c| c.clone()).unwrap_or_default();
+    let chain = vm.ram.chain();
     let mut pending = match req.kind {
         Kind::Full => Pending::full(&req.dest, req.force)?,
         Kind::Incremental => {
@@ -152,7 +112,8 @@ pub fn take(vm: &Vm, req: &SnapshotRequest) -> Result<SnapshotReply, Error> {
     let captured = (|| -> Result<_, Error> {
         let mut pause_start = Instant::now();
         if !live && !was_paused {
-            vm.pause().map_err(failed("pause the VM"))?;
+            vm.pause()
+                .map_err(|e| failed("pause the VM")(e.to_string()))?;
         }
         // Devices stop with the vCPUs (and run during live rounds; what
         // they write is in the VMM's dirty bitmap).
@@ -169,7 +130,7 @@ pub fn take(vm: &Vm, req: &SnapshotRequest) -> Result<SnapshotReply, Error> {
             }
         };
         let write = |sel: &Selection| {
-            write_layer(&vm.mem, sel, &file)
+            write_layer(vm.ram.guest(), sel, &file)
                 .map_err(|e| failed("write guest memory")(e.to_string()))
         };
         let mut written = write(&first)?;
@@ -201,7 +162,8 @@ pub fn take(vm: &Vm, req: &SnapshotRequest) -> Result<SnapshotReply, Error> {
             })?;
             rounds = ending.rounds;
             pause_start = Instant::now();
-            vm.pause().map_err(failed("pause the VM"))?;
+            vm.pause()
+                .map_err(|e| failed("pause the VM")(e.to_string()))?;
             frozen = freeze_devices(vm)?;
             let mut last = dirty.fetch().map_err(dirty_err)?;
             last.union(&ending.last);
@@ -245,22 +207,25 @@ pub fn take(vm: &Vm, req: &SnapshotRequest) -> Result<SnapshotReply, Error> {
         vm_config: serde_json::to_value(&vm.config).unwrap_or_default(),
         host: HostProfile {
             cpu_vendor: crate::host::host_vendor(),
-            cpu_profile: format!("{:?}", vm.profile).to_lowercase(),
-            host_kind: format!("{:?}", vm.host_kind).to_lowercase(),
-            tsc_khz: vm.tsc_khz,
+            cpu_profile: format!("{:?}", vm.platform.profile).to_lowercase(),
+            host_kind: format!("{:?}", vm.platform.host_kind).to_lowercase(),
+            tsc_khz: vm.platform.tsc_khz,
         },
         memory_bytes: vm.config.memory_bytes,
-        regions: vm.mem.iter().map(|r| (r.start_addr().0, r.len())).collect(),
+        regions: vm
+            .ram
+            .guest()
+            .iter()
+            .map(|r| (r.start_addr().0, r.len()))
+            .collect(),
     };
     let manifest = pending.commit(commit)?;
     dirty.commit();
-    if let Ok(mut c) = vm.chain.lock() {
-        *c = Some(ChainRef {
-            dir: req.dest.clone(),
-            chain_id: manifest.chain_id.clone(),
-            generation: manifest.generation,
-        });
-    }
+    vm.ram.set_chain(ChainRef {
+        dir: req.dest.clone(),
+        chain_id: manifest.chain_id.clone(),
+        generation: manifest.generation,
+    });
     Ok(SnapshotReply {
         dest: req.dest.clone(),
         kind: req.kind,

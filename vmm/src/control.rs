@@ -143,14 +143,20 @@ impl Control {
             let specs = std::mem::take(&mut self.unplugged_for_migration);
             self.replug(&specs);
         }
-        if let Some(e) = self.vm.device_events.take() {
+        if let Some(e) = self.vm.devices.events().take() {
             self.finish(match e {
                 VmEvent::Reset => ExitReason::Reset,
                 VmEvent::PowerOff => ExitReason::PowerOff,
                 VmEvent::TestExit(s) => ExitReason::TestExit(s),
             });
         }
-        let stop = self.vm.vcpu_stop.lock().ok().and_then(|mut s| s.take());
+        let stop = self
+            .vm
+            .vcpus
+            .stop_slot()
+            .lock()
+            .ok()
+            .and_then(|mut s| s.take());
         if let Some((vcpu, reason)) = stop {
             self.finish(match reason {
                 VcpuStop::TripleFault => ExitReason::TripleFault { vcpu },
@@ -193,7 +199,7 @@ impl Control {
         // After a switch-over that was not confirmed or a failed post-copy,
         // the operator decided the VM runs here: device I/O thaws too.
         self.migration.release_hold();
-        self.vm.resume()
+        self.vm.resume().map_err(|e| e.to_string())
     }
 
     /// Before an unplug (unless `force`), the guest lets go of the
@@ -207,10 +213,9 @@ impl Control {
     fn release(&self, at: Location, force: bool) -> Result<(), ApiResponse> {
         let attached = self
             .vm
-            .passthrough
-            .lock()
-            .map(|p| p.attached.iter().any(|a| a.at == at))
-            .unwrap_or(false);
+            .devices
+            .passthrough()
+            .is_some_and(|p| p.attached.iter().any(|a| a.at == at));
         if force || !attached {
             return Ok(());
         }
@@ -232,10 +237,11 @@ impl Control {
             Some(Ok(_)) => Ok(()),
             Some(Err(e @ crate::agent::Error::NoAgent(_))) if in_slot => self
                 .vm
+                .devices
                 .eject(at, EJECT_TIMEOUT)
                 .map_err(|x| refused(format!("{e}; {x}"))),
             Some(Err(e)) => Err(refused(e.to_string())),
-            None if in_slot => self.vm.eject(at, EJECT_TIMEOUT).map_err(refused),
+            None if in_slot => self.vm.devices.eject(at, EJECT_TIMEOUT).map_err(refused),
             None => Ok(()),
         }
     }
@@ -247,7 +253,7 @@ impl Control {
             return;
         }
         for spec in specs {
-            match self.vm.plug(spec) {
+            match self.vm.devices.plug(spec) {
                 Ok(at) => tracing::warn!("{spec} plugged back at {at}"),
                 Err(e) => tracing::error!("{e}; the VM runs without it"),
             }
@@ -268,8 +274,8 @@ impl Control {
     fn unplug_for_migration(&self) -> Result<Vec<crate::config::DeviceEntry>, ApiResponse> {
         let slots: Vec<Location> = self
             .vm
-            .passthrough
-            .lock()
+            .devices
+            .passthrough()
             .map(|p| p.attached.iter().map(|a| a.at).collect())
             .unwrap_or_default();
         if slots.is_empty() {
@@ -282,14 +288,14 @@ impl Control {
                     "the VM has passthrough devices ({}) whose state lives in the hardware, \
                      on bus 0 (no hot-plug slot) and no vsock device to ask its guest to let go \
                      of them; detach them first (DELETE /vm/devices/BDF); the VM keeps running",
-                    self.vm.passthrough_specs().join(", ")
+                    self.vm.devices.passthrough_specs().join(", ")
                 ),
             ));
         }
         let mut done = Vec::new();
         for slot in slots {
             let released = self.release(slot, false);
-            match released.map(|()| self.vm.unplug(slot)) {
+            match released.map(|()| self.vm.devices.unplug(slot)) {
                 Ok(Some(spec)) => done.push(spec),
                 Ok(None) => {}
                 Err(r) => {
@@ -314,7 +320,7 @@ impl Control {
                 Err(why) => ApiResponse::error(409, why),
             },
             ApiRequest::Migrate(_) | ApiRequest::Snapshot(_)
-                if self.vm.memory_arriving.load(std::sync::atomic::Ordering::Acquire) =>
+                if self.vm.ram.arriving().load(std::sync::atomic::Ordering::Acquire) =>
             {
                 ApiResponse::error(
                     409,
@@ -322,7 +328,7 @@ impl Control {
                 )
             }
             ApiRequest::Snapshot(ref r)
-                if !r.detach_devices && !self.vm.passthrough_specs().is_empty() =>
+                if !r.detach_devices && !self.vm.devices.passthrough_specs().is_empty() =>
             {
                 ApiResponse::error(
                     409,
@@ -330,7 +336,7 @@ impl Control {
                         "the VM has passthrough devices ({}) whose state lives in the hardware \
                          and cannot be saved; detach them first (DELETE /vm/devices/BDF), or ask for \
                          detach_devices; the VM keeps running",
-                        self.vm.passthrough_specs().join(", ")
+                        self.vm.devices.passthrough_specs().join(", ")
                     ),
                 )
             }
@@ -407,7 +413,7 @@ impl Control {
                     ),
                 )
             }
-            ApiRequest::AddDevice(spec) => match self.vm.plug(&spec) {
+            ApiRequest::AddDevice(spec) => match self.vm.devices.plug(&spec) {
                 Ok(at) => {
                     // A guest agent, where there is one, looks for it now.
                     let guest = self.vm.config.vsock.as_ref().map(|v| {
@@ -430,7 +436,7 @@ impl Control {
             },
             ApiRequest::RemoveDevice { at, force } => match self.release(at, force) {
                 Err(r) => r,
-                Ok(()) => match self.vm.unplug(at) {
+                Ok(()) => match self.vm.devices.unplug(at) {
                     Some(spec) => ApiResponse::json(
                         200,
                         &crate::passthrough::device_state(&spec, at, false),
@@ -442,13 +448,13 @@ impl Control {
                 Ok(info) => ApiResponse::json(200, &info),
                 Err(e) => ApiResponse::error(500, format!("cannot describe the vCPUs: {e}")),
             },
-            ApiRequest::Interrupts => ApiResponse::json(200, &self.vm.routing.describe()),
+            ApiRequest::Interrupts => ApiResponse::json(200, &self.vm.devices.routing().describe()),
             ApiRequest::Pause if self.vm.is_paused() => {
                 ApiResponse::error(409, "the VM is already paused")
             }
             ApiRequest::Pause => match self.vm.pause() {
                 Ok(()) => ApiResponse::json(200, &state(State::Paused)),
-                Err(e) => ApiResponse::error(500, e),
+                Err(e) => ApiResponse::error(500, e.to_string()),
             },
             ApiRequest::Resume if !self.vm.is_paused() => {
                 ApiResponse::error(409, "the VM is not paused")
@@ -457,7 +463,7 @@ impl Control {
                 Ok(()) => ApiResponse::json(200, &state(State::Running)),
                 Err(e) => ApiResponse::error(500, e),
             },
-            ApiRequest::ResizeDisk { index, bytes } => match self.vm.resize_disk(index, bytes) {
+            ApiRequest::ResizeDisk { index, bytes } => match self.vm.devices.resize_disk(index, bytes) {
                 Ok(()) => ApiResponse::json(
                     200,
                     &model::Resized {
@@ -506,7 +512,7 @@ impl Control {
             self.stdin = false;
             return;
         }
-        if let Ok(mut s) = self.vm.serial.lock() {
+        if let Ok(mut s) = self.vm.devices.serial().lock() {
             s.enqueue_input(&buf[..n as usize]);
         }
     }

@@ -38,7 +38,8 @@ pub fn vm_info(vm: &Vm) -> Result<VmInfo, serde_json::Error> {
         })
         .collect();
     let pci = vm
-        .pci
+        .devices
+        .pci()
         .describe()
         .into_iter()
         .map(|(at, device, counters)| PciFunction {
@@ -54,7 +55,7 @@ pub fn vm_info(vm: &Vm) -> Result<VmInfo, serde_json::Error> {
         .config
         .disks
         .iter()
-        .zip(&vm.disks)
+        .zip(vm.devices.disks())
         .enumerate()
         .map(|(index, (c, d))| DiskInfo {
             index,
@@ -64,8 +65,8 @@ pub fn vm_info(vm: &Vm) -> Result<VmInfo, serde_json::Error> {
         })
         .collect();
     let (passthrough, dma_mapped_bytes) = vm
-        .passthrough
-        .lock()
+        .devices
+        .passthrough()
         .map(|p| (p.describe(), p.dma_mapped_bytes()))
         .unwrap_or_default();
     Ok(VmInfo {
@@ -81,15 +82,16 @@ pub fn vm_info(vm: &Vm) -> Result<VmInfo, serde_json::Error> {
         disks,
         uptime_ms: vm.started.elapsed().as_millis() as u64,
         config: config_view(&vm.config)?,
-        host_kind: name(&vm.host_kind),
-        cpu_profile: name(&vm.profile),
-        tsc_khz: vm.tsc_khz,
+        host_kind: name(&vm.platform.host_kind),
+        cpu_profile: name(&vm.platform.profile),
+        tsc_khz: vm.platform.tsc_khz,
         kvm_forced_features: vm
+            .platform
             .kvm_forced_features
             .iter()
             .map(|f| f.to_string())
             .collect(),
-        boot: serde_json::to_value(&vm.boot).and_then(serde_json::from_value)?,
+        boot: serde_json::to_value(&vm.platform.boot).and_then(serde_json::from_value)?,
         memory: MemoryInfo {
             bytes: vm.config.memory_bytes,
             hugepages: vm.config.hugepages,
@@ -102,7 +104,7 @@ pub fn vm_info(vm: &Vm) -> Result<VmInfo, serde_json::Error> {
 /// (read back from /proc, not from what was asked), what exit control
 /// applies, and its exit counters (the VMM's and KVM's own).
 pub fn vcpus_info(vm: &Vm) -> Result<VcpusInfo, serde_json::Error> {
-    let d = &vm.decoupling;
+    let d = &vm.vcpus.decoupling();
     let pid = std::process::id();
     let vcpus = vm
         .vcpus

@@ -94,7 +94,7 @@ struct VmSource<'a> {
 
 impl Source for VmSource<'_> {
     fn memory(&self) -> &migrate::GuestMemory {
-        &self.vm.mem
+        self.vm.ram.guest()
     }
 
     fn start_tracking(&self) -> Result<(), String> {
@@ -116,7 +116,7 @@ impl Source for VmSource<'_> {
     /// All or nothing: if device I/O cannot be frozen, the vCPUs run again.
     fn pause(&self) -> Result<(), String> {
         if !self.user_paused {
-            self.vm.pause()?;
+            self.vm.pause().map_err(|e| e.to_string())?;
         }
         let f = match capture::freeze_devices(self.vm) {
             Ok(f) => f,
@@ -140,7 +140,7 @@ impl Source for VmSource<'_> {
             slot.take();
         }
         if !self.user_paused {
-            self.vm.resume()?;
+            self.vm.resume().map_err(|e| e.to_string())?;
         }
         Ok(())
     }
@@ -341,7 +341,7 @@ fn run(
     };
     // Pages fetched by a migration that does not complete go back to the
     // tracker (the session is dropped uncommitted) for later snapshots.
-    let dirty = match vm.dirty.session(&vm.vm_fd, &vm.mem) {
+    let dirty = match vm.ram.dirty_session() {
         Ok(d) => d,
         Err(e) => return failed(e.to_string(), true),
     };
@@ -351,7 +351,7 @@ fn run(
         frozen: Mutex::new(None),
         dirty: Mutex::new(dirty),
     };
-    let mut hello = hello(&vm.config, vm.profile);
+    let mut hello = hello(&vm.config, vm.platform.profile);
     hello.postcopy = opts.postcopy;
     let mut report = |p: &Progress| {
         if let Ok(mut s) = status.lock() {
@@ -571,7 +571,7 @@ fn receive_one(
     let Some(missing) = missing else {
         let vm = load(&from, &state, prepared, config, &mut |why| inc.abort(why))?;
         log_loaded(&from, loading);
-        let received = inc.switch_over(|| vm.resume())?;
+        let received = inc.switch_over(|| vm.resume().map_err(|e| e.to_string()))?;
         return Ok(Arrived {
             vm,
             received,
@@ -590,7 +590,7 @@ fn receive_one(
     pc.wait_go(Duration::from_secs(30))?;
     if let Err(e) = vm.resume() {
         pc.abort(&format!("the destination could not start the VM: {e}"));
-        return Err(migrate::Error::Vm(e).into());
+        return Err(migrate::Error::Vm(e.to_string()).into());
     }
     pc.send(migrate::protocol::Kind::Running, &[])?;
     Ok(Arrived {

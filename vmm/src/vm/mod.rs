@@ -1,6 +1,13 @@
 //! Building a VM: memory, the KVM VM (irqchip, PIT, memory slots), the
 //! guest image, legacy devices and the vCPUs with their threads.
 pub mod build;
+mod device_manager;
+mod ram;
+mod vcpus;
+
+pub use device_manager::{Devices, DiskSlot, ResizeFailure};
+pub use ram::Ram;
+pub use vcpus::{StopSlot, VcpuError, VcpuHandle, Vcpus};
 
 use crate::arch::{cpuid, layout, msr, state};
 use crate::boot::{self, BootInfo};
@@ -11,12 +18,12 @@ use crate::irq::IrqRouting;
 use crate::machine::{virtio_ids, VirtioFunction};
 use crate::memory::{self, GuestMemoryMmap};
 use crate::passthrough::Passthroughs;
-use crate::vcpu::{self, Buses, Request, Vcpu, VcpuShared, VcpuState, VcpuStop};
+use crate::vcpu::{self, Buses, Request, Vcpu, VcpuShared};
 use build::Builder;
 use devices::bus::{MmioBus, PioBus};
-use devices::legacy::{self, AcpiSleep, SerialArgs, SerialPort, TestExitPort, I8042};
-use devices::pci::{Location, PciConfigIo, PciDevice, PciEcam, PciRoot, PciWindow};
-use devices::rtc::{CmosRtc, RTC_BASE};
+use devices::legacy::{self, AcpiSleep, SerialArgs, TestExitPort, I8042};
+use devices::pci::{PciConfigIo, PciDevice, PciEcam, PciRoot, PciWindow};
+use devices::rtc::RTC_BASE;
 use devices::virtio::block::Block;
 use devices::virtio::console::Console as VirtioConsole;
 use devices::virtio::net::Net;
@@ -30,12 +37,10 @@ use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VmFd};
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use vcpu_decouple::kvmstats::VcpuStats;
 
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::signal::Killable;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -116,64 +121,29 @@ fn host(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Host { what, source }
 }
 
-/// Why the VM stopped: recorded by vCPUs or devices, read by the control loop.
-pub type StopSlot = Arc<Mutex<Option<(u8, VcpuStop)>>>;
-
-pub struct VcpuHandle {
-    pub shared: Arc<VcpuShared>,
-    thread: Mutex<Option<JoinHandle<()>>>,
-}
-
-impl VcpuHandle {
-    fn kick(&self) {
-        let Ok(t) = self.thread.lock() else { return };
-        if let Some(t) = &*t {
-            if let Err(e) = t.kill(vcpu::kick_signal()) {
-                tracing::debug!("kick of vCPU {} failed: {e}", self.shared.id);
-            }
-        }
-    }
-}
-
+/// A running VM, made of its parts: guest memory ([`Ram`]), the vCPUs
+/// ([`Vcpus`]), the devices ([`Devices`]) and the KVM VM they share; the
+/// platform it runs on ([`Platform`]) and its settings.
 pub struct Vm {
     pub(crate) vm_fd: Arc<VmFd>,
-    pub mem: GuestMemoryMmap,
-    pub vcpus: Vec<VcpuHandle>,
-    pub serial: Arc<Mutex<SerialPort>>,
-    pub rtc: Arc<Mutex<CmosRtc>>,
-    pub pci: Arc<PciRoot>,
-    pub disks: Vec<DiskSlot>,
-    /// Every virtio device's transport, by device id.
-    pub virtio: Vec<VirtioFunction>,
-    /// Runs the virtio queue handlers; dropped after the vCPUs stopped.
-    pub io_thread: IoThread,
+    pub ram: Ram,
+    pub vcpus: Vcpus,
+    pub devices: Devices,
+    pub platform: Platform,
+    pub exit_evt: Arc<EventFd>,
+    pub started: Instant,
+    pub config: RunConfig,
+}
+
+/// What the guest was started on and with: its entry, the host, its CPU
+/// profile and clock.
+pub struct Platform {
     pub boot: BootInfo,
     pub host_kind: HostKind,
     pub profile: CpuProfile,
     pub tsc_khz: u32,
     /// Features the CPU profile hides that KVM shows the guest anyway.
     pub kvm_forced_features: Vec<&'static str>,
-    pub device_events: EventSink,
-    pub vcpu_stop: StopSlot,
-    pub exit_evt: Arc<EventFd>,
-    pub started: Instant,
-    pub config: RunConfig,
-    /// MSRs saved with each vCPU (KVM's list, TSC first).
-    pub msr_indices: Arc<Vec<u32>>,
-    /// Which guest pages changed (for snapshots and migration).
-    pub dirty: memory::dirty::Tracker,
-    /// The snapshot chain this VM's memory follows (its last snapshot).
-    pub chain: Mutex<Option<crate::machine::ChainRef>>,
-    /// Part of guest memory is still on its way (incoming post-copy):
-    /// snapshots and migrations wait until it is all here.
-    pub memory_arriving: Arc<std::sync::atomic::AtomicBool>,
-    /// Topology, host placement and exit control (`GET /vm/vcpus`).
-    pub decoupling: Arc<Decoupling>,
-    /// MSI routes as the guest asked for them and as committed (`GET /vm/interrupts`).
-    pub routing: Arc<IrqRouting>,
-    /// Host functions passed through (`--device`, `PUT /vm/devices`);
-    /// dropped after the vCPUs stopped, before guest memory.
-    pub passthrough: Mutex<Passthroughs>,
 }
 
 /// Ends vCPU threads that never ran guest code (a failed start).
@@ -292,20 +262,6 @@ fn add_virtio(
     }
     drop(t);
     Ok(transport)
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ResizeFailure {
-    #[error("no disk {0} (the VM has {1})")]
-    NoSuchDisk(usize, usize),
-    #[error(transparent)]
-    Refused(devices::virtio::block::ResizeError),
-}
-
-/// A virtio-blk disk as the VMM sees it: the image and its PCI function.
-pub struct DiskSlot {
-    pub disk: Arc<devices::virtio::block::Disk>,
-    transport: Arc<Mutex<VirtioPci>>,
 }
 
 /// A VM built up to the point where it needs its guest: the KVM VM with
@@ -709,176 +665,54 @@ impl Prepared {
         }
         decoupling.watch_kvm_workers();
 
-        let dirty = memory::dirty::Tracker::new(log_dirty);
-        let chain = Mutex::new(b.chain());
         Ok(Vm {
+            ram: Ram::new(mem.clone(), vm_fd.clone(), log_dirty, b.chain()),
+            vcpus: Vcpus::new(vcpus, vcpu_stop, decoupling, msr_indices),
+            devices: Devices {
+                serial,
+                rtc,
+                pci,
+                disks,
+                virtio,
+                io_thread,
+                routing,
+                passthrough: Mutex::new(passthrough),
+                events: device_events,
+                vm_fd: vm_fd.clone(),
+                mem,
+            },
+            platform: Platform {
+                boot,
+                host_kind,
+                profile,
+                tsc_khz,
+                kvm_forced_features: kvm_forced,
+            },
             vm_fd,
-            mem,
-            vcpus,
-            serial,
-            rtc,
-            pci,
-            disks,
-            virtio,
-            io_thread,
-            boot,
-            host_kind,
-            profile,
-            tsc_khz,
-            kvm_forced_features: kvm_forced,
-            device_events,
-            vcpu_stop,
             exit_evt,
             started: Instant::now(),
             config,
-            msr_indices,
-            dirty,
-            chain,
-            memory_arriving: Arc::default(),
-            decoupling,
-            routing,
-            passthrough: Mutex::new(passthrough),
         })
     }
 }
 
 impl Vm {
-    fn request_all(&self, r: Request) {
-        for v in &self.vcpus {
-            v.shared.request(r);
-            v.kick();
-        }
-    }
-
-    /// Sets `r` on every vCPU and waits until each reached `state`.
-    fn request_and_wait(&self, r: Request, state: VcpuState, verb: &str) -> Result<(), String> {
-        self.request_all(r);
-        for v in &self.vcpus {
-            if !v.shared.wait_for(&[state], Duration::from_secs(5)) {
-                return Err(format!(
-                    "vCPU {} did not {verb} (state {:?})",
-                    v.shared.id,
-                    v.shared.state()
-                ));
-            }
-        }
-        Ok(())
-    }
-
     /// Pauses every vCPU and waits until each acknowledged.
-    pub fn pause(&self) -> Result<(), String> {
-        self.request_and_wait(Request::Pause, VcpuState::Paused, "pause")
+    pub fn pause(&self) -> Result<(), VcpuError> {
+        self.vcpus.pause()
     }
 
-    pub fn resume(&self) -> Result<(), String> {
-        self.request_and_wait(Request::Run, VcpuState::Running, "resume")
-    }
-
-    /// Grows disk `index` to `bytes` and tells the guest's driver through a
-    /// configuration-change interrupt.
-    pub fn resize_disk(&self, index: usize, bytes: u64) -> Result<(), ResizeFailure> {
-        let slot = self
-            .disks
-            .get(index)
-            .ok_or(ResizeFailure::NoSuchDisk(index, self.disks.len()))?;
-        slot.disk.grow(bytes).map_err(ResizeFailure::Refused)?;
-        if let Ok(mut t) = slot.transport.lock() {
-            t.config_changed();
-        }
-        Ok(())
-    }
-
-    /// Hot-plugs the function `spec` names (into a free hot-plug slot if
-    /// the VM has one, else on bus 0); returns where it is.
-    pub fn plug(
-        &self,
-        spec: &crate::config::DeviceEntry,
-    ) -> Result<Location, crate::passthrough::Error> {
-        let mut p = self
-            .passthrough
-            .lock()
-            .map_err(|_| crate::passthrough::Error {
-                spec: spec.to_string(),
-                msg: "lock poisoned".into(),
-                user: false,
-            })?;
-        let cx = crate::passthrough::Context {
-            vm_fd: &self.vm_fd,
-            routing: &self.routing,
-            pci: &self.pci,
-            mem: &self.mem,
-        };
-        p.attach(&cx, spec, true).map(|a| a.at)
-    }
-
-    /// Hot-unplugs the passthrough function at `at`; None if there is none.
-    pub fn unplug(&self, at: Location) -> Option<crate::config::DeviceEntry> {
-        self.passthrough.lock().ok()?.detach(&self.pci, at)
-    }
-
-    /// Asks the guest to let go of the function in hot-plug slot `at` (the
-    /// slot's Attention Button) and waits up to `timeout` for it to power
-    /// the slot off, which is how the guest's PCIe hot-plug driver says
-    /// "done" (Linux's pciehp waits 5 s after the button, in case it is
-    /// pressed again). A slot the guest already powered off is released.
-    pub fn eject(&self, at: Location, timeout: Duration) -> Result<(), String> {
-        let port = self
-            .pci
-            .port_at(at)
-            .ok_or_else(|| format!("{at} is not in a hot-plug slot"))?;
-        let powered = || port.lock().map(|p| p.powered()).unwrap_or(false);
-        if !powered() {
-            return Ok(());
-        }
-        if let Ok(mut p) = port.lock() {
-            p.press_button();
-        }
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-            if !powered() {
-                return Ok(());
-            }
-        }
-        Err(format!(
-            "the guest did not power hot-plug slot {at} off within {} s after its attention              button (no PCIe hot-plug driver, or the function is busy)",
-            timeout.as_secs()
-        ))
-    }
-
-    /// The passthrough functions attached now.
-    pub fn passthrough_specs(&self) -> Vec<String> {
-        self.passthrough
-            .lock()
-            .map(|p| p.attached.iter().map(|a| a.spec.to_string()).collect())
-            .unwrap_or_default()
+    pub fn resume(&self) -> Result<(), VcpuError> {
+        self.vcpus.resume()
     }
 
     pub fn is_paused(&self) -> bool {
-        self.vcpus
-            .iter()
-            .all(|v| v.shared.state() == VcpuState::Paused)
+        self.vcpus.is_paused()
     }
 
     /// Stops and joins every vCPU thread.
     pub fn stop(&self) {
-        self.request_all(Request::Exit);
-        for v in &self.vcpus {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while v.shared.state() != VcpuState::Exited && Instant::now() < deadline {
-                v.kick();
-                v.shared
-                    .wait_for(&[VcpuState::Exited], Duration::from_millis(20));
-            }
-            let thread = v.thread.lock().ok().and_then(|mut t| t.take());
-            if let Some(t) = thread {
-                if v.shared.state() == VcpuState::Exited {
-                    let _ = t.join();
-                } else {
-                    tracing::warn!("vCPU {} did not stop; leaving its thread", v.shared.id);
-                }
-            }
-        }
+        self.vcpus.stop()
     }
 }
 

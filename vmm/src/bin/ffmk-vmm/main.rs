@@ -176,7 +176,7 @@ fn incoming(
             "ffmk-vmm: post-copy: {} pages follow from {from}",
             pc.left()
         );
-        let arriving = arrived.vm.memory_arriving.clone();
+        let arriving = arrived.vm.ram.arriving().clone();
         arriving.store(true, std::sync::atomic::Ordering::Release);
         let socket = config.api_socket.clone();
         let watched = pc.finish(move |end, left| match end {
@@ -230,7 +230,7 @@ fn plug_arrived(vm: &vmm::vm::Vm, devices: &[vmm::config::DeviceEntry]) {
         return;
     }
     for d in devices {
-        match vm.plug(d) {
+        match vm.devices.plug(d) {
             Ok(at) => eprintln!("ffmk-vmm: {d} plugged in at {at}"),
             Err(e) => eprintln!("ffmk-vmm: {e}; the VM runs without it"),
         }
