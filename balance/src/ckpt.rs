@@ -16,11 +16,9 @@
 //!
 //! Grants are leases: one not released within `lease` (its holder died)
 //! is dropped. The same state machine runs in the `ffmk-node` coordinator
-//! (`node/mod.rs`, requests `ckpt-acquire` / `ckpt-release`) and in the
-//! simulator ([`sim`]).
+//! (`ffmk-node`, requests `ckpt-acquire` / `ckpt-release`) and in the
+//! simulator (`balance-sim`'s `ckpt_sim`).
 use std::time::Duration;
-
-pub mod sim;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]

@@ -1,22 +1,15 @@
-//! Cluster load balancing for ffmk-vmm: the policy that decides when and
-//! where ranks (VMs) move; `migrate/` is the mechanism.
+//! Cluster load balancing for ffmk-vmm: the algorithms. Where ranks (VMs)
+//! should run; `migrate/` is the mechanism, `ffmk-node/` the daemon that
+//! runs these on every host, `balance-sim/` the simulators that sized them.
 //!
-//! - [`gossip`]: the bulletin board every node keeps about every node;
-//! - [`sim`]: a discrete-event simulator of a gossiping colony on the same
-//!   board code;
+//! - [`gossip`]: the bulletin board every node keeps about every node, and
+//!   its datagrams;
 //! - [`diffusion`]: nearest-neighbour diffusion repartitioning of a task
 //!   graph (flows, task selection, refinement) and its metrics;
-//! - [`workload`], [`baseline`], [`evaluate`]: synthetic FFMK-like
-//!   workloads, the METIS baseline and the comparison `balance-sim` runs;
-//! - [`node`]: the `ffmk-node run` daemon (board over UDP, policy, moves by
-//!   live migration) and [`hostlist`], Slurm-style host lists.
-pub mod baseline;
+//! - [`ckpt`]: the checkpoint coordinator's state machine (jobs sharing a
+//!   burst buffer);
+//! - [`hostlist`]: Slurm-style host lists.
 pub mod ckpt;
 pub mod diffusion;
-pub mod evaluate;
 pub mod gossip;
 pub mod hostlist;
-pub mod node;
-pub mod plot;
-pub mod sim;
-pub mod workload;

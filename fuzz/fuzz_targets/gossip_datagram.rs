@@ -1,5 +1,5 @@
 //! Gossip datagrams from anyone on the network, as `ffmk-node` takes them
-//! (`balance::node::take_gossip`): the input is a list of datagrams (u16
+//! (`ffmk_node::take_gossip`): the input is a list of datagrams (u16
 //! length each) arriving one time unit apart at node 0 of an 8-node board,
 //! each sealed by a key holder, replayed, or sent raw by a stranger, and
 //! opened as the daemon opens them (`cluster_auth::datagram`).
@@ -9,7 +9,7 @@
 //! no raw or replayed datagram gets past the opener.
 #![no_main]
 use balance::gossip::{wire, Board, Window};
-use balance::node::take_gossip;
+use ffmk_node::take_gossip;
 use ffmk_fuzz::{Datagrams, Input};
 use libfuzzer_sys::fuzz_target;
 

@@ -4,25 +4,14 @@ use crate::stats::{Kind, Stats};
 use plotters::prelude::*;
 use std::path::Path;
 
-/// Where Debian's fonts-dejavu-core puts the font the plots use.
-pub const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
-
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot load the plot font {FONT} (install Debian's fonts-dejavu-core): {0}")]
-    Font(std::io::Error),
+    #[error(transparent)]
+    Font(#[from] plotting::FontError),
     #[error("cannot draw {path}: {msg}")]
     Draw { path: String, msg: String },
     #[error("nothing to plot")]
     Empty,
-}
-
-/// Registers the DejaVu font as "sans-serif" for plotters (other crates' plots use it too).
-pub fn register_font() -> Result<(), Error> {
-    let bytes = std::fs::read(FONT).map_err(Error::Font)?;
-    let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-    plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
-        .map_err(|_| Error::Font(std::io::Error::other("not a TrueType font")))
 }
 
 /// One panel: a label and its samples.
@@ -36,7 +25,7 @@ pub fn draw(path: &Path, title: &str, panels: &[Panel]) -> Result<(), Error> {
     if panels.is_empty() {
         return Err(Error::Empty);
     }
-    register_font()?;
+    plotting::register_font()?;
     let err = |e: &dyn std::fmt::Display| Error::Draw {
         path: path.display().to_string(),
         msg: e.to_string(),

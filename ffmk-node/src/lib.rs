@@ -20,8 +20,8 @@ pub mod control;
 pub mod policy;
 pub mod vms;
 
-use crate::gossip::wire::{self, Health, NodeInfo};
-use crate::gossip::{Board, Sent};
+use balance::gossip::wire::{self, Health, NodeInfo};
+use balance::gossip::{Board, Sent};
 use config::Resolved;
 use control::{Reply, Request};
 use policy::{Decision, HostView, PolicyParams, VmView};
@@ -170,7 +170,7 @@ pub struct Daemon {
     /// Draining (takes no VMs): from the config, or a `drain` broadcast.
     drained: AtomicBool,
     /// On the coordinator's host: the checkpoint coordinator.
-    ckpt: Mutex<Option<crate::ckpt::Coordinator>>,
+    ckpt: Mutex<Option<balance::ckpt::Coordinator>>,
     /// The cluster key (or not), for every channel to other hosts.
     plane: config::Plane,
     /// Seals this daemon's gossip datagrams (None: --insecure).
@@ -221,11 +221,11 @@ pub fn run(r: Resolved, plane: config::Plane) -> Result<(), Error> {
         .unwrap_or(1);
     let r_drain = r.config.drain;
     let ckpt = (r.ckpt_coordinator() == r.slot).then(|| {
-        crate::ckpt::Coordinator::new(
+        balance::ckpt::Coordinator::new(
             r.config
                 .ckpt_policy
                 .parse()
-                .unwrap_or(crate::ckpt::Policy::Exclusive),
+                .unwrap_or(balance::ckpt::Policy::Exclusive),
             Duration::from_secs_f64(r.config.ckpt_max_delay_s),
             Duration::from_secs_f64(r.config.ckpt_lease_s),
         )
@@ -348,7 +348,7 @@ fn send_gossip(
 pub fn take_gossip(
     board: &mut Board<NodeInfo>,
     me: usize,
-    now: crate::gossip::Time,
+    now: balance::gossip::Time,
     datagram: &[u8],
 ) -> Result<(), String> {
     let m = wire::decode(datagram).map_err(|e| e.to_string())?;

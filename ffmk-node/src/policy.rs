@@ -10,8 +10,8 @@
 //! VM of overshoot at most, as in task selection), to a live, healthy
 //! neighbour with memory for it, and never so that the receiver ends up
 //! busier than the sender (no ping-pong).
-use crate::diffusion::{self, Params, Quotient};
-use crate::gossip::wire::Health;
+use balance::diffusion::{self, Params, Quotient};
+use balance::gossip::wire::Health;
 
 /// A host as the board shows it.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]

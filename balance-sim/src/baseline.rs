@@ -3,7 +3,7 @@
 //! source), optionally followed by a relabelling that maps every new part
 //! to the old part it overlaps most ("scratch-remap"), so that tasks that
 //! could stay where they are do.
-use crate::diffusion::{Params, TaskGraph};
+use balance::diffusion::{Params, TaskGraph};
 use metis::Idx;
 use std::collections::HashMap;
 
@@ -96,7 +96,7 @@ pub fn remap(old: &[u32], fresh: &[u32], nparts: usize) -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::diffusion::{edge_cut, imbalance, loads};
+    use balance::diffusion::{edge_cut, imbalance, loads};
 
     #[test]
     fn metis_partitions_a_grid_within_its_tolerance() {

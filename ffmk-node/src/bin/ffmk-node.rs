@@ -1,12 +1,12 @@
 //! `ffmk-node`: the per-host balancing daemon and its simulators.
 use balance::diffusion::Params;
-use balance::evaluate::{self, EvalConfig};
 use balance::gossip::Window;
-use balance::node::config::Config;
-use balance::node::control;
-use balance::sim::{self, SimConfig};
-use balance::workload::Kind;
+use balance_sim::evaluate::{self, EvalConfig};
+use balance_sim::gossip_sim::{self, SimConfig};
+use balance_sim::workload::Kind;
 use clap::{Parser, Subcommand};
+use ffmk_node::config::Config;
+use ffmk_node::control;
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -40,14 +40,14 @@ struct PlaneFlags {
 static PLANE_FLAGS: std::sync::OnceLock<PlaneFlags> = std::sync::OnceLock::new();
 
 /// The command line's flags laid over the config file's settings.
-fn plane_of(c: Option<&Config>) -> Result<balance::node::config::Plane, String> {
+fn plane_of(c: Option<&Config>) -> Result<ffmk_node::config::Plane, String> {
     let f = PLANE_FLAGS.get().cloned().unwrap_or_default();
     let key = f
         .cluster_key
         .clone()
         .or_else(|| c.and_then(|c| c.cluster_key.clone()));
     let insecure = f.insecure || (f.cluster_key.is_none() && c.is_some_and(|c| c.insecure));
-    balance::node::config::plane(key.as_deref(), insecure)
+    ffmk_node::config::plane(key.as_deref(), insecure)
 }
 
 #[derive(Subcommand)]
@@ -205,7 +205,7 @@ fn load_config(
     path: &std::path::Path,
     hosts: Option<String>,
     me: Option<String>,
-) -> Result<balance::node::config::Resolved, String> {
+) -> Result<ffmk_node::config::Resolved, String> {
     let mut c = Config::load(path).map_err(|e| e.to_string())?;
     if let Some(h) = hosts {
         c.hosts = h;
@@ -219,7 +219,7 @@ fn load_config(
 fn run_daemon(a: RunArgs) -> Result<(), String> {
     let r = load_config(&a.config, a.hosts, a.me)?;
     let plane = plane_of(Some(&r.config))?;
-    balance::node::run(r, plane).map_err(|e| e.to_string())
+    ffmk_node::run(r, plane).map_err(|e| e.to_string())
 }
 
 fn show_status(a: StatusArgs) -> Result<(), String> {
@@ -463,7 +463,7 @@ fn balance_sim(a: BalanceSimArgs) -> Result<(), String> {
         }
     }
     if let Some(path) = &a.plot {
-        balance::plot::draw(path, &all).map_err(|e| e.to_string())?;
+        balance_sim::plot::draw(path, &all).map_err(|e| e.to_string())?;
         if !a.json {
             println!("plot: {}", path.display());
         }
@@ -483,7 +483,7 @@ fn gossip_sim(a: GossipSimArgs) -> Result<(), String> {
         failures: a.failures,
         max_warmup: a.max_warmup,
     };
-    let r = sim::run(&cfg).map_err(|e| e.to_string())?;
+    let r = gossip_sim::run(&cfg).map_err(|e| e.to_string())?;
     if a.json {
         println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);
         return Ok(());
@@ -504,7 +504,7 @@ fn gossip_sim(a: GossipSimArgs) -> Result<(), String> {
 }
 
 fn send_broadcast(a: BroadcastArgs) -> Result<(), String> {
-    use balance::node::bcast;
+    use ffmk_node::bcast;
     let r = load_config(&a.config, None, None)?;
     let command = a.command.join(" ");
     // Checked here first, so that a typo is not sent to every host.
@@ -616,7 +616,8 @@ fn checkpoint_in_turn(a: CheckpointArgs) -> Result<u8, String> {
 }
 
 fn ckpt_sim(a: CkptSimArgs) -> Result<(), String> {
-    use balance::ckpt::{sim, Policy};
+    use balance::ckpt::Policy;
+    use balance_sim::ckpt_sim as sim;
     if a.seeds == 0 || a.nodes.contains(&0) {
         return Err("--seeds and every --nodes must be at least 1".into());
     }

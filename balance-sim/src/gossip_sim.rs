@@ -15,7 +15,7 @@
 //! sample of K origins (`track`): every entry spreads independently of the
 //! others given who talks to whom, so the sample's mean age is an unbiased
 //! estimate of the whole vector's, and bytes per message are scaled by N/K.
-use crate::gossip::{wire, Board, Sent, Time, Window};
+use balance::gossip::{wire, Board, Sent, Time, Window};
 use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

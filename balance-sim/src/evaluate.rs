@@ -8,8 +8,8 @@
 //! and method we record imbalance, migration (against that method's
 //! previous partition), edge-cut and run time.
 use crate::baseline;
-use crate::diffusion::{self, Params, TaskGraph};
 use crate::workload::{self, Field, Kind};
+use balance::diffusion::{self, Params, TaskGraph};
 use std::time::Instant;
 
 #[derive(Debug, Clone)]

@@ -7,7 +7,7 @@
 //!   grow and fade, as in an atmosphere or cloud model.
 //!
 //! Both are seeded, so every method sees the same loads at every step.
-use crate::diffusion::TaskGraph;
+use balance::diffusion::TaskGraph;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 

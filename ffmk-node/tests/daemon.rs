@@ -824,7 +824,7 @@ fn coordinated_checkpoints_take_turns_on_the_burst_buffer() {
 /// negative load.
 #[test]
 fn the_daemons_answer_only_key_holders_and_the_holders_of_their_tokens() {
-    use balance::node::control::{self, Request};
+    use ffmk_node::control::{self, Request};
     let Some(c) = Cluster::new("bkey", 2) else {
         return;
     };

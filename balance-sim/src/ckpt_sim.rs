@@ -19,7 +19,7 @@
 //!   delays bound);
 //! - the jobs start at random phases of their intervals; after each
 //!   checkpoint the next is due one interval later.
-use super::{Answer, Coordinator, Policy};
+use balance::ckpt::{Answer, Coordinator, Policy};
 use rand::{Rng, SeedableRng};
 use std::time::Duration;
 

@@ -6,7 +6,16 @@ use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
 use plotters::prelude::*;
 use std::path::Path;
 
-pub use noise::plot::Error;
+/// Why a plot was not drawn.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Font(#[from] plotting::FontError),
+    #[error("cannot draw {path}: {msg}")]
+    Draw { path: String, msg: String },
+    #[error("nothing to plot")]
+    Empty,
+}
 
 type Metric = (&'static str, fn(&MethodResult) -> f64, bool);
 
@@ -29,7 +38,7 @@ pub fn draw(path: &Path, results: &[EvalResult]) -> Result<(), Error> {
     if results.is_empty() {
         return Err(Error::Empty);
     }
-    noise::plot::register_font()?;
+    plotting::register_font()?;
     let err = |e: &dyn std::fmt::Display| Error::Draw {
         path: path.display().to_string(),
         msg: e.to_string(),

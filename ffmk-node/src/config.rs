@@ -1,8 +1,8 @@
 //! The daemon's settings: a TOML file (`ffmk-node run --config FILE`),
 //! with `--hosts` and `--me` able to override the file. Every host runs
 //! the same host list; its slot on the bulletin board is its position in it.
-use crate::gossip::Window;
-use crate::hostlist;
+use balance::gossip::Window;
+use balance::hostlist;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 
@@ -308,7 +308,7 @@ impl Config {
             return invalid("broadcast_gap_us must be 1 to 1000000");
         }
         self.ckpt_policy
-            .parse::<crate::ckpt::Policy>()
+            .parse::<balance::ckpt::Policy>()
             .map_err(Error::Invalid)?;
         if !(self.ckpt_max_delay_s >= 0.0 && self.ckpt_lease_s > 0.0) {
             return invalid("ckpt_max_delay_s must be >= 0 and ckpt_lease_s > 0");

@@ -89,7 +89,7 @@ pub fn resolver(names: Vec<String>, addrs: Vec<SocketAddr>) -> Box<Resolve> {
         let hosts = if group == "all" {
             names.clone()
         } else {
-            crate::hostlist::expand(group).map_err(|e| e.to_string())?
+            balance::hostlist::expand(group).map_err(|e| e.to_string())?
         };
         hosts
             .iter()
@@ -194,7 +194,7 @@ fn run(d: &Daemon, c: &Command) -> String {
             let mut done = Vec::new();
             let mut failed = Vec::new();
             for (name, sock) in vms {
-                let api = super::vms::api(&sock, Duration::from_secs(5));
+                let api = crate::vms::api(&sock, Duration::from_secs(5));
                 match if pause { api.pause() } else { api.resume() } {
                     Ok(_) => done.push(name),
                     Err(e) => failed.push(match e.status() {
