@@ -319,7 +319,7 @@ impl VirtioDevice for Inert {
         data.fill(0);
     }
     fn config_write(&mut self, _: u64, _: &[u8]) {}
-    fn activate(&mut self, a: Activation) -> Result<(), String> {
+    fn activate(&mut self, a: Activation) -> Result<(), devices::virtio::ActivateError> {
         assert!(a.queues.iter().all(|q| q.queue.ready()));
         Ok(())
     }

@@ -40,6 +40,19 @@ pub struct StateReply {
     pub state: State,
 }
 
+/// A request body the server refuses (400) for what it says.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("dest must be an absolute path")]
+    RelativeDest,
+    #[error(
+        "verify and postcopy exclude each other: post-copy switches over before every page is there"
+    )]
+    VerifyWithPostcopy,
+    #[error("'{0}' is not tcp://HOST:PORT")]
+    NotTcp(String),
+}
+
 // ----- snapshots -----
 
 /// A full snapshot or a layer on the chain the VM last wrote.
@@ -86,11 +99,11 @@ impl SnapshotRequest {
     }
 
     /// The request checked as the server checks it.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), RequestError> {
         if self.dest.is_absolute() {
             Ok(())
         } else {
-            Err("dest must be an absolute path".into())
+            Err(RequestError::RelativeDest)
         }
     }
 }
@@ -167,25 +180,22 @@ impl MigrateRequest {
     }
 
     /// The `HOST:PORT` part of `to` (and the request checked).
-    pub fn address(&self) -> Result<String, String> {
+    pub fn address(&self) -> Result<String, RequestError> {
         if self.verify && self.postcopy {
-            return Err(
-                "verify and postcopy exclude each other: post-copy switches over before every page is there"
-                    .into(),
-            );
+            return Err(RequestError::VerifyWithPostcopy);
         }
         parse_tcp(&self.to)
     }
 }
 
 /// `tcp://HOST:PORT` or `HOST:PORT` to `HOST:PORT`.
-pub fn parse_tcp(s: &str) -> Result<String, String> {
+pub fn parse_tcp(s: &str) -> Result<String, RequestError> {
     let rest = s.strip_prefix("tcp://").unwrap_or(s);
     match rest.rsplit_once(':') {
         Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
             Ok(rest.to_string())
         }
-        _ => Err(format!("'{s}' is not tcp://HOST:PORT")),
+        _ => Err(RequestError::NotTcp(s.into())),
     }
 }
 

@@ -60,20 +60,21 @@ impl Access {
     /// one of the directories, after resolving symbolic links and `..` in
     /// the part that exists (the last component may not exist yet; it may
     /// not be `..`).
-    pub fn check_snapshot_dest(&self, dest: &Path) -> Result<(), String> {
+    pub fn check_snapshot_dest(&self, dest: &Path) -> Result<(), Refused> {
         if self.snapshot_dirs.is_empty() {
             return Ok(());
         }
-        let refused = |why: &str| {
-            Err(format!(
-                "snapshot destination {} is refused: {why} (allowed: {})",
-                dest.display(),
-                self.snapshot_dirs
+        let refused = |why: &'static str| {
+            Err(Refused::SnapshotDest {
+                dest: dest.to_path_buf(),
+                why,
+                allowed: self
+                    .snapshot_dirs
                     .iter()
                     .map(|d| d.display().to_string())
                     .collect::<Vec<_>>()
-                    .join(", ")
-            ))
+                    .join(", "),
+            })
         };
         if !dest.is_absolute() {
             return refused("not an absolute path");
@@ -105,7 +106,7 @@ impl Access {
 
     /// A migration target (`HOST:PORT`) is allowed if its host, or host
     /// and port, is on the list.
-    pub fn check_migration_target(&self, to: &str) -> Result<(), String> {
+    pub fn check_migration_target(&self, to: &str) -> Result<(), Refused> {
         if self.migrate_to.is_empty() {
             return Ok(());
         }
@@ -113,12 +114,27 @@ impl Access {
         if self.migrate_to.iter().any(|a| a == to || a == host) {
             Ok(())
         } else {
-            Err(format!(
-                "migration to {to} is refused: not a host given with --migrate-to (allowed: {})",
-                self.migrate_to.join(", ")
-            ))
+            Err(Refused::MigrationTarget {
+                to: to.into(),
+                allowed: self.migrate_to.join(", "),
+            })
         }
     }
+}
+
+/// A destination the VMM was told not to write to or send to.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("snapshot destination {} is refused: {why} (allowed: {allowed})", dest.display())]
+    SnapshotDest {
+        dest: PathBuf,
+        why: &'static str,
+        allowed: String,
+    },
+    #[error(
+        "migration to {to} is refused: not a host given with --migrate-to (allowed: {allowed})"
+    )]
+    MigrationTarget { to: String, allowed: String },
 }
 
 #[cfg(test)]
@@ -154,7 +170,11 @@ mod tests {
             allowed.join("missing/snap"),
         ] {
             let e = a.check_snapshot_dest(&bad).unwrap_err();
-            assert!(e.contains("is refused"), "{}: {e}", bad.display());
+            assert!(
+                e.to_string().contains("is refused"),
+                "{}: {e}",
+                bad.display()
+            );
         }
         // No list: anything goes.
         Access::default()
@@ -172,7 +192,7 @@ mod tests {
         a.check_migration_target("10.0.0.2:1").unwrap();
         a.check_migration_target("node7:7300").unwrap();
         let e = a.check_migration_target("node7:7301").unwrap_err();
-        assert!(e.contains("refused"), "{e}");
+        assert!(e.to_string().contains("refused"), "{e}");
         a.check_migration_target("10.0.0.3:7300").unwrap_err();
         for bad in ["", "a b", "host:port", "tcp://x:1"] {
             Access::new(&[], &[bad.into()]).unwrap_err();

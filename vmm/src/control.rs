@@ -241,7 +241,11 @@ impl Control {
                 .eject(at, EJECT_TIMEOUT)
                 .map_err(|x| refused(format!("{e}; {x}"))),
             Some(Err(e)) => Err(refused(e.to_string())),
-            None if in_slot => self.vm.devices.eject(at, EJECT_TIMEOUT).map_err(refused),
+            None if in_slot => self
+                .vm
+                .devices
+                .eject(at, EJECT_TIMEOUT)
+                .map_err(|e| refused(e.to_string())),
             None => Ok(()),
         }
     }
@@ -342,7 +346,14 @@ impl Control {
             }
             ApiRequest::Migrate(r) => {
                 let to = crate::migration::parse_tcp(&r.to)
-                    .and_then(|to| self.vm.config.access.check_migration_target(&to));
+                    .map_err(|e| e.to_string())
+                    .and_then(|to| {
+                    self.vm
+                        .config
+                        .access
+                        .check_migration_target(&to)
+                        .map_err(|e| e.to_string())
+                });
                 if let Err(e) = to {
                     return ApiResponse::error(403, e);
                 }
@@ -478,7 +489,7 @@ impl Control {
             },
             ApiRequest::Snapshot(r) => {
                 if let Err(e) = self.vm.config.access.check_snapshot_dest(&r.dest) {
-                    return ApiResponse::error(403, e);
+                    return ApiResponse::error(403, e.to_string());
                 }
                 // Passthrough functions (with detach_devices) leave for the
                 // snapshot and come back after it, whatever its outcome.

@@ -38,13 +38,25 @@ pub struct Decoupling {
     _claims: Option<CoreClaims>,
 }
 
+/// Why a VM's threads cannot be placed as asked.
+#[derive(Debug, thiserror::Error)]
+pub enum DecoupleError {
+    #[error(transparent)]
+    Placement(#[from] vcpu_decouple::placement::Error),
+    #[error(transparent)]
+    Exits(#[from] vcpu_decouple::exits::Error),
+    #[error(transparent)]
+    Affinity(#[from] vcpu_decouple::affinity::Error),
+    #[error("--realtime applies to compute vCPUs: use --cpus service=S,compute=C")]
+    RealtimeWithoutCompute,
+}
+
 impl Decoupling {
-    pub fn plan(kvm: &Kvm, config: &RunConfig) -> Result<Decoupling, String> {
+    pub fn plan(kvm: &Kvm, config: &RunConfig) -> Result<Decoupling, DecoupleError> {
         let topology = config.topology;
         let placement = if config.pin.is_some() || topology.is_decoupled() {
-            let host = HostCpus::read(Path::new("/")).map_err(|e| e.to_string())?;
-            let p =
-                Placement::new(&topology, config.pin.as_ref(), &host).map_err(|e| e.to_string())?;
+            let host = HostCpus::read(Path::new("/"))?;
+            let p = Placement::new(&topology, config.pin.as_ref(), &host)?;
             for w in &p.warnings {
                 tracing::warn!("{w}");
             }
@@ -53,22 +65,18 @@ impl Decoupling {
             None
         };
         if config.realtime.is_some() && !topology.is_decoupled() {
-            return Err(
-                "--realtime applies to compute vCPUs: use --cpus service=S,compute=C".into(),
-            );
+            return Err(DecoupleError::RealtimeWithoutCompute);
         }
-        let exits_mask = exits::resolve(config.exits, topology.is_decoupled(), exits::offered(kvm))
-            .map_err(|e| e.to_string())?;
+        let exits_mask =
+            exits::resolve(config.exits, topology.is_decoupled(), exits::offered(kvm))?;
         let claims = match &placement {
-            Some(p) if !p.compute.is_empty() => Some(
-                CoreClaims::claim(&affinity::claims_dir(), &p.compute)
-                    .map_err(|e| e.to_string())?,
-            ),
+            Some(p) if !p.compute.is_empty() => {
+                Some(CoreClaims::claim(&affinity::claims_dir(), &p.compute)?)
+            }
             _ => None,
         };
         if let Some(p) = &placement {
-            affinity::pin_current_thread(&p.service, "the control thread")
-                .map_err(|e| e.to_string())?;
+            affinity::pin_current_thread(&p.service, "the control thread")?;
         }
         Ok(Decoupling {
             topology,
@@ -99,10 +107,10 @@ impl Decoupling {
         io
     }
 
-    pub fn configure_vm(&self, kvm: &Kvm, vm: &VmFd) -> Result<(), String> {
-        exits::disable_exits(vm, self.exits_mask).map_err(|e| e.to_string())?;
+    pub fn configure_vm(&self, kvm: &Kvm, vm: &VmFd) -> Result<(), DecoupleError> {
+        exits::disable_exits(vm, self.exits_mask)?;
         if let Some(ns) = self.halt_poll_ns {
-            exits::set_halt_poll(kvm, vm, ns).map_err(|e| e.to_string())?;
+            exits::set_halt_poll(kvm, vm, ns)?;
         }
         Ok(())
     }
@@ -163,14 +171,12 @@ impl Decoupling {
     }
 
     /// Runs on vCPU thread `id` before any guest code.
-    pub fn enter_vcpu_thread(&self, id: u8) -> Result<(), String> {
+    pub fn enter_vcpu_thread(&self, id: u8) -> Result<(), DecoupleError> {
         if let Some(cores) = self.vcpu_cores(id) {
-            affinity::pin_current_thread(&cores, &format!("vCPU {id}"))
-                .map_err(|e| e.to_string())?;
+            affinity::pin_current_thread(&cores, &format!("vCPU {id}"))?;
         }
         if let (Some(prio), Role::Compute) = (self.realtime, self.topology.role(id)) {
-            affinity::make_current_thread_realtime(prio, &format!("compute vCPU {id}"))
-                .map_err(|e| e.to_string())?;
+            affinity::make_current_thread_realtime(prio, &format!("compute vCPU {id}"))?;
         }
         Ok(())
     }

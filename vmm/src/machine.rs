@@ -55,18 +55,45 @@ impl Error {
     }
 }
 
-pub(crate) fn failed(what: &'static str) -> impl FnOnce(String) -> Error {
-    move |detail| Error::Failed { what, detail }
+pub(crate) fn failed<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> Error {
+    move |e| Error::Failed {
+        what,
+        detail: e.to_string(),
+    }
+}
+
+/// Why a state file (or a migration's state) cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum StateFileError {
+    #[error("unreadable machine state: {0}")]
+    Unreadable(serde_json::Error),
+    #[error(
+        "state version {0} (this ffmk-vmm reads versions {OLDEST_STATE_VERSION} to {STATE_VERSION})"
+    )]
+    Version(u64),
+    /// A version 2 state that cannot be brought into today's layout.
+    #[error("version 2 state: {0}")]
+    V2(String),
+    #[error("saved configuration: {0}")]
+    Config(#[from] crate::config::Error),
+    #[error("vCPU count and saved vCPUs differ")]
+    VcpuCount,
+}
+
+/// A saved vCPU state that cannot be given to KVM.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuRestoreError {
+    #[error("no saved state for vCPU {0}")]
+    Missing(u8),
+    #[error(transparent)]
+    State(#[from] state::Error),
 }
 
 impl MachineState {
     /// The saved machine's settings, validated (`parse_state` checked
     /// that they are valid and fit the saved vCPUs).
-    pub fn settings(&self) -> Result<RunConfig, String> {
-        self.config
-            .clone()
-            .validate()
-            .map_err(|e| format!("saved configuration: {e}"))
+    pub fn settings(&self) -> Result<RunConfig, StateFileError> {
+        Ok(self.config.clone().validate()?)
     }
 
     /// Service and compute vCPUs.
@@ -239,7 +266,11 @@ mod v2 {
     }
 
     /// A version 2 state (as JSON) in today's layout.
-    pub fn upgrade(mut v: serde_json::Value) -> Result<serde_json::Value, String> {
+    pub fn upgrade(v: serde_json::Value) -> Result<serde_json::Value, StateFileError> {
+        convert(v).map_err(StateFileError::V2)
+    }
+
+    fn convert(mut v: serde_json::Value) -> Result<serde_json::Value, String> {
         let o = v.as_object_mut().ok_or("not an object")?;
         let mut take = |k: &str| o.remove(k).filter(|v| !v.is_null());
         let c: MachineConfig = serde_json::from_value(take("config").ok_or("no configuration")?)
@@ -360,24 +391,20 @@ pub struct Restoring {
 /// Parses a state file (upgrading version 2's layout) and checks what
 /// does not depend on where it came from: its version, its saved
 /// configuration and vCPU count.
-pub fn parse_state(bytes: &[u8]) -> Result<MachineState, String> {
+pub fn parse_state(bytes: &[u8]) -> Result<MachineState, StateFileError> {
     let mut v: serde_json::Value =
-        serde_json::from_slice(bytes).map_err(|e| format!("unreadable machine state: {e}"))?;
+        serde_json::from_slice(bytes).map_err(StateFileError::Unreadable)?;
     let version = v.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
     if !(u64::from(OLDEST_STATE_VERSION)..=u64::from(STATE_VERSION)).contains(&version) {
-        return Err(format!(
-            "state version {version} (this ffmk-vmm reads versions {OLDEST_STATE_VERSION} to \
-             {STATE_VERSION})"
-        ));
+        return Err(StateFileError::Version(version));
     }
     if version == 2 {
-        v = v2::upgrade(v).map_err(|e| format!("version 2 state: {e}"))?;
+        v = v2::upgrade(v)?;
     }
-    let machine: MachineState =
-        serde_json::from_value(v).map_err(|e| format!("unreadable machine state: {e}"))?;
+    let machine: MachineState = serde_json::from_value(v).map_err(StateFileError::Unreadable)?;
     let settings = machine.settings()?;
     if machine.vcpus.len() != usize::from(settings.cpus) {
-        return Err("vCPU count and saved vCPUs differ".into());
+        return Err(StateFileError::VcpuCount);
     }
     Ok(machine)
 }
@@ -390,8 +417,10 @@ impl Restoring {
             origin: origin.clone(),
             why,
         };
-        let machine = parse_state(state).map_err(incompatible)?;
-        let saved = machine.settings().map_err(incompatible)?;
+        let machine = parse_state(state).map_err(|e| incompatible(e.to_string()))?;
+        let saved = machine
+            .settings()
+            .map_err(|e| incompatible(e.to_string()))?;
         if saved.memory_bytes != expect.memory_bytes || saved.topology != expect.topology {
             return Err(incompatible(format!(
                 "its state is for --cpus {} and {} MiB",
@@ -415,8 +444,10 @@ impl Restoring {
             why,
         };
         let state = snapshot.read_state()?;
-        let machine = parse_state(&state).map_err(incompatible)?;
-        let saved = machine.settings().map_err(incompatible)?;
+        let machine = parse_state(&state).map_err(|e| incompatible(e.to_string()))?;
+        let saved = machine
+            .settings()
+            .map_err(|e| incompatible(e.to_string()))?;
         let m = &snapshot.manifest;
         if saved.memory_bytes != m.memory_bytes {
             return Err(incompatible(format!(
@@ -568,7 +599,7 @@ impl Restoring {
         id: u8,
         host_tsc_khz: u32,
         msr_indices: &[u32],
-    ) -> Result<u32, String> {
+    ) -> Result<u32, VcpuRestoreError> {
         let saved = self.machine.tsc_khz;
         let mut khz = host_tsc_khz;
         if saved != 0 && saved != host_tsc_khz {
@@ -584,8 +615,8 @@ impl Restoring {
             .machine
             .vcpus
             .get(usize::from(id))
-            .ok_or_else(|| format!("no saved state for vCPU {id}"))?;
-        state::restore_vcpu(fd, s).map_err(|e| e.to_string())?;
+            .ok_or(VcpuRestoreError::Missing(id))?;
+        state::restore_vcpu(fd, s)?;
         match state::differences(fd, s, msr_indices, khz) {
             Ok(d) => {
                 for d in d {

@@ -231,7 +231,7 @@ impl Migration {
             Status::Completed(o) => return Err(format!("the VM has moved to {}", o.to)),
             _ => {}
         }
-        let to = req.address()?;
+        let to = req.address().map_err(|e| e.to_string())?;
         let trust = self.trust()?;
         if let Some(t) = self.thread.take() {
             let _ = t.join();

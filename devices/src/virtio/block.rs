@@ -7,6 +7,7 @@
 //! read-only disk refuses every write. A malformed chain is completed with
 //! no bytes written (the driver sees a missing status); the device and the
 //! VM go on.
+use super::ActivateError;
 use super::{
     Activation, ActiveQueue, Endpoint, GuestMemory, Handlers, QueueWorker, VirtioDevice,
     VirtioInterrupt,
@@ -460,12 +461,15 @@ impl VirtioDevice for Block {
 
     fn config_write(&mut self, _offset: u64, _data: &[u8]) {}
 
-    fn activate(&mut self, a: Activation) -> Result<(), String> {
+    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
         let limiter = RateLimiter::new(self.config.bandwidth, self.config.iops);
         let limiter = (!limiter.is_unlimited()).then(|| Arc::new(Mutex::new(limiter)));
         for q in a.queues {
             let timer = match &limiter {
-                Some(_) => Some(TimerFd::new().map_err(|e| format!("rate-limit timer: {e}"))?),
+                Some(_) => Some(TimerFd::new().map_err(|e| ActivateError::Host {
+                    what: "rate-limit timer",
+                    source: std::io::Error::from_raw_os_error(e.errno()),
+                })?),
                 None => None,
             };
             let handler = QueueHandler {

@@ -2,6 +2,7 @@
 //! bulk guest output (job logs) next to the 8250, which stays the kernel
 //! console. What the guest transmits is appended to a host file (or
 //! discarded); the receive queue is offered but never filled.
+use super::ActivateError;
 use super::{
     pop_or_rearm, Activation, ActiveQueue, Endpoint, GuestMemory, Handlers, QueueWorker,
     VirtioDevice, VirtioInterrupt,
@@ -60,18 +61,21 @@ impl VirtioDevice for Console {
     }
     fn config_write(&mut self, _offset: u64, _data: &[u8]) {}
 
-    fn activate(&mut self, a: Activation) -> Result<(), String> {
+    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
         let output = self
             .output
             .as_ref()
-            .ok_or("no output file")?
+            .ok_or(ActivateError::Busy("no output file"))?
             .try_clone()
-            .map_err(|e| format!("output file: {e}"))?;
+            .map_err(|source| ActivateError::Host {
+                what: "output file",
+                source,
+            })?;
         let tx = a
             .queues
             .into_iter()
             .find(|q| q.index == 1)
-            .ok_or("the driver did not enable the transmit queue")?;
+            .ok_or(ActivateError::Queues("the transmit queue"))?;
         let handler = ConsoleHandler {
             mem: a.mem,
             tx,

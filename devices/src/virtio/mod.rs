@@ -67,6 +67,38 @@ pub const NO_VECTOR: u16 = 0xffff;
 const ISR_QUEUE: u8 = 1;
 const ISR_CONFIG: u8 = 2;
 
+/// Why a device could not start serving its queues, or the I/O thread
+/// could not do what it was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// The driver did not enable the queues the device needs.
+    #[error("the driver did not enable {0}")]
+    Queues(&'static str),
+    /// A host resource the device holds is taken by an earlier activation
+    /// (the TAP, the vsock listener) or missing.
+    #[error("{0}")]
+    Busy(&'static str),
+    #[error("{what}: {source}")]
+    Host {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    /// A queue the driver set up cannot be used.
+    #[error("queue {index} cannot be used: {why}")]
+    Queue { index: usize, why: String },
+    #[error("cannot start an I/O handler: {0}")]
+    Handler(String),
+}
+
+/// The I/O thread did not stop for a snapshot or migration.
+#[derive(Debug, thiserror::Error)]
+pub enum FreezeError {
+    #[error("cannot reach the I/O thread")]
+    Unreachable,
+    #[error("the I/O thread did not stop within {0} ms")]
+    Timeout(u128),
+}
+
 /// A device's side of the transport.
 pub trait VirtioDevice: Send {
     /// Virtio device ID (2 = block, 1 = net, ...).
@@ -78,7 +110,7 @@ pub trait VirtioDevice: Send {
     fn config_read(&self, offset: u64, data: &mut [u8]);
     fn config_write(&mut self, offset: u64, data: &[u8]);
     /// Starts serving the queues (the driver set DRIVER_OK).
-    fn activate(&mut self, activation: Activation) -> Result<(), String>;
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
     /// Stops serving (the driver reset the device) and forgets the queues.
     fn reset(&mut self);
     /// Short description for logs and `GET /vm`.
@@ -232,13 +264,13 @@ impl Handlers {
         }
     }
 
-    pub fn start(&mut self, handler: Handler) -> Result<(), String> {
+    pub fn start(&mut self, handler: Handler) -> Result<(), ActivateError> {
         let id = self
             .endpoint
             .call_blocking(move |ops| -> Result<SubscriberId, event_manager::Error> {
                 Ok(ops.add_subscriber(Worker(handler)))
             })
-            .map_err(|e| format!("cannot start an I/O handler: {e:?}"))?;
+            .map_err(|e| ActivateError::Handler(format!("{e:?}")))?;
         self.running.push(id);
         Ok(())
     }
@@ -333,7 +365,7 @@ impl IoThread {
     /// dropped: no handler runs, so no device touches guest memory or its
     /// queues, and every queue's published position is final. Fails if
     /// the thread does not stop within `within`.
-    pub fn freeze(&self, within: std::time::Duration) -> Result<Frozen, String> {
+    pub fn freeze(&self, within: std::time::Duration) -> Result<Frozen, FreezeError> {
         let (parked_tx, parked_rx) = std::sync::mpsc::channel::<()>();
         let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
         self.endpoint
@@ -342,7 +374,7 @@ impl IoThread {
                 // Returns when the guard is dropped (the sender goes away).
                 let _ = release_rx.recv();
             })
-            .map_err(|e| format!("cannot reach the I/O thread: {e:?}"))?;
+            .map_err(|_| FreezeError::Unreachable)?;
         match parked_rx.recv_timeout(within) {
             Ok(()) => Ok(Frozen {
                 release: release_tx,
@@ -350,10 +382,7 @@ impl IoThread {
             }),
             // The guard is dropped here, so the thread goes on once it
             // gets to the request.
-            Err(_) => Err(format!(
-                "the I/O thread did not stop within {} ms",
-                within.as_millis()
-            )),
+            Err(_) => Err(FreezeError::Timeout(within.as_millis())),
         }
     }
 }

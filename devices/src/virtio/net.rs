@@ -7,6 +7,7 @@
 //! Without buffers the frame waits and the TAP is not watched until the
 //! guest posts more, so a guest that stops receiving costs nothing.
 //! Transmit: each chain (header + frame) is written to the TAP as one frame.
+use super::ActivateError;
 use super::{
     pop_or_rearm, Activation, ActiveQueue, Endpoint, GuestMemory, Handlers, QueueWorker,
     VirtioDevice, VirtioInterrupt,
@@ -116,11 +117,10 @@ impl VirtioDevice for Net {
 
     fn config_write(&mut self, _offset: u64, _data: &[u8]) {}
 
-    fn activate(&mut self, a: Activation) -> Result<(), String> {
-        let tap = self
-            .tap
-            .take()
-            .ok_or("the TAP is in use by an earlier activation")?;
+    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
+        let tap = self.tap.take().ok_or(ActivateError::Busy(
+            "the TAP is in use by an earlier activation",
+        ))?;
         let mut offload = 0;
         if a.features & F_GUEST_CSUM != 0 {
             offload |= TUN_F_CSUM;
@@ -133,12 +133,15 @@ impl VirtioDevice for Net {
         }
         if let Err(e) = tap.set_offload(offload) {
             self.tap = Some(tap);
-            return Err(e.to_string());
+            return Err(ActivateError::Host {
+                what: "TAP offloads",
+                source: std::io::Error::other(e.to_string()),
+            });
         }
         let mut queues = a.queues.into_iter();
         let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
             self.tap = Some(tap);
-            return Err("the driver did not enable both queues".into());
+            return Err(ActivateError::Queues("both queues"));
         };
         let handler = NetHandler {
             tap,

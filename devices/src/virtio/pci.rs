@@ -11,6 +11,7 @@
 //! Queue notifications reach the queue's eventfd either through a KVM
 //! ioeventfd the monitor registers on the notify address (no exit to user
 //! space) or, if the guest moved the BAR, through a write here.
+use super::ActivateError;
 use super::{
     Activation, ActiveQueue, GuestMemory, QueueProgress, VirtioDevice, VirtioInterrupt, NO_VECTOR,
     VIRTIO_F_VERSION_1,
@@ -343,14 +344,14 @@ impl VirtioPci {
         self.status = status;
         if newly_ok && status & STATUS_FEATURES_OK != 0 && !self.active {
             if let Err(e) = self.activate(false) {
-                tracing::error!("virtio: {}: {e}", self.device.describe());
+                tracing::error!("virtio: {}: activation failed: {e}", self.device.describe());
                 self.status |= STATUS_NEEDS_RESET;
                 self.interrupt().signal_config();
             }
         }
     }
 
-    fn activate(&mut self, restored: bool) -> Result<(), String> {
+    fn activate(&mut self, restored: bool) -> Result<(), ActivateError> {
         let event_idx = self.driver_features & super::VIRTIO_F_RING_EVENT_IDX != 0;
         let mut queues = Vec::new();
         for (i, slot) in self.queues.iter_mut().enumerate() {
@@ -361,9 +362,14 @@ impl VirtioPci {
             let notify = slot
                 .notify
                 .try_clone()
-                .map_err(|e| format!("cannot clone queue eventfd: {e}"))?;
-            let queue = Queue::try_from(slot.queue.state())
-                .map_err(|e| format!("queue {i} cannot be used: {e:?}"))?;
+                .map_err(|source| ActivateError::Host {
+                    what: "clone a queue eventfd",
+                    source,
+                })?;
+            let queue = Queue::try_from(slot.queue.state()).map_err(|e| ActivateError::Queue {
+                index: i,
+                why: format!("{e:?}"),
+            })?;
             slot.progress = QueueProgress::new(queue.next_avail(), queue.next_used());
             queues.push(ActiveQueue {
                 index: i as u16,
@@ -380,9 +386,7 @@ impl VirtioPci {
             interrupt: Arc::new(self.interrupt()),
             restored,
         };
-        self.device
-            .activate(activation)
-            .map_err(|e| format!("activation failed: {e}"))?;
+        self.device.activate(activation)?;
         self.active = true;
         Ok(())
     }
@@ -516,7 +520,8 @@ impl VirtioPci {
         self.queue_select = s.queue_select;
         self.isr.store(s.isr, Ordering::Release);
         if s.active {
-            self.activate(true).map_err(StateError::Mismatch)?;
+            self.activate(true)
+                .map_err(|e| StateError::Mismatch(format!("activation failed: {e}")))?;
         }
         Ok(())
     }

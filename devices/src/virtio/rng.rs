@@ -1,5 +1,6 @@
 //! virtio-rng (virtio spec 5.4): fills the guest's buffers from the host's
 //! `getrandom(2)`, at most [`MAX_BYTES_PER_REQUEST`] per request.
+use super::ActivateError;
 use super::{
     pop_or_rearm, Activation, ActiveQueue, Endpoint, GuestMemory, Handlers, QueueWorker,
     VirtioDevice, VirtioInterrupt,
@@ -77,8 +78,12 @@ impl VirtioDevice for Rng {
     }
     fn config_write(&mut self, _offset: u64, _data: &[u8]) {}
 
-    fn activate(&mut self, a: Activation) -> Result<(), String> {
-        let queue = a.queues.into_iter().next().ok_or("no queue enabled")?;
+    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
+        let queue = a
+            .queues
+            .into_iter()
+            .next()
+            .ok_or(ActivateError::Queues("its queue"))?;
         let handler = RngHandler {
             mem: a.mem,
             queue,

@@ -11,6 +11,7 @@
 //! Stream connections only. Flow control follows the spec's credit scheme:
 //! we advertise [`BUF_ALLOC`] bytes of receive space per connection and never
 //! send the guest more than it advertised.
+use super::ActivateError;
 use super::{
     pop_or_rearm, Activation, ActiveQueue, Endpoint, GuestMemory, Handlers, QueueWorker,
     VirtioDevice, VirtioInterrupt,
@@ -249,15 +250,14 @@ impl VirtioDevice for Vsock {
     }
     fn config_write(&mut self, _offset: u64, _data: &[u8]) {}
 
-    fn activate(&mut self, a: Activation) -> Result<(), String> {
-        let listener = self
-            .listener
-            .take()
-            .ok_or("the socket is in use by an earlier activation")?;
+    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
+        let listener = self.listener.take().ok_or(ActivateError::Busy(
+            "the socket is in use by an earlier activation",
+        ))?;
         let mut queues = a.queues.into_iter();
         let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
             self.listener = Some(listener);
-            return Err("the driver did not enable the rx and tx queues".into());
+            return Err(ActivateError::Queues("the rx and tx queues"));
         };
         let handler = VsockHandler {
             cid: self.config.cid,

@@ -296,7 +296,8 @@ fn snapshot_request(body: &[u8]) -> Result<ApiRequest, ApiResponse> {
         "snapshot",
         r#"{"dest": DIR, "kind": "full"|"incremental", "force": bool, "live": bool}"#,
     )?;
-    r.check().map_err(|e| ApiResponse::error(400, e))?;
+    r.check()
+        .map_err(|e| ApiResponse::error(400, e.to_string()))?;
     Ok(ApiRequest::Snapshot(r))
 }
 
@@ -306,7 +307,8 @@ fn migrate_request(body: &[u8]) -> Result<ApiRequest, ApiResponse> {
         "migrate",
         r#"{"to": "tcp://HOST:PORT", "max_downtime_ms": N, "max_rounds": N, "throttle": bool}"#,
     )?;
-    r.address().map_err(|e| ApiResponse::error(400, e))?;
+    r.address()
+        .map_err(|e| ApiResponse::error(400, e.to_string()))?;
     Ok(ApiRequest::Migrate(r))
 }
 

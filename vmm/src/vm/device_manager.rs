@@ -11,7 +11,7 @@ use devices::pci::{Location, PciRoot};
 use devices::persist::StateError;
 use devices::rtc::CmosRtc;
 use devices::virtio::pci::VirtioPci;
-use devices::virtio::{Frozen, IoThread};
+use devices::virtio::{FreezeError, Frozen, IoThread};
 use devices::EventSink;
 use kvm_ioctls::VmFd;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -23,6 +23,18 @@ pub enum ResizeFailure {
     NoSuchDisk(usize, usize),
     #[error(transparent)]
     Refused(devices::virtio::block::ResizeError),
+}
+
+/// The guest did not let go of a function in a hot-plug slot.
+#[derive(Debug, thiserror::Error)]
+pub enum EjectError {
+    #[error("{0} is not in a hot-plug slot")]
+    NoSlot(Location),
+    #[error(
+        "the guest did not power hot-plug slot {at} off within {secs} s after its attention \
+         button (no PCIe hot-plug driver, or the function is busy)"
+    )]
+    NotReleased { at: Location, secs: u64 },
 }
 
 /// A virtio-blk disk as the VMM sees it: the image and its PCI function.
@@ -86,7 +98,7 @@ impl Devices {
     /// Freezes the I/O thread when the VM has virtio devices: from here
     /// until the guard drops, no device writes guest memory or moves a
     /// queue.
-    pub fn freeze(&self, timeout: Duration) -> Result<Option<Frozen>, String> {
+    pub fn freeze(&self, timeout: Duration) -> Result<Option<Frozen>, FreezeError> {
         if self.virtio.is_empty() {
             return Ok(None);
         }
@@ -157,11 +169,8 @@ impl Devices {
     /// the slot off, which is how the guest's PCIe hot-plug driver says
     /// "done" (Linux's pciehp waits 5 s after the button, in case it is
     /// pressed again). A slot the guest already powered off is released.
-    pub fn eject(&self, at: Location, timeout: Duration) -> Result<(), String> {
-        let port = self
-            .pci
-            .port_at(at)
-            .ok_or_else(|| format!("{at} is not in a hot-plug slot"))?;
+    pub fn eject(&self, at: Location, timeout: Duration) -> Result<(), EjectError> {
+        let port = self.pci.port_at(at).ok_or(EjectError::NoSlot(at))?;
         let powered = || port.lock().map(|p| p.powered()).unwrap_or(false);
         if !powered() {
             return Ok(());
@@ -176,11 +185,10 @@ impl Devices {
                 return Ok(());
             }
         }
-        Err(format!(
-            "the guest did not power hot-plug slot {at} off within {} s after its attention \
-             button (no PCIe hot-plug driver, or the function is busy)",
-            timeout.as_secs()
-        ))
+        Err(EjectError::NotReleased {
+            at,
+            secs: timeout.as_secs(),
+        })
     }
 
     /// The passthrough functions attached now.

@@ -64,8 +64,11 @@ pub enum Error {
     Tap(#[from] devices::tap::TapError),
     #[error(transparent)]
     Vsock(#[from] devices::virtio::vsock::VsockError),
-    #[error("{0}")]
-    Decouple(String),
+    #[error(transparent)]
+    Decouple(#[from] crate::decouple::DecoupleError),
+    /// A thread could not install its seccomp filter.
+    #[error(transparent)]
+    Confine(#[from] sandbox::seccomp::Error),
     #[error(transparent)]
     Passthrough(#[from] crate::passthrough::Error),
     #[error(transparent)]
@@ -86,8 +89,8 @@ pub enum Error {
     /// A saved device state that is missing, unreadable or does not fit.
     #[error(transparent)]
     DeviceState(crate::machine::DeviceStateError),
-    #[error("{0}")]
-    VcpuState(String),
+    #[error(transparent)]
+    VcpuState(#[from] crate::machine::VcpuRestoreError),
     #[error("VM state: {0}")]
     VmState(String),
     #[error(transparent)]
@@ -623,10 +626,16 @@ impl Prepared {
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
                     // Placed, then confined, before any guest code runs.
-                    let r = plan.enter_vcpu_thread(id).and_then(|()| {
-                        sandbox::seccomp::confine(sandbox::ThreadKind::Vcpu, &format!("vcpu{id}"))
-                            .map_err(|e| e.to_string())
-                    });
+                    let r = plan
+                        .enter_vcpu_thread(id)
+                        .map_err(Error::from)
+                        .and_then(|()| {
+                            sandbox::seccomp::confine(
+                                sandbox::ThreadKind::Vcpu,
+                                &format!("vcpu{id}"),
+                            )
+                            .map_err(Error::from)
+                        });
                     vcpu.shared.set_tid(vcpu_decouple::affinity::current_tid());
                     let ok = r.is_ok();
                     let _ = placed.send(r);
@@ -652,7 +661,7 @@ impl Prepared {
             let placed = placed_rx
                 .recv()
                 .map_err(|_| Error::VcpuThread)
-                .and_then(|r| r.map_err(Error::Decouple));
+                .and_then(|r| r);
             if let Err(e) = placed {
                 stop_threads(&vcpus);
                 return Err(e);
