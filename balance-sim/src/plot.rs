@@ -6,16 +6,7 @@ use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
 use plotters::prelude::*;
 use std::path::Path;
 
-/// Why a plot was not drawn.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error(transparent)]
-    Font(#[from] plotting::FontError),
-    #[error("cannot draw {path}: {msg}")]
-    Draw { path: String, msg: String },
-    #[error("nothing to plot")]
-    Empty,
-}
+pub use plotting::Error;
 
 type Metric = (&'static str, fn(&MethodResult) -> f64, bool);
 

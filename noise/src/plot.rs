@@ -4,15 +4,7 @@ use crate::stats::{Kind, Stats};
 use plotters::prelude::*;
 use std::path::Path;
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error(transparent)]
-    Font(#[from] plotting::FontError),
-    #[error("cannot draw {path}: {msg}")]
-    Draw { path: String, msg: String },
-    #[error("nothing to plot")]
-    Empty,
-}
+pub use plotting::Error;
 
 /// One panel: a label and its samples.
 pub struct Panel<'a> {

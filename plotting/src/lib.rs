@@ -11,6 +11,17 @@ pub const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 #[error("cannot load the plot font {FONT} (install Debian's fonts-dejavu-core): {0}")]
 pub struct FontError(std::io::Error);
 
+/// Why a plot was not drawn.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Font(#[from] FontError),
+    #[error("cannot draw {path}: {msg}")]
+    Draw { path: String, msg: String },
+    #[error("nothing to plot")]
+    Empty,
+}
+
 /// Registers [`FONT`] as plotters' "sans-serif" (idempotent).
 pub fn register_font() -> Result<(), FontError> {
     static REGISTERED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
