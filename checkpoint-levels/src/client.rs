@@ -3,7 +3,7 @@
 use crate::archive::{unpack, Plan};
 use crate::dirlevel::{CopyInfo, DirLevel};
 use crate::files::{hidden_sibling, manifest_files, BLOCK};
-use crate::wire::{Conn, Request, Response};
+use crate::wire::{Conn, Peers, Request, Response};
 use crate::xor::{chunk_at, chunk_range, holder_of, ParityInfo, XorEpoch, XorMeta, XorPart};
 use crate::{io, Error, Result};
 use snapshot::Snapshot;
@@ -31,6 +31,7 @@ fn verdict(c: &mut Conn, sent: Result<()>) -> Result<Response> {
 /// files it lacks travel. Returns (files, archive bytes).
 pub fn partner_put(
     addr: SocketAddr,
+    peers: &Peers,
     job: &str,
     name: &str,
     src: &Snapshot,
@@ -43,6 +44,7 @@ pub fn partner_put(
             name: name.into(),
             manifest: Box::new(src.manifest.clone()),
         },
+        peers,
     )?;
     let Response::Need { files } = r else {
         return Err(unexpected(&c, &r));
@@ -64,8 +66,8 @@ pub fn partner_put(
 /// Copies a peer holds and the ones it found broken (name, why).
 pub type Listing = (Vec<CopyInfo>, Vec<(String, String)>);
 
-pub fn partner_list(addr: SocketAddr, job: &str) -> Result<Listing> {
-    let (c, r) = Conn::request(addr, Request::List { job: job.into() })?;
+pub fn partner_list(addr: SocketAddr, peers: &Peers, job: &str) -> Result<Listing> {
+    let (c, r) = Conn::request(addr, Request::List { job: job.into() }, peers)?;
     match r {
         Response::Copies { copies, broken } => Ok((copies, broken)),
         r => Err(unexpected(&c, &r)),
@@ -75,6 +77,7 @@ pub fn partner_list(addr: SocketAddr, job: &str) -> Result<Listing> {
 /// Fetches the partner's copy `name` into `into` (verified there).
 pub fn partner_fetch(
     addr: SocketAddr,
+    peers: &Peers,
     job: &str,
     name: &str,
     into: &DirLevel,
@@ -86,6 +89,7 @@ pub fn partner_fetch(
             job: job.into(),
             name: name.into(),
         },
+        peers,
     )?;
     let Response::Sending {
         bytes,
@@ -125,6 +129,7 @@ impl Drop for Scratch {
 /// One XOR part on its way to a holder.
 struct PartTo<'a> {
     addr: SocketAddr,
+    peers: &'a Peers,
     group: &'a str,
     epoch: u64,
     members: u32,
@@ -141,6 +146,7 @@ fn put_part(
 ) -> Result<()> {
     let PartTo {
         addr,
+        peers,
         group,
         epoch,
         members,
@@ -156,6 +162,7 @@ fn put_part(
             meta: meta.clone(),
             part,
         },
+        peers,
     )?;
     if !matches!(r, Response::Ready) {
         return Err(unexpected(&c, &r));
@@ -202,6 +209,8 @@ fn file_crc(f: &mut File) -> std::io::Result<u32> {
 
 /// The XOR group as this member sees it.
 pub struct Group<'a> {
+    /// How to reach the other members.
+    pub peers: &'a Peers,
     pub name: &'a str,
     pub members: &'a [SocketAddr],
     pub index: usize,
@@ -209,13 +218,14 @@ pub struct Group<'a> {
 
 impl<'a> Group<'a> {
     /// The group of an `xor` level's target (`None` for other kinds).
-    pub fn of(target: &'a crate::config::Target) -> Option<Group<'a>> {
+    pub fn of(target: &'a crate::config::Target, peers: &'a Peers) -> Option<Group<'a>> {
         match target {
             crate::config::Target::Xor {
                 group,
                 members,
                 index,
             } => Some(Group {
+                peers,
                 name: group,
                 members,
                 index: *index,
@@ -270,6 +280,7 @@ pub fn xor_put(
     put_part(
         PartTo {
             addr: g.members[g.index],
+            peers: g.peers,
             group: g.name,
             epoch,
             members: n,
@@ -296,6 +307,7 @@ pub fn xor_put(
         put_part(
             PartTo {
                 addr: g.members[j as usize],
+                peers: g.peers,
                 group: g.name,
                 epoch,
                 members: n,
@@ -313,12 +325,13 @@ pub fn xor_put(
     Ok(total)
 }
 
-pub fn xor_list(addr: SocketAddr, group: &str) -> Result<Vec<XorEpoch>> {
+pub fn xor_list(addr: SocketAddr, peers: &Peers, group: &str) -> Result<Vec<XorEpoch>> {
     let (c, r) = Conn::request(
         addr,
         Request::XorList {
             group: group.into(),
         },
+        peers,
     )?;
     match r {
         Response::Xor { epochs } => Ok(epochs),
@@ -329,6 +342,7 @@ pub fn xor_list(addr: SocketAddr, group: &str) -> Result<Vec<XorEpoch>> {
 /// Fetches a part into the file `path`; checks its length and CRC.
 fn fetch_part(
     addr: SocketAddr,
+    peers: &Peers,
     group: &str,
     epoch: u64,
     part: XorPart,
@@ -342,6 +356,7 @@ fn fetch_part(
             epoch,
             part,
         },
+        peers,
     )?;
     let Response::Sending { .. } = r else {
         return Err(unexpected(&c, &r));
@@ -386,7 +401,7 @@ pub fn xor_candidates(g: &Group, skipped: &mut Vec<String>) -> Vec<XorCandidate>
     let me = g.index as u32;
     let mut views: Vec<(usize, Vec<XorEpoch>)> = Vec::new();
     for (j, addr) in g.members.iter().enumerate() {
-        match xor_list(*addr, g.name) {
+        match xor_list(*addr, g.peers, g.name) {
             Ok(e) => views.push((j, e)),
             Err(e) => skipped.push(format!("xor member {j}: {e}")),
         }
@@ -453,6 +468,7 @@ pub fn xor_restore(
     let direct = c.own_data
         && fetch_part(
             g.members[g.index],
+            g.peers,
             g.name,
             c.epoch,
             XorPart::Data { index: me },
@@ -482,7 +498,7 @@ fn rebuild(g: &Group, c: &XorCandidate, work: &Path, out: &Path) -> Result<()> {
     let mut parity: Vec<Option<File>> = (0..n).map(|_| None).collect();
     for j in (0..n).filter(|&j| j != me) {
         let addr = g.members[j as usize];
-        let epochs = xor_list(addr, g.name)?;
+        let epochs = xor_list(addr, g.peers, g.name)?;
         let e = epochs
             .iter()
             .find(|e| e.epoch == c.epoch)
@@ -499,6 +515,7 @@ fn rebuild(g: &Group, c: &XorCandidate, work: &Path, out: &Path) -> Result<()> {
         let dpath = work.join(format!("data-{j}"));
         fetch_part(
             addr,
+            g.peers,
             g.name,
             c.epoch,
             XorPart::Data { index: j },
@@ -508,6 +525,7 @@ fn rebuild(g: &Group, c: &XorCandidate, work: &Path, out: &Path) -> Result<()> {
         let ppath = work.join(format!("parity-{j}"));
         fetch_part(
             addr,
+            g.peers,
             g.name,
             c.epoch,
             XorPart::Parity {

@@ -109,6 +109,9 @@ pub struct Config {
     pub full_every: u64,
     pub live: bool,
     pub levels: Vec<Level>,
+    /// How levels on other hosts are reached (not in the file: the
+    /// command line's cluster key; none until [`Config::with_peers`]).
+    pub peers: crate::wire::Peers,
 }
 
 /// `host:port` (an optional `tcp://` in front), resolved once.
@@ -121,6 +124,11 @@ pub fn parse_addr(s: &str) -> std::result::Result<SocketAddr, String> {
 }
 
 impl Config {
+    /// This configuration, reaching other hosts' endpoints as `peers` says.
+    pub fn with_peers(self, peers: crate::wire::Peers) -> Config {
+        Config { peers, ..self }
+    }
+
     pub fn load(path: &Path) -> Result<Config> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
             path: path.into(),
@@ -267,6 +275,7 @@ impl Config {
             full_every,
             live: f.live.unwrap_or(true),
             levels,
+            peers: crate::wire::Peers::none(),
         })
     }
 

@@ -225,7 +225,9 @@ impl Server {
             } => {
                 let level = self.partner(&job)?;
                 check_name("copy", &name)?;
-                manifest.check_names().map_err(Error::Refused)?;
+                manifest
+                    .check_names()
+                    .map_err(|e| Error::Refused(e.to_string()))?;
                 self.check_date(
                     crate::dirlevel::CopyInfo::of(&name, &manifest)
                         .taken_unix_ms

@@ -262,11 +262,14 @@ fn fill(
             })
         }
         Target::Partner(addr) => {
-            client::partner_put(*addr, &cfg.job, name, src, &mut |n, t| task.progress(n, t))
-                .map(|(files, bytes)| (bytes, format!("{files} file(s) to {addr}")))
+            client::partner_put(*addr, &cfg.peers, &cfg.job, name, src, &mut |n, t| {
+                task.progress(n, t)
+            })
+            .map(|(files, bytes)| (bytes, format!("{files} file(s) to {addr}")))
         }
         Target::Xor { members, .. } => {
-            let g = Group::of(&l.target).ok_or(Error::Refused("not an xor level".into()));
+            let g =
+                Group::of(&l.target, &cfg.peers).ok_or(Error::Refused("not an xor level".into()));
             g.and_then(|g| {
                 client::xor_put(&g, epoch, &cfg.job, name, src, scratch, &mut |n, t| {
                     task.progress(n, t)
@@ -370,7 +373,7 @@ pub fn candidates(cfg: &Config) -> (Vec<Candidate>, Vec<String>) {
                 }
                 Err(e) => notes.push(format!("{}: {e}", l.name)),
             },
-            Target::Partner(addr) => match client::partner_list(*addr, &cfg.job) {
+            Target::Partner(addr) => match client::partner_list(*addr, &cfg.peers, &cfg.job) {
                 Ok((copies, broken)) => {
                     for info in copies {
                         push(info, Source::Partner(*addr), None, false, &mut out);
@@ -382,7 +385,7 @@ pub fn candidates(cfg: &Config) -> (Vec<Candidate>, Vec<String>) {
                 Err(e) => notes.push(format!("{}: {e}", l.name)),
             },
             Target::Xor { .. } => {
-                let Some(g) = Group::of(&l.target) else {
+                let Some(g) = Group::of(&l.target, &cfg.peers) else {
                     continue;
                 };
                 let mut skipped = Vec::new();
@@ -481,14 +484,19 @@ pub fn pick(cfg: &Config, rep: &Reporter) -> Result<Picked> {
                 }),
             Source::Partner(addr) => {
                 let task = rep.task(&c.level);
-                let r = client::partner_fetch(*addr, &cfg.job, &c.info.name, &into, &mut |n, t| {
-                    task.progress(n, t)
-                });
+                let r = client::partner_fetch(
+                    *addr,
+                    &cfg.peers,
+                    &cfg.job,
+                    &c.info.name,
+                    &into,
+                    &mut |n, t| task.progress(n, t),
+                );
                 task.finish(if r.is_ok() { "fetched" } else { "FAILED" });
                 r.map(|_| (into.root.join(&c.info.name), false))
             }
             Source::Xor(epoch, rebuildable, meta) => {
-                let Some(g) = Group::of(&cfg.levels[c.order].target) else {
+                let Some(g) = Group::of(&cfg.levels[c.order].target, &cfg.peers) else {
                     continue;
                 };
                 let cand = client::XorCandidate {

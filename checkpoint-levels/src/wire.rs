@@ -21,7 +21,6 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use snapshot::Manifest;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 pub const PROTOCOL: &str = "ffmk-checkpoint";
@@ -90,13 +89,30 @@ impl Request {
     }
 }
 
-static TRUST: OnceLock<std::result::Result<Trust, String>> = OnceLock::new();
+/// How this process's checkpoint clients authenticate to the endpoints of
+/// other hosts (chosen on the command line): the cluster's trust, or why
+/// there is none - given back by the first request that needs a peer, so
+/// levels on this host work without a key.
+#[derive(Clone, Debug)]
+pub struct Peers(std::result::Result<Trust, String>);
 
-/// Sets how this process's checkpoint clients authenticate (once, from the
-/// command line, before the first request); an `Err` says why they cannot
-/// (given back by the first request that needs a peer).
-pub fn use_trust(t: std::result::Result<Trust, String>) {
-    let _ = TRUST.set(t);
+impl Peers {
+    pub fn new(trust: std::result::Result<Trust, String>) -> Peers {
+        Peers(trust)
+    }
+
+    /// No key configured: levels on other hosts cannot be reached.
+    pub fn none() -> Peers {
+        Peers(Err(
+            "no cluster key configured for checkpoint clients".into()
+        ))
+    }
+}
+
+impl Default for Peers {
+    fn default() -> Self {
+        Peers::none()
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -135,20 +151,14 @@ pub struct Conn {
 
 impl Conn {
     /// Connects to `addr` and opens the channel with `job`'s key.
-    pub fn connect(addr: SocketAddr, job: &str) -> Result<Conn> {
+    pub fn connect(addr: SocketAddr, job: &str, peers: &Peers) -> Result<Conn> {
         let peer = addr.to_string();
-        let trust = match TRUST.get() {
-            Some(Ok(t)) => t,
-            Some(Err(e)) => {
+        let trust = match &peers.0 {
+            Ok(t) => t,
+            Err(e) => {
                 return Err(Error::Peer {
                     peer,
                     detail: e.clone(),
-                })
-            }
-            None => {
-                return Err(Error::Peer {
-                    peer,
-                    detail: "no cluster key configured for checkpoint clients".into(),
                 })
             }
         };
@@ -276,8 +286,8 @@ impl Conn {
     }
 
     /// Starts a request (client side).
-    pub fn request(addr: SocketAddr, request: Request) -> Result<(Conn, Response)> {
-        let mut c = Conn::connect(addr, request.owner())?;
+    pub fn request(addr: SocketAddr, request: Request, peers: &Peers) -> Result<(Conn, Response)> {
+        let mut c = Conn::connect(addr, request.owner(), peers)?;
         c.send(&Envelope {
             protocol: PROTOCOL.into(),
             version: PROTOCOL_VERSION,

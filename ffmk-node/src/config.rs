@@ -131,14 +131,17 @@ pub struct Plane {
 
 impl Config {
     /// The cluster key (or `--insecure`) this configuration asks for.
-    pub fn plane(&self) -> Result<Plane, String> {
+    pub fn plane(&self) -> Result<Plane, cluster_auth::Error> {
         plane(self.cluster_key.as_deref(), self.insecure)
     }
 }
 
 /// The cluster key file `cluster_key` (else `$FFMK_CLUSTER_KEY`, else the
 /// default path), or no protection with `insecure`.
-pub fn plane(cluster_key: Option<&std::path::Path>, insecure: bool) -> Result<Plane, String> {
+pub fn plane(
+    cluster_key: Option<&std::path::Path>,
+    insecure: bool,
+) -> Result<Plane, cluster_auth::Error> {
     if insecure {
         eprintln!(
             "ffmk-node: warning: --insecure: the cluster plane is unauthenticated; anyone who \
@@ -149,8 +152,8 @@ pub fn plane(cluster_key: Option<&std::path::Path>, insecure: bool) -> Result<Pl
             vmm_args: vec!["--insecure".into()],
         });
     }
-    let (key, path) = cluster_auth::Key::find(cluster_key).map_err(|e| e.to_string())?;
-    key.cluster().map_err(|e| e.to_string())?;
+    let (key, path) = cluster_auth::Key::find(cluster_key)?;
+    key.cluster()?;
     Ok(Plane {
         trust: cluster_auth::Trust::Key(key),
         vmm_args: vec!["--cluster-key".into(), path.display().to_string()],

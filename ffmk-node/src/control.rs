@@ -91,16 +91,46 @@ impl Reply {
     }
 }
 
+/// Why a control exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot read the request: {0}")]
+    Read(std::io::Error),
+    #[error("request too long or not ended by a newline")]
+    TooLong,
+    #[error("bad request: {0}")]
+    BadRequest(serde_json::Error),
+    #[error("cannot reach the daemon at {addr}: {source}")]
+    Unreachable {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    /// The handshake failed (the error names the peer).
+    #[error("the daemon at {0}")]
+    Plane(cluster_auth::Error),
+    #[error("{what} {addr}: {source}")]
+    Io {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("bad reply from {addr}: {source}")]
+    BadReply {
+        addr: SocketAddr,
+        source: serde_json::Error,
+    },
+}
+
 /// Reads one request line (bounded) from a connection.
-pub fn read_request(s: &mut impl Read) -> Result<Request, String> {
+pub fn read_request(s: &mut impl Read) -> Result<Request, ControlError> {
     let mut line = String::new();
     BufReader::new(s.take(MAX_REQUEST))
         .read_line(&mut line)
-        .map_err(|e| format!("cannot read the request: {e}"))?;
+        .map_err(ControlError::Read)?;
     if !line.ends_with('\n') {
-        return Err("request too long or not ended by a newline".into());
+        return Err(ControlError::TooLong);
     }
-    serde_json::from_str(&line).map_err(|e| format!("bad request: {e}"))
+    serde_json::from_str(&line).map_err(ControlError::BadRequest)
 }
 
 pub fn write_reply(s: &mut impl Write, r: &Reply) -> std::io::Result<()> {
@@ -117,9 +147,10 @@ pub fn call(
     trust: &Trust,
     req: &Request,
     timeout: Duration,
-) -> Result<Reply, String> {
+) -> Result<Reply, ControlError> {
+    let io = |what: &'static str| move |source| ControlError::Io { what, addr, source };
     let s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
-        .map_err(|e| format!("cannot reach the daemon at {addr}: {e}"))?;
+        .map_err(|source| ControlError::Unreachable { addr, source })?;
     let mut s: PlaneStream = cluster_auth::connect(
         s,
         trust,
@@ -127,23 +158,24 @@ pub fn call(
         None,
         timeout.min(Duration::from_secs(10)),
     )
-    .map_err(|e| format!("the daemon at {e}"))?;
+    .map_err(ControlError::Plane)?;
     s.tcp()
         .set_read_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
+        .map_err(io("cannot set a timeout for"))?;
     s.tcp()
         .set_write_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
-    let mut text = serde_json::to_string(req).map_err(|e| e.to_string())?;
+        .map_err(io("cannot set a timeout for"))?;
+    let mut text =
+        serde_json::to_string(req).map_err(|source| ControlError::BadReply { addr, source })?;
     text.push('\n');
     s.write_all(text.as_bytes())
         .and_then(|()| s.flush())
-        .map_err(|e| format!("cannot send to {addr}: {e}"))?;
+        .map_err(io("cannot send to"))?;
     let mut line = String::new();
     BufReader::new((&mut s).take(16 << 20))
         .read_line(&mut line)
-        .map_err(|e| format!("no reply from {addr}: {e}"))?;
-    serde_json::from_str(&line).map_err(|e| format!("bad reply from {addr}: {e}"))
+        .map_err(io("no reply from"))?;
+    serde_json::from_str(&line).map_err(|source| ControlError::BadReply { addr, source })
 }
 
 #[cfg(test)]

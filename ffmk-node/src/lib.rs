@@ -740,7 +740,8 @@ fn hand_over(
             functions: now.passthrough.len(),
         },
         Duration::from_secs(20),
-    )?;
+    )
+    .map_err(|e| e.to_string())?;
     let token = reply.token.clone().unwrap_or_default();
     let dest = match (reply.ok, reply.to) {
         (true, Some(t)) => t,
@@ -928,13 +929,13 @@ fn control_connection(d: &Arc<Daemon>, s: std::net::TcpStream) {
                     token: Some(token),
                     ..Reply::ok()
                 },
-                Err(e) => Reply::refuse(e),
+                Err(e) => Reply::refuse(e.to_string()),
             }
         }
         Ok(Request::Abort { name, token }) => abort(d, &name, &token),
         Ok(Request::CkptAcquire { job, bytes }) => ckpt_request(d, &job, Ok(bytes)),
         Ok(Request::CkptRelease { job, token }) => ckpt_request(d, &job, Err(&token)),
-        Err(e) => Reply::refuse(e),
+        Err(e) => Reply::refuse(e.to_string()),
     };
     let _ = control::write_reply(&mut s, &reply);
 }

@@ -11,6 +11,7 @@
 #![no_main]
 use ffmk_fuzz::{feed_plane, listener, memory, migration_hello, migration_stream, trust, Input};
 use libfuzzer_sys::fuzz_target;
+use migrate::VmError;
 use migrate::source::{migrate, Options, Source};
 use migrate::GuestMemory;
 use snapshot::PageBitmap;
@@ -31,10 +32,10 @@ impl Source for Vm {
     fn memory(&self) -> &GuestMemory {
         &self.mem
     }
-    fn start_tracking(&self) -> Result<(), String> {
+    fn start_tracking(&self) -> Result<(), VmError> {
         Ok(())
     }
-    fn dirty(&self) -> Result<PageBitmap, String> {
+    fn dirty(&self) -> Result<PageBitmap, VmError> {
         let mut b = PageBitmap::new(256);
         if let Some(pages) = self.dirty.lock().map_err(|e| e.to_string())?.pop() {
             for p in pages {
@@ -43,15 +44,15 @@ impl Source for Vm {
         }
         Ok(b)
     }
-    fn pause(&self) -> Result<(), String> {
+    fn pause(&self) -> Result<(), VmError> {
         self.paused.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
-    fn resume(&self) -> Result<(), String> {
+    fn resume(&self) -> Result<(), VmError> {
         self.paused.fetch_sub(1, Ordering::SeqCst);
         Ok(())
     }
-    fn state(&self) -> Result<Vec<u8>, String> {
+    fn state(&self) -> Result<Vec<u8>, VmError> {
         Ok(self.state.clone())
     }
 }

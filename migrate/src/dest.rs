@@ -217,7 +217,7 @@ impl Incoming {
     /// as ABORT (the source resumes its copy).
     pub fn switch_over(
         &mut self,
-        start: impl FnOnce() -> Result<(), String>,
+        start: impl FnOnce() -> Result<(), crate::VmError>,
     ) -> Result<Received, Error> {
         self.conn.send(Kind::Ready, &[])?;
         self.conn.expect(Kind::Go)?;

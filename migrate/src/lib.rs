@@ -27,6 +27,10 @@ pub use protocol::Hello;
 
 pub type GuestMemory = snapshot::memory::GuestMemory;
 
+/// An error of the VMM behind [`source::Source`] or a destination's
+/// callbacks: its own type, kept whole.
+pub type VmError = Box<dyn std::error::Error + Send + Sync>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot reach {to}: {source}")]
@@ -55,8 +59,10 @@ pub enum Error {
         link_mib_s: f64,
         throttle_pct: u32,
     },
+    /// The VMM failed to do what the migration needs (pause, resume,
+    /// track dirty pages, save or load the state, place a page).
     #[error("{0}")]
-    Vm(String),
+    Vm(VmError),
     #[error(
         "switch-over not confirmed ({0}): the destination may be running the VM, so the source \
          stays paused; resume it through the API only if the destination is not running it"
@@ -69,4 +75,11 @@ pub enum Error {
          point"
     )]
     Postcopy { left: u64, why: String },
+}
+
+impl Error {
+    /// [`Error::Vm`] with a message of its own.
+    pub fn vm(msg: impl Into<String>) -> Error {
+        Error::Vm(msg.into().into())
+    }
 }

@@ -38,19 +38,22 @@ const PAGE: usize = PAGE_SIZE as usize;
 
 /// Opens a userfaultfd that also traps faults from the kernel (KVM reads
 /// guest memory on behalf of the vCPUs), or says why this host cannot.
-pub fn open_uffd() -> Result<Uffd, String> {
+pub fn open_uffd() -> Result<Uffd, NoUffd> {
     UffdBuilder::new()
         .close_on_exec(true)
         .non_blocking(true)
         .user_mode_only(false)
         .create()
-        .map_err(|e| {
-            format!(
-                "this host cannot trap page faults for post-copy (userfaultfd: {e}; it needs \
-                 CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1)"
-            )
-        })
+        .map_err(NoUffd)
 }
+
+/// This host cannot trap page faults for post-copy.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "this host cannot trap page faults for post-copy (userfaultfd: {0}; it needs \
+     CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1)"
+)]
+pub struct NoUffd(userfaultfd::Error);
 
 /// One guest RAM region: host address, length, first page (memory-file
 /// numbering).
@@ -202,7 +205,7 @@ impl Shared {
                     e as i32
                 }
                 Err(userfaultfd::Error::PartiallyCopied(_)) => libc::EAGAIN,
-                Err(e) => return Err(Error::Vm(format!("cannot put page {page} in place: {e}"))),
+                Err(e) => return Err(Error::vm(format!("cannot put page {page} in place: {e}"))),
             };
             match errno {
                 libc::EEXIST => {
@@ -215,7 +218,7 @@ impl Shared {
                     std::thread::yield_now();
                 }
                 _ => {
-                    return Err(Error::Vm(format!(
+                    return Err(Error::vm(format!(
                         "cannot put page {page} in place: {}",
                         std::io::Error::from_raw_os_error(errno)
                     )))
@@ -311,7 +314,7 @@ impl Postcopy {
                     libc::madvise(at as *mut _, here as usize * PAGE, libc::MADV_DONTNEED)
                 };
                 if rc != 0 {
-                    return Err(Error::Vm(format!(
+                    return Err(Error::vm(format!(
                         "cannot drop stale pages: {}",
                         std::io::Error::last_os_error()
                     )));
@@ -319,10 +322,10 @@ impl Postcopy {
                 page += here;
             }
         }
-        let uffd = open_uffd().map_err(Error::Vm)?;
+        let uffd = open_uffd().map_err(|e| Error::Vm(Box::new(e)))?;
         for r in &regions {
             uffd.register(r.host as *mut _, r.len)
-                .map_err(|e| Error::Vm(format!("cannot trap faults on guest RAM: {e}")))?;
+                .map_err(|e| Error::vm(format!("cannot trap faults on guest RAM: {e}")))?;
         }
         let stream = conn.stream().try_clone()?;
         let mut reader = conn.try_clone()?;
@@ -509,7 +512,7 @@ fn receive_loop(shared: &Shared, reader: &mut Conn<PlaneStream>, total: u64, not
     })();
     let end = end.map_err(
         |e| match shared.fault_error.lock().ok().and_then(|mut s| s.take()) {
-            Some(why) => Error::Vm(why),
+            Some(why) => Error::vm(why),
             None => e,
         },
     );

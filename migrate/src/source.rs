@@ -29,7 +29,7 @@ use crate::protocol::{
     decode_request, encode_postcopy, encode_verify, page_digests, Conn, Hello, Kind, Pages,
     BATCH_PAGES, VERIFY_PAGES,
 };
-use crate::{Error, GuestMemory};
+use crate::{Error, GuestMemory, VmError};
 use snapshot::memory::{is_zero, read_page, resident_pages, total_pages};
 use snapshot::{PageBitmap, PAGE_SIZE};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -43,23 +43,25 @@ pub use vmm_api::migration::{Outcome, Phase, PostcopyOutcome, Progress};
 pub trait Source {
     fn memory(&self) -> &GuestMemory;
     /// Starts (or restarts) dirty tracking: `dirty` reports from here on.
-    fn start_tracking(&self) -> Result<(), String>;
+    fn start_tracking(&self) -> Result<(), VmError>;
     /// Pages dirtied since the last call (or since `start_tracking`).
     /// The VMM keeps them for whoever else tracks dirty pages
     /// (incremental snapshots) unless the migration completes.
-    fn dirty(&self) -> Result<PageBitmap, String>;
+    fn dirty(&self) -> Result<PageBitmap, VmError>;
     /// Stops the vCPUs and device I/O.
-    fn pause(&self) -> Result<(), String>;
-    fn resume(&self) -> Result<(), String>;
+    fn pause(&self) -> Result<(), VmError>;
+    fn resume(&self) -> Result<(), VmError>;
     /// The machine state (vCPUs, clocks, devices), taken while paused.
-    fn state(&self) -> Result<Vec<u8>, String>;
+    fn state(&self) -> Result<Vec<u8>, VmError>;
 }
 
 /// The source's dirty pages as the rounds engine fetches them.
 struct Dirty<'a>(&'a dyn Source);
 
 impl precopy::Tracker for Dirty<'_> {
-    fn fetch(&mut self) -> Result<PageBitmap, String> {
+    type Error = VmError;
+
+    fn fetch(&mut self) -> Result<PageBitmap, VmError> {
         self.0.dirty()
     }
 }

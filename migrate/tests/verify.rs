@@ -5,6 +5,7 @@
 use cluster_auth::{Key, Trust};
 use migrate::dest::{Arrival, Incoming};
 use migrate::source::{migrate, Options, Source};
+use migrate::VmError;
 use migrate::{Error, GuestMemory, Hello};
 use snapshot::memory::{total_pages, write_page};
 use snapshot::{PageBitmap, PAGE_SIZE};
@@ -49,10 +50,10 @@ impl Source for Guest {
     fn memory(&self) -> &GuestMemory {
         &self.mem
     }
-    fn start_tracking(&self) -> Result<(), String> {
+    fn start_tracking(&self) -> Result<(), VmError> {
         Ok(())
     }
-    fn dirty(&self) -> Result<PageBitmap, String> {
+    fn dirty(&self) -> Result<PageBitmap, VmError> {
         let mut d = PageBitmap::new(total_pages(&self.mem));
         if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
             let data = vec![0xa5u8; PAGE_SIZE as usize];
@@ -63,13 +64,13 @@ impl Source for Guest {
         }
         Ok(d)
     }
-    fn pause(&self) -> Result<(), String> {
+    fn pause(&self) -> Result<(), VmError> {
         Ok(())
     }
-    fn resume(&self) -> Result<(), String> {
+    fn resume(&self) -> Result<(), VmError> {
         Ok(())
     }
-    fn state(&self) -> Result<Vec<u8>, String> {
+    fn state(&self) -> Result<Vec<u8>, VmError> {
         Ok(b"state".to_vec())
     }
 }

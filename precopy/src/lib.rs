@@ -18,8 +18,9 @@ use std::time::{Duration, Instant};
 
 /// Where dirty pages come from: a VM's dirty tracker, already started.
 pub trait Tracker {
+    type Error: std::fmt::Debug + std::fmt::Display;
     /// Pages dirtied since the previous fetch.
-    fn fetch(&mut self) -> Result<PageBitmap, String>;
+    fn fetch(&mut self) -> Result<PageBitmap, Self::Error>;
 }
 
 /// A round just copied, and the dirty set it left.
@@ -57,23 +58,22 @@ pub struct Ending {
     pub rounds: u32,
 }
 
-/// Why the rounds stopped early.
+/// Why the rounds stopped early: the tracker failed (`T`), or the copy or
+/// the policy did (`E`).
 #[derive(Debug)]
-pub enum Error<E> {
-    /// The tracker failed.
-    Tracker(String),
-    /// The copy or the policy failed.
+pub enum Error<T, E> {
+    Tracker(T),
     Stopped(E),
 }
 
 /// Copies `first`, then dirty rounds until `decide` says pause. `copy`
 /// gets the pages and the round's number, and returns the bytes it moved.
-pub fn run<E>(
-    tracker: &mut dyn Tracker,
+pub fn run<T: Tracker + ?Sized, E>(
+    tracker: &mut T,
     first: PageBitmap,
     copy: &mut dyn FnMut(&PageBitmap, u32) -> Result<u64, E>,
     decide: &mut dyn FnMut(&Round) -> Result<Verdict, E>,
-) -> Result<Ending, Error<E>> {
+) -> Result<Ending, Error<T::Error, E>> {
     let mut pages = first;
     let mut number = 1;
     loop {
@@ -140,10 +140,23 @@ mod tests {
     /// A guest that dirties the given number of pages between fetches.
     struct Scripted(Vec<u64>);
 
+    #[derive(Debug, PartialEq)]
+    struct NoMoreRounds;
+
+    impl std::fmt::Display for NoMoreRounds {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("no more rounds")
+        }
+    }
+
+    impl std::error::Error for NoMoreRounds {}
+
     impl Tracker for Scripted {
-        fn fetch(&mut self) -> Result<PageBitmap, String> {
+        type Error = NoMoreRounds;
+
+        fn fetch(&mut self) -> Result<PageBitmap, NoMoreRounds> {
             if self.0.is_empty() {
-                return Err("no more rounds".into());
+                return Err(NoMoreRounds);
             }
             let n = self.0.remove(0);
             let mut b = PageBitmap::new(1024);
@@ -161,7 +174,7 @@ mod tests {
         for p in 0..1024 {
             all.set(p);
         }
-        let end = run::<()>(
+        let end = run::<_, ()>(
             &mut t,
             all,
             &mut |pages, _| {
@@ -197,7 +210,7 @@ mod tests {
     #[test]
     fn failures_stop_the_rounds() {
         let mut t = Scripted(vec![]);
-        let e = run::<()>(&mut t, PageBitmap::new(8), &mut |_, _| Ok(0), &mut |_| {
+        let e = run::<_, ()>(&mut t, PageBitmap::new(8), &mut |_, _| Ok(0), &mut |_| {
             Ok(Verdict::Again)
         });
         assert!(matches!(e, Err(Error::Tracker(_))));

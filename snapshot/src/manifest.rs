@@ -106,7 +106,7 @@ pub fn now_unix_ms() -> u64 {
 /// directory (no path separator, no NUL, not `.`-hidden, not `..`, at most
 /// 255 bytes). Every name (state, memory layers, bitmaps) is checked before
 /// a file is opened, written or removed by it.
-pub fn check_file_name(name: &str) -> Result<(), String> {
+pub fn check_file_name(name: &str) -> Result<(), NameError> {
     let ok = !name.is_empty()
         && name.len() <= 255
         && !name.starts_with('.')
@@ -114,16 +114,23 @@ pub fn check_file_name(name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "bad file name {name:?} (a manifest names files inside its own directory only)"
-        ))
+        Err(NameError::Bad(name.into()))
     }
+}
+
+/// A file name a manifest may not hold.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("bad file name {0:?} (a manifest names files inside its own directory only)")]
+    Bad(String),
+    #[error("file name {0:?} used twice in the manifest")]
+    Twice(String),
 }
 
 impl Manifest {
     /// Every file name in the manifest passes [`check_file_name`], and no
     /// two entries name the same file.
-    pub fn check_names(&self) -> Result<(), String> {
+    pub fn check_names(&self) -> Result<(), NameError> {
         let mut seen = std::collections::BTreeSet::new();
         let names = std::iter::once(&self.state.name).chain(
             self.layers
@@ -133,7 +140,7 @@ impl Manifest {
         for n in names {
             check_file_name(n)?;
             if n == crate::store::MANIFEST || !seen.insert(n) {
-                return Err(format!("file name {n:?} used twice in the manifest"));
+                return Err(NameError::Twice(n.clone()));
             }
         }
         Ok(())

@@ -140,7 +140,7 @@ impl Snapshot {
                 return Err(format!("layer {} is not the size of memory", l.memory.name));
             }
         }
-        m.check_names()
+        m.check_names().map_err(|e| e.to_string())
     }
 
     fn check_file(&self, f: &FileEntry) -> Result<()> {

@@ -175,58 +175,101 @@ pub fn hca(root: &Path, name: &str) -> Option<Hca> {
     })
 }
 
-fn need(root: &Path, name: &str) -> Result<Hca, String> {
+/// Why an HCA or one of its VFs cannot be set up as asked.
+#[derive(Debug, thiserror::Error)]
+pub enum IbError {
+    #[error("no InfiniBand HCA '{0}': this host has none (is mlx5_ib loaded?)")]
+    NoHcas(String),
+    #[error("no InfiniBand HCA '{name}' (this host has {have})")]
+    NoHca { name: String, have: String },
+    #[error("{0}: no PCI device behind it")]
+    NoPciDevice(String),
+    #[error("{hca}: {source}")]
+    Host {
+        hca: String,
+        source: sysfs::HostError,
+    },
+    #[error(
+        "{hca} has {count} VFs; there is no VF {vf} (create them with `ffmk-vmm ib create-vfs \
+         {hca} N`)"
+    )]
+    NoVf { hca: String, count: usize, vf: u32 },
+    #[error(
+        "{hca}: no {} (GUIDs and policy of VFs are set this way by mlx5 only; driver here: \
+         {driver})",
+        dir.display()
+    )]
+    NotMlx5 {
+        hca: String,
+        dir: PathBuf,
+        driver: String,
+    },
+    #[error("'{0}' is not a GUID (8 hex bytes separated by ':')")]
+    BadGuid(String),
+    #[error("'{0}' is not a VF policy (Up, Down or Follow)")]
+    BadPolicy(String),
+    #[error("{hca}: VF {vf}: cannot set the {what}: {source}")]
+    Write {
+        hca: String,
+        vf: u32,
+        what: &'static str,
+        source: std::io::Error,
+    },
+}
+
+fn need(root: &Path, name: &str) -> Result<Hca, IbError> {
     hca(root, name).ok_or_else(|| {
         let have: Vec<String> = list(root).into_iter().map(|h| h.name).collect();
         if have.is_empty() {
-            format!("no InfiniBand HCA '{name}': this host has none (is mlx5_ib loaded?)")
+            IbError::NoHcas(name.into())
         } else {
-            format!(
-                "no InfiniBand HCA '{name}' (this host has {})",
-                have.join(", ")
-            )
+            IbError::NoHca {
+                name: name.into(),
+                have: have.join(", "),
+            }
         }
     })
 }
 
-fn pf_of(h: &Hca) -> Result<PciAddress, String> {
+fn pf_of(h: &Hca) -> Result<PciAddress, IbError> {
     h.address
         .clone()
-        .ok_or_else(|| format!("{}: no PCI device behind it", h.name))
+        .ok_or_else(|| IbError::NoPciDevice(h.name.clone()))
 }
 
 /// Creates `n` VFs on HCA `name`.
-pub fn create_vfs(root: &Path, name: &str, n: u32) -> Result<Vec<PciAddress>, String> {
+pub fn create_vfs(root: &Path, name: &str, n: u32) -> Result<Vec<PciAddress>, IbError> {
     let h = need(root, name)?;
     let pf = pf_of(&h)?;
-    sysfs::create_vfs(root, &pf, n).map_err(|e| format!("{name}: {e}"))?;
+    sysfs::create_vfs(root, &pf, n).map_err(|source| IbError::Host {
+        hca: name.into(),
+        source,
+    })?;
     Ok(sysfs::sriov(root, &pf).map(|s| s.vfs).unwrap_or_default())
 }
 
-fn vf_dir(root: &Path, h: &Hca, vf: u32) -> Result<PathBuf, String> {
+fn vf_dir(root: &Path, h: &Hca, vf: u32) -> Result<PathBuf, IbError> {
     let pf = pf_of(h)?;
     if vf as usize >= h.vfs.len() {
-        return Err(format!(
-            "{} has {} VFs; there is no VF {vf} (create them with `ffmk-vmm ib create-vfs {} N`)",
-            h.name,
-            h.vfs.len(),
-            h.name
-        ));
+        return Err(IbError::NoVf {
+            hca: h.name.clone(),
+            count: h.vfs.len(),
+            vf,
+        });
     }
     let dir = sysfs::device_dir(root, &pf).join(format!("sriov/{vf}"));
     if !dir.is_dir() {
-        return Err(format!(
-            "{}: no {} (GUIDs and policy of VFs are set this way by mlx5 only; driver here: {})",
-            h.name,
-            dir.display(),
-            h.driver.as_deref().unwrap_or("none")
-        ));
+        return Err(IbError::NotMlx5 {
+            hca: h.name.clone(),
+            dir,
+            driver: h.driver.as_deref().unwrap_or("none").into(),
+        });
     }
     Ok(dir)
 }
 
 /// Checks a GUID as `xx:xx:xx:xx:xx:xx:xx:xx`.
-pub fn parse_guid(s: &str) -> Result<String, String> {
+pub fn parse_guid(s: &str) -> Result<String, IbError> {
     let parts: Vec<&str> = s.split(':').collect();
     let ok = parts.len() == 8
         && parts
@@ -235,14 +278,12 @@ pub fn parse_guid(s: &str) -> Result<String, String> {
     if ok {
         Ok(s.to_ascii_lowercase())
     } else {
-        Err(format!(
-            "'{s}' is not a GUID (8 hex bytes separated by ':')"
-        ))
+        Err(IbError::BadGuid(s.into()))
     }
 }
 
 /// Sets the node and port GUID of VF `vf` of HCA `name` (mlx5).
-pub fn set_guids(root: &Path, name: &str, vf: u32, node: &str, port: &str) -> Result<(), String> {
+pub fn set_guids(root: &Path, name: &str, vf: u32, node: &str, port: &str) -> Result<(), IbError> {
     let node = parse_guid(node)?;
     let port = parse_guid(port)?;
     let h = need(root, name)?;
@@ -257,33 +298,37 @@ pub fn set_guids(root: &Path, name: &str, vf: u32, node: &str, port: &str) -> Re
             );
         }
     }
-    for (file, v) in [("node", &node), ("port", &port)] {
-        std::fs::write(dir.join(file), v)
-            .map_err(|e| format!("{}: VF {vf}: cannot set the {file} GUID: {e}", h.name))?;
+    for (file, what, v) in [("node", "node GUID", &node), ("port", "port GUID", &port)] {
+        std::fs::write(dir.join(file), v).map_err(|source| IbError::Write {
+            hca: h.name.clone(),
+            vf,
+            what,
+            source,
+        })?;
     }
     Ok(())
 }
 
 /// Sets the link policy of VF `vf`: "Up", "Down" or "Follow" (the PF's port).
-pub fn set_policy(root: &Path, name: &str, vf: u32, policy: &str) -> Result<(), String> {
+pub fn set_policy(root: &Path, name: &str, vf: u32, policy: &str) -> Result<(), IbError> {
     let policy = match policy.to_ascii_lowercase().as_str() {
         "up" => "Up",
         "down" => "Down",
         "follow" => "Follow",
-        _ => {
-            return Err(format!(
-                "'{policy}' is not a VF policy (Up, Down or Follow)"
-            ))
-        }
+        _ => return Err(IbError::BadPolicy(policy.into())),
     };
     let h = need(root, name)?;
     let dir = vf_dir(root, &h, vf)?;
-    std::fs::write(dir.join("policy"), policy)
-        .map_err(|e| format!("{}: VF {vf}: cannot set the policy: {e}", h.name))
+    std::fs::write(dir.join("policy"), policy).map_err(|source| IbError::Write {
+        hca: h.name.clone(),
+        vf,
+        what: "policy",
+        source,
+    })
 }
 
 /// What keeps HCA `name` from giving VMs working VFs: one line each.
-pub fn problems(root: &Path, name: &str) -> Result<Vec<String>, String> {
+pub fn problems(root: &Path, name: &str) -> Result<Vec<String>, IbError> {
     let h = need(root, name)?;
     let mut p = Vec::new();
     if !sysfs::has_iommu(root) {
@@ -518,7 +563,7 @@ mod tests {
         );
         assert_eq!(h.vfs[1].policy.as_deref(), Some("Follow"));
         let e = set_guids(&root, "mlx5_0", 1, "02:00", "02:00:00:00:00:00:01:01").unwrap_err();
-        assert!(e.contains("not a GUID"), "{e}");
+        assert!(e.to_string().contains("not a GUID"), "{e}");
         let e = set_guids(
             &root,
             "mlx5_0",
@@ -527,11 +572,11 @@ mod tests {
             "02:00:00:00:00:00:00:01",
         )
         .unwrap_err();
-        assert!(e.contains("has 2 VFs; there is no VF 5"), "{e}");
+        assert!(e.to_string().contains("has 2 VFs; there is no VF 5"), "{e}");
         let e = set_policy(&root, "mlx5_0", 0, "sideways").unwrap_err();
-        assert!(e.contains("not a VF policy"), "{e}");
+        assert!(e.to_string().contains("not a VF policy"), "{e}");
         let e = set_policy(&root, "mlx5_9", 0, "up").unwrap_err();
-        assert!(e.contains("this host has mlx5_0"), "{e}");
+        assert!(e.to_string().contains("this host has mlx5_0"), "{e}");
     }
 
     #[test]
@@ -565,7 +610,7 @@ mod tests {
     fn create_vfs_refuses_what_the_kernel_would() {
         let (_t, root) = mlx5_host(2);
         let e = create_vfs(&root, "mlx5_0", 9).unwrap_err();
-        assert!(e.contains("at most 8 VFs"), "{e}");
+        assert!(e.to_string().contains("at most 8 VFs"), "{e}");
         // A VF in use by a VM blocks changing the count.
         link(
             &root,
@@ -573,7 +618,10 @@ mod tests {
             "../../../../bus/pci/drivers/vfio-pci",
         );
         let e = create_vfs(&root, "mlx5_0", 4).unwrap_err();
-        assert!(e.contains("0000:3b:00.1 is bound to vfio-pci"), "{e}");
+        assert!(
+            e.to_string().contains("0000:3b:00.1 is bound to vfio-pci"),
+            "{e}"
+        );
         // Same count: nothing to do.
         create_vfs(&root, "mlx5_0", 2).unwrap();
     }

@@ -8,6 +8,7 @@
 //! driver, a group shared with devices still on host drivers) and says so
 //! in one line.
 use crate::backend::{Backend, Mapping, RegionInfo};
+use crate::sysfs::HostError;
 use crate::sysfs::{self, PciAddress};
 use std::io;
 use std::os::fd::AsRawFd;
@@ -21,8 +22,12 @@ use vmm_sys_util::eventfd::EventFd;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{0}")]
-    Preflight(String),
+    #[error(transparent)]
+    Preflight(#[from] crate::sysfs::HostError),
+    #[error("the IOMMU mappings' lock is poisoned")]
+    Poisoned,
+    #[error("a guest RAM region of {0} bytes is too large to map")]
+    RegionTooLarge(u64),
     #[error("{what}: {source}")]
     Vfio {
         what: String,
@@ -46,27 +51,23 @@ impl Error {
 /// Checks that `address` can be passed through: it exists, is bound to
 /// vfio-pci, has an IOMMU group whose other members are bound to vfio-pci
 /// (or to nothing), and the group's device node exists. Returns the group.
-pub fn preflight(root: &Path, address: &PciAddress) -> Result<u32, String> {
+pub fn preflight(root: &Path, address: &PciAddress) -> Result<u32, HostError> {
     let dev = sysfs::device_dir(root, address);
     if !dev.exists() {
-        return Err(format!(
-            "no PCI device {address} on this host ({} does not exist)",
-            dev.display()
-        ));
+        return Err(HostError::Missing {
+            address: address.clone(),
+            dir: dev,
+        });
     }
     let driver = sysfs::driver(root, address);
     if driver.as_deref() != Some("vfio-pci") {
-        return Err(format!(
-            "{address} is bound to {}, not vfio-pci: run `ffmk-vmm vfio bind {address}` first",
-            driver.as_deref().unwrap_or("no driver")
-        ));
+        return Err(HostError::WrongDriver {
+            address: address.clone(),
+            driver: driver.as_deref().unwrap_or("no driver").into(),
+        });
     }
-    let group = sysfs::iommu_group(root, address).ok_or_else(|| {
-        format!(
-            "{address} has no IOMMU group: the host runs without an IOMMU \
-             (boot with intel_iommu=on or amd_iommu=on, and iommu=pt)"
-        )
-    })?;
+    let group =
+        sysfs::iommu_group(root, address).ok_or_else(|| HostError::NoGroup(address.clone()))?;
     for other in sysfs::group_members(root, group) {
         if other == *address {
             continue;
@@ -74,22 +75,22 @@ pub fn preflight(root: &Path, address: &PciAddress) -> Result<u32, String> {
         match sysfs::driver(root, &other).as_deref() {
             None | Some("vfio-pci") | Some("pcieport") => {}
             Some(d) => {
-                return Err(format!(
-                    "IOMMU group {group} of {address} also holds {other}, bound to {d}: \
-                     bind every member to vfio-pci (or unbind it) first"
-                ))
+                return Err(HostError::GroupShared {
+                    group,
+                    address: address.clone(),
+                    other,
+                    driver: d.into(),
+                })
             }
         }
     }
-    if !root.join("dev/vfio/vfio").exists() {
-        return Err("/dev/vfio/vfio does not exist: is the vfio-pci module loaded?".into());
+    let container = root.join("dev/vfio/vfio");
+    if !container.exists() {
+        return Err(HostError::NoVfioNode(container));
     }
     let node = root.join("dev/vfio").join(group.to_string());
     if !node.exists() {
-        return Err(format!(
-            "{} does not exist: is the vfio-pci module loaded?",
-            node.display()
-        ));
+        return Err(HostError::NoVfioNode(node));
     }
     Ok(group)
 }
@@ -124,7 +125,7 @@ impl Iommu {
     /// Opens the function at `address` (checked by [`preflight`] first) and
     /// maps guest RAM for DMA if no function did yet.
     pub fn attach(&self, address: &PciAddress) -> Result<KernelDevice, Error> {
-        preflight(Path::new("/"), address).map_err(Error::Preflight)?;
+        preflight(Path::new("/"), address)?;
         let path = sysfs::device_dir(Path::new("/"), address);
         let device = VfioDevice::new(&path, self.container.clone(), false).map_err(|source| {
             Error::Vfio {
@@ -143,17 +144,13 @@ impl Iommu {
     }
 
     fn map_memory(&self) -> Result<(), Error> {
-        let mut mapped = self
-            .mapped
-            .lock()
-            .map_err(|_| Error::Preflight("IOMMU lock poisoned".into()))?;
+        let mut mapped = self.mapped.lock().map_err(|_| Error::Poisoned)?;
         if !mapped.is_empty() {
             return Ok(());
         }
         let started = std::time::Instant::now();
         for &(gpa, host, len) in &self.memory {
-            let size =
-                usize::try_from(len).map_err(|_| Error::Preflight("region too large".into()))?;
+            let size = usize::try_from(len).map_err(|_| Error::RegionTooLarge(len))?;
             // SAFETY: `host..host+len` is guest RAM, mapped for the VM's
             // whole life and only ever accessed through volatile accesses
             // (vm-memory) or by the guest; the device may DMA into it as the

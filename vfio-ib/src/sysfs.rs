@@ -139,28 +139,88 @@ pub fn has_iommu(root: &Path) -> bool {
         .unwrap_or(false)
 }
 
-fn write(path: &Path, value: &str) -> Result<(), String> {
-    std::fs::write(path, value)
-        .map_err(|e| format!("cannot write '{value}' to {}: {e}", path.display()))
+/// Why a host PCI function cannot be changed or passed through as asked
+/// (one line each, saying what to do about it).
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("no PCI device {0} on this host")]
+    NoDevice(PciAddress),
+    #[error("no PCI device {address} on this host ({} does not exist)", dir.display())]
+    Missing { address: PciAddress, dir: PathBuf },
+    #[error(
+        "cannot bind {0} to vfio-pci: the host has no IOMMU groups (boot with intel_iommu=on or \
+         amd_iommu=on, iommu=pt)"
+    )]
+    NoIommuGroups(PciAddress),
+    #[error("the vfio-pci driver is not loaded: modprobe vfio-pci")]
+    NoVfioDriver,
+    #[error("{address} did not bind to vfio-pci (driver now: {now})")]
+    DidNotBind { address: PciAddress, now: String },
+    #[error("{0} is not bound to vfio-pci")]
+    NotBound(PciAddress),
+    #[error(
+        "{address} is bound to {driver}, not vfio-pci: run `ffmk-vmm vfio bind {address}` first"
+    )]
+    WrongDriver { address: PciAddress, driver: String },
+    #[error(
+        "{0} has no IOMMU group: the host runs without an IOMMU (boot with intel_iommu=on or \
+         amd_iommu=on, and iommu=pt)"
+    )]
+    NoGroup(PciAddress),
+    #[error(
+        "IOMMU group {group} of {address} also holds {other}, bound to {driver}: bind every \
+         member to vfio-pci (or unbind it) first"
+    )]
+    GroupShared {
+        group: u32,
+        address: PciAddress,
+        other: PciAddress,
+        driver: String,
+    },
+    #[error("{} does not exist: is the vfio-pci module loaded?", .0.display())]
+    NoVfioNode(PathBuf),
+    #[error(
+        "{0} has no SR-IOV capability (no sriov_totalvfs): is SR-IOV enabled in the firmware?"
+    )]
+    NoSriov(PciAddress),
+    #[error("{pf} supports at most {max} VFs, asked for {asked}")]
+    TooManyVfs {
+        pf: PciAddress,
+        max: u32,
+        asked: u32,
+    },
+    #[error("cannot change the VF count of {pf}: VF {vf} is bound to vfio-pci (in use by a VM?)")]
+    VfInUse { pf: PciAddress, vf: PciAddress },
+    #[error("cannot write '{value}' to {}: {source}", path.display())]
+    Write {
+        value: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn write(path: &Path, value: &str) -> Result<(), HostError> {
+    std::fs::write(path, value).map_err(|source| HostError::Write {
+        value: value.into(),
+        path: path.into(),
+        source,
+    })
 }
 
 /// Binds `a` to vfio-pci: `driver_override`, unbind from its driver,
 /// `drivers_probe`. Refused when the function is in use by the host in a
 /// way that would break it (its group has members on other drivers is
 /// left to [`crate::kernel::preflight`], which names them).
-pub fn bind_vfio(root: &Path, a: &PciAddress) -> Result<(), String> {
+pub fn bind_vfio(root: &Path, a: &PciAddress) -> Result<(), HostError> {
     let dev = device_dir(root, a);
     if !dev.exists() {
-        return Err(format!("no PCI device {a} on this host"));
+        return Err(HostError::NoDevice(a.clone()));
     }
     if !has_iommu(root) {
-        return Err(format!(
-            "cannot bind {a} to vfio-pci: the host has no IOMMU groups \
-             (boot with intel_iommu=on or amd_iommu=on, iommu=pt)"
-        ));
+        return Err(HostError::NoIommuGroups(a.clone()));
     }
     if !root.join("sys/bus/pci/drivers/vfio-pci").exists() {
-        return Err("the vfio-pci driver is not loaded: modprobe vfio-pci".into());
+        return Err(HostError::NoVfioDriver);
     }
     match driver(root, a).as_deref() {
         Some("vfio-pci") => return Ok(()),
@@ -171,19 +231,19 @@ pub fn bind_vfio(root: &Path, a: &PciAddress) -> Result<(), String> {
     write(&root.join("sys/bus/pci/drivers_probe"), &a.to_string())?;
     match driver(root, a).as_deref() {
         Some("vfio-pci") => Ok(()),
-        other => Err(format!(
-            "{a} did not bind to vfio-pci (driver now: {})",
-            other.unwrap_or("none")
-        )),
+        other => Err(HostError::DidNotBind {
+            address: a.clone(),
+            now: other.unwrap_or("none").into(),
+        }),
     }
 }
 
 /// Gives `a` back to the host: unbind from vfio-pci, clear the override,
 /// let the kernel probe its own driver.
-pub fn unbind_vfio(root: &Path, a: &PciAddress) -> Result<(), String> {
+pub fn unbind_vfio(root: &Path, a: &PciAddress) -> Result<(), HostError> {
     let dev = device_dir(root, a);
     if driver(root, a).as_deref() != Some("vfio-pci") {
-        return Err(format!("{a} is not bound to vfio-pci"));
+        return Err(HostError::NotBound(a.clone()));
     }
     write(&dev.join("driver/unbind"), &a.to_string())?;
     write(&dev.join("driver_override"), "\n")?;
@@ -222,17 +282,14 @@ pub fn sriov(root: &Path, pf: &PciAddress) -> Option<Sriov> {
 
 /// Sets the number of VFs of `pf` (through 0 when it already has some, as
 /// the kernel requires).
-pub fn create_vfs(root: &Path, pf: &PciAddress, n: u32) -> Result<(), String> {
-    let s = sriov(root, pf).ok_or_else(|| {
-        format!(
-            "{pf} has no SR-IOV capability (no sriov_totalvfs): is SR-IOV enabled in the firmware?"
-        )
-    })?;
+pub fn create_vfs(root: &Path, pf: &PciAddress, n: u32) -> Result<(), HostError> {
+    let s = sriov(root, pf).ok_or_else(|| HostError::NoSriov(pf.clone()))?;
     if n > s.total_vfs {
-        return Err(format!(
-            "{pf} supports at most {} VFs, asked for {n}",
-            s.total_vfs
-        ));
+        return Err(HostError::TooManyVfs {
+            pf: pf.clone(),
+            max: s.total_vfs,
+            asked: n,
+        });
     }
     if s.num_vfs == n {
         return Ok(());
@@ -241,9 +298,10 @@ pub fn create_vfs(root: &Path, pf: &PciAddress, n: u32) -> Result<(), String> {
     if s.num_vfs != 0 {
         for vf in &s.vfs {
             if driver(root, vf).as_deref() == Some("vfio-pci") {
-                return Err(format!(
-                    "cannot change the VF count of {pf}: VF {vf} is bound to vfio-pci (in use by a VM?)"
-                ));
+                return Err(HostError::VfInUse {
+                    pf: pf.clone(),
+                    vf: vf.clone(),
+                });
             }
         }
         write(&path, "0")?;
@@ -276,7 +334,7 @@ mod tests {
             "0:0:0:0.0",
         ] {
             let e = bad.parse::<PciAddress>().unwrap_err();
-            assert!(e.contains("not a PCI address"), "{bad}: {e}");
+            assert!(e.to_string().contains("not a PCI address"), "{bad}: {e}");
         }
     }
 }

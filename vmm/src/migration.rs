@@ -28,6 +28,7 @@ use migrate::dest::Arrival;
 use migrate::postcopy::Postcopy;
 use migrate::source::{Options, Outcome, Progress, Source};
 use migrate::Hello;
+use migrate::VmError;
 
 use snapshot::PageBitmap;
 use std::net::TcpListener;
@@ -92,31 +93,32 @@ struct VmSource<'a> {
     dirty: Mutex<memory::dirty::Session<'a>>,
 }
 
+impl<'a> VmSource<'a> {
+    fn tracker(&self) -> Result<std::sync::MutexGuard<'_, memory::dirty::Session<'a>>, VmError> {
+        self.dirty
+            .lock()
+            .map_err(|_| memory::dirty::Error::Poisoned.into())
+    }
+}
+
 impl Source for VmSource<'_> {
     fn memory(&self) -> &migrate::GuestMemory {
         self.vm.ram.guest()
     }
 
-    fn start_tracking(&self) -> Result<(), String> {
-        let mut d = self
-            .dirty
-            .lock()
-            .map_err(|_| "dirty tracker lock poisoned")?;
-        d.start().map(|_| ()).map_err(|e| e.to_string())
+    fn start_tracking(&self) -> Result<(), VmError> {
+        self.tracker()?.start()?;
+        Ok(())
     }
 
-    fn dirty(&self) -> Result<PageBitmap, String> {
-        let mut d = self
-            .dirty
-            .lock()
-            .map_err(|_| "dirty tracker lock poisoned")?;
-        d.fetch().map_err(|e| e.to_string())
+    fn dirty(&self) -> Result<PageBitmap, VmError> {
+        Ok(self.tracker()?.fetch()?)
     }
 
     /// All or nothing: if device I/O cannot be frozen, the vCPUs run again.
-    fn pause(&self) -> Result<(), String> {
+    fn pause(&self) -> Result<(), VmError> {
         if !self.user_paused {
-            self.vm.pause().map_err(|e| e.to_string())?;
+            self.vm.pause()?;
         }
         let f = match capture::freeze_devices(self.vm) {
             Ok(f) => f,
@@ -126,7 +128,7 @@ impl Source for VmSource<'_> {
                         tracing::error!("migration: cannot resume after a failed pause: {r}");
                     }
                 }
-                return Err(e.to_string());
+                return Err(e.into());
             }
         };
         if let Ok(mut slot) = self.frozen.lock() {
@@ -135,19 +137,19 @@ impl Source for VmSource<'_> {
         Ok(())
     }
 
-    fn resume(&self) -> Result<(), String> {
+    fn resume(&self) -> Result<(), VmError> {
         if let Ok(mut slot) = self.frozen.lock() {
             slot.take();
         }
         if !self.user_paused {
-            self.vm.resume().map_err(|e| e.to_string())?;
+            self.vm.resume()?;
         }
         Ok(())
     }
 
-    fn state(&self) -> Result<Vec<u8>, String> {
-        let m = capture::machine_state(self.vm).map_err(|e| e.to_string())?;
-        serde_json::to_vec(&m).map_err(|e| e.to_string())
+    fn state(&self) -> Result<Vec<u8>, VmError> {
+        let m = capture::machine_state(self.vm)?;
+        Ok(serde_json::to_vec(&m)?)
     }
 }
 
@@ -541,7 +543,7 @@ fn can_receive(config: &RunConfig, theirs: &Hello) -> Result<(), String> {
         if config.hugepages {
             return Err("post-copy needs 4 KiB guest pages; this VM uses --hugepages".into());
         }
-        drop(migrate::postcopy::open_uffd()?);
+        drop(migrate::postcopy::open_uffd().map_err(|e| e.to_string())?);
     }
     Ok(())
 }
@@ -571,7 +573,7 @@ fn receive_one(
     let Some(missing) = missing else {
         let vm = load(&from, &state, prepared, config, &mut |why| inc.abort(why))?;
         log_loaded(&from, loading);
-        let received = inc.switch_over(|| vm.resume().map_err(|e| e.to_string()))?;
+        let received = inc.switch_over(|| vm.resume().map_err(migrate::VmError::from))?;
         return Ok(Arrived {
             vm,
             received,
@@ -590,7 +592,7 @@ fn receive_one(
     pc.wait_go(Duration::from_secs(30))?;
     if let Err(e) = vm.resume() {
         pc.abort(&format!("the destination could not start the VM: {e}"));
-        return Err(migrate::Error::Vm(e.to_string()).into());
+        return Err(migrate::Error::Vm(Box::new(e)).into());
     }
     pc.send(migrate::protocol::Kind::Running, &[])?;
     Ok(Arrived {

@@ -260,7 +260,7 @@ impl Passthroughs {
             DeviceEntry::Vfio { address, mmap } => {
                 // Before the container: a device that cannot work says why first.
                 vfio_ib::kernel::preflight(std::path::Path::new("/"), address)
-                    .map_err(|m| err(m, true))?;
+                    .map_err(|e| err(e.to_string(), true))?;
                 if self.iommu.is_none() {
                     let map = cx
                         .mem

@@ -47,7 +47,7 @@ fn plane_of(c: Option<&Config>) -> Result<ffmk_node::config::Plane, String> {
         .clone()
         .or_else(|| c.and_then(|c| c.cluster_key.clone()));
     let insecure = f.insecure || (f.cluster_key.is_none() && c.is_some_and(|c| c.insecure));
-    ffmk_node::config::plane(key.as_deref(), insecure)
+    ffmk_node::config::plane(key.as_deref(), insecure).map_err(|e| e.to_string())
 }
 
 #[derive(Subcommand)]
@@ -245,7 +245,8 @@ fn show_status(a: StatusArgs) -> Result<(), String> {
         &plane.trust,
         &control::Request::Status {},
         std::time::Duration::from_secs(5),
-    )?;
+    )
+    .map_err(|e| e.to_string())?;
     let st = match (reply.ok, reply.status) {
         (true, Some(s)) => s,
         _ => {
@@ -564,7 +565,8 @@ fn checkpoint_in_turn(a: CheckpointArgs) -> Result<u8, String> {
     let plane = plane_of(Some(&r.config))?;
     let coord = r.control[r.ckpt_coordinator()];
     let ask = |req: &control::Request| -> Result<serde_json::Value, String> {
-        let reply = control::call(coord, &plane.trust, req, Duration::from_secs(10))?;
+        let reply = control::call(coord, &plane.trust, req, Duration::from_secs(10))
+            .map_err(|e| e.to_string())?;
         match (reply.ok, reply.ckpt) {
             (true, Some(c)) => Ok(c),
             _ => Err(format!(

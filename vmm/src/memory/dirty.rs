@@ -195,8 +195,10 @@ impl Drop for Session<'_> {
 }
 
 impl precopy::Tracker for Session<'_> {
-    fn fetch(&mut self) -> Result<PageBitmap, String> {
-        Session::fetch(self).map_err(|e| e.to_string())
+    type Error = Error;
+
+    fn fetch(&mut self) -> Result<PageBitmap, Error> {
+        Session::fetch(self)
     }
 }
 

@@ -193,6 +193,7 @@ pub fn ib(action: vmm::cli::IbAction) -> Result<u8, Failure> {
     use vmm::cli::IbAction;
     quiet_on_closed_stdout();
     let fail = |e: String| usage(anyhow::anyhow!(e));
+    let refused = |e: &dyn std::fmt::Display| usage(anyhow::anyhow!(e.to_string()));
     match action {
         IbAction::List { json, root } => {
             let hcas = ib::list(&root);
@@ -242,7 +243,7 @@ pub fn ib(action: vmm::cli::IbAction) -> Result<u8, Failure> {
             Ok(0)
         }
         IbAction::CreateVfs { hca, count, root } => {
-            let vfs = ib::create_vfs(&root, &hca, count).map_err(fail)?;
+            let vfs = ib::create_vfs(&root, &hca, count).map_err(|e| refused(&e))?;
             println!("{hca}: {} VFs", vfs.len());
             for v in vfs {
                 println!("  {v}");
@@ -256,7 +257,7 @@ pub fn ib(action: vmm::cli::IbAction) -> Result<u8, Failure> {
             port,
             root,
         } => {
-            ib::set_guids(&root, &hca, vf, &node, &port).map_err(fail)?;
+            ib::set_guids(&root, &hca, vf, &node, &port).map_err(|e| refused(&e))?;
             println!("{hca} VF {vf}: node GUID {node}, port GUID {port}");
             Ok(0)
         }
@@ -266,7 +267,7 @@ pub fn ib(action: vmm::cli::IbAction) -> Result<u8, Failure> {
             policy,
             root,
         } => {
-            ib::set_policy(&root, &hca, vf, &policy).map_err(fail)?;
+            ib::set_policy(&root, &hca, vf, &policy).map_err(|e| refused(&e))?;
             println!("{hca} VF {vf}: policy {policy}");
             Ok(0)
         }
@@ -279,12 +280,12 @@ pub fn ib(action: vmm::cli::IbAction) -> Result<u8, Failure> {
                     h.vfs.len()
                 ))
             })?;
-            vfio_ib::sysfs::bind_vfio(&root, &v.address).map_err(fail)?;
+            vfio_ib::sysfs::bind_vfio(&root, &v.address).map_err(|e| refused(&e))?;
             println!("{}", v.address);
             Ok(0)
         }
         IbAction::Check { hca, root } => {
-            let problems = ib::problems(&root, &hca).map_err(fail)?;
+            let problems = ib::problems(&root, &hca).map_err(|e| refused(&e))?;
             if problems.is_empty() {
                 println!("{hca}: ready to give VMs VFs");
                 return Ok(0);

@@ -2,6 +2,7 @@
 //! burst buffer) of the `checkpoint-levels` crate, driven from here.
 use crate::failure::{runtime, usage, Failure};
 use checkpoint_levels::service;
+use checkpoint_levels::wire::Peers;
 use vmm::cli::{CheckpointAction, PlaneArgs, RestoreArgs};
 use vmm_api::model::{SnapshotKind, SnapshotRequest};
 use vmm_api::Client;
@@ -34,11 +35,17 @@ fn snapshot_call(
 
 pub fn checkpoint(action: CheckpointAction, plane: PlaneArgs) -> Result<u8, Failure> {
     use checkpoint_levels::{config::Config, progress::Reporter};
-    let load = |p: &std::path::Path| Config::load(p).map_err(usage);
-    if !matches!(action, CheckpointAction::Serve { .. }) {
-        // Clients: a key is needed once a level is on another host.
-        checkpoint_levels::wire::use_trust(crate::source_trust(&plane)?);
-    }
+    // Clients: a key is needed once a level is on another host.
+    let peers = if matches!(action, CheckpointAction::Serve { .. }) {
+        Peers::none()
+    } else {
+        Peers::new(crate::source_trust(&plane)?)
+    };
+    let load = |p: &std::path::Path| {
+        Config::load(p)
+            .map(|c| c.with_peers(peers.clone()))
+            .map_err(usage)
+    };
     match action {
         CheckpointAction::Serve {
             listen,
