@@ -16,7 +16,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use vfio_ib::backend::{Backend, CONFIG_REGION, IRQ_MSIX};
-use vfio_ib::vfio_user::{GuestDma, VfioUser};
+use vfio_ib::vfio_user::{GuestDma, NotRam, VfioUser};
 use vmm_sys_util::eventfd::EventFd;
 
 const BASE: u64 = 0x10000;
@@ -36,14 +36,16 @@ impl Memory {
 }
 
 impl GuestDma for Memory {
-    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String> {
-        let r = self.range(gpa, buf.len())?;
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), NotRam> {
+        let len = buf.len();
+        let r = self.range(gpa, len).map_err(|_| NotRam { gpa, len })?;
         buf.copy_from_slice(&self.0.lock().unwrap()[r]);
         Ok(())
     }
 
-    fn write(&self, gpa: u64, data: &[u8]) -> Result<(), String> {
-        let r = self.range(gpa, data.len())?;
+    fn write(&self, gpa: u64, data: &[u8]) -> Result<(), NotRam> {
+        let len = data.len();
+        let r = self.range(gpa, len).map_err(|_| NotRam { gpa, len })?;
         self.0.lock().unwrap()[r].copy_from_slice(data);
         Ok(())
     }

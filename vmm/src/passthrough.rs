@@ -17,7 +17,7 @@ use kvm_bindings::{
 use kvm_ioctls::VmFd;
 use std::sync::{Arc, Mutex};
 use vfio_ib::kernel::Iommu;
-use vfio_ib::vfio_user::{GuestDma, VfioUser};
+use vfio_ib::vfio_user::{GuestDma, NotRam, VfioUser};
 use vfio_ib::{GuestMapper, Passthrough};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_api::model::{Attachment, DeviceState};
@@ -30,18 +30,22 @@ const VFIO_USER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5)
 struct MemoryDma(GuestMemoryMmap);
 
 impl GuestDma for MemoryDma {
-    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String> {
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), NotRam> {
         use vm_memory::Bytes;
+        let len = buf.len();
         self.0
             .read_slice(buf, vm_memory::GuestAddress(gpa))
-            .map_err(|e| format!("not guest RAM ({e})"))
+            .map_err(|_| NotRam { gpa, len })
     }
 
-    fn write(&self, gpa: u64, data: &[u8]) -> Result<(), String> {
+    fn write(&self, gpa: u64, data: &[u8]) -> Result<(), NotRam> {
         use vm_memory::Bytes;
         self.0
             .write_slice(data, vm_memory::GuestAddress(gpa))
-            .map_err(|e| format!("not guest RAM ({e})"))
+            .map_err(|_| NotRam {
+                gpa,
+                len: data.len(),
+            })
     }
 }
 

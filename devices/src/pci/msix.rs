@@ -222,13 +222,17 @@ impl Msix {
     /// Takes back the table and pending bits, reads enable/mask from
     /// `config` (restored first), and routes every vector again. Refused
     /// (nothing changed) if the vector count differs.
-    pub fn restore(&mut self, s: &MsixState, config: &ConfigSpace) -> Result<(), String> {
+    pub fn restore(
+        &mut self,
+        s: &MsixState,
+        config: &ConfigSpace,
+    ) -> Result<(), crate::persist::StateError> {
         if s.table.len() != self.table.len() || s.pending.len() != self.pending.len() {
-            return Err(format!(
+            return Err(crate::persist::StateError::Mismatch(format!(
                 "{} MSI-X vectors saved, this function has {}",
                 s.table.len(),
                 self.table.len()
-            ));
+            )));
         }
         for (e, w) in self.table.iter_mut().zip(&s.table) {
             *e = Entry {

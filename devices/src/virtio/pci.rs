@@ -501,9 +501,7 @@ impl VirtioPci {
             rebuilt.push(queue);
         }
         match self.msix.lock() {
-            Ok(mut m) => m
-                .restore(&s.msix, &self.config)
-                .map_err(StateError::Mismatch)?,
+            Ok(mut m) => m.restore(&s.msix, &self.config)?,
             Err(_) => return Err(StateError::Poisoned("MSI-X state")),
         }
         for ((slot, q), queue) in self.queues.iter_mut().zip(&s.queues).zip(rebuilt) {

@@ -33,8 +33,16 @@ const ENOTSUP: u32 = 95;
 /// Guest memory as a device served elsewhere may reach it.
 pub trait GuestDma: Send + Sync {
     /// Copies guest RAM at `gpa` into `buf`; Err if any of it is not RAM.
-    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String>;
-    fn write(&self, gpa: u64, data: &[u8]) -> Result<(), String>;
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), NotRam>;
+    fn write(&self, gpa: u64, data: &[u8]) -> Result<(), NotRam>;
+}
+
+/// A DMA that reaches outside guest RAM (refused, nothing copied).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{len} bytes at {gpa:#x} are not all guest RAM")]
+pub struct NotRam {
+    pub gpa: u64,
+    pub len: usize,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -5,4 +5,4 @@
 pub mod client;
 pub mod wire;
 
-pub use client::{GuestDma, VfioUser};
+pub use client::{GuestDma, NotRam, VfioUser};
