@@ -39,7 +39,7 @@ pub trait GuestDma: Send + Sync {
 
 /// A DMA that reaches outside guest RAM (refused, nothing copied).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("{len} bytes at {gpa:#x} are not all guest RAM")]
+#[error("not guest RAM ({len} bytes at {gpa:#x})")]
 pub struct NotRam {
     pub gpa: u64,
     pub len: usize,
