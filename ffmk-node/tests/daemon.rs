@@ -165,7 +165,7 @@ fn wait_for<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -
 /// Kills a VMM the daemon started (found through its API's pid).
 fn kill_vmm_at(sock: &Path) {
     let out = Command::new(vmm())
-        .args(["info", "--api-socket"])
+        .args(["info", "--json", "--api-socket"])
         .arg(sock)
         .output();
     if let Ok(o) = out {

@@ -251,8 +251,12 @@ pub struct Commit {
 }
 
 enum Mode {
-    /// A new snapshot built in `work` (a sibling temp dir), renamed to `dir`.
-    New { replace: bool },
+    /// A new snapshot built in `work` (a sibling temp dir), renamed to
+    /// `dir`; or, `in_place`, written straight into `dir`, an empty
+    /// directory prepared for it (a job's directory on a burst buffer,
+    /// whose parent may not be writable): its manifest, written last, is
+    /// what makes it a snapshot.
+    New { replace: bool, in_place: bool },
     /// A layer added to the existing chain in `dir`.
     Extend(Box<Manifest>),
 }
@@ -305,6 +309,11 @@ fn publish_manifest(dir: &Path, m: &Manifest) -> Result<()> {
     Ok(())
 }
 
+/// An existing directory with nothing in it.
+fn is_empty_dir(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_none())
+}
+
 /// A new file, never one that exists (nothing is written over).
 fn create_new(path: &Path) -> Result<File> {
     File::options()
@@ -325,6 +334,18 @@ impl Pending {
     /// Starts a full snapshot into `dir`, which must not exist unless
     /// `replace` (then it is swapped only once the new one is complete).
     pub fn full(dir: &Path, replace: bool) -> Result<Pending> {
+        if is_empty_dir(dir) {
+            return Ok(Pending {
+                dir: dir.into(),
+                work: dir.into(),
+                mode: Mode::New {
+                    replace,
+                    in_place: true,
+                },
+                created: Vec::new(),
+                done: false,
+            });
+        }
         if dir.exists() && !replace {
             return Err(Error::Exists(dir.into()));
         }
@@ -343,7 +364,10 @@ impl Pending {
         Ok(Pending {
             dir: dir.into(),
             work,
-            mode: Mode::New { replace },
+            mode: Mode::New {
+                replace,
+                in_place: false,
+            },
             created: Vec::new(),
             done: false,
         })
@@ -461,7 +485,8 @@ impl Pending {
         };
         self.write_manifest(&manifest)?;
         match self.mode {
-            Mode::New { replace } => self.publish(replace)?,
+            Mode::New { in_place: true, .. } => {}
+            Mode::New { replace, .. } => self.publish(replace)?,
             Mode::Extend(_) => {
                 if let Some(old) = old_state {
                     let _ = std::fs::remove_file(self.dir.join(old));
@@ -513,10 +538,12 @@ impl Drop for Pending {
             return;
         }
         match self.mode {
-            Mode::New { .. } => {
+            Mode::New {
+                in_place: false, ..
+            } => {
                 let _ = std::fs::remove_dir_all(&self.work);
             }
-            Mode::Extend(_) => {
+            Mode::New { in_place: true, .. } | Mode::Extend(_) => {
                 for p in &self.created {
                     let _ = std::fs::remove_file(p);
                 }

@@ -28,6 +28,13 @@ pub enum Error {
     },
     #[error("--pin compute= lists {cores} host core(s) but the VM has {vcpus} compute vCPU(s); give exactly one core per compute vCPU")]
     ComputeCount { cores: usize, vcpus: u8 },
+    #[error("the VM has {vcpus} compute vCPU(s), each needs a host core of its own, but this host has {free} core(s) left for them ({online} online{service}); use fewer compute vCPUs (--cpus service=S,compute=C)")]
+    TooFewCores {
+        vcpus: u8,
+        free: usize,
+        online: CpuList,
+        service: String,
+    },
     #[error("--pin compute= needs compute vCPUs: use --cpus service=S,compute=C")]
     NoComputeVcpus,
     #[error("host core {core} is in both the {a} and the {b} list; a compute core must belong to its vCPU alone")]
@@ -202,11 +209,16 @@ impl Placement {
                 };
                 let n = usize::from(topo.compute);
                 if free.len() < n + usize::from(pin.service.is_none()) {
-                    return Err(Error::ComputeCount {
-                        cores: free
+                    return Err(Error::TooFewCores {
+                        vcpus: topo.compute,
+                        free: free
                             .len()
                             .saturating_sub(usize::from(pin.service.is_none())),
-                        vcpus: topo.compute,
+                        online: host.online.clone(),
+                        service: match &pin.service {
+                            Some(s) => format!(", service cores {s}"),
+                            None => ", one kept for the service vCPUs".into(),
+                        },
                     });
                 }
                 let v = free.as_slice();
@@ -383,6 +395,7 @@ mod tests {
         let big = Topology::new(1, 3).unwrap();
         let e = Placement::new(&big, None, &h2).unwrap_err().to_string();
         assert!(e.contains("the VM has 3 compute vCPU(s)"), "{e}");
+        assert!(e.contains("1 core(s) left") && !e.contains("--pin"), "{e}");
     }
 
     #[test]

@@ -329,7 +329,6 @@ pub fn set_policy(root: &Path, name: &str, vf: u32, policy: &str) -> Result<(), 
 
 /// What keeps HCA `name` from giving VMs working VFs: one line each.
 pub fn problems(root: &Path, name: &str) -> Result<Vec<String>, IbError> {
-    let h = need(root, name)?;
     let mut p = Vec::new();
     if !sysfs::has_iommu(root) {
         p.push(
@@ -337,6 +336,17 @@ pub fn problems(root: &Path, name: &str) -> Result<Vec<String>, IbError> {
                 .into(),
         );
     }
+    let h = match need(root, name) {
+        Ok(h) => h,
+        // The host-wide pieces are still worth knowing about.
+        Err(e) => {
+            p.push(e.to_string());
+            if !root.join("sys/bus/pci/drivers/vfio-pci").exists() {
+                p.push("vfio-pci is not loaded: modprobe vfio-pci".into());
+            }
+            return Ok(p);
+        }
+    };
     match &h.sriov {
         None => p.push(format!(
             "{}: no SR-IOV (sriov_totalvfs missing): enable SR-IOV in the HCA firmware (mlxconfig SRIOV_EN=1 NUM_OF_VFS=N) and the BIOS",

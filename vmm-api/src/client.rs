@@ -22,6 +22,15 @@ pub enum Error {
         path: String,
         source: http::Error,
     },
+    /// The VMM took no request or gave no answer in time: stopped
+    /// (SIGSTOP), wedged, or busy past the limit.
+    #[error("the VMM at {path} did not answer {method} {request} within {}", secs(*.after))]
+    Timeout {
+        path: PathBuf,
+        method: &'static str,
+        request: String,
+        after: Duration,
+    },
     /// The VMM answered with an error status.
     #[error("{method} {path} failed ({status}): {message}")]
     Api {
@@ -58,6 +67,21 @@ impl Error {
     /// The VMM is not there (nothing listens on the socket).
     pub fn is_connect(&self) -> bool {
         matches!(self, Error::Connect { .. })
+    }
+
+    /// The VMM did not answer in time.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Error::Timeout { .. })
+    }
+}
+
+/// `5 s`, `0.5 s`.
+fn secs(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s.fract() == 0.0 {
+        format!("{s:.0} s")
+    } else {
+        format!("{s} s")
     }
 }
 
@@ -107,10 +131,25 @@ impl Client {
         };
         s.set_read_timeout(self.timeout).map_err(http)?;
         s.set_write_timeout(self.timeout).map_err(http)?;
-        http::call(&mut s, method, path, body).map_err(|source| Error::Http {
-            method,
-            path: path.into(),
-            source,
+        http::call(&mut s, method, path, body).map_err(|source| match (&source, self.timeout) {
+            (http::Error::Io(e), Some(after))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Error::Timeout {
+                    path: self.socket.clone(),
+                    method,
+                    request: path.into(),
+                    after,
+                }
+            }
+            _ => Error::Http {
+                method,
+                path: path.into(),
+                source,
+            },
         })
     }
 

@@ -21,6 +21,8 @@ pub enum State {
     ShuttingDown,
     /// `DELETE /vm/migration`: the migration is being stopped.
     Cancelling,
+    /// `run --incoming`: waiting for a VM to migrate in; no VM yet.
+    Incoming,
 }
 
 impl std::fmt::Display for State {
@@ -30,6 +32,7 @@ impl std::fmt::Display for State {
             State::Paused => "paused",
             State::ShuttingDown => "shutting_down",
             State::Cancelling => "cancelling",
+            State::Incoming => "incoming",
         })
     }
 }
@@ -275,7 +278,8 @@ pub struct Resized {
 /// `GET /vm`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VmInfo {
-    /// `running` or `paused`.
+    /// `running`, `paused`, or `incoming` (waiting for a migration: no
+    /// VM yet, so no devices, vCPUs or boot).
     pub state: State,
     /// The VMM's process id.
     pub pid: u32,
@@ -293,9 +297,22 @@ pub struct VmInfo {
     pub cpu_profile: String,
     pub tsc_khz: u32,
     pub kvm_forced_features: Vec<String>,
-    pub boot: BootInfo,
+    /// Null while `incoming`.
+    pub boot: Option<BootInfo>,
     pub memory: MemoryInfo,
     pub vcpus: Vec<VcpuSummary>,
+    /// Only while `incoming`: where the migration is awaited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incoming: Option<Incoming>,
+}
+
+/// A VMM waiting in `run --incoming`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Incoming {
+    /// The TCP address it listens on (`HOST:PORT`).
+    pub listen: String,
+    /// How long it has waited.
+    pub waiting_ms: u64,
 }
 
 /// One PCI function and its activity counters.

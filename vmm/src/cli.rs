@@ -13,11 +13,40 @@ use vcpu_decouple::{CpuList, PinSpec, Topology};
     about = "KVM virtual machine monitor for HPC compute nodes"
 )]
 pub struct Cli {
-    /// Log level for the monitor's own messages (error, warn, info, debug, trace).
-    #[arg(long, global = true, default_value = "warn")]
-    pub log_level: String,
+    /// Which logs show: a level (error, warn, info, debug, trace, off) or
+    /// RUST_LOG-style directives (`info,vmm::migration=debug`)
+    /// [default: RUST_LOG, else warn].
+    #[arg(long, global = true, value_name = "FILTER", value_parser = check_log_filter)]
+    pub log_level: Option<String>,
+    /// `text`: `ffmk-vmm: ...` lines, colour only on a terminal; `json`:
+    /// one JSON object per line (timestamp, level, target, fields).
+    #[arg(long, global = true, value_name = "FORMAT", default_value = "text",
+          value_parser = ["text", "json"])]
+    pub log_format: String,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// `--log-level`: levels or `TARGET=LEVEL` directives; a word that is not
+/// a level (`verbose`) is refused rather than read as a target.
+pub fn check_log_filter(s: &str) -> Result<String, String> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("an empty filter (want a level: error, warn, info, debug, trace, off)".into());
+    }
+    for d in s.split(',') {
+        let d = d.trim();
+        let level = d.rsplit_once('=').map_or(d, |(_, l)| l);
+        if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "{d:?} is not a level or TARGET=LEVEL (levels: {})",
+                LEVELS.join(", ")
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(s).map_err(|e| format!("{s:?}: {e}"))?;
+    Ok(s.to_string())
 }
 
 #[derive(Subcommand, Debug)]
@@ -247,6 +276,13 @@ pub struct SnapshotArgs {
     /// go of them first) and come back after it.
     #[arg(long)]
     pub detach_devices: bool,
+    /// Give up when the VMM has not answered within this many seconds (0:
+    /// wait as long as it takes) [default: 3600, a big VM to a slow store].
+    #[arg(long, value_name = "SECONDS", value_parser = parse_timeout)]
+    pub timeout: Option<std::time::Duration>,
+    /// Print the API's answer as JSON (SnapshotReply in docs/api.yaml).
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -472,6 +508,10 @@ pub struct MigrateArgs {
     /// JSON lines on stdout even on a terminal.
     #[arg(long)]
     pub json: bool,
+    /// Give up when the VMM has not answered one request within this many
+    /// seconds (0: wait as long as it takes) [default: 10].
+    #[arg(long, value_name = "SECONDS", value_parser = parse_timeout)]
+    pub timeout: Option<std::time::Duration>,
 }
 
 /// How a VMM that runs a VM is confined (docs/security.md).
@@ -512,6 +552,48 @@ pub struct ClientArgs {
     /// The VM's API socket.
     #[arg(long)]
     pub api_socket: PathBuf,
+    /// Give up when the VMM has not answered within this many seconds
+    /// (0: wait as long as it takes) [default: 10; device add/remove: 60].
+    #[arg(long, value_name = "SECONDS", value_parser = parse_timeout)]
+    pub timeout: Option<std::time::Duration>,
+    /// Print the API's answer as JSON (the schemas of docs/api.yaml)
+    /// instead of a summary.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl ClientArgs {
+    /// A client of the socket that waits `--timeout`, else `default`.
+    pub fn client(&self, default: std::time::Duration) -> vmm_api::Client {
+        with_timeout(
+            vmm_api::Client::new(&self.api_socket),
+            self.timeout,
+            default,
+        )
+    }
+}
+
+/// `client` with `timeout` (else `default`); a zero timeout waits forever.
+pub fn with_timeout(
+    client: vmm_api::Client,
+    timeout: Option<std::time::Duration>,
+    default: std::time::Duration,
+) -> vmm_api::Client {
+    match timeout.unwrap_or(default) {
+        t if t.is_zero() => client,
+        t => client.with_timeout(t),
+    }
+}
+
+/// `--timeout`: seconds, fractions allowed.
+pub fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("{s:?} is not a number of seconds"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
 }
 
 #[derive(Subcommand, Debug)]
@@ -611,7 +693,9 @@ pub struct RunArgs {
     /// Serve the REST API on this Unix socket.
     #[arg(long)]
     pub api_socket: Option<PathBuf>,
-    /// TOML file with any of the settings above (flags override it).
+    /// TOML file with any of the settings of this command, keyed by the
+    /// flags' names (`memory = 512`, `api-socket = "..."`); flags override
+    /// it. Reference: docs/config.md.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Let the guest end the VM by writing a status byte to this port (default 0xf4);

@@ -22,8 +22,13 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("invalid config file {path}: {msg}")]
-    Parse { path: PathBuf, msg: String },
+    #[error("invalid config file {path}{at}: {msg}")]
+    Parse {
+        path: PathBuf,
+        /// `, line L column C` when the parser knows where.
+        at: String,
+        msg: String,
+    },
     #[error("invalid size '{0}' (examples: 512M, 2G, 1024 = MiB)")]
     MemorySize(String),
     #[error("invalid console '{0}' (stdio, none or file=PATH)")]
@@ -368,8 +373,12 @@ pub const RESERVED_PORTS: &[(u16, u16, &str)] = &[
 /// Everything `run` accepts: the TOML schema, the target of the flags and
 /// the saved machine configuration. Every field is optional: a partial
 /// spec lays over another ([`VmSpec::merged`]).
+///
+/// In TOML the keys are the flags' names (`api-socket`, `snapshot-dir`);
+/// the older snake_case names (`api_socket`, `snapshot_dirs`) are read
+/// too. docs/config.md is generated from this type and `run`'s flags.
 #[derive(Debug, Default, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct VmSpec {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kernel: Option<PathBuf>,
@@ -402,32 +411,61 @@ pub struct VmSpec {
     )]
     pub exits: Option<ExitsRequest>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(alias = "halt_poll_ns")]
     pub halt_poll_ns: Option<u64>,
     /// SCHED_FIFO priority for compute vCPU threads.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub realtime: Option<i32>,
-    /// `"512M"`, `"2G"`, `"1024"` (MiB), `"268435456B"`.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// `"512M"`, `"2G"`, `"4Gi"`, `1024` (a number: MiB), `"268435456B"`.
+    #[serde(
+        default,
+        deserialize_with = "de_size",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub memory: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hugepages: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub console: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(alias = "api_socket")]
     pub api_socket: Option<PathBuf>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// `true` (port 0xf4), a port number, or `"0xf4"`.
+    #[serde(
+        default,
+        alias = "test_exit_port",
+        deserialize_with = "de_port",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub test_exit_port: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(alias = "cpu_profile")]
     pub cpu_profile: Option<CpuProfile>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// `[[disk]]` tables, or the flag's text: `disk = ["path=a.raw,readonly"]`.
+    #[serde(
+        default,
+        deserialize_with = "de_entries",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub disk: Option<Vec<DiskEntry>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// `[[net]]` tables, or the flag's text: `net = "tap=tap0"`.
+    #[serde(
+        default,
+        deserialize_with = "de_entries",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub net: Option<Vec<NetEntry>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rng: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(alias = "virtio_console")]
     pub virtio_console: Option<PathBuf>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// A `[vsock]` table, or the flag's text: `vsock = "cid=3,socket=v.sock"`.
+    #[serde(
+        default,
+        deserialize_with = "de_entry",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub vsock: Option<VsockEntry>,
     /// `["vfio=0000:3b:00.2"]`: functions passed through.
     #[serde(
@@ -445,22 +483,33 @@ pub struct VmSpec {
         skip_serializing_if = "Option::is_none"
     )]
     pub seccomp: Option<sandbox::Mode>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "snapshot-dir",
+        alias = "snapshot_dirs",
+        alias = "snapshot-dirs",
+        deserialize_with = "de_texts",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub snapshot_dirs: Option<Vec<PathBuf>>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(alias = "migrate_to")]
     pub migrate_to: Option<Vec<String>>,
     /// Hot-plug root ports (PCIe native hot-plug slots).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(alias = "hotplug_slots")]
     pub hotplug_slots: Option<u8>,
     /// `["vfio-user=/run/ffmk/cx0.sock"]`: what the API may hot-plug.
     #[serde(
         default,
+        alias = "hotplug_allow",
         deserialize_with = "de_devices",
         serialize_with = "ser_devices",
         skip_serializing_if = "Option::is_none"
     )]
     pub hotplug_allow: Option<Vec<DeviceEntry>>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(alias = "api_group")]
     pub api_group: Option<String>,
     /// `"auto"`, `"on"` or `"off"`.
     #[serde(
@@ -503,7 +552,11 @@ impl VmSpec {
         })?;
         let mut c: VmSpec = toml::from_str(&text).map_err(|e| Error::Parse {
             path: path.into(),
-            msg: e.message().to_string(),
+            at: e
+                .span()
+                .map(|s| line_column(&text, s.start))
+                .unwrap_or_default(),
+            msg: e.message().trim_end().to_string(),
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         let disks = c.disk.iter_mut().flatten().map(|d| &mut d.path);
@@ -663,12 +716,118 @@ fn de_cpus<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Topology>, D
 fn de_devices<'de, D: serde::Deserializer<'de>>(
     d: D,
 ) -> Result<Option<Vec<DeviceEntry>>, D::Error> {
-    Vec::<String>::deserialize(d)?
+    de_texts(d)
+}
+
+/// One value or a list of values; each a string parsed as the flag is.
+fn de_texts<'de, D, T>(d: D) -> Result<Option<Vec<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    let texts = match OneOrMany::deserialize(d)
+        .map_err(|_| serde::de::Error::custom("want a string or a list of strings"))?
+    {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    };
+    texts
         .iter()
         .map(|s| s.parse().map_err(serde::de::Error::custom))
         .collect::<Result<_, _>>()
         .map(Some)
 }
+
+/// A table (its fields as in TOML) or the flag's text (`"path=a,readonly"`).
+fn entry<T, E>(v: serde_json::Value) -> Result<T, E>
+where
+    T: std::str::FromStr + serde::de::DeserializeOwned,
+    T::Err: std::fmt::Display,
+    E: serde::de::Error,
+{
+    match v {
+        serde_json::Value::String(s) => s.parse().map_err(E::custom),
+        other => T::deserialize(other).map_err(E::custom),
+    }
+}
+
+/// `[vsock]` or `vsock = "cid=3,socket=..."`.
+fn de_entry<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr + serde::de::DeserializeOwned,
+    T::Err: std::fmt::Display,
+{
+    entry(serde_json::Value::deserialize(d)?).map(Some)
+}
+
+/// `[[disk]]` tables, one string, or a list of strings and tables.
+fn de_entries<'de, D, T>(d: D) -> Result<Option<Vec<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr + serde::de::DeserializeOwned,
+    T::Err: std::fmt::Display,
+{
+    let items = match serde_json::Value::deserialize(d)? {
+        serde_json::Value::Array(a) => a,
+        one => vec![one],
+    };
+    items
+        .into_iter()
+        .map(entry)
+        .collect::<Result<_, _>>()
+        .map(Some)
+}
+
+/// `memory = 512` (MiB, as on the command line) or `memory = "2G"`.
+fn de_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        MiB(u64),
+        Text(String),
+    }
+    match Size::deserialize(d)
+        .map_err(|_| serde::de::Error::custom("want a size: a number of MiB or \"2G\""))?
+    {
+        Size::MiB(n) => Ok(Some(n.to_string())),
+        Size::Text(t) => Ok(Some(t)),
+    }
+}
+
+/// `test-exit-port = true` (0xf4), `= 0xf4`, `= 244` or `= "0xf4"`.
+fn de_port<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Port {
+        On(bool),
+        Number(u16),
+        Text(String),
+    }
+    let bad = || serde::de::Error::custom("want true, false or a port number (0-65535)");
+    match Port::deserialize(d).map_err(|_| bad())? {
+        Port::On(true) => Ok(Some(TEST_EXIT_PORT)),
+        Port::On(false) => Ok(None),
+        Port::Number(n) => Ok(Some(n)),
+        Port::Text(t) => {
+            let n = match t.strip_prefix("0x") {
+                Some(h) => u16::from_str_radix(h, 16),
+                None => t.parse(),
+            };
+            n.map(Some).map_err(|_| bad())
+        }
+    }
+}
+
+/// The test exit port `--test-exit-port` without a value opens.
+pub const TEST_EXIT_PORT: u16 = 0xf4;
 
 /// A TOML string parsed the way the command-line flag is.
 fn de_parsed<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
@@ -679,6 +838,14 @@ where
 {
     let s = String::deserialize(d)?;
     s.parse().map(Some).map_err(serde::de::Error::custom)
+}
+
+/// `, line L column C` of byte `offset` in `text` (both from 1).
+fn line_column(text: &str, offset: usize) -> String {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    format!(", line {line} column {column}")
 }
 
 impl VmSpec {
@@ -798,11 +965,11 @@ pub fn parse_size(s: &str) -> Result<u64, Error> {
     let (num, unit) = t.split_at(split);
     let n: u64 = num.parse().map_err(|_| err())?;
     let shift = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "m" | "mb" | "mib" => 20,
+        "" | "m" | "mb" | "mi" | "mib" => 20,
         "b" => 0,
-        "k" | "kb" | "kib" => 10,
-        "g" | "gb" | "gib" => 30,
-        "t" | "tb" | "tib" => 40,
+        "k" | "kb" | "ki" | "kib" => 10,
+        "g" | "gb" | "gi" | "gib" => 30,
+        "t" | "tb" | "ti" | "tib" => 40,
         _ => return Err(err()),
     };
     n.checked_mul(1 << shift).filter(|b| *b > 0).ok_or_else(err)

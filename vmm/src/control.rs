@@ -60,14 +60,7 @@ impl ExitReason {
             ExitReason::Reset => "guest requested a reset".into(),
             ExitReason::TestExit(s) => format!("guest wrote exit status {s} to the test exit port"),
             ExitReason::ApiShutdown => "shutdown requested through the API".into(),
-            ExitReason::Signal(s) => format!(
-                "received {}",
-                if *s == libc::SIGINT {
-                    "SIGINT"
-                } else {
-                    "SIGTERM"
-                }
-            ),
+            ExitReason::Signal(s) => format!("received {}", signal_name(*s)),
             ExitReason::TripleFault { vcpu } => {
                 format!("guest triple fault on vCPU {vcpu} (KVM_EXIT_SHUTDOWN)")
             }
@@ -78,6 +71,23 @@ impl ExitReason {
             ),
         }
     }
+}
+
+/// `SIGINT` or `SIGTERM` (the signals [`signal_fd`] receives).
+pub fn signal_name(signo: i32) -> &'static str {
+    if signo == libc::SIGINT {
+        "SIGINT"
+    } else {
+        "SIGTERM"
+    }
+}
+
+/// The number of the next signal waiting on a [`signal_fd`], if any.
+pub fn read_signal(signals: &OwnedFd) -> Option<i32> {
+    let mut info = [0u8; 128]; // struct signalfd_siginfo
+                               // SAFETY: reads at most 128 bytes into a 128-byte buffer from our signalfd.
+    let n = unsafe { libc::read(signals.as_raw_fd(), info.as_mut_ptr().cast(), info.len()) };
+    (n == 128).then(|| i32::from_ne_bytes([info[0], info[1], info[2], info[3]]))
 }
 
 /// Blocks SIGINT/SIGTERM in this thread (and every thread started after) and
@@ -170,17 +180,7 @@ impl Control {
     }
 
     fn on_signal(&mut self) {
-        let mut info = [0u8; 128]; // struct signalfd_siginfo
-                                   // SAFETY: reads at most 128 bytes into a 128-byte buffer from our signalfd.
-        let n = unsafe {
-            libc::read(
-                self.signals.as_raw_fd(),
-                info.as_mut_ptr().cast(),
-                info.len(),
-            )
-        };
-        if n == 128 {
-            let signo = i32::from_ne_bytes([info[0], info[1], info[2], info[3]]);
+        if let Some(signo) = read_signal(&self.signals) {
             self.finish(ExitReason::Signal(signo));
         }
     }

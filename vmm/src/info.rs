@@ -91,12 +91,48 @@ pub fn vm_info(vm: &Vm) -> Result<VmInfo, serde_json::Error> {
             .iter()
             .map(|f| f.to_string())
             .collect(),
-        boot: serde_json::to_value(&vm.platform.boot).and_then(serde_json::from_value)?,
+        boot: Some(serde_json::to_value(&vm.platform.boot).and_then(serde_json::from_value)?),
         memory: MemoryInfo {
             bytes: vm.config.memory_bytes,
             hugepages: vm.config.hugepages,
         },
         vcpus,
+        incoming: None,
+    })
+}
+
+/// `GET /vm` of a VMM waiting in `run --incoming` on `listen` since
+/// `since`: the configuration it will take a VM with, no VM yet.
+pub fn incoming_info(
+    config: &crate::config::RunConfig,
+    listen: &str,
+    since: std::time::Instant,
+) -> Result<VmInfo, serde_json::Error> {
+    let host_kind = crate::host::HostKind::detect();
+    let profile = config.cpu_profile.unwrap_or(host_kind.default_profile());
+    Ok(VmInfo {
+        state: State::Incoming,
+        pid: std::process::id(),
+        pci: Vec::new(),
+        passthrough: Vec::new(),
+        dma_mapped_bytes: 0,
+        disks: Vec::new(),
+        uptime_ms: 0,
+        config: config_view(config)?,
+        host_kind: name(&host_kind),
+        cpu_profile: name(&profile),
+        tsc_khz: 0,
+        kvm_forced_features: Vec::new(),
+        boot: None,
+        memory: MemoryInfo {
+            bytes: config.memory_bytes,
+            hugepages: config.hugepages,
+        },
+        vcpus: Vec::new(),
+        incoming: Some(vmm_api::model::Incoming {
+            listen: listen.into(),
+            waiting_ms: since.elapsed().as_millis() as u64,
+        }),
     })
 }
 

@@ -24,5 +24,6 @@ pub mod memory;
 pub mod migration;
 pub mod passthrough;
 pub mod reach;
+pub mod reference;
 pub mod vcpu;
 pub mod vm;

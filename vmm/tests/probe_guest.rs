@@ -235,7 +235,7 @@ fn counter_survives_pause_and_resume_through_the_api() {
         );
     }
     let again = api(&sock, "pause");
-    assert_eq!(again.status.code(), Some(1));
+    assert_eq!(again.status.code(), Some(4), "refused: exit 4");
     assert!(String::from_utf8_lossy(&again.stderr).contains("already paused"));
     assert!(api(&sock, "resume").status.success());
     let next = vm

@@ -105,10 +105,11 @@ pub fn text_value(text: &str, key: &str) -> Option<String> {
     })
 }
 
-/// `ffmk-vmm CMD --api-socket SOCK` (info, pause, resume, shutdown).
+/// `ffmk-vmm CMD --json --api-socket SOCK` (info, pause, resume,
+/// shutdown): the API's answer as JSON on stdout.
 pub fn api(sock: &Path, cmd: &str) -> Output {
     ffmk()
-        .args([cmd, "--api-socket"])
+        .args([cmd, "--json", "--api-socket"])
         .arg(sock)
         .output()
         .unwrap()
@@ -398,9 +399,11 @@ impl Vm {
         )
     }
 
+    /// `ffmk-vmm ARGS --json --api-socket SOCK`.
     pub fn api(&self, args: &[&str]) -> Output {
         ffmk()
             .args(args)
+            .arg("--json")
             .arg("--api-socket")
             .arg(&self.sock)
             .output()

@@ -17,8 +17,8 @@ pub fn key(action: KeyAction) -> Result<u8, Failure> {
             let k = Key::Cluster(key::generate().map_err(runtime)?);
             key::write(&path, &k).map_err(usage)?;
             let fp = k.cluster().map_err(runtime)?.fingerprint();
-            eprintln!(
-                "ffmk-vmm: wrote cluster key {fp} to {} (mode 0600): copy it to every node of \
+            say!(
+                "wrote cluster key {fp} to {} (mode 0600): copy it to every node of \
                  the cluster, to the same path, as the user that runs ffmk-vmm and ffmk-node",
                 path.display()
             );
@@ -36,8 +36,8 @@ pub fn key(action: KeyAction) -> Result<u8, Failure> {
                 },
             )
             .map_err(usage)?;
-            eprintln!(
-                "ffmk-vmm: wrote job {job:?}'s key {fp} to {}: it opens that job's checkpoint \
+            say!(
+                "wrote job {job:?}'s key {fp} to {}: it opens that job's checkpoint \
                  copies and nothing else",
                 out.display()
             );
@@ -61,8 +61,12 @@ pub fn key(action: KeyAction) -> Result<u8, Failure> {
 }
 
 /// `snapshot compact DIR`: the chain folded into one full layer.
-pub fn compact(dir: &std::path::Path) -> Result<u8, Failure> {
+pub fn compact(dir: &std::path::Path, json: bool) -> Result<u8, Failure> {
     let m = snapshot::store::compact(dir).map_err(usage)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&m).map_err(runtime)?);
+        return Ok(0);
+    }
     println!(
         "compacted {} into one full layer: {} pages, {:.1} MiB",
         dir.display(),
@@ -305,12 +309,15 @@ pub fn host_check(
 ) -> Result<u8, Failure> {
     quiet_on_closed_stdout();
     let report = vcpu_decouple::hostcheck::check(root, compute.as_ref()).map_err(runtime)?;
+    // A host with warnings is not ready for compute: exit 1 (scripts and
+    // Slurm health checks act on it).
+    let code = u8::from(report.warnings() > 0);
     if json {
         println!(
             "{}",
             serde_json::to_string_pretty(&report).map_err(runtime)?
         );
-        return Ok(0);
+        return Ok(code);
     }
     println!(
         "compute cores: {} ({})",
@@ -333,10 +340,10 @@ pub fn host_check(
         if report.warnings() == 0 {
             "the compute cores look quiet"
         } else {
-            "expect host noise on the compute cores until they are fixed"
+            "expect host noise on the compute cores until they are fixed (exit 1)"
         }
     );
-    Ok(0)
+    Ok(code)
 }
 
 pub fn host_info(json: bool, profile: Option<vmm::host::CpuProfile>) -> Result<u8, Failure> {

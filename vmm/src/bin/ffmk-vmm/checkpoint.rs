@@ -82,8 +82,8 @@ pub fn checkpoint(action: CheckpointAction, plane: PlaneArgs) -> Result<u8, Fail
             };
             let l = checkpoint_levels::server::bind(addr).map_err(usage)?;
             let local = l.local_addr().map_err(runtime)?;
-            eprintln!(
-                "ffmk-vmm: checkpoint endpoint on {local}, storing in {}",
+            say!(
+                "checkpoint endpoint on {local}, storing in {}",
                 dir.display()
             );
             checkpoint_levels::server::serve(l, dir, keep, trust, limits).map_err(runtime)?;
@@ -156,18 +156,22 @@ pub fn checkpoint(action: CheckpointAction, plane: PlaneArgs) -> Result<u8, Fail
             let rep = Reporter::new(false);
             let p = service::pick(&cfg, &rep).map_err(usage)?;
             for s in &p.skipped {
-                eprintln!("ffmk-vmm: skipped {s}");
+                say!("skipped {s}");
             }
             for n in p.notes.iter().filter(|n| n.contains("in the future")) {
-                eprintln!("ffmk-vmm: note: {n}");
+                say!("note: {n}");
             }
-            eprintln!(
-                "ffmk-vmm: checkpoint restore: using level {}: {} generation {} (taken {} ms ago{}){}",
+            say!(
+                "checkpoint restore: using level {}: {} generation {} (taken {} ms ago{}){}",
                 p.level,
                 p.info.name,
                 p.info.generation,
                 snapshot::manifest::now_unix_ms().saturating_sub(p.info.taken_unix_ms),
-                if p.rebuilt { ", rebuilt from XOR parity" } else { "" },
+                if p.rebuilt {
+                    ", rebuilt from XOR parity"
+                } else {
+                    ""
+                },
                 if p.level == cfg.levels[0].name {
                     String::new()
                 } else {

@@ -1,67 +1,132 @@
 //! The client commands: each is one or a few calls through the typed API
-//! client (`vmm-api`) to a running VMM's socket.
-use crate::failure::{one_line, runtime, usage, Failure};
+//! client (`vmm-api`) to a running VMM's socket. Each prints a summary, or
+//! with `--json` the API's answer (docs/api.yaml); none waits longer than
+//! its `--timeout`.
+use crate::failure::{one_line, refused, runtime, usage, Failure};
 use anyhow::Context;
+use std::time::Duration;
 use vmm::cli::{ClientArgs, DeviceAction, SnapshotAction, SnapshotArgs};
-use vmm_api::model::{MigrateRequest, MigrationStatus, Phase, SnapshotKind, SnapshotRequest};
-use vmm_api::Client;
+use vmm_api::model::{
+    DeviceState, MigrateRequest, MigrationStatus, Phase, Plugged, Resized, SnapshotKind,
+    SnapshotRequest, StateReply,
+};
 
-/// The outcome of one call: the answer printed as JSON (exit 0), or one
-/// line saying why not (no VMM there: exit 2; a refusal or failure: 1).
-fn print<T: serde::Serialize>(answer: Result<T, vmm_api::Error>) -> Result<u8, Failure> {
-    match answer {
-        Ok(v) => {
-            let text = serde_json::to_string_pretty(&v).map_err(runtime)?;
-            println!("{text}");
-            Ok(0)
-        }
-        Err(e) if e.is_connect() => Err(usage(e)),
-        Err(e) => Err(runtime(e)),
+/// How long a quick request may take.
+const QUICK: Duration = Duration::from_secs(10);
+/// Hot-plug and unplug wait for the guest (agent, hot-plug slot).
+const DEVICE: Duration = Duration::from_secs(60);
+/// A snapshot of a big VM to a slow store.
+const SNAPSHOT: Duration = Duration::from_secs(3600);
+
+/// How a failed call maps to an exit code: nothing listening or a request
+/// the VMM calls malformed is bad usage (2); a request it refuses as
+/// things stand is [`refused`] (4); no answer in time and failures are 1.
+pub(crate) fn failed(e: vmm_api::Error) -> Failure {
+    match e.status() {
+        Some(400 | 404 | 405 | 413 | 422) => usage(anyhow::anyhow!(e.message())),
+        Some(s) if s < 500 || s == 503 => refused(anyhow::anyhow!(e.message())),
+        Some(_) => runtime(anyhow::anyhow!(e.message())),
+        None if e.is_connect() => usage(e),
+        None => runtime(e),
     }
+}
+
+/// The answer as JSON (`--json`) or as the summary `human` makes of it.
+fn print<T: serde::Serialize>(
+    answer: Result<T, vmm_api::Error>,
+    json: bool,
+    human: impl FnOnce(&T) -> String,
+) -> Result<u8, Failure> {
+    let v = answer.map_err(failed)?;
+    if json {
+        let text = serde_json::to_string_pretty(&v).map_err(runtime)?;
+        println!("{text}");
+    } else {
+        println!("{}", human(&v));
+    }
+    Ok(0)
+}
+
+fn state_line(r: &StateReply) -> String {
+    format!("VM {}", r.state.to_string().replace('_', " "))
 }
 
 /// `info`, `pause`, `resume`, `shutdown`.
 pub fn info(c: ClientArgs) -> Result<u8, Failure> {
-    print(Client::new(c.api_socket).vm())
+    print(c.client(QUICK).vm(), c.json, crate::summary::vm)
 }
 
 pub fn pause(c: ClientArgs) -> Result<u8, Failure> {
-    print(Client::new(c.api_socket).pause())
+    print(c.client(QUICK).pause(), c.json, state_line)
 }
 
 pub fn resume(c: ClientArgs) -> Result<u8, Failure> {
-    print(Client::new(c.api_socket).resume())
+    print(c.client(QUICK).resume(), c.json, state_line)
 }
 
 pub fn shutdown(c: ClientArgs) -> Result<u8, Failure> {
-    print(Client::new(c.api_socket).shutdown())
+    print(c.client(QUICK).shutdown(), c.json, state_line)
+}
+
+fn device_line(d: &DeviceState) -> String {
+    format!(
+        "{} at {}{}: {}",
+        d.device,
+        d.bdf,
+        if d.hotplug_slot {
+            " (hot-plug slot)"
+        } else {
+            ""
+        },
+        serde_json::to_value(d.state)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default()
+    )
 }
 
 /// `device add|remove`.
 pub fn device(action: DeviceAction) -> Result<u8, Failure> {
     match action {
-        DeviceAction::Add { client, device } => {
-            print(Client::new(client.api_socket).add_device(&device))
-        }
-        DeviceAction::Remove { client, bdf, force } => {
-            print(Client::new(client.api_socket).remove_device(&bdf, force))
-        }
+        DeviceAction::Add { client, device } => print(
+            client.client(DEVICE).add_device(&device),
+            client.json,
+            |p: &Plugged| match &p.guest {
+                Some(g) => format!("{}\nguest agent: {g}", device_line(&p.device)),
+                None => device_line(&p.device),
+            },
+        ),
+        DeviceAction::Remove { client, bdf, force } => print(
+            client.client(DEVICE).remove_device(&bdf, force),
+            client.json,
+            device_line,
+        ),
     }
 }
 
 /// `resize-disk`.
 pub fn resize_disk(c: ClientArgs, disk: usize, size: &str) -> Result<u8, Failure> {
     let bytes = vmm::config::parse_size(size).map_err(|e| usage(anyhow::anyhow!("--size: {e}")))?;
-    print(Client::new(c.api_socket).resize_disk(disk, bytes))
+    print(
+        c.client(QUICK).resize_disk(disk, bytes),
+        c.json,
+        |r: &Resized| {
+            format!(
+                "disk {} is now {}",
+                r.disk,
+                crate::summary::bytes(r.size_bytes)
+            )
+        },
+    )
 }
 
 /// `snapshot` (through the API), `snapshot inspect|compact DIR` (files).
 pub fn snapshot(a: SnapshotArgs) -> Result<u8, Failure> {
     match a.action {
         Some(SnapshotAction::Inspect { dir, verify, json }) => {
-            crate::admin::inspect(&dir, verify, json)
+            crate::admin::inspect(&dir, verify, json || a.json)
         }
-        Some(SnapshotAction::Compact { dir }) => crate::admin::compact(&dir),
+        Some(SnapshotAction::Compact { dir }) => crate::admin::compact(&dir, a.json),
         None => {
             let (Some(sock), Some(dest)) = (a.api_socket, a.dest) else {
                 return Err(usage(anyhow::anyhow!(
@@ -71,17 +136,22 @@ pub fn snapshot(a: SnapshotArgs) -> Result<u8, Failure> {
             let dest = std::path::absolute(&dest)
                 .with_context(|| format!("bad --dest {}", dest.display()))
                 .map_err(usage)?;
-            print(Client::new(sock).snapshot(&SnapshotRequest {
-                dest,
-                kind: if a.incremental {
-                    SnapshotKind::Incremental
-                } else {
-                    SnapshotKind::Full
-                },
-                force: a.force,
-                live: a.live,
-                detach_devices: a.detach_devices,
-            }))
+            let client = vmm::cli::with_timeout(vmm_api::Client::new(sock), a.timeout, SNAPSHOT);
+            print(
+                client.snapshot(&SnapshotRequest {
+                    dest,
+                    kind: if a.incremental {
+                        SnapshotKind::Incremental
+                    } else {
+                        SnapshotKind::Full
+                    },
+                    force: a.force,
+                    live: a.live,
+                    detach_devices: a.detach_devices,
+                }),
+                a.json,
+                crate::summary::snapshot,
+            )
         }
     }
 }
@@ -97,7 +167,7 @@ fn phase_name(p: Phase) -> String {
 /// `ffmk-vmm migrate`: starts the migration through the API and follows it.
 pub fn migrate(a: vmm::cli::MigrateArgs) -> Result<u8, Failure> {
     use checkpoint_levels::progress::Reporter;
-    let api = Client::new(&a.api_socket);
+    let api = vmm::cli::with_timeout(vmm_api::Client::new(&a.api_socket), a.timeout, QUICK);
     let req = MigrateRequest {
         to: a.to.clone(),
         max_downtime_ms: a.max_downtime_ms,
@@ -106,14 +176,7 @@ pub fn migrate(a: vmm::cli::MigrateArgs) -> Result<u8, Failure> {
         postcopy: a.postcopy,
         verify: a.verify,
     };
-    match api.migrate(&req) {
-        Ok(_) => {}
-        Err(e) if e.status().is_some_and(|s| s < 500) => {
-            return Err(usage(anyhow::anyhow!(e.message())))
-        }
-        Err(e) if e.status().is_some() => return Err(runtime(anyhow::anyhow!(e.message()))),
-        Err(e) => return Err(runtime(e)),
-    }
+    api.migrate(&req).map_err(failed)?;
     interrupt::install();
     let reporter = Reporter::new(a.json);
     let task = reporter.task("migrate");
@@ -162,9 +225,13 @@ pub fn migrate(a: vmm::cli::MigrateArgs) -> Result<u8, Failure> {
                     }
                 ));
             }
-            MigrationStatus::Completed(_) => {
+            MigrationStatus::Completed(outcome) => {
                 task.finish("done");
-                println!("{}", serde_json::to_string(&status).map_err(runtime)?);
+                if reporter.is_json() {
+                    println!("{}", serde_json::to_string(&status).map_err(runtime)?);
+                } else {
+                    println!("{}", crate::summary::migrated(outcome));
+                }
                 return Ok(0);
             }
             MigrationStatus::Failed {

@@ -5,41 +5,33 @@ use anyhow::Context;
 use clap::Parser;
 use std::process::ExitCode;
 use vmm::cli::{Cli, Command, PlaneArgs, RestoreArgs, RunArgs};
-use vmm::config::{RunConfig, VmSpec};
+use vmm::config::VmSpec;
 
+#[macro_use]
+mod log;
 mod admin;
 mod checkpoint;
 mod client;
 mod failure;
+mod incoming;
+mod summary;
 
 use failure::{one_line, runtime, usage, Failure};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
-        Err(e) => {
-            use clap::error::ErrorKind;
-            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
-                let _ = e.print();
-                return ExitCode::SUCCESS;
-            }
-            // One line: clap's first line, without its own "error: " prefix.
-            let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            eprintln!("ffmk-vmm: error: {}", first.trim_start_matches("error: "));
-            return ExitCode::from(2);
-        }
+        Err(e) => return failure::command_line(e),
     };
-    // vfio-ioctls warns about interrupt indices a device does not have
-    // (error reporting, device request); we only use INTx, MSI and MSI-X.
-    let directives = format!("{},vfio_ioctls=error", cli.log_level);
-    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    let format = if cli.log_format == "json" {
+        log::Format::Json
+    } else {
+        log::Format::Text
+    };
+    if let Err(e) = log::init(cli.log_level.as_deref(), format) {
+        eprintln!("ffmk-vmm: error: {e}");
+        return ExitCode::from(2);
+    }
 
     let result = match cli.command {
         Command::Run(args) => run(*args),
@@ -70,7 +62,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(f) => {
-            eprintln!("ffmk-vmm: error: {}", one_line(&f.err));
+            tracing::error!(target: log::SAY, "{}", one_line(&f.err));
             ExitCode::from(f.code)
         }
     }
@@ -100,7 +92,7 @@ fn run(args: RunArgs) -> Result<u8, Failure> {
             .trust()
             .map_err(|e| usage(anyhow::anyhow!("--incoming: {e}")))?;
         let deadline = std::time::Duration::from_secs(args.incoming_timeout.max(1));
-        return incoming(&addr, config, &trust, deadline);
+        return incoming::incoming(&addr, config, &trust, deadline);
     }
     let trust = source_trust(&args.plane)?;
     let config = file.validate().map_err(usage)?;
@@ -135,120 +127,12 @@ pub(crate) fn source_trust(
     }
 }
 
-/// `run --incoming`: waits for a migration that fits `config`, then runs
-/// the VM that arrived.
-fn incoming(
-    addr: &str,
-    config: RunConfig,
-    trust: &cluster_auth::Trust,
-    deadline: std::time::Duration,
-) -> Result<u8, Failure> {
-    let (signals, kvm, listener, _socket_guard) = prepare(&config, None)?;
-    // Passthrough functions join once the VM has arrived: the VM that
-    // arrives has none (its source unplugged them), and its bus must
-    // match the source's while its state is loaded.
-    let mut config = config;
-    let devices = std::mem::take(&mut config.devices);
-    let tcp = std::net::TcpListener::bind(addr)
-        .with_context(|| format!("cannot listen on {addr}"))
-        .map_err(usage)?;
-    eprintln!("ffmk-vmm: waiting for a migration on {addr}");
-    let arrived = vmm::migration::receive(&kvm, &tcp, &config, trust, deadline, &mut |m| {
-        eprintln!("ffmk-vmm: {m}")
-    })
-    .with_context(|| format!("listening on {addr}"))
-    .map_err(runtime)?;
-    drop(tcp);
-    let received = &arrived.received;
-    eprintln!(
-        "ffmk-vmm: migrated in from {}: {} pages in {:.0} ms{}; running",
-        received.from,
-        received.pages,
-        received.total_ms,
-        match received.verified_pages {
-            Some(n) => format!(", all {n} pages verified against the source's"),
-            None => String::new(),
-        }
-    );
-    if let Some(pc) = arrived.postcopy {
-        let from = received.from.clone();
-        eprintln!(
-            "ffmk-vmm: post-copy: {} pages follow from {from}",
-            pc.left()
-        );
-        let arriving = arrived.vm.ram.arriving().clone();
-        arriving.store(true, std::sync::atomic::Ordering::Release);
-        let socket = config.api_socket.clone();
-        let watched = pc.finish(move |end, left| match end {
-            Ok(s) => {
-                arriving.store(false, std::sync::atomic::Ordering::Release);
-                eprintln!(
-                    "ffmk-vmm: post-copy from {from} complete: {} pages in {:.0} ms; {} faults \
-                     on missing pages, {} pages asked for (mean wait {:.2} ms, max {:.2} ms), \
-                     {} untouched pages zero-filled, {} present",
-                    s.missing_pages,
-                    s.total_ms,
-                    s.faults,
-                    s.requested,
-                    s.mean_fault_ms,
-                    s.max_fault_ms,
-                    s.zero_filled,
-                    s.already_present
-                );
-            }
-            Err(e) => {
-                // A fault on a missing page can never be served now: the
-                // VM cannot go on. Stop here, before it runs on holes.
-                eprintln!(
-                    "ffmk-vmm: post-copy from {from} failed: {e}; {left} pages of the VM's \
-                     memory never arrived, so it cannot continue: stopping (exit 1)"
-                );
-                if let Some(p) = socket {
-                    let _ = std::fs::remove_file(p);
-                }
-                std::process::exit(1);
-            }
-        });
-        if let Err(e) = watched {
-            eprintln!(
-                "ffmk-vmm: cannot follow the post-copy from {}: {e}; the VM cannot continue \
-                 without its missing pages: stopping (exit 1)",
-                received.from
-            );
-            return Ok(1);
-        }
-    }
-    plug_arrived(&arrived.vm, &devices);
-    serve(arrived.vm, signals, listener, Ok(trust.clone()))
-}
-
-/// `run --incoming --device ...`: plugs the functions into the VM that
-/// arrived and has its guest agent rescan. A function that cannot be
-/// plugged is reported; the VM runs on without it.
-fn plug_arrived(vm: &vmm::vm::Vm, devices: &[vmm::config::DeviceEntry]) {
-    if devices.is_empty() {
-        return;
-    }
-    for d in devices {
-        match vm.devices.plug(d) {
-            Ok(at) => eprintln!("ffmk-vmm: {d} plugged in at {at}"),
-            Err(e) => eprintln!("ffmk-vmm: {e}; the VM runs without it"),
-        }
-    }
-    if let Some(v) = &vm.config.vsock {
-        match vmm::agent::ask(&v.socket, "rescan", vmm::agent::TIMEOUT) {
-            Ok(a) => eprintln!("ffmk-vmm: guest agent: {a}"),
-            Err(e) => eprintln!("ffmk-vmm: {e}"),
-        }
-    }
-}
-
-type Listener = Option<(std::os::unix::net::UnixListener, std::path::PathBuf)>;
+pub(crate) type Listener = Option<(std::os::unix::net::UnixListener, std::path::PathBuf)>;
 
 /// What every VM start needs before the VM exists: SIGINT/SIGTERM blocked
 /// before any thread starts (only the control loop sees them), /dev/kvm, and
 /// the API socket bound (removed again on every way out by the guard).
-fn prepare(
+pub(crate) fn prepare(
     config: &vmm::config::RunConfig,
     restore_from: Option<&std::path::Path>,
 ) -> Result<(std::os::fd::OwnedFd, kvm_ioctls::Kvm, Listener, SocketGuard), Failure> {
@@ -287,6 +171,29 @@ fn prepare(
     Ok((signals, kvm, listener, guard))
 }
 
+/// The API server's control side: requests, and the eventfd that wakes
+/// whoever answers them.
+pub(crate) type Api = Option<(
+    std::sync::mpsc::Receiver<vmm::api::ApiMessage>,
+    std::sync::Arc<vmm_sys_util::eventfd::EventFd>,
+)>;
+
+/// Starts the API server thread on the bound socket, if there is one.
+pub(crate) fn start_api(listener: Listener) -> Result<Api, Failure> {
+    let Some((l, _)) = listener else {
+        return Ok(None);
+    };
+    let wake = std::sync::Arc::new(
+        vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
+            .context("eventfd")
+            .map_err(runtime)?,
+    );
+    let rx = vmm::api::start_server(l, wake.clone())
+        .context("cannot start the API thread")
+        .map_err(runtime)?;
+    Ok(Some((rx, wake)))
+}
+
 /// Runs the control loop (and the API server, if any) until the VM ends.
 fn serve(
     vm: vmm::vm::Vm,
@@ -294,20 +201,17 @@ fn serve(
     listener: Listener,
     trust: Result<cluster_auth::Trust, String>,
 ) -> Result<u8, Failure> {
-    let api = match listener {
-        Some((l, _)) => {
-            let wake = std::sync::Arc::new(
-                vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
-                    .context("eventfd")
-                    .map_err(runtime)?,
-            );
-            let rx = vmm::api::start_server(l, wake.clone())
-                .context("cannot start the API thread")
-                .map_err(runtime)?;
-            Some((rx, wake))
-        }
-        None => None,
-    };
+    let api = start_api(listener)?;
+    serve_with(vm, signals, api, trust)
+}
+
+/// [`serve`] with the API server already started.
+pub(crate) fn serve_with(
+    vm: vmm::vm::Vm,
+    signals: std::os::fd::OwnedFd,
+    api: Api,
+    trust: Result<cluster_auth::Trust, String>,
+) -> Result<u8, Failure> {
     // The control thread last: the API thread above has its own filter,
     // the migration threads it starts later fit inside this one.
     sandbox::seccomp::confine(sandbox::ThreadKind::Control, "control")
@@ -316,8 +220,8 @@ fn serve(
     let reason = vmm::control::run(std::sync::Arc::new(vm), signals, api, trust)
         .context("control loop failed")
         .map_err(runtime)?;
-    eprintln!(
-        "ffmk-vmm: VM stopped: {} (exit code {})",
+    say!(
+        "VM stopped: {} (exit code {})",
         reason.describe(),
         reason.exit_code()
     );
@@ -346,8 +250,8 @@ pub(crate) fn restore(args: RestoreArgs) -> Result<u8, Failure> {
         vmm::machine::Origin::Migration { .. } => String::new(),
     };
     let vm = vmm::vm::Vm::create(&kvm, config, Some(&restoring)).map_err(runtime)?;
-    eprintln!(
-        "ffmk-vmm: restored {} ({summary}) in {:.1} ms{}",
+    say!(
+        "restored {} ({summary}) in {:.1} ms{}",
         args.from.display(),
         t0.elapsed().as_secs_f64() * 1e3,
         if args.paused { ", paused" } else { "" }
@@ -356,7 +260,7 @@ pub(crate) fn restore(args: RestoreArgs) -> Result<u8, Failure> {
     serve(vm, signals, listener, trust)
 }
 
-struct SocketGuard(Option<std::path::PathBuf>);
+pub(crate) struct SocketGuard(Option<std::path::PathBuf>);
 
 impl Drop for SocketGuard {
     fn drop(&mut self) {
