@@ -37,7 +37,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
-pub use vmm_api::migration::{Outcome, Phase, PostcopyOutcome, Progress};
+pub use vmm_api::migration::{Outcome, Phase, PostcopyOutcome, Progress, SwitchOver};
 
 /// What the engine needs from the VMM.
 pub trait Source {
@@ -218,6 +218,12 @@ struct Engine<'a> {
     page: Vec<u8>,
     /// Verification mode: pages digested and the time it took.
     verified: Option<(u64, f64)>,
+    /// The last SYNC's round trip: the switch-over makes two (STATE/READY,
+    /// GO/RUNNING), so they count in the predicted downtime.
+    rtt: Duration,
+    /// Marks of the switch-over: paused, last pages sent, state sent,
+    /// READY.
+    marks: Vec<Instant>,
 }
 
 impl Engine<'_> {
@@ -282,8 +288,10 @@ impl Engine<'_> {
 
     /// Waits until the destination has taken in everything sent so far.
     fn sync(&mut self) -> Result<(), Error> {
+        let t = Instant::now();
         self.conn.send(Kind::Sync, &[])?;
         self.conn.expect(Kind::Synced)?;
+        self.rtt = t.elapsed();
         Ok(())
     }
 
@@ -343,8 +351,11 @@ impl Engine<'_> {
         p.dirty_pages = n;
         p.dirty_mib_s = dirty_bytes as f64 / elapsed / f64::from(1 << 20);
         p.link_mib_s = link / f64::from(1 << 20);
+        // The last pages at the link's rate, plus the switch-over's two
+        // round trips (its other fixed costs are measured and reported in
+        // the outcome's `switch_over`).
         p.predicted_downtime_ms = if link > 0.0 {
-            dirty_bytes as f64 / link * 1e3
+            dirty_bytes as f64 / link * 1e3 + 2.0 * self.rtt.as_secs_f64() * 1e3
         } else {
             f64::INFINITY
         };
@@ -387,6 +398,7 @@ impl Engine<'_> {
     /// The guest is paused: last pages, state, handshake.
     fn stop_and_copy(&mut self, last: PageBitmap) -> Result<(), Error> {
         self.progress.phase = Phase::StopAndCopy;
+        self.marks.push(Instant::now());
         let mut dirty = self.fetch_dirty()?;
         dirty.union(&last);
         self.progress.round += 1;
@@ -394,12 +406,15 @@ impl Engine<'_> {
         if self.opts.verify && !self.opts.postcopy {
             self.send_digests()?;
         }
+        self.marks.push(Instant::now());
         let state = self.vm.state().map_err(Error::Vm)?;
         self.conn.send(Kind::State, &state)?;
+        self.marks.push(Instant::now());
         self.progress.phase = Phase::SwitchOver;
         self.progress.sent_bytes = self.conn.sent;
         (self.report)(&self.progress);
         self.conn.expect(Kind::Ready)?;
+        self.marks.push(Instant::now());
         if self.cancel.load(Ordering::Acquire) {
             self.conn.abort("cancelled on the source");
             return Err(Error::Cancelled);
@@ -647,6 +662,8 @@ pub fn migrate(
         batch: Pages::default(),
         page: vec![0u8; PAGE_SIZE as usize],
         verified: None,
+        rtt: Duration::ZERO,
+        marks: Vec::new(),
     };
     let mut paused_at = None;
     let result = (|| {
@@ -701,6 +718,20 @@ pub fn migrate(
         Err(err) => return Err(Error::Unconfirmed(err.to_string())),
     }
     let downtime = paused_at.map(|t| t.elapsed()).unwrap_or_default();
+    let switch_over = match (paused_at, e.marks.as_slice()) {
+        (Some(p), [stopped, pages, state, ready]) => {
+            let ms = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64() * 1e3;
+            let running = p + downtime;
+            Some(SwitchOver {
+                pause_ms: ms(p, *stopped),
+                last_pages_ms: ms(*stopped, *pages),
+                state_ms: ms(*pages, *state),
+                destination_ms: ms(*state, *ready),
+                resume_ms: ms(*ready, running),
+            })
+        }
+        _ => None,
+    };
     let postcopy = match serving.as_mut() {
         None => None,
         Some(srv) => {
@@ -734,5 +765,7 @@ pub fn migrate(
         postcopy,
         verified_pages: e.verified.map(|v| v.0),
         verify_ms: e.verified.map(|v| v.1),
+        max_downtime_ms: e.opts.max_downtime.as_millis() as u64,
+        switch_over,
     })
 }

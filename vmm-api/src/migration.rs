@@ -51,6 +51,50 @@ pub struct Outcome {
     /// and the time the digests took in the downtime.
     pub verified_pages: Option<u64>,
     pub verify_ms: Option<f64>,
+    /// The downtime target asked for (`max_downtime_ms`).
+    #[serde(default)]
+    pub max_downtime_ms: u64,
+    /// Where the downtime went (stop-and-copy only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switch_over: Option<SwitchOver>,
+}
+
+impl Outcome {
+    /// The measured downtime was over the target: why, in one sentence.
+    pub fn missed_target(&self) -> Option<String> {
+        let target = self.max_downtime_ms as f64;
+        if self.max_downtime_ms == 0 || self.downtime_ms <= target || self.postcopy.is_some() {
+            return None;
+        }
+        let parts = match &self.switch_over {
+            Some(s) => format!(
+                " (pausing the vCPUs {:.1} ms, the last pages {:.1} ms, capturing and sending \
+                 the state {:.1} ms, the destination loading it {:.1} ms, until it ran {:.1} ms)",
+                s.pause_ms, s.last_pages_ms, s.state_ms, s.destination_ms, s.resume_ms
+            ),
+            None => String::new(),
+        };
+        Some(format!(
+            "the downtime was {:.1} ms, over the {} ms target{parts}; the switch-over's fixed \
+             cost sets a floor a lower target cannot go under",
+            self.downtime_ms, self.max_downtime_ms
+        ))
+    }
+}
+
+/// The parts of a stop-and-copy downtime, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SwitchOver {
+    /// Until every vCPU had stopped.
+    pub pause_ms: f64,
+    /// The pages dirtied since the last round (and the digests with verify).
+    pub last_pages_ms: f64,
+    /// Capturing vCPU and device state and sending it.
+    pub state_ms: f64,
+    /// Until the destination had loaded it (READY).
+    pub destination_ms: f64,
+    /// From GO until the destination's vCPUs ran (RUNNING).
+    pub resume_ms: f64,
 }
 
 /// The post-copy part of a migration, as the source saw it.

@@ -377,6 +377,9 @@ fn run(
                 d.commit();
             }
             tracing::info!("migrated to {to}: {outcome:?}");
+            if let Some(why) = outcome.missed_target() {
+                tracing::warn!("migration to {to}: {why}");
+            }
             Status::Completed(outcome)
         }
         Err(e @ (migrate::Error::Unconfirmed(_) | migrate::Error::Postcopy { .. })) => {

@@ -158,6 +158,7 @@ fn migrate_dirtying(
     src.wait_counter(15);
     let out = migrate(&src, extra);
     assert!(out.status.success(), "{name}: {out:?}");
+    std::fs::write(dir.join(format!("{name}.migrate.err")), &out.stderr).unwrap();
     let last: serde_json::Value =
         serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
     assert_eq!(last["state"], "completed", "{last}");
@@ -190,6 +191,11 @@ fn migrate_dirtying(
     last
 }
 
+/// What `ffmk-vmm migrate` said on stderr in `migrate_dirtying` `name`.
+fn last_stderr(dir: &Path, name: &str) -> Vec<u8> {
+    std::fs::read(dir.join(format!("{name}.migrate.err"))).unwrap_or_default()
+}
+
 #[test]
 fn dirtying_guests_migrate_with_their_counter_and_memory_intact() {
     let Some(c) = Cluster::new("mig", 2) else {
@@ -200,9 +206,39 @@ fn dirtying_guests_migrate_with_their_counter_and_memory_intact() {
         // Verification mode where the guest dirties memory: every page of
         // the destination's copy is compared with the source's at the
         // pause (a page the dirty tracking missed would fail the run).
-        let verify: &[&str] = if rate > 0 { &["--verify"] } else { &[] };
-        let last = migrate_dirtying(&c, &dir, &format!("pre{rate}"), (32, rate), verify);
+        // Without dirtying: a 1 ms target no switch-over can meet, which
+        // is reported with where the downtime went.
+        let extra: &[&str] = if rate > 0 {
+            &["--verify"]
+        } else {
+            &["--max-downtime-ms", "1"]
+        };
+        let last = migrate_dirtying(&c, &dir, &format!("pre{rate}"), (32, rate), extra);
         assert!(last["postcopy"].is_null(), "{last}");
+        let s = &last["switch_over"];
+        let parts: f64 = [
+            "pause_ms",
+            "last_pages_ms",
+            "state_ms",
+            "destination_ms",
+            "resume_ms",
+        ]
+        .iter()
+        .map(|k| s[*k].as_f64().unwrap_or_else(|| panic!("{k}: {last}")))
+        .sum();
+        let downtime = last["downtime_ms"].as_f64().unwrap();
+        assert!(
+            (parts - downtime).abs() < 1.0,
+            "{parts} vs {downtime}: {last}"
+        );
+        if rate == 0 {
+            assert_eq!(last["max_downtime_ms"], 1, "{last}");
+            let said = String::from_utf8_lossy(&last_stderr(&dir, "pre0")).into_owned();
+            assert!(
+                downtime <= 1.0 || said.contains("over the 1 ms target"),
+                "{said}"
+            );
+        }
         if rate > 0 {
             assert_eq!(last["verified_pages"], (128u64 << 20) / 4096, "{last}");
         } else {

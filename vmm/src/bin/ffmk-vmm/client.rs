@@ -232,6 +232,9 @@ pub fn migrate(a: vmm::cli::MigrateArgs) -> Result<u8, Failure> {
                 } else {
                     println!("{}", crate::summary::migrated(outcome));
                 }
+                if let Some(why) = outcome.missed_target() {
+                    tracing::warn!("{why}");
+                }
                 return Ok(0);
             }
             MigrationStatus::Failed {

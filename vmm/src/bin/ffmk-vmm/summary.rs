@@ -227,6 +227,12 @@ pub fn migrated(o: &Outcome) -> String {
     if let Some(n) = o.verified_pages {
         line.push_str(&format!("; all {n} pages verified"));
     }
+    if let Some(s) = &o.switch_over {
+        line.push_str(&format!(
+            "; switch-over: pause {:.1} ms, last pages {:.1} ms, state {:.1} ms, destination {:.1} ms, resume {:.1} ms",
+            s.pause_ms, s.last_pages_ms, s.state_ms, s.destination_ms, s.resume_ms
+        ));
+    }
     line
 }
 
