@@ -821,7 +821,7 @@ fn main() -> ExitCode {
             use clap::CommandFactory;
             cli_docs::man_pages(Cli::command(), &dir)
                 .map(|_| ())
-                .map_err(|e| format!("cannot write man pages into {}: {e}", dir.display()).into())
+                .map_err(|e| format!("cannot write man pages into {}: {e}", dir.display()))
         }
     };
     match r {
