@@ -106,6 +106,11 @@ pub struct Config {
     /// Take no VMs (announced as health "draining").
     #[serde(default)]
     pub drain: bool,
+    /// Serve `GET /metrics` (Prometheus text format) over plain HTTP on
+    /// this address, e.g. "127.0.0.1:9464" [default: not served]. Only
+    /// counts and loads, no control: still, keep it off public networks.
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
     /// Seed of the gossip partner choice [default: from slot and time].
     #[serde(default)]
     pub seed: Option<u64>,

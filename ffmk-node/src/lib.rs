@@ -53,6 +53,8 @@ pub enum Error {
     Broadcast(SocketAddr, String),
     #[error("cluster key: {0}")]
     Plane(String),
+    #[error("cannot serve metrics on metrics_listen = {0:?}: {1}")]
+    Metrics(String, std::io::Error),
 }
 
 /// The JSON decision log: one object per line, with time and host.
@@ -213,6 +215,10 @@ pub fn run(r: Resolved, plane: config::Plane) -> Result<(), Error> {
     let udp = UdpSocket::bind(gossip_addr).map_err(|e| Error::Gossip(gossip_addr, e))?;
     let control_addr = r.control[r.slot];
     let tcp = TcpListener::bind(control_addr).map_err(|e| Error::Control(control_addr, e))?;
+    let metrics = match &r.config.metrics_listen {
+        Some(a) => Some(TcpListener::bind(a).map_err(|e| Error::Metrics(a.clone(), e))?),
+        None => None,
+    };
     // Seconds since the epoch: a restarted daemon's entry is newer than
     // anything its previous life said.
     let incarnation = SystemTime::now()
@@ -274,6 +280,10 @@ pub fn run(r: Resolved, plane: config::Plane) -> Result<(), Error> {
         Box::new(move || gossip_receiver(&d1, recv_udp)),
     )?;
     spawn("control", Box::new(move || control_service(&d2, tcp)))?;
+    if let Some(l) = metrics {
+        let dm = d.clone();
+        spawn("metrics", Box::new(move || metrics::serve(&dm, l)))?;
+    }
     bcast::spawn(&d)?;
     let sampled: Arc<Mutex<vms::Sampler>> = Arc::default();
     let s2 = sampled.clone();
@@ -1214,6 +1224,137 @@ fn ckpt_request(d: &Daemon, job: &str, what: Result<u64, &str>) -> Reply {
             }
         }
         Err(e) => Reply::refuse(e.to_string()),
+    }
+}
+
+mod metrics {
+    //! `GET /metrics` on `metrics_listen`: this host and what its board
+    //! says of the others, in Prometheus text format.
+    use super::{lock, Daemon};
+    use std::sync::atomic::Ordering;
+    use vmm_api::http::{self, Response};
+    use vmm_api::metrics::{Kind, Page, CONTENT_TYPE};
+
+    /// One request per connection, one at a time (a scrape is small);
+    /// a client gets 5 s to send it.
+    pub(super) fn serve(d: &Daemon, l: std::net::TcpListener) {
+        for conn in l.incoming() {
+            let Ok(mut s) = conn else { continue };
+            let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+            let _ = s.set_write_timeout(Some(std::time::Duration::from_secs(5)));
+            let answer = match http::read_request(&mut s) {
+                Ok(r) if r.method == "GET" && r.path.split('?').next() == Some("/metrics") => {
+                    Response::text(page(d), CONTENT_TYPE)
+                }
+                Ok(r) => {
+                    Response::error(404, format!("{} {}: only GET /metrics", r.method, r.path))
+                }
+                Err(e) => Response::error(400, e.to_string()),
+            };
+            let _ = http::write_response(&mut s, &answer);
+        }
+    }
+
+    pub(super) fn page(d: &Daemon) -> String {
+        let mut p = Page::new();
+        let l = lock(&d.local);
+        let info = l.info;
+        p.one("ffmk_node_up", Kind::Gauge, "1: the daemon answers", 1.0);
+        p.one(
+            "ffmk_node_uptime_seconds",
+            Kind::Gauge,
+            "Seconds since the daemon started",
+            d.start.elapsed().as_secs_f64(),
+        );
+        p.one(
+            "ffmk_node_load",
+            Kind::Gauge,
+            "Runnable vCPU demand of this host's VMs",
+            f64::from(info.load),
+        );
+        p.one(
+            "ffmk_node_cores",
+            Kind::Gauge,
+            "Host cores VMs may use here",
+            f64::from(info.cores),
+        );
+        p.one(
+            "ffmk_node_free_memory_bytes",
+            Kind::Gauge,
+            "Host memory free for VMs",
+            f64::from(info.free_mib) * f64::from(1 << 20),
+        );
+        p.one(
+            "ffmk_node_vms",
+            Kind::Gauge,
+            "VMs on this host",
+            f64::from(info.vms),
+        );
+        p.one(
+            "ffmk_node_unreachable_vms",
+            Kind::Gauge,
+            "VM API sockets that did not answer",
+            l.errors.len() as f64,
+        );
+        p.one(
+            "ffmk_node_incoming_vms",
+            Kind::Gauge,
+            "VMMs waiting here for a migration",
+            l.incoming.len() as f64,
+        );
+        let health = serde_json::to_value(info.health)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default();
+        p.family("ffmk_node_health", Kind::Gauge, "1 for this host's health");
+        p.sample("ffmk_node_health", &[("health", &health)], 1.0);
+        p.one(
+            "ffmk_node_drained",
+            Kind::Gauge,
+            "1: this host takes no VMs",
+            f64::from(u8::from(d.drained.load(Ordering::Acquire))),
+        );
+        drop(l);
+        p.one(
+            "ffmk_node_migrating_out",
+            Kind::Gauge,
+            "1: a VM is being migrated away from here",
+            f64::from(u8::from(lock(&d.limits).outgoing.is_some())),
+        );
+        let now = d.now();
+        let b = lock(&d.board);
+        let mut alive = 0;
+        p.family(
+            "ffmk_cluster_host_load",
+            Kind::Gauge,
+            "Each host's load as this host's board has it (gossip)",
+        );
+        for slot in 0..d.r.names.len() {
+            let age = b.age(slot, now);
+            if age.is_some_and(|a| a <= d.r.config.dead_after) {
+                alive += 1;
+            }
+            if let Some(e) = b.entry(slot) {
+                p.sample(
+                    "ffmk_cluster_host_load",
+                    &[("host", &d.r.names[slot])],
+                    f64::from(e.info.load),
+                );
+            }
+        }
+        p.one(
+            "ffmk_cluster_hosts",
+            Kind::Gauge,
+            "Hosts in the cluster list",
+            d.r.names.len() as f64,
+        );
+        p.one(
+            "ffmk_cluster_hosts_alive",
+            Kind::Gauge,
+            "Hosts whose board entry is fresh",
+            f64::from(alive),
+        );
+        p.finish()
     }
 }
 

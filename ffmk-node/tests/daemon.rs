@@ -1009,3 +1009,107 @@ fn the_daemons_answer_only_key_holders_and_the_holders_of_their_tokens() {
     assert_eq!(daemons[0].status().unwrap()["board"][1]["alive"], true);
     drop(daemons);
 }
+
+/// `promtool check metrics` on `page`: (passed, what it said).
+fn promtool(page: &str) -> (bool, String) {
+    use std::io::Write;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package; ci/setup tests installs it)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(page.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+/// One sample's value (`name{labels} value` or `name value`).
+fn sample(page: &str, name_and_labels: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[test]
+fn the_daemon_and_its_vms_serve_metrics_that_promtool_accepts() {
+    let Some(cluster) = Cluster::new("met", 2) else {
+        return;
+    };
+    let dir = common::tmpdir("metrics-daemon");
+    let _cleanup = Cleanup(dir.clone());
+    let h = &cluster.hosts;
+    let vm = busy_vm(&h[0], &dir, 0, "m", "2");
+    vm.wait_counter(3);
+    let listen = format!("{}:9464", Cluster::addr(0));
+    let _d0 = Daemon::start_with(
+        &h[0],
+        &dir,
+        0,
+        "10.77.0.[1-2]",
+        &format!("metrics_listen = \"{listen}\""),
+    );
+    let _d1 = Daemon::start_with(&h[1], &dir, 1, "10.77.0.[1-2]", "");
+    let scrape = |url: &str| {
+        let out = h[0]
+            .exec("python3")
+            .args([
+                "-c",
+                "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())",
+                url,
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // The node: its load and its VM once sampled, and both hosts alive.
+    let page = wait_for("the daemon's metrics", Duration::from_secs(30), || {
+        let p = scrape(&format!("http://{listen}/metrics"));
+        (sample(&p, "ffmk_node_vms") == Some(1.0)
+            && sample(&p, "ffmk_cluster_hosts_alive") == Some(2.0))
+        .then_some(p)
+    });
+    let (ok, said) = promtool(&page);
+    assert!(ok, "promtool: {said}\n{page}");
+    assert!(
+        sample(&page, "ffmk_node_load").is_some_and(|l| l > 0.5),
+        "{page}"
+    );
+    assert!(
+        page.contains("ffmk_cluster_host_load{host=\"10.77.0.2\"}"),
+        "{page}"
+    );
+    // Anything else is a 404, not a hang.
+    let other = scrape(&format!("http://{listen}/other"));
+    assert!(other.is_empty(), "{other}");
+    // The VM's own page, over its API socket.
+    let vm_page = vmm_api::Client::new(&vm.sock)
+        .with_timeout(Duration::from_secs(5))
+        .metrics()
+        .unwrap();
+    let (ok, said) = promtool(&vm_page);
+    assert!(ok, "promtool: {said}\n{vm_page}");
+    for vcpu in ["0", "1"] {
+        assert!(
+            sample(
+                &vm_page,
+                &format!("ffmk_vcpu_cpu_seconds_total{{vcpu=\"{vcpu}\",role=\"service\"}}")
+            )
+            .is_some_and(|s| s > 0.0),
+            "{vm_page}"
+        );
+    }
+    assert_eq!(
+        sample(&vm_page, "ffmk_vm_state{state=\"running\"}"),
+        Some(1.0)
+    );
+}

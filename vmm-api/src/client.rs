@@ -256,6 +256,24 @@ impl Client {
     }
 
     /// `PUT /vm/disks/{index}/resize`.
+    /// `GET /metrics`: the Prometheus text page.
+    pub fn metrics(&self) -> Result<String, Error> {
+        let e = endpoint::METRICS;
+        let (status, text) = self.call(e.method, e.path, "")?;
+        if (200..300).contains(&status) {
+            return Ok(text);
+        }
+        let message = serde_json::from_str::<ErrorBody>(&text)
+            .map(|e| e.error)
+            .unwrap_or(text);
+        Err(Error::Api {
+            method: e.method,
+            path: e.path.into(),
+            status,
+            message,
+        })
+    }
+
     pub fn resize_disk(&self, index: usize, size_bytes: u64) -> Result<Resized, Error> {
         let index = index.to_string();
         let body = ResizeBody { size_bytes };

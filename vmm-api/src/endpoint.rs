@@ -32,6 +32,8 @@ pub const CANCEL_MIGRATION: Endpoint = ep("cancelMigration", "DELETE", "/vm/migr
 pub const ADD_DEVICE: Endpoint = ep("addDevice", "PUT", "/vm/devices");
 pub const REMOVE_DEVICE: Endpoint = ep("removeDevice", "DELETE", "/vm/devices/{bdf}");
 pub const RESIZE_DISK: Endpoint = ep("resizeDisk", "PUT", "/vm/disks/{index}/resize");
+/// Prometheus text format (not JSON).
+pub const METRICS: Endpoint = ep("getMetrics", "GET", "/metrics");
 
 /// Every endpoint (for one path, in the order `Allow` lists its methods).
 pub const ALL: &[Endpoint] = &[
@@ -48,6 +50,7 @@ pub const ALL: &[Endpoint] = &[
     ADD_DEVICE,
     REMOVE_DEVICE,
     RESIZE_DISK,
+    METRICS,
 ];
 
 impl Endpoint {

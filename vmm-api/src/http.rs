@@ -114,14 +114,16 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-/// An answer: a status, a JSON body and, with a 405, the methods the path
-/// takes.
+/// An answer: a status, a body (JSON unless `content_type` says
+/// otherwise) and, with a 405, the methods the path takes.
 #[derive(Debug, Clone)]
 pub struct Response {
     pub status: u16,
     pub body: String,
     /// The methods a path takes, sent as `Allow` with a 405.
     pub allow: Option<String>,
+    /// `None`: `application/json`.
+    pub content_type: Option<&'static str>,
 }
 
 impl Response {
@@ -133,6 +135,7 @@ impl Response {
                 status,
                 body,
                 allow: None,
+                content_type: None,
             },
             Err(e) => Self::error(500, format!("cannot encode the answer: {e}")),
         }
@@ -145,6 +148,17 @@ impl Response {
             status,
             body: serde_json::to_string(&body).unwrap_or_else(|_| "{}".into()),
             allow: None,
+            content_type: None,
+        }
+    }
+
+    /// A 200 with a body of another type (the metrics page).
+    pub fn text(body: String, content_type: &'static str) -> Self {
+        Response {
+            status: 200,
+            body,
+            allow: None,
+            content_type: Some(content_type),
         }
     }
 }
@@ -157,9 +171,10 @@ pub fn write_response(s: &mut impl Write, r: &Response) -> std::io::Result<()> {
     };
     write!(
         s,
-        "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{allow}Connection: close\r\n\r\n{}",
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n{allow}Connection: close\r\n\r\n{}",
         r.status,
         reason(r.status),
+        r.content_type.unwrap_or("application/json"),
         r.body.len(),
         r.body
     )?;

@@ -13,6 +13,7 @@
 pub mod client;
 pub mod endpoint;
 pub mod http;
+pub mod metrics;
 pub mod migration;
 pub mod model;
 

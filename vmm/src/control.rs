@@ -130,6 +130,8 @@ struct Control {
     /// Passthrough functions unplugged for the running migration: plugged
     /// back if it does not complete.
     unplugged_for_migration: Vec<crate::config::DeviceEntry>,
+    /// For `GET /metrics`.
+    snapshots: crate::metrics::Snapshots,
 }
 
 impl Control {
@@ -402,6 +404,10 @@ impl Control {
             {
                 ApiResponse::error(409, "a migration of this VM is in progress or done")
             }
+            ApiRequest::Metrics => ApiResponse::text(
+                crate::metrics::page(&self.vm, &self.migration.status(), &self.snapshots),
+                vmm_api::metrics::CONTENT_TYPE,
+            ),
             ApiRequest::GetVm => match crate::info::vm_info(&self.vm) {
                 Ok(info) => ApiResponse::json(200, &info),
                 Err(e) => ApiResponse::error(500, format!("cannot describe the VM: {e}")),
@@ -502,9 +508,14 @@ impl Control {
                 match taken {
                     Ok(mut summary) => {
                         summary.unplugged = unplugged.iter().map(|d| d.to_string()).collect();
+                        self.snapshots.taken += 1;
+                        self.snapshots.last = Some(summary.clone());
                         ApiResponse::json(200, &summary)
                     }
-                    Err(e) => ApiResponse::error(e.http_status(), e.to_string()),
+                    Err(e) => {
+                        self.snapshots.failed += 1;
+                        ApiResponse::error(e.http_status(), e.to_string())
+                    }
                 }
             }
             ApiRequest::Shutdown => {
@@ -574,6 +585,7 @@ pub fn run(
         stdin,
         done: done.clone(),
         unplugged_for_migration: Vec::new(),
+        snapshots: Default::default(),
     }));
     let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()?;
     em.add_subscriber(control.clone());

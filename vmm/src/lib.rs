@@ -21,6 +21,7 @@ pub mod info;
 pub mod irq;
 pub mod machine;
 pub mod memory;
+pub mod metrics;
 pub mod migration;
 pub mod passthrough;
 pub mod reach;

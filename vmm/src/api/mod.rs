@@ -38,6 +38,8 @@ pub enum ApiRequest {
     MigrationStatus,
     /// `DELETE /vm/migration`: cancel.
     MigrationCancel,
+    /// `GET /metrics`: Prometheus text format.
+    Metrics,
     /// `PUT /vm/devices`: hot-plug a passthrough function.
     AddDevice(crate::config::DeviceEntry),
     /// `DELETE /vm/devices/{bdf}[?force=1]`: hot-unplug the one in this
@@ -270,6 +272,7 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, ApiRes
                 .any(|kv| kv == "force=1" || kv == "force=true"),
         },
         ep::RESIZE_DISK => resize_request(param, body)?,
+        ep::METRICS => ApiRequest::Metrics,
         other => {
             return Err(ApiResponse::error(
                 501,

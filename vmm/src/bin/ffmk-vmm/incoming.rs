@@ -253,6 +253,20 @@ fn answer(
             },
             false,
         ),
+        ApiRequest::Metrics => {
+            use vmm_api::metrics::{Kind, Page, CONTENT_TYPE};
+            let mut p = Page::new();
+            p.one("ffmk_up", Kind::Gauge, "1: the VMM answers", 1.0);
+            p.family("ffmk_vm_state", Kind::Gauge, "1 for the VM's state")
+                .sample("ffmk_vm_state", &[("state", "incoming")], 1.0);
+            p.one(
+                "ffmk_incoming_waiting_seconds",
+                Kind::Gauge,
+                "How long this VMM has waited for a migration",
+                since.elapsed().as_secs_f64(),
+            );
+            (ApiResponse::text(p.finish(), CONTENT_TYPE), false)
+        }
         ApiRequest::Shutdown => (
             ApiResponse::json(
                 200,
