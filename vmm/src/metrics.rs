@@ -69,7 +69,8 @@ pub fn page(vm: &Vm, migration: &Status, snapshots: &Snapshots) -> String {
 }
 
 fn vcpus(p: &mut Page, vm: &Vm) {
-    let counters: [(&str, &str, fn(&crate::vcpu::VcpuShared) -> u64); 4] = [
+    type Counter = fn(&crate::vcpu::VcpuShared) -> u64;
+    let counters: [(&str, &str, Counter); 4] = [
         (
             "ffmk_vcpu_exits_total",
             "VM exits of the vCPU that ffmk-vmm handled",
