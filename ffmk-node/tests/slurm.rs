@@ -276,7 +276,11 @@ fn slurm_jobs_start_one_vm_per_node_and_stop_them_at_the_end() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("SLURM_JOB_ID is not set"), "{err}");
+    // Every missing variable in one message, not one per try.
+    assert!(
+        err.contains("SLURM_JOB_ID, ") && err.contains("SLURM_JOB_NODELIST are not set"),
+        "{err}"
+    );
     drop(slurm);
     std::fs::remove_dir_all(dir).unwrap();
 }
@@ -304,7 +308,7 @@ fn a_step_environment_that_does_not_add_up_is_refused() {
     for (name, rank, want) in [
         ("n9", "0", "node n9 is not in the allocation n[1-2]"),
         ("n1", "2", "rank 2 of 2 ranks"),
-        ("n1", "x", "SLURM_PROCID is not a number"),
+        ("n1", "x", "SLURM_PROCID \"x\" is not a number"),
     ] {
         let out = run(name, rank);
         let err = String::from_utf8_lossy(&out.stderr);

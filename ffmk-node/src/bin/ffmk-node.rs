@@ -710,19 +710,38 @@ fn ckpt_sim(a: CkptSimArgs) -> Result<(), String> {
 /// The Slurm step's environment, checked: job id, rank, ranks, this node
 /// and the allocation's nodes.
 fn slurm_step() -> Result<(String, u32, u32, String, String), String> {
-    let var = |k: &str| {
-        std::env::var(k).map_err(|_| format!("{k} is not set: run me as a Slurm task (srun)"))
-    };
-    let job = var("SLURM_JOB_ID")?;
-    if job.is_empty() || !job.chars().all(|c| c.is_ascii_digit()) {
+    const NEEDED: [&str; 5] = [
+        "SLURM_JOB_ID",
+        "SLURM_PROCID",
+        "SLURM_NTASKS",
+        "SLURMD_NODENAME",
+        "SLURM_JOB_NODELIST",
+    ];
+    // Every missing variable at once, not one per try.
+    let missing: Vec<&str> = NEEDED
+        .iter()
+        .copied()
+        .filter(|k| std::env::var(k).map_or(true, |v| v.is_empty()))
+        .collect();
+    if !missing.is_empty() {
+        return Err(format!(
+            "{} {} not set: run me as a Slurm task (srun)",
+            missing.join(", "),
+            if missing.len() == 1 { "is" } else { "are" }
+        ));
+    }
+    let var = |k: &str| std::env::var(k).unwrap_or_default();
+    let job = var("SLURM_JOB_ID");
+    if !job.chars().all(|c| c.is_ascii_digit()) {
         return Err(format!("SLURM_JOB_ID {job:?} is not a job id"));
     }
     let num = |k: &str| -> Result<u32, String> {
-        var(k)?.parse().map_err(|_| format!("{k} is not a number"))
+        let v = var(k);
+        v.parse().map_err(|_| format!("{k} {v:?} is not a number"))
     };
     let (rank, ranks) = (num("SLURM_PROCID")?, num("SLURM_NTASKS")?);
-    let node = var("SLURMD_NODENAME")?;
-    let nodes = var("SLURM_JOB_NODELIST")?;
+    let node = var("SLURMD_NODENAME");
+    let nodes = var("SLURM_JOB_NODELIST");
     let list = balance::hostlist::expand(&nodes)
         .map_err(|e| format!("SLURM_JOB_NODELIST {nodes}: {e}"))?;
     if !list.contains(&node) {

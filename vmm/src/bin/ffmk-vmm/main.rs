@@ -117,14 +117,19 @@ fn run(args: RunArgs) -> Result<u8, Failure> {
     }
     let (signals, kvm, listener, _socket_guard) = prepare(&config, None)?;
 
-    let vm = vmm::vm::Vm::create(&kvm, config, None).map_err(|e| {
-        if e.is_user_error() {
-            usage(e)
-        } else {
-            runtime(e)
-        }
-    })?;
+    let vm = vmm::vm::Vm::create(&kvm, config, None).map_err(vm_failure)?;
     serve(vm, signals, listener, trust)
+}
+
+/// A VM that could not be built: bad input (memory the host cannot give,
+/// a disk or TAP that cannot be opened) is 2, for `run` and `restore`
+/// alike; anything else is a VMM failure (1).
+fn vm_failure(e: vmm::vm::Error) -> Failure {
+    if e.is_user_error() {
+        usage(e)
+    } else {
+        runtime(e)
+    }
 }
 
 /// The trust a VM's later migrations use. A key named (flag, environment)
@@ -262,7 +267,7 @@ pub(crate) fn restore(args: RestoreArgs) -> Result<u8, Failure> {
         ),
         vmm::machine::Origin::Migration { .. } => String::new(),
     };
-    let vm = vmm::vm::Vm::create(&kvm, config, Some(&restoring)).map_err(runtime)?;
+    let vm = vmm::vm::Vm::create(&kvm, config, Some(&restoring)).map_err(vm_failure)?;
     say!(
         "restored {} ({summary}) in {:.1} ms{}",
         args.from.display(),
