@@ -375,10 +375,12 @@ pub const RESERVED_PORTS: &[(u16, u16, &str)] = &[
 /// spec lays over another ([`VmSpec::merged`]).
 ///
 /// In TOML the keys are the flags' names (`api-socket`, `snapshot-dir`);
-/// the older snake_case names (`api_socket`, `snapshot_dirs`) are read
-/// too. docs/config.md is generated from this type and `run`'s flags.
+/// the snake_case names (`api_socket`, `snapshot_dirs`) are read too, and
+/// are what a saved machine spec (snapshot, migration stream) holds, so a
+/// state written by this version reads in the versions before it.
+/// docs/config.md is generated from this type and `run`'s flags.
 #[derive(Debug, Default, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+#[serde(deny_unknown_fields)]
 pub struct VmSpec {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kernel: Option<PathBuf>,
@@ -411,7 +413,7 @@ pub struct VmSpec {
     )]
     pub exits: Option<ExitsRequest>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[serde(alias = "halt_poll_ns")]
+    #[serde(alias = "halt-poll-ns")]
     pub halt_poll_ns: Option<u64>,
     /// SCHED_FIFO priority for compute vCPU threads.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -428,18 +430,18 @@ pub struct VmSpec {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub console: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[serde(alias = "api_socket")]
+    #[serde(alias = "api-socket")]
     pub api_socket: Option<PathBuf>,
     /// `true` (port 0xf4), a port number, or `"0xf4"`.
     #[serde(
         default,
-        alias = "test_exit_port",
+        alias = "test-exit-port",
         deserialize_with = "de_port",
         skip_serializing_if = "Option::is_none"
     )]
     pub test_exit_port: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[serde(alias = "cpu_profile")]
+    #[serde(alias = "cpu-profile")]
     pub cpu_profile: Option<CpuProfile>,
     /// `[[disk]]` tables, or the flag's text: `disk = ["path=a.raw,readonly"]`.
     #[serde(
@@ -458,7 +460,7 @@ pub struct VmSpec {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rng: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[serde(alias = "virtio_console")]
+    #[serde(alias = "virtio-console")]
     pub virtio_console: Option<PathBuf>,
     /// A `[vsock]` table, or the flag's text: `vsock = "cid=3,socket=v.sock"`.
     #[serde(
@@ -485,31 +487,34 @@ pub struct VmSpec {
     pub seccomp: Option<sandbox::Mode>,
     #[serde(
         default,
-        rename = "snapshot-dir",
-        alias = "snapshot_dirs",
+        alias = "snapshot-dir",
         alias = "snapshot-dirs",
         deserialize_with = "de_texts",
         skip_serializing_if = "Option::is_none"
     )]
     pub snapshot_dirs: Option<Vec<PathBuf>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    #[serde(alias = "migrate_to")]
+    #[serde(
+        default,
+        alias = "migrate-to",
+        deserialize_with = "de_texts",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub migrate_to: Option<Vec<String>>,
     /// Hot-plug root ports (PCIe native hot-plug slots).
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[serde(alias = "hotplug_slots")]
+    #[serde(alias = "hotplug-slots")]
     pub hotplug_slots: Option<u8>,
     /// `["vfio-user=/run/ffmk/cx0.sock"]`: what the API may hot-plug.
     #[serde(
         default,
-        alias = "hotplug_allow",
+        alias = "hotplug-allow",
         deserialize_with = "de_devices",
         serialize_with = "ser_devices",
         skip_serializing_if = "Option::is_none"
     )]
     pub hotplug_allow: Option<Vec<DeviceEntry>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[serde(alias = "api_group")]
+    #[serde(alias = "api-group")]
     pub api_group: Option<String>,
     /// `"auto"`, `"on"` or `"off"`.
     #[serde(
@@ -705,9 +710,10 @@ fn de_cpus<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Topology>, D
         Count(u32),
         Spec(String),
     }
-    let spec = match Cpus::deserialize(d)? {
-        Cpus::Count(n) => n.to_string(),
-        Cpus::Spec(s) => s,
+    let spec = match Option::<Cpus>::deserialize(d)? {
+        None => return Ok(None),
+        Some(Cpus::Count(n)) => n.to_string(),
+        Some(Cpus::Spec(s)) => s,
     };
     spec.parse().map(Some).map_err(serde::de::Error::custom)
 }
@@ -732,11 +738,13 @@ where
         One(String),
         Many(Vec<String>),
     }
-    let texts = match OneOrMany::deserialize(d)
+    // null (a saved spec's unset key) is unset.
+    let texts = match Option::<OneOrMany>::deserialize(d)
         .map_err(|_| serde::de::Error::custom("want a string or a list of strings"))?
     {
-        OneOrMany::One(s) => vec![s],
-        OneOrMany::Many(v) => v,
+        None => return Ok(None),
+        Some(OneOrMany::One(s)) => vec![s],
+        Some(OneOrMany::Many(v)) => v,
     };
     texts
         .iter()
@@ -765,7 +773,10 @@ where
     T: std::str::FromStr + serde::de::DeserializeOwned,
     T::Err: std::fmt::Display,
 {
-    entry(serde_json::Value::deserialize(d)?).map(Some)
+    match serde_json::Value::deserialize(d)? {
+        serde_json::Value::Null => Ok(None),
+        v => entry(v).map(Some),
+    }
 }
 
 /// `[[disk]]` tables, one string, or a list of strings and tables.
@@ -776,6 +787,7 @@ where
     T::Err: std::fmt::Display,
 {
     let items = match serde_json::Value::deserialize(d)? {
+        serde_json::Value::Null => return Ok(None),
         serde_json::Value::Array(a) => a,
         one => vec![one],
     };
@@ -794,11 +806,12 @@ fn de_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::
         MiB(u64),
         Text(String),
     }
-    match Size::deserialize(d)
+    match Option::<Size>::deserialize(d)
         .map_err(|_| serde::de::Error::custom("want a size: a number of MiB or \"2G\""))?
     {
-        Size::MiB(n) => Ok(Some(n.to_string())),
-        Size::Text(t) => Ok(Some(t)),
+        None => Ok(None),
+        Some(Size::MiB(n)) => Ok(Some(n.to_string())),
+        Some(Size::Text(t)) => Ok(Some(t)),
     }
 }
 
@@ -812,11 +825,11 @@ fn de_port<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Err
         Text(String),
     }
     let bad = || serde::de::Error::custom("want true, false or a port number (0-65535)");
-    match Port::deserialize(d).map_err(|_| bad())? {
-        Port::On(true) => Ok(Some(TEST_EXIT_PORT)),
-        Port::On(false) => Ok(None),
-        Port::Number(n) => Ok(Some(n)),
-        Port::Text(t) => {
+    match Option::<Port>::deserialize(d).map_err(|_| bad())? {
+        None | Some(Port::On(false)) => Ok(None),
+        Some(Port::On(true)) => Ok(Some(TEST_EXIT_PORT)),
+        Some(Port::Number(n)) => Ok(Some(n)),
+        Some(Port::Text(t)) => {
             let n = match t.strip_prefix("0x") {
                 Some(h) => u16::from_str_radix(h, 16),
                 None => t.parse(),
@@ -836,8 +849,10 @@ where
     T: std::str::FromStr,
     T::Err: std::fmt::Display,
 {
-    let s = String::deserialize(d)?;
-    s.parse().map(Some).map_err(serde::de::Error::custom)
+    match Option::<String>::deserialize(d)? {
+        None => Ok(None),
+        Some(s) => s.parse().map(Some).map_err(serde::de::Error::custom),
+    }
 }
 
 /// `, line L column C` of byte `offset` in `text` (both from 1).
@@ -989,6 +1004,39 @@ mod tests {
         for bad in ["", "M", "12X", "-1G", "0", "99999999999999999999T", "1.5G"] {
             assert!(parse_size(bad).is_err(), "{bad}");
         }
+    }
+
+    /// A saved spec (JSON) may say null for a key it does not set.
+    #[test]
+    fn null_is_unset_in_a_saved_spec() {
+        let keys = [
+            "memory",
+            "test_exit_port",
+            "disk",
+            "net",
+            "vsock",
+            "device",
+            "snapshot_dirs",
+            "migrate_to",
+            "hotplug_allow",
+            "cpus",
+            "pin",
+            "exits",
+            "seccomp",
+            "landlock",
+        ];
+        let json = format!(
+            "{{\"kernel\": \"k\", {}}}",
+            keys.map(|k| format!("\"{k}\": null")).join(", ")
+        );
+        let spec: VmSpec = serde_json::from_str(&json).unwrap();
+        assert_eq!(
+            spec,
+            VmSpec {
+                kernel: Some("k".into()),
+                ..VmSpec::default()
+            }
+        );
     }
 
     #[test]

@@ -69,6 +69,24 @@ fn toml_value(key: &str, v: &serde_json::Value) -> &'static str {
     }
 }
 
+/// A key as TOML files write it: the flag's name (`api_socket` ->
+/// `api-socket`, `snapshot_dirs` -> `snapshot-dir`).
+fn toml_key(field: &str) -> String {
+    match field {
+        "snapshot_dirs" => "snapshot-dir".into(),
+        f => f.replace('_', "-"),
+    }
+}
+
+/// The example as TOML with the flags' names for keys.
+fn example_toml(example: &VmSpec) -> String {
+    let renamed: serde_json::Map<String, serde_json::Value> = match serde_json::to_value(example) {
+        Ok(serde_json::Value::Object(m)) => m.into_iter().map(|(k, v)| (toml_key(&k), v)).collect(),
+        _ => serde_json::Map::new(),
+    };
+    toml::to_string(&renamed).unwrap_or_default()
+}
+
 /// One line of a flag's help (clap's text joined, `[default: ...]` kept).
 fn one_line(text: &str) -> String {
     text.split_whitespace()
@@ -96,12 +114,16 @@ pub fn config_reference() -> String {
             })
     };
     let example = example();
-    let toml_text = toml::to_string(&example).unwrap_or_default();
+    let toml_text = example_toml(&example);
     let json = serde_json::to_value(&example).unwrap_or_default();
     let mut rows = String::new();
     let mut keys = Vec::new();
     if let serde_json::Value::Object(map) = &json {
+        let mut map: Vec<(String, &serde_json::Value)> =
+            map.iter().map(|(k, v)| (toml_key(k), v)).collect();
+        map.sort_by(|a, b| a.0.cmp(&b.0));
         for (key, v) in map {
+            let key = &key;
             keys.push(key.clone());
             let help = flag(key).unwrap_or_else(|| "(no flag of this name)".into());
             rows.push_str(&format!(
@@ -127,8 +149,8 @@ pub fn config_reference() -> String {
          file's key. Relative paths are taken relative to the file's \
          directory. An unknown key, a wrong type or a bad value is refused \
          with the file, line and column. The snake_case names of earlier \
-         versions (`api_socket`, `snapshot_dirs`, `test_exit_port`) are still \
-         read.\n\n\
+         versions (`api_socket`, `snapshot_dirs`, `test_exit_port`) are read \
+         too.\n\n\
          Sizes take B, K/KiB/Ki, M/MiB/Mi, G/GiB/Gi, T/TiB/Ti; a plain number \
          is MiB, as on the command line. Keys a flag repeats (`--disk`, \
          `--device`, `--snapshot-dir`) take one value or a list.\n\n\
@@ -164,8 +186,18 @@ mod tests {
     #[test]
     fn every_key_is_a_flag_and_the_example_reads_back() {
         let example = example();
-        let text = toml::to_string(&example).unwrap();
+        // The flags' names read back to the same spec...
+        let text = example_toml(&example);
+        assert!(
+            text.contains("api-socket = ") && text.contains("snapshot-dir = "),
+            "{text}"
+        );
         let back: VmSpec = toml::from_str(&text).unwrap();
+        assert_eq!(back, example);
+        // ... and so do the snake_case names a saved spec holds.
+        let saved = toml::to_string(&example).unwrap();
+        assert!(saved.contains("api_socket = "), "{saved}");
+        let back: VmSpec = toml::from_str(&saved).unwrap();
         assert_eq!(back, example);
         let reference = config_reference();
         assert!(!reference.contains("(no flag of this name)"), "{reference}");
