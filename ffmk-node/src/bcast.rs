@@ -168,10 +168,20 @@ fn delivered(d: &Arc<Daemon>, x: Delivery) {
                 Ok(c) => run(&d, &c),
                 Err(e) => format!("refused: {e}"),
             };
+            let id = format!("{:016x}", x.id);
+            {
+                let mut kept = super::lock(&d.broadcasts);
+                if kept.len() == super::BROADCASTS_KEPT {
+                    kept.pop_front();
+                }
+                kept.push_back(serde_json::json!({
+                    "id": id, "command": x.payload, "result": result,
+                }));
+            }
             d.log.event(
                 "broadcast",
                 serde_json::json!({
-                    "id": format!("{:016x}", x.id), "group": x.group, "origin": origin,
+                    "id": id, "group": x.group, "origin": origin,
                     "rank": x.rank, "via": x.via, "from": x.from,
                     "latency_us": x.latency_us, "command": x.payload, "result": result,
                 }),

@@ -177,7 +177,13 @@ pub struct Daemon {
     plane: config::Plane,
     /// Seals this daemon's gossip datagrams (None: --insecure).
     gossip_seal: Mutex<Option<cluster_auth::datagram::Sealer>>,
+    /// The last broadcasts delivered here, newest last (in `status`, so
+    /// that `ffmk-node broadcast` can count who ran its command).
+    broadcasts: Mutex<std::collections::VecDeque<serde_json::Value>>,
 }
+
+/// How many delivered broadcasts a daemon remembers.
+const BROADCASTS_KEPT: usize = 64;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -257,6 +263,7 @@ pub fn run(r: Resolved, plane: config::Plane) -> Result<(), Error> {
         stop: AtomicBool::new(false),
         drained: AtomicBool::new(r_drain),
         ckpt: Mutex::new(ckpt),
+        broadcasts: Mutex::new(std::collections::VecDeque::new()),
     });
     d.log.event(
         "start",
@@ -1393,6 +1400,7 @@ fn status(d: &Daemon) -> serde_json::Value {
         "unreachable_vms": l.errors,
         "incoming": l.incoming.iter().map(|(n, i)| serde_json::json!({"vm": n, "from": i.from, "listening": i.to, "waiting_s": i.since.elapsed().as_secs_f64(), "devices": i.devices})).collect::<Vec<_>>(),
         "ckpt_coordinator": lock(&d.ckpt).as_ref().map(|k| serde_json::json!(k)),
+        "broadcasts": lock(&d.broadcasts).iter().cloned().collect::<Vec<_>>(),
         "vf_pool": {
             "functions": d.r.config.vf_pool,
             "free": free_functions(&d.r.config.vf_pool, &l),

@@ -529,8 +529,13 @@ fn a_broadcast_reaches_every_live_daemon_despite_dead_ones() {
         let _ = daemons[i].child.kill();
         let _ = daemons[i].child.wait();
     }
-    let out = broadcast(&h[0], &dir, 0, &["echo", "hello"]);
+    // --wait 0: back as soon as it is sent.
+    let out = broadcast(&h[0], &dir, 0, &["--wait", "0", "echo", "hello"]);
     assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("(12 hosts)"),
+        "{out:?}"
+    );
     // Killed while it spreads.
     for i in [8, 9] {
         let _ = daemons[i].child.kill();
@@ -579,6 +584,13 @@ fn a_broadcast_reaches_every_live_daemon_despite_dead_ones() {
         &["--group", "10.77.0.[1-6]", "pause", "job7-*"],
     );
     assert!(out.status.success(), "{out:?}");
+    // It says who ran it: the four live hosts of the six.
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("run on 4 of 6 hosts")
+            && said.contains("no answer within 3 s from 10.77.0.3, 10.77.0.4"),
+        "{said}"
+    );
     wait_for("job7-a paused", Duration::from_secs(20), || {
         (state(&job) == "paused").then_some(())
     });
@@ -589,9 +601,20 @@ fn a_broadcast_reaches_every_live_daemon_despite_dead_ones() {
         &h[5],
         &dir,
         5,
-        &["--group", "10.77.0.[1-6]", "resume", "job7-*"],
+        &["--group", "10.77.0.[1-6]", "--json", "resume", "job7-*"],
     );
     assert!(out.status.success(), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["hosts"], 6, "{v}");
+    assert_eq!(v["missing"], serde_json::json!(["10.77.0.3", "10.77.0.4"]), "{v}");
+    assert!(
+        v["delivered"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["host"] == "10.77.0.5" && d["result"] == "resumed [job7-a]"),
+        "{v}"
+    );
     wait_for("job7-a running", Duration::from_secs(20), || {
         (state(&job) == "running").then_some(())
     });

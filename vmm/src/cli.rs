@@ -203,12 +203,18 @@ pub enum VfioAction {
     /// Bind a function to vfio-pci (unbinding it from its driver).
     Bind {
         address: String,
+        /// One JSON object on stdout instead of the sentence.
+        #[arg(long)]
+        json: bool,
         #[arg(long, default_value = "/", hide = true)]
         root: PathBuf,
     },
     /// Give a function back to its host driver.
     Unbind {
         address: String,
+        /// One JSON object on stdout instead of the sentence.
+        #[arg(long)]
+        json: bool,
         #[arg(long, default_value = "/", hide = true)]
         root: PathBuf,
     },
@@ -227,6 +233,9 @@ pub enum IbAction {
     CreateVfs {
         hca: String,
         count: u32,
+        /// One JSON object on stdout instead of the sentence.
+        #[arg(long)]
+        json: bool,
         #[arg(long, default_value = "/", hide = true)]
         root: PathBuf,
     },
@@ -238,6 +247,9 @@ pub enum IbAction {
         node: String,
         #[arg(long)]
         port: String,
+        /// One JSON object on stdout instead of the sentence.
+        #[arg(long)]
+        json: bool,
         #[arg(long, default_value = "/", hide = true)]
         root: PathBuf,
     },
@@ -246,6 +258,9 @@ pub enum IbAction {
         hca: String,
         vf: u32,
         policy: String,
+        /// One JSON object on stdout instead of the sentence.
+        #[arg(long)]
+        json: bool,
         #[arg(long, default_value = "/", hide = true)]
         root: PathBuf,
     },
@@ -253,12 +268,18 @@ pub enum IbAction {
     Bind {
         hca: String,
         vf: u32,
+        /// One JSON object on stdout instead of the sentence.
+        #[arg(long)]
+        json: bool,
         #[arg(long, default_value = "/", hide = true)]
         root: PathBuf,
     },
     /// What keeps an HCA from giving VMs VFs: one line each; exit 1 if any.
     Check {
         hca: String,
+        /// One JSON object on stdout instead of the sentence.
+        #[arg(long)]
+        json: bool,
         #[arg(long, default_value = "/", hide = true)]
         root: PathBuf,
     },
@@ -311,7 +332,12 @@ pub enum SnapshotAction {
         json: bool,
     },
     /// Fold an incremental chain into one full layer, in place.
-    Compact { dir: PathBuf },
+    Compact {
+        dir: PathBuf,
+        /// Print the new manifest as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -616,6 +642,9 @@ pub enum KeyAction {
         /// Where to write it.
         #[arg(default_value = cluster_auth::key::DEFAULT_PATH)]
         path: PathBuf,
+        /// One JSON object on stdout (path, kind, fingerprint).
+        #[arg(long)]
+        json: bool,
     },
     /// Derive job JOB's key from the cluster key into a file of its own: it
     /// opens that job's checkpoint copies and nothing else.
@@ -624,6 +653,9 @@ pub enum KeyAction {
         /// Where to write the job key.
         #[arg(long)]
         out: PathBuf,
+        /// One JSON object on stdout (path, kind, job, fingerprint).
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         plane: PlaneArgs,
     },
@@ -632,6 +664,9 @@ pub enum KeyAction {
     Show {
         /// The key file [default: --cluster-key's default].
         path: Option<PathBuf>,
+        /// One JSON object (path, kind, job, fingerprint).
+        #[arg(long)]
+        json: bool,
     },
 }
 

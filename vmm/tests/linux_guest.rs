@@ -870,7 +870,11 @@ fn cx_server() -> PathBuf {
 fn api_json(vm: &common::Vm, args: &[&str]) -> serde_json::Value {
     let out = vm.api(args);
     assert!(out.status.success(), "{args:?}: {out:?}\n{}", vm.describe());
-    serde_json::from_slice(&out.stdout).unwrap()
+    // One JSON document, or (snapshot) progress lines and the answer last.
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        let text = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(text.lines().last().unwrap_or_default()).unwrap()
+    })
 }
 
 /// The agent with a hook standing in for the MPI runtime: it refuses the

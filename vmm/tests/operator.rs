@@ -315,3 +315,36 @@ fn snapshots_go_into_an_empty_prepared_directory_and_refusals_exit_4() {
     let _ = vm.stop();
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn every_command_that_prints_takes_json() {
+    let dir = tmpdir("json-everywhere");
+    let key = dir.join("k.key");
+    let k = key.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &[i32])> = vec![
+        (vec!["host-info", "--json"], &[0]),
+        (vec!["host-check", "--json"], &[0, 1]),
+        (vec!["vfio", "list", "--json"], &[0]),
+        (vec!["ib", "list", "--json"], &[0]),
+        (vec!["ib", "check", "mlx5_9", "--json"], &[0, 1]),
+        (vec!["key", "generate", k, "--json"], &[0]),
+        (vec!["key", "show", k, "--json"], &[0]),
+    ];
+    for (args, codes) in cases {
+        let out = ffmk().args(&args).output().unwrap();
+        let code = out.status.code().unwrap_or(-1);
+        assert!(codes.contains(&code), "{args:?}: exit {code}: {}", text(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", text(&out.stdout)));
+        match args[0] {
+            "key" => assert_eq!(v["kind"], "cluster", "{v}"),
+            "ib" if args[1] == "check" => {
+                assert_eq!(v["ready"], false, "{v}");
+                assert_eq!(code, 1);
+                assert!(v["problems"].as_array().is_some_and(|p| !p.is_empty()), "{v}");
+            }
+            _ => {}
+        }
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}

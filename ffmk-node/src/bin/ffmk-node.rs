@@ -182,6 +182,15 @@ struct BroadcastArgs {
     /// (node[03-07]), or all.
     #[arg(long, default_value = "all")]
     group: String,
+    /// Seconds to wait for the hosts of the group to report the command
+    /// run (asked over their control ports); 0: report only that it was
+    /// sent.
+    #[arg(long, default_value_t = 3.0, value_name = "SECONDS")]
+    wait: f64,
+    /// One JSON object: id, command, group, hosts, delivered (host and
+    /// result each), missing.
+    #[arg(long)]
+    json: bool,
     /// The command and its argument, e.g. pause 'job7-*'.
     #[arg(required = true, num_args = 1..)]
     command: Vec<String>,
@@ -528,7 +537,7 @@ fn send_broadcast(a: BroadcastArgs) -> Result<(), String> {
         .iter()
         .map(|g| std::net::SocketAddr::new(g.ip(), r.config.broadcast_port))
         .collect();
-    bcast::resolver(r.names.clone(), addrs.clone())(&a.group)
+    let group = bcast::resolver(r.names.clone(), addrs.clone())(&a.group)
         .and_then(|g| {
             if g.is_empty() {
                 Err(format!("group {} has no host", a.group))
@@ -555,16 +564,124 @@ fn send_broadcast(a: BroadcastArgs) -> Result<(), String> {
             addrs[r.slot]
         )
     })?;
-    match answer.strip_prefix("ok ") {
-        Some(id) => {
-            println!("broadcast {id}: {command} -> {}", a.group);
-            Ok(())
-        }
-        None => Err(format!(
+    let Some(id) = answer.strip_prefix("ok ") else {
+        return Err(format!(
             "broadcast: {}",
             answer.strip_prefix("error ").unwrap_or(&answer)
-        )),
+        ));
+    };
+    let slots: Vec<usize> = group
+        .iter()
+        .filter_map(|g| addrs.iter().position(|a| a == g))
+        .collect();
+    if !(a.wait > 0.0) {
+        if a.json {
+            println!(
+                "{}",
+                serde_json::json!({"id": id, "command": command, "group": a.group, "hosts": slots.len()})
+            );
+        } else {
+            println!("broadcast {id}: {command} -> {} ({} hosts)", a.group, slots.len());
+        }
+        return Ok(());
     }
+    let heard = delivered_on(&r, &plane, &slots, id, std::time::Duration::from_secs_f64(a.wait));
+    let missing: Vec<&str> = slots
+        .iter()
+        .filter(|s| !heard.iter().any(|(h, _)| h == *s))
+        .map(|s| r.names[*s].as_str())
+        .collect();
+    if a.json {
+        let delivered: Vec<serde_json::Value> = heard
+            .iter()
+            .map(|(s, result)| serde_json::json!({"host": r.names[*s], "result": result}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({
+                "id": id, "command": command, "group": a.group, "hosts": slots.len(),
+                "delivered": delivered, "missing": missing,
+            })
+        );
+        return Ok(());
+    }
+    println!(
+        "broadcast {id}: {command} -> {}: run on {} of {} hosts{}",
+        a.group,
+        heard.len(),
+        slots.len(),
+        if missing.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; no answer within {} s from {}",
+                a.wait,
+                missing.join(", ")
+            )
+        }
+    );
+    Ok(())
+}
+
+/// The hosts (of `slots`) whose daemon reports broadcast `id` run, with
+/// its result, asked over their control ports until all have or `wait`
+/// is over (32 hosts asked at once).
+fn delivered_on(
+    r: &ffmk_node::config::Resolved,
+    plane: &ffmk_node::config::Plane,
+    slots: &[usize],
+    id: &str,
+    wait: std::time::Duration,
+) -> Vec<(usize, String)> {
+    use ffmk_node::control;
+    use std::time::{Duration, Instant};
+    let deadline = Instant::now() + wait;
+    let mut heard: Vec<(usize, String)> = Vec::new();
+    loop {
+        let pending: Vec<usize> = slots
+            .iter()
+            .copied()
+            .filter(|s| !heard.iter().any(|(h, _)| h == s))
+            .collect();
+        if pending.is_empty() {
+            break;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let per_call = left.clamp(Duration::from_millis(200), Duration::from_secs(2));
+        for chunk in pending.chunks(32) {
+            let found: Vec<(usize, String)> = std::thread::scope(|sc| {
+                let asks: Vec<_> = chunk
+                    .iter()
+                    .map(|&slot| {
+                        sc.spawn(move || {
+                            let reply = control::call(
+                                r.control[slot],
+                                &plane.trust,
+                                &control::Request::Status {},
+                                per_call,
+                            )
+                            .ok()?;
+                            let st = reply.status?;
+                            st["broadcasts"].as_array()?.iter().find_map(|b| {
+                                (b["id"] == id)
+                                    .then(|| (slot, b["result"].as_str().unwrap_or("").to_string()))
+                            })
+                        })
+                    })
+                    .collect();
+                asks.into_iter()
+                    .filter_map(|h| h.join().ok().flatten())
+                    .collect()
+            });
+            heard.extend(found);
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    heard.sort_by_key(|(s, _)| *s);
+    heard
 }
 
 fn checkpoint_in_turn(a: CheckpointArgs) -> Result<u8, String> {

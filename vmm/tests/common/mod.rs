@@ -415,7 +415,9 @@ impl Vm {
         args.extend(extra);
         let out = self.api(&args);
         assert!(out.status.success(), "{out:?}");
-        serde_json::from_slice(&out.stdout).unwrap()
+        // The answer is the last line (progress lines may come first).
+        let text = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(text.lines().last().unwrap_or_default()).unwrap()
     }
 
     pub fn kill(mut self) {

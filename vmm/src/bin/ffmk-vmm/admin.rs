@@ -8,7 +8,7 @@ use vmm::cli::KeyAction;
 pub fn key(action: KeyAction) -> Result<u8, Failure> {
     use cluster_auth::key::{self, Key};
     match action {
-        KeyAction::Generate { path } => {
+        KeyAction::Generate { path, json } => {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir)
                     .with_context(|| format!("cannot create {}", dir.display()))
@@ -17,6 +17,11 @@ pub fn key(action: KeyAction) -> Result<u8, Failure> {
             let k = Key::Cluster(key::generate().map_err(runtime)?);
             key::write(&path, &k).map_err(usage)?;
             let fp = k.cluster().map_err(runtime)?.fingerprint();
+            if json {
+                return print_json(&serde_json::json!({
+                    "path": path, "kind": "cluster", "fingerprint": fp,
+                }));
+            }
             say!(
                 "wrote cluster key {fp} to {} (mode 0600): copy it to every node of \
                  the cluster, to the same path, as the user that runs ffmk-vmm and ffmk-node",
@@ -24,7 +29,12 @@ pub fn key(action: KeyAction) -> Result<u8, Failure> {
             );
             Ok(0)
         }
-        KeyAction::Job { job, out, plane } => {
+        KeyAction::Job {
+            job,
+            out,
+            plane,
+            json,
+        } => {
             let (k, _) = Key::find(plane.cluster_key.as_deref()).map_err(usage)?;
             let jk = k.job_key(&job).map_err(usage)?;
             let fp = jk.fingerprint();
@@ -36,6 +46,11 @@ pub fn key(action: KeyAction) -> Result<u8, Failure> {
                 },
             )
             .map_err(usage)?;
+            if json {
+                return print_json(&serde_json::json!({
+                    "path": out, "kind": "job", "job": job, "fingerprint": fp,
+                }));
+            }
             say!(
                 "wrote job {job:?}'s key {fp} to {}: it opens that job's checkpoint \
                  copies and nothing else",
@@ -43,8 +58,18 @@ pub fn key(action: KeyAction) -> Result<u8, Failure> {
             );
             Ok(0)
         }
-        KeyAction::Show { path } => {
+        KeyAction::Show { path, json } => {
             let (k, path) = Key::find(path.as_deref()).map_err(usage)?;
+            if json {
+                return print_json(&match &k {
+                    Key::Cluster(s) => serde_json::json!({
+                        "path": path, "kind": "cluster", "fingerprint": s.fingerprint(),
+                    }),
+                    Key::Job { job, key } => serde_json::json!({
+                        "path": path, "kind": "job", "job": job, "fingerprint": key.fingerprint(),
+                    }),
+                });
+            }
             match &k {
                 Key::Cluster(s) => println!("{}: cluster key {}", path.display(), s.fingerprint()),
                 Key::Job { job, key } => {
@@ -170,19 +195,37 @@ pub fn vfio(action: vmm::cli::VfioAction) -> Result<u8, Failure> {
             }
             Ok(0)
         }
-        VfioAction::Bind { address, root } => {
+        VfioAction::Bind {
+            address,
+            json,
+            root,
+        } => {
             let a = pci_address(&address)?;
             sysfs::bind_vfio(&root, &a).map_err(|e| usage(anyhow::anyhow!(e)))?;
             let group =
                 vfio_ib::kernel::preflight(&root, &a).map_err(|e| usage(anyhow::anyhow!(e)))?;
+            if json {
+                return print_json(&serde_json::json!({
+                    "address": a.to_string(), "driver": "vfio-pci", "iommu_group": group,
+                }));
+            }
             println!(
                 "{a} is bound to vfio-pci (IOMMU group {group}); pass it with --device vfio={a}"
             );
             Ok(0)
         }
-        VfioAction::Unbind { address, root } => {
+        VfioAction::Unbind {
+            address,
+            json,
+            root,
+        } => {
             let a = pci_address(&address)?;
             sysfs::unbind_vfio(&root, &a).map_err(|e| usage(anyhow::anyhow!(e)))?;
+            if json {
+                return print_json(&serde_json::json!({
+                    "address": a.to_string(), "driver": sysfs::driver(&root, &a),
+                }));
+            }
             println!(
                 "{a} is back with the host (driver: {})",
                 sysfs::driver(&root, &a).as_deref().unwrap_or("none")
@@ -246,8 +289,17 @@ pub fn ib(action: vmm::cli::IbAction) -> Result<u8, Failure> {
             }
             Ok(0)
         }
-        IbAction::CreateVfs { hca, count, root } => {
+        IbAction::CreateVfs {
+            hca,
+            count,
+            json,
+            root,
+        } => {
             let vfs = ib::create_vfs(&root, &hca, count).map_err(|e| refused(&e))?;
+            if json {
+                let vfs: Vec<String> = vfs.iter().map(|v| v.to_string()).collect();
+                return print_json(&serde_json::json!({"hca": hca, "vfs": vfs}));
+            }
             println!("{hca}: {} VFs", vfs.len());
             for v in vfs {
                 println!("  {v}");
@@ -259,9 +311,15 @@ pub fn ib(action: vmm::cli::IbAction) -> Result<u8, Failure> {
             vf,
             node,
             port,
+            json,
             root,
         } => {
             ib::set_guids(&root, &hca, vf, &node, &port).map_err(|e| refused(&e))?;
+            if json {
+                return print_json(&serde_json::json!({
+                    "hca": hca, "vf": vf, "node_guid": node, "port_guid": port,
+                }));
+            }
             println!("{hca} VF {vf}: node GUID {node}, port GUID {port}");
             Ok(0)
         }
@@ -269,13 +327,22 @@ pub fn ib(action: vmm::cli::IbAction) -> Result<u8, Failure> {
             hca,
             vf,
             policy,
+            json,
             root,
         } => {
             ib::set_policy(&root, &hca, vf, &policy).map_err(|e| refused(&e))?;
+            if json {
+                return print_json(&serde_json::json!({"hca": hca, "vf": vf, "policy": policy}));
+            }
             println!("{hca} VF {vf}: policy {policy}");
             Ok(0)
         }
-        IbAction::Bind { hca, vf, root } => {
+        IbAction::Bind {
+            hca,
+            vf,
+            json,
+            root,
+        } => {
             let h =
                 ib::hca(&root, &hca).ok_or_else(|| fail(format!("no InfiniBand HCA '{hca}'")))?;
             let v = h.vfs.get(vf as usize).ok_or_else(|| {
@@ -285,11 +352,22 @@ pub fn ib(action: vmm::cli::IbAction) -> Result<u8, Failure> {
                 ))
             })?;
             vfio_ib::sysfs::bind_vfio(&root, &v.address).map_err(|e| refused(&e))?;
+            if json {
+                return print_json(&serde_json::json!({
+                    "hca": hca, "vf": vf, "address": v.address.to_string(), "driver": "vfio-pci",
+                }));
+            }
             println!("{}", v.address);
             Ok(0)
         }
-        IbAction::Check { hca, root } => {
+        IbAction::Check { hca, json, root } => {
             let problems = ib::problems(&root, &hca).map_err(|e| refused(&e))?;
+            if json {
+                print_json(&serde_json::json!({
+                    "hca": hca, "ready": problems.is_empty(), "problems": problems,
+                }))?;
+                return Ok(u8::from(!problems.is_empty()));
+            }
             if problems.is_empty() {
                 println!("{hca}: ready to give VMs VFs");
                 return Ok(0);

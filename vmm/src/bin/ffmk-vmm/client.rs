@@ -124,9 +124,9 @@ pub fn resize_disk(c: ClientArgs, disk: usize, size: &str) -> Result<u8, Failure
 pub fn snapshot(a: SnapshotArgs) -> Result<u8, Failure> {
     match a.action {
         Some(SnapshotAction::Inspect { dir, verify, json }) => {
-            crate::admin::inspect(&dir, verify, json || a.json)
+            crate::admin::inspect(&dir, verify, json)
         }
-        Some(SnapshotAction::Compact { dir }) => crate::admin::compact(&dir, a.json),
+        Some(SnapshotAction::Compact { dir, json }) => crate::admin::compact(&dir, json),
         None => {
             let (Some(sock), Some(dest)) = (a.api_socket, a.dest) else {
                 return Err(usage(anyhow::anyhow!(
@@ -136,24 +136,95 @@ pub fn snapshot(a: SnapshotArgs) -> Result<u8, Failure> {
             let dest = std::path::absolute(&dest)
                 .with_context(|| format!("bad --dest {}", dest.display()))
                 .map_err(usage)?;
-            let client = vmm::cli::with_timeout(vmm_api::Client::new(sock), a.timeout, SNAPSHOT);
-            print(
-                client.snapshot(&SnapshotRequest {
-                    dest,
-                    kind: if a.incremental {
-                        SnapshotKind::Incremental
-                    } else {
-                        SnapshotKind::Full
-                    },
-                    force: a.force,
-                    live: a.live,
-                    detach_devices: a.detach_devices,
-                }),
-                a.json,
-                crate::summary::snapshot,
-            )
+            let client = vmm::cli::with_timeout(vmm_api::Client::new(&sock), a.timeout, SNAPSHOT);
+            let req = SnapshotRequest {
+                dest: dest.clone(),
+                kind: if a.incremental {
+                    SnapshotKind::Incremental
+                } else {
+                    SnapshotKind::Full
+                },
+                force: a.force,
+                live: a.live,
+                detach_devices: a.detach_devices,
+            };
+            // Who writes, and how much at most: the bar's scale.
+            let vm = vmm::cli::with_timeout(vmm_api::Client::new(&sock), a.timeout, QUICK)
+                .vm()
+                .map_err(failed)?;
+            // Progress: a bar on a terminal, JSON lines with --json;
+            // a script without --json gets the summary line only.
+            use std::io::IsTerminal;
+            let answer = if a.json || std::io::stdout().is_terminal() {
+                let reporter = checkpoint_levels::progress::Reporter::new(a.json);
+                with_progress(&reporter, &dest, vm.pid, vm.memory.bytes, || {
+                    client.snapshot(&req)
+                })
+            } else {
+                client.snapshot(&req)
+            };
+            let reply = answer.map_err(failed)?;
+            if a.json {
+                // The answer is the last line (after any progress lines).
+                println!("{}", serde_json::to_string(&reply).map_err(runtime)?);
+            } else {
+                println!("{}", crate::summary::snapshot(&reply));
+            }
+            Ok(0)
         }
     }
+}
+
+/// Runs `call` (a snapshot into `dest` by VMM `pid`) while showing how
+/// much of it is on disk: a bar on a terminal, JSON lines otherwise (at
+/// most four a second; none for a snapshot done within a second).
+fn with_progress<T: Send>(
+    reporter: &checkpoint_levels::progress::Reporter,
+    dest: &std::path::Path,
+    pid: u32,
+    memory_bytes: u64,
+    call: impl FnOnce() -> T + Send,
+) -> T {
+    let started = std::time::SystemTime::now();
+    let task = reporter.task("snapshot");
+    let out = std::thread::scope(|s| {
+        let h = s.spawn(call);
+        let t0 = std::time::Instant::now();
+        while !h.is_finished() {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            if t0.elapsed() >= std::time::Duration::from_secs(1) {
+                task.progress(written(dest, pid, started).min(memory_bytes), memory_bytes);
+            }
+        }
+        h.join()
+    });
+    task.finish("done");
+    match out {
+        Ok(v) => v,
+        Err(p) => std::panic::resume_unwind(p),
+    }
+}
+
+/// Bytes of memory layers written since `since` for a snapshot into
+/// `dest`: in `dest` itself (an incremental layer, a prepared empty
+/// directory) or in the VMM's work directory beside it.
+fn written(dest: &std::path::Path, pid: u32, since: std::time::SystemTime) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let work = dest.with_file_name(format!(".{name}.partial-{pid}"));
+    [dest.to_path_buf(), work]
+        .iter()
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .flatten()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("mem-"))
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.modified().is_ok_and(|t| t >= since))
+        .map(|m| m.blocks() * 512)
+        .sum()
 }
 
 /// A phase as the API names it (`stop-and-copy`).
