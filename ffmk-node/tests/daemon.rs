@@ -606,7 +606,11 @@ fn a_broadcast_reaches_every_live_daemon_despite_dead_ones() {
     assert!(out.status.success(), "{out:?}");
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["hosts"], 6, "{v}");
-    assert_eq!(v["missing"], serde_json::json!(["10.77.0.3", "10.77.0.4"]), "{v}");
+    assert_eq!(
+        v["missing"],
+        serde_json::json!(["10.77.0.3", "10.77.0.4"]),
+        "{v}"
+    );
     assert!(
         v["delivered"]
             .as_array()

@@ -333,7 +333,11 @@ fn every_command_that_prints_takes_json() {
     for (args, codes) in cases {
         let out = ffmk().args(&args).output().unwrap();
         let code = out.status.code().unwrap_or(-1);
-        assert!(codes.contains(&code), "{args:?}: exit {code}: {}", text(&out.stderr));
+        assert!(
+            codes.contains(&code),
+            "{args:?}: exit {code}: {}",
+            text(&out.stderr)
+        );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout)
             .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", text(&out.stdout)));
         match args[0] {
@@ -341,7 +345,10 @@ fn every_command_that_prints_takes_json() {
             "ib" if args[1] == "check" => {
                 assert_eq!(v["ready"], false, "{v}");
                 assert_eq!(code, 1);
-                assert!(v["problems"].as_array().is_some_and(|p| !p.is_empty()), "{v}");
+                assert!(
+                    v["problems"].as_array().is_some_and(|p| !p.is_empty()),
+                    "{v}"
+                );
             }
             _ => {}
         }

@@ -185,7 +185,7 @@ struct BroadcastArgs {
     /// Seconds to wait for the hosts of the group to report the command
     /// run (asked over their control ports); 0: report only that it was
     /// sent.
-    #[arg(long, default_value_t = 3.0, value_name = "SECONDS")]
+    #[arg(long, default_value_t = 3.0, value_name = "SECONDS", value_parser = seconds)]
     wait: f64,
     /// One JSON object: id, command, group, hosts, delivered (host and
     /// result each), missing.
@@ -194,6 +194,14 @@ struct BroadcastArgs {
     /// The command and its argument, e.g. pause 'job7-*'.
     #[arg(required = true, num_args = 1..)]
     command: Vec<String>,
+}
+
+/// A number of seconds: finite, not negative.
+fn seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds")),
+    }
 }
 
 #[derive(clap::Args)]
@@ -574,18 +582,28 @@ fn send_broadcast(a: BroadcastArgs) -> Result<(), String> {
         .iter()
         .filter_map(|g| addrs.iter().position(|a| a == g))
         .collect();
-    if !(a.wait > 0.0) {
+    if a.wait == 0.0 {
         if a.json {
             println!(
                 "{}",
                 serde_json::json!({"id": id, "command": command, "group": a.group, "hosts": slots.len()})
             );
         } else {
-            println!("broadcast {id}: {command} -> {} ({} hosts)", a.group, slots.len());
+            println!(
+                "broadcast {id}: {command} -> {} ({} hosts)",
+                a.group,
+                slots.len()
+            );
         }
         return Ok(());
     }
-    let heard = delivered_on(&r, &plane, &slots, id, std::time::Duration::from_secs_f64(a.wait));
+    let heard = delivered_on(
+        &r,
+        &plane,
+        &slots,
+        id,
+        std::time::Duration::from_secs_f64(a.wait),
+    );
     let missing: Vec<&str> = slots
         .iter()
         .filter(|s| !heard.iter().any(|(h, _)| h == *s))
