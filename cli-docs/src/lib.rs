@@ -8,6 +8,41 @@ use std::path::{Path, PathBuf};
 
 pub use clap_complete::Shell;
 
+/// The two subcommands every ffmk command has, flattened into its own
+/// subcommands (`#[command(flatten)] Docs(cli_docs::Docs)`).
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum Docs {
+    /// Print the shell completion script (bash, zsh, fish, elvish,
+    /// powershell), e.g. into /usr/share/bash-completion/completions/.
+    Completions {
+        #[arg(value_enum)]
+        shell: Shell,
+    },
+    /// Write the man pages (NAME.1, NAME-run.1, ...) into a directory.
+    #[command(hide = true)]
+    Man {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+impl Docs {
+    /// Does what was asked for `cmd` (the whole command line's
+    /// definition). A closed pipe while printing completions is not an
+    /// error worth a message.
+    pub fn run(self, cmd: Command) -> Result<(), String> {
+        match self {
+            Docs::Completions { shell } => {
+                let _ = completions(cmd, shell, &mut std::io::stdout());
+                Ok(())
+            }
+            Docs::Man { dir } => man_pages(cmd, &dir)
+                .map(|_| ())
+                .map_err(|e| format!("cannot write man pages into {}: {e}", dir.display())),
+        }
+    }
+}
+
 /// Writes the completion script of `cmd` for `shell` to `out` (an error
 /// such as a closed pipe is returned, not a panic).
 pub fn completions(mut cmd: Command, shell: Shell, out: &mut dyn Write) -> std::io::Result<()> {

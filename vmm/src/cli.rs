@@ -141,19 +141,8 @@ pub enum Command {
         #[command(subcommand)]
         action: IbAction,
     },
-    /// Print the shell completion script (bash, zsh, fish, elvish,
-    /// powershell), e.g. `ffmk-vmm completions bash >
-    /// /usr/share/bash-completion/completions/ffmk-vmm`.
-    Completions {
-        #[arg(value_enum)]
-        shell: cli_docs::Shell,
-    },
-    /// Write the man pages (ffmk-vmm.1, ffmk-vmm-run.1, ...) into a directory.
-    #[command(hide = true)]
-    Man {
-        #[arg(long)]
-        dir: PathBuf,
-    },
+    #[command(flatten)]
+    Docs(cli_docs::Docs),
     /// Grow a running VM's disk; the guest gets a configuration-change interrupt.
     ResizeDisk {
         #[command(flatten)]

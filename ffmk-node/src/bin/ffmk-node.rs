@@ -87,17 +87,8 @@ enum Cmd {
     /// layout on the guest command line; it is the task, so it ends with
     /// the step (docs/balance.md).
     SlurmVm(SlurmVmArgs),
-    /// Print the shell completion script (bash, zsh, fish, elvish, powershell).
-    Completions {
-        #[arg(value_enum)]
-        shell: cli_docs::Shell,
-    },
-    /// Write the man pages (ffmk-node.1, ffmk-node-run.1, ...) into a directory.
-    #[command(hide = true)]
-    Man {
-        #[arg(long)]
-        dir: std::path::PathBuf,
-    },
+    #[command(flatten)]
+    Docs(cli_docs::Docs),
 }
 
 #[derive(clap::Args)]
@@ -965,17 +956,9 @@ fn main() -> ExitCode {
         },
         Cmd::CkptSim(a) => ckpt_sim(a),
         Cmd::SlurmVm(a) => slurm_vm(a),
-        Cmd::Completions { shell } => {
+        Cmd::Docs(d) => {
             use clap::CommandFactory;
-            // A closed pipe (`| head`) is not worth a message.
-            let _ = cli_docs::completions(Cli::command(), shell, &mut std::io::stdout());
-            Ok(())
-        }
-        Cmd::Man { dir } => {
-            use clap::CommandFactory;
-            cli_docs::man_pages(Cli::command(), &dir)
-                .map(|_| ())
-                .map_err(|e| format!("cannot write man pages into {}: {e}", dir.display()))
+            d.run(Cli::command())
         }
     };
     match r {

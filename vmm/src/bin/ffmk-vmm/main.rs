@@ -53,18 +53,11 @@ fn main() -> ExitCode {
         Command::Device { action } => client::device(action),
         Command::Vfio { action } => admin::vfio(action),
         Command::Ib { action } => admin::ib(action),
-        Command::Completions { shell } => {
+        Command::Docs(d) => {
             use clap::CommandFactory;
-            // A closed pipe (`| head`) is not worth a message.
-            let _ = cli_docs::completions(Cli::command(), shell, &mut std::io::stdout());
-            Ok(0)
-        }
-        Command::Man { dir } => {
-            use clap::CommandFactory;
-            cli_docs::man_pages(Cli::command(), &dir)
-                .with_context(|| format!("cannot write man pages into {}", dir.display()))
-                .map(|_| 0)
-                .map_err(runtime)
+            d.run(Cli::command())
+                .map(|()| 0)
+                .map_err(|e| runtime(anyhow::anyhow!(e)))
         }
         Command::ResizeDisk {
             client: c,
