@@ -10,7 +10,11 @@ use vcpu_decouple::{CpuList, PinSpec, Topology};
 #[command(
     name = "ffmk-vmm",
     version,
-    about = "KVM virtual machine monitor for HPC compute nodes"
+    about = "KVM virtual machine monitor for HPC compute nodes",
+    after_help = "Exit codes: 0 ok, 1 failure or no answer in time, 2 bad usage or input, 3 guest \
+                  crash, 4 refused, N the guest's test-exit status. The configuration file's \
+                  keys: docs/config.md; exit codes, timeouts, logs, metrics: docs/operations.md \
+                  (/usr/share/doc/ffmk/ when installed)."
 )]
 pub struct Cli {
     /// Which logs show: a level (error, warn, info, debug, trace, off) or
