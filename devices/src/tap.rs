@@ -97,6 +97,16 @@ impl Tap {
         &self.name
     }
 
+    /// Another descriptor of the same TAP queue (`F_DUPFD_CLOEXEC`: no
+    /// file is opened, so a confined thread may do it). The interface
+    /// lives as long as one of them is open.
+    pub fn try_clone(&self) -> io::Result<Tap> {
+        Ok(Tap {
+            file: self.file.try_clone()?,
+            name: self.name.clone(),
+        })
+    }
+
     /// Which offloads the host kernel may hand us (TUN_F_* flags), matching
     /// what the guest driver accepted.
     pub fn set_offload(&self, flags: u32) -> Result<(), TapError> {

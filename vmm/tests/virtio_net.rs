@@ -61,6 +61,54 @@ fn guest_echoes_udp_datagrams_through_a_tap_byte_for_byte() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// A guest that resets its NIC (a driver reload, kexec, a reboot) finds it
+/// working again: the TAP stays with the device (the VMM's threads may not
+/// open /dev/net/tun once the VM runs, so it is never reopened).
+#[test]
+fn a_nic_the_guest_resets_keeps_its_tap() {
+    let Some(ns) = NetNs::new("nreset") else {
+        eprintln!("skipped: cannot create a network namespace (needs root and iproute2)");
+        return;
+    };
+    let (count, resets) = (4, 2);
+    let task = format!("task=net op=echo count={count} resets={resets} timeout_ms=20000");
+    let mut vm = start_probe(&ns, &task, "tap=ffmkr0");
+    vm.next_line(Duration::from_secs(10), |l| l.starts_with("mac="))
+        .expect("the guest found its NIC");
+    assert!(ns.ip(&["addr", "add", "10.0.0.1/24", "dev", "ffmkr0"]));
+    assert!(ns.ip(&["link", "set", "ffmkr0", "up"]));
+    let total = count * (resets + 1);
+    let echoed = ns.run(move || {
+        let s = UdpSocket::bind("10.0.0.1:0").unwrap();
+        // While the guest resets its NIC a datagram may go unanswered:
+        // send again until it is echoed.
+        s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        let mut ok = 0;
+        for i in 0..total {
+            let msg = format!("datagram {i}");
+            let mut buf = [0u8; 2048];
+            let echoed = (0..40).any(|_| {
+                // (With the TAP gone, as before this was fixed: unreachable.)
+                if s.send_to(msg.as_bytes(), "10.0.0.2:7777").is_err() {
+                    std::thread::sleep(Duration::from_millis(500));
+                    return false;
+                }
+                s.recv_from(&mut buf)
+                    .is_ok_and(|(n, _)| &buf[..n] == msg.as_bytes())
+            });
+            assert!(echoed, "datagram {i} never came back");
+            ok += 1;
+        }
+        ok
+    });
+    assert_eq!(echoed, total);
+    let (code, err) = vm.wait(Duration::from_secs(20));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!err.contains("cannot reopen") && !err.contains("in use"), "{err}");
+    let console = vm.drain().join("\n");
+    assert!(console.contains(&format!("reset={resets}")), "{console}");
+}
+
 #[test]
 fn guest_measures_transmit_throughput_and_every_datagram_arrives() {
     let Some(ns) = NetNs::new("nbench") else {

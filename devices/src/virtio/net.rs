@@ -66,7 +66,14 @@ pub struct NetStats {
 
 pub struct Net {
     config: NetConfig,
-    tap: Option<Tap>,
+    /// Opened once, when the VM is built, and kept for the device's life:
+    /// each activation's handler gets a duplicate. A guest that resets the
+    /// device (a driver reload, kexec, a reboot) keeps its TAP, although
+    /// the VMM's threads may no longer open /dev/net/tun by then, and the
+    /// interface (with its addresses and bridge port) never goes away.
+    tap: Tap,
+    /// A handler runs (between activation and reset).
+    active: bool,
     handlers: Handlers,
     pub stats: Arc<NetStats>,
 }
@@ -76,7 +83,8 @@ impl Net {
         let tap = Tap::open(&config.tap)?;
         Ok(Net {
             config,
-            tap: Some(tap),
+            tap,
+            active: false,
             handlers: Handlers::new(endpoint),
             stats: Arc::new(NetStats::default()),
         })
@@ -118,9 +126,15 @@ impl VirtioDevice for Net {
     fn config_write(&mut self, _offset: u64, _data: &[u8]) {}
 
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
-        let tap = self.tap.take().ok_or(ActivateError::Busy(
-            "the TAP is in use by an earlier activation",
-        ))?;
+        if self.active {
+            return Err(ActivateError::Busy(
+                "the TAP is in use by an earlier activation",
+            ));
+        }
+        let tap = self.tap.try_clone().map_err(|source| ActivateError::Host {
+            what: "a duplicate of the TAP descriptor",
+            source,
+        })?;
         let mut offload = 0;
         if a.features & F_GUEST_CSUM != 0 {
             offload |= TUN_F_CSUM;
@@ -132,7 +146,6 @@ impl VirtioDevice for Net {
             }
         }
         if let Err(e) = tap.set_offload(offload) {
-            self.tap = Some(tap);
             return Err(ActivateError::Host {
                 what: "TAP offloads",
                 source: std::io::Error::other(e.to_string()),
@@ -140,7 +153,6 @@ impl VirtioDevice for Net {
         }
         let mut queues = a.queues.into_iter();
         let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
-            self.tap = Some(tap);
             return Err(ActivateError::Queues("both queues"));
         };
         let handler = NetHandler {
@@ -156,17 +168,14 @@ impl VirtioDevice for Net {
             stats: self.stats.clone(),
         };
         self.handlers.start(Box::new(handler))?;
+        self.active = true;
         Ok(())
     }
 
     fn reset(&mut self) {
-        // The handler took the TAP with it: attach again for the next activation.
-        if self.handlers.stop_all() {
-            match Tap::open(&self.config.tap) {
-                Ok(t) => self.tap = Some(t),
-                Err(e) => tracing::warn!("virtio-net: cannot reopen {}: {e}", self.config.tap),
-            }
-        }
+        // The handler's duplicate goes with it; the device keeps the TAP.
+        self.handlers.stop_all();
+        self.active = false;
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {

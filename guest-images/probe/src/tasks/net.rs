@@ -1,7 +1,9 @@
-//! `task=net op=echo count=N [ip=10.0.0.2]`: answers ARP for `ip` and sends
-//! every UDP datagram addressed to it back to its sender (addresses and
-//! ports swapped, so the checksums stay valid), until N were echoed. Prints
-//! `mac=`, then `echoed=N`.
+//! `task=net op=echo count=N [ip=10.0.0.2] [resets=R]`: answers ARP for
+//! `ip` and sends every UDP datagram addressed to it back to its sender
+//! (addresses and ports swapped, so the checksums stay valid), until N were
+//! echoed. Prints `mac=`, then `echoed=N`. With `resets=R` it then resets
+//! the device and brings it up again, R times, echoing N more each time (as
+//! a driver reload does; prints `reset=K` before each).
 //!
 //! `task=net op=bench count=N size=S`: throughput. The first UDP datagram
 //! from the host names the peer; the probe then sends N datagrams of S
@@ -196,52 +198,19 @@ fn bench(
     0
 }
 
-pub fn run(info: &mut BootInfo, args: &Args) -> u8 {
-    let Some(ip) = parse_ip(args.get("ip").unwrap_or("10.0.0.2")) else {
-        println!("probe: error: bad ip=");
-        return STATUS_PROBE_ERROR;
-    };
-    let count = args.num("count", 1);
-    let Some(f) = virtio::find(info.ecam_base(), 1, 0) else {
-        println!("probe: error: no virtio-net device");
-        return STATUS_PROBE_ERROR;
-    };
-    let Ok(dev) = Device::open(f, 0) else {
-        println!("probe: error: virtio-net did not accept the driver");
-        return STATUS_PROBE_ERROR;
-    };
-    let ring = Queue::bytes(RX_BUFFERS);
-    let Some(mem) = info.take(2 * ring + u64::from(RX_BUFFERS + 1) * BUF) else {
-        println!("probe: error: no memory for the rings");
-        return STATUS_PROBE_ERROR;
-    };
-    let (Ok(mut rx), Ok(mut tx)) = (
-        dev.setup_queue(0, RX_BUFFERS, mem),
-        dev.setup_queue(1, 16, mem + ring),
-    ) else {
-        println!("probe: error: virtio-net queues");
-        return STATUS_PROBE_ERROR;
-    };
-    dev.driver_ok();
-    let mut mac = [0u8; 6];
-    for (i, b) in mac.iter_mut().enumerate() {
-        // SAFETY: the device configuration starts with the MAC address.
-        *b = unsafe { core::ptr::read_volatile((dev.device_cfg + i as u64) as *const u8) };
-    }
-    println!(
-        "mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-        mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]
-    );
-    let bufs = mem + 2 * ring;
-    let slots = RX_BUFFERS.min(rx.size());
-    for s in 0..slots {
-        rx.post(s, bufs + u64::from(s) * BUF, BUF as u32, true);
-    }
-    rx.kick();
-    let txbuf = bufs + u64::from(RX_BUFFERS) * BUF;
-    if args.get("op") == Some("bench") {
-        return bench(&mut rx, &mut tx, bufs, txbuf, mac, ip, args);
-    }
+/// Echoes until `count` UDP datagrams went back: Ok(count), or Err(how
+/// many) when no frame came for `timeout_ms` or a transmit timed out.
+#[allow(clippy::too_many_arguments)]
+fn echo(
+    rx: &mut Queue,
+    tx: &mut Queue,
+    bufs: u64,
+    txbuf: u64,
+    mac: [u8; 6],
+    ip: [u8; 4],
+    count: u64,
+    args: &Args,
+) -> Result<u64, u64> {
     let mut echoed = 0;
     let deadline_idle_us = args.num("timeout_ms", 30_000) * 1000;
     let mut last = time::now_us();
@@ -249,8 +218,7 @@ pub fn run(info: &mut BootInfo, args: &Args) -> u8 {
         let Some((slot, len)) = rx.poll_used() else {
             if time::now_us() - last > deadline_idle_us {
                 println!("probe: error: no frame for {} ms", deadline_idle_us / 1000);
-                println!("echoed={echoed}");
-                return STATUS_PROBE_ERROR;
+                return Err(echoed);
             }
             core::hint::spin_loop();
             continue;
@@ -269,7 +237,7 @@ pub fn run(info: &mut BootInfo, args: &Args) -> u8 {
                     .is_none()
                 {
                     println!("probe: error: transmit timed out");
-                    return STATUS_PROBE_ERROR;
+                    return Err(echoed);
                 }
                 if is_udp {
                     echoed += 1;
@@ -278,6 +246,72 @@ pub fn run(info: &mut BootInfo, args: &Args) -> u8 {
         }
         rx.post(slot, addr, BUF as u32, true);
         rx.kick();
+    }
+    Ok(echoed)
+}
+
+pub fn run(info: &mut BootInfo, args: &Args) -> u8 {
+    let Some(ip) = parse_ip(args.get("ip").unwrap_or("10.0.0.2")) else {
+        println!("probe: error: bad ip=");
+        return STATUS_PROBE_ERROR;
+    };
+    let count = args.num("count", 1);
+    let resets = args.num("resets", 0);
+    let Some(f) = virtio::find(info.ecam_base(), 1, 0) else {
+        println!("probe: error: no virtio-net device");
+        return STATUS_PROBE_ERROR;
+    };
+    let ring = Queue::bytes(RX_BUFFERS);
+    let Some(mem) = info.take(2 * ring + u64::from(RX_BUFFERS + 1) * BUF) else {
+        println!("probe: error: no memory for the rings");
+        return STATUS_PROBE_ERROR;
+    };
+    let mut echoed = 0;
+    for round in 0..=resets {
+        if round > 0 {
+            println!("reset={round}");
+        }
+        // Opening the device resets it first (status 0), as a driver does.
+        let Ok(dev) = Device::open(f, 0) else {
+            println!("probe: error: virtio-net did not accept the driver");
+            return STATUS_PROBE_ERROR;
+        };
+        let (Ok(mut rx), Ok(mut tx)) = (
+            dev.setup_queue(0, RX_BUFFERS, mem),
+            dev.setup_queue(1, 16, mem + ring),
+        ) else {
+            println!("probe: error: virtio-net queues");
+            return STATUS_PROBE_ERROR;
+        };
+        dev.driver_ok();
+        let mut mac = [0u8; 6];
+        for (i, b) in mac.iter_mut().enumerate() {
+            // SAFETY: the device configuration starts with the MAC address.
+            *b = unsafe { core::ptr::read_volatile((dev.device_cfg + i as u64) as *const u8) };
+        }
+        if round == 0 {
+            println!(
+                "mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]
+            );
+        }
+        let bufs = mem + 2 * ring;
+        let slots = RX_BUFFERS.min(rx.size());
+        for s in 0..slots {
+            rx.post(s, bufs + u64::from(s) * BUF, BUF as u32, true);
+        }
+        rx.kick();
+        let txbuf = bufs + u64::from(RX_BUFFERS) * BUF;
+        if args.get("op") == Some("bench") {
+            return bench(&mut rx, &mut tx, bufs, txbuf, mac, ip, args);
+        }
+        match echo(&mut rx, &mut tx, bufs, txbuf, mac, ip, count, args) {
+            Ok(n) => echoed += n,
+            Err(n) => {
+                println!("echoed={}", echoed + n);
+                return STATUS_PROBE_ERROR;
+            }
+        }
     }
     println!("echoed={echoed}");
     0
