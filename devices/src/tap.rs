@@ -107,6 +107,66 @@ impl Tap {
         })
     }
 
+    /// Makes the TAP a port of Linux bridge `bridge` and brings it up (as
+    /// `ip link set NAME master BRIDGE up` does), so the VM is on the
+    /// bridge's network from its first frame: a VM arriving by migration
+    /// needs no one to attach its new TAP before the switch-over.
+    pub fn join_bridge(&self, bridge: &str) -> Result<(), TapError> {
+        // linux/sockios.h (not in libc).
+        const SIOCBRADDIF: libc::c_ulong = 0x89a2;
+        if bridge.is_empty() || bridge.len() >= libc::IFNAMSIZ {
+            return Err(TapError::BadName(bridge.into()));
+        }
+        let err = |what: &'static str| TapError::Configure {
+            name: self.name.clone(),
+            what,
+            source: io::Error::last_os_error(),
+        };
+        // SAFETY: a plain socket() call; the descriptor is owned below.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(err("open a socket to configure it"));
+        }
+        // SAFETY: `fd` was just opened and is owned by nobody else.
+        let sock = unsafe { File::from_raw_fd(fd) };
+        let mut ifr = ifreq_for(&self.name, 0);
+        // SAFETY: SIOCGIFINDEX reads the name and writes the index of an
+        // ifreq we own.
+        if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFINDEX, &mut ifr) } < 0 {
+            return Err(err("find its interface index"));
+        }
+        // SAFETY: the union field SIOCGIFINDEX just wrote.
+        let index = unsafe { ifr.ifr_ifru.ifru_ifindex };
+        let mut br = ifreq_for(bridge, 0);
+        br.ifr_ifru.ifru_ifindex = index;
+        // SAFETY: SIOCBRADDIF reads an ifreq we own (bridge name, port index).
+        if unsafe { libc::ioctl(sock.as_raw_fd(), SIOCBRADDIF, &mut br) } < 0 {
+            let source = io::Error::last_os_error();
+            return Err(TapError::Configure {
+                name: self.name.clone(),
+                what: if source.raw_os_error() == Some(libc::ENODEV) {
+                    "join the bridge (no bridge of that name)"
+                } else {
+                    "join the bridge"
+                },
+                source,
+            });
+        }
+        // SAFETY: SIOCGIFFLAGS writes the flags into an ifreq we own.
+        if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr) } < 0 {
+            return Err(err("read its flags"));
+        }
+        // SAFETY: the union field SIOCGIFFLAGS just wrote; then SIOCSIFFLAGS
+        // reads the ifreq we own.
+        unsafe {
+            ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr) < 0 {
+                return Err(err("bring it up"));
+            }
+        }
+        Ok(())
+    }
+
     /// Which offloads the host kernel may hand us (TUN_F_* flags), matching
     /// what the guest driver accepted.
     pub fn set_offload(&self, flags: u32) -> Result<(), TapError> {

@@ -440,6 +440,9 @@ pub struct DiskConfig {
 pub struct NetConfig {
     pub tap: String,
     pub mac: [u8; 6],
+    /// The Linux bridge the TAP joined.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
 }
 
 /// `--vsock`.

@@ -96,6 +96,9 @@ pub struct NetEntry {
     pub tap: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
+    /// A Linux bridge the TAP joins when the VMM opens it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
 }
 
 impl From<&NetConfig> for NetEntry {
@@ -107,13 +110,14 @@ impl From<&NetConfig> for NetEntry {
                 "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
                 m[0], m[1], m[2], m[3], m[4], m[5]
             )),
+            bridge: n.bridge.clone(),
         }
     }
 }
 
 impl std::str::FromStr for NetEntry {
     type Err = Error;
-    /// `tap=NAME[,mac=XX:XX:XX:XX:XX:XX]`.
+    /// `tap=NAME[,mac=XX:XX:XX:XX:XX:XX][,bridge=BR]`.
     fn from_str(spec: &str) -> Result<Self, Error> {
         let bad = |why: String| Error::Net {
             spec: spec.into(),
@@ -122,11 +126,13 @@ impl std::str::FromStr for NetEntry {
         let mut n = NetEntry {
             tap: String::new(),
             mac: None,
+            bridge: None,
         };
         for part in spec.split(',') {
             match part.split_once('=') {
                 Some(("tap", t)) => n.tap = t.into(),
                 Some(("mac", m)) => n.mac = Some(m.into()),
+                Some(("bridge", b)) => n.bridge = Some(b.into()),
                 _ => return Err(bad(format!("unknown option '{part}'"))),
             }
         }
@@ -235,7 +241,18 @@ impl NetEntry {
         if mac[0] & 1 != 0 {
             return Err(bad("a multicast MAC cannot be a device address"));
         }
-        Ok(NetConfig { tap: self.tap, mac })
+        if self
+            .bridge
+            .as_ref()
+            .is_some_and(|b| b.is_empty() || b.len() > 15)
+        {
+            return Err(bad("a bridge name has 1 to 15 bytes"));
+        }
+        Ok(NetConfig {
+            tap: self.tap,
+            mac,
+            bridge: self.bridge,
+        })
     }
 }
 
@@ -1199,14 +1216,26 @@ mod tests {
             let e = NetEntry {
                 tap: "t".into(),
                 mac: Some(mac.into()),
+                bridge: None,
             };
             assert!(e.validated().is_err(), "{mac}");
         }
         let long = NetEntry {
             tap: "a-very-long-tap-name".into(),
             mac: None,
+            bridge: None,
         };
         assert!(long.validated().is_err());
+        let bridged: NetEntry = "tap=t2,bridge=br0".parse().unwrap();
+        assert_eq!(
+            bridged.clone().validated().unwrap().bridge.as_deref(),
+            Some("br0")
+        );
+        let too_long = NetEntry {
+            bridge: Some("a-very-long-bridge".into()),
+            ..bridged
+        };
+        assert!(too_long.validated().is_err());
     }
 
     #[test]

@@ -35,6 +35,7 @@ pub fn example() -> VmSpec {
         net: Some(vec![NetEntry {
             tap: "tap0".into(),
             mac: Some("52:54:00:12:34:56".into()),
+            bridge: Some("br0".into()),
         }]),
         rng: Some(true),
         virtio_console: Some("/var/log/ffmk/vm0.hvc".into()),

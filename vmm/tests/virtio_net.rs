@@ -82,7 +82,8 @@ fn a_nic_the_guest_resets_keeps_its_tap() {
         let s = UdpSocket::bind("10.0.0.1:0").unwrap();
         // While the guest resets its NIC a datagram may go unanswered:
         // send again until it is echoed.
-        s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
         let mut ok = 0;
         for i in 0..total {
             let msg = format!("datagram {i}");
@@ -104,9 +105,76 @@ fn a_nic_the_guest_resets_keeps_its_tap() {
     assert_eq!(echoed, total);
     let (code, err) = vm.wait(Duration::from_secs(20));
     assert_eq!(code, Some(0), "{err}");
-    assert!(!err.contains("cannot reopen") && !err.contains("in use"), "{err}");
+    assert!(
+        !err.contains("cannot reopen") && !err.contains("in use"),
+        "{err}"
+    );
     let console = vm.drain().join("\n");
     assert!(console.contains(&format!("reset={resets}")), "{console}");
+}
+
+/// `--net tap=NAME,bridge=BR`: the VMM makes its TAP a port of the bridge
+/// and brings it up; the guest is on the bridge's network with nobody
+/// touching the TAP. A bridge that does not exist is one clear error.
+#[test]
+fn a_tap_joins_the_bridge_it_is_given() {
+    let Some(ns) = NetNs::new("nbridge") else {
+        eprintln!("skipped: cannot create a network namespace (needs root and iproute2)");
+        return;
+    };
+    assert!(ns.ip(&["link", "add", "ffmkbr0", "type", "bridge"]));
+    assert!(ns.ip(&["addr", "add", "10.0.0.1/24", "dev", "ffmkbr0"]));
+    assert!(ns.ip(&["link", "set", "ffmkbr0", "up"]));
+    let count = 8;
+    let task = format!("task=net op=echo count={count} timeout_ms=20000");
+    let mut vm = start_probe(&ns, &task, "tap=ffmkb0,bridge=ffmkbr0");
+    vm.next_line(Duration::from_secs(10), |l| l.starts_with("mac="))
+        .expect("the guest found its NIC");
+    let link = ns
+        .exec("ip")
+        .args(["-o", "link", "show", "ffmkb0"])
+        .output()
+        .unwrap();
+    let link = String::from_utf8_lossy(&link.stdout).into_owned();
+    assert!(
+        link.contains("master ffmkbr0") && link.contains(",UP"),
+        "{link}"
+    );
+    let echoed = ns.run(move || {
+        let s = UdpSocket::bind("10.0.0.1:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut ok = 0;
+        for i in 0..count {
+            let msg = format!("over the bridge {i}");
+            let mut buf = [0u8; 2048];
+            // The bridge's port may take a moment to forward (learning).
+            let back = (0..20).any(|_| {
+                s.send_to(msg.as_bytes(), "10.0.0.2:7777").is_ok()
+                    && s.recv_from(&mut buf)
+                        .is_ok_and(|(n, _)| &buf[..n] == msg.as_bytes())
+            });
+            assert!(back, "{msg} never came back");
+            ok += 1;
+        }
+        ok
+    });
+    assert_eq!(echoed, count);
+    let (code, err) = vm.wait(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{err}");
+    // No such bridge: refused before the guest starts, one line.
+    let out = ns
+        .exec(vmm())
+        .args(probe_argv(
+            "task=hello",
+            &["--net", "tap=ffmkb1,bridge=nosuchbr"],
+        ))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("no bridge of that name"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
 
 #[test]

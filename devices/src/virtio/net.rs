@@ -45,6 +45,9 @@ const TAP: u32 = 2;
 pub struct NetConfig {
     pub tap: String,
     pub mac: [u8; 6],
+    /// A Linux bridge the TAP joins (and is brought up on) when opened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
 }
 
 /// A locally administered MAC derived from the TAP name (stable across runs).
@@ -81,6 +84,9 @@ pub struct Net {
 impl Net {
     pub fn new(config: NetConfig, endpoint: Endpoint) -> Result<Net, crate::tap::TapError> {
         let tap = Tap::open(&config.tap)?;
+        if let Some(b) = &config.bridge {
+            tap.join_bridge(b)?;
+        }
         Ok(Net {
             config,
             tap,
