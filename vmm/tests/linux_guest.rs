@@ -308,8 +308,14 @@ fn linux_pings_and_fetches_a_file_over_virtio_net() {
         &bzimage,
         &initrd,
         "2",
-        "ffmk_exit_port=244 -- ip link set eth0 up && ip addr add 10.0.0.2/24 dev eth0 && \
-         ping -c 2 -W 5 10.0.0.1 && wget -q -O - http://10.0.0.1:5000/blob | md5sum",
+        // Then the driver is reloaded (the device is reset and brought up
+        // again, as by kexec or a reboot): the TAP must still be there.
+        // One quoted word: the kernel passes init at most 32.
+        "ffmk_exit_port=244 -- \"ip link set eth0 up && ip addr add 10.0.0.2/24 dev eth0 && \
+         ping -c 2 -W 5 10.0.0.1 && wget -q -O - http://10.0.0.1:5000/blob | md5sum && \
+         rmmod virtio_net && insmod /lib/modules/$(grep /virtio_net.ko /lib/modules/load-order) && \
+         ip link set eth0 up && ip addr add 10.0.0.2/24 dev eth0 && ping -c 2 -W 5 10.0.0.1 && \
+         echo reloaded=$((6*7))\"",
         &["--net", "tap=ffmkl0"],
         Some(&ns),
     );
@@ -320,6 +326,12 @@ fn linux_pings_and_fetches_a_file_over_virtio_net() {
     server.join().expect("host side");
     assert!(has_line(&b, "2 packets received"), "{ctx}");
     assert!(has_line(&b, &md5), "the guest got the blob intact: {ctx}");
+    assert!(
+        // (Computed, so the kernel's echo of its command line cannot match.)
+        has_line(&b, "reloaded=42"),
+        "the NIC works after a driver reload: {ctx}"
+    );
+    assert!(!b.stderr.contains("cannot reopen"), "{ctx}");
     assert_eq!(b.code, Some(0), "{ctx}");
 }
 
