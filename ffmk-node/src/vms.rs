@@ -100,8 +100,9 @@ pub fn describe(name: &str, sock: &Path, timeout: Duration) -> Result<LocalVm, S
 
 /// Every VM in `dir` (API sockets `*.sock`), and the sockets that did not
 /// answer (stale sockets of VMMs that are gone, or VMMs that are busy).
-/// VMs named in `waiting` (VMMs still waiting for an incoming migration,
-/// which answer only once it arrived) get a short look, and no error.
+/// VMs named in `waiting` (VMMs still waiting for an incoming migration)
+/// get a short look, and no error; a VMM that says it is waiting
+/// (`state: incoming`) is left out.
 /// VMs named in `skip` are not asked at all (the one migrating out: the
 /// daemon that moves it must be the one that reads how its migration
 /// ended, since the source VMM exits once a client has seen that).
@@ -135,6 +136,9 @@ pub fn discover(
         let wait = waiting.contains(&name);
         let timeout = Duration::from_millis(if wait { 300 } else { 3000 });
         match describe(&name, &sock, timeout) {
+            // A VMM still waiting for its VM (`state: incoming`) is not a
+            // VM of this host yet.
+            Ok(vm) if vm.state == State::Incoming => {}
             Ok(vm) => vms.push(vm),
             Err(_) if wait => {}
             Err(e) => errors.push((name, e)),
