@@ -100,15 +100,20 @@ fn shape_udp(f: &mut [u8], size: usize) -> usize {
     udp + 8 + size
 }
 
-fn bench(
-    rx: &mut Queue,
-    tx: &mut Queue,
+/// The NIC brought up: its queues, the receive buffers and the transmit
+/// buffer, its MAC and the address the probe answers for.
+struct Nic {
+    rx: Queue,
+    tx: Queue,
     bufs: u64,
     txbuf: u64,
     mac: [u8; 6],
     ip: [u8; 4],
-    args: &Args,
-) -> u8 {
+}
+
+fn bench(nic: &mut Nic, args: &Args) -> u8 {
+    let (bufs, txbuf, mac, ip) = (nic.bufs, nic.txbuf, nic.mac, nic.ip);
+    let (rx, tx) = (&mut nic.rx, &mut nic.tx);
     let count = args.num("count", 10_000);
     let size = (args.num("size", 1400) as usize).min(1472);
     // Wait for the host's first datagram (answering ARP meanwhile).
@@ -200,17 +205,9 @@ fn bench(
 
 /// Echoes until `count` UDP datagrams went back: Ok(count), or Err(how
 /// many) when no frame came for `timeout_ms` or a transmit timed out.
-#[allow(clippy::too_many_arguments)]
-fn echo(
-    rx: &mut Queue,
-    tx: &mut Queue,
-    bufs: u64,
-    txbuf: u64,
-    mac: [u8; 6],
-    ip: [u8; 4],
-    count: u64,
-    args: &Args,
-) -> Result<u64, u64> {
+fn echo(nic: &mut Nic, count: u64, args: &Args) -> Result<u64, u64> {
+    let (bufs, txbuf, mac, ip) = (nic.bufs, nic.txbuf, nic.mac, nic.ip);
+    let (rx, tx) = (&mut nic.rx, &mut nic.tx);
     let mut echoed = 0;
     let deadline_idle_us = args.num("timeout_ms", 30_000) * 1000;
     let mut last = time::now_us();
@@ -276,7 +273,7 @@ pub fn run(info: &mut BootInfo, args: &Args) -> u8 {
             println!("probe: error: virtio-net did not accept the driver");
             return STATUS_PROBE_ERROR;
         };
-        let (Ok(mut rx), Ok(mut tx)) = (
+        let (Ok(mut rx), Ok(tx)) = (
             dev.setup_queue(0, RX_BUFFERS, mem),
             dev.setup_queue(1, 16, mem + ring),
         ) else {
@@ -301,11 +298,18 @@ pub fn run(info: &mut BootInfo, args: &Args) -> u8 {
             rx.post(s, bufs + u64::from(s) * BUF, BUF as u32, true);
         }
         rx.kick();
-        let txbuf = bufs + u64::from(RX_BUFFERS) * BUF;
+        let mut nic = Nic {
+            rx,
+            tx,
+            bufs,
+            txbuf: bufs + u64::from(RX_BUFFERS) * BUF,
+            mac,
+            ip,
+        };
         if args.get("op") == Some("bench") {
-            return bench(&mut rx, &mut tx, bufs, txbuf, mac, ip, args);
+            return bench(&mut nic, args);
         }
-        match echo(&mut rx, &mut tx, bufs, txbuf, mac, ip, count, args) {
+        match echo(&mut nic, count, args) {
             Ok(n) => echoed += n,
             Err(n) => {
                 println!("echoed={}", echoed + n);
