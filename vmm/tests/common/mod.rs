@@ -212,6 +212,7 @@ impl Running {
                 return (s.code(), err);
             }
             if Instant::now() > deadline {
+                let threads = threads_report(self.child.id());
                 let _ = self.child.kill();
                 let _ = self.child.wait();
                 // What the guest got to, and what the VMM said, for the
@@ -223,7 +224,7 @@ impl Running {
                     let _ = e.read_to_string(&mut err);
                 }
                 panic!(
-                    "ffmk-vmm did not exit in {within:?}; its stderr:\n{err}\nthe console's last lines:\n{}",
+                    "ffmk-vmm did not exit in {within:?}; its stderr:\n{err}\nthe console's last lines:\n{}\n{threads}",
                     tail.join("\n")
                 );
             }
@@ -449,13 +450,37 @@ impl Vm {
             if let Some(s) = self.child.try_wait().unwrap() {
                 return (s.code(), self.stderr());
             }
-            assert!(
-                Instant::now() < deadline,
-                "VM did not exit: {}",
-                self.console()
-            );
+            if Instant::now() >= deadline {
+                let report = self.hang_report();
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "VM did not exit in 60 s: {}\n{report}\nthe VMM's stderr:\n{}",
+                    self.console(),
+                    self.stderr()
+                );
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// For a VMM that hangs: what its API says, and where each of its
+    /// threads waits (state, kernel wait channel and, as root, the
+    /// kernel stack).
+    pub fn hang_report(&self) -> String {
+        let info = ffmk()
+            .args(["info", "--json", "--timeout", "5", "--api-socket"])
+            .arg(&self.sock)
+            .output()
+            .map(|o| {
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                )
+            })
+            .unwrap_or_else(|e| e.to_string());
+        format!("info: {}\n{}", info.trim(), threads_report(self.child.id()))
     }
 }
 
@@ -542,4 +567,31 @@ impl Cluster {
     pub fn addr(i: usize) -> String {
         format!("10.77.0.{}", i + 1)
     }
+}
+
+/// Where each thread of process `pid` waits: state, kernel wait channel,
+/// system call and (as root) kernel stack - for the failure message of a
+/// VMM that hangs.
+pub fn threads_report(pid: u32) -> String {
+    let tasks = PathBuf::from(format!("/proc/{pid}/task"));
+    let mut ids: Vec<_> = std::fs::read_dir(&tasks)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    ids.sort();
+    let mut out = format!("the VMM's threads (pid {pid}):");
+    for id in ids {
+        let dir = tasks.join(&id);
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+        let stat = read("stat");
+        let state = stat.rsplit_once(") ").map_or("?", |(_, r)| &r[..1]);
+        out.push_str(&format!(
+            "\nthread {} {} state {state} wchan {} syscall {}\n{}",
+            id.to_string_lossy(),
+            read("comm").trim(),
+            read("wchan").trim(),
+            read("syscall").trim(),
+            read("stack").trim_end()
+        ));
+    }
+    out
 }
