@@ -349,6 +349,10 @@ pub struct BootInfo {
 pub struct MemoryInfo {
     pub bytes: u64,
     pub hugepages: bool,
+    /// The page size backing guest RAM: 4096, or the huge page size
+    /// (2 MiB, 1 GiB). 0 from a VMM before this field.
+    #[serde(default)]
+    pub page_bytes: u64,
 }
 
 /// A vCPU in `GET /vm`.

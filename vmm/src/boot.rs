@@ -367,7 +367,7 @@ mod tests {
 
     #[test]
     fn zero_page_carries_e820_cmdline_and_initrd() {
-        let mem = crate::memory::create(64 << 20, false).unwrap();
+        let mem = crate::memory::create(64 << 20, crate::memory::HugePages::Off).unwrap();
         let e820 = e820_map(64 << 20);
         write_zero_page(&mem, &e820, Some((0x3000000, 0x1234)), None, 10).unwrap();
         let p: boot_params = mem.read_obj(ZERO_PAGE_START).unwrap();
@@ -384,7 +384,7 @@ mod tests {
 
     #[test]
     fn pvh_start_info_points_at_memmap_cmdline_and_module() {
-        let mem = crate::memory::create(64 << 20, false).unwrap();
+        let mem = crate::memory::create(64 << 20, crate::memory::HugePages::Off).unwrap();
         let e820 = e820_map(64 << 20);
         write_pvh_info(&mem, &e820, Some((0x3000000, 0x800)), ACPI_START).unwrap();
         let si: hvm_start_info = mem.read_obj(PVH_INFO_START).unwrap();
@@ -399,7 +399,7 @@ mod tests {
 
     #[test]
     fn initrd_goes_to_the_top_of_low_memory_or_is_refused() {
-        let mem = crate::memory::create(32 << 20, false).unwrap();
+        let mem = crate::memory::create(32 << 20, crate::memory::HugePages::Off).unwrap();
         let p = tmp("initrd", &[7u8; 5000]);
         let (addr, size) = load_initrd(&mem, &p, 0x200000, 32 << 20, u64::MAX).unwrap();
         assert_eq!(size, 5000);

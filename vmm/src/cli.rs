@@ -725,9 +725,16 @@ pub struct RunArgs {
     /// Guest memory, e.g. 512M, 2G (plain numbers are MiB) [default: 256M].
     #[arg(long)]
     pub memory: Option<String>,
-    /// Back guest memory with 2 MiB huge pages (hugetlbfs).
+    /// Back guest memory with huge pages the host reserved (hugetlb):
+    /// `--hugepages` for 2 MiB pages, `--hugepages=1G` for 1 GiB pages.
+    /// The memory size must be a multiple of the page size; too few free
+    /// pages fail the start.
+    #[arg(long, value_name = "SIZE", num_args = 0..=1, require_equals = true, default_missing_value = "2M")]
+    pub hugepages: Option<crate::memory::HugePages>,
+    /// Fault in all guest memory before the guest starts, in parallel
+    /// (no page faults, no host memory shortage later in the job).
     #[arg(long)]
-    pub hugepages: bool,
+    pub prefault: bool,
     /// Serial console: stdio, none or file=PATH [default: stdio].
     #[arg(long)]
     pub console: Option<String>,
@@ -838,7 +845,8 @@ impl RunArgs {
             halt_poll_ns: self.halt_poll_ns,
             realtime: self.realtime,
             memory: self.memory.clone(),
-            hugepages: self.hugepages.then_some(true),
+            hugepages: self.hugepages,
+            prefault: self.prefault.then_some(true),
             console: self.console.clone(),
             api_socket: self.api_socket.clone(),
             test_exit_port: self.test_exit_port,

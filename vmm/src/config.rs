@@ -5,6 +5,7 @@
 //! checks a spec in one place and gives the [`RunConfig`] the VMM runs
 //! with.
 use crate::host::CpuProfile;
+pub use crate::memory::HugePages;
 pub use devices::virtio::block::DiskConfig;
 pub use devices::virtio::net::NetConfig;
 pub use devices::virtio::vsock::VsockConfig;
@@ -442,8 +443,17 @@ pub struct VmSpec {
         skip_serializing_if = "Option::is_none"
     )]
     pub memory: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub hugepages: Option<bool>,
+    /// `true` (2 MiB pages), `"2M"`, `"1G"` or `false`; saved as `true`
+    /// for 2 MiB pages, as before 1 GiB pages existed.
+    #[serde(
+        default,
+        deserialize_with = "de_hugepages",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub hugepages: Option<HugePages>,
+    /// Fault in all guest memory before the guest starts (`--prefault`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefault: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub console: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -616,6 +626,7 @@ impl VmSpec {
             realtime: over.realtime.or(self.realtime),
             memory: over.memory.or(self.memory),
             hugepages: over.hugepages.or(self.hugepages),
+            prefault: over.prefault.or(self.prefault),
             console: over.console.or(self.console),
             api_socket: over.api_socket.or(self.api_socket),
             test_exit_port: over.test_exit_port.or(self.test_exit_port),
@@ -677,7 +688,9 @@ pub struct RunConfig {
     /// SCHED_FIFO priority for compute vCPU threads.
     pub realtime: Option<i32>,
     pub memory_bytes: u64,
-    pub hugepages: bool,
+    pub hugepages: HugePages,
+    /// Fault in all guest memory before the guest starts.
+    pub prefault: bool,
     pub console: Console,
     pub api_socket: Option<PathBuf>,
     pub test_exit_port: Option<u16>,
@@ -856,6 +869,35 @@ fn de_port<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Err
     }
 }
 
+/// `hugepages = true | false | "2M" | "1G"`.
+fn de_hugepages<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<HugePages>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Pages {
+        On(bool),
+        Size(String),
+    }
+    match Option::<Pages>::deserialize(d)
+        .map_err(|_| serde::de::Error::custom("want true, false, \"2M\" or \"1G\""))?
+    {
+        None => Ok(None),
+        Some(Pages::On(on)) => Ok(Some(HugePages::from_flag(on))),
+        Some(Pages::Size(s)) => s.parse().map(Some).map_err(serde::de::Error::custom),
+    }
+}
+
+impl Serialize for HugePages {
+    /// 2 MiB pages as `true` and none as `false` (what a version before
+    /// 1 GiB pages reads), 1 GiB pages as `"1G"`.
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            HugePages::Off => s.serialize_bool(false),
+            HugePages::Size2M => s.serialize_bool(true),
+            HugePages::Size1G => s.serialize_str("1G"),
+        }
+    }
+}
+
 /// The test exit port `--test-exit-port` without a value opens.
 pub const TEST_EXIT_PORT: u16 = 0xf4;
 
@@ -910,7 +952,8 @@ impl VmSpec {
             halt_poll_ns: c.halt_poll_ns,
             realtime: c.realtime,
             memory_bytes: parse_size(c.memory.as_deref().unwrap_or(DEFAULT_MEMORY))?,
-            hugepages: c.hugepages.unwrap_or(false),
+            hugepages: c.hugepages.unwrap_or_default(),
+            prefault: c.prefault.unwrap_or(false),
             console: c.console.as_deref().unwrap_or("stdio").parse()?,
             api_socket: c.api_socket,
             test_exit_port: c.test_exit_port,
@@ -973,6 +1016,8 @@ impl RunConfig {
             cpus: Some(self.topology),
             memory: Some(format!("{}B", self.memory_bytes)),
             hugepages: Some(self.hugepages),
+            // Where memory is faulted in is the host's choice.
+            prefault: None,
             test_exit_port: self.test_exit_port,
             cpu_profile: Some(profile),
             disk: Some(self.disks.iter().map(DiskEntry::from).collect()),

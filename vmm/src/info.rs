@@ -20,7 +20,16 @@ fn name(v: &impl serde::Serialize) -> String {
 
 /// The run configuration as `GET /vm` shows it.
 pub fn config_view(config: &crate::config::RunConfig) -> Result<VmConfig, serde_json::Error> {
-    serde_json::to_value(config).and_then(serde_json::from_value)
+    let mut v = serde_json::to_value(config)?;
+    // The view's `hugepages` is a flag (as before 1 GiB pages); the page
+    // size is `memory.page_bytes` and, here, `hugepage_size`.
+    if let Some(o) = v.as_object_mut() {
+        o.insert("hugepages".into(), config.hugepages.is_on().into());
+        if config.hugepages.is_on() {
+            o.insert("hugepage_size".into(), config.hugepages.to_string().into());
+        }
+    }
+    serde_json::from_value(v)
 }
 
 pub fn vm_info(vm: &Vm) -> Result<VmInfo, serde_json::Error> {
@@ -94,7 +103,8 @@ pub fn vm_info(vm: &Vm) -> Result<VmInfo, serde_json::Error> {
         boot: Some(serde_json::to_value(&vm.platform.boot).and_then(serde_json::from_value)?),
         memory: MemoryInfo {
             bytes: vm.config.memory_bytes,
-            hugepages: vm.config.hugepages,
+            hugepages: vm.config.hugepages.is_on(),
+            page_bytes: vm.config.hugepages.bytes(),
         },
         vcpus,
         incoming: None,
@@ -126,7 +136,8 @@ pub fn incoming_info(
         boot: None,
         memory: MemoryInfo {
             bytes: config.memory_bytes,
-            hugepages: config.hugepages,
+            hugepages: config.hugepages.is_on(),
+            page_bytes: config.hugepages.bytes(),
         },
         vcpus: Vec::new(),
         incoming: Some(vmm_api::model::Incoming {

@@ -312,7 +312,7 @@ mod v2 {
                 compute: c.compute,
             }),
             memory: Some(format!("{}B", c.memory_bytes)),
-            hugepages: Some(c.hugepages),
+            hugepages: Some(crate::memory::HugePages::from_flag(c.hugepages)),
             test_exit_port: c.test_exit_port,
             cpu_profile: Some(c.cpu_profile),
             disk: Some(c.disks.iter().map(DiskEntry::from).collect()),
@@ -577,8 +577,9 @@ impl Restoring {
                 )))
             }
         };
-        let mem = if config.hugepages {
-            let m = memory::create(size, true).map_err(|e| failed("map memory")(e.to_string()))?;
+        let mem = if config.hugepages.is_on() {
+            let m = memory::create(size, config.hugepages)
+                .map_err(|e| failed("map memory")(e.to_string()))?;
             s.apply_layers(0, &m)?;
             m
         } else {

@@ -543,7 +543,7 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Whether this destination can take a VM whose source asks for `theirs`.
 fn can_receive(config: &RunConfig, theirs: &Hello) -> Result<(), String> {
     if theirs.postcopy {
-        if config.hugepages {
+        if config.hugepages.is_on() {
             return Err("post-copy needs 4 KiB guest pages; this VM uses --hugepages".into());
         }
         drop(migrate::postcopy::open_uffd().map_err(|e| e.to_string())?);

@@ -22,8 +22,25 @@ const PAGE_NONZERO: std::num::NonZeroUsize = match std::num::NonZeroUsize::new(P
 pub enum Error {
     #[error("memory size must be at least {min} MiB (got {got} MiB)", min = MIN_MEMORY >> 20, got = .0 >> 20)]
     TooSmall(u64),
-    #[error("with --hugepages the memory size must be a multiple of 2 MiB")]
-    HugeAlignment,
+    #[error("with --hugepages={0} the memory size must be a multiple of {size}", size = .0.label())]
+    HugeAlignment(HugePages),
+    #[error("this host has no {size} huge pages ({dir} does not exist)", size = .0.label(), dir = .0.sysfs())]
+    NoSuchHugePages(HugePages),
+    #[error(
+        "the host has {free} free {size} huge pages and the guest's {mib} MiB need {need}: \
+         reserve them first (echo {enough} > {dir}/nr_hugepages)",
+        size = .pages.label(), dir = .pages.sysfs(), mib = (.need * .pages.bytes()) >> 20,
+        enough = .total + .need - .free
+    )]
+    TooFewHugePages {
+        pages: HugePages,
+        need: u64,
+        free: u64,
+        /// The pool's size now.
+        total: u64,
+    },
+    #[error("cannot fault in guest memory at {addr:#x}: {source}")]
+    Prefault { addr: u64, source: std::io::Error },
     #[error("the host cannot give {mib} MiB of guest memory{hint}: {source}", mib = .size >> 20)]
     Map {
         size: u64,
@@ -38,28 +55,147 @@ pub enum Error {
 
 pub const MIN_MEMORY: u64 = 16 << 20;
 
+/// What backs guest RAM: the host's base pages (with transparent huge
+/// pages where the kernel gives them), or hugetlb pages of 2 MiB or 1 GiB
+/// reserved by the operator (`--hugepages[=1G]`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HugePages {
+    #[default]
+    Off,
+    Size2M,
+    Size1G,
+}
+
+impl HugePages {
+    pub fn is_on(self) -> bool {
+        self != HugePages::Off
+    }
+
+    /// The huge page size in bytes (the base page size when off).
+    pub fn bytes(self) -> u64 {
+        match self {
+            HugePages::Off => PAGE_SIZE as u64,
+            HugePages::Size2M => HUGE_PAGE_SIZE,
+            HugePages::Size1G => 1 << 30,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            HugePages::Off => "4 KiB",
+            HugePages::Size2M => "2 MiB",
+            HugePages::Size1G => "1 GiB",
+        }
+    }
+
+    /// The host's pool of these pages.
+    pub fn sysfs(self) -> String {
+        format!(
+            "/sys/kernel/mm/hugepages/hugepages-{}kB",
+            self.bytes() >> 10
+        )
+    }
+
+    /// The old saved form: a flag that meant 2 MiB pages.
+    pub fn from_flag(on: bool) -> HugePages {
+        if on {
+            HugePages::Size2M
+        } else {
+            HugePages::Off
+        }
+    }
+
+    /// Pages of the pool free for a new mapping (free minus those other
+    /// mappings reserved) and the pool's size; None when the host has no
+    /// such pool.
+    fn available(self) -> Option<(u64, u64)> {
+        let dir = self.sysfs();
+        let read = |f: &str| -> Option<u64> {
+            std::fs::read_to_string(format!("{dir}/{f}"))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        };
+        let free = read("free_hugepages")?.saturating_sub(read("resv_hugepages").unwrap_or(0));
+        Some((free, read("nr_hugepages").unwrap_or(0)))
+    }
+
+    fn mmap_flags(self) -> libc::c_int {
+        match self {
+            HugePages::Off => 0,
+            // The page size's log2 in the flags' bits 26-31 (mmap(2),
+            // MAP_HUGE_SHIFT), as Linux's MAP_HUGE_2MB and MAP_HUGE_1GB.
+            HugePages::Size2M => libc::MAP_HUGETLB | (21 << 26),
+            HugePages::Size1G => libc::MAP_HUGETLB | (30 << 26),
+        }
+    }
+}
+
+impl std::str::FromStr for HugePages {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "2M" | "2MiB" | "2m" => Ok(HugePages::Size2M),
+            "1G" | "1GiB" | "1g" => Ok(HugePages::Size1G),
+            "off" => Ok(HugePages::Off),
+            other => Err(format!(
+                "unknown huge page size '{other}' (want 2M or 1G, or off)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for HugePages {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(match self {
+            HugePages::Off => "off",
+            HugePages::Size2M => "2M",
+            HugePages::Size1G => "1G",
+        })
+    }
+}
+
 /// Maps `size` bytes of guest RAM at the addresses of [`layout::ram_regions`].
 /// Memory is not reserved with MAP_NORESERVE, so a size the host cannot back
-/// fails here, before the VM exists.
-pub fn create(size: u64, hugepages: bool) -> Result<GuestMemoryMmap, Error> {
+/// fails here, before the VM exists; huge pages are counted against the
+/// host's free pool first, and the mapping reserves them (so the guest
+/// never meets a SIGBUS for a huge page that is not there).
+pub fn create(size: u64, huge: HugePages) -> Result<GuestMemoryMmap, Error> {
     if size < MIN_MEMORY {
         return Err(Error::TooSmall(size));
     }
-    if hugepages && size % HUGE_PAGE_SIZE != 0 {
-        return Err(Error::HugeAlignment);
+    let hugepages = huge.is_on();
+    if hugepages && size % huge.bytes() != 0 {
+        return Err(Error::HugeAlignment(huge));
     }
-    let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
-    if hugepages {
-        flags |= libc::MAP_HUGETLB;
-    }
+    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | huge.mmap_flags();
     let host = host_memory_bytes();
     if size > host {
         return Err(Error::HostTooSmall { size, host });
     }
-    let hint = if hugepages {
-        " as 2 MiB huge pages (see /proc/sys/vm/nr_hugepages)"
-    } else {
-        ""
+    if hugepages {
+        let need = size / huge.bytes();
+        match huge.available() {
+            None => return Err(Error::NoSuchHugePages(huge)),
+            Some((free, total)) if free < need => {
+                return Err(Error::TooFewHugePages {
+                    pages: huge,
+                    need,
+                    free,
+                    total,
+                })
+            }
+            Some(_) => {}
+        }
+    }
+    let hint = match huge {
+        HugePages::Off => "",
+        HugePages::Size2M => " as 2 MiB huge pages (see /proc/sys/vm/nr_hugepages)",
+        HugePages::Size1G => {
+            " as 1 GiB huge pages (see /sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages)"
+        }
     };
     let mut regions = Vec::new();
     for (addr, len) in layout::ram_regions(size) {
@@ -134,6 +270,78 @@ fn in_aligned_hole<T>(len: usize, map: impl FnOnce() -> T) -> T {
     mapped
 }
 
+/// Faults in all of guest RAM now (`--prefault`), so that neither the
+/// guest's first touches (a page fault each, a zeroed 1 GiB page a
+/// time) nor the host's memory running short later land on a running
+/// job. Ranges of at least 64 MiB (and whole huge pages) go to one
+/// thread per host CPU this process may use, each asking the kernel to
+/// populate its range writable (`MADV_POPULATE_WRITE`, Linux 5.14; older
+/// kernels get one write per page). Returns the threads used.
+pub fn prefault(mem: &GuestMemoryMmap, huge: HugePages) -> Result<usize, Error> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    const CHUNK: u64 = 64 << 20;
+    let step = CHUNK.max(huge.bytes()) as usize;
+    let mut ranges = Vec::new();
+    for r in mem.iter() {
+        let (base, gpa, len) = (host_addr(r) as usize, r.start_addr().0, r.len() as usize);
+        let mut off = 0;
+        while off < len {
+            let n = step.min(len - off);
+            ranges.push((base + off, gpa + off as u64, n));
+            off += n;
+        }
+    }
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(ranges.len())
+        .max(1);
+    let next = AtomicUsize::new(0);
+    let page = huge.bytes() as usize;
+    let work = || -> Result<(), Error> {
+        while let Some(&(host, gpa, len)) = ranges.get(next.fetch_add(1, Ordering::Relaxed)) {
+            // SAFETY: `host..host+len` lies inside a guest RAM mapping that
+            // `mem` owns and keeps for this call; populating it changes no
+            // contents (fresh anonymous or hugetlb memory reads as zero).
+            let rc =
+                unsafe { libc::madvise(host as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) };
+            if rc == 0 {
+                continue;
+            }
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EINVAL) {
+                return Err(Error::Prefault {
+                    addr: gpa,
+                    source: err,
+                });
+            }
+            // A kernel without MADV_POPULATE_WRITE: one write per page.
+            for p in (0..len).step_by(page) {
+                // SAFETY: as above; the byte written is the zero it held.
+                unsafe { std::ptr::write_volatile((host + p) as *mut u8, 0) };
+            }
+        }
+        Ok(())
+    };
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (1..threads).map(|_| s.spawn(work)).collect();
+        let mut result = work();
+        for h in handles {
+            let r = h.join().unwrap_or_else(|_| {
+                Err(Error::Prefault {
+                    addr: 0,
+                    source: std::io::Error::other("a prefault thread panicked"),
+                })
+            });
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result
+    })?;
+    Ok(threads)
+}
+
 /// Maps `size` bytes of guest RAM from a snapshot's full memory layer,
 /// `MAP_PRIVATE`: pages are read from the file when the guest first touches
 /// them and the guest's writes stay in this process, so restoring takes the
@@ -200,11 +408,11 @@ pub fn host_addr(region: &GuestRegionMmap<AtomicBitmap>) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
     #[test]
     fn creates_regions_and_tracks_vmm_writes() {
-        let mem = create(64 << 20, false).unwrap();
+        let mem = create(64 << 20, HugePages::Off).unwrap();
         assert_eq!(mem.num_regions(), 1);
         mem.write_obj(0xdead_beef_u32, GuestAddress(0x5000))
             .unwrap();
@@ -216,12 +424,52 @@ mod tests {
 
     #[test]
     fn refuses_bad_sizes() {
-        assert!(matches!(create(1 << 20, false), Err(Error::TooSmall(_))));
         assert!(matches!(
-            create((64 << 20) + 4096, true),
-            Err(Error::HugeAlignment)
+            create(1 << 20, HugePages::Off),
+            Err(Error::TooSmall(_))
         ));
-        let msg = create(1 << 50, false).unwrap_err().to_string();
+        assert!(matches!(
+            create((64 << 20) + 4096, HugePages::Size2M),
+            Err(Error::HugeAlignment(HugePages::Size2M))
+        ));
+        let msg = create(3 << 29, HugePages::Size1G).unwrap_err().to_string();
+        assert!(msg.contains("multiple of 1 GiB"), "{msg}");
+        let msg = create(1 << 50, HugePages::Off).unwrap_err().to_string();
         assert!(msg.contains("cannot give"), "{msg}");
+    }
+
+    #[test]
+    fn page_sizes_parse_and_print() {
+        for (text, want) in [("2M", HugePages::Size2M), ("1G", HugePages::Size1G)] {
+            let p: HugePages = text.parse().unwrap();
+            assert_eq!(p, want);
+            assert_eq!(p.to_string(), text);
+        }
+        assert!("3M".parse::<HugePages>().unwrap_err().contains("2M or 1G"));
+        assert_eq!(
+            HugePages::Size1G.sysfs(),
+            "/sys/kernel/mm/hugepages/hugepages-1048576kB"
+        );
+    }
+
+    #[test]
+    fn prefault_makes_all_of_guest_ram_resident() {
+        let mem = create(64 << 20, HugePages::Off).unwrap();
+        let threads = prefault(&mem, HugePages::Off).unwrap();
+        assert_eq!(threads, 1, "one 64 MiB range is one thread's work");
+        let r = mem.iter().next().unwrap();
+        let pages = (r.len() as usize).div_ceil(PAGE_SIZE);
+        let mut vec = vec![0u8; pages];
+        // SAFETY: the region's mapping is page-aligned and `vec` has a
+        // byte per page.
+        let rc = unsafe {
+            libc::mincore(
+                host_addr(r) as *mut libc::c_void,
+                r.len() as usize,
+                vec.as_mut_ptr(),
+            )
+        };
+        assert_eq!(rc, 0);
+        assert!(vec.iter().all(|b| b & 1 == 1), "a page is not resident");
     }
 }

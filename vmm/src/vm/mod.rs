@@ -308,7 +308,19 @@ impl Vm {
         restore: Option<&crate::machine::Restoring>,
     ) -> Result<Vm, Error> {
         let mem = match restore {
-            None => memory::create(config.memory_bytes, config.hugepages)?,
+            None => {
+                let mem = memory::create(config.memory_bytes, config.hugepages)?;
+                if config.prefault {
+                    let t = std::time::Instant::now();
+                    let threads = memory::prefault(&mem, config.hugepages)?;
+                    tracing::info!(
+                        "guest memory faulted in: {} MiB in {} ms ({threads} threads)",
+                        config.memory_bytes >> 20,
+                        t.elapsed().as_millis()
+                    );
+                }
+                mem
+            }
             Some(r) => r.memory(&config).map_err(|e| Error::Restore(Box::new(e)))?,
         };
         // A restored VM follows its snapshot chain: track dirty pages from

@@ -367,6 +367,11 @@ impl Vm {
         std::fs::read_to_string(&self.console).unwrap_or_default()
     }
 
+    #[allow(dead_code)] // not every test binary uses every helper
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Waits until the guest printed `counter=N` with N >= `n`.
     pub fn wait_counter(&self, n: u64) {
         let deadline = Instant::now() + Duration::from_secs(30);

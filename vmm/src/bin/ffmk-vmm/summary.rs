@@ -79,10 +79,10 @@ pub fn vm(v: &VmInfo) -> String {
         format!(
             "{}{}",
             bytes(v.memory.bytes),
-            if v.memory.hugepages {
-                " (huge pages)"
-            } else {
-                ""
+            match (v.memory.hugepages, v.memory.page_bytes) {
+                (false, _) => String::new(),
+                (true, 0) => " (huge pages)".into(),
+                (true, p) => format!(" ({} huge pages)", bytes(p)),
             }
         ),
     ));
