@@ -1188,6 +1188,35 @@ mod tests {
     }
 
     #[test]
+    fn huge_pages_read_as_a_flag_or_a_size_and_save_as_before() {
+        for (text, want) in [
+            ("hugepages = true", HugePages::Size2M),
+            ("hugepages = false", HugePages::Off),
+            ("hugepages = \"2M\"", HugePages::Size2M),
+            ("hugepages = \"1G\"\nprefault = true", HugePages::Size1G),
+        ] {
+            let spec: VmSpec = toml::from_str(&format!("kernel = \"k\"\n{text}")).unwrap();
+            let c = spec.validate().unwrap();
+            assert_eq!(c.hugepages, want, "{text}");
+            assert_eq!(c.prefault, text.contains("prefault"), "{text}");
+        }
+        let e = toml::from_str::<VmSpec>("hugepages = \"3M\"").unwrap_err();
+        assert!(e.message().contains("want 2M or 1G"), "{}", e.message());
+        // A saved spec keeps `true` for 2 MiB pages (what a version before
+        // 1 GiB pages reads) and says "1G" for 1 GiB pages.
+        let saved = |h| {
+            let spec = VmSpec {
+                hugepages: Some(h),
+                ..VmSpec::default()
+            };
+            serde_json::to_value(&spec).unwrap()["hugepages"].clone()
+        };
+        assert_eq!(saved(HugePages::Size2M), serde_json::json!(true));
+        assert_eq!(saved(HugePages::Off), serde_json::json!(false));
+        assert_eq!(saved(HugePages::Size1G), serde_json::json!("1G"));
+    }
+
+    #[test]
     fn disk_specs() {
         let d: DiskEntry = "path=/img/a.raw,readonly,serial=abc,queues=4"
             .parse()
