@@ -276,7 +276,9 @@ fn in_aligned_hole<T>(len: usize, map: impl FnOnce() -> T) -> T {
 /// job. Ranges of at least 64 MiB (and whole huge pages) go to one
 /// thread per host CPU this process may use, each asking the kernel to
 /// populate its range writable (`MADV_POPULATE_WRITE`, Linux 5.14; older
-/// kernels get one write per page). Returns the threads used.
+/// kernels get one write per page). Returns the threads used. Call it on
+/// fresh memory, before anything is loaded into it (the fallback writes
+/// zeros).
 pub fn prefault(mem: &GuestMemoryMmap, huge: HugePages) -> Result<usize, Error> {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};

@@ -103,8 +103,9 @@ pub enum Error {
 impl Error {
     pub fn is_user_error(&self) -> bool {
         match self {
-            Error::Memory(_)
-            | Error::ConsoleFile { .. }
+            // A prefault that fails is the host's trouble, not the input's.
+            Error::Memory(m) => !matches!(m, memory::Error::Prefault { .. }),
+            Error::ConsoleFile { .. }
             | Error::Disk(_)
             | Error::Tap(_)
             | Error::Vsock(_)
