@@ -12,7 +12,7 @@ import socket
 import subprocess
 import time
 
-from qemu_host import CPU as QEMU_CPU
+from qemu_host import CPU as QEMU_CPU, MICROVM_BIOS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE = os.path.join(ROOT, "guest-images", "out", "probe.elf")
@@ -175,8 +175,8 @@ def migrate_ffmk(mem, rate, work, *extra, plane=()):
 
 
 def migration_qemu_cmd(mem, rate, qsock, *extra):
-    return ["qemu-system-x86_64", "-M", "microvm", "-accel", "kvm", "-cpu", QEMU_CPU,
-            "-m", f"{mem}M", "-nographic", "-nodefaults", "-no-user-config",
+    return ["qemu-system-x86_64", *MICROVM_BIOS, "-M", "microvm", "-accel", "kvm",
+            "-cpu", QEMU_CPU, "-m", f"{mem}M", "-nographic", "-nodefaults", "-no-user-config",
             "-serial", "stdio", "-kernel", PROBE, "-append", migration_task(mem, rate),
             "-qmp", f"unix:{qsock},server=on,wait=off", *extra]
 

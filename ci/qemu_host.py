@@ -9,3 +9,10 @@ their guests the same thing.
 import os
 
 CPU = "host,-arch-capabilities" if os.path.exists("/sys/module/kvm_pvm") else "host"
+
+# QEMU's microvm firmware for the benchmarks: qboot, QEMU's fast one.
+# QEMU 10's default microvm firmware (SeaBIOS) runs about 2.9 s of ring-0
+# code before the kernel on a PVM host (docs/perf.md, boot); with qboot
+# QEMU starts as QEMU 7.2 did. Empty where qemu-system-data has no qboot.
+QBOOT = "/usr/share/qemu/qboot.rom"
+MICROVM_BIOS = ["-bios", QBOOT] if os.path.exists(QBOOT) else []
