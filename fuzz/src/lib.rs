@@ -243,6 +243,7 @@ pub fn migration_hello(postcopy: bool) -> migrate::protocol::Hello {
         devices: vec!["virtio-rng (getrandom)".into()],
         postcopy,
         verify: false,
+        layout: String::new(),
     }
 }
 

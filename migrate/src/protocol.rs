@@ -125,6 +125,10 @@ pub struct Hello {
     /// compare before it loads the state (VERIFY).
     #[serde(default)]
     pub verify: bool,
+    /// What the guest sees of its CPU topology and NUMA nodes (text; empty
+    /// for one socket of plain cores and no nodes, as before they existed).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub layout: String,
 }
 
 impl Hello {
@@ -158,6 +162,20 @@ impl Hello {
             why.push(format!(
                 "CPU profile {} (this VM uses {})",
                 theirs.cpu_profile, self.cpu_profile
+            ));
+        }
+        if theirs.layout != self.layout {
+            let shown = |l: &str| {
+                if l.is_empty() {
+                    "the default layout".to_string()
+                } else {
+                    l.to_string()
+                }
+            };
+            why.push(format!(
+                "guest topology {} (this VM has {})",
+                shown(&theirs.layout),
+                shown(&self.layout)
             ));
         }
         if theirs.devices != self.devices {
@@ -548,6 +566,7 @@ mod tests {
             devices: vec!["virtio-blk queues=1".into()],
             postcopy: false,
             verify: false,
+            layout: String::new(),
         }
     }
 

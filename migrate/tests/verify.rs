@@ -34,6 +34,7 @@ fn hello() -> Hello {
         devices: vec![],
         postcopy: false,
         verify: false,
+        layout: String::new(),
     }
 }
 

@@ -304,6 +304,9 @@ const CONTROL: &[i64] = &[
     libc::SYS_accept4,
     libc::SYS_getuid,
     libc::SYS_geteuid,
+    // Guest memory of an arriving or restored VM, bound to its host
+    // NUMA nodes (--numa host-node=).
+    libc::SYS_mbind,
 ];
 
 /// TCP to the destination, the dirty log, post-copy page requests.
@@ -320,6 +323,8 @@ const MIGRATION: &[i64] = &[
     // Name resolution of the destination (files, then DNS).
     libc::SYS_openat,
     libc::SYS_uname,
+    // An arriving VM's memory, bound to its host NUMA nodes.
+    libc::SYS_mbind,
 ];
 
 const POSTCOPY: &[i64] = &[

@@ -125,7 +125,9 @@ pub struct BootSpec<'a> {
     pub initrd: Option<&'a Path>,
     pub cmdline: &'a str,
     pub mem_bytes: u64,
-    pub nvcpus: u8,
+    /// APIC ID of each vCPU, by vCPU number.
+    pub apic_ids: &'a [u8],
+    pub numa: Option<&'a numa::Layout>,
 }
 
 /// Loads everything into `mem` and returns where to start.
@@ -181,7 +183,7 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<BootInfo, Error> {
         .map(|c| c.as_bytes_with_nul().len())
         .unwrap_or(1);
 
-    let rsdp = crate::arch::acpi::write_tables(mem, spec.nvcpus, spec.mem_bytes)?;
+    let rsdp = crate::arch::acpi::write_tables(mem, spec.apic_ids, spec.mem_bytes, spec.numa)?;
     mem.write_slice(&RESET_VECTOR_STUB, GuestAddress(RESET_VECTOR))?;
     let e820 = e820_map(spec.mem_bytes);
     match mode {
@@ -367,7 +369,7 @@ mod tests {
 
     #[test]
     fn zero_page_carries_e820_cmdline_and_initrd() {
-        let mem = crate::memory::create(64 << 20, crate::memory::HugePages::Off).unwrap();
+        let mem = crate::memory::create(64 << 20, crate::memory::HugePages::Off, None).unwrap();
         let e820 = e820_map(64 << 20);
         write_zero_page(&mem, &e820, Some((0x3000000, 0x1234)), None, 10).unwrap();
         let p: boot_params = mem.read_obj(ZERO_PAGE_START).unwrap();
@@ -384,7 +386,7 @@ mod tests {
 
     #[test]
     fn pvh_start_info_points_at_memmap_cmdline_and_module() {
-        let mem = crate::memory::create(64 << 20, crate::memory::HugePages::Off).unwrap();
+        let mem = crate::memory::create(64 << 20, crate::memory::HugePages::Off, None).unwrap();
         let e820 = e820_map(64 << 20);
         write_pvh_info(&mem, &e820, Some((0x3000000, 0x800)), ACPI_START).unwrap();
         let si: hvm_start_info = mem.read_obj(PVH_INFO_START).unwrap();
@@ -399,7 +401,7 @@ mod tests {
 
     #[test]
     fn initrd_goes_to_the_top_of_low_memory_or_is_refused() {
-        let mem = crate::memory::create(32 << 20, crate::memory::HugePages::Off).unwrap();
+        let mem = crate::memory::create(32 << 20, crate::memory::HugePages::Off, None).unwrap();
         let p = tmp("initrd", &[7u8; 5000]);
         let (addr, size) = load_initrd(&mem, &p, 0x200000, 32 << 20, u64::MAX).unwrap();
         assert_eq!(size, 5000);

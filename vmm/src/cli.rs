@@ -93,7 +93,7 @@ pub enum Command {
     /// Snapshot a running VM (full or incremental), or inspect/compact a snapshot.
     Snapshot(SnapshotArgs),
     /// Start a VM from a snapshot directory (the chain's newest state).
-    Restore(RestoreArgs),
+    Restore(Box<RestoreArgs>),
     /// Multi-level checkpoints: take one (local first, slower levels filled
     /// while the guest runs), restore the newest valid copy, list, plan
     /// intervals, or serve as a host's endpoint for partner/XOR levels.
@@ -479,6 +479,11 @@ pub struct HostArgs {
     /// always named with --net.
     #[arg(long = "allow-snapshot-paths", value_name = "DIR")]
     pub allow: Vec<PathBuf>,
+    /// Bind a saved guest NUMA node to a host node of this host:
+    /// node=N,host-node=H (repeat per node; the guest keeps its nodes,
+    /// only where they live changes) [default: the saved host nodes].
+    #[arg(long = "numa", value_name = "SPEC", value_parser = parse_numa)]
+    pub numa: Vec<numa::NodeSpec>,
 }
 
 #[derive(Args, Debug)]
@@ -722,9 +727,25 @@ pub struct RunArgs {
     /// needs CAP_SYS_NICE or RLIMIT_RTPRIO).
     #[arg(long, value_name = "PRIO")]
     pub realtime: Option<i32>,
-    /// Guest memory, e.g. 512M, 2G (plain numbers are MiB) [default: 256M].
+    /// Guest memory, e.g. 512M, 2G (plain numbers are MiB) [default: the
+    /// --numa nodes' sum, else 256M].
     #[arg(long)]
     pub memory: Option<String>,
+    /// The guest's CPU topology: sockets=S,cores=C,threads=T (cores per
+    /// socket, threads per core; S*C*T = the vCPUs). CPUID (leaves 0xB,
+    /// 0x1F, 0x8000001E), the cache leaves (L1/L2 per core, L3 per socket)
+    /// and the APIC IDs follow it [default: one socket per --numa node,
+    /// else one socket of single-thread cores].
+    #[arg(long, value_name = "SPEC")]
+    pub topology: Option<numa::CpuShape>,
+    /// A guest NUMA node:
+    /// node=N,cpus=LIST,memory=SIZE[,host-node=H][,distance=M:D] (repeat
+    /// per node; every vCPU in one node, the memory adding up to --memory). Told to the guest in ACPI SRAT and
+    /// SLIT (distance 10 to itself, 20 to others unless given); with
+    /// host-node= its memory is bound to that host node (mbind) and its
+    /// vCPUs run on that node's cores.
+    #[arg(long = "numa", value_name = "SPEC", value_parser = parse_numa)]
+    pub numa: Vec<numa::NodeSpec>,
     /// Back guest memory with huge pages the host reserved (hugetlb):
     /// `--hugepages` for 2 MiB pages, `--hugepages=1G` for 1 GiB pages.
     /// The memory size must be a multiple of the page size; too few free
@@ -808,6 +829,10 @@ pub struct RunArgs {
     pub confine: ConfineArgs,
 }
 
+fn parse_numa(s: &str) -> Result<numa::NodeSpec, String> {
+    s.parse().map_err(|e: numa::guest::Error| e.to_string())
+}
+
 fn parse_vsock(s: &str) -> Result<VsockEntry, String> {
     s.parse().map_err(|e: crate::config::Error| e.to_string())
 }
@@ -844,6 +869,8 @@ impl RunArgs {
             exits: self.exits,
             halt_poll_ns: self.halt_poll_ns,
             realtime: self.realtime,
+            topology: self.topology,
+            numa: (!self.numa.is_empty()).then(|| self.numa.clone()),
             memory: self.memory.clone(),
             hugepages: self.hugepages,
             prefault: self.prefault.then_some(true),
@@ -899,6 +926,7 @@ impl From<&HostArgs> for crate::machine::HostResources {
             virtio_console: h.virtio_console.clone(),
             vsock: h.vsock.clone(),
             allow: h.allow.clone(),
+            numa: h.numa.clone(),
         }
     }
 }

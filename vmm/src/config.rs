@@ -9,6 +9,7 @@ pub use crate::memory::HugePages;
 pub use devices::virtio::block::DiskConfig;
 pub use devices::virtio::net::NetConfig;
 pub use devices::virtio::vsock::VsockConfig;
+pub use numa::{CpuShape, Layout as NumaLayout, NodeSpec};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use vcpu_decouple::exits::ExitsRequest;
@@ -56,6 +57,10 @@ pub enum Error {
     Net { spec: String, why: String },
     #[error("invalid --vsock '{spec}': {why} (cid=N,socket=PATH)")]
     Vsock { spec: String, why: String },
+    #[error(transparent)]
+    Numa(#[from] numa::guest::Error),
+    #[error(transparent)]
+    Shape(#[from] numa::shape::Error),
 }
 
 /// `--vsock cid=N,socket=PATH` (or `[vsock]` in TOML).
@@ -436,6 +441,23 @@ pub struct VmSpec {
     /// SCHED_FIFO priority for compute vCPU threads.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub realtime: Option<i32>,
+    /// `"sockets=2,cores=4,threads=2"`: the guest's CPU topology.
+    #[serde(
+        default,
+        deserialize_with = "de_parsed",
+        serialize_with = "ser_text",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub topology: Option<CpuShape>,
+    /// Guest NUMA nodes: `[[numa]]` tables (`node`, `cpus`, `memory`,
+    /// `host-node`, `distance = ["1:20"]`) or the flag's text,
+    /// `numa = ["node=0,cpus=0-1,memory=1G,host-node=0"]`.
+    #[serde(
+        default,
+        deserialize_with = "de_entries",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub numa: Option<Vec<NodeSpec>>,
     /// `"512M"`, `"2G"`, `"4Gi"`, `1024` (a number: MiB), `"268435456B"`.
     #[serde(
         default,
@@ -624,6 +646,8 @@ impl VmSpec {
             exits: over.exits.or(self.exits),
             halt_poll_ns: over.halt_poll_ns.or(self.halt_poll_ns),
             realtime: over.realtime.or(self.realtime),
+            topology: over.topology.or(self.topology),
+            numa: over.numa.or(self.numa),
             memory: over.memory.or(self.memory),
             hugepages: over.hugepages.or(self.hugepages),
             prefault: over.prefault.or(self.prefault),
@@ -688,6 +712,11 @@ pub struct RunConfig {
     /// SCHED_FIFO priority for compute vCPU threads.
     pub realtime: Option<i32>,
     pub memory_bytes: u64,
+    /// Sockets, cores and threads (`--topology`; APIC IDs follow it).
+    #[serde(serialize_with = "as_text")]
+    pub shape: CpuShape,
+    /// Guest NUMA nodes (`--numa`), None for one node.
+    pub numa: Option<NumaLayout>,
     pub hugepages: HugePages,
     /// Fault in all guest memory before the guest starts.
     pub prefault: bool,
@@ -941,6 +970,23 @@ impl VmSpec {
                 return Err(Error::ExitPortTaken(port, what));
             }
         }
+        let hugepages = c.hugepages.unwrap_or_default();
+        let cpus = u32::from(topology.total());
+        // Memory: --memory, else the NUMA nodes' sum, else the default.
+        let memory = c.memory.as_deref().map(parse_size).transpose()?;
+        let numa = match c.numa.as_deref() {
+            None | Some([]) => None,
+            Some(nodes) => Some(NumaLayout::new(nodes, cpus, memory, hugepages.bytes())?),
+        };
+        let memory_bytes = match (&numa, memory) {
+            (_, Some(m)) => m,
+            (Some(l), None) => l.total_memory(),
+            (None, None) => parse_size(DEFAULT_MEMORY)?,
+        };
+        let shape = c
+            .topology
+            .unwrap_or_else(|| CpuShape::default_for(cpus, numa.as_ref()));
+        shape.check(cpus, numa.as_ref())?;
         Ok(RunConfig {
             kernel: c.kernel.ok_or(Error::NoKernel)?,
             initrd: c.initrd,
@@ -951,8 +997,10 @@ impl VmSpec {
             exits: c.exits.unwrap_or_default(),
             halt_poll_ns: c.halt_poll_ns,
             realtime: c.realtime,
-            memory_bytes: parse_size(c.memory.as_deref().unwrap_or(DEFAULT_MEMORY))?,
-            hugepages: c.hugepages.unwrap_or_default(),
+            memory_bytes,
+            shape,
+            numa,
+            hugepages,
             prefault: c.prefault.unwrap_or(false),
             console: c.console.as_deref().unwrap_or("stdio").parse()?,
             api_socket: c.api_socket,
@@ -1005,6 +1053,14 @@ impl VmSpec {
 }
 
 impl RunConfig {
+    /// The APIC ID of each vCPU, by vCPU number (`--topology`; checked to
+    /// be at most 254 when the config was validated).
+    pub fn apic_ids(&self) -> Vec<u8> {
+        (0..u32::from(self.cpus))
+            .map(|i| self.shape.apic_id(i).min(254) as u8)
+            .collect()
+    }
+
     /// The machine part of these settings as a spec: what a snapshot or
     /// a migration carries and a restored VM must have again (no host
     /// placement, sockets, console or confinement: the restoring host
@@ -1015,6 +1071,12 @@ impl RunConfig {
             cmdline: Some(self.cmdline.clone()),
             cpus: Some(self.topology),
             memory: Some(format!("{}B", self.memory_bytes)),
+            // Left out when it is what the VM gets anyway, so that the
+            // states of VMs without them read in versions before them.
+            topology: (self.shape
+                != CpuShape::default_for(u32::from(self.cpus), self.numa.as_ref()))
+            .then_some(self.shape),
+            numa: self.numa.as_ref().map(NumaLayout::specs),
             hugepages: Some(self.hugepages),
             // Where memory is faulted in is the host's choice.
             prefault: None,
@@ -1036,20 +1098,7 @@ impl RunConfig {
 
 /// Parses "512M", "2G", "1GiB", "1024" (MiB), "65536K", "4096B" into bytes.
 pub fn parse_size(s: &str) -> Result<u64, Error> {
-    let err = || Error::MemorySize(s.into());
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| err())?;
-    let shift = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "m" | "mb" | "mi" | "mib" => 20,
-        "b" => 0,
-        "k" | "kb" | "ki" | "kib" => 10,
-        "g" | "gb" | "gi" | "gib" => 30,
-        "t" | "tb" | "ti" | "tib" => 40,
-        _ => return Err(err()),
-    };
-    n.checked_mul(1 << shift).filter(|b| *b > 0).ok_or_else(err)
+    numa::guest::parse_size(s).ok_or_else(|| Error::MemorySize(s.into()))
 }
 
 #[cfg(test)]

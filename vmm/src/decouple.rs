@@ -32,6 +32,10 @@ pub struct Decoupling {
     pub halt_poll_ns: Option<u64>,
     /// SCHED_FIFO priority of compute vCPU threads.
     pub realtime: Option<i32>,
+    /// Host CPUs of the host node each vCPU's guest node is bound to
+    /// (`--numa host-node=`), by vCPU; None for a vCPU free of one.
+    #[serde(skip)]
+    node_cores: Vec<Option<CpuList>>,
     #[serde(skip)]
     exits_mask: u64,
     #[serde(skip)]
@@ -49,6 +53,52 @@ pub enum DecoupleError {
     Affinity(#[from] vcpu_decouple::affinity::Error),
     #[error("--realtime applies to compute vCPUs: use --cpus service=S,compute=C")]
     RealtimeWithoutCompute,
+    #[error(transparent)]
+    Numa(#[from] numa::host::Error),
+    #[error("vCPU {vcpu} is in guest node {node}, bound to host node {host_node} (CPUs {node_cpus}), but its placement gives it host cores {placed}, none of them on that node: pin it to that node's cores (--pin)")]
+    NodeCores {
+        vcpu: u8,
+        node: u32,
+        host_node: u32,
+        node_cpus: CpuList,
+        placed: CpuList,
+    },
+}
+
+/// The host CPUs each vCPU's guest node is bound to, checked against
+/// the placement: a vCPU must keep at least one core of its host node.
+fn vcpu_node_cores(
+    config: &RunConfig,
+    placement: Option<&Placement>,
+) -> Result<Vec<Option<CpuList>>, DecoupleError> {
+    let Some(layout) = &config.numa else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for id in 0..config.cpus {
+        let Some((node, host_node)) = layout
+            .node_of_cpu(u32::from(id))
+            .and_then(|n| Some((n.id, n.host_node?)))
+        else {
+            out.push(None);
+            continue;
+        };
+        let node_cpus = numa::host::node_cpus(Path::new("/"), host_node)?;
+        if let Some(p) = placement {
+            let placed = p.vcpu_cores(&config.topology, id);
+            if placed.intersection(&node_cpus).is_empty() {
+                return Err(DecoupleError::NodeCores {
+                    vcpu: id,
+                    node,
+                    host_node,
+                    node_cpus,
+                    placed,
+                });
+            }
+        }
+        out.push(Some(node_cpus));
+    }
+    Ok(out)
 }
 
 impl Decoupling {
@@ -67,6 +117,7 @@ impl Decoupling {
         if config.realtime.is_some() && !topology.is_decoupled() {
             return Err(DecoupleError::RealtimeWithoutCompute);
         }
+        let node_cores = vcpu_node_cores(config, placement.as_ref())?;
         let exits_mask =
             exits::resolve(config.exits, topology.is_decoupled(), exits::offered(kvm))?;
         let claims = match &placement {
@@ -84,6 +135,7 @@ impl Decoupling {
             exits_disabled: exits::names(exits_mask),
             halt_poll_ns: config.halt_poll_ns,
             realtime: config.realtime,
+            node_cores,
             exits_mask,
             _claims: claims,
         })
@@ -115,11 +167,20 @@ impl Decoupling {
         Ok(())
     }
 
-    /// Host cores vCPU `id` runs on (None: anywhere).
+    /// Host cores vCPU `id` runs on (None: anywhere): its placement's,
+    /// within its guest node's host node.
     pub fn vcpu_cores(&self, id: u8) -> Option<CpuList> {
-        self.placement
+        let placed = self
+            .placement
             .as_ref()
-            .map(|p| p.vcpu_cores(&self.topology, id))
+            .map(|p| p.vcpu_cores(&self.topology, id));
+        match (
+            placed,
+            self.node_cores.get(usize::from(id)).cloned().flatten(),
+        ) {
+            (Some(p), Some(n)) => Some(p.intersection(&n)),
+            (p, n) => p.or(n),
+        }
     }
 
     /// KVM starts kernel workers of its own inside the VMM process (the NX

@@ -89,6 +89,44 @@ pub enum VcpuRestoreError {
     State(#[from] state::Error),
 }
 
+/// How the guest's CPU topology or NUMA nodes in `saved` differ from what
+/// a destination was started with (`--topology`, `--numa`; the host nodes
+/// may differ), if they do.
+pub fn guest_layout_differs(saved: &RunConfig, here: &RunConfig) -> Option<String> {
+    let view = |c: &RunConfig| c.numa.as_ref().map(crate::config::NumaLayout::guest_view);
+    if saved.shape != here.shape {
+        return Some(format!(
+            "its vCPUs are --topology {}, here {}",
+            saved.shape, here.shape
+        ));
+    }
+    if view(saved) != view(here) {
+        let nodes = |c: &RunConfig| match &c.numa {
+            None => "no --numa".to_string(),
+            Some(l) => l
+                .specs()
+                .iter()
+                .map(|n| {
+                    format!(
+                        "--numa {}",
+                        crate::config::NodeSpec {
+                            host_node: None,
+                            ..n.clone()
+                        }
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(" "),
+        };
+        return Some(format!(
+            "its guest NUMA nodes are {}, here {} (the host nodes may differ, the guest's may not)",
+            nodes(saved),
+            nodes(here)
+        ));
+    }
+    None
+}
+
 impl MachineState {
     /// The saved machine's settings, validated (`parse_state` checked
     /// that they are valid and fit the saved vCPUs).
@@ -428,6 +466,9 @@ impl Restoring {
                 saved.memory_bytes >> 20
             )));
         }
+        if let Some(why) = guest_layout_differs(&saved, expect) {
+            return Err(incompatible(why));
+        }
         Ok(Restoring {
             origin: Origin::Migration { from: from.into() },
             machine,
@@ -510,9 +551,21 @@ impl Restoring {
             ..VmSpec::default()
         };
         // Saved without passthrough functions (control.rs); they are
-        // plugged again through the API.
+        // plugged again through the API. The guest keeps its NUMA nodes;
+        // this host may put them on other host nodes.
+        let numa = match (&self.saved.numa, host.numa.is_empty()) {
+            (_, true) => None,
+            (Some(l), false) => Some(l.remapped(&host.numa)?.specs()),
+            (None, false) => {
+                return Err(RestoreConfigError::Host(format!(
+                    "--numa: {} has no NUMA nodes to bind",
+                    self.describe()
+                )))
+            }
+        };
         let local = VmSpec {
             device: None,
+            numa,
             ..local
         };
         Ok(self
@@ -578,12 +631,12 @@ impl Restoring {
             }
         };
         let mem = if config.hugepages.is_on() {
-            let m = memory::create(size, config.hugepages)
+            let m = memory::create(size, config.hugepages, config.numa.as_ref())
                 .map_err(|e| failed("map memory")(e.to_string()))?;
             s.apply_layers(0, &m)?;
             m
         } else {
-            let m = memory::map_snapshot(size, &s.layer_path(0))
+            let m = memory::map_snapshot(size, &s.layer_path(0), config.numa.as_ref())
                 .map_err(|e| failed("map the memory layer")(e.to_string()))?;
             s.apply_layers(1, &m)?;
             m
@@ -651,6 +704,8 @@ pub enum RestoreConfigError {
     /// A device of the snapshot has no host resource named on this host.
     #[error("{0}")]
     Host(String),
+    #[error(transparent)]
+    Numa(#[from] numa::guest::Error),
 }
 
 /// What a restoring host names for a snapshot's devices (the restore
@@ -664,6 +719,8 @@ pub struct HostResources {
     pub virtio_console: Option<PathBuf>,
     pub vsock: Option<VsockEntry>,
     pub allow: Vec<PathBuf>,
+    /// `--numa node=N,host-node=H`: the saved guest nodes on this host's nodes.
+    pub numa: Vec<crate::config::NodeSpec>,
 }
 
 /// The host side of a restored VM's devices.

@@ -75,7 +75,22 @@ pub fn hello(config: &RunConfig, profile: CpuProfile) -> Hello {
         devices,
         postcopy: false,
         verify: false,
+        layout: guest_layout(config),
     }
+}
+
+/// What the guest sees of its topology and NUMA nodes, for the hello
+/// (empty when it has neither, as from a VMM without them).
+fn guest_layout(config: &RunConfig) -> String {
+    let flat = numa::CpuShape::flat(u32::from(config.cpus));
+    let mut parts = Vec::new();
+    if config.shape != flat {
+        parts.push(format!("--topology {}", config.shape));
+    }
+    if let Some(l) = &config.numa {
+        parts.push(format!("numa {}", l.guest_view()));
+    }
+    parts.join(" ")
 }
 
 pub use vmm_api::model::{parse_tcp, MigrateRequest};
@@ -562,8 +577,9 @@ fn receive_one(
     // page: the source's pause then covers only loading the state.
     let prepared = inc.hello(mine, |theirs| {
         can_receive(config, theirs)?;
-        let mem: GuestMemoryMmap = memory::create(config.memory_bytes, config.hugepages)
-            .map_err(|e| format!("the destination cannot allocate guest memory: {e}"))?;
+        let mem: GuestMemoryMmap =
+            memory::create(config.memory_bytes, config.hugepages, config.numa.as_ref())
+                .map_err(|e| format!("the destination cannot allocate guest memory: {e}"))?;
         Vm::prepare(kvm, config.clone(), mem, false)
             .map_err(|e| format!("the destination cannot build the VM: {e}"))
     })?;

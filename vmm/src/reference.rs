@@ -17,6 +17,14 @@ pub fn example() -> VmSpec {
         exits: "auto".parse().ok(),
         halt_poll_ns: Some(200_000),
         realtime: Some(10),
+        topology: "sockets=2,cores=2,threads=1".parse().ok(),
+        numa: [
+            "node=0,cpus=0-1,memory=2G,host-node=0",
+            "node=1,cpus=2-3,memory=2G,host-node=1,distance=0:21",
+        ]
+        .iter()
+        .map(|t| t.parse().ok())
+        .collect(),
         memory: Some("4G".into()),
         hugepages: Some(crate::memory::HugePages::Size2M),
         prefault: Some(true),
@@ -65,6 +73,7 @@ fn toml_value(key: &str, v: &serde_json::Value) -> &'static str {
         ("net", _) => "tables (`[[net]]`), or the flag's text, one or a list",
         ("vsock", _) => "a table (`[vsock]`) or the flag's text",
         ("hugepages", _) => "`true` (2 MiB pages), `\"2M\"`, `\"1G\"` or `false`",
+        ("numa", _) => "tables (`[[numa]]`, the flag's keys), or the flag's text, one or a list",
         (_, serde_json::Value::Array(_)) => "string or list of strings",
         (_, serde_json::Value::Bool(_)) => "boolean",
         (_, serde_json::Value::Number(_)) => "number",

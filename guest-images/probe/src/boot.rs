@@ -25,7 +25,7 @@ pub struct BootInfo {
     pub rsdp: u64,
 }
 
-fn read<T: Copy>(addr: u64) -> T {
+pub fn read<T: Copy>(addr: u64) -> T {
     // SAFETY: all guest-physical memory below 16 GiB is identity-mapped and
     // user-accessible; the VMM/firmware placed these structures there.
     unsafe { core::ptr::read_unaligned(addr as *const T) }

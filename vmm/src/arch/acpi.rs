@@ -297,12 +297,15 @@ pub fn fadt(dsdt_addr: u64) -> Vec<u8> {
     t.finish()
 }
 
-pub fn madt(nvcpus: u8) -> Vec<u8> {
+/// MADT: the local APIC of every vCPU (processor UID = vCPU number, so
+/// the guest's CPU n is vCPU n; `apic_ids[n]` its APIC ID), the IOAPIC,
+/// the PIT's override and the NMI wiring.
+pub fn madt(apic_ids: &[u8]) -> Vec<u8> {
     let mut t = Sdt::new(b"APIC", 4);
     t.push(&LAPIC_ADDR.to_le_bytes());
     t.push(&1u32.to_le_bytes()); // PCAT_COMPAT: dual 8259 present
-    for id in 0..nvcpus {
-        t.push(&[0, 8, id, id, 1, 0, 0, 0]); // processor local APIC, enabled
+    for (uid, &apic) in apic_ids.iter().enumerate() {
+        t.push(&[0, 8, uid as u8, apic, 1, 0, 0, 0]); // processor local APIC, enabled
     }
     let mut ioapic = vec![1, 12, 0, 0];
     ioapic.extend_from_slice(&IOAPIC_ADDR.to_le_bytes());
@@ -312,6 +315,49 @@ pub fn madt(nvcpus: u8) -> Vec<u8> {
     t.push(&[2, 10, 0, 0, 2, 0, 0, 0, 0, 0]);
     // LINT1 of every local APIC is NMI.
     t.push(&[4, 6, 0xff, 0, 0, 1]);
+    t.finish()
+}
+
+/// SRAT: which guest node (proximity domain) each vCPU's local APIC and
+/// each range of guest RAM belongs to. A node's RAM is its share of the
+/// VM's RAM offsets ([`numa::Layout::ram_ranges`]), split where it
+/// crosses the MMIO hole.
+pub fn srat(apic_ids: &[u8], numa: &numa::Layout, mem_bytes: u64) -> Vec<u8> {
+    let mut t = Sdt::new(b"SRAT", 3);
+    t.push(&1u32.to_le_bytes()); // reserved, 1 for compatibility
+    t.push(&[0u8; 8]);
+    for (cpu, &apic) in apic_ids.iter().enumerate() {
+        let node = numa.node_of_cpu(cpu as u32).map_or(0, |n| n.id);
+        let d = node.to_le_bytes();
+        // Processor local APIC affinity: domain bits 0-7, APIC ID, flags
+        // (enabled), SAPIC EID, domain bits 8-31, clock domain.
+        t.push(&[
+            0, 16, d[0], apic, 1, 0, 0, 0, 0, d[1], d[2], d[3], 0, 0, 0, 0,
+        ]);
+    }
+    for r in numa.ram_ranges() {
+        for (gpa, len) in ram_offsets_to_guest(r.offset, r.len, mem_bytes) {
+            let mut e = vec![1, 40];
+            e.extend_from_slice(&r.node.to_le_bytes());
+            e.extend_from_slice(&[0, 0]);
+            e.extend_from_slice(&gpa.to_le_bytes());
+            e.extend_from_slice(&len.to_le_bytes());
+            e.extend_from_slice(&[0u8; 4]);
+            e.extend_from_slice(&1u32.to_le_bytes()); // enabled
+            e.extend_from_slice(&[0u8; 8]);
+            t.push(&e);
+        }
+    }
+    t.finish()
+}
+
+/// SLIT: the distance between every two guest nodes.
+pub fn slit(numa: &numa::Layout) -> Vec<u8> {
+    let mut t = Sdt::new(b"SLIT", 1);
+    t.push(&(numa.nodes.len() as u64).to_le_bytes());
+    for n in &numa.nodes {
+        t.push(&n.distances);
+    }
     t.finish()
 }
 
@@ -349,11 +395,14 @@ pub fn rsdp(xsdt_addr: u64) -> Vec<u8> {
     r
 }
 
-/// Writes all tables at `ACPI_START` (RSDP first) and returns the RSDP address.
+/// Writes all tables at `ACPI_START` (RSDP first) and returns the RSDP
+/// address: a vCPU per entry of `apic_ids`, and SRAT and SLIT when the
+/// guest has NUMA nodes.
 pub fn write_tables<M: GuestMemory>(
     mem: &M,
-    nvcpus: u8,
+    apic_ids: &[u8],
     mem_bytes: u64,
+    numa: Option<&numa::Layout>,
 ) -> Result<GuestAddress, vm_memory::GuestMemoryError> {
     let rsdp_addr = ACPI_START;
     let mut next = rsdp_addr.unchecked_add(64);
@@ -365,9 +414,12 @@ pub fn write_tables<M: GuestMemory>(
     };
     let dsdt_addr = place(&dsdt(mem_bytes))?;
     let fadt_addr = place(&fadt(dsdt_addr))?;
-    let madt_addr = place(&madt(nvcpus))?;
-    let mcfg_addr = place(&mcfg())?;
-    let xsdt_addr = place(&xsdt(&[fadt_addr, madt_addr, mcfg_addr]))?;
+    let mut tables = vec![fadt_addr, place(&madt(apic_ids))?, place(&mcfg())?];
+    if let Some(l) = numa {
+        tables.push(place(&srat(apic_ids, l, mem_bytes))?);
+        tables.push(place(&slit(l))?);
+    }
+    let xsdt_addr = place(&xsdt(&tables))?;
     mem.write_slice(&rsdp(xsdt_addr), rsdp_addr)?;
     Ok(rsdp_addr)
 }
@@ -385,7 +437,7 @@ mod tests {
         for t in [
             dsdt(512 << 20),
             fadt(0xe0100),
-            madt(4),
+            madt(&[0, 1, 2, 3]),
             mcfg(),
             xsdt(&[1, 2]),
         ] {
@@ -451,7 +503,7 @@ mod tests {
 
     #[test]
     fn madt_lists_one_enabled_lapic_per_vcpu() {
-        let m = madt(3);
+        let m = madt(&[0, 1, 4]);
         let mut p = 44;
         let mut lapics = vec![];
         while p < m.len() {
@@ -461,14 +513,58 @@ mod tests {
             p += m[p + 1] as usize;
         }
         assert_eq!(p, m.len());
-        assert_eq!(lapics, vec![(0, 1), (1, 1), (2, 1)]);
+        assert_eq!(lapics, vec![(0, 1), (1, 1), (4, 1)]);
+        assert_eq!(m[44 + 2 * 8 + 2], 2, "processor UID: the vCPU number");
+    }
+
+    #[test]
+    fn srat_and_slit_describe_the_nodes() {
+        let nodes: Vec<numa::NodeSpec> = ["cpus=0-1,memory=3G", "cpus=2-3,memory=2G,distance=0:21"]
+            .iter()
+            .map(|t| t.parse().unwrap())
+            .collect();
+        let gib = 1u64 << 30;
+        let l = numa::Layout::new(&nodes, 4, None, 2 << 20).unwrap();
+        let s = srat(&[0, 1, 2, 3], &l, 5 * gib);
+        assert!(sums_to_zero(&s));
+        assert_eq!(&s[0..4], b"SRAT");
+        let mut p = 48;
+        let (mut cpus, mut mem) = (vec![], vec![]);
+        while p < s.len() {
+            let e = &s[p..p + s[p + 1] as usize];
+            match e[0] {
+                0 => cpus.push((e[3], e[2])),
+                1 => mem.push((
+                    e[2],
+                    u64::from_le_bytes(e[8..16].try_into().unwrap()),
+                    u64::from_le_bytes(e[16..24].try_into().unwrap()),
+                )),
+                t => panic!("entry type {t}"),
+            }
+            p += e.len();
+        }
+        assert_eq!(cpus, vec![(0, 0), (1, 0), (2, 1), (3, 1)]);
+        // Node 0 fills RAM below the hole, node 1 lies above 4 GiB.
+        assert_eq!(mem, vec![(0, 0, 3 * gib), (1, 4 * gib, 2 * gib)]);
+        let t = slit(&l);
+        assert!(sums_to_zero(&t));
+        assert_eq!(&t[36..44], &2u64.to_le_bytes());
+        assert_eq!(&t[44..], &[10, 21, 21, 10]);
+        // A node across the hole gets two ranges.
+        let nodes: Vec<numa::NodeSpec> = ["cpus=0,memory=1G", "cpus=1,memory=4G"]
+            .iter()
+            .map(|t| t.parse().unwrap())
+            .collect();
+        let l = numa::Layout::new(&nodes, 2, None, 2 << 20).unwrap();
+        let s = srat(&[0, 1], &l, 5 * gib);
+        assert_eq!(s.len(), 48 + 2 * 16 + 3 * 40);
     }
 
     #[test]
     fn written_tables_are_linked_from_the_rsdp() {
         let mem =
             vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-        let rsdp = write_tables(&mem, 2, 0x10_0000).unwrap();
+        let rsdp = write_tables(&mem, &[0, 1], 0x10_0000, None).unwrap();
         let mut sig = [0u8; 8];
         mem.read_slice(&mut sig, rsdp).unwrap();
         assert_eq!(&sig, b"RSD PTR ");

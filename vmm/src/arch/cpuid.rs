@@ -13,6 +13,7 @@ pub enum CpuProfile {
     Host,
 }
 use kvm_bindings::kvm_cpuid_entry2;
+use numa::CpuShape;
 
 /// Features hidden on PVM hosts, as (leaf, subleaf, register, bit, name).
 /// XSAVE goes, so does every feature whose state XSAVE manages.
@@ -136,42 +137,99 @@ pub fn filter(entries: &mut Vec<kvm_cpuid_entry2>, profile: CpuProfile, tsc_khz:
     }
 }
 
-/// Per-vCPU leaves: APIC IDs and a flat topology of `nvcpus` single-thread cores.
-pub fn set_vcpu_topology(entries: &mut [kvm_cpuid_entry2], vcpu_id: u8, nvcpus: u8) {
+/// CPUID leaves 0xB/0x1F and 0x8000_001D are read per subleaf.
+const KVM_CPUID_FLAG_SIGNIFCANT_INDEX: u32 = 1;
+
+/// Whether the CPUID table is an AMD (or Hygon) one: leaf 0's vendor.
+fn is_amd(entries: &[kvm_cpuid_entry2]) -> bool {
+    entries.iter().find(|e| e.function == 0).is_some_and(|e| {
+        matches!(
+            (e.ebx, e.edx, e.ecx),
+            (0x6874_7541, 0x6974_6e65, 0x444d_4163) | (0x6f67_7948, 0x6e65_476e, 0x656e_6975)
+        )
+    })
+}
+
+/// Sets EAX[25:14] of a cache descriptor (leaf 4 or 0x8000_001D): how many
+/// logical processors share the cache - 1. L1 and L2 belong to a core
+/// (its threads), L3 to a socket, so the guest's cache domains are the
+/// topology's and match where its vCPUs are pinned (one socket per node
+/// and host node, by default).
+fn set_cache_sharing(e: &mut kvm_cpuid_entry2, shape: &CpuShape) {
+    if e.eax & 0x1f == 0 {
+        return; // no cache at this subleaf
+    }
+    let level = (e.eax >> 5) & 7;
+    let sharing = if level <= 2 {
+        1u32 << shape.thread_bits()
+    } else {
+        1u32 << shape.socket_shift()
+    };
+    e.eax = (e.eax & !(0xfff << 14)) | (((sharing - 1) & 0xfff) << 14);
+}
+
+/// Per-vCPU leaves for vCPU `vcpu` of a VM shaped `shape` in guest node
+/// `node`: its APIC ID (leaf 1, the x2APIC ID of 0xB/0x1F, AMD's
+/// 0x8000_001E), the SMT and core levels of 0xB/0x1F, the cache sharing
+/// of leaves 4 and 0x8000_001D, and AMD's core count in 0x8000_0008.
+pub fn set_vcpu_topology(
+    entries: &mut Vec<kvm_cpuid_entry2>,
+    vcpu: u32,
+    shape: &CpuShape,
+    node: u32,
+) {
+    let apic = shape.apic_id(vcpu);
+    let per_socket = shape.threads * shape.cores;
+    let core_bits = shape.socket_shift() - shape.thread_bits();
+    let amd = is_amd(entries);
     for e in entries.iter_mut() {
         match e.function {
             1 => {
-                e.ebx =
-                    (e.ebx & 0x0000_ffff) | (u32::from(vcpu_id) << 24) | (u32::from(nvcpus) << 16);
-                e.edx |= 1 << 28; // HTT: the logical-processor count in EBX is valid
+                // Initial APIC ID, and the IDs a package spans.
+                let span = (1u32 << shape.socket_shift()).min(255);
+                e.ebx = (e.ebx & 0x0000_ffff) | (apic << 24) | (span << 16);
+                e.edx |= 1 << 28; // HTT: the count in EBX is valid
             }
             4 => {
-                // cores per package - 1 in EAX[31:26]; one thread per cache
-                e.eax = (e.eax & 0x03ff_c3ff) | ((u32::from(nvcpus) - 1) << 26);
+                set_cache_sharing(e, shape);
+                // Core IDs a package spans - 1, in EAX[31:26].
+                e.eax = (e.eax & 0x03ff_ffff) | ((((1u32 << core_bits) - 1) & 0x3f) << 26);
             }
-            0xb | 0x1f => {
-                // level 0: SMT (1 thread), level 1: core (nvcpus)
-                match e.index {
-                    0 => {
-                        e.eax = 0;
-                        e.ebx = 1;
-                        e.ecx = 0x100;
-                    }
-                    1 => {
-                        e.eax = 32 - (u32::from(nvcpus).max(1) - 1).leading_zeros();
-                        e.ebx = u32::from(nvcpus);
-                        e.ecx = 0x201;
-                    }
-                    _ => {
-                        e.eax = 0;
-                        e.ebx = 0;
-                        e.ecx = e.index;
-                    }
-                }
-                e.edx = u32::from(vcpu_id);
+            0x8000_001d => set_cache_sharing(e, shape),
+            0x8000_001e => {
+                e.eax = apic;
+                e.ebx = ((shape.threads - 1) << 8) | ((apic >> shape.thread_bits()) & 0xff);
+                // One node per socket (a node holds whole sockets).
+                e.ecx = node & 0xff;
+                e.edx = 0;
+            }
+            0x8000_0008 if amd => {
+                // NC: threads per package - 1; ApicIdCoreIdSize: its ID bits.
+                e.ecx =
+                    (e.ecx & !0xf0ff) | ((per_socket - 1) & 0xff) | (shape.socket_shift() << 12);
             }
             _ => {}
         }
+    }
+    // The extended topology leaves, rebuilt: SMT, core, end.
+    for leaf in [0xb, 0x1f] {
+        let Some(flags) = entries.iter().find(|e| e.function == leaf).map(|e| e.flags) else {
+            continue;
+        };
+        entries.retain(|e| e.function != leaf);
+        let level = |index: u32, eax: u32, ebx: u32, kind: u32| kvm_cpuid_entry2 {
+            function: leaf,
+            index,
+            flags: flags | KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+            eax,
+            ebx,
+            ecx: (kind << 8) | index,
+            edx: apic,
+            ..Default::default()
+        };
+        entries.push(level(0, shape.thread_bits(), shape.threads, 1));
+        entries.push(level(1, shape.socket_shift(), per_socket, 2));
+        entries.push(level(2, 0, 0, 0));
     }
 }
 
@@ -263,18 +321,69 @@ mod tests {
     }
 
     #[test]
-    fn topology_sets_apic_ids() {
+    fn topology_sets_apic_ids_levels_and_cache_sharing() {
+        let amd = kvm_cpuid_entry2 {
+            function: 0,
+            ebx: 0x6874_7541,
+            edx: 0x6974_6e65,
+            ecx: 0x444d_4163,
+            ..Default::default()
+        };
+        let cache = |function, index, level: u32| kvm_cpuid_entry2 {
+            function,
+            index,
+            eax: (level << 5) | 1,
+            ..Default::default()
+        };
         let mut e = vec![
+            amd,
             entry(1, 0, 0, 0x0000_0800),
             entry(0xb, 0, 0, 0),
-            entry(0xb, 1, 0, 0),
+            cache(4, 0, 1),
+            cache(4, 3, 3),
+            cache(0x8000_001d, 3, 3),
+            entry(0x8000_001e, 0, 0, 0),
+            entry(0x8000_0008, 0, 0x0001_0000, 0),
         ];
-        set_vcpu_topology(&mut e, 3, 4);
-        assert_eq!(e[0].ebx >> 24, 3);
-        assert_eq!((e[0].ebx >> 16) & 0xff, 4);
-        assert_eq!(e[0].ebx & 0xffff, 0x0800, "CLFLUSH size kept");
-        assert_eq!(e[1].edx, 3);
-        assert_eq!(e[2].ebx, 4);
-        assert_eq!(e[2].eax, 2, "4 cores need 2 APIC-ID bits");
+        let shape: CpuShape = "sockets=2,cores=3,threads=2".parse().unwrap();
+        set_vcpu_topology(&mut e, 7, &shape, 1);
+        let find = |f: u32, i: u32| *e.iter().find(|x| x.function == f && x.index == i).unwrap();
+        let apic = 9; // socket 1 (bit 3), core 0, thread 1
+        assert_eq!(find(1, 0).ebx >> 24, apic);
+        assert_eq!((find(1, 0).ebx >> 16) & 0xff, 8, "IDs per package");
+        assert_eq!(find(1, 0).ebx & 0xffff, 0x0800, "CLFLUSH size kept");
+        let (smt, core) = (find(0xb, 0), find(0xb, 1));
+        assert_eq!((smt.eax, smt.ebx, smt.ecx, smt.edx), (1, 2, 0x100, apic));
+        assert_eq!(
+            (core.eax, core.ebx, core.ecx, core.edx),
+            (3, 6, 0x201, apic)
+        );
+        assert_eq!(find(0xb, 2).ecx, 2, "end of levels");
+        assert_eq!(
+            (find(4, 0).eax >> 14) & 0xfff,
+            1,
+            "L1: the core's 2 threads"
+        );
+        assert_eq!((find(4, 3).eax >> 14) & 0xfff, 7, "L3: the socket's 8 IDs");
+        assert_eq!(find(4, 3).eax >> 26, 3, "4 core IDs per package");
+        assert_eq!((find(0x8000_001d, 3).eax >> 14) & 0xfff, 7);
+        let ext = find(0x8000_001e, 0);
+        assert_eq!((ext.eax, ext.ebx, ext.ecx), (apic, 0x100 | 4, 1));
+        assert_eq!(
+            find(0x8000_0008, 0).ecx,
+            0x0001_3005,
+            "NC 5, ID size 3, rest kept"
+        );
+        // A flat VM: APIC IDs are vCPU numbers.
+        let mut flat = vec![entry(1, 0, 0, 0), entry(0xb, 0, 0, 0)];
+        set_vcpu_topology(&mut flat, 3, &CpuShape::flat(4), 0);
+        assert_eq!(flat[0].ebx >> 24, 3);
+        assert_eq!(
+            flat.iter()
+                .find(|x| x.function == 0xb && x.index == 1)
+                .unwrap()
+                .eax,
+            2
+        );
     }
 }

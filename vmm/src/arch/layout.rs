@@ -58,6 +58,23 @@ pub fn ram_regions(mem_bytes: u64) -> Vec<(GuestAddress, usize)> {
     regions
 }
 
+/// Guest-physical ranges of RAM offsets `offset..offset + len` (RAM
+/// counted from address 0, the MMIO hole skipped) in a VM of `mem_bytes`.
+pub fn ram_offsets_to_guest(offset: u64, len: u64, mem_bytes: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut ram = 0;
+    for (addr, size) in ram_regions(mem_bytes) {
+        let size = size as u64;
+        let start = offset.max(ram);
+        let end = (offset + len).min(ram + size);
+        if start < end {
+            out.push((addr.0 + (start - ram), end - start));
+        }
+        ram += size;
+    }
+    out
+}
+
 /// The 64-bit PCI window: above all RAM, 1 GiB aligned.
 pub fn pci_high_window(mem_bytes: u64) -> (u64, u64) {
     let top = ram_regions(mem_bytes)

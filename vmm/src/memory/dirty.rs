@@ -219,7 +219,8 @@ mod tests {
     fn a_failed_copy_gives_its_pages_back_and_a_committed_one_keeps_them() {
         let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
         let vm_fd = kvm.create_vm().expect("a VM");
-        let mem = crate::memory::create(64 << 20, crate::memory::HugePages::Off).expect("memory");
+        let mem =
+            crate::memory::create(64 << 20, crate::memory::HugePages::Off, None).expect("memory");
         register(&vm_fd, &mem, false).expect("slots");
         let tracker = Tracker::new(false);
 

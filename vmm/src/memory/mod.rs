@@ -51,6 +51,8 @@ pub enum Error {
     HostTooSmall { size: u64, host: u64 },
     #[error("cannot build the guest memory map: {0}")]
     Layout(#[from] vm_memory::GuestRegionCollectionError),
+    #[error(transparent)]
+    Numa(#[from] numa::host::Error),
 }
 
 pub const MIN_MEMORY: u64 = 16 << 20;
@@ -161,8 +163,15 @@ impl std::fmt::Display for HugePages {
 /// Memory is not reserved with MAP_NORESERVE, so a size the host cannot back
 /// fails here, before the VM exists; huge pages are counted against the
 /// host's free pool first, and the mapping reserves them (so the guest
-/// never meets a SIGBUS for a huge page that is not there).
-pub fn create(size: u64, huge: HugePages) -> Result<GuestMemoryMmap, Error> {
+/// never meets a SIGBUS for a huge page that is not there). With `numa`,
+/// each guest node's share is bound to its host node before anything
+/// touches it, once that node is known to have the memory (or the huge
+/// pages) free.
+pub fn create(
+    size: u64,
+    huge: HugePages,
+    numa: Option<&numa::Layout>,
+) -> Result<GuestMemoryMmap, Error> {
     if size < MIN_MEMORY {
         return Err(Error::TooSmall(size));
     }
@@ -190,6 +199,9 @@ pub fn create(size: u64, huge: HugePages) -> Result<GuestMemoryMmap, Error> {
             Some(_) => {}
         }
     }
+    if let Some(l) = numa {
+        check_nodes(l, huge)?;
+    }
     let hint = match huge {
         HugePages::Off => "",
         HugePages::Size2M => " as 2 MiB huge pages (see /proc/sys/vm/nr_hugepages)",
@@ -198,6 +210,7 @@ pub fn create(size: u64, huge: HugePages) -> Result<GuestMemoryMmap, Error> {
         }
     };
     let mut regions = Vec::new();
+    let mut offset = 0;
     for (addr, len) in layout::ram_regions(size) {
         let build = || {
             MmapRegionBuilder::new_with_bitmap(len, AtomicBitmap::new(len, PAGE_NONZERO))
@@ -214,6 +227,8 @@ pub fn create(size: u64, huge: HugePages) -> Result<GuestMemoryMmap, Error> {
         if !hugepages && region.as_ptr() as u64 % HUGE_PAGE_SIZE != addr.0 % HUGE_PAGE_SIZE {
             tracing::debug!("guest RAM at {addr:#x?} is not 2 MiB-aligned in the VMM");
         }
+        bind_nodes(region.as_ptr() as usize, offset, len as u64, numa)?;
+        offset += len as u64;
         regions.push(GuestRegionMmap::new(region, addr).ok_or(Error::Map {
             size,
             hint: " (region does not fit the address space)",
@@ -348,7 +363,13 @@ pub fn prefault(mem: &GuestMemoryMmap, huge: HugePages) -> Result<usize, Error> 
 /// `MAP_PRIVATE`: pages are read from the file when the guest first touches
 /// them and the guest's writes stay in this process, so restoring takes the
 /// same time whatever the memory size, and the snapshot is never changed.
-pub fn map_snapshot(size: u64, file: &std::path::Path) -> Result<GuestMemoryMmap, Error> {
+/// With `numa`, the pages the guest writes (its private copies) come from
+/// each node's host node; pages it only reads stay in the page cache.
+pub fn map_snapshot(
+    size: u64,
+    file: &std::path::Path,
+    numa: Option<&numa::Layout>,
+) -> Result<GuestMemoryMmap, Error> {
     if size < MIN_MEMORY {
         return Err(Error::TooSmall(size));
     }
@@ -370,6 +391,7 @@ pub fn map_snapshot(size: u64, file: &std::path::Path) -> Result<GuestMemoryMmap
                 hint: " from the snapshot's memory file",
                 source,
             })?;
+        bind_nodes(region.as_ptr() as usize, offset, len as u64, numa)?;
         regions.push(GuestRegionMmap::new(region, addr).ok_or(Error::Map {
             size,
             hint: " (region does not fit the address space)",
@@ -378,6 +400,39 @@ pub fn map_snapshot(size: u64, file: &std::path::Path) -> Result<GuestMemoryMmap
         offset += len as u64;
     }
     Ok(GuestMemoryMmap::from_regions(regions)?)
+}
+
+/// Checks that the host nodes `numa` binds guest nodes to exist and have
+/// the memory (or, with huge pages, the pages on that node) free now.
+pub fn check_nodes(numa: &numa::Layout, huge: HugePages) -> Result<(), Error> {
+    Ok(numa::host::check(
+        std::path::Path::new("/"),
+        &numa.ram_ranges(),
+        huge.is_on().then(|| huge.bytes()),
+    )?)
+}
+
+/// Binds the parts of the RAM mapping at `host` (RAM offsets `offset` to
+/// `offset + len`) that belong to guest nodes with a host node.
+fn bind_nodes(
+    host: usize,
+    offset: u64,
+    len: u64,
+    numa: Option<&numa::Layout>,
+) -> Result<(), Error> {
+    for r in numa.map(numa::Layout::ram_ranges).unwrap_or_default() {
+        let Some(node) = r.host_node else { continue };
+        let start = r.offset.max(offset);
+        let end = (r.offset + r.len).min(offset + len);
+        if start < end {
+            numa::host::bind(
+                host + (start - offset) as usize,
+                (end - start) as usize,
+                node,
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// Physical memory of the host (the most a guest could ever be given).
@@ -414,7 +469,7 @@ mod tests {
 
     #[test]
     fn creates_regions_and_tracks_vmm_writes() {
-        let mem = create(64 << 20, HugePages::Off).unwrap();
+        let mem = create(64 << 20, HugePages::Off, None).unwrap();
         assert_eq!(mem.num_regions(), 1);
         mem.write_obj(0xdead_beef_u32, GuestAddress(0x5000))
             .unwrap();
@@ -427,16 +482,20 @@ mod tests {
     #[test]
     fn refuses_bad_sizes() {
         assert!(matches!(
-            create(1 << 20, HugePages::Off),
+            create(1 << 20, HugePages::Off, None),
             Err(Error::TooSmall(_))
         ));
         assert!(matches!(
-            create((64 << 20) + 4096, HugePages::Size2M),
+            create((64 << 20) + 4096, HugePages::Size2M, None),
             Err(Error::HugeAlignment(HugePages::Size2M))
         ));
-        let msg = create(3 << 29, HugePages::Size1G).unwrap_err().to_string();
+        let msg = create(3 << 29, HugePages::Size1G, None)
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("multiple of 1 GiB"), "{msg}");
-        let msg = create(1 << 50, HugePages::Off).unwrap_err().to_string();
+        let msg = create(1 << 50, HugePages::Off, None)
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("cannot give"), "{msg}");
     }
 
@@ -456,7 +515,7 @@ mod tests {
 
     #[test]
     fn prefault_makes_all_of_guest_ram_resident() {
-        let mem = create(64 << 20, HugePages::Off).unwrap();
+        let mem = create(64 << 20, HugePages::Off, None).unwrap();
         let threads = prefault(&mem, HugePages::Off).unwrap();
         assert_eq!(threads, 1, "one 64 MiB range is one thread's work");
         let r = mem.iter().next().unwrap();

@@ -24,7 +24,8 @@ pub struct VcpuSetup<'a> {
     pub base_cpuid: &'a kvm_bindings::CpuId,
     pub boot_msrs: &'a [kvm_bindings::kvm_msr_entry],
     pub mem: &'a GuestMemoryMmap,
-    pub cpus: u8,
+    pub shape: numa::CpuShape,
+    pub numa: Option<&'a numa::Layout>,
 }
 
 /// One way to give a prepared VM its machine state.
@@ -68,7 +69,8 @@ impl Builder for ForBoot {
                 initrd: config.initrd.as_deref(),
                 cmdline: &config.cmdline,
                 mem_bytes: config.memory_bytes,
-                nvcpus: config.cpus,
+                apic_ids: &config.apic_ids(),
+                numa: config.numa.as_ref(),
             },
         )?)
     }
@@ -86,7 +88,11 @@ impl Builder for ForBoot {
     fn vcpu(&self, fd: &VcpuFd, id: u8, boot: &BootInfo, s: &VcpuSetup) -> Result<u32, Error> {
         let mut entries = s.base_cpuid.as_slice().to_vec();
         cpuid::filter(&mut entries, s.profile, s.host_tsc_khz);
-        cpuid::set_vcpu_topology(&mut entries, id, s.cpus);
+        let node = s
+            .numa
+            .and_then(|l| l.node_of_cpu(u32::from(id)))
+            .map_or(0, |n| n.id);
+        cpuid::set_vcpu_topology(&mut entries, u32::from(id), &s.shape, node);
         let cpuid = kvm_bindings::CpuId::from_entries(&entries).map_err(|e| Error::Table {
             what: "CPUID",
             detail: format!("{e:?}"),

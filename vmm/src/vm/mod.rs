@@ -104,7 +104,14 @@ impl Error {
     pub fn is_user_error(&self) -> bool {
         match self {
             // A prefault that fails is the host's trouble, not the input's.
-            Error::Memory(m) => !matches!(m, memory::Error::Prefault { .. }),
+            // So is a host node that cannot be read or bound to.
+            Error::Memory(m) => !matches!(
+                m,
+                memory::Error::Prefault { .. }
+                    | memory::Error::Numa(
+                        numa::host::Error::Bind { .. } | numa::host::Error::Read { .. }
+                    )
+            ),
             Error::ConsoleFile { .. }
             | Error::Disk(_)
             | Error::Tap(_)
@@ -308,9 +315,15 @@ impl Vm {
         config: RunConfig,
         restore: Option<&crate::machine::Restoring>,
     ) -> Result<Vm, Error> {
+        // Host nodes first: a restore maps its memory from the snapshot,
+        // and a node that cannot be had is the user's to fix (exit 2).
+        if let Some(l) = &config.numa {
+            memory::check_nodes(l, config.hugepages)?;
+        }
         let mem = match restore {
             None => {
-                let mem = memory::create(config.memory_bytes, config.hugepages)?;
+                let mem =
+                    memory::create(config.memory_bytes, config.hugepages, config.numa.as_ref())?;
                 if config.prefault {
                     let t = std::time::Instant::now();
                     let threads = memory::prefault(&mem, config.hugepages)?;
@@ -475,10 +488,13 @@ impl Vm {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("get supported CPUID"))?;
         let mut fds = Vec::new();
-        for id in 0..config.cpus {
+        // KVM's vCPU id is the APIC ID (the topology's, with gaps where
+        // its counts are not powers of two); everything else in the VMM
+        // counts vCPUs 0, 1, 2, ... as the guest numbers its CPUs.
+        for apic in config.apic_ids() {
             fds.push(
                 vm_fd
-                    .create_vcpu(u64::from(id))
+                    .create_vcpu(u64::from(apic))
                     .map_err(kvm_err("create vCPU"))?,
             );
         }
@@ -591,7 +607,8 @@ impl Prepared {
             base_cpuid: &base_cpuid,
             boot_msrs: &boot_msrs,
             mem: &mem,
-            cpus: config.cpus,
+            shape: config.shape,
+            numa: config.numa.as_ref(),
         };
         let mut tsc_khz = host_tsc_khz;
         let mut kvm_forced = vec![];

@@ -12,6 +12,7 @@ mod memtouch;
 mod net;
 mod pci;
 mod rng;
+mod topo;
 mod vcon;
 mod vsock;
 
@@ -30,6 +31,7 @@ pub fn run(info: &mut BootInfo, args: &crate::boot::Args, ncpus: usize) -> u8 {
         "blk" => blk::run(info, args),
         "net" => net::run(info, args),
         "rng" => rng::run(info),
+        "topo" => topo::run(info, ncpus),
         "vcon" => vcon::run(info, args),
         "vsock" => vsock::run(info, args),
         "exit" => args.num("status", 0) as u8,
@@ -44,7 +46,7 @@ pub fn run(info: &mut BootInfo, args: &crate::boot::Args, ncpus: usize) -> u8 {
             arch::park()
         }
         other => {
-            println!("probe: error: unknown task '{other}' (hello, memtouch, counter, dirty, fwq, irqroute, pci, edu, cx, blk, net, rng, vcon, vsock, exit, fault, triplefault, reset)");
+            println!("probe: error: unknown task '{other}' (hello, memtouch, counter, dirty, fwq, irqroute, pci, edu, cx, blk, net, rng, topo, vcon, vsock, exit, fault, triplefault, reset)");
             STATUS_PROBE_ERROR
         }
     }

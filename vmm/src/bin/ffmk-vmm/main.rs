@@ -46,7 +46,7 @@ fn main() -> ExitCode {
         Command::Resume(c) => client::resume(c),
         Command::Shutdown(c) => client::shutdown(c),
         Command::Snapshot(a) => client::snapshot(a),
-        Command::Restore(a) => restore(a),
+        Command::Restore(a) => restore(*a),
         Command::Checkpoint { action, plane } => checkpoint::checkpoint(action, plane),
         Command::Migrate(a) => client::migrate(a),
         Command::Key { action } => admin::key(action),
