@@ -13,12 +13,12 @@ use vcpu_decouple::CpuList;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("--numa: host node {node} does not exist (this host has node(s) {have})")]
+    #[error("host node {node} does not exist (this host has node(s) {have})")]
     NoSuchNode { node: u32, have: String },
-    #[error("--numa: host node {node} has {free_mib} MiB free, but the guest nodes bound to it need {need_mib} MiB", free_mib = .free >> 20, need_mib = .need >> 20)]
+    #[error("host node {node} has {free_mib} MiB free, but the guest nodes bound to it need {need_mib} MiB", free_mib = .free >> 20, need_mib = .need >> 20)]
     NodeMemory { node: u32, need: u64, free: u64 },
     #[error(
-        "--numa: host node {node} has {free} free {page_kib} KiB huge pages, but the guest nodes bound to it need {need}: \
+        "host node {node} has {free} free {page_kib} KiB huge pages, but the guest nodes bound to it need {need}: \
          reserve them on that node (echo {enough} > {dir}/nr_hugepages)",
         page_kib = .page >> 10, enough = .total + .need - .free
     )]

@@ -1216,3 +1216,242 @@ fn linux_pciehp_takes_functions_in_hot_plug_slots_and_gives_them_back() {
     }
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// `key=value` of the first console line that starts with `prefix`.
+fn line_field(b: &Boot, prefix: &str, key: &str) -> Option<String> {
+    let line = b
+        .console
+        .iter()
+        .find(|l| l.trim_start().starts_with(prefix))?;
+    let rest = line.split_once(&format!(" {key}="))?.1;
+    Some(rest.split_whitespace().next().unwrap_or("").to_string())
+}
+
+/// Boots the bzImage with `extra` flags (512 MiB, 2 vCPUs unless given)
+/// and prints what lscpu, numactl -H and hwloc read: the node and CPU
+/// topology trees of sysfs (built by the kernel from SRAT, SLIT and CPUID).
+/// Unquoted $(...) collapses white space: `dist=10 21`.
+fn guest_topology(bzimage: &Path, initrd: &Path, extra: &[&str]) -> (Boot, String) {
+    let b = boot_with(
+        bzimage,
+        initrd,
+        "2",
+        "ffmk_exit_port=244 -- \"cd /sys/devices/system && echo nodes=$(cat node/online) && \
+         for n in $(seq 0 $(($(ls -d node/node* | wc -l) - 1))); do echo numa$n cpus=$(cat node/node$n/cpulist) \
+         dist=$(cat node/node$n/distance) $(grep MemTotal node/node$n/meminfo); done && for c in 0 1; do \
+         t=cpu/cpu$c/topology; echo topo$c pkg=$(cat $t/physical_package_id) smt=$(cat $t/thread_siblings_list) \
+         llc=$(cat cpu/cpu$c/cache/index3/shared_cpu_list || echo none); done\"",
+        extra,
+        None,
+    );
+    let ctx = format!("stderr: {}\nconsole:\n{}", b.stderr, b.console.join("\n"));
+    assert_eq!(b.code, Some(0), "{ctx}");
+    (b, ctx)
+}
+
+// Tests named numa_lab_* run (in ci/test-linux) in a lab whose L1 has two
+// NUMA nodes and a CPU model whose kernel takes cache sharing from CPUID
+// (EPYC-Rome: on the first EPYC's model numbers Linux assumes 8-CPU core
+// complexes whatever CPUID says).
+
+#[test]
+fn numa_lab_linux_sees_the_cpu_topology_and_numa_nodes_it_was_given() {
+    let Some((_, bzimage, initrd)) = images() else {
+        return;
+    };
+    // Two threads of one core: SMT siblings sharing every cache.
+    let (b, ctx) = guest_topology(
+        &bzimage,
+        &initrd,
+        &["--topology", "sockets=1,cores=1,threads=2"],
+    );
+    for cpu in 0..2 {
+        let p = format!("topo{cpu}");
+        assert_eq!(line_field(&b, &p, "pkg").as_deref(), Some("0"), "{ctx}");
+        assert_eq!(line_field(&b, &p, "smt").as_deref(), Some("0-1"), "{ctx}");
+        let llc = line_field(&b, &p, "llc").unwrap_or_default();
+        assert!(llc == "none" || llc == "0-1", "cpu {cpu}: llc {llc}: {ctx}");
+    }
+    assert!(has_line(&b, "nodes=0"), "{ctx}");
+    // Two nodes (one socket each, by default), 21 apart.
+    let (b, ctx) = guest_topology(
+        &bzimage,
+        &initrd,
+        &[
+            "--numa",
+            "node=0,cpus=0,memory=256M",
+            "--numa",
+            "node=1,cpus=1,memory=256M,distance=0:21",
+        ],
+    );
+    assert!(has_line(&b, "nodes=0-1"), "{ctx}");
+    assert!(
+        !b.console
+            .iter()
+            .any(|l| l.contains("is not on the same node")),
+        "the guest's scheduler found a cache shared across nodes: {ctx}"
+    );
+    for n in 0..2u64 {
+        let node = format!("numa{n}");
+        assert_eq!(line_field(&b, &node, "cpus"), Some(n.to_string()), "{ctx}");
+        let dist = if n == 0 {
+            "dist=10 21 Node 0"
+        } else {
+            "dist=21 10 Node 1"
+        };
+        assert!(has_line(&b, dist), "{ctx}");
+        // Each node has its 256 MiB less what the kernel keeps for itself.
+        let kb: u64 = b
+            .console
+            .iter()
+            .find_map(|l| {
+                l.split_once(&format!("Node {n} MemTotal:"))?
+                    .1
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("node {n}: {ctx}"));
+        assert!(
+            (150_000..=262_144).contains(&kb),
+            "node {n}: {kb} kB: {ctx}"
+        );
+        let cpu = format!("topo{n}");
+        assert_eq!(line_field(&b, &cpu, "pkg"), Some(n.to_string()), "{ctx}");
+        assert_eq!(line_field(&b, &cpu, "smt"), Some(n.to_string()), "{ctx}");
+        let llc = line_field(&b, &cpu, "llc").unwrap_or_default();
+        assert!(
+            llc == "none" || llc == n.to_string(),
+            "cpu {n}: llc {llc}: {ctx}"
+        );
+    }
+}
+
+/// The CPUs of the lab's (or host's) NUMA node `n`, None without it.
+fn host_node_cpus(n: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/sys/devices/system/node/node{n}/cpulist"))
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// Pages of `pid`'s mappings bound to `bind` (`bind:0`), by node, from
+/// numa_maps (`N0=123`), and the bound mappings' total size in pages
+/// (from maps).
+fn bound_pages(pid: u32, bind: &str) -> (std::collections::BTreeMap<String, u64>, u64) {
+    let numa = std::fs::read_to_string(format!("/proc/{pid}/numa_maps")).unwrap_or_default();
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    let mut on = std::collections::BTreeMap::new();
+    let mut size = 0;
+    for l in numa.lines() {
+        let mut words = l.split_whitespace();
+        let (Some(start), Some(policy)) = (words.next(), words.next()) else {
+            continue;
+        };
+        if policy != format!("bind:{bind}") {
+            continue;
+        }
+        for w in words {
+            if let Some((n, pages)) = w.split_once('=').filter(|(k, _)| k.starts_with('N')) {
+                *on.entry(n.to_string()).or_default() += pages.parse::<u64>().unwrap_or(0);
+            }
+        }
+        size += maps
+            .lines()
+            .find(|m| m.starts_with(&format!("{start}-")))
+            .and_then(|m| {
+                let (a, b) = m.split_whitespace().next()?.split_once('-')?;
+                Some((u64::from_str_radix(b, 16).ok()? - u64::from_str_radix(a, 16).ok()?) >> 12)
+            })
+            .unwrap_or(0);
+    }
+    (on, size)
+}
+
+/// The host CPUs the VMM's thread `name` may run on.
+fn thread_cpus(pid: u32, name: &str) -> Option<String> {
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim() == name {
+            let status = std::fs::read_to_string(t.path().join("status")).ok()?;
+            return status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .map(|v| v.trim().to_string());
+        }
+    }
+    None
+}
+
+#[test]
+fn numa_lab_two_host_nodes_back_the_guest_nodes_and_run_their_vcpus() {
+    let Some((_, bzimage, initrd)) = images() else {
+        return;
+    };
+    let (Some(cpus0), Some(cpus1)) = (host_node_cpus(0), host_node_cpus(1)) else {
+        assert!(
+            std::env::var_os("FFMK_NUMA_REQUIRED").is_none(),
+            "FFMK_NUMA_REQUIRED is set but this host has one NUMA node"
+        );
+        eprintln!("skipped: one host NUMA node (ci/test-linux runs this in a lab with two)");
+        return;
+    };
+    let dir = tmpdir("linux-numa");
+    // The guest's node 0 on host node 0, node 1 on host node 1; the
+    // triad runs on guest node 0's CPU, on local then on remote memory.
+    let vm = spawn_bzimage(
+        &dir,
+        "numa",
+        &bzimage,
+        &initrd,
+        &[
+            "--cpus",
+            "2",
+            "--numa",
+            "node=0,cpus=0,memory=256M,host-node=0",
+            "--numa",
+            "node=1,cpus=1,memory=256M,host-node=1",
+        ],
+        "\"ffmk-stream --node 0 --mib 16 --runs 3 && ffmk-stream --node 1 --cpu-node 0 --mib 16 --runs 3 \
+         && echo numa-ready=$((6*7)) && sleep 600\"",
+    );
+    wait_console(&vm, "numa-ready=42");
+    let console = vm.console();
+    let pid = vm.pid();
+    let (on0, size0) = bound_pages(pid, "0");
+    let (on1, size1) = bound_pages(pid, "1");
+    let (vcpu0, vcpu1) = (thread_cpus(pid, "vcpu0"), thread_cpus(pid, "vcpu1"));
+    vm.kill();
+    let ctx =
+        format!("node 0: {on0:?} of {size0}; node 1: {on1:?} of {size1}\nconsole:\n{console}");
+    // Each guest node's 256 MiB are bound to its host node, and the pages
+    // the guest touched there came from it.
+    assert_eq!((size0, size1), (65536, 65536), "{ctx}");
+    assert!(
+        on0.keys().all(|k| k == "N0") && on0.get("N0").is_some(),
+        "{ctx}"
+    );
+    // (The triad's 48 MiB on guest node 1.)
+    assert!(
+        on1.keys().all(|k| k == "N1") && on1.get("N1").copied().unwrap_or(0) >= 12288,
+        "{ctx}"
+    );
+    assert_eq!(vcpu0.as_deref(), Some(cpus0.as_str()), "{ctx}");
+    assert_eq!(vcpu1.as_deref(), Some(cpus1.as_str()), "{ctx}");
+    let rate = |node: &str| -> f64 {
+        console
+            .lines()
+            .find(|l| l.contains(&format!("stream mem_node={node} cpu_node=0")))
+            .and_then(|l| l.split("triad_mib_s=").nth(1)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no triad for node {node}: {ctx}"))
+    };
+    let (local, remote) = (rate("0"), rate("1"));
+    assert!(local > 0.0 && remote > 0.0, "{ctx}");
+    eprintln!(
+        "triad from guest node 0's CPU: local {local:.0} MiB/s, remote {remote:.0} MiB/s (local/remote {:.2})",
+        local / remote
+    );
+}

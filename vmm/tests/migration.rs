@@ -652,3 +652,70 @@ fn without_a_cluster_key_nothing_crosses_hosts() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{out:?}");
 }
+
+#[test]
+fn guest_nodes_move_with_the_vm_and_other_nodes_are_refused() {
+    let Some(c) = Cluster::new("mnuma", 2) else {
+        return;
+    };
+    let dir = tmpdir("migrate-numa");
+    let nodes = [
+        "--cpus",
+        "2",
+        "--topology",
+        "sockets=2,cores=1",
+        "--numa",
+        "node=0,cpus=0,memory=64M,host-node=0",
+        "--numa",
+        "node=1,cpus=1,memory=64M,distance=0:30",
+    ];
+    let mut flags = vec!["--test-exit-port"];
+    flags.extend_from_slice(&nodes);
+    let args = probe_argv_mem("task=counter", "128M", &flags);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let src = Vm::spawn_in(
+        Some(&c.hosts[0]),
+        &args,
+        &dir.join("src.console"),
+        &dir.join("src.sock"),
+    );
+    src.wait_counter(3);
+    // A destination whose guest would see other nodes refuses before the
+    // source pauses.
+    let dst = destination_with(
+        &c.hosts[1],
+        &dir,
+        "flat",
+        "128M",
+        &["--cpus", "2", "--numa", "cpus=0-1,memory=128M"],
+    );
+    let out = migrate(&src, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("refused") && err.contains("guest topology"),
+        "{err}"
+    );
+    assert_source_runs(&src);
+    dst.kill();
+    // The same guest nodes on other host nodes: the VM moves on.
+    let mut same = nodes.to_vec();
+    same[7] = "node=1,cpus=1,memory=64M,distance=0:30,host-node=0";
+    same[5] = "node=0,cpus=0,memory=64M";
+    let dst = destination_with(&c.hosts[1], &dir, "dst", "128M", &same);
+    let out = migrate(&src, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let n = counters(&src.console()).last().copied().unwrap_or(0);
+    dst.wait_counter(n + 3);
+    let info: serde_json::Value = serde_json::from_slice(&dst.api(&["info"]).stdout).unwrap();
+    let numa = &info["config"]["numa"]["nodes"];
+    assert_eq!(numa[1]["host_node"], 0, "{info}");
+    assert!(numa[0]["host_node"].is_null(), "{info}");
+    assert_eq!(numa[0]["distances"], serde_json::json!([10, 30]), "{info}");
+    dst.kill();
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -168,6 +168,118 @@ fn set_cache_sharing(e: &mut kvm_cpuid_entry2, shape: &CpuShape) {
     e.eax = (e.eax & !(0xfff << 14)) | (((sharing - 1) & 0xfff) << 14);
 }
 
+/// CPUID 0x8000_0001 ECX bit 22: the topology extensions (leaves
+/// 0x8000_001D and 0x8000_001E) exist.
+const TOPOEXT: u32 = 1 << 22;
+
+/// An AMD table without the topology extensions (KVM under an emulator
+/// that lacks them, as TCG: the lab's L1) gets them: without them Linux
+/// on AMD finds no SMT siblings and no shared caches whatever leaf 0xB
+/// says. The cache descriptors of 0x8000_001D are made from the sizes
+/// 0x8000_0005/6 give (L1d, L1i, L2, L3); [`set_vcpu_topology`] fills in
+/// the sharing and 0x8000_001E.
+fn add_amd_topology_leaves(entries: &mut Vec<kvm_cpuid_entry2>) {
+    let has = |entries: &[kvm_cpuid_entry2], f: u32| entries.iter().any(|e| e.function == f);
+    let topoext = entries
+        .iter()
+        .any(|e| e.function == 0x8000_0001 && e.ecx & TOPOEXT != 0);
+    if topoext && has(entries, 0x8000_001e) {
+        return;
+    }
+    let reg = |f: u32, r: fn(&kvm_cpuid_entry2) -> u32| {
+        entries.iter().find(|e| e.function == f).map_or(0, r)
+    };
+    let (l1d, l1i) = (reg(0x8000_0005, |e| e.ecx), reg(0x8000_0005, |e| e.edx));
+    let (l2, l3) = (reg(0x8000_0006, |e| e.ecx), reg(0x8000_0006, |e| e.edx));
+    // Ways from the L2/L3 associativity code (AMD's table; 0xF: fully).
+    let ways = |code: u32| match code {
+        1 | 2 | 4 => code,
+        5 => 6,
+        6 => 8,
+        8 => 16,
+        0xa => 32,
+        0xb => 48,
+        0xc => 64,
+        0xd => 96,
+        0xe => 128,
+        _ => 0,
+    };
+    // (type, level, size in bytes, ways (0: fully associative), line)
+    let caches = [
+        (
+            1,
+            1,
+            u64::from(l1d >> 24) << 10,
+            (l1d >> 16) & 0xff,
+            l1d & 0xff,
+        ),
+        (
+            2,
+            1,
+            u64::from(l1i >> 24) << 10,
+            (l1i >> 16) & 0xff,
+            l1i & 0xff,
+        ),
+        (
+            3,
+            2,
+            u64::from(l2 >> 16) << 10,
+            ways((l2 >> 12) & 0xf),
+            l2 & 0xff,
+        ),
+        (
+            3,
+            3,
+            u64::from(l3 >> 18) << 19,
+            ways((l3 >> 12) & 0xf),
+            l3 & 0xff,
+        ),
+    ];
+    entries.retain(|e| e.function != 0x8000_001d && e.function != 0x8000_001e);
+    let mut index = 0;
+    for (kind, level, size, w, line) in caches {
+        if size == 0 || line == 0 {
+            continue;
+        }
+        let full = w == 0 || w == 0xff;
+        let w = if full {
+            (size / u64::from(line)) as u32
+        } else {
+            w
+        };
+        let sets = (size / (u64::from(line) * u64::from(w.max(1)))).max(1) as u32;
+        entries.push(kvm_cpuid_entry2 {
+            function: 0x8000_001d,
+            index,
+            flags: KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+            eax: kind | (level << 5) | (1 << 8) | (u32::from(full) << 9),
+            ebx: (line - 1) | ((w - 1) << 22),
+            ecx: sets - 1,
+            edx: 0,
+            ..Default::default()
+        });
+        index += 1;
+    }
+    // The end of the list: a descriptor of type 0.
+    entries.push(kvm_cpuid_entry2 {
+        function: 0x8000_001d,
+        index,
+        flags: KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+        ..Default::default()
+    });
+    entries.push(kvm_cpuid_entry2 {
+        function: 0x8000_001e,
+        ..Default::default()
+    });
+    for e in entries.iter_mut() {
+        match e.function {
+            0x8000_0000 => e.eax = e.eax.max(0x8000_001e),
+            0x8000_0001 => e.ecx |= TOPOEXT,
+            _ => {}
+        }
+    }
+}
+
 /// Per-vCPU leaves for vCPU `vcpu` of a VM shaped `shape` in guest node
 /// `node`: its APIC ID (leaf 1, the x2APIC ID of 0xB/0x1F, AMD's
 /// 0x8000_001E), the SMT and core levels of 0xB/0x1F, the cache sharing
@@ -182,6 +294,9 @@ pub fn set_vcpu_topology(
     let per_socket = shape.threads * shape.cores;
     let core_bits = shape.socket_shift() - shape.thread_bits();
     let amd = is_amd(entries);
+    if amd {
+        add_amd_topology_leaves(entries);
+    }
     for e in entries.iter_mut() {
         match e.function {
             1 => {
@@ -321,6 +436,56 @@ mod tests {
     }
 
     #[test]
+    fn an_amd_table_without_topology_extensions_gets_them() {
+        let mut e = vec![
+            kvm_cpuid_entry2 {
+                function: 0,
+                ebx: 0x6874_7541,
+                edx: 0x6974_6e65,
+                ecx: 0x444d_4163,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0x8000_0000,
+                eax: 0x8000_0008,
+                ..Default::default()
+            },
+            entry(0x8000_0001, 0, 0, 0),
+            // L1d/L1i 32 KiB 8-way 64 B; L2 512 KiB 8-way; L3 16 MiB 16-way.
+            kvm_cpuid_entry2 {
+                function: 0x8000_0005,
+                ecx: (32 << 24) | (8 << 16) | 64,
+                edx: (32 << 24) | (8 << 16) | 64,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0x8000_0006,
+                ecx: (512 << 16) | (6 << 12) | 64,
+                edx: (32 << 18) | (8 << 12) | 64,
+                ..Default::default()
+            },
+        ];
+        let shape: CpuShape = "sockets=1,cores=2,threads=2".parse().unwrap();
+        set_vcpu_topology(&mut e, 1, &shape, 0);
+        let find = |f: u32, i: u32| *e.iter().find(|x| x.function == f && x.index == i).unwrap();
+        assert_ne!(find(0x8000_0001, 0).ecx & TOPOEXT, 0);
+        assert_eq!(find(0x8000_0000, 0).eax, 0x8000_001e);
+        let l3 = find(0x8000_001d, 3);
+        assert_eq!((l3.eax & 0x1f, (l3.eax >> 5) & 7), (3, 3));
+        assert_eq!((l3.eax >> 14) & 0xfff, 3, "L3: the socket's 4 threads");
+        assert_eq!(l3.ebx >> 22, 15, "16 ways");
+        assert_eq!(l3.ecx + 1, (16 << 20) / (16 * 64), "sets");
+        assert_eq!(
+            (find(0x8000_001d, 0).eax >> 14) & 0xfff,
+            1,
+            "L1d: the core's 2 threads"
+        );
+        assert_eq!(find(0x8000_001d, 4).eax & 0x1f, 0, "end of the list");
+        let ext = find(0x8000_001e, 0);
+        assert_eq!((ext.eax, (ext.ebx >> 8) & 0xff, ext.ebx & 0xff), (1, 1, 0));
+    }
+
+    #[test]
     fn topology_sets_apic_ids_levels_and_cache_sharing() {
         let amd = kvm_cpuid_entry2 {
             function: 0,
@@ -337,6 +502,7 @@ mod tests {
         };
         let mut e = vec![
             amd,
+            entry(0x8000_0001, 0, TOPOEXT, 0),
             entry(1, 0, 0, 0x0000_0800),
             entry(0xb, 0, 0, 0),
             cache(4, 0, 1),
