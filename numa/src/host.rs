@@ -163,6 +163,34 @@ pub fn check(root: &Path, ranges: &[RamRange], huge_page: Option<u64>) -> Result
     Ok(())
 }
 
+/// The host's last-level caches `cpus` run under: each cache's CPU list
+/// (`/sys/devices/system/cpu/cpuN/cache/indexI/shared_cpu_list` of the
+/// highest level), one entry per cache. Empty where sysfs says nothing.
+pub fn llc_domains(root: &Path, cpus: &CpuList) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for cpu in cpus.iter() {
+        let dir = root.join(format!("sys/devices/system/cpu/cpu{cpu}/cache"));
+        let best = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let level: u32 = std::fs::read_to_string(e.path().join("level"))
+                    .ok()?
+                    .trim()
+                    .parse()
+                    .ok()?;
+                let shared = std::fs::read_to_string(e.path().join("shared_cpu_list")).ok()?;
+                Some((level, shared.trim().to_string()))
+            })
+            .max_by_key(|(level, _)| *level);
+        if let Some((_, shared)) = best {
+            out.insert(shared);
+        }
+    }
+    out
+}
+
 /// The kernel's MPOL_BIND (include/uapi/linux/mempolicy.h).
 const MPOL_BIND: libc::c_int = 2;
 /// get_mempolicy: the policy of the address given.
@@ -295,6 +323,27 @@ mod tests {
             e.contains("0 free 2048 KiB huge pages") && e.contains("echo 4 >"),
             "{e}"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn finds_the_last_level_caches_of_cpus() {
+        let dir = std::env::temp_dir().join(format!("numa-llc-{}", std::process::id()));
+        for (cpu, l2, l3) in [(0, "0", "0-1"), (1, "1", "0-1"), (2, "2", "2-3")] {
+            for (i, level, shared) in [(2, 2, l2), (3, 3, l3)] {
+                let d = dir.join(format!("sys/devices/system/cpu/cpu{cpu}/cache/index{i}"));
+                std::fs::create_dir_all(&d).unwrap();
+                std::fs::write(d.join("level"), format!("{level}\n")).unwrap();
+                std::fs::write(d.join("shared_cpu_list"), format!("{shared}\n")).unwrap();
+            }
+        }
+        let l = |s: &str| CpuList::parse(s).unwrap();
+        assert_eq!(llc_domains(&dir, &l("0-1")).len(), 1);
+        assert_eq!(
+            llc_domains(&dir, &l("1-2")).into_iter().collect::<Vec<_>>(),
+            vec!["0-1", "2-3"]
+        );
+        assert!(llc_domains(&dir, &l("7")).is_empty());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

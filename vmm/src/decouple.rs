@@ -65,6 +65,54 @@ pub enum DecoupleError {
     },
 }
 
+/// Host cores vCPU `id` runs on (None: anywhere): its placement's, within
+/// its guest node's host node.
+fn cores_of(
+    placement: Option<&Placement>,
+    topology: &Topology,
+    node_cores: &[Option<CpuList>],
+    id: u8,
+) -> Option<CpuList> {
+    let placed = placement.map(|p| p.vcpu_cores(topology, id));
+    match (placed, node_cores.get(usize::from(id)).cloned().flatten()) {
+        (Some(p), Some(n)) => Some(p.intersection(&n)),
+        (p, n) => p.or(n),
+    }
+}
+
+/// The guest is told that a socket's vCPUs share an L3 (CPUID's cache
+/// leaves, `--topology`): one warning per guest socket whose vCPUs are
+/// placed across the host's last-level caches, where that is not so.
+fn socket_cache_warnings(config: &RunConfig, cores: impl Fn(u8) -> Option<CpuList>) -> Vec<String> {
+    let shape = config.shape;
+    let per_socket = shape.cores * shape.threads;
+    let mut out = Vec::new();
+    for socket in 0..shape.sockets {
+        let vcpus = socket * per_socket..(socket + 1) * per_socket;
+        let mut host: Vec<u32> = Vec::new();
+        for id in vcpus.clone() {
+            let Some(c) = cores(id as u8) else { return out };
+            for core in c.iter() {
+                if !host.contains(&core) {
+                    host.push(core);
+                }
+            }
+        }
+        let host = CpuList::new(host).sorted();
+        let caches = numa::host::llc_domains(Path::new("/"), &host);
+        if caches.len() > 1 {
+            out.push(format!(
+                "guest socket {socket} (vCPUs {}-{}) runs on host cores {host} under {} host last-level caches ({}), but its vCPUs are told they share one L3: place each guest socket under one host L3 (--topology, --pin, --numa host-node=)",
+                vcpus.start,
+                vcpus.end - 1,
+                caches.len(),
+                caches.into_iter().collect::<Vec<_>>().join(" / ")
+            ));
+        }
+    }
+    out
+}
+
 /// The host CPUs each vCPU's guest node is bound to, checked against
 /// the placement: a vCPU must keep at least one core of its host node.
 fn vcpu_node_cores(
@@ -118,6 +166,13 @@ impl Decoupling {
             return Err(DecoupleError::RealtimeWithoutCompute);
         }
         let node_cores = vcpu_node_cores(config, placement.as_ref())?;
+        if placement.is_some() || !node_cores.is_empty() {
+            for w in socket_cache_warnings(config, |id| {
+                cores_of(placement.as_ref(), &topology, &node_cores, id)
+            }) {
+                tracing::warn!("{w}");
+            }
+        }
         let exits_mask =
             exits::resolve(config.exits, topology.is_decoupled(), exits::offered(kvm))?;
         let claims = match &placement {
@@ -170,17 +225,12 @@ impl Decoupling {
     /// Host cores vCPU `id` runs on (None: anywhere): its placement's,
     /// within its guest node's host node.
     pub fn vcpu_cores(&self, id: u8) -> Option<CpuList> {
-        let placed = self
-            .placement
-            .as_ref()
-            .map(|p| p.vcpu_cores(&self.topology, id));
-        match (
-            placed,
-            self.node_cores.get(usize::from(id)).cloned().flatten(),
-        ) {
-            (Some(p), Some(n)) => Some(p.intersection(&n)),
-            (p, n) => p.or(n),
-        }
+        cores_of(
+            self.placement.as_ref(),
+            &self.topology,
+            &self.node_cores,
+            id,
+        )
     }
 
     /// KVM starts kernel workers of its own inside the VMM process (the NX

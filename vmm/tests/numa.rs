@@ -18,6 +18,16 @@ fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
 }
 
+/// `run --kernel probe.elf --cmdline TASK FLAGS...` (no --memory: the
+/// nodes' sum, or the default).
+fn probe_args(task: &str, flags: &[&str]) -> Vec<String> {
+    let mut v = vec!["run".to_string(), "--kernel".into()];
+    v.push(common::probe().to_string_lossy().into_owned());
+    v.extend(["--cmdline".to_string(), task.into()]);
+    v.extend(flags.iter().map(|s| s.to_string()));
+    v
+}
+
 fn run_topo(memory: &str, extra: &[&str]) -> String {
     let mut flags = vec!["--test-exit-port"];
     flags.extend_from_slice(extra);
@@ -217,17 +227,8 @@ fn numa_settings_that_do_not_add_up_are_refused_before_anything_starts() {
         ),
         (&["--numa", "cpus=0,memory=lots"][..], "not a size"),
     ] {
-        let p = common::probe();
-        let mut args = vec![
-            "run",
-            "--kernel",
-            p.to_str().unwrap(),
-            "--cmdline",
-            "task=hello",
-        ];
-        args.extend_from_slice(flags);
         let out = ffmk()
-            .args(&args)
+            .args(probe_args("task=hello", flags))
             .arg("--api-socket")
             .arg(&sock)
             .output()
@@ -277,15 +278,8 @@ fn node_memory_is_bound_and_a_snapshot_keeps_the_layout() {
         "--numa",
         "node=1,cpus=1,memory=64M,distance=0:25",
     ];
-    let p = common::probe();
-    let mut args = vec![
-        "run",
-        "--kernel",
-        p.to_str().unwrap(),
-        "--cmdline",
-        "task=counter",
-    ];
-    args.extend_from_slice(&numa);
+    let args = probe_args("task=counter", &numa);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let vm = Vm::spawn(&args, &dir.join("a.console"), &dir.join("a.sock"));
     vm.wait_counter(2);
     // Node 0's 64 MiB (and only those) are bound to host node 0.

@@ -288,34 +288,65 @@ fn in_aligned_hole<T>(len: usize, map: impl FnOnce() -> T) -> T {
 /// Faults in all of guest RAM now (`--prefault`), so that neither the
 /// guest's first touches (a page fault each, a zeroed 1 GiB page a
 /// time) nor the host's memory running short later land on a running
-/// job. Ranges of at least 64 MiB (and whole huge pages) go to one
-/// thread per host CPU this process may use, each asking the kernel to
-/// populate its range writable (`MADV_POPULATE_WRITE`, Linux 5.14; older
-/// kernels get one write per page). Returns the threads used. Call it on
-/// fresh memory, before anything is loaded into it (the fallback writes
-/// zeros).
-pub fn prefault(mem: &GuestMemoryMmap, huge: HugePages) -> Result<usize, Error> {
+/// job. Ranges of at least 64 MiB (and whole huge pages) go to worker
+/// threads, each asking the kernel to populate its range writable
+/// (`MADV_POPULATE_WRITE`, Linux 5.14; older kernels get one write per
+/// page). Without `numa` host nodes: one thread per host CPU this process
+/// may use. With them, each host node's ranges go to threads pinned to
+/// that node's CPUs (one per CPU, at most one per range), so pages are
+/// zeroed by the node they belong to. Returns the threads used. Call it
+/// on fresh memory, before anything is loaded into it (the fallback
+/// writes zeros).
+pub fn prefault(
+    mem: &GuestMemoryMmap,
+    huge: HugePages,
+    numa: Option<&numa::Layout>,
+) -> Result<usize, Error> {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
     const CHUNK: u64 = 64 << 20;
     let step = CHUNK.max(huge.bytes()) as usize;
-    let mut ranges = Vec::new();
+    let nodes = numa.map(numa::Layout::ram_ranges).unwrap_or_default();
+    // (host address, guest address, length) by host node (None: unbound).
+    let mut queues: std::collections::BTreeMap<Option<u32>, Vec<(usize, u64, usize)>> =
+        std::collections::BTreeMap::new();
+    let mut ram = 0u64;
     for r in mem.iter() {
         let (base, gpa, len) = (host_addr(r) as usize, r.start_addr().0, r.len() as usize);
         let mut off = 0;
         while off < len {
             let n = step.min(len - off);
-            ranges.push((base + off, gpa + off as u64, n));
+            let at = ram + off as u64;
+            let node = nodes
+                .iter()
+                .find(|x| (x.offset..x.offset + x.len).contains(&at))
+                .and_then(|x| x.host_node);
+            queues
+                .entry(node)
+                .or_default()
+                .push((base + off, gpa + off as u64, n));
             off += n;
         }
+        ram += len as u64;
     }
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(ranges.len())
-        .max(1);
-    let next = AtomicUsize::new(0);
+    let all = std::thread::available_parallelism().map_or(1, |n| n.get());
     let page = huge.bytes() as usize;
-    let work = || -> Result<(), Error> {
+    // One queue: its ranges, the next one to take, and the CPUs its
+    // threads run on (None: wherever they are).
+    let mut work = Vec::new();
+    for (node, ranges) in queues {
+        let cpus = match node {
+            Some(h) => Some(numa::host::node_cpus(std::path::Path::new("/"), h)?),
+            None => None,
+        };
+        let threads = cpus
+            .as_ref()
+            .map_or(all, |c| c.len())
+            .min(ranges.len())
+            .max(1);
+        work.push((ranges, AtomicUsize::new(0), cpus, threads));
+    }
+    let populate = |ranges: &[(usize, u64, usize)], next: &AtomicUsize| -> Result<(), Error> {
         while let Some(&(host, gpa, len)) = ranges.get(next.fetch_add(1, Ordering::Relaxed)) {
             // SAFETY: `host..host+len` lies inside a guest RAM mapping that
             // `mem` owns and keeps for this call; populating it changes no
@@ -340,9 +371,22 @@ pub fn prefault(mem: &GuestMemoryMmap, huge: HugePages) -> Result<usize, Error> 
         }
         Ok(())
     };
+    let used = work.iter().map(|w| w.3).sum();
     std::thread::scope(|s| {
-        let handles: Vec<_> = (1..threads).map(|_| s.spawn(work)).collect();
-        let mut result = work();
+        let mut handles = Vec::new();
+        for (ranges, next, cpus, threads) in &work {
+            for _ in 0..*threads {
+                handles.push(s.spawn(move || {
+                    if let Some(c) = cpus {
+                        // Only where the pages are zeroed: a thread that
+                        // cannot move still faults them in on the bound node.
+                        let _ = vcpu_decouple::affinity::pin_current_thread(c, "prefault");
+                    }
+                    populate(ranges, next)
+                }));
+            }
+        }
+        let mut result = Ok(());
         for h in handles {
             let r = h.join().unwrap_or_else(|_| {
                 Err(Error::Prefault {
@@ -356,7 +400,7 @@ pub fn prefault(mem: &GuestMemoryMmap, huge: HugePages) -> Result<usize, Error> 
         }
         result
     })?;
-    Ok(threads)
+    Ok(used)
 }
 
 /// Maps `size` bytes of guest RAM from a snapshot's full memory layer,
@@ -516,7 +560,7 @@ mod tests {
     #[test]
     fn prefault_makes_all_of_guest_ram_resident() {
         let mem = create(64 << 20, HugePages::Off, None).unwrap();
-        let threads = prefault(&mem, HugePages::Off).unwrap();
+        let threads = prefault(&mem, HugePages::Off, None).unwrap();
         assert_eq!(threads, 1, "one 64 MiB range is one thread's work");
         let r = mem.iter().next().unwrap();
         let pages = (r.len() as usize).div_ceil(PAGE_SIZE);

@@ -326,7 +326,7 @@ impl Vm {
                     memory::create(config.memory_bytes, config.hugepages, config.numa.as_ref())?;
                 if config.prefault {
                     let t = std::time::Instant::now();
-                    let threads = memory::prefault(&mem, config.hugepages)?;
+                    let threads = memory::prefault(&mem, config.hugepages, config.numa.as_ref())?;
                     tracing::info!(
                         "guest memory faulted in: {} MiB in {} ms ({threads} threads)",
                         config.memory_bytes >> 20,

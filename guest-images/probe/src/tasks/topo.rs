@@ -49,6 +49,12 @@ fn look(idx: usize, _n: usize, _arg: u64) {
 
 pub fn run(info: &BootInfo, ncpus: usize) -> u8 {
     smp::run_on_all(look, 0);
+    let max_ext = arch::cpuid(0x8000_0000, 0)[0];
+    println!(
+        "topo max_ext={max_ext:#x} topoext={} amd_l3_sharing={}",
+        (arch::cpuid(0x8000_0001, 0)[2] >> 22) & 1,
+        if max_ext >= 0x8000_001d { l3_sharing(0x8000_001d).unwrap_or(0) } else { 0 }
+    );
     for cpu in 0..ncpus.min(smp::MAX_CPUS) {
         let v = |i: usize| SEEN[cpu * FIELDS + i].load(Ordering::Acquire);
         println!(
