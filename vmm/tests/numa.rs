@@ -331,3 +331,51 @@ fn node_memory_is_bound_and_a_snapshot_keeps_the_layout() {
     assert_eq!(v["config"]["shape"], "sockets=2,cores=1,threads=1", "{v}");
     r.kill();
 }
+
+/// `MemFree` + `Inactive(file)` and `MemTotal` of host node 0 (kB).
+fn node0_kb() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/sys/devices/system/node/node0/meminfo").ok()?;
+    let field = |name: &str| -> u64 {
+        text.lines()
+            .find(|l| {
+                l.split(':')
+                    .next()
+                    .and_then(|k| k.split_whitespace().last())
+                    == Some(name)
+            })
+            .and_then(|l| l.split(':').nth(1)?.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    Some((
+        field("MemFree") + field("Inactive(file)"),
+        field("MemTotal"),
+    ))
+}
+
+#[test]
+fn a_host_node_without_the_memory_is_refused_before_anything_starts() {
+    let Some((free_kb, total_kb)) = node0_kb() else {
+        eprintln!("skipped: no /sys/devices/system/node/node0");
+        return;
+    };
+    // More than node 0 has free, but less than the host has (that is
+    // refused earlier, for the whole host): the node's own check.
+    let want_mib = (free_kb >> 10) + 512;
+    if want_mib >= total_kb >> 10 {
+        eprintln!("skipped: node 0 has too little memory in use for the check");
+        return;
+    }
+    let want_mib = want_mib.next_multiple_of(2);
+    let node = format!("cpus=0,memory={want_mib}M,host-node=0");
+    let out = ffmk()
+        .args(probe_args("task=hello", &["--numa", &node]))
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("host node 0 has") && err.contains(&format!("need {want_mib} MiB")),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
