@@ -123,6 +123,7 @@ fn vcpu_node_cores(
         return Ok(Vec::new());
     };
     let mut out = Vec::new();
+    let mut cpus_of: std::collections::BTreeMap<u32, CpuList> = std::collections::BTreeMap::new();
     for id in 0..config.cpus {
         let Some((node, host_node)) = layout
             .node_of_cpu(u32::from(id))
@@ -131,7 +132,14 @@ fn vcpu_node_cores(
             out.push(None);
             continue;
         };
-        let node_cpus = numa::host::node_cpus(Path::new("/"), host_node)?;
+        let node_cpus = match cpus_of.get(&host_node) {
+            Some(c) => c.clone(),
+            None => {
+                let c = numa::host::node_cpus(Path::new("/"), host_node)?;
+                cpus_of.insert(host_node, c.clone());
+                c
+            }
+        };
         if let Some(p) = placement {
             let placed = p.vcpu_cores(&config.topology, id);
             if placed.intersection(&node_cpus).is_empty() {

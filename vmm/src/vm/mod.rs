@@ -315,11 +315,6 @@ impl Vm {
         config: RunConfig,
         restore: Option<&crate::machine::Restoring>,
     ) -> Result<Vm, Error> {
-        // Host nodes first: a restore maps its memory from the snapshot,
-        // and a node that cannot be had is the user's to fix (exit 2).
-        if let Some(l) = &config.numa {
-            memory::check_nodes(l, config.hugepages)?;
-        }
         let mem = match restore {
             None => {
                 let mem =
@@ -335,7 +330,15 @@ impl Vm {
                 }
                 mem
             }
-            Some(r) => r.memory(&config).map_err(|e| Error::Restore(Box::new(e)))?,
+            Some(r) => {
+                // Host nodes first (a boot's `memory::create` checks them
+                // itself): one the restoring host cannot give is the
+                // user's to fix (exit 2), not a failed restore.
+                if let Some(l) = &config.numa {
+                    memory::check_nodes(l, config.hugepages)?;
+                }
+                r.memory(&config).map_err(|e| Error::Restore(Box::new(e)))?
+            }
         };
         // A restored VM follows its snapshot chain: track dirty pages from
         // the start so the next incremental snapshot can extend it.
