@@ -82,10 +82,12 @@ fn run(args: &Args) -> Result<f64, String> {
     let cpu_node = args.cpu_node.unwrap_or(args.node);
     let cpus = numa::host::node_cpus(Path::new("/"), cpu_node).map_err(|e| e.to_string())?;
     vcpu_decouple::affinity::pin_current_thread(&cpus, "ffmk-stream").map_err(|e| e.to_string())?;
-    let len = (args.mib << 20) / std::mem::size_of::<f64>();
-    if len == 0 {
-        return Err("--mib must be at least 1".into());
-    }
+    let len = args
+        .mib
+        .checked_mul(1 << 20)
+        .filter(|b| *b > 0)
+        .ok_or("--mib must be at least 1 and fit this machine's address space")?
+        / std::mem::size_of::<f64>();
     let (mut a, mut b, mut c) = (
         Array::new(len, args.node)?,
         Array::new(len, args.node)?,
