@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
 
 from qemu_host import CPU as QEMU_CPU, MICROVM_BIOS
@@ -154,7 +155,9 @@ def migrate_ffmk(mem, rate, work, *extra, plane=()):
     src = subprocess.Popen(in_ns(0, FFMK, "run", "--kernel", PROBE, "--cmdline",
                                  migration_task(mem, rate), "--memory", f"{mem}M", "--api-socket", sock,
                                  *plane),
-                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                           stdout=subprocess.PIPE,
+                           stderr=None if os.environ.get("FFMK_BENCH_TRACE") else subprocess.DEVNULL,
+                           text=True)
     try:
         wait_counter(src, 10)
         out = subprocess.run([FFMK, "migrate", "--api-socket", sock, "--to",
@@ -162,10 +165,13 @@ def migrate_ffmk(mem, rate, work, *extra, plane=()):
                              capture_output=True, text=True, timeout=LIMIT_S)
         if out.returncode != 0:
             return None
-        o = json.loads(out.stdout.strip().splitlines()[-1])
+        lines = out.stdout.strip().splitlines()
+        if os.environ.get("FFMK_BENCH_TRACE"):
+            sys.stderr.write("".join(f"    {x}\n" for x in lines))
+        o = json.loads(lines[-1])
         return {"downtime_ms": o["downtime_ms"], "total_s": o["total_ms"] / 1e3,
                 "mib": o["sent_bytes"] / (1 << 20), "rounds": o["rounds"],
-                "throttle": o["throttle_pct"]}
+                "throttle": o["throttle_pct"], "switch_over": o.get("switch_over")}
     except subprocess.TimeoutExpired:
         return None
     finally:

@@ -31,10 +31,12 @@ fuzz_target!(|data: &[u8]| {
     };
     let writer = feed_plane(ours, stream);
     let mem = memory(&ffmk_fuzz::MIGRATION_REGIONS);
-    if let Ok(mut incoming) = Incoming::new(theirs, Duration::from_secs(2)) {
+    if let Ok(incoming) = Incoming::new(theirs, Duration::from_secs(2)) {
+        // (One stream: no further connections come to a fuzzed stream.)
+        let mut incoming = incoming.max_streams(1);
         let mine = migration_hello(postcopy);
         if incoming.hello(&mine, |_| Ok(())).is_ok() {
-            match incoming.memory(&mem) {
+            match incoming.memory(&mem, &mut |_| None) {
                 Ok(Arrival::State(state)) => {
                     let _ = vmm::machine::parse_state(&state);
                     let _ = incoming.switch_over(|| Ok(()));

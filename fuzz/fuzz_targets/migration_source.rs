@@ -92,6 +92,7 @@ fuzz_target!(|data: &[u8]| {
         io_timeout: Duration::from_secs(2),
         postcopy: flags & 1 != 0,
         verify: flags & 4 != 0,
+        streams: 1,
     };
     let cancel = AtomicBool::new(false);
     let hello = migration_hello(opts.postcopy);

@@ -244,6 +244,7 @@ pub fn migration_hello(postcopy: bool) -> migrate::protocol::Hello {
         postcopy,
         verify: false,
         layout: String::new(),
+        streams: 1,
     }
 }
 

@@ -4,12 +4,17 @@
 //! then [`Incoming::switch_over`]. Any error
 //! before GO means: drop what was received, listen again.
 use crate::postcopy::Postcopy;
-use crate::protocol::{decode_postcopy, decode_verify, page_digests, Conn, Hello, Kind, Pages};
+use crate::protocol::{
+    decode_join, decode_postcopy, decode_verify, page_digests, Accept, Conn, Hello, Kind, Pages,
+    MAX_STREAMS,
+};
 use crate::{Error, GuestMemory};
 use cluster_auth::PlaneStream;
 use snapshot::memory::{resident_pages, total_pages, write_page};
 use snapshot::{PageBitmap, PAGE_SIZE};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 pub struct Incoming {
@@ -25,7 +30,18 @@ pub struct Incoming {
     verified: u64,
     differ: Vec<u64>,
     resident: Option<PageBitmap>,
+    io_timeout: Duration,
+    /// Page streams taken (1: this connection only), the most this side
+    /// takes, and the token further streams show.
+    streams: u8,
+    max_streams: u8,
+    token: String,
 }
+
+/// Where a destination gets the further connections of a migration
+/// (authenticated on the cluster plane, JOIN not read yet): waits up to
+/// the given time for the next one.
+pub type Joins<'a> = dyn FnMut(Duration) -> Option<PlaneStream> + Send + 'a;
 
 /// Pages named in a verification failure (the count is always given).
 const NAMED_PAGES: usize = 16;
@@ -66,7 +82,22 @@ impl Incoming {
             verified: 0,
             differ: Vec::new(),
             resident: None,
+            io_timeout,
+            streams: 1,
+            max_streams: MAX_STREAMS,
+            token: String::new(),
         })
+    }
+
+    /// Takes at most `n` page streams (1: only this connection).
+    pub fn max_streams(mut self, n: u8) -> Self {
+        self.max_streams = n.clamp(1, MAX_STREAMS);
+        self
+    }
+
+    /// The page streams agreed with the source (after [`Incoming::hello`]).
+    pub fn streams(&self) -> u8 {
+        self.streams
     }
 
     /// Reads the source's hello; if it fits `mine`, `prepare` gets ready
@@ -86,7 +117,19 @@ impl Incoming {
         match ready {
             Ok(t) => {
                 self.verify = theirs.verify;
-                self.conn.send(Kind::Accept, &[])?;
+                self.streams = theirs.streams.clamp(1, self.max_streams);
+                if self.streams == 1 {
+                    // (What a source from before streams expects.)
+                    self.conn.send(Kind::Accept, &[])?;
+                } else {
+                    self.token = cluster_auth::token();
+                    let body = serde_json::to_vec(&Accept {
+                        streams: self.streams,
+                        token: self.token.clone(),
+                    })
+                    .map_err(|e| Error::Protocol(e.to_string()))?;
+                    self.conn.send(Kind::Accept, &body)?;
+                }
                 Ok(t)
             }
             Err(why) => {
@@ -97,10 +140,47 @@ impl Incoming {
     }
 
     /// Writes incoming pages into `mem` (answering SYNC after each round)
-    /// until the machine state arrives, alone or with post-copy.
-    pub fn memory(&mut self, mem: &GuestMemory) -> Result<Arrival, Error> {
+    /// until the machine state arrives, alone or with post-copy. With
+    /// several page streams, `joins` brings their connections; each is
+    /// written on a thread of its own, and all have ended before the
+    /// digests, the state or post-copy are taken.
+    pub fn memory(&mut self, mem: &GuestMemory, joins: &mut Joins) -> Result<Arrival, Error> {
+        if self.streams <= 1 {
+            return self.receive(mem, &mut || Ok(()));
+        }
+        let set = StreamSet::default();
+        let want = usize::from(self.streams - 1);
+        let (token, io_timeout) = (self.token.clone(), self.io_timeout);
+        let result = std::thread::scope(|scope| {
+            let set = &set;
+            let joiner =
+                scope.spawn(move || join_streams(scope, joins, &token, want, io_timeout, mem, set));
+            let r = self.receive(mem, &mut || set.wait_ended(want, io_timeout));
+            set.stop();
+            let _ = joiner.join();
+            r
+        });
+        self.pages_received += set.pages.load(Ordering::Relaxed);
+        result
+    }
+
+    /// The first connection's frames; `ended` is called once before the
+    /// digests, the state or post-copy are taken.
+    fn receive(
+        &mut self,
+        mem: &GuestMemory,
+        ended: &mut dyn FnMut() -> Result<(), Error>,
+    ) -> Result<Arrival, Error> {
         let total = total_pages(mem);
         let zero = vec![0u8; PAGE_SIZE as usize];
+        let mut streams_ended = false;
+        let mut wait_streams = |streams_ended: &mut bool| {
+            if !*streams_ended {
+                *streams_ended = true;
+                ended()?;
+            }
+            Ok::<(), Error>(())
+        };
         loop {
             match self.conn.recv()? {
                 (Kind::Pages, _) if self.verified > 0 => {
@@ -119,6 +199,7 @@ impl Incoming {
                 }
                 (Kind::Sync, _) => self.conn.send(Kind::Synced, &[])?,
                 (Kind::Verify, body) if self.verify => {
+                    wait_streams(&mut streams_ended)?;
                     let (first, theirs) = decode_verify(&body, total)?;
                     if first != self.verified {
                         return Err(Error::Protocol(format!(
@@ -136,12 +217,14 @@ impl Incoming {
                     self.verified += theirs.len() as u64;
                 }
                 (Kind::State, state) => {
+                    wait_streams(&mut streams_ended)?;
                     if self.verify {
                         self.check_verified(mem, total)?;
                     }
                     return Ok(Arrival::State(state));
                 }
                 (Kind::Postcopy, body) => {
+                    wait_streams(&mut streams_ended)?;
                     let (state, missing) = decode_postcopy(&body, total)?;
                     return Ok(Arrival::Postcopy { state, missing });
                 }
@@ -233,6 +316,160 @@ impl Incoming {
     /// Tells the source why this destination gives up.
     pub fn abort(&mut self, why: &str) {
         self.conn.abort(why);
+    }
+}
+
+/// The further page streams of one migration on the destination.
+#[derive(Default)]
+struct StreamSet {
+    /// The first connection is done (or failed): streams stop.
+    stopping: AtomicBool,
+    /// Their sockets, to shut them down when stopping.
+    sockets: Mutex<Vec<TcpStream>>,
+    /// Streams that ended with END, and the first failure.
+    ended: Mutex<(usize, Option<String>)>,
+    changed: Condvar,
+    pages: AtomicU64,
+}
+
+impl StreamSet {
+    fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
+        if let Ok(sockets) = self.sockets.lock() {
+            for s in sockets.iter() {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+
+    fn finished(&self, why: Option<String>) {
+        if let Ok(mut e) = self.ended.lock() {
+            match why {
+                None => e.0 += 1,
+                Some(w) => {
+                    e.1.get_or_insert(w);
+                }
+            }
+        }
+        self.changed.notify_all();
+    }
+
+    /// Waits until `want` streams have ended with END (each after its
+    /// last pages were written).
+    fn wait_ended(&self, want: usize, timeout: Duration) -> Result<(), Error> {
+        let deadline = Instant::now() + timeout;
+        let mut e = self
+            .ended
+            .lock()
+            .map_err(|_| Error::Protocol("page streams: lock poisoned".into()))?;
+        loop {
+            if let Some(why) = &e.1 {
+                return Err(Error::Protocol(format!("a page stream failed: {why}")));
+            }
+            if e.0 >= want {
+                return Ok(());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::Protocol(format!(
+                    "{} of {want} page streams ended within {timeout:?}",
+                    e.0
+                )));
+            }
+            e = self
+                .changed
+                .wait_timeout(e, left)
+                .map_err(|_| Error::Protocol("page streams: lock poisoned".into()))?
+                .0;
+        }
+    }
+}
+
+/// Takes `want` further connections from `joins`, each showing `token`
+/// in its JOIN, and writes what each carries on a thread of its own (in
+/// `scope`) until END. A connection with another token is dropped (a late
+/// one of an earlier attempt, say), and the next one awaited.
+fn join_streams<'scope>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    joins: &mut Joins,
+    token: &str,
+    want: usize,
+    io_timeout: Duration,
+    mem: &'scope GuestMemory,
+    set: &'scope StreamSet,
+) {
+    let mut joined = vec![false; usize::from(MAX_STREAMS)];
+    let mut count = 0;
+    while count < want && !set.stopping.load(Ordering::Acquire) {
+        let Some(stream) = joins(Duration::from_millis(100)) else {
+            continue;
+        };
+        let _ = stream.tcp().set_read_timeout(Some(io_timeout));
+        let _ = stream.tcp().set_write_timeout(Some(io_timeout));
+        let Ok(socket) = stream.tcp().try_clone() else {
+            continue;
+        };
+        let mut conn = Conn::plane(stream);
+        let index = match conn.expect(Kind::Join).and_then(|b| {
+            let (index, theirs) = decode_join(&b)?;
+            Ok((index, theirs == token.as_bytes()))
+        }) {
+            Ok((index, true)) if usize::from(index) <= want && !joined[usize::from(index)] => index,
+            Ok(_) => {
+                tracing::warn!("migration: dropped a page stream with a wrong token or number");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!("migration: dropped a page stream: {e}");
+                continue;
+            }
+        };
+        joined[usize::from(index)] = true;
+        count += 1;
+        if let Ok(mut s) = set.sockets.lock() {
+            s.push(socket);
+        }
+        if set.stopping.load(Ordering::Acquire) {
+            set.stop();
+            return;
+        }
+        scope.spawn(move || {
+            let r = receive_stream(&mut conn, mem, set);
+            let why = match r {
+                Ok(()) => None,
+                Err(_) if set.stopping.load(Ordering::Acquire) => Some("stopped".into()),
+                Err(e) => Some(format!("stream {index}: {e}")),
+            };
+            set.finished(why);
+        });
+    }
+}
+
+/// One further stream: pages into `mem`, SYNC answered, until END.
+fn receive_stream(
+    conn: &mut Conn<PlaneStream>,
+    mem: &GuestMemory,
+    set: &StreamSet,
+) -> Result<(), Error> {
+    let total = total_pages(mem);
+    let zero = vec![0u8; PAGE_SIZE as usize];
+    loop {
+        match conn.recv()? {
+            (Kind::Pages, body) => {
+                let pages = Pages::decode(&body, total)?;
+                for (page, data) in pages.iter() {
+                    write_page(mem, page, data.unwrap_or(&zero))?;
+                }
+                set.pages.fetch_add(pages.len() as u64, Ordering::Relaxed);
+            }
+            (Kind::Sync, _) => conn.send(Kind::Synced, &[])?,
+            (Kind::End, _) => return Ok(()),
+            (k, _) => {
+                return Err(Error::Protocol(format!(
+                    "expected Pages, Sync or End on a page stream, got {k:?}"
+                )))
+            }
+        }
     }
 }
 

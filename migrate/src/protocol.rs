@@ -77,6 +77,8 @@ pub enum Kind {
     Complete = 14,
     Done = 15,
     Verify = 16,
+    Join = 17,
+    End = 18,
 }
 
 impl Kind {
@@ -98,6 +100,8 @@ impl Kind {
             14 => Kind::Complete,
             15 => Kind::Done,
             16 => Kind::Verify,
+            17 => Kind::Join,
+            18 => Kind::End,
             _ => return None,
         })
     }
@@ -129,6 +133,51 @@ pub struct Hello {
     /// for one socket of plain cores and no nodes, as before they existed).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub layout: String,
+    /// Page streams the source offers to send on (this connection and
+    /// more); 1 if absent. The destination answers how many it takes.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub streams: u8,
+}
+
+fn one() -> u8 {
+    1
+}
+
+fn is_one(n: &u8) -> bool {
+    *n == 1
+}
+
+/// The most page streams a destination takes.
+pub const MAX_STREAMS: u8 = 16;
+
+/// ACCEPT's body: how many page streams the destination takes (this
+/// connection included) and the token each further connection shows in
+/// its JOIN. An empty body (a destination from before streams) means one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Accept {
+    pub streams: u8,
+    pub token: String,
+}
+
+impl Accept {
+    /// Parses ACCEPT's body; empty is one stream.
+    pub fn decode(body: &[u8]) -> Result<Accept, Error> {
+        if body.is_empty() {
+            return Ok(Accept {
+                streams: 1,
+                token: String::new(),
+            });
+        }
+        let a: Accept = serde_json::from_slice(body)
+            .map_err(|e| Error::Protocol(format!("unreadable accept: {e}")))?;
+        if a.streams == 0 || a.streams > MAX_STREAMS {
+            return Err(Error::Protocol(format!(
+                "the destination takes {} page streams (1 to {MAX_STREAMS})",
+                a.streams
+            )));
+        }
+        Ok(a)
+    }
 }
 
 impl Hello {
@@ -285,6 +334,25 @@ impl Pages {
                 (page, Some(d))
             }
         })
+    }
+}
+
+/// JOIN, the first frame of a further page stream: the token from ACCEPT
+/// and the stream's number (1 and up).
+pub fn encode_join(token: &str, index: u8) -> Vec<u8> {
+    let mut out = vec![index];
+    out.extend_from_slice(token.as_bytes());
+    out
+}
+
+/// Parses a JOIN: (stream number, token).
+pub fn decode_join(payload: &[u8]) -> Result<(u8, &[u8]), Error> {
+    match payload.split_first() {
+        Some((&index, token)) if (1..MAX_STREAMS).contains(&index) => Ok((index, token)),
+        _ => Err(Error::Protocol(format!(
+            "bad join ({} bytes)",
+            payload.len()
+        ))),
     }
 }
 
@@ -567,7 +635,41 @@ mod tests {
             postcopy: false,
             verify: false,
             layout: String::new(),
+            streams: 1,
         }
+    }
+
+    #[test]
+    fn streams_are_negotiated_and_joins_checked() {
+        // A hello without `streams` (an older source) offers one, and one
+        // is not written out.
+        let old = serde_json::to_value(hello()).unwrap();
+        assert!(old.get("streams").is_none(), "{old}");
+        let h: Hello = serde_json::from_value(old).unwrap();
+        assert_eq!(h.streams, 1);
+        // An empty ACCEPT (an older destination) takes one.
+        assert_eq!(Accept::decode(&[]).unwrap().streams, 1);
+        let a = Accept {
+            streams: 4,
+            token: "ab".into(),
+        };
+        assert_eq!(Accept::decode(&serde_json::to_vec(&a).unwrap()).unwrap(), a);
+        for bad in [0u8, MAX_STREAMS + 1] {
+            let body = serde_json::to_vec(&Accept {
+                streams: bad,
+                token: "ab".into(),
+            })
+            .unwrap();
+            assert!(Accept::decode(&body).is_err(), "{bad}");
+        }
+        assert!(Accept::decode(b"{").is_err());
+        assert_eq!(
+            decode_join(&encode_join("tok", 3)).unwrap(),
+            (3, &b"tok"[..])
+        );
+        assert!(decode_join(&[]).is_err());
+        assert!(decode_join(&encode_join("tok", 0)).is_err());
+        assert!(decode_join(&encode_join("tok", MAX_STREAMS)).is_err());
     }
 
     #[test]

@@ -35,6 +35,7 @@ fn hello() -> Hello {
         postcopy: false,
         verify: false,
         layout: String::new(),
+        streams: 1,
     }
 }
 
@@ -97,10 +98,11 @@ fn run(
         let (stream, _) =
             cluster_auth::accept(stream, &theirs, &["migration"], Duration::from_secs(5))
                 .map_err(|e| Error::Protocol(e.to_string()))?;
-        let mut inc = Incoming::new(stream, Duration::from_secs(10))?;
+        // (This destination takes no further connections: one stream.)
+        let mut inc = Incoming::new(stream, Duration::from_secs(10))?.max_streams(1);
         inc.hello(&hello(), |_| Ok(()))?;
         let mem = memory();
-        match inc.memory(&mem)? {
+        match inc.memory(&mem, &mut |_| None)? {
             Arrival::State(s) => assert_eq!(s, b"state"),
             Arrival::Postcopy { .. } => panic!("post-copy was not asked for"),
         }
@@ -151,4 +153,180 @@ fn with_every_write_reported_every_page_is_verified() {
     assert_eq!(out.verified_pages, Some(256));
     assert!(out.verify_ms.is_some());
     assert_eq!(dst.expect("destination"), Some(256));
+}
+
+/// A guest of 2 x 4 MiB that rewrites a different stripe of pages on each
+/// of its first rounds, every write reported.
+struct Busy {
+    mem: GuestMemory,
+    calls: AtomicU32,
+}
+
+impl Source for Busy {
+    fn memory(&self) -> &GuestMemory {
+        &self.mem
+    }
+    fn start_tracking(&self) -> Result<(), VmError> {
+        Ok(())
+    }
+    fn dirty(&self) -> Result<PageBitmap, VmError> {
+        let total = total_pages(&self.mem);
+        let mut d = PageBitmap::new(total);
+        let call = self.calls.fetch_add(1, Ordering::SeqCst);
+        if call < 4 {
+            for p in (u64::from(call)..total).step_by(3 + call as usize) {
+                let data = vec![(p as u8) ^ (call as u8 + 1); PAGE_SIZE as usize];
+                write_page(&self.mem, p, &data).map_err(|e| e.to_string())?;
+                d.set(p);
+            }
+        }
+        Ok(d)
+    }
+    fn pause(&self) -> Result<(), VmError> {
+        Ok(())
+    }
+    fn resume(&self) -> Result<(), VmError> {
+        Ok(())
+    }
+    fn state(&self) -> Result<Vec<u8>, VmError> {
+        Ok(b"state".to_vec())
+    }
+}
+
+fn busy_memory() -> GuestMemory {
+    GuestMemory::from_ranges(&[(GuestAddress(0), 4 << 20), (GuestAddress(8 << 20), 4 << 20)])
+        .expect("guest memory")
+}
+
+fn busy_hello() -> Hello {
+    Hello {
+        memory_bytes: 8 << 20,
+        regions: vec![(0, 4 << 20), (8 << 20, 4 << 20)],
+        ..hello()
+    }
+}
+
+/// Migrates a `Busy` guest on `streams` page streams, in verification
+/// mode; `stray` connects one more authenticated connection with a wrong
+/// token first. Returns the source's outcome, the pages the destination
+/// verified, and whether its memory equals the source's.
+fn run_streams(streams: u8, stray: bool) -> (migrate::source::Outcome, Option<u64>, bool) {
+    let guest = Busy {
+        mem: busy_memory(),
+        calls: AtomicU32::new(0),
+    };
+    for p in 0..total_pages(&guest.mem) {
+        write_page(&guest.mem, p, &vec![p as u8 | 1; PAGE_SIZE as usize]).expect("write");
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("address").to_string();
+    let trust = Trust::Key(Key::Cluster(cluster_auth::key::generate().expect("key")));
+    let theirs = trust.clone();
+    let dest = std::thread::spawn(move || -> Result<(Option<u64>, GuestMemory), Error> {
+        let accept = |wait: Duration| {
+            listener.set_nonblocking(true).ok()?;
+            let until = std::time::Instant::now() + wait;
+            loop {
+                match listener.accept() {
+                    Ok((s, _)) => {
+                        s.set_nonblocking(false).ok()?;
+                        return cluster_auth::accept(
+                            s,
+                            &theirs,
+                            &["migration"],
+                            Duration::from_secs(5),
+                        )
+                        .ok()
+                        .map(|(s, _)| s);
+                    }
+                    Err(_) if std::time::Instant::now() < until => {
+                        std::thread::sleep(Duration::from_millis(2))
+                    }
+                    Err(_) => return None,
+                }
+            }
+        };
+        let first = loop {
+            if let Some(s) = accept(Duration::from_secs(10)) {
+                break s;
+            }
+        };
+        let mut inc = Incoming::new(first, Duration::from_secs(10))?;
+        inc.hello(&busy_hello(), |_| Ok(()))?;
+        let mem = busy_memory();
+        if stray {
+            // An authenticated connection that is not one of this
+            // migration's streams.
+            let addr = listener.local_addr()?;
+            let t = Trust::Key(match &theirs {
+                Trust::Key(k) => k.clone(),
+                Trust::Insecure => unreachable!("the test uses a key"),
+            });
+            std::thread::spawn(move || {
+                let s = std::net::TcpStream::connect(addr).expect("connect");
+                let s = cluster_auth::connect(s, &t, "migration", None, Duration::from_secs(5))
+                    .expect("handshake");
+                let mut c = migrate::protocol::Conn::plane(s);
+                let _ = c.send(
+                    migrate::protocol::Kind::Join,
+                    &migrate::protocol::encode_join("not-the-token", 1),
+                );
+                std::thread::sleep(Duration::from_secs(3));
+            });
+        }
+        match inc.memory(&mem, &mut |wait| accept(wait))? {
+            Arrival::State(s) => assert_eq!(s, b"state"),
+            Arrival::Postcopy { .. } => panic!("post-copy was not asked for"),
+        }
+        Ok((inc.switch_over(|| Ok(()))?.verified_pages, mem))
+    });
+    // No downtime target can be met: rounds go on until nothing is dirty
+    // (after the guest's fourth stripe).
+    let opts = Options {
+        verify: true,
+        streams,
+        max_downtime: Duration::ZERO,
+        throttle: false,
+        ..Options::default()
+    };
+    let cancel = AtomicBool::new(false);
+    let out = migrate(
+        &guest,
+        &addr,
+        &trust,
+        &busy_hello(),
+        &opts,
+        &cancel,
+        &mut |_| {},
+    )
+    .expect("source");
+    let (verified, mem) = dest
+        .join()
+        .expect("destination thread")
+        .expect("destination");
+    let mut a = vec![0u8; PAGE_SIZE as usize];
+    let mut b = vec![0u8; PAGE_SIZE as usize];
+    let same = (0..total_pages(&mem)).all(|p| {
+        snapshot::memory::read_page(&guest.mem, p, &mut a).expect("read");
+        snapshot::memory::read_page(&mem, p, &mut b).expect("read");
+        a == b
+    });
+    (out, verified, same)
+}
+
+#[test]
+fn several_page_streams_carry_every_round_and_every_page_arrives() {
+    for streams in [1, 2, 4] {
+        let (out, verified, same) = run_streams(streams, false);
+        assert_eq!(verified, Some(2048), "{streams} streams");
+        assert!(same, "{streams} streams: the destination's memory differs");
+        assert_eq!(out.rounds, 6, "{streams} streams");
+    }
+}
+
+#[test]
+fn a_connection_with_a_wrong_token_does_not_join_and_the_migration_completes() {
+    let (_, verified, same) = run_streams(2, true);
+    assert_eq!(verified, Some(2048));
+    assert!(same);
 }

@@ -52,6 +52,8 @@ pub enum RequestError {
         "verify and postcopy exclude each other: post-copy switches over before every page is there"
     )]
     VerifyWithPostcopy,
+    #[error("streams {0}: a migration uses 1 to 16 page streams")]
+    Streams(u8),
     #[error("'{0}' is not tcp://HOST:PORT")]
     NotTcp(String),
 }
@@ -157,6 +159,14 @@ pub struct MigrateRequest {
     /// at the pause before it loads the state (not with post-copy).
     #[serde(default)]
     pub verify: bool,
+    /// Page streams: connections (each with a thread per side) that share
+    /// the pages; the destination may take fewer. 1 to 16 (default 4).
+    #[serde(default = "default_streams")]
+    pub streams: u8,
+}
+
+fn default_streams() -> u8 {
+    4
 }
 
 fn default_downtime() -> u64 {
@@ -179,6 +189,7 @@ impl MigrateRequest {
             throttle: true,
             postcopy: false,
             verify: false,
+            streams: default_streams(),
         }
     }
 
@@ -186,6 +197,9 @@ impl MigrateRequest {
     pub fn address(&self) -> Result<String, RequestError> {
         if self.verify && self.postcopy {
             return Err(RequestError::VerifyWithPostcopy);
+        }
+        if !(1..=16).contains(&self.streams) {
+            return Err(RequestError::Streams(self.streams));
         }
         parse_tcp(&self.to)
     }

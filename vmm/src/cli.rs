@@ -542,6 +542,11 @@ pub struct MigrateArgs {
     /// Adds one pass over guest memory to the downtime. Not with --postcopy.
     #[arg(long, conflicts_with = "postcopy")]
     pub verify: bool,
+    /// Page streams: TCP connections, each with a thread on both hosts,
+    /// that share the pages of every round (the destination may take
+    /// fewer). More streams use more cores to read, seal and write pages.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(1..=16))]
+    pub streams: u8,
     /// JSON lines on stdout even on a terminal.
     #[arg(long)]
     pub json: bool,

@@ -76,6 +76,7 @@ pub fn hello(config: &RunConfig, profile: CpuProfile) -> Hello {
         postcopy: false,
         verify: false,
         layout: guest_layout(config),
+        streams: 1,
     }
 }
 
@@ -259,6 +260,7 @@ impl Migration {
             throttle: req.throttle,
             postcopy: req.postcopy,
             verify: req.verify,
+            streams: req.streams,
             ..Options::default()
         };
         self.cancel.store(false, Ordering::Release);
@@ -446,7 +448,7 @@ pub fn receive(
     // Handshakes run on threads of their own (at most MAX_HANDSHAKES at
     // once), so a peer that connects and says nothing delays nobody; only
     // a peer holding the cluster key gets a word out of this host.
-    let (tx, rx) = std::sync::mpsc::channel::<Accepted>();
+    let (tx, mut rx) = std::sync::mpsc::channel::<Accepted>();
     let stop = Arc::new(AtomicBool::new(false));
     let acceptor = {
         let listener = listener.try_clone()?;
@@ -473,7 +475,20 @@ pub fn receive(
         // A stalled source cannot hold the port: past the deadline its
         // socket is shut and whatever the receiving side waits for fails.
         let watchdog = cluster_auth::Deadline::arm(stream.tcp(), deadline);
-        let result = receive_one(kvm, stream, config, &mine);
+        // Further page streams of this migration come through the same
+        // accepting thread.
+        // (Through a unique borrow: a Receiver may move between threads
+        // but not be shared.)
+        let rx = &mut rx;
+        let mut joins = move |wait: Duration| match rx.recv_timeout(wait) {
+            Ok(Accepted::Peer(s, _)) => Some(s),
+            Ok(Accepted::Refused(why)) => {
+                tracing::warn!("refused a connection: {why}");
+                None
+            }
+            _ => None,
+        };
+        let result = receive_one(kvm, stream, config, &mine, &mut joins);
         let expired = watchdog.disarm();
         match result {
             Ok(r) => break Ok(r),
@@ -571,6 +586,7 @@ fn receive_one(
     stream: cluster_auth::PlaneStream,
     config: &RunConfig,
     mine: &Hello,
+    joins: &mut migrate::dest::Joins,
 ) -> Result<Arrived, IncomingError> {
     let mut inc = migrate::dest::Incoming::new(stream, Duration::from_secs(30))?;
     // Everything that does not need the state is built before the first
@@ -584,7 +600,7 @@ fn receive_one(
             .map_err(|e| format!("the destination cannot build the VM: {e}"))
     })?;
     let from = inc.peer.to_string();
-    let (state, missing) = match inc.memory(prepared.memory())? {
+    let (state, missing) = match inc.memory(prepared.memory(), joins)? {
         Arrival::State(state) => (state, None),
         Arrival::Postcopy { state, missing } => (state, Some(missing)),
     };

@@ -208,10 +208,11 @@ fn dirtying_guests_migrate_with_their_counter_and_memory_intact() {
         // pause (a page the dirty tracking missed would fail the run).
         // Without dirtying: a 1 ms target no switch-over can meet, which
         // is reported with where the downtime went.
-        let extra: &[&str] = if rate > 0 {
-            &["--verify"]
-        } else {
-            &["--max-downtime-ms", "1"]
+        // One page stream at 8 MiB/s, the default four at 64.
+        let extra: &[&str] = match rate {
+            0 => &["--max-downtime-ms", "1"],
+            8 => &["--verify", "--streams", "1"],
+            _ => &["--verify"],
         };
         let last = migrate_dirtying(&c, &dir, &format!("pre{rate}"), (32, rate), extra);
         assert!(last["postcopy"].is_null(), "{last}");

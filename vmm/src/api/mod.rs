@@ -308,7 +308,7 @@ fn migrate_request(body: &[u8]) -> Result<ApiRequest, ApiResponse> {
     let r: MigrateRequest = json_body(
         body,
         "migrate",
-        r#"{"to": "tcp://HOST:PORT", "max_downtime_ms": N, "max_rounds": N, "throttle": bool}"#,
+        r#"{"to": "tcp://HOST:PORT", "max_downtime_ms": N, "max_rounds": N, "throttle": bool, "streams": N}"#,
     )?;
     r.address()
         .map_err(|e| ApiResponse::error(400, e.to_string()))?;

@@ -246,6 +246,7 @@ pub fn migrate(a: vmm::cli::MigrateArgs) -> Result<u8, Failure> {
         throttle: !a.no_throttle,
         postcopy: a.postcopy,
         verify: a.verify,
+        streams: a.streams,
     };
     api.migrate(&req).map_err(failed)?;
     interrupt::install();
