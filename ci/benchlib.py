@@ -169,9 +169,15 @@ def migrate_ffmk(mem, rate, work, *extra, plane=()):
         if os.environ.get("FFMK_BENCH_TRACE"):
             sys.stderr.write("".join(f"    {x}\n" for x in lines))
         o = json.loads(lines[-1])
+        sw = o.get("switch_over")
         return {"downtime_ms": o["downtime_ms"], "total_s": o["total_ms"] / 1e3,
                 "mib": o["sent_bytes"] / (1 << 20), "rounds": o["rounds"],
-                "throttle": o["throttle_pct"], "switch_over": o.get("switch_over")}
+                "throttle": o["throttle_pct"], "switch_over": sw,
+                # What QEMU's `downtime` counts: from the pause until the
+                # source has sent the last byte (our STATE), without the
+                # destination's load and start.
+                "sent_downtime_ms": (sw["pause_ms"] + sw["last_pages_ms"] + sw["state_ms"]
+                                     if sw else o["downtime_ms"])}
     except subprocess.TimeoutExpired:
         return None
     finally:
