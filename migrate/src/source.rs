@@ -7,9 +7,10 @@
 //!    round's link rate and the dirtied bytes, the downtime a stop now would
 //!    cost is predicted (the pages at that rate plus the switch-over's
 //!    fixed cost); once it is under the target (or nothing is dirty), and
-//!    rounds no longer halve the dirty set or the prediction is a quarter
-//!    of the target, the guest and its devices pause, the last dirty pages
-//!    and the machine state go, and the switch-over handshake runs.
+//!    the last pages would take at most a millisecond or rounds stopped
+//!    halving the dirty set (a few tries), the guest and its devices pause, the
+//!    last dirty pages and the machine state go, and the switch-over
+//!    handshake runs.
 //! 4. If rounds stop shrinking the dirty set, the vCPUs are throttled
 //!    (paused for a growing share of each 50 ms period while pages go);
 //!    after `max_rounds` the migration gives up and the guest runs on.
@@ -117,10 +118,13 @@ enum Next {
 /// development host), the destination loading it (1-1.5 ms) and starting
 /// its vCPUs.
 const SWITCH_FIXED_MS: f64 = 2.0;
-/// Once the predicted downtime meets the target, rounds go on while each
-/// halves the dirty set, until the prediction is this fraction of the
-/// target.
-const POLISH_DIVISOR: u32 = 4;
+/// Once the predicted downtime meets the target, rounds go on (while each
+/// halves the dirty set, or for [`POLISH_MISSES`] that do not) until the
+/// last pages are predicted to take at most this long: each such round
+/// costs about that much total time.
+const POLISH_FLOOR_MS: f64 = 1.0;
+/// Rounds that do not halve the dirty set that polishing tries, in a row.
+const POLISH_MISSES: u32 = 3;
 
 /// Pages pushed per frame in post-copy (small frames: a requested page
 /// never waits behind much).
@@ -330,6 +334,8 @@ struct Engine<'a> {
     extra: Vec<Conn<cluster_auth::PlaneStream>>,
     /// Bytes the further streams wrote before they ended.
     ended_sent: u64,
+    /// Rounds in a row that met the target without halving the dirty set.
+    polish_misses: u32,
     opts: Options,
     cancel: &'a AtomicBool,
     report: &'a mut dyn FnMut(&Progress),
@@ -412,7 +418,10 @@ impl Engine<'_> {
             }
             Ok(())
         };
-        let result = if extra.is_empty() {
+        // One unit (2 MiB) or less goes on the first connection alone:
+        // starting threads would cost more than it saves (and in the pause
+        // every microsecond counts).
+        let result = if extra.is_empty() || units.list.len() <= 1 {
             send_units(conn, mem, &units, skip_zero, &shared, &mut |sh| tick(sh))
         } else {
             std::thread::scope(|scope| {
@@ -597,12 +606,20 @@ impl Engine<'_> {
             return Ok(precopy::Verdict::Pause);
         }
         if predicted <= self.opts.max_downtime {
-            // The target is met. While rounds still halve the dirty set,
-            // one more costs about the predicted downtime in total time and
-            // cuts the pause: go on until the prediction is a fraction of
-            // the target.
-            let polish = halved
-                && predicted > self.opts.max_downtime / POLISH_DIVISOR
+            // The target is met. One more round costs about the predicted
+            // downtime in total time and may cut the pause: go on until the
+            // prediction is a fraction of the target, while rounds halve
+            // the dirty set, or for a few that do not (a guest that writes
+            // in bursts leaves a small set after a round that missed the
+            // burst).
+            if halved {
+                self.polish_misses = 0;
+            } else {
+                self.polish_misses += 1;
+            }
+            let pages_ms = dirty_bytes as f64 / link * 1e3;
+            let polish = pages_ms > POLISH_FLOOR_MS
+                && self.polish_misses <= POLISH_MISSES
                 && self.progress.round < self.opts.max_rounds;
             if !polish {
                 return Ok(precopy::Verdict::Pause);
@@ -910,6 +927,7 @@ pub fn migrate(
         conn,
         extra,
         ended_sent: 0,
+        polish_misses: 0,
         opts: opts.clone(),
         cancel,
         report,
