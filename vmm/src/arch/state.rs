@@ -12,11 +12,36 @@
 use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
     kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
-    CpuId, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
-    KVM_MAX_CPUID_ENTRIES, KVM_VCPUEVENT_VALID_NMI_PENDING, KVM_VCPUEVENT_VALID_SIPI_VECTOR,
+    CpuId, Msrs, KVM_CAP_EXCEPTION_PAYLOAD, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_VCPUEVENT_VALID_NMI_PENDING,
+    KVM_VCPUEVENT_VALID_PAYLOAD, KVM_VCPUEVENT_VALID_SIPI_VECTOR,
 };
 use kvm_ioctls::{VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
+
+/// Asks KVM to keep a pending exception apart from an injected one, with
+/// its payload (a #PF's CR2, a #DB's DR6) not yet delivered, in what
+/// KVM_GET/SET_VCPU_EVENTS carry (`KVM_CAP_EXCEPTION_PAYLOAD`). Without it
+/// KVM reports a pending exception as injected and delivers its payload
+/// early, so a vCPU saved between an exception being queued and being
+/// delivered (or with an exception being delivered and another pending)
+/// comes back with other state than it had; QEMU enables it for the same
+/// reason. Returns whether KVM took it (older kernels: no, and the vCPU
+/// events go the old way).
+pub fn enable_exception_payload(vm: &VmFd) -> bool {
+    let cap = kvm_bindings::kvm_enable_cap {
+        cap: KVM_CAP_EXCEPTION_PAYLOAD,
+        args: [1, 0, 0, 0],
+        ..Default::default()
+    };
+    match vm.enable_cap(&cap) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::debug!("KVM_CAP_EXCEPTION_PAYLOAD not available: {e}");
+            false
+        }
+    }
+}
 
 const MSR_IA32_TSC: u32 = 0x10;
 const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
@@ -186,8 +211,29 @@ pub fn restore_vcpu(fd: &VcpuFd, s: &VcpuSnapshot) -> Result<(), Error> {
     // forever) and an AP waiting for its SIPI would get vector 0.
     let mut events = s.events;
     events.flags |= KVM_VCPUEVENT_VALID_NMI_PENDING | KVM_VCPUEVENT_VALID_SIPI_VECTOR;
-    fd.set_vcpu_events(&events).map_err(k("set vCPU events"))?;
+    if let Err(e) = fd.set_vcpu_events(&events) {
+        // Saved with the exception payload (see `enable_exception_payload`)
+        // and restored where KVM does not take it: the old form, as KVM
+        // itself would have reported it.
+        if events.flags & KVM_VCPUEVENT_VALID_PAYLOAD == 0 {
+            return Err(k("set vCPU events")(e));
+        }
+        fd.set_vcpu_events(&without_payload(events))
+            .map_err(k("set vCPU events"))?;
+    }
     Ok(())
+}
+
+/// `events` in the form KVM uses without the exception payload: a pending
+/// exception counts as injected (its payload is dropped: KVM delivered it
+/// when it was queued).
+fn without_payload(mut events: kvm_vcpu_events) -> kvm_vcpu_events {
+    events.flags &= !KVM_VCPUEVENT_VALID_PAYLOAD;
+    events.exception.injected |= events.exception.pending;
+    events.exception.pending = 0;
+    events.exception_has_payload = 0;
+    events.exception_payload = 0;
+    events
 }
 
 /// LAPIC register offsets that move on their own while a vCPU is stopped:
@@ -426,6 +472,42 @@ pub fn restore_vm(vm: &VmFd, s: &VmSnapshot) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_payload_state_goes_back_the_old_way_where_kvm_lacks_it() {
+        let mut e = kvm_vcpu_events {
+            flags: KVM_VCPUEVENT_VALID_PAYLOAD,
+            ..Default::default()
+        };
+        e.exception.pending = 1;
+        e.exception.nr = 14;
+        e.exception_has_payload = 1;
+        e.exception_payload = 0x1000;
+        let old = without_payload(e);
+        assert_eq!(old.flags & KVM_VCPUEVENT_VALID_PAYLOAD, 0);
+        assert_eq!((old.exception.injected, old.exception.pending), (1, 0));
+        assert_eq!((old.exception_has_payload, old.exception_payload), (0, 0));
+    }
+
+    /// On this host's KVM: with the capability, the vCPU events say so
+    /// and go back in as they came out.
+    #[test]
+    fn kvm_keeps_the_exception_payload_when_asked() {
+        let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+            eprintln!("no /dev/kvm: skipped");
+            return;
+        };
+        let vm = kvm.create_vm().expect("a VM");
+        if !enable_exception_payload(&vm) {
+            eprintln!("KVM_CAP_EXCEPTION_PAYLOAD not offered: skipped");
+            return;
+        }
+        vm.create_irq_chip().expect("irqchip");
+        let vcpu = vm.create_vcpu(0).expect("a vCPU");
+        let events = vcpu.get_vcpu_events().expect("events");
+        assert_ne!(events.flags & KVM_VCPUEVENT_VALID_PAYLOAD, 0, "{events:?}");
+        vcpu.set_vcpu_events(&events).expect("set back");
+    }
 
     #[test]
     fn tsc_is_saved_first_and_the_deadline_last() {

@@ -360,6 +360,9 @@ impl Vm {
         let decoupling = Arc::new(Decoupling::plan(kvm, &config).map_err(Error::Decouple)?);
 
         let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_err("create VM"))?);
+        // Pending exceptions kept apart from injected ones in saved vCPU
+        // state (snapshots, migration).
+        crate::arch::state::enable_exception_payload(&vm_fd);
         decoupling
             .configure_vm(kvm, &vm_fd)
             .map_err(Error::Decouple)?;
