@@ -39,13 +39,30 @@ fn hello() -> Hello {
     }
 }
 
-/// A guest that writes `page` while the first copy round runs; the
-/// tracking reports that write only when `report` is set.
+/// What a test guest writes while the rounds run.
+enum Writes {
+    /// `page`, while the first copy round runs; the tracking reports that
+    /// write only when `report` is set.
+    One { page: u64, report: bool },
+    /// A different stripe of pages on each of the first four rounds,
+    /// every write reported.
+    Stripes,
+}
+
 struct Guest {
     mem: GuestMemory,
-    page: u64,
-    report: bool,
+    writes: Writes,
     calls: AtomicU32,
+}
+
+impl Guest {
+    fn new(mem: GuestMemory, writes: Writes) -> Guest {
+        Guest {
+            mem,
+            writes,
+            calls: AtomicU32::new(0),
+        }
+    }
 }
 
 impl Source for Guest {
@@ -56,13 +73,24 @@ impl Source for Guest {
         Ok(())
     }
     fn dirty(&self) -> Result<PageBitmap, VmError> {
-        let mut d = PageBitmap::new(total_pages(&self.mem));
-        if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
-            let data = vec![0xa5u8; PAGE_SIZE as usize];
-            write_page(&self.mem, self.page, &data).map_err(|e| e.to_string())?;
-            if self.report {
-                d.set(self.page);
+        let total = total_pages(&self.mem);
+        let mut d = PageBitmap::new(total);
+        let call = self.calls.fetch_add(1, Ordering::SeqCst);
+        let write = |p: u64, byte: u8, d: &mut PageBitmap, report: bool| {
+            write_page(&self.mem, p, &vec![byte; PAGE_SIZE as usize]).map_err(|e| e.to_string())?;
+            if report {
+                d.set(p);
             }
+            Ok::<(), VmError>(())
+        };
+        match self.writes {
+            Writes::One { page, report } if call == 0 => write(page, 0xa5, &mut d, report)?,
+            Writes::Stripes if call < 4 => {
+                for p in (u64::from(call)..total).step_by(3 + call as usize) {
+                    write(p, (p as u8) ^ (call as u8 + 1), &mut d, true)?;
+                }
+            }
+            _ => {}
         }
         Ok(d)
     }
@@ -119,12 +147,14 @@ fn run(
 
 #[test]
 fn a_page_the_tracking_missed_fails_the_migration_by_name() {
-    let guest = Guest {
-        mem: memory(),
-        page: 129, // the second region's second page: 0x101000
-        report: false,
-        calls: AtomicU32::new(0),
-    };
+    // The second region's second page: 0x101000.
+    let guest = Guest::new(
+        memory(),
+        Writes::One {
+            page: 129,
+            report: false,
+        },
+    );
     let (src, dst) = run(&guest);
     let why = match dst {
         Err(Error::Verify(why)) => why,
@@ -142,55 +172,18 @@ fn a_page_the_tracking_missed_fails_the_migration_by_name() {
 
 #[test]
 fn with_every_write_reported_every_page_is_verified() {
-    let guest = Guest {
-        mem: memory(),
-        page: 129,
-        report: true,
-        calls: AtomicU32::new(0),
-    };
+    let guest = Guest::new(
+        memory(),
+        Writes::One {
+            page: 129,
+            report: true,
+        },
+    );
     let (src, dst) = run(&guest);
     let out = src.expect("source");
     assert_eq!(out.verified_pages, Some(256));
     assert!(out.verify_ms.is_some());
     assert_eq!(dst.expect("destination"), Some(256));
-}
-
-/// A guest of 2 x 4 MiB that rewrites a different stripe of pages on each
-/// of its first rounds, every write reported.
-struct Busy {
-    mem: GuestMemory,
-    calls: AtomicU32,
-}
-
-impl Source for Busy {
-    fn memory(&self) -> &GuestMemory {
-        &self.mem
-    }
-    fn start_tracking(&self) -> Result<(), VmError> {
-        Ok(())
-    }
-    fn dirty(&self) -> Result<PageBitmap, VmError> {
-        let total = total_pages(&self.mem);
-        let mut d = PageBitmap::new(total);
-        let call = self.calls.fetch_add(1, Ordering::SeqCst);
-        if call < 4 {
-            for p in (u64::from(call)..total).step_by(3 + call as usize) {
-                let data = vec![(p as u8) ^ (call as u8 + 1); PAGE_SIZE as usize];
-                write_page(&self.mem, p, &data).map_err(|e| e.to_string())?;
-                d.set(p);
-            }
-        }
-        Ok(d)
-    }
-    fn pause(&self) -> Result<(), VmError> {
-        Ok(())
-    }
-    fn resume(&self) -> Result<(), VmError> {
-        Ok(())
-    }
-    fn state(&self) -> Result<Vec<u8>, VmError> {
-        Ok(b"state".to_vec())
-    }
 }
 
 fn busy_memory() -> GuestMemory {
@@ -206,15 +199,12 @@ fn busy_hello() -> Hello {
     }
 }
 
-/// Migrates a `Busy` guest on `streams` page streams, in verification
+/// Migrates a guest of 2 x 4 MiB writing stripes on `streams` page streams, in verification
 /// mode; `stray` connects one more authenticated connection with a wrong
 /// token first. Returns the source's outcome, the pages the destination
 /// verified, and whether its memory equals the source's.
 fn run_streams(streams: u8, stray: bool) -> (migrate::source::Outcome, Option<u64>, bool) {
-    let guest = Busy {
-        mem: busy_memory(),
-        calls: AtomicU32::new(0),
-    };
+    let guest = Guest::new(busy_memory(), Writes::Stripes);
     for p in 0..total_pages(&guest.mem) {
         write_page(&guest.mem, p, &vec![p as u8 | 1; PAGE_SIZE as usize]).expect("write");
     }
