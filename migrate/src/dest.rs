@@ -151,10 +151,11 @@ impl Incoming {
         let set = StreamSet::default();
         let want = usize::from(self.streams - 1);
         let (token, io_timeout) = (self.token.clone(), self.io_timeout);
+        let token = token.as_str();
         let result = std::thread::scope(|scope| {
             let set = &set;
             let joiner =
-                scope.spawn(move || join_streams(scope, joins, &token, want, io_timeout, mem, set));
+                scope.spawn(move || join_streams(scope, joins, token, want, io_timeout, mem, set));
             let r = self.receive(mem, &mut || set.wait_ended(want, io_timeout));
             set.stop();
             let _ = joiner.join();
@@ -324,8 +325,11 @@ impl Incoming {
 struct StreamSet {
     /// The first connection is done (or failed): streams stop.
     stopping: AtomicBool,
-    /// Their sockets, to shut them down when stopping.
+    /// Their sockets (from before their JOIN), to shut them down when
+    /// stopping.
     sockets: Mutex<Vec<TcpStream>>,
+    /// Stream numbers taken so far.
+    joined: Mutex<Vec<u8>>,
     /// Streams that ended with END, and the first failure.
     ended: Mutex<(usize, Option<String>)>,
     changed: Condvar,
@@ -333,6 +337,42 @@ struct StreamSet {
 }
 
 impl StreamSet {
+    /// Keeps a clone of the connection's socket, to shut it down when
+    /// stopping; false if already stopping (the connection is shut).
+    fn track(&self, stream: &PlaneStream) -> bool {
+        let Ok(socket) = stream.tcp().try_clone() else {
+            return false;
+        };
+        let Ok(mut sockets) = self.sockets.lock() else {
+            return false;
+        };
+        // `stop` sets the flag before it takes the lock: a socket added
+        // after it went through the list sees the flag here.
+        if self.stopping.load(Ordering::Acquire) {
+            let _ = socket.shutdown(std::net::Shutdown::Both);
+            return false;
+        }
+        sockets.push(socket);
+        true
+    }
+
+    /// Takes stream number `index` (1..=want) if no other has it.
+    fn claim(&self, index: u8, want: usize) -> bool {
+        let Ok(mut joined) = self.joined.lock() else {
+            return false;
+        };
+        let i = usize::from(index);
+        if i == 0 || i > want || joined.contains(&index) {
+            return false;
+        }
+        joined.push(index);
+        true
+    }
+
+    fn joined(&self) -> usize {
+        self.joined.lock().map(|j| j.len()).unwrap_or(0)
+    }
+
     fn stop(&self) {
         self.stopping.store(true, Ordering::Release);
         if let Ok(sockets) = self.sockets.lock() {
@@ -385,57 +425,52 @@ impl StreamSet {
     }
 }
 
-/// Takes `want` further connections from `joins`, each showing `token`
-/// in its JOIN, and writes what each carries on a thread of its own (in
-/// `scope`) until END. A connection with another token is dropped (a late
-/// one of an earlier attempt, say), and the next one awaited.
+/// How long a further connection has to show its JOIN (the source sends
+/// it right after the handshake).
+const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Takes further connections from `joins` until `want` have shown `token`
+/// in their JOIN, and writes what each carries on a thread of its own (in
+/// `scope`) until END. Each connection reads its JOIN on its own thread,
+/// so a silent one delays no other; one with another token or a number
+/// already taken is dropped (a late one of an earlier attempt, say).
 fn join_streams<'scope>(
     scope: &'scope std::thread::Scope<'scope, '_>,
     joins: &mut Joins,
-    token: &str,
+    token: &'scope str,
     want: usize,
     io_timeout: Duration,
     mem: &'scope GuestMemory,
     set: &'scope StreamSet,
 ) {
-    let mut joined = vec![false; usize::from(MAX_STREAMS)];
-    let mut count = 0;
-    while count < want && !set.stopping.load(Ordering::Acquire) {
+    while set.joined() < want && !set.stopping.load(Ordering::Acquire) {
         let Some(stream) = joins(Duration::from_millis(100)) else {
             continue;
         };
-        let _ = stream.tcp().set_read_timeout(Some(io_timeout));
-        let _ = stream.tcp().set_write_timeout(Some(io_timeout));
-        let Ok(socket) = stream.tcp().try_clone() else {
-            continue;
-        };
-        let mut conn = Conn::plane(stream);
-        let index = match conn.expect(Kind::Join).and_then(|b| {
-            let (index, theirs) = decode_join(&b)?;
-            Ok((index, theirs == token.as_bytes()))
-        }) {
-            Ok((index, true)) if usize::from(index) <= want && !joined[usize::from(index)] => index,
-            Ok(_) => {
-                tracing::warn!("migration: dropped a page stream with a wrong token or number");
-                continue;
-            }
-            Err(e) => {
-                tracing::warn!("migration: dropped a page stream: {e}");
-                continue;
-            }
-        };
-        joined[usize::from(index)] = true;
-        count += 1;
-        if let Ok(mut s) = set.sockets.lock() {
-            s.push(socket);
-        }
-        if set.stopping.load(Ordering::Acquire) {
-            set.stop();
+        // Known before its JOIN: stopping shuts it down, whatever it does.
+        if !set.track(&stream) {
             return;
         }
         scope.spawn(move || {
-            let r = receive_stream(&mut conn, mem, set);
-            let why = match r {
+            let _ = stream.tcp().set_read_timeout(Some(JOIN_TIMEOUT));
+            let _ = stream.tcp().set_write_timeout(Some(io_timeout));
+            let mut conn = Conn::plane(stream);
+            let index = match conn.expect(Kind::Join).and_then(|b| {
+                let (index, theirs) = decode_join(&b)?;
+                Ok((index, theirs == token.as_bytes()))
+            }) {
+                Ok((index, true)) if set.claim(index, want) => index,
+                Ok(_) => {
+                    tracing::warn!("migration: dropped a page stream with a wrong token or number");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!("migration: dropped a page stream: {e}");
+                    return;
+                }
+            };
+            let _ = conn.stream().set_read_timeout(Some(io_timeout));
+            let why = match receive_stream(&mut conn, mem, set) {
                 Ok(()) => None,
                 Err(_) if set.stopping.load(Ordering::Acquire) => Some("stopped".into()),
                 Err(e) => Some(format!("stream {index}: {e}")),
