@@ -433,6 +433,24 @@ mod tests {
                 r#"{"to": "tcp://h:1", "verify": true, "postcopy": true}"#,
                 400,
             ),
+            (
+                "PUT",
+                "/vm/migrate",
+                r#"{"to": "tcp://h:1", "streams": 0}"#,
+                400,
+            ),
+            (
+                "PUT",
+                "/vm/migrate",
+                r#"{"to": "tcp://h:1", "streams": 17}"#,
+                400,
+            ),
+            (
+                "PUT",
+                "/vm/migrate",
+                r#"{"to": "tcp://h:1", "streams": 256}"#,
+                400,
+            ),
             ("PUT", "/vm/migration", "", 405),
         ] {
             assert_eq!(
