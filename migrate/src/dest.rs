@@ -95,11 +95,6 @@ impl Incoming {
         self
     }
 
-    /// The page streams agreed with the source (after [`Incoming::hello`]).
-    pub fn streams(&self) -> u8 {
-        self.streams
-    }
-
     /// Reads the source's hello; if it fits `mine`, `prepare` gets ready
     /// for the VM (on this side, before any page arrives) and ACCEPT goes
     /// back. A hello that does not fit, or a `prepare` that fails, is
