@@ -5,7 +5,7 @@
 //! before GO means: drop what was received, listen again.
 use crate::postcopy::Postcopy;
 use crate::protocol::{
-    decode_join, decode_postcopy, decode_verify, page_digests, Accept, Conn, Hello, Kind, Pages,
+    decode_join, decode_postcopy, decode_verify, page_digests, Accept, Conn, Hello, Kind, PagesIn,
     MAX_STREAMS,
 };
 use crate::{Error, GuestMemory};
@@ -168,7 +168,6 @@ impl Incoming {
         ended: &mut dyn FnMut() -> Result<(), Error>,
     ) -> Result<Arrival, Error> {
         let total = total_pages(mem);
-        let zero = vec![0u8; PAGE_SIZE as usize];
         let mut streams_ended = false;
         let mut wait_streams = |streams_ended: &mut bool| {
             if !*streams_ended {
@@ -177,8 +176,10 @@ impl Incoming {
             }
             Ok::<(), Error>(())
         };
+        let mut frame = Vec::new();
         loop {
-            match self.conn.recv()? {
+            let (kind, len) = self.conn.recv_into(&mut frame)?;
+            match (kind, &frame[..len]) {
                 (Kind::Pages, _) if self.verified > 0 => {
                     // The digests are of the memory at the pause: nothing
                     // may change it after them.
@@ -187,16 +188,12 @@ impl Incoming {
                     ));
                 }
                 (Kind::Pages, body) => {
-                    let pages = Pages::decode(&body, total)?;
-                    for (page, data) in pages.iter() {
-                        write_page(mem, page, data.unwrap_or(&zero))?;
-                    }
-                    self.pages_received += pages.len() as u64;
+                    self.pages_received += write_pages(mem, body, total)?;
                 }
                 (Kind::Sync, _) => self.conn.send(Kind::Synced, &[])?,
                 (Kind::Verify, body) if self.verify => {
                     wait_streams(&mut streams_ended)?;
-                    let (first, theirs) = decode_verify(&body, total)?;
+                    let (first, theirs) = decode_verify(body, total)?;
                     if first != self.verified {
                         return Err(Error::Protocol(format!(
                             "page digests from page {first}, expected page {}",
@@ -217,11 +214,11 @@ impl Incoming {
                     if self.verify {
                         self.check_verified(mem, total)?;
                     }
-                    return Ok(Arrival::State(state));
+                    return Ok(Arrival::State(state.to_vec()));
                 }
                 (Kind::Postcopy, body) => {
                     wait_streams(&mut streams_ended)?;
-                    let (state, missing) = decode_postcopy(&body, total)?;
+                    let (state, missing) = decode_postcopy(body, total)?;
                     return Ok(Arrival::Postcopy { state, missing });
                 }
                 (k, _) => {
@@ -475,6 +472,16 @@ fn join_streams<'scope>(
     }
 }
 
+/// Checks a PAGES frame and writes its pages into `mem`; returns how many.
+fn write_pages(mem: &GuestMemory, body: &[u8], total: u64) -> Result<u64, Error> {
+    const ZERO: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
+    let pages = PagesIn::decode(body, total)?;
+    for (page, data) in pages.iter() {
+        write_page(mem, page, data.unwrap_or(&ZERO))?;
+    }
+    Ok(pages.len() as u64)
+}
+
 /// One further stream: pages into `mem`, SYNC answered, until END.
 fn receive_stream(
     conn: &mut Conn<PlaneStream>,
@@ -482,15 +489,13 @@ fn receive_stream(
     set: &StreamSet,
 ) -> Result<(), Error> {
     let total = total_pages(mem);
-    let zero = vec![0u8; PAGE_SIZE as usize];
+    let mut frame = Vec::new();
     loop {
-        match conn.recv()? {
+        let (kind, len) = conn.recv_into(&mut frame)?;
+        match (kind, &frame[..len]) {
             (Kind::Pages, body) => {
-                let pages = Pages::decode(&body, total)?;
-                for (page, data) in pages.iter() {
-                    write_page(mem, page, data.unwrap_or(&zero))?;
-                }
-                set.pages.fetch_add(pages.len() as u64, Ordering::Relaxed);
+                let n = write_pages(mem, body, total)?;
+                set.pages.fetch_add(n, Ordering::Relaxed);
             }
             (Kind::Sync, _) => conn.send(Kind::Synced, &[])?,
             (Kind::End, _) => return Ok(()),

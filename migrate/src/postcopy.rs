@@ -17,7 +17,7 @@
 //! be served, so the VM cannot continue: the destination stops it and says
 //! so, and the source keeps the state as of the switch-over, paused. No
 //! failure can be undone by resuming the source silently.
-use crate::protocol::{encode_request, Conn, Kind, Pages, MAX_REQUEST};
+use crate::protocol::{encode_request, Conn, Kind, PagesIn, MAX_REQUEST};
 use crate::{Error, GuestMemory};
 use cluster_auth::PlaneStream;
 use serde::Serialize;
@@ -149,7 +149,7 @@ impl Shared {
 
     /// Puts arriving pages in place (pages no longer missing are skipped:
     /// a page may come both pushed and requested).
-    fn place(&self, pages: &Pages) -> Result<(), Error> {
+    fn place(&self, pages: &PagesIn) -> Result<(), Error> {
         let mut guard = self.book()?;
         let book = &mut *guard;
         for (page, data) in pages.iter() {
@@ -479,9 +479,11 @@ fn fault_loop(shared: &Shared, stream: &TcpStream) {
 }
 
 fn receive_loop(shared: &Shared, reader: &mut Conn<PlaneStream>, total: u64, notes: &Sender<Note>) {
+    let mut frame = Vec::new();
     let end = (|| loop {
-        match reader.recv()? {
-            (Kind::Pages, body) => shared.place(&Pages::decode(&body, total)?)?,
+        let (kind, len) = reader.recv_into(&mut frame)?;
+        match (kind, &frame[..len]) {
+            (Kind::Pages, body) => shared.place(&PagesIn::decode(body, total)?)?,
             (Kind::Go, _) => {
                 let _ = notes.send(Note::Go);
             }

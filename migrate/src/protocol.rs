@@ -242,18 +242,31 @@ impl Hello {
     }
 }
 
-/// One batch of pages: page numbers (memory-file numbering: RAM regions
-/// back to back) with a flag for all-zero pages, and the data of the rest.
-#[derive(Debug, Default, PartialEq, Eq)]
+/// One batch of pages being built: page numbers (memory-file numbering:
+/// RAM regions back to back) with a flag for all-zero pages, and the data
+/// of the rest, read straight from guest memory into one buffer that is
+/// kept from batch to batch (no allocation, no second copy per page).
+#[derive(Debug, Default)]
 pub struct Pages {
-    pub entries: Vec<(u64, bool)>,
-    pub data: Vec<u8>,
+    entries: Vec<(u64, bool)>,
+    /// `data[..used]` holds the pages; the rest is room kept for later.
+    data: Vec<u8>,
+    used: usize,
+}
+
+/// What [`Pages::read`] did with a page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taken {
+    Data,
+    Zero,
+    /// All zero and left out (`skip_zero`).
+    Skipped,
 }
 
 impl Pages {
     pub fn clear(&mut self) {
         self.entries.clear();
-        self.data.clear();
+        self.used = 0;
     }
 
     pub fn len(&self) -> usize {
@@ -264,26 +277,75 @@ impl Pages {
         self.entries.is_empty()
     }
 
+    /// Room for one more page of data at `data[used..]`.
+    fn room(&mut self) -> &mut [u8] {
+        let end = self.used + PAGE_SIZE as usize;
+        if self.data.len() < end {
+            self.data
+                .resize(end.max(BATCH_PAGES * PAGE_SIZE as usize), 0);
+        }
+        &mut self.data[self.used..end]
+    }
+
     /// Adds a page; `data` is None for an all-zero page.
     pub fn push(&mut self, page: u64, data: Option<&[u8]>) {
         self.entries.push((page, data.is_none()));
         if let Some(d) = data {
-            self.data.extend_from_slice(&d[..PAGE_SIZE as usize]);
+            self.room().copy_from_slice(&d[..PAGE_SIZE as usize]);
+            self.used += PAGE_SIZE as usize;
         }
     }
 
-    fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(4 + self.entries.len() * 8 + self.data.len());
+    /// Reads page `page` of `mem` into the batch: as data, or as a zero
+    /// page when it is all zero (left out with `skip_zero`).
+    pub fn read(
+        &mut self,
+        mem: &crate::GuestMemory,
+        page: u64,
+        skip_zero: bool,
+    ) -> std::io::Result<Taken> {
+        let room = self.room();
+        snapshot::memory::read_page(mem, page, room)?;
+        if snapshot::memory::is_zero(room) {
+            if skip_zero {
+                return Ok(Taken::Skipped);
+            }
+            self.entries.push((page, true));
+            return Ok(Taken::Zero);
+        }
+        self.entries.push((page, false));
+        self.used += PAGE_SIZE as usize;
+        Ok(Taken::Data)
+    }
+
+    /// The frame's head: the count and the index (the data follows).
+    fn head(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(4 + self.entries.len() * 8);
         out.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
         for &(page, zero) in &self.entries {
             out.extend_from_slice(&(page << 1 | u64::from(zero)).to_le_bytes());
         }
-        out.extend_from_slice(&self.data);
         out
     }
 
+    #[cfg(test)]
+    fn encode(&self) -> Vec<u8> {
+        let mut out = self.head();
+        out.extend_from_slice(&self.data[..self.used]);
+        out
+    }
+}
+
+/// A received batch of pages, checked, its data borrowed from the frame.
+#[derive(Debug, PartialEq, Eq)]
+pub struct PagesIn<'a> {
+    entries: Vec<(u64, bool)>,
+    data: &'a [u8],
+}
+
+impl<'a> PagesIn<'a> {
     /// Parses and checks a batch: its shape, and every page below `pages`.
-    pub fn decode(payload: &[u8], pages: u64) -> Result<Pages, Error> {
+    pub fn decode(payload: &'a [u8], pages: u64) -> Result<PagesIn<'a>, Error> {
         let bad = |why: String| Error::Protocol(format!("bad page batch: {why}"));
         let count = payload
             .get(..4)
@@ -316,20 +378,26 @@ impl Pages {
                 data.len()
             )));
         }
-        Ok(Pages {
-            entries,
-            data: data.to_vec(),
-        })
+        Ok(PagesIn { entries, data })
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
     }
 
     /// (page, data or None for zero) in order.
-    pub fn iter(&self) -> impl Iterator<Item = (u64, Option<&[u8]>)> {
+    pub fn iter(&self) -> impl Iterator<Item = (u64, Option<&'a [u8]>)> + '_ {
         let mut at = 0;
+        let data = self.data;
         self.entries.iter().map(move |&(page, zero)| {
             if zero {
                 (page, None)
             } else {
-                let d = &self.data[at..at + PAGE_SIZE as usize];
+                let d = &data[at..at + PAGE_SIZE as usize];
                 at += PAGE_SIZE as usize;
                 (page, Some(d))
             }
@@ -522,18 +590,29 @@ impl<S: Read + Write> Conn<S> {
     }
 
     pub fn send(&mut self, kind: Kind, payload: &[u8]) -> Result<(), Error> {
+        self.send_parts(kind, &[payload])
+    }
+
+    /// One frame whose payload is `parts` back to back (written as they
+    /// are: no copy into one buffer first).
+    fn send_parts(&mut self, kind: Kind, parts: &[&[u8]]) -> Result<(), Error> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
         let mut h = [0u8; HEADER];
         h[0..4].copy_from_slice(&MAGIC);
         h[4..6].copy_from_slice(&VERSION.to_le_bytes());
         h[6] = kind as u8;
-        h[8..12].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        h[8..12].copy_from_slice(&(len as u32).to_le_bytes());
         if self.checksums {
-            h[12..16].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
+            let mut crc = crc32fast::Hasher::new();
+            parts.iter().for_each(|p| crc.update(p));
+            h[12..16].copy_from_slice(&crc.finalize().to_le_bytes());
         }
         self.stream.write_all(&h)?;
-        self.stream.write_all(payload)?;
+        for p in parts {
+            self.stream.write_all(p)?;
+        }
         self.stream.flush()?;
-        self.sent += (HEADER + payload.len()) as u64;
+        self.sent += (HEADER + len) as u64;
         Ok(())
     }
 
@@ -543,7 +622,7 @@ impl<S: Read + Write> Conn<S> {
     }
 
     pub fn send_pages(&mut self, pages: &Pages) -> Result<(), Error> {
-        self.send(Kind::Pages, &pages.encode())
+        self.send_parts(Kind::Pages, &[&pages.head(), &pages.data[..pages.used]])
     }
 
     pub fn abort(&mut self, why: &str) {
@@ -553,6 +632,15 @@ impl<S: Read + Write> Conn<S> {
     /// The next frame, checked. ABORT from the peer becomes
     /// [`Error::Aborted`].
     pub fn recv(&mut self) -> Result<(Kind, Vec<u8>), Error> {
+        let mut payload = Vec::new();
+        let (kind, len) = self.recv_into(&mut payload)?;
+        payload.truncate(len);
+        Ok((kind, payload))
+    }
+
+    /// The next frame, its payload in `buf[..len]`; `buf` only grows, so
+    /// a loop of frames reuses one buffer.
+    pub fn recv_into(&mut self, buf: &mut Vec<u8>) -> Result<(Kind, usize), Error> {
         let mut h = [0u8; HEADER];
         self.stream.read_exact(&mut h)?;
         if h[0..4] != MAGIC {
@@ -574,18 +662,22 @@ impl<S: Read + Write> Conn<S> {
                 "a {len}-byte message (at most {MAX_PAYLOAD})"
             )));
         }
+        let len = len as usize;
         let crc = u32::from_le_bytes([h[12], h[13], h[14], h[15]]);
-        let mut payload = vec![0u8; len as usize];
-        self.stream.read_exact(&mut payload)?;
-        if self.checksums && crc32fast::hash(&payload) != crc {
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        let payload = &mut buf[..len];
+        self.stream.read_exact(payload)?;
+        if self.checksums && crc32fast::hash(payload) != crc {
             return Err(Error::Protocol(format!(
                 "checksum mismatch in a {kind:?} message"
             )));
         }
         if kind == Kind::Abort {
-            return Err(Error::Aborted(String::from_utf8_lossy(&payload).into()));
+            return Err(Error::Aborted(String::from_utf8_lossy(payload).into()));
         }
-        Ok((kind, payload))
+        Ok((kind, len))
     }
 
     /// The next frame, which must be of kind `want`.
@@ -691,8 +783,8 @@ mod tests {
             4 + 16 + PAGE_SIZE as usize,
             "zero page: no data"
         );
-        let got = Pages::decode(&body, 10).unwrap();
-        assert_eq!(got, p);
+        let got = PagesIn::decode(&body, 10).unwrap();
+        assert_eq!(got.len(), 2);
         let v: Vec<_> = got.iter().map(|(n, d)| (n, d.map(|d| d[0]))).collect();
         assert_eq!(v, vec![(3, Some(7)), (9, None)]);
         assert!(matches!(c.recv(), Err(Error::Aborted(m)) if m == "operator cancelled"));
@@ -716,20 +808,20 @@ mod tests {
         let mut p = Pages::default();
         p.push(5, None);
         let enc = p.encode();
-        assert!(Pages::decode(&enc, 5)
+        assert!(PagesIn::decode(&enc, 5)
             .unwrap_err()
             .to_string()
             .contains("past guest RAM"));
         let mut extra = enc.clone();
         extra.push(0);
-        assert!(Pages::decode(&extra, 10)
+        assert!(PagesIn::decode(&extra, 10)
             .unwrap_err()
             .to_string()
             .contains("data bytes"));
         let mut many = enc.clone();
         many[0..4].copy_from_slice(&100_000u32.to_le_bytes());
-        assert!(Pages::decode(&many, 10).is_err());
-        assert!(Pages::decode(&[1, 0], 10).is_err());
+        assert!(PagesIn::decode(&many, 10).is_err());
+        assert!(PagesIn::decode(&[1, 0], 10).is_err());
     }
 
     #[test]
