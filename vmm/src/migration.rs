@@ -459,6 +459,26 @@ pub fn receive(
             .name("incoming-accept".into())
             .spawn(move || accept_loop(&listener, &trust, &stop, &tx))?
     };
+    // The VM is built before any source connects (as QEMU's -incoming
+    // does), so a migration's time does not include it; one that a failed
+    // attempt used (its memory may hold pages) is built again at once.
+    let build = || -> Result<crate::vm::Prepared, String> {
+        let mem: GuestMemoryMmap =
+            memory::create(config.memory_bytes, config.hugepages, config.numa.as_ref())
+                .map_err(|e| format!("the destination cannot allocate guest memory: {e}"))?;
+        Vm::prepare(kvm, config.clone(), mem, false)
+            .map_err(|e| format!("the destination cannot build the VM: {e}"))
+    };
+    let prebuild = |ready: &mut Option<crate::vm::Prepared>| {
+        if ready.is_none() {
+            // A failure is told to the source that comes (REFUSE).
+            *ready = build()
+                .inspect_err(|e| tracing::warn!("{e}; trying again when a source connects"))
+                .ok();
+        }
+    };
+    let mut ready = None;
+    prebuild(&mut ready);
     let result = loop {
         let (stream, peer) = match rx.recv() {
             Ok(Accepted::Peer(stream, peer)) => {
@@ -489,8 +509,20 @@ pub fn receive(
             }
             _ => None,
         };
-        let result = receive_one(kvm, stream, config, &mine, &mut joins);
+        let result = receive_one(
+            stream,
+            config,
+            &mine,
+            &mut || match ready.take() {
+                Some(p) => Ok(p),
+                None => build(),
+            },
+            &mut joins,
+        );
         let expired = watchdog.disarm();
+        if result.is_err() {
+            prebuild(&mut ready);
+        }
         match result {
             Ok(r) => break Ok(r),
             Err(e) if expired => log(format!(
@@ -600,27 +632,24 @@ fn can_receive(config: &RunConfig, theirs: &Hello) -> Result<(), String> {
     Ok(())
 }
 
+/// One attempt on an authenticated connection; `prepared` gives the VM
+/// built for it (everything that does not need the state is built before
+/// the first page: the source's pause then covers only loading the state).
 fn receive_one(
-    kvm: &kvm_ioctls::Kvm,
     stream: cluster_auth::PlaneStream,
     config: &RunConfig,
     mine: &Hello,
+    prepared: &mut dyn FnMut() -> Result<crate::vm::Prepared, String>,
     joins: &mut migrate::dest::Joins,
 ) -> Result<Arrived, IncomingError> {
     let mut inc = migrate::dest::Incoming::new(stream, Duration::from_secs(30))?;
-    // Everything that does not need the state is built before the first
-    // page: the source's pause then covers only loading the state.
     let t = std::time::Instant::now();
     let prepared = inc.hello(mine, |theirs| {
         can_receive(config, theirs)?;
-        let mem: GuestMemoryMmap =
-            memory::create(config.memory_bytes, config.hugepages, config.numa.as_ref())
-                .map_err(|e| format!("the destination cannot allocate guest memory: {e}"))?;
-        Vm::prepare(kvm, config.clone(), mem, false)
-            .map_err(|e| format!("the destination cannot build the VM: {e}"))
+        prepared()
     })?;
     tracing::debug!(
-        "migration: hello checked and the VM built in {:.1} ms",
+        "migration: hello checked and the VM ready in {:.1} ms",
         t.elapsed().as_secs_f64() * 1e3
     );
     let from = inc.peer.to_string();
