@@ -307,6 +307,12 @@ impl Vcpu {
             };
             let reason = match step {
                 Step::Continue => continue,
+                Step::Stop(VcpuStop::TripleFault) => {
+                    // What the vCPU was doing: for the diagnosis of a
+                    // guest that faults (docs/lab.md, "L2 triple faults").
+                    tracing::warn!("vCPU {id}: {}", self.describe_triple_fault());
+                    VcpuStop::TripleFault
+                }
                 Step::Stop(reason) => reason,
                 Step::InternalError if self.pvm_assist_enabled && self.pvm_assist() => continue,
                 Step::InternalError => VcpuStop::Failure(self.describe_internal_error()),
@@ -439,6 +445,57 @@ impl Vcpu {
     }
 
     /// "KVM internal error (suberror N) at RIP ...: instruction bytes ..."
+    /// The vCPU's state at a triple fault (KVM_EXIT_SHUTDOWN): where it
+    /// was, its control registers and descriptor tables, and the events
+    /// KVM had for it.
+    fn describe_triple_fault(&self) -> String {
+        let Some((regs, sregs, bytes)) = self.code_at_rip() else {
+            return "triple fault; its registers could not be read".into();
+        };
+        let mut msg = format!(
+            "triple fault at RIP {:#x} (CS {:#x}, CPL {}), RSP {:#x}, RFLAGS {:#x}, CR0 {:#x}, \
+             CR2 {:#x}, CR3 {:#x}, CR4 {:#x}, EFER {:#x}, IDT {:#x}+{:#x}, GDT {:#x}+{:#x}, \
+             TR {:#x}",
+            regs.rip,
+            sregs.cs.selector,
+            sregs.cs.dpl,
+            regs.rsp,
+            regs.rflags,
+            sregs.cr0,
+            sregs.cr2,
+            sregs.cr3,
+            sregs.cr4,
+            sregs.efer,
+            sregs.idt.base,
+            sregs.idt.limit,
+            sregs.gdt.base,
+            sregs.gdt.limit,
+            sregs.tr.base
+        );
+        if let Ok(e) = self.fd.get_vcpu_events() {
+            msg += &format!(
+                "; exception injected {} pending {} vector {:#x} error code {:#x} \
+                 (has one: {}), interrupt injected {} vector {:#x}, NMI injected {} \
+                 pending {}, interrupt shadow {}",
+                e.exception.injected,
+                e.exception.pending,
+                e.exception.nr,
+                e.exception.error_code,
+                e.exception.has_error_code,
+                e.interrupt.injected,
+                e.interrupt.nr,
+                e.nmi.injected,
+                e.nmi.pending,
+                e.interrupt.shadow
+            );
+        }
+        if let Some(b) = bytes {
+            let hex: Vec<String> = b.iter().map(|b| format!("{b:02x}")).collect();
+            msg += &format!("; instruction bytes {}", hex.join(" "));
+        }
+        msg
+    }
+
     fn describe_internal_error(&mut self) -> String {
         let suberror = {
             let run = self.fd.get_kvm_run();

@@ -158,6 +158,8 @@ fn crashes_and_resets_end_the_vm_cleanly_and_are_reported() {
     // (task, vCPUs, exit code, where the report goes, what it says)
     let cases = [
         ("task=triplefault", 2, 3, "stderr", "triple fault"),
+        // ... with where the vCPU was and what KVM had for it.
+        ("task=triplefault", 1, 3, "stderr", "triple fault at RIP 0x"),
         ("task=reset", 1, 0, "stderr", "reset"),
         ("task=fault", 1, 101, "stdout", "fault vector=6"),
         ("task=exit status=42", 1, 42, "stdout", ""),
