@@ -472,6 +472,13 @@ impl Vcpu {
             sregs.gdt.limit,
             sregs.tr.base
         );
+        if regs.rip == 0xfff0 && sregs.cs.selector == 0xf000 {
+            // KVM on AMD puts a vCPU through INIT at a shutdown intercept
+            // (the VMCB is undefined after it): the registers are the
+            // reset state, and only the events below still tell what was
+            // last delivered.
+            msg += " (the reset state: KVM re-initialised the vCPU at the shutdown)";
+        }
         if let Ok(e) = self.fd.get_vcpu_events() {
             msg += &format!(
                 "; exception injected {} pending {} vector {:#x} error code {:#x} \
