@@ -287,8 +287,10 @@ impl Pages {
         &mut self.data[self.used..end]
     }
 
-    /// Adds a page; `data` is None for an all-zero page.
-    pub fn push(&mut self, page: u64, data: Option<&[u8]>) {
+    /// Adds a page; `data` is None for an all-zero page (the tests' way to
+    /// build a batch; the engine reads pages in with [`Pages::read`]).
+    #[cfg(test)]
+    fn push(&mut self, page: u64, data: Option<&[u8]>) {
         self.entries.push((page, data.is_none()));
         if let Some(d) = data {
             self.room().copy_from_slice(&d[..PAGE_SIZE as usize]);
