@@ -70,15 +70,26 @@ struct Boot {
 }
 
 /// The command line every test starts with: serial console, reboot at once
-/// on a panic (so a broken guest ends the VM instead of hanging), and on a
-/// PVM host `noxsave` (KVM there shows XSAVE even when the profile hides it).
-fn base_cmdline() -> &'static str {
+/// on a panic (so a broken guest ends the VM instead of hanging), on a PVM
+/// host `noxsave` (KVM there shows XSAVE even when the profile hides it),
+/// and `quiet`: only the kernel's errors reach the console, because in the
+/// lab its boot messages cost an L2 almost half of its boot (docs/lab.md).
+/// A test that reads kernel messages adds [`KERNEL_LOG`];
+/// `FFMK_TEST_KERNEL_LOG=1` gives every test the whole log.
+fn base_cmdline() -> String {
+    let mut line = String::from("console=ttyS0 panic=-1");
     if pvm_host() {
-        "console=ttyS0 panic=-1 noxsave"
-    } else {
-        "console=ttyS0 panic=-1"
+        line.push_str(" noxsave");
     }
+    if std::env::var_os("FFMK_TEST_KERNEL_LOG").is_none() {
+        line.push_str(" quiet");
+    }
+    line
 }
+
+/// Kernel arguments that put the kernel's informational messages back on
+/// the console (after `quiet`, the later one wins).
+const KERNEL_LOG: &str = "loglevel=7";
 
 fn boot(kernel: &Path, initrd: &Path, cpus: &str, args: &str) -> Boot {
     boot_with(kernel, initrd, cpus, args, &[], None)
@@ -453,17 +464,22 @@ fn assert_vsock_echo(sock: &Path) {
     assert!(got == data, "echo differs");
 }
 
-/// Starts the bzImage (512 MiB, the test exit port, `extra` flags) running
-/// `cmd`, with its console and API socket in `dir` under `name`.
+/// Starts the bzImage (512 MiB, the test exit port, `extra` flags, the
+/// kernel's `kernel_args`) running `cmd`, with its console and API socket
+/// in `dir` under `name`.
 fn spawn_bzimage(
     dir: &Path,
     name: &str,
     bzimage: &Path,
     initrd: &Path,
     extra: &[&str],
+    kernel_args: &str,
     cmd: &str,
 ) -> common::Vm {
-    let cmdline = format!("{} ffmk_exit_port=244 -- {cmd}", base_cmdline());
+    let cmdline = format!(
+        "{} {kernel_args} ffmk_exit_port=244 -- {cmd}",
+        base_cmdline()
+    );
     let mut args = vec![
         "run",
         "--kernel",
@@ -510,6 +526,7 @@ fn boot_vsock_echo(
         bzimage,
         initrd,
         &["--vsock", &vsock],
+        "",
         "vsock-tool echo 1234",
     );
     wait_console(&vm, "vsock-tool: listening on 1234");
@@ -653,7 +670,7 @@ const CHECKSUM_ITER: u64 = 1500;
 /// in `dir` under `name`, and waits until it printed its third step.
 fn boot_checksum(dir: &Path, name: &str, bzimage: &Path, initrd: &Path) -> common::Vm {
     let cmd = format!("ffmk-checksum {CHECKSUM_STEPS} {CHECKSUM_ITER} 0.3");
-    let vm = spawn_bzimage(dir, name, bzimage, initrd, &[], &cmd);
+    let vm = spawn_bzimage(dir, name, bzimage, initrd, &[], "", &cmd);
     let deadline = std::time::Instant::now() + timeout();
     while checksum_lines(&vm.console()).0.len() < 3 {
         assert!(std::time::Instant::now() < deadline, "{}", vm.console());
@@ -913,6 +930,7 @@ fn linux_guest_agent_lets_go_of_a_passthrough_device_and_finds_a_new_one() {
         &bzimage,
         &initrd,
         &["--vsock", &vsock, "--device", &device],
+        KERNEL_LOG,
         AGENT_WITH_HOOK,
     );
     wait_console(&vm, "vsock-tool: agent on 1027");
@@ -1044,6 +1062,7 @@ fn linux_vm_with_a_passthrough_device_migrates_without_it_and_gets_one_there() {
         &bzimage,
         &initrd,
         &["--vsock", &vsock("src.vsock"), "--device", &dev(&cx_a)],
+        "",
         "vsock-tool agent 1027",
     );
     wait_console(&src, "vsock-tool: agent on 1027");
@@ -1145,6 +1164,7 @@ fn linux_pciehp_takes_functions_in_hot_plug_slots_and_gives_them_back() {
         &bzimage,
         &initrd,
         &["--hotplug-slots", "1"],
+        KERNEL_LOG,
         PCI_WATCH,
     );
     wait_guest_pci(&vm, "0000:00:1f.0", true);
@@ -1231,16 +1251,20 @@ fn line_field(b: &Boot, prefix: &str, key: &str) -> Option<String> {
 /// and prints what lscpu, numactl -H and hwloc read: the node and CPU
 /// topology trees of sysfs (built by the kernel from SRAT, SLIT and CPUID).
 /// Unquoted $(...) collapses white space: `dist=10 21`.
+// The kernel log on: the test also checks that the kernel did not warn
+// about the topology it was given.
 fn guest_topology(bzimage: &Path, initrd: &Path, extra: &[&str]) -> (Boot, String) {
     let b = boot_with(
         bzimage,
         initrd,
         "2",
-        "ffmk_exit_port=244 -- \"cd /sys/devices/system && echo nodes=$(cat node/online) && \
+        &format!(
+            "{KERNEL_LOG} ffmk_exit_port=244 -- \"cd /sys/devices/system && echo nodes=$(cat node/online) && \
          for n in $(seq 0 $(($(ls -d node/node* | wc -l) - 1))); do echo numa$n cpus=$(cat node/node$n/cpulist) \
          dist=$(cat node/node$n/distance) $(grep MemTotal node/node$n/meminfo); done && for c in 0 1; do \
          t=cpu/cpu$c/topology; echo topo$c pkg=$(cat $t/physical_package_id) smt=$(cat $t/thread_siblings_list) \
-         llc=$(for i in cpu/cpu$c/cache/index*; do [ $(cat $i/level) = 3 ] && cat $i/shared_cpu_list; done); done\"",
+         llc=$(for i in cpu/cpu$c/cache/index*; do [ $(cat $i/level) = 3 ] && cat $i/shared_cpu_list; done); done\""
+        ),
         extra,
         None,
     );
@@ -1424,6 +1448,7 @@ fn numa_lab_two_host_nodes_back_the_guest_nodes_and_run_their_vcpus() {
             "--numa",
             "node=1,cpus=1,memory=256M,host-node=1",
         ],
+        "",
         "\"ffmk-stream --node 0 --mib 16 --runs 3 && ffmk-stream --node 1 --cpu-node 0 --mib 16 --runs 3 \
          && echo numa-ready=$((6*7)) && sleep 600\"",
     );
