@@ -1,7 +1,7 @@
 //! Descriptor chains a hostile driver builds, served by the code of every
 //! virtio device: the first byte picks the device (block, net transmit,
 //! net receive with and without mergeable buffers, vsock transmit and
-//! receive, console, rng), the second sets EVENT_IDX; then come the descriptor
+//! receive, console, rng, net control), the second sets EVENT_IDX; then come the descriptor
 //! table, the available ring and the buffers ([`ffmk_fuzz::queue_from`]).
 //! Every chain the queue hands out is served and completed, as the I/O
 //! thread does. What must hold: no panic, and no used length beyond what
@@ -41,7 +41,7 @@ fn writable_bytes(chain: &DescriptorChain<&GuestMemory>) -> u64 {
 
 fuzz_target!(|data: &[u8]| {
     let mut input = Input::new(data);
-    let device = input.u8() % 8;
+    let device = input.u8() % 9;
     let event_idx = input.u8() & 1 != 0;
     let (mem, mut q) = queue_from(&mut input, event_idx);
     if device == 2 || device == 3 {
@@ -96,6 +96,12 @@ fuzz_target!(|data: &[u8]| {
                 assert!(written == 0 || written == vsock::HDR_LEN + taken);
                 rx_payload.drain(..taken);
                 written as u32
+            }
+            8 => {
+                let (h, written, command) = net::ctrl::serve(&mem, chain, |_| net::ctrl::OK);
+                assert_eq!(h, head);
+                assert_eq!(command.is_some(), written == 1);
+                written
             }
             _ => rng::fill_chain(&mem, chain) as u32,
         };

@@ -458,6 +458,10 @@ pub struct DiskConfig {
 pub struct NetConfig {
     pub tap: String,
     pub mac: [u8; 6],
+    /// false: the VM is not announced after a move (`announce=off`);
+    /// absent: it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announce: Option<bool>,
     /// The Linux bridge the TAP joined.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bridge: Option<String>,

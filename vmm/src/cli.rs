@@ -786,10 +786,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "SPEC", value_parser = parse_disk)]
     pub disk: Vec<DiskEntry>,
     /// A virtio-net device on a TAP interface:
-    /// tap=NAME[,mac=52:54:00:12:34:56][,bridge=BR] (the TAP is created if
-    /// it does not exist; with bridge= it joins that Linux bridge and is
-    /// brought up when the VM is built, also for a VM arriving by
-    /// migration; repeat for more).
+    /// tap=NAME[,mac=52:54:00:12:34:56][,bridge=BR][,announce=off] (the TAP
+    /// is created if it does not exist; with bridge= it joins that Linux
+    /// bridge and is brought up when the VM is built, also for a VM
+    /// arriving by migration; a VM that moved here is announced on the TAP
+    /// when it first runs, unless announce=off; repeat for more).
     #[arg(long, value_name = "SPEC", value_parser = parse_net)]
     pub net: Vec<NetEntry>,
     /// A virtio-rng device fed by the host's getrandom.

@@ -105,6 +105,9 @@ pub struct NetEntry {
     /// A Linux bridge the TAP joins when the VMM opens it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bridge: Option<String>,
+    /// false: no announcement after a move (`announce=off`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announce: Option<bool>,
 }
 
 impl From<&NetConfig> for NetEntry {
@@ -117,13 +120,14 @@ impl From<&NetConfig> for NetEntry {
                 m[0], m[1], m[2], m[3], m[4], m[5]
             )),
             bridge: n.bridge.clone(),
+            announce: (!n.announce).then_some(false),
         }
     }
 }
 
 impl std::str::FromStr for NetEntry {
     type Err = Error;
-    /// `tap=NAME[,mac=XX:XX:XX:XX:XX:XX][,bridge=BR]`.
+    /// `tap=NAME[,mac=XX:XX:XX:XX:XX:XX][,bridge=BR][,announce=on|off]`.
     fn from_str(spec: &str) -> Result<Self, Error> {
         let bad = |why: String| Error::Net {
             spec: spec.into(),
@@ -133,12 +137,18 @@ impl std::str::FromStr for NetEntry {
             tap: String::new(),
             mac: None,
             bridge: None,
+            announce: None,
         };
         for part in spec.split(',') {
             match part.split_once('=') {
                 Some(("tap", t)) => n.tap = t.into(),
                 Some(("mac", m)) => n.mac = Some(m.into()),
                 Some(("bridge", b)) => n.bridge = Some(b.into()),
+                Some(("announce", "on")) => n.announce = Some(true),
+                Some(("announce", "off")) => n.announce = Some(false),
+                Some(("announce", other)) => {
+                    return Err(bad(format!("announce={other}: want on or off")))
+                }
                 _ => return Err(bad(format!("unknown option '{part}'"))),
             }
         }
@@ -258,6 +268,7 @@ impl NetEntry {
             tap: self.tap,
             mac,
             bridge: self.bridge,
+            announce: self.announce.unwrap_or(true),
         })
     }
 }
@@ -1329,10 +1340,19 @@ mod tests {
         );
         let d: NetEntry = "tap=t1".parse().unwrap();
         assert_eq!(
-            d.validated().unwrap().mac,
+            d.clone().validated().unwrap().mac,
             devices::virtio::net::default_mac("t1")
         );
-        for bad in ["", "ffmk0", "tap=x,speed=1", "mac=52:54:00:00:00:01"] {
+        assert!(d.clone().validated().unwrap().announce, "on unless said");
+        let quiet: NetEntry = "tap=t1,announce=off".parse().unwrap();
+        assert!(!quiet.validated().unwrap().announce);
+        for bad in [
+            "",
+            "ffmk0",
+            "tap=x,speed=1",
+            "mac=52:54:00:00:00:01",
+            "tap=x,announce=maybe",
+        ] {
             assert!(bad.parse::<NetEntry>().is_err(), "{bad}");
         }
         for mac in ["52:54:00:00:00", "zz:54:00:00:00:01", "01:00:5e:00:00:01"] {
@@ -1340,6 +1360,7 @@ mod tests {
                 tap: "t".into(),
                 mac: Some(mac.into()),
                 bridge: None,
+                announce: None,
             };
             assert!(e.validated().is_err(), "{mac}");
         }
@@ -1347,6 +1368,7 @@ mod tests {
             tap: "a-very-long-tap-name".into(),
             mac: None,
             bridge: None,
+            announce: None,
         };
         assert!(long.validated().is_err());
         let bridged: NetEntry = "tap=t2,bridge=br0".parse().unwrap();

@@ -45,6 +45,7 @@ pub fn example() -> VmSpec {
             tap: "tap0".into(),
             mac: Some("52:54:00:12:34:56".into()),
             bridge: Some("br0".into()),
+            announce: Some(true),
         }]),
         rng: Some(true),
         virtio_console: Some("/var/log/ffmk/vm0.hvc".into()),

@@ -346,6 +346,130 @@ fn linux_pings_and_fetches_a_file_over_virtio_net() {
     assert_eq!(b.code, Some(0), "{ctx}");
 }
 
+/// After a live migration a Linux guest is announced on its new TAP both
+/// ways (docs/migration.md, "Announcing a moved VM"): the destination's
+/// RARP broadcasts, and the guest's own gratuitous ARP, which its driver
+/// sends when the device asks (VIRTIO_NET_F_GUEST_ANNOUNCE) and then
+/// acknowledges on the control queue. The VM keeps its MAC.
+#[test]
+fn linux_migrated_guest_announces_itself_on_its_new_tap() {
+    let Some((_, bzimage, initrd)) = images() else {
+        return;
+    };
+    let Some(ns) = common::NetNs::new("lann") else {
+        eprintln!("skipped: cannot create a network namespace (needs root)");
+        return;
+    };
+    assert!(ns.ip(&["link", "set", "lo", "up"]));
+    let dir = tmpdir("linux-announce");
+    let mac = "52:54:00:aa:bb:02";
+    let cmdline = format!(
+        "{} ffmk_exit_port=244 -- \"ip link set eth0 up && ip addr add 10.0.0.2/24 dev eth0 && \
+         echo net-up=$((6*7)) && sleep 600\"",
+        base_cmdline()
+    );
+    let net = format!("tap=ffmka0,mac={mac}");
+    let src = common::Vm::spawn_in(
+        Some(&ns),
+        &[
+            "run",
+            "--kernel",
+            bzimage.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--memory",
+            "512M",
+            "--test-exit-port",
+            "--cmdline",
+            &cmdline,
+            "--net",
+            &net,
+        ],
+        &dir.join("src.console"),
+        &dir.join("src.sock"),
+    );
+    let dst = common::Vm::spawn_in(
+        Some(&ns),
+        &[
+            "run",
+            "--incoming",
+            "tcp://127.0.0.1:7398",
+            "--memory",
+            "512M",
+            "--test-exit-port",
+            "--net",
+            "tap=ffmka1",
+        ],
+        &dir.join("dst.console"),
+        &dir.join("dst.sock"),
+    );
+    wait_console(&src, "net-up=42");
+    let deadline = std::time::Instant::now() + timeout();
+    while !ns.ip(&["link", "set", "ffmka1", "up"]) {
+        assert!(std::time::Instant::now() < deadline, "{}", dst.describe());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    let (out, done, frames) = std::thread::scope(|scope| {
+        // ETH_P_ALL: RARP and ARP alike (and whatever else the guest sends).
+        let frames = scope.spawn(|| {
+            ns.run(move || common::capture("ffmka1", 0x0003, Duration::from_secs(20), ready_tx))
+        });
+        ready.recv().unwrap();
+        let out = common::ffmk()
+            .args(["migrate", "--api-socket"])
+            .arg(&src.sock)
+            .args(["--to", "tcp://127.0.0.1:7398", "--json"])
+            .output()
+            .unwrap();
+        let done = std::time::Instant::now();
+        (out, done, frames.join().unwrap())
+    });
+    assert!(out.status.success(), "{out:?}\n{}", dst.describe());
+    let want_mac = [0x52, 0x54, 0x00, 0xaa, 0xbb, 0x02];
+    let from_vm = |ethertype: [u8; 2]| -> Vec<&(std::time::Instant, Vec<u8>)> {
+        frames
+            .iter()
+            .filter(|(_, f)| f.len() >= 42 && f[6..12] == want_mac && f[12..14] == ethertype)
+            .collect()
+    };
+    let rarps = from_vm([0x80, 0x35]);
+    // A gratuitous ARP: the guest's address as sender and as target.
+    let garps: Vec<_> = from_vm([0x08, 0x06])
+        .into_iter()
+        .filter(|(_, f)| f[28..32] == [10, 0, 0, 2] && f[38..42] == [10, 0, 0, 2])
+        .collect();
+    let info = api_json(&dst, &["info"]);
+    let ctx = format!(
+        "{} frames captured; {info}\n{}",
+        frames.len(),
+        dst.describe()
+    );
+    assert_eq!(rarps.len(), 5, "{ctx}");
+    assert!(!garps.is_empty(), "no gratuitous ARP from the guest: {ctx}");
+    let net = common::virtio_net_info(&info);
+    assert!(
+        net["counters"]["guest_announced"].as_u64().unwrap_or(0) >= 1,
+        "{ctx}"
+    );
+    assert!(
+        net["device"].as_str().is_some_and(|d| d.ends_with(mac)),
+        "{ctx}"
+    );
+    let ms = |t: std::time::Instant| t.saturating_duration_since(done).as_millis();
+    eprintln!(
+        "announced: RARP rounds {} (first {} ms after migrate returned), guest ARPs {} (first {} ms)",
+        rarps.len(),
+        ms(rarps[0].0),
+        garps.len(),
+        ms(garps[0].0)
+    );
+    let (src_code, err) = src.wait_exit();
+    assert_eq!(src_code, Some(0), "{err}");
+    dst.kill();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 fn tempfile_path(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("ffmk-{}-{name}", std::process::id()))
 }

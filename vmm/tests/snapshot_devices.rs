@@ -210,6 +210,60 @@ fn network_echo_continues_after_restore_on_a_new_tap() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// A restored VM is announced on its TAP when it first runs (RARP, five
+/// rounds, docs/migration.md), once per restore, not while it stays
+/// paused, and never with `announce=off`. The TAP joins a bridge, so the VMM brings it up itself (a TAP
+/// that is down takes no frames).
+#[test]
+fn a_restored_vm_is_announced_when_it_first_runs() {
+    let Some(ns) = NetNs::new("snapann") else {
+        eprintln!("skipped: cannot create a network namespace (needs root and iproute2)");
+        return;
+    };
+    assert!(ns.ip(&["link", "add", "ffmkabr", "type", "bridge"]));
+    assert!(ns.ip(&["link", "set", "ffmkabr", "up"]));
+    let dir = tmpdir("snapdev-announce");
+    let net = "tap=ffmka0,bridge=ffmkabr,mac=52:54:00:12:34:58";
+    let args = probe_run("task=net op=echo count=1 timeout_ms=60000", &["--net", net]);
+    let vm = spawn(Some(&ns), &dir, "a", &args);
+    wait_line(&vm, "mac=52:54:00:12:34:58");
+    let announced = |vm: &Vm| {
+        let info: serde_json::Value =
+            serde_json::from_slice(&vm.api(&["info"]).stdout).unwrap_or_default();
+        common::virtio_net_info(&info)["counters"]["announced"].as_u64()
+    };
+    // A VM that booted here announces nothing.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(announced(&vm), Some(0));
+    let snap = dir.join("snap");
+    vm.snapshot(&snap, &[]);
+    vm.kill();
+    let r = restore(Some(&ns), &dir, "b", &snap, &["--paused", "--net", net]);
+    // Paused: not yet (the VM does not run here).
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(announced(&r), Some(0), "{}", r.describe());
+    assert!(r.api(&["resume"]).status.success());
+    // The five rounds take 0.8 s.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while announced(&r) != Some(5) {
+        assert!(Instant::now() < deadline, "{:?}", announced(&r));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Pausing and resuming again announces nothing more.
+    assert!(r.api(&["pause"]).status.success());
+    assert!(r.api(&["resume"]).status.success());
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(announced(&r), Some(5));
+    r.kill();
+    // announce=off: never.
+    let quiet = format!("{net},announce=off");
+    let r = restore(Some(&ns), &dir, "c", &snap, &["--net", &quiet]);
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(announced(&r), Some(0), "{}", r.describe());
+    r.kill();
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 /// Connects to guest port 1234 through the VMM's socket, sends `data` and
 /// returns what came back (`close`: half-close, then read to the end).
 fn vsock_echo(sock: &Path, data: &[u8], close: bool) -> Vec<u8> {

@@ -4,9 +4,9 @@
 //! "host"), so the test touches none of the machine's interfaces.
 mod common;
 
-use common::{ffmk, probe, probe_argv, tmpdir, vmm, NetNs, Running};
+use common::{capture, ffmk, probe, probe_argv, tmpdir, vmm, Cluster, NetNs, Running, Vm};
 use std::net::UdpSocket;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Boots the probe with `task` and `--net net` inside the namespace.
 fn start_probe(ns: &NetNs, task: &str, net: &str) -> Running {
@@ -234,6 +234,270 @@ fn guest_measures_transmit_throughput_and_every_datagram_arrives() {
     // The receive phase ends 2 s after the last datagram (none are sent here).
     let (code, err) = vm.wait(Duration::from_secs(10));
     assert_eq!(code, Some(0), "{err}");
+}
+
+/// The probe running `task` with `--net src_net` on host 0 of `cluster`,
+/// and a destination for it on host 1 (`--net dst_net`) listening on
+/// `listen` (`tcp://ADDR:PORT`); consoles and sockets in `dir`.
+fn probe_and_destination(
+    cluster: &Cluster,
+    dir: &std::path::Path,
+    task: &str,
+    src_net: &str,
+    listen: &str,
+    dst_net: &str,
+) -> (Vm, Vm) {
+    let src_args = probe_argv(task, &["--test-exit-port", "--net", src_net]);
+    let src_args: Vec<&str> = src_args.iter().map(String::as_str).collect();
+    let src = Vm::spawn_in(
+        Some(&cluster.hosts[0]),
+        &src_args,
+        &dir.join("src.console"),
+        &dir.join("src.sock"),
+    );
+    let dst = Vm::spawn_in(
+        Some(&cluster.hosts[1]),
+        &[
+            "run",
+            "--incoming",
+            listen,
+            "--memory",
+            "64M",
+            "--test-exit-port",
+            "--net",
+            dst_net,
+        ],
+        &dir.join("dst.console"),
+        &dir.join("dst.sock"),
+    );
+    (src, dst)
+}
+
+/// After a live migration the destination announces the VM on its new
+/// TAP as QEMU does (docs/migration.md): RARP broadcasts from the VM's MAC,
+/// five rounds in about 0.8 s, so switches learn the new port before a
+/// peer's traffic is lost to the old one; the guest's network works there.
+#[test]
+fn a_migrated_vm_is_announced_on_its_new_tap() {
+    let Some(cluster) = Cluster::new("nann", 2) else {
+        return;
+    };
+    let dir = tmpdir("net-announce");
+    let mac = "52:54:00:aa:bb:01";
+    let task = "task=net op=echo count=4 ip=10.0.0.2 timeout_ms=60000";
+    let listen = format!("tcp://{}:7311", Cluster::addr(1));
+    let (src, dst) = probe_and_destination(
+        &cluster,
+        &dir,
+        task,
+        &format!("tap=ffmks0,mac={mac}"),
+        &listen,
+        "tap=ffmkd0",
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&src.console)
+        .unwrap_or_default()
+        .contains("mac=")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the guest found no NIC: {}",
+            src.describe()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The destination made its TAP when it built the VM ahead.
+    let host = &cluster.hosts[1];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !host.ip(&["link", "set", "ffmkd0", "up"]) {
+        assert!(
+            Instant::now() < deadline,
+            "no TAP on the destination: {}",
+            dst.describe()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(host.ip(&["addr", "add", "10.0.0.1/24", "dev", "ffmkd0"]));
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    let (out, done, frames) = std::thread::scope(|scope| {
+        let frames = scope.spawn(|| {
+            host.run(move || capture("ffmkd0", 0x8035, Duration::from_secs(4), ready_tx))
+        });
+        ready.recv().unwrap();
+        let out = ffmk()
+            .args(["migrate", "--api-socket"])
+            .arg(&src.sock)
+            .args(["--to", &listen, "--json"])
+            .output()
+            .unwrap();
+        let done = Instant::now();
+        (out, done, frames.join().unwrap())
+    });
+    assert!(out.status.success(), "{out:?}\n{}", dst.describe());
+    let want_mac = [0x52, 0x54, 0x00, 0xaa, 0xbb, 0x01];
+    let rarps: Vec<&(Instant, Vec<u8>)> = frames
+        .iter()
+        .filter(|(_, f)| f.len() >= 42 && f[6..12] == want_mac && f[20..22] == [0, 3])
+        .collect();
+    let info = dst.api(&["info"]);
+    assert_eq!(
+        rarps.len(),
+        5,
+        "RARP rounds seen: {} of {} frames; {}",
+        rarps.len(),
+        frames.len(),
+        String::from_utf8_lossy(&info.stdout)
+    );
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    let net = common::virtio_net_info(&info);
+    assert_eq!(net["counters"]["announced"], 5, "{info}");
+    // The VM kept its MAC (the destination's --net named none).
+    assert!(
+        net["device"].as_str().is_some_and(|d| d.ends_with(mac)),
+        "{info}"
+    );
+    for (_, f) in &rarps {
+        assert_eq!(&f[0..6], &[0xff; 6], "a broadcast");
+        assert_eq!(&f[22..28], &want_mac, "the sender's hardware address");
+    }
+    // Rounds at 0, 50, 200, 450, 800 ms: the whole announcement within a
+    // second or two of the switch-over, spread over most of a second.
+    let first = rarps[0].0;
+    let spread = rarps[4].0 - first;
+    assert!(
+        spread >= Duration::from_millis(600) && spread < Duration::from_millis(2000),
+        "rounds spread over {spread:?}"
+    );
+    assert!(
+        first <= done + Duration::from_secs(1),
+        "the first round came late"
+    );
+    // The guest answers on its new host.
+    let echoed = host.run(|| {
+        let s = UdpSocket::bind("10.0.0.1:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        (0..4)
+            .filter(|i| {
+                let msg = format!("after the move {i}");
+                let mut buf = [0u8; 64];
+                s.send_to(msg.as_bytes(), "10.0.0.2:7777").unwrap();
+                s.recv_from(&mut buf)
+                    .is_ok_and(|(n, _)| &buf[..n] == msg.as_bytes())
+            })
+            .count()
+    });
+    assert_eq!(echoed, 4, "{}", dst.describe());
+    let (code, err) = dst.wait_exit();
+    assert_eq!(code, Some(0), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// The shape of a cluster's Ethernet: hosts 0 and 1 put their uplink and
+/// their VMs' TAPs on a bridge of their own (`vmbr`), all hosts meet on the
+/// switch, and a peer on host 2 talks to the VM, which moves from host 0 to
+/// host 1. The switch learnt the VM's MAC on host 0's port; the
+/// destination's announcement moves it over. Returns how long after the
+/// migration's end the peer, starting to send then (every 10 ms), had its
+/// first echo (None: not within 6 s).
+fn peer_reaches_after_a_move(tag: &str, dst_net: &str) -> Option<Duration> {
+    let cluster = Cluster::new(tag, 3).expect("namespaces");
+    for i in 0..2 {
+        let h = &cluster.hosts[i];
+        let (uplink, addr) = (format!("h{i}"), format!("{}/24", Cluster::addr(i)));
+        assert!(h.ip(&["link", "add", "vmbr", "type", "bridge"]));
+        assert!(h.ip(&["addr", "del", &addr, "dev", &uplink]));
+        assert!(h.ip(&["link", "set", &uplink, "master", "vmbr"]));
+        assert!(h.ip(&["addr", "add", &addr, "dev", "vmbr"]));
+        assert!(h.ip(&["link", "set", "vmbr", "up"]));
+    }
+    let dir = tmpdir(tag);
+    let vm_ip = "10.77.0.50";
+    let task = format!("task=net op=echo count=100000 ip={vm_ip} timeout_ms=60000");
+    let listen = format!("tcp://{}:7312", Cluster::addr(1));
+    let (src, dst) = probe_and_destination(
+        &cluster,
+        &dir,
+        &task,
+        "tap=ffmkv0,bridge=vmbr,mac=52:54:00:aa:bb:03",
+        &listen,
+        dst_net,
+    );
+    let peer = &cluster.hosts[2];
+    // The peer knows the VM's MAC for good: it sends no ARP request that
+    // the VM would answer from its new host (which teaches the switch too).
+    assert!(peer.ip(&[
+        "neigh",
+        "replace",
+        vm_ip,
+        "lladdr",
+        "52:54:00:aa:bb:03",
+        "dev",
+        "h2",
+        "nud",
+        "permanent"
+    ]));
+    let to = format!("{vm_ip}:7777");
+    // The peer reaches the VM on host 0 (ARP, then echoes): the switch has
+    // learnt the VM's MAC on host 0's port.
+    let reached = peer.run({
+        let to = to.clone();
+        move || {
+            let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            let mut buf = [0u8; 64];
+            (0..20).any(|_| {
+                s.send_to(b"before", &to).unwrap();
+                s.recv_from(&mut buf)
+                    .is_ok_and(|(n, _)| &buf[..n] == b"before")
+            })
+        }
+    });
+    assert!(reached, "the peer never reached the VM: {}", src.describe());
+    // The VM is quiet at the switch-over (nothing of its own waits to be
+    // sent there, which would teach the switch too).
+    std::thread::sleep(Duration::from_millis(300));
+    let out = ffmk()
+        .args(["migrate", "--api-socket"])
+        .arg(&src.sock)
+        .args(["--to", &listen, "--json"])
+        .output()
+        .unwrap();
+    let done = Instant::now();
+    assert!(out.status.success(), "{out:?}\n{}", dst.describe());
+    // Then the peer sends every 10 ms until an echo comes, for 6 s at most.
+    let first_echo = peer.run(move || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(10))).unwrap();
+        let mut buf = [0u8; 64];
+        for n in 0u64.. {
+            if done.elapsed() > Duration::from_secs(6) {
+                return None;
+            }
+            s.send_to(&n.to_le_bytes(), &to).unwrap();
+            if let Ok((8, _)) = s.recv_from(&mut buf) {
+                return Some(done.elapsed());
+            }
+        }
+        None
+    });
+    dst.kill();
+    std::fs::remove_dir_all(dir).unwrap();
+    first_echo
+}
+
+#[test]
+fn a_peer_across_a_switch_reaches_a_migrated_vm_at_once() {
+    if NetNs::new("nswprobe").is_none() {
+        eprintln!("skipped: cannot create network namespaces (needs root and iproute2)");
+        return;
+    }
+    let first = peer_reaches_after_a_move("nswa", "tap=ffmkv1,bridge=vmbr");
+    eprintln!("announce: the peer's first echo {first:?} after the migration ended");
+    assert!(
+        first.is_some_and(|t| t < Duration::from_secs(1)),
+        "{first:?}"
+    );
 }
 
 #[test]

@@ -451,7 +451,11 @@ impl VirtioPci {
                 s.device_type
             )));
         }
-        if s.queues.len() != self.queues.len() {
+        // Fewer saved queues than slots: a state saved before the device
+        // gained a queue (virtio-net's control queue, 2026-12-07). Its
+        // driver could not have used the feature that brought the queue
+        // (checked below with the offered features), so the rest stay off.
+        if s.queues.len() > self.queues.len() {
             return Err(StateError::Mismatch(format!(
                 "{} queues saved, this device has {}",
                 s.queues.len(),

@@ -7,7 +7,7 @@ use crate::arch::{cpuid, regs};
 use crate::boot::{self, BootInfo, BootSpec};
 use crate::config::RunConfig;
 use crate::host::CpuProfile;
-use crate::machine::{ChainRef, Restoring, VirtioFunction, RTC, SERIAL};
+use crate::machine::{ChainRef, Origin, Restoring, VirtioFunction, RTC, SERIAL};
 use crate::memory::GuestMemoryMmap;
 use devices::legacy::{SerialArgs, SerialPort};
 use devices::pci::PciRoot;
@@ -49,6 +49,11 @@ pub trait Builder {
     ) -> Result<(), Error>;
     /// Start with the vCPUs paused.
     fn paused(&self) -> bool;
+    /// The VM continues from a saved state (a restore or an incoming
+    /// migration): its network devices announce it when it first runs.
+    fn moved(&self) -> bool {
+        false
+    }
     /// The snapshot chain the VM's memory follows.
     fn chain(&self) -> Option<ChainRef>;
 }
@@ -142,6 +147,14 @@ impl Builder for FromState<'_> {
         config.kernel = m.kernel.clone();
         config.cmdline = m.cmdline.clone();
         config.test_exit_port = m.test_exit_port;
+        // A migrated VM keeps its MAC addresses (its guest has them; this
+        // host's VM was built before it knew them). A restore's were
+        // settled with its --net already (machine::host_devices).
+        if matches!(self.0.origin, Origin::Migration { .. }) {
+            for (net, was) in config.nets.iter_mut().zip(&m.nets) {
+                net.mac = was.mac;
+            }
+        }
     }
 
     fn boot(&self, _: &GuestMemoryMmap, _: &RunConfig) -> Result<BootInfo, Error> {
@@ -182,6 +195,10 @@ impl Builder for FromState<'_> {
         self.0
             .restore_devices(pci, virtio)
             .map_err(|e| Error::Restore(Box::new(e)))
+    }
+
+    fn moved(&self) -> bool {
+        true
     }
 
     fn paused(&self) -> bool {

@@ -10,6 +10,7 @@ use devices::legacy::SerialPort;
 use devices::pci::{Location, PciRoot};
 use devices::persist::StateError;
 use devices::rtc::CmosRtc;
+use devices::virtio::net::AnnounceHandle;
 use devices::virtio::pci::VirtioPci;
 use devices::virtio::{FreezeError, Frozen, IoThread};
 use devices::EventSink;
@@ -63,9 +64,33 @@ pub struct Devices {
     /// What hot-plugging needs: the KVM VM and guest memory.
     pub(super) vm_fd: Arc<VmFd>,
     pub(super) mem: GuestMemoryMmap,
+    /// Each network device's announcement trigger (`config.nets`' order).
+    pub(super) net_announce: Vec<AnnounceHandle>,
+    /// A restored or migrated VM that has not run here yet: its network
+    /// devices announce it when it first does ([`Devices::announce`]).
+    pub(super) announce_pending: std::sync::atomic::AtomicBool,
 }
 
 impl Devices {
+    /// Every network device announces the VM on its TAP (RARP, and the
+    /// guest's own gratuitous ARPs where its driver can): done when a VM
+    /// that moved here first runs, so the network sends its traffic here.
+    pub fn announce(&self) {
+        for a in &self.net_announce {
+            a.request();
+        }
+    }
+
+    /// Announces the VM if it moved here and has not run since.
+    pub(super) fn announce_if_pending(&self) {
+        if self
+            .announce_pending
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            self.announce();
+        }
+    }
+
     pub fn serial(&self) -> &Arc<Mutex<SerialPort>> {
         &self.serial
     }

@@ -26,7 +26,7 @@ use devices::pci::{PciConfigIo, PciDevice, PciEcam, PciRoot, PciWindow};
 use devices::rtc::RTC_BASE;
 use devices::virtio::block::Block;
 use devices::virtio::console::Console as VirtioConsole;
-use devices::virtio::net::Net;
+use devices::virtio::net::{AnnounceHandle, MacHandle, Net};
 use devices::virtio::pci::VirtioPci;
 use devices::virtio::rng::Rng;
 use devices::virtio::vsock::Vsock;
@@ -305,6 +305,10 @@ pub struct Prepared {
     decoupling: Arc<Decoupling>,
     routing: Arc<IrqRouting>,
     passthrough: Passthroughs,
+    /// Each network device's MAC address and announcement trigger, in
+    /// `config.nets`' order.
+    net_macs: Vec<MacHandle>,
+    net_announce: Vec<AnnounceHandle>,
 }
 
 impl Vm {
@@ -423,8 +427,14 @@ impl Vm {
             disks.push(block.disk());
             built.push((Box::new(block), disk.queues));
         }
+        let (mut net_macs, mut net_announce) = (Vec::new(), Vec::new());
         for net in &config.nets {
-            built.push((Box::new(Net::new(net.clone(), io_thread.endpoint())?), 2));
+            let device = Net::new(net.clone(), io_thread.endpoint())?;
+            net_macs.push(device.mac_handle());
+            net_announce.push(device.announce_handle());
+            // Two vectors for receive and transmit: the control queue
+            // needs none (its driver polls it).
+            built.push((Box::new(device), 2));
         }
         if let Some(path) = &config.virtio_console {
             let dev = VirtioConsole::new(path, io_thread.endpoint()).map_err(|source| {
@@ -533,6 +543,8 @@ impl Vm {
             decoupling,
             routing,
             passthrough,
+            net_macs,
+            net_announce,
         })
     }
 }
@@ -556,6 +568,10 @@ impl Prepared {
     /// Gives the machine its state as `b` says, then runs the vCPUs.
     fn build(mut self, b: &dyn Builder) -> Result<Vm, Error> {
         b.configure(&mut self.config);
+        // (Before any device state is restored: a migrated VM's MAC.)
+        for (handle, net) in self.net_macs.iter().zip(&self.config.nets) {
+            handle.set(net.mac);
+        }
         let Prepared {
             vm_fd,
             mem,
@@ -581,6 +597,8 @@ impl Prepared {
             decoupling,
             routing,
             passthrough,
+            net_macs: _,
+            net_announce,
         } = self;
         let boot = b.boot(&mem, &config)?;
         let bus_err = |device: &str, e: devices::bus::BusError| Error::Device {
@@ -710,7 +728,7 @@ impl Prepared {
         }
         decoupling.watch_kvm_workers();
 
-        Ok(Vm {
+        let vm = Vm {
             ram: Ram::new(mem.clone(), vm_fd.clone(), log_dirty, b.chain()),
             vcpus: Vcpus::new(vcpus, vcpu_stop, decoupling, msr_indices),
             devices: Devices {
@@ -725,6 +743,8 @@ impl Prepared {
                 events: device_events,
                 vm_fd: vm_fd.clone(),
                 mem,
+                net_announce,
+                announce_pending: b.moved().into(),
             },
             platform: Platform {
                 boot,
@@ -737,7 +757,11 @@ impl Prepared {
             exit_evt,
             started: Instant::now(),
             config,
-        })
+        };
+        if !b.paused() {
+            vm.devices.announce_if_pending();
+        }
+        Ok(vm)
     }
 }
 
@@ -748,7 +772,9 @@ impl Vm {
     }
 
     pub fn resume(&self) -> Result<(), VcpuError> {
-        self.vcpus.resume()
+        self.vcpus.resume()?;
+        self.devices.announce_if_pending();
+        Ok(())
     }
 
     pub fn is_paused(&self) -> bool {

@@ -600,3 +600,80 @@ pub fn threads_report(pid: u32) -> String {
     }
     out
 }
+
+/// Frames of ethertype `proto` that arrive on interface `ifname` of the
+/// calling thread's network namespace, with when they came, until
+/// `window` has passed since `ready` was signalled.
+pub fn capture(
+    ifname: &str,
+    proto: u16,
+    window: Duration,
+    ready: std::sync::mpsc::Sender<()>,
+) -> Vec<(Instant, Vec<u8>)> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let name = std::ffi::CString::new(ifname).unwrap();
+    // SAFETY: if_nametoindex reads the NUL-terminated name we own.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    assert!(index > 0, "no interface {ifname}");
+    // SAFETY: a plain socket call; the descriptor is owned right after.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto.to_be())) };
+    assert!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
+    // SAFETY: fd is a new descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_ll is plain data; zero is a valid start.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = proto.to_be();
+    sll.sll_ifindex = index as i32;
+    // SAFETY: bind reads the sockaddr_ll we pass with its size.
+    let r = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&sll as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
+    let tv = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 100_000,
+    };
+    // SAFETY: setsockopt reads one timeval from a live local.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    ready.send(()).unwrap();
+    let end = Instant::now() + window;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 2048];
+    while Instant::now() < end {
+        // SAFETY: recv writes at most buf.len() bytes into buf.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n > 0 {
+            got.push((Instant::now(), buf[..n as usize].to_vec()));
+        }
+    }
+    got
+}
+
+/// The first virtio-net function in `GET /vm`'s answer (`ffmk-vmm info`):
+/// its device line and counters (Null when there is none).
+pub fn virtio_net_info(info: &serde_json::Value) -> serde_json::Value {
+    info["pci"]
+        .as_array()
+        .and_then(|p| {
+            p.iter().find(|f| {
+                f["device"]
+                    .as_str()
+                    .is_some_and(|d| d.starts_with("virtio-net"))
+            })
+        })
+        .cloned()
+        .unwrap_or_default()
+}
