@@ -268,6 +268,17 @@ impl VirtioDevice for Net {
                 source: std::io::Error::other(e.to_string()),
             });
         }
+        if a.restored {
+            // Frames the TAP queued before the VM arrived were meant for
+            // its copy on the source, which took them or never will: a
+            // switch floods a frame to both hosts' ports while it does not
+            // know the VM's MAC, and the guest would get it twice; the
+            // rest is broadcasts from before. Dropped, counted.
+            let mut frame = vec![0u8; MAX_FRAME];
+            while tap.read_frame(&mut frame).is_ok() {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         let (mut rx, mut tx, mut ctrl) = (None, None, None);
         for q in a.queues {
             match q.index {
