@@ -273,6 +273,16 @@ fn probe_and_destination(
     (src, dst)
 }
 
+/// `ffmk-vmm migrate` of `src` to `to` (`tcp://ADDR:PORT`), to its end.
+fn migrate(src: &Vm, to: &str) -> std::process::Output {
+    ffmk()
+        .args(["migrate", "--api-socket"])
+        .arg(&src.sock)
+        .args(["--to", to, "--json"])
+        .output()
+        .unwrap()
+}
+
 /// After a live migration the destination announces the VM on its new
 /// TAP as QEMU does (docs/migration.md): RARP broadcasts from the VM's MAC,
 /// five rounds in about 0.8 s, so switches learn the new port before a
@@ -324,12 +334,7 @@ fn a_migrated_vm_is_announced_on_its_new_tap() {
             host.run(move || capture("ffmkd0", 0x8035, Duration::from_secs(4), ready_tx))
         });
         ready.recv().unwrap();
-        let out = ffmk()
-            .args(["migrate", "--api-socket"])
-            .arg(&src.sock)
-            .args(["--to", &listen, "--json"])
-            .output()
-            .unwrap();
+        let out = migrate(&src, &listen);
         let done = Instant::now();
         (out, done, frames.join().unwrap())
     });
@@ -460,12 +465,7 @@ fn peer_reaches_after_a_move(tag: &str, dst_net: &str) -> Option<Duration> {
     // The VM is quiet at the switch-over (nothing of its own waits to be
     // sent there, which would teach the switch too).
     std::thread::sleep(Duration::from_millis(300));
-    let out = ffmk()
-        .args(["migrate", "--api-socket"])
-        .arg(&src.sock)
-        .args(["--to", &listen, "--json"])
-        .output()
-        .unwrap();
+    let out = migrate(&src, &listen);
     let done = Instant::now();
     assert!(out.status.success(), "{out:?}\n{}", dst.describe());
     // Then the peer sends every 10 ms until an echo comes, for 6 s at most.
