@@ -90,6 +90,21 @@ pub struct Config {
     /// (`GET /vm`) or an arriving one was promised is not free.
     #[serde(default)]
     pub vf_pool: Vec<String>,
+    /// Directories of disk images every host has at the same path (a
+    /// shared file system, or identical copies): a VM whose virtio-blk
+    /// disks are all read-only files under one of these directories may
+    /// arrive here with them (e.g. the HPC image all VMs of a job share).
+    /// A VM with a read-write disk never moves. [default: none: VMs with
+    /// disks do not arrive here]
+    #[serde(default)]
+    pub shared_disk_dirs: Vec<PathBuf>,
+    /// Linux bridges of this host that arriving VMs' TAPs may join: a VM
+    /// whose TAPs are all ports of bridges (`--net tap=T,bridge=BR`) may
+    /// arrive here when each of its bridges is in this list; it gets new
+    /// TAPs on them, keeps its MACs and is announced there (docs/jobs.md).
+    /// [default: none: VMs with network devices do not arrive here]
+    #[serde(default)]
+    pub vm_bridges: Vec<String>,
     /// The host whose daemon coordinates checkpoint writes to the shared
     /// burst buffer [default: the first host of the list].
     #[serde(default)]
@@ -338,6 +353,21 @@ impl Config {
             }
             if self.vf_pool[..i].contains(f) {
                 return Err(Error::Invalid(format!("vf_pool lists {f} twice")));
+            }
+        }
+        for d in &self.shared_disk_dirs {
+            if !d.is_absolute() {
+                return Err(Error::Invalid(format!(
+                    "shared_disk_dirs entry {} is not an absolute path",
+                    d.display()
+                )));
+            }
+        }
+        for b in &self.vm_bridges {
+            if !crate::arriving::interface_name(b) {
+                return Err(Error::Invalid(format!(
+                    "vm_bridges entry {b:?} is not a network interface name"
+                )));
             }
         }
         let window: Window = self.window.parse().map_err(Error::Invalid)?;

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
+use vmm_api::model::{DiskConfig, NetConfig};
 
 /// The cluster-plane channel of the control port.
 pub const CHANNEL: &str = "control";
@@ -40,6 +41,15 @@ pub enum Request {
         /// from its pool once the VM arrived, or refuses.
         #[serde(default)]
         functions: usize,
+        /// Its read-only disks: the receiver opens the same files, which
+        /// must be under its `shared_disk_dirs`, or refuses.
+        #[serde(default)]
+        disks: Vec<DiskConfig>,
+        /// Its network devices: the receiver puts a new TAP on its bridge
+        /// of the same name (in its `vm_bridges`) with the same MAC, or
+        /// refuses.
+        #[serde(default)]
+        nets: Vec<NetConfig>,
     },
     /// The migration of `name` will not come: stop waiting for it
     /// (`token`: what `prepare` answered).
@@ -194,6 +204,21 @@ mod tests {
             sender_after: 0.5,
             hotplug_slots: 1,
             functions: 1,
+            disks: vec![DiskConfig {
+                path: "/srv/images/hpc.ext4".into(),
+                readonly: true,
+                direct: false,
+                serial: None,
+                queues: 1,
+                bandwidth: None,
+                iops: None,
+            }],
+            nets: vec![NetConfig {
+                tap: "t0".into(),
+                mac: [0x52, 0x54, 0, 0, 0, 1],
+                announce: None,
+                bridge: Some("br0".into()),
+            }],
         };
         // A peer from before hot-plug slots: none, no functions.
         let old = r#"{"op":"prepare","name":"a","memory_mib":1,"cpus":"1","cpu_profile":null,"from":0,"vm_load":0,"sender_after":0}"#;
@@ -202,8 +227,10 @@ mod tests {
             Ok(Request::Prepare {
                 hotplug_slots: 0,
                 functions: 0,
+                ref disks,
+                ref nets,
                 ..
-            })
+            }) if disks.is_empty() && nets.is_empty()
         ));
         let text = serde_json::to_string(&r).expect("encodes");
         assert!(text.contains("\"op\":\"prepare\""));

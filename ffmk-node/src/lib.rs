@@ -14,6 +14,7 @@
 //! /vm/migration` to the end. A refusal or failure leaves the VM where it
 //! was (the VMM guarantees that), tells the receiver to `abort`, and backs
 //! off from that host. Every decision and step goes to the JSON log.
+pub mod arriving;
 pub mod bcast;
 pub mod config;
 pub mod control;
@@ -755,6 +756,8 @@ fn hand_over(
             sender_after: me_after,
             hotplug_slots: now.hotplug_slots,
             functions: now.passthrough.len(),
+            disks: now.disks.clone(),
+            nets: now.nets.clone(),
         },
         Duration::from_secs(20),
     )
@@ -921,6 +924,8 @@ fn control_connection(d: &Arc<Daemon>, s: std::net::TcpStream) {
             sender_after,
             hotplug_slots,
             functions,
+            disks,
+            nets,
         }) => {
             let r = prepare(
                 d,
@@ -931,6 +936,8 @@ fn control_connection(d: &Arc<Daemon>, s: std::net::TcpStream) {
                     cpu_profile: cpu_profile.as_deref(),
                     hotplug_slots,
                     functions,
+                    disks: &disks,
+                    nets: &nets,
                 },
                 from,
                 vm_load,
@@ -1010,6 +1017,8 @@ struct Arriving<'a> {
     hotplug_slots: u8,
     /// Passthrough functions it had: as many come from the VF pool.
     functions: usize,
+    disks: &'a [vmm_api::model::DiskConfig],
+    nets: &'a [vmm_api::model::NetConfig],
 }
 
 fn prepare(
@@ -1034,6 +1043,11 @@ fn prepare(
     }
     if from >= d.r.names.len() || from == d.r.slot {
         return Err(format!("host {from} is not a peer"));
+    }
+    // Its disks and network devices, as this host can give them.
+    let mut flags = Vec::new();
+    for disk in arriving::disk_flags(a.disks, &c.shared_disk_dirs)? {
+        flags.extend(["--disk".to_string(), disk]);
     }
     let token = cluster_auth::token();
     let devices = {
@@ -1079,6 +1093,11 @@ fn prepare(
                 c.vf_pool.len()
             ));
         }
+        // New TAPs: named while this host holds no other reservation (one
+        // incoming VM at a time), so no two arrivals pick the same name.
+        for net in arriving::net_flags(a.nets, &c.vm_bridges, Path::new("/sys/class/net"))? {
+            flags.extend(["--net".to_string(), net]);
+        }
         // Reserved: one incoming VM at a time; the VMM is started unlocked.
         // Only the asking host gets the token that aborts the reservation.
         l.incoming.insert(
@@ -1094,7 +1113,7 @@ fn prepare(
         );
         devices
     };
-    let started = start_incoming(d, a, &devices);
+    let started = start_incoming(d, a, &devices, &flags);
     let mut l = lock(&d.local);
     match started {
         Ok((pid, to)) => match l.incoming.get_mut(name) {
@@ -1118,7 +1137,12 @@ fn prepare(
 
 /// Starts `ffmk-vmm run --incoming` for `name`; returns its pid and address
 /// once it listens.
-fn start_incoming(d: &Daemon, a: &Arriving, devices: &[String]) -> Result<(u32, String), String> {
+fn start_incoming(
+    d: &Daemon,
+    a: &Arriving,
+    devices: &[String],
+    flags: &[String],
+) -> Result<(u32, String), String> {
     let name = a.name;
     let c = &d.r.config;
     let ip = d.r.gossip[d.r.slot].ip();
@@ -1155,6 +1179,7 @@ fn start_incoming(d: &Daemon, a: &Arriving, devices: &[String]) -> Result<(u32, 
     for dev in devices {
         cmd.args(["--device", dev]);
     }
+    cmd.args(flags);
     // Its own process group: the VM outlives this daemon.
     use std::os::unix::process::CommandExt;
     cmd.stdin(Stdio::null())

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use vmm_api::model::{DeviceState, State, VmConfig};
+use vmm_api::model::{DeviceState, DiskConfig, NetConfig, State, VmConfig};
 use vmm_api::Client;
 
 /// A client of the VMM behind `sock` whose calls end within `timeout`.
@@ -40,6 +40,12 @@ pub struct LocalVm {
     /// Its passthrough functions (as `--device` names them).
     #[serde(default)]
     pub passthrough: Vec<String>,
+    /// Its disks (read-only ones may move: `arriving`).
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
+    /// Its network devices (those on bridges may move).
+    #[serde(default)]
+    pub nets: Vec<NetConfig>,
 }
 
 /// Reasons a VM cannot be rebuilt on another host by `run --incoming`
@@ -54,11 +60,20 @@ fn unmovable(config: &VmConfig, passthrough: &[DeviceState]) -> Option<String> {
                 .into(),
         );
     }
-    if !config.disks.is_empty() {
-        return Some("has virtio-blk disks (host files)".into());
+    // Read-only disks and bridged TAPs can be rebuilt at a destination
+    // that shares the disk's directory and has the bridge (it refuses
+    // otherwise: `arriving`).
+    if let Some(d) = config.disks.iter().find(|d| !d.readonly) {
+        return Some(format!(
+            "has a read-write virtio-blk disk ({}; only read-only ones move)",
+            d.path.display()
+        ));
     }
-    if !config.nets.is_empty() {
-        return Some("has virtio-net devices (host TAPs)".into());
+    if let Some(n) = config.nets.iter().find(|n| n.bridge.is_none()) {
+        return Some(format!(
+            "has a virtio-net device on TAP {} without a bridge (only bridged ones move)",
+            n.tap
+        ));
     }
     if config.vsock.is_some() || config.virtio_console.is_some() {
         return Some("has a vsock or virtio-console bound to host paths".into());
@@ -95,6 +110,8 @@ pub fn describe(name: &str, sock: &Path, timeout: Duration) -> Result<LocalVm, S
         migrating,
         hotplug_slots: vm.config.hotplug_slots,
         passthrough: vm.passthrough.iter().map(|p| p.device.clone()).collect(),
+        disks: vm.config.disks.clone(),
+        nets: vm.config.nets.clone(),
     })
 }
 

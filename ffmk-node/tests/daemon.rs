@@ -329,6 +329,16 @@ fn bad_settings_are_refused_with_one_line() {
             Some("vm_dir = \"/tmp\"\nhosts = \"127.0.0.1\"\nme = \"127.0.0.1\"\nvf_pool = [\"0000:3b:00.2\"]\n"),
             "is not vfio=DDDD:BB:DD.F or vfio-user=SOCKET",
         ),
+        (
+            "disks.toml",
+            Some("vm_dir = \"/tmp\"\nhosts = \"127.0.0.1\"\nme = \"127.0.0.1\"\nshared_disk_dirs = [\"images\"]\n"),
+            "shared_disk_dirs entry images is not an absolute path",
+        ),
+        (
+            "bridges.toml",
+            Some("vm_bridges = [\"br0,mac=1\"]\nvm_dir = \"/tmp\"\nhosts = \"127.0.0.1\"\nme = \"127.0.0.1\"\n"),
+            "is not a network interface name",
+        ),
     ];
     for (name, text, want) in cases {
         let path = dir.join(name);
@@ -464,6 +474,106 @@ fn a_balanced_vm_leaves_its_function_and_gets_one_from_the_destination_pool() {
         let _ = s.kill();
         let _ = s.wait();
     }
+}
+
+/// A VM with a read-only disk under a directory both hosts share and a
+/// TAP on its host's bridge is balanced onto the other host: it arrives
+/// with the same disk file, a new TAP on that host's bridge and its own
+/// MAC, and goes on there. Its neighbour with a read-write disk is the
+/// busier choice's equal but may not move, and stays.
+#[test]
+fn a_vm_with_a_shared_read_only_disk_and_a_bridged_tap_moves_with_them() {
+    let Some(cluster) = Cluster::bridged("dnet", 2) else {
+        return;
+    };
+    let dir = common::tmpdir("balance-disk-net");
+    let _cleanup = Cleanup(dir.clone());
+    let h = &cluster.hosts;
+    let shared = dir.join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    let (base, own) = (shared.join("base.img"), dir.join("own.img"));
+    for f in [&base, &own] {
+        std::fs::write(f, vec![0u8; 1 << 20]).unwrap();
+    }
+    let mac = "52:54:00:77:01:01";
+    let disk = format!("path={},readonly", base.display());
+    let net = format!("tap=dnet0,bridge=br0,mac={mac}");
+    let mover = busy_vm_with(
+        &h[0],
+        &dir,
+        0,
+        "mover",
+        &["--cpus", "1", "--disk", &disk, "--net", &net],
+    );
+    let rw = format!("path={}", own.display());
+    let stayer = busy_vm_with(&h[0], &dir, 0, "stayer", &["--cpus", "1", "--disk", &rw]);
+    mover.wait_counter(2);
+    stayer.wait_counter(2);
+    let hosts = "10.77.0.[1-2]";
+    let takes = format!(
+        "shared_disk_dirs = [\"{}\"]\nvm_bridges = [\"br0\"]",
+        shared.display()
+    );
+    let daemons = [
+        Daemon::start_with(&h[0], &dir, 0, hosts, ""),
+        Daemon::start_with(&h[1], &dir, 1, hosts, &takes),
+    ];
+    let done = wait_for("the migration", Duration::from_secs(90), || {
+        daemons[0]
+            .events()
+            .into_iter()
+            .find(|e| e["event"] == "migration-done")
+    });
+    assert_eq!(done["vm"], "mover", "{done}");
+    assert_eq!(done["to"], 1, "{done}");
+    let moved = dir.join("h1/mover.sock");
+    let info: Value = wait_for("the VM on host 1", Duration::from_secs(20), || {
+        serde_json::from_slice(&common::api(&moved, "info").stdout).ok()
+    });
+    let config = &info["config"];
+    assert_eq!(
+        config["disks"][0]["path"],
+        base.canonicalize().unwrap().to_str().unwrap(),
+        "{info}"
+    );
+    assert_eq!(config["disks"][0]["readonly"], true, "{info}");
+    let nic = &config["nets"][0];
+    assert_eq!(nic["bridge"], "br0", "{info}");
+    let want_mac: Vec<Value> = [0x52, 0x54, 0, 0x77, 1, 1].map(Value::from).to_vec();
+    assert_eq!(nic["mac"].as_array(), Some(&want_mac), "{info}");
+    let tap = nic["tap"].as_str().unwrap_or_default().to_string();
+    assert!(tap.starts_with("ffmk"), "{info}");
+    // The new TAP is a port of host 1's bridge.
+    let link = h[1]
+        .exec("ip")
+        .args(["-o", "link", "show", &tap])
+        .output()
+        .unwrap();
+    let link = String::from_utf8_lossy(&link.stdout);
+    assert!(link.contains("master br0"), "{link}");
+    let console = dir.join("h1/mover.console");
+    wait_for("the counter on host 1", Duration::from_secs(20), || {
+        (counters(&std::fs::read_to_string(&console).ok()?).len() >= 3).then_some(())
+    });
+    // The one with a read-write disk stayed, and host 0 says why.
+    let st = daemons[0].status().expect("host 0's status");
+    let stays = st["vms"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["name"] == "stayer"))
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        stays["unmovable"]
+            .as_str()
+            .is_some_and(|w| w.contains("read-write")),
+        "{st}"
+    );
+    let mut src = mover;
+    wait_for("the source VMM to exit", Duration::from_secs(10), || {
+        src.child.try_wait().ok().flatten()
+    });
+    drop(daemons);
+    drop(stayer);
 }
 
 /// `ffmk-node broadcast` run in host `i`'s namespace.
@@ -905,10 +1015,30 @@ fn the_daemons_answer_only_key_holders_and_the_holders_of_their_tokens() {
             sender_after: 5.0,
             hotplug_slots: 0,
             functions: 0,
+            disks: Vec::new(),
+            nets: Vec::new(),
         };
         r.push(format!(
             "{:?}",
             control::call(ctl, &trust, &prep(-50.0), t).unwrap().error
+        ));
+        // A peer cannot have this host open its files for a VM: a disk
+        // outside shared_disk_dirs (this daemon has none) is refused.
+        let mut steal = prep(0.5);
+        if let Request::Prepare { disks, .. } = &mut steal {
+            disks.push(vmm_api::model::DiskConfig {
+                path: "/etc/shadow".into(),
+                readonly: true,
+                direct: false,
+                serial: None,
+                queues: 1,
+                bandwidth: None,
+                iops: None,
+            });
+        }
+        r.push(format!(
+            "{:?}",
+            control::call(ctl, &trust, &steal, t).unwrap().error
         ));
         // A reservation is aborted only with its token.
         let ok = control::call(ctl, &trust, &prep(0.5), t).unwrap();
@@ -998,19 +1128,20 @@ fn the_daemons_answer_only_key_holders_and_the_holders_of_their_tokens() {
     assert!(results[0].contains("refused the handshake"), "{text}");
     assert_eq!(results[1], "plain got 0 bytes", "{text}");
     assert!(results[2].contains("is not a load"), "{text}");
+    assert!(results[3].contains("shares no disk directory"), "{text}");
     assert!(
-        results[3].starts_with("prepare ok=true token=true"),
+        results[4].starts_with("prepare ok=true token=true"),
         "{text}"
     );
-    assert!(results[4].contains("only the host that asked"), "{text}");
-    assert_eq!(results[5], "abort ok=true", "{text}");
-    assert_eq!(results[6], "unused ok=true then ok=true", "{text}");
+    assert!(results[5].contains("only the host that asked"), "{text}");
+    assert_eq!(results[6], "abort ok=true", "{text}");
+    assert_eq!(results[7], "unused ok=true then ok=true", "{text}");
     assert!(
-        results[7].contains("not released without its token"),
+        results[8].contains("not released without its token"),
         "{text}"
     );
-    assert_eq!(results[8], "release ok=true", "{text}");
-    assert_eq!(results[9], "broadcast answered: false", "{text}");
+    assert_eq!(results[9], "release ok=true", "{text}");
+    assert_eq!(results[10], "broadcast answered: false", "{text}");
     std::thread::sleep(Duration::from_millis(500));
     let events = daemons[0].events();
     let has = |ev: &str, what: &str| {

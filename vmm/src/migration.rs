@@ -38,8 +38,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// How long a source whose VM moved waits for a client to read the outcome
-/// before it exits.
-const REPORT_GRACE: Duration = Duration::from_secs(2);
+/// before it exits (a client that follows the migration reads it within
+/// its poll interval, 100-200 ms, and the source exits then; 2 s was too
+/// short for `ffmk-vmm migrate` on a host whose cores a nested lab kept
+/// busy: "the source VMM ended before reporting the outcome").
+const REPORT_GRACE: Duration = Duration::from_secs(10);
 
 /// The hello describing a VM configured as `config`.
 pub fn hello(config: &RunConfig, profile: CpuProfile) -> Hello {

@@ -1,6 +1,8 @@
 //! Helpers shared by the end-to-end tests (each test binary includes this
 //! module; not every binary uses every helper).
 #![allow(dead_code)]
+pub mod linux;
+
 use std::io::{BufRead, BufReader, Read};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -516,8 +518,11 @@ pub fn assert_consecutive(joined: &str, last: u64) {
 }
 
 /// Hosts on one machine: a network namespace per host, joined by veth pairs
-/// to a bridge in a "switch" namespace; host i has 10.77.0.(i+1)/24. All of
-/// it disappears when dropped.
+/// to a bridge in a "switch" namespace; host i has 10.77.0.(i+1)/24. In a
+/// [`Cluster::bridged`] one, each host's link is a port of the host's own
+/// bridge `br0`, which holds the host's address and takes its VMs' TAPs
+/// (`--net tap=NAME,bridge=br0`): hosts and VMs share one Ethernet segment,
+/// the shape of a cluster's network. All of it disappears when dropped.
 pub struct Cluster {
     pub hosts: Vec<NetNs>,
     _switch: NetNs,
@@ -527,14 +532,22 @@ impl Cluster {
     /// `None` where namespaces cannot be made (not root, no iproute2); the
     /// calling test then reports itself skipped and returns.
     pub fn new(tag: &str, n: usize) -> Option<Cluster> {
-        let c = Cluster::build(tag, n);
+        Cluster::report(Cluster::build(tag, n, false))
+    }
+
+    /// Hosts whose VMs join their bridge `br0` (see [`Cluster`]).
+    pub fn bridged(tag: &str, n: usize) -> Option<Cluster> {
+        Cluster::report(Cluster::build(tag, n, true))
+    }
+
+    fn report(c: Option<Cluster>) -> Option<Cluster> {
         if c.is_none() {
             eprintln!("skipped: cannot create network namespaces (needs root and iproute2)");
         }
         c
     }
 
-    fn build(tag: &str, n: usize) -> Option<Cluster> {
+    fn build(tag: &str, n: usize, bridged: bool) -> Option<Cluster> {
         let switch = NetNs::new(&format!("{tag}sw"))?;
         let mut hosts = Vec::new();
         let ok = switch.ip(&["link", "add", "br0", "type", "bridge"])
@@ -548,14 +561,30 @@ impl Cluster {
             let ok = switch.ip(&[
                 "link", "add", &p, "type", "veth", "peer", "name", &v, "netns", &h.0,
             ]) && switch.ip(&["link", "set", &p, "master", "br0"])
-                && switch.ip(&["link", "set", &p, "up"])
-                && h.ip(&[
+                && switch.ip(&["link", "set", &p, "up"]);
+            let addressed = if bridged {
+                h.ip(&["link", "add", "br0", "type", "bridge"])
+                    && h.ip(&["link", "set", &v, "master", "br0"])
+                    && h.ip(&["link", "set", "br0", "up"])
+                    && h.ip(&["link", "set", "br0", "address", &Cluster::mac(i)])
+                    && h.ip(&[
+                        "addr",
+                        "add",
+                        &format!("{}/24", Cluster::addr(i)),
+                        "dev",
+                        "br0",
+                    ])
+            } else {
+                h.ip(&[
                     "addr",
                     "add",
                     &format!("{}/24", Cluster::addr(i)),
                     "dev",
                     &v,
                 ])
+            };
+            let ok = ok
+                && addressed
                 && h.ip(&["link", "set", &v, "up"])
                 && h.ip(&["link", "set", "lo", "up"]);
             if !ok {
@@ -571,6 +600,12 @@ impl Cluster {
 
     pub fn addr(i: usize) -> String {
         format!("10.77.0.{}", i + 1)
+    }
+
+    /// Host i's bridge's MAC: fixed, so that it does not change as ports
+    /// (the VMs' TAPs) come and go.
+    fn mac(i: usize) -> String {
+        format!("52:54:00:77:ff:{:02x}", i + 1)
     }
 }
 
