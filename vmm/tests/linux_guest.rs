@@ -17,7 +17,7 @@
 //! (ci/lab, docs/lab.md). FFMK_LINUX_ON_PVM=1 runs them on the PVM host anyway.
 mod common;
 
-use common::linux::{base_cmdline, images, timeout, wait_console, KERNEL_LOG};
+use common::linux::{base_cmdline, images, run_argv, timeout, wait_console, KERNEL_LOG};
 use common::{tmpdir, Running};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -308,20 +308,7 @@ fn linux_migrated_guest_announces_itself_on_its_new_tap() {
     let net = format!("tap=ffmka0,mac={mac}");
     let src = common::Vm::spawn_in(
         Some(&ns),
-        &[
-            "run",
-            "--kernel",
-            bzimage.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--memory",
-            "512M",
-            "--test-exit-port",
-            "--cmdline",
-            &cmdline,
-            "--net",
-            &net,
-        ],
+        &run_argv(&bzimage, &initrd, &cmdline, &["--net", &net]),
         &dir.join("src.console"),
         &dir.join("src.sock"),
     );
@@ -422,20 +409,7 @@ fn linux_vsock_connections_round_trip_both_ways() {
     let vsock = format!("cid=3,socket={}", sock.display());
     let start = |cmd: &str| {
         let cmdline = format!("{} ffmk_exit_port=244 -- {cmd}", base_cmdline());
-        Running::start(&[
-            "run",
-            "--kernel",
-            bzimage.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--memory",
-            "512M",
-            "--test-exit-port",
-            "--vsock",
-            &vsock,
-            "--cmdline",
-            &cmdline,
-        ])
+        Running::start(&run_argv(&bzimage, &initrd, &cmdline, &["--vsock", &vsock]))
     };
     // Host -> guest: the guest echoes on port 1234.
     let mut vm = start("vsock-tool echo 1234");
@@ -541,21 +515,8 @@ fn spawn_bzimage(
         "{} {kernel_args} ffmk_exit_port=244 -- {cmd}",
         base_cmdline()
     );
-    let mut args = vec![
-        "run",
-        "--kernel",
-        bzimage.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--memory",
-        "512M",
-        "--test-exit-port",
-        "--cmdline",
-        &cmdline,
-    ];
-    args.extend_from_slice(extra);
     common::Vm::spawn(
-        &args,
+        &run_argv(bzimage, initrd, &cmdline, extra),
         &dir.join(format!("{name}.console")),
         &dir.join(format!("{name}.sock")),
     )

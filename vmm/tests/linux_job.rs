@@ -11,7 +11,7 @@
 //! PVM-backed host `ci/test-linux` runs them in the nested-KVM lab).
 mod common;
 
-use common::linux::{base_cmdline, images, in_lab, timeout, wait_console};
+use common::linux::{base_cmdline, images, in_lab, run_argv, timeout, wait_console};
 use common::{image, tmpdir, Cluster, NetNs};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -75,24 +75,12 @@ fn boot_node(
     }
     common::Vm::spawn_in(
         Some(host),
-        &[
-            "run",
-            "--kernel",
-            bzimage.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--memory",
-            "512M",
-            "--cpus",
-            cpus,
-            "--test-exit-port",
-            "--disk",
-            &disk,
-            "--net",
-            &net,
-            "--cmdline",
+        &run_argv(
+            &bzimage,
+            &initrd,
             &cmdline,
-        ],
+            &["--cpus", cpus, "--disk", &disk, "--net", &net],
+        ),
         &dir.join(format!("{}.console", node.name)),
         &dir.join(format!("{}.sock", node.name)),
     )

@@ -77,3 +77,27 @@ pub fn wait_console(vm: &super::Vm, needle: &str) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// `ffmk-vmm run` arguments that boot `kernel` with `initrd`, 512 MiB, the
+/// test exit port and `cmdline`, followed by `extra`.
+pub fn run_argv<'a>(
+    kernel: &'a Path,
+    initrd: &'a Path,
+    cmdline: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut argv = vec![
+        "run",
+        "--kernel",
+        kernel.to_str().expect("a UTF-8 image path"),
+        "--initrd",
+        initrd.to_str().expect("a UTF-8 image path"),
+        "--memory",
+        "512M",
+        "--test-exit-port",
+        "--cmdline",
+        cmdline,
+    ];
+    argv.extend_from_slice(extra);
+    argv
+}
