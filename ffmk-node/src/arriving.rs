@@ -37,6 +37,13 @@ fn disk_flag(d: &DiskConfig, dirs: &[PathBuf]) -> Result<String, String> {
             "it has a disk ({shown}) and this host shares no disk directory (shared_disk_dirs)"
         ));
     }
+    // A path not even spelled under a shared directory is refused before
+    // the file system is asked: a peer learns nothing of other files.
+    if !dirs.iter().any(|dir| d.path.starts_with(dir)) {
+        return Err(format!(
+            "its disk {shown} is outside this host's shared_disk_dirs"
+        ));
+    }
     let real = d
         .path
         .canonicalize()
