@@ -178,6 +178,19 @@ fn linux_mpi_job_across_two_hosts_keeps_its_checksum_when_a_rank_migrates() {
     );
     let t0 = Instant::now();
     let at = || format!("{:.1} s", t0.elapsed().as_secs_f64());
+    // n1 serves first (its VMM's error, not n0's "no route to host", if
+    // it does not).
+    let mut n1 = n1;
+    let deadline = Instant::now() + timeout();
+    while !n1.console().contains("ffmk-guest: serving") {
+        if matches!(n1.child.try_wait(), Ok(Some(_))) || Instant::now() > deadline {
+            let console = n1.console();
+            let (status, err) = n1.stop();
+            panic!("n1 did not come up ({status:?}): {err}\n{console}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("job: n1 up at {}", at());
     wait_console(&n0, "job-reference-done");
     eprintln!("job: reference run done at {}", at());
     wait_console(&n0, &format!("step 10/{steps} "));
