@@ -206,7 +206,15 @@ fn run(d: &Daemon, c: &Command) -> String {
             for (name, sock) in vms {
                 let api = crate::vms::api(&sock, Duration::from_secs(5));
                 match if pause { api.pause() } else { api.resume() } {
-                    Ok(_) => done.push(name),
+                    Ok(_) => {
+                        let mut j = lock(&d.jobs);
+                        if pause {
+                            j.note_paused(&name);
+                        } else {
+                            j.note_resumed(&name);
+                        }
+                        done.push(name)
+                    }
                     Err(e) => failed.push(match e.status() {
                         Some(st) => format!("{name}: {st} {}", e.message()),
                         None => format!("{name}: {e}"),

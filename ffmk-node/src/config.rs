@@ -105,6 +105,18 @@ pub struct Config {
     /// [default: none: VMs with network devices do not arrive here]
     #[serde(default)]
     pub vm_bridges: Vec<String>,
+    /// Where job checkpoints go (`ffmk-node job checkpoint`): the burst
+    /// buffer, mounted at the same path on every host of a job (or a
+    /// directory of this host's own: then a VM restores only here).
+    /// `DIR/JOB/EPOCH/VM/` is one VM's snapshot, `DIR/JOB/EPOCH/job.json`
+    /// marks the epoch complete (docs/jobs.md). [default: none: this host
+    /// takes part in no job checkpoint]
+    #[serde(default)]
+    pub job_checkpoint_dir: Option<PathBuf>,
+    /// Complete job checkpoints kept per job (older ones are removed when
+    /// a new one completes).
+    #[serde(default = "d_job_checkpoint_keep")]
+    pub job_checkpoint_keep: usize,
     /// The host whose daemon coordinates checkpoint writes to the shared
     /// burst buffer [default: the first host of the list].
     #[serde(default)]
@@ -194,6 +206,9 @@ fn d_ckpt_max_delay_s() -> f64 {
 }
 fn d_ckpt_lease_s() -> f64 {
     3600.0
+}
+fn d_job_checkpoint_keep() -> usize {
+    2
 }
 fn d_broadcast_port() -> u16 {
     7402
@@ -362,6 +377,19 @@ impl Config {
                     d.display()
                 )));
             }
+        }
+        if let Some(d) = &self.job_checkpoint_dir {
+            if !d.is_absolute() {
+                return Err(Error::Invalid(format!(
+                    "job_checkpoint_dir {} is not an absolute path",
+                    d.display()
+                )));
+            }
+        }
+        if self.job_checkpoint_keep == 0 {
+            return Err(Error::Invalid(
+                "job_checkpoint_keep 0: at least the newest checkpoint is kept".into(),
+            ));
         }
         for b in &self.vm_bridges {
             if !crate::arriving::interface_name(b) {

@@ -60,6 +60,40 @@ pub enum Request {
     CkptAcquire { job: String, bytes: u64 },
     /// Job `job` has written its checkpoint (`token`: its grant's).
     CkptRelease { job: String, token: String },
+    /// A job checkpoint, step 1 (the job runs): a live snapshot of each of
+    /// this host's VMs of `job` into its epoch `epoch` (`crate::job`).
+    JobPrecopy { job: String, epoch: String },
+    /// Step 2 (every VM of the job paused): the last layer of each.
+    JobCapture { job: String, epoch: String },
+    /// Step 3 (every host captured): the epoch becomes a valid copy
+    /// (`manifest`: the job's, written beside the VMs' snapshots).
+    JobCommit {
+        job: String,
+        epoch: String,
+        manifest: serde_json::Value,
+    },
+    /// The job checkpoint failed: remove this host's part of the epoch.
+    JobDiscard { job: String, epoch: String },
+    /// The complete checkpoints of `job` this host can read.
+    JobList { job: String },
+    /// A job restore, step 1: can VM `vm` of the epoch start here?
+    JobCheck {
+        job: String,
+        epoch: String,
+        vm: String,
+    },
+    /// Step 2: start it, paused (the job resumes as a whole).
+    JobStart {
+        job: String,
+        epoch: String,
+        vm: String,
+    },
+    /// The restore failed elsewhere: stop the paused VM `job-start` started.
+    JobStop {
+        job: String,
+        epoch: String,
+        vm: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -79,6 +113,9 @@ pub struct Reply {
     /// `ckpt-acquire` / `ckpt-release`: the coordinator's answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ckpt: Option<serde_json::Value>,
+    /// `job-*`: what was done (per VM figures, copies found).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<serde_json::Value>,
 }
 
 impl Reply {
@@ -90,6 +127,7 @@ impl Reply {
             token: None,
             status: None,
             ckpt: None,
+            job: None,
         }
     }
     pub fn refuse(why: impl Into<String>) -> Reply {

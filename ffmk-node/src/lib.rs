@@ -18,6 +18,7 @@ pub mod arriving;
 pub mod bcast;
 pub mod config;
 pub mod control;
+pub mod job;
 pub mod policy;
 pub mod vms;
 
@@ -181,6 +182,8 @@ pub struct Daemon {
     /// The last broadcasts delivered here, newest last (in `status`, so
     /// that `ffmk-node broadcast` can count who ran its command).
     broadcasts: Mutex<std::collections::VecDeque<serde_json::Value>>,
+    /// VMs held by job checkpoints, VMs started by job restores.
+    jobs: Mutex<job::Jobs>,
 }
 
 /// How many delivered broadcasts a daemon remembers.
@@ -265,6 +268,7 @@ pub fn run(r: Resolved, plane: config::Plane) -> Result<(), Error> {
         drained: AtomicBool::new(r_drain),
         ckpt: Mutex::new(ckpt),
         broadcasts: Mutex::new(std::collections::VecDeque::new()),
+        jobs: Mutex::new(job::Jobs::default()),
     });
     d.log.event(
         "start",
@@ -611,6 +615,7 @@ fn balance_step(d: &Arc<Daemon>, last: &mut String) {
         });
     }
     let vms: Vec<(VmView, LocalVm)> = {
+        let jobs = lock(&d.jobs);
         let l = lock(&d.local);
         l.vms
             .iter()
@@ -619,6 +624,8 @@ fn balance_step(d: &Arc<Daemon>, last: &mut String) {
                     Some(why.clone())
                 } else if v.migrating {
                     Some("is migrating".into())
+                } else if let Some(why) = jobs.holds(&v.name) {
+                    Some(why)
                 } else if v.state != State::Running {
                     Some(format!("is {}", v.state))
                 } else {
@@ -959,6 +966,16 @@ fn control_connection(d: &Arc<Daemon>, s: std::net::TcpStream) {
         Ok(Request::Abort { name, token }) => abort(d, &name, &token),
         Ok(Request::CkptAcquire { job, bytes }) => ckpt_request(d, &job, Ok(bytes)),
         Ok(Request::CkptRelease { job, token }) => ckpt_request(d, &job, Err(&token)),
+        Ok(
+            r @ (Request::JobPrecopy { .. }
+            | Request::JobCapture { .. }
+            | Request::JobCommit { .. }
+            | Request::JobDiscard { .. }
+            | Request::JobList { .. }
+            | Request::JobCheck { .. }
+            | Request::JobStart { .. }
+            | Request::JobStop { .. }),
+        ) => job::serve(d, r),
         Err(e) => Reply::refuse(e.to_string()),
     };
     let _ = control::write_reply(&mut s, &reply);

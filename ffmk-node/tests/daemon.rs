@@ -1271,3 +1271,231 @@ fn the_daemon_and_its_vms_serve_metrics_that_promtool_accepts() {
         Some(1.0)
     );
 }
+
+/// `ffmk-node job ARGS` run in host `i`'s namespace with its settings.
+fn job(ns: &NetNs, dir: &Path, i: usize, args: &[&str]) -> std::process::Output {
+    let (verb, rest) = args.split_first().unwrap();
+    ns.exec(node())
+        .args(["job", verb, "--config"])
+        .arg(dir.join(format!("node{i}.toml")))
+        .args(rest)
+        .output()
+        .unwrap()
+}
+
+/// A VM's state as its API shows it ("" when it does not answer).
+fn vm_state(sock: &Path) -> String {
+    let v: Value = serde_json::from_slice(&common::api(sock, "info").stdout).unwrap_or_default();
+    v["state"].as_str().unwrap_or_default().to_string()
+}
+
+/// A job of two probe VMs on two hosts (a third host runs a VM of another
+/// job whose name starts alike) checkpointed as a whole: every VM keeps
+/// running, the epoch holds both VMs and a manifest. A job whose second VM
+/// refuses to be snapshotted fails as a whole: both VMs run on and nothing
+/// of it is kept. The job's VMs are killed; a restore with one VM's copy
+/// missing starts nothing; the restore with both swaps their hosts, and
+/// each counter goes on from the checkpoint.
+#[test]
+fn a_job_is_checkpointed_as_a_whole_and_restored_on_other_hosts() {
+    let Some(cluster) = Cluster::new("jb", 3) else {
+        return;
+    };
+    let dir = common::tmpdir("balance-job");
+    let _cleanup = Cleanup(dir.clone());
+    let h = &cluster.hosts;
+    let bb = dir.join("bb");
+    let elsewhere = dir.join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let one = ["--cpus", "1"];
+    let a = busy_vm_with(&h[0], &dir, 0, "job7-a", &one);
+    let b = busy_vm_with(&h[1], &dir, 1, "job7-b", &one);
+    let other = busy_vm_with(&h[2], &dir, 2, "job70-x", &one);
+    let c = busy_vm_with(&h[0], &dir, 0, "job8-a", &one);
+    // job8-b may write snapshots only elsewhere: it refuses the job's.
+    let only = elsewhere.display().to_string();
+    let refuser = busy_vm_with(
+        &h[1],
+        &dir,
+        1,
+        "job8-b",
+        &["--cpus", "1", "--snapshot-dir", &only],
+    );
+    for vm in [&a, &b, &other, &c, &refuser] {
+        vm.wait_counter(2);
+    }
+    let extra = format!("job_checkpoint_dir = \"{}\"", bb.display());
+    let hosts = "10.77.0.[1-3]";
+    let daemons: Vec<Daemon> = (0..3)
+        .map(|i| Daemon::start_with(&h[i], &dir, i, hosts, &extra))
+        .collect();
+    for (i, d) in daemons.iter().enumerate() {
+        let want = if i == 2 { 1 } else { 2 };
+        wait_for(
+            "the daemons to see their VMs",
+            Duration::from_secs(20),
+            || {
+                let st = d.status()?;
+                (st["vms"].as_array()?.len() == want).then_some(())
+            },
+        );
+    }
+
+    // A job with no VM: one line, exit 1.
+    let out = job(&h[0], &dir, 0, &["checkpoint", "nojob"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("no VM of job nojob runs on any host"), "{err}");
+    // A bad name: exit 2.
+    let out = job(&h[0], &dir, 0, &["checkpoint", "../x"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+
+    // The checkpoint, driven from the host without a VM of the job.
+    let out = job(&h[2], &dir, 2, &["checkpoint", "--json", "job7"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let epoch = m["epoch"].as_str().unwrap().to_string();
+    let mut names: Vec<&str> = m["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["job7-a", "job7-b"], "{m}");
+    let pause = m["pause_ms"].as_f64().unwrap();
+    let live = m["longest_vm_live_pause_ms"].as_f64().unwrap();
+    eprintln!(
+        "job checkpoint: common pause {pause:.1} ms (captured after {:.1}, resume sent after {:.1}), longest single-VM live pause {live:.1} ms, total {:.2} s",
+        m["all_captured_after_ms"].as_f64().unwrap(),
+        m["resume_sent_after_ms"].as_f64().unwrap(),
+        m["total_s"].as_f64().unwrap()
+    );
+    assert!(pause > 0.0 && live > 0.0, "{m}");
+    let ed = bb.join("job7").join(&epoch);
+    assert!(
+        ed.join("job.json").is_file()
+            && ed.join("job7-a/manifest.json").is_file()
+            && ed.join("job7-b/manifest.json").is_file()
+    );
+    assert!(!ed.join("job70-x").exists());
+    for vm in [&a, &b, &other] {
+        assert_eq!(vm_state(&vm.sock), "running");
+    }
+    let at_checkpoint = counters(&a.console()).last().copied().unwrap();
+    let out = job(&h[1], &dir, 1, &["list", "job7"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&epoch),
+        "{out:?}"
+    );
+
+    // A VM that refuses: the whole checkpoint fails, nothing is kept.
+    let out = job(&h[0], &dir, 0, &["checkpoint", "job8"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let last = err.trim().lines().last().unwrap_or_default();
+    assert!(
+        last.contains("job8-b") && last.contains("nothing was kept"),
+        "{err}"
+    );
+    assert_eq!(vm_state(&c.sock), "running");
+    assert_eq!(vm_state(&refuser.sock), "running");
+    let kept: Vec<_> = std::fs::read_dir(bb.join("job8"))
+        .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(kept.is_empty(), "job8's failed checkpoint left {kept:?}");
+    assert!(
+        std::fs::read_dir(&elsewhere).unwrap().next().is_none(),
+        "nothing was written elsewhere"
+    );
+
+    // The job's VMs die.
+    let a_sock = a.sock.clone();
+    drop(a);
+    drop(b);
+    wait_for("the daemons to lose job7", Duration::from_secs(20), || {
+        let gone = [0, 1].iter().all(|&i| {
+            daemons[i].status().is_some_and(|st| {
+                st["vms"].as_array().is_some_and(|v| {
+                    !v.iter()
+                        .any(|v| v["name"].as_str().is_some_and(|n| n.starts_with("job7-")))
+                })
+            })
+        });
+        gone.then_some(())
+    });
+    for f in ["h0/job7-a.console", "h1/job7-b.console"] {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
+
+    // A copy missing: nothing starts.
+    let gone = ed.join("job7-b.gone");
+    std::fs::rename(ed.join("job7-b"), &gone).unwrap();
+    let out = job(&h[0], &dir, 0, &["restore", "job7"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let last = err.trim().lines().last().unwrap_or_default();
+    assert!(
+        last.contains("job7-b") && last.contains("nothing was started"),
+        "{err}"
+    );
+    assert_eq!(vm_state(&a_sock), "");
+    assert_eq!(vm_state(&dir.join("h1/job7-a.sock")), "");
+    std::fs::rename(&gone, ed.join("job7-b")).unwrap();
+
+    // The restore, each VM on the other's host.
+    let out = job(
+        &h[0],
+        &dir,
+        0,
+        &[
+            "restore",
+            "--json",
+            "--on",
+            "job7-a=10.77.0.2",
+            "--on",
+            "job7-b=10.77.0.1",
+            "job7",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["epoch"], epoch.as_str(), "{r}");
+    let moved = [
+        (dir.join("h1/job7-a.sock"), dir.join("h1/job7-a.console")),
+        (dir.join("h0/job7-b.sock"), dir.join("h0/job7-b.console")),
+    ];
+    for (sock, console) in &moved {
+        assert_eq!(vm_state(sock), "running", "{r}");
+        let seen = wait_for("the restored counter", Duration::from_secs(20), || {
+            let c = counters(&std::fs::read_to_string(console).ok()?);
+            (c.len() >= 3).then_some(c)
+        });
+        // It goes on from where the checkpoint left it, one by one.
+        assert!(seen[0] > 2, "{seen:?}");
+        assert!(seen.windows(2).all(|w| w[1] == w[0] + 1), "{seen:?}");
+        if console.ends_with("job7-a.console") {
+            assert!(
+                seen[0] <= at_checkpoint + 1,
+                "{seen:?} after {at_checkpoint}"
+            );
+        }
+    }
+    // The job runs: another restore is refused.
+    let out = job(&h[0], &dir, 0, &["restore", "job7"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("job job7 still runs"), "{err}");
+    drop(daemons);
+    drop(other);
+    drop(c);
+    drop(refuser);
+}

@@ -77,6 +77,12 @@ enum Cmd {
     /// grant. Exits with COMMAND's status; prints one JSON line (waited,
     /// held, shared).
     Checkpoint(CheckpointArgs),
+    /// A job of VMs (those named JOB-... on the cluster's hosts) as a
+    /// whole: checkpoint it as a consistent cut (pre-copy while it runs,
+    /// pause it through the control broadcast, capture, resume), list its
+    /// checkpoints, restore it on the same or other hosts (docs/jobs.md).
+    #[command(subcommand)]
+    Job(JobCmd),
     /// Simulate jobs checkpointing to one burst buffer, coordinated
     /// (exclusive, with a delay bound) and not: node-hours lost to
     /// checkpoint writes and the delays (docs/balance.md).
@@ -133,6 +139,51 @@ struct CheckpointArgs {
     /// The checkpoint command, e.g. ffmk-vmm checkpoint take ...
     #[arg(required = true, num_args = 1.., last = true)]
     command: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum JobCmd {
+    /// Checkpoint every VM of JOB together: a live pre-copy of each, then
+    /// the whole job paused at once (the control broadcast) for the last
+    /// pages and the device state, then resumed; in its turn at the
+    /// checkpoint coordinator. Exit 0: the checkpoint is complete; 1: it
+    /// failed as a whole (every VM resumed, nothing kept).
+    Checkpoint(JobArgs),
+    /// Restart JOB from its newest complete checkpoint (or --epoch): every
+    /// VM is checked on its host, all start paused, then the job resumes
+    /// at once. Nothing starts unless every VM can.
+    Restore(JobRestoreArgs),
+    /// The complete checkpoints of JOB the hosts can read, newest first.
+    List(JobArgs),
+}
+
+#[derive(clap::Args)]
+struct JobArgs {
+    /// The daemon settings (the cluster's hosts and ports).
+    #[arg(long)]
+    config: std::path::PathBuf,
+    /// Only these hosts (a host list within the cluster's, e.g. the
+    /// job's Slurm allocation) [default: all].
+    #[arg(long)]
+    hosts: Option<String>,
+    /// One JSON object instead of lines of text.
+    #[arg(long)]
+    json: bool,
+    /// The job: its VMs are named JOB-... (slurm-vm: job<ID>-rank<R>).
+    job: String,
+}
+
+#[derive(clap::Args)]
+struct JobRestoreArgs {
+    #[command(flatten)]
+    job: JobArgs,
+    /// The checkpoint to restore (ckpt-...) [default: the newest complete].
+    #[arg(long)]
+    epoch: Option<String>,
+    /// Restore VM on HOST instead of the host it was checkpointed on
+    /// (repeatable).
+    #[arg(long, value_name = "VM=HOST")]
+    on: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -754,6 +805,137 @@ fn checkpoint_in_turn(a: CheckpointArgs) -> Result<u8, String> {
     Ok(code)
 }
 
+/// The hosts (slots) a job command talks to: `--hosts` or all.
+fn job_hosts(r: &ffmk_node::config::Resolved, hosts: Option<&str>) -> Result<Vec<usize>, String> {
+    let Some(list) = hosts else {
+        return Ok((0..r.names.len()).collect());
+    };
+    let names = balance::hostlist::expand(list).map_err(|e| format!("--hosts {list}: {e}"))?;
+    if names.is_empty() {
+        return Err(format!("--hosts {list}: no host"));
+    }
+    names
+        .iter()
+        .map(|n| {
+            r.names
+                .iter()
+                .position(|h| h == n)
+                .ok_or_else(|| format!("--hosts: {n} is not in the cluster's host list"))
+        })
+        .collect()
+}
+
+/// `ffmk-node job ...`: exit 1 when the operation failed, 2 for bad input.
+fn job(cmd: JobCmd) -> Result<u8, String> {
+    use ffmk_node::job::Driver;
+    let a = match &cmd {
+        JobCmd::Checkpoint(a) | JobCmd::List(a) => a,
+        JobCmd::Restore(r) => &r.job,
+    };
+    if !balance::ckpt::valid_job(&a.job) {
+        return Err(format!(
+            "{:?} is not a job name (1-64 of A-Z a-z 0-9 . _ -)",
+            a.job
+        ));
+    }
+    let r = load_config(&a.config, None, None)?;
+    let plane = plane_of(Some(&r.config))?;
+    let slots = job_hosts(&r, a.hosts.as_deref())?;
+    let json = a.json;
+    let say = move |line: &str| {
+        if !json {
+            eprintln!("{line}");
+        }
+    };
+    let d = Driver {
+        r: &r,
+        plane: &plane,
+        say: &say,
+    };
+    let done = match &cmd {
+        JobCmd::Checkpoint(a) => d.checkpoint(&a.job, &slots).map(|m| {
+            if !json {
+                println!(
+                    "job {}: checkpoint {} complete: {} VM(s), the job paused {:.1} ms (longest single-VM live pause {:.1} ms), {:.2} s in all",
+                    a.job,
+                    m["epoch"].as_str().unwrap_or(""),
+                    m["vms"].as_array().map_or(0, Vec::len),
+                    m["pause_ms"].as_f64().unwrap_or(0.0),
+                    m["longest_vm_live_pause_ms"].as_f64().unwrap_or(0.0),
+                    m["total_s"].as_f64().unwrap_or(0.0),
+                );
+            }
+            m
+        }),
+        JobCmd::List(a) => d.copies(&a.job, &slots).map(|copies| {
+            if !json {
+                if copies.is_empty() {
+                    println!("job {}: no complete checkpoint", a.job);
+                }
+                for (m, hosts) in &copies {
+                    let vms: Vec<String> = m["vms"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|v| format!("{}@{}", v["name"].as_str().unwrap_or("?"), v["host"].as_str().unwrap_or("?")))
+                        .collect();
+                    println!(
+                        "{}  {}  paused {:.1} ms  readable on {}",
+                        m["epoch"].as_str().unwrap_or(""),
+                        vms.join(" "),
+                        m["pause_ms"].as_f64().unwrap_or(0.0),
+                        hosts.iter().map(|s| r.names[*s].as_str()).collect::<Vec<_>>().join(",")
+                    );
+                }
+            }
+            serde_json::json!({"job": a.job, "copies": copies.iter().map(|(m, _)| m).collect::<Vec<_>>()})
+        }),
+        JobCmd::Restore(ra) => {
+            let mut on = Vec::new();
+            for o in &ra.on {
+                let (vm, host) = o
+                    .split_once('=')
+                    .ok_or_else(|| format!("--on {o}: VM=HOST"))?;
+                let slot = r
+                    .names
+                    .iter()
+                    .position(|h| h == host)
+                    .ok_or_else(|| format!("--on {o}: {host} is not in the cluster's host list"))?;
+                on.push((vm.to_string(), slot));
+            }
+            if let Some(e) = &ra.epoch {
+                if !ffmk_node::job::valid_epoch(e) {
+                    return Err(format!("--epoch {e}: not a checkpoint name (ckpt-MILLISECONDS)"));
+                }
+            }
+            d.restore(&ra.job.job, ra.epoch.as_deref(), &on, &slots).map(|m| {
+                if !json {
+                    println!(
+                        "job {}: restored {} ({} VM(s)) and resumed in {:.2} s",
+                        ra.job.job,
+                        m["epoch"].as_str().unwrap_or(""),
+                        m["vms"].as_array().map_or(0, Vec::len),
+                        m["total_s"].as_f64().unwrap_or(0.0)
+                    );
+                }
+                m
+            })
+        }
+    };
+    match done {
+        Ok(v) => {
+            if json {
+                println!("{v}");
+            }
+            Ok(0)
+        }
+        Err(e) => {
+            eprintln!("ffmk-node: {e}");
+            Ok(1)
+        }
+    }
+}
+
 fn ckpt_sim(a: CkptSimArgs) -> Result<(), String> {
     use balance::ckpt::Policy;
     use balance_sim::ckpt_sim as sim;
@@ -951,6 +1133,10 @@ fn main() -> ExitCode {
         Cmd::Status(a) => show_status(a),
         Cmd::Broadcast(a) => send_broadcast(a),
         Cmd::Checkpoint(a) => match checkpoint_in_turn(a) {
+            Ok(code) => return ExitCode::from(code),
+            Err(e) => Err(e),
+        },
+        Cmd::Job(c) => match job(c) {
             Ok(code) => return ExitCode::from(code),
             Err(e) => Err(e),
         },
