@@ -195,14 +195,19 @@ fn run(d: &Daemon, c: &Command) -> String {
         Command::Pause(g) | Command::Resume(g) => {
             let pause = matches!(c, Command::Pause(_));
             let verb = if pause { "paused" } else { "resumed" };
-            let vms: Vec<(String, std::path::PathBuf)> = lock(&d.local)
-                .vms
-                .iter()
-                .filter(|v| glob(g, &v.name))
-                .map(|v| (v.name.clone(), v.sock.clone()))
-                .collect();
+            // The VMs there now (the sampler's last look may have missed
+            // one whose VMM was busy, e.g. writing a job's snapshot).
+            let (vms, errors) =
+                crate::vms::discover_matching(&d.r.config.vm_dir, &d.incoming_names(), &|n| {
+                    glob(g, n)
+                });
+            let vms: Vec<(String, std::path::PathBuf)> =
+                vms.into_iter().map(|v| (v.name, v.sock)).collect();
             let mut done = Vec::new();
-            let mut failed = Vec::new();
+            let mut failed: Vec<String> = errors
+                .into_iter()
+                .map(|(n, e)| format!("{n}: does not answer: {e}"))
+                .collect();
             for (name, sock) in vms {
                 let api = crate::vms::api(&sock, Duration::from_secs(5));
                 match if pause { api.pause() } else { api.resume() } {

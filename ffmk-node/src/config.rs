@@ -15,6 +15,12 @@ pub struct Config {
     /// This host's name as it appears in `hosts`.
     #[serde(default)]
     pub me: String,
+    /// The daemons' address of a host whose name resolves elsewhere (a
+    /// node whose name is its compute network's, the daemons on a
+    /// management network): `{ node01 = "10.1.0.1" }`. [default: each
+    /// name's IPv4 address]
+    #[serde(default)]
+    pub addresses: std::collections::BTreeMap<String, std::net::Ipv4Addr>,
     #[serde(default = "d_gossip_port")]
     pub gossip_port: u16,
     /// TCP port of the daemon's control service (peers, `ffmk-node status`).
@@ -399,7 +405,17 @@ impl Config {
             }
         }
         let window: Window = self.window.parse().map_err(Error::Invalid)?;
+        for n in self.addresses.keys() {
+            if !names.contains(n) {
+                return Err(Error::Invalid(format!(
+                    "addresses names {n}, which is not in the host list"
+                )));
+            }
+        }
         let addr = |n: &str, port: u16| -> Result<SocketAddr, Error> {
+            if let Some(ip) = self.addresses.get(n) {
+                return Ok(SocketAddr::from((*ip, port)));
+            }
             (n, port)
                 .to_socket_addrs()
                 .map_err(|e| Error::Resolve(n.into(), e.to_string()))?
@@ -449,6 +465,23 @@ mod tests {
         assert_eq!(r.slot, 1);
         assert_eq!(r.gossip[2].to_string(), "127.0.0.3:7400");
         assert_eq!(r.control[0].to_string(), "127.0.0.1:7401");
+        // Names that resolve elsewhere, with the daemons' addresses given.
+        let c: Config = toml::from_str(
+            r#"
+            hosts = "n[1-2]"
+            me = "n2"
+            vm_dir = "/tmp/x"
+            addresses = { n1 = "127.0.0.1", n2 = "127.0.0.2" }
+            "#,
+        )
+        .expect("parses");
+        let r = c.resolve().expect("resolves");
+        assert_eq!(r.gossip[1].to_string(), "127.0.0.2:7400");
+        let c: Config = toml::from_str(
+            "hosts = \"n1\"\nme = \"n1\"\nvm_dir = \"/tmp\"\naddresses = { n9 = \"127.0.0.9\" }",
+        )
+        .expect("parses");
+        assert!(matches!(c.resolve(), Err(Error::Invalid(m)) if m.contains("n9")));
     }
 
     #[test]

@@ -76,6 +76,8 @@ pub enum Request {
     JobDiscard { job: String, epoch: String },
     /// The complete checkpoints of `job` this host can read.
     JobList { job: String },
+    /// This host's VMs of `job` now (name, state, memory).
+    JobMembers { job: String },
     /// A job restore, step 1: can VM `vm` of the epoch start here?
     JobCheck {
         job: String,
@@ -88,6 +90,13 @@ pub enum Request {
         epoch: String,
         vm: String,
     },
+    /// Where VM `name` is, as this host knows it: running (or paused) here,
+    /// moved away by this daemon (to which host), ended here (its VMM's
+    /// exit status), or unknown. A Slurm task following its VM asks.
+    VmWatch { name: String },
+    /// Send `signal` (TERM, INT, HUP, QUIT, USR1, USR2, CONT) to the VMM of
+    /// VM `name` here: a Slurm task forwards scancel and time limits.
+    VmSignal { name: String, signal: String },
     /// The restore failed elsewhere: stop the paused VM `job-start` started.
     JobStop {
         job: String,

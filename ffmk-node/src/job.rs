@@ -128,6 +128,7 @@ pub(crate) fn serve(d: &Daemon, req: Request) -> Reply {
         } => ("job-commit", commit(d, &job, &epoch, &manifest)),
         Request::JobDiscard { job, epoch } => ("job-discard", discard(d, &job, &epoch)),
         Request::JobList { job } => ("job-list", list(d, &job)),
+        Request::JobMembers { job } => ("job-members", list_members(d, &job)),
         Request::JobCheck { job, epoch, vm } => (
             "job-check",
             restorable(d, &job, &epoch, &vm).map(|_| json!({"vm": vm})),
@@ -136,7 +137,7 @@ pub(crate) fn serve(d: &Daemon, req: Request) -> Reply {
         Request::JobStop { job, epoch, vm } => ("job-stop", stop(d, &job, &epoch, &vm)),
         _ => return Reply::refuse("not a job request"),
     };
-    if op != "job-list" && op != "job-check" {
+    if !matches!(op, "job-list" | "job-check" | "job-members") {
         d.log.event(
             op,
             json!({"ok": r.is_ok(), "done": r.as_ref().ok(), "error": r.as_ref().err()}),
@@ -196,6 +197,34 @@ fn api_error(e: vmm_api::Error) -> String {
     }
 }
 
+/// This host's VMs of `job`, asked now; a VM that does not answer fails.
+fn members(d: &Daemon, job: &str) -> Result<Vec<vms::LocalVm>, String> {
+    let (found, errors) =
+        vms::discover_matching(&d.r.config.vm_dir, &d.incoming_names(), &|n| member(job, n));
+    if errors.is_empty() {
+        Ok(found)
+    } else {
+        let e: Vec<String> = errors
+            .into_iter()
+            .map(|(n, e)| format!("{n} does not answer: {e}"))
+            .collect();
+        Err(e.join("; "))
+    }
+}
+
+fn list_members(d: &Daemon, job: &str) -> Result<Value, String> {
+    if !balance::ckpt::valid_job(job) {
+        return Err(format!(
+            "{job:?} is not a job name (1-64 of A-Z a-z 0-9 . _ -)"
+        ));
+    }
+    let vms: Vec<Value> = members(d, job)?
+        .iter()
+        .map(|v| json!({"name": v.name, "state": v.state, "memory_mib": v.memory_mib}))
+        .collect();
+    Ok(json!({ "vms": vms }))
+}
+
 /// Why VM `v` cannot be part of a job checkpoint, if it cannot.
 fn not_checkpointable(v: &vms::LocalVm) -> Option<String> {
     if v.state != State::Running {
@@ -224,12 +253,7 @@ fn not_checkpointable(v: &vms::LocalVm) -> Option<String> {
 
 fn precopy(d: &Daemon, job: &str, epoch: &str) -> Result<Value, String> {
     let root = epoch_dir(d, job, epoch)?;
-    let mine: Vec<vms::LocalVm> = lock(&d.local)
-        .vms
-        .iter()
-        .filter(|v| member(job, &v.name))
-        .cloned()
-        .collect();
+    let mine = members(d, job)?;
     if mine.is_empty() {
         return Ok(json!({"vms": []}));
     }
@@ -328,9 +352,20 @@ fn capture(d: &Daemon, job: &str, epoch: &str) -> Result<Value, String> {
                 break;
             }
             if Instant::now() > deadline {
+                // What this host made of the pause, if it came at all.
+                let command = format!("pause {job}-*");
+                let heard = lock(&d.broadcasts)
+                    .iter()
+                    .rev()
+                    .find(|b| b["command"] == command.as_str())
+                    .map(|b| b["result"].as_str().unwrap_or("").to_string());
                 return Err(format!(
-                    "{name} is {state}, not paused {} s after the job's pause: its state would not belong to the cut",
-                    PAUSED_WITHIN.as_secs()
+                    "{name} is {state}, not paused {} s after the job's pause ({}): its state would not belong to the cut",
+                    PAUSED_WITHIN.as_secs(),
+                    match heard {
+                        Some(r) => format!("this host's last `{command}`: {r}"),
+                        None => format!("no `{command}` reached this host"),
+                    }
                 ));
             }
             std::thread::sleep(Duration::from_millis(1));
@@ -582,20 +617,11 @@ fn start(d: &Daemon, job: &str, epoch: &str, vm: &str) -> Result<Value, String> 
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let _ = std::thread::Builder::new()
-        .name("reap".into())
-        .spawn(move || {
-            let _ = child.wait();
-        });
+    // Reaped by the daemon when it ends (its status kept for `vm-watch`).
+    lock(&d.local).children.push((vm.to_string(), child));
     lock(&d.jobs)
         .started
         .insert(vm.to_string(), (job.to_string(), epoch.to_string(), pid));
-    // The broadcast that resumes the job acts on the VMs the daemon has
-    // seen: wait for its next look at the VM directory.
-    let seen = Instant::now() + Duration::from_secs(10);
-    while !lock(&d.local).vms.iter().any(|v| v.name == vm) && Instant::now() < seen {
-        std::thread::sleep(Duration::from_millis(20));
-    }
     Ok(json!({"vm": vm, "pid": pid, "restore_ms": t0.elapsed().as_secs_f64() * 1e3}))
 }
 
@@ -684,7 +710,9 @@ impl Driver<'_> {
         job: &str,
         slots: &[usize],
     ) -> Result<BTreeMap<usize, Vec<Value>>, String> {
-        let answers = self.ask_all(slots, Duration::from_secs(10), |_| Request::Status {});
+        let answers = self.ask_all(slots, Duration::from_secs(30), |_| Request::JobMembers {
+            job: job.into(),
+        });
         if let Some(f) = self.failures(&answers) {
             return Err(format!(
                 "not every host answered, and a job's VMs may be on any of them: {f}"
@@ -695,10 +723,7 @@ impl Driver<'_> {
             let vms: Vec<Value> = a
                 .ok()
                 .and_then(|st| st["vms"].as_array().cloned())
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|v| v["name"].as_str().is_some_and(|n| member(job, n)))
-                .collect();
+                .unwrap_or_default();
             if !vms.is_empty() {
                 out.insert(s, vms);
             }

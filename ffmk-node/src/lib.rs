@@ -18,6 +18,7 @@ pub mod arriving;
 pub mod bcast;
 pub mod config;
 pub mod control;
+pub mod follow;
 pub mod job;
 pub mod policy;
 pub mod vms;
@@ -151,6 +152,62 @@ struct Local {
     incoming: HashMap<String, Incoming>,
     info: NodeInfo,
     health_why: Vec<String>,
+    /// VMMs this daemon started (receiving VMMs, restored VMs), reaped
+    /// when they end.
+    children: Vec<(String, std::process::Child)>,
+    /// How VMs ended here (their VMM's exit status), and where VMs this
+    /// daemon moved went: what `vm-watch` tells a Slurm task following its
+    /// VM (`ffmk-node slurm-vm`).
+    ended: HashMap<String, (i32, Instant)>,
+    moved: HashMap<String, (usize, Instant)>,
+}
+
+/// What `ended` and `moved` remember, at most.
+const FATES_KEPT: usize = 1024;
+
+impl Local {
+    /// Reaps the VMMs this daemon started that have ended.
+    fn reap(&mut self) {
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.children.len() {
+            match self.children[i].1.try_wait() {
+                Ok(Some(st)) => {
+                    use std::os::unix::process::ExitStatusExt;
+                    let code = st.code().unwrap_or(128 + st.signal().unwrap_or(0));
+                    let (name, _) = self.children.swap_remove(i);
+                    self.ended.insert(name, (code, now));
+                }
+                Ok(None) => i += 1,
+                Err(_) => {
+                    self.children.swap_remove(i);
+                }
+            }
+        }
+        for m in [&mut self.ended as &mut dyn Forget, &mut self.moved] {
+            m.forget_oldest(FATES_KEPT);
+        }
+    }
+}
+
+/// A map of names to what happened to them and when, kept short.
+trait Forget {
+    fn forget_oldest(&mut self, keep: usize);
+}
+
+impl<T> Forget for HashMap<String, (T, Instant)> {
+    fn forget_oldest(&mut self, keep: usize) {
+        while self.len() > keep {
+            let Some(oldest) = self
+                .iter()
+                .min_by_key(|(_, (_, t))| *t)
+                .map(|(n, _)| n.clone())
+            else {
+                break;
+            };
+            self.remove(&oldest);
+        }
+    }
 }
 
 #[derive(Default)]
@@ -204,6 +261,11 @@ impl Daemon {
 
     fn me(&self) -> &str {
         &self.r.names[self.r.slot]
+    }
+
+    /// The VMs this host is receiving (their VMMs wait for them).
+    fn incoming_names(&self) -> Vec<String> {
+        lock(&self.local).incoming.keys().cloned().collect()
     }
 
     fn params(&self) -> PolicyParams {
@@ -475,6 +537,7 @@ fn refresh_local(d: &Daemon, sampled: &mut vms::Sampler) {
         ));
     }
     let mut l = lock(&d.local);
+    l.reap();
     for name in &incoming {
         if let Some(vm) = found
             .iter()
@@ -646,8 +709,31 @@ fn balance_step(d: &Arc<Daemon>, last: &mut String) {
             })
             .collect()
     };
-    let views: Vec<VmView> = vms.iter().map(|(v, _)| v.clone()).collect();
-    let decision = policy::decide(&me, &hood, &views, &d.params());
+    let mut views: Vec<VmView> = vms.iter().map(|(v, _)| v.clone()).collect();
+    // A VM of a Slurm job moves only within the job's allocation (Slurm
+    // accounts for the nodes it gave the job): one whose chosen host is
+    // outside it is held, and the choice made again.
+    let decision = loop {
+        let decision = policy::decide(&me, &hood, &views, &d.params());
+        let Decision::Move { vm, to, .. } = &decision else {
+            break decision;
+        };
+        let outside = vms
+            .iter()
+            .find(|(v, _)| &v.name == vm)
+            .and_then(|(_, l)| l.allocation.as_deref())
+            .filter(|list| {
+                !balance::hostlist::expand(list).is_ok_and(|hosts| hosts.contains(&d.r.names[*to]))
+            })
+            .map(str::to_string);
+        let Some(list) = outside else {
+            break decision;
+        };
+        let Some(v) = views.iter_mut().find(|v| &v.name == vm) else {
+            break decision;
+        };
+        v.held = Some(format!("moves only within its Slurm allocation {list}"));
+    };
     match &decision {
         Decision::Stay { reason, imbalance } => {
             // Log a decision when its kind of reason changes, not every period.
@@ -705,6 +791,12 @@ fn migrate_out(d: &Daemon, vm: &LocalVm, decision: &Decision) {
     };
     let to = *to;
     let result = hand_over(d, vm, to, *vm_load, *me_after);
+    if result.is_ok() {
+        // (Before the limits: `status` takes the local lock first.)
+        lock(&d.local)
+            .moved
+            .insert(vm.name.clone(), (to, Instant::now()));
+    }
     let mut l = lock(&d.limits);
     l.outgoing = None;
     match result {
@@ -972,13 +1064,87 @@ fn control_connection(d: &Arc<Daemon>, s: std::net::TcpStream) {
             | Request::JobCommit { .. }
             | Request::JobDiscard { .. }
             | Request::JobList { .. }
+            | Request::JobMembers { .. }
             | Request::JobCheck { .. }
             | Request::JobStart { .. }
             | Request::JobStop { .. }),
         ) => job::serve(d, r),
+        Ok(Request::VmWatch { name }) => watch(d, &name),
+        Ok(Request::VmSignal { name, signal }) => signal_vm(d, &name, &signal),
         Err(e) => Reply::refuse(e.to_string()),
     };
     let _ = control::write_reply(&mut s, &reply);
+}
+
+/// `vm-watch`: where VM `name` is, as this host knows it.
+fn watch(d: &Daemon, name: &str) -> Reply {
+    if !safe_name(name) {
+        return Reply::refuse(format!("{name:?} is not a usable VM name"));
+    }
+    let sock = d.r.config.vm_dir.join(format!("{name}.sock"));
+    let here = vms::api(&sock, Duration::from_secs(2)).vm();
+    let v = match here {
+        Ok(info) if info.state != State::Incoming => serde_json::json!({
+            "state": info.state, "host": d.me(), "pid": info.pid,
+        }),
+        _ if lock(&d.limits)
+            .outgoing
+            .as_ref()
+            .is_some_and(|(n, _)| n == name) =>
+        {
+            serde_json::json!({"state": "moving"})
+        }
+        _ => {
+            let l = lock(&d.local);
+            match (l.moved.get(name), l.ended.get(name)) {
+                (Some((to, t)), e) if e.is_none_or(|(_, te)| te <= t) => serde_json::json!({
+                    "state": "moved", "to": d.r.names[*to],
+                }),
+                (_, Some((code, _))) => serde_json::json!({"state": "ended", "exit": code}),
+                _ => serde_json::json!({"state": "unknown"}),
+            }
+        }
+    };
+    Reply {
+        status: Some(v),
+        ..Reply::ok()
+    }
+}
+
+/// `vm-signal`: a signal for the VMM of VM `name` here.
+fn signal_vm(d: &Daemon, name: &str, signal: &str) -> Reply {
+    let sig = match signal.trim_start_matches("SIG") {
+        "TERM" => libc::SIGTERM,
+        "INT" => libc::SIGINT,
+        "HUP" => libc::SIGHUP,
+        "QUIT" => libc::SIGQUIT,
+        "USR1" => libc::SIGUSR1,
+        "USR2" => libc::SIGUSR2,
+        "CONT" => libc::SIGCONT,
+        other => return Reply::refuse(format!("signal {other:?} is not forwarded")),
+    };
+    if !safe_name(name) {
+        return Reply::refuse(format!("{name:?} is not a usable VM name"));
+    }
+    let sock = d.r.config.vm_dir.join(format!("{name}.sock"));
+    let pid = match vms::api(&sock, Duration::from_secs(2)).vm() {
+        Ok(info) if info.pid > 1 => info.pid,
+        Ok(_) => return Reply::refuse(format!("{name} has no process to signal")),
+        Err(e) => return Reply::refuse(format!("no VM {name} runs here: {e}")),
+    };
+    // SAFETY: kill(2) on the process the VM's own API names as its VMM.
+    let r = unsafe { libc::kill(pid as i32, sig) };
+    d.log.event(
+        "vm-signal",
+        serde_json::json!({"vm": name, "signal": signal, "pid": pid, "ok": r == 0}),
+    );
+    if r != 0 {
+        return Reply::refuse(format!(
+            "cannot signal {name} ({pid}): {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Reply::ok()
 }
 
 /// Stops waiting for `name`, unless its VM already runs here: a VM that
@@ -1227,12 +1393,8 @@ fn start_incoming(
         std::thread::sleep(Duration::from_millis(20));
     }
     let pid = child.id();
-    // Reap it whenever it ends (it may run for days).
-    let _ = std::thread::Builder::new()
-        .name("reap".into())
-        .spawn(move || {
-            let _ = child.wait();
-        });
+    // Reaped whenever it ends (it may run for days): `refresh_local`.
+    lock(&d.local).children.push((name.to_string(), child));
     Ok((pid, to))
 }
 

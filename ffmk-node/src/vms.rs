@@ -46,6 +46,19 @@ pub struct LocalVm {
     /// Its network devices (those on bridges may move).
     #[serde(default)]
     pub nets: Vec<NetConfig>,
+    /// The Slurm allocation it belongs to (`ffmk.nodes=` on its command
+    /// line, as `ffmk-node slurm-vm` puts it): it moves only to hosts in it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocation: Option<String>,
+}
+
+/// The host list after `ffmk.nodes=` on a guest command line.
+pub fn allocation(cmdline: &str) -> Option<String> {
+    cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("ffmk.nodes="))
+        .filter(|l| !l.is_empty())
+        .map(String::from)
 }
 
 /// Reasons a VM cannot be rebuilt on another host by `run --incoming`
@@ -112,6 +125,7 @@ pub fn describe(name: &str, sock: &Path, timeout: Duration) -> Result<LocalVm, S
         passthrough: vm.passthrough.iter().map(|p| p.device.clone()).collect(),
         disks: vm.config.disks.clone(),
         nets: vm.config.nets.clone(),
+        allocation: allocation(&vm.config.cmdline),
     })
 }
 
@@ -127,6 +141,28 @@ pub fn discover(
     dir: &Path,
     waiting: &[String],
     skip: &[String],
+) -> (Vec<LocalVm>, Vec<(String, String)>) {
+    scan(dir, waiting, skip, &|_| true, false)
+}
+
+/// [`discover`] for the VMs whose names `keep` accepts, asked now (not
+/// the sampler's last look, which misses a VM whose VMM was busy then,
+/// e.g. writing a snapshot). Stale sockets (no VMM behind them) are left
+/// out without an error.
+pub fn discover_matching(
+    dir: &Path,
+    skip: &[String],
+    keep: &dyn Fn(&str) -> bool,
+) -> (Vec<LocalVm>, Vec<(String, String)>) {
+    scan(dir, &[], skip, keep, true)
+}
+
+fn scan(
+    dir: &Path,
+    waiting: &[String],
+    skip: &[String],
+    keep: &dyn Fn(&str) -> bool,
+    skip_stale: bool,
 ) -> (Vec<LocalVm>, Vec<(String, String)>) {
     let (mut vms, mut errors) = (Vec::new(), Vec::new());
     let Ok(rd) = std::fs::read_dir(dir) else {
@@ -147,7 +183,7 @@ pub fn discover(
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
-        if skip.contains(&name) {
+        if skip.contains(&name) || !keep(&name) {
             continue;
         }
         let wait = waiting.contains(&name);
@@ -158,6 +194,7 @@ pub fn discover(
             Ok(vm) if vm.state == State::Incoming => {}
             Ok(vm) => vms.push(vm),
             Err(_) if wait => {}
+            Err(_) if skip_stale && std::os::unix::net::UnixStream::connect(&sock).is_err() => {}
             Err(e) => errors.push((name, e)),
         }
     }

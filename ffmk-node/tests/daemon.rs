@@ -1499,3 +1499,146 @@ fn a_job_is_checkpointed_as_a_whole_and_restored_on_other_hosts() {
     drop(c);
     drop(refuser);
 }
+
+/// An environment knob of the job checkpoint figures.
+fn knob(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The figures of `ci/bench-job-checkpoint` (run with --ignored, in a
+/// release build): a job of FFMK_BENCH_VMS probe VMs per host on two hosts,
+/// each FFMK_BENCH_MIB of memory with a quarter of it rewritten at
+/// FFMK_BENCH_RATE MiB/s. Per run: the job's common pause and total time
+/// of `ffmk-node job checkpoint`; each VM's pause in a live snapshot of it
+/// alone; and what a job checkpoint without pre-copy would pause: the job
+/// paused, each VM's stopped snapshot taken one after the other.
+#[test]
+#[ignore]
+fn job_checkpoint_figures() {
+    let Some(cluster) = Cluster::new("jf", 2) else {
+        return;
+    };
+    let (per_host, mib, rate, runs) = (
+        knob("FFMK_BENCH_VMS", 2) as usize,
+        knob("FFMK_BENCH_MIB", 1024),
+        knob("FFMK_BENCH_RATE", 100),
+        knob("FFMK_BENCH_RUNS", 3),
+    );
+    let dir = common::tmpdir("balance-job-figures");
+    let _cleanup = Cleanup(dir.clone());
+    let bb = std::env::var("FFMK_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| dir.join("bb"));
+    let h = &cluster.hosts;
+    let task = format!("task=dirty mib={} rate={rate}", mib / 4);
+    let memory = format!("{mib}M");
+    let vms: Vec<Vm> = (0..2 * per_host)
+        .map(|i| {
+            let host = i % 2;
+            let vm_dir = dir.join(format!("h{host}"));
+            std::fs::create_dir_all(&vm_dir).unwrap();
+            let args = common::probe_argv_mem(&task, &memory, &["--cpus", "1"]);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let name = format!("job9-r{i}");
+            Vm::spawn_in(
+                Some(&h[host]),
+                &args,
+                &vm_dir.join(format!("{name}.console")),
+                &vm_dir.join(format!("{name}.sock")),
+            )
+        })
+        .collect();
+    for vm in &vms {
+        vm.wait_counter(3);
+    }
+    let extra = format!(
+        "job_checkpoint_dir = \"{}\"\njob_checkpoint_keep = 1",
+        bb.display()
+    );
+    let daemons: Vec<Daemon> = (0..2)
+        .map(|i| Daemon::start_with(&h[i], &dir, i, "10.77.0.[1-2]", &extra))
+        .collect();
+    for d in &daemons {
+        wait_for(
+            "the daemons to see their VMs",
+            Duration::from_secs(20),
+            || (d.status()?["vms"].as_array()?.len() == per_host).then_some(()),
+        );
+    }
+    let ms = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    let snapshot = |vm: &Vm, dest: &Path, live: bool| -> f64 {
+        let _ = std::fs::remove_dir_all(dest);
+        let mut args = vec!["snapshot", "--dest", dest.to_str().unwrap()];
+        if live {
+            args.push("--live");
+        }
+        let out = vm.api(&args);
+        assert!(out.status.success(), "{out:?}");
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        ms(&v["pause_ms"])
+    };
+    let scratch = bb.join("alone");
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (mut job_pause, mut job_total, mut alone_max, mut in_turn) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for run in 0..runs {
+        let out = job(&h[0], &dir, 0, &["checkpoint", "--json", "job9"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let m: Value = serde_json::from_slice(&out.stdout).unwrap();
+        // Each VM alone, live; then all paused, one stopped snapshot after
+        // the other.
+        let alone: Vec<f64> = vms
+            .iter()
+            .enumerate()
+            .map(|(i, vm)| snapshot(vm, &scratch.join(format!("live{i}")), true))
+            .collect();
+        for vm in &vms {
+            assert!(vm.api(&["pause"]).status.success());
+        }
+        let t = Instant::now();
+        for (i, vm) in vms.iter().enumerate() {
+            snapshot(vm, &scratch.join(format!("stopped{i}")), false);
+        }
+        let one_by_one = t.elapsed().as_secs_f64() * 1e3;
+        for vm in &vms {
+            assert!(vm.api(&["resume"]).status.success());
+        }
+        let _ = std::fs::remove_dir_all(&scratch);
+        let longest = alone.iter().copied().fold(0.0, f64::max);
+        eprintln!(
+            "job-checkpoint: run {run} vms={} mib={mib} rate={rate} pause_ms={:.1} total_s={:.2} \
+             longest_alone_live_pause_ms={longest:.1} one_by_one_stopped_ms={one_by_one:.1} \
+             captured_after_ms={:.1}",
+            vms.len(),
+            ms(&m["pause_ms"]),
+            ms(&m["total_s"]),
+            ms(&m["all_captured_after_ms"]),
+        );
+        job_pause.push(ms(&m["pause_ms"]));
+        job_total.push(ms(&m["total_s"]));
+        alone_max.push(longest);
+        in_turn.push(one_by_one);
+    }
+    let (p, a, o) = (median(job_pause), median(alone_max), median(in_turn));
+    eprintln!(
+        "job-checkpoint: median vms={} mib={mib} rate={rate} runs={runs}: job pause {p:.1} ms, \
+         longest single-VM live pause {a:.1} ms (ratio {:.2}), one-by-one stopped {o:.1} ms \
+         (ratio {:.3}), total {:.2} s",
+        vms.len(),
+        p / a,
+        p / o,
+        median(job_total)
+    );
+    drop(daemons);
+    drop(vms);
+}

@@ -7,7 +7,7 @@
 #[path = "../../vmm/tests/common/mod.rs"]
 mod common;
 
-use common::{probe, vmm};
+use common::{probe, vmm, NetNs};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -21,6 +21,22 @@ fn node() -> &'static str {
 struct Slurm {
     dir: PathBuf,
     children: Vec<Child>,
+    /// Where it runs (its own network namespace, or the test's).
+    ns: Option<NetNs>,
+}
+
+/// `program`, in network namespace `ns` if there is one (entered with
+/// nsenter: `ip netns exec` would also give it a /sys of its own, without
+/// the cgroup file systems slurmd wants).
+fn program_in(ns: Option<&NetNs>, program: &str) -> Command {
+    match ns {
+        Some(ns) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net=/run/netns/{}", ns.0)).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
 }
 
 impl Drop for Slurm {
@@ -43,6 +59,12 @@ fn have(program: &str) -> bool {
 impl Slurm {
     /// None (and a "skipped" line) without slurm-wlm, munge or root.
     fn start(dir: &Path) -> Option<Slurm> {
+        Slurm::start_in(dir, None)
+    }
+
+    /// [`Slurm::start`] with the Slurm daemons (and every command of
+    /// [`Slurm::cmd`]) in network namespace `ns`.
+    fn start_in(dir: &Path, ns: Option<NetNs>) -> Option<Slurm> {
         // SAFETY: geteuid has no preconditions.
         let root = unsafe { libc::geteuid() } == 0;
         if !root
@@ -105,17 +127,18 @@ impl Slurm {
                 .spawn()
                 .unwrap()
         };
-        let mut ctld = Command::new("slurmctld");
+        let mut ctld = program_in(ns.as_ref(), "slurmctld");
         ctld.args(["-D", "-i", "-f"]).arg(dir.join("slurm.conf"));
         children.push(quiet(ctld));
         for n in ["n1", "n2"] {
-            let mut d = Command::new("slurmd");
+            let mut d = program_in(ns.as_ref(), "slurmd");
             d.args(["-D", "-N", n, "-f"]).arg(dir.join("slurm.conf"));
             children.push(quiet(d));
         }
         let s = Slurm {
             dir: dir.to_path_buf(),
             children,
+            ns,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -143,7 +166,7 @@ impl Slurm {
     }
 
     fn cmd(&self, program: &str) -> Command {
-        let mut c = Command::new(program);
+        let mut c = program_in(self.ns.as_ref(), program);
         c.env("SLURM_CONF", self.dir.join("slurm.conf"));
         c.env("FFMK_CLUSTER_KEY", common::cluster_key());
         c
@@ -320,4 +343,257 @@ fn a_step_environment_that_does_not_add_up_is_refused() {
     let out = run("n2", "1");
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot run /nonexistent/ffmk-vmm"));
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A node daemon of the private cluster: host `me` (n1 or n2, 127.0.0.1
+/// and .2 in the cluster's namespace), its VMs in `dir/vms-ME`.
+fn node_daemon(slurm: &Slurm, me: &str) -> Child {
+    let dir = &slurm.dir;
+    let vm_dir = dir.join(format!("vms-{me}"));
+    std::fs::create_dir_all(&vm_dir).unwrap();
+    let config = dir.join(format!("node-{me}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            r#"hosts = "n[1-2]"
+me = "{me}"
+addresses = {{ n1 = "127.0.0.1", n2 = "127.0.0.2" }}
+vm_dir = "{vm_dir}"
+vmm = "{vmm}"
+log = "{log}"
+period_ms = 200
+dead_after = 10
+cores = 2
+reserve_mib = 64
+min_interval_s = 1
+settle_s = 60
+threshold = 0.25
+migration_ports = [7410, 7419]
+"#,
+            vm_dir = vm_dir.display(),
+            vmm = vmm(),
+            log = dir.join(format!("node-{me}.log")).display(),
+        ),
+    )
+    .unwrap();
+    slurm
+        .cmd(node())
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(
+            std::fs::File::create(dir.join(format!("node-{me}.stderr"))).unwrap(),
+        ))
+        .spawn()
+        .unwrap()
+}
+
+/// The JSON events of a node daemon's log.
+fn events(dir: &Path, me: &str) -> Vec<Value> {
+    std::fs::read_to_string(dir.join(format!("node-{me}.log")))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn wait_until<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Slurm keeps track of a rank whose VM the node daemons move. The private
+/// cluster's two nodes are hosts n1 and n2 of two node daemons (in one
+/// network namespace, on 127.0.0.1 and .2: their `addresses`). A VM on n1 that cannot move
+/// (vsock) keeps two vCPUs busy there. A job on n1 alone: its rank's VM is
+/// never moved to n2, outside its allocation. A job on n1 and n2: the
+/// daemons move rank 0's VM to n2; its task stays on n1 as the VM's proxy
+/// (the job runs on in squeue), and scancel stops the VM on n2. A third
+/// job's moved VM ends by itself: srun ends then, with its status.
+#[test]
+fn a_rank_whose_vm_moves_stays_a_slurm_task_until_its_vm_ends() {
+    let dir = common::tmpdir("slurm-follow");
+    let Some(ns) = NetNs::new("slurmf") else {
+        eprintln!("skipped: cannot create a network namespace");
+        return;
+    };
+    // Loopback, and an address that is not (getaddrinfo's AI_ADDRCONFIG,
+    // which Slurm uses, finds no IPv4 without one).
+    assert!(
+        ns.ip(&["link", "set", "lo", "up"])
+            && ns.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"])
+            && ns.ip(&["addr", "add", "10.99.0.1/24", "dev", "v0"])
+            && ns.ip(&["link", "set", "v0", "up"])
+            && ns.ip(&["link", "set", "v1", "up"])
+    );
+    let Some(slurm) = Slurm::start_in(&dir, Some(ns)) else {
+        return;
+    };
+    // Two busy vCPUs on n1 that stay there (vsock).
+    let vsock = format!("cid=3,socket={}", dir.join("blocker.vsock").display());
+    std::fs::create_dir_all(dir.join("vms-n1")).unwrap();
+    let args = common::probe_argv_mem(
+        "task=counter hz=20",
+        "64M",
+        &["--cpus", "2", "--vsock", &vsock],
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let blocker = common::Vm::spawn_cmd(
+        slurm.cmd(vmm()),
+        &args,
+        &dir.join("vms-n1/blocker.console"),
+        &dir.join("vms-n1/blocker.sock"),
+    );
+    blocker.wait_counter(2);
+    let mut daemons = [node_daemon(&slurm, "n1"), node_daemon(&slurm, "n2")];
+    let config = dir.join("node-%n.toml");
+    let srun = |nodes: &[&str], cmdline: &str, extra: &[&str]| {
+        let mut c = slurm.cmd("srun");
+        c.args(nodes)
+            .args(["--ntasks-per-node=1", node(), "slurm-vm", "--vmm", vmm()])
+            .arg("--config")
+            .arg(&config)
+            .arg("--kernel")
+            .arg(probe())
+            .args(["--memory", "64M", "--cmdline", cmdline, "--"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        c.spawn().unwrap()
+    };
+    let sock = |node: &str, name: &str| dir.join(format!("vms-{node}/{name}.sock"));
+    let state = |s: &Path| api(s).and_then(|v| v["state"].as_str().map(String::from));
+    let queue = || -> String {
+        let out = slurm
+            .cmd("squeue")
+            .args(["-h", "-o", "%i %T"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    // The id of the newest job in squeue, newer than `after`.
+    let job_after = |after: u64| -> u64 {
+        wait_until("a new job in squeue", Duration::from_secs(20), || {
+            let out = slurm.cmd("squeue").args(["-h", "-o", "%i"]).output().ok()?;
+            String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .filter_map(|j| j.parse().ok())
+                .filter(|&j| j > after)
+                .max()
+        })
+    };
+
+    // Job A on n1 alone: its VM may not leave n1.
+    let mut a = srun(&["-N1", "-w", "n1"], "task=counter hz=10", &[]);
+    let ja = job_after(0);
+    let a_sock = sock("n1", &format!("job{ja}-rank0"));
+    wait_until("job A's VM", Duration::from_secs(20), || state(&a_sock));
+    let held = wait_until("n1 holding job A's VM", Duration::from_secs(20), || {
+        events(&dir, "n1").into_iter().find(|e| {
+            e["event"] == "decision"
+                && e["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("moves only within its Slurm allocation n1"))
+        })
+    });
+    assert_eq!(state(&a_sock).as_deref(), Some("running"), "{held}");
+    assert!(
+        !events(&dir, "n1")
+            .iter()
+            .any(|e| e["event"] == "migration-start"),
+        "job A's VM left its allocation"
+    );
+    assert!(slurm
+        .cmd("scancel")
+        .arg(ja.to_string())
+        .status()
+        .unwrap()
+        .success());
+    let st = a.wait().unwrap();
+    assert!(!st.success(), "a cancelled job's srun fails: {st:?}");
+
+    // Job B on n1 and n2: rank 0's VM moves to n2, its task follows it.
+    let mut b = srun(&["-N2"], "task=counter hz=10", &[]);
+    let jb = job_after(ja);
+    let name = format!("job{jb}-rank0");
+    let moved = wait_until("rank 0's VM moved to n2", Duration::from_secs(60), || {
+        events(&dir, "n1")
+            .into_iter()
+            .find(|e| e["event"] == "migration-done" && e["vm"] == name.as_str())
+    });
+    assert_eq!(moved["to_host"], "n2", "{moved}");
+    let there = sock("n2", &name);
+    wait_until("the VM running on n2", Duration::from_secs(20), || {
+        (state(&there).as_deref() == Some("running")).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        b.try_wait().unwrap().is_none(),
+        "srun ended while the VM runs on n2"
+    );
+    let q = queue();
+    assert!(q.contains(&format!("{jb} RUNNING")), "{q}");
+    let pid = api(&there).and_then(|v| v["pid"].as_i64()).unwrap() as i32;
+    assert!(slurm
+        .cmd("scancel")
+        .arg(jb.to_string())
+        .status()
+        .unwrap()
+        .success());
+    // SAFETY: kill(2) with signal 0 only checks that the process exists.
+    let alive = |p: i32| unsafe { libc::kill(p, 0) } == 0;
+    wait_until("the VM on n2 to stop", Duration::from_secs(30), || {
+        (!alive(pid)).then_some(())
+    });
+    let out = b.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("{name} moved to n2")), "{err}");
+    assert!(
+        events(&dir, "n2").iter().any(|e| e["event"] == "vm-signal"
+            && e["vm"] == name.as_str()
+            && e["signal"] == "TERM"),
+        "{err}"
+    );
+
+    // Job C: its moved VM ends by itself; srun ends then, with status 0.
+    let c = srun(
+        &["-N2"],
+        "task=counter hz=10 max=150",
+        &["--test-exit-port"],
+    );
+    let jc = job_after(jb);
+    let name = format!("job{jc}-rank0");
+    wait_until(
+        "job C's rank 0 moved to n2",
+        Duration::from_secs(60),
+        || {
+            events(&dir, "n1")
+                .into_iter()
+                .find(|e| e["event"] == "migration-done" && e["vm"] == name.as_str())
+        },
+    );
+    let there = sock("n2", &name);
+    let out = c.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {err}", out.status);
+    assert!(
+        err.contains(&format!("{name} ended on n2 with status 0")),
+        "{err}"
+    );
+    let console = std::fs::read_to_string(there.with_extension("console")).unwrap_or_default();
+    assert!(console.contains("counter=150"), "{console}");
+    for d in &mut daemons {
+        let _ = d.kill();
+        let _ = d.wait();
+    }
+    drop(blocker);
+    drop(slurm);
+    let _ = std::fs::remove_dir_all(dir);
 }

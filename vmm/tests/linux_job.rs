@@ -50,10 +50,24 @@ fn hosts_arg(nodes: &[&Node]) -> String {
 /// Boots `node` from the HPC image on `host` (its TAP `tap` on the host's
 /// bridge), console and API socket `NAME.*` in `dir`. With `cmd` the guest
 /// runs it and powers off with its status; without, it serves (sshd).
-#[allow(clippy::too_many_arguments)]
 fn boot_node(
     host: &NetNs,
     dir: &Path,
+    node: &Node,
+    nodes: &[&Node],
+    cpus: &str,
+    tap: &str,
+    cmd: Option<&str>,
+) -> common::Vm {
+    boot_node_as(host, &dir.join(node.name), node, nodes, cpus, tap, cmd)
+}
+
+/// [`boot_node`] with its console and API socket at `files.console` and
+/// `files.sock`.
+#[allow(clippy::too_many_arguments)]
+fn boot_node_as(
+    host: &NetNs,
+    files: &Path,
     node: &Node,
     nodes: &[&Node],
     cpus: &str,
@@ -81,8 +95,8 @@ fn boot_node(
             &cmdline,
             &["--cpus", cpus, "--disk", &disk, "--net", &net],
         ),
-        &dir.join(format!("{}.console", node.name)),
-        &dir.join(format!("{}.sock", node.name)),
+        &files.with_extension("console"),
+        &files.with_extension("sock"),
     )
 }
 
@@ -316,6 +330,326 @@ fn linux_mpi_job_across_two_hosts_keeps_its_checksum_when_a_rank_migrates() {
     // which KVM's TSC heuristics took for a vCPU to line up with).
     let (_, err) = dst.stop();
     assert!(!err.contains("restored with other state"), "{err}");
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The `ffmk-node` binary beside the `ffmk-vmm` the tests run
+/// (`cargo build -p ffmk-node`; ci/test-linux builds it).
+fn ffmk_node() -> PathBuf {
+    Path::new(common::vmm()).with_file_name("ffmk-node")
+}
+
+/// Starts host `i`'s node daemon (of hosts 10.77.0.1 and .2) with its VM
+/// directory `dir/hI`, job checkpoints under `dir/bb` and the HPC image's
+/// directory shared; it never balances (the job test moves VMs itself).
+fn node_daemon(host: &NetNs, dir: &Path, i: usize) -> std::process::Child {
+    let vm_dir = dir.join(format!("h{i}"));
+    std::fs::create_dir_all(&vm_dir).unwrap();
+    let config = dir.join(format!("node{i}.toml"));
+    let image_dir = hpc_image().canonicalize().unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            r#"hosts = "10.77.0.[1-2]"
+me = "{me}"
+vm_dir = "{vm_dir}"
+vmm = "{vmm}"
+log = "{log}"
+period_ms = 1000
+cores = 2
+reserve_mib = 64
+threshold = 100.0
+migration_ports = [7410, 7419]
+job_checkpoint_dir = "{bb}"
+shared_disk_dirs = ["{images}", "{given}"]
+vm_bridges = ["br0"]
+"#,
+            me = Cluster::addr(i),
+            vm_dir = vm_dir.display(),
+            vmm = common::vmm(),
+            log = dir.join(format!("node{i}.log")).display(),
+            bb = dir.join("bb").display(),
+            images = image_dir.parent().unwrap().display(),
+            given = hpc_image().parent().unwrap().display(),
+        ),
+    )
+    .unwrap();
+    host.exec(ffmk_node().to_str().unwrap())
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join(format!("node{i}.stderr"))).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+/// An MPI job of 3 ranks in 2 VMs on 2 hosts (VMs job7-n0 and job7-n1 in
+/// the node daemons' VM directories), checkpointed as a whole by `ffmk-node
+/// job checkpoint job7` while it runs; the job finishes undisturbed. Then
+/// the negative case: the same two VMs snapshotted one after the other
+/// while the job runs (n1 some steps later than n0) and restored: n1 has
+/// acknowledged data that n0's snapshot never sent, so the job cannot
+/// finish with its checksum. Then `ffmk-node job restore job7` restarts
+/// the consistent checkpoint with each VM on the other host, and the job
+/// finishes (again) with the reference checksum.
+#[test]
+fn linux_mpi_job_checkpoint_is_a_consistent_cut_and_restarts_with_its_checksum() {
+    if images().is_none() {
+        return;
+    }
+    assert!(
+        ffmk_node().exists(),
+        "{} is missing: cargo build -p ffmk-node",
+        ffmk_node().display()
+    );
+    let Some(cluster) = Cluster::bridged("jck", 2) else {
+        return;
+    };
+    let h = &cluster.hosts;
+    let dir = tmpdir("linux-mpi-job-checkpoint");
+    let nodes = [&N0, &N1];
+    let (steps, words) = (100, 65536);
+    let job = format!(
+        "{} && mpirun -np 3 -H n0:2 --oversubscribe ffmk-mpi-checksum {steps} {words} 0 50 && \
+         echo job-reference-done && mpirun -np 3 -H n0:2,n1:1 ffmk-mpi-checksum {steps} {words} 200 5",
+        wait_ssh("n1")
+    );
+    let mut n1 = boot_node_as(
+        &h[1],
+        &dir.join("h1/job7-n1"),
+        &N1,
+        &nodes,
+        "1",
+        "jckt1",
+        None,
+    );
+    let n0 = boot_node_as(
+        &h[0],
+        &dir.join("h0/job7-n0"),
+        &N0,
+        &nodes,
+        "2",
+        "jckt0",
+        Some(&job),
+    );
+    let mut daemons = [node_daemon(&h[0], &dir, 0), node_daemon(&h[1], &dir, 1)];
+    let t0 = Instant::now();
+    let at = || format!("{:.1} s", t0.elapsed().as_secs_f64());
+    let deadline = Instant::now() + timeout();
+    while !n1.console().contains("ffmk-guest: serving") {
+        if matches!(n1.child.try_wait(), Ok(Some(_))) || Instant::now() > deadline {
+            let console = n1.console();
+            let (status, err) = n1.stop();
+            panic!("n1 did not come up ({status:?}): {err}\n{console}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    wait_console(&n0, "job-reference-done");
+    eprintln!("job: reference run done at {}", at());
+    let node = |i: usize, args: &[&str]| {
+        h[i].exec(ffmk_node().to_str().unwrap())
+            .args([args[0], args[1], "--config"])
+            .arg(dir.join(format!("node{i}.toml")))
+            .args(&args[2..])
+            .output()
+            .unwrap()
+    };
+
+    // The consistent checkpoint, 10 steps in.
+    wait_console(&n0, &format!("step 10/{steps} "));
+    let started = Instant::now();
+    let out = node(0, &["job", "checkpoint", "--json", "job7"]);
+    let took = started.elapsed();
+    let logs = || {
+        (0..2)
+            .map(|i| {
+                let log =
+                    std::fs::read_to_string(dir.join(format!("node{i}.log"))).unwrap_or_default();
+                let lines: Vec<&str> = log
+                    .lines()
+                    .filter(|l| l.contains("\"broadcast") || l.contains("\"job-"))
+                    .collect();
+                format!("--- host {i}'s daemon:\n{}", lines.join("\n"))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert!(
+        out.status.success(),
+        "{}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        n0.console(),
+        logs()
+    );
+    let m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let epoch = m["epoch"].as_str().unwrap().to_string();
+    eprintln!(
+        "job: checkpoint {epoch} at {}: the job paused {:.1} ms (longest single-VM live pause {:.1} ms), {:.2} s in all",
+        at(),
+        m["pause_ms"].as_f64().unwrap_or(-1.0),
+        m["longest_vm_live_pause_ms"].as_f64().unwrap_or(-1.0),
+        took.as_secs_f64()
+    );
+
+    // The negative case: one VM after the other, 5 steps apart.
+    let seq = dir.join("seq");
+    std::fs::create_dir_all(&seq).unwrap();
+    let snap = |vm: &common::Vm, to: &str| {
+        let out = common::ffmk()
+            .args(["snapshot", "--live", "--api-socket"])
+            .arg(&vm.sock)
+            .arg("--dest")
+            .arg(seq.join(to))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    let progress = |console: &str| console.matches("step ").count();
+    snap(&n0, "n0");
+    let seen = progress(&n0.console());
+    let deadline = Instant::now() + timeout();
+    while progress(&n0.console()) < seen + 1 {
+        assert!(Instant::now() < deadline, "{}", n0.console());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    snap(&n1, "n1");
+    eprintln!("job: n0 and n1 snapshotted one after the other at {}", at());
+
+    // The job goes on and ends with the reference checksum.
+    let deadline = Instant::now() + timeout();
+    while final_checksums(&n0.console()).len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the job did not finish after its checkpoint: {}\n{}",
+            n0.console(),
+            n0.hang_report()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let console = n0.console();
+    let sums = final_checksums(&console);
+    assert_eq!(
+        sums[0], sums[1],
+        "the checkpoint changed the job's result:\n{console}"
+    );
+    let reference = sums[0].clone();
+    eprintln!("job: finished at {} with the reference checksum", at());
+    let (code, err) = n0.wait_exit();
+    assert_eq!(code, Some(0), "{err}");
+    let _ = n1.stop();
+
+    // The one-after-the-other snapshots, restored on their hosts.
+    let restore = |i: usize, from: &str, tap: &str, mac: &str| {
+        let net = format!("tap={tap},bridge=br0,mac={mac}");
+        let disk = format!("path={},readonly", hpc_image().display());
+        common::Vm::spawn_in(
+            Some(&h[i]),
+            &[
+                "restore",
+                "--from",
+                seq.join(from).to_str().unwrap(),
+                "--net",
+                &net,
+                "--disk",
+                &disk,
+            ],
+            &dir.join(format!("seq-{from}.console")),
+            &dir.join(format!("seq-{from}.sock")),
+        )
+    };
+    let s0 = restore(0, "n0", "jcks0", N0.mac);
+    let s1 = restore(1, "n1", "jcks1", N1.mac);
+    let broken_within = Duration::from_secs(if in_lab() { 90 } else { 30 });
+    let deadline = Instant::now() + broken_within;
+    let mut s0 = s0;
+    let outcome = loop {
+        let c = s0.console();
+        if let Some(sum) = final_checksums(&c).first().cloned() {
+            break format!("finished with {sum}");
+        }
+        if let Ok(Some(st)) = s0.child.try_wait() {
+            break format!("n0's VM ended ({st}) without a checksum");
+        }
+        if Instant::now() > deadline {
+            break format!("no progress to the end within {broken_within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!("job: the one-after-the-other restore: {outcome}");
+    assert!(
+        !outcome.contains(&reference),
+        "the snapshots taken one after the other restored a job that finished with its checksum: \
+         the negative case shows nothing"
+    );
+    let _ = s0.stop();
+    let _ = s1.stop();
+
+    // The consistent checkpoint, each VM on the other host.
+    for f in ["h0/job7-n0.console", "h1/job7-n1.console"] {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
+    // The daemons have seen the job's VMs go (they look once a second).
+    std::thread::sleep(Duration::from_secs(3));
+    let out = node(
+        0,
+        &[
+            "job",
+            "restore",
+            "--json",
+            "--on",
+            "job7-n0=10.77.0.2",
+            "--on",
+            "job7-n1=10.77.0.1",
+            "job7",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!(
+        "job: restored at {}: {}",
+        at(),
+        String::from_utf8_lossy(&out.stdout).trim()
+    );
+    let console = dir.join("h1/job7-n0.console");
+    let deadline = Instant::now() + timeout();
+    let restored = loop {
+        let c = std::fs::read_to_string(&console).unwrap_or_default();
+        if !final_checksums(&c).is_empty() {
+            break c;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the restored job did not finish: {c}\n{}",
+            std::fs::read_to_string(dir.join("h1/job7-n0.vmm.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let sums = final_checksums(&restored);
+    assert_eq!(
+        sums.last(),
+        Some(&reference),
+        "the restored job's checksum differs:\n{restored}"
+    );
+    eprintln!(
+        "job: the restored job finished at {} with the reference checksum",
+        at()
+    );
+    for d in &mut daemons {
+        let _ = d.kill();
+        let _ = d.wait();
+    }
+    // The restored VMMs (started by the daemons) end with their job or here.
+    for sock in ["h1/job7-n0.sock", "h0/job7-n1.sock"] {
+        let _ = common::ffmk()
+            .args(["shutdown", "--api-socket"])
+            .arg(dir.join(sock))
+            .output();
+    }
     drop(cluster);
     let _ = std::fs::remove_dir_all(dir);
 }

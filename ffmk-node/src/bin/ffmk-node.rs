@@ -102,9 +102,16 @@ struct SlurmVmArgs {
     /// The ffmk-vmm binary.
     #[arg(long, default_value = "ffmk-vmm")]
     vmm: std::path::PathBuf,
-    /// Where the VM's API socket and console go (the node daemon's vm_dir).
+    /// The node daemon's settings (`%n`: this node's name): the task then
+    /// stays its VM's proxy when the daemons move the VM to another host
+    /// of the job's allocation (signals go there, the task ends with the
+    /// VM: docs/jobs.md). Without it the task ends when its VM leaves.
     #[arg(long)]
-    vm_dir: std::path::PathBuf,
+    config: Option<String>,
+    /// Where the VM's API socket and console go (`%n`: this node's name)
+    /// [default: the daemon's vm_dir, from --config].
+    #[arg(long)]
+    vm_dir: Option<String>,
     /// Guest kernel (and initramfs).
     #[arg(long)]
     kernel: std::path::PathBuf,
@@ -1061,9 +1068,25 @@ fn slurm_step() -> Result<(String, u32, u32, String, String), String> {
     Ok((job, rank, ranks, node, nodes))
 }
 
-fn slurm_vm(a: SlurmVmArgs) -> Result<(), String> {
-    use std::os::unix::process::CommandExt;
+fn slurm_vm(a: SlurmVmArgs) -> Result<u8, String> {
+    // First, before any thread: the signals Slurm sends the task are
+    // taken by it and forwarded to the VM.
+    let signals = ffmk_node::follow::block_signals();
     let (job, rank, ranks, node, nodes) = slurm_step()?;
+    let on_node = |p: &str| std::path::PathBuf::from(p.replace("%n", &node));
+    let cluster = match &a.config {
+        Some(c) => {
+            let r = load_config(&on_node(c), None, None)?;
+            let plane = plane_of(Some(&r.config))?;
+            Some(ffmk_node::follow::Cluster { r, plane })
+        }
+        None => None,
+    };
+    let vm_dir = match (&a.vm_dir, &cluster) {
+        (Some(d), _) => on_node(d),
+        (None, Some(c)) => c.r.config.vm_dir.clone(),
+        (None, None) => return Err("--vm-dir or --config (the daemon's vm_dir) is needed".into()),
+    };
     let compute = match a.compute {
         Some(c) => c,
         None => std::env::var("SLURM_CPUS_PER_TASK")
@@ -1077,8 +1100,8 @@ fn slurm_vm(a: SlurmVmArgs) -> Result<(), String> {
         "1".into()
     };
     let name = format!("job{job}-rank{rank}");
-    std::fs::create_dir_all(&a.vm_dir)
-        .map_err(|e| format!("cannot create {}: {e}", a.vm_dir.display()))?;
+    std::fs::create_dir_all(&vm_dir)
+        .map_err(|e| format!("cannot create {}: {e}", vm_dir.display()))?;
     let layout = format!(
         "ffmk.job={job} ffmk.rank={rank} ffmk.ranks={ranks} ffmk.node={node} ffmk.nodes={nodes}"
     );
@@ -1101,11 +1124,11 @@ fn slurm_vm(a: SlurmVmArgs) -> Result<(), String> {
         &cmdline,
     ])
     .arg("--api-socket")
-    .arg(a.vm_dir.join(format!("{name}.sock")))
+    .arg(vm_dir.join(format!("{name}.sock")))
     .arg("--console")
     .arg(format!(
         "file={}",
-        a.vm_dir.join(format!("{name}.console")).display()
+        vm_dir.join(format!("{name}.console")).display()
     ))
     .args(&a.run_args);
     // The cluster key this command was given goes on to the VMM (it
@@ -1117,10 +1140,22 @@ fn slurm_vm(a: SlurmVmArgs) -> Result<(), String> {
         cmd.arg("--insecure");
     }
     eprintln!("ffmk-node: {name} on {node}: {cpus} vCPUs, {}", a.memory);
-    // The VMM becomes the task: Slurm's signals reach it, its status is
-    // the task's.
-    let e = cmd.exec();
-    Err(format!("cannot run {}: {e}", a.vmm.display()))
+    // The VMM is this task's child: Slurm's signals are forwarded to it
+    // (wherever it runs), its status is the task's.
+    ffmk_node::follow::run(
+        &mut cmd,
+        &name,
+        &vm_dir.join(format!("{name}.sock")),
+        cluster.as_ref(),
+        &signals,
+    )
+    .map_err(|e| {
+        if e.contains("cannot start") {
+            format!("cannot run {}: {e}", a.vmm.display())
+        } else {
+            e
+        }
+    })
 }
 
 fn main() -> ExitCode {
@@ -1141,7 +1176,10 @@ fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Cmd::CkptSim(a) => ckpt_sim(a),
-        Cmd::SlurmVm(a) => slurm_vm(a),
+        Cmd::SlurmVm(a) => match slurm_vm(a) {
+            Ok(code) => return ExitCode::from(code),
+            Err(e) => Err(e),
+        },
         Cmd::Docs(d) => {
             use clap::CommandFactory;
             d.run(Cli::command())
