@@ -197,13 +197,15 @@ fn run(d: &Daemon, c: &Command) -> String {
             let verb = if pause { "paused" } else { "resumed" };
             // The VMs there now (the sampler's last look may have missed
             // one whose VMM was busy, e.g. writing a job's snapshot).
+            // A VM in a job checkpoint's cut: its snapshot (which keeps
+            // its VMM's API busy) pauses and resumes it.
+            let mut done = lock(&d.jobs).cut_signals(g, pause, &glob);
+            let mut skip = d.incoming_names();
+            skip.extend(done.iter().cloned());
             let (vms, errors) =
-                crate::vms::discover_matching(&d.r.config.vm_dir, &d.incoming_names(), &|n| {
-                    glob(g, n)
-                });
+                crate::vms::discover_matching(&d.r.config.vm_dir, &skip, &|n| glob(g, n));
             let vms: Vec<(String, std::path::PathBuf)> =
                 vms.into_iter().map(|v| (v.name, v.sock)).collect();
-            let mut done = Vec::new();
             let mut failed: Vec<String> = errors
                 .into_iter()
                 .map(|(n, e)| format!("{n}: does not answer: {e}"))

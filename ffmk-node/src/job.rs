@@ -4,20 +4,22 @@
 //! slurm-vm` names them `job<ID>-rank<R>`). `ffmk-node job checkpoint JOB`
 //! runs on any host and drives every host's daemon over the control port:
 //!
-//! 1. **pre-copy** (`job-precopy`): each daemon takes a live snapshot of its
-//!    VMs of the job into `job_checkpoint_dir/JOB/EPOCH/VM/`, all hosts and
-//!    VMs at once, while the job runs (each VM pauses only for its own last
-//!    pages, on its own: not yet the cut);
-//! 2. **the cut**: `pause JOB-*` through the control broadcast, confirmed
-//!    by every host of the job;
-//! 3. **capture** (`job-capture`): each daemon adds the last layer to each
-//!    VM's snapshot: the pages dirtied since step 1 and the vCPU and device
-//!    state, taken while every VM of the job is paused;
-//! 4. `resume JOB-*` through the broadcast: the job runs again. Its common
-//!    pause is steps 2-4;
-//! 5. **commit** (`job-commit`): `job.json` beside the VMs' snapshots
-//!    marks the epoch complete (and older epochs beyond
-//!    `job_checkpoint_keep` go).
+//! 1. **pre-copy** (`job-precopy`): each daemon starts a live snapshot of
+//!    each of its VMs of the job into `job_checkpoint_dir/JOB/EPOCH/VM/`,
+//!    all hosts and VMs at once, while the job runs, as a *cut*
+//!    (`SnapshotRequest::cut`): once converged, the copy goes on until the
+//!    job pauses; the step ends when every copy converged;
+//! 2. **the cut**: `pause JOB-*` through the control broadcast; each
+//!    daemon hands it to its VMs' snapshots (a file beside each: the VMMs'
+//!    APIs are busy with the snapshots), which pause their VMs and write
+//!    the last pages and the vCPU and device state;
+//! 3. **capture** (`job-capture`): each daemon answers once its VMs are
+//!    captured;
+//! 4. `resume JOB-*` through the broadcast: each snapshot resumes its VM,
+//!    then commits. The job's common pause is steps 2-4;
+//! 5. **commit** (`job-commit`): each daemon collects its VMs' snapshots
+//!    and writes `job.json` beside them, which marks the epoch complete
+//!    (and older epochs beyond `job_checkpoint_keep` go).
 //!
 //! No VM resumes before every VM of the job has paused, so no VM's saved
 //! state holds data a peer sent after the peer's own state was saved: TCP
@@ -42,7 +44,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use vmm_api::model::{SnapshotKind, SnapshotRequest, State, VmConfig};
+use vmm_api::model::{CutGates, SnapshotKind, SnapshotReply, SnapshotRequest, State, VmConfig};
 
 /// The job's manifest in an epoch directory: present only when complete.
 pub const MANIFEST: &str = "job.json";
@@ -55,6 +57,10 @@ const RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a host waits for the broadcast to pause (capture) or resume
 /// (commit) its VMs of the job.
 const PAUSED_WITHIN: Duration = Duration::from_secs(10);
+
+/// How long a converged copy goes on waiting for its job's pause (and a
+/// captured VM for its job's resume) before its VMM gives up.
+const CUT_WAIT: Duration = Duration::from_secs(600);
 
 /// A job operation that never finished (its driver died) stops holding
 /// its VMs after this long.
@@ -86,9 +92,54 @@ pub(crate) struct Jobs {
     /// resumed it): each VM's share of a job's common pause, on this
     /// host's clock.
     paused: HashMap<String, (Instant, Option<Duration>)>,
+    /// VM -> its cut: the files its live snapshot watches and the thread
+    /// whose snapshot request lasts until the job resumed.
+    cuts: HashMap<String, VmCut>,
+}
+
+/// One VM's part in a job checkpoint's cut.
+pub(crate) struct VmCut {
+    gates: CutGates,
+    request: std::thread::JoinHandle<Result<SnapshotReply, String>>,
 }
 
 impl Jobs {
+    /// The broadcast's pause or resume for the VMs in a cut whose names
+    /// `pattern` matches: their snapshots pause or resume them. Returns
+    /// their names (the broadcast asks the other VMMs itself).
+    pub(crate) fn cut_signals(
+        &mut self,
+        pattern: &str,
+        pause: bool,
+        matches: &dyn Fn(&str, &str) -> bool,
+    ) -> Vec<String> {
+        let mut done = Vec::new();
+        let names: Vec<String> = self
+            .cuts
+            .keys()
+            .filter(|n| matches(pattern, n))
+            .cloned()
+            .collect();
+        for name in names {
+            let c = &self.cuts[&name];
+            let gate = if pause {
+                &c.gates.pause
+            } else {
+                &c.gates.resume
+            };
+            if std::fs::File::create(gate).is_ok() {
+                if pause {
+                    self.note_paused(&name);
+                } else {
+                    self.note_resumed(&name);
+                }
+                done.push(name);
+            }
+        }
+        done.sort();
+        done
+    }
+
     /// The control broadcast paused `vm`.
     pub(crate) fn note_paused(&mut self, vm: &str) {
         self.paused.insert(vm.to_string(), (Instant::now(), None));
@@ -280,34 +331,90 @@ fn precopy(d: &Daemon, job: &str, epoch: &str) -> Result<Value, String> {
             );
         }
     }
-    let taken = std::fs::create_dir_all(&root)
-        .map_err(|e| format!("cannot create {}: {e}", root.display()))
-        .map(|()| {
-            each(&mine, |v| {
-                let req = SnapshotRequest {
-                    kind: SnapshotKind::Full,
-                    live: true,
-                    ..SnapshotRequest::full(root.join(&v.name))
-                };
-                vms::api(&v.sock, SNAPSHOT_TIMEOUT)
-                    .snapshot(&req)
-                    .map_err(|e| format!("{}: {}", v.name, api_error(e)))
-            })
-        });
-    let failed: Vec<String> = match &taken {
-        Err(e) => vec![e.clone()],
-        Ok(r) => r.iter().filter_map(|r| r.as_ref().err().cloned()).collect(),
-    };
-    if !failed.is_empty() {
+    if let Err(e) = std::fs::create_dir_all(&root) {
         let _ = discard(d, job, epoch);
-        return Err(failed.join("; "));
+        return Err(format!("cannot create {}: {e}", root.display()));
     }
-    let vms: Vec<Value> = mine
-        .iter()
-        .zip(taken.unwrap_or_default())
-        .filter_map(|(v, r)| r.ok().map(|a| figures(&v.name, &a)))
-        .collect();
-    Ok(json!({ "vms": vms }))
+    // Each VM's live snapshot runs on its own thread until the job has
+    // paused, been captured and resumed (`commit` collects it); this step
+    // ends once every copy converged.
+    let t0 = Instant::now();
+    for v in &mine {
+        let gate = |what: &str| root.join(format!(".{}.{what}", v.name));
+        let gates = CutGates {
+            ready: gate("ready"),
+            pause: gate("pause"),
+            captured: gate("captured"),
+            resume: gate("resume"),
+            abort: gate("abort"),
+            max_wait_ms: CUT_WAIT.as_millis() as u64,
+        };
+        for g in [
+            &gates.ready,
+            &gates.pause,
+            &gates.captured,
+            &gates.resume,
+            &gates.abort,
+        ] {
+            let _ = std::fs::remove_file(g);
+        }
+        let req = SnapshotRequest {
+            kind: SnapshotKind::Full,
+            live: true,
+            cut: Some(gates.clone()),
+            ..SnapshotRequest::full(root.join(&v.name))
+        };
+        let (sock, name) = (v.sock.clone(), v.name.clone());
+        let request = std::thread::Builder::new()
+            .name("job-cut".into())
+            .spawn(move || {
+                vms::api(&sock, SNAPSHOT_TIMEOUT)
+                    .snapshot(&req)
+                    .map_err(|e| format!("{name}: {}", api_error(e)))
+            });
+        match request {
+            Ok(request) => {
+                lock(&d.jobs)
+                    .cuts
+                    .insert(v.name.clone(), VmCut { gates, request });
+            }
+            Err(e) => {
+                let _ = discard(d, job, epoch);
+                return Err(format!("cannot start a thread: {e}"));
+            }
+        }
+    }
+    let mut ready: Vec<Value> = Vec::new();
+    while ready.len() < mine.len() {
+        let mut failed = Vec::new();
+        ready.clear();
+        {
+            let j = lock(&d.jobs);
+            for v in &mine {
+                let Some(c) = j.cuts.get(&v.name) else {
+                    continue;
+                };
+                if c.gates.ready.exists() {
+                    ready.push(json!({"vm": v.name, "memory_bytes": v.memory_mib << 20}));
+                } else if c.request.is_finished() {
+                    failed.push(v.name.clone());
+                }
+            }
+        }
+        if !failed.is_empty() || t0.elapsed() > SNAPSHOT_TIMEOUT {
+            // A cut's request ends before the pause only with an error.
+            let why = discard_reasons(d, job, epoch);
+            return Err(if why.is_empty() {
+                format!("no converged copy of {} in time", failed.join(", "))
+            } else {
+                why
+            });
+        }
+        if ready.len() < mine.len() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    Ok(json!({ "vms": ready, "converged_ms": t0.elapsed().as_secs_f64() * 1e3 }))
 }
 
 /// One VM's snapshot figures, as a job step reports them.
@@ -331,58 +438,108 @@ fn held_for(d: &Daemon, job: &str, epoch: &str) -> Vec<String> {
 }
 
 fn capture(d: &Daemon, job: &str, epoch: &str) -> Result<Value, String> {
-    let root = epoch_dir(d, job, epoch)?;
+    epoch_dir(d, job, epoch)?;
     let names = held_for(d, job, epoch);
-    let dir = &d.r.config.vm_dir;
     if names.is_empty() {
         return Err(format!("no VM of job {job} is in checkpoint {epoch} here"));
     }
-    let taken = each(&names, |name| {
-        let api = vms::api(&dir.join(format!("{name}.sock")), SNAPSHOT_TIMEOUT);
-        // Only a paused VM may be captured (a running one would pause and
-        // resume on its own, out of step with the job): the broadcast
-        // sent just before this request pauses it.
-        let deadline = Instant::now() + PAUSED_WITHIN;
-        loop {
-            let state = api
-                .vm()
-                .map_err(|e| format!("{name}: {}", api_error(e)))?
-                .state;
-            if state == State::Paused {
-                break;
-            }
-            if Instant::now() > deadline {
-                // What this host made of the pause, if it came at all.
-                let command = format!("pause {job}-*");
-                let heard = lock(&d.broadcasts)
-                    .iter()
-                    .rev()
-                    .find(|b| b["command"] == command.as_str())
-                    .map(|b| b["result"].as_str().unwrap_or("").to_string());
-                return Err(format!(
-                    "{name} is {state}, not paused {} s after the job's pause ({}): its state would not belong to the cut",
-                    PAUSED_WITHIN.as_secs(),
-                    match heard {
-                        Some(r) => format!("this host's last `{command}`: {r}"),
-                        None => format!("no `{command}` reached this host"),
+    // Each VM's snapshot pauses it when the broadcast's pause reaches this
+    // host, writes the rest and says so.
+    let deadline = Instant::now() + PAUSED_WITHIN;
+    loop {
+        let mut waiting = Vec::new();
+        {
+            let j = lock(&d.jobs);
+            for n in &names {
+                match j.cuts.get(n) {
+                    Some(c) if c.gates.captured.exists() => {}
+                    Some(c) if !c.request.is_finished() => waiting.push(n.clone()),
+                    _ => {
+                        drop(j);
+                        return Err(format!(
+                            "{n}: its snapshot ended before its capture: {}",
+                            discard_reasons(d, job, epoch)
+                        ));
                     }
-                ));
+                }
             }
-            std::thread::sleep(Duration::from_millis(1));
         }
-        let req = SnapshotRequest {
-            kind: SnapshotKind::Incremental,
-            ..SnapshotRequest::full(root.join(name))
-        };
-        api.snapshot(&req)
-            .map(|a| figures(name, &a))
-            .map_err(|e| format!("{name}: {}", api_error(e)))
-    });
-    let failed: Vec<String> = taken.iter().filter_map(|r| r.clone().err()).collect();
-    if !failed.is_empty() {
-        return Err(failed.join("; "));
+        if waiting.is_empty() {
+            return Ok(json!({"vms": names.iter().map(|n| json!({"vm": n})).collect::<Vec<_>>()}));
+        }
+        if Instant::now() > deadline {
+            // What this host made of the pause, if it came at all.
+            let command = format!("pause {job}-*");
+            let heard = lock(&d.broadcasts)
+                .iter()
+                .rev()
+                .find(|b| b["command"] == command.as_str())
+                .map(|b| b["result"].as_str().unwrap_or("").to_string());
+            return Err(format!(
+                "{} not captured {} s after the job's pause ({}): its state would not belong to the cut",
+                waiting.join(", "),
+                PAUSED_WITHIN.as_secs(),
+                match heard {
+                    Some(r) => format!("this host's last `{command}`: {r}"),
+                    None => format!("no `{command}` reached this host"),
+                }
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(1));
     }
-    Ok(json!({"vms": taken.into_iter().flatten().collect::<Vec<_>>()}))
+}
+
+/// Ends the cuts of `job`'s epoch here (their VMMs told to abandon them)
+/// and returns their snapshots' outcomes.
+fn end_cuts(
+    d: &Daemon,
+    job: &str,
+    epoch: &str,
+    abandon: bool,
+) -> Vec<(String, Result<SnapshotReply, String>)> {
+    let names = held_for(d, job, epoch);
+    let cuts: Vec<(String, VmCut)> = {
+        let mut j = lock(&d.jobs);
+        names
+            .iter()
+            .filter_map(|n| j.cuts.remove(n).map(|c| (n.clone(), c)))
+            .collect()
+    };
+    if abandon {
+        for (_, c) in &cuts {
+            let _ = std::fs::File::create(&c.gates.abort);
+        }
+    }
+    cuts.into_iter()
+        .map(|(n, c)| {
+            let r = c
+                .request
+                .join()
+                .unwrap_or_else(|_| Err(format!("{n}: the snapshot's thread panicked")));
+            for g in [
+                &c.gates.ready,
+                &c.gates.pause,
+                &c.gates.captured,
+                &c.gates.resume,
+                &c.gates.abort,
+            ] {
+                let _ = std::fs::remove_file(g);
+            }
+            (n, r)
+        })
+        .collect()
+}
+
+/// Abandons the cuts of `job`'s epoch and discards it here; returns why
+/// the snapshots that failed did.
+fn discard_reasons(d: &Daemon, job: &str, epoch: &str) -> String {
+    let why: Vec<String> = end_cuts(d, job, epoch, true)
+        .into_iter()
+        .filter_map(|(_, r)| r.err())
+        .filter(|e| !e.contains("abandoned"))
+        .collect();
+    let _ = discard(d, job, epoch);
+    why.join("; ")
 }
 
 /// Writes `bytes` to `path` through a temporary file renamed over it.
@@ -405,12 +562,8 @@ fn commit(d: &Daemon, job: &str, epoch: &str, manifest: &Value) -> Result<Value,
     if !root.is_dir() {
         return Err(format!("{} does not exist here", root.display()));
     }
-    let text = serde_json::to_vec_pretty(manifest).map_err(|e| e.to_string())?;
-    write_atomically(&root.join(MANIFEST), &text)?;
-    let jd = job_dir(d, job)?;
-    write_atomically(&jd.join("latest"), epoch.as_bytes())?;
-    let removed = prune(&jd, epoch, d.r.config.job_checkpoint_keep);
-    // How long each VM was paused, once the broadcast resumed it.
+    // The broadcast's resume may reach this host after this request (it
+    // takes another path): wait for it, and how long each VM was paused.
     let names = held_for(d, job, epoch);
     let deadline = Instant::now() + PAUSED_WITHIN;
     let (paused, not_resumed) = loop {
@@ -427,12 +580,43 @@ fn commit(d: &Daemon, job: &str, epoch: &str, manifest: &Value) -> Result<Value,
         if not_resumed.is_empty() || Instant::now() > deadline {
             break (paused, not_resumed);
         }
-        std::thread::sleep(Duration::from_millis(2));
+        std::thread::sleep(Duration::from_millis(1));
     };
+    // A VM the broadcast did not resume is resumed here (its snapshot ends
+    // only then), and reported.
+    {
+        let j = lock(&d.jobs);
+        for n in &not_resumed {
+            if let Some(c) = j.cuts.get(n) {
+                let _ = std::fs::File::create(&c.gates.resume);
+            }
+        }
+    }
+    // Every VM's snapshot committed (after the job resumed).
+    let outcomes = end_cuts(d, job, epoch, false);
+    let failed: Vec<String> = outcomes
+        .iter()
+        .filter_map(|(_, r)| r.as_ref().err().cloned())
+        .collect();
+    if !failed.is_empty() {
+        return Err(failed.join("; "));
+    }
+    let snapshots: Vec<Value> = outcomes
+        .iter()
+        .filter_map(|(n, r)| r.as_ref().ok().map(|a| figures(n, a)))
+        .collect();
+    let text = serde_json::to_vec_pretty(manifest).map_err(|e| e.to_string())?;
+    write_atomically(&root.join(MANIFEST), &text)?;
+    let jd = job_dir(d, job)?;
+    write_atomically(&jd.join("latest"), epoch.as_bytes())?;
+    let removed = prune(&jd, epoch, d.r.config.job_checkpoint_keep);
     lock(&d.jobs)
         .held
         .retain(|_, (j, e, _)| !(j == job && e == epoch));
-    Ok(json!({"epoch": epoch, "removed": removed, "vms": paused, "not_resumed": not_resumed}))
+    Ok(json!({
+        "epoch": epoch, "removed": removed, "vms": paused, "not_resumed": not_resumed,
+        "snapshots": snapshots,
+    }))
 }
 
 /// Removes complete epochs beyond the newest `keep`, and incomplete ones
@@ -470,6 +654,7 @@ fn prune(jd: &Path, newest: &str, keep: usize) -> Vec<String> {
 
 fn discard(d: &Daemon, job: &str, epoch: &str) -> Result<Value, String> {
     let root = epoch_dir(d, job, epoch)?;
+    let _ = end_cuts(d, job, epoch, true);
     let names = held_for(d, job, epoch);
     // The manifest first: from here on the epoch is never restored.
     let _ = std::fs::remove_file(root.join(MANIFEST));
@@ -638,7 +823,7 @@ fn stop(d: &Daemon, job: &str, epoch: &str, vm: &str) -> Result<Value, String> {
             return Err(format!("{vm} runs: stop it through its API"));
         }
     }
-    super::kill(Some(pid));
+    lock(&d.local).stop(Some(pid));
     lock(&d.jobs).started.remove(vm);
     let _ = (j, e);
     Ok(json!({"vm": vm, "stopped": pid}))
@@ -935,33 +1120,23 @@ impl Driver<'_> {
                 })
                 .collect()
         };
-        let pre = per_vm(&pre);
-        let cap = per_vm(&captured);
-        let longest_live = pre
+        let converged_ms = pre
             .iter()
-            .filter_map(|v| v["pause_ms"].as_f64())
+            .filter_map(|(_, a)| a.as_ref().ok()?["converged_ms"].as_f64())
             .fold(0.0, f64::max);
-        let vms: Vec<Value> = pre
+        let _ = &captured;
+        let vms: Vec<Value> = per_vm(&pre)
             .iter()
-            .map(|p| {
-                let c = cap.iter().find(|c| c["vm"] == p["vm"]);
-                json!({
-                    "name": p["vm"], "host": p["host"],
-                    "memory_bytes": p["memory_bytes"],
-                    "precopy": {"pause_ms": p["pause_ms"], "total_ms": p["total_ms"],
-                                "rounds": p["rounds"], "data_bytes": p["data_bytes"]},
-                    "capture": c.map(|c| json!({"ms": c["total_ms"], "data_bytes": c["data_bytes"]})),
-                })
-            })
+            .map(|p| json!({"name": p["vm"], "host": p["host"], "memory_bytes": p["memory_bytes"]}))
             .collect();
         let mut manifest = json!({
             "job": job,
             "epoch": epoch,
             "created_unix_ms": epoch.strip_prefix("ckpt-").and_then(|m| m.parse::<u64>().ok()),
             "vms": vms,
+            "converged_ms": converged_ms,
             "all_captured_after_ms": all_captured.as_secs_f64() * 1e3,
             "resume_sent_after_ms": resume_sent.as_secs_f64() * 1e3,
-            "longest_vm_live_pause_ms": longest_live,
             "waited_s": waited.as_secs_f64(),
         });
         let committed = self.ask_all(&slots, Duration::from_secs(60), |_| Request::JobCommit {
@@ -990,6 +1165,16 @@ impl Driver<'_> {
                     .and_then(|vms| vms.iter_mut().find(|m| m["name"] == v["vm"]))
                 {
                     m["paused_ms"] = json!(ms);
+                }
+            }
+            // Each VM's snapshot as its VMM reported it (`pause_ms`: from
+            // its pause to its resume).
+            for v in a["snapshots"].as_array().into_iter().flatten() {
+                if let Some(m) = manifest["vms"]
+                    .as_array_mut()
+                    .and_then(|vms| vms.iter_mut().find(|m| m["name"] == v["vm"]))
+                {
+                    m["snapshot"] = v.clone();
                 }
             }
             for n in a["not_resumed"].as_array().into_iter().flatten() {

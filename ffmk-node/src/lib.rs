@@ -166,6 +166,21 @@ struct Local {
 const FATES_KEPT: usize = 1024;
 
 impl Local {
+    /// Kills a VMM this daemon started and waits for it to be gone (its
+    /// API socket free for the next VMM of the name).
+    fn stop(&mut self, pid: Option<u32>) {
+        kill(pid);
+        let Some(pid) = pid else { return };
+        if let Some(i) = self.children.iter().position(|(_, c)| c.id() == pid) {
+            let (name, mut child) = self.children.swap_remove(i);
+            if let Ok(st) = child.wait() {
+                use std::os::unix::process::ExitStatusExt;
+                let code = st.code().unwrap_or(128 + st.signal().unwrap_or(0));
+                self.ended.insert(name, (code, Instant::now()));
+            }
+        }
+    }
+
     /// Reaps the VMMs this daemon started that have ended.
     fn reap(&mut self) {
         let now = Instant::now();
@@ -574,7 +589,7 @@ fn refresh_local(d: &Daemon, sampled: &mut vms::Sampler) {
         .collect();
     for (n, why) in stale {
         if let Some(i) = l.incoming.remove(&n) {
-            kill(i.pid);
+            l.stop(i.pid);
             d.log.event(
                 why,
                 serde_json::json!({"vm": n, "from": i.from, "listening": i.to}),
@@ -1172,9 +1187,10 @@ fn abort(d: &Daemon, name: &str, token: &str) -> Reply {
             return Reply::refuse("the VM runs here");
         }
     }
-    let i = lock(&d.local).incoming.remove(name);
+    let mut l = lock(&d.local);
+    let i = l.incoming.remove(name);
     if let Some(i) = i {
-        kill(i.pid);
+        l.stop(i.pid);
         d.log
             .event("abort", serde_json::json!({"vm": name, "from": i.from}));
     }
@@ -1307,7 +1323,7 @@ fn prepare(
             }
             // Aborted (or timed out) while it started: stop it again.
             None => {
-                kill(Some(pid));
+                l.stop(Some(pid));
                 Err("aborted while the receiving VMM started".into())
             }
         },

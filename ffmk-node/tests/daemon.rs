@@ -193,7 +193,10 @@ impl Drop for Cleanup {
                 }
             }
         }
-        let _ = std::fs::remove_dir_all(&self.0);
+        // FFMK_TEST_KEEP=1 keeps the logs of a failed run.
+        if std::env::var_os("FFMK_TEST_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 }
 
@@ -1068,7 +1071,10 @@ fn the_daemons_answer_only_key_holders_and_the_holders_of_their_tokens() {
         let again = control::call(ctl, &trust, &prep(0.5), t).unwrap();
         std::thread::sleep(Duration::from_secs(5));
         let free = control::call(ctl, &trust, &prep(0.5), t).unwrap();
-        r.push(format!("unused ok={} then ok={}", again.ok, free.ok));
+        r.push(format!(
+            "unused ok={} then ok={} ({:?}, {:?})",
+            again.ok, free.ok, again.error, free.error
+        ));
         if let Some(tok) = free.token {
             let _ = control::call(ctl, &trust, &abort(&tok), t);
         }
@@ -1135,7 +1141,10 @@ fn the_daemons_answer_only_key_holders_and_the_holders_of_their_tokens() {
     );
     assert!(results[5].contains("only the host that asked"), "{text}");
     assert_eq!(results[6], "abort ok=true", "{text}");
-    assert_eq!(results[7], "unused ok=true then ok=true", "{text}");
+    assert!(
+        results[7].starts_with("unused ok=true then ok=true"),
+        "{text}"
+    );
     assert!(
         results[8].contains("not released without its token"),
         "{text}"
@@ -1368,14 +1377,20 @@ fn a_job_is_checkpointed_as_a_whole_and_restored_on_other_hosts() {
     names.sort();
     assert_eq!(names, ["job7-a", "job7-b"], "{m}");
     let pause = m["pause_ms"].as_f64().unwrap();
-    let live = m["longest_vm_live_pause_ms"].as_f64().unwrap();
     eprintln!(
-        "job checkpoint: common pause {pause:.1} ms (captured after {:.1}, resume sent after {:.1}), longest single-VM live pause {live:.1} ms, total {:.2} s",
+        "job checkpoint: common pause {pause:.1} ms (captured after {:.1}, resume sent after {:.1}), total {:.2} s",
         m["all_captured_after_ms"].as_f64().unwrap(),
         m["resume_sent_after_ms"].as_f64().unwrap(),
         m["total_s"].as_f64().unwrap()
     );
-    assert!(pause > 0.0 && live > 0.0, "{m}");
+    assert!(pause > 0.0, "{m}");
+    // Each VM's snapshot: committed, its pause from its VMM.
+    for v in m["vms"].as_array().unwrap() {
+        assert!(
+            v["snapshot"]["pause_ms"].as_f64().is_some_and(|p| p > 0.0),
+            "{m}"
+        );
+    }
     let ed = bb.join("job7").join(&epoch);
     assert!(
         ed.join("job.json").is_file()
@@ -1540,9 +1555,14 @@ fn job_checkpoint_figures() {
             let host = i % 2;
             let vm_dir = dir.join(format!("h{host}"));
             std::fs::create_dir_all(&vm_dir).unwrap();
-            let args = common::probe_argv_mem(&task, &memory, &["--cpus", "1"]);
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
             let name = format!("job9-r{i}");
+            // (vsock keeps the balancer from moving it meanwhile)
+            let vsock = format!(
+                "cid=3,socket={}",
+                dir.join(format!("{name}.vsock")).display()
+            );
+            let args = common::probe_argv_mem(&task, &memory, &["--cpus", "1", "--vsock", &vsock]);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
             Vm::spawn_in(
                 Some(&h[host]),
                 &args,
@@ -1577,7 +1597,9 @@ fn job_checkpoint_figures() {
         }
         let out = vm.api(&args);
         assert!(out.status.success(), "{out:?}");
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        // The outcome is the last line (progress comes before it).
+        let text = String::from_utf8_lossy(&out.stdout);
+        let v: Value = serde_json::from_str(text.trim().lines().last().unwrap_or("")).unwrap();
         ms(&v["pause_ms"])
     };
     let scratch = bb.join("alone");

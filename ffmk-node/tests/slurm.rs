@@ -452,7 +452,32 @@ fn a_rank_whose_vm_moves_stays_a_slurm_task_until_its_vm_ends() {
         &dir.join("vms-n1/blocker.sock"),
     );
     blocker.wait_counter(2);
-    let mut daemons = [node_daemon(&slurm, "n1"), node_daemon(&slurm, "n2")];
+    let daemons = [node_daemon(&slurm, "n1"), node_daemon(&slurm, "n2")];
+    // The daemons and every VMM they or the jobs started go, also when
+    // the test fails (a spinning probe left behind starves later tests).
+    struct Leftovers(Vec<Child>, PathBuf);
+    impl Drop for Leftovers {
+        fn drop(&mut self) {
+            for c in &mut self.0 {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            for node in ["n1", "n2"] {
+                let Ok(rd) = std::fs::read_dir(self.1.join(format!("vms-{node}"))) else {
+                    continue;
+                };
+                for e in rd.flatten() {
+                    if e.path().extension().is_some_and(|x| x == "sock") {
+                        if let Some(pid) = api(&e.path()).and_then(|v| v["pid"].as_i64()) {
+                            // SAFETY: kill(2) on a VMM this test caused to start.
+                            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let _leftovers = Leftovers(daemons.into(), dir.clone());
     let config = dir.join("node-%n.toml");
     let srun = |nodes: &[&str], cmdline: &str, extra: &[&str]| {
         let mut c = slurm.cmd("srun");
@@ -589,10 +614,7 @@ fn a_rank_whose_vm_moves_stays_a_slurm_task_until_its_vm_ends() {
     );
     let console = std::fs::read_to_string(there.with_extension("console")).unwrap_or_default();
     assert!(console.contains("counter=150"), "{console}");
-    for d in &mut daemons {
-        let _ = d.kill();
-        let _ = d.wait();
-    }
+    drop(_leftovers);
     drop(blocker);
     drop(slurm);
     let _ = std::fs::remove_dir_all(dir);

@@ -48,6 +48,10 @@ pub struct StateReply {
 pub enum RequestError {
     #[error("dest must be an absolute path")]
     RelativeDest,
+    #[error("a cut is a live snapshot's (live: true)")]
+    CutNotLive,
+    #[error("a cut's files must lie beside dest, in the directory that holds it")]
+    CutGates,
     #[error(
         "verify and postcopy exclude each other: post-copy switches over before every page is there"
     )]
@@ -89,6 +93,30 @@ pub struct SnapshotRequest {
     /// (without this such a VM refuses to be snapshotted).
     #[serde(default)]
     pub detach_devices: bool,
+    /// A job checkpoint's cut (`ffmk-node job checkpoint`; live only): the
+    /// VM pauses when its job does, not when its own copy converged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cut: Option<CutGates>,
+}
+
+/// Files through which a job's driver and a live snapshot meet
+/// ([`SnapshotRequest::cut`]), all in the directory that holds `dest`.
+/// Once its copy rounds converged the VMM creates `ready`, then goes on
+/// copying what the guest dirties until `pause` exists; then it pauses the
+/// VM, writes the rest and the device state, creates `captured` and keeps
+/// the VM paused until `resume` exists (every VM of the job captured), and
+/// only then commits the snapshot. `abort`, or no `pause` (or `resume`)
+/// within `max_wait_ms`, ends the snapshot with an error, nothing kept,
+/// the VM running.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CutGates {
+    pub ready: PathBuf,
+    pub pause: PathBuf,
+    pub captured: PathBuf,
+    pub resume: PathBuf,
+    pub abort: PathBuf,
+    pub max_wait_ms: u64,
 }
 
 impl SnapshotRequest {
@@ -100,16 +128,28 @@ impl SnapshotRequest {
             force: false,
             live: false,
             detach_devices: false,
+            cut: None,
         }
     }
 
     /// The request checked as the server checks it.
     pub fn check(&self) -> Result<(), RequestError> {
-        if self.dest.is_absolute() {
-            Ok(())
-        } else {
-            Err(RequestError::RelativeDest)
+        if !self.dest.is_absolute() {
+            return Err(RequestError::RelativeDest);
         }
+        if let Some(c) = &self.cut {
+            if !self.live {
+                return Err(RequestError::CutNotLive);
+            }
+            let parent = self.dest.parent();
+            if [&c.ready, &c.pause, &c.captured, &c.resume, &c.abort]
+                .iter()
+                .any(|p| p.parent() != parent || p == &&self.dest)
+            {
+                return Err(RequestError::CutGates);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -562,4 +602,47 @@ pub struct IoapicPin {
     pub pin: u8,
     pub vector: u8,
     pub vcpus: Vec<u8>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gates(dir: &str) -> CutGates {
+        let p = |n: &str| PathBuf::from(format!("{dir}/.vm.{n}"));
+        CutGates {
+            ready: p("ready"),
+            pause: p("pause"),
+            captured: p("captured"),
+            resume: p("resume"),
+            abort: p("abort"),
+            max_wait_ms: 1000,
+        }
+    }
+
+    #[test]
+    fn a_cut_is_live_and_its_files_lie_beside_dest() {
+        let cut = |live: bool, dir: &str| SnapshotRequest {
+            live,
+            cut: Some(gates(dir)),
+            ..SnapshotRequest::full("/bb/job7/ckpt-1/vm")
+        };
+        assert_eq!(cut(true, "/bb/job7/ckpt-1").check(), Ok(()));
+        assert_eq!(
+            cut(false, "/bb/job7/ckpt-1").check(),
+            Err(RequestError::CutNotLive)
+        );
+        assert_eq!(cut(true, "/etc").check(), Err(RequestError::CutGates));
+        let mut same = cut(true, "/bb/job7/ckpt-1");
+        if let Some(g) = same.cut.as_mut() {
+            g.pause = PathBuf::from("/bb/job7/ckpt-1/vm");
+        }
+        assert_eq!(same.check(), Err(RequestError::CutGates));
+        // Without a cut, as before.
+        assert_eq!(SnapshotRequest::full("/x").check(), Ok(()));
+        assert_eq!(
+            SnapshotRequest::full("x").check(),
+            Err(RequestError::RelativeDest)
+        );
+    }
 }

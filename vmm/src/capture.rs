@@ -10,7 +10,10 @@
 //! memory, not for the commit. A live snapshot copies memory while the
 //! guest runs, in dirty-log rounds (the `precopy` engine with its
 //! `Converge` policy) until what is left is small (or stops shrinking),
-//! and pauses only for the last dirty pages and the state.
+//! and pauses only for the last dirty pages and the state. In a job's cut
+//! (`SnapshotRequest::cut`, `ffmk-node job checkpoint`) the converged copy
+//! goes on until the job's driver says the whole job pauses, and the VM
+//! is left paused for the job to resume as a whole.
 //!
 //! Dirty pages come from the VM's tracker (`memory::dirty`): a snapshot
 //! holds a session on it for its whole run; pages it fetched for a
@@ -38,6 +41,17 @@ pub use vmm_api::model::{SnapshotKind as Kind, SnapshotReply, SnapshotRequest};
 /// once fewer pages than this (1 MiB) are left dirty.
 const LIVE_MAX_ROUNDS: u32 = 10;
 const LIVE_FINAL_PAGES: u64 = 256;
+
+/// A cut waiting for its job's pause looks for it this often when the
+/// guest dirtied nothing.
+const CUT_POLL: Duration = Duration::from_millis(1);
+
+/// Creates the (empty) file `path`: a cut's signal to its job's driver.
+fn touch(path: &std::path::Path) -> Result<(), Error> {
+    std::fs::File::create(path)
+        .map(drop)
+        .map_err(|e| failed("signal the job's driver")(format!("{}: {e}", path.display())))
+}
 
 /// Freezes the I/O thread when the VM has virtio devices: from here until
 /// the guard drops, no device writes guest memory or moves a queue.
@@ -161,18 +175,64 @@ pub fn take(vm: &Vm, req: &SnapshotRequest) -> Result<SnapshotReply, Error> {
                 precopy::Error::Stopped(e) => e,
             })?;
             rounds = ending.rounds;
+            let mut unwritten = ending.last;
+            if let Some(cut) = &req.cut {
+                // A job's cut: converged; go on copying until the job
+                // pauses, so that the pause has only the last moment's
+                // pages to write.
+                touch(&cut.ready)?;
+                let deadline = Instant::now() + Duration::from_millis(cut.max_wait_ms);
+                loop {
+                    if cut.abort.exists() {
+                        return Err(Error::Unsupported(
+                            "the job's checkpoint was abandoned before its pause".into(),
+                        ));
+                    }
+                    if cut.pause.exists() {
+                        break;
+                    }
+                    if Instant::now() > deadline {
+                        return Err(Error::Unsupported(format!(
+                            "the job did not pause within {} ms of this VM's copy converging",
+                            cut.max_wait_ms
+                        )));
+                    }
+                    if unwritten.count() > 0 {
+                        let w = write(&Selection::Pages(unwritten))?;
+                        written.defined.union(&w.defined);
+                        rounds += 1;
+                    } else {
+                        std::thread::sleep(CUT_POLL);
+                    }
+                    unwritten = dirty.fetch().map_err(dirty_err)?;
+                }
+            }
             pause_start = Instant::now();
             vm.pause()
                 .map_err(|e| failed("pause the VM")(e.to_string()))?;
             frozen = freeze_devices(vm)?;
             let mut last = dirty.fetch().map_err(dirty_err)?;
-            last.union(&ending.last);
+            last.union(&unwritten);
             let w = write(&Selection::Pages(last))?;
             written.defined.union(&w.defined);
             rounds += 1;
         }
         let machine = machine_state(vm);
         drop(frozen);
+        if let (Some(cut), true, Ok(_)) = (&req.cut, live, &machine) {
+            // Captured: the job's driver resumes the job once every VM of
+            // it says so; this VM stays paused until then.
+            touch(&cut.captured)?;
+            let deadline = Instant::now() + Duration::from_millis(cut.max_wait_ms);
+            while !cut.resume.exists() {
+                if cut.abort.exists() || Instant::now() > deadline {
+                    return Err(Error::Unsupported(
+                        "the job's checkpoint was abandoned after this VM's capture".into(),
+                    ));
+                }
+                std::thread::sleep(CUT_POLL);
+            }
+        }
         pause = pause_start.elapsed();
         if !was_paused {
             resume_after_snapshot(vm);

@@ -486,10 +486,10 @@ fn linux_mpi_job_checkpoint_is_a_consistent_cut_and_restarts_with_its_checksum()
     let m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let epoch = m["epoch"].as_str().unwrap().to_string();
     eprintln!(
-        "job: checkpoint {epoch} at {}: the job paused {:.1} ms (longest single-VM live pause {:.1} ms), {:.2} s in all",
+        "job: checkpoint {epoch} at {}: the job paused {:.1} ms (copies converged after {:.0} ms), {:.2} s in all",
         at(),
         m["pause_ms"].as_f64().unwrap_or(-1.0),
-        m["longest_vm_live_pause_ms"].as_f64().unwrap_or(-1.0),
+        m["converged_ms"].as_f64().unwrap_or(-1.0),
         took.as_secs_f64()
     );
 

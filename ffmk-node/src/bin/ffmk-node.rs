@@ -863,12 +863,12 @@ fn job(cmd: JobCmd) -> Result<u8, String> {
         JobCmd::Checkpoint(a) => d.checkpoint(&a.job, &slots).map(|m| {
             if !json {
                 println!(
-                    "job {}: checkpoint {} complete: {} VM(s), the job paused {:.1} ms (longest single-VM live pause {:.1} ms), {:.2} s in all",
+                    "job {}: checkpoint {} complete: {} VM(s), the job paused {:.1} ms (copies converged after {:.2} s), {:.2} s in all",
                     a.job,
                     m["epoch"].as_str().unwrap_or(""),
                     m["vms"].as_array().map_or(0, Vec::len),
                     m["pause_ms"].as_f64().unwrap_or(0.0),
-                    m["longest_vm_live_pause_ms"].as_f64().unwrap_or(0.0),
+                    m["converged_ms"].as_f64().unwrap_or(0.0) / 1e3,
                     m["total_s"].as_f64().unwrap_or(0.0),
                 );
             }

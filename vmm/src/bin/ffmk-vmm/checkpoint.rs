@@ -23,6 +23,7 @@ fn snapshot_call(
         force: false,
         live: call.live,
         detach_devices,
+        cut: None,
     };
     Client::new(sock).snapshot(&req).map_err(|e| {
         if e.is_connect() {

@@ -147,6 +147,7 @@ pub fn snapshot(a: SnapshotArgs) -> Result<u8, Failure> {
                 force: a.force,
                 live: a.live,
                 detach_devices: a.detach_devices,
+                cut: None,
             };
             // Who writes, and how much at most: the bar's scale.
             let vm = vmm::cli::with_timeout(vmm_api::Client::new(&sock), a.timeout, QUICK)
