@@ -778,30 +778,13 @@ fn start(d: &Daemon, job: &str, epoch: &str, vm: &str) -> Result<Value, String> 
         .map_err(|e| format!("cannot start {}: {e}", c.vmm.display()))?;
     let pid = child.id();
     // Ready once its API shows it paused.
-    let deadline = Instant::now() + RESTORE_TIMEOUT;
-    loop {
-        if let Ok(info) = vms::api(&sock, Duration::from_secs(2)).vm() {
-            if info.state == State::Paused {
-                break;
-            }
-        }
-        if let Ok(Some(st)) = child.try_wait() {
-            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
-            return Err(format!(
-                "{vm}: the restoring VMM exited ({st}): {}",
-                text.lines().last().unwrap_or("")
-            ));
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!(
-                "{vm}: not restored within {} s",
-                RESTORE_TIMEOUT.as_secs()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let paused = |_: &str| {
+        vms::api(&sock, Duration::from_secs(2))
+            .vm()
+            .is_ok_and(|info| info.state == State::Paused)
+    };
+    super::wait_ready(&mut child, &log_path, RESTORE_TIMEOUT, &paused)
+        .map_err(|e| format!("{vm}: the restoring VMM {e}"))?;
     // Reaped by the daemon when it ends (its status kept for `vm-watch`).
     lock(&d.local).children.push((vm.to_string(), child));
     lock(&d.jobs)

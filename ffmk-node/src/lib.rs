@@ -1389,29 +1389,44 @@ fn start_incoming(
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", c.vmm.display()))?;
     // Ready once it says it waits (it binds the port first).
-    let deadline = Instant::now() + Duration::from_secs(10);
+    wait_ready(&mut child, &log_path, Duration::from_secs(10), &|log| {
+        log.contains("waiting for a migration on")
+    })
+    .map_err(|e| format!("the receiving VMM {e}"))?;
+    let pid = child.id();
+    // Reaped whenever it ends (it may run for days): `refresh_local`.
+    lock(&d.local).children.push((name.to_string(), child));
+    Ok((pid, to))
+}
+
+/// Waits until a VMM this daemon started is `ready` (given its log so
+/// far), at most `within`; a VMM that exits first or takes too long is an
+/// error (what it said last), and one that takes too long is killed.
+fn wait_ready(
+    child: &mut std::process::Child,
+    log_path: &Path,
+    within: Duration,
+    ready: &dyn Fn(&str) -> bool,
+) -> Result<(), String> {
+    let deadline = Instant::now() + within;
     loop {
-        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
-        if text.contains("waiting for a migration on") {
-            break;
+        let text = std::fs::read_to_string(log_path).unwrap_or_default();
+        if ready(&text) {
+            return Ok(());
         }
         if let Ok(Some(st)) = child.try_wait() {
             return Err(format!(
-                "the receiving VMM exited ({st}): {}",
+                "exited ({st}): {}",
                 text.lines().last().unwrap_or("")
             ));
         }
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            return Err("the receiving VMM did not start listening within 10 s".into());
+            return Err(format!("was not ready within {} s", within.as_secs()));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let pid = child.id();
-    // Reaped whenever it ends (it may run for days): `refresh_local`.
-    lock(&d.local).children.push((name.to_string(), child));
-    Ok((pid, to))
 }
 
 /// The daemon's state for `ffmk-node status`.

@@ -9,13 +9,17 @@
  * placement: a run that was moved or restarted from a checkpoint must print
  * the same checksum as one that was not.
  *
- *   ffmk-mpi-checksum [STEPS [WORDS [PAUSE_MS [EVERY]]]]
+ *   ffmk-mpi-checksum [STEPS [WORDS [PAUSE_MS [EVERY [NAP_US]]]]]
  *     STEPS     steps (default 100)
  *     WORDS     words per rank (default 65536: 512 KiB)
  *     PAUSE_MS  sleep after each step, so that a run lasts long enough to
  *               be interrupted on a fast host (default 0)
  *     EVERY     rank 0 prints "step K/STEPS checksum=X" every EVERY steps
  *               (default 10)
+ *     NAP_US    while a rank waits for its peers it sleeps this long between
+ *               looks (MPI_Testall) instead of spinning in MPI (default 0:
+ *               MPI_Waitall, which spins): a vCPU that waits then halts, as
+ *               in a guest that blocks. The result is the same either way.
  * Rank 0 prints where every rank runs ("rank R on HOST pid P") first and
  * "ffmk-mpi-checksum: ranks=N steps=S words=W checksum=X" last.
  */
@@ -35,6 +39,23 @@ static uint64_t mix(uint64_t x)
     x *= 0x94d049bb133111ebULL;
     x ^= x >> 31;
     return x;
+}
+
+/* Waits for `n` requests: in MPI (spinning), or napping `nap_us` between looks. */
+static void wait_all(int n, MPI_Request *req, long nap_us)
+{
+    if (nap_us <= 0) {
+        MPI_Waitall(n, req, MPI_STATUSES_IGNORE);
+        return;
+    }
+    struct timespec ts = {nap_us / 1000000, (nap_us % 1000000) * 1000L};
+    for (;;) {
+        int done = 0;
+        MPI_Testall(n, req, &done, MPI_STATUSES_IGNORE);
+        if (done)
+            return;
+        nanosleep(&ts, NULL);
+    }
 }
 
 static long arg(int argc, char **argv, int i, long dflt, long min)
@@ -60,6 +81,7 @@ int main(int argc, char **argv)
     long words = arg(argc, argv, 2, 65536, 1);
     long pause_ms = arg(argc, argv, 3, 0, 0);
     long every = arg(argc, argv, 4, 10, 1);
+    long nap_us = arg(argc, argv, 5, 0, 0);
 
     char host[MPI_MAX_PROCESSOR_NAME] = {0};
     int len;
@@ -87,8 +109,10 @@ int main(int argc, char **argv)
     for (long k = 1; k <= steps; k++) {
         for (long i = 0; i < words; i++)
             mine[i] = mix(mine[i] ^ (uint64_t)k);
-        MPI_Sendrecv(mine, (int)words, MPI_UINT64_T, next, 0, got, (int)words, MPI_UINT64_T, prev, 0,
-                     MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+        MPI_Request ring[2];
+        MPI_Irecv(got, (int)words, MPI_UINT64_T, prev, 0, MPI_COMM_WORLD, &ring[0]);
+        MPI_Isend(mine, (int)words, MPI_UINT64_T, next, 0, MPI_COMM_WORLD, &ring[1]);
+        wait_all(2, ring, nap_us);
         uint64_t h = 0;
         for (long i = 0; i < words; i++) {
             mine[i] ^= (got[i] << 17) | (got[i] >> 47);
@@ -97,7 +121,9 @@ int main(int argc, char **argv)
         uint64_t all = 0;
         /* XOR of per-rank hashes mixed with the rank: order-free, rank-aware. */
         h = mix(h + (uint64_t)rank);
-        MPI_Allreduce(&h, &all, 1, MPI_UINT64_T, MPI_BXOR, MPI_COMM_WORLD);
+        MPI_Request reduce;
+        MPI_Iallreduce(&h, &all, 1, MPI_UINT64_T, MPI_BXOR, MPI_COMM_WORLD, &reduce);
+        wait_all(1, &reduce, nap_us);
         checksum = mix(checksum ^ all);
         if (rank == 0 && (k % every == 0 || k == steps)) {
             printf("step %ld/%ld checksum=%016llx\n", k, steps, (unsigned long long)checksum);
