@@ -795,7 +795,7 @@ fn start(d: &Daemon, job: &str, epoch: &str, vm: &str) -> Result<Value, String> 
 
 fn stop(d: &Daemon, job: &str, epoch: &str, vm: &str) -> Result<Value, String> {
     let entry = lock(&d.jobs).started.get(vm).cloned();
-    let Some((j, e, pid)) = entry.filter(|(j, e, _)| j == job && e == epoch) else {
+    let Some((_, _, pid)) = entry.filter(|(j, e, _)| j == job && e == epoch) else {
         return Err(format!(
             "{vm} was not started here by a restore of {epoch} of job {job}"
         ));
@@ -808,7 +808,6 @@ fn stop(d: &Daemon, job: &str, epoch: &str, vm: &str) -> Result<Value, String> {
     }
     lock(&d.local).stop(Some(pid));
     lock(&d.jobs).started.remove(vm);
-    let _ = (j, e);
     Ok(json!({"vm": vm, "stopped": pid}))
 }
 
@@ -828,9 +827,8 @@ type Answer = Result<Value, String>;
 
 /// What the cut of a job checkpoint did.
 struct Cut {
-    /// Each host's pre-copy and capture answers.
+    /// Each host's pre-copy answer.
     pre: Vec<(usize, Answer)>,
-    captured: Vec<(usize, Answer)>,
     /// From sending the pause until every host captured, and until the
     /// resume was sent.
     all_captured: Duration,
@@ -1081,7 +1079,6 @@ impl Driver<'_> {
         self.release(job, token);
         let Cut {
             pre,
-            captured,
             all_captured,
             resume_sent,
             resumed,
@@ -1107,7 +1104,6 @@ impl Driver<'_> {
             .iter()
             .filter_map(|(_, a)| a.as_ref().ok()?["converged_ms"].as_f64())
             .fold(0.0, f64::max);
-        let _ = &captured;
         let vms: Vec<Value> = per_vm(&pre)
             .iter()
             .map(|p| json!({"name": p["vm"], "host": p["host"], "memory_bytes": p["memory_bytes"]}))
@@ -1244,7 +1240,6 @@ impl Driver<'_> {
         ));
         Ok(Cut {
             pre,
-            captured,
             all_captured,
             resume_sent,
             resumed,
