@@ -41,7 +41,7 @@ use crate::control::{self, Reply, Request};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use vmm_api::model::{CutGates, SnapshotKind, SnapshotReply, SnapshotRequest, State, VmConfig};
@@ -753,9 +753,6 @@ fn start(d: &Daemon, job: &str, epoch: &str, vm: &str) -> Result<Value, String> 
     let dir = &c.vm_dir;
     let sock = dir.join(format!("{vm}.sock"));
     let log_path = dir.join(format!("{vm}.vmm.log"));
-    let out = std::fs::File::create(&log_path)
-        .map_err(|e| format!("cannot create {}: {e}", log_path.display()))?;
-    let err = out.try_clone().map_err(|e| e.to_string())?;
     let mut cmd = Command::new(&c.vmm);
     cmd.args(["restore", "--paused", "--from"])
         .arg(&snap)
@@ -768,14 +765,7 @@ fn start(d: &Daemon, job: &str, epoch: &str, vm: &str) -> Result<Value, String> 
             dir.join(format!("{vm}.console")).display()
         ))
         .args(&flags);
-    use std::os::unix::process::CommandExt;
-    cmd.stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .process_group(0);
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", c.vmm.display()))?;
+    let mut child = super::spawn_vmm(cmd, &log_path, &c.vmm)?;
     let pid = child.id();
     // Ready once its API shows it paused.
     let paused = |_: &str| {

@@ -1352,9 +1352,6 @@ fn start_incoming(
     let to = format!("tcp://{ip}:{port}");
     let dir = &c.vm_dir;
     let log_path = dir.join(format!("{name}.vmm.log"));
-    let out = std::fs::File::create(&log_path)
-        .map_err(|e| format!("cannot create {}: {e}", log_path.display()))?;
-    let err = out.try_clone().map_err(|e| e.to_string())?;
     let mut cmd = Command::new(&c.vmm);
     cmd.args(["run", "--incoming", &to])
         .args(&d.plane.vmm_args)
@@ -1379,15 +1376,7 @@ fn start_incoming(
         cmd.args(["--device", dev]);
     }
     cmd.args(flags);
-    // Its own process group: the VM outlives this daemon.
-    use std::os::unix::process::CommandExt;
-    cmd.stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .process_group(0);
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", c.vmm.display()))?;
+    let mut child = spawn_vmm(cmd, &log_path, &c.vmm)?;
     // Ready once it says it waits (it binds the port first).
     wait_ready(&mut child, &log_path, Duration::from_secs(10), &|log| {
         log.contains("waiting for a migration on")
@@ -1397,6 +1386,21 @@ fn start_incoming(
     // Reaped whenever it ends (it may run for days): `refresh_local`.
     lock(&d.local).children.push((name.to_string(), child));
     Ok((pid, to))
+}
+
+/// Starts a VMM (`cmd`, the `vmm` binary) with its output to `log_path`,
+/// in a process group of its own: the VM outlives this daemon.
+fn spawn_vmm(mut cmd: Command, log_path: &Path, vmm: &Path) -> Result<std::process::Child, String> {
+    let out = std::fs::File::create(log_path)
+        .map_err(|e| format!("cannot create {}: {e}", log_path.display()))?;
+    let err = out.try_clone().map_err(|e| e.to_string())?;
+    use std::os::unix::process::CommandExt;
+    cmd.stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0);
+    cmd.spawn()
+        .map_err(|e| format!("cannot start {}: {e}", vmm.display()))
 }
 
 /// Waits until a VMM this daemon started is `ready` (given its log so

@@ -113,6 +113,18 @@ fn max_downtime_ms() -> &'static str {
     }
 }
 
+/// n0's command: once n1 takes logins, the 3 ranks in n0 alone (the
+/// undisturbed reference: the checksum depends only on the ranks and the
+/// arguments), then across n0 and n1, 200 ms between steps.
+fn job_command(steps: u32, words: u32) -> String {
+    format!(
+        "{} && mpirun -np 3 -H n0:2 --oversubscribe ffmk-mpi-checksum {steps} {words} 0 50 {nap} && \
+         echo job-reference-done && mpirun -np 3 -H n0:2,n1:1 ffmk-mpi-checksum {steps} {words} 200 5 {nap}",
+        wait_ssh("n1"),
+        nap = nap_us()
+    )
+}
+
 /// How long a waiting rank sleeps between looks at its requests
 /// (ffmk-mpi-checksum's NAP_US). In the lab, ranks that spin in MPI keep
 /// their L2 vCPUs busy without a VM exit, and three of them on L1's two
@@ -181,12 +193,7 @@ fn linux_mpi_job_across_two_hosts_keeps_its_checksum_when_a_rank_migrates() {
     // on n0's 2 vCPUs: told it is oversubscribed, Open MPI yields instead
     // of spinning while it waits.
     let (steps, words) = (100, 65536);
-    let job = format!(
-        "{} && mpirun -np 3 -H n0:2 --oversubscribe ffmk-mpi-checksum {steps} {words} 0 50 {nap} && \
-         echo job-reference-done && mpirun -np 3 -H n0:2,n1:1 ffmk-mpi-checksum {steps} {words} 200 5 {nap}",
-        wait_ssh("n1"),
-        nap = nap_us()
-    );
+    let job = job_command(steps, words);
     let n1 = boot_node(&cluster.hosts[1], &dir, &N1, &nodes, "1", "jobt1", None);
     let n0 = boot_node(
         &cluster.hosts[0],
@@ -432,12 +439,7 @@ fn linux_mpi_job_checkpoint_is_a_consistent_cut_and_restarts_with_its_checksum()
     let dir = tmpdir("linux-mpi-job-checkpoint");
     let nodes = [&N0, &N1];
     let (steps, words) = (100, 65536);
-    let job = format!(
-        "{} && mpirun -np 3 -H n0:2 --oversubscribe ffmk-mpi-checksum {steps} {words} 0 50 {nap} && \
-         echo job-reference-done && mpirun -np 3 -H n0:2,n1:1 ffmk-mpi-checksum {steps} {words} 200 5 {nap}",
-        wait_ssh("n1"),
-        nap = nap_us()
-    );
+    let job = job_command(steps, words);
     let n1 = boot_node_as(
         &h[1],
         &dir.join("h1/job7-n1"),
