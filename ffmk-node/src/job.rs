@@ -44,7 +44,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use vmm_api::model::{CutGates, SnapshotKind, SnapshotReply, SnapshotRequest, State, VmConfig};
+use vmm_api::model::{
+    Cut as CutRequest, CutFiles, SnapshotKind, SnapshotReply, SnapshotRequest, State, VmConfig,
+};
 
 /// The job's manifest in an epoch directory: present only when complete.
 pub const MANIFEST: &str = "job.json";
@@ -99,7 +101,7 @@ pub(crate) struct Jobs {
 
 /// One VM's part in a job checkpoint's cut.
 pub(crate) struct VmCut {
-    gates: CutGates,
+    gates: CutFiles,
     request: std::thread::JoinHandle<Result<SnapshotReply, String>>,
 }
 
@@ -340,29 +342,16 @@ fn precopy(d: &Daemon, job: &str, epoch: &str) -> Result<Value, String> {
     // ends once every copy converged.
     let t0 = Instant::now();
     for v in &mine {
-        let gate = |what: &str| root.join(format!(".{}.{what}", v.name));
-        let gates = CutGates {
-            ready: gate("ready"),
-            pause: gate("pause"),
-            captured: gate("captured"),
-            resume: gate("resume"),
-            abort: gate("abort"),
-            max_wait_ms: CUT_WAIT.as_millis() as u64,
-        };
-        for g in [
-            &gates.ready,
-            &gates.pause,
-            &gates.captured,
-            &gates.resume,
-            &gates.abort,
-        ] {
-            let _ = std::fs::remove_file(g);
-        }
+        let dest = root.join(&v.name);
+        let gates = CutFiles::beside(&dest);
+        gates.clear();
         let req = SnapshotRequest {
             kind: SnapshotKind::Full,
             live: true,
-            cut: Some(gates.clone()),
-            ..SnapshotRequest::full(root.join(&v.name))
+            cut: Some(CutRequest {
+                max_wait_ms: CUT_WAIT.as_millis() as u64,
+            }),
+            ..SnapshotRequest::full(dest)
         };
         let (sock, name) = (v.sock.clone(), v.name.clone());
         let request = std::thread::Builder::new()
@@ -516,15 +505,7 @@ fn end_cuts(
                 .request
                 .join()
                 .unwrap_or_else(|_| Err(format!("{n}: the snapshot's thread panicked")));
-            for g in [
-                &c.gates.ready,
-                &c.gates.pause,
-                &c.gates.captured,
-                &c.gates.resume,
-                &c.gates.abort,
-            ] {
-                let _ = std::fs::remove_file(g);
-            }
+            c.gates.clear();
             (n, r)
         })
         .collect()

@@ -50,8 +50,6 @@ pub enum RequestError {
     RelativeDest,
     #[error("a cut is a live snapshot's (live: true)")]
     CutNotLive,
-    #[error("a cut's files must lie beside dest, in the directory that holds it")]
-    CutGates,
     #[error(
         "verify and postcopy exclude each other: post-copy switches over before every page is there"
     )]
@@ -96,27 +94,85 @@ pub struct SnapshotRequest {
     /// A job checkpoint's cut (`ffmk-node job checkpoint`; live only): the
     /// VM pauses when its job does, not when its own copy converged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cut: Option<CutGates>,
+    pub cut: Option<Cut>,
 }
 
-/// Files through which a job's driver and a live snapshot meet
-/// ([`SnapshotRequest::cut`]), all in the directory that holds `dest`.
-/// Once its copy rounds converged the VMM creates `ready`, then goes on
-/// copying what the guest dirties until `pause` exists; then it pauses the
-/// VM, writes the rest and the device state, creates `captured` and keeps
-/// the VM paused until `resume` exists (every VM of the job captured), and
-/// only then commits the snapshot. `abort`, or no `pause` (or `resume`)
-/// within `max_wait_ms`, ends the snapshot with an error, nothing kept,
-/// the VM running.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A job checkpoint's cut ([`SnapshotRequest::cut`]). The job's driver and
+/// the live snapshot meet through files beside `dest` ([`CutFiles`]): once
+/// its copy rounds converged the VMM creates `ready`, then goes on copying
+/// what the guest dirties until `pause` exists; then it pauses the VM,
+/// writes the rest and the device state, creates `captured` and keeps the
+/// VM paused until `resume` exists (every VM of the job captured), and only
+/// then commits the snapshot. `abort`, or no `pause` (or `resume`) within
+/// `max_wait_ms`, ends the snapshot with an error, nothing kept, the VM
+/// running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct CutGates {
+pub struct Cut {
+    pub max_wait_ms: u64,
+}
+
+impl Cut {
+    /// The longest wait a cut honours (a day): longer ones are cut to it.
+    pub const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(86_400);
+
+    /// `max_wait_ms`, at most [`Cut::MAX_WAIT`].
+    pub fn max_wait(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.max_wait_ms).min(Self::MAX_WAIT)
+    }
+}
+
+/// The files of a cut whose snapshot goes to `dest`: hidden files named
+/// after it in the directory that holds it (`/bb/ckpt/.vm0.ready` for
+/// `/bb/ckpt/vm0`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CutFiles {
     pub ready: PathBuf,
     pub pause: PathBuf,
     pub captured: PathBuf,
     pub resume: PathBuf,
     pub abort: PathBuf,
-    pub max_wait_ms: u64,
+}
+
+impl CutFiles {
+    pub fn beside(dest: &std::path::Path) -> Self {
+        let dir = dest.parent().unwrap_or(dest);
+        let name = dest
+            .file_name()
+            .unwrap_or_else(|| std::ffi::OsStr::new("snapshot"));
+        let file = |what: &str| {
+            let mut n = std::ffi::OsString::from(".");
+            n.push(name);
+            n.push(".");
+            n.push(what);
+            dir.join(n)
+        };
+        CutFiles {
+            ready: file("ready"),
+            pause: file("pause"),
+            captured: file("captured"),
+            resume: file("resume"),
+            abort: file("abort"),
+        }
+    }
+
+    /// All five, for clearing them.
+    pub fn all(&self) -> [&PathBuf; 5] {
+        [
+            &self.ready,
+            &self.pause,
+            &self.captured,
+            &self.resume,
+            &self.abort,
+        ]
+    }
+
+    /// Removes all five (those that exist).
+    pub fn clear(&self) {
+        for f in self.all() {
+            let _ = std::fs::remove_file(f);
+        }
+    }
 }
 
 impl SnapshotRequest {
@@ -137,17 +193,8 @@ impl SnapshotRequest {
         if !self.dest.is_absolute() {
             return Err(RequestError::RelativeDest);
         }
-        if let Some(c) = &self.cut {
-            if !self.live {
-                return Err(RequestError::CutNotLive);
-            }
-            let parent = self.dest.parent();
-            if [&c.ready, &c.pause, &c.captured, &c.resume, &c.abort]
-                .iter()
-                .any(|p| p.parent() != parent || p == &&self.dest)
-            {
-                return Err(RequestError::CutGates);
-            }
+        if self.cut.is_some() && !self.live {
+            return Err(RequestError::CutNotLive);
         }
         Ok(())
     }
@@ -608,36 +655,29 @@ pub struct IoapicPin {
 mod tests {
     use super::*;
 
-    fn gates(dir: &str) -> CutGates {
-        let p = |n: &str| PathBuf::from(format!("{dir}/.vm.{n}"));
-        CutGates {
-            ready: p("ready"),
-            pause: p("pause"),
-            captured: p("captured"),
-            resume: p("resume"),
-            abort: p("abort"),
-            max_wait_ms: 1000,
-        }
-    }
-
     #[test]
     fn a_cut_is_live_and_its_files_lie_beside_dest() {
-        let cut = |live: bool, dir: &str| SnapshotRequest {
+        let cut = |live: bool| SnapshotRequest {
             live,
-            cut: Some(gates(dir)),
+            cut: Some(Cut { max_wait_ms: 1000 }),
             ..SnapshotRequest::full("/bb/job7/ckpt-1/vm")
         };
-        assert_eq!(cut(true, "/bb/job7/ckpt-1").check(), Ok(()));
+        assert_eq!(cut(true).check(), Ok(()));
+        assert_eq!(cut(false).check(), Err(RequestError::CutNotLive));
+        let f = CutFiles::beside(std::path::Path::new("/bb/job7/ckpt-1/vm"));
+        assert_eq!(f.ready, PathBuf::from("/bb/job7/ckpt-1/.vm.ready"));
+        assert_eq!(f.abort, PathBuf::from("/bb/job7/ckpt-1/.vm.abort"));
         assert_eq!(
-            cut(false, "/bb/job7/ckpt-1").check(),
-            Err(RequestError::CutNotLive)
+            CutFiles::beside(std::path::Path::new("/")).pause,
+            PathBuf::from("/.snapshot.pause")
         );
-        assert_eq!(cut(true, "/etc").check(), Err(RequestError::CutGates));
-        let mut same = cut(true, "/bb/job7/ckpt-1");
-        if let Some(g) = same.cut.as_mut() {
-            g.pause = PathBuf::from("/bb/job7/ckpt-1/vm");
-        }
-        assert_eq!(same.check(), Err(RequestError::CutGates));
+        assert_eq!(
+            Cut {
+                max_wait_ms: u64::MAX
+            }
+            .max_wait(),
+            Cut::MAX_WAIT
+        );
         // Without a cut, as before.
         assert_eq!(SnapshotRequest::full("/x").check(), Ok(()));
         assert_eq!(

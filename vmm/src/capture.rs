@@ -35,6 +35,7 @@ use crate::machine::{failed, ChainRef, MachineState};
 /// before a snapshot gives up.
 const IO_FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
 
+use vmm_api::model::CutFiles;
 pub use vmm_api::model::{SnapshotKind as Kind, SnapshotReply, SnapshotRequest};
 
 /// Live snapshots: at most this many copy rounds, and the guest is paused
@@ -121,6 +122,7 @@ pub fn take(vm: &Vm, req: &SnapshotRequest) -> Result<SnapshotReply, Error> {
     let file = pending.memory_file()?;
     let was_paused = vm.is_paused();
     let live = req.live && !was_paused;
+    let cut = req.cut.map(|c| (c, CutFiles::beside(&req.dest)));
     let mut pause = Duration::ZERO;
     let mut rounds = 0;
     let captured = (|| -> Result<_, Error> {
@@ -176,25 +178,25 @@ pub fn take(vm: &Vm, req: &SnapshotRequest) -> Result<SnapshotReply, Error> {
             })?;
             rounds = ending.rounds;
             let mut unwritten = ending.last;
-            if let Some(cut) = &req.cut {
+            if let Some((cut, files)) = &cut {
                 // A job's cut: converged; go on copying until the job
                 // pauses, so that the pause has only the last moment's
                 // pages to write.
-                touch(&cut.ready)?;
-                let deadline = Instant::now() + Duration::from_millis(cut.max_wait_ms);
+                touch(&files.ready)?;
+                let deadline = Instant::now() + cut.max_wait();
                 loop {
-                    if cut.abort.exists() {
+                    if files.abort.exists() {
                         return Err(Error::Unsupported(
                             "the job's checkpoint was abandoned before its pause".into(),
                         ));
                     }
-                    if cut.pause.exists() {
+                    if files.pause.exists() {
                         break;
                     }
                     if Instant::now() > deadline {
                         return Err(Error::Unsupported(format!(
                             "the job did not pause within {} ms of this VM's copy converging",
-                            cut.max_wait_ms
+                            cut.max_wait().as_millis()
                         )));
                     }
                     if unwritten.count() > 0 {
@@ -219,13 +221,13 @@ pub fn take(vm: &Vm, req: &SnapshotRequest) -> Result<SnapshotReply, Error> {
         }
         let machine = machine_state(vm);
         drop(frozen);
-        if let (Some(cut), true, Ok(_)) = (&req.cut, live, &machine) {
+        if let (Some((cut, files)), true, Ok(_)) = (&cut, live, &machine) {
             // Captured: the job's driver resumes the job once every VM of
             // it says so; this VM stays paused until then.
-            touch(&cut.captured)?;
-            let deadline = Instant::now() + Duration::from_millis(cut.max_wait_ms);
-            while !cut.resume.exists() {
-                if cut.abort.exists() || Instant::now() > deadline {
+            touch(&files.captured)?;
+            let deadline = Instant::now() + cut.max_wait();
+            while !files.resume.exists() {
+                if files.abort.exists() || Instant::now() > deadline {
                     return Err(Error::Unsupported(
                         "the job's checkpoint was abandoned after this VM's capture".into(),
                     ));
