@@ -221,6 +221,11 @@ impl Client {
         self.request(endpoint::SHUTDOWN, &[], "", None)
     }
 
+    /// `POST /vm/announce`: the VM's network devices announce it again.
+    pub fn announce(&self) -> Result<Announced, Error> {
+        self.request(endpoint::ANNOUNCE, &[], "", None)
+    }
+
     /// `PUT /vm/snapshot`.
     pub fn snapshot(&self, req: &SnapshotRequest) -> Result<SnapshotReply, Error> {
         self.request(endpoint::SNAPSHOT, &[], "", Some(req))

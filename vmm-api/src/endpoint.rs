@@ -25,6 +25,7 @@ pub const GET_INTERRUPTS: Endpoint = ep("getInterrupts", "GET", "/vm/interrupts"
 pub const PAUSE: Endpoint = ep("pauseVm", "PUT", "/vm/pause");
 pub const RESUME: Endpoint = ep("resumeVm", "PUT", "/vm/resume");
 pub const SHUTDOWN: Endpoint = ep("shutdownVm", "PUT", "/vm/shutdown");
+pub const ANNOUNCE: Endpoint = ep("announceVm", "POST", "/vm/announce");
 pub const SNAPSHOT: Endpoint = ep("snapshotVm", "PUT", "/vm/snapshot");
 pub const MIGRATE: Endpoint = ep("migrateVm", "PUT", "/vm/migrate");
 pub const MIGRATION_STATUS: Endpoint = ep("migrationStatus", "GET", "/vm/migration");
@@ -43,6 +44,7 @@ pub const ALL: &[Endpoint] = &[
     PAUSE,
     RESUME,
     SHUTDOWN,
+    ANNOUNCE,
     SNAPSHOT,
     MIGRATE,
     MIGRATION_STATUS,

@@ -43,6 +43,15 @@ pub struct StateReply {
     pub state: State,
 }
 
+/// Answer to `POST /vm/announce`: the MAC addresses being announced, one
+/// per network device that announces (`announce=off` ones do not). The
+/// rounds go on after the answer (five, over 0.8 s).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Announced {
+    pub macs: Vec<String>,
+    pub rounds: u32,
+}
+
 /// A request body the server refuses (400) for what it says.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RequestError {

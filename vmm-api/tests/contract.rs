@@ -234,6 +234,7 @@ type Check = fn(&Value, &str);
 const TYPES: &[(&str, Check)] = &[
     ("Error", check::<ErrorBody>),
     ("State", check::<StateReply>),
+    ("Announced", check::<Announced>),
     ("VmInfo", check::<VmInfo>),
     ("VmConfig", check::<VmConfig>),
     ("Vcpus", check::<VcpusInfo>),

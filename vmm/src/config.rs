@@ -112,13 +112,9 @@ pub struct NetEntry {
 
 impl From<&NetConfig> for NetEntry {
     fn from(n: &NetConfig) -> Self {
-        let m = n.mac;
         NetEntry {
             tap: n.tap.clone(),
-            mac: Some(format!(
-                "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-                m[0], m[1], m[2], m[3], m[4], m[5]
-            )),
+            mac: Some(devices::virtio::net::format_mac(&n.mac)),
             bridge: n.bridge.clone(),
             announce: (!n.announce).then_some(false),
         }

@@ -396,6 +396,7 @@ impl Control {
             }
             ApiRequest::Pause
             | ApiRequest::Resume
+            | ApiRequest::Announce
             | ApiRequest::ResizeDisk { .. }
             | ApiRequest::Snapshot(_)
             | ApiRequest::AddDevice(_)
@@ -466,6 +467,32 @@ impl Control {
                 Err(e) => ApiResponse::error(500, format!("cannot describe the vCPUs: {e}")),
             },
             ApiRequest::Interrupts => ApiResponse::json(200, &self.vm.devices.routing().describe()),
+            ApiRequest::Announce => {
+                let macs: Vec<String> = self
+                    .vm
+                    .config
+                    .nets
+                    .iter()
+                    .filter(|n| n.announce)
+                    .map(|n| devices::virtio::net::format_mac(&n.mac))
+                    .collect();
+                if macs.is_empty() {
+                    let why = if self.vm.config.nets.is_empty() {
+                        "the VM has no network device"
+                    } else {
+                        "every network device of the VM has announce=off"
+                    };
+                    return ApiResponse::error(409, format!("nothing to announce: {why}"));
+                }
+                self.vm.devices.announce();
+                ApiResponse::json(
+                    200,
+                    &model::Announced {
+                        macs,
+                        rounds: devices::virtio::net::announce::ROUNDS.len() as u32,
+                    },
+                )
+            }
             ApiRequest::Pause if self.vm.is_paused() => {
                 ApiResponse::error(409, "the VM is already paused")
             }

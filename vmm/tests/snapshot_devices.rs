@@ -212,7 +212,8 @@ fn network_echo_continues_after_restore_on_a_new_tap() {
 
 /// A restored VM is announced on its TAP when it first runs (RARP, five
 /// rounds, docs/migration.md), once per restore, not while it stays
-/// paused, and never with `announce=off`. The TAP joins a bridge, so the VMM brings it up itself (a TAP
+/// paused, and never with `announce=off`; `ffmk-vmm announce` announces
+/// a running VM again. The TAP joins a bridge, so the VMM brings it up itself (a TAP
 /// that is down takes no frames).
 #[test]
 fn a_restored_vm_is_announced_when_it_first_runs() {
@@ -232,9 +233,27 @@ fn a_restored_vm_is_announced_when_it_first_runs() {
             serde_json::from_slice(&vm.api(&["info"]).stdout).unwrap_or_default();
         common::virtio_net_info(&info)["counters"]["announced"].as_u64()
     };
-    // A VM that booted here announces nothing.
+    // A VM that booted here announces nothing by itself.
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(announced(&vm), Some(0));
+    // ... but does when an operator asks (`POST /vm/announce`): five
+    // rounds, the MAC named.
+    let out = vm.api(&["announce"]);
+    let said: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        said,
+        serde_json::json!({"macs": ["52:54:00:12:34:58"], "rounds": 5})
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while announced(&vm) != Some(5) {
+        assert!(Instant::now() < deadline, "{:?}", announced(&vm));
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let snap = dir.join("snap");
     vm.snapshot(&snap, &[]);
     vm.kill();
@@ -255,11 +274,17 @@ fn a_restored_vm_is_announced_when_it_first_runs() {
     std::thread::sleep(Duration::from_millis(1200));
     assert_eq!(announced(&r), Some(5));
     r.kill();
-    // announce=off: never.
+    // announce=off: never, and an operator's announce is refused (409,
+    // exit 4: refused) with why.
     let quiet = format!("{net},announce=off");
     let r = restore(Some(&ns), &dir, "c", &snap, &["--net", &quiet]);
     std::thread::sleep(Duration::from_millis(1200));
     assert_eq!(announced(&r), Some(0), "{}", r.describe());
+    let out = r.api(&["announce"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(err.contains("announce=off"), "{err}");
+    assert_eq!(announced(&r), Some(0));
     r.kill();
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -25,6 +25,8 @@ pub enum ApiRequest {
     Pause,
     Resume,
     Shutdown,
+    /// `POST /vm/announce`: announce the VM on its TAPs again.
+    Announce,
     /// Grow disk `index` to `bytes` (`PUT /vm/disks/{index}/resize`).
     ResizeDisk {
         index: usize,
@@ -249,6 +251,7 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, ApiRes
         ep::PAUSE => ApiRequest::Pause,
         ep::RESUME => ApiRequest::Resume,
         ep::SHUTDOWN => ApiRequest::Shutdown,
+        ep::ANNOUNCE => ApiRequest::Announce,
         ep::SNAPSHOT => snapshot_request(body)?,
         ep::MIGRATE => migrate_request(body)?,
         ep::ADD_DEVICE => {
@@ -363,6 +366,15 @@ mod tests {
             ApiRequest::AddDevice("vfio-user=/run/cx.sock".parse().unwrap())
         );
         assert_eq!(route("PUT", "/vm/pause/", b"").unwrap(), ApiRequest::Pause);
+        assert_eq!(
+            route("POST", "/vm/announce", b"").unwrap(),
+            ApiRequest::Announce
+        );
+        let refused = route("PUT", "/vm/announce", b"").unwrap_err();
+        assert_eq!(
+            (refused.status, refused.allow.as_deref()),
+            (405, Some("POST"))
+        );
         let refused = route("GET", "/vm/pause", b"").unwrap_err();
         assert_eq!(
             (refused.status, refused.allow.as_deref()),

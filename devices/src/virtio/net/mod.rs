@@ -9,7 +9,7 @@
 //! Without buffers the frame waits and the TAP is not watched until the
 //! guest posts more, so a guest that stops receiving costs nothing.
 //! Transmit: each chain (header + frame) is written to the TAP as one frame.
-mod announce;
+pub mod announce;
 pub mod ctrl;
 
 pub use announce::{rarp_frame, ETH_P_RARP};
@@ -82,6 +82,14 @@ fn announce_default() -> bool {
 
 fn is_announce_default(on: &bool) -> bool {
     *on
+}
+
+/// `52:54:00:12:34:56`.
+pub fn format_mac(m: &[u8; 6]) -> String {
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    )
 }
 
 /// A locally administered MAC derived from the TAP name (stable across runs).
@@ -338,10 +346,10 @@ impl VirtioDevice for Net {
     }
 
     fn describe(&self) -> String {
-        let m = self.mac.get();
         format!(
-            "virtio-net tap={} mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            self.config.tap, m[0], m[1], m[2], m[3], m[4], m[5]
+            "virtio-net tap={} mac={}",
+            self.config.tap,
+            format_mac(&self.mac.get())
         )
     }
 }

@@ -68,6 +68,17 @@ pub fn shutdown(c: ClientArgs) -> Result<u8, Failure> {
     print(c.client(QUICK).shutdown(), c.json, state_line)
 }
 
+/// `announce`: the VM's network devices announce it again.
+pub fn announce(c: ClientArgs) -> Result<u8, Failure> {
+    print(c.client(QUICK).announce(), c.json, |a| {
+        format!(
+            "announcing {} ({} rounds over 0.8 s)",
+            a.macs.join(", "),
+            a.rounds
+        )
+    })
+}
+
 fn device_line(d: &DeviceState) -> String {
     format!(
         "{} at {}{}: {}",

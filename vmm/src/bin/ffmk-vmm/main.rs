@@ -45,6 +45,7 @@ fn main() -> ExitCode {
         Command::Pause(c) => client::pause(c),
         Command::Resume(c) => client::resume(c),
         Command::Shutdown(c) => client::shutdown(c),
+        Command::Announce(c) => client::announce(c),
         Command::Snapshot(a) => client::snapshot(a),
         Command::Restore(a) => restore(*a),
         Command::Checkpoint { action, plane } => checkpoint::checkpoint(action, plane),
