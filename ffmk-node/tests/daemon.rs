@@ -9,7 +9,7 @@
 #[path = "../../vmm/tests/common/mod.rs"]
 mod common;
 
-use common::{assert_consecutive, counters, probe_argv_mem, vmm, Cluster, NetNs, Vm};
+use common::{assert_consecutive, counters, probe_argv_mem, vmm, wait_for, Cluster, NetNs, Vm};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -62,17 +62,10 @@ migration_ports = [7410, 7419]
             ),
         )
         .unwrap();
-        let child = ns
-            .exec(node())
-            .args(["run", "--config"])
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::File::create(dir.join(format!("node{i}.stderr"))).unwrap(),
-            ))
-            .spawn()
-            .unwrap();
+        let child = common::spawn_daemon(
+            ns.exec(node()).args(["run", "--config"]).arg(&config),
+            &dir.join(format!("node{i}.stderr")),
+        );
         Daemon {
             child,
             ns_name: ns.0.clone(),
@@ -149,17 +142,6 @@ fn board_loads(st: &Value) -> Option<Vec<f64>> {
 fn imbalance(loads: &[f64]) -> f64 {
     let mean = loads.iter().sum::<f64>() / loads.len() as f64;
     loads.iter().copied().fold(0.0, f64::max) / mean - 1.0
-}
-
-fn wait_for<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// Kills a VMM the daemon started (found through its API's pid).

@@ -7,7 +7,7 @@
 #[path = "../../vmm/tests/common/mod.rs"]
 mod common;
 
-use common::{probe, vmm, NetNs};
+use common::{probe, vmm, wait_for, NetNs};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -376,17 +376,10 @@ migration_ports = [7410, 7419]
         ),
     )
     .unwrap();
-    slurm
-        .cmd(node())
-        .args(["run", "--config"])
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(
-            std::fs::File::create(dir.join(format!("node-{me}.stderr"))).unwrap(),
-        ))
-        .spawn()
-        .unwrap()
+    common::spawn_daemon(
+        slurm.cmd(node()).args(["run", "--config"]).arg(&config),
+        &dir.join(format!("node-{me}.stderr")),
+    )
 }
 
 /// The JSON events of a node daemon's log.
@@ -396,17 +389,6 @@ fn events(dir: &Path, me: &str) -> Vec<Value> {
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
-}
-
-fn wait_until<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// Slurm keeps track of a rank whose VM the node daemons move. The private
@@ -505,7 +487,7 @@ fn a_rank_whose_vm_moves_stays_a_slurm_task_until_its_vm_ends() {
     };
     // The id of the newest job in squeue, newer than `after`.
     let job_after = |after: u64| -> u64 {
-        wait_until("a new job in squeue", Duration::from_secs(20), || {
+        wait_for("a new job in squeue", Duration::from_secs(20), || {
             let out = slurm.cmd("squeue").args(["-h", "-o", "%i"]).output().ok()?;
             String::from_utf8_lossy(&out.stdout)
                 .split_whitespace()
@@ -519,8 +501,8 @@ fn a_rank_whose_vm_moves_stays_a_slurm_task_until_its_vm_ends() {
     let mut a = srun(&["-N1", "-w", "n1"], "task=counter hz=10", &[]);
     let ja = job_after(0);
     let a_sock = sock("n1", &format!("job{ja}-rank0"));
-    wait_until("job A's VM", Duration::from_secs(20), || state(&a_sock));
-    let held = wait_until("n1 holding job A's VM", Duration::from_secs(20), || {
+    wait_for("job A's VM", Duration::from_secs(20), || state(&a_sock));
+    let held = wait_for("n1 holding job A's VM", Duration::from_secs(20), || {
         events(&dir, "n1").into_iter().find(|e| {
             e["event"] == "decision"
                 && e["reason"]
@@ -548,14 +530,14 @@ fn a_rank_whose_vm_moves_stays_a_slurm_task_until_its_vm_ends() {
     let mut b = srun(&["-N2"], "task=counter hz=10", &[]);
     let jb = job_after(ja);
     let name = format!("job{jb}-rank0");
-    let moved = wait_until("rank 0's VM moved to n2", Duration::from_secs(60), || {
+    let moved = wait_for("rank 0's VM moved to n2", Duration::from_secs(60), || {
         events(&dir, "n1")
             .into_iter()
             .find(|e| e["event"] == "migration-done" && e["vm"] == name.as_str())
     });
     assert_eq!(moved["to_host"], "n2", "{moved}");
     let there = sock("n2", &name);
-    wait_until("the VM running on n2", Duration::from_secs(20), || {
+    wait_for("the VM running on n2", Duration::from_secs(20), || {
         (state(&there).as_deref() == Some("running")).then_some(())
     });
     std::thread::sleep(Duration::from_secs(2));
@@ -574,7 +556,7 @@ fn a_rank_whose_vm_moves_stays_a_slurm_task_until_its_vm_ends() {
         .success());
     // SAFETY: kill(2) with signal 0 only checks that the process exists.
     let alive = |p: i32| unsafe { libc::kill(p, 0) } == 0;
-    wait_until("the VM on n2 to stop", Duration::from_secs(30), || {
+    wait_for("the VM on n2 to stop", Duration::from_secs(30), || {
         (!alive(pid)).then_some(())
     });
     let out = b.wait_with_output().unwrap();
@@ -595,7 +577,7 @@ fn a_rank_whose_vm_moves_stays_a_slurm_task_until_its_vm_ends() {
     );
     let jc = job_after(jb);
     let name = format!("job{jc}-rank0");
-    wait_until(
+    wait_for(
         "job C's rank 0 moved to n2",
         Duration::from_secs(60),
         || {

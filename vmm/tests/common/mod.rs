@@ -99,6 +99,29 @@ pub fn value(out: &Output, key: &str) -> Option<String> {
     text_value(&String::from_utf8_lossy(&out.stdout), key)
 }
 
+/// Polls `f` every 100 ms until it gives a value; fails the test naming
+/// `what` after `within`.
+pub fn wait_for<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Starts `cmd` in the background with no stdin or stdout and its stderr
+/// in the file `stderr` (a daemon a test reads through its logs).
+pub fn spawn_daemon(cmd: &mut Command, stderr: &Path) -> Child {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(std::fs::File::create(stderr).unwrap()))
+        .spawn()
+        .unwrap()
+}
+
 /// The value of the first `key=value` line in `text` (a console).
 pub fn text_value(text: &str, key: &str) -> Option<String> {
     text.lines().find_map(|l| {
