@@ -19,6 +19,12 @@ pub const PORT: u32 = 1027;
 /// How long the guest may take to answer (removing a function whose
 /// driver is busy can take a while).
 pub const TIMEOUT: Duration = Duration::from_secs(20);
+/// How long the guest may take to accept the connection. A guest whose
+/// kernel has a vsock driver answers at once (a reset when nothing
+/// listens); only a guest without one leaves the request unanswered, and
+/// waiting the whole [`TIMEOUT`] for it made every agent-less removal
+/// take 20 s per question.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -35,7 +41,7 @@ pub enum Error {
 pub fn ask(vsock_socket: &Path, command: &str, timeout: Duration) -> Result<String, Error> {
     let no = |what: &str, e: std::io::Error| Error::NoAgent(format!("{what}: {e}"));
     let s = UnixStream::connect(vsock_socket).map_err(|e| no("vsock socket", e))?;
-    s.set_read_timeout(Some(timeout))
+    s.set_read_timeout(Some(timeout.min(CONNECT_TIMEOUT)))
         .map_err(|e| no("socket", e))?;
     (&s).write_all(format!("CONNECT {PORT}\n").as_bytes())
         .map_err(|e| no("connect", e))?;
@@ -49,6 +55,8 @@ pub fn ask(vsock_socket: &Path, command: &str, timeout: Duration) -> Result<Stri
             line.trim().to_string()
         }));
     }
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| no("socket", e))?;
     (&s).write_all(format!("{command}\n").as_bytes())
         .map_err(|e| no("send", e))?;
     line.clear();
