@@ -185,7 +185,6 @@ impl Conn {
         };
         s.tcp().set_read_timeout(Some(IO_TIMEOUT)).map_err(fail)?;
         s.tcp().set_write_timeout(Some(IO_TIMEOUT)).map_err(fail)?;
-        let _ = s.tcp().set_nodelay(true);
         let w = s.try_clone().map_err(fail)?;
         Ok(Conn {
             r: BufReader::with_capacity(1 << 20, s),
