@@ -9,7 +9,7 @@
 //! in one line.
 use crate::backend::{Backend, Mapping, RegionInfo};
 use crate::sysfs::HostError;
-use crate::sysfs::{self, PciAddress};
+use crate::sysfs::{self, HostDevice, PciAddress};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -84,6 +84,29 @@ pub fn preflight(root: &Path, address: &PciAddress) -> Result<u32, HostError> {
             }
         }
     }
+    vfio_nodes(root, group)?;
+    Ok(group)
+}
+
+/// [`preflight`] for any device kernel VFIO serves: a PCI function, or a
+/// mediated device (it exists and has an IOMMU group of its own).
+pub fn preflight_device(root: &Path, device: &HostDevice) -> Result<u32, HostError> {
+    match device {
+        HostDevice::Pci(a) => preflight(root, a),
+        HostDevice::Mdev(uuid) => {
+            if !device.sysfs_dir(root).exists() {
+                return Err(HostError::NoMdev(uuid.clone()));
+            }
+            let group = device
+                .iommu_group(root)
+                .ok_or_else(|| HostError::MdevNoGroup(uuid.clone()))?;
+            vfio_nodes(root, group)?;
+            Ok(group)
+        }
+    }
+}
+
+fn vfio_nodes(root: &Path, group: u32) -> Result<(), HostError> {
     let container = root.join("dev/vfio/vfio");
     if !container.exists() {
         return Err(HostError::NoVfioNode(container));
@@ -92,7 +115,7 @@ pub fn preflight(root: &Path, address: &PciAddress) -> Result<u32, HostError> {
     if !node.exists() {
         return Err(HostError::NoVfioNode(node));
     }
-    Ok(group)
+    Ok(())
 }
 
 /// Guest RAM as the IOMMU sees it: (guest-physical address, host address, length).
@@ -122,11 +145,11 @@ impl Iommu {
         })
     }
 
-    /// Opens the function at `address` (checked by [`preflight`] first) and
-    /// maps guest RAM for DMA if no function did yet.
-    pub fn attach(&self, address: &PciAddress) -> Result<KernelDevice, Error> {
-        preflight(Path::new("/"), address)?;
-        let path = sysfs::device_dir(Path::new("/"), address);
+    /// Opens `address` (checked by [`preflight_device`] first) and maps
+    /// guest RAM for DMA if no function did yet.
+    pub fn attach(&self, address: &HostDevice) -> Result<KernelDevice, Error> {
+        preflight_device(Path::new("/"), address)?;
+        let path = address.sysfs_dir(Path::new("/"));
         let device = VfioDevice::new(&path, self.container.clone(), false).map_err(|source| {
             Error::Vfio {
                 what: format!("cannot open {address} through VFIO"),
@@ -198,13 +221,13 @@ impl Iommu {
 
 /// A host function opened through VFIO.
 pub struct KernelDevice {
-    address: PciAddress,
+    address: HostDevice,
     path: PathBuf,
     device: VfioDevice,
 }
 
 impl KernelDevice {
-    pub fn address(&self) -> &PciAddress {
+    pub fn address(&self) -> &HostDevice {
         &self.address
     }
 

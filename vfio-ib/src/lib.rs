@@ -29,4 +29,4 @@ pub mod vfio_user;
 
 pub use backend::{Backend, Mapping, RegionInfo};
 pub use passthrough::{GuestMapper, Passthrough};
-pub use sysfs::PciAddress;
+pub use sysfs::{HostDevice, PciAddress};

@@ -184,8 +184,23 @@ impl Passthrough {
                         })?;
                     bars[i].region_size = r.size;
                 }
-                Some(_) => {
-                    tracing::warn!("{name}: BAR {i} is an I/O BAR; the guest does not see it")
+                Some(r) => {
+                    // Port I/O: always trapped and forwarded (nothing to map).
+                    let size = r.size.max(4).next_power_of_two();
+                    shadow
+                        .add_bar(
+                            i,
+                            Bar {
+                                kind: BarKind::Io,
+                                size,
+                            },
+                        )
+                        .map_err(|e| Error::Bar {
+                            name: name.clone(),
+                            bar: i,
+                            msg: e.to_string(),
+                        })?;
+                    bars[i].region_size = r.size;
                 }
                 None => {}
             }

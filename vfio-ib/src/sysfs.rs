@@ -70,6 +70,89 @@ impl FromStr for PciAddress {
     }
 }
 
+/// A device kernel VFIO can hand to a VM: a host PCI function bound to
+/// vfio-pci, or a mediated device (mdev: a virtual function a host driver
+/// such as `mtty` or a vGPU driver serves), named by its sysfs directory
+/// `/sys/bus/mdev/devices/UUID`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(into = "String")]
+pub enum HostDevice {
+    Pci(PciAddress),
+    Mdev(String),
+}
+
+impl HostDevice {
+    /// Its directory in sysfs (under `root`).
+    pub fn sysfs_dir(&self, root: &Path) -> PathBuf {
+        match self {
+            HostDevice::Pci(a) => device_dir(root, a),
+            HostDevice::Mdev(uuid) => root.join(MDEV_DEVICES).join(uuid),
+        }
+    }
+
+    /// Its IOMMU group (every mdev has one of its own).
+    pub fn iommu_group(&self, root: &Path) -> Option<u32> {
+        link_name(&self.sysfs_dir(root).join("iommu_group"))?
+            .parse()
+            .ok()
+    }
+}
+
+const MDEV_DEVICES: &str = "sys/bus/mdev/devices";
+
+/// `8-4-4-4-12` hex digits.
+fn is_uuid(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('-').collect();
+    parts.len() == 5
+        && parts
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(p, n)| p.len() == n && p.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+impl fmt::Display for HostDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostDevice::Pci(a) => a.fmt(f),
+            HostDevice::Mdev(uuid) => write!(f, "/{MDEV_DEVICES}/{uuid}"),
+        }
+    }
+}
+
+impl From<HostDevice> for String {
+    fn from(d: HostDevice) -> String {
+        d.to_string()
+    }
+}
+
+impl FromStr for HostDevice {
+    type Err = String;
+
+    /// A PCI address (`0000:3b:00.2`, or a sysfs path ending in one), or
+    /// an mdev's sysfs path (`/sys/bus/mdev/devices/UUID`).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let name = s.trim_end_matches('/').rsplit('/').next().unwrap_or(s);
+        if is_uuid(name) {
+            if !s.contains('/') {
+                return Err(format!(
+                    "'{s}' looks like an mdev's UUID: name it by its sysfs path, /{MDEV_DEVICES}/{s}"
+                ));
+            }
+            return Ok(HostDevice::Mdev(name.to_ascii_lowercase()));
+        }
+        s.parse()
+            .map(HostDevice::Pci)
+            .map_err(|e| format!("{e}, or an mdev's sysfs path (/{MDEV_DEVICES}/UUID)"))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for HostDevice {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 pub fn device_dir(root: &Path, a: &PciAddress) -> PathBuf {
     root.join("sys/bus/pci/devices").join(a.to_string())
 }
@@ -179,6 +262,10 @@ pub enum HostError {
     },
     #[error("{} does not exist: is the vfio-pci module loaded?", .0.display())]
     NoVfioNode(PathBuf),
+    #[error("no mediated device {0} on this host (is its driver loaded and the device created?)")]
+    NoMdev(String),
+    #[error("mediated device {0} has no IOMMU group (is the module mdev loaded?)")]
+    MdevNoGroup(String),
     #[error(
         "{0} has no SR-IOV capability (no sriov_totalvfs): is SR-IOV enabled in the firmware?"
     )]
@@ -312,6 +399,33 @@ pub fn create_vfs(root: &Path, pf: &PciAddress, n: u32) -> Result<(), HostError>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_devices_are_pci_functions_or_mdev_paths() {
+        let uuid = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001";
+        let path = format!("/sys/bus/mdev/devices/{uuid}");
+        let d: HostDevice = path.parse().unwrap();
+        assert_eq!(d, HostDevice::Mdev(uuid.into()));
+        assert_eq!(d.to_string(), path, "prints as it is given");
+        assert_eq!(
+            d.sysfs_dir(Path::new("/x")),
+            Path::new("/x").join(&path[1..])
+        );
+        let upper: HostDevice = path
+            .to_uppercase()
+            .replace("/SYS/BUS/MDEV/DEVICES", "/sys/bus/mdev/devices")
+            .parse()
+            .unwrap();
+        assert_eq!(upper, d, "UUIDs compare in lower case");
+        let e = uuid.parse::<HostDevice>().unwrap_err();
+        assert!(e.contains("sysfs path"), "{e}");
+        let pci: HostDevice = "3b:00.2".parse().unwrap();
+        assert_eq!(pci.to_string(), "0000:3b:00.2");
+        let e = "nonsense".parse::<HostDevice>().unwrap_err();
+        assert!(e.contains("not a PCI address") && e.contains("mdev"), "{e}");
+        let json = serde_json::to_string(&d).unwrap();
+        assert_eq!(serde_json::from_str::<HostDevice>(&json).unwrap(), d);
+    }
 
     #[test]
     fn pci_addresses_parse_and_print() {

@@ -164,7 +164,7 @@ pub enum DeviceEntry {
     /// traps every BAR access instead of mapping BARs into the guest (for
     /// comparison, and for devices whose BARs must not be mapped).
     Vfio {
-        address: vfio_ib::PciAddress,
+        address: vfio_ib::HostDevice,
         mmap: bool,
     },
     /// A function served by another process over vfio-user (a Unix socket).
@@ -173,7 +173,8 @@ pub enum DeviceEntry {
 
 impl std::str::FromStr for DeviceEntry {
     type Err = Error;
-    /// `vfio=0000:3b:00.2[,mmap=off]` (the address may be a sysfs path) or
+    /// `vfio=0000:3b:00.2[,mmap=off]` (the address may be a sysfs path),
+    /// `vfio=/sys/bus/mdev/devices/UUID` (a mediated device) or
     /// `vfio-user=SOCKET`.
     fn from_str(spec: &str) -> Result<Self, Error> {
         let bad = |why: String| Error::Device {
@@ -398,6 +399,7 @@ pub const RESERVED_PORTS: &[(u16, u16, &str)] = &[
     (0x3f8, 0x3ff, "COM1"),
     (0x600, 0x601, "ACPI sleep registers"),
     (0xcf8, 0xcff, "PCI configuration"),
+    (0xc000, 0xffff, "PCI I/O BARs"),
 ];
 
 /// Everything `run` accepts: the TOML schema, the target of the flags and

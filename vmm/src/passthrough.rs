@@ -10,7 +10,7 @@ use crate::config::DeviceEntry;
 use crate::irq::IrqRouting;
 use crate::memory::{self, GuestMemoryMmap};
 use devices::interrupt::MsiVectors;
-use devices::pci::{Location, PciRoot};
+use devices::pci::{BarKind, Location, PciDevice, PciRoot};
 use kvm_bindings::{
     kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO, kvm_userspace_memory_region,
 };
@@ -263,7 +263,7 @@ impl Passthroughs {
             }
             DeviceEntry::Vfio { address, mmap } => {
                 // Before the container: a device that cannot work says why first.
-                vfio_ib::kernel::preflight(std::path::Path::new("/"), address)
+                vfio_ib::kernel::preflight_device(std::path::Path::new("/"), address)
                     .map_err(|e| err(e.to_string(), true))?;
                 if self.iommu.is_none() {
                     let map = cx
@@ -296,7 +296,13 @@ impl Passthroughs {
             .ports()
             .iter()
             .any(|(_, p)| p.lock().map(|p| !p.occupied()).unwrap_or(false));
-        let placed = if hotplug && free_slot {
+        // A root port forwards no port I/O: a function with an I/O BAR
+        // (a serial port, say) goes on bus 0.
+        let io_bar = device
+            .lock()
+            .map(|d| d.config().bars().any(|(_, b)| b.kind == BarKind::Io))
+            .unwrap_or(false);
+        let placed = if hotplug && free_slot && !io_bar {
             cx.pci.hotplug(device.clone(), SLOT_PATIENCE)
         } else {
             cx.pci.add(device.clone()).map(Location::root)

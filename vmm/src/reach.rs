@@ -80,7 +80,7 @@ pub fn paths(config: &RunConfig, restore_from: Option<&Path>) -> std::io::Result
         let crate::config::DeviceEntry::Vfio { address, .. } = d else {
             continue;
         };
-        if let Some(g) = vfio_ib::sysfs::iommu_group(Path::new("/"), address) {
+        if let Some(g) = address.iommu_group(Path::new("/")) {
             let node = PathBuf::from(format!("/dev/vfio/{g}"));
             if !p.devices.contains(&node) {
                 p.devices.push(node);

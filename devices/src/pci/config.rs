@@ -49,13 +49,21 @@ pub const NUM_BARS: usize = 6;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BarKind {
     Mem32,
-    Mem64 { prefetchable: bool },
+    Mem64 {
+        prefetchable: bool,
+    },
+    /// I/O space (port I/O: a 16550 UART's eight registers, say).
+    Io,
 }
+
+/// I/O BARs are 4 to 256 bytes, a power of two (what PCI allows).
+pub const IO_BAR_MAX: u64 = 256;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Bar {
     pub kind: BarKind,
-    /// A power of two, at least 4 KiB (page-sized, so BARs can be mapped).
+    /// A power of two: at least 4 KiB for memory BARs (page-sized, so they
+    /// can be mapped), 4 to 256 bytes for I/O BARs.
     pub size: u64,
 }
 
@@ -63,7 +71,9 @@ pub struct Bar {
 pub enum ConfigError {
     #[error("BAR {0} is out of range or already used")]
     BarTaken(usize),
-    #[error("BAR size {0:#x} is not a power of two of at least 4 KiB")]
+    #[error(
+        "BAR size {0:#x} is not a power of two of at least 4 KiB (memory) or 4 to 256 bytes (I/O)"
+    )]
     BarSize(u64),
     #[error("no room left for a capability of {0} bytes")]
     NoCapabilityRoom(usize),
@@ -159,17 +169,25 @@ impl ConfigSpace {
         {
             return Err(ConfigError::BarTaken(index));
         }
-        if !bar.size.is_power_of_two() || bar.size < 4096 || (!wide && bar.size > 1 << 31) {
+        let io = bar.kind == BarKind::Io;
+        let size_ok = if io {
+            (4..=IO_BAR_MAX).contains(&bar.size)
+        } else {
+            bar.size >= 4096 && (wide || bar.size <= 1 << 31)
+        };
+        if !bar.size.is_power_of_two() || !size_ok {
             return Err(ConfigError::BarSize(bar.size));
         }
-        let type_bits: u32 = match bar.kind {
-            BarKind::Mem32 => 0,
-            BarKind::Mem64 { prefetchable } => 0b100 | if prefetchable { 0b1000 } else { 0 },
+        let (type_bits, low_bits): (u32, u32) = match bar.kind {
+            BarKind::Mem32 => (0, 0xf),
+            BarKind::Mem64 { prefetchable } => (0b100 | if prefetchable { 0b1000 } else { 0 }, 0xf),
+            // Port addresses are 16 bits on x86: the upper half reads 0.
+            BarKind::Io => (0b1, 0xffff_0003),
         };
         let mask = !(bar.size - 1);
         let off = BAR0 + 4 * index;
         self.set_u32(off, type_bits);
-        self.writable[off..off + 4].copy_from_slice(&((mask as u32) & !0xf).to_le_bytes());
+        self.writable[off..off + 4].copy_from_slice(&((mask as u32) & !low_bits).to_le_bytes());
         if wide {
             self.set_u32(off + 4, 0);
             self.writable[off + 4..off + 8].copy_from_slice(&((mask >> 32) as u32).to_le_bytes());
@@ -209,6 +227,7 @@ impl ConfigSpace {
         Some(match bar.kind {
             BarKind::Mem32 => low,
             BarKind::Mem64 { .. } => low | (u64::from(self.u32_at(off + 4)) << 32),
+            BarKind::Io => u64::from(self.u32_at(off) & 0xfffc),
         })
     }
 
@@ -218,6 +237,10 @@ impl ConfigSpace {
             return;
         };
         let off = BAR0 + 4 * index;
+        if bar.kind == BarKind::Io {
+            self.set_u32(off, (addr as u32 & 0xfffc) | 1);
+            return;
+        }
         let type_bits = self.u32_at(off) & 0xf;
         self.set_u32(off, (addr as u32 & !0xf) | type_bits);
         if matches!(bar.kind, BarKind::Mem64 { .. }) {
@@ -227,10 +250,24 @@ impl ConfigSpace {
 
     /// Which BAR decodes `addr`, and the offset in it (memory decoding on).
     pub fn bar_containing(&self, addr: u64) -> Option<(usize, u64)> {
-        if self.command() & COMMAND_MEMORY == 0 {
+        self.decoding(addr, false)
+    }
+
+    /// Which I/O BAR decodes port `port`, and the offset in it (I/O
+    /// decoding on).
+    pub fn io_bar_containing(&self, port: u64) -> Option<(usize, u64)> {
+        self.decoding(port, true)
+    }
+
+    fn decoding(&self, addr: u64, io: bool) -> Option<(usize, u64)> {
+        let enable = if io { COMMAND_IO } else { COMMAND_MEMORY };
+        if self.command() & enable == 0 {
             return None;
         }
         self.bars().find_map(|(i, bar)| {
+            if (bar.kind == BarKind::Io) != io {
+                return None;
+            }
             let base = self.bar_address(i)?;
             (base != 0 && addr >= base && addr - base < bar.size).then(|| (i, addr - base))
         })
@@ -432,6 +469,36 @@ mod tests {
         assert_eq!(c.bar_containing(0xc000_4000), None);
         assert_eq!(c.bar_containing(0x8_0000_1000), Some((2, 0x1000)));
         assert_eq!(c.bar(1), None);
+    }
+
+    #[test]
+    fn io_bars_size_program_and_decode_ports() {
+        let mut c = ConfigSpace::new(ids());
+        let io = Bar {
+            kind: BarKind::Io,
+            size: 8,
+        };
+        c.add_bar(0, io).unwrap();
+        assert_eq!(read32(&c, BAR0), 1, "I/O space indicator");
+        // Sizing: all ones reads back the size mask, 16 bits of ports.
+        c.write(BAR0, &0xffff_ffffu32.to_le_bytes());
+        assert_eq!(read32(&c, BAR0), 0xfff9);
+        c.set_bar_address(0, 0xc010);
+        assert_eq!(c.bar_address(0), Some(0xc010));
+        assert_eq!(read32(&c, BAR0), 0xc011);
+        // Decoding only with I/O space enabled, and never as memory.
+        assert_eq!(c.io_bar_containing(0xc013), None);
+        c.write(COMMAND, &(COMMAND_IO | COMMAND_MEMORY).to_le_bytes());
+        assert_eq!(c.io_bar_containing(0xc013), Some((0, 3)));
+        assert_eq!(c.io_bar_containing(0xc018), None);
+        assert_eq!(c.bar_containing(0xc013), None);
+        for size in [2, 12, 512] {
+            let bad = Bar {
+                kind: BarKind::Io,
+                size,
+            };
+            assert_eq!(c.add_bar(1, bad), Err(ConfigError::BarSize(size)));
+        }
     }
 
     #[test]

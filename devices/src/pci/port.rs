@@ -125,6 +125,8 @@ pub enum PortError {
     Config(u8, ConfigError),
     #[error("hot-plug slot {0}: lock poisoned")]
     Poisoned(u8),
+    #[error("hot-plug slot {0}: the function has an I/O BAR and a root port forwards no port I/O (it goes on bus 0)")]
+    IoBar(u8),
 }
 
 impl RootPort {
@@ -298,6 +300,9 @@ impl RootPort {
         let number = self.number;
         let mut d = dev.lock().map_err(|_| PortError::Poisoned(number))?;
         let bars: Vec<_> = d.config().bars().collect();
+        if bars.iter().any(|(_, b)| b.kind == BarKind::Io) {
+            return Err(PortError::IoBar(number));
+        }
         let mut placed: Vec<(bool, RangeInclusive)> = Vec::new();
         for (i, bar) in bars {
             // Only prefetchable 64-bit BARs may live in the prefetchable

@@ -3,7 +3,8 @@
 //! ```text
 //! vCPU port I/O 0xCF8..0xCFF ─▶ PciConfigIo ─┐
 //! vCPU MMIO in the ECAM area  ─▶ PciEcam     ─┼─▶ PciRoot ─▶ slot DD ─▶ PciDevice
-//! vCPU MMIO in a PCI window   ─▶ PciWindow   ─┘   (config space / BAR access)
+//! vCPU MMIO in a PCI window   ─▶ PciWindow   ─┤   (config space / BAR access)
+//! vCPU port I/O in the I/O window ─▶ PciIoWindow ─┘
 //!                                                  slot PP ─▶ RootPort ─▶ bus N, device 0
 //! ```
 use super::config::{BarKind, PciIds};
@@ -127,22 +128,60 @@ pub const HOST_BRIDGE_IDS: PciIds = PciIds {
     subsystem: 0,
 };
 
-/// Where BARs go: a 32-bit window below 4 GiB and a 64-bit one above RAM.
+/// Where BARs go: a 32-bit window below 4 GiB, a 64-bit one above RAM and
+/// an I/O port window.
 struct Windows {
     low: AddressAllocator,
     high: AddressAllocator,
-    /// Where each slot's BARs were placed: (64-bit window?, range).
-    placed: BTreeMap<u8, Vec<(bool, RangeInclusive)>>,
+    io: AddressAllocator,
+    /// Where each slot's BARs were placed: (window, range).
+    placed: BTreeMap<u8, Vec<(Window, RangeInclusive)>>,
 }
 
-impl Windows {
-    fn free(&mut self, ranges: Vec<(bool, RangeInclusive)>) {
-        for (wide, range) in ranges {
-            let alloc = if wide { &mut self.high } else { &mut self.low };
-            let _ = alloc.free(&range);
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Window {
+    Low,
+    High,
+    Io,
+}
+
+impl Window {
+    fn of(kind: BarKind) -> Window {
+        match kind {
+            BarKind::Mem32 => Window::Low,
+            BarKind::Mem64 { .. } => Window::High,
+            BarKind::Io => Window::Io,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Window::Low => "32-bit",
+            Window::High => "64-bit",
+            Window::Io => "I/O",
         }
     }
 }
+
+impl Windows {
+    fn alloc(&mut self, w: Window) -> &mut AddressAllocator {
+        match w {
+            Window::Low => &mut self.low,
+            Window::High => &mut self.high,
+            Window::Io => &mut self.io,
+        }
+    }
+
+    fn free(&mut self, ranges: Vec<(Window, RangeInclusive)>) {
+        for (w, range) in ranges {
+            let _ = self.alloc(w).free(&range);
+        }
+    }
+}
+
+/// Port I/O BARs of functions on the root bus are placed here: above the
+/// legacy ports, inside the I/O range the host bridge's `_CRS` gives PCI.
+pub const PCI_IO_WINDOW: (u64, u64) = (0xc000, 0x4000);
 
 pub struct PciRoot {
     slots: RwLock<BTreeMap<u8, SharedPciDevice>>,
@@ -169,6 +208,7 @@ impl PciRoot {
             windows: Mutex::new(Windows {
                 low: window(low)?,
                 high: window(high)?,
+                io: window(PCI_IO_WINDOW)?,
                 placed: BTreeMap::new(),
             }),
         };
@@ -210,28 +250,26 @@ impl PciRoot {
         Ok(slot)
     }
 
-    fn place_bars(&self, dev: &SharedPciDevice) -> Result<Vec<(bool, RangeInclusive)>, PciError> {
+    fn place_bars(&self, dev: &SharedPciDevice) -> Result<Vec<(Window, RangeInclusive)>, PciError> {
         let mut d = dev.lock().map_err(|_| PciError::NoSlot)?;
         let mut windows = self.windows.lock().map_err(|_| PciError::NoSlot)?;
         let bars: Vec<_> = d.config().bars().collect();
         let mut placed = vec![];
         for (i, bar) in bars {
-            let wide = matches!(bar.kind, BarKind::Mem64 { .. });
-            let alloc = if wide {
-                &mut windows.high
-            } else {
-                &mut windows.low
-            };
-            match alloc.allocate(bar.size, bar.size, AllocPolicy::FirstMatch) {
+            let w = Window::of(bar.kind);
+            match windows
+                .alloc(w)
+                .allocate(bar.size, bar.size, AllocPolicy::FirstMatch)
+            {
                 Ok(range) => {
                     d.config_mut().set_bar_address(i, range.start());
-                    placed.push((wide, range));
+                    placed.push((w, range));
                 }
                 Err(_) => {
                     // Leave nothing behind: give back what this device got.
                     windows.free(placed);
                     return Err(PciError::NoBarSpace {
-                        window: if wide { "64-bit" } else { "32-bit" },
+                        window: w.name(),
                         size: bar.size,
                     });
                 }
@@ -281,7 +319,7 @@ impl PciRoot {
         };
         let give_back = |e: PciError| {
             if let Ok(mut w) = self.windows.lock() {
-                w.free(vec![(false, mem), (true, pref)]);
+                w.free(vec![(Window::Low, mem), (Window::High, pref)]);
             }
             e
         };
@@ -296,7 +334,8 @@ impl PciRoot {
         let port = Arc::new(Mutex::new(port));
         self.insert(slot, port.clone()).map_err(give_back)?;
         if let Ok(mut w) = self.windows.lock() {
-            w.placed.insert(slot, vec![(false, mem), (true, pref)]);
+            w.placed
+                .insert(slot, vec![(Window::Low, mem), (Window::High, pref)]);
         }
         self.ports
             .write()
@@ -564,6 +603,23 @@ impl PciRoot {
         })
     }
 
+    /// A port access: routed to the function on the root bus whose
+    /// enabled I/O BAR decodes `port` (root ports forward no I/O: their
+    /// I/O window registers read as zero). Returns false when none does.
+    fn io_access(&self, port: u64, access: impl FnOnce(&mut dyn PciDevice, usize, u64)) -> bool {
+        let Ok(slots) = self.slots.read() else {
+            return false;
+        };
+        for dev in slots.values() {
+            let Ok(mut d) = dev.lock() else { continue };
+            if let Some((bar, off)) = d.config().io_bar_containing(port) {
+                access(&mut *d, bar, off);
+                return true;
+            }
+        }
+        false
+    }
+
     /// A memory access at guest-physical `addr`: routed to the function
     /// whose enabled BAR decodes it. Returns false when none does.
     fn bar_access(&self, addr: u64, access: impl FnOnce(&mut dyn PciDevice, usize, u64)) -> bool {
@@ -748,6 +804,40 @@ impl BusDevice for PciWindow {
         let addr = self.base + offset;
         self.root
             .bar_access(addr, |d, bar, off| d.bar_write(bar, off, data));
+    }
+}
+
+/// The PCI I/O port window: port accesses go to whichever root-bus
+/// function's I/O BAR decodes the port. Insert on the port bus at
+/// [`PCI_IO_WINDOW`].
+pub struct PciIoWindow {
+    root: Arc<PciRoot>,
+}
+
+impl PciIoWindow {
+    pub fn new(root: Arc<PciRoot>) -> Self {
+        PciIoWindow { root }
+    }
+}
+
+impl BusDevice for PciIoWindow {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let port = PCI_IO_WINDOW.0 + offset;
+        let mut out = vec![0xff; data.len()];
+        let hit = self
+            .root
+            .io_access(port, |d, bar, off| d.bar_read(bar, off, &mut out));
+        if hit {
+            data.copy_from_slice(&out);
+        } else {
+            data.fill(0xff);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let port = PCI_IO_WINDOW.0 + offset;
+        self.root
+            .io_access(port, |d, bar, off| d.bar_write(bar, off, data));
     }
 }
 

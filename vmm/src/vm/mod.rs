@@ -22,7 +22,9 @@ use crate::vcpu::{self, Buses, Request, Vcpu, VcpuShared};
 use build::Builder;
 use devices::bus::{MmioBus, PioBus};
 use devices::legacy::{self, AcpiSleep, SerialArgs, TestExitPort, I8042};
-use devices::pci::{PciConfigIo, PciDevice, PciEcam, PciRoot, PciWindow};
+use devices::pci::{
+    PciConfigIo, PciDevice, PciEcam, PciIoWindow, PciRoot, PciWindow, PCI_IO_WINDOW,
+};
 use devices::rtc::RTC_BASE;
 use devices::virtio::block::Block;
 use devices::virtio::console::Console as VirtioConsole;
@@ -220,6 +222,12 @@ fn attach_pci(
         Arc::new(Mutex::new(PciConfigIo::new(root.clone()))),
     )
     .map_err(|e| err("PCI config ports", e))?;
+    pio.insert(
+        PCI_IO_WINDOW.0,
+        PCI_IO_WINDOW.1,
+        Arc::new(Mutex::new(PciIoWindow::new(root.clone()))),
+    )
+    .map_err(|e| err("PCI I/O window", e))?;
     mmio.insert(
         layout::PCI_ECAM_START,
         layout::PCI_ECAM_SIZE,
