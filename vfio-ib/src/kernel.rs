@@ -234,6 +234,12 @@ impl KernelDevice {
     pub fn sysfs_path(&self) -> &Path {
         &self.path
     }
+
+    /// Its migration interface, or why it has none (VFIO migration v2 with
+    /// at least STOP_COPY).
+    pub fn migration(&self) -> Result<crate::migration::Migratable<'_>, crate::migration::Error> {
+        crate::migration::Migratable::new(&self.device, &self.address.to_string())
+    }
 }
 
 impl Drop for KernelDevice {

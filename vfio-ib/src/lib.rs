@@ -12,6 +12,8 @@
 //! - [`passthrough`]: the PCI function the guest sees (configuration space
 //!   composed from the device and emulation, BARs mapped or trapped,
 //!   MSI/MSI-X relayed through irqfds);
+//! - [`migration`]: VFIO migration v2, a device's state saved and loaded
+//!   (PRE_COPY, STOP_COPY, RESUMING) where its driver supports it;
 //! - [`msi`]: the emulated MSI capability;
 //! - [`sysfs`]: host PCI functions: drivers, IOMMU groups, binding to
 //!   vfio-pci, SR-IOV;
@@ -22,6 +24,7 @@
 pub mod backend;
 pub mod ib;
 pub mod kernel;
+pub mod migration;
 pub mod msi;
 pub mod passthrough;
 pub mod sysfs;

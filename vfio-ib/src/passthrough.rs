@@ -138,15 +138,18 @@ impl Passthrough {
                 None => name.clone(),
             })
         };
-        if backend
+        // A type 0 header at least (a mediated device may have less than
+        // the 256 bytes of standard space: mtty's has 255).
+        let Some(config_size) = backend
             .region(CONFIG_REGION)
-            .filter(|r| r.size >= 256)
-            .is_none()
-        {
+            .map(|r| r.size)
+            .filter(|&s| s >= 64)
+        else {
             return Err(no_config(&*backend));
-        }
-        let mut phys = vec![0xffu8; 256];
-        backend.read(CONFIG_REGION, 0, &mut phys);
+        };
+        let mut phys = vec![0u8; 256];
+        let have = (config_size.min(256) as usize) & !3;
+        backend.read(CONFIG_REGION, 0, &mut phys[..have]);
         if u16_at(&phys, 0) == 0xffff {
             return Err(no_config(&*backend));
         }
@@ -391,7 +394,7 @@ impl Passthrough {
             0x10..=0x24 => shadow(reg),
             0x34 => self.caps.first().map_or(0, |c| c.offset as u32),
             0x3c => u32::from(self.shadow.raw(0x3c, 1)[0]),
-            0x40..=0xfc => {
+            0x40..=0xfc if (reg..reg + 4).any(|o| self.cap_at(o).is_some()) => {
                 // One read of the device for the whole dword.
                 let phys = self.physical_dword(reg).to_le_bytes();
                 (0..4).fold(0u32, |acc, i| {

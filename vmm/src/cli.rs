@@ -813,9 +813,10 @@ pub struct RunArgs {
     pub vsock: Option<VsockEntry>,
     /// Pass a function through: vfio=DDDD:BB:DD.F[,mmap=off] (a host PCI
     /// function bound to vfio-pci, see `ffmk-vmm vfio bind`; guest RAM is
-    /// pinned and mapped for its DMA) or vfio-user=SOCKET (a device served
-    /// by another process). Repeat for more. With --incoming, plugged in
-    /// once the VM has arrived.
+    /// pinned and mapped for its DMA), vfio=/sys/bus/mdev/devices/UUID (a
+    /// mediated device) or vfio-user=SOCKET (a device served by another
+    /// process). Repeat for more. With --incoming, plugged in once the VM
+    /// has arrived.
     #[arg(long, value_name = "SPEC", value_parser = parse_device)]
     pub device: Vec<crate::config::DeviceEntry>,
     /// PCIe root ports with a hot-plug slot each (0-8): functions plugged

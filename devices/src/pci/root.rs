@@ -907,6 +907,55 @@ mod tests {
         }
     }
 
+    #[test]
+    fn io_bars_are_placed_in_the_io_window_and_reached_through_it() {
+        let root = Arc::new(PciRoot::new(LOW, HIGH).unwrap());
+        let mut d = Dummy::new();
+        let io = Bar {
+            kind: BarKind::Io,
+            size: 8,
+        };
+        d.config.add_bar(4, io).unwrap();
+        d.config.add_bar(5, io).unwrap();
+        let dev = Arc::new(Mutex::new(d));
+        root.add(dev.clone()).unwrap();
+        let (a, b) = {
+            let d = dev.lock().unwrap();
+            (d.config.bar_address(4), d.config.bar_address(5))
+        };
+        assert_eq!(a, Some(PCI_IO_WINDOW.0));
+        assert_eq!(b, Some(PCI_IO_WINDOW.0 + 8));
+        let mut window = PciIoWindow::new(root.clone());
+        let mut byte = [0u8];
+        window.read(8 + 3, &mut byte);
+        assert_eq!(byte, [0xff], "no I/O decoding yet");
+        dev.lock()
+            .unwrap()
+            .config
+            .write(COMMAND, &crate::pci::config::COMMAND_IO.to_le_bytes());
+        window.read(8 + 3, &mut byte);
+        assert_eq!(byte, [0x53], "BAR 5, offset 3");
+        window.write(2, &[7]);
+        assert_eq!(dev.lock().unwrap().writes, vec![(4, 2, vec![7])]);
+        window.read(16, &mut byte);
+        assert_eq!(byte, [0xff], "past the BARs");
+        // The window gives its space back with the function.
+        let slot = root
+            .list()
+            .iter()
+            .find(|(_, n)| n == "dummy")
+            .map(|(l, _)| l.slot)
+            .unwrap();
+        root.remove(slot).unwrap();
+        let again = Arc::new(Mutex::new(Dummy::new()));
+        again.lock().unwrap().config.add_bar(4, io).unwrap();
+        root.add(again.clone()).unwrap();
+        assert_eq!(
+            again.lock().unwrap().config.bar_address(4),
+            Some(PCI_IO_WINDOW.0)
+        );
+    }
+
     const LOW: (u64, u64) = (0xc000_0000, 0x2000_0000);
     const HIGH: (u64, u64) = (0x40_0000_0000, 0x40_0000_0000);
 
