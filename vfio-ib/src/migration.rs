@@ -44,6 +44,17 @@ pub enum State {
 }
 
 impl State {
+    pub const ALL: [State; 8] = [
+        State::Error,
+        State::Stop,
+        State::Running,
+        State::StopCopy,
+        State::Resuming,
+        State::RunningP2p,
+        State::PreCopy,
+        State::PreCopyP2p,
+    ];
+
     pub fn raw(self) -> u32 {
         match self {
             State::Error => uapi::vfio_device_mig_state_VFIO_DEVICE_STATE_ERROR,
@@ -58,18 +69,7 @@ impl State {
     }
 
     pub fn from_raw(raw: u32) -> Option<State> {
-        [
-            State::Error,
-            State::Stop,
-            State::Running,
-            State::StopCopy,
-            State::Resuming,
-            State::RunningP2p,
-            State::PreCopy,
-            State::PreCopyP2p,
-        ]
-        .into_iter()
-        .find(|s| s.raw() == raw)
+        State::ALL.into_iter().find(|s| s.raw() == raw)
     }
 }
 
@@ -402,16 +402,7 @@ mod tests {
 
     #[test]
     fn states_round_trip_through_their_uapi_numbers() {
-        for s in [
-            State::Error,
-            State::Stop,
-            State::Running,
-            State::StopCopy,
-            State::Resuming,
-            State::RunningP2p,
-            State::PreCopy,
-            State::PreCopyP2p,
-        ] {
+        for s in State::ALL {
             assert_eq!(State::from_raw(s.raw()), Some(s));
         }
         assert_eq!(State::from_raw(8), None);

@@ -166,46 +166,28 @@ impl Passthrough {
         let mut i = 0;
         while i < NUM_BARS {
             let reg = u32_at(&phys, BAR0 + 4 * i);
-            let wide = reg & 0b110 == 0b100;
-            let info = backend.region(i as u32).filter(|r| r.size > 0);
-            match info {
-                Some(r) if reg & 1 == 0 => {
-                    let kind = if wide {
-                        BarKind::Mem64 {
-                            prefetchable: reg & 0b1000 != 0,
-                        }
-                    } else {
-                        BarKind::Mem32
-                    };
-                    let size = r.size.max(PAGE).next_power_of_two();
-                    shadow
-                        .add_bar(i, Bar { kind, size })
-                        .map_err(|e| Error::Bar {
-                            name: name.clone(),
-                            bar: i,
-                            msg: e.to_string(),
-                        })?;
-                    bars[i].region_size = r.size;
-                }
-                Some(r) => {
-                    // Port I/O: always trapped and forwarded (nothing to map).
-                    let size = r.size.max(4).next_power_of_two();
-                    shadow
-                        .add_bar(
-                            i,
-                            Bar {
-                                kind: BarKind::Io,
-                                size,
-                            },
-                        )
-                        .map_err(|e| Error::Bar {
-                            name: name.clone(),
-                            bar: i,
-                            msg: e.to_string(),
-                        })?;
-                    bars[i].region_size = r.size;
-                }
-                None => {}
+            let io = reg & 1 != 0;
+            let wide = !io && reg & 0b110 == 0b100;
+            if let Some(r) = backend.region(i as u32).filter(|r| r.size > 0) {
+                // Port I/O BARs are always trapped and forwarded (nothing
+                // to map); memory BARs are at least a page, to be mapped.
+                let (kind, min) = if io {
+                    (BarKind::Io, 4)
+                } else if wide {
+                    let prefetchable = reg & 0b1000 != 0;
+                    (BarKind::Mem64 { prefetchable }, PAGE)
+                } else {
+                    (BarKind::Mem32, PAGE)
+                };
+                let size = r.size.max(min).next_power_of_two();
+                shadow
+                    .add_bar(i, Bar { kind, size })
+                    .map_err(|e| Error::Bar {
+                        name: name.clone(),
+                        bar: i,
+                        msg: e.to_string(),
+                    })?;
+                bars[i].region_size = r.size;
             }
             i += if wide { 2 } else { 1 };
         }

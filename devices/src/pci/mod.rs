@@ -21,7 +21,7 @@ pub mod root;
 pub use config::{Bar, BarKind, ConfigSpace, PciIds};
 pub use msix::Msix;
 pub use port::RootPort;
-pub use root::{Location, PciConfigIo, PciEcam, PciIoWindow, PciRoot, PciWindow, PCI_IO_WINDOW};
+pub use root::{Location, PciConfigIo, PciEcam, PciRoot, PciWindow, PCI_IO_WINDOW};
 
 /// A PCI function shared between its bus slot and the VMM.
 pub type SharedPciDevice = std::sync::Arc<std::sync::Mutex<dyn PciDevice>>;

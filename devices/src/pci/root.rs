@@ -4,7 +4,7 @@
 //! vCPU port I/O 0xCF8..0xCFF ─▶ PciConfigIo ─┐
 //! vCPU MMIO in the ECAM area  ─▶ PciEcam     ─┼─▶ PciRoot ─▶ slot DD ─▶ PciDevice
 //! vCPU MMIO in a PCI window   ─▶ PciWindow   ─┤   (config space / BAR access)
-//! vCPU port I/O in the I/O window ─▶ PciIoWindow ─┘
+//! vCPU port I/O in the I/O window ─▶ PciWindow::io ─┘
 //!                                                  slot PP ─▶ RootPort ─▶ bus N, device 0
 //! ```
 use super::config::{BarKind, PciIds};
@@ -774,15 +774,39 @@ impl BusDevice for PciEcam {
 
 /// A PCI memory window: accesses go to whichever function's BAR decodes the
 /// address, wherever the guest moved it within the window. Insert on the
-/// MMIO bus at `base`.
+/// MMIO bus at `base` ([`PciWindow::io`]: the same for port I/O).
 pub struct PciWindow {
     root: Arc<PciRoot>,
     base: u64,
+    io: bool,
 }
 
 impl PciWindow {
     pub fn new(root: Arc<PciRoot>, base: u64) -> Self {
-        PciWindow { root, base }
+        PciWindow {
+            root,
+            base,
+            io: false,
+        }
+    }
+
+    /// The PCI I/O port window: port accesses go to whichever root-bus
+    /// function's I/O BAR decodes the port. Insert on the port bus at
+    /// [`PCI_IO_WINDOW`].
+    pub fn io(root: Arc<PciRoot>) -> Self {
+        PciWindow {
+            root,
+            base: PCI_IO_WINDOW.0,
+            io: true,
+        }
+    }
+
+    fn access(&self, addr: u64, f: impl FnOnce(&mut dyn PciDevice, usize, u64)) -> bool {
+        if self.io {
+            self.root.io_access(addr, f)
+        } else {
+            self.root.bar_access(addr, f)
+        }
     }
 }
 
@@ -790,9 +814,7 @@ impl BusDevice for PciWindow {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let addr = self.base + offset;
         let mut out = vec![0xff; data.len()];
-        let hit = self
-            .root
-            .bar_access(addr, |d, bar, off| d.bar_read(bar, off, &mut out));
+        let hit = self.access(addr, |d, bar, off| d.bar_read(bar, off, &mut out));
         if hit {
             data.copy_from_slice(&out);
         } else {
@@ -802,42 +824,7 @@ impl BusDevice for PciWindow {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         let addr = self.base + offset;
-        self.root
-            .bar_access(addr, |d, bar, off| d.bar_write(bar, off, data));
-    }
-}
-
-/// The PCI I/O port window: port accesses go to whichever root-bus
-/// function's I/O BAR decodes the port. Insert on the port bus at
-/// [`PCI_IO_WINDOW`].
-pub struct PciIoWindow {
-    root: Arc<PciRoot>,
-}
-
-impl PciIoWindow {
-    pub fn new(root: Arc<PciRoot>) -> Self {
-        PciIoWindow { root }
-    }
-}
-
-impl BusDevice for PciIoWindow {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        let port = PCI_IO_WINDOW.0 + offset;
-        let mut out = vec![0xff; data.len()];
-        let hit = self
-            .root
-            .io_access(port, |d, bar, off| d.bar_read(bar, off, &mut out));
-        if hit {
-            data.copy_from_slice(&out);
-        } else {
-            data.fill(0xff);
-        }
-    }
-
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        let port = PCI_IO_WINDOW.0 + offset;
-        self.root
-            .io_access(port, |d, bar, off| d.bar_write(bar, off, data));
+        self.access(addr, |d, bar, off| d.bar_write(bar, off, data));
     }
 }
 
@@ -925,7 +912,7 @@ mod tests {
         };
         assert_eq!(a, Some(PCI_IO_WINDOW.0));
         assert_eq!(b, Some(PCI_IO_WINDOW.0 + 8));
-        let mut window = PciIoWindow::new(root.clone());
+        let mut window = PciWindow::io(root.clone());
         let mut byte = [0u8];
         window.read(8 + 3, &mut byte);
         assert_eq!(byte, [0xff], "no I/O decoding yet");

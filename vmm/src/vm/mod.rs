@@ -22,9 +22,7 @@ use crate::vcpu::{self, Buses, Request, Vcpu, VcpuShared};
 use build::Builder;
 use devices::bus::{MmioBus, PioBus};
 use devices::legacy::{self, AcpiSleep, SerialArgs, TestExitPort, I8042};
-use devices::pci::{
-    PciConfigIo, PciDevice, PciEcam, PciIoWindow, PciRoot, PciWindow, PCI_IO_WINDOW,
-};
+use devices::pci::{PciConfigIo, PciDevice, PciEcam, PciRoot, PciWindow, PCI_IO_WINDOW};
 use devices::rtc::RTC_BASE;
 use devices::virtio::block::Block;
 use devices::virtio::console::Console as VirtioConsole;
@@ -225,7 +223,7 @@ fn attach_pci(
     pio.insert(
         PCI_IO_WINDOW.0,
         PCI_IO_WINDOW.1,
-        Arc::new(Mutex::new(PciIoWindow::new(root.clone()))),
+        Arc::new(Mutex::new(PciWindow::io(root.clone()))),
     )
     .map_err(|e| err("PCI I/O window", e))?;
     mmio.insert(
