@@ -151,12 +151,14 @@ impl ThreadKind {
         const TUN: u64 = b'T' as u64;
         const UFFD: u64 = 0xAA;
         // VFIO's b';': a vCPU enables a passthrough function's MSI/MSI-X
-        // when the guest's driver does; the main thread resets it at the end.
+        // when the guest's driver does; the I/O thread unmasks a function's
+        // INTx after the guest's EOI (where the driver takes no unmask
+        // eventfd); the main thread resets it at the end.
         const VFIO: u64 = b';' as u64;
         match self {
             ThreadKind::Vcpu => Some(&[KVM, TUN, VFIO]),
             // FIONREAD and FIONBIO are type b'T' (0x54) too.
-            ThreadKind::Io => Some(&[KVM, TUN]),
+            ThreadKind::Io => Some(&[KVM, TUN, VFIO]),
             ThreadKind::Api => Some(&[TUN]),
             ThreadKind::Control => Some(&[KVM, TUN, UFFD, VFIO]),
             ThreadKind::Migration => Some(&[KVM, TUN, UFFD]),

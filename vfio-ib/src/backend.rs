@@ -109,6 +109,15 @@ pub trait Backend: Send + Sync {
 
     fn disable_irqs(&self, index: u32) -> io::Result<()>;
 
+    /// Has the device unmask INTx itself whenever `fd` is signalled (the
+    /// guest's EOI). Default: not supported.
+    fn set_intx_unmask_fd(&self, _fd: &EventFd) -> io::Result<()> {
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+
+    /// Unmasks INTx once (after the guest's EOI). Default: nothing.
+    fn unmask_intx(&self) {}
+
     /// Function-level reset, where the device has one.
     fn reset(&self);
 

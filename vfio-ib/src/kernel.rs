@@ -325,6 +325,18 @@ impl Backend for KernelDevice {
             .map_err(|e| io_err("disable interrupts", e))
     }
 
+    fn set_intx_unmask_fd(&self, fd: &EventFd) -> io::Result<()> {
+        self.device
+            .set_irq_resample_fd(crate::backend::IRQ_INTX, vec![fd])
+            .map_err(|e| io_err("INTx unmask eventfd", e))
+    }
+
+    fn unmask_intx(&self) {
+        if let Err(e) = self.device.unmask_irq(crate::backend::IRQ_INTX) {
+            tracing::warn!("{}: INTx unmask: {e}", self.address);
+        }
+    }
+
     fn reset(&self) {
         self.device.reset();
     }

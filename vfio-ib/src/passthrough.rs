@@ -15,7 +15,7 @@
 //! pages) become KVM memory slots at the guest's BAR address while memory
 //! decoding is on, so the guest's loads and stores reach the device with
 //! no exit; everything else in a BAR is trapped and forwarded.
-use crate::backend::{Backend, Mapping, CONFIG_REGION, IRQ_MSI, IRQ_MSIX};
+use crate::backend::{Backend, Mapping, CONFIG_REGION, IRQ_INTX, IRQ_MSI, IRQ_MSIX};
 use crate::msi::{self, Msi};
 use devices::interrupt::MsiVectors;
 use devices::pci::config::{BAR0, COMMAND, COMMAND_MEMORY, NUM_BARS};
@@ -101,6 +101,11 @@ pub struct Passthrough {
     caps: Vec<Cap>,
     msi: Option<Msi>,
     msix: Option<MsixPass>,
+    /// The INTx pin (1 = INTA) the guest sees: only for a function with
+    /// neither MSI nor MSI-X (a legacy device such as a 16550 UART), whose
+    /// driver has nothing else.
+    intx_pin: Option<u8>,
+    intx_on: bool,
     mapper: Arc<dyn GuestMapper>,
     trapped_accesses: u64,
 }
@@ -276,6 +281,16 @@ impl Passthrough {
             caps[k - 1].next = caps[k].offset as u8;
         }
 
+        let pin = phys[0x3d];
+        let intx_pin = ((1..=4).contains(&pin)
+            && msi.is_none()
+            && msix.is_none()
+            && backend.irq_count(IRQ_INTX) > 0)
+            .then_some(pin);
+        if let Some(pin) = intx_pin {
+            shadow.interrupt_pin(pin);
+        }
+
         // Mappable BAR areas (unless `map_bars` is off), minus the pages the
         // MSI-X table and PBA live in.
         let mut dev = Passthrough {
@@ -285,6 +300,8 @@ impl Passthrough {
             caps,
             msi,
             msix,
+            intx_pin,
+            intx_on: false,
             mapper,
             trapped_accesses: 0,
         };
@@ -375,7 +392,10 @@ impl Passthrough {
             0x0c => self.physical_dword(reg) & 0xffff,
             0x10..=0x24 => shadow(reg),
             0x34 => self.caps.first().map_or(0, |c| c.offset as u32),
-            0x3c => u32::from(self.shadow.raw(0x3c, 1)[0]),
+            // Interrupt line (the guest's) and pin (ours: 0 unless INTx).
+            0x3c => {
+                u32::from(self.shadow.raw(0x3c, 1)[0]) | u32::from(self.shadow.raw(0x3d, 1)[0]) << 8
+            }
             0x40..=0xfc if (reg..reg + 4).any(|o| self.cap_at(o).is_some()) => {
                 // One read of the device for the whole dword.
                 let phys = self.physical_dword(reg).to_le_bytes();
@@ -482,9 +502,56 @@ impl Passthrough {
         }
     }
 
+    /// The INTx pin the guest sees (1 = INTA), if it has one.
+    pub fn intx_pin(&self) -> Option<u8> {
+        self.intx_pin
+    }
+
+    /// The function gets no INTx after all (it was put where no INTx line
+    /// reaches: behind a hot-plug port).
+    pub fn drop_intx(&mut self) {
+        self.intx_pin = None;
+        self.shadow.interrupt_pin(0);
+    }
+
+    /// Wires the device's INTx to `trigger` (an irqfd of the pin's GSI,
+    /// level-triggered, with `resample` signalled when the guest's EOI
+    /// lowers the line). Returns true when the device re-arms itself on
+    /// `resample` (the kernel's unmask eventfd); false when the caller
+    /// must call [`Passthrough::unmask_intx`] on each `resample` event
+    /// (drivers without an unmask eventfd, such as mtty).
+    pub fn connect_intx(
+        &mut self,
+        trigger: &vmm_sys_util::eventfd::EventFd,
+        resample: &vmm_sys_util::eventfd::EventFd,
+    ) -> io::Result<bool> {
+        self.backend.enable_irqs(IRQ_INTX, &[trigger])?;
+        self.intx_on = true;
+        match self.backend.set_intx_unmask_fd(resample) {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                tracing::debug!(
+                    "{}: no INTx unmask eventfd ({e}); the VMM unmasks it",
+                    self.backend.describe()
+                );
+                Ok(false)
+            }
+        }
+    }
+
+    /// The guest acknowledged the INTx interrupt: the device may raise the
+    /// next one (VFIO masks INTx when it fires).
+    pub fn unmask_intx(&self) {
+        self.backend.unmask_intx();
+    }
+
     /// Stops the device's interrupts and unmaps its BARs from the guest
     /// (before a hot-unplug; the backend resets the device when dropped).
     pub fn quiesce(&mut self) {
+        if self.intx_on {
+            let _ = self.backend.disable_irqs(IRQ_INTX);
+            self.intx_on = false;
+        }
         if let Some(m) = &mut self.msi {
             m.disable(&*self.backend);
         }

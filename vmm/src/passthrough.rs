@@ -11,6 +11,8 @@ use crate::irq::IrqRouting;
 use crate::memory::{self, GuestMemoryMmap};
 use devices::interrupt::MsiVectors;
 use devices::pci::{BarKind, Location, PciDevice, PciRoot};
+use devices::virtio::{Endpoint, Handlers, QueueWorker};
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use kvm_bindings::{
     kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO, kvm_userspace_memory_region,
 };
@@ -21,6 +23,7 @@ use vfio_ib::vfio_user::{GuestDma, NotRam, VfioUser};
 use vfio_ib::{GuestMapper, Passthrough};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_api::model::{Attachment, DeviceState};
+use vmm_sys_util::eventfd::EventFd;
 
 /// How long a vfio-user server may take to answer one request.
 const VFIO_USER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -135,6 +138,108 @@ pub struct Attached {
     /// On bus 0, or in a hot-plug slot (bus N, device 0).
     pub at: Location,
     pub device: Arc<Mutex<Passthrough>>,
+    /// Its INTx line, for a function that has one.
+    intx: Option<IntxLine>,
+}
+
+/// A function's INTx: an irqfd on the pin's IOAPIC GSI (level-triggered,
+/// with a resample eventfd the guest's EOI signals), and where the device
+/// cannot be handed the resample eventfd itself, a handler on the I/O
+/// thread that unmasks it after each EOI.
+struct IntxLine {
+    vm_fd: Arc<VmFd>,
+    trigger: EventFd,
+    gsi: u32,
+    unmasker: Option<Handlers>,
+}
+
+impl IntxLine {
+    fn connect(
+        cx: &Context,
+        device: &Arc<Mutex<Passthrough>>,
+        slot: u8,
+        pin: u8,
+    ) -> Result<IntxLine, String> {
+        let gsi = devices::pci::intx_gsi(slot, pin);
+        let fd = || EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("INTx eventfd: {e}"));
+        let (trigger, resample) = (fd()?, fd()?);
+        cx.vm_fd
+            .register_irqfd_with_resample(&trigger, &resample, gsi)
+            .map_err(|e| format!("INTx irqfd on GSI {gsi}: {e}"))?;
+        let mut line = IntxLine {
+            vm_fd: cx.vm_fd.clone(),
+            trigger,
+            gsi,
+            unmasker: None,
+        };
+        let mut d = device.lock().map_err(|_| "lock poisoned".to_string())?;
+        let in_kernel = d
+            .connect_intx(&line.trigger, &resample)
+            .map_err(|e| format!("INTx: {e}"))?;
+        if !in_kernel {
+            let mut handlers = Handlers::new(cx.io.clone());
+            handlers
+                .start(Box::new(IntxUnmask {
+                    resample,
+                    device: d.backend().clone(),
+                }))
+                .map_err(|e| format!("INTx unmask handler: {e}"))?;
+            line.unmasker = Some(handlers);
+        }
+        tracing::info!(
+            "INT{} is GSI {gsi}{}",
+            (b'A' + pin - 1) as char,
+            if in_kernel {
+                ""
+            } else {
+                " (unmasked by the VMM after each EOI)"
+            }
+        );
+        Ok(line)
+    }
+}
+
+impl IntxLine {
+    /// Before the function leaves a running VM: its unmask handler stops
+    /// too (at the VM's end the I/O thread is gone first, and takes it).
+    fn disconnect(mut self) {
+        if let Some(mut h) = self.unmasker.take() {
+            h.stop_all();
+        }
+    }
+}
+
+impl Drop for IntxLine {
+    fn drop(&mut self) {
+        if let Err(e) = self.vm_fd.unregister_irqfd(&self.trigger, self.gsi) {
+            tracing::warn!("INTx irqfd on GSI {}: {e}", self.gsi);
+        }
+    }
+}
+
+/// Runs on the I/O thread: the guest's EOI lowered the INTx line, so the
+/// device may raise the next interrupt.
+struct IntxUnmask {
+    resample: EventFd,
+    device: Arc<dyn vfio_ib::Backend>,
+}
+
+impl MutEventSubscriber for IntxUnmask {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.resample, EventSet::IN)) {
+            tracing::error!("INTx unmask handler: {e:?}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        if self.resample.read().is_ok() {
+            self.device.unmask_intx();
+        }
+    }
+}
+
+impl QueueWorker for IntxUnmask {
+    fn each_queue(&self, _f: &mut dyn FnMut(&devices::virtio::ActiveQueue)) {}
 }
 
 /// The VM's passthrough functions and the IOMMU domain they share.
@@ -222,6 +327,8 @@ pub struct Context<'a> {
     pub routing: &'a Arc<IrqRouting>,
     pub pci: &'a PciRoot,
     pub mem: &'a GuestMemoryMmap,
+    /// The I/O thread, for INTx unmask handlers.
+    pub io: &'a Endpoint,
 }
 
 impl Passthroughs {
@@ -296,23 +403,44 @@ impl Passthroughs {
             .ports()
             .iter()
             .any(|(_, p)| p.lock().map(|p| !p.occupied()).unwrap_or(false));
-        // A root port forwards no port I/O: a function with an I/O BAR
-        // (a serial port, say) goes on bus 0.
-        let io_bar = device
+        // A root port forwards no port I/O, and only bus 0 has INTx lines:
+        // a function with an I/O BAR or that needs INTx (a serial port,
+        // say) goes on bus 0.
+        let bus0_only = device
             .lock()
-            .map(|d| d.config().bars().any(|(_, b)| b.kind == BarKind::Io))
+            .map(|d| {
+                d.intx_pin().is_some() || d.config().bars().any(|(_, b)| b.kind == BarKind::Io)
+            })
             .unwrap_or(false);
-        let placed = if hotplug && free_slot && !io_bar {
+        let placed = if hotplug && free_slot && !bus0_only {
             cx.pci.hotplug(device.clone(), SLOT_PATIENCE)
         } else {
             cx.pci.add(device.clone()).map(Location::root)
         };
         let at = placed.map_err(|e| err(e.to_string(), false))?;
+        let pin = device.lock().ok().and_then(|d| d.intx_pin());
+        let intx = match pin {
+            Some(pin) if at.bus == 0 => match IntxLine::connect(cx, &device, at.slot, pin) {
+                Ok(line) => Some(line),
+                Err(e) => {
+                    let _ = cx.pci.unplug(at);
+                    return Err(err(e, false));
+                }
+            },
+            Some(_) => {
+                if let Ok(mut d) = device.lock() {
+                    d.drop_intx();
+                }
+                None
+            }
+            None => None,
+        };
         tracing::info!("{spec} is {at} in the guest");
         self.attached.push(Attached {
             spec: spec.clone(),
             at,
             device,
+            intx,
         });
         Ok(&self.attached[self.attached.len() - 1])
     }
@@ -330,6 +458,9 @@ impl Passthroughs {
         if let Ok(mut d) = a.device.lock() {
             d.quiesce();
             d.backend().reset();
+        }
+        if let Some(line) = a.intx {
+            line.disconnect();
         }
         tracing::info!("{} ({at}) detached", a.spec);
         Some(a.spec)

@@ -23,6 +23,17 @@ pub use msix::Msix;
 pub use port::RootPort;
 pub use root::{Location, PciConfigIo, PciEcam, PciRoot, PciWindow, PCI_IO_WINDOW};
 
+/// The IOAPIC pins PCI INTx lines of the root bus are wired to: INTA-INTD
+/// of slot S go to GSIs `PCI_INTX_GSI_BASE + (S + pin) % 4`, the usual
+/// swizzle (the DSDT's `_PRT` says the same to the guest).
+pub const PCI_INTX_GSI_BASE: u32 = 16;
+
+/// The GSI of `pin` (1 = INTA .. 4 = INTD) of the function in `slot` of the
+/// root bus.
+pub fn intx_gsi(slot: u8, pin: u8) -> u32 {
+    PCI_INTX_GSI_BASE + (u32::from(slot) + u32::from(pin.clamp(1, 4)) - 1) % 4
+}
+
 /// A PCI function shared between its bus slot and the VMM.
 pub type SharedPciDevice = std::sync::Arc<std::sync::Mutex<dyn PciDevice>>;
 

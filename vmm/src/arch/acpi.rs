@@ -244,7 +244,59 @@ fn aml_pci_host_bridge(mem_bytes: u64) -> Vec<u8> {
         ],
     ));
     body.extend(aml_pci_osc());
+    body.extend(aml_pci_prt());
     aml_device(b"PCI0", &body)
+}
+
+/// An AML integer: the shortest encoding.
+fn aml_integer(v: u32) -> Vec<u8> {
+    match v {
+        0 => vec![0x00],
+        1 => vec![0x01],
+        2..=0xff => vec![0x0a, v as u8],
+        0x100..=0xffff => {
+            let mut b = vec![0x0b];
+            b.extend_from_slice(&(v as u16).to_le_bytes());
+            b
+        }
+        _ => {
+            let mut b = vec![0x0c];
+            b.extend_from_slice(&v.to_le_bytes());
+            b
+        }
+    }
+}
+
+/// `Package () { elements }`.
+fn aml_package(elements: &[Vec<u8>]) -> Vec<u8> {
+    let body: Vec<u8> = elements.iter().flatten().copied().collect();
+    let mut p = vec![0x12];
+    p.extend_from_slice(&pkg_length(1 + body.len()));
+    p.push(elements.len() as u8);
+    p.extend_from_slice(&body);
+    p
+}
+
+/// `_PRT`: the root bus's INTx routing, every slot and pin to its IOAPIC
+/// GSI ([`devices::pci::intx_gsi`]), for passthrough functions that use
+/// INTx (a functions behind a hot-plug port gets no INTx).
+fn aml_pci_prt() -> Vec<u8> {
+    let entries: Vec<Vec<u8>> = (0..devices::pci::root::SLOTS)
+        .flat_map(|slot| {
+            (0u8..4).map(move |pin| {
+                aml_package(&[
+                    aml_integer((u32::from(slot) << 16) | 0xffff),
+                    aml_integer(u32::from(pin)),
+                    aml_integer(0), // no link device: the last element is a GSI
+                    aml_integer(devices::pci::intx_gsi(slot, pin + 1)),
+                ])
+            })
+        })
+        .collect();
+    let mut v = vec![0x08];
+    v.extend_from_slice(b"_PRT");
+    v.extend(aml_package(&entries));
+    v
 }
 
 /// DSDT: `Name (_S5_, Package () { 5, 0, 0, 0 })` and, in `\_SB`, the PCI
@@ -462,6 +514,28 @@ mod tests {
         let r = rsdp(0xe0200);
         assert_eq!(r.len(), 36);
         assert!(sums_to_zero(&r[..20]) && sums_to_zero(&r));
+    }
+
+    #[test]
+    fn the_host_bridge_routes_every_slots_intx_pins_to_ioapic_gsis() {
+        let d = dsdt(512 << 20);
+        let find = |pat: &[u8]| d.windows(pat.len()).position(|w| w == pat);
+        let prt = find(b"_PRT").expect("_PRT");
+        assert_eq!(d[prt - 1], 0x08, "Name");
+        assert_eq!(d[prt + 4], 0x12, "Package");
+        // A two-byte PkgLength, then 128 entries: 32 slots x 4 pins.
+        assert_eq!(d[prt + 5] >> 6, 1);
+        assert_eq!(d[prt + 7], 128);
+        // Slot 0 INTA: Package (4) { 0xFFFF, Zero, Zero, 16 }.
+        let first = [0x12, 9, 4, 0x0b, 0xff, 0xff, 0x00, 0x00, 0x0a, 16];
+        assert_eq!(d[prt + 8..prt + 18], first);
+        // Slot 3 INTB: (3 + 1) % 4 -> GSI 16.
+        let slot3_b = [
+            0x12, 11, 4, 0x0c, 0xff, 0xff, 0x03, 0x00, 0x01, 0x00, 0x0a, 16,
+        ];
+        assert!(find(&slot3_b).is_some());
+        assert_eq!(devices::pci::intx_gsi(1, 1), 17);
+        assert_eq!(devices::pci::intx_gsi(1, 4), 16);
     }
 
     #[test]

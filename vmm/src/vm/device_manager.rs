@@ -180,6 +180,7 @@ impl Devices {
             routing: &self.routing,
             pci: &self.pci,
             mem: &self.mem,
+            io: &self.io_thread.endpoint(),
         };
         p.attach(&cx, spec, true).map(|a| a.at)
     }

@@ -496,6 +496,7 @@ impl Vm {
                 routing: &routing,
                 pci: &pci,
                 mem: &mem,
+                io: &io_thread.endpoint(),
             },
             &config.devices,
         )?;
