@@ -245,6 +245,7 @@ pub fn migration_hello(postcopy: bool) -> migrate::protocol::Hello {
         verify: false,
         layout: String::new(),
         streams: 1,
+        passthrough: Vec::new(),
     }
 }
 

@@ -54,6 +54,7 @@ fn hello(bytes: u64, streams: u8) -> Hello {
         verify: false,
         layout: String::new(),
         streams,
+        passthrough: Vec::new(),
     }
 }
 

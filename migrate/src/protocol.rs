@@ -137,6 +137,12 @@ pub struct Hello {
     /// more); 1 if absent. The destination answers how many it takes.
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub streams: u8,
+    /// Passthrough functions whose device state comes in the machine
+    /// state (VFIO migration), `SLOT=vvvv:dddd` each (slot on bus 0, hex):
+    /// the destination puts its own functions there before the state
+    /// loads. Empty from a source without them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub passthrough: Vec<String>,
 }
 
 fn one() -> u8 {
@@ -730,6 +736,7 @@ mod tests {
             verify: false,
             layout: String::new(),
             streams: 1,
+            passthrough: Vec::new(),
         }
     }
 

@@ -36,6 +36,7 @@ fn hello() -> Hello {
         verify: false,
         layout: String::new(),
         streams: 1,
+        passthrough: Vec::new(),
     }
 }
 

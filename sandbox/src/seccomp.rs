@@ -153,7 +153,8 @@ impl ThreadKind {
         // VFIO's b';': a vCPU enables a passthrough function's MSI/MSI-X
         // when the guest's driver does; the I/O thread unmasks a function's
         // INTx after the guest's EOI (where the driver takes no unmask
-        // eventfd); the main thread resets it at the end.
+        // eventfd); the migration thread saves a device's state (VFIO
+        // migration); the main thread resets it at the end.
         const VFIO: u64 = b';' as u64;
         match self {
             ThreadKind::Vcpu => Some(&[KVM, TUN, VFIO]),
@@ -161,7 +162,7 @@ impl ThreadKind {
             ThreadKind::Io => Some(&[KVM, TUN, VFIO]),
             ThreadKind::Api => Some(&[TUN]),
             ThreadKind::Control => Some(&[KVM, TUN, UFFD, VFIO]),
-            ThreadKind::Migration => Some(&[KVM, TUN, UFFD]),
+            ThreadKind::Migration => Some(&[KVM, TUN, UFFD, VFIO]),
             ThreadKind::Postcopy => Some(&[KVM, TUN, UFFD]),
             ThreadKind::Placement => Some(&[TUN]),
         }

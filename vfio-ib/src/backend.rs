@@ -118,6 +118,12 @@ pub trait Backend: Send + Sync {
     /// Unmasks INTx once (after the guest's EOI). Default: nothing.
     fn unmask_intx(&self) {}
 
+    /// The device's migration interface (VFIO migration v2), where it has
+    /// one. Default: none.
+    fn migration(&self) -> Option<crate::migration::Migratable<'_>> {
+        None
+    }
+
     /// Function-level reset, where the device has one.
     fn reset(&self);
 

@@ -340,4 +340,8 @@ impl Backend for KernelDevice {
     fn reset(&self) {
         self.device.reset();
     }
+
+    fn migration(&self) -> Option<crate::migration::Migratable<'_>> {
+        KernelDevice::migration(self).ok()
+    }
 }

@@ -106,6 +106,9 @@ pub struct Passthrough {
     /// driver has nothing else.
     intx_pin: Option<u8>,
     intx_on: bool,
+    /// A save of the device's state in progress: the PRE_COPY data read
+    /// so far.
+    saving: Option<Vec<u8>>,
     mapper: Arc<dyn GuestMapper>,
     trapped_accesses: u64,
 }
@@ -302,6 +305,7 @@ impl Passthrough {
             msix,
             intx_pin,
             intx_on: false,
+            saving: None,
             mapper,
             trapped_accesses: 0,
         };
@@ -500,6 +504,103 @@ impl Passthrough {
             Ok(()) => m.backend_on = on,
             Err(e) => tracing::warn!("{}: MSI-X: {e}", self.backend.describe()),
         }
+    }
+
+    /// Vendor and device ID, `vvvv:dddd`.
+    pub fn ids(&self) -> String {
+        format!(
+            "{:04x}:{:04x}",
+            self.shadow.u16_at(0),
+            self.shadow.u16_at(2)
+        )
+    }
+
+    /// Whether the function's state can travel with the VM (snapshot,
+    /// migration): its device supports VFIO migration (STOP_COPY), and the
+    /// VMM's side of it is all in configuration space (no MSI or MSI-X,
+    /// whose emulated state is not saved yet).
+    pub fn state_travels(&self) -> Result<(), String> {
+        if self.msi.is_some() || self.msix.is_some() {
+            return Err(format!(
+                "{}: a function with MSI or MSI-X keeps its state in the hardware for now",
+                self.backend.describe()
+            ));
+        }
+        match self.backend.migration() {
+            Some(_) => Ok(()),
+            None => Err(format!(
+                "{}: its driver offers no VFIO migration",
+                self.backend.describe()
+            )),
+        }
+    }
+
+    fn migratable(&self) -> Result<crate::migration::Migratable<'_>, crate::migration::Error> {
+        self.backend
+            .migration()
+            .ok_or_else(|| crate::migration::Error::Unsupported {
+                name: self.backend.describe(),
+            })
+    }
+
+    /// Starts saving the device's state while it runs: PRE_COPY where it
+    /// has it, its initial data read now.
+    pub fn begin_save(&mut self) -> Result<(), crate::migration::Error> {
+        if self.saving.is_some() {
+            return Ok(()); // begun already (tracking restarted)
+        }
+        let m = self.migratable()?;
+        m.begin()?;
+        let first = m.read_precopy()?;
+        self.saving = Some(first);
+        Ok(())
+    }
+
+    /// Bytes of device state still to come: what PRE_COPY announces, plus
+    /// what was read and not yet handed over.
+    pub fn pending_save_bytes(&self) -> u64 {
+        let held = self.saving.as_ref().map_or(0, |b| b.len() as u64);
+        let more = self
+            .backend
+            .migration()
+            .and_then(|m| m.precopy_pending().ok())
+            .unwrap_or(0);
+        held + more
+    }
+
+    /// The whole saved state (vCPUs stopped): the PRE_COPY data, then
+    /// STOP_COPY's. The device stays stopped until [`Self::end_save`] (or
+    /// until it is closed, once the VM has moved).
+    pub fn finish_save(&mut self) -> Result<Vec<u8>, crate::migration::Error> {
+        let mut data = self.saving.take().unwrap_or_default();
+        let m = self.migratable()?;
+        data.extend(m.read_precopy()?);
+        data.extend(m.stop_and_copy()?);
+        Ok(data)
+    }
+
+    /// The save is over and the VM runs on here: the device runs again
+    /// with its own state.
+    pub fn end_save(&mut self) {
+        self.saving = None;
+        if let Some(m) = self.backend.migration() {
+            if let Err(e) = m.resume() {
+                tracing::error!("{e}");
+                m.recover();
+            }
+        }
+    }
+
+    /// Loads a saved state into the device (after configuration space was
+    /// restored) and lets it run.
+    pub fn load_state(&mut self, data: &[u8]) -> Result<(), crate::migration::Error> {
+        let m = self.migratable()?;
+        m.load(data)?;
+        m.resume()?;
+        drop(m);
+        // BARs where the restored configuration space has them.
+        self.remap();
+        Ok(())
     }
 
     /// The INTx pin the guest sees (1 = INTA), if it has one.

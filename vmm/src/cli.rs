@@ -490,6 +490,12 @@ pub struct HostArgs {
     /// only where they live changes) [default: the saved host nodes].
     #[arg(long = "numa", value_name = "SPEC", value_parser = parse_numa)]
     pub numa: Vec<numa::NodeSpec>,
+    /// This host's passthrough functions, as for `run --device`, for those
+    /// whose device state the snapshot carries (VFIO migration; in the
+    /// order of their slots): each takes the saved function's place and
+    /// state. Others are plugged with `ffmk-vmm device add` once it runs.
+    #[arg(long = "device", value_name = "SPEC", value_parser = parse_device)]
+    pub devices: Vec<crate::config::DeviceEntry>,
 }
 
 #[derive(Args, Debug)]
@@ -940,6 +946,7 @@ impl From<&HostArgs> for crate::machine::HostResources {
             vsock: h.vsock.clone(),
             allow: h.allow.clone(),
             numa: h.numa.clone(),
+            devices: h.devices.clone(),
         }
     }
 }

@@ -277,12 +277,29 @@ impl Control {
     /// function on bus 0 of a VM without vsock cannot be asked for; if the
     /// guest refuses one, those already unplugged come back and the
     /// migration is refused.
-    fn unplug_for_migration(&self) -> Result<Vec<crate::config::DeviceEntry>, ApiResponse> {
+    ///
+    /// Functions whose device state travels with the VM (VFIO migration)
+    /// stay, unless `all` (a snapshot that asked for `detach_devices`).
+    fn unplug_for_migration(
+        &self,
+        all: bool,
+    ) -> Result<Vec<crate::config::DeviceEntry>, ApiResponse> {
         let slots: Vec<Location> = self
             .vm
             .devices
             .passthrough()
-            .map(|p| p.attached.iter().map(|a| a.at).collect())
+            .map(|p| {
+                let travelling: Vec<u8> = if all {
+                    Vec::new()
+                } else {
+                    p.travelling().into_iter().map(|(slot, _)| slot).collect()
+                };
+                p.attached
+                    .iter()
+                    .map(|a| a.at)
+                    .filter(|at| !(at.bus == 0 && travelling.contains(&at.slot)))
+                    .collect()
+            })
             .unwrap_or_default();
         if slots.is_empty() {
             return Ok(Vec::new());
@@ -313,6 +330,12 @@ impl Control {
         Ok(done)
     }
 
+    /// Why the passthrough functions' state cannot be saved with the VM
+    /// (None: there are none, or all support VFIO migration).
+    fn passthrough_state_stays(&self) -> Option<String> {
+        self.vm.devices.passthrough()?.why_state_stays()
+    }
+
     fn handle(&mut self, req: ApiRequest) -> ApiResponse {
         // While migrating, and once the VM has moved (the source lingers a
         // moment), nothing may pause, resume or change it here.
@@ -334,15 +357,16 @@ impl Control {
                 )
             }
             ApiRequest::Snapshot(ref r)
-                if !r.detach_devices && !self.vm.devices.passthrough_specs().is_empty() =>
+                if !r.detach_devices && self.passthrough_state_stays().is_some() =>
             {
                 ApiResponse::error(
                     409,
                     format!(
                         "the VM has passthrough devices ({}) whose state lives in the hardware \
-                         and cannot be saved; detach them first (DELETE /vm/devices/BDF), or ask for \
-                         detach_devices; the VM keeps running",
-                        self.vm.devices.passthrough_specs().join(", ")
+                         and cannot be saved ({}); detach them first (DELETE /vm/devices/BDF), or \
+                         ask for detach_devices; the VM keeps running",
+                        self.vm.devices.passthrough_specs().join(", "),
+                        self.passthrough_state_stays().unwrap_or_default()
                     ),
                 )
             }
@@ -366,10 +390,11 @@ impl Control {
                 if let Err(e) = self.migration.trust() {
                     return ApiResponse::error(409, e);
                 }
-                // Passthrough functions cannot come along: they leave
+                // Passthrough functions whose state cannot come along leave
                 // first (with the guest's consent) and come back if the
-                // migration does not complete.
-                let unplugged = match self.unplug_for_migration() {
+                // migration does not complete; those with VFIO migration
+                // stay and their device state travels.
+                let unplugged = match self.unplug_for_migration(false) {
                     Ok(u) => u,
                     Err(r) => return r,
                 };
@@ -526,11 +551,13 @@ impl Control {
                 }
                 // Passthrough functions (with detach_devices) leave for the
                 // snapshot and come back after it, whatever its outcome.
-                let unplugged = match self.unplug_for_migration() {
+                let unplugged = match self.unplug_for_migration(r.detach_devices) {
                     Ok(u) => u,
                     Err(resp) => return resp,
                 };
                 let taken = crate::capture::take(&self.vm, &r);
+                // Functions whose device state was saved run again.
+                self.vm.devices.end_passthrough_saves();
                 self.replug(&unplugged);
                 match taken {
                     Ok(mut summary) => {

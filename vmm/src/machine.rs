@@ -252,6 +252,40 @@ impl DeviceStates {
     pub fn ids(&self) -> impl Iterator<Item = &str> {
         self.0.keys().map(String::as_str)
     }
+
+    /// Saves a state that is not a [`Persist`] device's (a passthrough
+    /// function's).
+    pub fn put_state<T: serde::Serialize>(
+        &mut self,
+        id: &str,
+        state: &T,
+    ) -> Result<(), DeviceStateError> {
+        let value = serde_json::to_value(state).map_err(|source| DeviceStateError::Decode {
+            id: id.into(),
+            source,
+        })?;
+        self.0.insert(id.to_string(), value);
+        Ok(())
+    }
+
+    /// Every saved state whose id `wanted` accepts, decoded.
+    pub fn states_where<T: serde::de::DeserializeOwned>(
+        &self,
+        wanted: impl Fn(&str) -> bool,
+    ) -> Result<Vec<(String, T)>, DeviceStateError> {
+        self.0
+            .iter()
+            .filter(|(id, _)| wanted(id))
+            .map(|(id, v)| {
+                T::deserialize(v)
+                    .map(|t| (id.clone(), t))
+                    .map_err(|source| DeviceStateError::Decode {
+                        id: id.clone(),
+                        source,
+                    })
+            })
+            .collect()
+    }
 }
 
 impl MachineState {
@@ -550,8 +584,7 @@ impl Restoring {
             }),
             ..VmSpec::default()
         };
-        // Saved without passthrough functions (control.rs); they are
-        // plugged again through the API. The guest keeps its NUMA nodes;
+        // The guest keeps its NUMA nodes;
         // this host may put them on other host nodes.
         let numa = match (&self.saved.numa, host.numa.is_empty()) {
             (_, true) => None,
@@ -563,8 +596,22 @@ impl Restoring {
                 )))
             }
         };
+        // A snapshot that carries passthrough functions' device state
+        // (VFIO migration) takes this host's `--device` functions in their
+        // places (`Vm::create`); others are plugged through the API.
+        let device = match (self.passthrough_slots().is_empty(), host.devices.is_empty()) {
+            (true, true) => None,
+            (true, false) => {
+                return Err(RestoreConfigError::Host(format!(
+                    "--device: {} carries no passthrough device state; plug this host's \
+                     functions with `ffmk-vmm device add` once the VM runs",
+                    self.describe()
+                )))
+            }
+            (false, _) => Some(host.devices.clone()),
+        };
         let local = VmSpec {
-            device: None,
+            device,
             numa,
             ..local
         };
@@ -587,15 +634,20 @@ impl Restoring {
         &self,
         pci: &Arc<devices::pci::PciRoot>,
         virtio: &[VirtioFunction],
+        passthrough: &crate::passthrough::Passthroughs,
     ) -> Result<(), Error> {
         let devices = &self.machine.devices;
         let incompatible = |e: DeviceStateError| Error::Incompatible {
             origin: self.describe(),
             why: e.to_string(),
         };
+        let functions: Vec<(String, crate::passthrough::SavedFunction)> = devices
+            .states_where(crate::passthrough::is_state_id)
+            .map_err(incompatible)?;
         let ids = [SERIAL, RTC, PCI]
             .into_iter()
-            .chain(virtio.iter().map(|f| f.id.as_str()));
+            .chain(virtio.iter().map(|f| f.id.as_str()))
+            .chain(functions.iter().map(|(id, _)| id.as_str()));
         devices.check_known(ids).map_err(incompatible)?;
         for f in virtio {
             if devices
@@ -614,7 +666,25 @@ impl Restoring {
                 .restore::<Arc<Mutex<VirtioPci>>>(&f.id, f.transport.clone())
                 .map_err(incompatible)?;
         }
-        Ok(())
+        // Passthrough functions whose device state came along (VFIO
+        // migration): after their configuration space.
+        let saved: Vec<_> = functions.into_iter().map(|(_, f)| f).collect();
+        passthrough
+            .load_states(&saved)
+            .map_err(|why| Error::Incompatible {
+                origin: self.describe(),
+                why,
+            })
+    }
+
+    /// Where the saved VM had passthrough functions whose state came with
+    /// it: (slot on bus 0, vendor:device) each.
+    pub fn passthrough_slots(&self) -> Vec<(u8, String)> {
+        self.machine
+            .devices
+            .states_where::<crate::passthrough::SavedFunction>(crate::passthrough::is_state_id)
+            .map(|v| v.into_iter().map(|(_, f)| (f.slot, f.ids)).collect())
+            .unwrap_or_default()
     }
 
     /// Guest memory: the full layer mapped lazily (`MAP_PRIVATE`), the
@@ -721,6 +791,9 @@ pub struct HostResources {
     pub allow: Vec<PathBuf>,
     /// `--numa node=N,host-node=H`: the saved guest nodes on this host's nodes.
     pub numa: Vec<crate::config::NodeSpec>,
+    /// `--device`: this host's passthrough functions for those whose
+    /// device state the snapshot carries (VFIO migration), in slot order.
+    pub devices: Vec<crate::config::DeviceEntry>,
 }
 
 /// The host side of a restored VM's devices.

@@ -81,6 +81,7 @@ pub fn hello(config: &RunConfig, profile: CpuProfile) -> Hello {
         verify: false,
         layout: guest_layout(config),
         streams: 1,
+        passthrough: Vec::new(),
     }
 }
 
@@ -128,6 +129,11 @@ impl Source for VmSource<'_> {
 
     fn start_tracking(&self) -> Result<(), VmError> {
         self.tracker()?.start()?;
+        // Passthrough devices whose state travels start saving it now
+        // (PRE_COPY, while the guest runs).
+        if let Some(p) = self.vm.devices.passthrough() {
+            p.begin_saves()?;
+        }
         Ok(())
     }
 
@@ -158,6 +164,8 @@ impl Source for VmSource<'_> {
     }
 
     fn resume(&self) -> Result<(), VmError> {
+        // The VM runs on here: so do its passthrough devices.
+        self.vm.devices.end_passthrough_saves();
         if let Ok(mut slot) = self.frozen.lock() {
             slot.take();
         }
@@ -171,6 +179,35 @@ impl Source for VmSource<'_> {
         let m = capture::machine_state(self.vm)?;
         Ok(serde_json::to_vec(&m)?)
     }
+
+    fn device_bytes(&self) -> u64 {
+        self.vm
+            .devices
+            .passthrough()
+            .map_or(0, |p| p.pending_save_bytes())
+    }
+}
+
+/// The hello's `passthrough` entries: `SLOT=vvvv:dddd` (slot in hex).
+fn passthrough_hello(travelling: &[(u8, String)]) -> Vec<String> {
+    travelling
+        .iter()
+        .map(|(slot, ids)| format!("{slot:02x}={ids}"))
+        .collect()
+}
+
+/// The source's `passthrough` entries back: (slot, vendor:device).
+fn passthrough_slots(theirs: &Hello) -> Result<Vec<(u8, String)>, String> {
+    theirs
+        .passthrough
+        .iter()
+        .map(|e| {
+            e.split_once('=')
+                .and_then(|(s, ids)| Some((u8::from_str_radix(s, 16).ok()?, ids.to_string())))
+                .filter(|(s, _)| *s < devices::pci::root::SLOTS)
+                .ok_or_else(|| format!("a bad passthrough entry in the hello: '{e}'"))
+        })
+        .collect()
 }
 
 /// A migration of this VM (at most one at a time).
@@ -376,6 +413,11 @@ fn run(
     };
     let mut hello = hello(&vm.config, vm.platform.profile);
     hello.postcopy = opts.postcopy;
+    hello.passthrough = vm
+        .devices
+        .passthrough()
+        .map(|p| passthrough_hello(&p.travelling()))
+        .unwrap_or_default();
     let mut report = |p: &Progress| {
         if let Ok(mut s) = status.lock() {
             *s = Status::Running {
@@ -432,6 +474,10 @@ pub struct Arrived {
     pub vm: Vm,
     pub received: migrate::dest::Received,
     pub postcopy: Option<Postcopy>,
+    /// How many of the passthrough functions given to [`receive`] took
+    /// the state of the source's (the first ones); the rest are this
+    /// host's to plug.
+    pub devices_used: usize,
 }
 
 /// Waits on `listener` for a migration that fits `config`, builds the VM
@@ -441,6 +487,7 @@ pub fn receive(
     kvm: &kvm_ioctls::Kvm,
     listener: &TcpListener,
     config: &RunConfig,
+    devices: &[crate::config::DeviceEntry],
     trust: &cluster_auth::Trust,
     deadline: Duration,
     log: &mut dyn FnMut(String),
@@ -515,6 +562,7 @@ pub fn receive(
         let result = receive_one(
             stream,
             config,
+            devices,
             &mine,
             &mut || match ready.take() {
                 Some(p) => Ok(p),
@@ -641,15 +689,26 @@ fn can_receive(config: &RunConfig, theirs: &Hello) -> Result<(), String> {
 fn receive_one(
     stream: cluster_auth::PlaneStream,
     config: &RunConfig,
+    devices: &[crate::config::DeviceEntry],
     mine: &Hello,
     prepared: &mut dyn FnMut() -> Result<crate::vm::Prepared, String>,
     joins: &mut migrate::dest::Joins,
 ) -> Result<Arrived, IncomingError> {
     let mut inc = migrate::dest::Incoming::new(stream, Duration::from_secs(30))?;
     let t = std::time::Instant::now();
+    let mut devices_used = 0;
     let prepared = inc.hello(mine, |theirs| {
         can_receive(config, theirs)?;
-        prepared()
+        // Passthrough functions whose device state comes with the VM: this
+        // host's go where the source had them, before the state loads.
+        let slots = passthrough_slots(theirs)?;
+        let mut p = prepared()?;
+        if !slots.is_empty() {
+            p.attach_for_state(devices, &slots)
+                .map_err(|e| e.to_string())?;
+            devices_used = slots.len();
+        }
+        Ok(p)
     })?;
     tracing::debug!(
         "migration: hello checked and the VM ready in {:.1} ms",
@@ -669,6 +728,7 @@ fn receive_one(
             vm,
             received,
             postcopy: None,
+            devices_used,
         });
     };
     // Post-copy: missing pages are trapped before anything (the state
@@ -690,6 +750,7 @@ fn receive_one(
         vm,
         received,
         postcopy: Some(pc),
+        devices_used,
     })
 }
 

@@ -344,6 +344,18 @@ impl Passthroughs {
         spec: &DeviceEntry,
         hotplug: bool,
     ) -> Result<&Attached, Error> {
+        self.attach_to(cx, spec, hotplug, None)
+    }
+
+    /// [`Passthroughs::attach`], at `slot` of bus 0 when it is given (where
+    /// the VM whose state arrives had its function).
+    pub fn attach_to(
+        &mut self,
+        cx: &Context,
+        spec: &DeviceEntry,
+        hotplug: bool,
+        slot: Option<u8>,
+    ) -> Result<&Attached, Error> {
         let err = |msg: String, user: bool| Error {
             spec: spec.to_string(),
             msg,
@@ -412,7 +424,9 @@ impl Passthroughs {
                 d.intx_pin().is_some() || d.config().bars().any(|(_, b)| b.kind == BarKind::Io)
             })
             .unwrap_or(false);
-        let placed = if hotplug && free_slot && !bus0_only {
+        let placed = if let Some(slot) = slot {
+            cx.pci.add_at(slot, device.clone()).map(Location::root)
+        } else if hotplug && free_slot && !bus0_only {
             cx.pci.hotplug(device.clone(), SLOT_PATIENCE)
         } else {
             cx.pci.add(device.clone()).map(Location::root)
@@ -464,6 +478,175 @@ impl Passthroughs {
         }
         tracing::info!("{} ({at}) detached", a.spec);
         Some(a.spec)
+    }
+}
+
+/// A passthrough function's state in a snapshot or migration stream: where
+/// it was, what it was, and its device's VFIO migration data.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SavedFunction {
+    /// Its slot on bus 0.
+    pub slot: u8,
+    /// Vendor and device ID (`vvvv:dddd`): the function that takes the
+    /// state must be the same kind.
+    pub ids: String,
+    /// The device's migration data (PRE_COPY then STOP_COPY), hex.
+    pub data: String,
+}
+
+/// The device-state id of the passthrough function in `slot`.
+pub fn state_id(slot: u8) -> String {
+    format!("passthrough-{slot:02x}")
+}
+
+/// Is this a passthrough function's device-state id?
+pub fn is_state_id(id: &str) -> bool {
+    id.starts_with("passthrough-")
+}
+
+fn to_hex(data: &[u8]) -> String {
+    data.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn from_hex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+impl Passthroughs {
+    /// Whether every attached function's state can travel with the VM
+    /// (VFIO migration), or why not (the first one that cannot).
+    pub fn why_state_stays(&self) -> Option<String> {
+        self.attached.iter().find_map(|a| {
+            if a.at.bus != 0 {
+                return Some(format!("{} is in a hot-plug slot", a.spec));
+            }
+            a.device.lock().ok()?.state_travels().err()
+        })
+    }
+
+    /// The functions whose state travels: `slot=ids` each, for the
+    /// migration hello.
+    pub fn travelling(&self) -> Vec<(u8, String)> {
+        self.attached
+            .iter()
+            .filter_map(|a| {
+                let d = a.device.lock().ok()?;
+                (a.at.bus == 0 && d.state_travels().is_ok()).then(|| (a.at.slot, d.ids()))
+            })
+            .collect()
+    }
+
+    /// Starts saving every travelling function's device state (PRE_COPY
+    /// while the guest runs).
+    pub fn begin_saves(&self) -> Result<(), String> {
+        for a in &self.attached {
+            let Ok(mut d) = a.device.lock() else { continue };
+            if d.state_travels().is_ok() {
+                d.begin_save().map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of device state still to come (for the downtime prediction).
+    pub fn pending_save_bytes(&self) -> u64 {
+        self.attached
+            .iter()
+            .filter_map(|a| a.device.lock().ok().map(|d| d.pending_save_bytes()))
+            .sum()
+    }
+
+    /// Every travelling function's state (vCPUs paused), by device-state id.
+    pub fn finish_saves(&self) -> Result<Vec<(String, SavedFunction)>, String> {
+        let mut out = Vec::new();
+        for a in &self.attached {
+            let mut d = a.device.lock().map_err(|_| "lock poisoned".to_string())?;
+            if a.at.bus != 0 || d.state_travels().is_err() {
+                continue;
+            }
+            let data = d.finish_save().map_err(|e| e.to_string())?;
+            out.push((
+                state_id(a.at.slot),
+                SavedFunction {
+                    slot: a.at.slot,
+                    ids: d.ids(),
+                    data: to_hex(&data),
+                },
+            ));
+        }
+        Ok(out)
+    }
+
+    /// After a snapshot, or a migration that did not complete: every
+    /// device runs again here.
+    pub fn end_saves(&self) {
+        for a in &self.attached {
+            if let Ok(mut d) = a.device.lock() {
+                if d.state_travels().is_ok() {
+                    d.end_save();
+                }
+            }
+        }
+    }
+
+    /// Loads saved function states into the functions attached at their
+    /// slots (checked all first: every saved one has a function of the
+    /// same kind here). Functions here without a saved state are refused.
+    pub fn load_states(&self, saved: &[SavedFunction]) -> Result<(), String> {
+        let mut todo = Vec::new();
+        for s in saved {
+            let a = self
+                .attached
+                .iter()
+                .find(|a| a.at == Location::root(s.slot))
+                .ok_or_else(|| {
+                    format!(
+                        "the saved VM has a passthrough function ({}) at 00:{:02x}.0 and this                          one none: give it one with --device",
+                        s.ids, s.slot
+                    )
+                })?;
+            let d = a.device.lock().map_err(|_| "lock poisoned".to_string())?;
+            if d.ids() != s.ids {
+                return Err(format!(
+                    "00:{:02x}.0: the saved function is {}, {} here is {}",
+                    s.slot,
+                    s.ids,
+                    a.spec,
+                    d.ids()
+                ));
+            }
+            let data = from_hex(&s.data)
+                .ok_or_else(|| format!("00:{:02x}.0: its saved device state is not hex", s.slot))?;
+            drop(d);
+            todo.push((a, data));
+        }
+        if let Some(extra) = self
+            .attached
+            .iter()
+            .find(|a| !saved.iter().any(|s| Location::root(s.slot) == a.at))
+        {
+            return Err(format!(
+                "{} at {} has no saved state to continue from",
+                extra.spec, extra.at
+            ));
+        }
+        for (a, data) in todo {
+            let mut d = a.device.lock().map_err(|_| "lock poisoned".to_string())?;
+            d.load_state(&data).map_err(|e| e.to_string())?;
+            tracing::info!(
+                "{} at {}: device state loaded ({} bytes)",
+                a.spec,
+                a.at,
+                data.len()
+            );
+        }
+        Ok(())
     }
 }
 

@@ -237,6 +237,16 @@ impl PciRoot {
                 .find(|s| !slots.contains_key(s))
                 .ok_or(PciError::NoSlot)?
         };
+        self.add_at(slot, dev)
+    }
+
+    /// Adds a device at `slot` (where a saved VM had it), placing its BARs
+    /// as [`PciRoot::add`] does (a restored configuration space moves them
+    /// where the guest had them).
+    pub fn add_at(&self, slot: u8, dev: SharedPciDevice) -> Result<u8, PciError> {
+        if slot >= SLOTS {
+            return Err(PciError::NoSlot);
+        }
         let placed = self.place_bars(&dev)?;
         if let Err(e) = self.insert(slot, dev) {
             if let Ok(mut w) = self.windows.lock() {

@@ -46,6 +46,7 @@ pub trait Builder {
         vm_fd: &VmFd,
         pci: &Arc<PciRoot>,
         virtio: &[VirtioFunction],
+        passthrough: &crate::passthrough::Passthroughs,
     ) -> Result<(), Error>;
     /// Start with the vCPUs paused.
     fn paused(&self) -> bool;
@@ -125,7 +126,13 @@ impl Builder for ForBoot {
         Ok(s.host_tsc_khz)
     }
 
-    fn machine(&self, _: &VmFd, _: &Arc<PciRoot>, _: &[VirtioFunction]) -> Result<(), Error> {
+    fn machine(
+        &self,
+        _: &VmFd,
+        _: &Arc<PciRoot>,
+        _: &[VirtioFunction],
+        _: &crate::passthrough::Passthroughs,
+    ) -> Result<(), Error> {
         Ok(())
     }
 
@@ -189,11 +196,12 @@ impl Builder for FromState<'_> {
         vm_fd: &VmFd,
         pci: &Arc<PciRoot>,
         virtio: &[VirtioFunction],
+        passthrough: &crate::passthrough::Passthroughs,
     ) -> Result<(), Error> {
         crate::arch::state::restore_vm(vm_fd, &self.0.machine.vm)
             .map_err(|e| Error::VmState(e.to_string()))?;
         self.0
-            .restore_devices(pci, virtio)
+            .restore_devices(pci, virtio, passthrough)
             .map_err(|e| Error::Restore(Box::new(e)))
     }
 

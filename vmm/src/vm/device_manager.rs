@@ -144,7 +144,29 @@ impl Devices {
         for f in &self.virtio {
             d.put(&f.id, &f.transport)?;
         }
+        // Passthrough functions whose device state travels (VFIO
+        // migration): stopped and read out here, running again after
+        // `end_passthrough_saves`.
+        let p = self
+            .passthrough
+            .lock()
+            .map_err(|_| poisoned("passthrough"))?;
+        let saved = p.finish_saves().map_err(|why| DeviceStateError::Device {
+            id: "passthrough".into(),
+            source: StateError::Mismatch(why),
+        })?;
+        for (id, f) in saved {
+            d.put_state(&id, &f)?;
+        }
         Ok(d)
+    }
+
+    /// After a snapshot, or a migration that did not complete: passthrough
+    /// devices whose state was saved run again here.
+    pub fn end_passthrough_saves(&self) {
+        if let Ok(p) = self.passthrough.lock() {
+            p.end_saves();
+        }
     }
 
     /// Grows disk `index` to `bytes` and tells the guest's driver through a

@@ -353,7 +353,17 @@ impl Vm {
         // A restored VM follows its snapshot chain: track dirty pages from
         // the start so the next incremental snapshot can extend it.
         let follows_chain = restore.is_some_and(|r| r.chain().is_some());
-        Vm::prepare(kvm, config, mem, follows_chain)?.start(restore)
+        // A snapshot that carries passthrough functions' device state: this
+        // host's functions go where the saved VM had its own.
+        let slots = restore.map(|r| r.passthrough_slots()).unwrap_or_default();
+        if slots.is_empty() {
+            return Vm::prepare(kvm, config, mem, follows_chain)?.start(restore);
+        }
+        let mut config = config;
+        let devices = std::mem::take(&mut config.devices);
+        let mut prepared = Vm::prepare(kvm, config, mem, follows_chain)?;
+        prepared.attach_for_state(&devices, &slots)?;
+        prepared.start(restore)
     }
 
     /// Builds everything that does not depend on the guest's image or
@@ -557,6 +567,52 @@ impl Vm {
 }
 
 impl Prepared {
+    /// Puts `devices` (this host's passthrough functions, in order) where
+    /// the VM whose state is coming had the functions whose device state
+    /// comes with it: `slots` (slot on bus 0, vendor:device). Returns the
+    /// devices left over (plugged once the VM runs, as without state).
+    pub fn attach_for_state<'a>(
+        &mut self,
+        devices: &'a [crate::config::DeviceEntry],
+        slots: &[(u8, String)],
+    ) -> Result<&'a [crate::config::DeviceEntry], Error> {
+        if devices.len() < slots.len() {
+            let list: Vec<String> = slots
+                .iter()
+                .map(|(s, ids)| format!("00:{s:02x}.0 ({ids})"))
+                .collect();
+            return Err(Error::Device {
+                device: "passthrough".into(),
+                detail: format!(
+                    "the VM brings the device state of {} passthrough function(s), {}; give this                      host's with --device ({} given)",
+                    slots.len(),
+                    list.join(", "),
+                    devices.len()
+                ),
+            });
+        }
+        let cx = crate::passthrough::Context {
+            vm_fd: &self.vm_fd,
+            routing: &self.routing,
+            pci: &self.pci,
+            mem: &self.mem,
+            io: &self.io_thread.endpoint(),
+        };
+        for (spec, (slot, ids)) in devices.iter().zip(slots) {
+            let a = self.passthrough.attach_to(&cx, spec, false, Some(*slot))?;
+            let here = a.device.lock().map(|d| d.ids()).unwrap_or_default();
+            if &here != ids {
+                return Err(Error::Device {
+                    device: spec.to_string(),
+                    detail: format!(
+                        "it is {here}; the function whose state arrives at 00:{slot:02x}.0 was {ids}"
+                    ),
+                });
+            }
+        }
+        Ok(&devices[slots.len()..])
+    }
+
     /// Guest memory, to fill before `start`.
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.mem
@@ -650,7 +706,7 @@ impl Prepared {
                 kvm_forced = forced_features(fd, profile);
             }
         }
-        b.machine(&vm_fd, &pci, &virtio)?;
+        b.machine(&vm_fd, &pci, &virtio, &passthrough)?;
         vcpu::register_kick_handler()
             .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
             .map_err(host("install the vCPU kick signal handler"))?;

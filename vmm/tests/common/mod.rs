@@ -474,8 +474,13 @@ impl Vm {
         (ended, self.stderr())
     }
 
-    pub fn wait_exit(mut self) -> (Option<i32>, String) {
-        let deadline = Instant::now() + Duration::from_secs(60);
+    pub fn wait_exit(self) -> (Option<i32>, String) {
+        self.wait_exit_within(Duration::from_secs(60))
+    }
+
+    /// Like `wait_exit`, waiting up to `within`.
+    pub fn wait_exit_within(mut self, within: Duration) -> (Option<i32>, String) {
+        let deadline = Instant::now() + within;
         loop {
             if let Some(s) = self.child.try_wait().unwrap() {
                 return (s.code(), self.stderr());
@@ -485,7 +490,8 @@ impl Vm {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
                 panic!(
-                    "VM did not exit in 60 s: {}\n{report}\nthe VMM's stderr:\n{}",
+                    "VM did not exit in {} s: {}\n{report}\nthe VMM's stderr:\n{}",
+                    within.as_secs(),
                     self.console(),
                     self.stderr()
                 );

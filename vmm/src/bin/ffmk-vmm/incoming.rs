@@ -21,9 +21,10 @@ pub fn incoming(
     deadline: Duration,
 ) -> Result<u8, Failure> {
     let (signals, kvm, listener, _socket_guard) = prepare(&config, None)?;
-    // Passthrough functions join once the VM has arrived: the VM that
-    // arrives has none (its source unplugged them), and its bus must
-    // match the source's while its state is loaded.
+    // Passthrough functions join once the VM has arrived (its source
+    // unplugged its own: the bus must match the source's while the state
+    // loads), except those that take the device state of the source's
+    // functions (VFIO migration): they go in where those were, first.
     let mut config = config;
     let devices = std::mem::take(&mut config.devices);
     let tcp = std::net::TcpListener::bind(addr)
@@ -33,8 +34,10 @@ pub fn incoming(
     let waiting = Waiting::start(config.clone(), addr.to_string(), signals, api)?;
     say!("waiting for a migration on {addr}");
     let arrived =
-        vmm::migration::receive(&kvm, &tcp, &config, trust, deadline, &mut |m| say!("{m}"))
-            .with_context(|| format!("listening on {addr}"));
+        vmm::migration::receive(&kvm, &tcp, &config, &devices, trust, deadline, &mut |m| {
+            say!("{m}")
+        })
+        .with_context(|| format!("listening on {addr}"));
     // From here the control loop answers the API and the signals.
     let (signals, api) = waiting.stop()?;
     let arrived = arrived.map_err(runtime)?;
@@ -95,7 +98,16 @@ pub fn incoming(
             return Ok(1);
         }
     }
-    plug_arrived(&arrived.vm, &devices);
+    if arrived.devices_used > 0 {
+        say!(
+            "{} passthrough function(s) took the device state of the source's",
+            arrived.devices_used
+        );
+    }
+    plug_arrived(
+        &arrived.vm,
+        &devices[arrived.devices_used.min(devices.len())..],
+    );
     serve_with(arrived.vm, signals, api, Ok(trust.clone()))
 }
 

@@ -1,0 +1,218 @@
+//! A passthrough device that moves with the VM (VFIO migration v2), end to
+//! end: a Linux guest (Debian's kernel) drives the kernel's `mtty` sample
+//! device - a mediated 16550-style serial port whose transmit register
+//! loops back into its receive FIFO - through Linux's own 8250_pci driver
+//! (I/O BARs, INTx), and keeps writing numbered lines to it and reading
+//! them back while the VM is live-migrated to another VMM with another
+//! mtty device, or snapshotted, killed and restored onto another one. The
+//! device's state (the bytes in its FIFO, its registers) travels in the
+//! migration stream and the snapshot: every line arrives, in order, none
+//! lost or doubled (`cmp` against `seq` in the guest), and the guest
+//! finishes on the second VMM.
+//!
+//! Needs the mtty driver (Linux 6.7 or later, for migration with
+//! PRE_COPY): `ci/test-vfio` runs this in a lab whose L1 runs the backports
+//! kernel, with FFMK_MTTY_MODULE naming the mtty.ko it built. Elsewhere it
+//! prints "skipped" (FFMK_MTTY_REQUIRED=1 makes that a failure).
+mod common;
+
+use common::linux::{images, timeout};
+use common::{tmpdir, Vm};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const TYPES: &str = "/sys/class/mdev_bus/mtty/mdev_supported_types/mtty-2";
+/// Lines the guest sends through the device.
+const LINES: u32 = 3000;
+
+/// The mtty driver, loaded from FFMK_MTTY_MODULE if it is not yet; false
+/// (and a "skipped" line) where there is none.
+fn mtty() -> bool {
+    if !Path::new(TYPES).exists() {
+        if let Some(module) = std::env::var_os("FFMK_MTTY_MODULE") {
+            let ok = std::process::Command::new("insmod")
+                .arg(&module)
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "insmod {module:?} failed");
+        }
+    }
+    if Path::new(TYPES).exists() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("FFMK_MTTY_REQUIRED").is_none(),
+        "FFMK_MTTY_REQUIRED is set but there is no mtty driver ({TYPES})"
+    );
+    eprintln!("skipped: no mtty driver (ci/test-vfio runs this in the lab)");
+    false
+}
+
+/// An mtty device (two ports) made for a test, removed when dropped.
+struct Mdev(String);
+
+impl Mdev {
+    fn create(uuid: &str) -> Mdev {
+        std::fs::write(format!("{TYPES}/create"), uuid).expect("create an mtty device");
+        Mdev(uuid.into())
+    }
+
+    fn spec(&self) -> String {
+        format!("vfio=/sys/bus/mdev/devices/{}", self.0)
+    }
+}
+
+impl Drop for Mdev {
+    fn drop(&mut self) {
+        let _ = std::fs::write(format!("/sys/bus/mdev/devices/{}/remove", self.0), "1");
+    }
+}
+
+/// The guest's job: numbered lines out through the device's first port
+/// (ttyS4: ttyS0-3 are the legacy ports), read back as they loop around,
+/// compared with what was sent.
+fn guest_cmdline() -> String {
+    format!(
+        "console=ttyS0 panic=-1 quiet 8250.nr_uarts=8 ffmk_exit_port=244 -- \
+         stty -F /dev/ttyS4 raw -echo;echo MTTY-START;\
+         (seq 1 {LINES}|while read i;do echo $i;usleep 2000;done)>/dev/ttyS4&\
+         head -n {LINES} /dev/ttyS4>/tmp/o;seq 1 {LINES}|cmp - /tmp/o&&echo MTTY-OK"
+    )
+}
+
+fn boot(dir: &Path, name: &str, device: &str) -> Vm {
+    let Some((vmlinux, _, initrd)) = images() else {
+        unreachable!("checked by the caller")
+    };
+    let cmdline = guest_cmdline();
+    let args = [
+        "run",
+        "--kernel",
+        vmlinux.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--memory",
+        "256M",
+        "--test-exit-port",
+        "--cmdline",
+        &cmdline,
+        "--device",
+        device,
+    ];
+    Vm::spawn(
+        &args,
+        &dir.join(format!("{name}.console")),
+        &dir.join(format!("{name}.sock")),
+    )
+}
+
+fn wait_console(vm: &Vm, needle: &str) {
+    let deadline = Instant::now() + timeout();
+    while !vm.console().contains(needle) {
+        assert!(
+            Instant::now() < deadline,
+            "no '{needle}' on the console:\n{}",
+            vm.console()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn linux_drives_mtty_through_a_live_migration() {
+    if images().is_none() || !mtty() {
+        return;
+    }
+    let a = Mdev::create("b1b2c3d4-0000-4000-8000-00000000000a");
+    let b = Mdev::create("b1b2c3d4-0000-4000-8000-00000000000b");
+    let dir = tmpdir("linux-mtty-migrate");
+    let dst = Vm::spawn(
+        &[
+            "run",
+            "--incoming",
+            "tcp://127.0.0.1:7411",
+            "--memory",
+            "256M",
+            "--test-exit-port",
+            "--device",
+            &b.spec(),
+        ],
+        &dir.join("dst.console"),
+        &dir.join("dst.sock"),
+    );
+    let src = boot(&dir, "src", &a.spec());
+    wait_console(&src, "MTTY-START");
+    // Some lines through the device first.
+    std::thread::sleep(Duration::from_secs(2));
+    let out = common::ffmk()
+        .args(["migrate", "--api-socket"])
+        .arg(&src.sock)
+        .args(["--to", "tcp://127.0.0.1:7411", "--json", "--verify"])
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        let console = src.console();
+        let (ended, err) = src.stop();
+        let (_, dst_err) = dst.stop();
+        panic!("{out:?}\n{console}\nthe source ({ended:?}):\n{err}\nthe destination:\n{dst_err}");
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or("null")).unwrap_or_default();
+    eprintln!(
+        "migrated with mtty: downtime {} ms, total {} ms",
+        last["downtime_ms"], last["total_ms"]
+    );
+    assert!(
+        !src.console().contains("MTTY-OK"),
+        "the stream ended before the migration: make it longer"
+    );
+    let src_console = src.console.clone();
+    let (code, err) = src.wait_exit();
+    assert_eq!(code, Some(0), "{err}");
+    let (code, err) = dst.wait_exit_within(timeout());
+    let after = std::fs::read_to_string(dir.join("dst.console")).unwrap_or_default();
+    assert_eq!(
+        code,
+        Some(0),
+        "the guest on the destination failed:\nbefore:\n{}\nafter:\n{after}\n{err}",
+        std::fs::read_to_string(&src_console).unwrap_or_default()
+    );
+    assert!(after.contains("MTTY-OK"), "{after}");
+    assert!(
+        err.contains("took the device state"),
+        "the destination's mtty did not take the source's state: {err}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn linux_drives_mtty_through_a_snapshot_and_a_restore_elsewhere() {
+    if images().is_none() || !mtty() {
+        return;
+    }
+    let a = Mdev::create("c1b2c3d4-0000-4000-8000-00000000000a");
+    let b = Mdev::create("c1b2c3d4-0000-4000-8000-00000000000b");
+    let dir = tmpdir("linux-mtty-snapshot");
+    let src = boot(&dir, "src", &a.spec());
+    wait_console(&src, "MTTY-START");
+    std::thread::sleep(Duration::from_secs(2));
+    // No --detach-devices: the device's state is saved with the VM.
+    let snap = dir.join("snap");
+    let reply = src.snapshot(&snap, &[]);
+    assert!(
+        reply["unplugged"].as_array().is_none_or(|u| u.is_empty()),
+        "{reply}"
+    );
+    assert!(
+        !src.console().contains("MTTY-OK"),
+        "the stream ended before the snapshot: make it longer"
+    );
+    src.kill();
+    let dst = Vm::restore(&dir, "dst", &snap, &["--device", &b.spec()]);
+    let (code, err) = dst.wait_exit_within(timeout());
+    let after = std::fs::read_to_string(dir.join("dst.console")).unwrap_or_default();
+    assert_eq!(code, Some(0), "after the restore:\n{after}\n{err}");
+    assert!(after.contains("MTTY-OK"), "{after}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
