@@ -197,9 +197,8 @@ fn passthrough_hello(travelling: &[(u8, String)]) -> Vec<String> {
 }
 
 /// The source's `passthrough` entries back: (slot, vendor:device).
-fn passthrough_slots(theirs: &Hello) -> Result<Vec<(u8, String)>, String> {
-    theirs
-        .passthrough
+fn passthrough_slots(entries: &[String]) -> Result<Vec<(u8, String)>, String> {
+    entries
         .iter()
         .map(|e| {
             e.split_once('=')
@@ -701,7 +700,7 @@ fn receive_one(
         can_receive(config, theirs)?;
         // Passthrough functions whose device state comes with the VM: this
         // host's go where the source had them, before the state loads.
-        let slots = passthrough_slots(theirs)?;
+        let slots = passthrough_slots(&theirs.passthrough)?;
         let mut p = prepared()?;
         if !slots.is_empty() {
             p.attach_for_state(devices, &slots)
@@ -779,4 +778,26 @@ fn log_loaded(from: &str, since: std::time::Instant) {
         "migration from {from}: state loaded in {:.2} ms",
         since.elapsed().as_secs_f64() * 1e3
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hello_names_travelling_functions_by_slot() {
+        let entries = passthrough_hello(&[(1, "4348:3253".into()), (0x1e, "15b3:101e".into())]);
+        assert_eq!(entries, ["01=4348:3253", "1e=15b3:101e"]);
+        assert_eq!(
+            passthrough_slots(&entries).unwrap(),
+            [
+                (1, "4348:3253".to_string()),
+                (0x1e, "15b3:101e".to_string())
+            ]
+        );
+        for bad in ["1", "zz=4348:3253", "20=4348:3253"] {
+            let e = passthrough_slots(&[bad.to_string()]).unwrap_err();
+            assert!(e.contains(bad), "{e}");
+        }
+    }
 }

@@ -658,3 +658,29 @@ pub fn attach_all(cx: &Context, specs: &[DeviceEntry]) -> Result<Passthroughs, E
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_state_round_trips_through_hex() {
+        let data: Vec<u8> = (0..=255).collect();
+        let hex = to_hex(&data);
+        assert_eq!(hex.len(), 512);
+        assert_eq!(&hex[..6], "000102");
+        assert_eq!(from_hex(&hex), Some(data));
+        assert_eq!(from_hex("abc"), None, "odd length");
+        assert_eq!(from_hex("zz"), None, "not hex");
+        assert_eq!(from_hex(""), Some(vec![]));
+    }
+
+    #[test]
+    fn passthrough_state_ids_name_their_slot() {
+        assert_eq!(state_id(1), "passthrough-01");
+        assert_eq!(state_id(0x1f), "passthrough-1f");
+        assert!(is_state_id(&state_id(3)));
+        assert!(!is_state_id("pci"));
+        assert!(!is_state_id("virtio-net-0"));
+    }
+}
