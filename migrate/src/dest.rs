@@ -5,8 +5,8 @@
 //! before GO means: drop what was received, listen again.
 use crate::postcopy::Postcopy;
 use crate::protocol::{
-    decode_join, decode_postcopy, decode_verify, page_digests, Accept, Conn, Hello, Kind, PagesIn,
-    MAX_STREAMS,
+    decode_device_data, decode_join, decode_postcopy, decode_verify, page_digests, Accept, Conn,
+    Hello, Kind, PagesIn, MAX_STREAMS,
 };
 use crate::{Error, GuestMemory};
 use cluster_auth::PlaneStream;
@@ -16,6 +16,10 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
+
+/// Where passthrough devices' migration data goes as it arrives: (slot,
+/// bytes).
+pub type DeviceSink<'a> = dyn FnMut(u8, &[u8]) -> Result<(), String> + 'a;
 
 pub struct Incoming {
     conn: Conn<PlaneStream>,
@@ -140,8 +144,24 @@ impl Incoming {
     /// written on a thread of its own, and all have ended before the
     /// digests, the state or post-copy are taken.
     pub fn memory(&mut self, mem: &GuestMemory, joins: &mut Joins) -> Result<Arrival, Error> {
+        self.memory_and_devices(mem, joins, &mut |slot, _| {
+            Err(format!(
+                "device data for slot {slot}, which this VM does not expect"
+            ))
+        })
+    }
+
+    /// [`Incoming::memory`], with passthrough devices' migration data sent
+    /// during the rounds handed to `devices` (slot, bytes) as it comes; an
+    /// error there fails the migration.
+    pub fn memory_and_devices(
+        &mut self,
+        mem: &GuestMemory,
+        joins: &mut Joins,
+        devices: &mut DeviceSink,
+    ) -> Result<Arrival, Error> {
         if self.streams <= 1 {
-            return self.receive(mem, &mut || Ok(()));
+            return self.receive(mem, &mut || Ok(()), devices);
         }
         let set = StreamSet::default();
         let want = usize::from(self.streams - 1);
@@ -151,7 +171,7 @@ impl Incoming {
             let set = &set;
             let joiner =
                 scope.spawn(move || join_streams(scope, joins, token, want, io_timeout, mem, set));
-            let r = self.receive(mem, &mut || set.wait_ended(want, io_timeout));
+            let r = self.receive(mem, &mut || set.wait_ended(want, io_timeout), devices);
             set.stop();
             let _ = joiner.join();
             r
@@ -166,6 +186,7 @@ impl Incoming {
         &mut self,
         mem: &GuestMemory,
         ended: &mut dyn FnMut() -> Result<(), Error>,
+        devices: &mut DeviceSink,
     ) -> Result<Arrival, Error> {
         let total = total_pages(mem);
         let mut streams_ended = false;
@@ -191,6 +212,13 @@ impl Incoming {
                     self.pages_received += write_pages(mem, body, total)?;
                 }
                 (Kind::Sync, _) => self.conn.send(Kind::Synced, &[])?,
+                (Kind::DeviceData, body) => {
+                    let (slot, data) = decode_device_data(body)?;
+                    if let Err(why) = devices(slot, data) {
+                        self.conn.abort(&why);
+                        return Err(Error::Vm(why.into()));
+                    }
+                }
                 (Kind::Verify, body) if self.verify => {
                     wait_streams(&mut streams_ended)?;
                     let (first, theirs) = decode_verify(body, total)?;

@@ -57,6 +57,28 @@ const HEADER: usize = 16;
 pub const MAX_PAYLOAD: u32 = 64 << 20;
 /// Pages per PAGES frame.
 pub const BATCH_PAGES: usize = 256;
+/// Device migration data per DEVICE_DATA frame.
+pub const DEVICE_CHUNK: usize = 1 << 20;
+
+/// DEVICE_DATA frames for `data` of the device in `slot`.
+pub fn encode_device_data(slot: u8, data: &[u8]) -> Vec<Vec<u8>> {
+    data.chunks(DEVICE_CHUNK)
+        .map(|c| {
+            let mut f = Vec::with_capacity(c.len() + 1);
+            f.push(slot);
+            f.extend_from_slice(c);
+            f
+        })
+        .collect()
+}
+
+/// A DEVICE_DATA frame back: (slot, bytes).
+pub fn decode_device_data(payload: &[u8]) -> Result<(u8, &[u8]), Error> {
+    match payload.split_first() {
+        Some((&slot, data)) if !data.is_empty() => Ok((slot, data)),
+        _ => Err(Error::Protocol("an empty device-data frame".into())),
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -79,6 +101,9 @@ pub enum Kind {
     Verify = 16,
     Join = 17,
     End = 18,
+    /// Part of a passthrough device's migration data (its PRE_COPY data)
+    /// sent during the rounds: the slot byte, then the bytes.
+    DeviceData = 19,
 }
 
 impl Kind {
@@ -102,6 +127,7 @@ impl Kind {
             16 => Kind::Verify,
             17 => Kind::Join,
             18 => Kind::End,
+            19 => Kind::DeviceData,
             _ => return None,
         })
     }
@@ -721,6 +747,23 @@ mod tests {
 
     fn pipe() -> Conn<Pipe> {
         Conn::new(Pipe(Cursor::new(Vec::new())))
+    }
+
+    #[test]
+    fn device_data_goes_in_frames_of_at_most_a_chunk_with_its_slot() {
+        let data = vec![7u8; DEVICE_CHUNK + 10];
+        let frames = encode_device_data(3, &data);
+        assert_eq!(frames.len(), 2);
+        assert_eq!(frames[0].len(), DEVICE_CHUNK + 1);
+        let (slot, body) = decode_device_data(&frames[1]).unwrap();
+        assert_eq!((slot, body.len()), (3, 10));
+        assert!(encode_device_data(3, &[]).is_empty());
+        assert!(decode_device_data(&[]).is_err());
+        assert!(decode_device_data(&[3]).is_err(), "a slot and no bytes");
+        assert_eq!(
+            Kind::from_u8(Kind::DeviceData as u8),
+            Some(Kind::DeviceData)
+        );
     }
 
     fn hello() -> Hello {

@@ -62,6 +62,13 @@ pub trait Source {
     fn device_bytes(&self) -> u64 {
         0
     }
+    /// Device migration data ready to go now, during the rounds (what
+    /// passthrough devices give in PRE_COPY), by slot; sent before the
+    /// round's SYNC, so the destination has it before the switch-over.
+    /// Default: none.
+    fn device_data(&self) -> Result<Vec<(u8, Vec<u8>)>, VmError> {
+        Ok(Vec::new())
+    }
 }
 
 /// The source's dirty pages as the rounds engine fetches them.
@@ -519,6 +526,17 @@ impl Engine<'_> {
         result
     }
 
+    /// What passthrough devices have for the destination now (PRE_COPY
+    /// data), on the first connection, before the round's SYNC.
+    fn send_device_data(&mut self) -> Result<(), Error> {
+        for (slot, data) in self.vm.device_data().map_err(Error::Vm)? {
+            for frame in crate::protocol::encode_device_data(slot, &data) {
+                self.conn.send(Kind::DeviceData, &frame)?;
+            }
+        }
+        Ok(())
+    }
+
     fn fetch_dirty(&mut self) -> Result<PageBitmap, Error> {
         self.vm.dirty().map_err(Error::Vm)
     }
@@ -580,6 +598,7 @@ impl Engine<'_> {
                 // Round 1: all-zero pages are skipped (the destination's
                 // memory starts zeroed).
                 e.send_pages(pages, round == 1, true)?;
+                e.send_device_data()?;
                 e.sync()?;
                 Ok(e.sent() - before)
             },

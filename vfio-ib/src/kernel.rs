@@ -256,7 +256,13 @@ impl Drop for KernelDevice {
                 let _ = self.device.disable_irq(index);
             }
         }
-        self.device.reset();
+        if crate::migration::support(&self.device).is_some() {
+            // Also out of any migration state (a destination whose load
+            // failed leaves it in RESUMING), whatever its flags announce.
+            crate::migration::reset(&self.device);
+        } else {
+            self.device.reset();
+        }
     }
 }
 
@@ -334,6 +340,12 @@ impl Backend for KernelDevice {
     fn unmask_intx(&self) {
         if let Err(e) = self.device.unmask_irq(crate::backend::IRQ_INTX) {
             tracing::warn!("{}: INTx unmask: {e}", self.address);
+        }
+    }
+
+    fn trigger_intx(&self) {
+        if let Err(e) = self.device.trigger_irq(crate::backend::IRQ_INTX, 0) {
+            tracing::warn!("{}: INTx trigger: {e}", self.address);
         }
     }
 

@@ -239,12 +239,25 @@ impl<'a> Migratable<'a> {
         self.read_stream(true)
     }
 
+    /// Stops the device's peer-to-peer DMA (RUNNING_P2P, or PRE_COPY_P2P
+    /// during pre-copy) where it can: with several devices, every one does
+    /// this before any stops for good, so none is still the target of
+    /// another's DMA when it stops. A device without P2P is left alone.
+    pub fn quiesce_p2p(&self) -> Result<(), Error> {
+        if !self.support.p2p {
+            return Ok(());
+        }
+        match self.state()? {
+            State::PreCopy => self.set_state(State::PreCopyP2p),
+            State::Running => self.set_state(State::RunningP2p),
+            _ => Ok(()),
+        }
+    }
+
     /// Stops the device for good and reads the rest of its state
     /// (STOP_COPY, to the end of the stream). The vCPUs must be stopped.
     pub fn stop_and_copy(&self) -> Result<Vec<u8>, Error> {
-        if self.support.p2p && self.state()? == State::PreCopy {
-            self.set_state(State::PreCopyP2p)?;
-        }
+        self.quiesce_p2p()?;
         self.set_state(State::StopCopy)?;
         self.read_stream(false)
     }
@@ -283,18 +296,26 @@ impl<'a> Migratable<'a> {
         self.set_state(State::Running)
     }
 
-    /// Loads a saved state (the PRE_COPY and STOP_COPY data, one after
-    /// the other) and leaves the device in STOP, ready to run. A device
-    /// that refuses it is reset and left running with its own state.
-    pub fn load(&self, data: &[u8]) -> Result<(), Error> {
+    /// Writes the first part of a saved state (PRE_COPY data sent during
+    /// the rounds): the device enters RESUMING, which [`Self::load`] then
+    /// finishes. A device that refuses it is reset.
+    pub fn load_part(&self, data: &[u8]) -> Result<(), Error> {
         self.set_state(State::Resuming)?;
-        if let Err(source) = self.device.write_migration_data(data) {
+        self.device.write_migration_data(data).map_err(|source| {
             self.recover();
-            return Err(Error::Refused {
+            Error::Refused {
                 name: self.name.clone(),
                 source,
-            });
-        }
+            }
+        })
+    }
+
+    /// Loads a saved state (the PRE_COPY and STOP_COPY data, one after
+    /// the other; or the rest of it after [`Self::load_part`]) and leaves
+    /// the device in STOP, ready to run. A device that refuses it is reset
+    /// and left running with its own state.
+    pub fn load(&self, data: &[u8]) -> Result<(), Error> {
+        self.load_part(data)?;
         // The driver checks and applies the state on leaving RESUMING.
         if let Err(e) = self.set_state(State::Stop) {
             self.recover();
@@ -372,7 +393,7 @@ impl<'a> Migratable<'a> {
 /// VFIO_DEVICE_RESET, whether or not the device's flags announce a reset:
 /// a driver with migration must take one to leave ERROR or RESUMING (the
 /// uapi's only way back), and mtty, for one, takes it without saying so.
-fn reset(device: &VfioDevice) {
+pub(crate) fn reset(device: &VfioDevice) {
     use std::os::fd::AsRawFd;
     vmm_sys_util::ioctl_io_nr!(
         VFIO_DEVICE_RESET,

@@ -556,6 +556,24 @@ impl Passthrough {
         Ok(())
     }
 
+    /// The PRE_COPY data the device has given so far and not yet handed
+    /// over, for the destination to have during the rounds (the save goes
+    /// on: what comes later is in [`Self::finish_save`]).
+    pub fn take_precopy(&mut self) -> Result<Vec<u8>, crate::migration::Error> {
+        let Some(mut out) = self.saving.replace(Vec::new()) else {
+            return Ok(Vec::new()); // no save under way
+        };
+        out.extend(self.migratable()?.read_precopy()?);
+        Ok(out)
+    }
+
+    /// Part of a saved state, as it arrives during a migration: the device
+    /// goes to RESUMING (its vCPUs have not run here) and takes the bytes;
+    /// [`Self::load_state`] gives it the rest.
+    pub fn load_part(&mut self, data: &[u8]) -> Result<(), crate::migration::Error> {
+        self.migratable()?.load_part(data)
+    }
+
     /// Bytes of device state still to come: what PRE_COPY announces, plus
     /// what was read and not yet handed over.
     pub fn pending_save_bytes(&self) -> u64 {
@@ -566,6 +584,12 @@ impl Passthrough {
             .and_then(|m| m.precopy_pending().ok())
             .unwrap_or(0);
         held + more
+    }
+
+    /// Stops the device's peer-to-peer DMA before any device of the VM
+    /// stops for good (see [`crate::migration::Migratable::quiesce_p2p`]).
+    pub fn quiesce_p2p(&self) -> Result<(), crate::migration::Error> {
+        self.migratable()?.quiesce_p2p()
     }
 
     /// The whole saved state (vCPUs stopped): the PRE_COPY data, then
@@ -600,6 +624,8 @@ impl Passthrough {
         drop(m);
         // BARs where the restored configuration space has them.
         self.remap();
+        // (The VMM raises INTx again once the VM runs: its line's level
+        // is not in the device's state.)
         Ok(())
     }
 

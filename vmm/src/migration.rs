@@ -180,6 +180,13 @@ impl Source for VmSource<'_> {
         Ok(serde_json::to_vec(&m)?)
     }
 
+    fn device_data(&self) -> Result<Vec<(u8, Vec<u8>)>, VmError> {
+        match self.vm.devices.passthrough() {
+            Some(p) => Ok(p.take_precopy()?),
+            None => Ok(Vec::new()),
+        }
+    }
+
     fn device_bytes(&self) -> u64 {
         self.vm
             .devices
@@ -426,6 +433,17 @@ fn run(
         }
     };
     let result = migrate::source::migrate(&source, to, trust, &hello, opts, cancel, &mut report);
+    if let Err(e) = &result {
+        // Whether or not the VM was paused: passthrough devices whose save
+        // began run on here, and a later attempt starts their save anew -
+        // unless the VM may be running on the destination already.
+        if !matches!(
+            e,
+            migrate::Error::Unconfirmed(_) | migrate::Error::Postcopy { .. }
+        ) {
+            vm.devices.end_passthrough_saves();
+        }
+    }
     match result {
         Ok(outcome) => {
             // The VM runs there now: nothing here may touch its disks or
@@ -714,7 +732,11 @@ fn receive_one(
         t.elapsed().as_secs_f64() * 1e3
     );
     let from = inc.peer.to_string();
-    let (state, missing) = match inc.memory(prepared.memory(), joins)? {
+    // Passthrough devices' PRE_COPY data goes into this host's functions
+    // as it comes (they wait in RESUMING for the rest, in the state).
+    let mut sink = |slot: u8, data: &[u8]| prepared.load_device_part(slot, data);
+    let arrival = inc.memory_and_devices(prepared.memory(), joins, &mut sink)?;
+    let (state, missing) = match arrival {
         Arrival::State(state) => (state, None),
         Arrival::Postcopy { state, missing } => (state, Some(missing)),
     };

@@ -554,6 +554,71 @@ impl Passthroughs {
         Ok(())
     }
 
+    /// The PRE_COPY data travelling functions have now, by slot (empty
+    /// ones left out), to send during the rounds.
+    pub fn take_precopy(&self) -> Result<Vec<(u8, Vec<u8>)>, String> {
+        let mut out = Vec::new();
+        for a in &self.attached {
+            let mut d = a.device.lock().map_err(|_| "lock poisoned".to_string())?;
+            if a.at.bus != 0 || d.state_travels().is_err() {
+                continue;
+            }
+            let data = d.take_precopy().map_err(|e| e.to_string())?;
+            if !data.is_empty() {
+                out.push((a.at.slot, data));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Part of the device state of the function in `slot`, as it arrives
+    /// during a migration.
+    pub fn load_part(&self, slot: u8, data: &[u8]) -> Result<(), String> {
+        let a = self
+            .attached
+            .iter()
+            .find(|a| a.at == Location::root(slot))
+            .ok_or_else(|| {
+                format!("device data for 00:{slot:02x}.0, where this VM has no function")
+            })?;
+        let mut d = a.device.lock().map_err(|_| "lock poisoned".to_string())?;
+        d.load_part(data).map_err(|e| e.to_string())
+    }
+
+    /// A VM that moved here runs for the first time: each function with
+    /// INTx raises it again a moment later, twice (20 ms, then 500 ms).
+    /// An interrupt of the source's device that was signalled but not yet
+    /// in the guest at the pause is lost with the source, and one raised
+    /// while the guest's handler still runs is lost at its EOI (the line
+    /// is lowered then; a device that re-asserts on unmask, as vfio-pci's
+    /// do, raises it again, mtty does not): the guest's driver would wait
+    /// for it for ever. A spurious interrupt costs its handler one look.
+    pub fn kick_intx(&self) {
+        let devices: Vec<Arc<dyn vfio_ib::Backend>> = self
+            .attached
+            .iter()
+            .filter(|a| a.intx.is_some())
+            .filter_map(|a| a.device.lock().ok().map(|d| d.backend().clone()))
+            .collect();
+        if devices.is_empty() {
+            return;
+        }
+        let kick = move || {
+            for wait in [20, 480] {
+                std::thread::sleep(std::time::Duration::from_millis(wait));
+                for d in &devices {
+                    d.trigger_intx();
+                }
+            }
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("intx-kick".into())
+            .spawn(kick)
+        {
+            tracing::warn!("cannot start the INTx kick: {e}");
+        }
+    }
+
     /// Bytes of device state still to come (for the downtime prediction).
     pub fn pending_save_bytes(&self) -> u64 {
         self.attached
@@ -564,6 +629,13 @@ impl Passthroughs {
 
     /// Every travelling function's state (vCPUs paused), by device-state id.
     pub fn finish_saves(&self) -> Result<Vec<(String, SavedFunction)>, String> {
+        // Every device stops its peer-to-peer DMA before any stops for good.
+        for a in &self.attached {
+            let d = a.device.lock().map_err(|_| "lock poisoned".to_string())?;
+            if a.at.bus == 0 && d.state_travels().is_ok() {
+                d.quiesce_p2p().map_err(|e| e.to_string())?;
+            }
+        }
         let mut out = Vec::new();
         for a in &self.attached {
             let mut d = a.device.lock().map_err(|_| "lock poisoned".to_string())?;

@@ -88,6 +88,9 @@ impl Devices {
             .swap(false, std::sync::atomic::Ordering::AcqRel)
         {
             self.announce();
+            if let Ok(p) = self.passthrough.lock() {
+                p.kick_intx();
+            }
         }
     }
 

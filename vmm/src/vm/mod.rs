@@ -613,6 +613,12 @@ impl Prepared {
         Ok(&devices[slots.len()..])
     }
 
+    /// Part of a passthrough function's device state, arriving during a
+    /// migration (its PRE_COPY data).
+    pub fn load_device_part(&self, slot: u8, data: &[u8]) -> Result<(), String> {
+        self.passthrough.load_part(slot, data)
+    }
+
     /// Guest memory, to fill before `start`.
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.mem

@@ -10,6 +10,12 @@
 //! lost or doubled (`cmp` against `seq` in the guest), and the guest
 //! finishes on the second VMM.
 //!
+//! And what may go wrong: a destination given no function, or one that
+//! refuses the state (an mtty with one port where the source's has two:
+//! the same vendor and device ID, another state layout), fails the
+//! migration with one line, and the source's VM runs on with its device,
+//! which then migrates to a destination that fits.
+//!
 //! Needs the mtty driver (Linux 6.7 or later, for migration with
 //! PRE_COPY): `ci/test-vfio` runs this in a lab whose L1 runs the backports
 //! kernel, with FFMK_MTTY_MODULE naming the mtty.ko it built. Elsewhere it
@@ -22,6 +28,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 const TYPES: &str = "/sys/class/mdev_bus/mtty/mdev_supported_types/mtty-2";
+/// Single-port mtty devices: their state does not fit a dual-port one.
+const TYPES_1: &str = "/sys/class/mdev_bus/mtty/mdev_supported_types/mtty-1";
 /// Lines the guest sends through the device.
 const LINES: u32 = 3000;
 
@@ -53,7 +61,11 @@ struct Mdev(String);
 
 impl Mdev {
     fn create(uuid: &str) -> Mdev {
-        std::fs::write(format!("{TYPES}/create"), uuid).expect("create an mtty device");
+        Mdev::create_in(TYPES, uuid)
+    }
+
+    fn create_in(types: &str, uuid: &str) -> Mdev {
+        std::fs::write(format!("{types}/create"), uuid).expect("create an mtty device");
         Mdev(uuid.into())
     }
 
@@ -148,6 +160,9 @@ fn linux_drives_mtty_through_a_live_migration() {
         .args(["migrate", "--api-socket"])
         .arg(&src.sock)
         .args(["--to", "tcp://127.0.0.1:7411", "--json", "--verify"])
+        // Nested under TCG, a debug build moves 10-15 MiB/s: the default
+        // 50 ms target may never be met while the guest writes.
+        .args(["--max-downtime-ms", "1000"])
         .output()
         .unwrap();
     if !out.status.success() {
@@ -214,5 +229,100 @@ fn linux_drives_mtty_through_a_snapshot_and_a_restore_elsewhere() {
     let after = std::fs::read_to_string(dir.join("dst.console")).unwrap_or_default();
     assert_eq!(code, Some(0), "after the restore:\n{after}\n{err}");
     assert!(after.contains("MTTY-OK"), "{after}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// `ffmk-vmm migrate` of the VM behind `sock` to `to`: its output.
+fn migrate(sock: &Path, to: &str) -> std::process::Output {
+    common::ffmk()
+        .args(["migrate", "--api-socket"])
+        .arg(sock)
+        .args(["--to", to, "--json", "--max-downtime-ms", "1000"])
+        .output()
+        .unwrap()
+}
+
+fn incoming(dir: &Path, name: &str, port: u16, device: Option<&str>) -> Vm {
+    let addr = format!("tcp://127.0.0.1:{port}");
+    let mut args = vec![
+        "run",
+        "--incoming",
+        &addr,
+        "--memory",
+        "128M",
+        "--test-exit-port",
+    ];
+    if let Some(d) = device {
+        args.extend(["--device", d]);
+    }
+    let vm = Vm::spawn(
+        &args,
+        &dir.join(format!("{name}.console")),
+        &dir.join(format!("{name}.sock")),
+    );
+    // It listens once its API socket is there.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !vm.sock.exists() {
+        assert!(Instant::now() < deadline, "the destination did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    vm
+}
+
+#[test]
+fn a_destination_that_cannot_take_the_device_state_leaves_the_vm_running_here() {
+    if !mtty() {
+        return;
+    }
+    let a = Mdev::create("e1b2c3d4-0000-4000-8000-00000000000a");
+    let b = Mdev::create("e1b2c3d4-0000-4000-8000-00000000000b");
+    let one_port = Mdev::create_in(TYPES_1, "e1b2c3d4-0000-4000-8000-00000000000c");
+    let dir = tmpdir("mtty-refused");
+    let src = Vm::boot_with(&dir, "src", "task=counter hz=20", &["--device", &a.spec()]);
+    src.wait_counter(5);
+
+    // No function given: refused before any memory moves.
+    let none = incoming(&dir, "none", 7431, None);
+    let out = migrate(&src.sock, "tcp://127.0.0.1:7431");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        err.contains("--device") && err.contains("4348:3253"),
+        "{err}"
+    );
+    let (ended, _) = none.stop();
+    assert_eq!(ended, None, "the destination keeps waiting for another try");
+
+    // A function of the same IDs that does not fit (one port where the
+    // source's has two): its device refuses the state (mtty checks the
+    // header of the PRE_COPY data as it arrives, during the rounds).
+    let wrong = incoming(&dir, "wrong", 7432, Some(&one_port.spec()));
+    let out = migrate(&src.sock, "tcp://127.0.0.1:7432");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(err.contains("refused the saved state"), "{err}");
+    eprintln!("refused: {}", err.trim());
+    let (ended, _) = wrong.stop();
+    assert_eq!(ended, None, "the destination keeps waiting for another try");
+
+    // The source's VM ran on all along, its device with it: a destination
+    // that fits takes it.
+    let counted = src
+        .console()
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("counter=")?.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    src.wait_counter(counted + 5);
+    let good = incoming(&dir, "good", 7433, Some(&b.spec()));
+    let out = migrate(&src.sock, "tcp://127.0.0.1:7433");
+    assert!(out.status.success(), "{out:?}");
+    let (code, err) = src.wait_exit();
+    assert_eq!(code, Some(0), "{err}");
+    // The destination's function took the state the source's device
+    // gave after the two failed attempts (a save begun anew each time).
+    let (ended, err) = good.stop();
+    assert_eq!(ended, None, "the destination runs the VM: {err}");
+    assert!(err.contains("took the device state"), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
 }
