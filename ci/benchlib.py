@@ -193,6 +193,33 @@ def migration_qemu_cmd(mem, rate, qsock, *extra):
             "-qmp", f"unix:{qsock},server=on,wait=off", *extra]
 
 
+def qemu_migrate(qsock, uri, auto_converge=False):
+    """Migrates the QEMU behind `qsock` to `uri` (50 ms downtime target, no
+    bandwidth cap) and waits for the end: the last `query-migrate` answer,
+    or None when QEMU refused to start or it ran past LIMIT_S (cancelled)."""
+    s, call = qmp(qsock)
+    try:
+        if auto_converge:
+            call("migrate-set-capabilities",
+                 {"capabilities": [{"capability": "auto-converge", "state": True}]})
+        call("migrate-set-parameters", {"max-bandwidth": 100 << 30, "downtime-limit": 50})
+        r = call("migrate", {"uri": uri})
+        if "error" in r:
+            sys.stderr.write(f"QEMU refused the migration: {r['error']}\n")
+            return None
+        deadline = time.time() + LIMIT_S
+        while True:
+            st = call("query-migrate")["return"]
+            if st.get("status") in ("completed", "failed", "cancelled"):
+                return st
+            if time.time() > deadline:
+                call("migrate_cancel")
+                return None
+            time.sleep(0.01)
+    finally:
+        s.close()
+
+
 def migrate_qemu(mem, rate, work):
     """QEMU migrates the same guest over the same link (auto-converge, 50 ms
     downtime target). None when it fails."""
@@ -205,22 +232,8 @@ def migrate_qemu(mem, rate, work):
                            stderr=subprocess.DEVNULL, text=True)
     try:
         wait_counter(src, 10)
-        s, call = qmp(ssock)
-        call("migrate-set-capabilities",
-             {"capabilities": [{"capability": "auto-converge", "state": True}]})
-        call("migrate-set-parameters", {"max-bandwidth": 100 << 30, "downtime-limit": 50})
-        call("migrate", {"uri": f"tcp:{ADDR[1]}:{PORT + 1}"})
-        deadline = time.time() + LIMIT_S
-        while True:
-            st = call("query-migrate")["return"]
-            if st.get("status") in ("completed", "failed", "cancelled"):
-                break
-            if time.time() > deadline:
-                call("migrate_cancel")
-                return None
-            time.sleep(0.01)
-        s.close()
-        if st["status"] != "completed":
+        st = qemu_migrate(ssock, f"tcp:{ADDR[1]}:{PORT + 1}", auto_converge=True)
+        if st is None or st["status"] != "completed":
             return None
         ram = st.get("ram", {})
         return {"downtime_ms": float(st.get("downtime", 0)),

@@ -21,10 +21,9 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchlib import FFMK, PROBE, ensure_cluster_key, qmp, wait_counter  # noqa: E402
+from benchlib import FFMK, PROBE, ensure_cluster_key, qemu_migrate, wait_counter  # noqa: E402
 
 RUNS = int(os.environ.get("RUNS", "5"))
 MEM = 256
@@ -92,29 +91,14 @@ def qemu_cmd(qsock, devices, i, *extra):
 def qemu(work, port, devices):
     ssock, dsock = f"{work}/qsrc.sock", f"{work}/qdst.sock"
     dst = subprocess.Popen(qemu_cmd(dsock, devices, 1, "-incoming", f"tcp:127.0.0.1:{port}"),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     src = subprocess.Popen(qemu_cmd(ssock, devices, 0), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+                           stderr=subprocess.DEVNULL, text=True)
     try:
         wait_counter(src, 10)
-        s, call = qmp(ssock)
-        call("migrate-set-parameters", {"max-bandwidth": 100 << 30, "downtime-limit": 50})
-        r = call("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
-        if "error" in r:
-            sys.stderr.write(f"QEMU refused the migration: {r['error']}\n")
-            return None
-        deadline = time.time() + 300
-        while True:
-            st = call("query-migrate")["return"]
-            if st.get("status") in ("completed", "failed", "cancelled"):
-                break
-            if time.time() > deadline:
-                call("migrate_cancel")
-                return None
-            time.sleep(0.01)
-        s.close()
-        if st["status"] != "completed":
-            sys.stderr.write(f"QEMU migration {st['status']}: {st.get('error-desc', '')}\n")
+        st = qemu_migrate(ssock, f"tcp:127.0.0.1:{port}")
+        if st is None or st["status"] != "completed":
+            sys.stderr.write(f"QEMU migration failed: {st and st.get('error-desc', '')}\n")
             return None
         return {"downtime_ms": float(st.get("downtime", 0)),
                 "sent_ms": float(st.get("downtime", 0)),
