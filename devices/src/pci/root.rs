@@ -617,44 +617,46 @@ impl PciRoot {
     /// enabled I/O BAR decodes `port` (root ports forward no I/O: their
     /// I/O window registers read as zero). Returns false when none does.
     fn io_access(&self, port: u64, access: impl FnOnce(&mut dyn PciDevice, usize, u64)) -> bool {
-        let Ok(slots) = self.slots.read() else {
-            return false;
-        };
-        for dev in slots.values() {
-            let Ok(mut d) = dev.lock() else { continue };
-            if let Some((bar, off)) = d.config().io_bar_containing(port) {
-                access(&mut *d, bar, off);
-                return true;
-            }
-        }
-        false
+        self.route(port, false, ConfigSpace::io_bar_containing, access)
     }
 
     /// A memory access at guest-physical `addr`: routed to the function
     /// whose enabled BAR decodes it. Returns false when none does.
     fn bar_access(&self, addr: u64, access: impl FnOnce(&mut dyn PciDevice, usize, u64)) -> bool {
+        self.route(addr, true, ConfigSpace::bar_containing, access)
+    }
+
+    /// The function whose BAR `decode` finds `addr` in (on bus 0, then
+    /// behind the hot-plug ports when `ports`) gets the access.
+    fn route(
+        &self,
+        addr: u64,
+        ports: bool,
+        decode: fn(&ConfigSpace, u64) -> Option<(usize, u64)>,
+        access: impl FnOnce(&mut dyn PciDevice, usize, u64),
+    ) -> bool {
+        let mut access = Some(access);
+        let mut hit = |dev: &SharedPciDevice| {
+            let Ok(mut d) = dev.lock() else { return false };
+            let Some((bar, off)) = decode(d.config(), addr) else {
+                return false;
+            };
+            if let Some(f) = access.take() {
+                f(&mut *d, bar, off);
+            }
+            true
+        };
         let Ok(slots) = self.slots.read() else {
             return false;
         };
-        for dev in slots.values() {
-            let Ok(mut d) = dev.lock() else { continue };
-            if let Some((bar, off)) = d.config().bar_containing(addr) {
-                access(&mut *d, bar, off);
-                return true;
-            }
+        if slots.values().any(&mut hit) {
+            return true;
         }
         drop(slots);
-        if self.ports.read().map(|p| p.is_empty()).unwrap_or(true) {
+        if !ports || self.ports.read().map(|p| p.is_empty()).unwrap_or(true) {
             return false;
         }
-        for (_, dev) in self.children() {
-            let Ok(mut d) = dev.lock() else { continue };
-            if let Some((bar, off)) = d.config().bar_containing(addr) {
-                access(&mut *d, bar, off);
-                return true;
-            }
-        }
-        false
+        self.children().iter().any(|(_, d)| hit(d))
     }
 }
 
