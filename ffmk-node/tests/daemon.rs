@@ -831,12 +831,12 @@ fn coordinated_checkpoints_take_turns_on_the_burst_buffer() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    // Guests with 16 MiB of data each (rewritten slowly).
+    // Guests with 8 MiB of data each (rewritten slowly).
     let mut vms = Vec::new();
     for (host, name) in [(0, "a0"), (1, "a1"), (2, "b0")] {
         let vm_dir = dir.join(format!("h{host}"));
         std::fs::create_dir_all(&vm_dir).unwrap();
-        let args = probe_argv_mem("task=dirty mib=16 rate=1 hz=10", "64M", &[]);
+        let args = probe_argv_mem("task=dirty mib=8 rate=1 hz=10", "64M", &[]);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         vms.push(Vm::spawn_in(
             Some(&h[host]),

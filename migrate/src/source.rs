@@ -51,9 +51,19 @@ pub trait Source {
     /// The VMM keeps them for whoever else tracks dirty pages
     /// (incremental snapshots) unless the migration completes.
     fn dirty(&self) -> Result<PageBitmap, VmError>;
-    /// Stops the vCPUs and device I/O.
+    /// Stops the vCPUs and device I/O for the switch-over.
     fn pause(&self) -> Result<(), VmError>;
+    /// The migration did not complete: the VM runs on here.
     fn resume(&self) -> Result<(), VmError>;
+    /// Stops the vCPUs for a moment of the throttle's duty cycle (devices
+    /// go on). Default: [`Source::pause`].
+    fn throttle_pause(&self) -> Result<(), VmError> {
+        self.pause()
+    }
+    /// Ends such a moment. Default: [`Source::resume`].
+    fn throttle_resume(&self) -> Result<(), VmError> {
+        self.resume()
+    }
     /// The machine state (vCPUs, clocks, devices), taken while paused.
     fn state(&self) -> Result<Vec<u8>, VmError>;
     /// Bytes of device state that will travel in the state at the
@@ -230,9 +240,9 @@ impl Throttle {
         let want_paused = at < period * u128::from(self.pct) / 100;
         if want_paused != self.paused {
             if want_paused {
-                vm.pause().map_err(Error::Vm)?;
+                vm.throttle_pause().map_err(Error::Vm)?;
             } else {
-                vm.resume().map_err(Error::Vm)?;
+                vm.throttle_resume().map_err(Error::Vm)?;
             }
             self.paused = want_paused;
         }
@@ -242,7 +252,7 @@ impl Throttle {
     /// Leaves the guest running.
     fn release(&mut self, vm: &dyn Source) -> Result<(), Error> {
         if self.paused {
-            vm.resume().map_err(Error::Vm)?;
+            vm.throttle_resume().map_err(Error::Vm)?;
             self.paused = false;
         }
         Ok(())

@@ -107,8 +107,15 @@ pub struct Passthrough {
     intx_pin: Option<u8>,
     intx_on: bool,
     /// A save of the device's state in progress: the PRE_COPY data read
-    /// so far.
+    /// so far (with STOP_COPY's once `stopped`).
     saving: Option<Vec<u8>>,
+    /// The device is in STOP_COPY and its whole state is in `saving`.
+    stopped: bool,
+    /// The device's own DMA dirty logging is on (its granule).
+    dma_log: Option<u64>,
+    /// What the log's first read (when it started) reported, for the
+    /// next read: the first range's bitmap words.
+    dma_first: Option<Vec<u64>>,
     mapper: Arc<dyn GuestMapper>,
     trapped_accesses: u64,
 }
@@ -306,6 +313,9 @@ impl Passthrough {
             intx_pin,
             intx_on: false,
             saving: None,
+            stopped: false,
+            dma_log: None,
+            dma_first: None,
             mapper,
             trapped_accesses: 0,
         };
@@ -560,6 +570,9 @@ impl Passthrough {
     /// over, for the destination to have during the rounds (the save goes
     /// on: what comes later is in [`Self::finish_save`]).
     pub fn take_precopy(&mut self) -> Result<Vec<u8>, crate::migration::Error> {
+        if self.stopped {
+            return Ok(Vec::new()); // all of it goes with the machine state
+        }
         let Some(mut out) = self.saving.replace(Vec::new()) else {
             return Ok(Vec::new()); // no save under way
         };
@@ -588,29 +601,121 @@ impl Passthrough {
 
     /// Stops the device's peer-to-peer DMA before any device of the VM
     /// stops for good (see [`crate::migration::Migratable::quiesce_p2p`]).
+    /// Nothing to do once it is stopped.
     pub fn quiesce_p2p(&self) -> Result<(), crate::migration::Error> {
+        if self.stopped {
+            return Ok(());
+        }
         self.migratable()?.quiesce_p2p()
     }
 
-    /// The whole saved state (vCPUs stopped): the PRE_COPY data, then
-    /// STOP_COPY's. The device stays stopped until [`Self::end_save`] (or
-    /// until it is closed, once the VM has moved).
-    pub fn finish_save(&mut self) -> Result<Vec<u8>, crate::migration::Error> {
+    /// Stops the device (STOP_COPY: no more DMA) and reads the rest of its
+    /// state: from here guest memory is the vCPUs' and the VMM's alone, so
+    /// a last look at the dirty pages sees all the device wrote. The data
+    /// waits for [`Self::finish_save`]; the device stays stopped until
+    /// [`Self::end_save`] (or until it is closed, once the VM has moved).
+    pub fn stop_for_save(&mut self) -> Result<(), crate::migration::Error> {
+        if self.stopped {
+            return Ok(());
+        }
         let mut data = self.saving.take().unwrap_or_default();
         let m = self.migratable()?;
         data.extend(m.read_precopy()?);
         data.extend(m.stop_and_copy()?);
-        Ok(data)
+        drop(m);
+        self.saving = Some(data);
+        self.stopped = true;
+        Ok(())
+    }
+
+    /// The whole saved state (vCPUs stopped): the PRE_COPY data, then
+    /// STOP_COPY's (the device is stopped first where
+    /// [`Self::stop_for_save`] has not done it yet).
+    pub fn finish_save(&mut self) -> Result<Vec<u8>, crate::migration::Error> {
+        self.stop_for_save()?;
+        Ok(self.saving.clone().unwrap_or_default())
     }
 
     /// The save is over and the VM runs on here: the device runs again
-    /// with its own state.
+    /// with its own state, its DMA logging off.
     pub fn end_save(&mut self) {
         self.saving = None;
+        self.stopped = false;
+        self.stop_dma_log();
         if let Some(m) = self.backend.migration() {
             if let Err(e) = m.resume() {
                 tracing::error!("{e}");
                 m.recover();
+            }
+        }
+    }
+
+    /// Starts the device's own DMA dirty logging over `ranges` (guest RAM
+    /// as (guest-physical address, length); IOVA = guest-physical). False:
+    /// the device has none, and what it writes by DMA must be found some
+    /// other way (the IOMMU's tracking, or every mapped page at the end).
+    pub fn start_dma_log(
+        &mut self,
+        ranges: &[(u64, u64)],
+    ) -> Result<bool, crate::migration::Error> {
+        if self.dma_log.is_some() {
+            return Ok(true);
+        }
+        let m = self.migratable()?;
+        let Some(granule) = m.start_dirty_logging(crate::kernel::DIRTY_PAGE, ranges)? else {
+            return Ok(false);
+        };
+        // A log that cannot be read is no log (mtty starts one and then
+        // answers EOPNOTSUPP to every report): tried once now, what it
+        // reports is kept for the first real read.
+        let first = match ranges.first() {
+            Some(&first) => match m.dirty_pages(first, crate::kernel::DIRTY_PAGE) {
+                Ok(words) => Some(words),
+                Err(e) => {
+                    tracing::debug!("{}: DMA logging unusable: {e}", self.backend.describe());
+                    if let Err(e) = m.stop_dirty_logging() {
+                        tracing::warn!("{e}");
+                    }
+                    return Ok(false);
+                }
+            },
+            None => None,
+        };
+        drop(m);
+        self.dma_first = first;
+        self.dma_log = Some(granule);
+        Ok(true)
+    }
+
+    /// What the device wrote by DMA in `ranges` since the last call, where
+    /// it logs that itself (None where it does not): per range, bitmap
+    /// words with one bit per [`crate::kernel::DIRTY_PAGE`].
+    pub fn dma_dirty(
+        &mut self,
+        ranges: &[(u64, u64)],
+    ) -> Result<Option<Vec<Vec<u64>>>, crate::migration::Error> {
+        if self.dma_log.is_none() {
+            return Ok(None);
+        }
+        let m = self.migratable()?;
+        let mut out = ranges
+            .iter()
+            .map(|&r| m.dirty_pages(r, crate::kernel::DIRTY_PAGE))
+            .collect::<Result<Vec<_>, _>>()?;
+        drop(m);
+        if let (Some(first), Some(words)) = (self.dma_first.take(), out.first_mut()) {
+            for (w, f) in words.iter_mut().zip(first) {
+                *w |= f;
+            }
+        }
+        Ok(Some(out))
+    }
+
+    fn stop_dma_log(&mut self) {
+        self.dma_first = None;
+        if self.dma_log.take().is_some() {
+            if let Some(Err(e)) = self.backend.migration().map(|m| m.stop_dirty_logging()) {
+                tracing::warn!("{e}");
             }
         }
     }

@@ -23,6 +23,7 @@ use crate::arch::state::{self};
 use crate::memory;
 use crate::vm::Vm;
 use devices::virtio::Frozen;
+use precopy::Tracker as _;
 use snapshot::memory::{write_layer, Selection};
 use snapshot::{Commit, HostProfile, PageBitmap, Pending, PAGE_SIZE};
 use std::time::{Duration, Instant};
@@ -60,6 +61,38 @@ pub(crate) fn freeze_devices(vm: &Vm) -> Result<Option<Frozen>, Error> {
     vm.devices
         .freeze(IO_FREEZE_TIMEOUT)
         .map_err(failed("stop device I/O"))
+}
+
+/// Stops the passthrough devices whose state is saved with the VM (vCPUs
+/// paused, device I/O frozen): from here nothing but the VMM writes guest
+/// RAM, so what is copied next is final.
+pub(crate) fn stop_passthrough(vm: &Vm) -> Result<(), Error> {
+    match vm.devices.passthrough() {
+        Some(p) => p.stop_saves().map_err(failed("stop a passthrough device")),
+        None => Ok(()),
+    }
+}
+
+/// A live copy's dirty pages: KVM's and the VMM's (the session), plus what
+/// passthrough devices wrote by DMA.
+struct LiveDirty<'s, 'v> {
+    session: &'s mut memory::dirty::Session<'v>,
+    vm: &'v Vm,
+    /// Devices stopped: the last fetch.
+    stopped: bool,
+}
+
+impl precopy::Tracker for LiveDirty<'_, '_> {
+    type Error = memory::dirty::Error;
+
+    fn fetch(&mut self) -> Result<PageBitmap, memory::dirty::Error> {
+        let mut pages = self.session.fetch()?;
+        if let Some(mut p) = self.vm.devices.passthrough() {
+            p.add_dma_dirty(self.vm.ram.guest(), &mut pages, self.stopped)
+                .map_err(memory::dirty::Error::Device)?;
+        }
+        Ok(pages)
+    }
 }
 
 /// The machine state: configuration, boot entry, the VM's and every vCPU's
@@ -134,6 +167,15 @@ pub fn take(vm: &Vm, req: &SnapshotRequest) -> Result<SnapshotReply, Error> {
         // Devices stop with the vCPUs (and run during live rounds; what
         // they write is in the VMM's dirty bitmap).
         let mut frozen = if live { None } else { freeze_devices(vm)? };
+        if live {
+            // What passthrough devices write by DMA meanwhile is tracked.
+            if let Some(mut p) = vm.devices.passthrough() {
+                p.start_dma_tracking(vm.ram.guest())
+                    .map_err(failed("track passthrough DMA"))?;
+            }
+        } else {
+            stop_passthrough(vm)?;
+        }
         // The first round: all pages with content, or those dirtied since
         // the previous snapshot. Dirty logging is on from here on.
         let dirty_err = |e: memory::dirty::Error| failed("read the dirty log")(e.to_string());
@@ -159,8 +201,13 @@ pub fn take(vm: &Vm, req: &SnapshotRequest) -> Result<SnapshotReply, Error> {
                 Selection::Full => PageBitmap::new(0),
                 Selection::Pages(p) => p.clone(),
             };
+            let mut tracker = LiveDirty {
+                session: &mut dirty,
+                vm,
+                stopped: false,
+            };
             let ending = precopy::run(
-                &mut dirty,
+                &mut tracker,
                 first,
                 &mut |pages, round| {
                     // Round 1 was written above (it may be the whole memory).
@@ -206,14 +253,16 @@ pub fn take(vm: &Vm, req: &SnapshotRequest) -> Result<SnapshotReply, Error> {
                     } else {
                         std::thread::sleep(CUT_POLL);
                     }
-                    unwritten = dirty.fetch().map_err(dirty_err)?;
+                    unwritten = tracker.fetch().map_err(dirty_err)?;
                 }
             }
             pause_start = Instant::now();
             vm.pause()
                 .map_err(|e| failed("pause the VM")(e.to_string()))?;
             frozen = freeze_devices(vm)?;
-            let mut last = dirty.fetch().map_err(dirty_err)?;
+            stop_passthrough(vm)?;
+            tracker.stopped = true;
+            let mut last = tracker.fetch().map_err(dirty_err)?;
             last.union(&unwritten);
             let w = write(&Selection::Pages(last))?;
             written.defined.union(&w.defined);

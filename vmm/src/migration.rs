@@ -112,6 +112,9 @@ struct VmSource<'a> {
     frozen: Mutex<Option<Frozen>>,
     /// The VM's dirty tracker, held for the whole migration.
     dirty: Mutex<memory::dirty::Session<'a>>,
+    /// Paused for the switch-over, passthrough devices stopped: the next
+    /// dirty-page fetch is the last.
+    stopped: std::sync::atomic::AtomicBool,
 }
 
 impl<'a> VmSource<'a> {
@@ -130,33 +133,54 @@ impl Source for VmSource<'_> {
     fn start_tracking(&self) -> Result<(), VmError> {
         self.tracker()?.start()?;
         // Passthrough devices whose state travels start saving it now
-        // (PRE_COPY, while the guest runs).
-        if let Some(p) = self.vm.devices.passthrough() {
+        // (PRE_COPY, while the guest runs), and what they write by DMA is
+        // tracked from here.
+        if let Some(mut p) = self.vm.devices.passthrough() {
             p.begin_saves()?;
+            p.start_dma_tracking(self.vm.ram.guest())?;
         }
         Ok(())
     }
 
     fn dirty(&self) -> Result<PageBitmap, VmError> {
-        Ok(self.tracker()?.fetch()?)
+        let mut pages = self.tracker()?.fetch()?;
+        if let Some(mut p) = self.vm.devices.passthrough() {
+            let stopped = self.stopped.load(std::sync::atomic::Ordering::Acquire);
+            p.add_dma_dirty(self.vm.ram.guest(), &mut pages, stopped)?;
+        }
+        Ok(pages)
     }
 
-    /// All or nothing: if device I/O cannot be frozen, the vCPUs run again.
+    /// All or nothing: if device I/O cannot be frozen, or a passthrough
+    /// device cannot stop, the vCPUs and devices run again.
     fn pause(&self) -> Result<(), VmError> {
         if !self.user_paused {
             self.vm.pause()?;
         }
+        let undo = |e: VmError| {
+            self.vm.devices.end_passthrough_saves();
+            if !self.user_paused {
+                if let Err(r) = self.vm.resume() {
+                    tracing::error!("migration: cannot resume after a failed pause: {r}");
+                }
+            }
+            Err(e)
+        };
         let f = match capture::freeze_devices(self.vm) {
             Ok(f) => f,
-            Err(e) => {
-                if !self.user_paused {
-                    if let Err(r) = self.vm.resume() {
-                        tracing::error!("migration: cannot resume after a failed pause: {r}");
-                    }
-                }
-                return Err(e.into());
-            }
+            Err(e) => return undo(e.into()),
         };
+        // Passthrough devices stop (STOP_COPY) before the last look at the
+        // dirty pages, so that it sees everything they wrote.
+        if let Some(p) = self.vm.devices.passthrough() {
+            if let Err(e) = p.stop_saves() {
+                drop(p);
+                drop(f);
+                return undo(e.into());
+            }
+        }
+        self.stopped
+            .store(true, std::sync::atomic::Ordering::Release);
         if let Ok(mut slot) = self.frozen.lock() {
             *slot = f;
         }
@@ -165,10 +189,28 @@ impl Source for VmSource<'_> {
 
     fn resume(&self) -> Result<(), VmError> {
         // The VM runs on here: so do its passthrough devices.
+        self.stopped
+            .store(false, std::sync::atomic::Ordering::Release);
         self.vm.devices.end_passthrough_saves();
         if let Ok(mut slot) = self.frozen.lock() {
             slot.take();
         }
+        if !self.user_paused {
+            self.vm.resume()?;
+        }
+        Ok(())
+    }
+
+    /// The throttle stops the vCPUs only: devices go on (and passthrough
+    /// devices stay in PRE_COPY).
+    fn throttle_pause(&self) -> Result<(), VmError> {
+        if !self.user_paused {
+            self.vm.pause()?;
+        }
+        Ok(())
+    }
+
+    fn throttle_resume(&self) -> Result<(), VmError> {
         if !self.user_paused {
             self.vm.resume()?;
         }
@@ -416,6 +458,7 @@ fn run(
         user_paused: vm.is_paused(),
         frozen: Mutex::new(None),
         dirty: Mutex::new(dirty),
+        stopped: std::sync::atomic::AtomicBool::new(false),
     };
     let mut hello = hello(&vm.config, vm.platform.profile);
     hello.postcopy = opts.postcopy;

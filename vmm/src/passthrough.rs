@@ -17,6 +17,7 @@ use kvm_bindings::{
     kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO, kvm_userspace_memory_region,
 };
 use kvm_ioctls::VmFd;
+use snapshot::PageBitmap;
 use std::sync::{Arc, Mutex};
 use vfio_ib::kernel::Iommu;
 use vfio_ib::vfio_user::{GuestDma, NotRam, VfioUser};
@@ -248,6 +249,23 @@ pub struct Passthroughs {
     pub attached: Vec<Attached>,
     iommu: Option<Iommu>,
     mapper: Option<Arc<dyn GuestMapper>>,
+    /// How device DMA into guest RAM is found while a migration or a live
+    /// snapshot copies it (None: no copy under way).
+    dma: Option<DmaTracking>,
+}
+
+/// Where the pages that travelling devices write by DMA come from, for
+/// the devices that do not log their DMA themselves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DmaTracking {
+    /// Every such device logs its own DMA (or there is none).
+    Devices,
+    /// The IOMMU container's dirty tracking, read each round (precise for
+    /// mediated devices: their DMA goes through the kernel).
+    Container,
+    /// Nothing tells: every page mapped for DMA is copied again once the
+    /// devices have stopped.
+    AllAtStop,
 }
 
 impl Passthroughs {
@@ -629,19 +647,12 @@ impl Passthroughs {
 
     /// Every travelling function's state (vCPUs paused), by device-state id.
     pub fn finish_saves(&self) -> Result<Vec<(String, SavedFunction)>, String> {
-        // Every device stops its peer-to-peer DMA before any stops for good.
-        for a in &self.attached {
-            let d = a.device.lock().map_err(|_| "lock poisoned".to_string())?;
-            if a.at.bus == 0 && d.state_travels().is_ok() {
-                d.quiesce_p2p().map_err(|e| e.to_string())?;
-            }
-        }
+        // Stopped already where the caller needed that before its last look
+        // at guest RAM; otherwise here.
+        self.stop_saves()?;
         let mut out = Vec::new();
-        for a in &self.attached {
+        for a in self.travelling_functions() {
             let mut d = a.device.lock().map_err(|_| "lock poisoned".to_string())?;
-            if a.at.bus != 0 || d.state_travels().is_err() {
-                continue;
-            }
             let data = d.finish_save().map_err(|e| e.to_string())?;
             out.push((
                 state_id(a.at.slot),
@@ -656,8 +667,8 @@ impl Passthroughs {
     }
 
     /// After a snapshot, or a migration that did not complete: every
-    /// device runs again here.
-    pub fn end_saves(&self) {
+    /// device runs again here, and DMA tracking ends.
+    pub fn end_saves(&mut self) {
         for a in &self.attached {
             if let Ok(mut d) = a.device.lock() {
                 if d.state_travels().is_ok() {
@@ -665,6 +676,133 @@ impl Passthroughs {
                 }
             }
         }
+        if let (Some(DmaTracking::Container), Some(iommu)) = (self.dma.take(), &self.iommu) {
+            iommu.stop_dirty_tracking();
+        }
+    }
+
+    /// Stops every travelling function's device for the save (vCPUs
+    /// paused): first all leave peer-to-peer DMA, then each goes to
+    /// STOP_COPY and its remaining state is read. From here no device
+    /// writes guest RAM, so the last dirty-page fetch sees all they wrote.
+    pub fn stop_saves(&self) -> Result<(), String> {
+        for a in self.travelling_functions() {
+            let d = a.device.lock().map_err(|_| "lock poisoned".to_string())?;
+            d.quiesce_p2p().map_err(|e| e.to_string())?;
+        }
+        for a in self.travelling_functions() {
+            let mut d = a.device.lock().map_err(|_| "lock poisoned".to_string())?;
+            d.stop_for_save().map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    fn travelling_functions(&self) -> impl Iterator<Item = &Attached> {
+        self.attached
+            .iter()
+            .filter(|a| a.at.bus == 0 && a.device.lock().is_ok_and(|d| d.state_travels().is_ok()))
+    }
+
+    /// Starts finding what travelling devices write to guest RAM by DMA
+    /// (a migration or a live snapshot begins copying it): each device's
+    /// own DMA logging where it has one; for the others the IOMMU
+    /// container's dirty tracking; where neither works, every mapped page
+    /// is copied again at the end (said in the log).
+    pub fn start_dma_tracking(&mut self, mem: &GuestMemoryMmap) -> Result<(), String> {
+        if self.dma.is_some() {
+            return Ok(());
+        }
+        let ranges = ram_ranges(mem);
+        let mut unlogged = Vec::new();
+        for a in self.travelling_functions() {
+            let mut d = a.device.lock().map_err(|_| "lock poisoned".to_string())?;
+            if d.start_dma_log(&ranges).map_err(|e| e.to_string())? {
+                tracing::info!("{}: DMA dirty pages from the device's own log", a.spec);
+            } else {
+                unlogged.push(a.spec.to_string());
+            }
+        }
+        let mode = match (unlogged.is_empty(), &self.iommu) {
+            (true, _) => DmaTracking::Devices,
+            (false, Some(iommu)) => match iommu.start_dirty_tracking() {
+                Ok(()) => DmaTracking::Container,
+                Err(e) => {
+                    tracing::warn!("{e}");
+                    DmaTracking::AllAtStop
+                }
+            },
+            (false, None) => DmaTracking::AllAtStop,
+        };
+        match mode {
+            DmaTracking::Container => tracing::info!(
+                "{}: no DMA logging of its own; DMA dirty pages from the IOMMU container",
+                unlogged.join(", ")
+            ),
+            DmaTracking::AllAtStop => tracing::warn!(
+                "{}: no DMA dirty tracking: every page mapped for DMA ({} MiB) is copied \
+                 again once the devices stop (downtime)",
+                unlogged.join(", "),
+                self.dma_mapped_bytes() >> 20
+            ),
+            DmaTracking::Devices => {}
+        }
+        self.dma = Some(mode);
+        Ok(())
+    }
+
+    /// Adds to `pages` (guest RAM's pages back to back, as KVM's dirty log)
+    /// what travelling devices wrote by DMA since the last call. `stopped`:
+    /// the devices are stopped ([`Self::stop_saves`]), this is the last
+    /// look. A container that reports every mapped page (a function behind
+    /// a real IOMMU without DMA logging is in it) is not read again until
+    /// then, when all its pages count: the rounds would never converge.
+    pub fn add_dma_dirty(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        pages: &mut PageBitmap,
+        stopped: bool,
+    ) -> Result<(), String> {
+        let Some(mode) = self.dma else {
+            return Ok(());
+        };
+        let ranges = ram_ranges(mem);
+        for a in self.travelling_functions() {
+            let mut d = a.device.lock().map_err(|_| "lock poisoned".to_string())?;
+            if let Some(bitmaps) = d.dma_dirty(&ranges).map_err(|e| e.to_string())? {
+                for (&(gpa, _), words) in ranges.iter().zip(&bitmaps) {
+                    or_at(mem, pages, gpa, words);
+                }
+            }
+        }
+        match (mode, &self.iommu) {
+            (DmaTracking::Container, Some(iommu)) => {
+                let dirty = iommu.dirty_pages().map_err(|e| e.to_string())?;
+                let everything = dirty.iter().all(|(_, len, words)| {
+                    words.iter().map(|w| u64::from(w.count_ones())).sum::<u64>()
+                        == len / vfio_ib::kernel::DIRTY_PAGE
+                });
+                if everything && !stopped {
+                    tracing::warn!(
+                        "the IOMMU container reports every page mapped for DMA as dirty (a \
+                         function behind a real IOMMU without DMA logging): they are copied \
+                         again once the devices stop"
+                    );
+                    self.dma = Some(DmaTracking::AllAtStop);
+                    return Ok(());
+                }
+                for (gpa, _, words) in &dirty {
+                    or_at(mem, pages, *gpa, words);
+                }
+            }
+            (DmaTracking::AllAtStop, _) if stopped => {
+                for &(gpa, len) in &ranges {
+                    let words = vec![u64::MAX; (len / PAGE_BYTES).div_ceil(64) as usize];
+                    or_at(mem, pages, gpa, &words);
+                }
+            }
+            _ => {}
+        }
+        Ok(())
     }
 
     /// Loads saved function states into the functions attached at their
@@ -722,6 +860,41 @@ impl Passthroughs {
     }
 }
 
+/// Bytes per bit of the DMA dirty bitmaps (the guest's page size).
+const PAGE_BYTES: u64 = vfio_ib::kernel::DIRTY_PAGE;
+
+/// Guest RAM as (guest-physical address, length) per region: the IOVA
+/// ranges mapped for DMA.
+fn ram_ranges(mem: &GuestMemoryMmap) -> Vec<(u64, u64)> {
+    mem.iter().map(|r| (r.start_addr().0, r.len())).collect()
+}
+
+/// ORs `words` (one bit per page from guest-physical `gpa`) into `pages`,
+/// whose bits are guest RAM's pages with the regions back to back.
+fn or_at(mem: &GuestMemoryMmap, pages: &mut PageBitmap, gpa: u64, words: &[u64]) {
+    let mut first = 0;
+    for r in mem.iter() {
+        let start = r.start_addr().0;
+        if (start..start + r.len()).contains(&gpa) {
+            // Bits past the region's end (a bitmap's last word) are dropped.
+            let pages_left = (start + r.len() - gpa) / PAGE_BYTES;
+            let at = first + (gpa - start) / PAGE_BYTES;
+            for (w, &bits) in words.iter().enumerate() {
+                let mut bits = bits;
+                while bits != 0 {
+                    let b = w as u64 * 64 + u64::from(bits.trailing_zeros());
+                    if b < pages_left {
+                        pages.set(at + b);
+                    }
+                    bits &= bits - 1;
+                }
+            }
+            return;
+        }
+        first += r.len() / PAGE_BYTES;
+    }
+}
+
 /// Opens every `--device` and puts it on the bus.
 pub fn attach_all(cx: &Context, specs: &[DeviceEntry]) -> Result<Passthroughs, Error> {
     let mut out = Passthroughs::default();
@@ -745,6 +918,32 @@ mod tests {
         assert_eq!(from_hex("abc"), None, "odd length");
         assert_eq!(from_hex("zz"), None, "not hex");
         assert_eq!(from_hex(""), Some(vec![]));
+    }
+
+    #[test]
+    fn dma_dirty_bitmaps_land_on_the_pages_of_their_region() {
+        // Two regions with a hole between: pages 0-15, then 16-31.
+        let mem = GuestMemoryMmap::from_ranges(&[
+            (vm_memory::GuestAddress(0), 0x10000),
+            (vm_memory::GuestAddress(0x100000), 0x10000),
+        ])
+        .unwrap();
+        assert_eq!(ram_ranges(&mem), vec![(0, 0x10000), (0x100000, 0x10000)]);
+        let mut pages = PageBitmap::new(32);
+        // The second region's pages 1 and 3, and bits past its end.
+        or_at(
+            &mem,
+            &mut pages,
+            0x100000,
+            &[0b1010 | (1 << 16) | (1 << 63)],
+        );
+        assert_eq!(pages.runs(), vec![(17, 1), (19, 1)]);
+        // From inside the first region: its page 2 onwards.
+        or_at(&mem, &mut pages, 0x2000, &[0b1]);
+        assert!(pages.get(2));
+        // An address in no region changes nothing.
+        or_at(&mem, &mut pages, 0x80000, &[u64::MAX]);
+        assert_eq!(pages.count(), 3);
     }
 
     #[test]

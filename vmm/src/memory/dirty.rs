@@ -30,6 +30,9 @@ pub enum Error {
         what: &'static str,
         source: kvm_ioctls::Error,
     },
+    /// A passthrough device's DMA dirty pages could not be read.
+    #[error("device DMA dirty pages: {0}")]
+    Device(String),
 }
 
 /// Registers guest RAM with KVM, one slot per region, with or without

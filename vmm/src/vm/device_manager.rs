@@ -167,7 +167,7 @@ impl Devices {
     /// After a snapshot, or a migration that did not complete: passthrough
     /// devices whose state was saved run again here.
     pub fn end_passthrough_saves(&self) {
-        if let Ok(p) = self.passthrough.lock() {
+        if let Ok(mut p) = self.passthrough.lock() {
             p.end_saves();
         }
     }
