@@ -118,10 +118,6 @@ pub trait Backend: Send + Sync {
     /// Unmasks INTx once (after the guest's EOI). Default: nothing.
     fn unmask_intx(&self) {}
 
-    /// Raises INTx once, as if the device had (VFIO's trigger with no
-    /// data). Default: nothing.
-    fn trigger_intx(&self) {}
-
     /// The device's migration interface (VFIO migration v2), where it has
     /// one. Default: none.
     fn migration(&self) -> Option<crate::migration::Migratable<'_>> {

@@ -441,12 +441,6 @@ impl Backend for KernelDevice {
         }
     }
 
-    fn trigger_intx(&self) {
-        if let Err(e) = self.device.trigger_irq(crate::backend::IRQ_INTX, 0) {
-            tracing::warn!("{}: INTx trigger: {e}", self.address);
-        }
-    }
-
     fn reset(&self) {
         self.device.reset();
     }

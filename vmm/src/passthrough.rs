@@ -604,28 +604,39 @@ impl Passthroughs {
     }
 
     /// A VM that moved here runs for the first time: each function with
-    /// INTx raises it again a moment later, twice (20 ms, then 500 ms).
-    /// An interrupt of the source's device that was signalled but not yet
-    /// in the guest at the pause is lost with the source, and one raised
-    /// while the guest's handler still runs is lost at its EOI (the line
-    /// is lowered then; a device that re-asserts on unmask, as vfio-pci's
-    /// do, raises it again, mtty does not): the guest's driver would wait
-    /// for it for ever. A spurious interrupt costs its handler one look.
+    /// INTx is unmasked and its line raised again a moment later, four
+    /// times (20 ms, 0.5, 2 and 5 s). An interrupt of the source's device
+    /// that was signalled but not yet in the guest at the pause is lost
+    /// with the source, and one raised while the guest's handler still
+    /// runs is lost at its EOI (the line is lowered then; a device that
+    /// re-asserts on unmask, as vfio-pci's do, raises it again, mtty does
+    /// not): the guest's driver would wait for it for ever. The line is
+    /// raised through KVM (the irqfd), not through the device, which
+    /// ignores a trigger while it is masked (mtty masks itself when it
+    /// fires and waits for the unmask that follows the guest's EOI). A
+    /// spurious interrupt costs the guest's handler one look.
     pub fn kick_intx(&self) {
-        let devices: Vec<Arc<dyn vfio_ib::Backend>> = self
-            .attached
-            .iter()
-            .filter(|a| a.intx.is_some())
-            .filter_map(|a| a.device.lock().ok().map(|d| d.backend().clone()))
-            .collect();
-        if devices.is_empty() {
+        let mut lines = Vec::new();
+        for a in &self.attached {
+            let Some(line) = &a.intx else { continue };
+            let Ok(trigger) = line.trigger.try_clone() else {
+                continue;
+            };
+            if let Ok(d) = a.device.lock() {
+                lines.push((d.backend().clone(), trigger));
+            }
+        }
+        if lines.is_empty() {
             return;
         }
         let kick = move || {
-            for wait in [20, 480] {
+            for wait in [20, 480, 1500, 3000] {
                 std::thread::sleep(std::time::Duration::from_millis(wait));
-                for d in &devices {
-                    d.trigger_intx();
+                for (device, trigger) in &lines {
+                    device.unmask_intx();
+                    if let Err(e) = trigger.write(1) {
+                        tracing::warn!("INTx kick: {e}");
+                    }
                 }
             }
         };
@@ -777,10 +788,11 @@ impl Passthroughs {
         match (mode, &self.iommu) {
             (DmaTracking::Container, Some(iommu)) => {
                 let dirty = iommu.dirty_pages().map_err(|e| e.to_string())?;
-                let everything = dirty.iter().all(|(_, len, words)| {
-                    words.iter().map(|w| u64::from(w.count_ones())).sum::<u64>()
-                        == len / vfio_ib::kernel::DIRTY_PAGE
-                });
+                let everything = !dirty.is_empty()
+                    && dirty.iter().all(|(_, len, words)| {
+                        words.iter().map(|w| u64::from(w.count_ones())).sum::<u64>()
+                            == len / vfio_ib::kernel::DIRTY_PAGE
+                    });
                 if everything && !stopped {
                     tracing::warn!(
                         "the IOMMU container reports every page mapped for DMA as dirty (a \

@@ -194,10 +194,11 @@ impl VcpuShared {
         self.jobs.lock().map(|j| !j.is_empty()).unwrap_or(false)
     }
 
-    /// Parks while paused (running the jobs it is handed); returns false
-    /// when the vCPU must exit. After a pause the guest is told it was
+    /// Parks while paused (running the jobs it is handed), or says why it
+    /// cannot yet (`io_pending`: the last exit's instruction is unfinished)
+    /// or that the vCPU must exit. After a pause the guest is told it was
     /// stopped (KVMCLOCK_CTRL), so its soft-lockup watchdog stays quiet.
-    fn honour_requests(&self, fd: &VcpuFd) -> bool {
+    fn honour_requests(&self, fd: &VcpuFd, io_pending: bool) -> Honour {
         let mut paused = false;
         loop {
             match self.current_request() {
@@ -207,13 +208,20 @@ impl VcpuShared {
                         let _ = fd.kvmclock_ctrl();
                     }
                     self.set_state(VcpuState::Running);
-                    return true;
+                    return Honour::Run;
                 }
-                Request::Exit => return false,
+                Request::Exit => return Honour::Exit,
+                // Decided here, where the request is read: a pause that
+                // came after the caller looked must not park a vCPU whose
+                // I/O instruction KVM has not finished (its state would be
+                // saved before the instruction, and a restored guest would
+                // run it again: an IN read twice from the device, an OUT
+                // written twice).
+                Request::Pause if io_pending && !paused => return Honour::CompleteIo,
                 Request::Pause => {
                     paused = true;
                     let Ok(mut g) = self.state.lock() else {
-                        return false;
+                        return Honour::Exit;
                     };
                     if *g != VcpuState::Paused {
                         *g = VcpuState::Paused;
@@ -238,6 +246,18 @@ impl VcpuShared {
             }
         }
     }
+}
+
+/// What the vCPU thread does after looking at its requests.
+#[derive(Debug, PartialEq, Eq)]
+enum Honour {
+    /// Run the guest.
+    Run,
+    /// The thread ends.
+    Exit,
+    /// A pause is asked for: finish the last exit's I/O instruction
+    /// first (KVM_RUN with `immediate_exit`), then look again.
+    CompleteIo,
 }
 
 /// Whether KVM finishes this exit's instruction only on the next KVM_RUN.
@@ -282,15 +302,17 @@ impl Vcpu {
         // The last exit was I/O or MMIO that KVM completes on the next entry.
         let mut io_pending = false;
         loop {
-            if io_pending && self.shared.current_request() == Request::Pause {
-                if let Err(reason) = self.complete_io() {
-                    (self.on_stop)(id, reason);
-                    break;
+            match self.shared.honour_requests(&self.fd, io_pending) {
+                Honour::Run => {}
+                Honour::Exit => break,
+                Honour::CompleteIo => {
+                    if let Err(reason) = self.complete_io() {
+                        (self.on_stop)(id, reason);
+                        break;
+                    }
+                    io_pending = false;
+                    continue;
                 }
-                io_pending = false;
-            }
-            if !self.shared.honour_requests(&self.fd) {
-                break;
             }
             let step = match self.fd.run() {
                 Ok(exit) => {
