@@ -63,15 +63,18 @@ pub fn allocation(cmdline: &str) -> Option<String> {
 
 /// Reasons a VM cannot be rebuilt on another host by `run --incoming`
 /// with the same flags: host-bound devices and host-bound placement. A
-/// passthrough function may move only out of a hot-plug slot (its guest
-/// lets go of it through the slot; the destination plugs one of its own).
+/// passthrough function moves out of a hot-plug slot (its guest lets go of
+/// it through the slot; the destination plugs one of its own), or with its
+/// state (VFIO migration: the destination's function of the same kind,
+/// from its pool, takes the state; one that does not fit fails the
+/// migration and the VM stays).
 fn unmovable(config: &VmConfig, passthrough: &[DeviceState]) -> Option<String> {
-    if passthrough.iter().any(|p| !p.hotplug_slot) {
-        return Some(
-            "has passthrough functions on bus 0 (only those in hot-plug slots can leave \
-             without a guest agent)"
-                .into(),
-        );
+    if let Some(p) = passthrough.iter().find(|p| !p.hotplug_slot && !p.travels) {
+        return Some(format!(
+            "has passthrough function {} on bus 0 without VFIO migration (only functions \
+             in hot-plug slots, or whose state travels, can move)",
+            p.device
+        ));
     }
     // Read-only disks and bridged TAPs can be rebuilt at a destination
     // that shares the disk's directory and has the bridge (it refuses
@@ -312,18 +315,27 @@ mod tests {
         let pin = config(serde_json::json!({"pin": {"service": "0", "compute": null, "io": null}}));
         assert!(unmovable(&pin, &[]).is_some());
         // Passthrough functions: in hot-plug slots they may leave, on bus
-        // 0 they keep the VM here.
-        let function = |device: &str, bdf: &str, hotplug_slot| DeviceState {
+        // 0 they keep the VM here unless their state travels.
+        let function = |device: &str, bdf: &str, hotplug_slot, travels| DeviceState {
             device: device.into(),
             bdf: bdf.into(),
             hotplug_slot,
             state: vmm_api::model::Attachment::Attached,
+            travels,
         };
-        let in_slot = function("vfio=0000:3b:00.2", "01:00.0", true);
-        let on_bus0 = function("vfio=0000:3b:00.3", "00:05.0", false);
+        let in_slot = function("vfio=0000:3b:00.2", "01:00.0", true, false);
+        let on_bus0 = function("vfio=0000:3b:00.3", "00:05.0", false, false);
+        let travelling = function("vfio=/sys/bus/mdev/devices/u", "00:06.0", false, true);
         assert_eq!(unmovable(&plain, std::slice::from_ref(&in_slot)), None);
+        assert_eq!(unmovable(&plain, &[in_slot.clone(), travelling]), None);
         let why = unmovable(&plain, &[in_slot, on_bus0]).unwrap_or_default();
-        assert!(why.contains("bus 0"), "{why}");
+        assert!(why.contains("bus 0") && why.contains("3b:00.3"), "{why}");
+        // A VMM from before `travels` answers without it: not travelling.
+        let old: DeviceState = serde_json::from_value(serde_json::json!({
+            "device": "vfio=0000:3b:00.3", "bdf": "00:05.0",
+            "hotplug_slot": false, "state": "attached"}))
+        .expect("an old answer");
+        assert!(!old.travels);
         let topology = |service, compute| {
             config(serde_json::json!({"topology": {"service": service, "compute": compute}}))
         };

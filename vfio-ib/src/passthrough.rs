@@ -106,6 +106,11 @@ pub struct Passthrough {
     /// driver has nothing else.
     intx_pin: Option<u8>,
     intx_on: bool,
+    /// INTx is unmasked by the VMM, not by the kernel on the guest's EOI
+    /// (the device takes no unmask eventfd): it is also unmasked after
+    /// every access of the guest to the device's BARs. See
+    /// [`Passthrough::connect_intx`].
+    unmask_on_access: bool,
     /// A save of the device's state in progress: the PRE_COPY data read
     /// so far (with STOP_COPY's once `stopped`).
     saving: Option<Vec<u8>>,
@@ -312,6 +317,7 @@ impl Passthrough {
             msix,
             intx_pin,
             intx_on: false,
+            unmask_on_access: false,
             saving: None,
             stopped: false,
             dma_log: None,
@@ -752,6 +758,19 @@ impl Passthrough {
     /// `resample` (the kernel's unmask eventfd); false when the caller
     /// must call [`Passthrough::unmask_intx`] on each `resample` event
     /// (drivers without an unmask eventfd, such as mtty).
+    ///
+    /// Such a device is also unmasked after every BAR access of the guest
+    /// (as QEMU does on its slow INTx path). A device masks its INTx when
+    /// it fires, and one that signals edges (mtty: an event when the
+    /// guest's access makes it so, nothing held while masked) drops what
+    /// it would raise until it is unmasked. The unmask that follows the
+    /// guest's EOI comes from the VMM's I/O thread some time later; a
+    /// driver that starts a transfer in that window (8250: IER's THRI set
+    /// from process context) waits for an interrupt that never comes, and
+    /// its port stalls for good. Unmasked after each access, the device is
+    /// armed again before the guest's handler returns: what it raises
+    /// during the handler is seen by the handler's own polling, and what
+    /// the guest starts after it fires.
     pub fn connect_intx(
         &mut self,
         trigger: &vmm_sys_util::eventfd::EventFd,
@@ -760,12 +779,16 @@ impl Passthrough {
         self.backend.enable_irqs(IRQ_INTX, &[trigger])?;
         self.intx_on = true;
         match self.backend.set_intx_unmask_fd(resample) {
-            Ok(()) => Ok(true),
+            Ok(()) => {
+                self.unmask_on_access = false;
+                Ok(true)
+            }
             Err(e) => {
                 tracing::debug!(
                     "{}: no INTx unmask eventfd ({e}); the VMM unmasks it",
                     self.backend.describe()
                 );
+                self.unmask_on_access = true;
                 Ok(false)
             }
         }
@@ -775,6 +798,13 @@ impl Passthrough {
     /// next one (VFIO masks INTx when it fires).
     pub fn unmask_intx(&self) {
         self.backend.unmask_intx();
+    }
+
+    /// After a trapped BAR access: see [`Passthrough::connect_intx`].
+    fn unmask_after_access(&self) {
+        if self.intx_on && self.unmask_on_access {
+            self.backend.unmask_intx();
+        }
     }
 
     /// Stops the device's interrupts and unmaps its BARs from the guest
@@ -921,6 +951,7 @@ impl PciDevice for Passthrough {
             return;
         }
         self.backend.read(bar as u32, offset, data);
+        self.unmask_after_access();
     }
 
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
@@ -937,6 +968,7 @@ impl PciDevice for Passthrough {
             return;
         }
         self.backend.write(bar as u32, offset, data);
+        self.unmask_after_access();
     }
 
     fn name(&self) -> String {

@@ -357,6 +357,13 @@ pub struct DeviceState {
     /// In a PCIe hot-plug slot (bus N > 0) rather than on bus 0.
     pub hotplug_slot: bool,
     pub state: Attachment,
+    /// Its state travels with the VM (VFIO migration): it stays attached
+    /// through a migration or snapshot, and the destination's function of
+    /// the same kind takes its state. False for a function that must leave
+    /// first (through its hot-plug slot) or cannot move at all. (Absent in
+    /// answers of VMMs from before it: false.)
+    #[serde(default)]
+    pub travels: bool,
 }
 
 /// Answer to `PUT /vm/devices`.

@@ -282,12 +282,22 @@ impl Passthroughs {
     pub fn describe(&self) -> Vec<DeviceState> {
         self.attached
             .iter()
-            .map(|a| device_state(&a.spec, a.at, true))
+            .map(|a| {
+                let mut s = device_state(&a.spec, a.at, true);
+                s.travels = travels(a);
+                s
+            })
             .collect()
     }
 }
 
-/// A function at `at` as the API shows it.
+/// Whether `a`'s state travels with the VM (see `travelling_functions`).
+fn travels(a: &Attached) -> bool {
+    a.at.bus == 0 && a.device.lock().is_ok_and(|d| d.state_travels().is_ok())
+}
+
+/// A function at `at` as the API shows it (`travels` false: the caller
+/// knows better where it does).
 pub fn device_state(spec: &DeviceEntry, at: Location, attached: bool) -> DeviceState {
     DeviceState {
         device: spec.to_string(),
@@ -298,6 +308,7 @@ pub fn device_state(spec: &DeviceEntry, at: Location, attached: bool) -> DeviceS
         } else {
             Attachment::Detached
         },
+        travels: false,
     }
 }
 
@@ -709,9 +720,7 @@ impl Passthroughs {
     }
 
     fn travelling_functions(&self) -> impl Iterator<Item = &Attached> {
-        self.attached
-            .iter()
-            .filter(|a| a.at.bus == 0 && a.device.lock().is_ok_and(|d| d.state_travels().is_ok()))
+        self.attached.iter().filter(|a| travels(a))
     }
 
     /// Starts finding what travelling devices write to guest RAM by DMA

@@ -82,10 +82,15 @@ impl Drop for Mdev {
 
 /// The guest's job: numbered lines out through the device's first port
 /// (ttyS4: ttyS0-3 are the legacy ports), read back as they loop around,
-/// compared with what was sent.
+/// compared with what was sent. Every 10 s the guest logs the port's own
+/// counters (bytes sent and received, from /proc/tty/driver/serial) to the
+/// console: a test that fails shows whether the port stalled and where.
+/// (No quotes: the kernel splits the command line at spaces and `init`
+/// joins the words with one space again, so a backslash keeps a space.)
 fn guest_cmdline() -> String {
     format!(
         "console=ttyS0 panic=-1 quiet 8250.nr_uarts=8 ffmk_exit_port=244 -- \
+         (while sleep 10;do grep ^4: /proc/tty/driver/serial|sed s/^/\\<2\\>mtty-watch\\ />/dev/kmsg;done)&\
          stty -F /dev/ttyS4 raw -echo;echo MTTY-START;\
          (seq 1 {LINES}|while read i;do echo $i;usleep 2000;done)>/dev/ttyS4&\
          head -n {LINES} /dev/ttyS4>/tmp/o;seq 1 {LINES}|cmp - /tmp/o&&echo MTTY-OK"
@@ -290,6 +295,11 @@ fn a_destination_that_cannot_take_the_device_state_leaves_the_vm_running_here() 
     let dir = tmpdir("mtty-refused");
     let src = Vm::boot_with(&dir, "src", "task=counter hz=20", &["--device", &a.spec()]);
     src.wait_counter(5);
+    // The API says the function's state travels (what ffmk-node's
+    // balancer looks at before it moves a VM with a function on bus 0).
+    let info = src.api(&["info"]);
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap_or_default();
+    assert_eq!(info["passthrough"][0]["travels"], true, "{info}");
 
     // No function given: refused before any memory moves.
     let none = incoming(&dir, "none", 7431, None);
