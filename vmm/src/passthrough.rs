@@ -282,10 +282,9 @@ impl Passthroughs {
     pub fn describe(&self) -> Vec<DeviceState> {
         self.attached
             .iter()
-            .map(|a| {
-                let mut s = device_state(&a.spec, a.at, true);
-                s.travels = travels(a);
-                s
+            .map(|a| DeviceState {
+                travels: travels(a),
+                ..device_state(&a.spec, a.at, true)
             })
             .collect()
     }
